@@ -1,0 +1,3 @@
+"""conduit-sidecar: a real-time WebSocket sidecar with virtual keys and a Cython relay."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""The `conduit-sidecar` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+
+import msgspec
+import uvloop
+
+from . import __version__, config as config_mod, logs
+from .config import ConfigError
+from .keys import KeyEntry, hash_key, load_keys, new_key
+from .routing import Router, masked
+
+
+def _serve(args) -> int:
+    try:
+        conf = config_mod.load(args.config, overrides={
+            "listen": args.listen, "keys_file": args.keys_file, "log_level": args.log_level})
+        keyset = load_keys(conf.keys_file)
+        router = Router(conf)
+    except ConfigError as exc:
+        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+        return 1
+    logs.setup(conf.log_level)
+    from .server import Sidecar
+    return uvloop.run(Sidecar(conf, keyset, router).run())
+
+
+def _check_config(args) -> int:
+    try:
+        conf = config_mod.load(args.config)
+        router = Router(conf)
+        keyset = load_keys(conf.keys_file)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"listen        {conf.listen}")
+    print(f"admin_listen  {conf.admin_listen}")
+    if conf.tls:
+        print(f"tls listen    {conf.tls.listen}")
+    print(f"keys_file     {conf.keys_file} ({len(keyset)} keys)")
+    for name in router.configured:
+        url, headers = masked(router.routes[name].spec)
+        models = ", ".join(router.routes[name].spec.models) or "-"
+        print(f"provider      {name}: {url} headers={headers} models=[{models}]")
+    return 0
+
+
+def _keys_new(args) -> int:
+    key = new_key()
+    try:
+        entry = KeyEntry(id=args.id, sha256=hash_key(key), allowed_models=args.model or None,
+                         allowed_providers=args.provider or None,
+                         max_connections=args.max_connections,
+                         expires_at=dt.datetime.fromisoformat(args.expires) if args.expires else None)
+        entry = msgspec.convert(msgspec.to_builtins(entry), KeyEntry)    # validate
+    except (ValueError, msgspec.ValidationError) as exc:
+        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+        return 1
+    print(f"key: {key}")
+    print("Shown once; give it to the app. Add this entry to the key file:")
+    print(msgspec.json.encode(entry).decode())
+    return 0
+
+
+def _keys_hash(args) -> int:
+    print(hash_key(args.key))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import print_summary, run
+    print_summary(uvloop.run(run(args.seconds)))
+    return 0
+
+
+def _providers(args) -> int:
+    try:
+        router = Router(config_mod.load(args.config))
+    except ConfigError as exc:
+        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+        return 1
+    for name in sorted(router.routes):
+        url, headers = masked(router.routes[name].spec)
+        state = "configured" if name in router.configured else "needs a secret"
+        print(f"{name:12} {state:15} {url}")
+        for header, value in headers.items():
+            print(f"{'':12} {'':15} {header}: {value}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conduit-sidecar", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the sidecar")
+    s.add_argument("--config")
+    s.add_argument("--listen", metavar="HOST:PORT")
+    s.add_argument("--keys-file", metavar="PATH")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+
+    k = sub.add_parser("keys", help="make and hash virtual keys").add_subparsers(
+        dest="keys_command", required=True)
+    n = k.add_parser("new", help="print a new key once, and its key-file entry")
+    n.add_argument("--id", required=True)
+    n.add_argument("--model", action="append", metavar="PATTERN")
+    n.add_argument("--provider", action="append", metavar="NAME")
+    n.add_argument("--max-connections", type=int)
+    n.add_argument("--expires", metavar="ISO8601")
+    n.set_defaults(func=_keys_new)
+    h = k.add_parser("hash", help="print the sha256 of a key")
+    h.add_argument("key")
+    h.set_defaults(func=_keys_hash)
+
+    c = sub.add_parser("check-config", help="validate config and key file")
+    c.add_argument("--config")
+    c.set_defaults(func=_check_config)
+
+    d = sub.add_parser("demo", help="run the sidecar with the built-in mock provider")
+    d.add_argument("--seconds", type=float, default=3.0)
+    d.set_defaults(func=_demo)
+
+    v = sub.add_parser("providers", help="list provider templates (secrets masked)")
+    v.add_argument("--config")
+    v.set_defaults(func=_providers)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)

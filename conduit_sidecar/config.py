@@ -1,0 +1,142 @@
+"""The config file (TOML), decoded with msgspec, and its overrides.
+
+Precedence: defaults < file (`--config` or `CONDUIT_CONFIG`) < `CONDUIT_*`
+environment variables < command-line flags. Errors name the file, the field path
+and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import msgspec
+
+__all__ = ["Config", "ConfigError", "Limits", "Provider", "TLS", "load", "split_hostport"]
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """A config or key file problem; the message names file, field and problem."""
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_connections: Count = 1000
+    handshake_timeout_seconds: Positive = 10.0
+    upstream_connect_timeout_seconds: Positive = 10.0
+    close_timeout_seconds: Positive = 5.0
+    idle_timeout_seconds: NonNegative = 0.0      # 0: sessions may idle forever
+    max_message_bytes: Count = 16 * 1024 * 1024
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 20)] = 16384
+    drain_seconds: NonNegative = 25.0
+
+
+class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A provider section; for built-in providers every field overrides the template."""
+
+    url: str | None = None
+    headers: dict[str, str] | None = None
+    secret_file: str | None = None
+    secret_env: str | None = None
+    models: list[str] = []
+    ca_file: str | None = None
+    resource: str | None = None      # azure: the resource name in the host
+
+
+class TLS(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    listen: str = "127.0.0.1:8443"
+    cert_file: str | None = None
+    key_file: str | None = None
+    self_signed: bool = False
+    ca_out: str | None = None
+    state_dir: str | None = None
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:9464"
+    keys_file: str = "/etc/conduit/keys/keys.json"
+    keys_poll_seconds: Positive = 2.0
+    log_level: str = "info"
+    allowed_origins: list[str] | None = None
+    limits: Limits = Limits()
+    providers: dict[str, Provider] = {}
+    tls: TLS | None = None
+
+
+# Environment overrides: variable -> (section or None, field, type).
+_ENV = {
+    "CONDUIT_LISTEN": (None, "listen", str),
+    "CONDUIT_ADMIN_LISTEN": (None, "admin_listen", str),
+    "CONDUIT_KEYS_FILE": (None, "keys_file", str),
+    "CONDUIT_LOG_LEVEL": (None, "log_level", str),
+    "CONDUIT_MAX_CONNECTIONS": ("limits", "max_connections", int),
+    "CONDUIT_DRAIN_SECONDS": ("limits", "drain_seconds", float),
+    "CONDUIT_TLS_LISTEN": ("tls", "listen", str),
+    "CONDUIT_TLS_CERT_FILE": ("tls", "cert_file", str),
+    "CONDUIT_TLS_KEY_FILE": ("tls", "key_file", str),
+    "CONDUIT_TLS_SELF_SIGNED": ("tls", "self_signed", lambda v: v.lower() in ("1", "true", "yes")),
+    "CONDUIT_TLS_CA_OUT": ("tls", "ca_out", str),
+    "CONDUIT_TLS_STATE_DIR": ("tls", "state_dir", str),
+}
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8080' or '[::1]:8080' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def load(path: str | None = None, overrides: dict | None = None,
+         environ: os._Environ | dict | None = None) -> Config:
+    """Read the config file (if any), then apply environment and flag overrides."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("CONDUIT_CONFIG")
+    raw: dict = {}
+    source = "defaults"
+    if path:
+        source = path
+        try:
+            with open(path, "rb") as f:
+                raw = msgspec.toml.decode(f.read())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for var, (section, field, conv) in _ENV.items():
+        if var in environ:
+            target = raw if section is None else raw.setdefault(section, {})
+            try:
+                target[field] = conv(environ[var])
+            except ValueError:
+                raise ConfigError(f"${var}: not a valid {field}: {environ[var]!r}") from None
+    for field, value in (overrides or {}).items():
+        if value is not None:
+            raw[field] = value
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for field in ("listen", "admin_listen"):
+        try:
+            split_hostport(getattr(config, field))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc} - at `$.{field}`") from None
+    if config.tls is not None:
+        try:
+            split_hostport(config.tls.listen)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc} - at `$.tls.listen`") from None
+        if config.tls.self_signed == bool(config.tls.cert_file and config.tls.key_file):
+            raise ConfigError(f"{source}: [tls] needs either cert_file and key_file, "
+                              "or self_signed = true - at `$.tls`")
+        if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
+            raise ConfigError(f"{source}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: log_level must be debug, info, warning or error - at `$.log_level`")
+    return config

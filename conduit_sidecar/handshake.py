@@ -1,0 +1,138 @@
+"""The client handshake as a pure function: request + loaded state -> decision.
+
+No I/O here. The HTTP request is parsed by websockets' sans-I/O parser and checked
+by its ServerProtocol (Upgrade, Connection, Sec-WebSocket-Key/Version, Origin).
+Auth and routing failures complete the upgrade and then close with a 4xxx code,
+because browser clients cannot read an HTTP status and the documented clients
+decide on reconnecting from the close code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http
+import re
+import urllib.parse
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from .keys import KeyEntry, KeySet
+from .routing import Route, RouteError, Router
+
+__all__ = ["Accept", "Close", "PATHS", "Refuse", "SUBPROTOCOL_KEY_PREFIX", "decide", "refuse"]
+
+PATHS = ("/v1/realtime/connect", "/v1/realtime")
+# What OpenAI's browser clients put the API key in (a browser cannot set headers).
+SUBPROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+class Refuse(msgspec.Struct, frozen=True):
+    """Answer with an HTTP error; no upgrade."""
+    response: Response
+    reason: str
+
+
+class Close(msgspec.Struct, frozen=True):
+    """Upgrade (101), then close with `code`."""
+    ws: ServerProtocol
+    response: Response
+    code: int
+    reason: str
+    key: KeyEntry | None = None
+
+
+class Accept(msgspec.Struct, frozen=True):
+    """Open the upstream; on success answer with `response` (plus its subprotocol)."""
+    ws: ServerProtocol
+    response: Response
+    key: KeyEntry
+    route: Route
+    model: str | None
+    subprotocols: list[str] | None
+
+
+def refuse(status: int, text: str) -> Refuse:
+    body = (text + "\n").encode()
+    headers = Headers([("Connection", "close"), ("Content-Length", str(len(body))),
+                       ("Content-Type", "text/plain; charset=utf-8")])
+    return Refuse(Response(status, http.HTTPStatus(status).phrase, headers, body), text)
+
+
+def _offered(request: Request) -> list[str]:
+    return [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
+            for p in v.split(",") if p.strip()]
+
+
+def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime,
+           live_per_key: dict[str, int], at_capacity: bool, draining: bool,
+           allowed_origins: list[str] | None) -> Refuse | Close | Accept:
+    url = urllib.parse.urlsplit(request.path)
+    if url.path not in PATHS:
+        return refuse(404, f"not found: use {PATHS[0]}")
+    offered = _offered(request)
+    presented = [p for p in offered if p.startswith(SUBPROTOCOL_KEY_PREFIX)]
+    passed = [p for p in offered if not p.startswith(SUBPROTOCOL_KEY_PREFIX)]
+
+    # Answer the client with one of its own subprotocols, never the key one.
+    ws = ServerProtocol(origins=allowed_origins, select_subprotocol=lambda _, __: None)
+    response = ws.accept(request)
+    if response.status_code != 101:
+        return Refuse(response, response.body.decode(errors="replace").strip())
+    if passed:
+        response.headers["Sec-WebSocket-Protocol"] = passed[0]
+
+    try:
+        query = urllib.parse.parse_qs(url.query, strict_parsing=False, errors="strict")
+    except UnicodeDecodeError:
+        return refuse(400, "query is not valid UTF-8")
+    for name in ("model", "provider"):
+        values = query.get(name, [])
+        if len(values) > 1:
+            return refuse(400, f"{name} given more than once")
+        if values and _CONTROL.search(values[0]):
+            return refuse(400, f"{name} contains control characters")
+    model = query.get("model", [None])[0]
+    provider = query.get("provider", [None])[0]
+
+    if draining:
+        return Close(ws, response, 1013, "sidecar is draining: try again later")
+    if at_capacity:
+        return Close(ws, response, 1013, "sidecar at its connection limit: try again later")
+
+    key = _presented_key(request, presented)
+    if key is None:
+        return Close(ws, response, 4001, "missing key")
+    entry = keyset.lookup(key)
+    if entry is None:
+        return Close(ws, response, 4001, "unknown key")
+    if not entry.enabled:
+        return Close(ws, response, 4001, "key disabled", entry)
+    if entry.expired(now):
+        return Close(ws, response, 4001, "key expired", entry)
+
+    try:
+        route = router.route(model, provider)
+    except RouteError as exc:
+        return Close(ws, response, exc.code, str(exc), entry)
+    if not entry.allows_provider(route.name):
+        return Close(ws, response, 4003, f"provider {route.name!r} not allowed for this key", entry)
+    if model is not None and not entry.allows_model(model):
+        return Close(ws, response, 4003, f"model {model!r} not allowed for this key", entry)
+    if entry.max_connections is not None and live_per_key.get(entry.id, 0) >= entry.max_connections:
+        return Close(ws, response, 4029,
+                     f"key limit of {entry.max_connections} concurrent connections reached", entry)
+    return Accept(ws, response, entry, route, model, passed or None)
+
+
+def _presented_key(request: Request, presented: list[str]) -> str | None:
+    auth = request.headers.get_all("Authorization")
+    if len(auth) == 1:
+        scheme, _, token = auth[0].partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if len(presented) == 1:
+        return presented[0][len(SUBPROTOCOL_KEY_PREFIX):]
+    return None
+

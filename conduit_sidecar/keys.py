@@ -1,0 +1,165 @@
+"""Virtual keys: the key file schema, the loaded key set and its reload watcher.
+
+The key file holds SHA-256 hashes only. A presented key is hashed and looked up;
+plaintext keys are never compared, stored, logged or forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import os
+import secrets
+from typing import Annotated, Callable
+
+import msgspec
+
+from .config import ConfigError
+
+__all__ = ["KEY_PREFIX", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "hash_key",
+           "load_keys", "new_key"]
+
+KEY_PREFIX = "condt_"
+log = logging.getLogger("conduit.keys")
+
+Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    id: KeyId
+    sha256: Sha256
+    enabled: bool = True
+    expires_at: dt.datetime | None = None
+    allowed_models: list[str] | None = None        # None: any model
+    allowed_providers: list[str] | None = None     # None: any provider
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def allows_model(self, model: str) -> bool:
+        return self.allowed_models is None or any(match(p, model) for p in self.allowed_models)
+
+    def allows_provider(self, provider: str) -> bool:
+        return self.allowed_providers is None or provider in self.allowed_providers
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class KeyFile(msgspec.Struct, forbid_unknown_fields=True):
+    keys: list[KeyEntry]
+
+
+def match(pattern: str, value: str) -> bool:
+    """Exact match, or prefix match when the pattern ends with `*`."""
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)    # 256 bits
+
+
+class KeySet:
+    """An immutable loaded key file: hash -> entry."""
+
+    def __init__(self, entries: list[KeyEntry]):
+        self.by_hash = {e.sha256: e for e in entries}
+        self.by_id = {e.id: e for e in entries}
+
+    def __len__(self) -> int:
+        return len(self.by_hash)
+
+    def lookup(self, key: str) -> KeyEntry | None:
+        return self.by_hash.get(hash_key(key))
+
+
+def load_keys(path: str) -> KeySet:
+    """Read and validate a key file; raises ConfigError naming the problem."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if KEY_PREFIX.encode() in data:
+        raise ConfigError(f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "
+                          "sha256 (conduit-sidecar keys hash KEY)")
+    try:
+        keyfile = msgspec.json.decode(data, type=KeyFile)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    seen_ids: set[str] = set()
+    seen_hashes: set[str] = set()
+    for i, entry in enumerate(keyfile.keys):
+        if entry.id in seen_ids:
+            raise ConfigError(f"{path}: duplicate key id {entry.id!r} - at `$.keys[{i}].id`")
+        if entry.sha256 in seen_hashes:
+            raise ConfigError(f"{path}: duplicate sha256 - at `$.keys[{i}].sha256`")
+        if entry.expires_at is not None and entry.expires_at.tzinfo is None:
+            raise ConfigError(f"{path}: expires_at needs a time zone (e.g. Z) - at "
+                              f"`$.keys[{i}].expires_at`")
+        seen_ids.add(entry.id)
+        seen_hashes.add(entry.sha256)
+    return KeySet(keyfile.keys)
+
+
+def _signature(path: str):
+    """What changes when the file is replaced: Kubernetes swaps the `..data`
+    symlink (the resolved path changes), an editor or `mv` replaces the inode."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        return real, st.st_ino, st.st_mtime_ns, st.st_size
+    except OSError:
+        return None
+
+
+class KeyWatcher:
+    """Polls the key file and swaps in a new valid set, keeping the last good one.
+    `on_change(keyset)` gets the new set, or None when the new file is invalid."""
+
+    def __init__(self, path: str, interval: float, keyset: KeySet,
+                 on_change: Callable[[KeySet | None], None]):
+        self.path = path
+        self.interval = interval
+        self.keyset = keyset
+        self.on_change = on_change
+        self.signature = _signature(path)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.check()
+
+    def check(self) -> None:
+        signature = _signature(self.path)
+        if signature == self.signature:
+            return
+        self.signature = signature
+        try:
+            new = load_keys(self.path)
+        except ConfigError as exc:
+            log.warning("key reload failed; keeping the last good key set",
+                        extra={"event": "keys_reload", "result": "invalid", "error": str(exc),
+                               "keys": len(self.keyset)})
+            self.on_change(None)
+            return
+        self.keyset = new
+        log.info("keys reloaded", extra={"event": "keys_reload", "result": "ok", "keys": len(new)})
+        self.on_change(new)

@@ -1,0 +1,65 @@
+"""Prometheus metrics. Frame and byte counts live in C inside the relay; the
+collector below reads them at scrape time, so relaying pays no Python per frame."""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+from . import __version__, _relay
+
+__all__ = ["Metrics"]
+
+_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+_CONNECT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
+
+
+class _RelayCollector:
+    """Process totals of the C counters (live and ended sessions alike)."""
+
+    def collect(self):
+        frames, payload, wire, hist, hist_sum = _relay.totals()
+        f = CounterMetricFamily("conduit_frames", "Frames relayed.",
+                                labels=["direction", "kind"])
+        b = CounterMetricFamily("conduit_bytes", "Bytes relayed on the wire (frame headers included).",
+                                labels=["direction"])
+        p = CounterMetricFamily("conduit_payload_bytes", "Frame payload bytes relayed.",
+                                labels=["direction", "kind"])
+        for d, direction in enumerate(_relay.DIRECTION_NAMES):
+            b.add_metric([direction], wire[d])
+            for k, kind in enumerate(_relay.KIND_NAMES):
+                f.add_metric([direction, kind], frames[d][k])
+                p.add_metric([direction, kind], payload[d][k])
+        h = HistogramMetricFamily("conduit_relay_processing_seconds",
+                                  "Time the relay spent per socket read (scan and forward).")
+        cumulative, buckets = 0, []
+        for bound, count in zip(_relay.HISTOGRAM_BOUNDS + (float("inf"),), hist):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        h.add_metric([], buckets, hist_sum)
+        yield from (f, b, p, h)
+
+
+class Metrics:
+    def __init__(self, sessions_active):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        Gauge("conduit_connections_active", "Sessions being relayed.",
+              registry=r).set_function(sessions_active)
+        self.connections = Counter("conduit_connections", "Client handshakes by outcome.",
+                                   ["result"], registry=r)
+        self.duration = Histogram("conduit_connection_duration_seconds", "Session durations.",
+                                  buckets=_DURATION_BUCKETS, registry=r)
+        self.upstream_connect = Histogram("conduit_upstream_connect_seconds",
+                                          "Upstream TCP + TLS + WebSocket handshake time.",
+                                          ["provider"], buckets=_CONNECT_BUCKETS, registry=r)
+        self.auth_failures = Counter("conduit_auth_failures", "Rejected keys by reason.",
+                                     ["reason"], registry=r)
+        self.closes = Counter("conduit_closes", "Session ends by the side that closed first and code.",
+                              ["side", "code"], registry=r)
+        self.keys_reload = Counter("conduit_keys_reload", "Key file reloads by result.",
+                                   ["result"], registry=r)
+        Gauge("conduit_build_info", "Build information.", ["version", "python"],
+              registry=r).labels(__version__, platform.python_version()).set(1)
+        r.register(_RelayCollector())

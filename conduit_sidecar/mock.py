@@ -1,0 +1,106 @@
+"""The mock provider: a real WebSocket server speaking OpenAI Realtime GA event
+shapes, for the demo, tests and benchmarks. No network beyond loopback.
+
+- `session.created` right after the handshake;
+- `session.update` -> `session.updated`;
+- `input_audio_buffer.append` -> `response.output_audio.delta` (the same audio back)
+  and, on `input_audio_buffer.commit` or `response.create`, `response.done` with a
+  `usage` object counting what was received;
+- binary frames are echoed; text that is not a known JSON event is echoed verbatim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+
+import msgspec
+from websockets.asyncio.server import ServerConnection, serve
+
+__all__ = ["MockProvider"]
+
+_ids = itertools.count(1)
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+class MockProvider:
+    """`async with MockProvider() as mock:` then `mock.url` ('ws://127.0.0.1:PORT')."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl=None):
+        self.host, self.port, self.ssl = host, port, ssl
+        self.requests = []          # (path, headers) of every handshake, for tests
+        self.server = None
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.ssl else "ws"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def __aenter__(self):
+        self.server = await serve(self._handle, self.host, self.port, ssl=self.ssl,
+                                  compression=None, max_size=None, process_request=self._record,
+                                  select_subprotocol=lambda _, offered: offered[0] if offered else None)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    def _record(self, connection, request):
+        self.requests.append((request.path, request.headers))
+
+    async def _handle(self, ws: ServerConnection):
+        session = {"id": f"sess_{next(_ids)}", "object": "realtime.session",
+                   "type": "realtime", "model": "mock-realtime", "output_modalities": ["audio"]}
+        await ws.send(_encoder.encode({"type": "session.created",
+                                       "event_id": f"event_{next(_ids)}", "session": session}).decode())
+        audio_in = 0
+        async for message in ws:
+            if isinstance(message, bytes):
+                await ws.send(message)
+                continue
+            try:
+                event = _decoder.decode(message)
+                kind = event.get("type") if isinstance(event, dict) else None
+            except msgspec.DecodeError:
+                kind = None
+            if kind == "session.update":
+                session.update(event.get("session") or {})
+                await ws.send(_event("session.updated", session=session))
+            elif kind == "input_audio_buffer.append":
+                audio = event.get("audio", "")
+                audio_in += len(base64.b64decode(audio, validate=False))
+                await ws.send(_event("response.output_audio.delta", response_id="resp_mock",
+                                     item_id="item_mock", output_index=0, content_index=0,
+                                     delta=audio))
+            elif kind in ("input_audio_buffer.commit", "response.create"):
+                await ws.send(_event("response.done", response=_response(audio_in)))
+                audio_in = 0
+            else:
+                await ws.send(message)
+
+
+def _event(kind: str, **fields) -> str:
+    return _encoder.encode({"type": kind, "event_id": f"event_{next(_ids)}", **fields}).decode()
+
+
+def _response(audio_bytes: int) -> dict:
+    """A `response.done` payload; token counts derived from the audio received
+    (pcm16 at 24 kHz is 48,000 bytes/s; OpenAI bills about 10 audio tokens/s)."""
+    audio_tokens = audio_bytes // 4800
+    return {"id": "resp_mock", "object": "realtime.response", "status": "completed",
+            "output": [], "usage": {
+                "total_tokens": 2 * audio_tokens + 12,
+                "input_tokens": audio_tokens + 7, "output_tokens": audio_tokens + 5,
+                "input_token_details": {"text_tokens": 7, "audio_tokens": audio_tokens,
+                                        "cached_tokens": 0},
+                "output_token_details": {"text_tokens": 5, "audio_tokens": audio_tokens}}}
+
+
+async def main(host: str, port: int) -> None:
+    async with MockProvider(host, port) as mock:
+        print(f"mock provider on {mock.url}", flush=True)
+        await asyncio.Event().wait()

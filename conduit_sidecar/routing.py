@@ -1,0 +1,200 @@
+"""Providers: built-in templates, user sections, model routes, and the upstream
+URL and headers for one session.
+
+Upstream URLs come only from the config. Values substituted into a URL are
+percent-encoded; any value with a control character is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import urllib.parse
+
+import msgspec
+from websockets.uri import WebSocketURI, parse_uri
+
+from .config import Config, ConfigError, Provider
+from .keys import match
+
+__all__ = ["BUILTIN", "Route", "RouteError", "Router", "Upstream"]
+
+BUILTIN: dict[str, Provider] = {
+    "openai": Provider(
+        url="wss://api.openai.com/v1/realtime?model={model}",
+        headers={"Authorization": "Bearer {secret}"}),
+    "azure": Provider(
+        url="wss://{resource}.openai.azure.com/openai/v1/realtime?model={model}",
+        headers={"api-key": "{secret}"}),
+    "gemini": Provider(
+        url="wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage.v1beta."
+            "GenerativeService.BidiGenerateContent?key={secret}",
+        headers={}),
+    "elevenlabs": Provider(
+        url="wss://api.elevenlabs.io/v1/convai/conversation?agent_id={model}",
+        headers={"xi-api-key": "{secret}"}),
+    "deepgram": Provider(
+        url="wss://api.deepgram.com/v1/listen?model={model}",
+        headers={"Authorization": "Token {secret}"}),
+    "assemblyai": Provider(
+        url="wss://streaming.assemblyai.com/v3/ws",
+        headers={"Authorization": "{secret}"}),
+}
+
+_FIELD = re.compile(r"\{(\w+)\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Headers the sidecar owns on the upstream request; a template may not set them.
+_RESERVED = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+             "sec-websocket-extensions", "sec-websocket-protocol", "sec-websocket-accept",
+             "content-length", "transfer-encoding", "te", "trailer", "keep-alive",
+             "proxy-connection", "proxy-authorization"}
+
+
+class RouteError(Exception):
+    """No route; `code` is the close code (4004) and the message the reason."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class Upstream(msgspec.Struct, frozen=True):
+    uri: WebSocketURI
+    headers: list[tuple[str, str]]
+    ssl: ssl.SSLContext | None
+
+
+class Route(msgspec.Struct, frozen=True):
+    name: str
+    spec: Provider
+    uses_model: bool
+
+
+def _merge(name: str, user: Provider | None) -> Provider:
+    """A built-in template overridden field by field by the user's section."""
+    base = BUILTIN.get(name)
+    if base is None:
+        return user
+    if user is None:
+        return base
+    fields = {f: getattr(user, f) if getattr(user, f) not in (None, []) else getattr(base, f)
+              for f in Provider.__struct_fields__}
+    return Provider(**fields)
+
+
+class Router:
+    def __init__(self, config: Config, environ=os.environ):
+        self.environ = environ
+        self.routes: dict[str, Route] = {}
+        for name in set(BUILTIN) | set(config.providers):
+            spec = _merge(name, config.providers.get(name))
+            self._check(name, spec, configured=name in config.providers)
+            self.routes[name] = Route(name, spec, "{model}" in spec.url)
+        # Usable now: user sections, and built-ins that were given a secret.
+        self.configured = sorted(
+            n for n, r in self.routes.items()
+            if n in config.providers or "{secret}" not in _template_text(r.spec))
+        self._contexts: dict[str | None, ssl.SSLContext] = {}
+        self._secrets: dict[str, tuple[tuple, str]] = {}
+
+    def _check(self, name: str, spec: Provider, configured: bool) -> None:
+        where = f"`$.providers.{name}`"
+        if not spec.url:
+            raise ConfigError(f"provider {name!r} needs a url - at {where}")
+        try:
+            uri = parse_uri(_FIELD.sub("x", spec.url))
+        except Exception:
+            raise ConfigError(f"provider {name!r}: url must be ws:// or wss:// - at {where}.url") from None
+        del uri
+        fields = set(_FIELD.findall(spec.url))
+        for value in (spec.headers or {}).values():
+            fields |= set(_FIELD.findall(value))
+        unknown = fields - {"model", "secret", "resource"}
+        if unknown:
+            raise ConfigError(f"provider {name!r}: unknown template field(s) {sorted(unknown)} - at {where}")
+        for header, value in (spec.headers or {}).items():
+            if header.lower() in _RESERVED:
+                raise ConfigError(f"provider {name!r}: header {header!r} is set by the sidecar - "
+                                  f"at {where}.headers")
+            if _CONTROL.search(header + value):
+                raise ConfigError(f"provider {name!r}: control character in header {header!r} - "
+                                  f"at {where}.headers")
+        if configured and "secret" in fields and not (spec.secret_file or spec.secret_env):
+            raise ConfigError(f"provider {name!r} needs secret_file or secret_env - at {where}")
+        if configured and "resource" in fields and not spec.resource:
+            raise ConfigError(f"provider {name!r} needs resource - at {where}.resource")
+        if spec.ca_file and not os.path.exists(spec.ca_file):
+            raise ConfigError(f"provider {name!r}: ca_file {spec.ca_file!r} not found - at {where}.ca_file")
+
+    def route(self, model: str | None, provider: str | None) -> Route:
+        """The provider for a request: named by `provider=`, else by the model routes."""
+        if provider is not None:
+            route = self.routes.get(provider)
+            if route is None or provider not in self.configured:
+                raise RouteError(4004, f"unknown provider {provider!r}")
+        else:
+            if model is None:
+                raise RouteError(4004, "no model and no provider given")
+            route = next((self.routes[n] for n in self.configured
+                          if any(match(p, model) for p in self.routes[n].spec.models)), None)
+            if route is None:
+                raise RouteError(4004, f"no provider serves model {model!r}")
+        if route.uses_model and not model:
+            raise RouteError(4004, f"provider {route.name!r} needs a model")
+        return route
+
+    def secret(self, spec: Provider) -> str:
+        if spec.secret_env:
+            value = self.environ.get(spec.secret_env)
+            if value is None:
+                raise RouteError(1011, "provider secret unavailable")
+            return value.strip()
+        try:
+            st = os.stat(spec.secret_file)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._secrets.get(spec.secret_file)
+            if cached is None or cached[0] != stamp:
+                with open(spec.secret_file, encoding="utf-8") as f:
+                    cached = (stamp, f.read().strip())
+                self._secrets[spec.secret_file] = cached
+            return cached[1]
+        except OSError:
+            raise RouteError(1011, "provider secret unavailable") from None
+
+    def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
+        """Verified client context: system trust store plus the provider's CA, TLS 1.2+."""
+        ctx = self._contexts.get(ca_file)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if ca_file:
+                ctx.load_verify_locations(ca_file)
+            self._contexts[ca_file] = ctx
+        return ctx
+
+    def upstream(self, route: Route, model: str | None) -> Upstream:
+        """The URL and headers for one session (secrets filled in)."""
+        spec = route.spec
+        values = {"model": model or "", "resource": spec.resource or ""}
+        if "{secret}" in _template_text(spec):
+            values["secret"] = self.secret(spec)
+        for field, value in values.items():
+            if _CONTROL.search(value):
+                raise RouteError(4004 if field == "model" else 1011,
+                                 f"control character in {field}")
+        url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), spec.url)
+        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v))
+                   for h, v in (spec.headers or {}).items()]
+        uri = parse_uri(url)
+        return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
+
+
+def _template_text(spec: Provider) -> str:
+    return spec.url + "".join((spec.headers or {}).values())
+
+
+def masked(spec: Provider) -> tuple[str, dict[str, str]]:
+    """URL and header templates with the secret placeholder shown as `***`."""
+    hide = lambda s: s.replace("{secret}", "***")  # noqa: E731
+    return hide(spec.url), {h: hide(v) for h, v in (spec.headers or {}).items()}

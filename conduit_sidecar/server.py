@@ -1,0 +1,184 @@
+"""The sidecar process: listeners, live sessions, limits, key reloads, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import time
+
+from . import __version__
+from .admin import AdminServer
+from .config import Config, split_hostport
+from .handshake import Close
+from .keys import KeySet, KeyWatcher
+from .metrics import Metrics
+from .routing import Router
+from .session import ClientHandshake, SessionInfo
+
+__all__ = ["Sidecar"]
+
+log = logging.getLogger("conduit.server")
+
+_RESULTS = {4001: "auth_failed", 4003: "forbidden", 4004: "no_route", 4029: "key_limit",
+            1013: "at_capacity", 1014: "upstream_failed", 1011: "internal_error"}
+
+
+class Sidecar:
+    def __init__(self, config: Config, keyset: KeySet, router: Router | None = None):
+        self.config = config
+        self.keyset = keyset
+        self.router = router or Router(config)
+        self.sessions: set[SessionInfo] = set()
+        self.live_per_key: collections.Counter[str] = collections.Counter()
+        self.draining = False
+        self.metrics = Metrics(lambda: len(self.sessions))
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin: AdminServer | None = None
+        self.watcher: KeyWatcher | None = None
+        self.stopped: asyncio.Event | None = None
+        self.listening: dict[str, tuple[str, int]] = {}
+
+    # -- admission ---------------------------------------------------------------
+
+    def at_capacity(self) -> bool:
+        return len(self.sessions) >= self.config.limits.max_connections
+
+    def reserve(self, info: SessionInfo) -> None:
+        self.sessions.add(info)
+        self.live_per_key[info.key_id] += 1
+
+    def release(self, info: SessionInfo) -> None:
+        if info in self.sessions:
+            self.sessions.discard(info)
+            self.live_per_key[info.key_id] -= 1
+            if self.live_per_key[info.key_id] <= 0:
+                del self.live_per_key[info.key_id]
+        if self.draining and not self.sessions and self.stopped is not None:
+            self.stopped.set()
+
+    def count(self, result: str) -> None:
+        self.metrics.connections.labels(result).inc()
+
+    def rejected(self, decision: Close) -> None:
+        self.count(_RESULTS.get(decision.code, "rejected"))
+        if decision.code == 4001:
+            self.metrics.auth_failures.labels(decision.reason.replace("key ", "")
+                                              .replace(" ", "_")).inc()
+        self.metrics.closes.labels("sidecar", str(decision.code)).inc()
+        log.info("session rejected", extra={
+            "event": "rejected", "code": decision.code, "reason": decision.reason,
+            "key_id": decision.key.id if decision.key else None})
+
+    def session_ended(self, relay) -> None:
+        info: SessionInfo = relay.session
+        self.release(info)
+        duration = time.monotonic() - info.started
+        self.metrics.duration.observe(duration)
+        code = relay.close_code if relay.close_code is not None else 1006
+        self.metrics.closes.labels(relay.closed_by or "unknown", str(code)).inc()
+        c2u, u2c = relay.counters(0), relay.counters(1)
+        log.info("session ended", extra={
+            "event": "session_end", "session_id": info.id, "key_id": info.key_id,
+            "model": info.model, "provider": info.provider, "duration_seconds": round(duration, 3),
+            "frames_client_to_upstream": sum(c2u[0]), "frames_upstream_to_client": sum(u2c[0]),
+            "bytes_client_to_upstream": c2u[2], "bytes_upstream_to_client": u2c[2],
+            "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason})
+
+    # -- keys --------------------------------------------------------------------
+
+    def on_keys(self, keyset: KeySet | None) -> None:
+        if keyset is None:
+            self.metrics.keys_reload.labels("invalid").inc()
+            return
+        self.metrics.keys_reload.labels("ok").inc()
+        self.keyset = keyset
+        for info in list(self.sessions):
+            entry = keyset.by_id.get(info.key_id)
+            reason = ("key revoked" if entry is None else "key disabled" if not entry.enabled
+                      else None)
+            if reason and info.relay is not None and not info.relay.finished:
+                info.relay.close(4001, reason, 1000, "")
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        host, port = split_hostport(self.config.listen)
+        server = await loop.create_server(lambda: ClientHandshake(self), host, port,
+                                          reuse_address=True, backlog=4096)
+        self.servers.append(server)
+        self.listening["listen"] = server.sockets[0].getsockname()[:2]
+        self.admin = AdminServer(self)
+        await self.admin.start()
+        self.watcher = KeyWatcher(self.config.keys_file, self.config.keys_poll_seconds,
+                                  self.keyset, self.on_keys)
+        self.watcher.start()
+        log.info("started", extra={
+            "event": "start", "version": __version__,
+            "listen": "%s:%d" % self.listening["listen"],
+            "admin_listen": "%s:%d" % self.listening["admin"],
+            "providers": self.router.configured, "keys": len(self.keyset)})
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.servers) and not self.draining
+
+    def drain(self) -> None:
+        """Stop admitting sessions; close the remaining ones after drain_seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining", extra={"event": "drain", "sessions": len(self.sessions),
+                                    "drain_seconds": self.config.limits.drain_seconds})
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.config.limits.drain_seconds, self.close_all)
+        if not self.sessions:
+            self.stopped.set()
+
+    def close_all(self) -> None:
+        for info in list(self.sessions):
+            if info.relay is not None and not info.relay.finished:
+                info.relay.close(1001, "going away", 1000, "")
+            elif info.relay is None:
+                self.release(info)
+
+    async def stop(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+        for server in self.servers:
+            server.close()
+        if self.admin:
+            await self.admin.stop()
+        for info in list(self.sessions):
+            if info.relay is not None:
+                info.relay.abort()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (then drain) or a second signal (then stop at once)."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal():
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                self.drain()
+            else:
+                self.close_all()
+                self.stopped.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self.stopped.wait()
+        if self.sessions and signals < 2:
+            # Sessions were told 1001; give their closing handshakes a moment.
+            deadline = loop.time() + self.config.limits.close_timeout_seconds
+            while self.sessions and loop.time() < deadline and signals < 2:
+                await asyncio.sleep(0.05)
+        await self.stop()
+        log.info("stopped", extra={"event": "stop"})
+        return 0
