@@ -36,7 +36,6 @@ class Refuse(msgspec.Struct, frozen=True):
 
 class Close(msgspec.Struct, frozen=True):
     """Upgrade (101), then close with `code`."""
-    ws: ServerProtocol
     response: Response
     code: int
     reason: str
@@ -45,7 +44,6 @@ class Close(msgspec.Struct, frozen=True):
 
 class Accept(msgspec.Struct, frozen=True):
     """Open the upstream; on success answer with `response` (plus its subprotocol)."""
-    ws: ServerProtocol
     response: Response
     key: KeyEntry
     route: Route
@@ -97,33 +95,33 @@ def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime
     provider = query.get("provider", [None])[0]
 
     if draining:
-        return Close(ws, response, 1013, "sidecar is draining: try again later")
+        return Close(response, 1013, "sidecar is draining: try again later")
     if at_capacity:
-        return Close(ws, response, 1013, "sidecar at its connection limit: try again later")
+        return Close(response, 1013, "sidecar at its connection limit: try again later")
 
     key = _presented_key(request, presented)
     if key is None:
-        return Close(ws, response, 4001, "missing key")
+        return Close(response, 4001, "missing key")
     entry = keyset.lookup(key)
     if entry is None:
-        return Close(ws, response, 4001, "unknown key")
+        return Close(response, 4001, "unknown key")
     if not entry.enabled:
-        return Close(ws, response, 4001, "key disabled", entry)
+        return Close(response, 4001, "key disabled", entry)
     if entry.expired(now):
-        return Close(ws, response, 4001, "key expired", entry)
+        return Close(response, 4001, "key expired", entry)
 
     try:
         route = router.route(model, provider)
     except RouteError as exc:
-        return Close(ws, response, exc.code, str(exc), entry)
+        return Close(response, exc.code, str(exc), entry)
     if not entry.allows_provider(route.name):
-        return Close(ws, response, 4003, f"provider {route.name!r} not allowed for this key", entry)
+        return Close(response, 4003, f"provider {route.name!r} not allowed for this key", entry)
     if model is not None and not entry.allows_model(model):
-        return Close(ws, response, 4003, f"model {model!r} not allowed for this key", entry)
+        return Close(response, 4003, f"model {model!r} not allowed for this key", entry)
     if entry.max_connections is not None and live_per_key.get(entry.id, 0) >= entry.max_connections:
-        return Close(ws, response, 4029,
+        return Close(response, 4029,
                      f"key limit of {entry.max_connections} concurrent connections reached", entry)
-    return Accept(ws, response, entry, route, model, passed or None)
+    return Accept(response, entry, route, model, passed or None)
 
 
 def _presented_key(request: Request, presented: list[str]) -> str | None:

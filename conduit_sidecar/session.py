@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus, SecurityError
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
 from . import _relay
@@ -251,8 +253,8 @@ class _Closer(asyncio.Protocol):
 
 
 def _close_after_upgrade(sidecar: Sidecar, transport, decision: Close, early: bytes):
-    ws = decision.ws
-    ws.send_response(decision.response)
+    transport.write(decision.response.serialize())
+    ws = ServerProtocol(state=OPEN, max_size=None)
     ws.send_close(decision.code, decision.reason)
     closer = _Closer(ws, transport, sidecar.config.limits.close_timeout_seconds)
     closer._flush()
@@ -289,9 +291,9 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
         except (UpstreamError, RouteError) as exc:
             code = exc.code if isinstance(exc, RouteError) else 1014
             sidecar.release(info)
-            sidecar.rejected(Close(decision.ws, decision.response, code, str(exc), decision.key))
-            _close_after_upgrade(sidecar, transport, Close(decision.ws, decision.response, code,
-                                                           str(exc), decision.key), early)
+            failed = Close(decision.response, code, str(exc), decision.key)
+            sidecar.rejected(failed)
+            _close_after_upgrade(sidecar, transport, failed, early)
             return
         sidecar.metrics.upstream_connect.labels(info.provider).observe(time.monotonic() - started)
     except asyncio.CancelledError:     # the client left while we connected

@@ -1,0 +1,215 @@
+"""Shared fixtures: the sidecar as a real process on loopback, the mock provider,
+keys, and small helpers. Every test talks over real sockets to 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from conduit_sidecar.keys import hash_key, new_key
+
+PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(coro, timeout: float = 60):
+    """Run a test coroutine on uvloop, bounded in time."""
+    import uvloop
+    return uvloop.run(asyncio.wait_for(coro, timeout))
+
+
+def http_get(url: str, method: str = "GET") -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Keys:
+    """Named keys and their key-file entries."""
+
+    def __init__(self):
+        self.plain: dict[str, str] = {}
+        self.entries: list[dict] = []
+
+    def add(self, id: str, **fields) -> str:
+        key = new_key()
+        self.plain[id] = key
+        self.entries.append({"id": id, "sha256": hash_key(key), **fields})
+        return key
+
+    def write(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"keys": self.entries}, f)
+        os.replace(tmp, path)
+
+
+class SidecarProcess:
+    """`conduit-sidecar serve` in its own process, stdout captured to a file."""
+
+    def __init__(self, workdir: str, providers: str, keys: Keys, limits: str = "",
+                 extra: str = "", env: dict | None = None, keys_file: str | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.keys = keys
+        self.keys_file = keys_file or os.path.join(workdir, "keys.json")
+        if keys_file is None:
+            keys.write(self.keys_file)
+        self.config = os.path.join(workdir, "config.toml")
+        with open(self.config, "w") as f:
+            f.write(textwrap.dedent(f"""\
+                listen = "127.0.0.1:{self.port}"
+                admin_listen = "127.0.0.1:{self.admin_port}"
+                keys_file = "{self.keys_file}"
+                keys_poll_seconds = 0.2
+                {extra}
+                [limits]
+                {limits}
+                """) + textwrap.dedent(providers))
+        self.log_path = os.path.join(workdir, "sidecar.log")
+        self.env = {**os.environ, "PROVIDER_KEY": PROVIDER_SECRET, **(env or {})}
+        self.proc = None
+
+    def start(self) -> "SidecarProcess":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conduit_sidecar", "serve", "--config", self.config,
+             "--log-level", "debug"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("sidecar exited:\n" + self.output())
+            try:
+                if http_get(self.admin("/readyz"))[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("sidecar not ready:\n" + self.output())
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def log_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+
+    def url(self, model="mock-realtime", provider="mock", path="/v1/realtime/connect") -> str:
+        query = "&".join(f"{k}={v}" for k, v in (("model", model), ("provider", provider)) if v)
+        return f"ws://127.0.0.1:{self.port}{path}?{query}"
+
+    def admin(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def auth(self, key_id: str = "good") -> dict:
+        return {"Authorization": f"Bearer {self.keys.plain[key_id]}"}
+
+
+class MockProcess:
+    """The built-in mock provider in its own process."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", f"import asyncio, uvloop; from conduit_sidecar.mock import main; "
+                                   f"uvloop.run(main('127.0.0.1', {self.port}))"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert b"mock provider on" in self.proc.stdout.readline()
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def standard_keys() -> Keys:
+    keys = Keys()
+    keys.add("good")
+    keys.add("other")
+    keys.add("limited", max_connections=1)
+    keys.add("disabled", enabled=False)
+    keys.add("expired", expires_at="2020-01-01T00:00:00Z")
+    keys.add("restricted", allowed_models=["gpt-realtime*"], allowed_providers=["openai"])
+    future = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).isoformat()
+    keys.add("future", expires_at=future)
+    return keys
+
+
+@pytest.fixture(scope="session")
+def mock_provider():
+    mock = MockProcess()
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream_ports():
+    """Ports for upstreams that tests start themselves (named by provider)."""
+    return {name: free_port() for name in ("raw", "refuse", "blackhole", "down", "closer")}
+
+
+@pytest.fixture(scope="session")
+def sidecar(mock_provider, upstream_ports):
+    """One sidecar for the tests that do not restart or reconfigure it."""
+    workdir = tempfile.mkdtemp(prefix="conduit-test-")
+    p = upstream_ports
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_env = "PROVIDER_KEY"
+        models = ["mock-*"]
+
+        [providers.raw]
+        url = "ws://127.0.0.1:{p['raw']}/raw?model={{model}}"
+        headers = {{ X-Api-Key = "{{secret}}" }}
+        secret_env = "PROVIDER_KEY"
+
+        [providers.refuse]
+        url = "ws://127.0.0.1:{p['refuse']}/"
+
+        [providers.blackhole]
+        url = "ws://127.0.0.1:{p['blackhole']}/"
+
+        [providers.down]
+        url = "ws://127.0.0.1:{p['down']}/"
+
+        [providers.closer]
+        url = "ws://127.0.0.1:{p['closer']}/"
+        """
+    proc = SidecarProcess(workdir, providers, standard_keys(),
+                          limits="upstream_connect_timeout_seconds = 1.5\n"
+                                 "max_message_bytes = 16777216\n").start()
+    yield proc
+    proc.stop()

@@ -1,0 +1,189 @@
+"""The close codes the sidecar sends, and upstream failures, over real sockets."""
+
+import asyncio
+import os
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import PROVIDER_SECRET, run
+
+
+async def close_of(url, headers=None, subprotocols=None):
+    """Connect, then wait for the close; returns (code, reason)."""
+    async with connect(url, additional_headers=headers or {}, subprotocols=subprotocols,
+                       open_timeout=10) as ws:
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd.code, exc.rcvd.reason
+
+
+@pytest.mark.parametrize("key_id, reason", [
+    (None, "missing key"), ("wrong", "unknown key"),
+    ("disabled", "key disabled"), ("expired", "key expired")])
+def test_bad_keys_get_4001(sidecar, key_id, reason):
+    headers = {} if key_id is None else (
+        {"Authorization": "Bearer condt_not_a_key"} if key_id == "wrong" else sidecar.auth(key_id))
+    assert run(close_of(sidecar.url(), headers)) == (4001, reason)
+
+
+def test_future_expiry_is_fine(sidecar):
+    async def body():
+        async with connect(sidecar.url(), additional_headers=sidecar.auth("future")) as ws:
+            assert "session.created" in await ws.recv()
+    run(body())
+
+
+def test_disallowed_model_and_provider_get_4003(sidecar):
+    code, reason = run(close_of(sidecar.url(), sidecar.auth("restricted")))
+    assert code == 4003 and "provider 'mock' not allowed" in reason
+
+
+def test_unknown_provider_and_unrouted_model_get_4004(sidecar):
+    assert run(close_of(sidecar.url(provider="nope"), sidecar.auth())) == (
+        4004, "unknown provider 'nope'")
+    assert run(close_of(sidecar.url(model="whisper-1", provider=None), sidecar.auth())) == (
+        4004, "no provider serves model 'whisper-1'")
+
+
+def test_model_routes_pick_the_provider(sidecar):
+    async def body():
+        async with connect(sidecar.url(provider=None), additional_headers=sidecar.auth()) as ws:
+            assert "session.created" in await ws.recv()
+    run(body())
+
+
+def test_per_key_limit_gets_4029(sidecar):
+    async def body():
+        async with connect(sidecar.url(), additional_headers=sidecar.auth("limited")) as first:
+            await first.recv()
+            code, reason = await close_of(sidecar.url(), sidecar.auth("limited"))
+            assert code == 4029 and "limit of 1" in reason
+        # The slot frees when the session ends.
+        await asyncio.sleep(0.2)
+        async with connect(sidecar.url(), additional_headers=sidecar.auth("limited")) as again:
+            assert "session.created" in await again.recv()
+    run(body())
+
+
+def test_bytes_written_with_the_101_reach_the_client(sidecar, upstream_ports):
+    """The provider writes its 101 and a first frame in one TCP write."""
+    async def body():
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            from websockets.utils import accept_key
+            key = [l.split(b": ", 1)[1].decode() for l in head.split(b"\r\n")
+                   if l.lower().startswith(b"sec-websocket-key:")][0]
+            first = b'{"type":"session.created"}'
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key).encode()
+                         + b"\r\n\r\n" + bytes([0x81, len(first)]) + first
+                         + bytes([0x82, 3]) + b"abc")
+            await writer.drain()
+            await reader.read(1 << 16)
+            writer.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", upstream_ports["raw"])
+        async with server:
+            async with connect(sidecar.url(provider="raw"), additional_headers=sidecar.auth()) as ws:
+                assert await ws.recv() == '{"type":"session.created"}'
+                assert await ws.recv() == b"abc"
+    run(body())
+
+
+def test_upstream_refusing_with_401_gives_1014(sidecar, upstream_ports):
+    async def body():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\nunauthorized")
+            await writer.drain()
+            writer.close()
+        async with await asyncio.start_server(handle, "127.0.0.1", upstream_ports["refuse"]):
+            return await close_of(sidecar.url(provider="refuse"), sidecar.auth())
+    assert run(body()) == (1014, "upstream refused: HTTP 401")
+
+
+def test_upstream_never_answering_gives_1014_within_the_timeout(sidecar, upstream_ports):
+    async def body():
+        held = []
+
+        async def handle(reader, writer):
+            held.append(writer)     # accept TCP, never answer
+            await reader.read(1 << 16)
+        async with await asyncio.start_server(handle, "127.0.0.1", upstream_ports["blackhole"]):
+            t0 = time.monotonic()
+            result = await close_of(sidecar.url(provider="blackhole"), sidecar.auth())
+            return result, time.monotonic() - t0
+    (code, reason), elapsed = run(body())
+    assert code == 1014 and reason == "upstream timed out (WebSocket handshake)"
+    assert elapsed < 1.5 + 1.0      # the configured connect timeout, plus slack
+
+
+def test_upstream_down_gives_1014(sidecar):
+    assert run(close_of(sidecar.url(provider="down"), sidecar.auth())) == (
+        1014, "upstream refused the connection")
+
+
+def test_provider_close_code_and_reason_reach_the_client(sidecar, upstream_ports):
+    async def body():
+        from websockets.asyncio.server import serve
+
+        async def handler(ws):
+            await ws.recv()
+            await ws.close(4000, "invalid_request_error: bad event")
+        async with serve(handler, "127.0.0.1", upstream_ports["closer"]):
+            async with connect(sidecar.url(provider="closer"), additional_headers=sidecar.auth()) as ws:
+                await ws.send("hello")
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.recv()
+                return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (4000, "invalid_request_error: bad event")
+
+
+def test_client_vanishing_closes_the_upstream_within_a_second(sidecar, upstream_ports):
+    async def body():
+        from websockets.asyncio.server import serve
+        closed = asyncio.get_running_loop().create_future()
+
+        async def handler(ws):
+            try:
+                async for _ in ws:
+                    pass
+            finally:
+                closed.set_result(time.monotonic())
+        async with serve(handler, "127.0.0.1", upstream_ports["closer"]):
+            ws = await connect(sidecar.url(provider="closer"), additional_headers=sidecar.auth())
+            await ws.send(os.urandom(1000))
+            # Vanish mid-frame: half a frame header and payload, then a reset.
+            ws.transport.write(bytes([0x82, 0xFE, 0x10, 0x00]) + os.urandom(100))
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            ws.transport.abort()
+            return await asyncio.wait_for(closed, 5) - t0
+    assert run(body()) < 1.0
+
+
+def test_secret_goes_upstream_and_the_virtual_key_does_not(sidecar, upstream_ports):
+    async def body():
+        from websockets.asyncio.server import serve
+        seen = []
+
+        async def handler(ws):
+            seen.append((ws.request.path, ws.request.headers))
+            await ws.close()
+        async with serve(handler, "127.0.0.1", upstream_ports["raw"]):
+            await close_of(sidecar.url(model="a%20b%26c%2F%C3%A9", provider="raw"),
+                           {**sidecar.auth(), "Cookie": "session=1", "X-Custom": "y"},
+                           subprotocols=["realtime"])
+        return seen[0]
+    path, headers = run(body())
+    assert path == "/raw?model=a%20b%26c%2F%C3%A9"
+    everything = path + "".join(f"{k}: {v}\n" for k, v in headers.raw_items())
+    assert sidecar.keys.plain["good"] not in everything
+    assert "Cookie" not in headers and "X-Custom" not in headers
+    assert headers.get("Sec-WebSocket-Protocol") == "realtime"
+    assert headers["X-Api-Key"] == PROVIDER_SECRET
+    assert "Authorization" not in headers

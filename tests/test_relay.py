@@ -1,0 +1,85 @@
+"""Frames through the sidecar to the mock provider and back, with a websockets
+client: byte-identical, in order, every size class of the frame header."""
+
+import asyncio
+import os
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import run
+
+SIZES = [0, 1, 125, 126, 65535, 65536, 16 * 1024 * 1024]
+
+
+def connect_to(sidecar, key="good", **kw):
+    return connect(sidecar.url(), additional_headers=sidecar.auth(key), compression=None,
+                   max_size=None, ping_interval=None, **kw)
+
+
+def test_session_created_then_binary_and_text_round_trip(sidecar):
+    async def body():
+        async with connect_to(sidecar) as ws:
+            first = await ws.recv()
+            assert '"type":"session.created"' in first
+            for size in SIZES:
+                payload = os.urandom(size)
+                await ws.send(payload)
+                assert await ws.recv() == payload, size
+                text = "é" * (size // 2) + "a" * (size % 2)
+                await ws.send(text)
+                assert await ws.recv() == text, size
+    run(body())
+
+
+def test_order_is_kept_under_a_burst(sidecar):
+    async def body():
+        async with connect_to(sidecar) as ws:
+            await ws.recv()
+            frames = [os.urandom(960) + i.to_bytes(4, "big") for i in range(2000)]
+            for f in frames:
+                await ws.send(f)
+            got = [await ws.recv() for _ in frames]
+            assert got == frames
+    run(body())
+
+
+def test_fragmented_messages_pass_whole(sidecar):
+    async def body():
+        async with connect_to(sidecar) as ws:
+            await ws.recv()
+            chunks = [os.urandom(n) for n in (0, 10, 125, 126, 70000)]
+            await ws.send(iter(chunks))                  # binary, five fragments
+            assert await ws.recv() == b"".join(chunks)
+            parts = ["héllo ", "", "wörld" * 1000]
+            await ws.send(iter(parts))                   # text, three fragments
+            assert await ws.recv() == "".join(parts)
+    run(body())
+
+
+def test_ping_pong_go_end_to_end(sidecar):
+    async def body():
+        async with connect_to(sidecar) as ws:
+            await ws.recv()
+            latency = await (await ws.ping(b"are you there"))
+            assert latency >= 0
+    run(body())
+
+
+def test_normal_close_is_relayed_both_ways(sidecar):
+    async def body():
+        async with connect_to(sidecar) as ws:
+            await ws.recv()
+            await ws.close(1000, "bye")
+        assert ws.close_code == 1000
+        assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+    run(body())
+
+
+def test_both_paths_are_served(sidecar):
+    async def body():
+        url = sidecar.url(path="/v1/realtime", provider=None)
+        async with connect(url, additional_headers=sidecar.auth()) as ws:
+            assert '"session.created"' in await ws.recv()
+    run(body())
