@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what it needs, then runs it.
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh -k relay   # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into conduit_sidecar._relay
+if command -v npm >/dev/null; then
+  npm install --silent --no-audit --no-fund --prefix tests/node
+fi
+
+python3 -m pytest -q "$@" tests
+if compgen -G "benchmarks/test_*.py" >/dev/null; then
+  CONDUIT_BENCH_QUICK=1 python3 -m pytest -q benchmarks      # proves the suite runs; no figures
+fi

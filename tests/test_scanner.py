@@ -1,0 +1,111 @@
+"""The relay's frame scanner, fed streams split at every byte position."""
+
+import os
+
+import pytest
+from websockets.frames import Close, Frame, Opcode
+
+from conduit_sidecar._relay import Scanner, close_frame
+
+
+def frame(opcode, payload, masked, fin=True):
+    """Serialize with websockets' own frame writer (masks with a random key)."""
+    return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=masked)
+
+
+def stream(masked):
+    frames = [
+        frame(1, b"", masked), frame(2, os.urandom(125), masked), frame(2, os.urandom(126), masked),
+        frame(2, os.urandom(300), masked, fin=False), frame(9, b"ping", masked),
+        frame(0, os.urandom(70000), masked, fin=False), frame(0, b"", masked),
+        frame(10, b"", masked), frame(1, "é".encode() * 3, masked),
+        frame(8, Close(1000, "bye").serialize(), masked),
+    ]
+    ends, total = [], 0
+    for f in frames:
+        total += len(f)
+        ends.append(total)
+    return b"".join(frames), ends
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_every_split_point_forwards_verbatim(masked):
+    data, ends = stream(masked)
+    # Every split inside the headers and small frames; sampled inside the 70 KB payload.
+    points = [i for i in range(len(data) + 1) if i < 1000 or i > len(data) - 200 or i % 997 == 0]
+    for i in points:
+        s = Scanner(masked)
+        s.feed_bytes(data[:i])
+        s.feed_bytes(data[i:])
+        assert s.output == data, i
+        assert s.frame_boundaries == ends, i
+        assert s.verdict_code == 0
+        frames, payload, wire = s.counters()
+        assert frames == (2, 2, 3, 1, 1, 1) and wire == len(data)
+
+
+def test_byte_by_byte():
+    data, ends = stream(True)
+    s = Scanner(True)
+    for i in range(len(data)):
+        s.feed_bytes(data[i:i + 1])
+    assert s.output == data and s.frame_boundaries == ends
+
+
+def test_frames_after_a_close_are_dropped():
+    data, _ = stream(False)
+    s = Scanner(False)
+    s.feed_bytes(data + frame(2, b"late", False))
+    assert s.output == data
+
+
+BAD = [
+    (bytes([0xC2, 0]), 1002, "reserved bits set (no extension was negotiated)"),
+    (bytes([0x83, 0]), 1002, "reserved opcode 3"),
+    (bytes([0x8B, 0]), 1002, "reserved opcode 11"),
+    (bytes([0x82, 0x80, 1, 2, 3, 4]), 1002, "masked frame from the upstream"),
+    (bytes([0x09, 0]), 1002, "fragmented control frame"),
+    (bytes([0x89, 126, 0, 126]) + b"x" * 126, 1002, "control frame payload over 125 bytes"),
+    (bytes([0x80, 1]) + b"x", 1002, "continuation frame without a message to continue"),
+    (bytes([0x02, 1]) + b"x" + bytes([0x81, 0]), 1002, "new data message inside a fragmented message"),
+    (bytes([0x02, 1]) + b"x" + bytes([0x80, 0x7E, 0x01, 0x00]), 1009, "message over 256 bytes"),
+    (bytes([0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 1]), 1002, "64-bit payload length with the top bit set"),
+    (bytes([0x82, 127, 0, 0, 0, 0, 0, 0, 1, 1]), 1009, "message over 256 bytes"),
+    (bytes([0x88, 1, 3]), 1002, "close frame with a 1-byte payload"),
+    (bytes([0x88, 2, 0x03, 0xEC]), 1002, "invalid close code 1004"),
+    (bytes([0x88, 2, 0x13, 0x88]), 1002, "invalid close code 5000"),
+    (bytes([0x88, 4, 0x03, 0xE8, 0xC3, 0x28]), 1007, "invalid UTF-8 in close reason"),
+]
+
+
+@pytest.mark.parametrize("bad, code, reason", BAD)
+def test_violations_are_caught_at_any_split(bad, code, reason):
+    good = frame(2, b"ok", False)
+    data = good + bad
+    for i in range(len(data) + 1):
+        s = Scanner(False, max_message=256)
+        s.feed_bytes(data[:i])
+        s.feed_bytes(data[i:])
+        assert (s.verdict_code, s.verdict_reason) == (code, reason), i
+        # Frames before the bad one went through; not one byte of the bad one did.
+        valid = 3 if bad[0] == 0x02 else 0
+        assert s.output == good + bad[:valid], i
+
+
+def test_message_limit_counts_across_fragments():
+    s = Scanner(False, max_message=100)
+    s.feed_bytes(frame(2, b"x" * 60, False, fin=False) + frame(0, b"x" * 60, False))
+    assert s.verdict_code == 1009
+
+
+def test_client_side_requires_masks():
+    s = Scanner(True)
+    s.feed_bytes(bytes([0x82, 0]))
+    assert (s.verdict_code, s.verdict_reason) == (1002, "unmasked frame from the client")
+
+
+def test_own_close_frames_are_valid_and_bounded():
+    f = close_frame(1001, "é" * 100, True)
+    s = Scanner(True)
+    s.feed_bytes(f)
+    assert s.verdict_code == 0 and s.output == f and len(f) <= 2 + 4 + 125
