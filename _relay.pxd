@@ -7,6 +7,8 @@ cdef enum:
     HEADER_MAX = 14
     # A close frame is held whole (header + at most 125 payload bytes) to validate it.
     HELD_MAX = 139
+    # Bytes at the start of a text message searched for the usage marker.
+    SNIFF_MAX = 256
     # Frame kinds, indexes into the counters: continuation, text, binary, close, ping, pong.
     KINDS = 6
     # Directions: client to upstream, upstream to client.
@@ -57,11 +59,23 @@ cdef class Pipe:
     cdef uint64_t frames[KINDS]
     cdef uint64_t payload[KINDS]
     cdef uint64_t wire_bytes
+    # Usage metering (upstream to client): the start of each text message is sniffed
+    # for a marker; only messages that have it are captured and handed to Python.
+    cdef bytes marker
+    cdef int meter_state
+    cdef bint message_end      # the current frame ends a data message
+    cdef uint8_t sniff[SNIFF_MAX]
+    cdef Py_ssize_t nsniff
+    cdef bytearray capture
+    cdef list messages         # scanner mode: metered messages
 
     cdef int feed(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int start_frame(self, const uint8_t* h, Py_ssize_t have) except -1
     cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int violation(self, int code, str reason) except -1
+    cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef int meter_done(self) except -1
+    cdef bint marked(self)
 
 
 cdef class Relay:
@@ -71,6 +85,7 @@ cdef class Relay:
     cdef Pipe u2c
     cdef object loop
     cdef object on_done
+    cdef public object on_message
     cdef object deadline
     cdef double close_timeout
     cdef bint done

@@ -22,6 +22,9 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
+
+cdef extern from "<string.h>" nogil:
+    void* memmem(const void* haystack, size_t hn, const void* needle, size_t nn)
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -32,6 +35,11 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     READ_SIZE = 65536
     HIST_BUCKETS = 12
+    # Metering states of a pipe.
+    METER_IDLE = 0
+    METER_SNIFF = 1
+    METER_CAPTURE = 2
+    CAPTURE_MAX = 4 * 1024 * 1024
 
 # Shared by all sessions; see the module docstring.
 cdef bytearray _read_buffer = bytearray(READ_SIZE)
@@ -257,6 +265,10 @@ cdef class Pipe:
                 return self.violation(1009, "message over %d bytes" % self.max_message) + 1
             self.message_bytes += plen
             self.fragmented = not fin
+            if self.marker is not None and opcode != 0:
+                self.meter_state = METER_SNIFF if opcode == 1 else METER_IDLE
+                self.nsniff = 0
+        self.message_end = fin and opcode < 8
         if opcode == 8:
             if plen == 1:
                 return self.violation(1002, "close frame with a 1-byte payload") + 1
@@ -305,6 +317,8 @@ cdef class Pipe:
         while pos < n:
             if self.left:
                 take = <Py_ssize_t>min(self.left, <uint64_t>(n - pos))
+                if self.meter_state:
+                    self.meter(p + pos, take)
                 if not self.forwarding:
                     self.emit(p + run, pos - run)
                     run = pos + take
@@ -346,6 +360,10 @@ cdef class Pipe:
                 # A frame boundary: where the relay's own close frame may go.
                 if self.boundaries is not None:
                     self.boundaries.append(self.offset + <uint64_t>pos)
+                if self.message_end:
+                    self.message_end = False
+                    if self.meter_state:
+                        self.meter_done()
                 if dst is not None and dst.pending_close is not None:
                     self.emit(p + run, pos - run)
                     run = pos
@@ -355,6 +373,51 @@ cdef class Pipe:
                     self.src.relay.check_leg(dst)
         self.emit(p + run, pos - run)
         self.offset += <uint64_t>n
+        return 0
+
+    cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1:
+        """Payload bytes of a text message: sniff its start, capture it if marked."""
+        cdef Py_ssize_t take
+        if self.meter_state == METER_SNIFF:
+            take = min(size, SNIFF_MAX - self.nsniff)
+            memcpy(self.sniff + self.nsniff, data, take)
+            self.nsniff += take
+            if self.nsniff < SNIFF_MAX:
+                return 0
+            if not self.marked():
+                self.meter_state = METER_IDLE
+                return 0
+            self.meter_state = METER_CAPTURE
+            self.capture = bytearray(self.sniff[:self.nsniff])
+            data += take
+            size -= take
+        if len(self.capture) + size > CAPTURE_MAX:
+            self.meter_state = METER_IDLE      # far larger than any usage event
+            self.capture = None
+        elif size > 0:
+            self.capture += data[:size]
+        return 0
+
+    cdef bint marked(self):
+        return memmem(self.sniff, self.nsniff, PyBytes_AS_STRING(self.marker),
+                      PyBytes_GET_SIZE(self.marker)) != NULL
+
+    cdef int meter_done(self) except -1:
+        """A text message ended: hand it to Python if it carries the marker."""
+        cdef object message = None
+        if self.meter_state == METER_SNIFF and self.marked():
+            message = self.sniff[:self.nsniff]
+        elif self.meter_state == METER_CAPTURE:
+            message = bytes(self.capture)
+        self.meter_state = METER_IDLE
+        self.capture = None
+        if message is None:
+            return 0
+        if self.src is None:
+            if self.messages is not None:
+                self.messages.append(message)
+        elif self.src.relay.on_message is not None:
+            self.src.relay.on_message(self.src.relay, message)
         return 0
 
     def counters(self):
@@ -367,12 +430,15 @@ cdef class Scanner(Pipe):
     """The relay's scanner without sockets, for tests and benchmarks: forwarded
     bytes go to `output`, frame ends to `boundaries`."""
 
-    def __init__(self, bint masked, uint64_t max_message=1 << 62, bint record=True):
+    def __init__(self, bint masked, uint64_t max_message=1 << 62, bint record=True,
+                 bytes marker=None):
         self.masked = masked
         self.max_message = max_message
+        self.marker = marker
         if record:
             self.sink = bytearray()
             self.boundaries = []
+            self.messages = []
 
     def feed_bytes(self, const uint8_t[:] data):
         if data.shape[0] and self.verdict_code == 0:
@@ -385,6 +451,10 @@ cdef class Scanner(Pipe):
     @property
     def frame_boundaries(self):
         return list(self.boundaries)
+
+    @property
+    def metered(self):
+        return list(self.messages)
 
 
 def scan_benchmark(bytes data, bint masked, int repeat):
@@ -402,7 +472,9 @@ cdef class Relay:
     """Two legs and two pipes. `start` hands both transports over; `close` sends the
     sidecar's own close frames; `on_done(relay)` is called once both sockets are gone."""
 
-    def __init__(self, loop, uint64_t max_message, double close_timeout, on_done):
+
+    def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
+                 bytes marker=None, on_message=None):
         self.loop = loop
         self.on_done = on_done
         self.close_timeout = close_timeout
@@ -410,6 +482,9 @@ cdef class Relay:
         self.upstream = Leg()
         self.c2u = Pipe(C2U, True, max_message)
         self.u2c = Pipe(U2C, False, max_message)
+        # Text messages from the provider that contain `marker` go to on_message(relay, bytes).
+        self.u2c.marker = marker
+        self.on_message = on_message
         self.c2u.src = self.u2c.dst = self.client
         self.c2u.dst = self.u2c.src = self.upstream
 

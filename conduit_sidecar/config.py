@@ -8,11 +8,11 @@ and the problem.
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
-__all__ = ["Config", "ConfigError", "Limits", "Provider", "TLS", "load", "split_hostport"]
+__all__ = ["Audio", "Config", "ConfigError", "Limits", "Provider", "TLS", "load", "split_hostport"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -46,6 +46,17 @@ class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     resource: str | None = None      # azure: the resource name in the host
 
 
+class Audio(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The format of binary audio frames, to turn relayed bytes into seconds."""
+    sample_rate: Count = 24000
+    sample_format: Literal["pcm16", "g711_ulaw", "g711_alaw"] = "pcm16"
+    channels: Count = 1
+
+    @property
+    def bytes_per_second(self) -> int:
+        return self.sample_rate * self.channels * (2 if self.sample_format == "pcm16" else 1)
+
+
 class TLS(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     listen: str = "127.0.0.1:8443"
     cert_file: str | None = None
@@ -63,6 +74,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: str = "info"
     allowed_origins: list[str] | None = None
     limits: Limits = Limits()
+    audio: Audio = Audio()
     providers: dict[str, Provider] = {}
     tls: TLS | None = None
 

@@ -19,6 +19,9 @@ _CONNECT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, flo
 class _RelayCollector:
     """Process totals of the C counters (live and ended sessions alike)."""
 
+    def __init__(self, audio_bytes_per_second: int):
+        self.audio_bytes_per_second = audio_bytes_per_second
+
     def collect(self):
         frames, payload, wire, hist, hist_sum = _relay.totals()
         f = CounterMetricFamily("conduit_frames", "Frames relayed.",
@@ -27,8 +30,13 @@ class _RelayCollector:
                                 labels=["direction"])
         p = CounterMetricFamily("conduit_payload_bytes", "Frame payload bytes relayed.",
                                 labels=["direction", "kind"])
+        a = CounterMetricFamily("conduit_audio_seconds",
+                                "Audio relayed in binary frames, in seconds of the configured format.",
+                                labels=["direction"])
+        binary = _relay.KIND_NAMES.index("binary")
         for d, direction in enumerate(_relay.DIRECTION_NAMES):
             b.add_metric([direction], wire[d])
+            a.add_metric([direction], payload[d][binary] / self.audio_bytes_per_second)
             for k, kind in enumerate(_relay.KIND_NAMES):
                 f.add_metric([direction, kind], frames[d][k])
                 p.add_metric([direction, kind], payload[d][k])
@@ -39,11 +47,11 @@ class _RelayCollector:
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         h.add_metric([], buckets, hist_sum)
-        yield from (f, b, p, h)
+        yield from (f, b, p, a, h)
 
 
 class Metrics:
-    def __init__(self, sessions_active):
+    def __init__(self, sessions_active, audio_bytes_per_second: int):
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("conduit_connections_active", "Sessions being relayed.",
               registry=r).set_function(sessions_active)
@@ -62,4 +70,7 @@ class Metrics:
                                    ["result"], registry=r)
         Gauge("conduit_build_info", "Build information.", ["version", "python"],
               registry=r).labels(__version__, platform.python_version()).set(1)
-        r.register(_RelayCollector())
+        self.usage = Counter("conduit_usage_tokens", "Tokens reported by providers (OpenAI "
+                             "response.done); kinds input/output are totals, the others break "
+                             "them down.", ["key_id", "provider", "model", "kind"], registry=r)
+        r.register(_RelayCollector(audio_bytes_per_second))

@@ -8,11 +8,12 @@ import logging
 import signal
 import time
 
-from . import __version__
+from . import __version__, _relay
 from .admin import AdminServer
 from .config import Config, split_hostport
 from .handshake import Close
 from .keys import KeySet, KeyWatcher
+from .metering import MODEL_LABELS_MAX, decode_usage
 from .metrics import Metrics
 from .routing import Router
 from .session import ClientHandshake, SessionInfo
@@ -33,7 +34,8 @@ class Sidecar:
         self.sessions: set[SessionInfo] = set()
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
-        self.metrics = Metrics(lambda: len(self.sessions))
+        self.metrics = Metrics(lambda: len(self.sessions), config.audio.bytes_per_second)
+        self.model_labels: set[str] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
         self.watcher: KeyWatcher | None = None
@@ -79,12 +81,33 @@ class Sidecar:
         code = relay.close_code if relay.close_code is not None else 1006
         self.metrics.closes.labels(relay.closed_by or "unknown", str(code)).inc()
         c2u, u2c = relay.counters(0), relay.counters(1)
+        binary = _relay.KIND_NAMES.index("binary")
+        per_second = self.config.audio.bytes_per_second
         log.info("session ended", extra={
             "event": "session_end", "session_id": info.id, "key_id": info.key_id,
             "model": info.model, "provider": info.provider, "duration_seconds": round(duration, 3),
             "frames_client_to_upstream": sum(c2u[0]), "frames_upstream_to_client": sum(u2c[0]),
             "bytes_client_to_upstream": c2u[2], "bytes_upstream_to_client": u2c[2],
-            "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason})
+            "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason,
+            "audio_seconds_client_to_upstream": round(c2u[1][binary] / per_second, 3),
+            "audio_seconds_upstream_to_client": round(u2c[1][binary] / per_second, 3),
+            "usage_tokens": info.usage.tokens})
+
+    def provider_message(self, relay, message: bytes) -> None:
+        """A provider text message that may report usage (see metering)."""
+        counts = decode_usage(message)
+        if counts is None:
+            return
+        info: SessionInfo = relay.session
+        info.usage.add(counts)
+        model = info.model or ""
+        # Models come from clients: only a bounded number become label values.
+        if model not in self.model_labels and len(self.model_labels) >= MODEL_LABELS_MAX:
+            model = "other"
+        self.model_labels.add(model)
+        for kind, n in counts.items():
+            if n:
+                self.metrics.usage.labels(info.key_id, info.provider, model, kind).inc(n)
 
     # -- keys --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from websockets.streams import StreamReader
 
 from . import _relay
 from .handshake import Accept, Close, Refuse, decide, refuse
+from .metering import MARKER, Usage
 from .routing import RouteError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class UpstreamError(Exception):
 
 
 class SessionInfo:
-    __slots__ = ("id", "key_id", "model", "provider", "started", "relay")
+    __slots__ = ("id", "key_id", "model", "provider", "started", "relay", "usage")
 
     def __init__(self, key_id: str, model: str | None, provider: str):
         self.id = f"s{next(_ids)}"
@@ -50,6 +51,7 @@ class SessionInfo:
         self.provider = provider
         self.started = time.monotonic()
         self.relay = None
+        self.usage = Usage()
 
 
 class ClientHandshake(asyncio.Protocol):
@@ -311,7 +313,8 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
     transport.write(response.serialize())
     limits = sidecar.config.limits
     relay = _relay.Relay(asyncio.get_running_loop(), limits.max_message_bytes,
-                         limits.close_timeout_seconds, sidecar.session_ended)
+                         limits.close_timeout_seconds, sidecar.session_ended,
+                         MARKER, sidecar.provider_message)
     relay.session = info
     info.relay = relay
     sidecar.count("accepted")
