@@ -66,8 +66,8 @@ class Sidecar:
     def rejected(self, decision: Close) -> None:
         self.count(_RESULTS.get(decision.code, "rejected"))
         if decision.code == 4001:
-            self.metrics.auth_failures.labels(decision.reason.replace("key ", "")
-                                              .replace(" ", "_")).inc()
+            # "missing key", "key expired", ... -> missing, expired, ...
+            self.metrics.auth_failures.labels(decision.reason.replace("key", "").strip()).inc()
         self.metrics.closes.labels("sidecar", str(decision.code)).inc()
         log.info("session rejected", extra={
             "event": "rejected", "code": decision.code, "reason": decision.reason,

@@ -1,0 +1,286 @@
+"""Operations: exact metrics, the session-end log line, secrets kept out of logs,
+usage metering, the admin endpoints, drain and shutdown."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from conftest import (PROVIDER_SECRET, MockProcess, SidecarProcess, free_port, http_get, run,
+                      standard_keys)
+
+
+def scrape(sidecar) -> dict:
+    status, text = http_get(sidecar.admin("/metrics"))
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def ops(mock_provider):
+    """A sidecar of its own, so that its metrics and log hold only this module's traffic."""
+    usage_port = free_port()
+    workdir = tempfile.mkdtemp(prefix="conduit-ops-")
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_env = "PROVIDER_KEY"
+        models = ["mock-*"]
+
+        [providers.fragmenting]
+        url = "ws://127.0.0.1:{usage_port}/"
+        """
+    proc = SidecarProcess(workdir, providers, standard_keys()).start()
+    proc.usage_port = usage_port
+    yield proc
+    proc.stop()
+
+
+def client_frame_len(n):       # masked
+    return 2 + 4 + n + (2 if n >= 126 else 0) + (6 if n >= 65536 else 0)
+
+
+def server_frame_len(n):
+    return 2 + n + (2 if n >= 126 else 0) + (6 if n >= 65536 else 0)
+
+
+def test_frames_and_bytes_are_counted_exactly(ops):
+    before = scrape(ops)
+    sizes = [0, 5, 125, 126, 1000, 70000]
+
+    async def body():
+        async with connect(ops.url(), additional_headers=ops.auth(), compression=None,
+                           max_size=None) as ws:
+            created = await ws.recv()
+            for n in sizes:
+                await ws.send(os.urandom(n))
+                await ws.recv()
+                await ws.send("x" * n)
+                await ws.recv()
+            await ws.close(1000)
+        return len(created.encode())
+    created = run(body())
+    time.sleep(0.2)
+    after = scrape(ops)
+    d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
+    up, down = "client_to_upstream", "upstream_to_client"
+    assert d("conduit_frames_total", direction=up, kind="binary") == len(sizes)
+    assert d("conduit_frames_total", direction=up, kind="text") == len(sizes)
+    assert d("conduit_frames_total", direction=up, kind="close") == 1
+    assert d("conduit_frames_total", direction=down, kind="binary") == len(sizes)
+    assert d("conduit_frames_total", direction=down, kind="text") == len(sizes) + 1
+    assert d("conduit_frames_total", direction=down, kind="close") == 1
+    assert d("conduit_bytes_total", direction=up) == 2 * sum(map(client_frame_len, sizes)) + 8
+    assert d("conduit_bytes_total", direction=down) == (
+        2 * sum(map(server_frame_len, sizes)) + server_frame_len(created) + 4)
+    assert d("conduit_payload_bytes_total", direction=down, kind="binary") == sum(sizes)
+    assert d("conduit_audio_seconds_total", direction=up) == pytest.approx(sum(sizes) / 48000)
+    assert d("conduit_closes_total", side="client", code="1000") == 1
+    assert d("conduit_connections_total", result="accepted") == 1
+    assert value(after, "conduit_connections_active") == 0
+    assert d("conduit_relay_processing_seconds_count") > 0
+
+
+def test_auth_failures_and_close_codes_are_counted(ops):
+    before = scrape(ops)
+
+    async def attempt(headers, url=None):
+        try:
+            async with connect(url or ops.url(), additional_headers=headers) as ws:
+                await ws.recv()
+        except ConnectionClosed:
+            pass
+    async def body():
+        await attempt({})
+        await attempt({"Authorization": "Bearer condt_nope"})
+        await attempt({"Authorization": "Bearer condt_nope"})
+        await attempt(ops.auth("expired"))
+        await attempt(ops.auth(), ops.url(provider="nope"))
+    run(body())
+    after = scrape(ops)
+    d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
+    assert d("conduit_auth_failures_total", reason="missing") == 1
+    assert d("conduit_auth_failures_total", reason="unknown") == 2
+    assert d("conduit_auth_failures_total", reason="expired") == 1
+    assert d("conduit_closes_total", side="sidecar", code="4001") == 4
+    assert d("conduit_closes_total", side="sidecar", code="4004") == 1
+    assert d("conduit_connections_total", result="auth_failed") == 4
+
+
+def test_usage_counts_match_the_provider_usage_even_when_fragmented(ops):
+    usages = [{"input_tokens": 11, "output_tokens": 22,
+               "input_token_details": {"text_tokens": 1, "audio_tokens": 10, "cached_tokens": 0},
+               "output_token_details": {"text_tokens": 2, "audio_tokens": 20}},
+              {"input_tokens": 100, "output_tokens": 200,
+               "input_token_details": {"text_tokens": 40, "audio_tokens": 60, "cached_tokens": 5},
+               "output_token_details": {"text_tokens": 50, "audio_tokens": 150}}]
+
+    async def provider(ws):
+        # First response.done whole; the second split in three continuation frames
+        # with a ping between them; a lookalike that is not response.done.
+        await ws.send(json.dumps({"type": "response.done", "response": {"usage": usages[0]}}))
+        second = json.dumps({"type": "response.done", "event_id": "e2",
+                             "response": {"output": [{"pad": "x" * 3000}], "usage": usages[1]}})
+        parts = [second[:7], second[7:2000], second[2000:]]
+        await ws.send(iter(parts))
+        await ws.send(json.dumps({"type": "response.output_text.delta", "delta": '"response.done"'}))
+        await ws.send(b'"response.done" in a binary frame is audio, not an event')
+        await ws.wait_closed()
+
+    async def body():
+        async with serve(provider, "127.0.0.1", ops.usage_port):
+            async with connect(ops.url(provider="fragmenting"), additional_headers=ops.auth()) as ws:
+                for _ in range(4):
+                    await ws.recv()
+    before = scrape(ops)
+    run(body())
+    time.sleep(0.2)
+    after = scrape(ops)
+    labels = dict(key_id="good", provider="fragmenting", model="mock-realtime")
+    d = lambda kind: (value(after, "conduit_usage_tokens_total", kind=kind, **labels)  # noqa: E731
+                      - value(before, "conduit_usage_tokens_total", kind=kind, **labels))
+    assert d("input") == 111 and d("output") == 222
+    assert d("input_audio") == 70 and d("input_text") == 41 and d("input_cached") == 5
+    assert d("output_audio") == 170 and d("output_text") == 52
+    end = [l for l in ops.log_lines() if l.get("event") == "session_end"
+           and l.get("provider") == "fragmenting"][-1]
+    assert end["usage_tokens"]["input"] == 111 and end["usage_tokens"]["output_audio"] == 170
+
+
+def test_session_end_log_line(ops):
+    async def body():
+        async with connect(ops.url(), additional_headers=ops.auth()) as ws:
+            await ws.recv()
+            await ws.send(b"x" * 960)
+            await ws.recv()
+            await ws.close(1000, "done")
+    run(body())
+    time.sleep(0.2)
+    end = [l for l in ops.log_lines() if l.get("event") == "session_end"][-1]
+    for field in ("session_id", "key_id", "model", "provider", "duration_seconds",
+                  "frames_client_to_upstream", "frames_upstream_to_client",
+                  "bytes_client_to_upstream", "bytes_upstream_to_client", "closed_by",
+                  "close_code", "close_reason", "usage_tokens"):
+        assert field in end, field
+    assert end["key_id"] == "good" and end["model"] == "mock-realtime" and end["provider"] == "mock"
+    assert end["closed_by"] == "client" and end["close_code"] == 1000 and end["close_reason"] == "done"
+    assert end["frames_client_to_upstream"] == 2 and end["frames_upstream_to_client"] == 3
+    start = [l for l in ops.log_lines() if l.get("event") == "start"][0]
+    assert start["keys"] == 7 and "mock" in start["providers"] and start["version"]
+
+
+def test_no_secret_in_the_output(ops):
+    """Runs last in this module: the whole log of every session above."""
+    output = ops.output()
+    assert "session_end" in output
+    for secret in [*ops.keys.plain.values(), PROVIDER_SECRET, "Bearer", "condt_nope"]:
+        assert secret not in output
+    assert "authorization" not in output.lower()
+
+
+def test_admin_endpoints(ops):
+    assert http_get(ops.admin("/healthz")) == (200, "ok\n")
+    assert http_get(ops.admin("/readyz")) == (200, "ready\n")
+    assert http_get(ops.admin("/nope"))[0] == 404
+    assert http_get(ops.admin("/drain"))[0] == 405          # GET on a POST endpoint
+    assert http_get(ops.admin("/metrics"), method="POST")[0] == 405
+    with socket.create_connection(("127.0.0.1", ops.admin_port)) as s:
+        s.sendall(b"GARBAGE\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400")
+
+
+def test_metrics_exposition_round_trips(ops):
+    text = http_get(ops.admin("/metrics"))[1]
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for name in ("conduit_connections_active", "conduit_connections", "conduit_connection_duration_seconds",
+                 "conduit_frames", "conduit_bytes", "conduit_upstream_connect_seconds",
+                 "conduit_auth_failures", "conduit_closes", "conduit_keys_reload",
+                 "conduit_relay_processing_seconds", "conduit_build_info", "conduit_usage_tokens",
+                 "conduit_audio_seconds"):
+        assert name in names, name
+
+
+def drain_sidecar(tmp_path, mock_provider, drain_seconds):
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        models = ["mock-*"]
+        """
+    return SidecarProcess(str(tmp_path), providers, standard_keys(),
+                          limits=f"drain_seconds = {drain_seconds}").start()
+
+
+@pytest.mark.parametrize("trigger", ["drain", "sigterm"])
+def test_drain_keeps_sessions_then_closes_with_1001(tmp_path, mock_provider, trigger):
+    sidecar = drain_sidecar(tmp_path, mock_provider, 1.5)
+    try:
+        async def body():
+            async with connect(sidecar.url(), additional_headers=sidecar.auth()) as ws:
+                await ws.recv()
+                if trigger == "drain":
+                    assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202
+                    assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202  # idempotent
+                else:
+                    sidecar.proc.send_signal(signal.SIGTERM)
+                    await asyncio.sleep(0.2)
+                assert http_get(sidecar.admin("/readyz"))[0] == 503
+                # New sessions are turned away with 1013 ...
+                try:
+                    async with connect(sidecar.url(), additional_headers=sidecar.auth()) as late:
+                        await late.recv()
+                except ConnectionClosed as exc:
+                    assert exc.rcvd.code == 1013
+                # ... while the live one keeps flowing until drain_seconds.
+                t0 = time.monotonic()
+                for _ in range(5):
+                    await ws.send(b"audio" * 100)
+                    assert await ws.recv() == b"audio" * 100
+                    await asyncio.sleep(0.1)
+                with pytest.raises(ConnectionClosed) as exc:
+                    while True:
+                        await ws.recv()
+                assert (exc.value.rcvd.code, exc.value.rcvd.reason) == (1001, "going away")
+                assert time.monotonic() - t0 > 0.5
+        run(body())
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+
+
+def test_second_signal_exits_at_once(tmp_path, mock_provider):
+    sidecar = drain_sidecar(tmp_path, mock_provider, 60)
+    try:
+        async def body():
+            async with connect(sidecar.url(), additional_headers=sidecar.auth()) as ws:
+                await ws.recv()
+                sidecar.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                sidecar.proc.send_signal(signal.SIGINT)
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await ws.recv()
+        run(body(), timeout=15)
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
