@@ -27,7 +27,14 @@ def _serve(args) -> int:
         return 1
     logs.setup(conf.log_level)
     from .server import Sidecar
-    return uvloop.run(Sidecar(conf, keyset, router).run())
+    try:
+        return uvloop.run(Sidecar(conf, keyset, router).run())
+    except ConfigError as exc:        # e.g. [tls] certificate files that do not load
+        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:            # e.g. the listen address is taken
+        print(f"conduit-sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def _check_config(args) -> int:

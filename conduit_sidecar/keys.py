@@ -6,7 +6,6 @@ plaintext keys are never compared, stored, logged or forwarded.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import logging
@@ -111,7 +110,7 @@ def load_keys(path: str) -> KeySet:
     return KeySet(keyfile.keys)
 
 
-def _signature(path: str):
+def file_signature(path: str):
     """What changes when the file is replaced: Kubernetes swaps the `..data`
     symlink (the resolved path changes), an editor or `mv` replaces the inode."""
     try:
@@ -123,32 +122,18 @@ def _signature(path: str):
 
 
 class KeyWatcher:
-    """Polls the key file and swaps in a new valid set, keeping the last good one.
+    """Checks the key file (the server polls) and swaps in a new valid set, keeping
+    the last good one.
     `on_change(keyset)` gets the new set, or None when the new file is invalid."""
 
-    def __init__(self, path: str, interval: float, keyset: KeySet,
-                 on_change: Callable[[KeySet | None], None]):
+    def __init__(self, path: str, keyset: KeySet, on_change: Callable[[KeySet | None], None]):
         self.path = path
-        self.interval = interval
         self.keyset = keyset
         self.on_change = on_change
-        self.signature = _signature(path)
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.check()
+        self.signature = file_signature(path)
 
     def check(self) -> None:
-        signature = _signature(self.path)
+        signature = file_signature(self.path)
         if signature == self.signature:
             return
         self.signature = signature

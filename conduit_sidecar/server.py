@@ -17,6 +17,7 @@ from .metering import MODEL_LABELS_MAX, decode_usage
 from .metrics import Metrics
 from .routing import Router
 from .session import ClientHandshake, SessionInfo
+from .tls import ListenerTLS
 
 __all__ = ["Sidecar"]
 
@@ -39,6 +40,8 @@ class Sidecar:
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
         self.watcher: KeyWatcher | None = None
+        self.poller: asyncio.Task | None = None
+        self.tls: ListenerTLS | None = None
         self.stopped: asyncio.Event | None = None
         self.listening: dict[str, tuple[str, int]] = {}
 
@@ -134,20 +137,38 @@ class Sidecar:
                                           reuse_address=True, backlog=4096)
         self.servers.append(server)
         self.listening["listen"] = server.sockets[0].getsockname()[:2]
+        if self.config.tls is not None:
+            self.tls = ListenerTLS(self.config.tls)
+            host, port = split_hostport(self.config.tls.listen)
+            server = await loop.create_server(
+                lambda: ClientHandshake(self), host, port, ssl=self.tls.context,
+                ssl_handshake_timeout=self.config.limits.handshake_timeout_seconds,
+                reuse_address=True, backlog=4096)
+            self.servers.append(server)
+            self.listening["tls"] = server.sockets[0].getsockname()[:2]
         self.admin = AdminServer(self)
         await self.admin.start()
-        self.watcher = KeyWatcher(self.config.keys_file, self.config.keys_poll_seconds,
-                                  self.keyset, self.on_keys)
-        self.watcher.start()
+        self.watcher = KeyWatcher(self.config.keys_file, self.keyset, self.on_keys)
+        self.poller = loop.create_task(self._poll())
         log.info("started", extra={
             "event": "start", "version": __version__,
             "listen": "%s:%d" % self.listening["listen"],
             "admin_listen": "%s:%d" % self.listening["admin"],
+            "tls_listen": "%s:%d" % self.listening["tls"] if "tls" in self.listening else None,
             "providers": self.router.configured, "keys": len(self.keyset)})
+
+    async def _poll(self) -> None:
+        """Mounted Secrets change by file swaps: check keys and certificates."""
+        while True:
+            await asyncio.sleep(self.config.keys_poll_seconds)
+            self.watcher.check()
+            if self.tls is not None:
+                self.tls.check()
 
     @property
     def ready(self) -> bool:
-        return bool(self.servers) and not self.draining
+        return (bool(self.servers) and not self.draining
+                and (self.tls is None or self.tls.ready))
 
     def drain(self) -> None:
         """Stop admitting sessions; close the remaining ones after drain_seconds."""
@@ -169,8 +190,8 @@ class Sidecar:
                 self.release(info)
 
     async def stop(self) -> None:
-        if self.watcher:
-            self.watcher.stop()
+        if self.poller:
+            self.poller.cancel()
         for server in self.servers:
             server.close()
         if self.admin:

@@ -1,0 +1,73 @@
+"""The `inject` and `inject-webhook` subcommands.
+
+`conduit-sidecar inject -f FILE` injects the sidecar offline, like
+`istioctl kube-inject`: it reads YAML (several documents allowed) or JSON, `-` for
+standard input, and prints every object with its pod templates injected:
+
+    conduit-sidecar inject -f deployment.yaml | kubectl apply -f -
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import webhook
+from .inject import DEFAULT_IMAGE, InjectError, Settings, inject_object
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    """Add `inject` and `inject-webhook` to the CLI's argparse subparsers."""
+    i = subparsers.add_parser("inject", help="inject the sidecar into Kubernetes YAML or JSON (offline)")
+    i.add_argument("-f", "--filename", required=True, metavar="FILE", help="YAML or JSON file, - for stdin")
+    i.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    i.add_argument("--sidecar-image", default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
+                   metavar="IMAGE",
+                   help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)")
+    i.set_defaults(func=_inject)
+
+    w = subparsers.add_parser("inject-webhook", help="serve the pod-injection admission webhook (HTTPS)")
+    webhook.add_arguments(w)
+    w.set_defaults(func=webhook.run)
+
+
+def _inject(args: argparse.Namespace) -> int:
+    import yaml     # PyYAML: only this command reads YAML
+
+    try:
+        if args.filename == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.filename, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        print(f"conduit-sidecar: {args.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]   # JSON is YAML too
+    except yaml.YAMLError as exc:
+        print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {exc}", file=sys.stderr)
+        return 1
+    defaults = Settings(image=args.sidecar_image)
+    injected = []
+    for n, doc in enumerate(documents, 1):
+        if not isinstance(doc, dict):
+            print(f"conduit-sidecar: {args.filename}: document {n} is not an object", file=sys.stderr)
+            return 1
+        try:
+            injected.append(inject_object(doc, defaults))
+        except InjectError as exc:
+            metadata = doc.get("metadata")
+            name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
+            print(f"conduit-sidecar: {args.filename}: {doc.get('kind')}/{name}: {exc}", file=sys.stderr)
+            return 1
+    if args.output == "json":
+        single = injected[0] if len(injected) == 1 else {"apiVersion": "v1", "kind": "List", "items": injected}
+        print(json.dumps(single, indent=2))
+    else:
+        sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
+    return 0

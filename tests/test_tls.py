@@ -1,0 +1,263 @@
+"""TLS on both legs: the loopback wss listener (self-signed CA or reloaded cert
+files) and verified wss upstreams."""
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from certs import CA
+from conduit_sidecar.mock import MockProvider
+from conftest import Keys, SidecarProcess, free_port, run, standard_keys
+from test_key_reload import SecretVolume
+
+NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
+have_node = os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")) and shutil.which("node")
+
+
+@pytest.fixture(scope="module")
+def tls_env(tmp_path_factory, mock_provider):
+    root = tmp_path_factory.mktemp("tls")
+    ca = CA()
+    ports = {name: free_port() for name in ("good", "wrongname", "stall")}
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        models = ["mock-*"]
+
+        [providers.tlsmock]
+        url = "wss://127.0.0.1:{ports['good']}/v1/realtime?model={{model}}"
+        ca_file = "{ca.write(root / 'provider-ca.pem')}"
+
+        [providers.tlsnoca]
+        url = "wss://127.0.0.1:{ports['good']}/v1/realtime?model={{model}}"
+
+        [providers.tlswrongname]
+        url = "wss://localhost:{ports['wrongname']}/"
+        ca_file = "{root / 'provider-ca.pem'}"
+
+        [providers.tlsstall]
+        url = "wss://127.0.0.1:{ports['stall']}/"
+        ca_file = "{root / 'provider-ca.pem'}"
+        """
+    tls_port = free_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        self_signed = true
+        ca_out = "{root / 'public' / 'ca.pem'}"
+        state_dir = "{root / 'private'}"
+        """
+    sidecar = SidecarProcess(str(root), providers, standard_keys(), extra=extra,
+                             limits="upstream_connect_timeout_seconds = 1.5").start()
+    sidecar.tls_port = tls_port
+    sidecar.ca_out = str(root / "public" / "ca.pem")
+    yield sidecar, ca, ports, root
+    sidecar.stop()
+
+
+def client_ssl(cafile):
+    return ssl.create_default_context(cafile=cafile)
+
+
+def wss_url(sidecar, provider="mock"):
+    return f"wss://127.0.0.1:{sidecar.tls_port}/v1/realtime/connect?model=mock-realtime&provider={provider}"
+
+
+def test_websockets_client_over_the_tls_listener(tls_env):
+    sidecar = tls_env[0]
+
+    async def body():
+        async with connect(wss_url(sidecar), additional_headers=sidecar.auth(),
+                           ssl=client_ssl(sidecar.ca_out), compression=None, max_size=None) as ws:
+            assert "session.created" in await ws.recv()
+            for size in (0, 125, 65536, 16 * 1024 * 1024):
+                payload = os.urandom(size)
+                await ws.send(payload)
+                assert await ws.recv() == payload
+                text = "t" * size
+                await ws.send(text)
+                assert await ws.recv() == text
+    run(body())
+
+
+@pytest.mark.skipif(not have_node, reason="npm packages not installed (tests/node)")
+def test_node_ws_client_over_the_tls_listener(tls_env):
+    sidecar = tls_env[0]
+    result = subprocess.run(
+        ["node", os.path.join(NODE_DIR, "relay_test.mjs"), f"wss://127.0.0.1:{sidecar.tls_port}",
+         sidecar.keys.plain["good"]], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "NODE_EXTRA_CA_CERTS": sidecar.ca_out})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not have_node, reason="npm packages not installed (tests/node)")
+@pytest.mark.parametrize("key_id", ["good", "wrong"])
+def test_official_openai_node_sdk_over_the_tls_listener(tls_env, key_id):
+    sidecar = tls_env[0]
+    key = sidecar.keys.plain.get(key_id, "condt_wrong")
+    result = subprocess.run(
+        ["node", os.path.join(NODE_DIR, "openai_sdk_test.mjs"), str(sidecar.tls_port), key],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "NODE_EXTRA_CA_CERTS": sidecar.ca_out, "OPENAI_API_KEY": ""})
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    if key_id == "good":
+        assert out["seen"][:1] == ["session.created"], out
+        assert "response.output_audio.delta" in out["seen"] and "response.done" in out["seen"], out
+        assert out["closeCode"] == 1000, out
+    else:
+        assert out["closeCode"] == 4001, out
+
+
+async def close_reason(sidecar, provider):
+    try:
+        async with connect(sidecar.url(provider=provider), additional_headers=sidecar.auth()) as ws:
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code, exc.rcvd.reason
+
+
+def test_tls_provider_with_its_ca_file(tls_env):
+    sidecar, ca, ports, root = tls_env
+
+    async def body():
+        async with MockProvider(port=ports["good"], ssl=ca.server_context(root)):
+            async with connect(sidecar.url(provider="tlsmock"), additional_headers=sidecar.auth()) as ws:
+                assert "session.created" in await ws.recv()
+                await ws.send(b"\x00" * 960)
+                assert await ws.recv() == b"\x00" * 960
+    run(body())
+
+
+def test_tls_provider_without_its_ca_is_refused(tls_env):
+    sidecar, ca, ports, root = tls_env
+
+    async def body():
+        async with MockProvider(port=ports["good"], ssl=ca.server_context(root)):
+            return await close_reason(sidecar, "tlsnoca")
+    code, reason = run(body())
+    assert code == 1014
+    assert reason == "upstream TLS failure: unable to get local issuer certificate"
+
+
+def test_tls_provider_with_a_certificate_for_another_name(tls_env):
+    sidecar, ca, ports, root = tls_env
+
+    async def body():
+        ctx = ca.server_context(root, names=("other.example",))
+        async with MockProvider(host="127.0.0.1", port=ports["wrongname"], ssl=ctx):
+            return await close_reason(sidecar, "tlswrongname")
+    code, reason = run(body())
+    assert code == 1014 and "Hostname mismatch" in reason and "localhost" in reason
+
+
+def test_tls_provider_that_never_finishes_the_handshake(tls_env):
+    sidecar, _, ports, _ = tls_env
+
+    async def body():
+        held = []
+
+        async def handle(reader, writer):
+            held.append(writer)
+            await reader.read(1 << 16)
+        async with await asyncio.start_server(handle, "127.0.0.1", ports["stall"]):
+            t0 = time.monotonic()
+            result = await close_reason(sidecar, "tlsstall")
+            return result, time.monotonic() - t0
+    (code, reason), elapsed = run(body())
+    assert (code, reason) == (1014, "upstream timed out (TLS handshake)")
+    assert elapsed < 1.5 + 1.0
+
+
+def peer_cert_digest(port, cafile):
+    ctx = client_ssl(cafile)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            return hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest()
+
+
+def test_certificate_rotation_by_symlink_swap(tmp_path, mock_provider):
+    ca = CA()
+    cafile = ca.write(tmp_path / "ca.pem")
+    volume = SecretVolume(str(tmp_path / "tls"))
+    os.mkdir(volume.root)
+
+    def publish():
+        staging = tmp_path / f"staging{volume.n}"
+        os.mkdir(staging)
+        cert, key = ca.issue(str(staging))
+        volume.n += 1
+        version = os.path.join(volume.root, f"..v{volume.n}")
+        os.mkdir(version)
+        shutil.copy(cert, os.path.join(version, "tls.crt"))
+        shutil.copy(key, os.path.join(version, "tls.key"))
+        os.symlink(os.path.basename(version), os.path.join(volume.root, "..data_tmp"))
+        os.rename(os.path.join(volume.root, "..data_tmp"), os.path.join(volume.root, "..data"))
+        for name in ("tls.crt", "tls.key"):
+            if not os.path.islink(os.path.join(volume.root, name)):
+                os.symlink(f"..data/{name}", os.path.join(volume.root, name))
+    publish()
+    tls_port = free_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        cert_file = "{volume.root}/tls.crt"
+        key_file = "{volume.root}/tls.key"
+        """
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), providers, standard_keys(), extra=extra).start()
+    sidecar.tls_port = tls_port
+    try:
+        first = peer_cert_digest(tls_port, cafile)
+
+        async def body():
+            async with connect(wss_url(sidecar), additional_headers=sidecar.auth(),
+                               ssl=client_ssl(cafile)) as ws:
+                await ws.recv()
+                publish()
+                deadline = time.monotonic() + 5
+                while peer_cert_digest(tls_port, cafile) == first:
+                    assert time.monotonic() < deadline, "new certificate not served"
+                    await asyncio.sleep(0.1)
+                await ws.send(b"after rotation")          # the live session goes on
+                assert await ws.recv() == b"after rotation"
+        run(body())
+    finally:
+        sidecar.stop()
+
+
+def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, mock_provider):
+    sidecar, _, _, root = tls_env
+    with open(sidecar.ca_out, "rb") as f:
+        ca_before = f.read()
+    assert b"BEGIN CERTIFICATE" in ca_before
+    public_dir = os.path.dirname(sidecar.ca_out)
+    for name in os.listdir(public_dir):
+        with open(os.path.join(public_dir, name), "rb") as f:
+            assert b"PRIVATE KEY" not in f.read(), name
+    # A second sidecar with the same state_dir (a restart inside the pod) reuses the CA.
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{free_port()}"
+        self_signed = true
+        ca_out = "{tmp_path / 'ca.pem'}"
+        state_dir = "{root / 'private'}"
+        """
+    again = SidecarProcess(str(tmp_path), "", Keys(), extra=extra).start()
+    again.stop()
+    with open(tmp_path / "ca.pem", "rb") as f:
+        assert f.read() == ca_before
+    assert oct(os.stat(root / "private" / "ca.key").st_mode & 0o777) == "0o600"
