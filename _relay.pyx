@@ -519,6 +519,15 @@ cdef class Relay:
     def finished(self):
         return self.done
 
+    @property
+    def activity(self):
+        """Frames relayed so far, both ways (for idle detection)."""
+        cdef int k
+        cdef uint64_t n = 0
+        for k in range(KINDS):
+            n += self.c2u.frames[k] + self.u2c.frames[k]
+        return n
+
     cdef int send_close(self, Leg leg, int code, str reason, bint finish) except -1:
         if finish:
             leg.finish = True

@@ -164,6 +164,21 @@ class Sidecar:
             self.watcher.check()
             if self.tls is not None:
                 self.tls.check()
+            if self.config.limits.idle_timeout_seconds:
+                self.close_idle(time.monotonic())
+
+    def close_idle(self, now: float) -> None:
+        """Sessions that relayed no frame for idle_timeout_seconds get 1001."""
+        limit = self.config.limits.idle_timeout_seconds
+        for info in list(self.sessions):
+            relay = info.relay
+            if relay is None or relay.finished:
+                continue
+            activity = relay.activity
+            if activity != info.seen_activity:
+                info.seen_activity, info.active_at = activity, now
+            elif now - info.active_at >= limit:
+                relay.close(1001, "idle timeout", 1001, "idle timeout")
 
     @property
     def ready(self) -> bool:

@@ -42,7 +42,8 @@ class UpstreamError(Exception):
 
 
 class SessionInfo:
-    __slots__ = ("id", "key_id", "model", "provider", "started", "relay", "usage")
+    __slots__ = ("id", "key_id", "model", "provider", "started", "relay", "usage",
+                 "seen_activity", "active_at")
 
     def __init__(self, key_id: str, model: str | None, provider: str):
         self.id = f"s{next(_ids)}"
@@ -52,6 +53,8 @@ class SessionInfo:
         self.started = time.monotonic()
         self.relay = None
         self.usage = Usage()
+        self.seen_activity = 0          # frames relayed at the last idle check
+        self.active_at = self.started
 
 
 class ClientHandshake(asyncio.Protocol):

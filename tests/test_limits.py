@@ -1,0 +1,92 @@
+"""Limits: global connections (1013), handshake timeout, closing-handshake timeout,
+idle timeout."""
+
+import asyncio
+import socket
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from conftest import SidecarProcess, free_port, run, standard_keys
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, mock_provider):
+    closer_port = free_port()
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        models = ["mock-*"]
+
+        [providers.closer]
+        url = "ws://127.0.0.1:{closer_port}/"
+        """
+    sidecar = SidecarProcess(str(tmp_path_factory.mktemp("limits")), providers, standard_keys(),
+                             limits="max_connections = 2\nhandshake_timeout_seconds = 0.5\n"
+                                    "close_timeout_seconds = 0.5\nidle_timeout_seconds = 0.6\n"
+                             ).start()
+    sidecar.closer_port = closer_port
+    yield sidecar
+    sidecar.stop()
+
+
+def test_global_limit_gets_1013(limited):
+    async def body():
+        a = await connect(limited.url(), additional_headers=limited.auth())
+        b = await connect(limited.url(), additional_headers=limited.auth("other"))
+        await a.recv(), await b.recv()
+        with pytest.raises(ConnectionClosed) as exc:
+            async with connect(limited.url(), additional_headers=limited.auth()) as c:
+                await c.recv()
+        assert exc.value.rcvd.code == 1013 and "try again later" in exc.value.rcvd.reason
+        await a.close()
+        await b.close()
+    run(body())
+
+
+def test_a_silent_connection_is_cut_at_the_handshake_timeout(limited):
+    with socket.create_connection(("127.0.0.1", limited.port)) as s:
+        s.settimeout(5)
+        t0 = time.monotonic()
+        s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\n")    # and then nothing
+        assert s.recv(100) == b""                               # closed by the sidecar
+        assert time.monotonic() - t0 < 3
+
+
+def test_a_peer_that_never_answers_a_close_is_cut_off(limited):
+    """The provider closes with 4000; the client never answers the close."""
+    async def body():
+        async def handler(ws):
+            await ws.close(4000, "bye")
+        async with serve(handler, "127.0.0.1", limited.closer_port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
+            key = limited.keys.plain["good"]
+            writer.write(f"GET /v1/realtime/connect?provider=closer HTTP/1.1\r\nHost: x\r\n"
+                         f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+            await reader.readuntil(b"\r\n\r\n")
+            t0 = time.monotonic()
+            data = b""
+            while chunk := await asyncio.wait_for(reader.read(100), 5):
+                data += chunk
+            assert data[:4] == bytes([0x88, 5, 0x0F, 0xA0])       # close 4000 "bye"
+            return time.monotonic() - t0
+    assert run(body()) < 3
+
+
+def test_idle_sessions_are_closed(limited):
+    async def body():
+        async with connect(limited.url(), additional_headers=limited.auth()) as ws:
+            await ws.recv()
+            for _ in range(4):                  # activity keeps it open
+                await asyncio.sleep(0.3)
+                await ws.send(b"x")
+                await ws.recv()
+            with pytest.raises(ConnectionClosed) as exc:
+                await asyncio.wait_for(ws.recv(), 5)
+            return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (1001, "idle timeout")
