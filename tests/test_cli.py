@@ -1,0 +1,75 @@
+"""The command line: keys, check-config, providers, demo (the README's first command)."""
+
+import json
+import subprocess
+import sys
+
+from conduit_sidecar.keys import hash_key
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "conduit_sidecar", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_keys_new_prints_a_key_once_and_its_hash_entry():
+    r = cli("keys", "new", "--id", "team-a", "--model", "gpt-realtime*", "--provider", "openai",
+            "--max-connections", "5", "--expires", "2027-01-01T00:00:00Z")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    key = lines[0].removeprefix("key: ")
+    assert key.startswith("condt_") and len(key) >= 6 + 43           # 256 bits, base64url
+    entry = json.loads(lines[-1])
+    assert entry == {"id": "team-a", "sha256": hash_key(key), "expires_at": "2027-01-01T00:00:00Z",
+                     "allowed_models": ["gpt-realtime*"], "allowed_providers": ["openai"],
+                     "max_connections": 5}
+    assert key not in lines[-1]
+    assert cli("keys", "hash", key).stdout.strip() == hash_key(key)
+    assert cli("keys", "new", "--id", "x").stdout.splitlines()[0] != lines[0]
+
+
+def test_check_config_names_file_field_and_problem(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n[limits]\nmax_connections = 0\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 1
+    assert str(conf) in r.stderr and "$.limits.max_connections" in r.stderr and ">= 1" in r.stderr
+
+    conf.write_text(f'keys_file = "{keys}"\n[providers.local]\nurl = "ws://127.0.0.1:9/?m={{model}}"\n'
+                    'headers = { Authorization = "Bearer {secret}" }\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 1 and "needs secret_file or secret_env" in r.stderr
+
+    keys.write_text('{"keys": [{"id": "a", "sha256": "condt_plaintext"}]}')
+    conf.write_text(f'keys_file = "{keys}"\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 1 and "plaintext key" in r.stderr and "condt_plaintext" not in r.stderr
+
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '", "max_connections": 0}]}')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 1 and str(keys) in r.stderr and "$.keys[0].max_connections" in r.stderr
+
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
+    conf.write_text(f'keys_file = "{keys}"\n[providers.openai]\nsecret_env = "X"\n'
+                    'models = ["gpt-realtime*"]\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert "openai: wss://api.openai.com/v1/realtime?model={model}" in r.stdout
+    assert "Bearer ***" in r.stdout and "(1 keys)" in r.stdout
+
+
+def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('listen = "nonsense"\n')
+    r = cli("serve", "--config", str(conf))
+    assert r.returncode == 1 and "HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs_and_summarises():
+    r = cli("demo", "--seconds", "1")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "audio: 50 x 960 B frames" in out and "50 echoed back" in out
+    assert "round trip: p50" in out and "close codes: session 1000, wrong key 4001" in out
