@@ -586,7 +586,11 @@ cdef class Relay:
     cdef int on_lost(self, Leg leg) except -1:
         cdef Leg other = self.upstream if leg is self.client else self.client
         if not other.lost:
-            if not (leg.close_sent and leg.close_received):
+            if other.pending_close is not None:
+                # Our close waits for a frame from the lost leg that will never end.
+                other.closing = True
+                other.transport.abort()
+            elif not (leg.close_sent and leg.close_received):
                 if self.closed_by is None:
                     if leg is self.client:
                         self.closed_by, self.close_code = "client", 1006
