@@ -10,7 +10,7 @@ import sys
 import msgspec
 import uvloop
 
-from . import __version__, config as config_mod, logs
+from . import __version__, config as config_mod, inject_cli, logs
 from .config import ConfigError
 from .keys import KeyEntry, hash_key, load_keys, new_key
 from .routing import Router, masked
@@ -136,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("providers", help="list provider templates (secrets masked)")
     v.add_argument("--config")
     v.set_defaults(func=_providers)
+
+    inject_cli.register(sub)
     return p
 
 

@@ -97,7 +97,7 @@ def _bool(value: str) -> bool:
 
 
 def _port(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
         raise ValueError("must be a port number from 1 to 65535")
     return int(value)
 

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def _inject(args: argparse.Namespace) -> int:
-    import yaml     # PyYAML: only this command reads YAML
+    import yaml  # PyYAML: only this command reads YAML
 
     try:
         if args.filename == "-":
@@ -66,8 +66,9 @@ def _inject(args: argparse.Namespace) -> int:
             print(f"conduit-sidecar: {args.filename}: {doc.get('kind')}/{name}: {exc}", file=sys.stderr)
             return 1
     if args.output == "json":
-        single = injected[0] if len(injected) == 1 else {"apiVersion": "v1", "kind": "List", "items": injected}
-        print(json.dumps(single, indent=2))
+        if len(injected) != 1:
+            injected = [{"apiVersion": "v1", "kind": "List", "items": injected}]
+        print(json.dumps(injected[0], indent=2))
     else:
         sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
     return 0

@@ -36,7 +36,7 @@ __all__ = ["MAX_BODY", "WebhookServer", "add_arguments", "main", "review_respons
 
 log = logging.getLogger("conduit.webhook")
 
-MAX_BODY = 1 << 20            # the API server sends far less for a pod
+MAX_BODY = 2 << 20            # a pod is at most 1.5 MiB (etcd's limit), plus the review around it
 IO_TIMEOUT = 10.0             # seconds per read or write, handshake included
 
 
@@ -110,16 +110,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n", "text/plain")
 
     def do_POST(self):
-        if self.path.split("?", 1)[0] != "/mutate":
-            return self._send(404, b"not found\n", "text/plain")
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             self.close_connection = True
             return self._send(411, b"Content-Length required\n", "text/plain")
         if int(length) > MAX_BODY:
             self.close_connection = True
-            return self._send(413, b"request body over 1 MiB\n", "text/plain")
+            return self._send(413, f"request body over {MAX_BODY >> 20} MiB\n".encode(), "text/plain")
+        # Read the body even for a wrong path: closing with unread input resets the
+        # connection, and the client could lose the answer.
         body = self.rfile.read(int(length))
+        if self.path.split("?", 1)[0] != "/mutate":
+            return self._send(404, b"not found\n", "text/plain")
         try:
             review = json.loads(body)
             answer = review_response(review, self.server.defaults)

@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# conduit-sidecar: `docker build -t conduit-sidecar:0.1.0 .`
+# The same image serves the sidecar (`serve`, the default) and the injection webhook
+# (`inject-webhook`). It runs as uid 10001 and writes nothing to its root filesystem, so
+# it works with readOnlyRootFilesystem: true.
+
+FROM python:3.11-slim AS build
+# A C compiler for the Cython relay (_relay.pyx); the dependencies come as wheels.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md _relay.pyx _relay.pxd ./
+COPY conduit_sidecar/ conduit_sidecar/
+# The project's wheel plus a wheel of every dependency, so the runtime stage installs
+# offline and needs no compiler.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --system --gid 10001 conduit \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin conduit
+# Bind-mounted, not copied: the wheels never become a layer of the final image. pip
+# compiles the .pyc files here, so nothing needs writing at run time.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels conduit-sidecar
+USER 10001:10001
+EXPOSE 8080 8443 9464
+# Exec form: the sidecar is PID 1 and receives SIGTERM itself (it drains, then exits).
+ENTRYPOINT ["conduit-sidecar"]
+CMD ["serve"]

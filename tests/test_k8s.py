@@ -1,0 +1,775 @@
+"""Kubernetes packaging: the manifests in k8s/, the injection webhook over real HTTPS
+on loopback, and `conduit-sidecar inject -f`.
+
+Schema validation uses kubernetes-validate in strict mode (unknown fields are errors)
+against Kubernetes 1.29, the first release with native sidecars on by default, and
+1.33. It has no schemas for custom resources (PodMonitor, cert-manager's Issuer and
+Certificate): it warns and passes them, so these tests require that exactly those
+kinds went unvalidated and check their fields against the objects they refer to.
+Schemas do not check enum values either (failurePolicy, sideEffects, the sidecar's
+restartPolicy...); the tests assert them.
+
+Patches are applied twice, by the `jsonpatch` package and by
+`kubectl patch --local --type=json` (no cluster involved), and must agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.client
+import json
+import os
+import pathlib
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+import yaml
+from certs import CA
+from conftest import free_port
+
+from conduit_sidecar import config as config_mod
+from conduit_sidecar.inject import DEFAULT_IMAGE, Settings, sidecar_container
+from conduit_sidecar.keys import load_keys
+from conduit_sidecar.webhook import MAX_BODY
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+K8S_VERSIONS = ["1.29.0", "1.33.0"]
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+CLI = [sys.executable, "-m", "conduit_sidecar"]
+SIDECAR_IMAGE = "registry.example.com/conduit-sidecar:9.9.9"
+
+# Directory -> the custom resources it holds, which kubernetes-validate cannot check.
+K8S_DIRS = {
+    "k8s/base": {"PodMonitor"},
+    "k8s/tls": {"PodMonitor"},
+    "k8s/injector": {"Issuer", "Certificate"},
+    "k8s/injector/webhook": set(),
+}
+
+
+# --- helpers -------------------------------------------------------------------
+
+def kustomize(directory: str) -> str:
+    return subprocess.run([KUBECTL, "kustomize", str(ROOT / directory)], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+
+
+def docs_of(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def validate(obj: dict) -> None:
+    """Strict schema validation for every Kubernetes version we support."""
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def pod_template(obj: dict) -> dict:
+    if obj["kind"] == "Pod":
+        return obj
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]
+    return obj["spec"]["template"]
+
+
+def named(items: list[dict] | None, name: str) -> list[dict]:
+    return [i for i in items or [] if i.get("name") == name]
+
+
+def by_name(items: list[dict]) -> list[dict]:
+    """A list of named things, in name order (strategic merge may reorder them)."""
+    return sorted(items, key=lambda i: i.get("name") or str(i.get("containerPort")))
+
+
+def normalized(container: dict) -> dict:
+    c = copy.deepcopy(container)
+    for key in ("env", "ports", "volumeMounts"):
+        c[key] = by_name(c[key])
+    return c
+
+
+def check_injected(pod: dict, *, tls: bool = False, native: bool = True,
+                   image: str = SIDECAR_IMAGE) -> dict:
+    """Assert the sidecar and its volumes are in `pod` exactly once; return the sidecar."""
+    spec = pod["spec"]
+    holder, other = ("initContainers", "containers") if native else ("containers", "initContainers")
+    sidecars = named(spec.get(holder), "conduit-sidecar")
+    assert len(sidecars) == 1 and not named(spec.get(other), "conduit-sidecar")
+    sidecar = sidecars[0]
+    if native:
+        assert spec["initContainers"][0] is sidecar        # first: up before the rest
+        assert sidecar["restartPolicy"] == "Always"
+    else:
+        assert "restartPolicy" not in sidecar
+    assert sidecar["image"] == image
+    assert pod["metadata"]["annotations"]["conduit.dev/status"] == "injected"
+
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert len(volumes) == len(spec["volumes"])
+    assert volumes["conduit-keys"]["secret"]["secretName"]
+    assert volumes["conduit-providers"]["secret"]["secretName"]
+    assert volumes["conduit-config"]["configMap"]["name"]
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert len(mounts) == len(sidecar["volumeMounts"])
+    assert mounts["conduit-keys"] == {"name": "conduit-keys", "mountPath": "/etc/conduit/keys",
+                                      "readOnly": True}                   # a directory: no subPath
+    assert mounts["conduit-config"]["mountPath"] == "/etc/conduit/config"
+    assert mounts["conduit-providers"]["mountPath"] == "/etc/conduit/providers"
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"]["port"] == "conduit-metrics"
+    assert "conduit-metrics" in {p["name"] for p in sidecar["ports"]}
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert sidecar["securityContext"]["runAsUser"] == 10001
+    assert sidecar["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    tls_env = {"CONDUIT_TLS_SELF_SIGNED": "1", "CONDUIT_TLS_LISTEN": "127.0.0.1:8443",
+               "CONDUIT_TLS_CA_OUT": "/var/run/conduit/ca.pem",
+               "CONDUIT_TLS_STATE_DIR": "/var/run/conduit-private"}
+    apps = [c for c in spec["containers"] if c["name"] != "conduit-sidecar"]
+    if tls:
+        assert tls_env.items() <= env.items()
+        assert volumes["conduit-ca"] == {"name": "conduit-ca", "emptyDir": {"sizeLimit": "1Mi"}}
+        assert volumes["conduit-private"]["emptyDir"]["medium"] == "Memory"
+        assert mounts["conduit-ca"] == {"name": "conduit-ca", "mountPath": "/var/run/conduit"}
+        assert mounts["conduit-private"] == {"name": "conduit-private",
+                                             "mountPath": "/var/run/conduit-private"}
+        for app in apps:
+            assert named(app["volumeMounts"], "conduit-ca") == [
+                {"name": "conduit-ca", "mountPath": "/var/run/conduit", "readOnly": True}]
+            assert len(named(app["env"], "NODE_EXTRA_CA_CERTS")) == 1
+        for c in apps + [c for c in spec.get("initContainers", []) if c is not sidecar]:
+            assert not named(c.get("volumeMounts"), "conduit-private")   # the CA key: sidecar only
+    else:
+        assert not tls_env.keys() & env.keys()
+        assert not volumes.keys() & {"conduit-ca", "conduit-private"}
+        for app in apps:
+            assert not named(app.get("env"), "NODE_EXTRA_CA_CERTS")
+            assert not named(app.get("volumeMounts"), "conduit-ca")
+    return sidecar
+
+
+# --- the manifests ---------------------------------------------------------------
+
+@needs_kubectl
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("directory", sorted(K8S_DIRS))
+def test_manifests_validate(directory, version):
+    text = kustomize(directory)
+    docs = docs_of(text)
+    run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, "-"],
+                         input=text, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert not [line for line in lines if line.startswith(("ERROR", "FATAL"))], run.stdout
+    unvalidated = {line.split("for kind ")[1].split()[0] for line in lines if line.startswith("WARN")}
+    assert unvalidated == K8S_DIRS[directory], run.stdout
+    passed = [line for line in lines if " passed for resource " in line]
+    assert len(passed) == len([d for d in docs if d["kind"] not in K8S_DIRS[directory]])
+
+
+@needs_kubectl
+def test_strict_validation_rejects_native_sidecar_before_1_28():
+    """Control: the validator does bite. Container.restartPolicy (native sidecars)
+    came in 1.28, so strict validation against 1.27 must reject k8s/base."""
+    deployment = find(docs_of(kustomize("k8s/base")), "Deployment")
+    with pytest.raises(kubernetes_validate.ValidationError, match="restartPolicy"):
+        kubernetes_validate.validate(deployment, "1.27.0", strict=True)
+
+
+@needs_kubectl
+def test_base_deployment_is_what_the_injector_makes():
+    docs = docs_of(kustomize("k8s/base"))
+    deployment = find(docs, "Deployment", "example-app")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    sidecar = spec["initContainers"][0]
+    assert sidecar == sidecar_container(Settings(image=DEFAULT_IMAGE))
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["lifecycle"]["preStop"]["exec"]["command"][:2] == ["python", "-c"]
+    assert "http://127.0.0.1:9464/drain" in sidecar["lifecycle"]["preStop"]["exec"]["command"][2]
+    assert spec["terminationGracePeriodSeconds"] > 25          # drain_seconds
+    # The injector's helper agrees with the hand-written pod, bar the status annotation.
+    injected = check_injected({"metadata": {"annotations": {"conduit.dev/status": "injected"}},
+                               "spec": spec}, image=DEFAULT_IMAGE)
+    assert injected is sidecar
+
+    configmap = find(docs, "ConfigMap", "conduit-config")
+    keys = find(docs, "Secret", "conduit-keys")
+    find(docs, "Secret", "conduit-provider")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["conduit-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert volumes["conduit-keys"]["secret"]["secretName"] == keys["metadata"]["name"]
+    assert volumes["conduit-providers"]["secret"]["secretName"] == "conduit-provider"
+
+    monitor = find(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in sidecar["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
+def load_pod_config(docs: list[dict], tmp_path: pathlib.Path) -> config_mod.Config:
+    """The config the sidecar of the example Deployment loads: the ConfigMap's
+    config.toml and the key file Secret, with the environment the pod sets."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(find(docs, "ConfigMap", "conduit-config")["data"]["config.toml"])
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(find(docs, "Secret", "conduit-keys")["stringData"]["keys.json"])
+    sidecar = find(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert env["CONDUIT_CONFIG"] == "/etc/conduit/config/config.toml"
+    assert env["CONDUIT_KEYS_FILE"] == "/etc/conduit/keys/keys.json"
+    return config_mod.load(environ={**env, "CONDUIT_CONFIG": str(config_file),
+                                    "CONDUIT_KEYS_FILE": str(keys_file)})
+
+
+@needs_kubectl
+def test_base_config_and_key_file_load(tmp_path):
+    conf = load_pod_config(docs_of(kustomize("k8s/base")), tmp_path)
+    assert conf.admin_listen == "0.0.0.0:9464" and conf.listen == "127.0.0.1:8080"
+    assert conf.providers["openai"].secret_file == "/etc/conduit/providers/openai"
+    assert conf.tls is None
+    assert len(load_keys(conf.keys_file)) == 0
+
+
+@needs_kubectl
+def test_tls_overlay_is_what_the_injector_makes(tmp_path):
+    docs = docs_of(kustomize("k8s/tls"))
+    spec = find(docs, "Deployment", "example-app")["spec"]["template"]["spec"]
+    sidecar = spec["initContainers"][0]
+    assert normalized(sidecar) == normalized(sidecar_container(Settings(image=DEFAULT_IMAGE, tls=True)))
+    check_injected({"metadata": {"annotations": {"conduit.dev/status": "injected"}}, "spec": spec},
+                   tls=True, image=DEFAULT_IMAGE)
+    (app,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in app["env"]}
+    assert env["NODE_EXTRA_CA_CERTS"] == "/var/run/conduit/ca.pem"
+    assert env["OPENAI_BASE_URL"].startswith("https://127.0.0.1:8443/")
+    conf = load_pod_config(docs, tmp_path)    # the [tls] section the variables make is valid
+    assert conf.tls.self_signed and conf.tls.listen == "127.0.0.1:8443"
+    assert (conf.tls.ca_out, conf.tls.state_dir) == ("/var/run/conduit/ca.pem", "/var/run/conduit-private")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("directory", ["k8s/injector", "k8s/injector/webhook"])
+def test_injector_manifests(directory):
+    docs = docs_of(kustomize(directory))
+    (hook,) = find(docs, "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["sideEffects"] == "None"
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["timeoutSeconds"] == 5
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                              "resources": ["pods"], "scope": "Namespaced"}]
+    assert hook["objectSelector"] == {"matchLabels": {"conduit.dev/inject": "true"}}
+    (expr,) = hook["namespaceSelector"]["matchExpressions"]
+    assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "NotIn"
+    assert set(expr["values"]) == {"kube-system", "conduit-system"}
+
+    ref = hook["clientConfig"]["service"]
+    assert (ref["namespace"], ref["path"], ref["port"]) == ("conduit-system", "/mutate", 443)
+    service = find(docs, "Service", ref["name"])
+    (port,) = service["spec"]["ports"]
+    deployment = find(docs, "Deployment", "conduit-injector")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == 8443 and port["port"] == 443
+    assert container["args"][0] == "inject-webhook"
+    assert "--listen=0.0.0.0:8443" in container["args"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CONDUIT_SIDECAR_IMAGE"] == container["image"] == DEFAULT_IMAGE
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert not [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding",
+                                                 "ClusterRoleBinding")]
+    pdb = find(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    for d in docs:
+        if d["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
+            assert d["metadata"]["namespace"] == "conduit-system"
+
+    tls_volume = named(pod["spec"]["volumes"], "tls")[0]["secret"]["secretName"]
+    annotations = find(docs, "MutatingWebhookConfiguration")["metadata"].get("annotations", {})
+    if directory == "k8s/injector":
+        namespace, name = annotations["cert-manager.io/inject-ca-from"].split("/")
+        certificate = find(docs, "Certificate", name)
+        assert certificate["metadata"]["namespace"] == namespace
+        assert certificate["spec"]["secretName"] == tls_volume
+        assert "conduit-injector.conduit-system.svc" in certificate["spec"]["dnsNames"]
+        issuer = find(docs, "Issuer", certificate["spec"]["issuerRef"]["name"])
+        assert issuer["metadata"]["namespace"] == namespace
+    else:
+        assert not annotations and not [d for d in docs if d["apiVersion"].startswith("cert-manager")]
+
+
+# --- the webhook over HTTPS --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A throwaway CA and a serving certificate for 127.0.0.1 (cert, key, CA file)."""
+    directory = tmp_path_factory.mktemp("webhook-tls")
+    ca = CA()
+    cert_file, key_file = ca.issue(directory)
+    return cert_file, key_file, ca.write(directory / "ca.pem")
+
+
+class Webhook:
+    def __init__(self, port: int, ca_file: str):
+        self.port = port
+        self.url = f"https://127.0.0.1:{port}"
+        self.context = ssl.create_default_context(cafile=ca_file)
+
+    def request(self, path: str, body: bytes | None = None, method: str = "POST",
+                headers: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=self.context) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def review(self, obj: dict, *, uid: str = "7f0b2c1e-0000-4000-8000-000000000001",
+               namespace: str = "voice", kind: str = "Pod", operation: str = "CREATE") -> dict:
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                  "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": kind},
+                              "resource": {"group": "", "version": "v1", "resource": "pods"},
+                              "requestKind": {"group": "", "version": "v1", "kind": kind},
+                              "namespace": namespace, "operation": operation,
+                              "userInfo": {"username": "system:serviceaccount:kube-system:"
+                                                       "replicaset-controller"},
+                              "object": obj, "oldObject": None, "dryRun": False,
+                              "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}}}
+        status, body = self.request("/mutate", json.dumps(review).encode())
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["apiVersion"] == "admission.k8s.io/v1" and answer["kind"] == "AdmissionReview"
+        assert answer["response"]["uid"] == uid
+        return answer["response"]
+
+
+def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str):
+    """`python -m conduit_sidecar.webhook` on a free loopback port, once it answers.
+    (`conduit-sidecar inject-webhook` runs the same code: test_cli_has_the_subcommands.)"""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "conduit_sidecar.webhook", "--tls-cert", cert_file,
+                             "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    hook = Webhook(port, ca_file)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if hook.request("/healthz", method="GET") == (200, b"ok\n"):
+                return proc, hook
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the webhook did not start: " + proc.communicate()[0].decode())
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM: the webhook exits cleanly; returns its log."""
+    proc.terminate()
+    output = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def webhook(tls_files):
+    proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE)
+    yield hook
+    stop(proc)
+
+
+def test_webhook_reloads_a_renewed_certificate(tmp_path):
+    """cert-manager renews the Secret in place; new connections get the new certificate."""
+    old_ca, new_ca = CA("old CA"), CA("new CA")
+    cert_file, key_file = old_ca.issue(tmp_path)
+    proc, old = start_webhook(cert_file, key_file, old_ca.write(tmp_path / "old.pem"))
+    try:
+        renewed = tmp_path / "renewed"
+        renewed.mkdir()
+        for src, dst in zip(new_ca.issue(renewed), (cert_file, key_file), strict=True):
+            os.replace(src, dst)
+        new = Webhook(old.port, new_ca.write(tmp_path / "new.pem"))
+        assert new.request("/healthz", method="GET") == (200, b"ok\n")
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            old.request("/healthz", method="GET")
+    finally:
+        output = stop(proc)
+    assert "certificate reloaded" in output
+
+
+def apply_patch(pod: dict, patch: list[dict], tmp_path: pathlib.Path) -> dict:
+    """Apply with the jsonpatch package and with kubectl; both must agree."""
+    patched = jsonpatch.apply_patch(pod, patch)
+    if KUBECTL:
+        pod_file = tmp_path / "pod.json"
+        pod_file.write_text(json.dumps(pod))
+        run = subprocess.run([KUBECTL, "patch", "--local", "--type=json", "-f", str(pod_file),
+                              "-p", json.dumps(patch), "-o", "yaml"],
+                             capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert yaml.safe_load(run.stdout) == patched
+    return patched
+
+
+def pod(name="voice-agent", *, annotations=None, labels=None, init=None, volumes=None, containers=None):
+    p = {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": name, "namespace": "voice",
+                      "labels": {"app": "voice-agent", "conduit.dev/inject": "true", **(labels or {})}},
+         "spec": {"containers": containers or [{"name": "app", "image": "node:20-slim",
+                                                 "command": ["node", "server.js"],
+                                                 "ports": [{"containerPort": 3000, "name": "http"}]}]}}
+    if annotations is not None:
+        p["metadata"]["annotations"] = annotations
+    if init is not None:
+        p["spec"]["initContainers"] = init
+    if volumes is not None:
+        p["spec"]["volumes"] = volumes
+    return p
+
+
+BUSY_POD = pod(
+    annotations={"prometheus.io/scrape": "true", "kubectl.kubernetes.io/default-container": "app"},
+    init=[{"name": "migrate", "image": "busybox:1.36", "command": ["true"]}],
+    volumes=[{"name": "data", "emptyDir": {}}, {"name": "conf", "configMap": {"name": "app-conf"}}],
+    containers=[{"name": "app", "image": "node:20-slim",
+                 "env": [{"name": "PORT", "value": "3000"}],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "worker", "image": "python:3.12-slim",
+                 "volumeMounts": [{"name": "conf", "mountPath": "/conf", "readOnly": True}]}])
+
+
+def deployment_pod() -> dict:
+    """The pod the ReplicaSet controller creates from a Deployment's template."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "voice-agent-5d4f8c7b9-", "namespace": "voice",
+                         "labels": {"app": "voice-agent", "conduit.dev/inject": "true",
+                                    "pod-template-hash": "5d4f8c7b9"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "voice-agent-5d4f8c7b9",
+                                              "uid": "0b5f1e2a-1111-4222-8333-444455556666",
+                                              "controller": True, "blockOwnerDeletion": True}]},
+            "spec": {"containers": [{"name": "app", "image": "node:20-slim", "resources": {},
+                                     "terminationMessagePath": "/dev/termination-log",
+                                     "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent"}],
+                     "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+                     "dnsPolicy": "ClusterFirst", "securityContext": {},
+                     "schedulerName": "default-scheduler"}}
+
+
+@pytest.mark.parametrize("name, obj, tls", [
+    ("bare pod: no annotations, initContainers or volumes", pod(), False),
+    ("pod without metadata", {"apiVersion": "v1", "kind": "Pod",
+                              "spec": {"containers": [{"name": "app", "image": "node:20-slim"}]}}, False),
+    ("pod with initContainers, volumes, annotations", BUSY_POD, False),
+    ("pod from a Deployment's template", deployment_pod(), False),
+    ("tls, bare pod", pod(annotations={"conduit.dev/tls": "true"}), True),
+    ("tls, busy pod", {**BUSY_POD, "metadata": {**BUSY_POD["metadata"], "annotations": {
+        **BUSY_POD["metadata"]["annotations"], "conduit.dev/tls": "true"}}}, True),
+])
+def test_webhook_injects(webhook, tmp_path, name, obj, tls):
+    response = webhook.review(obj)
+    assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    assert all(op["op"] == "add" for op in patch)
+    patched = apply_patch(obj, patch, tmp_path)
+    validate(patched)
+    check_injected(patched, tls=tls)
+    # Everything the pod had is still there, in the same order.
+    before = [c["name"] for c in obj["spec"]["containers"]]
+    assert [c["name"] for c in patched["spec"]["containers"]] == before
+    before_init = [c["name"] for c in obj["spec"].get("initContainers", [])]
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["conduit-sidecar"] + before_init
+    for v in obj["spec"].get("volumes", []):
+        assert named(patched["spec"]["volumes"], v["name"]) == [v]
+    for key, value in (obj.get("metadata", {}).get("annotations") or {}).items():
+        assert patched["metadata"]["annotations"][key] == value
+    # Reinvocation, or a second webhook pass: nothing more to do.
+    again = webhook.review(patched, uid="7f0b2c1e-0000-4000-8000-000000000002")
+    assert again["allowed"] is True and "patch" not in again
+
+
+def test_webhook_tls_keeps_the_apps_own_ca_setting(webhook, tmp_path):
+    containers = [{"name": "web", "image": "node:20-slim",
+                   "env": [{"name": "NODE_EXTRA_CA_CERTS", "value": "/etc/ssl/corp.pem"}]},
+                  {"name": "agent", "image": "node:20-slim"}]
+    obj = pod(annotations={"conduit.dev/tls": "true"}, containers=containers)
+    response = webhook.review(obj)
+    patched = apply_patch(obj, json.loads(base64.b64decode(response["patch"])), tmp_path)
+    validate(patched)
+    check_injected(patched, tls=True)
+    web, agent = patched["spec"]["containers"]
+    assert web["env"] == [{"name": "NODE_EXTRA_CA_CERTS", "value": "/etc/ssl/corp.pem"}]
+    assert agent["env"] == [{"name": "NODE_EXTRA_CA_CERTS", "value": "/var/run/conduit/ca.pem"}]
+
+
+def test_webhook_annotations_configure_the_sidecar(webhook, tmp_path):
+    obj = pod(annotations={
+        "conduit.dev/native-sidecar": "false", "conduit.dev/image": "registry.example.com/cs:1.2.3",
+        "conduit.dev/listen-port": "18080", "conduit.dev/admin-port": "19464",
+        "conduit.dev/cpu-request": "100m", "conduit.dev/cpu-limit": "1", "conduit.dev/memory-request": "96Mi",
+        "conduit.dev/memory-limit": "256Mi", "conduit.dev/keys-secret": "team-a-keys",
+        "conduit.dev/provider-secret": "openai-prod", "conduit.dev/config-map": "conduit-config-v2"})
+    response = webhook.review(obj)
+    patched = apply_patch(obj, json.loads(base64.b64decode(response["patch"])), tmp_path)
+    validate(patched)
+    sidecar = check_injected(patched, native=False, image="registry.example.com/cs:1.2.3")
+    assert patched["spec"]["containers"][-1] is sidecar and "initContainers" not in patched["spec"]
+    assert sidecar["resources"] == {"requests": {"cpu": "100m", "memory": "96Mi"},
+                                    "limits": {"cpu": "1", "memory": "256Mi"}}
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"conduit": 18080,
+                                                                          "conduit-metrics": 19464}
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert env["CONDUIT_LISTEN"] == "127.0.0.1:18080" and env["CONDUIT_ADMIN_LISTEN"] == "0.0.0.0:19464"
+    assert "127.0.0.1:19464/drain" in sidecar["lifecycle"]["preStop"]["exec"]["command"][2]
+    volumes = {v["name"]: v for v in patched["spec"]["volumes"]}
+    assert volumes["conduit-keys"]["secret"]["secretName"] == "team-a-keys"
+    assert volumes["conduit-providers"]["secret"]["secretName"] == "openai-prod"
+    assert volumes["conduit-config"]["configMap"]["name"] == "conduit-config-v2"
+
+
+@pytest.mark.parametrize("annotations, message", [
+    ({"conduit.dev/listen-port": "http"}, "'conduit.dev/listen-port': must be a port number"),
+    ({"conduit.dev/admin-port": "70000"}, "'conduit.dev/admin-port': must be a port number"),
+    ({"conduit.dev/memory-limit": "lots"}, "'conduit.dev/memory-limit': must be a Kubernetes quantity"),
+    ({"conduit.dev/keys-secret": "Team_A"}, "'conduit.dev/keys-secret': must be a Kubernetes object name"),
+    ({"conduit.dev/image": "evil image\n"}, "'conduit.dev/image': must be an image reference"),
+    ({"conduit.dev/tls": "yes"}, "'conduit.dev/tls': must be \"true\" or \"false\""),
+    ({"conduit.dev/listen-port": "9464"}, "must differ"),
+    ({"conduit.dev/memory-limt": "1Gi"}, "unknown annotation 'conduit.dev/memory-limt'"),
+])
+def test_webhook_refuses_bad_annotations(webhook, annotations, message):
+    response = webhook.review(pod(annotations=annotations))
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["code"] == 400
+    assert message in response["status"]["message"]
+
+
+def test_webhook_refuses_conflicting_pods(webhook):
+    clash = pod(volumes=[{"name": "conduit-keys", "emptyDir": {}}])
+    response = webhook.review(clash)
+    assert response["allowed"] is False and "conduit-keys" in response["status"]["message"]
+
+
+@pytest.mark.parametrize("obj, message", [
+    (None, "not a pod"),
+    ("a pod", "not a pod"),
+    ({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}}, "no spec"),
+    ({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []}}, "spec.containers"),
+    ({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": ["app"]}}, "spec.containers"),
+    ({"apiVersion": "v1", "kind": "Pod", "metadata": {"annotations": ["x"]},
+      "spec": {"containers": [{"name": "a"}]}}, "metadata.annotations"),
+    ({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": [{"name": "a"}], "volumes": {"x": 1}}},
+     "spec.volumes"),
+])
+def test_webhook_refuses_malformed_pods(webhook, obj, message):
+    response = webhook.review(obj)
+    assert response["allowed"] is False and message in response["status"]["message"]
+
+
+def test_webhook_malformed_requests(webhook):
+    # Not JSON, or no uid to answer to: HTTP 400.
+    assert webhook.request("/mutate", b"{not json")[0] == 400
+    assert webhook.request("/mutate", b"[]")[0] == 400
+    no_uid = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}
+    assert webhook.request("/mutate", json.dumps(no_uid).encode())[0] == 400
+    assert webhook.request("/mutate", b"[" * 100_000 + b"]" * 100_000)[0] == 400   # nesting bomb
+    # Too large (refused on the header, before any body is read), the wrong method or path.
+    conn = http.client.HTTPSConnection("127.0.0.1", webhook.port, context=webhook.context, timeout=10)
+    conn.putrequest("POST", "/mutate")
+    conn.putheader("Content-Length", str(MAX_BODY + 1))
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert webhook.request("/mutate", method="GET")[0] == 404
+    assert webhook.request("/other", b"{}")[0] == 404
+    # A review of another version or kind: answered, refused.
+    status, body = webhook.request("/mutate", json.dumps({
+        "apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
+        "request": {"uid": "u1", "kind": {"kind": "Pod"}, "operation": "CREATE", "object": pod()}}).encode())
+    assert status == 200 and json.loads(body)["response"] == {
+        "uid": "u1", "allowed": False,
+        "status": {"code": 400, "reason": "BadRequest",
+                   "message": "expected apiVersion admission.k8s.io/v1, kind AdmissionReview"}}
+    # Not a pod CREATE (the rules would not send it): allowed untouched.
+    for kind, operation in (("Deployment", "CREATE"), ("Pod", "UPDATE")):
+        response = webhook.review(pod(), kind=kind, operation=operation)
+        assert response == {"uid": response["uid"], "allowed": True}
+    # A TLS handshake that never comes does not stop the others.
+    with socket.create_connection(("127.0.0.1", webhook.port)):
+        assert webhook.request("/healthz", method="GET") == (200, b"ok\n")
+    assert webhook.request("/healthz", method="GET") == (200, b"ok\n")
+
+
+# --- inject -f ------------------------------------------------------------------
+
+WORKLOADS = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: voice-pod}
+spec:
+  containers: [{name: app, image: node:20-slim}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: voice-deploy}
+spec:
+  selector: {matchLabels: {app: voice}}
+  template:
+    metadata:
+      labels: {app: voice}
+      annotations: {conduit.dev/tls: "true"}
+    spec:
+      initContainers: [{name: wait, image: busybox:1.36, command: ["true"]}]
+      containers: [{name: app, image: node:20-slim}]
+      volumes: [{name: scratch, emptyDir: {}}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: voice-sts}
+spec:
+  serviceName: voice
+  selector: {matchLabels: {app: voice-sts}}
+  template:
+    metadata: {labels: {app: voice-sts}}
+    spec:
+      containers: [{name: app, image: node:20-slim}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: voice-ds}
+spec:
+  selector: {matchLabels: {app: voice-ds}}
+  template:
+    metadata: {labels: {app: voice-ds}}
+    spec:
+      containers: [{name: app, image: node:20-slim}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: voice-job}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: app, image: python:3.12-slim, command: [python, job.py]}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: voice-cron}
+spec:
+  schedule: "*/5 * * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: app, image: python:3.12-slim}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: opted-out}
+spec:
+  selector: {matchLabels: {app: plain}}
+  template:
+    metadata: {labels: {app: plain, conduit.dev/inject: "false"}}
+    spec:
+      containers: [{name: app, image: node:20-slim}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: voice}
+spec:
+  selector: {app: voice}
+  ports: [{port: 80, targetPort: 3000}]
+"""
+
+
+def inject_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + ["inject", *args], input=stdin, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "CONDUIT_SIDECAR_IMAGE": SIDECAR_IMAGE})
+
+
+def test_inject_file_every_workload_kind(tmp_path):
+    source = tmp_path / "workloads.yaml"
+    source.write_text(WORKLOADS)
+    run = inject_cli("-f", str(source))
+    assert run.returncode == 0, run.stderr
+    before, after = docs_of(WORKLOADS), docs_of(run.stdout)
+    assert [(d["kind"], d["metadata"]["name"]) for d in after] == \
+           [(d["kind"], d["metadata"]["name"]) for d in before]
+    for original, obj in zip(before, after, strict=True):
+        validate(obj)
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "Service" or name == "opted-out":
+            assert obj == original
+            continue
+        check_injected(pod_template(obj), tls=name == "voice-deploy")
+        # Only the pod template changed.
+        rest, rest_before = copy.deepcopy(obj), copy.deepcopy(original)
+        for o in (rest, rest_before):
+            pod_template(o).clear()
+        assert rest == rest_before
+    # Idempotent: injecting the output again changes nothing.
+    again = inject_cli("-f", "-", stdin=run.stdout)
+    assert again.returncode == 0 and docs_of(again.stdout) == after
+
+
+def test_inject_file_json_and_errors(tmp_path):
+    source = tmp_path / "pod.json"
+    source.write_text(json.dumps(pod(annotations={"conduit.dev/native-sidecar": "false"})))
+    run = inject_cli("-f", str(source), "-o", "json")
+    assert run.returncode == 0, run.stderr
+    obj = json.loads(run.stdout)
+    validate(obj)
+    check_injected(obj, native=False)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(WORKLOADS.replace('conduit.dev/tls: "true"', 'conduit.dev/tls: "maybe"'))
+    run = inject_cli("-f", str(bad))
+    assert run.returncode == 1 and run.stdout == ""
+    assert "Deployment/voice-deploy: annotation 'conduit.dev/tls'" in run.stderr
+    for content, message in (("a: [1", "not valid YAML"), ("- 1\n- 2\n", "document 1 is not an object")):
+        bad.write_text(content)
+        run = inject_cli("-f", str(bad))
+        assert run.returncode == 1 and message in run.stderr
+    run = inject_cli("-f", str(tmp_path / "missing.yaml"))
+    assert run.returncode == 1 and "missing.yaml" in run.stderr
+
+
+def test_cli_has_the_subcommands():
+    for command, flag in (("inject", "--filename"), ("inject-webhook", "--tls-cert")):
+        run = subprocess.run(CLI + [command, "--help"], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0 and flag in run.stdout, run.stderr
