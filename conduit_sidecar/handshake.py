@@ -74,7 +74,10 @@ def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime
     passed = [p for p in offered if not p.startswith(SUBPROTOCOL_KEY_PREFIX)]
 
     # Answer the client with one of its own subprotocols, never the key one.
-    ws = ServerProtocol(origins=allowed_origins, select_subprotocol=lambda _, __: None)
+    # allowed_origins guards against other sites' pages; clients that send no Origin
+    # (SDKs, servers) are not browsers and pass.
+    origins = None if allowed_origins is None else [*allowed_origins, None]
+    ws = ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
     response = ws.accept(request)
     if response.status_code != 101:
         return Refuse(response, response.body.decode(errors="replace").strip())

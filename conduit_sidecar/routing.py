@@ -38,7 +38,7 @@ BUILTIN: dict[str, Provider] = {
         url="wss://api.deepgram.com/v1/listen?model={model}",
         headers={"Authorization": "Token {secret}"}),
     "assemblyai": Provider(
-        url="wss://streaming.assemblyai.com/v3/ws",
+        url="wss://streaming.assemblyai.com/v3/ws?speech_model={model}",   # required in v3
         headers={"Authorization": "{secret}"}),
 }
 

@@ -309,9 +309,11 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
         upstream.abort()
         return
     response = decision.response
-    if "Sec-WebSocket-Protocol" in response.headers:
-        del response.headers["Sec-WebSocket-Protocol"]
+    # The provider's choice wins. When it picks none, the client's first offer (set
+    # by decide) stays: browsers fail a handshake that selects none of their offers.
     if subprotocol is not None:
+        if "Sec-WebSocket-Protocol" in response.headers:
+            del response.headers["Sec-WebSocket-Protocol"]
         response.headers["Sec-WebSocket-Protocol"] = subprotocol
     transport.write(response.serialize())
     limits = sidecar.config.limits

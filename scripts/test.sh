@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into conduit_sidecar._relay
 if command -v npm >/dev/null; then
-  npm install --silent --no-audit --no-fund --prefix tests/node
+  npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, playwright-core
 fi
+bash scripts/install_browser.sh                 # Debian's chromium, for tests/test_browser.py
 
 python3 -m pytest -q "$@" tests
 if compgen -G "benchmarks/test_*.py" >/dev/null; then
