@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -16,9 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 
-from conftest import (PROVIDER_SECRET, MockProcess, SidecarProcess, free_port, http_get, run,
+from conftest import (PROVIDER_SECRET, SidecarProcess, free_port, http_get, run,
                       standard_keys)
 
 

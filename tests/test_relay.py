@@ -1,12 +1,9 @@
 """Frames through the sidecar to the mock provider and back, with a websockets
 client: byte-identical, in order, every size class of the frame header."""
 
-import asyncio
 import os
 
-import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from conftest import run
 
