@@ -92,6 +92,8 @@ cdef class Relay:
     cdef readonly object closed_by
     cdef readonly object close_code
     cdef readonly object close_reason
+    cdef int fail_code             # a peer's violation, told to it once the other peer closed
+    cdef str fail_reason
     cdef public object session
 
     cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1

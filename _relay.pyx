@@ -32,6 +32,9 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: MSG_NOSIGNAL
     enum: MSG_DONTWAIT
 
+# Seconds the other peer may still send after a violation, before it gets our close.
+cdef double VIOLATION_GRACE = 0.1
+
 cdef enum:
     READ_SIZE = 65536
     HIST_BUCKETS = 12
@@ -293,7 +296,9 @@ cdef class Pipe:
                 code = 1005     # no status code present (RFC 6455 7.1.5); never sent
                 reason = ""
         if self.src is not None:
-            forward = not (self.src.close_received or self.dst.close_sent)
+            # A violator gets the sidecar's close, not the other peer's reply.
+            forward = not (self.src.close_received or self.dst.close_sent
+                           or (opcode == 8 and self.dst.failed))
         else:
             forward = self.verdict_code == 0 and not self.frames[3]
         self.forwarding = forward
@@ -561,6 +566,9 @@ cdef class Relay:
         src.close_received = True
         if pipe.forwarding:
             dst.close_sent = True
+        elif dst.failed:
+            # The other peer has answered our close: now tell the violator why.
+            self.send_close(dst, self.fail_code, self.fail_reason, True)
         self.arm_deadline()
         # The frame itself is emitted after this returns; shut the sockets after it.
         self.loop.call_soon(self._after_close_frame)
@@ -571,17 +579,30 @@ cdef class Relay:
         self.check_leg(self.upstream)
 
     cdef int on_violation(self, Pipe pipe, int code, str reason) except -1:
+        """Nothing more is read from the violator. The other peer is closed first (after
+        VIOLATION_GRACE), and what it still sends (e.g. the answer to the violator's
+        last good message) is delivered until its close arrives; then the violator
+        gets `code`."""
         cdef Leg src = pipe.src
         side = "client" if src is self.client else "upstream"
         reason = "%s: %s" % (side, reason)
         if self.closed_by is None:
             self.closed_by, self.close_code, self.close_reason = "sidecar", code, reason
+        self.fail_code, self.fail_reason = code, reason
         src.failed = True
         if not src.closing:
             src.transport.pause_reading()
-        self.send_close(src, code, reason, True)
-        self.send_close(pipe.dst, code, reason, True)
+        if pipe.dst.close_sent or pipe.dst.lost:
+            self.send_close(src, code, reason, True)
+        else:
+            # A moment for the other peer to answer what it already received (a
+            # client's last good message, say) before it is told to close.
+            self.loop.call_later(VIOLATION_GRACE, self._close_after_violation, pipe.dst)
+            self.arm_deadline()
         return 0
+
+    def _close_after_violation(self, Leg leg):
+        self.send_close(leg, self.fail_code, self.fail_reason, False)
 
     cdef int on_lost(self, Leg leg) except -1:
         cdef Leg other = self.upstream if leg is self.client else self.client
@@ -598,7 +619,9 @@ cdef class Relay:
                     else:
                         self.closed_by, self.close_code = "upstream", 1006
                         self.close_reason = "upstream connection lost"
-                if leg is self.client:
+                if other.failed:
+                    self.send_close(other, self.fail_code, self.fail_reason, True)
+                elif leg is self.client:
                     self.send_close(other, 1001, "client went away", True)
                 else:
                     self.send_close(other, 1014, "upstream connection lost", True)
