@@ -174,7 +174,7 @@ cdef class Leg:
         return _read_buffer
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        if self.failed or self.relay.done:
+        if self.failed or self.relay is None or self.relay.done:
             return
         cdef uint64_t t0 = now_ns()
         self.inbound.feed(_read_ptr, nbytes)
@@ -636,6 +636,14 @@ cdef class Relay:
         cb, self.on_done = self.on_done, None
         if cb is not None:
             cb(self)
+        # Break the relay <-> legs <-> pipes cycles: the session is freed by reference
+        # counting, not left to the cyclic GC.
+        self.on_message = None
+        self.session = None
+        for leg in (self.client, self.upstream):
+            leg.relay = None
+            leg.inbound = leg.outbound = None
+        self.c2u.src = self.c2u.dst = self.u2c.src = self.u2c.dst = None
         return 0
 
     cdef int arm_deadline(self) except -1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import signal
 import time
@@ -78,6 +79,7 @@ class Sidecar:
 
     def session_ended(self, relay) -> None:
         info: SessionInfo = relay.session
+        info.relay = None
         self.release(info)
         duration = time.monotonic() - info.started
         self.metrics.duration.observe(duration)
@@ -218,6 +220,12 @@ class Sidecar:
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (then drain) or a second signal (then stop at once)."""
         await self.start()
+        # Live sessions are long-lived objects the cyclic GC would traverse again and
+        # again; sessions free themselves by reference counting (the relay breaks its
+        # cycles when it ends), so collect rarely and never scan start-up objects.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         loop = asyncio.get_running_loop()
         signals = 0
 
