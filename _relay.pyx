@@ -184,19 +184,25 @@ cdef class Leg:
         return False    # a half-closed peer ends the session: close the transport
 
     def pause_writing(self):
+        if self.outbound is None:
+            return      # the session is over
         cdef Leg src = self.outbound.src
         if not (src.lost or src.closing):
             src.transport.pause_reading()
 
     def resume_writing(self):
+        if self.outbound is None:
+            return
         cdef Leg src = self.outbound.src
         if not (src.lost or src.closing or src.failed):
             src.transport.resume_reading()
 
     def connection_lost(self, exc):
+        # A local reference: on_lost may drop the relay's last one (it breaks cycles).
+        cdef Relay relay = self.relay
         self.lost = True
         self.closing = True
-        self.relay.on_lost(self)
+        relay.on_lost(self)
 
 
 cdef class Pipe:
