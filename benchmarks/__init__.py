@@ -1,0 +1,1 @@
+"""The benchmark suite: `pytest benchmarks/` (docs/benchmarks.md)."""

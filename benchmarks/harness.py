@@ -1,0 +1,242 @@
+"""The benchmark columns as processes on loopback: the upstream, `naive`, `nginx` and
+`sidecar`, each in its own process with its files in one temp dir, plus the
+throwaway CA and certificate for the TLS variants.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from . import nginx as nginx_conf
+from .loadgen import Target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Unavailable(Exception):
+    """A column that cannot run here; the message says why (the tests skip on it)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Process:
+    """A child process, output to `workdir/name.log`, ready once `ready()` says so."""
+
+    def __init__(self, name: str, argv: list[str], workdir: str, ready, timeout: float = 15):
+        self.name, self.workdir = name, workdir
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not start:\n{self.output()[-2000:]}")
+            time.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        """The process and its children (nginx's worker)."""
+        pids = [self.proc.pid]
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if int(f.read().rpartition(")")[2].split()[1]) == self.proc.pid:
+                            pids.append(int(pid))
+                except OSError:
+                    pass
+        return pids
+
+    def check(self, grace: float = 0) -> None:
+        """Raise if the process has exited (within `grace` seconds): its exit code
+        and the end of its log."""
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n"
+                               f"{self.output()[-2000:]}")
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Certs:
+    ca: str
+    cert: str
+    key: str
+
+
+def make_certs(workdir: str) -> Certs:
+    """A throwaway CA and a leaf for localhost / 127.0.0.1 signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def build(subject, issuer, public_key, signer, ca: bool, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+             .public_key(public_key).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(san, critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conduit bench CA")])
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    leaf = build(leaf_name, ca_name, leaf_key.public_key(), ca_key, False, san)
+    certs = Certs(*(os.path.join(workdir, n) for n in ("ca.pem", "cert.pem", "key.pem")))
+    pem = serialization.Encoding.PEM
+    for path, data in ((certs.ca, ca.public_bytes(pem)), (certs.cert, leaf.public_bytes(pem)),
+                       (certs.key, leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))):
+        with open(path, "wb") as f:
+            f.write(data)
+    return certs
+
+
+def client_context(certs: Certs) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certs.ca)
+
+
+# -- columns -------------------------------------------------------------------------
+
+def upstream(workdir: str, certs: Certs | None) -> tuple[Process, int]:
+    port = free_port()
+    tls = ["--cert", certs.cert, "--key", certs.key] if certs else []
+    proc = Process("upstream-tls" if certs else "upstream",
+                   [sys.executable, "-m", "benchmarks.upstream", str(port), *tls], workdir,
+                   lambda: port_open(port))
+    return proc, port
+
+
+def naive(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int]:
+    port = free_port()
+    url = f"{'wss' if certs else 'ws'}://127.0.0.1:{up_port}"
+    ca = ["--ca-file", certs.ca] if certs else []
+    proc = Process("naive-tls" if certs else "naive",
+                   [sys.executable, "-m", "benchmarks.naive_relay", str(port), url, *ca], workdir,
+                   lambda: port_open(port))
+    return proc, port
+
+
+def nginx(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int]:
+    binary, why = nginx_conf.find_or_install()
+    if binary is None:
+        raise Unavailable(why)
+    port = free_port()
+    workdir = os.path.join(workdir, "nginx-tls" if certs else "nginx")
+    os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
+    nginx_conf.config(workdir, port, up_port, certs.ca if certs else None)
+    proc = Process("nginx", nginx_conf.argv(binary, workdir), workdir, lambda: port_open(port))
+    return proc, port
+
+
+def sidecar_command() -> list[str]:
+    """`conduit-sidecar`, if installed and runnable; Unavailable otherwise."""
+    command = shutil.which("conduit-sidecar", path=os.path.dirname(sys.executable)) \
+        or shutil.which("conduit-sidecar")
+    if command is None:
+        raise Unavailable("conduit-sidecar is not installed (pip install -e .)")
+    done = subprocess.run([command, "--help"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise Unavailable(f"conduit-sidecar does not run: {done.stderr.strip()[-500:]}")
+    return [command]
+
+
+@dataclass
+class Sidecar:
+    process: Process
+    port: int
+    key: str
+    tls_port: int | None        # the wss listener, when this build serves it
+
+
+def sidecar(workdir: str, up_port: int, certs: Certs | None,
+            listener: Certs | None = None) -> Sidecar:
+    """`conduit-sidecar serve` with provider `bench` at the upstream; with `certs` the
+    provider leg is wss (CA in `ca_file`), with `listener` it also listens with TLS."""
+    command = sidecar_command()
+    name = "sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
+    workdir = os.path.join(workdir, name)
+    os.makedirs(workdir, exist_ok=True)
+    made = subprocess.run([*command, "keys", "new", "--id", "bench", "--max-connections", "5000"],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    key = next(line.split(":", 1)[1].strip() for line in made if line.startswith("key:"))
+    entry = json.loads(next(line for line in made if line.startswith("{")))
+    keys_file = os.path.join(workdir, "keys.json")
+    with open(keys_file, "w") as f:
+        json.dump({"keys": [entry]}, f)
+    port, admin, tls_port = free_port(), free_port(), free_port()
+    scheme, ca = ("wss", f'ca_file = "{certs.ca}"\n') if certs else ("ws", "")
+    tls = (f'[tls]\nlisten = "127.0.0.1:{tls_port}"\ncert_file = "{listener.cert}"\n'
+           f'key_file = "{listener.key}"\n') if listener else ""
+    config = os.path.join(workdir, "config.toml")
+    with open(config, "w") as f:
+        f.write(f'listen = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{admin}"\n'
+                f'keys_file = "{keys_file}"\n\n'
+                "[limits]\nmax_connections = 5000\nmax_message_bytes = 67108864\n"
+                "drain_seconds = 0\n\n"
+                f'[providers.bench]\nurl = "{scheme}://127.0.0.1:{up_port}/{{model}}"\n{ca}\n{tls}')
+
+    def ready():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    proc = Process(name, [*command, "serve", "--config", config], workdir, ready)
+    if listener and not port_open(tls_port):
+        tls_port = None
+    return Sidecar(proc, port, key, tls_port)
+
+
+def sidecar_target(name: str, s: Sidecar, tls: ssl.SSLContext | None = None) -> Target:
+    return Target(name, s.tls_port if tls else s.port,
+                  lambda model: f"/v1/realtime/connect?model={model}&provider=bench",
+                  headers={"Authorization": f"Bearer {s.key}"}, ssl=tls, process=s.process)
+
+
+def proxy_target(name: str, proc: Process, port: int) -> Target:
+    return Target(name, port, lambda model: f"/{model}", process=proc)
