@@ -36,7 +36,7 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef double VIOLATION_GRACE = 0.1
 
 cdef enum:
-    READ_SIZE = 65536
+    READ_SIZE = 262144
     HIST_BUCKETS = 12
     # Metering states of a pipe.
     METER_IDLE = 0
