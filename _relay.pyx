@@ -37,6 +37,7 @@ cdef double VIOLATION_GRACE = 0.1
 
 cdef enum:
     READ_SIZE = 262144
+    COPY_PIECE = 65536
     HIST_BUCKETS = 12
     # Metering states of a pipe.
     METER_IDLE = 0
@@ -140,6 +141,7 @@ cdef class Leg:
 
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
         cdef ssize_t sent
+        cdef Py_ssize_t piece
         if self.closing or size <= 0:
             return 0
         if self.fd >= 0:
@@ -158,7 +160,14 @@ cdef class Leg:
                     sent = 0
                 data += sent
                 size -= sent
-        self.transport.write(PyBytes_FromStringAndSize(<char*>data, size))
+        # The transport keeps (or, for TLS, encrypts) a copy. Pieces of at most 64 KiB
+        # come from the malloc heap; larger ones would be fresh mmaps, page-faulted in
+        # and returned on every read.
+        while size > 0:
+            piece = min(size, COPY_PIECE)
+            self.transport.write(PyBytes_FromStringAndSize(<char*>data, piece))
+            data += piece
+            size -= piece
         self.backlog = True
         return 0
 
