@@ -64,6 +64,7 @@ cdef class Pipe:
     cdef bytes marker
     cdef int meter_state
     cdef bint message_end      # the current frame ends a data message
+    cdef bint data_frame       # the current frame is a data frame (not control)
     cdef uint8_t sniff[SNIFF_MAX]
     cdef Py_ssize_t nsniff
     cdef bytearray capture

@@ -287,6 +287,7 @@ cdef class Pipe:
                 self.meter_state = METER_SNIFF if opcode == 1 else METER_IDLE
                 self.nsniff = 0
         self.message_end = fin and opcode < 8
+        self.data_frame = opcode < 8
         if opcode == 8:
             if plen == 1:
                 return self.violation(1002, "close frame with a 1-byte payload") + 1
@@ -337,7 +338,7 @@ cdef class Pipe:
         while pos < n:
             if self.left:
                 take = <Py_ssize_t>min(self.left, <uint64_t>(n - pos))
-                if self.meter_state:
+                if self.meter_state and self.data_frame:    # not a ping between fragments
                     self.meter(p + pos, take)
                 if not self.forwarding:
                     self.emit(p + run, pos - run)
