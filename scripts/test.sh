@@ -12,6 +12,7 @@ fi
 bash scripts/install_browser.sh                 # Debian's chromium, for tests/test_browser.py
 
 python3 -m pytest -q "$@" tests
+bash scripts/asan.sh                            # the scanner tests on an ASan+UBSan build
 if compgen -G "benchmarks/test_*.py" >/dev/null; then
   CONDUIT_BENCH_QUICK=1 python3 -m pytest -q benchmarks      # proves the suite runs; no figures
 fi

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build the relay with AddressSanitizer + UndefinedBehaviorSanitizer into a scratch
+# directory and run the scanner tests against that build. Fails on any report.
+#   bash scripts/asan.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
+flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -g -O1"
+# A copy of the sources, so the editable install in this checkout is left alone.
+cp setup.py _relay.pyx _relay.pxd "$build"/
+mkdir -p "$build/conduit_sidecar" "$build/tests" && cp conduit_sidecar/*.py "$build/conduit_sidecar/"
+cp tests/test_scanner.py tests/test_scanner_properties.py tests/reference_parser.py "$build/tests/"
+(cd "$build" && CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
+   python3 setup.py -q build_ext --inplace >/dev/null 2>build.log) || { cat "$build/build.log"; exit 1; }
+libasan=$(gcc -print-file-name=libasan.so)
+libubsan=$(gcc -print-file-name=libubsan.so)
+# CPython's own allocations at exit are not ours: leak detection off.
+export LD_PRELOAD="$libasan:$libubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$build"
+cd "$build"
+python3 -c "import conduit_sidecar._relay as r, sys; assert r.__file__.startswith(sys.argv[1]), r.__file__; print('asan build:', r.__file__)" "$build"
+python3 -m pytest -q -p no:cacheprovider --rootdir "$build" tests
