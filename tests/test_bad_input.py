@@ -1,0 +1,198 @@
+"""Bad input gets a clear answer: an HTTP status before the upgrade, or a close code
+with a reason after it; never a crash, a traceback or a hang."""
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+from websockets.asyncio.server import serve
+
+from conftest import SidecarProcess, free_port, run, standard_keys
+
+
+def request(path="/v1/realtime/connect?model=mock-realtime&provider=mock", method="GET",
+            headers=None, key=None):
+    base = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+    if key:
+        base["Authorization"] = f"Bearer {key}"
+    base.update(headers or {})
+    lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in base.items() if v is not None]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def http_status(port, data: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        head = s.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def masked(opcode_byte: int, payload: bytes, length: bytes | None = None) -> bytes:
+    key = b"\x11\x22\x33\x44"
+    n = len(payload)
+    if length is None:
+        length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return bytes([opcode_byte]) + length + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+
+
+async def session(port, key, path="/v1/realtime/connect?model=mock-realtime&provider=mock"):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request(path, key=key))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def close_frame_of(reader) -> tuple[int, str]:
+    """Read server frames until a close; returns its code and reason."""
+    while True:
+        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(n)
+        if b0 & 0x0F == 8:
+            return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory, mock_provider):
+    raw_port = free_port()
+    providers = f"""
+        [providers.mock]
+        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        models = ["mock-*"]
+
+        [providers.raw]
+        url = "ws://127.0.0.1:{raw_port}/"
+        """
+    proc = SidecarProcess(str(tmp_path_factory.mktemp("bad")), providers, standard_keys(),
+                          limits="max_message_bytes = 1024\nhandshake_timeout_seconds = 1\n"
+                                 "close_timeout_seconds = 1").start()
+    proc.raw_port = raw_port
+    yield proc
+    assert proc.proc.poll() is None, "the sidecar died"
+    assert "Traceback" not in proc.output()
+    proc.stop()
+
+
+# -- before the upgrade: HTTP statuses --------------------------------------------------
+
+@pytest.mark.parametrize("data, status", [
+    (request(method="POST"), 405),
+    (request(headers={"Upgrade": None, "Connection": "keep-alive"}), 426),
+    (request(headers={"Sec-WebSocket-Key": None}), 400),
+    (request(headers={"Sec-WebSocket-Key": "not-base64-16-bytes"}), 400),
+    (request(headers={"Sec-WebSocket-Version": None}), 400),
+    (request(headers={"Sec-WebSocket-Version": "8"}), 400),
+    (request(path="/elsewhere"), 404),
+    (request(path="/v1/realtime/connect?model=a%0D%0AX-Injected:%201&provider=mock"), 400),
+    (request(path="/v1/realtime/connect?model=" + "m" * 100_000), 431),
+    (request(headers={"X-Big": "b" * 9000}), 431),
+    (request(headers={f"X-{i}": "v" * 100 for i in range(200)}), 431),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\n\r\n", 400),
+])
+def test_bad_requests_get_an_http_status(strict, data, status):
+    assert http_status(strict.port, data) == status
+
+
+def test_slowloris_is_cut_at_the_handshake_timeout(strict):
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as s:
+        t0 = time.monotonic()
+        data = request()
+        try:
+            for i in range(len(data) - 4):
+                s.sendall(data[i:i + 1])
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert s.recv(100) == b""
+        assert time.monotonic() - t0 < 1 + 2
+
+
+# -- after the upgrade: close codes -------------------------------------------------------
+
+BAD_CLIENT_FRAMES = [
+    (bytes([0x82, 5]) + b"plain", 1002, "client: unmasked frame from the client"),
+    (masked(0xC2, b"x"), 1002, "client: reserved bits set (no extension was negotiated)"),
+    (masked(0x83, b"x"), 1002, "client: reserved opcode 3"),
+    (masked(0x8B, b""), 1002, "client: reserved opcode 11"),
+    (masked(0x89, b"p" * 126), 1002, "client: control frame payload over 125 bytes"),
+    (masked(0x09, b"p"), 1002, "client: fragmented control frame"),
+    (masked(0x80, b"c"), 1002, "client: continuation frame without a message to continue"),
+    (masked(0x01, b"a") + masked(0x81, b"b"), 1002,
+     "client: new data message inside a fragmented message"),
+    (masked(0x82, b"", bytes([0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 1])), 1002,
+     "client: 64-bit payload length with the top bit set"),
+    (masked(0x82, b"x" * 1025), 1009, "client: message over 1024 bytes"),
+    (masked(0x02, b"x" * 600) + masked(0x80, b"x" * 600), 1009, "client: message over 1024 bytes"),
+    (masked(0x88, b"\x03"), 1002, "client: close frame with a 1-byte payload"),
+    (masked(0x88, (1005).to_bytes(2, "big")), 1002, "client: invalid close code 1005"),
+    (masked(0x88, (999).to_bytes(2, "big")), 1002, "client: invalid close code 999"),
+    (masked(0x88, b"\x03\xe8\xc3\x28"), 1007, "client: invalid UTF-8 in close reason"),
+]
+
+
+@pytest.mark.parametrize("frames, code, reason", BAD_CLIENT_FRAMES)
+def test_bad_client_frames_get_a_close_code(strict, frames, code, reason):
+    async def body():
+        reader, writer = await session(strict.port, strict.keys.plain["good"])
+        await close_frame_of_text(reader)            # session.created from the mock
+        writer.write(frames)
+        result = await close_frame_of(reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""    # and the socket closes
+        writer.close()
+        return result
+    assert run(body()) == (code, reason)
+    end = [l for l in strict.log_lines() if l.get("event") == "session_end"][-1]
+    assert (end["closed_by"], end["close_code"], end["close_reason"]) == ("sidecar", code, reason)
+
+
+async def close_frame_of_text(reader):
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    await reader.readexactly(n)
+    assert b0 == 0x81
+
+
+def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
+    async def body():
+        upstream_ended = asyncio.get_running_loop().create_future()
+
+        async def handler(ws):
+            # Bypass websockets' framing to put a masked frame on the wire.
+            ws.transport.write(bytes([0x82, 0x81, 1, 2, 3, 4, ord("x") ^ 1]))
+            try:
+                await ws.wait_closed()
+            finally:
+                upstream_ended.set_result(ws.close_code)
+        async with serve(handler, "127.0.0.1", strict.raw_port):
+            reader, writer = await session(strict.port, strict.keys.plain["good"],
+                                           "/v1/realtime/connect?provider=raw")
+            result = await close_frame_of(reader)
+            writer.write(masked(0x88, result[0].to_bytes(2, "big")))    # the client answers
+            upstream_code = await asyncio.wait_for(upstream_ended, 5)
+            writer.close()
+            return result, upstream_code
+    (code, reason), upstream_code = run(body())
+    assert (code, reason) == (1002, "upstream: masked frame from the upstream")
+    assert upstream_code == 1002
+
+
+def test_the_sidecar_still_serves_after_all_that(strict):
+    async def body():
+        reader, writer = await session(strict.port, strict.keys.plain["good"])
+        await close_frame_of_text(reader)
+        writer.write(masked(0x82, b"still fine"))
+        b0, b1 = await reader.readexactly(2)
+        assert (b0, b1) == (0x82, 10) and await reader.readexactly(10) == b"still fine"
+        writer.close()
+    run(body())
