@@ -1,0 +1,178 @@
+"""Faults: resets mid-frame, a half-closed upstream, an upstream that stops reading.
+Each ends both sides cleanly, and the session's end says what happened."""
+
+import asyncio
+import socket
+import struct
+import time
+
+import pytest
+from websockets.utils import accept_key
+
+from conftest import SidecarProcess, free_port, run, standard_keys
+from test_bad_input import close_frame_of, masked, session
+
+
+class RawUpstream(asyncio.Protocol):
+    """Answers the upgrade, then runs `act(transport)`; records when it is closed."""
+
+    def __init__(self, act, events):
+        self.act, self.events, self.head = act, events, b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.head is None:
+            self.events.setdefault("received", 0)
+            self.events["received"] += len(data)
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            key = next(l.split(b": ", 1)[1] for l in self.head.split(b"\r\n")
+                       if l.lower().startswith(b"sec-websocket-key")).decode()
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                                 + accept_key(key).encode() + b"\r\n\r\n")
+            self.head = None
+            self.act(self.transport)
+
+    def eof_received(self):
+        self.events["eof"] = time.monotonic()
+
+    def connection_lost(self, exc):
+        self.events["lost"] = time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    port = free_port()
+    proc = SidecarProcess(str(tmp_path_factory.mktemp("faults")),
+                          f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n', standard_keys(),
+                          limits="close_timeout_seconds = 1").start()
+    proc.upstream_port = port
+    yield proc
+    assert proc.proc.poll() is None and "Traceback" not in proc.output()
+    proc.stop()
+
+
+def reset(transport):
+    """Close with SO_LINGER 0: the peer gets a TCP RST."""
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def last_end(sidecar):
+    time.sleep(0.3)
+    return [l for l in sidecar.log_lines() if l.get("event") == "session_end"][-1]
+
+
+def with_upstream(sidecar, act, client):
+    async def body():
+        events = {}
+        loop = asyncio.get_running_loop()
+        async with await loop.create_server(lambda: RawUpstream(act, events), "127.0.0.1",
+                                            sidecar.upstream_port):
+            reader, writer = await session(sidecar.port, sidecar.keys.plain["good"],
+                                           "/v1/realtime/connect?provider=raw")
+            result = await client(reader, writer, events)
+            writer.close()
+            return result, events
+    return run(body())
+
+
+def test_upstream_reset_mid_frame(faulty):
+    def act(transport):
+        transport.write(bytes([0x82, 126, 0x10, 0x00]) + b"half a frame")   # 4096 announced
+        asyncio.get_running_loop().call_later(0.1, reset, transport)
+
+    async def client(reader, writer, events):
+        data = await asyncio.wait_for(reader.read(), 5)      # the sidecar closes the socket
+        return data
+    data, _ = with_upstream(faulty, act, client)
+    # Mid-frame no close frame can follow: the client's connection is dropped.
+    assert data.startswith(bytes([0x82, 126, 0x10, 0x00]))
+    end = last_end(faulty)
+    assert (end["closed_by"], end["close_code"]) == ("upstream", 1006)
+
+
+def test_upstream_reset_between_frames_gives_1014(faulty):
+    def act(transport):
+        transport.write(bytes([0x82, 2]) + b"ok")
+        asyncio.get_running_loop().call_later(0.1, reset, transport)
+
+    async def client(reader, writer, events):
+        assert await reader.readexactly(4) == bytes([0x82, 2]) + b"ok"
+        return await close_frame_of(reader)
+    result, _ = with_upstream(faulty, act, client)
+    assert result == (1014, "upstream connection lost")
+
+
+def test_upstream_half_close_gives_1014(faulty):
+    def act(transport):
+        transport.write(bytes([0x81, 5]) + b"hello")
+        transport.write_eof()                                # FIN without a close frame
+
+    async def client(reader, writer, events):
+        assert await reader.readexactly(7) == bytes([0x81, 5]) + b"hello"
+        result = await close_frame_of(reader)
+        for _ in range(40):                 # and the sidecar closes the upstream socket
+            if "lost" in events:
+                break
+            await asyncio.sleep(0.05)
+        return result
+    result, events = with_upstream(faulty, act, client)
+    assert result == (1014, "upstream connection lost")
+    assert "lost" in events
+    end = last_end(faulty)
+    assert (end["closed_by"], end["close_code"]) == ("upstream", 1006)
+
+
+def test_client_reset_mid_frame(faulty):
+    async def client(reader, writer, events):
+        writer.write(masked(0x82, b"x" * 100)[:50])          # half a frame, then a reset
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        reset(writer.transport)
+        for _ in range(50):
+            if "lost" in events:
+                return events["lost"] - t0
+            await asyncio.sleep(0.05)
+        return None
+    elapsed, events = with_upstream(faulty, lambda t: None, client)
+    assert elapsed is not None and elapsed < 1.0
+    end = last_end(faulty)
+    assert (end["closed_by"], end["close_code"]) == ("client", 1006)
+
+
+def test_upstream_that_stops_reading(faulty):
+    """The client keeps sending to a provider that reads nothing: the sidecar stops
+    reading the client (its memory stays flat); when the provider finally vanishes,
+    the client is closed."""
+    held = []
+
+    def act(transport):
+        transport.pause_reading()
+        held.append(transport)
+        asyncio.get_running_loop().call_later(1.5, transport.abort)
+
+    async def client(reader, writer, events):
+        frame = masked(0x82, b"z" * 60000)
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                writer.write(frame)
+                await asyncio.wait_for(writer.drain(), 3)
+                sent += len(frame)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        try:    # a close frame then EOF, or (unread bytes at our close) a reset
+            data = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            data = None
+        return sent, data
+    (sent, data), events = with_upstream(faulty, act, client)
+    assert sent < 64 << 20              # the client was held back, not buffered without bound
+    end = last_end(faulty)
+    assert end["closed_by"] == "upstream" and end["close_code"] == 1006
