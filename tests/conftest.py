@@ -22,6 +22,24 @@ from conduit_sidecar.keys import hash_key, new_key
 PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
 
 
+def switching_protocols(request_head: bytes) -> bytes:
+    """The 101 a hand-written upstream answers an upgrade request with."""
+    from websockets.utils import accept_key
+    key = next(line.split(b":", 1)[1].strip() for line in request_head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")).decode()
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
+
+
+def raw_upstream_sidecar(workdir: str, limits: str) -> "SidecarProcess":
+    """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`."""
+    port = free_port()
+    proc = SidecarProcess(workdir, f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n',
+                          standard_keys(), limits=limits).start()
+    proc.upstream_port = port
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

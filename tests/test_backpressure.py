@@ -7,9 +7,7 @@ import os
 import socket
 
 import pytest
-from websockets.utils import accept_key
-
-from conftest import SidecarProcess, free_port, run, standard_keys
+from conftest import raw_upstream_sidecar, run, switching_protocols
 
 TOTAL = int(os.environ.get("CONDUIT_BACKPRESSURE_BYTES", 1 << 30))
 PAYLOAD = 65536
@@ -76,11 +74,7 @@ class Upstream(asyncio.Protocol):
         self.head += data
         if b"\r\n\r\n" not in self.head:
             return
-        key = next(l.split(b": ", 1)[1] for l in self.head.split(b"\r\n")
-                   if l.lower().startswith(b"sec-websocket-key")).decode()
-        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                             b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                             + accept_key(key).encode() + b"\r\n\r\n")
+        self.transport.write(switching_protocols(self.head))
         self.head = None
         self.state["upstream"] = self.transport
         if self.mode == "source":
@@ -101,11 +95,7 @@ class Upstream(asyncio.Protocol):
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
-    port = free_port()
-    sidecar = SidecarProcess(str(tmp_path_factory.mktemp("bp")),
-                             f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n', standard_keys(),
-                             limits="max_message_bytes = 1048576").start()
-    sidecar.upstream_port = port
+    sidecar = raw_upstream_sidecar(str(tmp_path_factory.mktemp("bp")), "max_message_bytes = 1048576")
     yield sidecar
     sidecar.stop()
 

@@ -8,7 +8,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import PROVIDER_SECRET, run
+from conftest import PROVIDER_SECRET, run, switching_protocols
 
 
 async def close_of(url, headers=None, subprotocols=None):
@@ -75,13 +75,8 @@ def test_bytes_written_with_the_101_reach_the_client(sidecar, upstream_ports):
     async def body():
         async def handle(reader, writer):
             head = await reader.readuntil(b"\r\n\r\n")
-            from websockets.utils import accept_key
-            key = [l.split(b": ", 1)[1].decode() for l in head.split(b"\r\n")
-                   if l.lower().startswith(b"sec-websocket-key:")][0]
             first = b'{"type":"session.created"}'
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key).encode()
-                         + b"\r\n\r\n" + bytes([0x81, len(first)]) + first
+            writer.write(switching_protocols(head) + bytes([0x81, len(first)]) + first
                          + bytes([0x82, 3]) + b"abc")
             await writer.drain()
             await reader.read(1 << 16)

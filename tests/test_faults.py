@@ -7,9 +7,7 @@ import struct
 import time
 
 import pytest
-from websockets.utils import accept_key
-
-from conftest import SidecarProcess, free_port, run, standard_keys
+from conftest import raw_upstream_sidecar, run, switching_protocols
 from test_bad_input import close_frame_of, masked, session
 
 
@@ -29,11 +27,7 @@ class RawUpstream(asyncio.Protocol):
             return
         self.head += data
         if b"\r\n\r\n" in self.head:
-            key = next(l.split(b": ", 1)[1] for l in self.head.split(b"\r\n")
-                       if l.lower().startswith(b"sec-websocket-key")).decode()
-            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                                 + accept_key(key).encode() + b"\r\n\r\n")
+            self.transport.write(switching_protocols(self.head))
             self.head = None
             self.act(self.transport)
 
@@ -46,11 +40,7 @@ class RawUpstream(asyncio.Protocol):
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    port = free_port()
-    proc = SidecarProcess(str(tmp_path_factory.mktemp("faults")),
-                          f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n', standard_keys(),
-                          limits="close_timeout_seconds = 1").start()
-    proc.upstream_port = port
+    proc = raw_upstream_sidecar(str(tmp_path_factory.mktemp("faults")), "close_timeout_seconds = 1")
     yield proc
     assert proc.proc.poll() is None and "Traceback" not in proc.output()
     proc.stop()
