@@ -4,6 +4,7 @@
 #   bash scripts/asan.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python3 -c "import Cython, setuptools" 2>/dev/null || python3 -m pip install -q Cython setuptools
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -g -O1"

@@ -179,6 +179,7 @@ def standard_keys() -> Keys:
     keys.add("disabled", enabled=False)
     keys.add("expired", expires_at="2020-01-01T00:00:00Z")
     keys.add("restricted", allowed_models=["gpt-realtime*"], allowed_providers=["openai"])
+    keys.add("models-only", allowed_models=["gpt-realtime*"])
     future = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).isoformat()
     keys.add("future", expires_at=future)
     return keys

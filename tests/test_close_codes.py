@@ -41,6 +41,8 @@ def test_future_expiry_is_fine(sidecar):
 def test_disallowed_model_and_provider_get_4003(sidecar):
     code, reason = run(close_of(sidecar.url(), sidecar.auth("restricted")))
     assert code == 4003 and "provider 'mock' not allowed" in reason
+    assert run(close_of(sidecar.url(), sidecar.auth("models-only"))) == (
+        4003, "model 'mock-realtime' not allowed for this key")
 
 
 def test_unknown_provider_and_unrouted_model_get_4004(sidecar):
