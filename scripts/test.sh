@@ -10,6 +10,11 @@ if command -v npm >/dev/null; then
   npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, playwright-core
 fi
 bash scripts/install_browser.sh                 # Debian's chromium, for tests/test_browser.py
+if ! command -v promtool >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  # promtool (in Debian's prometheus package) checks the /metrics exposition.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+    >/dev/null 2>&1 || echo "test.sh: promtool not installed; its check will be skipped"
+fi
 
 python3 -m pytest -q "$@" tests
 bash scripts/asan.sh                            # the scanner tests on an ASan+UBSan build

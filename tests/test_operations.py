@@ -4,8 +4,10 @@ usage metering, the admin endpoints, drain and shutdown."""
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 
@@ -216,6 +218,15 @@ def test_metrics_exposition_round_trips(ops):
                  "conduit_relay_processing_seconds", "conduit_build_info", "conduit_usage_tokens",
                  "conduit_audio_seconds"):
         assert name in names, name
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed "
+                    "(scripts/test.sh installs Debian's prometheus package when it can)")
+def test_promtool_accepts_the_metrics(ops):
+    text = http_get(ops.admin("/metrics"))[1]
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result
 
 
 def drain_sidecar(tmp_path, mock_provider, drain_seconds):
