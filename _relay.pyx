@@ -61,9 +61,7 @@ cdef uint64_t[HIST_BUCKETS] HIST_BOUNDS_NS = [
 
 KIND_NAMES = ("continuation", "text", "binary", "close", "ping", "pong")
 DIRECTION_NAMES = ("client_to_upstream", "upstream_to_client")
-HISTOGRAM_BOUNDS = tuple(b / 1e9 for b in (
-    1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
-    1000000, 5000000, 25000000))
+HISTOGRAM_BOUNDS = tuple(HIST_BOUNDS_NS[i] / 1e9 for i in range(HIST_BUCKETS))  # seconds
 
 # Close codes a peer may put on the wire (RFC 6455 7.4, IANA registry).
 cdef inline bint valid_close_code(int code):
