@@ -166,7 +166,9 @@ async def drive(sidecar_port: int, key: bytes, sessions: int, seconds: float, pi
     return stats
 
 
-def soak(sessions: int = 1000, seconds: float = 60.0) -> dict:
+def soak(sessions: int = 1000, seconds: float = 60.0, rounds: int = 1) -> dict:
+    """Counts are those of the last round; RSS is sampled after every round (a second
+    round that does not grow it shows the memory kept after the first is reused)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * sessions + 1024)), hard))
     echo_port = free_port()
@@ -182,16 +184,20 @@ def soak(sessions: int = 1000, seconds: float = 60.0) -> dict:
         time.sleep(0.3)
         before = proc_stats(sidecar.proc.pid)
         t0 = time.monotonic()
-        stats = uvloop.run(drive(sidecar.port, keys.plain["soak"].encode(), sessions, seconds,
-                                 sidecar.proc.pid))
+        after_rounds = []
+        for _ in range(rounds):
+            stats = uvloop.run(drive(sidecar.port, keys.plain["soak"].encode(), sessions,
+                                     seconds, sidecar.proc.pid))
+            time.sleep(1.0)
+            after_rounds.append(proc_stats(sidecar.proc.pid)[0])
         stats["wall_seconds"] = round(time.monotonic() - t0, 1)
-        time.sleep(1.0)
         after = proc_stats(sidecar.proc.pid)
         stats.update(sessions=sessions, seconds=seconds, rss_kib_before=before[0],
-                     rss_kib_after=after[0], fds_before=before[1], fds_after=after[1],
+                     rss_kib_after=after[0], rss_kib_after_each_round=after_rounds,
+                     fds_before=before[1], fds_after=after[1],
                      sidecar_alive=sidecar.proc.poll() is None,
                      session_ends_logged=sum(1 for l in sidecar.log_lines()
-                                             if l.get("event") == "session_end"))
+                                             if l.get("event") == "session_end") // rounds)
         return stats
     finally:
         sidecar.stop()
@@ -203,8 +209,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--rounds", type=int, default=1)
     args = p.parse_args()
-    stats = soak(args.sessions, args.seconds)
+    stats = soak(args.sessions, args.seconds, args.rounds)
     print(json.dumps(stats, indent=2))
     ok = stats["errors"] == 0 and stats["received"] == stats["sent"] and stats["sidecar_alive"]
     sys.exit(0 if ok else 1)
