@@ -96,8 +96,21 @@ cdef Py_ssize_t frame_need(const uint8_t* h, Py_ssize_t have):
         hlen += 2
     elif plen == 127:
         hlen += 8
-    if (h[0] & 0x0F) != 8 or plen > 125:
+    if (h[0] & 0x0F) != 8:
         return hlen
+    if plen > 125:
+        # A close frame's length in the 16- or 64-bit form (not minimal, but a short
+        # payload is still judged whole): decode it once the header is here.
+        if have < hlen:
+            return hlen
+        if plen == 126:
+            plen = (<Py_ssize_t>h[2] << 8) | h[3]
+        elif h[2] | h[3] | h[4] | h[5] | h[6] | h[7]:
+            return hlen             # over 125 bytes (or the top bit): start_frame says so
+        else:
+            plen = (<Py_ssize_t>h[8] << 8) | h[9]
+        if plen > 125:
+            return hlen
     return hlen + plen
 
 
@@ -662,8 +675,21 @@ cdef class Relay:
 
     cdef int arm_deadline(self) except -1:
         if self.deadline is None and not self.done:
-            self.deadline = self.loop.call_later(self.close_timeout, self.abort)
+            self.deadline = self.loop.call_later(self.close_timeout, self._deadline)
         return 0
+
+    def _deadline(self):
+        """The close timeout: both connections are dropped, but a violator still
+        owed its close code (the other peer never answered ours) gets it first, if
+        the frames to it are at a boundary."""
+        cdef Leg leg
+        for leg in (self.client, self.upstream):
+            if (leg.failed and not leg.close_sent and not (leg.lost or leg.closing)
+                    and leg.outbound is not None and leg.outbound.left == 0):
+                leg.close_sent = True
+                frame = close_frame(self.fail_code, self.fail_reason, leg is self.upstream)
+                leg.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        self.abort()
 
 
 def totals():

@@ -86,16 +86,20 @@ class ClientHandshake(asyncio.Protocol):
         try:
             next(self.parser)
         except StopIteration as done:
+            early = bytes(self.reader.buffer)
+            if self.size - len(early) > self.sidecar.config.limits.max_request_bytes:
+                self._refuse(refuse(431, "request headers too large"))
+                return
             self.timer.cancel()
             self.transport.pause_reading()
-            early = bytes(self.reader.buffer)
             self.task = asyncio.get_running_loop().create_task(
                 open_session(self.sidecar, self.transport, done.value, early))
             return
         except SecurityError as exc:
             self._refuse(refuse(431, f"request too large: {exc}"))
             return
-        except (ValueError, NotImplementedError, UnicodeDecodeError) as exc:
+        except (ValueError, NotImplementedError, UnicodeDecodeError, EOFError) as exc:
+            # EOFError: a line without CRLF (websockets' parser says "connection closed")
             self._refuse(refuse(400, f"bad request: {exc}"))
             return
         if self.size > self.sidecar.config.limits.max_request_bytes:

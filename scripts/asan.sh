@@ -19,6 +19,11 @@ libubsan=$(gcc -print-file-name=libubsan.so)
 # CPython's own allocations at exit are not ours: leak detection off.
 export LD_PRELOAD="$libasan:$libubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$build"
+# Python objects from the system allocator: pymalloc's pools would hide over-reads of
+# small buffers (e.g. a bytes object fed to the scanner) from ASan.
+export PYTHONMALLOC=malloc
 cd "$build"
 python3 -c "import conduit_sidecar._relay as r, sys; assert r.__file__.startswith(sys.argv[1]), r.__file__; print('asan build:', r.__file__)" "$build"
-python3 -m pytest -q -p no:cacheprovider --rootdir "$build" tests
+# --capture=sys: a sanitizer report goes to the real stderr (fd capture would swallow it
+# when the process aborts).
+python3 -m pytest -q -p no:cacheprovider --capture=sys --rootdir "$build" tests

@@ -34,8 +34,12 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, marker: bytes | 
         b0, b1 = data[pos], data[pos + 1]
         fin, rsv, opcode, has_mask, n = b0 & 0x80, b0 & 0x70, b0 & 0x0F, b1 & 0x80, b1 & 0x7F
         hlen = 2 + (4 if has_mask else 0) + (2 if n == 126 else 8 if n == 127 else 0)
-        close_whole = opcode == 8 and n <= 125
-        if len(data) - pos < hlen + (n if close_whole else 0):
+        if len(data) - pos < hlen:
+            return r
+        # A close frame of at most 125 bytes is judged whole, whatever the length's form.
+        size = (int.from_bytes(data[pos + 2:pos + 4], "big") if n == 126 else
+                int.from_bytes(data[pos + 2:pos + 10], "big") if n == 127 else n)
+        if opcode == 8 and size <= 125 and len(data) - pos < hlen + size:
             return r
         if rsv:
             return fail(1002, "reserved bits set (no extension was negotiated)")

@@ -2,7 +2,6 @@
 with a reason after it; never a crash, a traceback or a hang."""
 
 import asyncio
-import os
 import socket
 import time
 
@@ -75,10 +74,12 @@ def strict(tmp_path_factory, mock_provider):
                           limits="max_message_bytes = 1024\nhandshake_timeout_seconds = 1\n"
                                  "close_timeout_seconds = 1").start()
     proc.raw_port = raw_port
-    yield proc
-    assert proc.proc.poll() is None, "the sidecar died"
-    assert "Traceback" not in proc.output()
-    proc.stop()
+    try:
+        yield proc
+        assert proc.proc.poll() is None, "the sidecar died"
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.stop()         # also when an assertion above fails: no stray sidecar
 
 
 # -- before the upgrade: HTTP statuses --------------------------------------------------
@@ -95,7 +96,14 @@ def strict(tmp_path_factory, mock_provider):
     (request(path="/v1/realtime/connect?model=" + "m" * 100_000), 431),
     (request(headers={"X-Big": "b" * 9000}), 431),
     (request(headers={f"X-{i}": "v" * 100 for i in range(200)}), 431),
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n", 400),
+    # TLS bytes on the plain port (fixed bytes: a random LF used to decide the outcome).
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(0x20, 0x60)) + b"\r\n\r\n", 400),
+    # Bare LF line ends: the parser's EOFError must become a 400 too.
+    (b"GET /v1/realtime/connect HTTP/1.1\n\n", 400),
+    (request().replace(b"\r\nUpgrade", b"\nUpgrade"), 400),
+    # Over max_request_bytes (16 KiB) in one segment, each line and the header count
+    # under websockets' own limits.
+    (request(headers={f"X-Pad-{i}": "p" * 8000 for i in range(5)}), 431),
     (b"GET / HTTP/2.0\r\n\r\n", 400),
 ])
 def test_bad_requests_get_an_http_status(strict, data, status):
@@ -149,9 +157,19 @@ def test_bad_client_frames_get_a_close_code(strict, frames, code, reason):
         assert await asyncio.wait_for(reader.read(), 5) == b""    # and the socket closes
         writer.close()
         return result
+    before = len(session_ends(strict))
     assert run(body()) == (code, reason)
-    end = [l for l in strict.log_lines() if l.get("event") == "session_end"][-1]
+    # The client's socket may close before the provider's: wait for this session's end.
+    for _ in range(100):
+        if len(session_ends(strict)) > before:
+            break
+        time.sleep(0.05)
+    end = session_ends(strict)[-1]
     assert (end["closed_by"], end["close_code"], end["close_reason"]) == ("sidecar", code, reason)
+
+
+def session_ends(sidecar):
+    return [l for l in sidecar.log_lines() if l.get("event") == "session_end"]
 
 
 async def close_frame_of_text(reader):

@@ -41,9 +41,11 @@ class RawUpstream(asyncio.Protocol):
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     proc = raw_upstream_sidecar(str(tmp_path_factory.mktemp("faults")), "close_timeout_seconds = 1")
-    yield proc
-    assert proc.proc.poll() is None and "Traceback" not in proc.output()
-    proc.stop()
+    try:
+        yield proc
+        assert proc.proc.poll() is None and "Traceback" not in proc.output()
+    finally:
+        proc.stop()
 
 
 def reset(transport):

@@ -109,3 +109,16 @@ def test_own_close_frames_are_valid_and_bounded():
     s = Scanner(True)
     s.feed_bytes(f)
     assert s.verdict_code == 0 and s.output == f and len(f) <= 2 + 4 + 125
+
+
+def test_close_frame_in_a_long_length_form_is_judged_whole_across_reads():
+    """`88 FE 00 05` (a 5-byte close payload in the 16-bit form) split before its
+    payload: the scanner must wait for the payload, not read past what it was given."""
+    key = b"\x01\x02\x03\x04"
+    payload = b"\x03\xe8bye"
+    data = bytes([0x88, 0xFE, 0, 5]) + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+    for cut in range(len(data) + 1):
+        s = Scanner(True)
+        s.feed_bytes(data[:cut])
+        s.feed_bytes(data[cut:])
+        assert s.verdict_code == 0 and s.output == data, cut

