@@ -22,8 +22,9 @@ class RawUpstream(asyncio.Protocol):
 
     def data_received(self, data):
         if self.head is None:
-            self.events.setdefault("received", 0)
-            self.events["received"] += len(data)
+            self.events.setdefault("data", bytearray()).extend(data)
+            if "on_data" in self.events:
+                self.events["on_data"](self.transport, self.events["data"])
             return
         self.head += data
         if b"\r\n\r\n" in self.head:
@@ -168,3 +169,25 @@ def test_upstream_that_stops_reading(faulty):
     assert sent < 64 << 20              # the client was held back, not buffered without bound
     end = last_end(faulty)
     assert end["closed_by"] == "upstream" and end["close_code"] == 1006
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_a_violating_client_gets_its_close_code_whether_or_not_the_provider_answers(faulty, answers):
+    """The provider is closed first (1002, reason naming the client); the client gets
+    its 1002 once the provider answers, or at the close timeout if it never does."""
+    def answer(transport, data):
+        if answers and data[:1] == b"\x88" and not transport.is_closing():
+            transport.write(b"\x88\x02\x03\xea")           # the provider answers 1002
+            transport.close()
+
+    async def client(reader, writer, events):
+        events["on_data"] = answer
+        writer.write(bytes([0x82, 3]) + b"abc")              # unmasked: a violation
+        return await close_frame_of(reader)
+    result, events = with_upstream(faulty, lambda t: None, client)
+    assert result == (1002, "client: unmasked frame from the client")
+    data = events["data"]
+    n = data[1] & 0x7F
+    body = bytes(b ^ data[2 + (i & 3)] for i, b in enumerate(data[6:6 + n]))
+    assert (int.from_bytes(body[:2], "big"), body[2:].decode()) == (
+        1002, "client: unmasked frame from the client")
