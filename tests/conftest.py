@@ -31,10 +31,11 @@ def switching_protocols(request_head: bytes) -> bytes:
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
 
 
-def raw_upstream_sidecar(workdir: str, limits: str) -> "SidecarProcess":
-    """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`."""
+def raw_upstream_sidecar(workdir: str, limits: str, providers: str = "") -> "SidecarProcess":
+    """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`
+    (plus any other `providers` sections)."""
     port = free_port()
-    proc = SidecarProcess(workdir, f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n',
+    proc = SidecarProcess(workdir, f'{providers}\n[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n',
                           standard_keys(), limits=limits).start()
     proc.upstream_port = port
     return proc
@@ -166,6 +167,12 @@ class MockProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert b"mock provider on" in self.proc.stdout.readline()
 
+    def section(self) -> str:
+        """The config section of a provider `mock` served by this process."""
+        return (f'\n[providers.mock]\nurl = "ws://127.0.0.1:{self.port}/v1/realtime?model={{model}}"\n'
+                'headers = { Authorization = "Bearer {secret}" }\nsecret_env = "PROVIDER_KEY"\n'
+                'models = ["mock-*"]\n')
+
     def stop(self):
         self.proc.kill()
         self.proc.wait()
@@ -204,11 +211,7 @@ def sidecar(mock_provider, upstream_ports):
     workdir = tempfile.mkdtemp(prefix="conduit-test-")
     p = upstream_ports
     providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_env = "PROVIDER_KEY"
-        models = ["mock-*"]
+        {mock_provider.section()}
 
         [providers.raw]
         url = "ws://127.0.0.1:{p['raw']}/raw?model={{model}}"

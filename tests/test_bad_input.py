@@ -8,7 +8,7 @@ import time
 import pytest
 from websockets.asyncio.server import serve
 
-from conftest import SidecarProcess, free_port, run, standard_keys
+from conftest import raw_upstream_sidecar, run
 
 
 def request(path="/v1/realtime/connect?model=mock-realtime&provider=mock", method="GET",
@@ -61,19 +61,9 @@ async def close_frame_of(reader) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory, mock_provider):
-    raw_port = free_port()
-    providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        models = ["mock-*"]
-
-        [providers.raw]
-        url = "ws://127.0.0.1:{raw_port}/"
-        """
-    proc = SidecarProcess(str(tmp_path_factory.mktemp("bad")), providers, standard_keys(),
-                          limits="max_message_bytes = 1024\nhandshake_timeout_seconds = 1\n"
-                                 "close_timeout_seconds = 1").start()
-    proc.raw_port = raw_port
+    proc = raw_upstream_sidecar(str(tmp_path_factory.mktemp("bad")),
+                                "max_message_bytes = 1024\nhandshake_timeout_seconds = 1\n"
+                                "close_timeout_seconds = 1", mock_provider.section())
     try:
         yield proc
         assert proc.proc.poll() is None, "the sidecar died"
@@ -192,7 +182,7 @@ def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
                 await ws.wait_closed()
             finally:
                 upstream_ended.set_result(ws.close_code)
-        async with serve(handler, "127.0.0.1", strict.raw_port):
+        async with serve(handler, "127.0.0.1", strict.upstream_port):
             reader, writer = await session(strict.port, strict.keys.plain["good"],
                                            "/v1/realtime/connect?provider=raw")
             result = await close_frame_of(reader)

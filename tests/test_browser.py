@@ -99,10 +99,7 @@ def plain_provider():
 def browser_sidecar(mock_provider, plain_provider, page_server):
     """A sidecar that admits only pages served from http://127.0.0.1:<page port>."""
     providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_env = "PROVIDER_KEY"
+        {mock_provider.section()}
 
         [providers.plain]
         url = "ws://127.0.0.1:{plain_provider}/"

@@ -54,21 +54,13 @@ async def eventually(predicate, timeout=3.0):
     return False
 
 
-def providers(mock_provider):
-    return f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        models = ["mock-*"]
-        """
-
-
 def test_symlink_swap_rotation(tmp_path, mock_provider):
     keys = Keys()
     alpha, beta = keys.add("alpha"), keys.add("beta")
     volume = SecretVolume(str(tmp_path / "secret"))
     os.mkdir(volume.root)
     volume.publish(keyfile(keys, {"alpha"}))
-    sidecar = SidecarProcess(str(tmp_path), providers(mock_provider), keys,
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys,
                              keys_file=os.path.join(volume.root, "keys.json")).start()
     try:
         async def body():
@@ -104,7 +96,7 @@ def test_symlink_swap_rotation(tmp_path, mock_provider):
 def test_plain_file_replace_and_disable(tmp_path, mock_provider):
     keys = Keys()
     alpha = keys.add("alpha")
-    sidecar = SidecarProcess(str(tmp_path), providers(mock_provider), keys).start()
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys).start()
     try:
         async def body():
             live = await connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {alpha}"})

@@ -10,25 +10,15 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import SidecarProcess, free_port, run, standard_keys
+from conftest import raw_upstream_sidecar, run
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, mock_provider):
-    closer_port = free_port()
-    providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        models = ["mock-*"]
-
-        [providers.closer]
-        url = "ws://127.0.0.1:{closer_port}/"
-        """
-    sidecar = SidecarProcess(str(tmp_path_factory.mktemp("limits")), providers, standard_keys(),
-                             limits="max_connections = 2\nhandshake_timeout_seconds = 0.5\n"
-                                    "close_timeout_seconds = 0.5\nidle_timeout_seconds = 0.6\n"
-                             ).start()
-    sidecar.closer_port = closer_port
+    sidecar = raw_upstream_sidecar(str(tmp_path_factory.mktemp("limits")),
+                                   "max_connections = 2\nhandshake_timeout_seconds = 0.5\n"
+                                   "close_timeout_seconds = 0.5\nidle_timeout_seconds = 0.6\n",
+                                   mock_provider.section())
     yield sidecar
     sidecar.stop()
 
@@ -61,10 +51,10 @@ def test_a_peer_that_never_answers_a_close_is_cut_off(limited):
     async def body():
         async def handler(ws):
             await ws.close(4000, "bye")
-        async with serve(handler, "127.0.0.1", limited.closer_port):
+        async with serve(handler, "127.0.0.1", limited.upstream_port):
             reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
             key = limited.keys.plain["good"]
-            writer.write(f"GET /v1/realtime/connect?provider=closer HTTP/1.1\r\nHost: x\r\n"
+            writer.write(f"GET /v1/realtime/connect?provider=raw HTTP/1.1\r\nHost: x\r\n"
                          f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                          f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                          f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n".encode())

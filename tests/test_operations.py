@@ -41,11 +41,7 @@ def ops(mock_provider):
     usage_port = free_port()
     workdir = tempfile.mkdtemp(prefix="conduit-ops-")
     providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_env = "PROVIDER_KEY"
-        models = ["mock-*"]
+        {mock_provider.section()}
 
         [providers.fragmenting]
         url = "ws://127.0.0.1:{usage_port}/"
@@ -231,9 +227,7 @@ def test_promtool_accepts_the_metrics(ops):
 
 def drain_sidecar(tmp_path, mock_provider, drain_seconds):
     providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        models = ["mock-*"]
+        {mock_provider.section()}
         """
     return SidecarProcess(str(tmp_path), providers, standard_keys(),
                           limits=f"drain_seconds = {drain_seconds}").start()

@@ -30,9 +30,7 @@ def tls_env(tmp_path_factory, mock_provider):
     ca = CA()
     ports = {name: free_port() for name in ("good", "wrongname", "stall")}
     providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-        models = ["mock-*"]
+        {mock_provider.section()}
 
         [providers.tlsmock]
         url = "wss://127.0.0.1:{ports['good']}/v1/realtime?model={{model}}"
@@ -215,8 +213,7 @@ def test_certificate_rotation_by_symlink_swap(tmp_path, mock_provider):
         key_file = "{volume.root}/tls.key"
         """
     providers = f"""
-        [providers.mock]
-        url = "ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+        {mock_provider.section()}
         """
     sidecar = SidecarProcess(str(tmp_path), providers, standard_keys(), extra=extra).start()
     sidecar.tls_port = tls_port
