@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus, SecurityError
 from websockets.http11 import Request, Response
-from websockets.protocol import OPEN
-from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
 from . import _relay
@@ -233,26 +231,23 @@ def _drop(transport):
         transport.abort()
 
 
-class _Closer(asyncio.Protocol):
-    """After a post-upgrade rejection: completes the closing handshake with
-    websockets' sans-I/O protocol, then closes (bounded by the close timeout)."""
+class _Drain(asyncio.Protocol):
+    """After a post-upgrade rejection our close frame is out: what the client still
+    sends is scanned by the relay's scanner (which holds at most one frame header)
+    and discarded, until its close frame or a violation, then the socket is closed.
+    Nothing a rejected client sends is kept, however much it sends, and nothing here
+    forms a reference cycle: the connection is freed as soon as it ends."""
 
-    def __init__(self, ws, transport, timeout):
-        self.ws = ws
+    def __init__(self, transport, timeout: float):
         self.transport = transport
+        self.scanner = _relay.Scanner(True, record=False)
         self.timer = asyncio.get_running_loop().call_later(timeout, transport.abort)
 
     def data_received(self, data):
-        self.ws.receive_data(data)
-        self.ws.events_received()
-        self._flush()
-
-    def _flush(self):
-        for chunk in self.ws.data_to_send():
-            if chunk:
-                self.transport.write(chunk)
-            else:
-                self.transport.close()
+        scanner = self.scanner
+        scanner.feed_bytes(data)
+        if scanner.verdict_code or scanner.counters()[0][_CLOSE]:
+            self.transport.close()
 
     def eof_received(self):
         return False
@@ -261,16 +256,18 @@ class _Closer(asyncio.Protocol):
         self.timer.cancel()
 
 
+_CLOSE = _relay.KIND_NAMES.index("close")
+
+
 def _close_after_upgrade(sidecar: Sidecar, transport, decision: Close, early: bytes):
     transport.write(decision.response.serialize())
-    ws = ServerProtocol(state=OPEN, max_size=None)
-    ws.send_close(decision.code, decision.reason)
-    closer = _Closer(ws, transport, sidecar.config.limits.close_timeout_seconds)
-    closer._flush()
-    transport.set_protocol(closer)
+    transport.write(_relay.close_frame(decision.code, decision.reason, False))
+    drain = _Drain(transport, sidecar.config.limits.close_timeout_seconds)
+    transport.set_protocol(drain)
     if early:
-        closer.data_received(early)
-    transport.resume_reading()
+        drain.data_received(early)
+    if not transport.is_closing():
+        transport.resume_reading()
 
 
 async def open_session(sidecar: Sidecar, transport, request: Request, early: bytes):

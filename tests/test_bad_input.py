@@ -204,3 +204,47 @@ def test_the_sidecar_still_serves_after_all_that(strict):
         assert (b0, b1) == (0x82, 10) and await reader.readexactly(10) == b"still fine"
         writer.close()
     run(body())
+
+
+# -- memory: what a rejected peer sends is discarded, not kept ---------------------------
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_rejected_client_streaming_a_huge_frame_costs_no_memory(strict):
+    """Review finding 1: an unknown key, a frame header announcing 2^40 bytes, then
+    payload as fast as loopback takes it until the close timeout cuts the connection."""
+    pid = strict.proc.pid
+    chunk = bytes(1 << 20)
+
+    async def attack():
+        reader, writer = await session(strict.port, "condt_not-a-key")
+        writer.write(bytes([0x82, 0xFF]) + (1 << 40).to_bytes(8, "big") + b"\x01\x02\x03\x04")
+        sent = 0
+        try:
+            while not reader.at_eof():
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+        return sent
+
+    async def body():
+        before = rss_kib(pid)
+        tasks = [asyncio.ensure_future(attack()) for _ in range(4)]
+        peak = before
+        while not all(t.done() for t in tasks):
+            peak = max(peak, rss_kib(pid))
+            await asyncio.sleep(0.02)
+        sent = sum(await asyncio.gather(*tasks))
+        await asyncio.sleep(0.3)
+        return before, peak, rss_kib(pid), sent
+
+    before, peak, after, sent = run(body())
+    assert sent > 64 << 20, f"the attack sent only {sent} bytes"
+    assert peak - before < 8 << 10, f"RSS {before} -> {peak} KiB during the attack ({sent} B sent)"
+    assert after - before < 4 << 10, f"RSS {before} -> {after} KiB after the attack"
