@@ -1,4 +1,4 @@
-"""The admin listener: /metrics, /healthz, /readyz, POST /drain.
+"""The admin listener: /metrics, /healthz, /readyz, POST /drain (from loopback only).
 
 Requests are parsed by websockets' HTTP/1.1 parser; one request per connection,
 bounded in size and time.
@@ -7,6 +7,7 @@ bounded in size and time.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import TYPE_CHECKING
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -30,6 +31,17 @@ def _response(status: int, reason: str, body: bytes, content_type="text/plain; c
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
                        ("Connection", "close"), *extra])
     return Response(status, reason, headers, body).serialize()
+
+
+def _from_loopback(transport) -> bool:
+    peer = transport.get_extra_info("peername")
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except (TypeError, IndexError, ValueError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class _AdminProtocol(asyncio.Protocol):
@@ -76,6 +88,11 @@ class _AdminProtocol(asyncio.Protocol):
                 return self._send(_response(200, "OK", b"ready\n"))
             why = b"draining\n" if sidecar.draining else b"not ready\n"
             return self._send(_response(503, "Service Unavailable", why))
+        if not _from_loopback(self.transport):
+            # Anyone who can reach the admin port (Prometheus, the kubelet, any pod)
+            # may read it; only the pod itself may drain it. Kubernetes drains with
+            # SIGTERM, which needs no request at all.
+            return self._send(_response(403, "Forbidden", b"drain is only accepted from loopback\n"))
         sidecar.drain()
         return self._send(_response(202, "Accepted", b"draining\n"))
 

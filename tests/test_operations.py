@@ -286,3 +286,38 @@ def test_second_signal_exits_at_once(tmp_path, mock_provider):
         assert sidecar.proc.wait(10) == 0
     finally:
         sidecar.stop()
+
+
+def non_loopback_address() -> str:
+    """One of this host's own non-loopback IPv4 addresses (packets to 127.0.0.1 from
+    it stay on this host but are not from loopback)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[3].split("/")[0]
+
+
+def admin_request(sidecar, method: str, path: str, source: str) -> int:
+    with socket.socket() as s:
+        s.bind((source, 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", sidecar.admin_port))
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        return int(s.recv(100).split(b" ", 2)[1])
+
+
+def test_drain_only_from_loopback(tmp_path, mock_provider):
+    """Review finding 2: the admin port listens on every address (Prometheus, the
+    kubelet); reads are open to all, POST /drain only to the pod itself."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
+    sidecar.env["CONDUIT_ADMIN_LISTEN"] = f"0.0.0.0:{sidecar.admin_port}"
+    sidecar.start()
+    try:
+        outside = non_loopback_address()
+        for path in ("/metrics", "/healthz", "/readyz"):
+            assert admin_request(sidecar, "GET", path, outside) == 200
+        assert admin_request(sidecar, "POST", "/drain", outside) == 403
+        assert http_get(sidecar.admin("/readyz"))[0] == 200         # not draining
+        assert admin_request(sidecar, "POST", "/drain", "127.0.0.1") == 202
+        assert sidecar.proc.wait(10) == 0            # no sessions: the drain ends at once
+    finally:
+        sidecar.stop()
