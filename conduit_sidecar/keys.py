@@ -78,6 +78,19 @@ class KeySet:
     def lookup(self, key: str) -> KeyEntry | None:
         return self.by_hash.get(hash_key(key))
 
+    def recheck(self, entry: KeyEntry, now: dt.datetime) -> tuple[KeyEntry | None, str | None]:
+        """A live session's key against this set: its current entry, found by hash (a
+        rotation under the same id revokes the old key), and the 4001 reason if the
+        session must end."""
+        current = self.by_hash.get(entry.sha256)
+        if current is None:
+            return None, "key revoked"
+        if not current.enabled:
+            return current, "key disabled"
+        if current.expired(now):
+            return current, "key expired"
+        return current, None
+
 
 def load_keys(path: str) -> KeySet:
     """Read and validate a key file; raises ConfigError naming the problem."""

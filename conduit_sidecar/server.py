@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
 import gc
 import logging
 import signal
@@ -121,11 +122,16 @@ class Sidecar:
             self.metrics.keys_reload.labels("invalid").inc()
             return
         self.metrics.keys_reload.labels("ok").inc()
-        self.keyset = keyset
+        self.keyset = keyset        # the poll rechecks live sessions right after
+
+    def recheck_keys(self) -> None:
+        """Live sessions hold only while their key does: a removed, rotated (same id,
+        new hash), disabled or expired key ends them with 4001."""
+        now = dt.datetime.now(dt.timezone.utc)
         for info in list(self.sessions):
-            entry = keyset.by_id.get(info.key_id)
-            reason = ("key revoked" if entry is None else "key disabled" if not entry.enabled
-                      else None)
+            current, reason = self.keyset.recheck(info.key, now)
+            if current is not None:
+                info.key = current
             if reason and info.relay is not None and not info.relay.finished:
                 info.relay.close(4001, reason, 1000, "")
 
@@ -164,6 +170,7 @@ class Sidecar:
         while True:
             await asyncio.sleep(self.config.keys_poll_seconds)
             self.watcher.check()
+            self.recheck_keys()             # expiry passes without a file change
             if self.tls is not None:
                 self.tls.check()
             if self.config.limits.idle_timeout_seconds:

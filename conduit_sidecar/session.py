@@ -22,6 +22,7 @@ from websockets.streams import StreamReader
 
 from . import _relay
 from .handshake import Accept, Close, Refuse, decide, refuse
+from .keys import KeyEntry
 from .metering import MARKER, Usage
 from .routing import RouteError
 
@@ -40,12 +41,13 @@ class UpstreamError(Exception):
 
 
 class SessionInfo:
-    __slots__ = ("id", "key_id", "model", "provider", "started", "relay", "usage",
+    __slots__ = ("id", "key", "key_id", "model", "provider", "started", "relay", "usage",
                  "seen_activity", "active_at")
 
-    def __init__(self, key_id: str, model: str | None, provider: str):
+    def __init__(self, key: KeyEntry, model: str | None, provider: str):
         self.id = f"s{next(_ids)}"
-        self.key_id = key_id
+        self.key = key                  # the entry it was admitted with (rechecked by hash)
+        self.key_id = key.id
         self.model = model
         self.provider = provider
         self.started = time.monotonic()
@@ -288,7 +290,7 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
         _close_after_upgrade(sidecar, transport, decision, early)
         return
 
-    info = SessionInfo(decision.key.id, decision.model, decision.route.name)
+    info = SessionInfo(decision.key, decision.model, decision.route.name)
     sidecar.reserve(info)
     try:
         started = time.monotonic()
@@ -308,6 +310,15 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
     if transport.is_closing():
         sidecar.release(info)
         upstream.abort()
+        return
+    # The key file may have changed while the upstream answered.
+    _, revoked = sidecar.keyset.recheck(info.key, dt.datetime.now(dt.timezone.utc))
+    if revoked is not None:
+        sidecar.release(info)
+        upstream.abort()
+        failed = Close(decision.response, 4001, revoked, decision.key)
+        sidecar.rejected(failed)
+        _close_after_upgrade(sidecar, transport, failed, early)
         return
     response = decision.response
     # The provider's choice wins. When it picks none, the client's first offer (set

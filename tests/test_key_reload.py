@@ -2,6 +2,7 @@
 plain file replace, during live sessions."""
 
 import asyncio
+import datetime as dt
 import json
 import os
 import time
@@ -9,7 +10,8 @@ import time
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Keys, SidecarProcess, http_get, run
+from conduit_sidecar.keys import hash_key, new_key
+from conftest import Keys, SidecarProcess, free_port, http_get, run, switching_protocols
 
 
 class SecretVolume:
@@ -109,5 +111,86 @@ def test_plain_file_replace_and_disable(tmp_path, mock_provider):
             except ConnectionClosed as exc:
                 assert (exc.rcvd.code, exc.rcvd.reason) == (4001, "key disabled")
         run(body())
+    finally:
+        sidecar.stop()
+
+
+async def closed_with(ws, timeout=3.0) -> tuple[int, str]:
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    except ConnectionClosed as exc:
+        return exc.rcvd.code, exc.rcvd.reason
+
+
+def test_a_key_that_expires_mid_session_ends_it(tmp_path, mock_provider):
+    """Review finding 3: expiry was checked only at connect."""
+    keys = Keys()
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
+    soon = keys.add("soon", expires_at=expires.isoformat())
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys).start()
+    try:
+        async def body():
+            async with connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {soon}"}) as ws:
+                await ws.recv()
+                code_reason = await closed_with(ws, 5)
+                return code_reason, dt.datetime.now(dt.timezone.utc)
+        (code, reason), at = run(body())
+        assert (code, reason) == (4001, "key expired")
+        # Closed after the expiry, within a poll interval (0.2 s) plus a loaded machine's slack.
+        assert -0.05 < (at - expires).total_seconds() < 1.5
+    finally:
+        sidecar.stop()
+
+
+def test_rotating_a_key_under_the_same_id_ends_the_old_keys_sessions(tmp_path, mock_provider):
+    """Review finding 4: sessions were matched by id, not by hash."""
+    keys = Keys()
+    old = keys.add("team")
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys).start()
+    try:
+        async def body():
+            async with connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {old}"}) as ws:
+                await ws.recv()
+                new = new_key()
+                keys.entries[0]["sha256"] = hash_key(new)
+                keys.write(sidecar.keys_file)
+                assert await closed_with(ws) == (4001, "key revoked")
+                assert await eventually(lambda: opens(sidecar, new))
+                assert not await opens(sidecar, old)
+        run(body())
+    finally:
+        sidecar.stop()
+
+
+def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path):
+    """Review finding 5: the key is checked again right before the client's 101."""
+    keys = Keys()
+    alpha = keys.add("alpha")
+    upstream_port = free_port()
+    sidecar = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
+                             keys).start()
+    try:
+        async def body():
+            asked = asyncio.Event()
+
+            async def slow_upstream(reader, writer):
+                head = await reader.readuntil(b"\r\n\r\n")
+                asked.set()
+                await asyncio.sleep(1.0)                      # the key is revoked meanwhile
+                writer.write(switching_protocols(head))
+                await reader.read()                           # until the sidecar lets go
+                writer.close()
+
+            server = await asyncio.start_server(slow_upstream, "127.0.0.1", upstream_port)
+            async with server:
+                url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
+                attempt = asyncio.ensure_future(connect(url, additional_headers={"Authorization": f"Bearer {alpha}"}))
+                await asyncio.wait_for(asked.wait(), 5)
+                with open(sidecar.keys_file, "w") as f:
+                    f.write('{"keys": []}')
+                ws = await attempt
+                return await closed_with(ws)
+        assert run(body()) == (4001, "key revoked")
     finally:
         sidecar.stop()
