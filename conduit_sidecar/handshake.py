@@ -16,6 +16,7 @@ import urllib.parse
 
 import msgspec
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeader
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
@@ -70,17 +71,17 @@ def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime
     if url.path not in PATHS:
         return refuse(404, f"not found: use {PATHS[0]}")
     offered = _offered(request)
-    presented = [p for p in offered if p.startswith(SUBPROTOCOL_KEY_PREFIX)]
-    passed = [p for p in offered if not p.startswith(SUBPROTOCOL_KEY_PREFIX)]
+    presented = [p for p in offered if _is_key_subprotocol(p)]
+    passed = [p for p in offered if not _is_key_subprotocol(p)]
 
     # Answer the client with one of its own subprotocols, never the key one.
     # allowed_origins guards against other sites' pages; clients that send no Origin
     # (SDKs, servers) are not browsers and pass.
     origins = None if allowed_origins is None else [*allowed_origins, None]
     ws = ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
-    response = ws.accept(request)
+    response = ws.accept(_without_key_subprotocols(request, passed, bool(presented)))
     if response.status_code != 101:
-        return Refuse(response, response.body.decode(errors="replace").strip())
+        return _refused(response, ws.handshake_exc)
     if passed:
         response.headers["Sec-WebSocket-Protocol"] = passed[0]
 
@@ -125,6 +126,32 @@ def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime
         return Close(response, 4029,
                      f"key limit of {entry.max_connections} concurrent connections reached", entry)
     return Accept(response, entry, route, model, passed or None)
+
+
+def _is_key_subprotocol(protocol: str) -> bool:
+    return protocol[:len(SUBPROTOCOL_KEY_PREFIX)].lower() == SUBPROTOCOL_KEY_PREFIX
+
+
+def _without_key_subprotocols(request: Request, passed: list[str], had_key: bool) -> Request:
+    """The request websockets checks: a key subprotocol is replaced by a placeholder, so
+    no text websockets derives from the header (its error messages) can hold the key."""
+    if not had_key:
+        return request
+    headers = Headers([(k, v) for k, v in request.headers.raw_items()
+                       if k.lower() != "sec-websocket-protocol"])
+    headers["Sec-WebSocket-Protocol"] = ", ".join([*passed, SUBPROTOCOL_KEY_PREFIX + "key"])
+    return Request(request.path, headers)
+
+
+def _refused(response: Response, exc: Exception | None) -> Refuse:
+    """websockets' refusal, its body reduced to what was wrong, never a header's value."""
+    if isinstance(exc, InvalidHeader):
+        text = {None: "missing", "": "empty"}.get(exc.value, "invalid") + f" {exc.name} header"
+    else:
+        text = http.HTTPStatus(response.status_code).phrase.lower()
+    body = (text + "\n").encode()
+    response.headers["Content-Length"] = str(len(body))
+    return Refuse(Response(response.status_code, response.reason_phrase, response.headers, body), text)
 
 
 def _presented_key(request: Request, presented: list[str]) -> str | None:

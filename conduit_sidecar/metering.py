@@ -8,31 +8,40 @@ C payload counters.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
-__all__ = ["MARKER", "MODEL_LABELS_MAX", "TOKEN_KINDS", "Usage", "decode_usage"]
+__all__ = ["MARKER", "MODEL_LABELS_MAX", "TOKEN_KINDS", "MalformedUsage", "Usage", "decode_usage"]
 
 MARKER = b'"response.done"'
 # Token kinds: `input`/`output` are totals; the others break them down.
 TOKEN_KINDS = ("input", "output", "input_text", "input_audio", "input_cached",
                "output_text", "output_audio")
 MODEL_LABELS_MAX = 100
+# A count no single response reports: negative or absurd usage is the provider's bug
+# (or an impostor's), never a reason to count, or to fail the session.
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=100_000_000)]
+
+
+class MalformedUsage(ValueError):
+    """A usage event whose counts are not plausible token counts."""
 
 
 class _InputDetails(msgspec.Struct):
-    text_tokens: int = 0
-    audio_tokens: int = 0
-    cached_tokens: int = 0
+    text_tokens: Tokens = 0
+    audio_tokens: Tokens = 0
+    cached_tokens: Tokens = 0
 
 
 class _OutputDetails(msgspec.Struct):
-    text_tokens: int = 0
-    audio_tokens: int = 0
+    text_tokens: Tokens = 0
+    audio_tokens: Tokens = 0
 
 
 class _Usage(msgspec.Struct):
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
     input_token_details: _InputDetails | None = None
     output_token_details: _OutputDetails | None = None
 
@@ -50,9 +59,12 @@ _decoder = msgspec.json.Decoder(_ResponseDone)
 
 
 def decode_usage(message: bytes) -> dict[str, int] | None:
-    """Token counts of an OpenAI `response.done` event, or None if it is not one."""
+    """Token counts of an OpenAI `response.done` event, or None if it is not one;
+    MalformedUsage if its counts are not plausible."""
     try:
         event = _decoder.decode(message)
+    except msgspec.ValidationError as exc:
+        raise MalformedUsage(str(exc)) from None
     except msgspec.DecodeError:
         return None
     if event.type != "response.done" or event.response is None or event.response.usage is None:

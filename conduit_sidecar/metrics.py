@@ -73,4 +73,7 @@ class Metrics:
         self.usage = Counter("conduit_usage_tokens", "Tokens reported by providers (OpenAI "
                              "response.done); kinds input/output are totals, the others break "
                              "them down.", ["key_id", "provider", "model", "kind"], registry=r)
+        self.usage_malformed = Counter("conduit_usage_malformed", "Provider usage events ignored "
+                                       "as malformed (negative or implausible counts).",
+                                       ["provider"], registry=r)
         r.register(_RelayCollector(audio_bytes_per_second))

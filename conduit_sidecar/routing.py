@@ -183,6 +183,9 @@ class Router:
             if _CONTROL.search(value):
                 raise RouteError(4004 if field == "model" else 1011,
                                  f"control character in {field}")
+            if value in (".", ".."):
+                # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
+                raise RouteError(4004 if field == "model" else 1011, f"{field} is a dot segment")
         url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), spec.url)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v))
                    for h, v in (spec.headers or {}).items()]

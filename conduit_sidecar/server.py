@@ -15,7 +15,7 @@ from .admin import AdminServer
 from .config import Config, split_hostport
 from .handshake import Close
 from .keys import KeySet, KeyWatcher
-from .metering import MODEL_LABELS_MAX, decode_usage
+from .metering import MODEL_LABELS_MAX, MalformedUsage, decode_usage
 from .metrics import Metrics
 from .routing import Router
 from .session import ClientHandshake, SessionInfo
@@ -100,20 +100,30 @@ class Sidecar:
             "usage_tokens": info.usage.tokens})
 
     def provider_message(self, relay, message: bytes) -> None:
-        """A provider text message that may report usage (see metering)."""
-        counts = decode_usage(message)
+        """A provider text message that may report usage (see metering). Called by
+        the relay: whatever the message holds, nothing may raise into it."""
+        info: SessionInfo = relay.session
+        try:
+            counts = decode_usage(message)
+        except MalformedUsage:
+            self.metrics.usage_malformed.labels(info.provider).inc()
+            return
         if counts is None:
             return
-        info: SessionInfo = relay.session
-        info.usage.add(counts)
-        model = info.model or ""
-        # Models come from clients: only a bounded number become label values.
-        if model not in self.model_labels and len(self.model_labels) >= MODEL_LABELS_MAX:
-            model = "other"
-        self.model_labels.add(model)
-        for kind, n in counts.items():
-            if n:
-                self.metrics.usage.labels(info.key_id, info.provider, model, kind).inc(n)
+        try:
+            info.usage.add(counts)
+            model = info.model or ""
+            # Models come from clients: only a bounded number become label values.
+            if model not in self.model_labels and len(self.model_labels) >= MODEL_LABELS_MAX:
+                model = "other"
+            self.model_labels.add(model)
+            for kind, n in counts.items():
+                if n:
+                    self.metrics.usage.labels(info.key_id, info.provider, model, kind).inc(n)
+        except Exception as exc:       # a bug of ours must not end the session
+            self.metrics.usage_malformed.labels(info.provider).inc()
+            log.warning("usage not counted", extra={"event": "usage_error", "session_id": info.id,
+                                                    "error": type(exc).__name__})
 
     # -- keys --------------------------------------------------------------------
 

@@ -96,11 +96,11 @@ class ClientHandshake(asyncio.Protocol):
                 open_session(self.sidecar, self.transport, done.value, early))
             return
         except SecurityError as exc:
-            self._refuse(refuse(431, f"request too large: {exc}"))
+            self._refuse(refuse(431, f"request too large: {_what(exc)}"))
             return
         except (ValueError, NotImplementedError, UnicodeDecodeError, EOFError) as exc:
             # EOFError: a line without CRLF (websockets' parser says "connection closed")
-            self._refuse(refuse(400, f"bad request: {exc}"))
+            self._refuse(refuse(400, f"bad request: {_what(exc)}"))
             return
         if self.size > self.sidecar.config.limits.max_request_bytes:
             self._refuse(refuse(431, "request headers too large"))
@@ -118,6 +118,12 @@ class ClientHandshake(asyncio.Protocol):
         self.timer.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+
+def _what(exc: Exception) -> str:
+    """websockets' parser error without the offending line, which may hold a key
+    ("invalid HTTP header line: Authorization: ...")."""
+    return str(exc).split(":", 1)[0]
 
 
 class _UpstreamHandshake(asyncio.Protocol):

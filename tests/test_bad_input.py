@@ -248,3 +248,31 @@ def test_a_rejected_client_streaming_a_huge_frame_costs_no_memory(strict):
     assert sent > 64 << 20, f"the attack sent only {sent} bytes"
     assert peak - before < 8 << 10, f"RSS {before} -> {peak} KiB during the attack ({sent} B sent)"
     assert after - before < 4 << 10, f"RSS {before} -> {after} KiB after the attack"
+
+
+# -- secrets stay out of logs and answers, whatever the input ---------------------------
+
+def test_no_key_in_logs_or_answers_from_malformed_headers(strict):
+    """Review finding 7: a malformed key subprotocol made websockets' error text (the
+    whole header, key included) the `handshake refused` log line."""
+    secret = "condt_leakcheck" + "Z" * 20
+
+    async def answer(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(data)
+        got = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return got
+
+    async def all_answers():
+        return await asyncio.gather(
+            answer(request(headers={"Sec-WebSocket-Protocol": f"realtime, openai-insecure-api-key.{secret}@x"})),
+            answer(request(headers={"Sec-WebSocket-Protocol": f"openai-insecure-api-key.{secret}, [bad"})),
+            answer(request(headers={"Authorization": f"Bearer {secret}\x01"})),
+            answer(request(headers={"Authorization": f"Bearer {secret}", "Sec-WebSocket-Version": "x"})),
+            answer(request(path=f"/v1/realtime/connect?key={secret} HTTP/1.1 x")))
+    answers = run(all_answers())
+    assert all(answers)
+    for got in answers:
+        assert secret.encode() not in got
+    assert secret not in strict.output()

@@ -184,3 +184,44 @@ def test_secret_goes_upstream_and_the_virtual_key_does_not(sidecar, upstream_por
     assert headers.get("Sec-WebSocket-Protocol") == "realtime"
     assert headers["X-Api-Key"] == PROVIDER_SECRET
     assert "Authorization" not in headers
+
+
+def test_key_subprotocol_in_any_letter_case_is_taken_and_not_forwarded(sidecar, upstream_ports):
+    """Review finding 9: `OpenAI-Insecure-API-Key.` was forwarded upstream as it was."""
+    async def body():
+        from websockets.asyncio.server import serve
+        seen = []
+
+        async def handler(ws):
+            seen.append(ws.request.headers)
+            await ws.close(4000, "seen")
+        async with serve(handler, "127.0.0.1", upstream_ports["raw"],
+                         select_subprotocol=lambda ws, offered: "realtime"):
+            key = sidecar.keys.plain["good"]
+            result = await close_of(sidecar.url(provider="raw"), subprotocols=[
+                "realtime", f"OpenAI-Insecure-API-Key.{key}"])
+        return result, seen[0]
+    result, headers = run(body())
+    assert result == (4000, "seen")
+    assert headers.get("Sec-WebSocket-Protocol") == "realtime"
+
+
+def test_a_dot_segment_model_never_reaches_a_path_template(tmp_path):
+    """Review finding 9: `model=..` in `{model}` of a URL path made `/x/../y`."""
+    from conftest import SidecarProcess, free_port, standard_keys
+    port = free_port()
+    proc = SidecarProcess(str(tmp_path), f'[providers.pathy]\nurl = "ws://127.0.0.1:{port}/x/{{model}}/y"\n',
+                          standard_keys()).start()
+    try:
+        async def body():
+            contacted = []
+            server = await asyncio.start_server(lambda r, w: contacted.append(1), "127.0.0.1", port)
+            async with server:
+                results = [await close_of(proc.url(model=m, provider="pathy"), proc.auth())
+                           for m in ("..", ".", "%2E%2E")]
+            return results, contacted
+        results, contacted = run(body())
+        assert results == [(4004, "model is a dot segment")] * 3
+        assert contacted == []
+    finally:
+        proc.stop()

@@ -321,3 +321,35 @@ def test_drain_only_from_loopback(tmp_path, mock_provider):
         assert sidecar.proc.wait(10) == 0            # no sessions: the drain ends at once
     finally:
         sidecar.stop()
+
+
+def test_malformed_usage_is_ignored_and_counted(ops):
+    """Review finding 8: a negative count made Counter.inc raise inside the relay's
+    callback; right behind the 101 the session was never released."""
+    good = {"input_tokens": 3, "output_tokens": 4}
+
+    async def provider(ws):
+        await ws.send(json.dumps({"type": "response.done", "response": {"usage": {"input_tokens": -5}}}))
+        await ws.send(json.dumps({"type": "response.done", "response": {"usage": {"output_tokens": 10**15}}}))
+        await ws.send(json.dumps({"type": "response.done", "response": {"usage": good}}))
+        async for message in ws:
+            await ws.send(message)
+
+    async def body():
+        async with serve(provider, "127.0.0.1", ops.usage_port):
+            async with connect(ops.url(provider="fragmenting"), additional_headers=ops.auth()) as ws:
+                for _ in range(3):
+                    await ws.recv()
+                await ws.send(b"still relaying")
+                assert await ws.recv() == b"still relaying"
+    before = scrape(ops)
+    run(body())
+    time.sleep(0.2)
+    after = scrape(ops)
+    labels = dict(key_id="good", provider="fragmenting", model="mock-realtime")
+    d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
+    assert d("conduit_usage_malformed_total", provider="fragmenting") == 2
+    assert d("conduit_usage_tokens_total", kind="input", **labels) == 3
+    assert d("conduit_usage_tokens_total", kind="output", **labels) == 4
+    assert value(after, "conduit_connections_active") == 0
+    assert "Traceback" not in ops.output()
