@@ -148,6 +148,9 @@ cdef class Leg:
                 self.fd = sock.fileno()
         transport.set_write_buffer_limits(high=65536)
         transport.set_protocol(self)
+        # What the transport still holds (the 101; uvloop < 0.20 queues every write until
+        # the loop turns) must go first: write through it until it is empty.
+        self.backlog = True
         return 0
 
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:

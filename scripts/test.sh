@@ -17,6 +17,7 @@ if ! command -v promtool >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-ge
 fi
 
 python3 -m pytest -q "$@" tests
+bash scripts/min_deps.sh                        # the core tests on the declared dependency floors
 bash scripts/asan.sh                            # the scanner tests on an ASan+UBSan build
 if compgen -G "benchmarks/test_*.py" >/dev/null; then
   CONDUIT_BENCH_QUICK=1 python3 -m pytest -q benchmarks      # proves the suite runs; no figures

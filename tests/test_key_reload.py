@@ -126,10 +126,15 @@ async def closed_with(ws, timeout=3.0) -> tuple[int, str]:
 def test_a_key_that_expires_mid_session_ends_it(tmp_path, mock_provider):
     """Review finding 3: expiry was checked only at connect."""
     keys = Keys()
-    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
-    soon = keys.add("soon", expires_at=expires.isoformat())
+    soon = keys.add("soon")
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys).start()
     try:
+        # The expiry is set once the sidecar runs (its start-up time varies on a busy machine).
+        expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2.5)
+        keys.entries[0]["expires_at"] = expires.isoformat()
+        keys.write(sidecar.keys_file)
+        time.sleep(0.5)                                     # reloaded
+
         async def body():
             async with connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {soon}"}) as ws:
                 await ws.recv()

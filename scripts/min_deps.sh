@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the lowest runtime dependency versions pyproject.toml allows into their own
+# virtualenv and runs the core and admin tests against them: a floor that is not true
+# fails here, not on a user's machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-min
+python3 -m venv --clear "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" scripts/min_deps.py pyproject.toml > "$venv/constraints.txt"
+echo "min_deps: $(tr '\n' ' ' < "$venv/constraints.txt")"
+PIP_CONSTRAINT="$PWD/$venv/constraints.txt" "$venv/bin/python" -m pip install -q . pytest
+# Run from the tests folder so the installed package, not the checkout, is imported.
+"$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir=. -c pyproject.toml \
+    tests/test_relay.py tests/test_close_codes.py tests/test_operations.py \
+    tests/test_key_reload.py tests/test_limits.py "$@"
