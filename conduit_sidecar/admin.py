@@ -7,18 +7,17 @@ bounded in size and time.
 from __future__ import annotations
 
 import asyncio
+import http
 import ipaddress
-from typing import TYPE_CHECKING
+from typing import Callable
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
-from websockets.streams import StreamReader
 
 from .config import split_hostport
-
-if TYPE_CHECKING:
-    from .server import Sidecar
+from .httpread import BadRequest, RequestReader
 
 __all__ = ["AdminServer"]
 
@@ -45,32 +44,28 @@ def _from_loopback(transport) -> bool:
 
 
 class _AdminProtocol(asyncio.Protocol):
-    def __init__(self, sidecar: Sidecar):
-        self.sidecar = sidecar
-        self.reader = StreamReader()
-        self.parser = Request.parse(self.reader.read_line)
-        next(self.parser)
-        self.size = 0
+    def __init__(self, admin: AdminServer):
+        self.admin = admin
+        self.reader = RequestReader(_MAX_REQUEST)
 
     def connection_made(self, transport):
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(_TIMEOUT, transport.abort)
 
     def data_received(self, data):
-        self.size += len(data)
-        self.reader.feed_data(data)
+        if self.reader is None:
+            return
         try:
-            next(self.parser)
-        except StopIteration as done:
-            self._answer(done.value)
-        except Exception:
-            self._send(_response(400, "Bad Request", b"bad request\n"))
-        else:
-            if self.size > _MAX_REQUEST:
-                self._send(_response(431, "Request Header Fields Too Large", b"too large\n"))
+            request = self.reader.feed(data)
+        except BadRequest as exc:
+            self._send(_response(exc.status, http.HTTPStatus(exc.status).phrase,
+                                 (str(exc) + "\n").encode()))
+            return
+        if request is not None:
+            self._answer(request)
 
     def _answer(self, request: Request):
-        sidecar = self.sidecar
+        admin = self.admin
         path = request.path.split("?", 1)[0]
         routes = {"/metrics": "GET", "/healthz": "GET", "/readyz": "GET", "/drain": "POST"}
         if path not in routes:
@@ -79,24 +74,25 @@ class _AdminProtocol(asyncio.Protocol):
             return self._send(_response(405, "Method Not Allowed", b"method not allowed\n",
                                         extra=[("Allow", routes[path])]))
         if path == "/metrics":
-            body = generate_latest(sidecar.metrics.registry)
+            body = generate_latest(admin.registry)
             return self._send(_response(200, "OK", body, CONTENT_TYPE_LATEST))
         if path == "/healthz":
             return self._send(_response(200, "OK", b"ok\n"))
         if path == "/readyz":
-            if sidecar.ready:
+            if admin.ready():
                 return self._send(_response(200, "OK", b"ready\n"))
-            why = b"draining\n" if sidecar.draining else b"not ready\n"
+            why = b"draining\n" if admin.draining() else b"not ready\n"
             return self._send(_response(503, "Service Unavailable", why))
         if not _from_loopback(self.transport):
             # Anyone who can reach the admin port (Prometheus, the kubelet, any pod)
             # may read it; only the pod itself may drain it. Kubernetes drains with
             # SIGTERM, which needs no request at all.
             return self._send(_response(403, "Forbidden", b"drain is only accepted from loopback\n"))
-        sidecar.drain()
+        admin.drain()
         return self._send(_response(202, "Accepted", b"draining\n"))
 
     def _send(self, data: bytes):
+        self.reader = None
         self.timer.cancel()
         self.transport.write(data)
         self.transport.close()
@@ -106,16 +102,24 @@ class _AdminProtocol(asyncio.Protocol):
 
 
 class AdminServer:
-    def __init__(self, sidecar: Sidecar):
-        self.sidecar = sidecar
-        self.server = None
+    """The admin listener; it sees the process only through the callables it is given."""
 
-    async def start(self):
-        host, port = split_hostport(self.sidecar.config.admin_listen)
+    def __init__(self, listen: str, registry: CollectorRegistry, *, ready: Callable[[], bool],
+                 draining: Callable[[], bool], drain: Callable[[], None]):
+        self.listen = listen
+        self.registry = registry
+        self.ready = ready
+        self.draining = draining
+        self.drain = drain
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the bound address."""
+        host, port = split_hostport(self.listen)
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _AdminProtocol(self.sidecar), host, port,
+        self.server = await loop.create_server(lambda: _AdminProtocol(self), host, port,
                                                reuse_address=True)
-        self.sidecar.listening["admin"] = self.server.sockets[0].getsockname()[:2]
+        return self.server.sockets[0].getsockname()[:2]
 
     async def stop(self):
         if self.server is not None:

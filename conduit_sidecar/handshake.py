@@ -23,12 +23,26 @@ from websockets.server import ServerProtocol
 from .keys import KeyEntry, KeySet
 from .routing import Route, RouteError, Router
 
-__all__ = ["Accept", "Close", "PATHS", "Refuse", "SUBPROTOCOL_KEY_PREFIX", "decide", "refuse"]
+__all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "SUBPROTOCOL_KEY_PREFIX", "decide",
+           "refuse"]
 
 PATHS = ("/v1/realtime/connect", "/v1/realtime")
 # What OpenAI's browser clients put the API key in (a browser cannot set headers).
 SUBPROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Admission(msgspec.Struct, frozen=True):
+    """What the process knows when a request arrives: everything `decide` reads."""
+    keyset: KeySet
+    router: Router
+    now: dt.datetime
+    live_per_key: dict[str, int]
+    at_capacity: bool
+    draining: bool
+    allowed_origins: list[str] | None
+
+
 class Refuse(msgspec.Struct, frozen=True):
     """Answer with an HTTP error; no upgrade."""
     response: Response
@@ -64,9 +78,7 @@ def _offered(request: Request) -> list[str]:
             for p in v.split(",") if p.strip()]
 
 
-def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime,
-           live_per_key: dict[str, int], at_capacity: bool, draining: bool,
-           allowed_origins: list[str] | None) -> Refuse | Close | Accept:
+def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     url = urllib.parse.urlsplit(request.path)
     if url.path not in PATHS:
         return refuse(404, f"not found: use {PATHS[0]}")
@@ -77,7 +89,7 @@ def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime
     # Answer the client with one of its own subprotocols, never the key one.
     # allowed_origins guards against other sites' pages; clients that send no Origin
     # (SDKs, servers) are not browsers and pass.
-    origins = None if allowed_origins is None else [*allowed_origins, None]
+    origins = None if state.allowed_origins is None else [*state.allowed_origins, None]
     ws = ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
     response = ws.accept(_without_key_subprotocols(request, passed, bool(presented)))
     if response.status_code != 101:
@@ -98,31 +110,31 @@ def decide(request: Request, *, keyset: KeySet, router: Router, now: dt.datetime
     model = query.get("model", [None])[0]
     provider = query.get("provider", [None])[0]
 
-    if draining:
+    if state.draining:
         return Close(response, 1013, "sidecar is draining: try again later")
-    if at_capacity:
+    if state.at_capacity:
         return Close(response, 1013, "sidecar at its connection limit: try again later")
 
     key = _presented_key(request, presented)
     if key is None:
         return Close(response, 4001, "missing key")
-    entry = keyset.lookup(key)
+    entry = state.keyset.lookup(key)
     if entry is None:
         return Close(response, 4001, "unknown key")
     if not entry.enabled:
         return Close(response, 4001, "key disabled", entry)
-    if entry.expired(now):
+    if entry.expired(state.now):
         return Close(response, 4001, "key expired", entry)
 
     try:
-        route = router.route(model, provider)
+        route = state.router.route(model, provider)
     except RouteError as exc:
         return Close(response, exc.code, str(exc), entry)
     if not entry.allows_provider(route.name):
         return Close(response, 4003, f"provider {route.name!r} not allowed for this key", entry)
     if model is not None and not entry.allows_model(model):
         return Close(response, 4003, f"model {model!r} not allowed for this key", entry)
-    if entry.max_connections is not None and live_per_key.get(entry.id, 0) >= entry.max_connections:
+    if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
         return Close(response, 4029,
                      f"key limit of {entry.max_connections} concurrent connections reached", entry)
     return Accept(response, entry, route, model, passed or None)

@@ -13,7 +13,7 @@ import time
 from . import __version__, _relay
 from .admin import AdminServer
 from .config import Config, split_hostport
-from .handshake import Close
+from .handshake import Admission, Close
 from .keys import KeySet, KeyWatcher
 from .metering import MODEL_LABELS_MAX, MalformedUsage, decode_usage
 from .metrics import Metrics
@@ -32,6 +32,7 @@ _RESULTS = {4001: "auth_failed", 4003: "forbidden", 4004: "no_route", 4029: "key
 class Sidecar:
     def __init__(self, config: Config, keyset: KeySet, router: Router | None = None):
         self.config = config
+        self.limits = config.limits
         self.keyset = keyset
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
@@ -49,8 +50,13 @@ class Sidecar:
 
     # -- admission ---------------------------------------------------------------
 
-    def at_capacity(self) -> bool:
-        return len(self.sessions) >= self.config.limits.max_connections
+    def admission(self) -> Admission:
+        return Admission(self.keyset, self.router, dt.datetime.now(dt.timezone.utc),
+                         self.live_per_key, len(self.sessions) >= self.limits.max_connections,
+                         self.draining, self.config.allowed_origins)
+
+    def connected(self, info: SessionInfo, seconds: float) -> None:
+        self.metrics.upstream_connect.labels(info.provider).observe(seconds)
 
     def reserve(self, info: SessionInfo) -> None:
         self.sessions.add(info)
@@ -164,8 +170,10 @@ class Sidecar:
                 reuse_address=True, backlog=4096)
             self.servers.append(server)
             self.listening["tls"] = server.sockets[0].getsockname()[:2]
-        self.admin = AdminServer(self)
-        await self.admin.start()
+        self.admin = AdminServer(self.config.admin_listen, self.metrics.registry,
+                                 ready=lambda: self.ready, draining=lambda: self.draining,
+                                 drain=self.drain)
+        self.listening["admin"] = await self.admin.start()
         self.watcher = KeyWatcher(self.config.keys_file, self.keyset, self.on_keys)
         self.poller = loop.create_task(self._poll())
         log.info("started", extra={

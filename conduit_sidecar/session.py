@@ -13,23 +13,22 @@ import itertools
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidStatus, SecurityError
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 
 from . import _relay
-from .handshake import Accept, Close, Refuse, decide, refuse
-from .keys import KeyEntry
+from .config import Limits
+from .handshake import Accept, Admission, Close, Refuse, decide, refuse
+from .httpread import BadRequest, RequestReader
+from .keys import KeyEntry, KeySet
 from .metering import MARKER, Usage
-from .routing import RouteError
+from .routing import RouteError, Router
 
-if TYPE_CHECKING:
-    from .server import Sidecar
-
-__all__ = ["ClientHandshake", "SessionInfo", "UpstreamError", "connect_upstream"]
+__all__ = ["ClientHandshake", "Host", "SessionInfo", "UpstreamError", "connect_upstream"]
 
 log = logging.getLogger("conduit.session")
 _ids = itertools.count(1)
@@ -57,59 +56,64 @@ class SessionInfo:
         self.active_at = self.started
 
 
-class ClientHandshake(asyncio.Protocol):
-    """Reads the client's upgrade request within the size and time limits."""
+class Host(Protocol):
+    """What a session needs from the process that serves it (server.Sidecar is one).
+    Sessions know nothing else of it: data flows from the listener to the relay, and
+    events (admission, release, the end) flow back only through these members."""
 
-    def __init__(self, sidecar: Sidecar):
-        self.sidecar = sidecar
+    limits: Limits
+    router: Router
+    keyset: KeySet
+
+    def admission(self) -> Admission: ...
+    def count(self, result: str) -> None: ...
+    def rejected(self, decision: Close) -> None: ...
+    def reserve(self, info: SessionInfo) -> None: ...
+    def release(self, info: SessionInfo) -> None: ...
+    def connected(self, info: SessionInfo, seconds: float) -> None: ...
+    def session_ended(self, relay: _relay.Relay) -> None: ...
+    def provider_message(self, relay: _relay.Relay, message: bytes) -> None: ...
+
+
+class ClientHandshake(asyncio.Protocol):
+    """Reads the client's upgrade request within the size and time limits, then hands
+    the connection to `open_session` and keeps nothing of the request."""
+
+    __slots__ = ("host", "transport", "reader", "timer", "task")
+
+    def __init__(self, host: Host):
+        self.host = host
         self.transport = None
         self.task = None
-        self.size = 0
 
     def connection_made(self, transport):
         self.transport = transport
-        self.reader = StreamReader()
-        self.parser = Request.parse(self.reader.read_line)
-        next(self.parser)
+        self.reader = RequestReader(self.host.limits.max_request_bytes)
         self.timer = asyncio.get_running_loop().call_later(
-            self.sidecar.config.limits.handshake_timeout_seconds, self._timeout)
+            self.host.limits.handshake_timeout_seconds, self._timeout)
 
     def _timeout(self):
-        self.sidecar.count("handshake_timeout")
+        self.host.count("handshake_timeout")
         self.transport.abort()
 
     def data_received(self, data):
         if self.task is not None:
             return      # the session owns the socket; a client must wait for 101
-        self.size += len(data)
-        self.reader.feed_data(data)
         try:
-            next(self.parser)
-        except StopIteration as done:
-            early = bytes(self.reader.buffer)
-            if self.size - len(early) > self.sidecar.config.limits.max_request_bytes:
-                self._refuse(refuse(431, "request headers too large"))
-                return
+            request = self.reader.feed(data)
+        except BadRequest as exc:
             self.timer.cancel()
-            self.transport.pause_reading()
-            self.task = asyncio.get_running_loop().create_task(
-                open_session(self.sidecar, self.transport, done.value, early))
+            self.host.count("bad_request")
+            self.transport.write(refuse(exc.status, str(exc)).response.serialize())
+            self.transport.close()
             return
-        except SecurityError as exc:
-            self._refuse(refuse(431, f"request too large: {_what(exc)}"))
+        if request is None:
             return
-        except (ValueError, NotImplementedError, UnicodeDecodeError, EOFError) as exc:
-            # EOFError: a line without CRLF (websockets' parser says "connection closed")
-            self._refuse(refuse(400, f"bad request: {_what(exc)}"))
-            return
-        if self.size > self.sidecar.config.limits.max_request_bytes:
-            self._refuse(refuse(431, "request headers too large"))
-
-    def _refuse(self, decision: Refuse):
         self.timer.cancel()
-        self.sidecar.count("bad_request")
-        self.transport.write(decision.response.serialize())
-        self.transport.close()
+        self.transport.pause_reading()
+        early, self.reader = self.reader.early, None
+        self.task = asyncio.get_running_loop().create_task(
+            open_session(self.host, self.transport, request, early))
 
     def eof_received(self):
         return False
@@ -118,12 +122,6 @@ class ClientHandshake(asyncio.Protocol):
         self.timer.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
-
-
-def _what(exc: Exception) -> str:
-    """websockets' parser error without the offending line, which may hold a key
-    ("invalid HTTP header line: Authorization: ...")."""
-    return str(exc).split(":", 1)[0]
 
 
 class _UpstreamHandshake(asyncio.Protocol):
@@ -177,11 +175,11 @@ class _UpstreamHandshake(asyncio.Protocol):
         self._set(UpstreamError("upstream closed the connection during the handshake"))
 
 
-async def connect_upstream(sidecar: Sidecar, decision: Accept):
+async def connect_upstream(host: Host, decision: Accept):
     """TCP, then TLS, then the WebSocket handshake, each named in the error on failure.
     Returns (transport, subprotocol, bytes already read past the 101)."""
     loop = asyncio.get_running_loop()
-    upstream = sidecar.router.upstream(decision.route, decision.model)
+    upstream = host.router.upstream(decision.route, decision.model)
     uri = upstream.uri
     ws = ClientProtocol(uri, subprotocols=decision.subprotocols)
     request = ws.connect()
@@ -191,7 +189,7 @@ async def connect_upstream(sidecar: Sidecar, decision: Accept):
     stage = "TCP connect"
     transport = None
     try:
-        async with asyncio.timeout(sidecar.config.limits.upstream_connect_timeout_seconds):
+        async with asyncio.timeout(host.limits.upstream_connect_timeout_seconds):
             transport, _ = await loop.create_connection(lambda: proto, uri.host, uri.port)
             if upstream.ssl is not None:
                 stage = "TLS handshake"
@@ -267,10 +265,10 @@ class _Drain(asyncio.Protocol):
 _CLOSE = _relay.KIND_NAMES.index("close")
 
 
-def _close_after_upgrade(sidecar: Sidecar, transport, decision: Close, early: bytes):
+def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes):
     transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
-    drain = _Drain(transport, sidecar.config.limits.close_timeout_seconds)
+    drain = _Drain(transport, host.limits.close_timeout_seconds)
     transport.set_protocol(drain)
     if early:
         drain.data_received(early)
@@ -278,13 +276,10 @@ def _close_after_upgrade(sidecar: Sidecar, transport, decision: Close, early: by
         transport.resume_reading()
 
 
-async def open_session(sidecar: Sidecar, transport, request: Request, early: bytes):
-    decision = decide(request, keyset=sidecar.keyset, router=sidecar.router,
-                      now=dt.datetime.now(dt.timezone.utc), live_per_key=sidecar.live_per_key,
-                      at_capacity=sidecar.at_capacity(), draining=sidecar.draining,
-                      allowed_origins=sidecar.config.allowed_origins)
+async def open_session(host: Host, transport, request: Request, early: bytes):
+    decision = decide(request, host.admission())
     if isinstance(decision, Refuse):
-        sidecar.count("bad_request")
+        host.count("bad_request")
         log.info("handshake refused", extra={"event": "refused",
                                              "status": decision.response.status_code,
                                              "reason": decision.reason})
@@ -292,39 +287,39 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
         transport.close()
         return
     if isinstance(decision, Close):
-        sidecar.rejected(decision)
-        _close_after_upgrade(sidecar, transport, decision, early)
+        host.rejected(decision)
+        _close_after_upgrade(host, transport, decision, early)
         return
 
     info = SessionInfo(decision.key, decision.model, decision.route.name)
-    sidecar.reserve(info)
+    host.reserve(info)
     try:
         started = time.monotonic()
         try:
-            upstream, subprotocol, upstream_early = await connect_upstream(sidecar, decision)
+            upstream, subprotocol, upstream_early = await connect_upstream(host, decision)
         except (UpstreamError, RouteError) as exc:
             code = exc.code if isinstance(exc, RouteError) else 1014
-            sidecar.release(info)
+            host.release(info)
             failed = Close(decision.response, code, str(exc), decision.key)
-            sidecar.rejected(failed)
-            _close_after_upgrade(sidecar, transport, failed, early)
+            host.rejected(failed)
+            _close_after_upgrade(host, transport, failed, early)
             return
-        sidecar.metrics.upstream_connect.labels(info.provider).observe(time.monotonic() - started)
+        host.connected(info, time.monotonic() - started)
     except asyncio.CancelledError:     # the client left while we connected
-        sidecar.release(info)
+        host.release(info)
         raise
     if transport.is_closing():
-        sidecar.release(info)
+        host.release(info)
         upstream.abort()
         return
     # The key file may have changed while the upstream answered.
-    _, revoked = sidecar.keyset.recheck(info.key, dt.datetime.now(dt.timezone.utc))
+    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.timezone.utc))
     if revoked is not None:
-        sidecar.release(info)
+        host.release(info)
         upstream.abort()
         failed = Close(decision.response, 4001, revoked, decision.key)
-        sidecar.rejected(failed)
-        _close_after_upgrade(sidecar, transport, failed, early)
+        host.rejected(failed)
+        _close_after_upgrade(host, transport, failed, early)
         return
     response = decision.response
     # The provider's choice wins. When it picks none, the client's first offer (set
@@ -334,13 +329,13 @@ async def open_session(sidecar: Sidecar, transport, request: Request, early: byt
             del response.headers["Sec-WebSocket-Protocol"]
         response.headers["Sec-WebSocket-Protocol"] = subprotocol
     transport.write(response.serialize())
-    limits = sidecar.config.limits
+    limits = host.limits
     relay = _relay.Relay(asyncio.get_running_loop(), limits.max_message_bytes,
-                         limits.close_timeout_seconds, sidecar.session_ended,
-                         MARKER, sidecar.provider_message)
+                         limits.close_timeout_seconds, host.session_ended,
+                         MARKER, host.provider_message)
     relay.session = info
     info.relay = relay
-    sidecar.count("accepted")
+    host.count("accepted")
     relay.start(transport, upstream, early, upstream_early)
     transport.resume_reading()
     upstream.resume_reading()

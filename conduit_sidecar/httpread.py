@@ -1,0 +1,63 @@
+"""Reading one HTTP/1.1 request head from a peer, bounded in size: the client's
+upgrade request and the admin port's requests alike.
+
+Parsing is websockets' sans-I/O parser; this module only feeds it and turns its
+errors into an HTTP status with a text that never repeats the offending line (it may
+be an `Authorization` header).
+"""
+
+from __future__ import annotations
+
+from websockets.exceptions import SecurityError
+from websockets.http11 import Request
+from websockets.streams import StreamReader
+
+__all__ = ["BadRequest", "RequestReader"]
+
+
+class BadRequest(Exception):
+    """The request cannot be served: answer `status` with the message."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+class RequestReader:
+    """`feed(data)` until it returns the request; `early` is then what the peer sent
+    past the head. Raises BadRequest; never holds more than `max_bytes` plus one read."""
+
+    __slots__ = ("max_bytes", "size", "reader", "parser", "early")
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.reader = StreamReader()
+        self.parser = Request.parse(self.reader.read_line)
+        next(self.parser)
+        self.early = b""
+
+    def feed(self, data: bytes) -> Request | None:
+        self.size += len(data)
+        self.reader.feed_data(data)
+        try:
+            next(self.parser)
+        except StopIteration as done:
+            self.early = bytes(self.reader.buffer)
+            if self.size - len(self.early) > self.max_bytes:
+                raise BadRequest(431, "request headers too large") from None
+            return done.value
+        except SecurityError as exc:
+            raise BadRequest(431, f"request too large: {_what(exc)}") from None
+        except (ValueError, NotImplementedError, UnicodeDecodeError, EOFError) as exc:
+            # EOFError: a line without CRLF (websockets' parser says "connection closed")
+            raise BadRequest(400, f"bad request: {_what(exc)}") from None
+        if self.size > self.max_bytes:
+            raise BadRequest(431, "request headers too large")
+        return None
+
+
+def _what(exc: Exception) -> str:
+    """websockets' parser error without the offending line ("invalid HTTP header
+    line: Authorization: ...")."""
+    return str(exc).split(":", 1)[0]
