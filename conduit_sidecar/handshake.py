@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidHeader
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from .keys import KeyEntry, KeySet
+from .keys import KeyEntry, KeySet, Rejection
 from .routing import Route, RouteError, Router
 
 __all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "SUBPROTOCOL_KEY_PREFIX", "decide",
@@ -55,6 +55,7 @@ class Close(msgspec.Struct, frozen=True):
     code: int
     reason: str
     key: KeyEntry | None = None
+    rejection: Rejection | None = None     # for 4001: why the key was refused
 
 
 class Accept(msgspec.Struct, frozen=True):
@@ -64,6 +65,10 @@ class Accept(msgspec.Struct, frozen=True):
     route: Route
     model: str | None
     subprotocols: list[str] | None
+
+
+def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
+    return Close(response, 4001, why.value, key, why)
 
 
 def refuse(status: int, text: str) -> Refuse:
@@ -117,14 +122,14 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
 
     key = _presented_key(request, presented)
     if key is None:
-        return Close(response, 4001, "missing key")
+        return _rejected(response, Rejection.MISSING)
     entry = state.keyset.lookup(key)
     if entry is None:
-        return Close(response, 4001, "unknown key")
+        return _rejected(response, Rejection.UNKNOWN)
     if not entry.enabled:
-        return Close(response, 4001, "key disabled", entry)
+        return _rejected(response, Rejection.DISABLED, entry)
     if entry.expired(state.now):
-        return Close(response, 4001, "key expired", entry)
+        return _rejected(response, Rejection.EXPIRED, entry)
 
     try:
         route = state.router.route(model, provider)

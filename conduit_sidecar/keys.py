@@ -7,6 +7,7 @@ plaintext keys are never compared, stored, logged or forwarded.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ import msgspec
 
 from .config import ConfigError
 
-__all__ = ["KEY_PREFIX", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "hash_key",
+__all__ = ["KEY_PREFIX", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "Rejection", "hash_key",
            "load_keys", "new_key"]
 
 KEY_PREFIX = "condt_"
@@ -25,6 +26,20 @@ log = logging.getLogger("conduit.keys")
 
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class Rejection(enum.Enum):
+    """Why a key is refused (close 4001): the value is the close reason, the name in
+    lower case the `conduit_auth_failures_total{reason}` label."""
+    MISSING = "missing key"
+    UNKNOWN = "unknown key"
+    DISABLED = "key disabled"
+    EXPIRED = "key expired"
+    REVOKED = "key revoked"
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
 
 class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -78,17 +93,17 @@ class KeySet:
     def lookup(self, key: str) -> KeyEntry | None:
         return self.by_hash.get(hash_key(key))
 
-    def recheck(self, entry: KeyEntry, now: dt.datetime) -> tuple[KeyEntry | None, str | None]:
+    def recheck(self, entry: KeyEntry, now: dt.datetime) -> tuple[KeyEntry | None, Rejection | None]:
         """A live session's key against this set: its current entry, found by hash (a
         rotation under the same id revokes the old key), and the 4001 reason if the
         session must end."""
         current = self.by_hash.get(entry.sha256)
         if current is None:
-            return None, "key revoked"
+            return None, Rejection.REVOKED
         if not current.enabled:
-            return current, "key disabled"
+            return current, Rejection.DISABLED
         if current.expired(now):
-            return current, "key expired"
+            return current, Rejection.EXPIRED
         return current, None
 
 

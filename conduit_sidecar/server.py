@@ -76,9 +76,8 @@ class Sidecar:
 
     def rejected(self, decision: Close) -> None:
         self.count(_RESULTS.get(decision.code, "rejected"))
-        if decision.code == 4001:
-            # "missing key", "key expired", ... -> missing, expired, ...
-            self.metrics.auth_failures.labels(decision.reason.replace("key", "").strip()).inc()
+        if decision.rejection is not None:
+            self.metrics.auth_failures.labels(decision.rejection.label).inc()
         self.metrics.closes.labels("sidecar", str(decision.code)).inc()
         log.info("session rejected", extra={
             "event": "rejected", "code": decision.code, "reason": decision.reason,
@@ -149,7 +148,7 @@ class Sidecar:
             if current is not None:
                 info.key = current
             if reason and info.relay is not None and not info.relay.finished:
-                info.relay.close(4001, reason, 1000, "")
+                info.relay.close(4001, reason.value, 1000, "")
 
     # -- lifecycle ---------------------------------------------------------------
 

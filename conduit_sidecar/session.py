@@ -317,7 +317,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     if revoked is not None:
         host.release(info)
         upstream.abort()
-        failed = Close(decision.response, 4001, revoked, decision.key)
+        failed = Close(decision.response, 4001, revoked.value, decision.key, revoked)
         host.rejected(failed)
         _close_after_upgrade(host, transport, failed, early)
         return
