@@ -1,4 +1,5 @@
-# C-level declarations of the relay core (see _relay.pyx for the contract).
+# C-level declarations of the relay core (see _relay.pyx for the contract and the
+# leg state diagram).
 
 from libc.stdint cimport uint8_t, uint64_t
 
@@ -7,8 +8,9 @@ cdef enum:
     HEADER_MAX = 14
     # A close frame is held whole (header + at most 125 payload bytes) to validate it.
     HELD_MAX = 139
-    # Bytes at the start of a text message searched for the usage marker.
-    SNIFF_MAX = 256
+    # Bytes at the start of a metered message searched for the markers: default, limit.
+    SNIFF_DEFAULT = 256
+    SNIFF_LIMIT = 8192
     # Frame kinds, indexes into the counters: continuation, text, binary, close, ping, pong.
     KINDS = 6
     # Directions: client to upstream, upstream to client.
@@ -16,7 +18,55 @@ cdef enum:
     U2C = 1
 
 
-cdef class Leg:
+# Close codes, named once: the sidecar's own (DESIGN.md's table) and the RFC 6455
+# codes the relay reads or reports. `str(CloseCode.X)` is the number.
+cpdef enum CloseCode:
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    NO_STATUS = 1005            # a close frame without a code (never sent)
+    CONNECTION_LOST = 1006      # no close frame at all (never sent)
+    INVALID_DATA = 1007
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    AT_CAPACITY = 1013
+    UPSTREAM_FAILED = 1014
+    AUTH_FAILED = 4001
+    BUDGET_EXHAUSTED = 4002
+    FORBIDDEN = 4003
+    NO_ROUTE = 4004
+    SESSION_TIME_LIMIT = 4008
+    KEY_LIMIT = 4029
+
+
+# The closing handshake of one leg (see the diagram in _relay.pyx).
+cpdef enum LegState:
+    OPEN = 0
+    CLOSE_RECEIVED = 1      # the peer's close came; ours (or the other peer's) is owed
+    FAILED = 2              # the peer violated the protocol; it is owed our close
+    CLOSE_QUEUED = 3        # our close waits for the frame in flight to this peer
+    CLOSE_QUEUED_LAST = 4   # the same, and the socket is shut once it is out
+    CLOSE_SENT = 5          # a close went to the peer; its close is awaited
+    CLOSED = 6              # both closes passed; the socket is shut next loop turn
+    SHUT = 7                # transport.close()/abort() called: nothing more is written
+    LOST = 8                # connection_lost seen
+
+
+cdef class Endpoint:
+    """What a pipe writes to and reports to: a socket (Leg) or, in tests and
+    benchmarks, a Recorder. It is also a pipe's source, for the forwarding rules."""
+    cdef readonly LegState state
+    cdef bint at_frame_end     # frame_end() is wanted at the pipe's next frame boundary
+
+    cdef int set_state(self, LegState new) except -1
+    cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef int frame_end(self, Pipe pipe, Py_ssize_t pos) except -1
+    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1
+    cdef int violation(self, Pipe pipe, int code, str reason) except -1
+    cdef int metered(self, Pipe pipe, bytes message) except -1
+
+
+cdef class Leg(Endpoint):
     """One socket of a session: the asyncio protocol its transport calls."""
     cdef Relay relay
     cdef Pipe inbound          # frames read from this socket
@@ -25,17 +75,29 @@ cdef class Leg:
     cdef object write_buffer_size
     cdef int fd                # -1 when writes must go through the transport (TLS)
     cdef bint backlog          # the transport holds unsent bytes: keep order, write through it
-    cdef bint lost             # connection_lost seen
-    cdef bint closing          # transport.close()/abort() called: write nothing more
-    cdef bint failed           # this peer violated the protocol: read nothing more from it
-    cdef bint close_sent       # a close frame was sent (or queued) to this peer
-    cdef bint close_received   # this peer sent a close frame
-    cdef bint finish           # close the transport as soon as our close frame is out
-    cdef bytes pending_close   # our close frame, waiting for the frame in flight to end
+    cdef bytes queued_notice   # a text frame to send just before queued_close
+    cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 
     cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound) except -1
-    cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int shut(self) except -1
+    cdef int drop(self) except -1
+
+
+cdef class Recorder(Endpoint):
+    """The scanner's sink: forwarded bytes, frame ends and metered messages."""
+    cdef bytearray output      # None: count only (benchmarks)
+    cdef list boundaries
+    cdef list messages
+    cdef uint64_t offset       # stream offset of the read being scanned
+
+
+cdef struct Header:
+    uint64_t length            # payload bytes
+    Py_ssize_t size            # header bytes, mask key included
+    int opcode
+    bint fin
+    bint masked
+    bint top_bit               # a 64-bit length with its top bit set (invalid)
 
 
 cdef class Pipe:
@@ -43,11 +105,8 @@ cdef class Pipe:
     cdef int direction
     cdef bint masked           # frames in this direction must be masked (client to server)
     cdef uint64_t max_message
-    cdef Leg src
-    cdef Leg dst
-    cdef object sink           # scanner mode (tests, benchmarks): bytearray or None
-    cdef list boundaries       # scanner mode: stream offset at the end of each frame
-    cdef uint64_t offset       # bytes consumed so far (scanner mode bookkeeping)
+    cdef Endpoint src
+    cdef Endpoint dst
     cdef uint8_t held[HELD_MAX]
     cdef Py_ssize_t nheld
     cdef uint64_t left         # payload bytes of the current frame still to come
@@ -59,19 +118,21 @@ cdef class Pipe:
     cdef uint64_t frames[KINDS]
     cdef uint64_t payload[KINDS]
     cdef uint64_t wire_bytes
-    # Usage metering (upstream to client): the start of each text message is sniffed
-    # for a marker; only messages that have it are captured and handed to Python.
-    cdef bytes marker
+    # Usage metering: the start of each text (optionally binary) message is sniffed for
+    # any of the markers; only messages that have one are captured and handed to dst.
+    cdef tuple markers
+    cdef bint meter_binary
     cdef int meter_state
     cdef bint message_end      # the current frame ends a data message
     cdef bint data_frame       # the current frame is a data frame (not control)
-    cdef uint8_t sniff[SNIFF_MAX]
+    cdef uint8_t* sniff        # `window` bytes, allocated only when there are markers
+    cdef Py_ssize_t window
     cdef Py_ssize_t nsniff
     cdef bytearray capture
-    cdef list messages         # scanner mode: metered messages
 
+    cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1
     cdef int feed(self, const uint8_t* data, Py_ssize_t size) except -1
-    cdef int start_frame(self, const uint8_t* h, Py_ssize_t have) except -1
+    cdef int start_frame(self, const uint8_t* h, Header* f, Py_ssize_t have) except -1
     cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int violation(self, int code, str reason) except -1
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1
@@ -99,7 +160,7 @@ cdef class Relay:
 
     cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1
     cdef int on_violation(self, Pipe pipe, int code, str reason) except -1
-    cdef int send_close(self, Leg leg, int code, str reason, bint finish) except -1
-    cdef int check_leg(self, Leg leg) except -1
+    cdef int send_close(self, Leg leg, int code, str reason, bint finish,
+                        bytes notice=*) except -1
     cdef int on_lost(self, Leg leg) except -1
     cdef int arm_deadline(self) except -1

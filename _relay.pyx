@@ -11,14 +11,39 @@ sent to the kernel at once or copied by the transport (only what the kernel did
 not take), so nothing refers to the buffer once `buffer_updated` returns.
 
 Per frame the code touches C fields only; Python objects appear per read (at most
-one bytes object for an unsent tail) and at session boundaries (close frames,
-violations, connection loss).
+one bytes object for an unsent tail), per metered message, and at session
+boundaries (close frames, violations, connection loss).
+
+A `Pipe` scans one direction and writes to an `Endpoint`: a `Leg` (a socket) in
+the relay, a `Recorder` in `Scanner` (tests, benchmarks, fuzzing). The endpoint
+is also told of frame ends it asked for, close frames, violations and metered
+messages, so the pipe's per-frame path has no test-only branches.
+
+Closing handshake of one leg (`LegState`; `Endpoint.set_state` refuses any other
+transition). "Our close" is the sidecar's own close frame or the other peer's,
+forwarded; a frame in flight to the peer delays ours to its end (`CLOSE_QUEUED*`).
+
+    OPEN ──peer's close──> CLOSE_RECEIVED ──our close out──> CLOSED ──next turn──> SHUT
+     │  \                      │    \                          ^
+     │   \                     │     └─our close queued──> CLOSE_QUEUED_LAST ──out──> SHUT
+     │    └─peer violates──> FAILED ─our close queued/out (finish: shut after it)
+     │                             (the other peer's close, its loss, or the deadline)
+     ├─our close queued──> CLOSE_QUEUED ──out──> CLOSE_SENT ──peer's close──> CLOSED
+     │                          └─peer's close or finish──> CLOSE_QUEUED_LAST
+     └─our close out───────────────────────────> CLOSE_SENT ──finish──> SHUT
+    any ──abort, write error──> SHUT          any ──connection_lost──> LOST
+
+"finish": the socket is shut once our close is out, without awaiting the peer's
+(it violated the protocol, or the other peer is gone). A violator's bytes are
+never read again: its pipe has a verdict. Frames are forwarded only from a leg
+whose peer has not closed, to a leg no close was sent to.
 """
 
 import os
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
@@ -45,6 +70,32 @@ cdef enum:
     METER_CAPTURE = 2
     CAPTURE_MAX = 4 * 1024 * 1024
 
+# Legal transitions: ALLOWED[state] has bit n set if state -> n is allowed.
+cdef unsigned[9] ALLOWED = [
+    # OPEN
+    (1 << CLOSE_RECEIVED) | (1 << FAILED) | (1 << CLOSE_QUEUED) | (1 << CLOSE_QUEUED_LAST)
+    | (1 << CLOSE_SENT) | (1 << SHUT) | (1 << LOST),
+    # CLOSE_RECEIVED
+    (1 << FAILED) | (1 << CLOSE_QUEUED_LAST) | (1 << CLOSED) | (1 << SHUT) | (1 << LOST),
+    # FAILED
+    (1 << CLOSE_QUEUED) | (1 << CLOSE_QUEUED_LAST) | (1 << CLOSE_SENT) | (1 << SHUT) | (1 << LOST),
+    # CLOSE_QUEUED
+    (1 << CLOSE_QUEUED_LAST) | (1 << CLOSE_SENT) | (1 << SHUT) | (1 << LOST),
+    # CLOSE_QUEUED_LAST
+    (1 << SHUT) | (1 << LOST),
+    # CLOSE_SENT
+    (1 << CLOSED) | (1 << SHUT) | (1 << LOST),
+    # CLOSED
+    (1 << SHUT) | (1 << LOST),
+    # SHUT
+    (1 << LOST),
+    # LOST
+    0]
+# Source states whose frames are no longer forwarded: its peer closed (or violated),
+# or the socket is going.
+cdef unsigned PEER_DONE = ((1 << CLOSE_RECEIVED) | (1 << FAILED) | (1 << CLOSE_QUEUED_LAST)
+                           | (1 << CLOSED) | (1 << SHUT) | (1 << LOST))
+
 # Shared by all sessions; see the module docstring.
 cdef bytearray _read_buffer = bytearray(READ_SIZE)
 cdef uint8_t* _read_ptr = <uint8_t*>PyByteArray_AS_STRING(_read_buffer)
@@ -62,6 +113,8 @@ cdef uint64_t[HIST_BUCKETS] HIST_BOUNDS_NS = [
 KIND_NAMES = ("continuation", "text", "binary", "close", "ping", "pong")
 DIRECTION_NAMES = ("client_to_upstream", "upstream_to_client")
 HISTOGRAM_BOUNDS = tuple(HIST_BOUNDS_NS[i] / 1e9 for i in range(HIST_BUCKETS))  # seconds
+SNIFF_BYTES = SNIFF_DEFAULT
+SNIFF_BYTES_MAX = SNIFF_LIMIT
 
 # Close codes a peer may put on the wire (RFC 6455 7.4, IANA registry).
 cdef inline bint valid_close_code(int code):
@@ -84,34 +137,32 @@ cdef inline void observe(uint64_t ns):
     g_hist_sum_ns += ns
 
 
-cdef Py_ssize_t frame_need(const uint8_t* h, Py_ssize_t have):
-    """Bytes needed from a frame's start before it can be judged: the header, or
-    for a close frame the whole frame."""
-    cdef Py_ssize_t hlen, plen
+cdef inline Py_ssize_t read_header(const uint8_t* h, Py_ssize_t have, Header* f) noexcept:
+    """Decode the frame header at `h`, of which `have` bytes are here (the one place
+    lengths are decoded). Returns the bytes needed before the frame can be judged:
+    its header, or for a close frame of at most 125 bytes the whole frame. `f` is
+    complete once `have` reaches the header's size."""
+    cdef Py_ssize_t i
     if have < 2:
         return 2
-    hlen = 2 + (4 if h[1] & 0x80 else 0)
-    plen = h[1] & 0x7F
-    if plen == 126:
-        hlen += 2
-    elif plen == 127:
-        hlen += 8
-    if (h[0] & 0x0F) != 8:
-        return hlen
-    if plen > 125:
-        # A close frame's length in the 16- or 64-bit form (not minimal, but a short
-        # payload is still judged whole): decode it once the header is here.
-        if have < hlen:
-            return hlen
-        if plen == 126:
-            plen = (<Py_ssize_t>h[2] << 8) | h[3]
-        elif h[2] | h[3] | h[4] | h[5] | h[6] | h[7]:
-            return hlen             # over 125 bytes (or the top bit): start_frame says so
-        else:
-            plen = (<Py_ssize_t>h[8] << 8) | h[9]
-        if plen > 125:
-            return hlen
-    return hlen + plen
+    f.fin = (h[0] & 0x80) != 0
+    f.opcode = h[0] & 0x0F
+    f.masked = (h[1] & 0x80) != 0
+    f.length = h[1] & 0x7F
+    f.top_bit = False
+    f.size = 2 + (4 if f.masked else 0) + (2 if f.length == 126 else 8 if f.length == 127 else 0)
+    if have < f.size:
+        return f.size
+    if f.length == 126:
+        f.length = (<uint64_t>h[2] << 8) | h[3]
+    elif f.length == 127:
+        f.top_bit = (h[2] & 0x80) != 0
+        f.length = 0
+        for i in range(2, 10):
+            f.length = (f.length << 8) | h[i]
+    if f.opcode == 8 and f.length <= 125:
+        return f.size + <Py_ssize_t>f.length
+    return f.size
 
 
 def close_frame(int code, str reason, bint masked):
@@ -130,7 +181,45 @@ def close_frame(int code, str reason, bint masked):
         b ^ key[i & 3] for i, b in enumerate(payload))
 
 
-cdef class Leg:
+cdef bytes text_frame(bytes payload):
+    """One unmasked text frame (the sidecar's notice to a client)."""
+    cdef object n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+cdef class Endpoint:
+
+    cdef int set_state(self, LegState new) except -1:
+        """The one place a state changes; an illegal transition is a bug: raise."""
+        if new != self.state:
+            if not (ALLOWED[<int>self.state] >> <int>new) & 1:
+                raise RuntimeError("illegal leg transition %s -> %s"
+                                   % (LegState(self.state).name, LegState(new).name))
+            self.state = new
+            self.at_frame_end = new == CLOSE_QUEUED or new == CLOSE_QUEUED_LAST
+        return 0
+
+    cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
+        return 0
+
+    cdef int frame_end(self, Pipe pipe, Py_ssize_t pos) except -1:
+        return 0
+
+    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1:
+        return 0
+
+    cdef int violation(self, Pipe pipe, int code, str reason) except -1:
+        return 0
+
+    cdef int metered(self, Pipe pipe, bytes message) except -1:
+        return 0
+
+
+cdef class Leg(Endpoint):
 
     def __cinit__(self):
         self.fd = -1
@@ -156,7 +245,7 @@ cdef class Leg:
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
         cdef ssize_t sent
         cdef Py_ssize_t piece
-        if self.closing or size <= 0:
+        if self.state >= SHUT or size <= 0:
             return 0
         if self.fd >= 0:
             if self.backlog and self.write_buffer_size() == 0:
@@ -168,9 +257,7 @@ cdef class Leg:
                 if sent < 0:
                     if errno != EAGAIN and errno != EINTR:   # EWOULDBLOCK is EAGAIN on Linux
                         # The peer is gone; connection_lost will follow.
-                        self.closing = True
-                        self.transport.abort()
-                        return 0
+                        return self.drop()
                     sent = 0
                 data += sent
                 size -= sent
@@ -185,10 +272,47 @@ cdef class Leg:
         self.backlog = True
         return 0
 
+    cdef int frame_end(self, Pipe pipe, Py_ssize_t pos) except -1:
+        """A frame boundary to this peer: our queued frames go out."""
+        cdef bytes frame = self.queued_notice
+        if frame is not None:
+            self.queued_notice = None
+            if not pipe.fragmented:     # a data frame cannot go between fragments
+                self.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        frame = self.queued_close
+        self.queued_close = None
+        self.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        if self.state == CLOSE_QUEUED:
+            self.set_state(CLOSE_SENT)
+        elif self.state == CLOSE_QUEUED_LAST:
+            self.shut()
+        return 0
+
+    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1:
+        return self.relay.on_close_frame(pipe, code, reason)
+
+    cdef int violation(self, Pipe pipe, int code, str reason) except -1:
+        return self.relay.on_violation(pipe, code, reason)
+
+    cdef int metered(self, Pipe pipe, bytes message) except -1:
+        cdef Relay relay = self.relay
+        if relay.on_message is not None:
+            relay.on_message(relay, message)
+        return 0
+
     cdef int shut(self) except -1:
-        if not self.closing:
-            self.closing = True
+        """Close the socket once what was written is out."""
+        if self.state < SHUT:
+            self.set_state(SHUT)
             self.transport.close()
+        return 0
+
+    cdef int drop(self) except -1:
+        """Drop the socket now (unsent bytes are lost)."""
+        if self.state != LOST and self.transport is not None:
+            if self.state < SHUT:
+                self.set_state(SHUT)
+            self.transport.abort()
         return 0
 
     # asyncio (buffered) protocol
@@ -197,7 +321,8 @@ cdef class Leg:
         return _read_buffer
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        if self.failed or self.relay is None or self.relay.done:
+        # Nothing is read from a violator (its pipe has a verdict) or after the session.
+        if self.relay is None or self.relay.done or self.inbound.verdict_code:
             return
         cdef uint64_t t0 = now_ns()
         self.inbound.feed(_read_ptr, nbytes)
@@ -209,23 +334,55 @@ cdef class Leg:
     def pause_writing(self):
         if self.outbound is None:
             return      # the session is over
-        cdef Leg src = self.outbound.src
-        if not (src.lost or src.closing):
+        cdef Leg src = <Leg>self.outbound.src
+        if src.state < SHUT:
             src.transport.pause_reading()
 
     def resume_writing(self):
         if self.outbound is None:
             return
-        cdef Leg src = self.outbound.src
-        if not (src.lost or src.closing or src.failed):
+        cdef Leg src = <Leg>self.outbound.src
+        if src.state < SHUT and not self.outbound.verdict_code:
             src.transport.resume_reading()
 
     def connection_lost(self, exc):
         # A local reference: on_lost may drop the relay's last one (it breaks cycles).
         cdef Relay relay = self.relay
-        self.lost = True
-        self.closing = True
+        self.set_state(LOST)
         relay.on_lost(self)
+
+
+cdef class Recorder(Endpoint):
+
+    def __init__(self, bint record):
+        if record:
+            self.output = bytearray()
+            self.boundaries = []
+            self.messages = []
+            self.at_frame_end = True
+
+    cdef int set_state(self, LegState new) except -1:
+        Endpoint.set_state(self, new)
+        self.at_frame_end = self.boundaries is not None
+        return 0
+
+    cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
+        if self.output is not None:
+            self.output += PyBytes_FromStringAndSize(<char*>data, size)
+        return 0
+
+    cdef int frame_end(self, Pipe pipe, Py_ssize_t pos) except -1:
+        self.boundaries.append(self.offset + <uint64_t>pos)
+        return 0
+
+    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1:
+        # The recorder is the pipe's source too: frames after a close are dropped.
+        return self.set_state(CLOSE_RECEIVED)
+
+    cdef int metered(self, Pipe pipe, bytes message) except -1:
+        if self.messages is not None:
+            self.messages.append(message)
+        return 0
 
 
 cdef class Pipe:
@@ -235,102 +392,108 @@ cdef class Pipe:
         self.masked = masked
         self.max_message = max_message
 
-    cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1:
-        if size <= 0:
+    def __dealloc__(self):
+        PyMem_Free(self.sniff)
+
+    cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1:
+        """Hand messages that contain any of `markers` in their first `window` bytes to
+        dst (text messages, and binary ones if `binary`)."""
+        if not markers:
             return 0
-        if self.dst is not None:
+        if not 0 < window <= SNIFF_LIMIT:
+            raise ValueError("sniff window must be 1..%d bytes" % SNIFF_LIMIT)
+        for m in markers:
+            if not isinstance(m, bytes) or not 0 < len(m) <= window:
+                raise ValueError("a marker must be non-empty bytes within the sniff window")
+        self.sniff = <uint8_t*>PyMem_Malloc(window)
+        if self.sniff == NULL:
+            raise MemoryError()
+        self.markers = markers
+        self.meter_binary = binary
+        self.window = window
+        return 0
+
+    cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1:
+        if size > 0:
             self.dst.write(data, size)
-        elif self.sink is not None:
-            self.sink += PyBytes_FromStringAndSize(<char*>data, size)
         return 0
 
     cdef int violation(self, int code, str reason) except -1:
         self.verdict_code = code
         self.verdict_reason = reason
-        if self.src is not None:
-            self.src.relay.on_violation(self, code, reason)
-        return 0
+        return self.dst.violation(self, code, reason)
 
-    cdef int start_frame(self, const uint8_t* h, Py_ssize_t have) except -1:
+    cdef int start_frame(self, const uint8_t* h, Header* f, Py_ssize_t have) except -1:
         """Judge a frame from its first `have` bytes (its header, or a whole close
-        frame). Returns 1 on a violation (already reported), else 0."""
-        cdef int fin = h[0] & 0x80, opcode = h[0] & 0x0F, masked = h[1] & 0x80
-        cdef uint64_t plen = h[1] & 0x7F
-        cdef Py_ssize_t hlen = 2, i
+        frame), decoded in `f`. Returns 1 on a violation (already reported), else 0."""
+        cdef int fin = f.fin, opcode = f.opcode
+        cdef uint64_t plen = f.length
+        cdef Py_ssize_t hlen = f.size, i
         cdef int code = 0
         cdef uint8_t p0, p1
         cdef object reason = None
         cdef bint forward
         if h[0] & 0x70:
-            return self.violation(1002, "reserved bits set (no extension was negotiated)") + 1
+            return self.violation(PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)") + 1
         if 2 < opcode < 8 or opcode > 10:
-            return self.violation(1002, "reserved opcode %d" % opcode) + 1
-        if bool(masked) != self.masked:
-            return self.violation(1002, "unmasked frame from the client" if self.masked
+            return self.violation(PROTOCOL_ERROR, "reserved opcode %d" % opcode) + 1
+        if f.masked != self.masked:
+            return self.violation(PROTOCOL_ERROR, "unmasked frame from the client" if self.masked
                                   else "masked frame from the upstream") + 1
-        if plen == 126:
-            plen = (<uint64_t>h[2] << 8) | h[3]
-            hlen = 4
-        elif plen == 127:
-            if h[2] & 0x80:
-                return self.violation(1002, "64-bit payload length with the top bit set") + 1
-            plen = 0
-            for i in range(2, 10):
-                plen = (plen << 8) | h[i]
-            hlen = 10
-        if masked:
-            hlen += 4
+        if f.top_bit:
+            return self.violation(PROTOCOL_ERROR, "64-bit payload length with the top bit set") + 1
         if opcode >= 8:
             if not fin:
-                return self.violation(1002, "fragmented control frame") + 1
+                return self.violation(PROTOCOL_ERROR, "fragmented control frame") + 1
             if plen > 125:
-                return self.violation(1002, "control frame payload over 125 bytes") + 1
+                return self.violation(PROTOCOL_ERROR, "control frame payload over 125 bytes") + 1
         else:
             if opcode == 0:
                 if not self.fragmented:
-                    return self.violation(1002, "continuation frame without a message to continue") + 1
+                    return self.violation(PROTOCOL_ERROR,
+                                          "continuation frame without a message to continue") + 1
             else:
                 if self.fragmented:
-                    return self.violation(1002, "new data message inside a fragmented message") + 1
+                    return self.violation(PROTOCOL_ERROR,
+                                          "new data message inside a fragmented message") + 1
                 self.message_bytes = 0
             if plen > self.max_message - self.message_bytes:
-                return self.violation(1009, "message over %d bytes" % self.max_message) + 1
+                return self.violation(MESSAGE_TOO_BIG, "message over %d bytes" % self.max_message) + 1
             self.message_bytes += plen
             self.fragmented = not fin
-            if self.marker is not None and opcode != 0:
-                self.meter_state = METER_SNIFF if opcode == 1 else METER_IDLE
+            if self.sniff != NULL and opcode != 0:
+                self.meter_state = (METER_SNIFF if opcode == 1 or self.meter_binary
+                                    else METER_IDLE)
                 self.nsniff = 0
         self.message_end = fin and opcode < 8
         self.data_frame = opcode < 8
         if opcode == 8:
             if plen == 1:
-                return self.violation(1002, "close frame with a 1-byte payload") + 1
+                return self.violation(PROTOCOL_ERROR, "close frame with a 1-byte payload") + 1
             if plen >= 2:
                 p0 = h[hlen]
                 p1 = h[hlen + 1]
-                if masked:
+                if f.masked:
                     p0 ^= h[hlen - 4]
                     p1 ^= h[hlen - 3]
                 code = (p0 << 8) | p1
                 if not valid_close_code(code):
-                    return self.violation(1002, "invalid close code %d" % code) + 1
+                    return self.violation(PROTOCOL_ERROR, "invalid close code %d" % code) + 1
                 raw = bytearray(h[hlen + 2:hlen + plen])
-                if masked:
+                if f.masked:
                     for i in range(len(raw)):
                         raw[i] ^= h[hlen - 4 + ((i + 2) & 3)]
                 try:
                     reason = raw.decode()
                 except UnicodeDecodeError:
-                    return self.violation(1007, "invalid UTF-8 in close reason") + 1
+                    return self.violation(INVALID_DATA, "invalid UTF-8 in close reason") + 1
             else:
-                code = 1005     # no status code present (RFC 6455 7.1.5); never sent
+                code = NO_STATUS
                 reason = ""
-        if self.src is not None:
-            # A violator gets the sidecar's close, not the other peer's reply.
-            forward = not (self.src.close_received or self.dst.close_sent
-                           or (opcode == 8 and self.dst.failed))
-        else:
-            forward = self.verdict_code == 0 and not self.frames[3]
+        # Not from a peer that closed (or violated), not to one we closed; a violator
+        # gets the sidecar's close, not the other peer's reply.
+        forward = not ((PEER_DONE >> <int>self.src.state) & 1 or self.dst.state >= CLOSE_QUEUED
+                       or (opcode == 8 and self.dst.state == FAILED))
         self.forwarding = forward
         self.left = plen - <uint64_t>(have - hlen)
         if forward:
@@ -341,14 +504,15 @@ cdef class Pipe:
             g_frames[self.direction][i] += 1
             g_payload[self.direction][i] += plen
             g_wire[self.direction] += hlen + plen
-        if opcode == 8 and self.src is not None:
-            self.src.relay.on_close_frame(self, code, reason)
+        if opcode == 8:
+            self.dst.close_frame(self, code, reason)
         return 0
 
     cdef int feed(self, const uint8_t* p, Py_ssize_t n) except -1:
         """Scan and forward `n` bytes read from src."""
         cdef Py_ssize_t pos = 0, run = 0, need, take
-        cdef Leg dst = self.dst
+        cdef Header f
+        cdef Endpoint dst = self.dst
         while pos < n:
             if self.left:
                 take = <Py_ssize_t>min(self.left, <uint64_t>(n - pos))
@@ -361,30 +525,30 @@ cdef class Pipe:
                 self.left -= take
             elif self.nheld:
                 # A frame start split across reads: complete it in `held`.
-                need = frame_need(self.held, self.nheld)
+                need = read_header(self.held, self.nheld, &f)
                 while self.nheld < need and pos < n:
                     take = min(need - self.nheld, n - pos)
                     memcpy(self.held + self.nheld, p + pos, take)
                     self.nheld += take
                     pos += take
-                    need = frame_need(self.held, self.nheld)
+                    need = read_header(self.held, self.nheld, &f)
                 run = pos
                 if self.nheld < need:
                     break
-                if self.start_frame(self.held, need):
+                if self.start_frame(self.held, &f, need):
                     return 0
                 if self.forwarding:
                     self.emit(self.held, need)
                 self.nheld = 0
             else:
-                need = frame_need(p + pos, n - pos)
+                need = read_header(p + pos, n - pos, &f)
                 if n - pos < need:
                     self.emit(p + run, pos - run)
                     memcpy(self.held, p + pos, n - pos)
                     self.nheld = n - pos
                     run = pos = n
                     break
-                if self.start_frame(p + pos, need):
+                if self.start_frame(p + pos, &f, need):
                     self.emit(p + run, pos - run)
                     return 0
                 if not self.forwarding:
@@ -392,32 +556,26 @@ cdef class Pipe:
                     run = pos + need
                 pos += need
             if self.left == 0 and self.nheld == 0:
-                # A frame boundary: where the relay's own close frame may go.
-                if self.boundaries is not None:
-                    self.boundaries.append(self.offset + <uint64_t>pos)
                 if self.message_end:
                     self.message_end = False
                     if self.meter_state:
                         self.meter_done()
-                if dst is not None and dst.pending_close is not None:
+                if dst.at_frame_end:
+                    # A frame boundary the endpoint waits for (e.g. to send its close).
                     self.emit(p + run, pos - run)
                     run = pos
-                    frame = dst.pending_close
-                    dst.pending_close = None
-                    dst.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
-                    self.src.relay.check_leg(dst)
+                    dst.frame_end(self, pos)
         self.emit(p + run, pos - run)
-        self.offset += <uint64_t>n
         return 0
 
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1:
-        """Payload bytes of a text message: sniff its start, capture it if marked."""
+        """Payload bytes of a metered message: sniff its start, capture it if marked."""
         cdef Py_ssize_t take
         if self.meter_state == METER_SNIFF:
-            take = min(size, SNIFF_MAX - self.nsniff)
+            take = min(size, self.window - self.nsniff)
             memcpy(self.sniff + self.nsniff, data, take)
             self.nsniff += take
-            if self.nsniff < SNIFF_MAX:
+            if self.nsniff < self.window:
                 return 0
             if not self.marked():
                 self.meter_state = METER_IDLE
@@ -434,25 +592,23 @@ cdef class Pipe:
         return 0
 
     cdef bint marked(self):
-        return memmem(self.sniff, self.nsniff, PyBytes_AS_STRING(self.marker),
-                      PyBytes_GET_SIZE(self.marker)) != NULL
+        cdef bytes m
+        for m in self.markers:
+            if memmem(self.sniff, self.nsniff, PyBytes_AS_STRING(m), PyBytes_GET_SIZE(m)) != NULL:
+                return True
+        return False
 
     cdef int meter_done(self) except -1:
-        """A text message ended: hand it to Python if it carries the marker."""
-        cdef object message = None
+        """A metered message ended: hand it to dst if it carries a marker."""
+        cdef bytes message = None
         if self.meter_state == METER_SNIFF and self.marked():
             message = self.sniff[:self.nsniff]
         elif self.meter_state == METER_CAPTURE:
             message = bytes(self.capture)
         self.meter_state = METER_IDLE
         self.capture = None
-        if message is None:
-            return 0
-        if self.src is None:
-            if self.messages is not None:
-                self.messages.append(message)
-        elif self.src.relay.on_message is not None:
-            self.src.relay.on_message(self.src.relay, message)
+        if message is not None:
+            self.dst.metered(self, message)
         return 0
 
     def counters(self):
@@ -463,33 +619,35 @@ cdef class Pipe:
 
 cdef class Scanner(Pipe):
     """The relay's scanner without sockets, for tests and benchmarks: forwarded
-    bytes go to `output`, frame ends to `boundaries`."""
+    bytes go to `output`, frame ends to `frame_boundaries`, metered messages to
+    `metered` (a Recorder is the pipe's source and sink)."""
+    cdef Recorder recorder
 
     def __init__(self, bint masked, uint64_t max_message=1 << 62, bint record=True,
-                 bytes marker=None):
+                 tuple markers=(), bint meter_binary=False, Py_ssize_t sniff_bytes=SNIFF_DEFAULT):
         self.masked = masked
         self.max_message = max_message
-        self.marker = marker
-        if record:
-            self.sink = bytearray()
-            self.boundaries = []
-            self.messages = []
+        self.recorder = Recorder(record)
+        self.src = self.dst = self.recorder
+        self.set_metering(markers, meter_binary, sniff_bytes)
 
     def feed_bytes(self, const uint8_t[:] data):
-        if data.shape[0] and self.verdict_code == 0:
-            self.feed(&data[0], data.shape[0])
+        cdef Py_ssize_t n = data.shape[0]
+        if n and self.verdict_code == 0:
+            self.feed(&data[0], n)
+            self.recorder.offset += <uint64_t>n
 
     @property
     def output(self):
-        return bytes(self.sink)
+        return bytes(self.recorder.output)
 
     @property
     def frame_boundaries(self):
-        return list(self.boundaries)
+        return list(self.recorder.boundaries)
 
     @property
     def metered(self):
-        return list(self.messages)
+        return list(self.recorder.messages)
 
 
 def scan_benchmark(bytes data, bint masked, int repeat):
@@ -505,11 +663,13 @@ def scan_benchmark(bytes data, bint masked, int repeat):
 
 cdef class Relay:
     """Two legs and two pipes. `start` hands both transports over; `close` sends the
-    sidecar's own close frames; `on_done(relay)` is called once both sockets are gone."""
-
+    sidecar's own close frames; `on_done(relay)` is called once both sockets are gone.
+    Provider messages (text, and binary if `meter_binary`) with any of `markers` in
+    their first `sniff_bytes` bytes go to `on_message(relay, bytes)`."""
 
     def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
-                 bytes marker=None, on_message=None):
+                 tuple markers=(), on_message=None, *, bint meter_binary=False,
+                 Py_ssize_t sniff_bytes=SNIFF_DEFAULT):
         self.loop = loop
         self.on_done = on_done
         self.close_timeout = close_timeout
@@ -517,8 +677,7 @@ cdef class Relay:
         self.upstream = Leg()
         self.c2u = Pipe(C2U, True, max_message)
         self.u2c = Pipe(U2C, False, max_message)
-        # Text messages from the provider that contain `marker` go to on_message(relay, bytes).
-        self.u2c.marker = marker
+        self.u2c.set_metering(markers, meter_binary, sniff_bytes)
         self.on_message = on_message
         self.c2u.src = self.u2c.dst = self.client
         self.c2u.dst = self.u2c.src = self.upstream
@@ -533,19 +692,26 @@ cdef class Relay:
         if client_early and not self.done:
             self.c2u.feed(<uint8_t*>PyBytes_AS_STRING(client_early), len(client_early))
 
-    def close(self, int client_code, str client_reason, int upstream_code, str upstream_reason):
-        """Close both sides with the sidecar's own close frames (shutdown, revoked key)."""
+    def close(self, int client_code, str client_reason, int upstream_code, str upstream_reason,
+              bytes client_notice=None):
+        """Close both sides with the sidecar's own close frames (shutdown, revoked key).
+        `client_notice` (UTF-8) goes to the client as one text frame just before its
+        close, at the next frame boundary; it is left out if the client's leg is no
+        longer open or the upstream's message to the client is unfinished
+        (fragmented: a data frame cannot go between its fragments)."""
+        notice = None
+        if client_notice is not None:
+            client_notice.decode()      # a text frame must be UTF-8 (UnicodeDecodeError)
+            notice = text_frame(client_notice)
         if self.closed_by is None:
             self.closed_by, self.close_code, self.close_reason = "sidecar", client_code, client_reason
-        self.send_close(self.client, client_code, client_reason, False)
+        self.send_close(self.client, client_code, client_reason, False, notice)
         self.send_close(self.upstream, upstream_code, upstream_reason, False)
 
     def abort(self):
         """Drop both connections now, without closing handshakes."""
-        for leg in (self.client, self.upstream):
-            if leg.transport is not None and not leg.lost:
-                leg.closing = True
-                leg.transport.abort()
+        self.client.drop()
+        self.upstream.drop()
 
     def counters(self, int direction):
         return (self.c2u if direction == C2U else self.u2c).counters()
@@ -563,40 +729,58 @@ cdef class Relay:
             n += self.c2u.frames[k] + self.u2c.frames[k]
         return n
 
-    cdef int send_close(self, Leg leg, int code, str reason, bint finish) except -1:
-        if finish:
-            leg.finish = True
-        if leg.lost or leg.closing:
+    cdef int send_close(self, Leg leg, int code, str reason, bint finish,
+                        bytes notice=None) except -1:
+        """Our close to `leg` (after `notice`, if the leg is open), now or at the end of
+        the frame in flight to it. `finish`: shut the socket once it is out."""
+        cdef LegState s = leg.state
+        cdef Pipe out = leg.outbound
+        cdef bint last
+        if s >= SHUT:
             return 0
-        if leg.close_sent:
-            return self.check_leg(leg)
-        leg.close_sent = True
+        if s >= CLOSE_QUEUED:       # a close is out or queued already
+            if s == CLOSE_QUEUED:
+                if finish:
+                    leg.set_state(CLOSE_QUEUED_LAST)
+            elif s == CLOSED or (finish and s == CLOSE_SENT):
+                leg.shut()
+            return 0
+        last = finish or s == CLOSE_RECEIVED
         frame = close_frame(code, reason, leg is self.upstream)
-        if leg.outbound.left:
-            leg.pending_close = frame        # after the frame in flight
-            if leg.outbound.src.lost:
-                leg.closing = True           # that frame will never end
-                leg.transport.abort()
+        if s != OPEN:
+            notice = None
+        if out.left:
+            leg.queued_notice = notice
+            leg.queued_close = frame
+            leg.set_state(CLOSE_QUEUED_LAST if last else CLOSE_QUEUED)
+            if out.src.state == LOST:
+                leg.drop()                  # that frame will never end
         else:
+            if notice is not None and not out.fragmented:
+                leg.write(<uint8_t*>PyBytes_AS_STRING(notice), PyBytes_GET_SIZE(notice))
             leg.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
-            self.check_leg(leg)
+            if leg.state < SHUT:            # (the write may have found the peer gone)
+                if last:
+                    leg.shut()
+                else:
+                    leg.set_state(CLOSE_SENT)
         return self.arm_deadline()
 
-    cdef int check_leg(self, Leg leg) except -1:
-        """Close a leg's socket once its closing handshake is over (or it must end)."""
-        if leg.close_sent and leg.pending_close is None and (leg.close_received or leg.finish):
-            leg.shut()
-        return 0
-
     cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1:
-        cdef Leg src = pipe.src, dst = pipe.dst
+        cdef Leg src = <Leg>pipe.src, dst = <Leg>pipe.dst
+        cdef LegState s = src.state
         if self.closed_by is None:
             self.closed_by = "client" if src is self.client else "upstream"
             self.close_code, self.close_reason = code, reason
-        src.close_received = True
-        if pipe.forwarding:
-            dst.close_sent = True
-        elif dst.failed:
+        if s == OPEN:
+            src.set_state(CLOSE_RECEIVED)
+        elif s == CLOSE_QUEUED:
+            src.set_state(CLOSE_QUEUED_LAST)
+        elif s == CLOSE_SENT:
+            src.set_state(CLOSED)
+        if pipe.forwarding:                 # dst is OPEN or CLOSE_RECEIVED
+            dst.set_state(CLOSED if dst.state == CLOSE_RECEIVED else CLOSE_SENT)
+        elif dst.inbound.verdict_code:
             # The other peer has answered our close: now tell the violator why.
             self.send_close(dst, self.fail_code, self.fail_reason, True)
         self.arm_deadline()
@@ -605,29 +789,32 @@ cdef class Relay:
         return 0
 
     def _after_close_frame(self):
-        self.check_leg(self.client)
-        self.check_leg(self.upstream)
+        if self.client.state == CLOSED:
+            self.client.shut()
+        if self.upstream.state == CLOSED:
+            self.upstream.shut()
 
     cdef int on_violation(self, Pipe pipe, int code, str reason) except -1:
         """Nothing more is read from the violator. The other peer is closed first (after
         VIOLATION_GRACE), and what it still sends (e.g. the answer to the violator's
         last good message) is delivered until its close arrives; then the violator
         gets `code`."""
-        cdef Leg src = pipe.src
+        cdef Leg src = <Leg>pipe.src, dst = <Leg>pipe.dst
         side = "client" if src is self.client else "upstream"
         reason = "%s: %s" % (side, reason)
         if self.closed_by is None:
             self.closed_by, self.close_code, self.close_reason = "sidecar", code, reason
         self.fail_code, self.fail_reason = code, reason
-        src.failed = True
-        if not src.closing:
+        if src.state == OPEN or src.state == CLOSE_RECEIVED:
+            src.set_state(FAILED)
+        if src.state < SHUT:
             src.transport.pause_reading()
-        if pipe.dst.close_sent or pipe.dst.lost:
+        if dst.state >= CLOSE_QUEUED:       # the other peer was closed, or is gone
             self.send_close(src, code, reason, True)
         else:
             # A moment for the other peer to answer what it already received (a
             # client's last good message, say) before it is told to close.
-            self.loop.call_later(VIOLATION_GRACE, self._close_after_violation, pipe.dst)
+            self.loop.call_later(VIOLATION_GRACE, self._close_after_violation, dst)
             self.arm_deadline()
         return 0
 
@@ -636,28 +823,26 @@ cdef class Relay:
 
     cdef int on_lost(self, Leg leg) except -1:
         cdef Leg other = self.upstream if leg is self.client else self.client
-        if not other.lost:
-            if other.pending_close is not None:
-                # Our close waits for a frame from the lost leg that will never end.
-                other.closing = True
-                other.transport.abort()
-            elif not (leg.close_sent and leg.close_received):
-                if self.closed_by is None:
-                    if leg is self.client:
-                        self.closed_by, self.close_code = "client", 1006
-                        self.close_reason = "client connection lost"
-                    else:
-                        self.closed_by, self.close_code = "upstream", 1006
-                        self.close_reason = "upstream connection lost"
-                if other.failed:
+        if other.state != LOST:
+            if other.state == CLOSE_QUEUED or other.state == CLOSE_QUEUED_LAST:
+                other.drop()        # our close waits for a frame that will never end
+                return 0
+            if self.closed_by is None:
+                if leg is self.client:
+                    self.closed_by, self.close_code = "client", CONNECTION_LOST
+                    self.close_reason = "client connection lost"
+                else:
+                    self.closed_by, self.close_code = "upstream", CONNECTION_LOST
+                    self.close_reason = "upstream connection lost"
+            if other.state < CLOSE_QUEUED:  # no close went to it yet
+                if other.inbound.verdict_code:
                     self.send_close(other, self.fail_code, self.fail_reason, True)
                 elif leg is self.client:
-                    self.send_close(other, 1001, "client went away", True)
+                    self.send_close(other, GOING_AWAY, "client went away", True)
                 else:
-                    self.send_close(other, 1014, "upstream connection lost", True)
-            else:
-                other.finish = True
-                self.check_leg(other)
+                    self.send_close(other, UPSTREAM_FAILED, "upstream connection lost", True)
+            else:                           # its close is out: nothing more to wait for
+                other.shut()
             return 0
         self.done = True
         if self.deadline is not None:
@@ -687,11 +872,11 @@ cdef class Relay:
         the frames to it are at a boundary."""
         cdef Leg leg
         for leg in (self.client, self.upstream):
-            if (leg.failed and not leg.close_sent and not (leg.lost or leg.closing)
-                    and leg.outbound is not None and leg.outbound.left == 0):
-                leg.close_sent = True
+            if leg.state == FAILED and leg.outbound is not None and leg.outbound.left == 0:
                 frame = close_frame(self.fail_code, self.fail_reason, leg is self.upstream)
                 leg.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                if leg.state < SHUT:
+                    leg.set_state(CLOSE_SENT)
         self.abort()
 
 

@@ -332,7 +332,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     limits = host.limits
     relay = _relay.Relay(asyncio.get_running_loop(), limits.max_message_bytes,
                          limits.close_timeout_seconds, host.session_ended,
-                         MARKER, host.provider_message)
+                         (MARKER,), host.provider_message)
     relay.session = info
     info.relay = relay
     host.count("accepted")

@@ -25,7 +25,7 @@ def one_input(data: bytes) -> None:
     limit = fdp.PickValueInList([1 << 62, 64, 1000])
     cuts = sorted(fdp.ConsumeIntInRange(0, 4096) for _ in range(fdp.ConsumeIntInRange(0, 6)))
     stream = fdp.ConsumeBytes(fdp.remaining_bytes())
-    s = Scanner(masked, max_message=limit, marker=None if masked else MARKER)
+    s = Scanner(masked, max_message=limit, markers=() if masked else (MARKER,))
     last = 0
     for cut in [c for c in cuts if c <= len(stream)] + [len(stream)]:
         s.feed_bytes(stream[last:cut])

@@ -126,7 +126,7 @@ def stream(draw):
 @given(stream())
 def test_scanner_agrees_with_the_reference(case):
     masked, data, cuts, limit = case
-    s = Scanner(masked, max_message=limit, marker=None if masked else MARKER)
+    s = Scanner(masked, max_message=limit, markers=() if masked else (MARKER,))
     last = 0
     for cut in cuts + [len(data)]:
         s.feed_bytes(data[last:cut])
