@@ -1,0 +1,156 @@
+"""`Relay.close(..., client_notice=...)`: the client gets one text message, then the
+sidecar's close, never inside a frame in flight. The relay runs in this process
+between a websockets client and a hand-written upstream, all over loopback."""
+
+import asyncio
+import base64
+import os
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conduit_sidecar import _relay
+from conftest import run, switching_protocols
+
+NOTICE = b'{"type":"error","error":{"code":"budget_exhausted"}}'
+
+
+class _Head(asyncio.Protocol):
+    """Collects an HTTP head; the relay takes the transport over after it."""
+
+    def __init__(self):
+        self.data = b""
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+        if b"\r\n\r\n" in self.data and not self.done.done():
+            self.transport.pause_reading()
+            self.done.set_result(self.data)
+
+
+class _Upstream(asyncio.Protocol):
+    """Answers the upgrade, then hands its transport to the test."""
+
+    def __init__(self, ready):
+        self.head, self.ready = b"", ready
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.head is None:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.transport.write(switching_protocols(self.head))
+            self.head = None
+            self.ready.set_result(self.transport)
+
+
+async def _session():
+    """(relay, websockets client, upstream transport); the relay sits between them."""
+    loop = asyncio.get_running_loop()
+    upstream_ready, relays = loop.create_future(), loop.create_future()
+    up_server = await loop.create_server(lambda: _Upstream(upstream_ready), "127.0.0.1", 0)
+    up_port = up_server.sockets[0].getsockname()[1]
+
+    async def front(head_proto):
+        head = await head_proto.done
+        client = head_proto.transport
+        upstream, up = await loop.create_connection(_Head, "127.0.0.1", up_port)
+        key = base64.b64encode(os.urandom(16))
+        upstream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        response = await up.done
+        client.write(switching_protocols(head))
+        relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None)
+        relay.start(client, upstream, b"", response.split(b"\r\n\r\n", 1)[1])
+        client.resume_reading()
+        upstream.resume_reading()
+        relays.set_result(relay)
+
+    def accept():
+        proto = _Head()
+        loop.create_task(front(proto))
+        return proto
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ws = await connect(f"ws://127.0.0.1:{port}/", compression=None, max_size=None,
+                       ping_interval=None)
+    return relays.result() if relays.done() else await relays, ws, await upstream_ready
+
+
+async def _rest(ws):
+    """Messages until the close, and the close code and reason."""
+    got = []
+    try:
+        while True:
+            got.append(await asyncio.wait_for(ws.recv(), 5))
+    except ConnectionClosed as closed:
+        return got, closed.rcvd.code, closed.rcvd.reason
+
+
+def test_notice_then_close_code():
+    async def body():
+        relay, ws, upstream = await _session()
+        upstream.write(bytes([0x81, 5]) + b"hello")
+        assert await ws.recv() == "hello"
+        relay.close(_relay.CloseCode.BUDGET_EXHAUSTED, "budget exhausted", 1000, "",
+                    client_notice=NOTICE)
+        return await _rest(ws)
+    got, code, reason = run(body())
+    assert got == [NOTICE.decode()]
+    assert (code, reason) == (4002, "budget exhausted")
+
+
+def test_notice_waits_for_the_frame_in_flight():
+    """The close is asked for while a 1 MiB frame to the client is half through: the
+    client gets the whole frame, then the notice, then the close."""
+    payload = os.urandom(1 << 20)
+    frame = bytes([0x82, 127]) + len(payload).to_bytes(8, "big") + payload
+
+    async def body():
+        relay, ws, upstream = await _session()
+        upstream.write(frame[:300_000])
+        await asyncio.sleep(0.2)            # the relay has forwarded part of it
+        relay.close(_relay.CloseCode.BUDGET_EXHAUSTED, "budget exhausted", 1000, "",
+                    client_notice=NOTICE)
+        assert relay.client.state == _relay.LegState.CLOSE_QUEUED
+        await asyncio.sleep(0.1)
+        upstream.write(frame[300_000:])
+        return await _rest(ws)
+    got, code, reason = run(body())
+    assert got == [payload, NOTICE.decode()]
+    assert (code, reason) == (4002, "budget exhausted")
+
+
+def test_no_notice_between_fragments():
+    """A text frame cannot go inside a fragmented message: the close goes alone."""
+    async def body():
+        relay, ws, upstream = await _session()
+        upstream.write(bytes([0x01, 3]) + b"abc")        # a first fragment, no FIN
+        await asyncio.sleep(0.2)
+        relay.close(_relay.CloseCode.BUDGET_EXHAUSTED, "budget exhausted", 1000, "",
+                    client_notice=NOTICE)
+        return await _rest(ws)
+    got, code, reason = run(body())
+    assert got == []
+    assert (code, reason) == (4002, "budget exhausted")
+
+
+def test_a_notice_must_be_utf8():
+    async def body():
+        relay, ws, upstream = await _session()
+        with pytest.raises(UnicodeDecodeError):
+            relay.close(1001, "going away", 1001, "", client_notice=b"\xff")
+        relay.close(1001, "going away", 1001, "")
+        return await _rest(ws)
+    got, code, _ = run(body())
+    assert got == [] and code == 1001
