@@ -30,7 +30,7 @@ def one_input(data: bytes) -> None:
     for cut in [c for c in cuts if c <= len(stream)] + [len(stream)]:
         s.feed_bytes(stream[last:cut])
         last = cut
-    ref = scan(stream, masked, limit, None if masked else MARKER)
+    ref = scan(stream, masked, limit, () if masked else (MARKER,))
     out = s.output
     assert stream.startswith(out), "the scanner forwarded bytes it was not given"
     assert all(0 < a < b for a, b in zip(s.frame_boundaries, s.frame_boundaries[1:]))

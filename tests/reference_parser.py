@@ -16,7 +16,10 @@ class Result:
         self.metered = []
 
 
-def scan(data: bytes, masked: bool, max_message: int = 1 << 62, marker: bytes | None = None):
+def scan(data: bytes, masked: bool, max_message: int = 1 << 62, markers: tuple = (),
+         binary: bool = False, window: int = 256):
+    """Metering: text messages (and binary ones if `binary`) with any of `markers` in
+    their first `window` bytes are kept in `metered`."""
     r = Result()
     pos = 0
     fragmented = False
@@ -92,8 +95,8 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, marker: bytes | 
             r.payload[k] += n
             r.wire += hlen + n
             r.output += data[pos:min(end, len(data))]
-        if marker is not None and opcode < 3:
-            if opcode == 1:
+        if markers and opcode < 3:
+            if opcode == 1 or (opcode == 2 and binary):
                 text = b""
             elif opcode == 2:
                 text = None
@@ -102,8 +105,8 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, marker: bytes | 
         if end > len(data):
             return r                                # payload still arriving (cut-through)
         r.boundaries.append(end)
-        if marker is not None and opcode < 3 and fin and text is not None:
-            if marker in text[:256]:
+        if markers and opcode < 3 and fin and text is not None:
+            if any(m in text[:window] for m in markers):
                 r.metered.append(text)
             text = None
         if opcode == 8:

@@ -122,3 +122,28 @@ def test_close_frame_in_a_long_length_form_is_judged_whole_across_reads():
         s.feed_bytes(data[:cut])
         s.feed_bytes(data[cut:])
         assert s.verdict_code == 0 and s.output == data, cut
+
+
+def test_metering_markers_binary_and_window():
+    """Any marker within the sniff window captures the whole message (even across
+    fragments); binary messages only when asked; the window is configurable."""
+    usage = b'{"serverContent":{},' + b" " * 400 + b'"usageMetadata":{"totalTokenCount":9}}'
+    other = b'{"type":"response.done"}'
+    data = (frame(2, usage, False) + frame(1, other, False)
+            + frame(1, usage[:200], False, fin=False) + frame(9, b"p", False)
+            + frame(0, usage[200:], False))
+    markers = (b'"response.done"', b'"usageMetadata"')
+    for binary, window, expect in [(False, 256, [other]), (False, 1024, [other, usage]),
+                                   (True, 1024, [usage, other, usage])]:
+        s = Scanner(False, markers=markers, meter_binary=binary, sniff_bytes=window)
+        s.feed_bytes(data)
+        assert s.metered == expect, (binary, window)
+        assert s.output == data
+
+
+@pytest.mark.parametrize("kw", [dict(markers=(b"",)), dict(markers=(b"x" * 300,)),
+                                dict(markers=(b"x",), sniff_bytes=0),
+                                dict(markers=(b"x",), sniff_bytes=1 << 20)])
+def test_metering_set_up_is_checked(kw):
+    with pytest.raises(ValueError):
+        Scanner(False, **kw)

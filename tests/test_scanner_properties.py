@@ -14,6 +14,10 @@ settings.register_profile("long", max_examples=20000, deadline=None)
 settings.load_profile(os.environ.get("CONDUIT_HYPOTHESIS_PROFILE", "ci"))
 
 MARKER = b'"response.done"'
+USAGE = b'"usageMetadata"'       # Gemini Live's marker, often after other fields
+# Metering set-ups: (markers, meter binary messages too, sniff window).
+METERING = st.tuples(st.sampled_from([(MARKER,), (MARKER, USAGE), (USAGE,)]), st.booleans(),
+                     st.sampled_from([16, 64, 256, 1000]))
 
 
 def encode(opcode, payload, masked, fin=True, rsv=0, key=b"\x01\x02\x03\x04", encoding="min"):
@@ -40,8 +44,8 @@ close_payloads = st.one_of(
               st.sampled_from([b"", b"bye", "\u00e9".encode(), b"x" * 123])))
 text_payloads = st.one_of(
     st.binary(max_size=300),
-    st.builds(lambda pad, tail: b" " * pad + b'{"type":"response.done"' + tail,
-              st.integers(0, 250), st.binary(max_size=40)))
+    st.builds(lambda pad, marker, tail: b" " * pad + b'{"type":' + marker + tail,
+              st.integers(0, 250), st.sampled_from([MARKER, USAGE]), st.binary(max_size=40)))
 
 
 # Control frames' lengths in the 16- and 64-bit forms too (not minimal; the endpoints
@@ -56,7 +60,7 @@ def valid_frames(draw, masked):
     frames = []
     for _ in range(draw(st.integers(0, 6))):
         opcode = draw(st.sampled_from([1, 2]))
-        payload = draw(text_payloads if opcode == 1 else st.binary(max_size=300))
+        payload = draw(text_payloads)
         cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=3)))
         parts = [payload[i:j] for i, j in zip([0] + cuts, cuts + [len(payload)])]
         for i, part in enumerate(parts):
@@ -123,15 +127,19 @@ def stream(draw):
     return masked, data, cuts, limit
 
 
-@given(stream())
-def test_scanner_agrees_with_the_reference(case):
+@given(stream(), METERING)
+def test_scanner_agrees_with_the_reference(case, metering):
     masked, data, cuts, limit = case
-    s = Scanner(masked, max_message=limit, markers=() if masked else (MARKER,))
+    markers, binary, window = metering
+    if masked:
+        markers = ()
+    s = Scanner(masked, max_message=limit, markers=markers, meter_binary=binary,
+                sniff_bytes=window)
     last = 0
     for cut in cuts + [len(data)]:
         s.feed_bytes(data[last:cut])
         last = cut
-    ref = scan(data, masked, limit, None if masked else MARKER)
+    ref = scan(data, masked, limit, markers, binary, window)
     assert (s.verdict_code, s.verdict_reason) == ref.verdict
     assert s.frame_boundaries == ref.boundaries
     frames, payload, wire = s.counters()
