@@ -1,0 +1,104 @@
+"""Types of the relay core's Python face (the extension built from _relay.pyx)."""
+
+import asyncio
+import enum
+from collections.abc import Callable
+
+KIND_NAMES: tuple[str, str, str, str, str, str]
+DIRECTION_NAMES: tuple[str, str]
+HISTOGRAM_BOUNDS: tuple[float, ...]
+SNIFF_BYTES: int
+SNIFF_BYTES_MAX: int
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    NO_STATUS = 1005
+    CONNECTION_LOST = 1006
+    INVALID_DATA = 1007
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    AT_CAPACITY = 1013
+    UPSTREAM_FAILED = 1014
+    AUTH_FAILED = 4001
+    BUDGET_EXHAUSTED = 4002
+    FORBIDDEN = 4003
+    NO_ROUTE = 4004
+    SESSION_TIME_LIMIT = 4008
+    KEY_LIMIT = 4029
+
+class LegState(enum.IntEnum):
+    OPEN = 0
+    CLOSE_RECEIVED = 1
+    FAILED = 2
+    CLOSE_QUEUED = 3
+    CLOSE_QUEUED_LAST = 4
+    CLOSE_SENT = 5
+    CLOSED = 6
+    SHUT = 7
+    LOST = 8
+
+# (frames per kind, payload bytes per kind, wire bytes)
+_Counters = tuple[tuple[int, ...], tuple[int, ...], int]
+
+def close_frame(code: int, reason: str, masked: bool) -> bytes: ...
+def totals() -> tuple[tuple[tuple[int, ...], tuple[int, ...]],
+                      tuple[tuple[int, ...], tuple[int, ...]],
+                      tuple[int, int], tuple[int, ...], float]: ...
+def scan_benchmark(data: bytes, masked: bool, repeat: int) -> int: ...
+
+class Endpoint:
+    @property
+    def state(self) -> LegState: ...
+
+class Leg(Endpoint):
+    """The asyncio buffered protocol of one socket (set on its transport by start)."""
+
+class Pipe:
+    @property
+    def verdict_code(self) -> int: ...
+    @property
+    def verdict_reason(self) -> str | None: ...
+    def counters(self) -> _Counters: ...
+
+class Scanner(Pipe):
+    def __init__(self, masked: bool, max_message: int = ..., record: bool = True,
+                 markers: tuple[bytes, ...] = (), meter_binary: bool = False,
+                 sniff_bytes: int = 256) -> None: ...
+    def feed_bytes(self, data: bytes | bytearray | memoryview) -> None: ...
+    @property
+    def output(self) -> bytes: ...
+    @property
+    def frame_boundaries(self) -> list[int]: ...
+    @property
+    def metered(self) -> list[bytes]: ...
+
+class Relay:
+    on_message: Callable[[Relay, bytes], object] | None
+    session: object
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_message: int, close_timeout: float,
+                 on_done: Callable[[Relay], object], markers: tuple[bytes, ...] = (),
+                 on_message: Callable[[Relay, bytes], object] | None = None, *,
+                 meter_binary: bool = False, sniff_bytes: int = 256) -> None: ...
+    @property
+    def client(self) -> Leg: ...
+    @property
+    def upstream(self) -> Leg: ...
+    @property
+    def closed_by(self) -> str | None: ...
+    @property
+    def close_code(self) -> int | None: ...
+    @property
+    def close_reason(self) -> str | None: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def activity(self) -> int: ...
+    def start(self, client_transport: asyncio.BaseTransport,
+              upstream_transport: asyncio.BaseTransport, client_early: bytes = b"",
+              upstream_early: bytes = b"") -> None: ...
+    def close(self, client_code: int, client_reason: str, upstream_code: int,
+              upstream_reason: str, client_notice: bytes | None = None) -> None: ...
+    def abort(self) -> None: ...
+    def counters(self, direction: int) -> _Counters: ...
