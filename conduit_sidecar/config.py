@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-__all__ = ["Audio", "Config", "ConfigError", "Limits", "Provider", "TLS", "load", "split_hostport"]
+__all__ = ["Audio", "Circuit", "Config", "ConfigError", "Deployment", "Limits", "Provider", "TLS",
+           "load", "split_hostport"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -34,6 +35,20 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     drain_seconds: NonNegative = 25.0
 
 
+class Deployment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One place a provider runs; every field set here overrides the provider's."""
+
+    name: str | None = None          # label in logs and metrics; default: its index
+    weight: Count = 1                # for selection = "weighted"
+    url: str | None = None
+    headers: dict[str, str] | None = None
+    secret_file: str | None = None
+    secret_env: str | None = None
+    ca_file: str | None = None
+    resource: str | None = None
+    model_names: dict[str, str] | None = None
+
+
 class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A provider section; for built-in providers every field overrides the template."""
 
@@ -44,6 +59,19 @@ class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: list[str] = []
     ca_file: str | None = None
     resource: str | None = None      # azure: the resource name in the host
+    # The client's model pattern -> the name the provider knows it by (Azure: a deployment).
+    model_names: dict[str, str] | None = None
+    deployments: list[Deployment] = []
+    selection: Literal["weighted", "least_sessions"] | None = None
+
+
+class Circuit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Per deployment: `failures` connects in a row rest it for `cooldown_seconds`,
+    doubled per failed probe up to `max_cooldown_seconds`."""
+
+    failures: Count = 5
+    cooldown_seconds: Positive = 5.0
+    max_cooldown_seconds: Positive = 60.0
 
 
 class Audio(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -76,6 +104,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     limits: Limits = Limits()
     audio: Audio = Audio()
     providers: dict[str, Provider] = {}
+    routes: dict[str, list[str]] = {}      # model pattern -> providers, tried in order
+    circuit: Circuit = Circuit()
     tls: TLS | None = None
 
 

@@ -62,6 +62,13 @@ class Metrics:
         self.upstream_connect = Histogram("conduit_upstream_connect_seconds",
                                           "Upstream TCP + TLS + WebSocket handshake time.",
                                           ["provider"], buckets=_CONNECT_BUCKETS, registry=r)
+        self.upstream_attempts = Counter("conduit_upstream_attempts",
+                                         "Upstream connect attempts by deployment and outcome.",
+                                         ["provider", "deployment", "outcome"], registry=r)
+        self.deployment_healthy = Gauge("conduit_deployment_healthy",
+                                        "1 while a deployment's circuit is closed, 0 while it "
+                                        "rests after failures.", ["provider", "deployment"],
+                                        registry=r)
         self.auth_failures = Counter("conduit_auth_failures", "Rejected keys by reason.",
                                      ["reason"], registry=r)
         self.closes = Counter("conduit_closes", "Session ends by the side that closed first and code.",

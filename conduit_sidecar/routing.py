@@ -1,5 +1,9 @@
-"""Providers: built-in templates, user sections, model routes, and the upstream
-URL and headers for one session.
+"""Providers: built-in templates, user sections, their deployments, model routes,
+and the upstream URL and headers for one session.
+
+A provider is one or more deployments (targets): the template, overridden by the
+user's section, overridden by each `[[providers.NAME.deployments]]` entry. Which
+target to try, and what to do when it fails, is the upstream module's business.
 
 Upstream URLs come only from the config. Values substituted into a URL are
 percent-encoded; any value with a control character is refused.
@@ -15,10 +19,10 @@ import urllib.parse
 import msgspec
 from websockets.uri import WebSocketURI, parse_uri
 
-from .config import Config, ConfigError, Provider
+from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
 
-__all__ = ["BUILTIN", "Route", "RouteError", "Router", "Upstream"]
+__all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
 BUILTIN: dict[str, Provider] = {
     "openai": Provider(
@@ -65,10 +69,24 @@ class Upstream(msgspec.Struct, frozen=True):
     ssl: ssl.SSLContext | None
 
 
+class Target(msgspec.Struct, frozen=True):
+    """One deployment of a provider, its template fields all resolved."""
+    provider: str
+    label: str               # the deployment's name, or its index
+    spec: Provider
+    weight: int
+
+
 class Route(msgspec.Struct, frozen=True):
     name: str
     spec: Provider
     uses_model: bool
+    targets: tuple[Target, ...]
+    selection: str           # "weighted" | "least_sessions"
+
+
+# The fields a deployment may override (all of Deployment's but its label and weight).
+_OVERRIDES = tuple(f for f in Deployment.__struct_fields__ if f not in ("name", "weight"))
 
 
 def _merge(name: str, user: Provider | None) -> Provider:
@@ -83,23 +101,50 @@ def _merge(name: str, user: Provider | None) -> Provider:
     return Provider(**fields)
 
 
+def _targets(name: str, spec: Provider) -> tuple[Target, ...]:
+    """The provider's deployments (or the provider itself as deployment "0")."""
+    if not spec.deployments:
+        return (Target(name, "0", spec, 1),)
+    return tuple(
+        Target(name, d.name or str(i),
+               msgspec.structs.replace(spec, deployments=[], **{
+                   f: getattr(d, f) for f in _OVERRIDES if getattr(d, f) is not None}),
+               d.weight)
+        for i, d in enumerate(spec.deployments))
+
+
 class Router:
     def __init__(self, config: Config, environ=os.environ):
         self.environ = environ
         self.routes: dict[str, Route] = {}
         for name in set(BUILTIN) | set(config.providers):
             spec = _merge(name, config.providers.get(name))
-            self._check(name, spec, configured=name in config.providers)
-            self.routes[name] = Route(name, spec, "{model}" in spec.url)
+            targets = _targets(name, spec)
+            labels = [t.label for t in targets]
+            if len(set(labels)) != len(labels):
+                raise ConfigError(f"provider {name!r}: deployment names must be unique "
+                                  f"(unnamed ones are labelled by index) - at "
+                                  f"`$.providers.{name}.deployments`")
+            for i, target in enumerate(targets):
+                where = f"`$.providers.{name}" + (f".deployments[{i}]`" if spec.deployments else "`")
+                self._check(name, target.spec, configured=name in config.providers, where=where)
+            self.routes[name] = Route(name, spec, any("{model}" in t.spec.url for t in targets),
+                                      targets, spec.selection or "weighted")
         # Usable now: user sections, and built-ins that were given a secret.
         self.configured = sorted(
             n for n, r in self.routes.items()
             if n in config.providers or "{secret}" not in _template_text(r.spec))
+        for pattern, names in config.routes.items():
+            unknown = [n for n in names if n not in self.configured]
+            if not names or unknown:
+                raise ConfigError(f"route {pattern!r} needs configured providers"
+                                  + (f", not {unknown}" if unknown else "")
+                                  + f' - at `$.routes."{pattern}"`')
+        self.model_routes = config.routes
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._secrets: dict[str, tuple[tuple, str]] = {}
 
-    def _check(self, name: str, spec: Provider, configured: bool) -> None:
-        where = f"`$.providers.{name}`"
+    def _check(self, name: str, spec: Provider, configured: bool, where: str) -> None:
         if not spec.url:
             raise ConfigError(f"provider {name!r} needs a url - at {where}")
         try:
@@ -136,13 +181,27 @@ class Router:
         else:
             if model is None:
                 raise RouteError(4004, "no model and no provider given")
-            route = next((self.routes[n] for n in self.configured
-                          if any(match(p, model) for p in self.routes[n].spec.models)), None)
+            chain = self._chain(model)
+            route = (self.routes[chain[0]] if chain else
+                     next((self.routes[n] for n in self.configured
+                           if any(match(p, model) for p in self.routes[n].spec.models)), None))
             if route is None:
                 raise RouteError(4004, f"no provider serves model {model!r}")
         if route.uses_model and not model:
             raise RouteError(4004, f"provider {route.name!r} needs a model")
         return route
+
+    def _chain(self, model: str) -> list[str]:
+        """The providers of the first `[routes]` pattern that matches the model."""
+        return next((names for pattern, names in self.model_routes.items()
+                     if match(pattern, model)), [])
+
+    def fallbacks(self, route: Route, model: str | None) -> list[Route]:
+        """The providers a model route lists after `route`, to fail over to."""
+        chain = self._chain(model) if model else []
+        if route.name not in chain:
+            return []
+        return [self.routes[n] for n in chain[chain.index(route.name) + 1:]]
 
     def secret(self, spec: Provider) -> str:
         if spec.secret_env:
@@ -173,9 +232,13 @@ class Router:
             self._contexts[ca_file] = ctx
         return ctx
 
-    def upstream(self, route: Route, model: str | None) -> Upstream:
-        """The URL and headers for one session (secrets filled in)."""
-        spec = route.spec
+    def upstream(self, target: Target, model: str | None) -> Upstream:
+        """The URL and headers for one session at one deployment (secrets filled in)."""
+        spec = target.spec
+        if model and spec.model_names:
+            model = spec.model_names.get(model) or next(
+                (name for pattern, name in spec.model_names.items() if match(pattern, model)),
+                model)
         values = {"model": model or "", "resource": spec.resource or ""}
         if "{secret}" in _template_text(spec):
             values["secret"] = self.secret(spec)

@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .routing import Router
 from .session import ClientHandshake, SessionInfo
 from .tls import ListenerTLS
+from .upstream import Balancer
 
 __all__ = ["Sidecar"]
 
@@ -39,6 +40,7 @@ class Sidecar:
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.metrics = Metrics(lambda: len(self.sessions), config.audio.bytes_per_second)
+        self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
@@ -68,6 +70,8 @@ class Sidecar:
             self.live_per_key[info.key_id] -= 1
             if self.live_per_key[info.key_id] <= 0:
                 del self.live_per_key[info.key_id]
+            if info.upstream is not None:
+                info.upstream.release()        # least_sessions counts live sessions
         if self.draining and not self.sessions and self.stopped is not None:
             self.stopped.set()
 
@@ -96,7 +100,9 @@ class Sidecar:
         per_second = self.config.audio.bytes_per_second
         log.info("session ended", extra={
             "event": "session_end", "session_id": info.id, "key_id": info.key_id,
-            "model": info.model, "provider": info.provider, "duration_seconds": round(duration, 3),
+            "model": info.model, "provider": info.provider,
+            "deployment": info.upstream.target.label if info.upstream else None,
+            "duration_seconds": round(duration, 3),
             "frames_client_to_upstream": sum(c2u[0]), "frames_upstream_to_client": sum(u2c[0]),
             "bytes_client_to_upstream": c2u[2], "bytes_upstream_to_client": u2c[2],
             "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason,

@@ -11,37 +11,29 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
-import ssl
 import time
 from typing import Protocol
 
-from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidStatus
-from websockets.http11 import Request, Response
-from websockets.streams import StreamReader
+from websockets.http11 import Request
 
 from . import _relay
 from .config import Limits
-from .handshake import Accept, Admission, Close, Refuse, decide, refuse
+from .handshake import Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
 from .keys import KeyEntry, KeySet
 from .metering import MARKER, Usage
 from .routing import RouteError, Router
+from .upstream import Balancer, UpstreamError
 
-__all__ = ["ClientHandshake", "Host", "SessionInfo", "UpstreamError", "connect_upstream"]
+__all__ = ["ClientHandshake", "Host", "SessionInfo"]
 
 log = logging.getLogger("conduit.session")
 _ids = itertools.count(1)
-_MAX_RESPONSE_BYTES = 65536
-
-
-class UpstreamError(Exception):
-    """The upstream could not be opened; the message is the client's close reason."""
 
 
 class SessionInfo:
     __slots__ = ("id", "key", "key_id", "model", "provider", "started", "relay", "usage",
-                 "seen_activity", "active_at")
+                 "seen_activity", "active_at", "upstream")
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str):
         self.id = f"s{next(_ids)}"
@@ -54,6 +46,7 @@ class SessionInfo:
         self.usage = Usage()
         self.seen_activity = 0          # frames relayed at the last idle check
         self.active_at = self.started
+        self.upstream = None            # the deployment's Health; released at the end
 
 
 class Host(Protocol):
@@ -64,6 +57,7 @@ class Host(Protocol):
     limits: Limits
     router: Router
     keyset: KeySet
+    balancer: Balancer
 
     def admission(self) -> Admission: ...
     def count(self, result: str) -> None: ...
@@ -122,119 +116,6 @@ class ClientHandshake(asyncio.Protocol):
         self.timer.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
-
-
-class _UpstreamHandshake(asyncio.Protocol):
-    """Sends the upgrade request and parses the response with websockets' parser;
-    bytes after the response are kept for the relay."""
-
-    def __init__(self, request: bytes):
-        self.request = request
-        self.reader = StreamReader()
-        self.parser = Response.parse(self.reader.read_line, self.reader.read_exact,
-                                     self.reader.read_to_eof)
-        next(self.parser)
-        self.result = asyncio.get_running_loop().create_future()
-        self.size = 0
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def send_request(self):
-        self.transport.write(self.request)
-
-    def _step(self):
-        try:
-            next(self.parser)
-        except StopIteration as done:
-            self.transport.pause_reading()
-            self._set((done.value, bytes(self.reader.buffer)))
-        except Exception as exc:
-            self._set(UpstreamError(f"upstream sent an invalid HTTP response ({exc})"))
-
-    def _set(self, value):
-        if not self.result.done():
-            if isinstance(value, Exception):
-                self.result.set_exception(value)
-            else:
-                self.result.set_result(value)
-
-    def data_received(self, data):
-        self.size += len(data)
-        self.reader.feed_data(data)
-        self._step()
-        if not self.result.done() and self.size > _MAX_RESPONSE_BYTES:
-            self._set(UpstreamError("upstream response too large"))
-
-    def eof_received(self):
-        self.reader.feed_eof()
-        self._step()
-        return False
-
-    def connection_lost(self, exc):
-        self._set(UpstreamError("upstream closed the connection during the handshake"))
-
-
-async def connect_upstream(host: Host, decision: Accept):
-    """TCP, then TLS, then the WebSocket handshake, each named in the error on failure.
-    Returns (transport, subprotocol, bytes already read past the 101)."""
-    loop = asyncio.get_running_loop()
-    upstream = host.router.upstream(decision.route, decision.model)
-    uri = upstream.uri
-    ws = ClientProtocol(uri, subprotocols=decision.subprotocols)
-    request = ws.connect()
-    for name, value in upstream.headers:
-        request.headers[name] = value
-    proto = _UpstreamHandshake(request.serialize())
-    stage = "TCP connect"
-    transport = None
-    try:
-        async with asyncio.timeout(host.limits.upstream_connect_timeout_seconds):
-            transport, _ = await loop.create_connection(lambda: proto, uri.host, uri.port)
-            if upstream.ssl is not None:
-                stage = "TLS handshake"
-                transport = await loop.start_tls(transport, proto, upstream.ssl,
-                                                 server_hostname=uri.host)
-                proto.transport = transport
-            stage = "WebSocket handshake"
-            proto.send_request()
-            response, early = await proto.result
-    except TimeoutError:
-        _drop(transport)
-        raise UpstreamError(f"upstream timed out ({stage})") from None
-    except ssl.SSLCertVerificationError as exc:
-        _drop(transport)
-        raise UpstreamError(f"upstream TLS failure: {exc.verify_message}") from None
-    except ssl.SSLError as exc:
-        _drop(transport)
-        raise UpstreamError(f"upstream TLS failure: {exc.reason or exc}") from None
-    except ConnectionRefusedError:
-        raise UpstreamError("upstream refused the connection") from None
-    except OSError as exc:
-        _drop(transport)
-        if stage == "TLS handshake":
-            raise UpstreamError(f"upstream TLS failure: {exc.strerror or exc}") from None
-        raise UpstreamError(f"upstream unreachable: {exc.strerror or exc}") from None
-    except UpstreamError:
-        _drop(transport)
-        raise
-    try:
-        ws.process_response(response)
-    except InvalidStatus:
-        _drop(transport)
-        raise UpstreamError(f"upstream refused: HTTP {response.status_code}") from None
-    except InvalidHandshake as exc:
-        _drop(transport)
-        raise UpstreamError(f"upstream handshake invalid: {exc}") from None
-    if ws.extensions:
-        _drop(transport)
-        raise UpstreamError("upstream negotiated an extension that was not offered")
-    return transport, ws.subprotocol, early
-
-
-def _drop(transport):
-    if transport is not None:
-        transport.abort()
 
 
 class _Drain(asyncio.Protocol):
@@ -296,7 +177,9 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     try:
         started = time.monotonic()
         try:
-            upstream, subprotocol, upstream_early = await connect_upstream(host, decision)
+            upstream, subprotocol, upstream_early, info.upstream = \
+                await host.balancer.connect(decision)
+            info.provider = info.upstream.target.provider     # after a failover: the next one
         except (UpstreamError, RouteError) as exc:
             code = exc.code if isinstance(exc, RouteError) else 1014
             host.release(info)

@@ -1,0 +1,372 @@
+"""Opening the provider's WebSocket: one attempt (TCP, TLS, the upgrade), and the
+failover over a route's deployments, all before the client is answered.
+
+Candidates are the route's deployments in selection order (weighted random, or
+fewest live sessions), then those of the providers a model route lists after it.
+A deployment that refuses (HTTP 429, 5xx, 401/403), fails TCP or TLS, or times out
+is skipped for the next, inside one `upstream_connect_timeout_seconds`: each attempt
+may use the remaining time divided by the candidates left, so a deployment that
+never answers costs its share, not the whole budget, and time one attempt did not
+use passes to the next. Other refusals (e.g. HTTP 404) are the request's fault and
+end the search. Nothing here runs after the client's 101.
+
+Each deployment has a circuit breaker (state per sidecar): `failures` connects in a
+row rest it for a cool-down, after which one probe session may try it; a failed
+probe doubles the cool-down (capped), a good one closes the circuit. HTTP 429 with
+`Retry-After` rests it for that long; 401/403 is a configuration fault, logged as
+an error, and rests it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.http11 import Response
+from websockets.streams import StreamReader
+
+from .config import Circuit, Config
+from .routing import Route, RouteError, Router, Target, Upstream
+
+if TYPE_CHECKING:
+    from .handshake import Accept
+    from .metrics import Metrics
+
+__all__ = ["Balancer", "Health", "UpstreamError"]
+
+log = logging.getLogger("conduit.upstream")
+_MAX_RESPONSE_BYTES = 65536
+_REASON_BYTES = 123          # a close frame's reason must fit in 125 bytes with the code
+
+
+class UpstreamError(Exception):
+    """The upstream could not be opened; the message is the client's close reason."""
+
+
+class _Failed(UpstreamError):
+    """One attempt failed. `outcome` is its metric label, `short` its words in a
+    multi-attempt close reason; `failover` False when no other deployment would do
+    better; `rest` (seconds) when the provider said how long to stay away."""
+
+    def __init__(self, outcome: str, message: str, short: str, failover: bool = True,
+                 rest: float | None = None):
+        super().__init__(message)
+        self.outcome, self.short, self.failover, self.rest = outcome, short, failover, rest
+
+
+class _UpstreamHandshake(asyncio.Protocol):
+    """Sends the upgrade request and parses the response with websockets' parser;
+    bytes after the response are kept for the relay."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.reader = StreamReader()
+        self.parser = Response.parse(self.reader.read_line, self.reader.read_exact,
+                                     self.reader.read_to_eof)
+        next(self.parser)
+        self.result = asyncio.get_running_loop().create_future()
+        self.size = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def send_request(self):
+        self.transport.write(self.request)
+
+    def _step(self):
+        try:
+            next(self.parser)
+        except StopIteration as done:
+            self.transport.pause_reading()
+            self._set((done.value, bytes(self.reader.buffer)))
+        except Exception as exc:
+            self._set(_Failed("invalid", f"upstream sent an invalid HTTP response ({exc})",
+                              "bad response"))
+
+    def _set(self, value):
+        if not self.result.done():
+            if isinstance(value, Exception):
+                self.result.set_exception(value)
+            else:
+                self.result.set_result(value)
+
+    def data_received(self, data):
+        self.size += len(data)
+        self.reader.feed_data(data)
+        self._step()
+        if not self.result.done() and self.size > _MAX_RESPONSE_BYTES:
+            self._set(_Failed("invalid", "upstream response too large", "bad response"))
+
+    def eof_received(self):
+        self.reader.feed_eof()
+        self._step()
+        return False
+
+    def connection_lost(self, exc):
+        self._set(_Failed("invalid", "upstream closed the connection during the handshake",
+                          "closed"))
+
+
+async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: float,
+                   max_rest: float):
+    """TCP, then TLS, then the WebSocket handshake, each named in the error on failure.
+    Returns (transport, subprotocol, bytes already read past the 101)."""
+    loop = asyncio.get_running_loop()
+    uri = upstream.uri
+    ws = ClientProtocol(uri, subprotocols=subprotocols)
+    request = ws.connect()
+    for name, value in upstream.headers:
+        request.headers[name] = value
+    proto = _UpstreamHandshake(request.serialize())
+    stage = "TCP connect"
+    transport = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: proto, uri.host, uri.port)
+            if upstream.ssl is not None:
+                stage = "TLS handshake"
+                transport = await loop.start_tls(transport, proto, upstream.ssl,
+                                                 server_hostname=uri.host)
+                proto.transport = transport
+            stage = "WebSocket handshake"
+            proto.send_request()
+            response, early = await proto.result
+    except TimeoutError:
+        _drop(transport)
+        raise _Failed("timeout", f"upstream timed out ({stage})", "timeout") from None
+    except ssl.SSLCertVerificationError as exc:
+        _drop(transport)
+        raise _Failed("tls", f"upstream TLS failure: {exc.verify_message}", "TLS") from None
+    except ssl.SSLError as exc:
+        _drop(transport)
+        raise _Failed("tls", f"upstream TLS failure: {exc.reason or exc}", "TLS") from None
+    except ConnectionRefusedError:
+        raise _Failed("tcp", "upstream refused the connection", "TCP refused") from None
+    except OSError as exc:
+        _drop(transport)
+        if stage == "TLS handshake":
+            raise _Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
+        raise _Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None
+    except _Failed:
+        _drop(transport)
+        raise
+    try:
+        ws.process_response(response)
+    except InvalidStatus:
+        _drop(transport)
+        raise _refused(response, max_rest) from None
+    except InvalidHandshake as exc:
+        _drop(transport)
+        raise _Failed("invalid", f"upstream handshake invalid: {exc}", "bad handshake") from None
+    if ws.extensions:
+        _drop(transport)
+        raise _Failed("invalid", "upstream negotiated an extension that was not offered",
+                      "bad handshake")
+    return transport, ws.subprotocol, early
+
+
+def _refused(response: Response, max_rest: float) -> _Failed:
+    status = response.status_code
+    message, short = f"upstream refused: HTTP {status}", f"HTTP {status}"
+    if status == 429:
+        return _Failed("http_429", message, short,
+                       rest=_retry_after(response.headers.get("Retry-After"), max_rest))
+    if status >= 500:
+        return _Failed("http_5xx", message, short)
+    if status in (401, 403):
+        return _Failed("http_auth", message, short)
+    return _Failed("http_other", message, short, failover=False)
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date), within [0, cap]."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), cap)
+
+
+def _drop(transport):
+    if transport is not None:
+        transport.abort()
+
+
+class Health:
+    """One deployment's circuit breaker and live session count (per sidecar).
+    Times are `time.monotonic()` seconds, passed in so the rules are testable."""
+
+    __slots__ = ("target", "circuit", "live", "failures", "resting_until", "cooldown",
+                 "probing")
+
+    def __init__(self, target: Target, circuit: Circuit):
+        self.target = target
+        self.circuit = circuit
+        self.live = 0                   # sessions connecting to or relaying through it
+        self.failures = 0               # connect failures in a row
+        self.resting_until: float | None = None     # None: circuit closed (healthy)
+        self.cooldown = circuit.cooldown_seconds
+        self.probing = False            # the one probe after a rest is under way
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.provider}/{self.target.label}"
+
+    @property
+    def healthy(self) -> bool:
+        return self.resting_until is None
+
+    def available(self, now: float) -> bool:
+        """Closed, or its rest is over and nobody is probing it yet."""
+        return self.resting_until is None or (now >= self.resting_until and not self.probing)
+
+    def begin(self) -> None:
+        self.live += 1
+        if self.resting_until is not None:
+            self.probing = True
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.resting_until = None
+        self.cooldown = self.circuit.cooldown_seconds
+        self.probing = False
+
+    def failed(self, now: float, rest: float | None = None, at_once: bool = False) -> None:
+        """A failed attempt: rest after `failures` in a row (or `at_once`, or for the
+        provider's `rest`); a failed probe doubles the cool-down."""
+        self.live -= 1
+        self.failures += 1
+        if self.probing:
+            self.probing = False
+            self.cooldown = min(self.cooldown * 2, self.circuit.max_cooldown_seconds)
+            self.resting_until = now + (self.cooldown if rest is None else rest)
+        elif rest is not None:
+            self.resting_until = now + rest
+        elif at_once or self.failures >= self.circuit.failures:
+            self.resting_until = now + self.cooldown
+
+    def abandoned(self) -> None:
+        """The attempt ended without a verdict on the deployment (client left, bad request)."""
+        self.live -= 1
+        self.probing = False
+
+    def release(self) -> None:
+        """The session it served has ended."""
+        self.live -= 1
+
+
+class Balancer:
+    """Chooses deployments, fails over between them, and keeps their health."""
+
+    def __init__(self, router: Router, config: Config, metrics: Metrics,
+                 rng: random.Random | None = None):
+        self.router = router
+        self.timeout = config.limits.upstream_connect_timeout_seconds
+        self.max_rest = config.circuit.max_cooldown_seconds
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.health: dict[str, list[Health]] = {}
+        for name in router.configured:
+            self.health[name] = [Health(t, config.circuit) for t in router.routes[name].targets]
+            for h in self.health[name]:
+                metrics.deployment_healthy.labels(name, h.target.label).set_function(
+                    lambda h=h: float(h.healthy))
+
+    def order(self, route: Route, now: float) -> tuple[list[Health], list[Health]]:
+        """(deployments to try in order, deployments resting now)."""
+        ready = [h for h in self.health[route.name] if h.available(now)]
+        resting = [h for h in self.health[route.name] if not h.available(now)]
+        if route.selection == "least_sessions":
+            return sorted(ready, key=lambda h: h.live), resting     # ties: listed order
+        ordered = []
+        while ready:
+            pick = self.rng.choices(ready, weights=[h.target.weight for h in ready])[0]
+            ready.remove(pick)
+            ordered.append(pick)
+        return ordered, resting
+
+    async def connect(self, decision: Accept):
+        """Returns (transport, subprotocol, early bytes, Health of the deployment used;
+        the caller releases it when the session ends). Raises UpstreamError (1014) or
+        RouteError (its own code)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        routes = [decision.route] + [r for r in self.router.fallbacks(decision.route, decision.model)
+                                     if decision.key.allows_provider(r.name)]
+        candidates, resting = [], []
+        for route in routes:
+            ready, rest = self.order(route, time.monotonic())
+            candidates += ready
+            resting += rest
+        errors: list[Exception] = []
+        notes: list[str] = []
+        for i, h in enumerate(candidates):
+            left = deadline - loop.time()
+            if left <= 0:
+                notes.append(f"{h.name} not tried")
+                continue
+            h.begin()
+            try:
+                upstream = self.router.upstream(h.target, decision.model)
+                result = await _attempt(upstream, decision.subprotocols,
+                                        left / (len(candidates) - i), self.max_rest)
+            except RouteError as exc:
+                h.abandoned()
+                if exc.code != 1011:      # the request's own fault (a bad model)
+                    raise
+                log.error("provider secret unavailable: a configuration fault", extra={
+                    "event": "upstream_attempt", "provider": h.target.provider,
+                    "deployment": h.target.label, "outcome": "config"})
+                self._count(h, "config")
+                errors.append(exc)
+                notes.append(f"{h.name} no secret")
+                continue
+            except _Failed as exc:
+                if not exc.failover:
+                    h.abandoned()
+                else:
+                    h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth")
+                self._count(h, exc.outcome)
+                extra = {"event": "upstream_attempt", "provider": h.target.provider,
+                         "deployment": h.target.label, "outcome": exc.outcome,
+                         "error": str(exc), "resting_seconds":
+                             round(h.resting_until - time.monotonic(), 3)
+                             if h.resting_until is not None else None}
+                if exc.outcome == "http_auth":
+                    log.error("upstream refused the provider credentials: a configuration "
+                              "fault; deployment rests", extra=extra)
+                else:
+                    log.warning("upstream attempt failed", extra=extra)
+                errors.append(exc)
+                notes.append(f"{h.name} {exc.short}")
+                if not exc.failover:
+                    break
+                continue
+            except asyncio.CancelledError:      # the client left
+                h.abandoned()
+                raise
+            h.succeeded()
+            self._count(h, "ok")
+            return (*result, h)
+        notes += [f"{h.name} resting" for h in resting]
+        if len(errors) == 1 and not resting and len(notes) == 1:
+            raise errors[0]                     # one deployment: its own words
+        reason = "upstream failed: " + ("; ".join(notes) or "no deployment")
+        if len(reason.encode()) > _REASON_BYTES:
+            reason = reason.encode()[:_REASON_BYTES - 3].decode(errors="ignore") + "..."
+        raise UpstreamError(reason)
+
+    def _count(self, h: Health, outcome: str) -> None:
+        self.metrics.upstream_attempts.labels(h.target.provider, h.target.label, outcome).inc()
