@@ -1,0 +1,524 @@
+"""Deployments, selection, connect-time failover and the circuit breaker.
+
+Each deployment is a real server on loopback started by the test: a WebSocket server
+that says which deployment it is in its first message, or one that answers an HTTP
+error, never answers, or presents a certificate from an untrusted CA. The sidecar runs
+as its own process and is reached by real clients (websockets, the OpenAI SDK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import tempfile
+import time
+import urllib.request
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from conduit_sidecar import config as config_mod
+from conduit_sidecar.config import ConfigError
+from conduit_sidecar.metrics import Metrics
+from conduit_sidecar.mock import MockProvider
+from conduit_sidecar.routing import Router
+from conduit_sidecar.upstream import Balancer, Health
+
+from certs import CA
+from conftest import PROVIDER_SECRET, SidecarProcess, free_port, run, standard_keys
+
+
+# -- deployments as loopback servers ----------------------------------------------
+
+class Named:
+    """A WebSocket deployment whose first message names it."""
+
+    def __init__(self, name: str, port: int | None = None, ssl=None):
+        self.name, self.port, self.ssl = name, port or free_port(), ssl
+        self.handshakes = 0
+
+    async def __aenter__(self):
+        def count(connection, request):
+            self.handshakes += 1
+
+        async def handler(ws):
+            await ws.send(json.dumps({"type": "session.created", "deployment": self.name}))
+            async for message in ws:
+                await ws.send(message)
+        self.server = await serve(handler, "127.0.0.1", self.port, ssl=self.ssl,
+                                  process_request=count, compression=None)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class Refusing:
+    """Answers every upgrade with an HTTP status (and headers)."""
+
+    def __init__(self, status: str, headers: str = "", port: int | None = None):
+        self.status, self.headers, self.port = status, headers, port or free_port()
+        self.requests = 0
+
+    async def handle(self, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
+        writer.write(f"HTTP/1.1 {self.status}\r\n{self.headers}Content-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+
+class Blackhole(Refusing):
+    """Accepts TCP, never answers."""
+
+    def __init__(self):
+        super().__init__("")
+        self.held = []
+
+    async def handle(self, reader, writer):
+        self.requests += 1
+        self.held.append(writer)
+        await reader.read(1 << 16)
+
+
+def sidecar_with(workdir: str, providers: str, timeout: float = 2.0,
+                 extra: str = "") -> SidecarProcess:
+    return SidecarProcess(workdir, providers, standard_keys(), extra=extra,
+                          limits=f"upstream_connect_timeout_seconds = {timeout}\n").start()
+
+
+def deployments(*entries: str, selection: str = "least_sessions", extra: str = "") -> str:
+    """A provider `p` whose deployments are the given TOML inline bodies, in order."""
+    body = "".join(f"\n[[providers.p.deployments]]\n{e}\n" for e in entries)
+    return (f'[providers.p]\nurl = "ws://127.0.0.1:1/"\nselection = "{selection}"\n{extra}'
+            + body)
+
+
+def ws_url(port: int, scheme: str = "ws") -> str:
+    return f'url = "{scheme}://127.0.0.1:{port}/"'
+
+
+async def open_session(sidecar, provider="p", model="m"):
+    """Connect; returns (ws, name of the deployment that serves it)."""
+    ws = await connect(sidecar.url(model=model, provider=provider),
+                       additional_headers=sidecar.auth(), open_timeout=10)
+    return ws, json.loads(await ws.recv())["deployment"]
+
+
+async def close_of(sidecar, provider="p", model="m"):
+    async with connect(sidecar.url(model=model, provider=provider),
+                       additional_headers=sidecar.auth(), open_timeout=10) as ws:
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd.code, exc.rcvd.reason
+
+
+def metric(sidecar, name: str, **labels) -> float | None:
+    with urllib.request.urlopen(sidecar.admin("/metrics"), timeout=5) as r:
+        text = r.read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def ended(sidecar) -> list[dict]:
+    return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
+
+
+@pytest.fixture
+def workdir():
+    return tempfile.mkdtemp(prefix="conduit-deploy-")
+
+
+# -- 1. selection -------------------------------------------------------------------
+
+def _balancer(toml: str, seed: int = 7) -> tuple[Balancer, Router]:
+    import random
+    conf = msgspec.convert(msgspec.toml.decode(toml.encode()), config_mod.Config)
+    router = Router(conf, environ={"K": "secret"})
+    return Balancer(router, conf, Metrics(lambda: 0, 48000), random.Random(seed)), router
+
+
+def test_weighted_selection_statistics_over_4000_picks():
+    """The selection rule itself, without sockets: 3:1 weights give 75/25 (±5%)."""
+    balancer, router = _balancer(
+        '[providers.p]\nurl = "ws://h/"\n'
+        '[[providers.p.deployments]]\nname = "big"\nweight = 3\n'
+        '[[providers.p.deployments]]\nname = "small"\nweight = 1\n')
+    firsts = [balancer.order(router.routes["p"], 0.0)[0][0].target.label for _ in range(4000)]
+    share = firsts.count("big") / 4000
+    assert 0.70 <= share <= 0.80
+    # The failover order holds every deployment once.
+    ready, resting = balancer.order(router.routes["p"], 0.0)
+    assert sorted(h.target.label for h in ready) == ["big", "small"] and resting == []
+
+
+def test_weights_3_to_1_over_real_sessions(workdir):
+    """Real sessions through the sidecar land 75/25 within ±5%. 1,000 rather than
+    4,000 keeps the test near 15 s on a shared machine; ±5 points is still 3.6
+    standard deviations at n = 1,000 (the 4,000-pick statistics are checked above)."""
+    big, small = Named("big"), Named("small")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "big"\nweight = 3\n{ws_url(big.port)}',
+        f'name = "small"\nweight = 1\n{ws_url(small.port)}', selection="weighted"))
+
+    async def body():
+        async with big, small:
+            counts = {"big": 0, "small": 0}
+            sem = asyncio.Semaphore(16)
+
+            async def one():
+                async with sem:
+                    ws, name = await open_session(sidecar)
+                    counts[name] += 1
+                    await ws.close()
+            await asyncio.gather(*(one() for _ in range(N)))
+            return counts
+    N = 1000
+    try:
+        counts = run(body(), timeout=120)
+    finally:
+        sidecar.stop()
+    assert sum(counts.values()) == N
+    assert 0.70 <= counts["big"] / N <= 0.80, counts
+
+
+def test_least_sessions_keeps_live_counts_within_one(workdir):
+    servers = [Named(n) for n in ("a", "b", "c")]
+    sidecar = sidecar_with(workdir, deployments(
+        *(f'name = "{s.name}"\n{ws_url(s.port)}' for s in servers)))
+
+    async def body():
+        async with servers[0], servers[1], servers[2]:
+            live: dict[str, list] = {"a": [], "b": [], "c": []}
+            # 30 at once: counts are taken when a deployment is chosen, not at the 101.
+            for ws, name in await asyncio.gather(*(open_session(sidecar) for _ in range(30))):
+                live[name].append(ws)
+            spread = [len(v) for v in live.values()]
+            # Sessions end on one deployment; new ones fill it first.
+            for ws in live["a"][:6]:
+                await ws.close()
+            del live["a"][:6]
+            await asyncio.sleep(0.3)         # the sidecar sees the ends
+            refill = []
+            for _ in range(6):
+                ws, name = await open_session(sidecar)
+                live[name].append(ws)
+                refill.append(name)
+                counts = [len(v) for v in live.values()]
+                assert max(counts) - min(counts) <= 6    # never drifts further apart
+            after = [len(v) for v in live.values()]
+            for group in live.values():
+                for ws in group:
+                    await ws.close()
+            return spread, refill, after
+    try:
+        spread, refill, after = run(body())
+    finally:
+        sidecar.stop()
+    assert max(spread) - min(spread) <= 1, spread
+    assert refill == ["a"] * 6
+    assert max(after) - min(after) <= 1, after
+
+
+# -- 2. failover from each kind of failure -------------------------------------------
+
+@pytest.mark.parametrize("kind, outcome", [
+    ("503", "http_5xx"), ("blackhole", "timeout"), ("badcert", "tls"), ("429", "http_429")])
+def test_failover_to_the_next_deployment(workdir, kind, outcome):
+    good = Named("good")
+    trusted = CA("trusted CA")
+    ca_file = trusted.write(os.path.join(workdir, "trusted.pem"))
+    if kind == "503":
+        bad = Refusing("503 Service Unavailable")
+    elif kind == "429":
+        bad = Refusing("429 Too Many Requests", "Retry-After: 2\r\n")
+    elif kind == "blackhole":
+        bad = Blackhole()
+    else:   # a certificate from a CA the sidecar does not trust
+        bad = Named("bad", ssl=CA("stranger CA").server_context(workdir))
+    scheme = "wss" if kind == "badcert" else "ws"
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "bad"\n{ws_url(bad.port, scheme)}\nca_file = "{ca_file}"',
+        f'name = "good"\n{ws_url(good.port)}'))
+
+    async def body():
+        async with bad, good:
+            served = []
+            for _ in range(2):
+                ws, name = await open_session(sidecar)
+                served.append(name)
+                await ws.send("ping")
+                assert await ws.recv() == "ping"
+                await ws.close()
+            tried = bad.requests if hasattr(bad, "requests") else bad.handshakes
+            if kind == "429":       # rested for Retry-After (2 s), then tried again
+                await asyncio.sleep(2.2)
+                ws, name = await open_session(sidecar)
+                served.append(name)
+                await ws.close()
+            await asyncio.sleep(0.3)
+            return served, tried, (bad.requests if hasattr(bad, "requests") else None)
+    try:
+        served, tried, later = run(body())
+    finally:
+        sidecar.stop()
+    assert set(served) == {"good"}
+    attempts = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert attempts and {a["deployment"] for a in attempts} == {"bad"}
+    assert {a["outcome"] for a in attempts} == {outcome}
+    assert PROVIDER_SECRET not in sidecar.output()
+    assert [e["deployment"] for e in ended(sidecar)] == ["good"] * len(served)
+    assert all(e["provider"] == "p" for e in ended(sidecar))
+    if kind == "429":
+        assert tried == 1           # the second session did not knock
+        assert later == 2           # after the Retry-After: one probe
+    elif kind != "badcert":
+        assert tried == 2           # one failure is not a circuit
+
+
+def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
+    hole, refusing = Blackhole(), Refusing("503 Service Unavailable")
+    badtls = Named("x", ssl=CA("stranger CA").server_context(workdir))
+    ca_file = CA("trusted CA").write(os.path.join(workdir, "trusted.pem"))
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "hole"\n{ws_url(hole.port)}',
+        ws_url(refusing.port),
+        f'name = "tls"\n{ws_url(badtls.port, "wss")}\nca_file = "{ca_file}"',
+        f'name = "gone"\n{ws_url(free_port())}'), timeout=2.0)
+
+    async def body():
+        async with hole, refusing, badtls:
+            t0 = time.monotonic()
+            result = await close_of(sidecar)
+            return result, time.monotonic() - t0
+    try:
+        (code, reason), elapsed = run(body())
+    finally:
+        sidecar.stop()
+    assert code == 1014
+    assert reason == "upstream failed: p/hole timeout; p/1 HTTP 503; p/tls TLS; p/gone TCP refused"
+    assert elapsed < 2.0 + 1.0      # the one connect timeout (plus slack), not one per attempt
+    assert "upstream failed" in {line.get("reason", "")[:15] for line in sidecar.log_lines()}
+
+
+# -- 4. the circuit breaker ---------------------------------------------------------
+
+def test_circuit_rests_a_failing_deployment_then_probes_it(workdir):
+    port = free_port()
+    good = Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "flaky"\n{ws_url(port)}', f'name = "good"\n{ws_url(good.port)}'),
+        extra="[circuit]\nfailures = 3\ncooldown_seconds = 2\nmax_cooldown_seconds = 30\n")
+
+    async def serve_one():
+        ws, name = await open_session(sidecar)
+        await ws.close()
+        return name
+
+    async def body():
+        flaky = Refusing("503 Service Unavailable", port=port)
+        async with good:
+            async with flaky:
+                served = [await serve_one() for _ in range(3)]
+                after_three = flaky.requests
+                healthy_open = metric(sidecar, "conduit_deployment_healthy",
+                                      deployment="flaky", provider="p")
+                served += [await serve_one() for _ in range(3)]      # resting: not tried
+                resting = flaky.requests
+                await asyncio.sleep(2.3)
+                served.append(await serve_one())                     # the probe: fails
+                probed = flaky.requests
+                served.append(await serve_one())                     # rests 4 s now
+                after_probe = flaky.requests
+            await asyncio.sleep(4.3)
+            async with Named("flaky", port=port) as recovered:
+                back = [await serve_one() for _ in range(3)]         # probe succeeds
+                probes = recovered.handshakes
+            healthy = metric(sidecar, "conduit_deployment_healthy", deployment="flaky",
+                             provider="p")
+            failed = metric(sidecar, "conduit_upstream_attempts_total", deployment="flaky",
+                            outcome="http_5xx", provider="p")
+            return (served, after_three, healthy_open, resting, probed, after_probe, back,
+                    probes, healthy, failed)
+    try:
+        (served, after_three, healthy_open, resting, probed, after_probe, back, probes,
+         healthy, failed) = run(body())
+    finally:
+        sidecar.stop()
+    assert served == ["good"] * 8
+    assert (after_three, resting, probed, after_probe) == (3, 3, 4, 4)
+    assert healthy_open == 0.0 and healthy == 1.0
+    assert back == ["flaky"] * 3 and probes == 3
+    assert failed == 4.0
+
+
+def _health(failures=3, cooldown=2.0, cap=5.0) -> Health:
+    from conduit_sidecar.config import Circuit
+    from conduit_sidecar.routing import Target
+    return Health(Target("p", "0", config_mod.Provider(url="ws://h/"), 1),
+                  Circuit(failures=failures, cooldown_seconds=cooldown,
+                          max_cooldown_seconds=cap))
+
+
+def test_circuit_rules():
+    h = _health()
+    for t in range(3):
+        assert h.available(t)
+        h.begin()
+        h.failed(t)
+    assert not h.healthy and not h.available(3.0) and h.available(4.0)   # rests 2 s from t=2
+    h.begin()                                   # the one probe
+    assert not h.available(4.0)                 # nobody else while it is under way
+    h.failed(4.0)
+    assert h.resting_until == 8.0               # doubled
+    for t in (8.0, 16.0):
+        h.begin()
+        h.failed(t)
+    assert h.resting_until == 16.0 + 5.0        # capped
+    h.begin()
+    h.succeeded()
+    assert h.healthy and h.available(21.0) and h.cooldown == 2.0 and h.failures == 0
+    h.begin()
+    h.failed(30.0, rest=1.5)                    # Retry-After, even after one failure
+    assert h.resting_until == 31.5
+    assert h.live == 1                          # the one session that connected
+    h.begin()
+    h.abandoned()                               # the client left: no verdict, no probe held
+    assert h.available(31.5) and h.live == 1
+    h.release()
+    assert h.live == 0
+
+
+# -- 5. a model route from openai to azure, with the OpenAI SDK -------------------------
+
+def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
+    from openai import AsyncOpenAI
+    import base64
+
+    openai = Refusing("503 Service Unavailable")
+    mock_port = free_port()
+    sidecar = sidecar_with(workdir, f"""
+        [providers.openai]
+        url = "ws://127.0.0.1:{openai.port}/v1/realtime?model={{model}}"
+        secret_env = "PROVIDER_KEY"
+
+        [providers.azure]
+        secret_env = "PROVIDER_KEY"
+        [[providers.azure.deployments]]
+        name = "eastus2"
+        url = "ws://127.0.0.1:{mock_port}/openai/v1/realtime?model={{model}}"
+        model_names = {{ "gpt-realtime*" = "contoso-realtime" }}
+
+        [routes]
+        "gpt-realtime*" = ["openai", "azure"]
+        """)
+
+    async def body():
+        async with openai, MockProvider(port=mock_port) as azure:
+            client = AsyncOpenAI(base_url=f"http://127.0.0.1:{sidecar.port}/v1",
+                                 api_key=sidecar.keys.plain["good"])
+            seen = []
+            async with client.realtime.connect(model="gpt-realtime") as conn:
+                assert (await conn.recv()).type == "session.created"
+                audio = base64.b64encode(bytes(4800)).decode()
+                await conn.input_audio_buffer.append(audio=audio)
+                await conn.input_audio_buffer.commit()
+                async for event in conn:
+                    seen.append(event.type)
+                    if event.type == "response.done":
+                        break
+            await asyncio.sleep(0.3)
+            return seen, openai.requests, azure.requests
+    try:
+        seen, openai_requests, azure_requests = run(body())
+    finally:
+        sidecar.stop()
+    assert seen == ["response.output_audio.delta", "response.done"]
+    assert openai_requests == 1
+    (path, headers), = azure_requests
+    assert path == "/openai/v1/realtime?model=contoso-realtime"
+    assert headers["api-key"] == PROVIDER_SECRET and "Authorization" not in headers
+    end, = ended(sidecar)
+    assert (end["provider"], end["deployment"], end["model"]) == ("azure", "eastus2", "gpt-realtime")
+
+
+# -- config --------------------------------------------------------------------------
+
+def _load(workdir, text: str):
+    path = os.path.join(workdir, "c.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return Router(config_mod.load(path, environ={}), environ={})
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nname = "a"\n'
+     '[[providers.p.deployments]]\nname = "a"\n', "deployment names must be unique"),
+    ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nname = "1"\n'
+     '[[providers.p.deployments]]\n', "deployment names must be unique"),
+    ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nweight = 0\n',
+     "Expected `int` >= 1 - at `$.providers[...].deployments[0].weight`"),
+    ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nregion = "x"\n',
+     "Object contains unknown field `region` - at `$.providers[...].deployments[0]`"),
+    ('[providers.p]\nurl = "ws://h/"\nselection = "random"\n', "Invalid enum value 'random' - at `$.providers[...].selection`"),
+    ('[providers.azure]\nsecret_env = "K"\n[[providers.azure.deployments]]\nresource = "a"\n'
+     '[[providers.azure.deployments]]\nsecret_env = "K2"\n',
+     "provider 'azure' needs resource - at `$.providers.azure.deployments[1]`.resource"),
+    ('[providers.p]\nurl = "ws://h/?k={secret}"\n[[providers.p.deployments]]\n',
+     "provider 'p' needs secret_file or secret_env - at `$.providers.p.deployments[0]`"),
+    ('[routes]\n"gpt-*" = ["openai", "nowhere"]\n',
+     "route 'gpt-*' needs configured providers, not ['openai', 'nowhere']"),
+    ('[routes]\n"gpt-*" = []\n', "route 'gpt-*' needs configured providers"),
+])
+def test_config_errors_name_the_field(workdir, text, error):
+    with pytest.raises(ConfigError) as exc:
+        _load(workdir, text)
+    assert error in str(exc.value)
+
+
+def test_deployments_override_the_template_and_map_model_names(workdir):
+    router = _load(workdir, """
+        [providers.azure]
+        secret_env = "K"
+        selection = "least_sessions"
+        [[providers.azure.deployments]]
+        resource = "contoso-eastus2"
+        weight = 3
+        model_names = { "gpt-realtime" = "east-rt", "gpt-4o-*" = "east-4o" }
+        [[providers.azure.deployments]]
+        name = "sweden"
+        resource = "contoso-swedencentral"
+        secret_env = "K2"
+        headers = { api-key = "{secret}", X-Region = "sweden" }
+        """.replace("\n        ", "\n"))
+    router.environ = {"K": "one", "K2": "two"}
+    route = router.routes["azure"]
+    assert route.selection == "least_sessions"
+    assert [(t.label, t.weight) for t in route.targets] == [("0", 3), ("sweden", 1)]
+    east, sweden = route.targets
+    up = router.upstream(east, "gpt-realtime")
+    assert (up.uri.host, up.uri.resource_name) == (
+        "contoso-eastus2.openai.azure.com", "/openai/v1/realtime?model=east-rt")
+    assert up.headers == [("api-key", "one")]
+    assert router.upstream(east, "gpt-4o-realtime").uri.resource_name.endswith("=east-4o")
+    assert router.upstream(east, "other").uri.resource_name.endswith("=other")
+    up = router.upstream(sweden, "gpt-realtime")
+    assert up.uri.host == "contoso-swedencentral.openai.azure.com"
+    assert up.uri.resource_name.endswith("=gpt-realtime")
+    assert up.headers == [("api-key", "two"), ("X-Region", "sweden")]
