@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import urllib.request
 
 import msgspec
 import uvloop
@@ -84,18 +85,43 @@ def _demo(args) -> int:
     return 0
 
 
+def _live_health(admin: str) -> dict[tuple[str, str], str]:
+    """(provider, deployment) -> "healthy" | "resting", from a running sidecar's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(admin.rstrip("/") + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.labels["provider"], s.labels["deployment"]): "healthy" if s.value else "resting"
+            for family in text_string_to_metric_families(text)
+            if family.name == "conduit_deployment_healthy" for s in family.samples}
+
+
 def _providers(args) -> int:
     try:
         router = Router(config_mod.load(args.config))
+        health = _live_health(args.admin) if args.admin else {}
     except ConfigError as exc:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:            # urllib's errors are OSErrors
+        print(f"conduit-sidecar: cannot read {args.admin}/metrics: {exc}", file=sys.stderr)
+        return 1
     for name in sorted(router.routes):
-        url, headers = masked(router.routes[name].spec)
+        route = router.routes[name]
+        url, headers = masked(route.spec)
         state = "configured" if name in router.configured else "needs a secret"
         print(f"{name:12} {state:15} {url}")
         for header, value in headers.items():
             print(f"{'':12} {'':15} {header}: {value}")
+        if route.spec.deployments:
+            print(f"{'':12} {'':15} selection: {route.selection}")
+            for target in route.targets:
+                url, _ = masked(target.spec)
+                live = health.get((name, target.label), "")
+                print(f"{'':12} {'':15} deployment {target.label} weight {target.weight} "
+                      f"{url.replace('{resource}', target.spec.resource or '{resource}')}"
+                      + (f" [{live}]" if live else ""))
+    for pattern, names in router.model_routes.items():
+        print(f"route        {pattern} -> {', '.join(names)}")
     return 0
 
 
@@ -132,8 +158,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=3.0)
     d.set_defaults(func=_demo)
 
-    v = sub.add_parser("providers", help="list provider templates (secrets masked)")
+    v = sub.add_parser("providers", help="list provider templates and deployments "
+                                         "(secrets masked)")
     v.add_argument("--config")
+    v.add_argument("--admin", metavar="URL",
+                   help="a running sidecar's admin address: show each deployment's health "
+                        "from its /metrics")
     v.set_defaults(func=_providers)
 
     inject_cli.register(sub)

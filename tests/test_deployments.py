@@ -522,3 +522,29 @@ def test_deployments_override_the_template_and_map_model_names(workdir):
     assert up.uri.host == "contoso-swedencentral.openai.azure.com"
     assert up.uri.resource_name.endswith("=gpt-realtime")
     assert up.headers == [("api-key", "two"), ("X-Region", "sweden")]
+
+
+def test_providers_command_shows_deployments_and_live_health(workdir):
+    import subprocess
+    import sys
+    good, gone = Named("good"), free_port()
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "gone"\n{ws_url(gone)}', f'name = "good"\n{ws_url(good.port)}\nweight = 2'),
+        extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+
+    async def body():
+        async with good:
+            ws, name = await open_session(sidecar)
+            await ws.close()
+            return name
+    try:
+        assert run(body()) == "good"
+        r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "providers", "--config",
+                            sidecar.config, "--admin", sidecar.admin("")],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        sidecar.stop()
+    assert r.returncode == 0, r.stderr
+    assert "selection: least_sessions" in r.stdout
+    assert f"deployment gone weight 1 ws://127.0.0.1:{gone}/ [resting]" in r.stdout
+    assert f"deployment good weight 2 ws://127.0.0.1:{good.port}/ [healthy]" in r.stdout
