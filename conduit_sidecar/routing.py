@@ -105,12 +105,15 @@ def _targets(name: str, spec: Provider) -> tuple[Target, ...]:
     """The provider's deployments (or the provider itself as deployment "0")."""
     if not spec.deployments:
         return (Target(name, "0", spec, 1),)
-    return tuple(
-        Target(name, d.name or str(i),
-               msgspec.structs.replace(spec, deployments=[], **{
-                   f: getattr(d, f) for f in _OVERRIDES if getattr(d, f) is not None}),
-               d.weight)
-        for i, d in enumerate(spec.deployments))
+    targets = []
+    for i, d in enumerate(spec.deployments):
+        fields = {f: getattr(d, f) for f in _OVERRIDES if getattr(d, f) is not None}
+        if d.secret_file or d.secret_env:       # its own secret, wherever the provider's is
+            fields.setdefault("secret_file", None)
+            fields.setdefault("secret_env", None)
+        targets.append(Target(name, d.name or str(i),
+                              msgspec.structs.replace(spec, deployments=[], **fields), d.weight))
+    return tuple(targets)
 
 
 class Router:

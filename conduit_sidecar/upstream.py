@@ -154,7 +154,7 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
         if stage == "TLS handshake":
             raise _Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
         raise _Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None
-    except _Failed:
+    except (_Failed, asyncio.CancelledError):     # cancelled: the client left
         _drop(transport)
         raise
     try:
@@ -316,6 +316,9 @@ class Balancer:
             left = deadline - loop.time()
             if left <= 0:
                 notes.append(f"{h.name} not tried")
+                continue
+            if not h.available(time.monotonic()):   # another session's failure or probe since
+                resting.append(h)
                 continue
             h.begin()
             try:

@@ -493,6 +493,9 @@ def test_config_errors_name_the_field(workdir, text, error):
 
 
 def test_deployments_override_the_template_and_map_model_names(workdir):
+    secret_file = os.path.join(workdir, "west")
+    with open(secret_file, "w") as f:
+        f.write("three\n")
     router = _load(workdir, """
         [providers.azure]
         secret_env = "K"
@@ -506,12 +509,16 @@ def test_deployments_override_the_template_and_map_model_names(workdir):
         resource = "contoso-swedencentral"
         secret_env = "K2"
         headers = { api-key = "{secret}", X-Region = "sweden" }
-        """.replace("\n        ", "\n"))
+        [[providers.azure.deployments]]
+        resource = "contoso-westus"
+        secret_file = "%s"
+        """.replace("\n        ", "\n") % secret_file)
     router.environ = {"K": "one", "K2": "two"}
     route = router.routes["azure"]
     assert route.selection == "least_sessions"
-    assert [(t.label, t.weight) for t in route.targets] == [("0", 3), ("sweden", 1)]
-    east, sweden = route.targets
+    assert [(t.label, t.weight) for t in route.targets] == [("0", 3), ("sweden", 1), ("2", 1)]
+    east, sweden, west = route.targets
+    assert router.upstream(west, "m").headers == [("api-key", "three")]   # not the provider's K
     up = router.upstream(east, "gpt-realtime")
     assert (up.uri.host, up.uri.resource_name) == (
         "contoso-eastus2.openai.azure.com", "/openai/v1/realtime?model=east-rt")
