@@ -408,8 +408,7 @@ def test_circuit_rules():
 # -- 5. a model route from openai to azure, with the OpenAI SDK -------------------------
 
 def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
-    from openai import AsyncOpenAI
-    import base64
+    from test_openai_sdk import sdk_session
 
     openai = Refusing("503 Service Unavailable")
     mock_port = free_port()
@@ -431,18 +430,7 @@ def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
 
     async def body():
         async with openai, MockProvider(port=mock_port) as azure:
-            client = AsyncOpenAI(base_url=f"http://127.0.0.1:{sidecar.port}/v1",
-                                 api_key=sidecar.keys.plain["good"])
-            seen = []
-            async with client.realtime.connect(model="gpt-realtime") as conn:
-                assert (await conn.recv()).type == "session.created"
-                audio = base64.b64encode(bytes(4800)).decode()
-                await conn.input_audio_buffer.append(audio=audio)
-                await conn.input_audio_buffer.commit()
-                async for event in conn:
-                    seen.append(event.type)
-                    if event.type == "response.done":
-                        break
+            seen = await sdk_session(sidecar.port, sidecar.keys.plain["good"], "gpt-realtime")
             await asyncio.sleep(0.3)
             return seen, openai.requests, azure.requests
     try:

@@ -8,23 +8,27 @@ from openai import AsyncOpenAI
 from conftest import run
 
 
+async def sdk_session(port: int, key: str, model: str) -> list[str]:
+    """One SDK session through the sidecar: session.created, one audio chunk, its
+    response; returns the event types after session.created."""
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+    seen = []
+    async with client.realtime.connect(model=model) as conn:
+        event = await conn.recv()
+        assert event.type == "session.created"
+        audio = base64.b64encode(bytes(4800)).decode()
+        await conn.input_audio_buffer.append(audio=audio)
+        await conn.input_audio_buffer.commit()
+        async for event in conn:
+            seen.append(event.type)
+            if event.type == "response.output_audio.delta":
+                assert event.delta == audio
+            if event.type == "response.done":
+                assert event.response.usage.input_token_details.audio_tokens == 1
+                break
+    return seen
+
+
 def test_openai_sdk_completes_a_session(sidecar):
-    async def body():
-        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{sidecar.port}/v1",
-                             api_key=sidecar.keys.plain["good"])
-        seen = []
-        async with client.realtime.connect(model="mock-realtime") as conn:
-            event = await conn.recv()
-            assert event.type == "session.created"
-            audio = base64.b64encode(bytes(4800)).decode()
-            await conn.input_audio_buffer.append(audio=audio)
-            await conn.input_audio_buffer.commit()
-            async for event in conn:
-                seen.append(event.type)
-                if event.type == "response.output_audio.delta":
-                    assert event.delta == audio
-                if event.type == "response.done":
-                    assert event.response.usage.input_token_details.audio_tokens == 1
-                    break
-        return seen
-    assert run(body()) == ["response.output_audio.delta", "response.done"]
+    seen = run(sdk_session(sidecar.port, sidecar.keys.plain["good"], "mock-realtime"))
+    assert seen == ["response.output_audio.delta", "response.done"]
