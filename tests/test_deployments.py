@@ -84,8 +84,8 @@ class Refusing:
 class Blackhole(Refusing):
     """Accepts TCP, never answers."""
 
-    def __init__(self):
-        super().__init__("")
+    def __init__(self, port: int | None = None):
+        super().__init__("", port=port)
         self.held = []
 
     async def handle(self, reader, writer):
@@ -366,6 +366,36 @@ def test_circuit_rests_a_failing_deployment_then_probes_it(workdir):
     assert healthy_open == 0.0 and healthy == 1.0
     assert back == ["flaky"] * 3 and probes == 3
     assert failed == 4.0
+
+
+def test_one_probe_while_sessions_arrive_together(workdir):
+    """After the rest, five sessions at once: one probes (and waits out its share of
+    the connect timeout on a deployment that now never answers), four go elsewhere."""
+    port = free_port()
+    good = Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "flaky"\n{ws_url(port)}', f'name = "good"\n{ws_url(good.port)}'),
+        extra="[circuit]\nfailures = 1\ncooldown_seconds = 1\n")
+
+    async def serve_one():
+        ws, name = await open_session(sidecar)
+        await ws.close()
+        return name
+
+    async def body():
+        async with good:
+            async with Refusing("503 Service Unavailable", port=port):
+                first = await serve_one()
+            await asyncio.sleep(1.2)
+            async with Blackhole(port) as hole:
+                served = await asyncio.gather(*(serve_one() for _ in range(5)))
+                return first, served, hole.requests
+    try:
+        first, served, probes = run(body())
+    finally:
+        sidecar.stop()
+    assert first == "good" and served == ["good"] * 5
+    assert probes == 1
 
 
 def _health(failures=3, cooldown=2.0, cap=5.0) -> Health:
