@@ -25,19 +25,15 @@ import logging
 import random
 import ssl
 import time
-from typing import TYPE_CHECKING
-
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.http11 import Response
 from websockets.streams import StreamReader
 
 from .config import Circuit, Config
+from .handshake import Accept
+from .metrics import Metrics
 from .routing import Route, RouteError, Router, Target, Upstream
-
-if TYPE_CHECKING:
-    from .handshake import Accept
-    from .metrics import Metrics
 
 __all__ = ["Balancer", "Health", "UpstreamError"]
 

@@ -143,10 +143,11 @@ def test_config_precedence_and_errors(tmp_path):
 
 
 def test_layers_point_one_way():
-    """session.py and admin.py import nothing above them (server, cli), even for types."""
+    """session.py, upstream.py and admin.py import nothing above them (server, cli),
+    even for types."""
     import subprocess
     import sys
-    for module in ("conduit_sidecar.session", "conduit_sidecar.admin"):
+    for module in ("conduit_sidecar.session", "conduit_sidecar.upstream", "conduit_sidecar.admin"):
         loaded = subprocess.run(
             [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
             capture_output=True, text=True, check=True).stdout.split()
