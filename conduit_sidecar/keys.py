@@ -10,13 +10,13 @@ import datetime as dt
 import enum
 import hashlib
 import logging
-import os
 import secrets
 from typing import Annotated, Callable
 
 import msgspec
 
 from .config import ConfigError
+from .watch import FileWatch
 
 __all__ = ["KEY_PREFIX", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "Rejection", "hash_key",
            "load_keys", "new_key"]
@@ -138,17 +138,6 @@ def load_keys(path: str) -> KeySet:
     return KeySet(keyfile.keys)
 
 
-def file_signature(path: str):
-    """What changes when the file is replaced: Kubernetes swaps the `..data`
-    symlink (the resolved path changes), an editor or `mv` replaces the inode."""
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-        return real, st.st_ino, st.st_mtime_ns, st.st_size
-    except OSError:
-        return None
-
-
 class KeyWatcher:
     """Checks the key file (the server polls) and swaps in a new valid set, keeping
     the last good one.
@@ -158,13 +147,11 @@ class KeyWatcher:
         self.path = path
         self.keyset = keyset
         self.on_change = on_change
-        self.signature = file_signature(path)
+        self.file = FileWatch(path)
 
     def check(self) -> None:
-        signature = file_signature(self.path)
-        if signature == self.signature:
+        if not self.file.changed():
             return
-        self.signature = signature
         try:
             new = load_keys(self.path)
         except ConfigError as exc:

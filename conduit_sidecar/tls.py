@@ -15,7 +15,7 @@ import os
 import ssl
 
 from .config import TLS, ConfigError
-from .keys import file_signature
+from .watch import file_signature
 
 __all__ = ["ListenerTLS"]
 
