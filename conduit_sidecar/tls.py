@@ -1,56 +1,78 @@
-"""TLS for the loopback listener: certificate files reloaded on change, or a
-self-signed CA kept in `state_dir` with a fresh leaf for 127.0.0.1, ::1 and
-localhost. (Provider-leg contexts are built by routing: verified, TLS 1.2+.)
+"""TLS server side: the one place that sets up a server context or builds a certificate.
 
-Some clients dial only `wss://` (the OpenAI Node SDK rewrites any baseURL to wss),
-so the sidecar offers TLS on loopback; the app trusts the CA from `ca_out`.
+* `server_context()`: TLS 1.2+, for the loopback listener and the injection webhook.
+  (Provider-leg client contexts are built by routing: verified, TLS 1.2+.)
+* `CertFiles`: a certificate and key loaded into one context and reloaded into it when
+  the files change (cert-manager, a Secret volume): new handshakes get the new
+  certificate, live connections go on.
+* `ListenerTLS`: the loopback listener's certificate, from files or from `LoopbackCA`,
+  a self-signed CA kept in `state_dir` whose certificate the app trusts (`ca_out`).
+  Some clients dial only `wss://` (the OpenAI Node SDK rewrites any baseURL to wss).
+* `new_key`, `certificate`, `pem`: the x509 builder (tests/certs.py uses it too).
+
+cryptography is imported only when a certificate is built: `serve` with certificate
+files, or without TLS, never loads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
 import os
 import ssl
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .config import TLS, ConfigError
-from .watch import file_signature
+from .watch import FileWatch
 
-__all__ = ["ListenerTLS"]
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+__all__ = ["LOOPBACK_NAMES", "CertFiles", "ListenerTLS", "LoopbackCA", "certificate", "new_key",
+           "pem", "server_context"]
 
 log = logging.getLogger("conduit.tls")
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# The loopback CA lives 90 days; the next one is published in ca_out 30 days before it
+# starts signing, so an app that (re)loads ca_out in that window never sees a break.
+CA_DAYS = 90
+CA_OVERLAP_DAYS = 30
+LEAF_DAYS = 7
+LEAF_RENEW_DAYS = 2      # a leaf with fewer days left is re-issued
+_SKEW = dt.timedelta(minutes=5)
 
-class ListenerTLS:
-    """The listener's SSLContext. `check()` reloads changed certificate files into
-    the same context: new handshakes get the new certificate, live sessions go on."""
 
-    def __init__(self, conf: TLS):
-        self.conf = conf
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if conf.self_signed:
-            self.cert_file, self.key_file = _self_signed(conf.state_dir, conf.ca_out)
-        else:
-            self.cert_file, self.key_file = conf.cert_file, conf.key_file
-        self.signature = self._signature()
+def server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class CertFiles:
+    """A certificate chain and key in one server context; `check()` reloads them
+    when either file changed. A bad pair at start raises ConfigError; later, the
+    current certificate is kept (a renewal may be half written)."""
+
+    def __init__(self, cert_file: str, key_file: str):
+        self.cert_file, self.key_file = cert_file, key_file
+        self.context = server_context()
+        self.files = FileWatch(cert_file, key_file)
         self._load()
 
-    def _signature(self):
-        return file_signature(self.cert_file), file_signature(self.key_file)
-
-    def _load(self):
+    def _load(self) -> None:
         try:
             self.context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"[tls] cannot load {self.cert_file} / {self.key_file}: {exc}") from None
+            raise ConfigError(f"cannot load {self.cert_file} / {self.key_file}: {exc}") from None
 
     def check(self) -> None:
-        signature = self._signature()
-        if signature == self.signature:
+        if not self.files.changed():
             return
-        self.signature = signature
         try:
             self._load()
         except ConfigError as exc:
@@ -59,67 +81,227 @@ class ListenerTLS:
             return
         log.info("TLS certificate reloaded", extra={"event": "tls_reload", "result": "ok"})
 
+
+class ListenerTLS:
+    """The loopback listener's context; `check()` (the server polls) renews the
+    self-signed certificates when due and reloads changed files."""
+
+    def __init__(self, conf: TLS):
+        self.conf = conf
+        self.authority = LoopbackCA(conf.state_dir, conf.ca_out) if conf.self_signed else None
+        try:
+            if self.authority:
+                self.authority.renew()
+        except OSError as exc:
+            raise ConfigError(f"[tls] cannot write the self-signed CA: {exc}") from None
+        cert_file, key_file = ((self.authority.cert_file, self.authority.key_file) if self.authority
+                               else (conf.cert_file, conf.key_file))
+        try:
+            self.files = CertFiles(cert_file, key_file)
+        except ConfigError as exc:
+            raise ConfigError(f"[tls] {exc}") from None
+        self.context = self.files.context
+
+    def check(self) -> None:
+        if self.authority:
+            try:
+                self.authority.renew()
+            except (OSError, ValueError) as exc:
+                log.warning("self-signed certificate renewal failed", extra={
+                    "event": "tls_renew", "result": "error", "error": str(exc)})
+        self.files.check()
+
     @property
     def ready(self) -> bool:
         return not self.conf.self_signed or os.path.exists(self.conf.ca_out)
 
 
-def _self_signed(state_dir: str, ca_out: str) -> tuple[str, str]:
-    """Reuse (or make) the CA in state_dir, write its certificate to ca_out, and
-    issue a new leaf. Returns the leaf's (cert_file, key_file), both in state_dir."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+class LoopbackCA:
+    """A CA in `state_dir` that signs only 127.0.0.1, ::1 and localhost (a critical
+    Name Constraints extension says so), and the listener's leaf.
+
+    `renew()` (at start and at each poll) keeps everything within its life:
+    30 days before the CA expires a next CA is made and published beside it in
+    `ca_out`; 7 days before, the next CA takes over and signs the leaf. The leaf
+    lives 7 days and is re-issued with 2 left. An app that read `ca_out` before the
+    next CA was published trusts only the old one: its new connections fail once the
+    old CA stops signing (restart it, or re-read `ca_out`, at least every 60 days).
+    """
+
+    def __init__(self, state_dir: str, ca_out: str):
+        self.state_dir, self.ca_out = state_dir, ca_out
+        self.cert_file = os.path.join(state_dir, "tls.crt")
+        self.key_file = os.path.join(state_dir, "tls.key")
+        # Nothing to do before `due` unless a file in state_dir changed.
+        self.files = FileWatch(*(self._path(n) for n in ("ca.crt", "next.crt", "tls.crt")))
+        self.due: dt.datetime | None = None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    def renew(self, now: dt.datetime | None = None) -> bool:
+        """Make, rotate or re-issue what is due; True when the leaf was re-issued."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        if not self.files.changed() and self.due is not None and now < self.due:
+            return False
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        current, upcoming = self._load("ca"), self._load("next")
+        leaf_days = dt.timedelta(days=LEAF_DAYS)
+        if current is None or _left(current[1], now) < leaf_days:
+            fresh = upcoming is not None and _left(upcoming[1], now) >= leaf_days
+            current, upcoming = (upcoming if fresh else _loopback_ca(now)), None
+            self._store("ca", *current)
+            for name in ("next.crt", "next.key"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self._path(name))
+        if upcoming is None and _left(current[1], now) < dt.timedelta(days=CA_OVERLAP_DAYS):
+            upcoming = _loopback_ca(now)
+            self._store("next", *upcoming)
+        # The app's copy: CA certificates only, never a key.
+        trusted = pem(current[1]) + (pem(upcoming[1]) if upcoming else b"")
+        if _read(self.ca_out) != trusted:
+            os.makedirs(os.path.dirname(os.path.abspath(self.ca_out)), exist_ok=True)
+            _write(self.ca_out, trusted, 0o644)
+
+        leaf = self._leaf()
+        renewed = leaf is None or _left(leaf, now) < dt.timedelta(days=LEAF_RENEW_DAYS) \
+            or not _signed_by(leaf, current[1])
+        if renewed:
+            ca_key, ca_cert = current
+            key = new_key()
+            leaf = certificate(key, name="localhost", names=LOOPBACK_NAMES, days=LEAF_DAYS,
+                               issuer=(ca_key, ca_cert), now=now)
+            _write(self.key_file, pem(key), 0o600)
+            _write(self.cert_file, pem(leaf) + pem(ca_cert), 0o644)
+            if self.due is not None:
+                log.info("self-signed certificate renewed", extra={"event": "tls_renew", "result": "ok"})
+        self.files.changed()      # our own writes are not news
+        ca_end = current[1].not_valid_after_utc
+        self.due = min(leaf.not_valid_after_utc - dt.timedelta(days=LEAF_RENEW_DAYS),
+                       ca_end - leaf_days if upcoming else ca_end - dt.timedelta(days=CA_OVERLAP_DAYS))
+        return renewed
+
+    def _load(self, stem: str):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        key_data, cert_data = _read(self._path(stem + ".key")), _read(self._path(stem + ".crt"))
+        if key_data is None or cert_data is None:
+            return None
+        cert = x509.load_pem_x509_certificate(cert_data)
+        try:       # a CA from before the constraint (valid 10 years) is replaced
+            cert.extensions.get_extension_for_class(x509.NameConstraints)
+        except x509.ExtensionNotFound:
+            return None
+        return serialization.load_pem_private_key(key_data, None), cert
+
+    def _store(self, stem: str, key, cert) -> None:
+        _write(self._path(stem + ".key"), pem(key), 0o600)
+        _write(self._path(stem + ".crt"), pem(cert), 0o644)
+
+    def _leaf(self):
+        from cryptography import x509
+
+        data = _read(self.cert_file)
+        return None if data is None else x509.load_pem_x509_certificate(data)
+
+
+def _loopback_ca(now: dt.datetime):
+    key = new_key()
+    return key, certificate(key, name="conduit-sidecar loopback CA", days=CA_DAYS, ca=True,
+                            names=LOOPBACK_NAMES, now=now)
+
+
+def _left(cert: x509.Certificate, now: dt.datetime) -> dt.timedelta:
+    return cert.not_valid_after_utc - now
+
+
+def _signed_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        leaf.verify_directly_issued_by(ca)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+# --- the x509 builder ----------------------------------------------------------------
+
+def new_key() -> ec.EllipticCurvePrivateKey:
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def certificate(key: ec.EllipticCurvePrivateKey, *, name: str, days: float,
+                names: Sequence[str] = (), ca: bool = False,
+                issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
+                now: dt.datetime | None = None) -> x509.Certificate:
+    """A certificate for `key` with common name `name`, valid `days`, signed by
+    `issuer` (key, certificate) or self-signed.
+
+    A leaf is for TLS servers at `names` (DNS names or IP addresses, in its SAN).
+    A CA (`ca=True`) may sign leaves only; with `names` it may sign only for those
+    (a critical Name Constraints extension, one address per IP: /32 or /128).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    ca_key_path = os.path.join(state_dir, "ca.key")
-    ca_cert_path = os.path.join(state_dir, "ca.crt")
-    now = dt.datetime.now(dt.timezone.utc)
-    if os.path.exists(ca_key_path) and os.path.exists(ca_cert_path):
-        with open(ca_key_path, "rb") as f:
-            ca_key = serialization.load_pem_private_key(f.read(), None)
-        with open(ca_cert_path, "rb") as f:
-            ca_cert = x509.load_pem_x509_certificate(f.read())
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conduit-sidecar loopback CA")])
-        ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5))
-                   .not_valid_after(now + dt.timedelta(days=3650))
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                                False, False), critical=True)
-                   .sign(ca_key, hashes.SHA256()))
-        _write(ca_key_path, ca_key.private_bytes(serialization.Encoding.PEM,
-                                                 serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()), 0o600)
-        _write(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_cert.subject).public_key(leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=397))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    cert_file = os.path.join(state_dir, "tls.crt")
-    key_file = os.path.join(state_dir, "tls.key")
-    _write(key_file, leaf_key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()), 0o600)
-    _write(cert_file, leaf.public_bytes(serialization.Encoding.PEM)
-           + ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    # The app's copy: the CA certificate only, never a key.
-    os.makedirs(os.path.dirname(os.path.abspath(ca_out)), exist_ok=True)
-    _write(ca_out, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return cert_file, key_file
+    now = now or dt.datetime.now(dt.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer, issuer_name = (issuer[0], issuer[1].subject) if issuer else (key, subject)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                                            encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                              critical=False))
+    if ca and names:
+        builder = builder.add_extension(x509.NameConstraints(
+            permitted_subtrees=[_general_name(n, network=True) for n in names],
+            excluded_subtrees=None), critical=True)
+    elif not ca:
+        builder = (builder
+                   .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]),
+                                  critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                                  critical=False))
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _general_name(name: str, network: bool = False):
+    from cryptography import x509
+
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return x509.DNSName(name)
+    return x509.IPAddress(ipaddress.ip_network(address) if network else address)
+
+
+def pem(obj) -> bytes:
+    """A certificate or a private key (PKCS #8, unencrypted) in PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    if hasattr(obj, "private_bytes"):
+        return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    return obj.public_bytes(serialization.Encoding.PEM)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _write(path: str, data: bytes, mode: int) -> None:

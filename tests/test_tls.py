@@ -258,3 +258,126 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
     with open(tmp_path / "ca.pem", "rb") as f:
         assert f.read() == ca_before
     assert oct(os.stat(root / "private" / "ca.key").st_mode & 0o777) == "0o600"
+
+
+def load_loopback_ca(state_dir):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    with open(os.path.join(state_dir, "ca.key"), "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    with open(os.path.join(state_dir, "ca.crt"), "rb") as f:
+        return key, x509.load_pem_x509_certificate(f.read())
+
+
+def test_self_signed_ca_signs_only_loopback_names(tls_env, tmp_path):
+    """Review finding 9 (fails on main at 39d1546: no Name Constraints, valid 10 years).
+    The CA the app trusts carries a critical Name Constraints extension for exactly
+    what it signs, and lives 90 days: a certificate it signs for any other name fails
+    verification in a client that trusts it (control: one for localhost passes)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+
+    from conduit_sidecar.tls import certificate, new_key, pem
+
+    sidecar, _, _, root = tls_env
+    ca_key, ca_cert = load_loopback_ca(root / "private")
+    constraint = ca_cert.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraint.critical and constraint.value.excluded_subtrees is None
+    assert set(constraint.value.permitted_subtrees) == {
+        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_network("127.0.0.1/32")),
+        x509.IPAddress(ipaddress.ip_network("::1/128"))}
+    assert ca_cert.not_valid_after_utc - ca_cert.not_valid_before_utc <= dt.timedelta(days=90, minutes=5)
+    leaf = x509.load_pem_x509_certificate(open(root / "private" / "tls.crt", "rb").read())
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(days=7, minutes=5)
+
+    async def handshake(names, server_hostname):
+        key = new_key()
+        cert = certificate(key, name=names[0], names=names, days=1, issuer=(ca_key, ca_cert))
+        for name, data in (("cert.pem", pem(cert) + pem(ca_cert)), ("key.pem", pem(key))):
+            (tmp_path / name).write_bytes(data)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl(sidecar.ca_out),
+                                                      server_hostname=server_hostname)
+            writer.close()
+        finally:
+            server.close()
+
+    run(handshake(("localhost",), "localhost"))          # control: the CA and client work
+    for names, hostname in ((("api.openai.com",), "api.openai.com"), (("10.1.2.3",), "10.1.2.3"),
+                            (("evil.localhost.example",), "evil.localhost.example")):
+        with pytest.raises(ssl.SSLCertVerificationError, match="permitted subtree violation"):
+            run(handshake(names, hostname))
+
+
+def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
+    """Review finding 9: short lives need renewal. Across the CA's life: 30 days
+    before it ends the next CA is published beside it in ca_out, 7 days before the
+    next one signs; the leaf is re-issued with 2 days left. A running sidecar's poll
+    re-issues a leaf that is due, and serves it to new connections."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    from conduit_sidecar.tls import LoopbackCA, certificate, new_key, pem
+
+    def cas(path):
+        return x509.load_pem_x509_certificates(open(path, "rb").read())
+
+    state, ca_out = tmp_path / "private", tmp_path / "public" / "ca.pem"
+    now = dt.datetime.now(dt.timezone.utc)
+    assert LoopbackCA(str(state), str(ca_out)).renew(now)
+    (first,) = cas(ca_out)
+    assert not LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=4))
+    assert LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=6))     # leaf: 1 day left
+    assert cas(ca_out) == [first]
+    LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=61))
+    old, upcoming = cas(ca_out)                        # published 29 days before it signs
+    assert old == first and upcoming != first
+    leaf = cas(state / "tls.crt")[0]
+    leaf.verify_directly_issued_by(first)
+    assert LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=84))
+    assert cas(ca_out) == [upcoming]
+    cas(state / "tls.crt")[0].verify_directly_issued_by(upcoming)
+
+    # A running sidecar: put a leaf with 1 day left in its state_dir; the poll replaces it.
+    state, public = tmp_path / "live-private", tmp_path / "live-public"
+    tls_port = free_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        self_signed = true
+        ca_out = "{public / 'ca.pem'}"
+        state_dir = "{state}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra).start()
+    try:
+        ca_key, ca_cert = load_loopback_ca(state)
+        key = new_key()
+        due = certificate(key, name="localhost", names=("localhost", "127.0.0.1", "::1"), days=1,
+                          issuer=(ca_key, ca_cert))
+        for name, data, mode in (("tls.key", pem(key), 0o600), ("tls.crt", pem(due) + pem(ca_cert), 0o644)):
+            (state / "tmp").write_bytes(data)
+            os.chmod(state / "tmp", mode)
+            os.replace(state / "tmp", state / name)
+        deadline = time.monotonic() + 10
+        while peer_cert_digest(tls_port, str(public / "ca.pem")) == der_digest(due) \
+                or cas(state / "tls.crt")[0] == due:
+            assert time.monotonic() < deadline, "the due leaf was not re-issued"
+            time.sleep(0.1)
+        renewed = cas(state / "tls.crt")[0]
+        assert peer_cert_digest(tls_port, str(public / "ca.pem")) == der_digest(renewed)
+        assert renewed.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > dt.timedelta(days=6)
+    finally:
+        sidecar.stop()
+    assert "self-signed certificate renewed" in sidecar.output()
+
+
+def der_digest(cert) -> str:
+    from cryptography.hazmat.primitives import serialization
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
