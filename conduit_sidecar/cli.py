@@ -10,7 +10,7 @@ import urllib.request
 import msgspec
 import uvloop
 
-from . import __version__, config as config_mod, inject_cli, logs
+from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
 from .keys import KeyEntry, hash_key, load_keys, new_key
 from .routing import Router, masked
@@ -166,10 +166,16 @@ def parser() -> argparse.ArgumentParser:
                         "from its /metrics")
     v.set_defaults(func=_providers)
 
-    inject_cli.register(sub)
+    for name, text in k8s.COMMANDS.items():     # listed here, parsed by k8s.cli
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in k8s.COMMANDS:
+        # Imported only now: `serve` never loads the webhook's h11, PyYAML or cryptography.
+        from .k8s.cli import main as k8s_main
+        return k8s_main(argv)
     args = parser().parse_args(argv)
     return args.func(args)

@@ -12,8 +12,14 @@ from typing import Annotated, Literal
 
 import msgspec
 
-__all__ = ["Audio", "Circuit", "Config", "ConfigError", "Deployment", "Limits", "Provider", "TLS",
-           "load", "split_hostport"]
+__all__ = ["ADMIN_PORT", "Audio", "CONFIG_ENV", "Circuit", "Config", "ConfigError", "Deployment",
+           "LISTEN_PORT", "Limits", "Provider", "TLS", "TLS_PORT", "env_var", "load", "split_hostport"]
+
+# Default ports (the pod injector, k8s/inject.py, uses them too).
+LISTEN_PORT = 8080
+ADMIN_PORT = 9464
+TLS_PORT = 8443
+CONFIG_ENV = "CONDUIT_CONFIG"     # the config file's path
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -86,7 +92,7 @@ class Audio(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class TLS(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    listen: str = "127.0.0.1:8443"
+    listen: str = f"127.0.0.1:{TLS_PORT}"
     cert_file: str | None = None
     key_file: str | None = None
     self_signed: bool = False
@@ -95,8 +101,8 @@ class TLS(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    listen: str = "127.0.0.1:8080"
-    admin_listen: str = "127.0.0.1:9464"
+    listen: str = f"127.0.0.1:{LISTEN_PORT}"
+    admin_listen: str = f"127.0.0.1:{ADMIN_PORT}"
     keys_file: str = "/etc/conduit/keys/keys.json"
     keys_poll_seconds: Positive = 2.0
     log_level: str = "info"
@@ -126,6 +132,11 @@ _ENV = {
 }
 
 
+def env_var(section: str | None, field: str) -> str:
+    """The environment variable that overrides `field` of `[section]` (None: top level)."""
+    return next(var for var, (s, f, _) in _ENV.items() if (s, f) == (section, field))
+
+
 def split_hostport(value: str) -> tuple[str, int]:
     """'127.0.0.1:8080' or '[::1]:8080' -> (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -138,7 +149,7 @@ def load(path: str | None = None, overrides: dict | None = None,
          environ: os._Environ | dict | None = None) -> Config:
     """Read the config file (if any), then apply environment and flag overrides."""
     environ = os.environ if environ is None else environ
-    path = path or environ.get("CONDUIT_CONFIG")
+    path = path or environ.get(CONFIG_ENV)
     raw: dict = {}
     source = "defaults"
     if path:

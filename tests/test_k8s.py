@@ -38,9 +38,9 @@ from certs import CA
 from conftest import free_port
 
 from conduit_sidecar import config as config_mod
-from conduit_sidecar.inject import DEFAULT_IMAGE, Settings, sidecar_container
+from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
+from conduit_sidecar.k8s.webhook import MAX_BODY
 from conduit_sidecar.keys import load_keys
-from conduit_sidecar.webhook import MAX_BODY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S_VERSIONS = ["1.29.0", "1.33.0"]
@@ -375,11 +375,10 @@ class Webhook:
 
 
 def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str):
-    """`python -m conduit_sidecar.webhook` on a free loopback port, once it answers.
-    (`conduit-sidecar inject-webhook` runs the same code: test_cli_has_the_subcommands.)"""
+    """`conduit-sidecar inject-webhook` on a free loopback port, once it answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "conduit_sidecar.webhook", "--tls-cert", cert_file,
-                             "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
+    proc = subprocess.Popen(CLI + ["inject-webhook", "--tls-cert", cert_file,
+                                   "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     hook = Webhook(port, ca_file)
     deadline = time.monotonic() + 15
@@ -767,6 +766,16 @@ def test_inject_file_json_and_errors(tmp_path):
         assert run.returncode == 1 and message in run.stderr
     run = inject_cli("-f", str(tmp_path / "missing.yaml"))
     assert run.returncode == 1 and "missing.yaml" in run.stderr
+
+
+def test_serve_loads_no_kubernetes_code():
+    """The k8s subcommands are imported when they run: `serve` (a sidecar in every
+    pod) never pays for PyYAML, h11, cryptography or the injector."""
+    code = ("import sys, conduit_sidecar.cli, conduit_sidecar.server; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'h11', 'cryptography') "
+            "or m.startswith('conduit_sidecar.k8s.')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
 def test_cli_has_the_subcommands():

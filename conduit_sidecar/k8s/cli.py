@@ -1,4 +1,5 @@
-"""The `inject` and `inject-webhook` subcommands.
+"""The `inject` and `inject-webhook` subcommands (conduit_sidecar.cli hands them
+their arguments, importing this module only when one of them runs).
 
 `conduit-sidecar inject -f FILE` injects the sidecar offline, like
 `istioctl kube-inject`: it reads YAML (several documents allowed) or JSON, `-` for
@@ -14,15 +15,19 @@ import json
 import os
 import sys
 
-from . import webhook
+from .. import __version__
+from . import COMMANDS, webhook
 from .inject import DEFAULT_IMAGE, InjectError, Settings, inject_object
 
-__all__ = ["register"]
+__all__ = ["main"]
 
 
-def register(subparsers) -> None:
-    """Add `inject` and `inject-webhook` to the CLI's argparse subparsers."""
-    i = subparsers.add_parser("inject", help="inject the sidecar into Kubernetes YAML or JSON (offline)")
+def main(argv: list[str]) -> int:
+    """Run `argv` (["inject", ...] or ["inject-webhook", ...])."""
+    p = argparse.ArgumentParser(prog="conduit-sidecar")
+    p.add_argument("--version", action="version", version=__version__)
+    subparsers = p.add_subparsers(dest="command", required=True)
+    i = subparsers.add_parser("inject", help=COMMANDS["inject"])
     i.add_argument("-f", "--filename", required=True, metavar="FILE", help="YAML or JSON file, - for stdin")
     i.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     i.add_argument("--sidecar-image", default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
@@ -30,9 +35,11 @@ def register(subparsers) -> None:
                    help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)")
     i.set_defaults(func=_inject)
 
-    w = subparsers.add_parser("inject-webhook", help="serve the pod-injection admission webhook (HTTPS)")
+    w = subparsers.add_parser("inject-webhook", help=COMMANDS["inject-webhook"])
     webhook.add_arguments(w)
     w.set_defaults(func=webhook.run)
+    args = p.parse_args(argv)
+    return args.func(args)
 
 
 def _inject(args: argparse.Namespace) -> int:

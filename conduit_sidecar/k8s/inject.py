@@ -28,7 +28,8 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
-from . import __version__
+from .. import __version__
+from ..config import ADMIN_PORT, CONFIG_ENV, LISTEN_PORT, TLS_PORT, env_var
 
 __all__ = [
     "ANNOTATIONS", "CONTAINER_NAME", "DEFAULT_IMAGE", "InjectError", "Settings", "inject_object",
@@ -70,9 +71,9 @@ class Settings:
     image: str = DEFAULT_IMAGE
     native_sidecar: bool = True
     tls: bool = False
-    listen_port: int = 8080
-    admin_port: int = 9464
-    tls_port: int = 8443
+    listen_port: int = LISTEN_PORT
+    admin_port: int = ADMIN_PORT
+    tls_port: int = TLS_PORT
     keys_secret: str = "conduit-keys"
     provider_secret: str = "conduit-provider"
     config_map: str = "conduit-config"
@@ -205,11 +206,12 @@ def is_injected(pod: Mapping) -> bool:
 def sidecar_container(s: Settings) -> dict:
     """The sidecar container for these settings."""
     env = [
-        {"name": "CONDUIT_CONFIG", "value": CONFIG_DIR + "/config.toml"},
-        {"name": "CONDUIT_KEYS_FILE", "value": KEYS_DIR + "/keys.json"},
-        {"name": "CONDUIT_LISTEN", "value": f"127.0.0.1:{s.listen_port}"},
-        # The kubelet's probes and Prometheus reach the admin port from outside the pod.
-        {"name": "CONDUIT_ADMIN_LISTEN", "value": f"0.0.0.0:{s.admin_port}"},
+        {"name": CONFIG_ENV, "value": CONFIG_DIR + "/config.toml"},
+        {"name": env_var(None, "keys_file"), "value": KEYS_DIR + "/keys.json"},
+        {"name": env_var(None, "listen"), "value": f"127.0.0.1:{s.listen_port}"},
+        # The kubelet's probes and Prometheus reach the admin port from outside the pod;
+        # POST /drain answers only loopback (the preStop hook below runs in the pod).
+        {"name": env_var(None, "admin_listen"), "value": f"0.0.0.0:{s.admin_port}"},
     ]
     ports = [{"name": "conduit", "containerPort": s.listen_port, "protocol": "TCP"},
              {"name": "conduit-metrics", "containerPort": s.admin_port, "protocol": "TCP"}]
@@ -220,10 +222,10 @@ def sidecar_container(s: Settings) -> dict:
     ]
     if s.tls:
         env += [
-            {"name": "CONDUIT_TLS_SELF_SIGNED", "value": "1"},
-            {"name": "CONDUIT_TLS_LISTEN", "value": f"127.0.0.1:{s.tls_port}"},
-            {"name": "CONDUIT_TLS_CA_OUT", "value": CA_FILE},
-            {"name": "CONDUIT_TLS_STATE_DIR", "value": PRIVATE_DIR},
+            {"name": env_var("tls", "self_signed"), "value": "1"},
+            {"name": env_var("tls", "listen"), "value": f"127.0.0.1:{s.tls_port}"},
+            {"name": env_var("tls", "ca_out"), "value": CA_FILE},
+            {"name": env_var("tls", "state_dir"), "value": PRIVATE_DIR},
         ]
         ports.append({"name": "conduit-tls", "containerPort": s.tls_port, "protocol": "TCP"})
         mounts += [{"name": "conduit-ca", "mountPath": CA_DIR},

@@ -28,8 +28,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import logs
-from .config import split_hostport
+from .. import logs
+from ..config import TLS_PORT, split_hostport
 from .inject import DEFAULT_IMAGE, InjectError, Settings, json_patch_for_pod
 
 __all__ = ["MAX_BODY", "WebhookServer", "add_arguments", "main", "review_response", "run"]
@@ -192,7 +192,7 @@ class WebhookServer(ThreadingHTTPServer):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", required=True, metavar="FILE", help="PEM certificate (chain)")
     p.add_argument("--tls-key", required=True, metavar="FILE", help="PEM private key")
-    p.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT")
+    p.add_argument("--listen", default=f"0.0.0.0:{TLS_PORT}", metavar="HOST:PORT")
     p.add_argument("--sidecar-image", default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
                    metavar="IMAGE",
                    help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)")
