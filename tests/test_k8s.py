@@ -15,6 +15,7 @@ Patches are applied twice, by the `jsonpatch` package and by
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import http.client
@@ -374,12 +375,12 @@ class Webhook:
         return answer["response"]
 
 
-def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str):
+def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str, env: dict | None = None):
     """`conduit-sidecar inject-webhook` on a free loopback port, once it answers."""
     port = free_port()
     proc = subprocess.Popen(CLI + ["inject-webhook", "--tls-cert", cert_file,
                                    "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     hook = Webhook(port, ca_file)
     deadline = time.monotonic() + 15
     while True:
@@ -427,6 +428,107 @@ def test_webhook_reloads_a_renewed_certificate(tmp_path):
     finally:
         output = stop(proc)
     assert "certificate reloaded" in output
+
+
+def proc_status(pid: int) -> tuple[int, int]:
+    """(VmRSS in bytes, thread count) of a process, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["Threads"])
+
+
+def webhook_container() -> tuple[int, dict]:
+    """The injector Deployment's memory limit in bytes (a Mi quantity), and its
+    environment for the process (glibc's malloc settings)."""
+    with open(ROOT / "k8s/injector/webhook/deployment.yaml") as f:
+        (container,) = yaml.safe_load(f)["spec"]["template"]["spec"]["containers"]
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    env = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("MALLOC_")}
+    return int(limit[:-2]) << 20, env
+
+
+async def slow_body_attack(hook: Webhook, *, connections: int = 80, during=None) -> dict:
+    """`connections` clients each announce a MAX_BODY body, send all but its last
+    100 bytes in 64 KiB pieces, then trickle a byte a second (a timeout per read
+    never fires). `during()` runs in a thread once every body is under way. The
+    webhook's RSS and threads are sampled throughout; returns the figures."""
+    samples: list[tuple[int, int]] = []
+    sent = [0] * connections
+    writers = []
+
+    async def attacker(i: int) -> None:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", hook.port, ssl=hook.context)
+            writers.append(writer)
+            writer.write(b"POST /mutate HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % MAX_BODY)
+            while sent[i] < MAX_BODY - 100:
+                piece = min(64 << 10, MAX_BODY - 100 - sent[i])
+                writer.write(b" " * piece)
+                await writer.drain()
+                sent[i] += piece
+                await asyncio.sleep(0.02)
+            while sent[i] < MAX_BODY - 1:
+                writer.write(b" ")
+                await writer.drain()
+                sent[i] += 1
+                await asyncio.sleep(1)
+        except (OSError, ssl.SSLError):
+            pass        # dropped by the webhook
+
+    async def sample() -> None:
+        while True:
+            samples.append(proc_status(hook.pid))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    attack = [asyncio.create_task(attacker(i)) for i in range(connections)]
+    await asyncio.sleep(4)         # the bulk of every body is sent (or refused) by now
+    result = await asyncio.to_thread(during) if during else None
+    await asyncio.sleep(8)
+    for task in attack:
+        task.cancel()
+    for writer in writers:
+        writer.transport.abort()
+    sampler.cancel()
+    return {"max_rss": max(r for r, _ in samples), "max_threads": max(t for _, t in samples),
+            "sent": sum(sent), "during": result}
+
+
+def test_webhook_holds_a_slow_body_attack(tls_files):
+    """Review finding 6 (fails on main at 39d1546: 196 MB and 82 threads, a thread per
+    connection and a timeout per read). 80 connections trickling 2 MiB bodies: the
+    webhook's memory stays under its manifest limit and returns near its baseline, its
+    thread count stays flat, and /healthz and a real review are answered meanwhile."""
+    limit, env = webhook_container()
+    proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE, env=env)
+    hook.pid = proc.pid
+    try:
+        rss0, threads0 = proc_status(proc.pid)
+
+        def meanwhile():
+            health = hook.request("/healthz", method="GET")
+            response = hook.review(pod())
+            return health, response
+
+        figures = asyncio.run(slow_body_attack(hook, during=meanwhile))
+        (health, response) = figures["during"]
+        assert health == (200, b"ok\n")
+        assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+        assert figures["sent"] > 40 * MAX_BODY // 2       # the attack did send its bodies
+        assert figures["max_rss"] < limit, figures
+        assert figures["max_threads"] == threads0, figures
+        deadline = time.monotonic() + 15
+        while (rss := proc_status(proc.pid)[0]) > rss0 + (16 << 20):
+            assert time.monotonic() < deadline, f"RSS stayed at {rss >> 20} MiB (baseline {rss0 >> 20} MiB)"
+            time.sleep(0.5)
+        assert hook.request("/healthz", method="GET") == (200, b"ok\n")
+    finally:
+        output = stop(proc)
+    print(f"baseline {rss0 >> 20} MiB, {threads0} threads; under attack max {figures['max_rss'] >> 20} MiB, "
+          f"{figures['max_threads']} threads; after {rss >> 20} MiB; limit {limit >> 20} MiB")
+    assert "shed" in output
 
 
 def apply_patch(pod: dict, patch: list[dict], tmp_path: pathlib.Path) -> dict:

@@ -6,38 +6,64 @@ Patch from `inject.json_patch_for_pod`; `GET /healthz` answers `ok`.
 
 Answers: a pod that cannot be injected (bad annotation, malformed pod) is refused
 with `allowed: false` and the reason; a review without a `request.uid` or a body that
-is not JSON gets HTTP 400, an oversized body 413. Nothing a client sends makes it
+is not JSON gets HTTP 400, a body without Content-Length 411, over 2 MiB 413, a
+malformed request 400 (headers over 16 KiB: 431). Nothing a client sends makes it
 answer 500 or stop.
 
+It runs on the same asyncio (uvloop) stack as the sidecar: one task per connection,
+no threads. What a client can hold is bounded (the pod has a 128Mi memory limit, and
+with `failurePolicy: Fail` an injector down blocks every opted-in pod):
+
+* connections: `MAX_CONNECTIONS`; the excess is closed once its TLS handshake is done,
+  before a byte of its request is read;
+* time: the TLS handshake, then each request (from the end of the handshake or of
+  the previous answer until its answer is written), must each be over within
+  `REQUEST_DEADLINE`, however the bytes arrive; else the connection is dropped;
+* memory: a body is read up to `MAX_BODY`, and the bodies in progress together up to
+  `BODY_BUDGET`: past it, the connection holding the most is dropped, so a trickling
+  attacker loses and a small review goes through. A body goes into an anonymous
+  mapping, returned to the system when its request ends; the Deployment sets
+  `MALLOC_MMAP_THRESHOLD_=65536` so that TLS and parser buffers are too (else glibc
+  keeps the heap an attack fragmented: +25 MiB after 80 trickled bodies, not +5).
+
+HTTP/1.1 parsing is h11's (sans-I/O; websockets' parser refuses request bodies).
 The TLS certificate and key are re-read when their files change (cert-manager
-renews them in place), checked at each new connection. The TLS handshake runs in the
-connection's own thread with a timeout, so a slow client cannot hold up the others.
+renews them in place), checked at each new connection.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import logging
+import mmap
 import os
 import signal
-import socket
-import ssl
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+
+import h11
+import msgspec
+import uvloop
 
 from .. import logs
-from ..config import TLS_PORT, split_hostport
+from ..config import TLS_PORT, ConfigError, split_hostport
+from ..tls import CertFiles
 from .inject import DEFAULT_IMAGE, InjectError, Settings, json_patch_for_pod
 
-__all__ = ["MAX_BODY", "WebhookServer", "add_arguments", "main", "review_response", "run"]
+__all__ = ["BODY_BUDGET", "MAX_BODY", "MAX_CONNECTIONS", "REQUEST_DEADLINE", "Webhook",
+           "add_arguments", "review_response", "run"]
 
 log = logging.getLogger("conduit.webhook")
 
 MAX_BODY = 2 << 20            # a pod is at most 1.5 MiB (etcd's limit), plus the review around it
-IO_TIMEOUT = 10.0             # seconds per read or write, handshake included
+MAX_HEADERS = 16 << 10        # request line and headers
+MAX_CONNECTIONS = 128
+BODY_BUDGET = 16 << 20        # all bodies in progress; with the rest, well under 128Mi
+REQUEST_DEADLINE = 10.0       # seconds; the API server gives up after timeoutSeconds (5)
+READ_SIZE = 64 << 10
 
 
 class BadReview(ValueError):
@@ -98,95 +124,226 @@ def _pod_name(pod) -> str:
     return str(metadata.get("name") or (metadata.get("generateName") or "-") + "*")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: WebhookServer
-    protocol_version = "HTTP/1.1"     # keep-alive: the API server reuses connections
-    timeout = IO_TIMEOUT
+class _Bodies:
+    """Bytes buffered by the request bodies in progress, across connections."""
 
-    def do_GET(self):
-        if self.path.split("?", 1)[0] == "/healthz":
-            self._send(200, b"ok\n", "text/plain")
-        else:
-            self._send(404, b"not found\n", "text/plain")
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.held: dict[_Connection, int] = {}
+        self.total = 0
 
-    def do_POST(self):
-        length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):
-            self.close_connection = True
-            return self._send(411, b"Content-Length required\n", "text/plain")
-        if int(length) > MAX_BODY:
-            self.close_connection = True
-            return self._send(413, f"request body over {MAX_BODY >> 20} MiB\n".encode(), "text/plain")
-        # Read the body even for a wrong path: closing with unread input resets the
-        # connection, and the client could lose the answer.
-        body = self.rfile.read(int(length))
-        if self.path.split("?", 1)[0] != "/mutate":
-            return self._send(404, b"not found\n", "text/plain")
-        try:
-            review = json.loads(body)
-            answer = review_response(review, self.server.defaults)
-        except (ValueError, RecursionError) as exc:     # JSONDecodeError and BadReview
-            log.info("bad review", extra={"event": "bad_request", "error": str(exc)[:200]})
-            return self._send(400, f"{exc}\n".encode(), "text/plain")
-        self._send(200, json.dumps(answer).encode(), "application/json")
+    def add(self, conn: _Connection, n: int) -> None:
+        """Count n more bytes for conn's request. Over the budget, drop the
+        connection holding the most (perhaps conn itself)."""
+        self.held[conn] = self.held.get(conn, 0) + n
+        self.total += n
+        while self.total > self.budget:
+            hog = max(self.held, key=self.held.__getitem__)
+            log.info("request body dropped: bodies in progress over budget",
+                     extra={"event": "shed", "bytes": self.held[hog], "budget": self.budget})
+            self.release(hog)
+            hog.drop()
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):
-        """Access lines go to debug: /healthz probes would flood the info log."""
-        log.debug(format % args)
+    def release(self, conn: _Connection) -> None:
+        self.total -= self.held.pop(conn, 0)
 
 
-class WebhookServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that does TLS per connection, in the connection's thread."""
+class _Dropped(Exception):
+    """The connection was dropped under us, or the peer went away."""
 
-    daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], cert_file: str, key_file: str,
-                 defaults: Settings = Settings()):
-        self.cert_file, self.key_file, self.defaults = cert_file, key_file, defaults
-        self._context_lock = threading.Lock()
-        self._loaded: tuple | None = None
-        self._context = self._current_context()    # fail at start on a bad cert or key
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+# Where TLS decrypts for every connection: each piece goes to h11 at once (a copy),
+# so one buffer serves all, and a connection never holds more than READ_SIZE unparsed.
+_read_buffer = memoryview(bytearray(READ_SIZE))
 
-    def _current_context(self) -> ssl.SSLContext:
-        with self._context_lock:
-            stamp = tuple(os.stat(f).st_mtime_ns for f in (self.cert_file, self.key_file))
-            if stamp != self._loaded:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
-                context.load_cert_chain(self.cert_file, self.key_file)
-                if self._loaded is not None:
-                    log.info("certificate reloaded", extra={"event": "cert_reload"})
-                self._context, self._loaded = context, stamp
-            return self._context
 
-    def finish_request(self, request, client_address):
-        request.settimeout(IO_TIMEOUT)
-        try:
-            context = self._current_context()
-        except (OSError, ssl.SSLError) as exc:
-            # A half-written renewal: keep serving with the previous certificate.
-            log.warning("certificate reload failed", extra={"event": "cert_reload", "error": str(exc)})
-            context = self._context
-        try:
-            tls = context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("TLS handshake failed", extra={"peer": client_address[0], "error": str(exc)})
+class _Connection(asyncio.BufferedProtocol):
+    """One client's HTTP/1.1 requests through h11, read one piece at a time
+    (reading is paused unless h11 needs more), each answered within the deadline."""
+
+    def __init__(self, webhook: Webhook):
+        self.webhook = webhook
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None       # set when h11 has data for us
+        self.writable: asyncio.Future | None = None     # set when the client reads again
+        self.closed = False
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_read_buffer_limits(high=READ_SIZE)    # what TLS holds undecrypted
+        self.task = asyncio.get_running_loop().create_task(self.serve())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
             return
-        with tls:
-            super().finish_request(tls, client_address)
+        self.transport.pause_reading()
+        self.http.receive_data(_read_buffer[:nbytes])
+        self._wake()
 
-    def handle_error(self, request, client_address):
-        log.warning("connection error", exc_info=True, extra={"peer": client_address[0]})
+    def eof_received(self) -> bool:
+        self._lost()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.http.receive_data(b"")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def drop(self) -> None:
+        self._lost()
+        self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    async def serve(self) -> None:
+        webhook = self.webhook
+        peer = (self.transport.get_extra_info("peername") or ("-",))[0]
+        if webhook.connections >= webhook.max_connections:
+            log.info("connection refused: too many", extra={"event": "shed", "peer": peer,
+                                                            "connections": webhook.connections})
+            self._release()
+            return
+        webhook.connections += 1
+        try:
+            while True:
+                async with asyncio.timeout(REQUEST_DEADLINE):
+                    if not await self.exchange():
+                        break
+                    if self.writable is not None:
+                        await self.writable     # a client that does not read gets no more
+                self.http.start_next_cycle()
+            self.transport.close()      # after what is written, with a TLS close_notify
+        except (TimeoutError, OSError, _Dropped) as exc:
+            log.debug("connection dropped", extra={"peer": peer, "error": repr(exc)})
+        except Exception:
+            log.warning("connection error", exc_info=True, extra={"peer": peer})
+        finally:
+            webhook.connections -= 1
+            webhook.bodies.release(self)
+            self._release()
+
+    def _release(self) -> None:
+        if not self.transport.is_closing():
+            self.drop()
+        # The TLS layer keeps bound methods of ours; without our references back the
+        # cycle is gone and its buffers are freed now, not at some cyclic GC.
+        self.closed = True
+        self.transport = self.http = self.waiter = self.writable = None
+
+    async def next_event(self):
+        """h11's next event, reading while it needs data."""
+        while (event := self.http.next_event()) is h11.NEED_DATA:
+            if self.transport.is_closing():
+                raise _Dropped()
+            self.waiter = asyncio.get_running_loop().create_future()
+            self.transport.resume_reading()
+            await self.waiter
+        return event
+
+    async def exchange(self) -> bool:
+        """Read one request, answer it; True if the connection may carry another."""
+        http = self.http
+        try:
+            request = await self.next_event()
+            if not isinstance(request, h11.Request):
+                return False        # closed between requests
+            status, body, content_type = await self.answer(request)
+        except h11.RemoteProtocolError as exc:
+            if http.our_state is not h11.SEND_RESPONSE or self.transport.is_closing():
+                return False
+            status, body, content_type = exc.error_status_hint, f"{exc}\n".encode(), "text/plain"
+        finally:
+            self.webhook.bodies.release(self)
+        self.respond(status, body, content_type, close=http.their_state is not h11.DONE)
+        return http.our_state is h11.DONE and http.their_state is h11.DONE
+
+    def respond(self, status: int, body: bytes, content_type: str = "text/plain", close: bool = False):
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if close:
+            headers.append(("Connection", "close"))     # the request is left unread
+        http = self.http
+        self.transport.write(http.send(h11.Response(status_code=status, headers=headers,
+                                                    reason=HTTPStatus(status).phrase.encode()))
+                             + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
+
+    async def answer(self, request: h11.Request) -> tuple[int, bytes, str]:
+        headers = dict(request.headers)
+        if b"transfer-encoding" in headers:
+            return 411, b"Content-Length required\n", "text/plain"
+        length = int(headers.get(b"content-length", 0))
+        if length > MAX_BODY:
+            return 413, f"request body over {MAX_BODY >> 20} MiB\n".encode(), "text/plain"
+        # Read the body whatever the path: answering with unread input may reset the
+        # connection, and the client could lose the answer. It goes into a mapping of
+        # its announced length: pages become resident only as bytes arrive, and all
+        # go back to the system when the request ends (heap pieces would fragment).
+        body = mmap.mmap(-1, length) if length else b""
+        try:
+            offset = 0
+            while not isinstance(event := await self.next_event(), h11.EndOfMessage):
+                body[offset:offset + len(event.data)] = event.data
+                offset += len(event.data)
+                self.webhook.bodies.add(self, len(event.data))
+            if self.transport.is_closing():
+                raise _Dropped()        # over the body budget
+            path = request.target.split(b"?", 1)[0]
+            if path == b"/healthz" and request.method == b"GET":
+                return 200, b"ok\n", "text/plain"
+            if path != b"/mutate" or request.method != b"POST":
+                return 404, b"not found\n", "text/plain"
+            try:
+                answer = review_response(msgspec.json.decode(body), self.webhook.defaults)
+            except (ValueError, RecursionError) as exc:     # DecodeError and BadReview
+                log.info("bad review", extra={"event": "bad_request", "error": str(exc)[:200]})
+                return 400, f"{exc}\n".encode(), "text/plain"
+            return 200, json.dumps(answer).encode(), "application/json"
+        finally:
+            if length:
+                body.close()
+
+
+class Webhook:
+    """The HTTPS server; `await start(host, port)`, then `close()`."""
+
+    def __init__(self, certs: CertFiles, defaults: Settings = Settings(),
+                 max_connections: int = MAX_CONNECTIONS):
+        self.certs, self.defaults, self.max_connections = certs, defaults, max_connections
+        self.bodies = _Bodies(BODY_BUDGET)
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.get_running_loop().create_server(
+            self._accept, host, port, ssl=self.certs.context, ssl_handshake_timeout=REQUEST_DEADLINE)
+        return self.server.sockets[0].getsockname()[:2]
+
+    def _accept(self) -> _Connection:
+        # Called before the TLS handshake: a renewed certificate is in place for it.
+        self.certs.check()
+        return _Connection(self)
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -196,6 +353,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sidecar-image", default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
                    metavar="IMAGE",
                    help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                   help="connections served at once; more are closed (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -203,31 +362,25 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
     logs.setup(args.log_level)
     try:
-        address = split_hostport(args.listen)
-        server = WebhookServer(address, args.tls_cert, args.tls_key,
-                               Settings(image=args.sidecar_image))
-    except (ValueError, OSError, ssl.SSLError) as exc:
+        host, port = split_hostport(args.listen)
+        certs = CertFiles(args.tls_cert, args.tls_key)     # fail at start on a bad cert or key
+    except (ValueError, ConfigError) as exc:
         print(f"conduit-sidecar inject-webhook: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
+    webhook = Webhook(certs, Settings(image=args.sidecar_image), args.max_connections)
+    try:
+        return uvloop.run(_serve(webhook, host, port, args.sidecar_image))
+    except OSError as exc:
+        print(f"conduit-sidecar inject-webhook: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(webhook: Webhook, host: str, port: int, image: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, name="webhook", daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    log.info("listening", extra={"event": "listen", "address": f"{host}:{port}",
-                                 "sidecar_image": args.sidecar_image})
-    stop.wait()
-    server.shutdown()
-    server.server_close()
+        loop.add_signal_handler(sig, stop.set)
+    host, port = await webhook.start(host, port)
+    await stop.wait()
+    await webhook.close()
     return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="conduit-sidecar inject-webhook", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
