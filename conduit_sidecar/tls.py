@@ -38,10 +38,12 @@ __all__ = ["LOOPBACK_NAMES", "CertFiles", "ListenerTLS", "LoopbackCA", "certific
 log = logging.getLogger("conduit.tls")
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-# The loopback CA lives 90 days; the next one is published in ca_out 30 days before it
-# starts signing, so an app that (re)loads ca_out in that window never sees a break.
+# The loopback CA lives 90 days. 45 days before it ends the next one is published
+# beside it in ca_out, and 7 days before it ends the next one signs: a CA signs for
+# 45 days, and an app keeps trusting the sidecar for at least 38 days (45 - 7) after
+# it read ca_out, whenever it read it (83 if it read both).
 CA_DAYS = 90
-CA_OVERLAP_DAYS = 30
+CA_OVERLAP_DAYS = 45
 LEAF_DAYS = 7
 LEAF_RENEW_DAYS = 2      # a leaf with fewer days left is re-issued
 _SKEW = dt.timedelta(minutes=5)
@@ -121,11 +123,12 @@ class LoopbackCA:
     Name Constraints extension says so), and the listener's leaf.
 
     `renew()` (at start and at each poll) keeps everything within its life:
-    30 days before the CA expires a next CA is made and published beside it in
+    45 days before the CA expires a next CA is made and published beside it in
     `ca_out`; 7 days before, the next CA takes over and signs the leaf. The leaf
     lives 7 days and is re-issued with 2 left. An app that read `ca_out` before the
     next CA was published trusts only the old one: its new connections fail once the
-    old CA stops signing (restart it, or re-read `ca_out`, at least every 60 days).
+    old CA stops signing, 38 days later at the earliest (restart it, or re-read
+    `ca_out`, at least every 5 weeks).
     """
 
     def __init__(self, state_dir: str, ca_out: str):

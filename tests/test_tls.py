@@ -316,7 +316,7 @@ def test_self_signed_ca_signs_only_loopback_names(tls_env, tmp_path):
 
 
 def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
-    """Review finding 9: short lives need renewal. Across the CA's life: 30 days
+    """Review finding 9: short lives need renewal. Across the CA's life: 45 days
     before it ends the next CA is published beside it in ca_out, 7 days before the
     next one signs; the leaf is re-issued with 2 days left. A running sidecar's poll
     re-issues a leaf that is due, and serves it to new connections."""
@@ -336,8 +336,10 @@ def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
     assert not LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=4))
     assert LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=6))     # leaf: 1 day left
     assert cas(ca_out) == [first]
-    LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=61))
-    old, upcoming = cas(ca_out)                        # published 29 days before it signs
+    LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=44))
+    assert cas(ca_out) == [first]
+    LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=46))
+    old, upcoming = cas(ca_out)                        # published 37 days before it signs
     assert old == first and upcoming != first
     leaf = cas(state / "tls.crt")[0]
     leaf.verify_directly_issued_by(first)
