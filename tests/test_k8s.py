@@ -36,7 +36,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from certs import CA
-from conftest import free_port
+from conftest import SidecarProcess, free_port, standard_keys
 
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
@@ -229,6 +229,31 @@ def test_base_deployment_is_what_the_injector_makes():
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] in {p["name"] for p in sidecar["ports"]}
     assert endpoint["path"] == "/metrics"
+
+
+def test_injected_prestop_drains_from_inside_the_pod(tmp_path, mock_provider):
+    """The admin port listens on 0.0.0.0 (the kubelet's probes, Prometheus), and
+    POST /drain answers only loopback. The injected preStop is an exec in the pod to
+    127.0.0.1, so it drains: an httpGet hook would come from the node's address and
+    get 403 (and can only GET). Here the hook's command runs against a sidecar with
+    the injected admin address."""
+    container = sidecar_container(Settings(admin_port=free_port()))
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CONDUIT_ADMIN_LISTEN"].startswith("0.0.0.0:")
+    hook = container["lifecycle"]["preStop"]
+    assert list(hook) == ["exec"] and hook["exec"]["command"][0] == "python"
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
+    sidecar.admin_port = int(env["CONDUIT_ADMIN_LISTEN"].rsplit(":", 1)[1])
+    sidecar.env["CONDUIT_ADMIN_LISTEN"] = env["CONDUIT_ADMIN_LISTEN"]
+    sidecar.start()
+    try:
+        run = subprocess.run([sys.executable, *hook["exec"]["command"][1:]], capture_output=True,
+                             text=True, timeout=15)
+        assert run.returncode == 0, run.stderr
+        assert sidecar.proc.wait(10) == 0            # drained (no sessions), then exited
+    finally:
+        sidecar.stop()
+    assert [line for line in sidecar.log_lines() if line.get("event") == "drain"]
 
 
 def load_pod_config(docs: list[dict], tmp_path: pathlib.Path) -> config_mod.Config:
