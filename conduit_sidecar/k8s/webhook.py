@@ -312,7 +312,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return 404, b"not found\n", "text/plain"
             try:
                 answer = review_response(msgspec.json.decode(body), self.webhook.defaults)
-            except (ValueError, RecursionError) as exc:     # DecodeError and BadReview
+            except (msgspec.DecodeError, ValueError, RecursionError) as exc:   # BadReview is a ValueError
                 log.info("bad review", extra={"event": "bad_request", "error": str(exc)[:200]})
                 return 400, f"{exc}\n".encode(), "text/plain"
             return 200, json.dumps(answer).encode(), "application/json"
