@@ -405,7 +405,8 @@ def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str, env: 
     port = free_port()
     proc = subprocess.Popen(CLI + ["inject-webhook", "--tls-cert", cert_file,
                                    "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     hook = Webhook(port, ca_file)
     deadline = time.monotonic() + 15
     while True:
@@ -741,6 +742,20 @@ def test_webhook_malformed_requests(webhook):
     conn.close()
     assert webhook.request("/mutate", method="GET")[0] == 404
     assert webhook.request("/other", b"{}")[0] == 404
+    assert webhook.request("/healthz", method="HEAD") == (200, b"")
+    # What h11 refuses, answered with its status (a 100 KB head is incomplete after any read).
+    for request, status in ((b"GARBAGE\r\n\r\n", 400),
+                            (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000
+                             + b"\r\n\r\n", 431),
+                            (b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                             b"Content-Length: 6\r\n\r\nhello", 400),
+                            (b"POST /mutate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"2\r\n{}\r\n0\r\n\r\n", 411)):
+        with socket.create_connection(("127.0.0.1", webhook.port)) as raw, \
+                webhook.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.settimeout(10)
+            tls.sendall(request)
+            assert tls.recv(100).startswith(b"HTTP/1.1 %d " % status), request[:40]
     # A review of another version or kind: answered, refused.
     status, body = webhook.request("/mutate", json.dumps({
         "apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",

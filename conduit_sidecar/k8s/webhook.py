@@ -7,8 +7,8 @@ Patch from `inject.json_patch_for_pod`; `GET /healthz` answers `ok`.
 Answers: a pod that cannot be injected (bad annotation, malformed pod) is refused
 with `allowed: false` and the reason; a review without a `request.uid` or a body that
 is not JSON gets HTTP 400, a body without Content-Length 411, over 2 MiB 413, a
-malformed request 400 (headers over 16 KiB: 431). Nothing a client sends makes it
-answer 500 or stop.
+malformed request 400, a request head still incomplete after 16 KiB (a read is 64 KiB
+at most) 431. Nothing a client sends makes it answer 500 or stop.
 
 It runs on the same asyncio (uvloop) stack as the sidecar: one task per connection,
 no threads. What a client can hold is bounded (the pod has a 128Mi memory limit, and
@@ -262,28 +262,27 @@ class _Connection(asyncio.BufferedProtocol):
     async def exchange(self) -> bool:
         """Read one request, answer it; True if the connection may carry another."""
         http = self.http
+        request = None
         try:
             request = await self.next_event()
             if not isinstance(request, h11.Request):
                 return False        # closed between requests
             status, body, content_type = await self.answer(request)
         except h11.RemoteProtocolError as exc:
-            if http.our_state is not h11.SEND_RESPONSE or self.transport.is_closing():
-                return False
+            if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.transport.is_closing():
+                return False        # an answer is under way, or no one to send one to
             status, body, content_type = exc.error_status_hint, f"{exc}\n".encode(), "text/plain"
         finally:
             self.webhook.bodies.release(self)
-        self.respond(status, body, content_type, close=http.their_state is not h11.DONE)
-        return http.our_state is h11.DONE and http.their_state is h11.DONE
-
-    def respond(self, status: int, body: bytes, content_type: str = "text/plain", close: bool = False):
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        if close:
+        if http.their_state is not h11.DONE:
             headers.append(("Connection", "close"))     # the request is left unread
-        http = self.http
-        self.transport.write(http.send(h11.Response(status_code=status, headers=headers,
-                                                    reason=HTTPStatus(status).phrase.encode()))
-                             + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
+        response = http.send(h11.Response(status_code=status, headers=headers,
+                                          reason=HTTPStatus(status).phrase.encode()))
+        if request is None or request.method != b"HEAD":     # a HEAD answer has no body
+            response += http.send(h11.Data(data=body))
+        self.transport.write(response + http.send(h11.EndOfMessage()))
+        return http.our_state is h11.DONE and http.their_state is h11.DONE
 
     async def answer(self, request: h11.Request) -> tuple[int, bytes, str]:
         headers = dict(request.headers)
@@ -292,6 +291,8 @@ class _Connection(asyncio.BufferedProtocol):
         length = int(headers.get(b"content-length", 0))
         if length > MAX_BODY:
             return 413, f"request body over {MAX_BODY >> 20} MiB\n".encode(), "text/plain"
+        if self.http.they_are_waiting_for_100_continue:
+            self.transport.write(self.http.send(h11.InformationalResponse(status_code=100, headers=[])))
         # Read the body whatever the path: answering with unread input may reset the
         # connection, and the client could lose the answer. It goes into a mapping of
         # its announced length: pages become resident only as bytes arrive, and all
@@ -306,7 +307,7 @@ class _Connection(asyncio.BufferedProtocol):
             if self.transport.is_closing():
                 raise _Dropped()        # over the body budget
             path = request.target.split(b"?", 1)[0]
-            if path == b"/healthz" and request.method == b"GET":
+            if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
                 return 200, b"ok\n", "text/plain"
             if path != b"/mutate" or request.method != b"POST":
                 return 404, b"not found\n", "text/plain"
