@@ -2,9 +2,8 @@
 sidecar's own x509 builder (conduit_sidecar.tls)."""
 
 import os
-import ssl
 
-from conduit_sidecar.tls import certificate, new_key, pem
+from conduit_sidecar.tls import certificate, new_key, pem, server_context
 
 
 class CA:
@@ -33,6 +32,6 @@ class CA:
         return cert_file, key_file
 
     def server_context(self, directory, names=("127.0.0.1", "localhost")):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = server_context()
         ctx.load_cert_chain(*self.issue(directory, names))
         return ctx

@@ -279,7 +279,7 @@ def test_self_signed_ca_signs_only_loopback_names(tls_env, tmp_path):
 
     from cryptography import x509
 
-    from conduit_sidecar.tls import certificate, new_key, pem
+    from conduit_sidecar.tls import certificate, new_key, pem, server_context
 
     sidecar, _, _, root = tls_env
     ca_key, ca_cert = load_loopback_ca(root / "private")
@@ -297,7 +297,7 @@ def test_self_signed_ca_signs_only_loopback_names(tls_env, tmp_path):
         cert = certificate(key, name=names[0], names=names, days=1, issuer=(ca_key, ca_cert))
         for name, data in (("cert.pem", pem(cert) + pem(ca_cert)), ("key.pem", pem(key))):
             (tmp_path / name).write_bytes(data)
-        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx = server_context()
         server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_ctx)
         port = server.sockets[0].getsockname()[1]
