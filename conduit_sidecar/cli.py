@@ -12,7 +12,8 @@ import uvloop
 
 from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
-from .keys import KeyEntry, hash_key, load_keys, new_key
+from .keys import KeyEntry, KeySet, hash_key, load_keys, new_key
+from .policy import price_for
 from .routing import Router, masked
 
 
@@ -54,7 +55,29 @@ def _check_config(args) -> int:
         url, headers = masked(router.routes[name].spec)
         models = ", ".join(router.routes[name].spec.models) or "-"
         print(f"provider      {name}: {url} headers={headers} models=[{models}]")
+    for warning in _unpriced(conf, router, keyset):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _unpriced(conf, router: Router, keyset: KeySet) -> list[str]:
+    """Models a key with a `usd` budget may use but no [prices] entry covers: their
+    usage would cost nothing against the budget."""
+    warnings = []
+    for entry in keyset.by_id.values():
+        if not any(b.metric == "usd" for b in entry.budgets):
+            continue
+        patterns = entry.allowed_models
+        if patterns is None:
+            patterns = [m for name in router.configured for m in router.routes[name].spec.models]
+        for pattern in patterns:
+            if price_for(conf.prices, pattern.rstrip("*")) is None:
+                warnings.append(f"key {entry.id!r} has a usd budget but model {pattern!r} "
+                                "has no [prices] entry")
+        if not patterns:
+            warnings.append(f"key {entry.id!r} has a usd budget but may use any model: "
+                            "models without a [prices] entry cost nothing")
+    return warnings
 
 
 def _keys_new(args) -> int:
