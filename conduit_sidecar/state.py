@@ -1,0 +1,211 @@
+"""Counts that must hold across pods: connection leases, session-rate windows and
+budget windows. `LocalStore` keeps them in this process; `RedisStore` in Redis,
+each update one atomic Lua script, so two pods never both take the last slot.
+
+Redis keys (the key id in braces keeps one key's data in one Redis Cluster slot):
+
+    PREFIX{KEY_ID}:leases              sorted set, member per live session, score =
+                                       lease expiry (ms); TTL lease_seconds, renewed
+    PREFIX{KEY_ID}:starts              sorted set of session starts in the last 60 s;
+                                       TTL 60 s
+    PREFIX{KEY_ID}:usage:WINDOW:STAMP  hash tokens / audio_seconds / usd for one UTC
+                                       hour (STAMP YYYYMMDDHH), day (YYYYMMDD) or month
+                                       (YYYYMM); expires one hour after the window ends
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import time
+
+from .config import ConfigError, State
+from .policy import METRICS, WINDOWS, window_bounds
+
+__all__ = ["LocalStore", "RedisStore", "StoreError", "Totals", "open_store"]
+
+# window -> metric -> total in the window that holds "now"
+Totals = dict[str, dict[str, float]]
+RATE_WINDOW_SECONDS = 60
+_USAGE_GRACE_SECONDS = 3600
+
+
+class StoreError(Exception):
+    """The shared store could not be reached or answered an error."""
+
+
+def _empty() -> Totals:
+    return {w: dict.fromkeys(METRICS, 0.0) for w in WINDOWS}
+
+
+class LocalStore:
+    """This process only: what `backend = "local"` uses, and the fallback when Redis
+    is unavailable. Leases are not kept here: the sidecar's own live count is exact."""
+
+    shared = False
+
+    def __init__(self):
+        self.starts: dict[str, collections.deque[float]] = {}
+        self.usage: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}
+
+    async def start_session(self, key_id: str, member: str, per_minute: int) -> float:
+        return self.take_start(key_id, per_minute)
+
+    def take_start(self, key_id: str, per_minute: int) -> float:
+        """Record a session start unless `per_minute` were started in the last 60 s;
+        returns 0, or the seconds until the oldest start leaves the window."""
+        now = time.monotonic()
+        starts = self.starts.setdefault(key_id, collections.deque())
+        while starts and starts[0] <= now - RATE_WINDOW_SECONDS:
+            starts.popleft()
+        if len(starts) >= per_minute:
+            return starts[0] + RATE_WINDOW_SECONDS - now
+        starts.append(now)
+        return 0.0
+
+    async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
+        totals = {}
+        for window in WINDOWS:
+            stamp = window_bounds(window, now)[0]
+            held = self.usage.get((key_id, window))
+            if held is None or held[0] != stamp:
+                held = self.usage[(key_id, window)] = (stamp, dict.fromkeys(METRICS, 0.0))
+            for metric, value in deltas.items():
+                held[1][metric] += value
+            totals[window] = dict(held[1])
+        return totals
+
+    async def totals(self, key_id: str, now: dt.datetime) -> Totals:
+        return await self.add_usage(key_id, {}, now)
+
+    async def close(self) -> None:
+        pass
+
+
+_NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+# KEYS[1] leases; ARGV member, limit, ttl_ms -> 1 taken, 0 full
+_ACQUIRE = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1"""
+
+# KEYS[1] leases; ARGV ttl_ms, member... : extend (or re-create after an outage)
+_RENEW = _NOW_MS + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1"""
+
+# KEYS[1] starts; ARGV member, per_minute, window_ms -> 0 taken, else ms to wait
+_START = _NOW_MS + """
+local window = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], window)
+return 0"""
+
+# KEYS usage hashes (one per window); ARGV expire-at (s) per key, then metric, delta...
+_ADD = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  for j = #KEYS + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', key, ARGV[j], ARGV[j + 1]) end
+  if #ARGV > #KEYS then redis.call('EXPIREAT', key, ARGV[i]) end
+  out[i] = redis.call('HGETALL', key)
+end
+return out"""
+
+
+class RedisStore:
+    """Redis through redis-py's asyncio client. Every call is bounded by
+    `timeout_seconds` and raises StoreError on any failure: the caller decides what
+    an outage means (see Governor)."""
+
+    shared = True
+
+    def __init__(self, state: State):
+        import redis.asyncio
+        from redis.backoff import NoBackoff
+        from redis.asyncio.retry import Retry
+
+        password = None
+        if state.password_file:
+            try:
+                with open(state.password_file) as f:
+                    password = f.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{state.password_file}: cannot read: {exc.strerror}") from None
+        self.errors = (redis.RedisError, OSError, TimeoutError)
+        # No retries inside the client: a failed call falls back at once, and the
+        # next flush (within a second) tries again.
+        self.client = redis.asyncio.Redis.from_url(
+            state.url, password=password, socket_timeout=state.timeout_seconds,
+            socket_connect_timeout=state.timeout_seconds, retry=Retry(NoBackoff(), 0),
+            decode_responses=True)
+        self.prefix = state.key_prefix
+        self.lease_ms = int(state.lease_seconds * 1000)
+        self.acquire_script = self.client.register_script(_ACQUIRE)
+        self.renew_script = self.client.register_script(_RENEW)
+        self.start_script = self.client.register_script(_START)
+        self.add_script = self.client.register_script(_ADD)
+
+    def key(self, key_id: str, suffix: str) -> str:
+        return f"{self.prefix}{{{key_id}}}:{suffix}"
+
+    async def _call(self, script, keys, args):
+        try:
+            return await script(keys=keys, args=args)
+        except self.errors as exc:
+            raise StoreError(str(exc) or type(exc).__name__) from None
+
+    async def acquire(self, key_id: str, member: str, limit: int) -> bool:
+        return bool(await self._call(self.acquire_script, [self.key(key_id, "leases")],
+                                     [member, limit, self.lease_ms]))
+
+    async def renew(self, leases: dict[str, list[str]]) -> None:
+        for key_id, members in leases.items():
+            await self._call(self.renew_script, [self.key(key_id, "leases")],
+                             [self.lease_ms, *members])
+
+    async def release(self, key_id: str, member: str) -> None:
+        try:
+            await self.client.zrem(self.key(key_id, "leases"), member)
+        except self.errors as exc:
+            raise StoreError(str(exc) or type(exc).__name__) from None
+
+    async def start_session(self, key_id: str, member: str, per_minute: int) -> float:
+        wait_ms = await self._call(self.start_script, [self.key(key_id, "starts")],
+                                   [member, per_minute, RATE_WINDOW_SECONDS * 1000])
+        return int(wait_ms) / 1000
+
+    async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
+        keys, expire_at = [], []
+        for window in WINDOWS:
+            stamp, end = window_bounds(window, now)
+            keys.append(self.key(key_id, f"usage:{window}:{stamp}"))
+            expire_at.append(int(end.timestamp()) + _USAGE_GRACE_SECONDS)
+        args = [*expire_at] if deltas else []
+        for metric, value in deltas.items():
+            args += [metric, repr(float(value))]
+        replies = await self._call(self.add_script, keys, args)
+        totals = _empty()
+        for window, flat in zip(WINDOWS, replies):
+            for field, value in zip(flat[::2], flat[1::2]):
+                if field in totals[window]:
+                    totals[window][field] = float(value)
+        return totals
+
+    async def totals(self, key_id: str, now: dt.datetime) -> Totals:
+        return await self.add_usage(key_id, {}, now)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def open_store(state: State) -> LocalStore | RedisStore:
+    return RedisStore(state) if state.backend == "redis" else LocalStore()
