@@ -36,10 +36,9 @@ _BINARY = _relay.KIND_NAMES.index("binary")
 
 
 class _Live:
-    __slots__ = ("entry", "lease", "timer", "audio_bytes", "closing")
+    __slots__ = ("lease", "timer", "audio_bytes", "closing")
 
-    def __init__(self, entry: KeyEntry):
-        self.entry = entry
+    def __init__(self):
         self.lease: str | None = None     # the lease member, when one is held
         self.timer: asyncio.TimerHandle | None = None
         self.audio_bytes = 0              # client->provider binary payload already counted
@@ -74,24 +73,25 @@ class Governor:
 
     # -- admission -----------------------------------------------------------------
 
-    async def admit(self, info: SessionInfo, entry: KeyEntry) -> tuple[int, str] | None:
+    async def admit(self, info: SessionInfo) -> tuple[int, str] | None:
         """None to go on, or (close code, reason). The caller has reserved `info`."""
-        live = self.live[info] = _Live(entry)
+        live = self.live[info] = _Live()
+        entry = info.key
         if not (entry.budgets or entry.sessions_per_minute
                 or (self.shared and entry.max_connections)):
             return None
         now = _utcnow()
         try:
-            return await self._admit_shared(info, live, now)
+            return await self._admit_shared(info, entry, live, now)
         except StoreError:
             if self.state.on_unavailable == "closed":
                 self.metrics.state_fallbacks.labels("refused").inc()
                 return 1013, "shared state unavailable: try again later"
             self.metrics.state_fallbacks.labels("local").inc()
-            return self._admit_local(info, live, now)
+            return self._admit_local(entry, live, now)
 
-    async def _admit_shared(self, info, live: _Live, now: dt.datetime) -> tuple[int, str] | None:
-        entry = live.entry
+    async def _admit_shared(self, info: SessionInfo, entry: KeyEntry, live: _Live,
+                            now: dt.datetime) -> tuple[int, str] | None:
         if entry.budgets:
             self._remember(entry.id, await self._op("totals", self.store.totals(entry.id, now)), now)
             reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
@@ -110,9 +110,9 @@ class Governor:
                 return 4029, _rate_reason(entry, wait)
         return None
 
-    def _admit_local(self, info, live: _Live, now: dt.datetime) -> tuple[int, str] | None:
+    def _admit_local(self, entry: KeyEntry, live: _Live,
+                     now: dt.datetime) -> tuple[int, str] | None:
         """The shared store is down and on_unavailable = "open": this pod's counts."""
-        entry = live.entry
         reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
         if reason:
             return 4002, reason
@@ -128,8 +128,8 @@ class Governor:
     def started(self, info: SessionInfo) -> None:
         """The relay runs: start the session cap's clock."""
         live = self.live.get(info)
-        if live is not None and live.entry.max_session_seconds:
-            cap = live.entry.max_session_seconds
+        if live is not None and info.key.max_session_seconds:
+            cap = info.key.max_session_seconds
             live.timer = asyncio.get_running_loop().call_later(
                 cap, self._close, info, 4008, f"session cap of {cap:g} s reached")
 
@@ -204,12 +204,13 @@ class Governor:
         return totals
 
     def enforce(self, key_id: str, now: dt.datetime) -> None:
-        entry = self.sidecar.keyset.by_id.get(key_id)
-        if entry is None or not entry.budgets:
-            return
-        reason = over_budget(entry.budgets, self.estimate(key_id, now), now)
-        if reason:
-            for info in [i for i in self.live if i.key_id == key_id]:
+        """Close the key's sessions if it reached a budget (as each session's entry,
+        kept current by the key rechecks, has it)."""
+        totals = None
+        for info in [i for i in self.live if i.key_id == key_id and i.key.budgets]:
+            totals = totals or self.estimate(key_id, now)
+            reason = over_budget(info.key.budgets, totals, now)
+            if reason:
                 self._close(info, 4002, reason)
 
     def _close(self, info: SessionInfo, code: int, reason: str) -> None:
@@ -255,7 +256,7 @@ class Governor:
     async def flush(self) -> None:
         """Add pending usage to the store and refresh the totals of keys in use."""
         now = _utcnow()
-        keys = set(self.pending) | {i.key_id for i, live in self.live.items() if live.entry.budgets}
+        keys = set(self.pending) | {i.key_id for i in self.live if i.key.budgets}
         for key_id in keys:
             deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
             try:

@@ -64,7 +64,7 @@ class Sidecar:
 
     async def govern(self, info: SessionInfo) -> tuple[int, str] | None:
         """Budgets, session rate and cluster-wide leases: None, or (close code, reason)."""
-        return await self.governor.admit(info, info.key)
+        return await self.governor.admit(info)
 
     def started(self, info: SessionInfo) -> None:
         self.governor.started(info)
