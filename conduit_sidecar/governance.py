@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from . import _relay
 from .keys import KeyEntry
-from .policy import METRICS, WINDOWS, cost_usd, over_budget, price_for, window_bounds
+from .policy import (METRICS, WINDOWS, budget_reason, cost_usd, over_budget, price_for,
+                     window_bounds)
 from .state import LocalStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
@@ -92,23 +93,25 @@ class Governor:
 
     async def _admit_shared(self, info: SessionInfo, entry: KeyEntry, live: _Live,
                             now: dt.datetime) -> tuple[int, str] | None:
-        if entry.budgets:
-            self._remember(entry.id, await self._op("totals", self.store.totals(entry.id, now)), now)
-            reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
-            if reason:
-                return 4002, reason
-        if self.shared and entry.max_connections:
-            member = f"{self.pod}:{info.id}"
-            if not await self._op("acquire", self.store.acquire(entry.id, member,
-                                                                entry.max_connections)):
-                return 4029, _connections_reason(entry)
-            live.lease = member
-        if entry.sessions_per_minute:
-            wait = await self._op("start", self.store.start_session(
-                entry.id, f"{self.pod}:{info.id}", entry.sessions_per_minute))
-            if wait:
-                return 4029, _rate_reason(entry, wait)
-        return None
+        """One store call: budgets (less what this pod has not flushed yet), then a
+        lease and a session-rate slot."""
+        pending = self.pending.get(entry.id, {})
+        headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0))
+                    for b in entry.budgets]
+        member = f"{self.pod}:{info.id}"
+        lease = entry.max_connections if self.shared else None
+        refusal, totals = await self._op("admit", self.store.admit(
+            entry.id, member, lease, entry.sessions_per_minute, headroom, now))
+        self._remember(entry.id, totals, now)
+        if refusal is None:
+            live.lease = member if lease else None
+            return None
+        kind, detail = refusal
+        if kind == "budget":
+            return 4002, budget_reason(entry.budgets[int(detail)], now)
+        if kind == "connections":
+            return 4029, _connections_reason(entry)
+        return 4029, _rate_reason(entry, detail)
 
     def _admit_local(self, entry: KeyEntry, live: _Live,
                      now: dt.datetime) -> tuple[int, str] | None:

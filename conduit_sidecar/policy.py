@@ -10,7 +10,7 @@ import msgspec
 from .config import Price
 from .keys import Budget, match
 
-__all__ = ["METRICS", "WINDOWS", "cost_usd", "error_event", "over_budget", "price_for",
+__all__ = ["METRICS", "WINDOWS", "budget_reason", "cost_usd", "error_event", "over_budget", "price_for",
            "window_bounds"]
 
 METRICS = ("tokens", "audio_seconds", "usd")
@@ -61,9 +61,14 @@ def over_budget(budgets: list[Budget], totals: dict[str, dict[str, float]],
     None. `totals` maps a window to its metric totals."""
     for b in budgets:
         if totals.get(b.window, {}).get(b.metric, 0.0) >= b.limit:
-            resets = window_bounds(b.window, now)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
-            return f"budget exhausted: {b.metric} per {b.window} ({b.limit:g}); resets {resets}"
+            return budget_reason(b, now)
     return None
+
+
+def budget_reason(budget: Budget, now: dt.datetime) -> str:
+    resets = window_bounds(budget.window, now)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f"budget exhausted: {budget.metric} per {budget.window} ({budget.limit:g}); "
+            f"resets {resets}")
 
 
 def error_event(code: str, message: str) -> bytes:

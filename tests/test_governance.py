@@ -73,9 +73,9 @@ def redis_server():
 PRICES = """
 [prices."mock-*"]
 input_text = 6000
-input_audio = 40000
+input_audio = 400000
 output_text = 20000
-output_audio = 80000
+output_audio = 800000
 """
 
 
@@ -187,7 +187,8 @@ def test_max_connections_cluster_wide_and_leases_of_a_killed_pod_expire(sidecars
 def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_server):
     keys = Keys()
     # Each mock response.done without audio reports 7 input + 5 output tokens.
-    keys.add("budget", budgets=[{"metric": "tokens", "limit": 30, "window": "day"}])
+    keys.add("budget", budgets=[{"metric": "usd", "limit": 1000, "window": "month"},
+                                {"metric": "tokens", "limit": 30, "window": "day"}])
     a, b = procs = sidecars(keys, redis_server.url)
 
     async def scenario():
@@ -254,22 +255,23 @@ def test_usd_budget_from_the_price_table(sidecars, redis_server):
     keys = Keys()
     keys.add("dollars", budgets=[{"metric": "usd", "limit": 30, "window": "month"}])
     procs = sidecars(keys, redis_server.url, n=1, extra=PRICES)
-    ten_seconds = base64.b64encode(bytes(480_000)).decode()     # pcm16 24 kHz mono
+    one_second = base64.b64encode(bytes(48_000)).decode()      # pcm16 24 kHz mono
     async def scenario():
         _, ws = await attempt(procs[0], "dollars")
         for _ in range(2):
             await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                      "audio": ten_seconds}))
+                                      "audio": one_second}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
             while json.loads(await ws.recv())["type"] != "response.done":
                 pass
-        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": ten_seconds}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": one_second}))
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         return await closed(ws)
     code, reason = run(scenario())
     assert code == 4002 and reason.startswith("budget exhausted: usd per month (30)"), (code, reason)
-    # Per response: 7 text in x 6000 + 100 audio in x 40000 + 5 text out x 20000
-    # + 100 audio out x 80000 = 12,142,000 / 1e6 = $12.142; three: $36.426 -> $36.43.
+    # The mock bills 10 audio tokens per second each way. Per response: 7 text in x 6000
+    # + 10 audio in x 400000 + 5 text out x 20000 + 10 audio out x 800000
+    # = 12,142,000 / 1e6 = $12.142; three: $36.426 -> $36.43.
     assert round(metric(procs[0], 'conduit_cost_usd_total{key_id="dollars"'), 2) == 36.43
     assert "usd 36.4260 / 30" in usage_cli(procs[0], "dollars")
 
