@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from . import _relay
 from .keys import KeyEntry
-from .policy import (METRICS, WINDOWS, budget_reason, cost_usd, over_budget, price_for,
-                     window_bounds)
+from .policy import (METRICS, WINDOWS, budget_reason, cost_usd, error_event, over_budget,
+                     price_for, window_bounds)
+from .routing import BUILTIN
 from .state import LocalStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ __all__ = ["Governor"]
 
 log = logging.getLogger("conduit.governance")
 TICK_SECONDS = 1.0
+# Built-in providers whose clients speak another event dialect than OpenAI's: they
+# get the close code and reason alone. Custom providers are taken to speak OpenAI's.
+_OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
+_ERROR_CODES = {4002: "budget_exceeded", 4008: "session_limit_reached"}
 _BINARY = _relay.KIND_NAMES.index("binary")
 
 
@@ -225,7 +230,10 @@ class Governor:
         log.info("session limit reached", extra={"event": "limit", "session_id": info.id,
                                                  "key_id": info.key_id, "code": code,
                                                  "reason": reason})
-        relay.close(code, reason, 1000, "")
+        notice = None
+        if info.provider not in _OTHER_DIALECTS:
+            notice = error_event(_ERROR_CODES[code], reason)
+        relay.close(code, reason, 1000, "", client_notice=notice)
 
     # -- the store -------------------------------------------------------------------
 

@@ -124,12 +124,20 @@ async def response_done(ws) -> dict:
             return event
 
 
-async def closed(ws):
-    """Drain what is left; (code, reason) of the close."""
+async def closed(ws, notice: str | None = None):
+    """Drain what is left; (code, reason) of the close. With `notice` (an error code),
+    the last message before the close must be the sidecar's OpenAI-shaped error event
+    saying the close reason."""
+    last = None
     try:
         while True:
-            await asyncio.wait_for(ws.recv(), 10)
+            last = await asyncio.wait_for(ws.recv(), 10)
     except websockets.ConnectionClosed:
+        if notice is not None:
+            assert json.loads(last) == {
+                "type": "error", "event_id": f"event_conduit_{notice}",
+                "error": {"type": "invalid_request_error", "code": notice,
+                          "message": ws.close_reason}}, last
         return ws.close_code, ws.close_reason
 
 
@@ -196,7 +204,7 @@ def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_serv
         assert (await response_done(ws))["response"]["usage"]["total_tokens"] == 12
         await response_done(ws)                        # 24 tokens
         await ws.send(json.dumps({"type": "response.create"}))   # 36: crosses 30
-        code, reason = await closed(ws)
+        code, reason = await closed(ws, "budget_exceeded")
         assert code == 4002
         assert reason.startswith("budget exhausted: tokens per day (30); resets ")
         assert reason.endswith("T00:00:00Z")
@@ -226,7 +234,7 @@ def test_max_session_seconds_closes_with_4008(sidecars, redis_server):
     async def scenario():
         started = time.monotonic()
         _, ws = await attempt(procs[0], "capped")
-        code, reason = await closed(ws)
+        code, reason = await closed(ws, "session_limit_reached")
         elapsed = time.monotonic() - started
         assert (code, reason) == (4008, "session cap of 2 s reached")
         assert 2.0 <= elapsed < 3.0       # the cap, plus at most one poll interval
@@ -266,7 +274,7 @@ def test_usd_budget_from_the_price_table(sidecars, redis_server):
                 pass
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": one_second}))
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-        return await closed(ws)
+        return await closed(ws, "budget_exceeded")
     code, reason = run(scenario())
     assert code == 4002 and reason.startswith("budget exhausted: usd per month (30)"), (code, reason)
     # The mock bills 10 audio tokens per second each way. Per response: 7 text in x 6000
@@ -327,7 +335,7 @@ def test_local_backend_enforces_the_same_policy(sidecars):
         _, ws = await attempt(proc, "budget")
         await response_done(ws)                               # 12 tokens
         await ws.send(json.dumps({"type": "response.create"}))   # 24: crosses 20
-        code, reason = await closed(ws)
+        code, reason = await closed(ws, "budget_exceeded")
         assert code == 4002 and reason.startswith("budget exhausted: tokens per hour (20)")
         assert (await attempt(proc, "budget"))[:2] == ("closed", 4002)
         result = await attempt(proc, "rated")
