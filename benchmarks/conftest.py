@@ -59,13 +59,15 @@ SECTIONS = {
     "scanner": ("Scanner in process: ns per frame (scan + forward)",
                 ["websockets", "sidecar"], [("websockets", "sidecar")]),
     "plain": ("End to end on loopback, ws on both legs",
-              ["direct", "naive", "nginx", "sidecar"], [("sidecar", "nginx"), ("sidecar", "naive")]),
+              ["direct", "naive", "nginx", "sidecar", "sidecar-redis"],
+              [("sidecar", "nginx"), ("sidecar", "naive"), ("sidecar-redis", "sidecar")]),
     "tls": ("Provider leg over TLS (upstream wss, verified against the bench CA)",
             ["direct", "naive", "nginx", "sidecar"], [("sidecar", "nginx"), ("sidecar", "naive")]),
     "listener": ("Client leg over TLS: the sidecar's wss listener vs its ws listener (upstream ws)",
                  ["sidecar", "sidecar-wss"], [("sidecar-wss", "sidecar")]),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "
-                 "it limited the run)"), ["direct", "naive", "nginx", "sidecar", "sidecar-wss"], []),
+                 "it limited the run)"), ["direct", "naive", "nginx", "sidecar", "sidecar-redis",
+                                      "sidecar-wss"], []),
 }
 RESULTS: dict[str, dict[str, dict[str, float]]] = {s: {} for s in SECTIONS}
 
@@ -118,6 +120,10 @@ class Columns:
             start = harness.naive if column == "naive" else harness.nginx
             proc, port = self._once((column, tls), lambda: self._keep(start(self.workdir, up, certs)))
             return harness.proxy_target(column, proc, port)
+        if column == "sidecar-redis":
+            s = self._once(("sidecar-redis",), lambda: self._sidecar(
+                up, None, None, self._once(("redis",), lambda: self._keep(harness.redis(self.workdir)))[1]))
+            return harness.sidecar_target(column, s)
         listener = self.certs() if section == "listener" else None
         s = self._once(("sidecar", section), lambda: self._sidecar(up, certs, listener))
         if column == "sidecar-wss":
@@ -126,8 +132,8 @@ class Columns:
             return harness.sidecar_target(column, s, harness.client_context(listener))
         return harness.sidecar_target(column, s)
 
-    def _sidecar(self, up, certs, listener):
-        s = harness.sidecar(self.workdir, up, certs, listener)
+    def _sidecar(self, up, certs, listener, redis_port=None):
+        s = harness.sidecar(self.workdir, up, certs, listener, redis_port)
         self.processes.append(s.process)
         return s
 

@@ -192,18 +192,36 @@ class Sidecar:
     tls_port: int | None        # the wss listener, when this build serves it
 
 
+def redis(workdir: str) -> tuple[Process, int]:
+    """redis-server on a free loopback port, no persistence."""
+    if shutil.which("redis-server") is None:
+        raise Unavailable("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    return Process("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"], workdir,
+                   lambda: port_open(port)), port
+
+
 def sidecar(workdir: str, up_port: int, certs: Certs | None,
-            listener: Certs | None = None) -> Sidecar:
+            listener: Certs | None = None, redis_port: int | None = None) -> Sidecar:
     """`conduit-sidecar serve` with provider `bench` at the upstream; with `certs` the
-    provider leg is wss (CA in `ca_file`), with `listener` it also listens with TLS."""
+    provider leg is wss (CA in `ca_file`), with `listener` it also listens with TLS.
+    With `redis_port`, [state] is that Redis and the key has every policy that uses it
+    (leases, a session rate and a budget, none of them reached)."""
     command = sidecar_command()
-    name = "sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
+    name = ("sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
+            + ("-redis" if redis_port else ""))
     workdir = os.path.join(workdir, name)
     os.makedirs(workdir, exist_ok=True)
     made = subprocess.run([*command, "keys", "new", "--id", "bench", "--max-connections", "5000"],
                           capture_output=True, text=True, check=True).stdout.splitlines()
     key = next(line.split(":", 1)[1].strip() for line in made if line.startswith("key:"))
     entry = json.loads(next(line for line in made if line.startswith("{")))
+    state = ""
+    if redis_port:
+        entry.update(sessions_per_minute=10_000_000,
+                     budgets=[{"metric": "tokens", "limit": 1e15, "window": "day"}])
+        state = f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{redis_port}/0"\n'
     keys_file = os.path.join(workdir, "keys.json")
     with open(keys_file, "w") as f:
         json.dump({"keys": [entry]}, f)
@@ -217,7 +235,8 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
                 f'keys_file = "{keys_file}"\n\n'
                 "[limits]\nmax_connections = 5000\nmax_message_bytes = 67108864\n"
                 "drain_seconds = 0\n\n"
-                f'[providers.bench]\nurl = "{scheme}://127.0.0.1:{up_port}/{{model}}"\n{ca}\n{tls}')
+                f'[providers.bench]\nurl = "{scheme}://127.0.0.1:{up_port}/{{model}}"\n{ca}\n{tls}'
+                f'{state}')
 
     def ready():
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import sys
 import urllib.request
@@ -12,7 +13,8 @@ import uvloop
 
 from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
-from .keys import KeyEntry, hash_key, load_keys, new_key
+from .keys import KeyEntry, KeySet, hash_key, load_keys, new_key
+from .policy import METRICS, WINDOWS, price_for, window_bounds
 from .routing import Router, masked
 
 
@@ -54,6 +56,81 @@ def _check_config(args) -> int:
         url, headers = masked(router.routes[name].spec)
         models = ", ".join(router.routes[name].spec.models) or "-"
         print(f"provider      {name}: {url} headers={headers} models=[{models}]")
+    for warning in _unpriced(conf, router, keyset):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _unpriced(conf, router: Router, keyset: KeySet) -> list[str]:
+    """Models a key with a `usd` budget may use but no [prices] entry covers: their
+    usage would cost nothing against the budget."""
+    warnings = []
+    for entry in keyset.by_id.values():
+        if not any(b.metric == "usd" for b in entry.budgets):
+            continue
+        patterns = entry.allowed_models
+        if patterns is None:
+            patterns = [m for name in router.configured for m in router.routes[name].spec.models]
+        for pattern in patterns:
+            if price_for(conf.prices, pattern.rstrip("*")) is None:
+                warnings.append(f"key {entry.id!r} has a usd budget but model {pattern!r} "
+                                "has no [prices] entry")
+        if not patterns:
+            warnings.append(f"key {entry.id!r} has a usd budget but may use any model: "
+                            "models without a [prices] entry cost nothing")
+    return warnings
+
+
+def _usage(args) -> int:
+    try:
+        conf = config_mod.load(args.config)
+        keyset = load_keys(conf.keys_file)
+    except ConfigError as exc:
+        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+        return 1
+    if conf.state.backend != "redis":
+        print('conduit-sidecar: [state] backend = "local": each sidecar holds its own counts '
+              "(see its /metrics); usage reads a shared backend", file=sys.stderr)
+        return 1
+    entries = sorted(keyset.by_id.values(), key=lambda e: e.id)
+    if args.key is not None:
+        entries = [e for e in entries if e.id == args.key]
+        if not entries:
+            print(f"conduit-sidecar: no key {args.key!r} in {conf.keys_file}", file=sys.stderr)
+            return 1
+    from .state import RedisStore, StoreError
+    try:
+        store = RedisStore(conf.state)
+    except ConfigError as exc:
+        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+        return 1
+
+    async def read():
+        try:
+            now = dt.datetime.now(dt.timezone.utc)
+            return now, [(e, await store.totals(e.id, now)) for e in entries]
+        finally:
+            await store.close()
+
+    try:
+        now, rows = asyncio.run(read())
+    except StoreError as exc:
+        print(f"conduit-sidecar: {conf.state.url.partition('@')[2] or conf.state.url}: "
+              f"unavailable: {exc}", file=sys.stderr)
+        return 1
+    for entry, totals in rows:
+        print(entry.id)
+        limits = {(b.metric, b.window): b.limit for b in entry.budgets}
+        for window in WINDOWS:
+            resets = window_bounds(window, now)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
+            cells = []
+            for metric in METRICS:
+                value = totals[window][metric]
+                cell = f"{metric} {value:.4f}" if metric == "usd" else f"{metric} {value:g}"
+                if (metric, window) in limits:
+                    cell += f" / {limits[metric, window]:g}"
+                cells.append(cell)
+            print(f"  {window:5}  resets {resets}  " + "  ".join(cells))
     return 0
 
 
@@ -153,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate config and key file")
     c.add_argument("--config")
     c.set_defaults(func=_check_config)
+
+    u = sub.add_parser("usage", help="each key's window totals, limits and reset times "
+                                     "from the shared state backend")
+    u.add_argument("--config")
+    u.add_argument("--key", metavar="ID")
+    u.set_defaults(func=_usage)
 
     d = sub.add_parser("demo", help="run the sidecar with the built-in mock provider")
     d.add_argument("--seconds", type=float, default=3.0)

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import msgspec
 
 __all__ = ["ADMIN_PORT", "Audio", "CONFIG_ENV", "Circuit", "Config", "ConfigError", "Deployment",
-           "LISTEN_PORT", "Limits", "Provider", "TLS", "TLS_PORT", "env_var", "load", "split_hostport"]
+           "LISTEN_PORT", "Limits", "Price", "Provider", "State", "TLS", "TLS_PORT", "env_var", "load",
+           "split_hostport"]
 
 # Default ports (the pod injector, k8s/inject.py, uses them too).
 LISTEN_PORT = 8080
@@ -100,6 +101,29 @@ class TLS(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state_dir: str | None = None
 
 
+class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """USD per million tokens of each kind (the token metric's kinds), and per minute
+    of audio for providers that bill by duration."""
+    input_text: NonNegative = 0.0
+    input_audio: NonNegative = 0.0
+    input_cached: NonNegative = 0.0
+    output_text: NonNegative = 0.0
+    output_audio: NonNegative = 0.0
+    audio_minute: NonNegative = 0.0
+
+
+class State(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where counts that span pods live: leases, session rates, budget windows."""
+    backend: Literal["local", "redis"] = "local"
+    url: str | None = None                   # redis:// or rediss://
+    password_file: str | None = None
+    key_prefix: str = "conduit:"
+    on_unavailable: Literal["open", "closed"] = "open"
+    # A dead pod's leases expire after this; live ones are renewed every tick (1 s).
+    lease_seconds: Annotated[float, msgspec.Meta(ge=3)] = 15.0
+    timeout_seconds: Positive = 0.5          # per Redis call
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     listen: str = f"127.0.0.1:{LISTEN_PORT}"
     admin_listen: str = f"127.0.0.1:{ADMIN_PORT}"
@@ -113,6 +137,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     routes: dict[str, list[str]] = {}      # model pattern -> providers, tried in order
     circuit: Circuit = Circuit()
     tls: TLS | None = None
+    prices: dict[str, Price] = {}            # model pattern (exact, or prefix*) -> price
+    state: State = State()
 
 
 # Environment overrides: variable -> (section or None, field, type).
@@ -190,6 +216,10 @@ def load(path: str | None = None, overrides: dict | None = None,
                               "or self_signed = true - at `$.tls`")
         if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
             raise ConfigError(f"{source}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
+    if config.state.backend == "redis" and not (config.state.url or "").startswith(
+            ("redis://", "rediss://")):
+        raise ConfigError(f"{source}: [state] backend = \"redis\" needs url = \"redis://...\" or "
+                          "\"rediss://...\" - at `$.state.url`")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: log_level must be debug, info, warning or error - at `$.log_level`")
     return config

@@ -11,15 +11,15 @@ import enum
 import hashlib
 import logging
 import secrets
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Literal
 
 import msgspec
 
 from .config import ConfigError
 from .watch import FileWatch
 
-__all__ = ["KEY_PREFIX", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "Rejection", "hash_key",
-           "load_keys", "new_key"]
+__all__ = ["KEY_PREFIX", "Budget", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "Rejection",
+           "hash_key", "load_keys", "new_key"]
 
 KEY_PREFIX = "condt_"
 log = logging.getLogger("conduit.keys")
@@ -42,6 +42,13 @@ class Rejection(enum.Enum):
         return self.name.lower()
 
 
+class Budget(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A limit on a key's usage per UTC calendar window (tokens are input + output)."""
+    metric: Literal["tokens", "audio_seconds", "usd"]
+    limit: Annotated[float, msgspec.Meta(gt=0)]
+    window: Literal["hour", "day", "month"]
+
+
 class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     id: KeyId
     sha256: Sha256
@@ -50,6 +57,9 @@ class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_def
     allowed_models: list[str] | None = None        # None: any model
     allowed_providers: list[str] | None = None     # None: any provider
     max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_session_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    sessions_per_minute: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    budgets: list[Budget] = []
 
     def allows_model(self, model: str) -> bool:
         return self.allowed_models is None or any(match(p, model) for p in self.allowed_models)
@@ -133,6 +143,10 @@ def load_keys(path: str) -> KeySet:
         if entry.expires_at is not None and entry.expires_at.tzinfo is None:
             raise ConfigError(f"{path}: expires_at needs a time zone (e.g. Z) - at "
                               f"`$.keys[{i}].expires_at`")
+        windows = [(b.metric, b.window) for b in entry.budgets]
+        if len(set(windows)) != len(windows):
+            raise ConfigError(f"{path}: two budgets with the same metric and window - at "
+                              f"`$.keys[{i}].budgets`")
         seen_ids.add(entry.id)
         seen_hashes.add(entry.sha256)
     return KeySet(keyfile.keys)

@@ -83,4 +83,17 @@ class Metrics:
         self.usage_malformed = Counter("conduit_usage_malformed", "Provider usage events ignored "
                                        "as malformed (negative or implausible counts).",
                                        ["provider"], registry=r)
+        self.cost = Counter("conduit_cost_usd", "Cost of reported usage in USD, from the "
+                            "configured prices.", ["key_id", "provider", "model"], registry=r)
+        self.state_operations = Counter("conduit_state_operations", "Calls to the state "
+                                        "backend by operation and result.", ["op", "result"],
+                                        registry=r)
+        self.state_seconds = Histogram("conduit_state_operation_seconds", "State backend "
+                                       "call latency (successful calls).", ["op"],
+                                       buckets=_CONNECT_BUCKETS, registry=r)
+        self.state_available = Gauge("conduit_state_available", "1 while the state backend "
+                                     "answers; 0 during an outage.", registry=r)
+        self.state_fallbacks = Counter("conduit_state_fallbacks", "Admissions decided while "
+                                       "the state backend was unavailable, by outcome (local "
+                                       "counts, or refused).", ["mode"], registry=r)
         r.register(_RelayCollector(audio_bytes_per_second))

@@ -13,6 +13,7 @@ import time
 from . import __version__, _relay
 from .admin import AdminServer
 from .config import Config, split_hostport
+from .governance import Governor
 from .handshake import Admission, Close
 from .keys import KeySet, KeyWatcher
 from .metering import MODEL_LABELS_MAX, MalformedUsage, decode_usage
@@ -26,7 +27,8 @@ __all__ = ["Sidecar"]
 
 log = logging.getLogger("conduit.server")
 
-_RESULTS = {4001: "auth_failed", 4003: "forbidden", 4004: "no_route", 4029: "key_limit",
+_RESULTS = {4001: "auth_failed", 4002: "over_budget", 4003: "forbidden", 4004: "no_route",
+            4029: "key_limit",
             1013: "at_capacity", 1014: "upstream_failed", 1011: "internal_error"}
 
 
@@ -42,6 +44,7 @@ class Sidecar:
         self.metrics = Metrics(lambda: len(self.sessions), config.audio.bytes_per_second)
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
+        self.governor = Governor(self)
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
         self.watcher: KeyWatcher | None = None
@@ -53,9 +56,18 @@ class Sidecar:
     # -- admission ---------------------------------------------------------------
 
     def admission(self) -> Admission:
+        # With a shared store, max_connections is held by cluster-wide leases (govern).
         return Admission(self.keyset, self.router, dt.datetime.now(dt.timezone.utc),
-                         self.live_per_key, len(self.sessions) >= self.limits.max_connections,
+                         {} if self.governor.shared else self.live_per_key,
+                         len(self.sessions) >= self.limits.max_connections,
                          self.draining, self.config.allowed_origins)
+
+    async def govern(self, info: SessionInfo) -> tuple[int, str] | None:
+        """Budgets, session rate and cluster-wide leases: None, or (close code, reason)."""
+        return await self.governor.admit(info)
+
+    def started(self, info: SessionInfo) -> None:
+        self.governor.started(info)
 
     def connected(self, info: SessionInfo, seconds: float) -> None:
         self.metrics.upstream_connect.labels(info.provider).observe(seconds)
@@ -72,6 +84,7 @@ class Sidecar:
                 del self.live_per_key[info.key_id]
             if info.upstream is not None:
                 info.upstream.release()        # least_sessions counts live sessions
+        self.governor.release(info)
         if self.draining and not self.sessions and self.stopped is not None:
             self.stopped.set()
 
@@ -123,18 +136,23 @@ class Sidecar:
             return
         try:
             info.usage.add(counts)
-            model = info.model or ""
-            # Models come from clients: only a bounded number become label values.
-            if model not in self.model_labels and len(self.model_labels) >= MODEL_LABELS_MAX:
-                model = "other"
-            self.model_labels.add(model)
+            model = self.model_label(info.model)
             for kind, n in counts.items():
                 if n:
                     self.metrics.usage.labels(info.key_id, info.provider, model, kind).inc(n)
+            self.governor.usage(info, counts, model)
         except Exception as exc:       # a bug of ours must not end the session
             self.metrics.usage_malformed.labels(info.provider).inc()
             log.warning("usage not counted", extra={"event": "usage_error", "session_id": info.id,
                                                     "error": type(exc).__name__})
+
+    def model_label(self, model: str | None) -> str:
+        """Models come from clients: only a bounded number become label values."""
+        model = model or ""
+        if model not in self.model_labels and len(self.model_labels) >= MODEL_LABELS_MAX:
+            return "other"
+        self.model_labels.add(model)
+        return model
 
     # -- keys --------------------------------------------------------------------
 
@@ -181,6 +199,7 @@ class Sidecar:
         self.listening["admin"] = await self.admin.start()
         self.watcher = KeyWatcher(self.config.keys_file, self.keyset, self.on_keys)
         self.poller = loop.create_task(self._poll())
+        self.governor.start()
         log.info("started", extra={
             "event": "start", "version": __version__,
             "listen": "%s:%d" % self.listening["listen"],
@@ -246,6 +265,7 @@ class Sidecar:
         for info in list(self.sessions):
             if info.relay is not None:
                 info.relay.abort()
+        await self.governor.stop()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (then drain) or a second signal (then stop at once)."""

@@ -60,6 +60,8 @@ class Host(Protocol):
     balancer: Balancer
 
     def admission(self) -> Admission: ...
+    async def govern(self, info: SessionInfo) -> tuple[int, str] | None: ...
+    def started(self, info: SessionInfo) -> None: ...
     def count(self, result: str) -> None: ...
     def rejected(self, decision: Close) -> None: ...
     def reserve(self, info: SessionInfo) -> None: ...
@@ -175,6 +177,13 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     info = SessionInfo(decision.key, decision.model, decision.route.name)
     host.reserve(info)
     try:
+        refusal = await host.govern(info)
+        if refusal is not None:
+            host.release(info)
+            refused = Close(decision.response, *refusal, decision.key)
+            host.rejected(refused)
+            _close_after_upgrade(host, transport, refused, early)
+            return
         started = time.monotonic()
         try:
             upstream, subprotocol, upstream_early, info.upstream = \
@@ -220,5 +229,6 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     info.relay = relay
     host.count("accepted")
     relay.start(transport, upstream, early, upstream_early)
+    host.started(info)
     transport.resume_reading()
     upstream.resume_reading()

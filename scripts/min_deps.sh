@@ -13,4 +13,4 @@ PIP_CONSTRAINT="$PWD/$venv/constraints.txt" "$venv/bin/python" -m pip install -q
 # Run from the tests folder so the installed package, not the checkout, is imported.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir=. -c pyproject.toml \
     tests/test_relay.py tests/test_close_codes.py tests/test_operations.py \
-    tests/test_key_reload.py tests/test_limits.py "$@"
+    tests/test_key_reload.py tests/test_limits.py tests/test_governance.py "$@"

@@ -16,6 +16,13 @@ if ! command -v promtool >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-ge
     >/dev/null 2>&1 || echo "test.sh: promtool not installed; its check will be skipped"
 fi
 
+if ! command -v redis-server >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  # The governance tests start their own redis-server on a free loopback port.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server \
+    >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+fi
+
 python3 -m pytest -q "$@" tests
 bash scripts/min_deps.sh                        # the core tests on the declared dependency floors
 bash scripts/asan.sh                            # the scanner tests on an ASan+UBSan build

@@ -1,0 +1,322 @@
+"""A key's policy over the whole session: budgets, session rate, session cap and
+(with a shared store) cluster-wide connection leases.
+
+Admission awaits the store once per new session. Nothing on the per-frame path
+does: usage is added to per-key pending totals (metering calls `usage`, audio
+seconds come from the relay's C counters on each tick) and flushed every second
+and at session end. Enforcement reads the last known window totals plus what is
+still pending, so a `response.done` that crosses a budget closes the session at
+once, and another pod's usage closes it within a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from . import _relay
+from .keys import KeyEntry
+from .policy import (METRICS, WINDOWS, budget_reason, cost_usd, error_event, over_budget,
+                     price_for, window_bounds)
+from .routing import BUILTIN
+from .state import LocalStore, StoreError, Totals, open_store
+
+if TYPE_CHECKING:
+    from .server import Sidecar
+    from .session import SessionInfo
+
+__all__ = ["Governor"]
+
+log = logging.getLogger("conduit.governance")
+TICK_SECONDS = 1.0
+# Built-in providers whose clients speak another event dialect than OpenAI's: they
+# get the close code and reason alone. Custom providers are taken to speak OpenAI's.
+_OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
+_ERROR_CODES = {4002: "budget_exceeded", 4008: "session_limit_reached"}
+_BINARY = _relay.KIND_NAMES.index("binary")
+
+
+class _Live:
+    __slots__ = ("lease", "timer", "audio_bytes", "closing")
+
+    def __init__(self):
+        self.lease: str | None = None     # the lease member, when one is held
+        self.timer: asyncio.TimerHandle | None = None
+        self.audio_bytes = 0              # client->provider binary payload already counted
+        self.closing = False
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Governor:
+    def __init__(self, sidecar: Sidecar):
+        self.sidecar = sidecar
+        self.state = sidecar.config.state
+        self.metrics = sidecar.metrics
+        self.store = open_store(self.state)
+        self.local = LocalStore() if self.store.shared else self.store
+        self.pod = secrets.token_hex(6)
+        self.available = True
+        self.retry_at = 0.0
+        self.pending: dict[str, dict[str, float]] = {}
+        self.known: dict[str, dict[str, tuple[str, dict[str, float]]]] = {}
+        self.live: dict[SessionInfo, _Live] = {}
+        self.task: asyncio.Task | None = None
+        self.background: set[asyncio.Task] = set()
+        self.metrics.state_available.set(1)
+
+    @property
+    def shared(self) -> bool:
+        """Whether max_connections is counted cluster-wide (leases) instead of here."""
+        return self.store.shared
+
+    # -- admission -----------------------------------------------------------------
+
+    async def admit(self, info: SessionInfo) -> tuple[int, str] | None:
+        """None to go on, or (close code, reason). The caller has reserved `info`."""
+        live = self.live[info] = _Live()
+        entry = info.key
+        if not (entry.budgets or entry.sessions_per_minute
+                or (self.shared and entry.max_connections)):
+            return None
+        now = _utcnow()
+        try:
+            return await self._admit_shared(info, entry, live, now)
+        except StoreError:
+            if self.state.on_unavailable == "closed":
+                self.metrics.state_fallbacks.labels("refused").inc()
+                return 1013, "shared state unavailable: try again later"
+            self.metrics.state_fallbacks.labels("local").inc()
+            return self._admit_local(entry, live, now)
+
+    async def _admit_shared(self, info: SessionInfo, entry: KeyEntry, live: _Live,
+                            now: dt.datetime) -> tuple[int, str] | None:
+        """One store call: budgets (less what this pod has not flushed yet), then a
+        lease and a session-rate slot."""
+        pending = self.pending.get(entry.id, {})
+        headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0))
+                    for b in entry.budgets]
+        member = f"{self.pod}:{info.id}"
+        lease = entry.max_connections if self.shared else None
+        refusal, totals = await self._op("admit", self.store.admit(
+            entry.id, member, lease, entry.sessions_per_minute, headroom, now))
+        self._remember(entry.id, totals, now)
+        if refusal is None:
+            live.lease = member if lease else None
+            return None
+        kind, detail = refusal
+        if kind == "budget":
+            return 4002, budget_reason(entry.budgets[int(detail)], now)
+        if kind == "connections":
+            return 4029, _connections_reason(entry)
+        return 4029, _rate_reason(entry, detail)
+
+    def _admit_local(self, entry: KeyEntry, live: _Live,
+                     now: dt.datetime) -> tuple[int, str] | None:
+        """The shared store is down and on_unavailable = "open": this pod's counts."""
+        reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
+        if reason:
+            return 4002, reason
+        if (self.shared and entry.max_connections
+                and self.sidecar.live_per_key[entry.id] > entry.max_connections):
+            return 4029, _connections_reason(entry)
+        if entry.sessions_per_minute:
+            wait = self.local.take_start(entry.id, entry.sessions_per_minute)
+            if wait:
+                return 4029, _rate_reason(entry, wait)
+        return None
+
+    def started(self, info: SessionInfo) -> None:
+        """The relay runs: start the session cap's clock."""
+        live = self.live.get(info)
+        if live is not None and info.key.max_session_seconds:
+            cap = info.key.max_session_seconds
+            live.timer = asyncio.get_running_loop().call_later(
+                cap, self._close, info, 4008, f"session cap of {cap:g} s reached")
+
+    def release(self, info: SessionInfo) -> None:
+        """The session is over (or never started): count its last audio, free its lease."""
+        live = self.live.pop(info, None)
+        if live is None:
+            return
+        if live.timer is not None:
+            live.timer.cancel()
+        self._count_audio(info, live)
+        if live.lease is not None:
+            self._spawn(self._release_lease(info.key_id, live.lease))
+        if info.key_id in self.pending:
+            self._spawn(self.flush())
+
+    async def _release_lease(self, key_id: str, member: str) -> None:
+        try:
+            await self._op("release", self.store.release(key_id, member))
+        except StoreError:
+            pass        # the lease expires by itself
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # -- usage and enforcement -------------------------------------------------------
+
+    def usage(self, info: SessionInfo, counts: dict[str, int], model_label: str) -> None:
+        """Tokens of one provider usage report (metering); never awaits."""
+        price = price_for(self.sidecar.config.prices, info.model)
+        usd = cost_usd(price, counts) if price is not None else 0.0
+        if usd:
+            self.metrics.cost.labels(info.key_id, info.provider, model_label).inc(usd)
+        self._add(info.key_id, {"tokens": counts["input"] + counts["output"], "usd": usd})
+        self.enforce(info.key_id, _utcnow())
+
+    def _count_audio(self, info: SessionInfo, live: _Live) -> None:
+        relay = info.relay
+        if relay is None:
+            return
+        sent = relay.counters(0)[1][_BINARY]
+        if sent == live.audio_bytes:
+            return
+        seconds = (sent - live.audio_bytes) / self.sidecar.config.audio.bytes_per_second
+        live.audio_bytes = sent
+        price = price_for(self.sidecar.config.prices, info.model)
+        usd = cost_usd(price, {}, seconds) if price is not None else 0.0
+        if usd:
+            self.metrics.cost.labels(info.key_id, info.provider,
+                                     self.sidecar.model_label(info.model)).inc(usd)
+        self._add(info.key_id, {"audio_seconds": seconds, "usd": usd})
+
+    def _add(self, key_id: str, deltas: dict[str, float]) -> None:
+        pending = self.pending.setdefault(key_id, dict.fromkeys(METRICS, 0.0))
+        for metric, value in deltas.items():
+            pending[metric] += value
+
+    def _remember(self, key_id: str, totals: Totals, now: dt.datetime) -> None:
+        self.known[key_id] = {w: (window_bounds(w, now)[0], totals[w]) for w in WINDOWS}
+
+    def estimate(self, key_id: str, now: dt.datetime) -> Totals:
+        """Last known window totals plus what this pod has not flushed yet."""
+        known = self.known.get(key_id, {})
+        pending = self.pending.get(key_id, {})
+        totals = {}
+        for window in WINDOWS:
+            stamp, held = known.get(window, ("", {}))
+            current = held if stamp == window_bounds(window, now)[0] else {}
+            totals[window] = {m: current.get(m, 0.0) + pending.get(m, 0.0) for m in METRICS}
+        return totals
+
+    def enforce(self, key_id: str, now: dt.datetime) -> None:
+        """Close the key's sessions if it reached a budget (as each session's entry,
+        kept current by the key rechecks, has it)."""
+        totals = None
+        for info in [i for i in self.live if i.key_id == key_id and i.key.budgets]:
+            totals = totals or self.estimate(key_id, now)
+            reason = over_budget(info.key.budgets, totals, now)
+            if reason:
+                self._close(info, 4002, reason)
+
+    def _close(self, info: SessionInfo, code: int, reason: str) -> None:
+        live = self.live.get(info)
+        relay = info.relay
+        if live is None or live.closing or relay is None or relay.finished:
+            return
+        live.closing = True
+        log.info("session limit reached", extra={"event": "limit", "session_id": info.id,
+                                                 "key_id": info.key_id, "code": code,
+                                                 "reason": reason})
+        notice = None
+        if info.provider not in _OTHER_DIALECTS:
+            notice = error_event(_ERROR_CODES[code], reason)
+        relay.close(code, reason, 1000, "", client_notice=notice)
+
+    # -- the store -------------------------------------------------------------------
+
+    async def _op(self, op: str, call):
+        """One store call, timed and counted. While the store is known to be down,
+        calls fail at once until the next retry (at most one a second)."""
+        if not self.available and time.monotonic() < self.retry_at:
+            call.close()
+            raise StoreError("unavailable")
+        started = time.monotonic()
+        try:
+            result = await call
+        except StoreError as exc:
+            self.metrics.state_operations.labels(op, "error").inc()
+            self.retry_at = time.monotonic() + TICK_SECONDS
+            if self.available:
+                self.available = False
+                self.metrics.state_available.set(0)
+                log.warning("shared state unavailable", extra={
+                    "event": "state_unavailable", "error": str(exc),
+                    "on_unavailable": self.state.on_unavailable})
+            raise
+        self.metrics.state_operations.labels(op, "ok").inc()
+        self.metrics.state_seconds.labels(op).observe(time.monotonic() - started)
+        if not self.available:
+            self.available = True
+            self.metrics.state_available.set(1)
+            log.info("shared state available again", extra={"event": "state_available"})
+        return result
+
+    async def flush(self) -> None:
+        """Add pending usage to the store and refresh the totals of keys in use."""
+        now = _utcnow()
+        keys = set(self.pending) | {i.key_id for i in self.live if i.key.budgets}
+        for key_id in keys:
+            deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
+            try:
+                totals = await self._op("add_usage", self.store.add_usage(key_id, deltas, now))
+            except StoreError:
+                self._add(key_id, deltas)     # kept for when the store is back
+                return
+            self._remember(key_id, totals, now)
+            self.enforce(key_id, now)
+
+    async def _renew(self) -> None:
+        leases: dict[str, list[str]] = {}
+        for info, live in self.live.items():
+            if live.lease is not None:
+                leases.setdefault(info.key_id, []).append(live.lease)
+        if leases:
+            try:
+                await self._op("renew", self.store.renew(leases))
+            except StoreError:
+                pass
+
+    async def run(self) -> None:
+        renew_every = self.state.lease_seconds / 3
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            for info, live in list(self.live.items()):
+                self._count_audio(info, live)
+            await self.flush()
+            if time.monotonic() - renewed >= renew_every:
+                renewed = time.monotonic()
+                await self._renew()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for info, live in list(self.live.items()):
+            self._count_audio(info, live)
+        await self.flush()
+        await self.store.close()
+
+
+def _connections_reason(entry: KeyEntry) -> str:
+    return f"key limit of {entry.max_connections} concurrent connections reached"
+
+
+def _rate_reason(entry: KeyEntry, wait: float) -> str:
+    return (f"key limit of {entry.sessions_per_minute} new sessions per minute reached: "
+            f"retry in {math.ceil(wait)} s")

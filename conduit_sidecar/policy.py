@@ -1,0 +1,77 @@
+"""Governance arithmetic, without I/O: prices and cost, UTC budget windows, and the
+words a client is told when a limit ends its session."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+from .config import Price
+from .keys import Budget, match
+
+__all__ = ["METRICS", "WINDOWS", "budget_reason", "cost_usd", "error_event", "over_budget", "price_for",
+           "window_bounds"]
+
+METRICS = ("tokens", "audio_seconds", "usd")
+WINDOWS = ("hour", "day", "month")
+_STAMP = {"hour": "%Y%m%d%H", "day": "%Y%m%d", "month": "%Y%m"}
+
+
+def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
+    """The price of `model`: an exact pattern wins, else the longest matching prefix*."""
+    if model is None:
+        return None
+    if model in prices:
+        return prices[model]
+    best = max((p for p in prices if p.endswith("*") and match(p, model)), key=len, default=None)
+    return prices[best] if best is not None else None
+
+
+def cost_usd(price: Price, tokens: dict[str, int], audio_seconds: float = 0.0) -> float:
+    """USD for one usage report. Cached input tokens are part of the input text count
+    and billed at input_cached instead of input_text."""
+    cached = min(tokens.get("input_cached", 0), tokens.get("input_text", 0))
+    per_million = ((tokens.get("input_text", 0) - cached) * price.input_text
+                   + cached * price.input_cached
+                   + tokens.get("input_audio", 0) * price.input_audio
+                   + tokens.get("output_text", 0) * price.output_text
+                   + tokens.get("output_audio", 0) * price.output_audio)
+    return per_million / 1e6 + audio_seconds / 60 * price.audio_minute
+
+
+def window_bounds(window: str, now: dt.datetime) -> tuple[str, dt.datetime]:
+    """(stamp naming the UTC calendar window that holds `now`, the window's end)."""
+    now = now.astimezone(dt.timezone.utc)
+    if window == "hour":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(hours=1)
+    elif window == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(days=1)
+    else:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + dt.timedelta(days=32)).replace(day=1)
+    return start.strftime(_STAMP[window]), end
+
+
+def over_budget(budgets: list[Budget], totals: dict[str, dict[str, float]],
+                now: dt.datetime) -> str | None:
+    """The close reason for the first budget whose window total reached its limit, or
+    None. `totals` maps a window to its metric totals."""
+    for b in budgets:
+        if totals.get(b.window, {}).get(b.metric, 0.0) >= b.limit:
+            return budget_reason(b, now)
+    return None
+
+
+def budget_reason(budget: Budget, now: dt.datetime) -> str:
+    resets = window_bounds(budget.window, now)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f"budget exhausted: {budget.metric} per {budget.window} ({budget.limit:g}); "
+            f"resets {resets}")
+
+
+def error_event(code: str, message: str) -> bytes:
+    """The error event a client of an OpenAI-shaped provider gets before the close."""
+    return msgspec.json.encode({"type": "error", "event_id": f"event_conduit_{code}", "error": {
+        "type": "invalid_request_error", "code": code, "message": message}})

@@ -1,0 +1,258 @@
+"""Counts that must hold across pods: connection leases, session-rate windows and
+budget windows. `LocalStore` keeps them in this process; `RedisStore` in Redis,
+each update one atomic Lua script, so two pods never both take the last slot.
+
+Redis keys (the key id in braces keeps one key's data in one Redis Cluster slot):
+
+    PREFIX{KEY_ID}:leases              sorted set, member per live session, score =
+                                       lease expiry (ms); TTL lease_seconds, renewed
+    PREFIX{KEY_ID}:starts              sorted set of session starts in the last 60 s;
+                                       TTL 60 s
+    PREFIX{KEY_ID}:usage:WINDOW:STAMP  hash tokens / audio_seconds / usd for one UTC
+                                       hour (STAMP YYYYMMDDHH), day (YYYYMMDD) or month
+                                       (YYYYMM); expires one hour after the window ends
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import time
+
+from .config import ConfigError, State
+from .policy import METRICS, WINDOWS, window_bounds
+
+__all__ = ["Admission", "LocalStore", "RedisStore", "StoreError", "Totals", "open_store"]
+
+# window -> metric -> total in the window that holds "now"
+Totals = dict[str, dict[str, float]]
+# None (admitted), ("budget", index in headroom), ("connections", 0), ("rate", seconds)
+Admission = tuple[str, float] | None
+RATE_WINDOW_SECONDS = 60
+_USAGE_GRACE_SECONDS = 3600
+
+
+class StoreError(Exception):
+    """The shared store could not be reached or answered an error."""
+
+
+def _empty() -> Totals:
+    return {w: dict.fromkeys(METRICS, 0.0) for w in WINDOWS}
+
+
+class LocalStore:
+    """This process only: what `backend = "local"` uses, and the fallback when Redis
+    is unavailable. Leases are not kept here: the sidecar's own live count is exact."""
+
+    shared = False
+
+    def __init__(self):
+        self.starts: dict[str, collections.deque[float]] = {}
+        self.usage: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}
+
+    async def admit(self, key_id: str, member: str, max_connections: int | None,
+                    per_minute: int | None, headroom: list[tuple[str, str, float]],
+                    now: dt.datetime) -> tuple[Admission, Totals]:
+        totals = await self.totals(key_id, now)
+        for i, (window, metric, left) in enumerate(headroom):
+            if totals[window][metric] >= left:
+                return ("budget", i), totals
+        if per_minute:
+            wait = self.take_start(key_id, per_minute)
+            if wait:
+                return ("rate", wait), totals
+        return None, totals
+
+    def take_start(self, key_id: str, per_minute: int) -> float:
+        """Record a session start unless `per_minute` were started in the last 60 s;
+        returns 0, or the seconds until the oldest start leaves the window."""
+        now = time.monotonic()
+        starts = self.starts.setdefault(key_id, collections.deque())
+        while starts and starts[0] <= now - RATE_WINDOW_SECONDS:
+            starts.popleft()
+        if len(starts) >= per_minute:
+            return starts[0] + RATE_WINDOW_SECONDS - now
+        starts.append(now)
+        return 0.0
+
+    async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
+        totals = {}
+        for window in WINDOWS:
+            stamp = window_bounds(window, now)[0]
+            held = self.usage.get((key_id, window))
+            if held is None or held[0] != stamp:
+                held = self.usage[(key_id, window)] = (stamp, dict.fromkeys(METRICS, 0.0))
+            for metric, value in deltas.items():
+                held[1][metric] += value
+            totals[window] = dict(held[1])
+        return totals
+
+    async def totals(self, key_id: str, now: dt.datetime) -> Totals:
+        return await self.add_usage(key_id, {}, now)
+
+    async def close(self) -> None:
+        pass
+
+
+_NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+# One round trip per new session, all or nothing. KEYS leases, starts, then the usage
+# hashes of the hour, day and month; ARGV member, max_connections (0: no lease),
+# per_minute (0: no rate), lease_ms, window_ms, then per budget: window number (1-3),
+# metric, headroom. -> {refusal (0 none, 1 budget, 2 connections, 3 rate), budget
+# number or ms to wait, the three usage hashes}
+_ADMIT = _NOW_MS + """
+local out = {0, 0, redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]),
+             redis.call('HGETALL', KEYS[5])}
+for j = 6, #ARGV, 3 do
+  local used = tonumber(redis.call('HGET', KEYS[2 + tonumber(ARGV[j])], ARGV[j + 1]) or '0')
+  if used >= tonumber(ARGV[j + 2]) then out[1] = 1 out[2] = (j - 6) / 3 return out end
+end
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= limit then out[1] = 2 return out end
+end
+local per_minute = tonumber(ARGV[3])
+if per_minute > 0 then
+  local window = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[2]) >= per_minute then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    out[1] = 3 out[2] = math.max(1, tonumber(oldest[2]) + window - now) return out
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], window)
+end
+if limit > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return out"""
+
+# KEYS[1] leases; ARGV ttl_ms, member... : extend (or re-create after an outage)
+_RENEW = _NOW_MS + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1"""
+
+# KEYS usage hashes (one per window); ARGV expire-at (s) per key, then metric, delta...
+_ADD = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  for j = #KEYS + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', key, ARGV[j], ARGV[j + 1]) end
+  if #ARGV > #KEYS then redis.call('EXPIREAT', key, ARGV[i]) end
+  out[i] = redis.call('HGETALL', key)
+end
+return out"""
+
+
+class RedisStore:
+    """Redis through redis-py's asyncio client. Every call is bounded by
+    `timeout_seconds` and raises StoreError on any failure: the caller decides what
+    an outage means (see Governor)."""
+
+    shared = True
+
+    def __init__(self, state: State):
+        import redis.asyncio
+        from redis.backoff import NoBackoff
+        from redis.asyncio.retry import Retry
+
+        password = None
+        if state.password_file:
+            try:
+                with open(state.password_file) as f:
+                    password = f.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{state.password_file}: cannot read: {exc.strerror}") from None
+        self.errors = (redis.RedisError, OSError, TimeoutError)
+        # No retries inside the client: a failed call falls back at once, and the
+        # next flush (within a second) tries again.
+        self.client = redis.asyncio.Redis.from_url(
+            state.url, password=password, socket_timeout=state.timeout_seconds,
+            socket_connect_timeout=state.timeout_seconds, retry=Retry(NoBackoff(), 0),
+            decode_responses=True)
+        self.prefix = state.key_prefix
+        self.lease_ms = int(state.lease_seconds * 1000)
+        self.admit_script = self.client.register_script(_ADMIT)
+        self.renew_script = self.client.register_script(_RENEW)
+        self.add_script = self.client.register_script(_ADD)
+
+    def key(self, key_id: str, suffix: str) -> str:
+        return f"{self.prefix}{{{key_id}}}:{suffix}"
+
+    async def _call(self, script, keys, args):
+        try:
+            return await script(keys=keys, args=args)
+        except self.errors as exc:
+            raise StoreError(str(exc) or type(exc).__name__) from None
+
+    def usage_keys(self, key_id: str, now: dt.datetime) -> tuple[list[str], list[int]]:
+        """The usage hashes of the windows that hold `now`, and when each expires."""
+        keys, expire_at = [], []
+        for window in WINDOWS:
+            stamp, end = window_bounds(window, now)
+            keys.append(self.key(key_id, f"usage:{window}:{stamp}"))
+            expire_at.append(int(end.timestamp()) + _USAGE_GRACE_SECONDS)
+        return keys, expire_at
+
+    async def admit(self, key_id: str, member: str, max_connections: int | None,
+                    per_minute: int | None, headroom: list[tuple[str, str, float]],
+                    now: dt.datetime) -> tuple[Admission, Totals]:
+        """Check budgets (refused when a window total reached its headroom), then take
+        a lease under max_connections and a session-rate slot: atomically, at once."""
+        usage, _ = self.usage_keys(key_id, now)
+        args = [member, max_connections or 0, per_minute or 0, self.lease_ms,
+                RATE_WINDOW_SECONDS * 1000]
+        for window, metric, left in headroom:
+            args += [WINDOWS.index(window) + 1, metric, repr(float(left))]
+        refusal, detail, *hashes = await self._call(
+            self.admit_script, [self.key(key_id, "leases"), self.key(key_id, "starts"), *usage],
+            args)
+        totals = _parse(hashes)
+        if refusal == 1:
+            return ("budget", detail), totals
+        if refusal == 2:
+            return ("connections", 0), totals
+        if refusal == 3:
+            return ("rate", detail / 1000), totals
+        return None, totals
+
+    async def renew(self, leases: dict[str, list[str]]) -> None:
+        for key_id, members in leases.items():
+            await self._call(self.renew_script, [self.key(key_id, "leases")],
+                             [self.lease_ms, *members])
+
+    async def release(self, key_id: str, member: str) -> None:
+        try:
+            await self.client.zrem(self.key(key_id, "leases"), member)
+        except self.errors as exc:
+            raise StoreError(str(exc) or type(exc).__name__) from None
+
+    async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
+        keys, expire_at = self.usage_keys(key_id, now)
+        args = [*expire_at] if deltas else []
+        for metric, value in deltas.items():
+            args += [metric, repr(float(value))]
+        return _parse(await self._call(self.add_script, keys, args))
+
+    async def totals(self, key_id: str, now: dt.datetime) -> Totals:
+        return await self.add_usage(key_id, {}, now)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _parse(hashes: list[list[str]]) -> Totals:
+    """HGETALL replies of the hour, day and month hashes -> Totals."""
+    totals = _empty()
+    for window, flat in zip(WINDOWS, hashes):
+        for field, value in zip(flat[::2], flat[1::2]):
+            if field in totals[window]:
+                totals[window][field] = float(value)
+    return totals
+
+
+def open_store(state: State) -> LocalStore | RedisStore:
+    return RedisStore(state) if state.backend == "redis" else LocalStore()

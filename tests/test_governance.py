@@ -1,0 +1,347 @@
+"""Governance end to end: sidecar processes sharing a real redis-server (started
+here on a free loopback port), the mock provider, real WebSocket clients.
+
+redis-server missing is a failure, not a skip: scripts/test.sh installs it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from conftest import Keys, SidecarProcess, free_port, http_get, run
+
+class RedisServer:
+    """redis-server on 127.0.0.1, no persistence; stop() and start() keep the port."""
+
+    def __init__(self):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed (scripts/test.sh installs it: "
+                        "apt-get install redis-server)")
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.command("PING") == "+PONG":
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def command(self, *args: str) -> str:
+        """One command in RESP; the first line of the reply (enough for these tests)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(f"*{len(args)}\r\n".encode()
+                      + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
+            return s.recv(65536).decode().split("\r\n")[0]
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+PRICES = """
+[prices."mock-*"]
+input_text = 6000
+input_audio = 400000
+output_text = 20000
+output_audio = 800000
+"""
+
+
+@pytest.fixture
+def sidecars(mock_provider):
+    """sidecars(keys, redis_url or None, n=2, on_unavailable=("open",), extra=""): started
+    sidecar processes on the mock provider, sharing `redis_url` (local state if None);
+    stopped after the test."""
+    started = []
+
+    def start(keys: Keys, redis_url: str | None, n: int = 2, on_unavailable=("open",),
+              extra: str = "") -> list[SidecarProcess]:
+        for i in range(n):
+            mode = on_unavailable[i % len(on_unavailable)]
+            state = (f'[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "t:"\n'
+                     f'lease_seconds = 3\non_unavailable = "{mode}"\n') if redis_url else ""
+            started.append(SidecarProcess(tempfile.mkdtemp(prefix="conduit-gov-"),
+                                          mock_provider.section() + state + extra, keys).start())
+        return started[-n:]
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def attempt(proc: SidecarProcess, key_id: str):
+    """Open a session: ("open", ws) once the provider's session.created arrives, or
+    ("closed", code, reason)."""
+    try:
+        ws = await connect(proc.url(), additional_headers=proc.auth(key_id), open_timeout=10)
+    except websockets.InvalidStatus as exc:
+        return ("status", exc.response.status_code)
+    try:
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert first["type"] == "session.created"
+        return ("open", ws)
+    except websockets.ConnectionClosed:
+        return ("closed", ws.close_code, ws.close_reason)
+
+
+async def response_done(ws) -> dict:
+    await ws.send(json.dumps({"type": "response.create"}))
+    while True:
+        event = json.loads(await ws.recv())
+        if event["type"] == "response.done":
+            return event
+
+
+async def closed(ws, notice: str | None = None):
+    """Drain what is left; (code, reason) of the close. With `notice` (an error code),
+    the last message before the close must be the sidecar's OpenAI-shaped error event
+    saying the close reason."""
+    last = None
+    try:
+        while True:
+            last = await asyncio.wait_for(ws.recv(), 10)
+    except websockets.ConnectionClosed:
+        if notice is not None:
+            assert json.loads(last) == {
+                "type": "error", "event_id": f"event_conduit_{notice}",
+                "error": {"type": "invalid_request_error", "code": notice,
+                          "message": ws.close_reason}}, last
+        return ws.close_code, ws.close_reason
+
+
+def metric(proc: SidecarProcess, name: str) -> float:
+    body = http_get(proc.admin("/metrics"))[1]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def usage_cli(proc: SidecarProcess, key_id: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "conduit_sidecar", "usage", "--config",
+                          proc.config, "--key", key_id], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_max_connections_cluster_wide_and_leases_of_a_killed_pod_expire(sidecars, redis_server):
+    keys = Keys()
+    keys.add("three", max_connections=3)
+    a, b = procs = sidecars(keys, redis_server.url)
+
+    async def burst():
+        results = await asyncio.gather(*(attempt(procs[i % 2], "three") for i in range(12)))
+        opened = [r[1] for r in results if r[0] == "open"]
+        refused = [r for r in results if r[0] == "closed"]
+        assert len(opened) == 3, results
+        assert len(refused) == 9
+        assert {(code, reason) for _, code, reason in refused} == {
+            (4029, "key limit of 3 concurrent connections reached")}
+        for ws in opened:
+            await ws.close()
+        deadline = time.monotonic() + 10     # the leases are released at session end
+        while redis_server.command("ZCARD", "t:{three}:leases") != ":0":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+        held = [await attempt(a, "three") for _ in range(3)]
+        assert all(r[0] == "open" for r in held)
+        assert (await attempt(b, "three"))[0] == "closed"
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        killed = time.monotonic()
+        assert (await attempt(b, "three"))[:2] == ("closed", 4029)   # still leased
+        while True:
+            result = await attempt(b, "three")
+            if result[0] == "open":
+                break
+            await asyncio.sleep(0.1)
+        # A lease lasts lease_seconds (3 s) from its last renewal.
+        assert time.monotonic() - killed <= 3.5
+        await result[1].close()
+    run(burst())
+
+
+def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_server):
+    keys = Keys()
+    # Each mock response.done without audio reports 7 input + 5 output tokens.
+    keys.add("budget", budgets=[{"metric": "usd", "limit": 1000, "window": "month"},
+                                {"metric": "tokens", "limit": 30, "window": "day"}])
+    a, b = procs = sidecars(keys, redis_server.url)
+
+    async def scenario():
+        _, ws = await attempt(a, "budget")
+        assert (await response_done(ws))["response"]["usage"]["total_tokens"] == 12
+        await response_done(ws)                        # 24 tokens
+        await ws.send(json.dumps({"type": "response.create"}))   # 36: crosses 30
+        code, reason = await closed(ws, "budget_exceeded")
+        assert code == 4002
+        assert reason.startswith("budget exhausted: tokens per day (30); resets ")
+        assert reason.endswith("T00:00:00Z")
+        for proc in (a, b):
+            deadline = time.monotonic() + 5        # b learns the total within a tick
+            while True:
+                result = await attempt(proc, "budget")
+                if result[0] == "closed" or time.monotonic() > deadline:
+                    break
+                await result[1].close()
+                await asyncio.sleep(0.2)
+            assert result[:2] == ("closed", 4002), result
+            assert result[2].startswith("budget exhausted: tokens per day (30)")
+    run(scenario())
+    # The provider leg is closed too: the session ends only when both sockets are gone.
+    ended = [line for line in a.log_lines() if line.get("event") == "session_end"]
+    assert [(e["closed_by"], e["close_code"]) for e in ended] == [("sidecar", 4002)]
+    assert metric(a, "conduit_connections_active") == 0
+    assert "tokens 36 / 30" in usage_cli(a, "budget")
+
+
+def test_max_session_seconds_closes_with_4008(sidecars, redis_server):
+    keys = Keys()
+    keys.add("capped", max_session_seconds=2)
+    procs = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        started = time.monotonic()
+        _, ws = await attempt(procs[0], "capped")
+        code, reason = await closed(ws, "session_limit_reached")
+        elapsed = time.monotonic() - started
+        assert (code, reason) == (4008, "session cap of 2 s reached")
+        assert 2.0 <= elapsed < 3.0       # the cap, plus at most one poll interval
+    run(scenario())
+
+
+def test_sessions_per_minute_across_sidecars(sidecars, redis_server):
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=5)
+    procs = sidecars(keys, redis_server.url)
+
+    async def scenario():
+        for i in range(5):
+            result = await attempt(procs[i % 2], "rated")
+            assert result[0] == "open"
+            await result[1].close()
+        result = await attempt(procs[1], "rated")
+        assert result[:2] == ("closed", 4029)
+        assert result[2].startswith("key limit of 5 new sessions per minute reached: retry in ")
+        wait = int(result[2].rsplit(" ", 2)[1])
+        assert 50 <= wait <= 60
+    run(scenario())
+
+
+def test_usd_budget_from_the_price_table(sidecars, redis_server):
+    keys = Keys()
+    keys.add("dollars", budgets=[{"metric": "usd", "limit": 30, "window": "month"}])
+    procs = sidecars(keys, redis_server.url, n=1, extra=PRICES)
+    one_second = base64.b64encode(bytes(48_000)).decode()      # pcm16 24 kHz mono
+    async def scenario():
+        _, ws = await attempt(procs[0], "dollars")
+        for _ in range(2):
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": one_second}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while json.loads(await ws.recv())["type"] != "response.done":
+                pass
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": one_second}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        return await closed(ws, "budget_exceeded")
+    code, reason = run(scenario())
+    assert code == 4002 and reason.startswith("budget exhausted: usd per month (30)"), (code, reason)
+    # The mock bills 10 audio tokens per second each way. Per response: 7 text in x 6000
+    # + 10 audio in x 400000 + 5 text out x 20000 + 10 audio out x 800000
+    # = 12,142,000 / 1e6 = $12.142; three: $36.426 -> $36.43.
+    assert round(metric(procs[0], 'conduit_cost_usd_total{key_id="dollars"'), 2) == 36.43
+    assert "usd 36.4260 / 30" in usage_cli(procs[0], "dollars")
+
+
+def test_redis_outage_open_and_closed(sidecars, redis_server):
+    keys = Keys()
+    keys.add("team", budgets=[{"metric": "tokens", "limit": 100000, "window": "hour"}],
+             sessions_per_minute=1000)
+    opened, closing = procs = sidecars(keys, redis_server.url, on_unavailable=("open", "closed"))
+
+    async def scenario():
+        live = [(await attempt(p, "team"))[1] for p in procs]
+        await response_done(live[0])
+        await asyncio.sleep(1.5)                  # flushed: 12 tokens in Redis
+        redis_server.stop()
+        for ws in live:                           # live sessions go on
+            await response_done(ws)
+        result = await attempt(opened, "team")
+        assert result[0] == "open"
+        await result[1].close()
+        assert (await attempt(closing, "team")) == (
+            "closed", 1013, "shared state unavailable: try again later")
+        assert metric(opened, "conduit_state_available") == 0
+        redis_server.start()                      # empty: no persistence
+        deadline = time.monotonic() + 5
+        while (result := await attempt(closing, "team"))[0] != "open":
+            assert time.monotonic() < deadline, result
+            await asyncio.sleep(0.2)
+        await result[1].close()
+        await response_done(live[1])
+        await asyncio.sleep(1.5)
+        for ws in live:
+            await ws.close()
+    run(scenario())
+    # The two outage responses and the one after it reached the restarted Redis.
+    assert "tokens 36 / 100000" in usage_cli(opened, "team")
+    for proc in procs:
+        events = [line["event"] for line in proc.log_lines()]
+        assert events.count("state_unavailable") == 1
+        assert events.count("state_available") == 1
+        assert metric(proc, "conduit_state_available") == 1
+    assert metric(opened, 'conduit_state_fallbacks_total{mode="local"}') == 1
+    assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
+
+
+def test_local_backend_enforces_the_same_policy(sidecars):
+    keys = Keys()
+    keys.add("budget", budgets=[{"metric": "tokens", "limit": 20, "window": "hour"}])
+    keys.add("rated", sessions_per_minute=1)
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "budget")
+        await response_done(ws)                               # 12 tokens
+        await ws.send(json.dumps({"type": "response.create"}))   # 24: crosses 20
+        code, reason = await closed(ws, "budget_exceeded")
+        assert code == 4002 and reason.startswith("budget exhausted: tokens per hour (20)")
+        assert (await attempt(proc, "budget"))[:2] == ("closed", 4002)
+        result = await attempt(proc, "rated")
+        assert result[0] == "open"
+        await result[1].close()
+        result = await attempt(proc, "rated")
+        assert result[:2] == ("closed", 4029) and "per minute" in result[2]
+    run(scenario())
+    assert metric(proc, "conduit_state_operations_total") > 0
