@@ -14,11 +14,13 @@ from . import __version__, _relay
 from .admin import AdminServer
 from .config import Config, split_hostport
 from .handshake import Admission, Close
-from .keys import KeySet, KeyWatcher
-from .metering import MODEL_LABELS_MAX, MalformedUsage, decode_usage
+from .keys import KeySet, KeyWatcher, Rejection
+from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage
 from .metrics import Metrics
+from .providers import meter
 from .routing import Router
 from .session import ClientHandshake, SessionInfo
+from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .upstream import Balancer
 
@@ -49,13 +51,14 @@ class Sidecar:
         self.tls: ListenerTLS | None = None
         self.stopped: asyncio.Event | None = None
         self.listening: dict[str, tuple[str, int]] = {}
+        self.signed_urls = SignedUrls()
 
     # -- admission ---------------------------------------------------------------
 
     def admission(self) -> Admission:
         return Admission(self.keyset, self.router, dt.datetime.now(dt.timezone.utc),
                          self.live_per_key, len(self.sessions) >= self.limits.max_connections,
-                         self.draining, self.config.allowed_origins)
+                         self.draining, self.config.allowed_origins, self.signed_urls.key_id)
 
     def connected(self, info: SessionInfo, seconds: float) -> None:
         self.metrics.upstream_connect.labels(info.provider).observe(seconds)
@@ -78,10 +81,13 @@ class Sidecar:
     def count(self, result: str) -> None:
         self.metrics.connections.labels(result).inc()
 
+    def auth_failed(self, why: Rejection) -> None:
+        self.metrics.auth_failures.labels(why.label).inc()
+
     def rejected(self, decision: Close) -> None:
         self.count(_RESULTS.get(decision.code, "rejected"))
         if decision.rejection is not None:
-            self.metrics.auth_failures.labels(decision.rejection.label).inc()
+            self.auth_failed(decision.rejection)
         self.metrics.closes.labels("sidecar", str(decision.code)).inc()
         log.info("session rejected", extra={
             "event": "rejected", "code": decision.code, "reason": decision.reason,
@@ -108,14 +114,15 @@ class Sidecar:
             "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason,
             "audio_seconds_client_to_upstream": round(c2u[1][binary] / per_second, 3),
             "audio_seconds_upstream_to_client": round(u2c[1][binary] / per_second, 3),
-            "usage_tokens": info.usage.tokens})
+            "usage_tokens": info.usage.tokens, "usage_seconds": info.usage.seconds})
 
     def provider_message(self, relay, message: bytes) -> None:
-        """A provider text message that may report usage (see metering). Called by
-        the relay: whatever the message holds, nothing may raise into it."""
+        """A provider message that may report usage (see metering). Called by the
+        relay: whatever the message holds, nothing may raise into it."""
         info: SessionInfo = relay.session
         try:
-            counts = decode_usage(message)
+            metered = meter(info.provider)
+            counts = metered.decode(message) if metered else None
         except MalformedUsage:
             self.metrics.usage_malformed.labels(info.provider).inc()
             return
@@ -130,7 +137,8 @@ class Sidecar:
             self.model_labels.add(model)
             for kind, n in counts.items():
                 if n:
-                    self.metrics.usage.labels(info.key_id, info.provider, model, kind).inc(n)
+                    family = self.metrics.usage_seconds if kind in SECONDS_KINDS else self.metrics.usage
+                    family.labels(info.key_id, info.provider, model, kind).inc(n)
         except Exception as exc:       # a bug of ours must not end the session
             self.metrics.usage_malformed.labels(info.provider).inc()
             log.warning("usage not counted", extra={"event": "usage_error", "session_id": info.id,
