@@ -14,6 +14,7 @@ import uvloop
 from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
 from .keys import KeyEntry, KeySet, hash_key, load_keys, new_key
+from .mock import SHAPES
 from .policy import METRICS, WINDOWS, price_for, window_bounds
 from .routing import Router, masked
 
@@ -157,8 +158,11 @@ def _keys_hash(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import print_summary, run
-    print_summary(uvloop.run(run(args.seconds)))
+    from .demo import print_provider_summary, print_summary, run, run_provider
+    if args.provider == "openai":
+        print_summary(uvloop.run(run(args.seconds)))
+    else:
+        print_provider_summary(uvloop.run(run_provider(args.provider)))
     return 0
 
 
@@ -239,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the sidecar with the built-in mock provider")
     d.add_argument("--seconds", type=float, default=3.0)
+    d.add_argument("--provider", choices=SHAPES, default="openai",
+                   help="the provider shape to demonstrate (its own paths, key form and events)")
     d.set_defaults(func=_demo)
 
     v = sub.add_parser("providers", help="list provider templates and deployments "

@@ -70,6 +70,7 @@ class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     model_names: dict[str, str] | None = None
     deployments: list[Deployment] = []
     selection: Literal["weighted", "least_sessions"] | None = None
+    query_params: list[str] = []     # client query parameters to pass, beyond the template's
 
 
 class Circuit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from . import _relay, config as config_mod
 from .keys import KeySet, KeyEntry, hash_key, new_key
 from .mock import MockProvider
+from .routing import Router
 from .server import Sidecar
 
 FRAME_BYTES = 960        # 20 ms of 24 kHz mono PCM16
@@ -112,3 +113,115 @@ def print_summary(s: dict) -> None:
     print(f"  provider events: {', '.join(s['events'])}")
     print(f"  close codes: session {s['close_normal']}, wrong key {s['close_wrong_key'][0]} "
           f"({s['close_wrong_key'][1]})")
+
+
+# -- `demo --provider NAME`: one session in a provider's own shape -------------------
+
+# The template each provider's mock stands in for (the same path, a loopback host).
+_NATIVE_URLS = {
+    "azure": "/openai/v1/realtime?model={model}",
+    "gemini": "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key={secret}",
+    "deepgram": "/v1/listen?model={model}",
+    "assemblyai": "/v3/ws?speech_model={model}",
+    "elevenlabs": "/v1/convai/conversation?agent_id={model}",
+}
+
+
+async def run_provider(name: str) -> dict:
+    """The sidecar and `name`'s mock provider; one session as that provider's SDK sends it."""
+    key = new_key()
+    async with MockProvider(shape=name) as mock:
+        conf = config_mod.load(None, environ={}, overrides={
+            "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "keys_file": os.devnull,
+            "providers": {name: {"url": mock.url + _NATIVE_URLS[name], "secret_env": "DEMO_SECRET"}}})
+        sidecar = Sidecar(conf, KeySet([KeyEntry("demo", hash_key(key))]),
+                          Router(conf, environ={"DEMO_SECRET": "demo-provider-secret"}))
+        await sidecar.start()
+        try:
+            host, port = sidecar.listening["listen"]
+            events, close = await _NATIVE_SESSIONS[name](f"ws://{host}:{port}", key)
+            await asyncio.sleep(0.05)
+            upstream = mock.requests[-1][0]
+        finally:
+            await sidecar.stop()
+    usage = {s.labels["kind"]: s.value for metric in sidecar.metrics.registry.collect()
+             if metric.name in ("conduit_usage_tokens", "conduit_usage_seconds")
+             for s in metric.samples if s.name.endswith("_total")}
+    return {"provider": name, "events": events, "close": close, "upstream_request": upstream,
+            "usage": usage}
+
+
+async def _frames(ws, stop) -> list[str]:
+    """Event names until `stop(event)`; JSON in text or binary frames."""
+    names = []
+    async for message in ws:
+        event = json.loads(message)
+        names.append(event.get("type") or next(iter(event)))
+        if stop(event):
+            break
+    return names
+
+
+async def _gemini(base: str, key: str):
+    url = base + _NATIVE_URLS["gemini"].replace("{secret}", key)
+    async with connect(url) as ws:
+        await ws.send(json.dumps({"setup": {"model": "models/gemini-live-demo"}}))
+        await ws.send(json.dumps({"clientContent": {"turns": [{"role": "user", "parts": [
+            {"text": "hello"}]}], "turnComplete": True}}))
+        events = await _frames(ws, lambda e: e.get("serverContent", {}).get("turnComplete"))
+    return events, ws.close_code
+
+
+async def _pcm_stream(url: str, headers: dict, rate: int, end: dict):
+    async with connect(url, additional_headers=headers) as ws:
+        for _ in range(50):
+            await ws.send(bytes(rate * 2 // 50))         # 20 ms of PCM16
+        await ws.send(json.dumps(end))
+        events = await _frames(ws, lambda e: False)
+    return events, ws.close_code
+
+
+async def _deepgram(base: str, key: str):
+    return await _pcm_stream(base + "/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000",
+                             {"Authorization": f"Token {key}"}, 16000, {"type": "CloseStream"})
+
+
+async def _assemblyai(base: str, key: str):
+    return await _pcm_stream(base + "/v3/ws?speech_model=u3-rt-pro&sample_rate=16000",
+                             {"Authorization": key}, 16000, {"type": "Terminate"})
+
+
+async def _elevenlabs(base: str, key: str):
+    import urllib.request
+    request = urllib.request.Request(base.replace("ws:", "http:") +
+                                     "/v1/convai/conversation/get-signed-url?agent_id=demo-agent",
+                                     headers={"xi-api-key": key})
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).read())
+    async with connect(json.loads(body)["signed_url"]) as ws:       # no key: the signed URL
+        await ws.send(json.dumps({"type": "conversation_initiation_client_data"}))
+        await ws.send(json.dumps({"type": "user_message", "text": "hello"}))
+        events = await _frames(ws, lambda e: e["type"] == "agent_response")
+    return events, ws.close_code
+
+
+async def _azure(base: str, key: str):
+    async with connect(base + "/openai/realtime?api-version=2025-04-01-preview&deployment=demo",
+                       additional_headers={"api-key": key}) as ws:
+        await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                  "audio": base64.b64encode(bytes(48000)).decode()}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events = await _frames(ws, lambda e: e["type"] == "response.done")
+    return events, ws.close_code
+
+
+_NATIVE_SESSIONS = {"gemini": _gemini, "deepgram": _deepgram, "assemblyai": _assemblyai,
+                    "elevenlabs": _elevenlabs, "azure": _azure}
+
+
+def print_provider_summary(s: dict) -> None:
+    print(f"conduit-sidecar demo: {s['provider']} mock <- sidecar <- {s['provider']}-shaped "
+          "client, all on 127.0.0.1")
+    print(f"  provider events: {', '.join(s['events'])}")
+    print(f"  provider got: {s['upstream_request']}")
+    print(f"  metered: {s['usage'] or 'nothing'}")
+    print(f"  close code: {s['close']}")

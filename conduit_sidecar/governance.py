@@ -173,7 +173,8 @@ class Governor:
         usd = cost_usd(price, counts) if price is not None else 0.0
         if usd:
             self.metrics.cost.labels(info.key_id, info.provider, model_label).inc(usd)
-        self._add(info.key_id, {"tokens": counts["input"] + counts["output"], "usd": usd})
+        tokens = counts.get("input", 0) + counts.get("output", 0)   # seconds-only reports have none
+        self._add(info.key_id, {"tokens": tokens, "usd": usd})
         self.enforce(info.key_id, _utcnow())
 
     def _count_audio(self, info: SessionInfo, live: _Live) -> None:

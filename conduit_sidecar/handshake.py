@@ -13,6 +13,7 @@ import datetime as dt
 import http
 import re
 import urllib.parse
+from typing import Callable
 
 import msgspec
 from websockets.datastructures import Headers
@@ -21,14 +22,14 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from .keys import KeyEntry, KeySet, Rejection
+from .providers import OPENAI_KEYS, TEMPLATES, BadPath, KeyForm, native, normalise_path, presented_key
 from .routing import Route, RouteError, Router
 
-__all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "SUBPROTOCOL_KEY_PREFIX", "decide",
-           "refuse"]
+__all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "admit", "decide", "refuse"]
 
+# The sidecar's own paths: the provider comes from `provider=` or the model routes, the
+# key in OpenAI's forms. Each provider's own SDK paths are in the catalogue (providers).
 PATHS = ("/v1/realtime/connect", "/v1/realtime")
-# What OpenAI's browser clients put the API key in (a browser cannot set headers).
-SUBPROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -41,6 +42,7 @@ class Admission(msgspec.Struct, frozen=True):
     at_capacity: bool
     draining: bool
     allowed_origins: list[str] | None
+    signed: Callable[[str], str | None] = lambda _: None   # signature -> the key id it stands for
 
 
 class Refuse(msgspec.Struct, frozen=True):
@@ -65,6 +67,9 @@ class Accept(msgspec.Struct, frozen=True):
     route: Route
     model: str | None
     subprotocols: list[str] | None
+    query: tuple[tuple[str, str], ...] = ()     # client parameters for the upstream URL
+    version: str | None = None                  # the API version the client asked for
+    hold_first: bool = False                    # the model is in the first client message
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
@@ -78,75 +83,101 @@ def refuse(status: int, text: str) -> Refuse:
     return Refuse(Response(status, http.HTTPStatus(status).phrase, headers, body), text)
 
 
+def admit(entry: KeyEntry | None, router: Router, now: dt.datetime, model: str | None,
+          provider: str | None) -> Route | tuple[int, str, Rejection | None]:
+    """The route for a key's request, or (close code, reason, 4001 cause) why not."""
+    why = (Rejection.UNKNOWN if entry is None else Rejection.DISABLED if not entry.enabled
+           else Rejection.EXPIRED if entry.expired(now) else None)
+    if why is not None:
+        return 4001, why.value, why
+    try:
+        route = router.route(model, provider)
+    except RouteError as exc:
+        return exc.code, str(exc), None
+    if not entry.allows_provider(route.name):
+        return 4003, f"provider {route.name!r} not allowed for this key", None
+    if model is not None and not entry.allows_model(model):
+        return 4003, f"model {model!r} not allowed for this key", None
+    return route
+
+
 def _offered(request: Request) -> list[str]:
     return [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
             for p in v.split(",") if p.strip()]
 
 
 def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
-    url = urllib.parse.urlsplit(request.path)
-    if url.path not in PATHS:
+    try:
+        path, raw_query = normalise_path(request.path)
+    except BadPath as exc:
+        return refuse(400, str(exc))
+    where = native(path)
+    if path not in PATHS and where is None:
         return refuse(404, f"not found: use {PATHS[0]}")
+    forms: tuple[KeyForm, ...] = OPENAI_KEYS if where is None else TEMPLATES[where.provider].keys
+
+    try:
+        query = urllib.parse.parse_qs(raw_query, strict_parsing=False, errors="strict")
+    except UnicodeDecodeError:
+        return refuse(400, "query is not valid UTF-8")
+    model_param = "model" if where is None else where.model_param
+    for name in ("model", "provider", model_param):
+        values = query.get(name, []) if name else []
+        if len(values) > 1:
+            return refuse(400, f"{name} given more than once")
+        if values and _CONTROL.search(values[0]):
+            return refuse(400, f"{name} contains control characters")
+    model = query.get(model_param, [None])[0] if model_param else None
+    provider = query.get("provider", [None])[0] if where is None else where.provider
+
     offered = _offered(request)
-    presented = [p for p in offered if _is_key_subprotocol(p)]
-    passed = [p for p in offered if not _is_key_subprotocol(p)]
+    key, carriers = presented_key(forms, request.headers, query, offered)
+    passed = [p for p in offered if p not in carriers]
+    # Deepgram's browser form `token, KEY`: the 101 selects `token`; the provider,
+    # which gets its key by header, is not offered it.
+    named = {f.name for f in forms if f.where == "subprotocol" and not f.name.endswith(".")}
+    upstream_offer = [p for p in passed if p not in named]
 
     # Answer the client with one of its own subprotocols, never the key one.
     # allowed_origins guards against other sites' pages; clients that send no Origin
     # (SDKs, servers) are not browsers and pass.
     origins = None if state.allowed_origins is None else [*state.allowed_origins, None]
     ws = ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
-    response = ws.accept(_without_key_subprotocols(request, passed, bool(presented)))
+    response = ws.accept(_without_key_subprotocols(request, passed, bool(carriers)))
     if response.status_code != 101:
         return _refused(response, ws.handshake_exc)
     if passed:
         response.headers["Sec-WebSocket-Protocol"] = passed[0]
-
-    try:
-        query = urllib.parse.parse_qs(url.query, strict_parsing=False, errors="strict")
-    except UnicodeDecodeError:
-        return refuse(400, "query is not valid UTF-8")
-    for name in ("model", "provider"):
-        values = query.get(name, [])
-        if len(values) > 1:
-            return refuse(400, f"{name} given more than once")
-        if values and _CONTROL.search(values[0]):
-            return refuse(400, f"{name} contains control characters")
-    model = query.get("model", [None])[0]
-    provider = query.get("provider", [None])[0]
 
     if state.draining:
         return Close(response, 1013, "sidecar is draining: try again later")
     if state.at_capacity:
         return Close(response, 1013, "sidecar at its connection limit: try again later")
 
-    key = _presented_key(request, presented)
-    if key is None:
+    signature = query.get("conversation_signature", [""])[0]
+    if key is None and where is not None and where.provider == "elevenlabs" and signature:
+        # A signed URL the sidecar handed out carries no key: it stands for the key
+        # it was issued to.
+        key_id = state.signed(signature)
+        if key_id is None:
+            return _rejected(response, Rejection.SIGNATURE)
+        entry = state.keyset.by_id.get(key_id)
+    elif key is None:
         return _rejected(response, Rejection.MISSING)
-    entry = state.keyset.lookup(key)
-    if entry is None:
-        return _rejected(response, Rejection.UNKNOWN)
-    if not entry.enabled:
-        return _rejected(response, Rejection.DISABLED, entry)
-    if entry.expired(state.now):
-        return _rejected(response, Rejection.EXPIRED, entry)
-
-    try:
-        route = state.router.route(model, provider)
-    except RouteError as exc:
-        return Close(response, exc.code, str(exc), entry)
-    if not entry.allows_provider(route.name):
-        return Close(response, 4003, f"provider {route.name!r} not allowed for this key", entry)
-    if model is not None and not entry.allows_model(model):
-        return Close(response, 4003, f"model {model!r} not allowed for this key", entry)
+    else:
+        entry = state.keyset.lookup(key)
+    admitted = admit(entry, state.router, state.now, model, provider)
+    if not isinstance(admitted, Route):
+        code, reason, why = admitted
+        return Close(response, code, reason, entry, why)
+    route = admitted
     if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
         return Close(response, 4029,
                      f"key limit of {entry.max_connections} concurrent connections reached", entry)
-    return Accept(response, entry, route, model, passed or None)
-
-
-def _is_key_subprotocol(protocol: str) -> bool:
-    return protocol[:len(SUBPROTOCOL_KEY_PREFIX)].lower() == SUBPROTOCOL_KEY_PREFIX
+    forward = tuple((n, v) for n, values in query.items() if n in route.query for v in values)
+    hold = where is not None and TEMPLATES[where.provider].model_in_setup
+    return Accept(response, entry, route, model, upstream_offer or None, forward,
+                  where.version if where else None, hold)
 
 
 def _without_key_subprotocols(request: Request, passed: list[str], had_key: bool) -> Request:
@@ -156,7 +187,7 @@ def _without_key_subprotocols(request: Request, passed: list[str], had_key: bool
         return request
     headers = Headers([(k, v) for k, v in request.headers.raw_items()
                        if k.lower() != "sec-websocket-protocol"])
-    headers["Sec-WebSocket-Protocol"] = ", ".join([*passed, SUBPROTOCOL_KEY_PREFIX + "key"])
+    headers["Sec-WebSocket-Protocol"] = ", ".join([*passed, "key"])
     return Request(request.path, headers)
 
 
@@ -169,15 +200,3 @@ def _refused(response: Response, exc: Exception | None) -> Refuse:
     body = (text + "\n").encode()
     response.headers["Content-Length"] = str(len(body))
     return Refuse(Response(response.status_code, response.reason_phrase, response.headers, body), text)
-
-
-def _presented_key(request: Request, presented: list[str]) -> str | None:
-    auth = request.headers.get_all("Authorization")
-    if len(auth) == 1:
-        scheme, _, token = auth[0].partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    if len(presented) == 1:
-        return presented[0][len(SUBPROTOCOL_KEY_PREFIX):]
-    return None
-

@@ -36,6 +36,7 @@ class Rejection(enum.Enum):
     DISABLED = "key disabled"
     EXPIRED = "key expired"
     REVOKED = "key revoked"
+    SIGNATURE = "unknown or expired signed URL"
 
     @property
     def label(self) -> str:

@@ -1,37 +1,88 @@
-"""Usage metering from relayed provider events.
+"""Usage metering from relayed provider events, one decoder per provider shape.
 
-The relay hands over only text messages whose first bytes contain the marker
-(`"response.done"`), whole even when fragmented; they are decoded here with
-msgspec. Binary frames are never looked at: audio duration comes from the relay's
-C payload counters.
+The relay hands over only provider messages whose first bytes contain one of the
+provider's markers, whole even when fragmented; they are decoded here with msgspec.
+A message with a marker that is not a usage event is ignored; a usage event that is
+malformed (wrong types, negative or absurd numbers) raises `MalformedUsage`, which the
+caller counts and ignores: metering never breaks a session.
+
+Counts are `{kind: number}`: token kinds (`TOKEN_KINDS`) and seconds kinds
+(`SECONDS_KINDS`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Callable
 
 import msgspec
 
-__all__ = ["MARKER", "MODEL_LABELS_MAX", "TOKEN_KINDS", "MalformedUsage", "Usage", "decode_usage"]
+__all__ = ["METERS", "MODEL_LABELS_MAX", "MalformedUsage", "Meter", "SECONDS_KINDS", "TOKEN_KINDS",
+           "Usage"]
 
-MARKER = b'"response.done"'
-# Token kinds: `input`/`output` are totals; the others break them down.
-TOKEN_KINDS = ("input", "output", "input_text", "input_audio", "input_cached",
+# Token kinds: `input`/`output` are totals; the others break them down (a detail is
+# counted once, under its most specific kind: cached audio is `input_cached`, not also
+# `input_audio`'s breakdown).
+TOKEN_KINDS = ("input", "output", "input_text", "input_audio", "input_image", "input_cached",
                "output_text", "output_audio")
+SECONDS_KINDS = ("audio",)
 MODEL_LABELS_MAX = 100
-# A count no single response reports: negative or absurd usage is the provider's bug
-# (or an impostor's), never a reason to count, or to fail the session.
+
+# One event never reports more than this; larger numbers are a provider bug or an attack.
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=100_000_000)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)]
 
 
 class MalformedUsage(ValueError):
-    """A usage event whose counts are not plausible token counts."""
+    """A usage event whose usage cannot be trusted."""
+
+
+class Meter(msgspec.Struct, frozen=True):
+    """What the relay sniffs for (markers within the first `sniff_bytes` of a provider
+    message; binary messages too when `binary`) and how the message is decoded."""
+    markers: tuple[bytes, ...]
+    decode: Callable[[bytes], dict[str, float] | None]
+    binary: bool = False
+    sniff_bytes: int = 256
+
+
+_NONE = msgspec.Raw()     # a field that is absent
+
+
+class _Envelope(msgspec.Struct):
+    """Just enough to tell a usage event from another message naming its marker."""
+    type: str = ""
+    response: msgspec.Raw = _NONE
+    usage: msgspec.Raw = _NONE
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+def _given(raw: msgspec.Raw) -> bool:
+    return len(raw) > 0 and bytes(raw) != b"null"
+
+
+def _strict(raw: msgspec.Raw, decoder: msgspec.json.Decoder):
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise MalformedUsage(str(exc)) from None
+
+
+# -- OpenAI realtime: response.done and transcription usage ------------------------
+
+class _CachedDetails(msgspec.Struct):
+    text_tokens: Tokens = 0
+    audio_tokens: Tokens = 0
+    image_tokens: Tokens = 0
 
 
 class _InputDetails(msgspec.Struct):
     text_tokens: Tokens = 0
     audio_tokens: Tokens = 0
+    image_tokens: Tokens = 0
     cached_tokens: Tokens = 0
+    cached_tokens_details: _CachedDetails | None = None   # a breakdown of cached_tokens
 
 
 class _OutputDetails(msgspec.Struct):
@@ -40,52 +91,147 @@ class _OutputDetails(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
+    type: str = "tokens"                 # transcription: "tokens" or "duration"
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
+    seconds: Seconds = 0.0
     input_token_details: _InputDetails | None = None
     output_token_details: _OutputDetails | None = None
 
 
 class _Response(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: msgspec.Raw = _NONE
 
 
-class _ResponseDone(msgspec.Struct):
-    type: str
-    response: _Response | None = None
+_response = msgspec.json.Decoder(_Response)
+_usage = msgspec.json.Decoder(_Usage)
 
 
-_decoder = msgspec.json.Decoder(_ResponseDone)
-
-
-def decode_usage(message: bytes) -> dict[str, int] | None:
-    """Token counts of an OpenAI `response.done` event, or None if it is not one;
-    MalformedUsage if its counts are not plausible."""
-    try:
-        event = _decoder.decode(message)
-    except msgspec.ValidationError as exc:
-        raise MalformedUsage(str(exc)) from None
-    except msgspec.DecodeError:
-        return None
-    if event.type != "response.done" or event.response is None or event.response.usage is None:
-        return None
-    u = event.response.usage
+def _tokens(u: _Usage) -> dict[str, float]:
     i = u.input_token_details or _InputDetails()
     o = u.output_token_details or _OutputDetails()
     return {"input": u.input_tokens, "output": u.output_tokens,
             "input_text": i.text_tokens, "input_audio": i.audio_tokens,
-            "input_cached": i.cached_tokens,
+            "input_image": i.image_tokens, "input_cached": i.cached_tokens,
             "output_text": o.text_tokens, "output_audio": o.audio_tokens}
 
 
-class Usage:
-    """A session's running token totals."""
+def decode_openai(message: bytes) -> dict[str, float] | None:
+    try:
+        event = _envelope.decode(message)
+    except msgspec.DecodeError:
+        return None              # not JSON we know: the marker was inside some other text
+    if event.type == "response.done" and _given(event.response):
+        raw = _strict(event.response, _response).usage
+        return _tokens(_strict(raw, _usage)) if _given(raw) else None
+    if (event.type == "conversation.item.input_audio_transcription.completed"
+            and _given(event.usage)):
+        u = _strict(event.usage, _usage)
+        if u.type == "duration":
+            return {"audio": u.seconds}
+        if u.type == "tokens":
+            return _tokens(u)
+        raise MalformedUsage(f"unknown usage type {u.type!r}")
+    return None
 
-    __slots__ = ("tokens",)
+
+# -- Gemini Live: usageMetadata ------------------------------------------------------
+
+class _Modality(msgspec.Struct):
+    modality: str = ""
+    tokenCount: Tokens = 0
+
+
+class _UsageMetadata(msgspec.Struct):
+    promptTokenCount: Tokens = 0
+    responseTokenCount: Tokens = 0
+    cachedContentTokenCount: Tokens = 0
+    promptTokensDetails: list[_Modality] = []
+    responseTokensDetails: list[_Modality] = []
+
+
+class _GeminiMessage(msgspec.Struct):
+    usageMetadata: msgspec.Raw = _NONE
+
+
+_gemini = msgspec.json.Decoder(_GeminiMessage)
+_gemini_usage = msgspec.json.Decoder(_UsageMetadata)
+_MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image"}
+
+
+def decode_gemini(message: bytes) -> dict[str, float] | None:
+    try:
+        raw = _gemini.decode(message).usageMetadata
+    except msgspec.DecodeError:
+        return None
+    if not _given(raw):
+        return None
+    u = _strict(raw, _gemini_usage)
+    counts = dict.fromkeys(TOKEN_KINDS, 0)
+    counts.update(input=u.promptTokenCount, output=u.responseTokenCount,
+                  input_cached=u.cachedContentTokenCount)
+    for side, details in (("input", u.promptTokensDetails), ("output", u.responseTokensDetails)):
+        for d in details:
+            kind = f"{side}_{_MODALITY.get(d.modality, '')}"
+            if kind in counts and kind != "output_image":
+                counts[kind] += d.tokenCount
+    return counts
+
+
+# -- Deepgram and AssemblyAI: audio seconds at the end of a stream -------------------
+
+class _DeepgramMetadata(msgspec.Struct):
+    type: str
+    duration: Seconds = 0.0
+
+
+class _AssemblyTermination(msgspec.Struct):
+    type: str
+    audio_duration_seconds: Seconds = 0.0
+
+
+def _seconds_decoder(kind: str, shape: type, field: str):
+    decoder = msgspec.json.Decoder(shape)
+
+    def decode(message: bytes) -> dict[str, float] | None:
+        try:
+            if _envelope.decode(message).type != kind:
+                return None
+        except msgspec.DecodeError:
+            return None
+        try:
+            return {"audio": getattr(decoder.decode(message), field)}
+        except msgspec.DecodeError as exc:
+            raise MalformedUsage(str(exc)) from None
+    return decode
+
+
+METERS: dict[str, Meter] = {
+    "openai": Meter((b'"response.done"', b'"conversation.item.input_audio_transcription.completed"'),
+                    decode_openai),
+    # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes.
+    "gemini": Meter((b'"usageMetadata"',), decode_gemini, binary=True, sniff_bytes=8192),
+    "deepgram": Meter((b'"Metadata"',),
+                      _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
+    "assemblyai": Meter((b'"Termination"',),
+                        _seconds_decoder("Termination", _AssemblyTermination,
+                                         "audio_duration_seconds")),
+}
+METERS["azure"] = METERS["openai"]          # Azure OpenAI speaks OpenAI's events
+
+
+class Usage:
+    """A session's running totals."""
+
+    __slots__ = ("tokens", "seconds")
 
     def __init__(self):
         self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
+        self.seconds = dict.fromkeys(SECONDS_KINDS, 0.0)
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: dict[str, float]) -> None:
         for kind, n in counts.items():
-            self.tokens[kind] += n
+            if kind in self.seconds:
+                self.seconds[kind] += n
+            else:
+                self.tokens[kind] += n

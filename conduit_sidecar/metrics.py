@@ -77,11 +77,15 @@ class Metrics:
                                    ["result"], registry=r)
         Gauge("conduit_build_info", "Build information.", ["version", "python"],
               registry=r).labels(__version__, platform.python_version()).set(1)
-        self.usage = Counter("conduit_usage_tokens", "Tokens reported by providers (OpenAI "
-                             "response.done); kinds input/output are totals, the others break "
-                             "them down.", ["key_id", "provider", "model", "kind"], registry=r)
+        self.usage = Counter("conduit_usage_tokens", "Tokens reported by providers' usage "
+                             "events; kinds input/output are totals, the others break them down.",
+                             ["key_id", "provider", "model", "kind"], registry=r)
+        self.usage_seconds = Counter("conduit_usage_seconds", "Audio seconds reported by "
+                                     "providers' usage events (Deepgram, AssemblyAI, OpenAI "
+                                     "transcription by duration).",
+                                     ["key_id", "provider", "model", "kind"], registry=r)
         self.usage_malformed = Counter("conduit_usage_malformed", "Provider usage events ignored "
-                                       "as malformed (negative or implausible counts).",
+                                       "as malformed (unreadable, negative or implausible counts).",
                                        ["provider"], registry=r)
         self.cost = Counter("conduit_cost_usd", "Cost of reported usage in USD, from the "
                             "configured prices.", ["key_id", "provider", "model"], registry=r)

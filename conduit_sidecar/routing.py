@@ -21,30 +21,9 @@ from websockets.uri import WebSocketURI, parse_uri
 
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
+from .providers import BUILTIN, TEMPLATES, upstream_path
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
-
-BUILTIN: dict[str, Provider] = {
-    "openai": Provider(
-        url="wss://api.openai.com/v1/realtime?model={model}",
-        headers={"Authorization": "Bearer {secret}"}),
-    "azure": Provider(
-        url="wss://{resource}.openai.azure.com/openai/v1/realtime?model={model}",
-        headers={"api-key": "{secret}"}),
-    "gemini": Provider(
-        url="wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage.v1beta."
-            "GenerativeService.BidiGenerateContent?key={secret}",
-        headers={}),
-    "elevenlabs": Provider(
-        url="wss://api.elevenlabs.io/v1/convai/conversation?agent_id={model}",
-        headers={"xi-api-key": "{secret}"}),
-    "deepgram": Provider(
-        url="wss://api.deepgram.com/v1/listen?model={model}",
-        headers={"Authorization": "Token {secret}"}),
-    "assemblyai": Provider(
-        url="wss://streaming.assemblyai.com/v3/ws?speech_model={model}",   # required in v3
-        headers={"Authorization": "{secret}"}),
-}
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,6 +62,7 @@ class Route(msgspec.Struct, frozen=True):
     uses_model: bool
     targets: tuple[Target, ...]
     selection: str           # "weighted" | "least_sessions"
+    query: frozenset[str] = frozenset()     # client query parameters that pass
 
 
 # The fields a deployment may override (all of Deployment's but its label and weight).
@@ -131,8 +111,10 @@ class Router:
             for i, target in enumerate(targets):
                 where = f"`$.providers.{name}" + (f".deployments[{i}]`" if spec.deployments else "`")
                 self._check(name, target.spec, configured=name in config.providers, where=where)
+            template = TEMPLATES.get(name)
+            query = frozenset((template.query if template else ()) + tuple(spec.query_params))
             self.routes[name] = Route(name, spec, any("{model}" in t.spec.url for t in targets),
-                                      targets, spec.selection or "weighted")
+                                      targets, spec.selection or "weighted", query)
         # Usable now: user sections, and built-ins that were given a secret.
         self.configured = sorted(
             n for n, r in self.routes.items()
@@ -172,6 +154,13 @@ class Router:
             raise ConfigError(f"provider {name!r} needs secret_file or secret_env - at {where}")
         if configured and "resource" in fields and not spec.resource:
             raise ConfigError(f"provider {name!r} needs resource - at {where}.resource")
+        own = {n for n, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(spec.url).query)}
+        template = TEMPLATES.get(name)
+        keys = {f.name for f in template.keys if f.where == "query"} if template else set()
+        for param in spec.query_params:
+            if param in own or param in keys or _CONTROL.search(param) or not param:
+                raise ConfigError(f"provider {name!r}: query parameter {param!r} is the template's "
+                                  f"own or a key - at {where}.query_params")
         if spec.ca_file and not os.path.exists(spec.ca_file):
             raise ConfigError(f"provider {name!r}: ca_file {spec.ca_file!r} not found - at {where}.ca_file")
 
@@ -235,8 +224,10 @@ class Router:
             self._contexts[ca_file] = ctx
         return ctx
 
-    def upstream(self, target: Target, model: str | None) -> Upstream:
-        """The URL and headers for one session at one deployment (secrets filled in)."""
+    def upstream(self, target: Target, model: str | None, query: tuple[tuple[str, str], ...] = (),
+                 version: str | None = None) -> Upstream:
+        """The URL and headers for one session at one deployment (secrets filled in), with
+        the client's allowed query parameters appended and its API version kept."""
         spec = target.spec
         if model and spec.model_names:
             model = spec.model_names.get(model) or next(
@@ -252,7 +243,11 @@ class Router:
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
                 raise RouteError(4004 if field == "model" else 1011, f"{field} is a dot segment")
-        url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), spec.url)
+        url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""),
+                         upstream_path(spec.url, version))
+        if query:
+            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(
+                query, quote_via=urllib.parse.quote)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v))
                    for h, v in (spec.headers or {}).items()]
         uri = parse_uri(url)

@@ -15,11 +15,13 @@ from .admin import AdminServer
 from .config import Config, split_hostport
 from .governance import Governor
 from .handshake import Admission, Close
-from .keys import KeySet, KeyWatcher
-from .metering import MODEL_LABELS_MAX, MalformedUsage, decode_usage
+from .keys import KeySet, KeyWatcher, Rejection
+from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage
 from .metrics import Metrics
+from .providers import meter
 from .routing import Router
 from .session import ClientHandshake, SessionInfo
+from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .upstream import Balancer
 
@@ -52,6 +54,7 @@ class Sidecar:
         self.tls: ListenerTLS | None = None
         self.stopped: asyncio.Event | None = None
         self.listening: dict[str, tuple[str, int]] = {}
+        self.signed_urls = SignedUrls()
 
     # -- admission ---------------------------------------------------------------
 
@@ -60,7 +63,7 @@ class Sidecar:
         return Admission(self.keyset, self.router, dt.datetime.now(dt.timezone.utc),
                          {} if self.governor.shared else self.live_per_key,
                          len(self.sessions) >= self.limits.max_connections,
-                         self.draining, self.config.allowed_origins)
+                         self.draining, self.config.allowed_origins, self.signed_urls.key_id)
 
     async def govern(self, info: SessionInfo) -> tuple[int, str] | None:
         """Budgets, session rate and cluster-wide leases: None, or (close code, reason)."""
@@ -91,10 +94,13 @@ class Sidecar:
     def count(self, result: str) -> None:
         self.metrics.connections.labels(result).inc()
 
+    def auth_failed(self, why: Rejection) -> None:
+        self.metrics.auth_failures.labels(why.label).inc()
+
     def rejected(self, decision: Close) -> None:
         self.count(_RESULTS.get(decision.code, "rejected"))
         if decision.rejection is not None:
-            self.metrics.auth_failures.labels(decision.rejection.label).inc()
+            self.auth_failed(decision.rejection)
         self.metrics.closes.labels("sidecar", str(decision.code)).inc()
         log.info("session rejected", extra={
             "event": "rejected", "code": decision.code, "reason": decision.reason,
@@ -121,14 +127,15 @@ class Sidecar:
             "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason,
             "audio_seconds_client_to_upstream": round(c2u[1][binary] / per_second, 3),
             "audio_seconds_upstream_to_client": round(u2c[1][binary] / per_second, 3),
-            "usage_tokens": info.usage.tokens})
+            "usage_tokens": info.usage.tokens, "usage_seconds": info.usage.seconds})
 
     def provider_message(self, relay, message: bytes) -> None:
-        """A provider text message that may report usage (see metering). Called by
-        the relay: whatever the message holds, nothing may raise into it."""
+        """A provider message that may report usage (see metering). Called by the
+        relay: whatever the message holds, nothing may raise into it."""
         info: SessionInfo = relay.session
         try:
-            counts = decode_usage(message)
+            metered = meter(info.provider)
+            counts = metered.decode(message) if metered else None
         except MalformedUsage:
             self.metrics.usage_malformed.labels(info.provider).inc()
             return
@@ -139,7 +146,8 @@ class Sidecar:
             model = self.model_label(info.model)
             for kind, n in counts.items():
                 if n:
-                    self.metrics.usage.labels(info.key_id, info.provider, model, kind).inc(n)
+                    family = self.metrics.usage_seconds if kind in SECONDS_KINDS else self.metrics.usage
+                    family.labels(info.key_id, info.provider, model, kind).inc(n)
             self.governor.usage(info, counts, model)
         except Exception as exc:       # a bug of ours must not end the session
             self.metrics.usage_malformed.labels(info.provider).inc()

@@ -14,14 +14,16 @@ import logging
 import time
 from typing import Protocol
 
+import msgspec
 from websockets.http11 import Request
 
-from . import _relay
+from . import _relay, held, signed_urls
 from .config import Limits
 from .handshake import Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
-from .keys import KeyEntry, KeySet
-from .metering import MARKER, Usage
+from .keys import KeyEntry, KeySet, Rejection
+from .metering import Usage
+from .providers import BadPath, meter, normalise_path
 from .routing import RouteError, Router
 from .upstream import Balancer, UpstreamError
 
@@ -59,9 +61,12 @@ class Host(Protocol):
     keyset: KeySet
     balancer: Balancer
 
+    signed_urls: signed_urls.SignedUrls
+
     def admission(self) -> Admission: ...
     async def govern(self, info: SessionInfo) -> tuple[int, str] | None: ...
     def started(self, info: SessionInfo) -> None: ...
+    def auth_failed(self, why: Rejection) -> None: ...
     def count(self, result: str) -> None: ...
     def rejected(self, decision: Close) -> None: ...
     def reserve(self, info: SessionInfo) -> None: ...
@@ -148,8 +153,10 @@ class _Drain(asyncio.Protocol):
 _CLOSE = _relay.KIND_NAMES.index("close")
 
 
-def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes):
-    transport.write(decision.response.serialize())
+def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes,
+                         answered: bool = False):
+    if not answered:
+        transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
     drain = _Drain(transport, host.limits.close_timeout_seconds)
     transport.set_protocol(drain)
@@ -159,7 +166,56 @@ def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes):
         transport.resume_reading()
 
 
+async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo,
+                      early: bytes) -> tuple[Accept, bytes] | None:
+    """Answer 101, read the client's first message (Gemini's setup) and check the model
+    it names. Returns the decision with its model and the raw bytes read so far (for
+    the relay), or None when the session was closed."""
+    transport.write(decision.response.serialize())
+    limits = host.limits
+    try:
+        message, early = await held.read_first(transport, early, limits.max_message_bytes,
+                                               limits.handshake_timeout_seconds)
+        model = held.setup_model(message)
+        failed = None
+        if not decision.key.allows_model(model):
+            failed = Close(decision.response, 4003, f"model {model!r} not allowed for this key",
+                           decision.key)
+    except held.Refused as exc:
+        failed = Close(decision.response, exc.code, str(exc), decision.key)
+    if failed is not None:
+        host.release(info)
+        host.rejected(failed)
+        # The client's bytes go to the drain (it waits for their close), unless they
+        # were what broke the rules.
+        _close_after_upgrade(host, transport, failed, early if failed.code == 4003 else b"", True)
+        return None
+    info.model = model
+    return msgspec.structs.replace(decision, model=model), early
+
+
+async def _rest(host: Host, transport, request: Request) -> bool:
+    """Serve the REST call some SDKs make before a session (ElevenLabs' signed URL)."""
+    try:
+        if normalise_path(request.path)[0] != signed_urls.PATH:
+            return False
+    except BadPath:
+        return False           # decide answers it
+    try:
+        response = await signed_urls.answer(host, request,
+                                            transport.get_extra_info("sslcontext") is not None)
+    except Exception:          # a bug of ours: the client gets a status, never a hang
+        log.exception("signed url failed", extra={"event": "signed_url_error"})
+        response = refuse(500, "internal error")
+    log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
+    transport.write(response.serialize())
+    transport.close()
+    return True
+
+
 async def open_session(host: Host, transport, request: Request, early: bytes):
+    if await _rest(host, transport, request):
+        return
     decision = decide(request, host.admission())
     if isinstance(decision, Refuse):
         host.count("bad_request")
@@ -176,6 +232,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
 
     info = SessionInfo(decision.key, decision.model, decision.route.name)
     host.reserve(info)
+    answered = decision.hold_first
     try:
         refusal = await host.govern(info)
         if refusal is not None:
@@ -184,6 +241,11 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
             host.rejected(refused)
             _close_after_upgrade(host, transport, refused, early)
             return
+        if answered:
+            held_first = await _hold_first(host, transport, decision, info, early)
+            if held_first is None:
+                return
+            decision, early = held_first
         started = time.monotonic()
         try:
             upstream, subprotocol, upstream_early, info.upstream = \
@@ -194,7 +256,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
             host.release(info)
             failed = Close(decision.response, code, str(exc), decision.key)
             host.rejected(failed)
-            _close_after_upgrade(host, transport, failed, early)
+            _close_after_upgrade(host, transport, failed, early, answered)
             return
         host.connected(info, time.monotonic() - started)
     except asyncio.CancelledError:     # the client left while we connected
@@ -211,20 +273,24 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         upstream.abort()
         failed = Close(decision.response, 4001, revoked.value, decision.key, revoked)
         host.rejected(failed)
-        _close_after_upgrade(host, transport, failed, early)
+        _close_after_upgrade(host, transport, failed, early, answered)
         return
     response = decision.response
     # The provider's choice wins. When it picks none, the client's first offer (set
     # by decide) stays: browsers fail a handshake that selects none of their offers.
-    if subprotocol is not None:
-        if "Sec-WebSocket-Protocol" in response.headers:
-            del response.headers["Sec-WebSocket-Protocol"]
-        response.headers["Sec-WebSocket-Protocol"] = subprotocol
-    transport.write(response.serialize())
+    if not answered:
+        if subprotocol is not None:
+            if "Sec-WebSocket-Protocol" in response.headers:
+                del response.headers["Sec-WebSocket-Protocol"]
+            response.headers["Sec-WebSocket-Protocol"] = subprotocol
+        transport.write(response.serialize())
     limits = host.limits
+    metered = meter(info.provider)
     relay = _relay.Relay(asyncio.get_running_loop(), limits.max_message_bytes,
                          limits.close_timeout_seconds, host.session_ended,
-                         (MARKER,), host.provider_message)
+                         metered.markers if metered else (), host.provider_message,
+                         meter_binary=bool(metered and metered.binary),
+                         sniff_bytes=metered.sniff_bytes if metered else 256)
     relay.session = info
     info.relay = relay
     host.count("accepted")

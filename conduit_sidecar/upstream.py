@@ -318,7 +318,8 @@ class Balancer:
                 continue
             h.begin()
             try:
-                upstream = self.router.upstream(h.target, decision.model)
+                upstream = self.router.upstream(h.target, decision.model, decision.query,
+                                                decision.version)
                 result = await _attempt(upstream, decision.subprotocols,
                                         left / (len(candidates) - i), self.max_rest)
             except RouteError as exc:

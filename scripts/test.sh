@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into conduit_sidecar._relay
 if command -v npm >/dev/null; then
-  npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, playwright-core
+  npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, @google/genai, @deepgram/sdk, playwright-core
 fi
 bash scripts/install_browser.sh                 # Debian's chromium, for tests/test_browser.py
 if ! command -v promtool >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

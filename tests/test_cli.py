@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conduit_sidecar.keys import hash_key
 
 
@@ -73,3 +75,17 @@ def test_demo_runs_and_summarises():
     out = r.stdout
     assert "audio: 50 x 960 B frames" in out and "50 echoed back" in out
     assert "round trip: p50" in out and "close codes: session 1000, wrong key 4001" in out
+
+
+@pytest.mark.parametrize("provider,events,metered", [
+    ("gemini", "setupComplete, serverContent, serverContent", "'input': 4.0"),
+    ("deepgram", "Results, Results, Metadata", "{'audio': 1.0}"),
+    ("assemblyai", "Begin, Turn, Termination", "{'audio': 1.0}"),
+    ("elevenlabs", "conversation_initiation_metadata, agent_response", "nothing"),
+    ("azure", "session.created, response.output_audio.delta, response.done", "'input_audio': 10.0"),
+])
+def test_demo_of_each_provider_shape(provider, events, metered):
+    r = cli("demo", "--provider", provider)
+    assert r.returncode == 0, r.stderr
+    assert f"provider events: {events}\n" in r.stdout and metered in r.stdout
+    assert "close code: 1000" in r.stdout

@@ -1,5 +1,7 @@
-"""The mock provider: a real WebSocket server speaking OpenAI Realtime GA event
-shapes, for the demo, tests and benchmarks. No network beyond loopback.
+"""Mock providers: real WebSocket servers speaking each provider's event shapes, for
+the demo, tests and benchmarks. No network beyond loopback. `MockProvider(shape=...)`:
+"openai" (also Azure's), or one of `native.SHAPES` (gemini, deepgram, assemblyai,
+elevenlabs). The OpenAI Realtime GA shape:
 
 - `session.created` right after the handshake;
 - `session.update` -> `session.updated`;
@@ -18,7 +20,9 @@ import itertools
 import msgspec
 from websockets.asyncio.server import ServerConnection, serve
 
-__all__ = ["MockProvider"]
+from . import native
+
+__all__ = ["SHAPES", "MockProvider"]
 
 _ids = itertools.count(1)
 _decoder = msgspec.json.Decoder()
@@ -28,10 +32,12 @@ _encoder = msgspec.json.Encoder()
 class MockProvider:
     """`async with MockProvider() as mock:` then `mock.url` ('ws://127.0.0.1:PORT')."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl=None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl=None, shape: str = "openai"):
         self.host, self.port, self.ssl = host, port, ssl
         self.requests = []          # (path, headers) of every handshake, for tests
         self.server = None
+        self.handler = self._handle if shape in ("openai", "azure") else native.SHAPES[shape]
+        self.rest = native.REST.get(shape)
 
     @property
     def url(self) -> str:
@@ -39,7 +45,7 @@ class MockProvider:
         return f"{scheme}://{self.host}:{self.port}"
 
     async def __aenter__(self):
-        self.server = await serve(self._handle, self.host, self.port, ssl=self.ssl,
+        self.server = await serve(self._serve, self.host, self.port, ssl=self.ssl,
                                   compression=None, max_size=None, process_request=self._record,
                                   select_subprotocol=lambda _, offered: offered[0] if offered else None)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -51,6 +57,11 @@ class MockProvider:
 
     def _record(self, connection, request):
         self.requests.append((request.path, request.headers))
+        # A provider's REST calls before a session, and its checks on the upgrade.
+        return None if self.rest is None else self.rest(self, connection, request)
+
+    async def _serve(self, ws: ServerConnection):
+        await self.handler(ws)
 
     async def _handle(self, ws: ServerConnection):
         session = {"id": f"sess_{next(_ids)}", "object": "realtime.session",
@@ -100,7 +111,10 @@ def _response(audio_bytes: int) -> dict:
                 "output_token_details": {"text_tokens": 5, "audio_tokens": audio_tokens}}}
 
 
-async def main(host: str, port: int) -> None:
-    async with MockProvider(host, port) as mock:
+async def main(host: str, port: int, shape: str = "openai") -> None:
+    async with MockProvider(host, port, shape=shape) as mock:
         print(f"mock provider on {mock.url}", flush=True)
         await asyncio.Event().wait()
+
+
+SHAPES = ("openai", "azure", *native.SHAPES)

@@ -1,0 +1,159 @@
+"""Mock shapes of the non-OpenAI providers, written from each provider's API reference:
+
+- gemini: `setup` -> `setupComplete`; `clientContent` -> one model text part, then
+  `turnComplete` with `usageMetadata`. Like Google's server, JSON goes out in binary
+  frames.
+- deepgram (listen v1): binary audio -> `Results` every half second of audio;
+  `CloseStream` -> `Metadata` with the `duration` received, then close 1000.
+- assemblyai (streaming v3): `Begin`; binary audio -> `Turn`; `Terminate` ->
+  `Termination` with `audio_duration_seconds`, then close 1000.
+- elevenlabs (conversational AI): `conversation_initiation_client_data` ->
+  `conversation_initiation_metadata`; `user_message` -> `agent_response`. Its REST
+  `GET /v1/convai/conversation/get-signed-url` hands out signed URLs; a session with a
+  `conversation_signature` it did not issue is refused with HTTP 403.
+"""
+
+from __future__ import annotations
+
+import http
+import secrets
+import urllib.parse
+
+import msgspec
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+__all__ = ["REST", "SHAPES"]
+
+_json = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+
+
+def _query(ws: ServerConnection) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(ws.request.path).query))
+
+
+async def gemini(ws: ServerConnection) -> None:
+    setup = _json.decode(await ws.recv(decode=False)).get("setup")
+    if not isinstance(setup, dict) or not setup.get("model"):
+        await ws.close(1007, "first message must be setup")
+        return
+    await ws.send(_encode({"setupComplete": {}}))
+    async for message in ws:
+        # Proto JSON: Google's servers take lowerCamel and snake_case field names alike.
+        event = _json.decode(message)
+        content = event.get("clientContent") or event.get("client_content") or {}
+        text = " ".join(p.get("text", "") for t in content.get("turns", [])
+                        for p in t.get("parts", []))
+        await ws.send(_encode({"serverContent": {"modelTurn": {"parts": [{"text": f"echo: {text}"}]}}}))
+        if content.get("turnComplete") or content.get("turn_complete"):
+            n = len(text.split())
+            await ws.send(_encode({"serverContent": {"turnComplete": True}, "usageMetadata": {
+                "promptTokenCount": n + 3, "responseTokenCount": n + 1, "totalTokenCount": 2 * n + 4,
+                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n + 3}],
+                "responseTokensDetails": [{"modality": "TEXT", "tokenCount": n + 1}]}}))
+
+
+def _bytes_per_second(q: dict[str, str]) -> int:
+    width = 2 if q.get("encoding", "linear16") in ("linear16", "pcm_s16le") else 1
+    return int(q.get("sample_rate", 16000)) * int(q.get("channels", 1)) * width
+
+
+async def deepgram(ws: ServerConnection) -> None:
+    q = _query(ws)
+    per_second = _bytes_per_second(q)
+    received = reported = 0
+    request_id = secrets.token_hex(8)
+    async for message in ws:
+        if isinstance(message, bytes):
+            received += len(message)
+            if received - reported >= per_second // 2:
+                start, reported = reported / per_second, received
+                await ws.send(_encode({
+                    "type": "Results", "channel_index": [0, 1], "start": start,
+                    "duration": received / per_second - start, "is_final": True,
+                    "speech_final": True,
+                    "channel": {"alternatives": [{"transcript": f"{received} bytes at "
+                                                  f"{q.get('encoding')}/{q.get('sample_rate')}",
+                                                  "confidence": 0.99, "words": []}]},
+                    "metadata": {"request_id": request_id, "model_uuid": "mock",
+                                 "model_info": {"name": q.get("model", ""), "version": "mock",
+                                                "arch": "mock"}}}).decode())
+        elif _json.decode(message).get("type") == "CloseStream":
+            await ws.send(_encode({
+                "type": "Metadata", "transaction_key": "deprecated", "request_id": request_id,
+                "sha256": "0" * 64, "created": "2026-01-01T00:00:00.000Z",
+                "duration": received / per_second, "channels": 1}).decode())
+            await ws.close(1000)
+            return
+
+
+async def assemblyai(ws: ServerConnection) -> None:
+    per_second = int(_query(ws).get("sample_rate", 16000)) * 2
+    await ws.send(_encode({"type": "Begin", "id": secrets.token_hex(8),
+                           "expires_at": 4102444800}).decode())
+    received, turn = 0, 0
+    async for message in ws:
+        if isinstance(message, bytes):
+            received += len(message)
+            if received // per_second > turn:
+                await ws.send(_encode({
+                    "type": "Turn", "turn_order": turn, "turn_is_formatted": True,
+                    "end_of_turn": True, "transcript": f"{received} bytes",
+                    "end_of_turn_confidence": 0.9, "words": []}).decode())
+                turn += 1
+        elif _json.decode(message).get("type") == "Terminate":
+            seconds = round(received / per_second)        # whole seconds, like the API
+            await ws.send(_encode({"type": "Termination", "audio_duration_seconds": seconds,
+                                   "session_duration_seconds": seconds}).decode())
+            await ws.close(1000)
+            return
+
+
+_issued: set[str] = set()
+
+
+async def elevenlabs(ws: ServerConnection) -> None:
+    async for message in ws:
+        event = _json.decode(message)
+        kind = event.get("type")
+        if kind == "conversation_initiation_client_data":
+            await ws.send(_encode({"type": "conversation_initiation_metadata",
+                                   "conversation_initiation_metadata_event": {
+                                       "conversation_id": "conv_" + secrets.token_hex(4),
+                                       "agent_output_audio_format": "pcm_16000",
+                                       "user_input_audio_format": "pcm_16000"}}).decode())
+        elif kind == "user_message":
+            await ws.send(_encode({"type": "agent_response", "agent_response_event": {
+                "agent_response": f"echo: {event.get('text', '')}"}}).decode())
+        elif kind == "ping":
+            await ws.send(_encode({"type": "pong", "event_id": event.get("ping_event", {})
+                                   .get("event_id", 0)}).decode())
+
+
+def elevenlabs_rest(mock, connection, request):
+    """`get-signed-url`: a URL to this mock with a fresh signature; a session whose
+    signature this mock did not issue is refused."""
+    url = urllib.parse.urlsplit(request.path)
+    q = dict(urllib.parse.parse_qsl(url.query))
+    if "upgrade" in request.headers.get("Connection", "").lower():
+        signature = q.get("conversation_signature")
+        if signature is not None and signature not in _issued:
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "bad signature\n")
+        return None
+    if url.path == "/v1/convai/conversation/get-signed-url" and q.get("agent_id"):
+        signature = secrets.token_urlsafe(16)
+        _issued.add(signature)
+        signed = (f"{mock.url}/v1/convai/conversation?" +
+                  urllib.parse.urlencode({"agent_id": q["agent_id"],
+                                          "conversation_signature": signature}))
+        body = _encode({"signed_url": signed})
+        return Response(200, "OK", Headers([("Content-Type", "application/json"),
+                                            ("Content-Length", str(len(body)))]), body)
+    return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+
+SHAPES = {"gemini": gemini, "deepgram": deepgram, "assemblyai": assemblyai,
+          "elevenlabs": elevenlabs}
+REST = {"elevenlabs": elevenlabs_rest}

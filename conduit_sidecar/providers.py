@@ -1,0 +1,181 @@
+"""The provider catalogue: per built-in provider, its upstream template, the paths its
+own SDKs dial, where they put the API key, which client query parameters pass, and
+how its usage events are metered.
+
+handshake asks `native(path)` which provider serves a path and `presented_key` where
+the key is; routing fills the template; server meters with `meter(provider)`. Adding a
+provider is one entry here.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from typing import Literal
+
+import msgspec
+
+from .config import Provider
+from .metering import METERS, Meter
+
+__all__ = ["BUILTIN", "KeyForm", "NativePath", "Template", "TEMPLATES", "meter", "native",
+           "normalise_path", "presented_key"]
+
+
+class KeyForm(msgspec.Struct, frozen=True):
+    """One place a provider's SDKs put the API key.
+
+    header: `name` is the header; `schemes` the accepted schemes ("" = the bare value).
+    query: `name` is the parameter. subprotocol: `name` ending in "." is a prefix the key
+    follows (OpenAI); otherwise the key is the protocol offered right after `name`
+    (Deepgram's `token, KEY`), and `name` itself is what the 101 may select.
+    """
+    where: Literal["header", "query", "subprotocol"]
+    name: str
+    schemes: tuple[str, ...] = ("",)
+
+
+class Template(msgspec.Struct, frozen=True):
+    spec: Provider                       # upstream URL and headers (how the secret is sent)
+    keys: tuple[KeyForm, ...]
+    query: tuple[str, ...] = ()          # client session parameters that pass (allow-list)
+    model_in_setup: bool = False         # the model is named in the first client message
+
+
+class NativePath(msgspec.Struct, frozen=True):
+    provider: str
+    model_param: str | None = None       # the query parameter naming the model
+    version: str | None = None           # API version the client asked for (kept upstream)
+
+
+BEARER = KeyForm("header", "Authorization", ("bearer",))
+OPENAI_KEYS = (BEARER, KeyForm("subprotocol", "openai-insecure-api-key."))
+
+TEMPLATES: dict[str, Template] = {
+    "openai": Template(
+        Provider(url="wss://api.openai.com/v1/realtime?model={model}",
+                 headers={"Authorization": "Bearer {secret}"}),
+        OPENAI_KEYS),
+    "azure": Template(
+        Provider(url="wss://{resource}.openai.azure.com/openai/v1/realtime?model={model}",
+                 headers={"api-key": "{secret}"}),
+        (KeyForm("header", "api-key"), BEARER)),
+    "gemini": Template(
+        Provider(url="wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage."
+                     "v1beta.GenerativeService.BidiGenerateContent?key={secret}",
+                 headers={}),
+        (KeyForm("header", "x-goog-api-key"), KeyForm("query", "key")),
+        model_in_setup=True),
+    "elevenlabs": Template(
+        Provider(url="wss://api.elevenlabs.io/v1/convai/conversation?agent_id={model}",
+                 headers={"xi-api-key": "{secret}"}),
+        (KeyForm("header", "xi-api-key"),),
+        query=("conversation_signature", "branch_id", "environment", "source", "version")),
+    "deepgram": Template(
+        Provider(url="wss://api.deepgram.com/v1/listen?model={model}",
+                 headers={"Authorization": "Token {secret}"}),
+        (KeyForm("header", "Authorization", ("token", "bearer")), KeyForm("subprotocol", "token"),
+         KeyForm("subprotocol", "bearer")),
+        query=("callback", "callback_method", "channels", "detect_entities", "diarize",
+               "diarize_model", "dictation", "encoding", "endpointing", "extra",
+               "interim_results", "keyterm", "keywords", "language", "mip_opt_out",
+               "multichannel", "numerals", "profanity_filter", "punctuate", "redact",
+               "replace", "sample_rate", "search", "smart_format", "tag", "utterance_end_ms",
+               "vad_events", "version")),
+    "assemblyai": Template(
+        Provider(url="wss://streaming.assemblyai.com/v3/ws?speech_model={model}",   # required in v3
+                 headers={"Authorization": "{secret}"}),
+        (KeyForm("header", "Authorization"), KeyForm("query", "token")),
+        # Not webhook_* nor llm_gateway: a client does not choose where the provider calls out.
+        query=("sample_rate", "encoding", "format_turns", "end_of_turn_confidence_threshold",
+               "min_end_of_turn_silence_when_confident", "min_turn_silence", "max_turn_silence",
+               "keyterms_prompt", "language_detection", "language_code", "language_codes",
+               "vad_threshold", "inactivity_timeout", "prompt", "filter_profanity",
+               "agent_context", "interruption_delay", "turn_left_pad_ms", "session_heartbeat",
+               "acknowledge_silence", "speaker_labels", "speaker_labels_revision_interval_ms",
+               "max_speakers", "domain", "voice_focus", "voice_focus_threshold",
+               "continuous_partials", "include_partial_turns", "redact_pii",
+               "redact_pii_policies", "redact_pii_sub", "mode")),
+}
+BUILTIN: dict[str, Provider] = {name: t.spec for name, t in TEMPLATES.items()}
+
+# The paths each provider's SDKs dial (observed), and where the model is named.
+_GEMINI = "/ws/google.ai.generativelanguage.{}.GenerativeService.BidiGenerateContent"
+_NATIVE: dict[str, NativePath] = {
+    "/openai/v1/realtime": NativePath("azure", "model"),
+    "/openai/realtime": NativePath("azure", "deployment"),
+    **{_GEMINI.format(v): NativePath("gemini", version=v) for v in ("v1", "v1beta", "v1alpha")},
+    "/v1/listen": NativePath("deepgram", "model"),
+    "/v3/ws": NativePath("assemblyai", "speech_model"),
+    "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),
+}
+_GEMINI_VERSION = re.compile(r"(?<=generativelanguage\.)v1\w*(?=\.)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BadPath(ValueError):
+    """A request path the sidecar will not route (the message says why)."""
+
+
+def normalise_path(target: str) -> tuple[str, str]:
+    """(path, query) of a request target. Leading slashes collapse (the Node Gemini SDK
+    sends `//ws/...`); dot segments and control characters are refused."""
+    path, _, query = target.partition("?")
+    path = "/" + path.lstrip("/")
+    decoded = urllib.parse.unquote(path)
+    if _CONTROL.search(decoded) or _CONTROL.search(urllib.parse.unquote(query)):
+        raise BadPath("control characters in the request target")
+    if any(seg in (".", "..") for seg in decoded.split("/")):
+        raise BadPath("dot segments in the request path")
+    return path, query.partition("#")[0]
+
+
+def native(path: str) -> NativePath | None:
+    """The provider whose SDKs dial `path`, if any."""
+    return _NATIVE.get(path)
+
+
+def meter(provider: str) -> Meter | None:
+    """How a provider reports usage (None: it reports none we read); providers the
+    user defines are taken to speak OpenAI's events."""
+    return METERS.get(provider) if provider in TEMPLATES else METERS["openai"]
+
+
+def upstream_path(url: str, version: str | None) -> str:
+    """The template URL with the client's API version in place of the template's."""
+    return _GEMINI_VERSION.sub(version, url, count=1) if version else url
+
+
+def presented_key(forms: tuple[KeyForm, ...], headers, query: dict[str, list[str]],
+                  offered: list[str]) -> tuple[str | None, set[str]]:
+    """(key, key-bearing subprotocols) for a request. `forms` are in order of precedence
+    (a header wins over a query parameter or subprotocol); a form that holds two
+    different values gives no key. Every key-bearing subprotocol is reported, used or
+    not, so that none goes upstream or into the 101."""
+    key = None
+    carriers: set[str] = set()
+    for form in forms:
+        found: list[str] = []
+        if form.where == "header":
+            for value in headers.get_all(form.name):
+                scheme, sep, token = value.strip().partition(" ")
+                if "" in form.schemes and not sep:
+                    found.append(value.strip())
+                elif sep and scheme.lower() in form.schemes and token.strip():
+                    found.append(token.strip())
+        elif form.where == "query":
+            found.extend(query.get(form.name, []))
+        elif form.name.endswith("."):
+            for p in offered:
+                if p[:len(form.name)].lower() == form.name:      # browsers keep case
+                    carriers.add(p)
+                    found.append(p[len(form.name):])
+        elif form.name in offered:
+            i = offered.index(form.name)
+            if i + 1 < len(offered):
+                carriers.add(offered[i + 1])
+                found.append(offered[i + 1])
+        values = {v for v in found if v}
+        if key is None and len(values) == 1:
+            key = values.pop()
+    return key, carriers

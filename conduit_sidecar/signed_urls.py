@@ -1,0 +1,143 @@
+"""ElevenLabs' REST call in front of a private agent's session.
+
+Its SDK first calls `GET /v1/convai/conversation/get-signed-url?agent_id=...` with the
+API key in `xi-api-key`, then dials the URL it gets back, which carries no key. The
+sidecar checks the virtual key, fetches a signed URL from the provider with the real
+secret (verified TLS, bounded in time and size), and hands back the same URL pointed
+at itself. It remembers which key each signature was issued to, briefly and boundedly,
+so the session that follows is checked, counted and governed as that key's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import http
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from .handshake import admit, refuse
+from .keys import Rejection
+from .routing import Route, RouteError
+
+if TYPE_CHECKING:
+    from .session import Host
+
+__all__ = ["PATH", "SignedUrls", "answer"]
+
+PATH = "/v1/convai/conversation/get-signed-url"
+_MAX_RESPONSE_BYTES = 65536
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
+_STATUS = {4001: 401, 4003: 403, 4004: 404, 1011: 500}
+
+
+class SignedUrls:
+    """Signatures handed out -> the key id they stand for. Least recently issued go
+    first past `size`; a signature is good for `ttl` seconds (ElevenLabs': 15 min)."""
+
+    def __init__(self, size: int = 10000, ttl: float = 900.0, clock=time.monotonic):
+        self.size, self.ttl, self.clock = size, ttl, clock
+        self.issued: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+
+    def remember(self, signature: str, key_id: str) -> None:
+        self.issued[signature] = (key_id, self.clock() + self.ttl)
+        self.issued.move_to_end(signature)
+        while len(self.issued) > self.size:
+            self.issued.popitem(last=False)
+
+    def key_id(self, signature: str) -> str | None:
+        entry = self.issued.get(signature)
+        if entry is None:
+            return None
+        if entry[1] < self.clock():
+            del self.issued[signature]
+            return None
+        return entry[0]
+
+
+class _Signed(msgspec.Struct):
+    signed_url: str
+
+
+_decoder = msgspec.json.Decoder(_Signed)
+
+
+def _json(status: int, body: dict) -> Response:
+    data = msgspec.json.encode(body)
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                       ("Connection", "close")])
+    return Response(status, http.HTTPStatus(status).phrase, headers, data)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None          # the secret goes to the configured host only: a 3xx is an error
+
+
+def _fetch(url: str, headers: list[tuple[str, str]], context, timeout: float) -> bytes:
+    request = urllib.request.Request(url, headers=dict(headers))
+    handler = urllib.request.HTTPSHandler(context=context) if context else urllib.request.HTTPHandler()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(), handler)
+    with opener.open(request, timeout=timeout) as response:
+        return response.read(_MAX_RESPONSE_BYTES + 1)
+
+
+async def answer(host: Host, request: Request, secure: bool) -> Response:
+    """The response to a get-signed-url request."""
+    url = urllib.parse.urlsplit(request.path)
+    query = urllib.parse.parse_qs(url.query)
+    agents = query.get("agent_id", [])
+    if len(agents) != 1 or not agents[0]:
+        return refuse(400, "agent_id is required, once")
+    agent = agents[0]
+    authority = request.headers.get("Host", "")
+    if not _HOST.match(authority):
+        return refuse(400, "bad Host header")
+    keys = request.headers.get_all("xi-api-key")
+    if len(keys) != 1:
+        host.auth_failed(Rejection.MISSING)
+        return _json(401, {"detail": Rejection.MISSING.value})
+    entry = host.keyset.lookup(keys[0].strip())
+    admitted = admit(entry, host.router, dt.datetime.now(dt.timezone.utc), agent, "elevenlabs")
+    if not isinstance(admitted, Route):
+        code, reason, why = admitted
+        if why is not None:
+            host.auth_failed(why)
+        return _json(_STATUS.get(code, 400), {"detail": reason})
+    try:
+        upstream = host.router.upstream(admitted, agent)
+    except RouteError as exc:
+        return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
+    uri = upstream.uri
+    path = uri.resource_name.partition("?")[0]
+    rest = (f"{'https' if uri.secure else 'http'}://{uri.host}:{uri.port}{path}/get-signed-url?"
+            + urllib.parse.urlencode({"agent_id": agent}, quote_via=urllib.parse.quote))
+    timeout = host.limits.upstream_connect_timeout_seconds
+    try:
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, _fetch, rest, upstream.headers, upstream.ssl, timeout)
+        if len(body) > _MAX_RESPONSE_BYTES:
+            raise ValueError("response too large")
+        signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
+    except urllib.error.HTTPError as exc:
+        return _json(502, {"detail": f"provider refused: HTTP {exc.code}"})
+    except (OSError, ValueError, msgspec.DecodeError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"
+        return _json(502, {"detail": f"provider {reason}"})
+    params = urllib.parse.parse_qs(signed.query)
+    signature = params.get("conversation_signature", [""])[0]
+    if not signature:
+        return _json(502, {"detail": "provider's signed URL has no signature"})
+    host.signed_urls.remember(signature, entry.id)
+    ours = urllib.parse.urlunsplit(("wss" if secure else "ws", authority, "/v1/convai/conversation",
+                                    signed.query, ""))
+    return _json(200, {"signed_url": ours})

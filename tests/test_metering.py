@@ -1,0 +1,89 @@
+"""Per-provider usage decoders (metering.py). End to end: test_operations (OpenAI,
+malformed events) and test_native_sdks (each provider's mock)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conduit_sidecar.metering import METERS, MalformedUsage
+
+openai, gemini = METERS["openai"].decode, METERS["gemini"].decode
+deepgram, assemblyai = METERS["deepgram"].decode, METERS["assemblyai"].decode
+
+
+def done(usage) -> bytes:
+    return json.dumps({"type": "response.done", "response": {"usage": usage}}).encode()
+
+
+def test_openai_details_are_counted_once():
+    # cached_tokens_details breaks cached_tokens down (and cached tokens are also in
+    # text/audio): only the totals and the top-level details are counted.
+    counts = openai(done({
+        "total_tokens": 330, "input_tokens": 300, "output_tokens": 30,
+        "input_token_details": {"text_tokens": 120, "audio_tokens": 170, "image_tokens": 10,
+                                "cached_tokens": 100,
+                                "cached_tokens_details": {"text_tokens": 60, "audio_tokens": 40,
+                                                          "image_tokens": 0}},
+        "output_token_details": {"text_tokens": 10, "audio_tokens": 20}}))
+    assert counts == {"input": 300, "output": 30, "input_text": 120, "input_audio": 170,
+                      "input_image": 10, "input_cached": 100, "output_text": 10,
+                      "output_audio": 20}
+
+
+def test_openai_transcription_usage_tokens_and_duration():
+    kind = "conversation.item.input_audio_transcription.completed"
+    tokens = openai(json.dumps({"type": kind, "transcript": "hi", "usage": {
+        "type": "tokens", "input_tokens": 14, "output_tokens": 4, "total_tokens": 18,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": 14}}}).encode())
+    assert tokens["input"] == 14 and tokens["input_audio"] == 14 and tokens["output"] == 4
+    assert openai(json.dumps({"type": kind, "usage": {"type": "duration", "seconds": 2.5}})
+                  .encode()) == {"audio": 2.5}
+
+
+def test_gemini_usage_metadata_per_modality():
+    counts = gemini(json.dumps({"serverContent": {"turnComplete": True}, "usageMetadata": {
+        "promptTokenCount": 30, "responseTokenCount": 12, "totalTokenCount": 42,
+        "cachedContentTokenCount": 4,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 10},
+                                {"modality": "AUDIO", "tokenCount": 20}],
+        "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 12}]}}).encode())
+    assert counts["input"] == 30 and counts["output"] == 12 and counts["input_cached"] == 4
+    assert counts["input_text"] == 10 and counts["input_audio"] == 20
+    assert counts["output_audio"] == 12 and counts["output_text"] == 0
+
+
+def test_audio_seconds_of_deepgram_and_assemblyai():
+    assert deepgram(b'{"type":"Metadata","duration":3.25,"channels":1}') == {"audio": 3.25}
+    assert assemblyai(b'{"type":"Termination","audio_duration_seconds":7,'
+                      b'"session_duration_seconds":8}') == {"audio": 7}
+
+
+@pytest.mark.parametrize("decode,message", [
+    (openai, b'{"type":"response.output_text.delta","delta":"\\"response.done\\""}'),
+    (openai, b'"response.done" but not JSON we know'),
+    (gemini, b'{"serverContent":{"modelTurn":{"parts":[{"text":"usageMetadata"}]}}}'),
+    (deepgram, b'{"type":"Results","channel":{"alternatives":[{"transcript":"Metadata"}]}}'),
+    (assemblyai, b'{"type":"Turn","transcript":"Termination"}'),
+])
+def test_a_marker_in_other_messages_is_not_usage(decode, message):
+    assert decode(message) is None
+
+
+@pytest.mark.parametrize("decode,message", [
+    (openai, done({"input_tokens": -5})),
+    (openai, done({"input_tokens": 10 ** 12})),
+    (openai, done({"input_tokens": "many"})),
+    (openai, done({"input_token_details": {"audio_tokens": -1}})),
+    (openai, b'{"type":"conversation.item.input_audio_transcription.completed",'
+             b'"usage":{"type":"duration","seconds":-1}}'),
+    (gemini, b'{"usageMetadata":{"promptTokenCount":-1}}'),
+    (gemini, b'{"usageMetadata":[1,2]}'),
+    (deepgram, b'{"type":"Metadata","duration":-3}'),
+    (deepgram, b'{"type":"Metadata","duration":1e30}'),
+    (assemblyai, b'{"type":"Termination","audio_duration_seconds":"long"}'),
+])
+def test_malformed_usage_is_refused(decode, message):
+    with pytest.raises(MalformedUsage):
+        decode(message)

@@ -1,0 +1,564 @@
+"""Each provider's own SDK, unchanged but for its base URL and with a virtual key as its
+API key, through the sidecar to that provider's mock (conduit_sidecar.mock): the
+native paths, the native key forms, client session parameters, and usage metering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import struct
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conduit_sidecar.mock import MockProvider
+
+from conftest import PROVIDER_SECRET, SidecarProcess, free_port, http_get, run, standard_keys
+
+SHAPES = ("deepgram", "gemini", "assemblyai", "elevenlabs", "azure")
+
+
+class ThreadMock:
+    """A mock provider on its own event loop in a thread, so tests can read what it
+    received (`requests`) while SDK clients run on theirs."""
+
+    def __init__(self, shape: str):
+        self.mock = MockProvider(shape=shape)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+        self.port = self.mock.port
+
+    async def _main(self):
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        async with self.mock:
+            self.ready.set()
+            await self.stopped.wait()
+
+    def last_request(self):
+        return self.mock.requests[-1]
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def native():
+    """A sidecar whose built-in providers point at their mocks (same paths, loopback
+    hosts), with a self-signed TLS listener for the clients that dial only wss://."""
+    mocks = {shape: ThreadMock(shape) for shape in SHAPES}
+    workdir = tempfile.mkdtemp(prefix="conduit-native-")
+    tls_port = free_port()
+    ca = os.path.join(workdir, "public", "ca.pem")
+    m = {shape: f"ws://127.0.0.1:{mock.port}" for shape, mock in mocks.items()}
+    keys = standard_keys()
+    keys.add("gemini-flash", allowed_models=["gemini-2.5-flash*"])
+    providers = f"""
+        [providers.deepgram]
+        url = "{m['deepgram']}/v1/listen?model={{model}}"
+        secret_env = "PROVIDER_KEY"
+        [providers.gemini]
+        url = "{m['gemini']}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key={{secret}}"
+        secret_env = "PROVIDER_KEY"
+        [providers.assemblyai]
+        url = "{m['assemblyai']}/v3/ws?speech_model={{model}}"
+        secret_env = "PROVIDER_KEY"
+        [providers.elevenlabs]
+        url = "{m['elevenlabs']}/v1/convai/conversation?agent_id={{model}}"
+        secret_env = "PROVIDER_KEY"
+        [providers.azure]
+        url = "{m['azure']}/openai/v1/realtime?model={{model}}"
+        secret_env = "PROVIDER_KEY"
+        """
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        self_signed = true
+        ca_out = "{ca}"
+        state_dir = "{os.path.join(workdir, 'private')}"
+        """
+    proc = SidecarProcess(workdir, extra + providers, keys,
+                          limits="handshake_timeout_seconds = 2\n").start()
+    proc.tls_port, proc.ca_out, proc.mocks = tls_port, ca, mocks
+    yield proc
+    proc.stop()
+    for mock in mocks.values():
+        mock.stop()
+
+
+def metric(sidecar, name: str, **labels) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    _, text = http_get(sidecar.admin("/metrics"))
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"(\w+)\{(.*)\} (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted(m.group(2).split(","))) == want:
+            return float(m.group(3))
+    return 0.0
+
+
+def last_session(sidecar, provider: str) -> dict:
+    """The provider's last session-end log line (the log is written as sessions end)."""
+    deadline = time.monotonic() + 5
+    while True:
+        ends = [r for r in sidecar.log_lines()
+                if r.get("event") == "session_end" and r.get("provider") == provider]
+        if ends or time.monotonic() > deadline:
+            return ends[-1]
+        time.sleep(0.05)
+
+
+# -- Deepgram ------------------------------------------------------------------------
+
+def _deepgram_client(sidecar, key: str):
+    from deepgram import AsyncDeepgramClient
+    from deepgram.environment import DeepgramClientEnvironment
+    base = f"127.0.0.1:{sidecar.port}"
+    env = DeepgramClientEnvironment(base=f"http://{base}", production=f"ws://{base}",
+                                    agent=f"ws://{base}", agent_rest=f"http://{base}")
+    return AsyncDeepgramClient(api_key=key, environment=env)
+
+
+def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
+    from deepgram.core.events import EventType
+    key = native.keys.plain["good"]
+    client = _deepgram_client(native, key)
+    before = metric(native, "conduit_usage_seconds_total", key_id="good", provider="deepgram",
+                    model="nova-3", kind="audio")
+
+    async def body():
+        got = []
+        async with client.listen.v1.connect(model="nova-3", encoding="linear16",
+                                            sample_rate="16000", interim_results="true") as conn:
+            conn.on(EventType.MESSAGE, got.append)
+            listener = asyncio.create_task(conn.start_listening())
+            for _ in range(50):                           # 1 s of 16 kHz PCM16, 20 ms frames
+                await conn.send_media(bytes(640))
+            await conn.send_close_stream()
+            await listener
+        return got
+
+    got = run(body())
+    kinds = [getattr(m, "type", None) for m in got]
+    assert "Results" in kinds and kinds[-1] == "Metadata", kinds
+    results = [m for m in got if getattr(m, "type", None) == "Results"]
+    assert "linear16/16000" in results[0].channel.alternatives[0].transcript
+    assert got[-1].duration == pytest.approx(1.0)
+    # The mock got the session parameters, the secret, and never the virtual key.
+    path, headers = _last_request(native, "deepgram")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+    assert query == {"model": "nova-3", "encoding": "linear16", "sample_rate": "16000",
+                     "interim_results": "true"}
+    assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
+    assert key not in path and key not in str(headers)
+    assert metric(native, "conduit_usage_seconds_total", key_id="good", provider="deepgram",
+                  model="nova-3", kind="audio") == pytest.approx(before + 1.0)
+    assert last_session(native, "deepgram")["usage_seconds"]["audio"] == pytest.approx(1.0)
+
+
+def _last_request(sidecar, shape):
+    """(path, headers) of the last request a mock received."""
+    return sidecar.mocks[shape].last_request()
+
+
+@pytest.mark.parametrize("key", ["condt_wrong", None])
+def test_deepgram_wrong_or_missing_key_gets_4001(native, key):
+    async def body():
+        headers = {"Authorization": f"Token {key}"} if key else {}
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/listen?model=nova-3",
+                           additional_headers=headers) as ws:
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd
+    rcvd = run(body())
+    assert (rcvd.code, rcvd.reason) == (4001, "unknown key" if key else "missing key")
+
+
+def test_deepgram_browser_subprotocol_form(native):
+    key = native.keys.plain["good"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/listen?model=nova-3&encoding=linear16"
+                           "&sample_rate=8000", subprotocols=["token", key]) as ws:
+            assert ws.subprotocol == "token"                  # never the key
+            await ws.send(bytes(8000))
+            assert "linear16/8000" in await ws.recv()
+    run(body())
+
+
+# -- Gemini Live ---------------------------------------------------------------------
+
+@pytest.fixture
+def sidecar_ca_bundle(native, tmp_path, monkeypatch):
+    """What the README tells Python apps to do: SSL_CERT_FILE replaces Python's default
+    trust store (and google-genai's certifi one), so it is certifi's bundle plus the
+    sidecar's CA; the app's other TLS hosts keep verifying against certifi's roots."""
+    import certifi
+    bundle = tmp_path / "bundle.pem"
+    with open(certifi.where(), "rb") as roots, open(native.ca_out, "rb") as ca:
+        bundle.write_bytes(roots.read() + b"\n" + ca.read())
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return str(bundle)
+
+
+def _gemini(native, key_id: str):
+    from google import genai
+    return genai.Client(api_key=native.keys.plain[key_id],
+                        http_options={"base_url": f"https://127.0.0.1:{native.tls_port}",
+                                      "api_version": "v1"})
+
+
+def test_gemini_python_sdk_over_the_tls_listener(native, sidecar_ca_bundle):
+    client = _gemini(native, "gemini-flash")
+
+    async def body():
+        texts, done = [], False
+        async with client.aio.live.connect(model="gemini-2.5-flash-live",
+                                           config={"response_modalities": ["TEXT"]}) as session:
+            await session.send_client_content(
+                turns={"role": "user", "parts": [{"text": "hello there"}]}, turn_complete=True)
+            async for message in session.receive():
+                if message.text:
+                    texts.append(message.text)
+                if message.server_content and message.server_content.turn_complete:
+                    done = True
+        return texts, done
+
+    texts, done = run(body())
+    assert texts == ["echo: hello there"] and done
+    path, headers = _last_request(native, "gemini")
+    key = native.keys.plain["gemini-flash"]
+    # The API version the client asked for (v1; the template says v1beta) is kept.
+    assert path == ("/ws/google.ai.generativelanguage.v1.GenerativeService.BidiGenerateContent"
+                    "?key=" + urllib.parse.quote(PROVIDER_SECRET, safe=""))
+    assert key not in path and key not in str(headers) and "x-goog-api-key" not in headers
+    assert last_session(native, "gemini")["model"] == "gemini-2.5-flash-live"
+    # usageMetadata comes in a binary frame, after serverContent: metered all the same.
+    labels = dict(key_id="gemini-flash", provider="gemini", model="gemini-2.5-flash-live")
+    assert metric(native, "conduit_usage_tokens_total", kind="input", **labels) == 5
+    assert metric(native, "conduit_usage_tokens_total", kind="output_text", **labels) == 3
+
+
+def test_gemini_disallowed_model_in_setup_gets_4003(native, sidecar_ca_bundle):
+    from google.genai import errors
+    client = _gemini(native, "gemini-flash")
+
+    async def body():
+        async with client.aio.live.connect(model="gemini-2.5-pro-live", config={}):
+            pass
+    with pytest.raises(errors.APIError) as exc:
+        run(body())
+    assert exc.value.code == 4003
+    assert "gemini-2.5-pro-live" in str(exc.value) and "not allowed" in str(exc.value)
+
+
+# -- Node SDKs -----------------------------------------------------------------------
+
+NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
+
+
+def node(script: str, *args: str) -> dict:
+    if not shutil.which("node") or not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "@google")):
+        pytest.skip("run `npm install --prefix tests/node` (scripts/test.sh does)")
+    result = subprocess.run(["node", os.path.join(NODE_DIR, script), *args], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_gemini_node_sdk(native):
+    out = node("gemini_live_test.mjs", f"http://127.0.0.1:{native.port}",
+               native.keys.plain["gemini-flash"], "gemini-2.5-flash-live", "v1alpha")
+    assert out["texts"] == ["echo: hello node"] and out["turnComplete"], out
+    path, headers = _last_request(native, "gemini")
+    # Node dials `//ws/...` with ?key=: the version it asked for is kept, the key replaced.
+    assert path == ("/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent"
+                    "?key=" + urllib.parse.quote(PROVIDER_SECRET, safe=""))
+    assert native.keys.plain["gemini-flash"] not in str(headers)
+
+
+def test_gemini_node_sdk_disallowed_model_gets_4003(native):
+    out = node("gemini_live_test.mjs", f"http://127.0.0.1:{native.port}",
+               native.keys.plain["gemini-flash"], "gemini-2.5-pro-live")
+    assert out["close"][0] == 4003 and "not allowed" in out["close"][1], out
+    assert not out["texts"]
+
+
+def test_deepgram_node_sdk(native):
+    out = node("deepgram_test.mjs", f"ws://127.0.0.1:{native.port}", native.keys.plain["good"])
+    assert "Results" in out["types"] and out["types"][-1] == "Metadata", out
+    assert "linear16/16000" in out["transcripts"][0] and out["duration"] == pytest.approx(1.0)
+    path, _ = _last_request(native, "deepgram")
+    assert "encoding=linear16" in path and "sample_rate=16000" in path
+
+
+def test_deepgram_node_sdk_wrong_key_gets_4001(native):
+    out = node("deepgram_test.mjs", f"ws://127.0.0.1:{native.port}", "condt_wrong")
+    assert out["close"] == [4001, "unknown key"], out
+
+
+# -- AssemblyAI ----------------------------------------------------------------------
+
+def test_assemblyai_streaming_client_v3(native):
+    from assemblyai.streaming.v3 import (StreamingClient, StreamingClientOptions, StreamingEvents,
+                                         StreamingParameters)
+    key = native.keys.plain["good"]
+    events = []
+    client = StreamingClient(StreamingClientOptions(api_key=key,
+                                                    api_host=f"ws://127.0.0.1:{native.port}"))
+    for kind in (StreamingEvents.Begin, StreamingEvents.Turn, StreamingEvents.Termination,
+                 StreamingEvents.Error):
+        client.on(kind, lambda _, event, kind=kind: events.append((kind, event)))
+    client.connect(StreamingParameters(sample_rate=16000, speech_model="u3-rt-pro",
+                                       format_turns=True))
+    client.stream(bytes(3200) for _ in range(20))           # 2 s of 16 kHz PCM16
+    client.disconnect(terminate=True)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == StreamingEvents.Begin and StreamingEvents.Turn in kinds, events
+    assert kinds[-1] == StreamingEvents.Termination and events[-1][1].audio_duration_seconds == 2
+    path, headers = _last_request(native, "assemblyai")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+    assert query == {"speech_model": "u3-rt-pro", "sample_rate": "16000", "format_turns": "True"}
+    assert headers["Authorization"] == PROVIDER_SECRET and key not in str(headers)
+    time.sleep(0.2)
+    assert metric(native, "conduit_usage_seconds_total", key_id="good", provider="assemblyai",
+                  model="u3-rt-pro", kind="audio") == 2.0
+
+
+def test_assemblyai_token_in_the_query(native):
+    async def body():
+        url = f"ws://127.0.0.1:{native.port}/v3/ws?speech_model=u3-rt-pro&sample_rate=8000&token="
+        async with connect(url + native.keys.plain["good"]) as ws:
+            assert '"Begin"' in await ws.recv()
+        async with connect(url + "condt_wrong") as ws:
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd
+    assert run(body()).code == 4001
+    path, _ = _last_request(native, "assemblyai")
+    assert "token" not in path and "sample_rate=8000" in path
+
+
+# -- ElevenLabs ----------------------------------------------------------------------
+
+def _conversation(native, key: str, agent: str, requires_auth: bool):
+    """An ElevenLabs SDK text conversation: one user message, the agent's answer."""
+    from elevenlabs.client import ElevenLabs
+    from elevenlabs.conversational_ai.conversation import Conversation
+    answered, ended = threading.Event(), threading.Event()
+    replies = []
+    client = ElevenLabs(api_key=key, base_url=f"http://127.0.0.1:{native.port}")
+    conv = Conversation(client, agent, requires_auth=requires_auth,
+                        callback_agent_response=lambda text: (replies.append(text), answered.set()),
+                        callback_end_session=ended.set)
+    conv.start_session()
+    deadline = time.monotonic() + 10
+    while conv._conversation_id is None and not ended.is_set() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not ended.is_set():
+        conv.send_user_message("hello agent")
+        answered.wait(10)
+    conv.end_session()
+    conv.wait_for_session_end()
+    return replies
+
+
+def test_elevenlabs_private_agent_through_a_signed_url(native):
+    key = native.keys.plain["good"]
+    replies = _conversation(native, key, "agent_private", requires_auth=True)
+    assert replies == ["echo: hello agent"]
+    mock = native.mocks["elevenlabs"].mock
+    rest = [(p, h) for p, h in mock.requests if "get-signed-url" in p][-1]
+    assert rest[1]["xi-api-key"] == PROVIDER_SECRET and key not in str(rest[1])
+    path, headers = mock.requests[-1]
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+    assert query["agent_id"] == "agent_private" and query["conversation_signature"]
+    assert headers["xi-api-key"] == PROVIDER_SECRET and key not in path + str(headers)
+    end = last_session(native, "elevenlabs")
+    assert end["key_id"] == "good" and end["provider"] == "elevenlabs" and end["model"] == "agent_private"
+
+
+def test_elevenlabs_signed_url_is_refused_for_a_bad_key_and_unknown_signatures(native):
+    status, body = http_get(f"http://127.0.0.1:{native.port}/v1/convai/conversation/"
+                            "get-signed-url?agent_id=a")
+    assert status == 401 and "missing key" in body
+
+    async def body():
+        url = (f"ws://127.0.0.1:{native.port}/v1/convai/conversation?agent_id=a"
+               "&conversation_signature=forged")
+        async with connect(url) as ws:
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd
+    rcvd = run(body())
+    assert (rcvd.code, rcvd.reason) == (4001, "unknown or expired signed URL")
+
+
+def test_elevenlabs_public_agent(native):
+    key = native.keys.plain["good"]
+    # The SDK dials a public agent with no credential at all: the sidecar cannot tell
+    # whose session it is and refuses it (README: use requires_auth=True).
+    replies = _conversation(native, key, "agent_public", requires_auth=False)
+    assert not replies
+
+    async def body():         # the SDK's own key form, xi-api-key, works for any agent
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/convai/conversation?agent_id=agent_public",
+                           additional_headers={"xi-api-key": key}) as ws:
+            await ws.send('{"type":"conversation_initiation_client_data"}')
+            assert "conversation_initiation_metadata" in await ws.recv()
+    run(body())
+
+
+def test_signed_urls_are_remembered_briefly_and_boundedly():
+    from conduit_sidecar.signed_urls import SignedUrls
+    now = [0.0]
+    urls = SignedUrls(size=2, ttl=60, clock=lambda: now[0])
+    for n in range(3):
+        urls.remember(f"sig{n}", f"key{n}")
+    assert urls.key_id("sig0") is None                      # the least recent went first
+    assert urls.key_id("sig2") == "key2"
+    now[0] = 61
+    assert urls.key_id("sig1") is None and len(urls.issued) == 1
+
+
+# -- Azure OpenAI --------------------------------------------------------------------
+
+def test_azure_openai_client_realtime_over_the_tls_listener(native, sidecar_ca_bundle):
+    """AzureOpenAI dials only wss://, on the legacy `/openai/realtime?api-version=..&
+    deployment=..` path with the key in `api-key`; upstream it becomes the GA path."""
+    import base64
+    from openai import AsyncAzureOpenAI
+    key = native.keys.plain["good"]
+    client = AsyncAzureOpenAI(azure_endpoint=f"https://127.0.0.1:{native.tls_port}", api_key=key,
+                              api_version="2025-04-01-preview")
+    labels = dict(key_id="good", provider="azure", model="my-realtime")
+    before = metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels)
+
+    async def body():
+        async with client.realtime.connect(model="my-realtime") as conn:
+            assert (await conn.recv()).type == "session.created"
+            await conn.input_audio_buffer.append(audio=base64.b64encode(bytes(48000)).decode())
+            await conn.input_audio_buffer.commit()
+            async for event in conn:
+                if event.type == "response.done":
+                    return event.response.usage.input_token_details.audio_tokens
+    assert run(body()) == 10
+    path, headers = _last_request(native, "azure")
+    assert path == "/openai/v1/realtime?model=my-realtime"
+    assert headers["api-key"] == PROVIDER_SECRET and key not in str(headers)
+    time.sleep(0.2)
+    assert metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels) == before + 10
+
+
+
+# -- bad input on the native paths ---------------------------------------------------
+
+GEMINI_PATH = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+
+
+def _closed_with(native, path: str, headers: dict | None = None, send=None) -> tuple[int, str]:
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}{path}",
+                           additional_headers=headers or {}) as ws:
+            if send is not None:
+                await ws.send(send)
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    return run(body())
+
+
+@pytest.mark.parametrize("first,reason", [
+    ('{"clientContent": {}}', "the first message must be a setup message naming the model"),
+    ("not json", "the first message must be a setup message naming the model"),
+    ('{"setup": {"model": ""}}', "setup names no valid model"),
+])
+def test_gemini_first_message_must_be_a_setup(native, first, reason):
+    key = native.keys.plain["good"]
+    assert _closed_with(native, f"{GEMINI_PATH}?key={key}", send=first) == (1002, reason)
+
+
+def test_gemini_no_first_message_in_time(native):
+    key = native.keys.plain["good"]
+    assert _closed_with(native, f"{GEMINI_PATH}?key={key}") == (1002, "no first message within 2 s")
+
+
+def test_gemini_first_message_over_the_limit_gets_1009(native):
+    """Judged on the frame header: the 16 MiB + 1 byte payload is never sent."""
+    key = native.keys.plain["good"]
+
+    async def body():
+        reader, writer = await asyncio.open_connection("127.0.0.1", native.port)
+        writer.write((f"GET {GEMINI_PATH}?key={key} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.write(b"\x81\xff" + struct.pack(">Q", 16 * 1024 * 1024 + 1) + b"mask")
+        frame = await reader.read(256)
+        writer.close()
+        return frame
+    frame = run(body())
+    assert frame[0] == 0x88 and struct.unpack(">H", frame[2:4])[0] == 1009
+
+
+@pytest.mark.parametrize("path", ["/v1/../v1/listen?model=nova-3", "/v1/%2e%2e/v1/listen?model=nova-3",
+                                  "/v1/listen/./?model=nova-3"])
+def test_dot_segments_are_refused(native, path):
+    with pytest.raises(InvalidStatus) as exc:
+        _closed_with(native, path, {"Authorization": "Token x"})
+    assert exc.value.response.status_code == 400
+
+
+def test_the_header_key_wins_and_the_query_key_never_goes_upstream(native):
+    good = native.keys.plain["good"]
+
+    async def body():
+        url = f"ws://127.0.0.1:{native.port}{GEMINI_PATH}?key=condt_in_the_query"
+        async with connect(url, additional_headers={"x-goog-api-key": good}) as ws:
+            await ws.send('{"setup": {"model": "models/gemini-x"}}')
+            assert "setupComplete" in (await ws.recv()).decode()
+    run(body())
+    path, _ = _last_request(native, "gemini")
+    assert "condt_in_the_query" not in path and path.endswith("?key=" + urllib.parse.quote(PROVIDER_SECRET, safe=""))
+
+
+def test_only_allowed_client_parameters_pass(native):
+    key = native.keys.plain["good"]
+
+    async def body():
+        url = (f"ws://127.0.0.1:{native.port}/v1/listen?model=nova-3&sample_rate=8000"
+               "&callback_url_not_listed=x&keyterm=a%20b&keyterm=c")
+        async with connect(url, additional_headers={"Authorization": f"Token {key}"}) as ws:
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            await ws.recv()
+    run(body())
+    path, _ = _last_request(native, "deepgram")
+    assert path == "/v1/listen?model=nova-3&sample_rate=8000&keyterm=a%20b&keyterm=c"
+
+
+def test_the_model_parameter_given_twice_is_refused(native):
+    with pytest.raises(InvalidStatus) as exc:
+        _closed_with(native, "/v3/ws?speech_model=a&speech_model=b", {"Authorization": "x"})
+    assert exc.value.response.status_code == 400
+
+
+def test_query_params_may_not_name_the_templates_own_or_a_key():
+    from conduit_sidecar.config import ConfigError, load
+    from conduit_sidecar.routing import Router
+    for param in ("speech_model", "token"):
+        conf = load(None, environ={}, overrides={"providers": {"assemblyai": {
+            "secret_env": "X", "query_params": [param]}}})
+        with pytest.raises(ConfigError, match="query_params"):
+            Router(conf, environ={"X": "s"})
