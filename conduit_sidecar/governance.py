@@ -37,7 +37,7 @@ TICK_SECONDS = 1.0
 # Built-in providers whose clients speak another event dialect than OpenAI's: they
 # get the close code and reason alone. Custom providers are taken to speak OpenAI's.
 _OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
-_ERROR_CODES = {4002: "budget_exceeded", 4008: "session_limit_reached"}
+_ERROR_CODES = {_relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded", _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached"}
 _BINARY = _relay.KIND_NAMES.index("binary")
 
 
@@ -92,7 +92,7 @@ class Governor:
         except StoreError:
             if self.state.on_unavailable == "closed":
                 self.metrics.state_fallbacks.labels("refused").inc()
-                return 1013, "shared state unavailable: try again later"
+                return _relay.CloseCode.AT_CAPACITY, "shared state unavailable: try again later"
             self.metrics.state_fallbacks.labels("local").inc()
             return self._admit_local(entry, live, now)
 
@@ -113,24 +113,24 @@ class Governor:
             return None
         kind, detail = refusal
         if kind == "budget":
-            return 4002, budget_reason(entry.budgets[int(detail)], now)
+            return _relay.CloseCode.BUDGET_EXHAUSTED, budget_reason(entry.budgets[int(detail)], now)
         if kind == "connections":
-            return 4029, _connections_reason(entry)
-        return 4029, _rate_reason(entry, detail)
+            return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
+        return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, detail)
 
     def _admit_local(self, entry: KeyEntry, live: _Live,
                      now: dt.datetime) -> tuple[int, str] | None:
         """The shared store is down and on_unavailable = "open": this pod's counts."""
         reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
         if reason:
-            return 4002, reason
+            return _relay.CloseCode.BUDGET_EXHAUSTED, reason
         if (self.shared and entry.max_connections
                 and self.sidecar.live_per_key[entry.id] > entry.max_connections):
-            return 4029, _connections_reason(entry)
+            return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         if entry.sessions_per_minute:
             wait = self.local.take_start(entry.id, entry.sessions_per_minute)
             if wait:
-                return 4029, _rate_reason(entry, wait)
+                return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, wait)
         return None
 
     def started(self, info: SessionInfo) -> None:
@@ -139,7 +139,7 @@ class Governor:
         if live is not None and info.key.max_session_seconds:
             cap = info.key.max_session_seconds
             live.timer = asyncio.get_running_loop().call_later(
-                cap, self._close, info, 4008, f"session cap of {cap:g} s reached")
+                cap, self._close, info, _relay.CloseCode.SESSION_TIME_LIMIT, f"session cap of {cap:g} s reached")
 
     def release(self, info: SessionInfo) -> None:
         """The session is over (or never started): count its last audio, free its lease."""
@@ -220,7 +220,7 @@ class Governor:
             totals = totals or self.estimate(key_id, now)
             reason = over_budget(info.key.budgets, totals, now)
             if reason:
-                self._close(info, 4002, reason)
+                self._close(info, _relay.CloseCode.BUDGET_EXHAUSTED, reason)
 
     def _close(self, info: SessionInfo, code: int, reason: str) -> None:
         live = self.live.get(info)
@@ -234,7 +234,7 @@ class Governor:
         notice = None
         if info.provider not in _OTHER_DIALECTS:
             notice = error_event(_ERROR_CODES[code], reason)
-        relay.close(code, reason, 1000, "", client_notice=notice)
+        relay.close(code, reason, _relay.CloseCode.NORMAL, "", client_notice=notice)
 
     # -- the store -------------------------------------------------------------------
 

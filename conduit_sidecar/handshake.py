@@ -21,6 +21,7 @@ from websockets.exceptions import InvalidHeader
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from ._relay import CloseCode
 from .keys import KeyEntry, KeySet, Rejection
 from .providers import OPENAI_KEYS, TEMPLATES, BadPath, KeyForm, native, normalise_path, presented_key
 from .routing import Route, RouteError, Router
@@ -73,7 +74,7 @@ class Accept(msgspec.Struct, frozen=True):
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
-    return Close(response, 4001, why.value, key, why)
+    return Close(response, CloseCode.AUTH_FAILED, why.value, key, why)
 
 
 def refuse(status: int, text: str) -> Refuse:
@@ -89,15 +90,15 @@ def admit(entry: KeyEntry | None, router: Router, now: dt.datetime, model: str |
     why = (Rejection.UNKNOWN if entry is None else Rejection.DISABLED if not entry.enabled
            else Rejection.EXPIRED if entry.expired(now) else None)
     if why is not None:
-        return 4001, why.value, why
+        return CloseCode.AUTH_FAILED, why.value, why
     try:
         route = router.route(model, provider)
     except RouteError as exc:
         return exc.code, str(exc), None
     if not entry.allows_provider(route.name):
-        return 4003, f"provider {route.name!r} not allowed for this key", None
+        return CloseCode.FORBIDDEN, f"provider {route.name!r} not allowed for this key", None
     if model is not None and not entry.allows_model(model):
-        return 4003, f"model {model!r} not allowed for this key", None
+        return CloseCode.FORBIDDEN, f"model {model!r} not allowed for this key", None
     return route
 
 
@@ -150,9 +151,9 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         response.headers["Sec-WebSocket-Protocol"] = passed[0]
 
     if state.draining:
-        return Close(response, 1013, "sidecar is draining: try again later")
+        return Close(response, CloseCode.AT_CAPACITY, "sidecar is draining: try again later")
     if state.at_capacity:
-        return Close(response, 1013, "sidecar at its connection limit: try again later")
+        return Close(response, CloseCode.AT_CAPACITY, "sidecar at its connection limit: try again later")
 
     signature = query.get("conversation_signature", [""])[0]
     if key is None and where is not None and where.provider == "elevenlabs" and signature:
@@ -172,7 +173,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         return Close(response, code, reason, entry, why)
     route = admitted
     if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
-        return Close(response, 4029,
+        return Close(response, CloseCode.KEY_LIMIT,
                      f"key limit of {entry.max_connections} concurrent connections reached", entry)
     forward = tuple((n, v) for n, values in query.items() if n in route.query for v in values)
     hold = where is not None and TEMPLATES[where.provider].model_in_setup

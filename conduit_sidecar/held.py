@@ -15,6 +15,7 @@ import msgspec
 from websockets.frames import Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
+from ._relay import CloseCode
 
 __all__ = ["Refused", "read_first", "setup_model"]
 
@@ -57,19 +58,19 @@ class _FirstMessage(asyncio.Protocol):
                     self._finish(b"".join(self.parts))
                     return
             elif frame.opcode == Opcode.CLOSE:
-                self._finish(Refused(1000, "closed before its first message"))
+                self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
                 return
         if self.ws.close_sent is not None:          # websockets judged a violation
             self._finish(Refused(self.ws.close_sent.code, self.ws.close_sent.reason))
         elif len(self.raw) > self.limit + _SLACK:
-            self._finish(Refused(1009, f"first message over {self.limit} bytes"))
+            self._finish(Refused(CloseCode.MESSAGE_TOO_BIG, f"first message over {self.limit} bytes"))
 
     def eof_received(self):
-        self._finish(Refused(1000, "closed before its first message"))
+        self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
         return False
 
     def connection_lost(self, exc) -> None:
-        self._finish(Refused(1000, "closed before its first message"))
+        self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
 
 
 async def read_first(transport, early: bytes, limit: int, timeout: float) -> tuple[bytes, bytes]:
@@ -86,7 +87,7 @@ async def read_first(transport, early: bytes, limit: int, timeout: float) -> tup
             message = await reader.done
     except TimeoutError:
         transport.pause_reading()
-        raise Refused(1002, f"no first message within {timeout:g} s") from None
+        raise Refused(CloseCode.PROTOCOL_ERROR, f"no first message within {timeout:g} s") from None
     return message, bytes(reader.raw)
 
 
@@ -106,8 +107,8 @@ def setup_model(message: bytes) -> str:
     try:
         model = _setup.decode(message).setup.model
     except msgspec.DecodeError:
-        raise Refused(1002, "the first message must be a setup message naming the model") from None
+        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a setup message naming the model") from None
     model = model.removeprefix("models/")
     if not model or any(c < " " or c == "\x7f" for c in model):
-        raise Refused(1002, "setup names no valid model")
+        raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")
     return model

@@ -22,6 +22,7 @@ from websockets.uri import WebSocketURI, parse_uri
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
 from .providers import BUILTIN, TEMPLATES, upstream_path
+from ._relay import CloseCode
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
@@ -169,18 +170,18 @@ class Router:
         if provider is not None:
             route = self.routes.get(provider)
             if route is None or provider not in self.configured:
-                raise RouteError(4004, f"unknown provider {provider!r}")
+                raise RouteError(CloseCode.NO_ROUTE, f"unknown provider {provider!r}")
         else:
             if model is None:
-                raise RouteError(4004, "no model and no provider given")
+                raise RouteError(CloseCode.NO_ROUTE, "no model and no provider given")
             chain = self._chain(model)
             route = (self.routes[chain[0]] if chain else
                      next((self.routes[n] for n in self.configured
                            if any(match(p, model) for p in self.routes[n].spec.models)), None))
             if route is None:
-                raise RouteError(4004, f"no provider serves model {model!r}")
+                raise RouteError(CloseCode.NO_ROUTE, f"no provider serves model {model!r}")
         if route.uses_model and not model:
-            raise RouteError(4004, f"provider {route.name!r} needs a model")
+            raise RouteError(CloseCode.NO_ROUTE, f"provider {route.name!r} needs a model")
         return route
 
     def _chain(self, model: str) -> list[str]:
@@ -199,7 +200,7 @@ class Router:
         if spec.secret_env:
             value = self.environ.get(spec.secret_env)
             if value is None:
-                raise RouteError(1011, "provider secret unavailable")
+                raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable")
             return value.strip()
         try:
             st = os.stat(spec.secret_file)
@@ -211,7 +212,7 @@ class Router:
                 self._secrets[spec.secret_file] = cached
             return cached[1]
         except OSError:
-            raise RouteError(1011, "provider secret unavailable") from None
+            raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable") from None
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
         """Verified client context: system trust store plus the provider's CA, TLS 1.2+."""
@@ -238,11 +239,11 @@ class Router:
             values["secret"] = self.secret(spec)
         for field, value in values.items():
             if _CONTROL.search(value):
-                raise RouteError(4004 if field == "model" else 1011,
+                raise RouteError(CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
                                  f"control character in {field}")
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
-                raise RouteError(4004 if field == "model" else 1011, f"{field} is a dot segment")
+                raise RouteError(CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR, f"{field} is a dot segment")
         url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""),
                          upstream_path(spec.url, version))
         if query:

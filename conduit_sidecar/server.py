@@ -29,9 +29,6 @@ __all__ = ["Sidecar"]
 
 log = logging.getLogger("conduit.server")
 
-_RESULTS = {4001: "auth_failed", 4002: "over_budget", 4003: "forbidden", 4004: "no_route",
-            4029: "key_limit",
-            1013: "at_capacity", 1014: "upstream_failed", 1011: "internal_error"}
 
 
 class Sidecar:
@@ -98,7 +95,8 @@ class Sidecar:
         self.metrics.auth_failures.labels(why.label).inc()
 
     def rejected(self, decision: Close) -> None:
-        self.count(_RESULTS.get(decision.code, "rejected"))
+        # The result label is the close code's name: auth_failed, key_limit, upstream_failed...
+        self.count(_relay.CloseCode(decision.code).name.lower())
         if decision.rejection is not None:
             self.auth_failed(decision.rejection)
         self.metrics.closes.labels("sidecar", str(decision.code)).inc()
@@ -180,7 +178,7 @@ class Sidecar:
             if current is not None:
                 info.key = current
             if reason and info.relay is not None and not info.relay.finished:
-                info.relay.close(4001, reason.value, 1000, "")
+                info.relay.close(_relay.CloseCode.AUTH_FAILED, reason.value, _relay.CloseCode.NORMAL, "")
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -237,7 +235,7 @@ class Sidecar:
             if activity != info.seen_activity:
                 info.seen_activity, info.active_at = activity, now
             elif now - info.active_at >= limit:
-                relay.close(1001, "idle timeout", 1001, "idle timeout")
+                relay.close(_relay.CloseCode.GOING_AWAY, "idle timeout", _relay.CloseCode.GOING_AWAY, "idle timeout")
 
     @property
     def ready(self) -> bool:
@@ -259,7 +257,7 @@ class Sidecar:
     def close_all(self) -> None:
         for info in list(self.sessions):
             if info.relay is not None and not info.relay.finished:
-                info.relay.close(1001, "going away", 1000, "")
+                info.relay.close(_relay.CloseCode.GOING_AWAY, "going away", _relay.CloseCode.NORMAL, "")
             elif info.relay is None:
                 self.release(info)
 

@@ -179,7 +179,7 @@ async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo
         model = held.setup_model(message)
         failed = None
         if not decision.key.allows_model(model):
-            failed = Close(decision.response, 4003, f"model {model!r} not allowed for this key",
+            failed = Close(decision.response, _relay.CloseCode.FORBIDDEN, f"model {model!r} not allowed for this key",
                            decision.key)
     except held.Refused as exc:
         failed = Close(decision.response, exc.code, str(exc), decision.key)
@@ -188,7 +188,7 @@ async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo
         host.rejected(failed)
         # The client's bytes go to the drain (it waits for their close), unless they
         # were what broke the rules.
-        _close_after_upgrade(host, transport, failed, early if failed.code == 4003 else b"", True)
+        _close_after_upgrade(host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True)
         return None
     info.model = model
     return msgspec.structs.replace(decision, model=model), early
@@ -252,7 +252,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
                 await host.balancer.connect(decision)
             info.provider = info.upstream.target.provider     # after a failover: the next one
         except (UpstreamError, RouteError) as exc:
-            code = exc.code if isinstance(exc, RouteError) else 1014
+            code = exc.code if isinstance(exc, RouteError) else _relay.CloseCode.UPSTREAM_FAILED
             host.release(info)
             failed = Close(decision.response, code, str(exc), decision.key)
             host.rejected(failed)
@@ -271,7 +271,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     if revoked is not None:
         host.release(info)
         upstream.abort()
-        failed = Close(decision.response, 4001, revoked.value, decision.key, revoked)
+        failed = Close(decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked)
         host.rejected(failed)
         _close_after_upgrade(host, transport, failed, early, answered)
         return

@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 from .handshake import admit, refuse
 from .keys import Rejection
 from .routing import Route, RouteError
+from ._relay import CloseCode
 
 if TYPE_CHECKING:
     from .session import Host
@@ -37,7 +38,7 @@ __all__ = ["PATH", "SignedUrls", "answer"]
 PATH = "/v1/convai/conversation/get-signed-url"
 _MAX_RESPONSE_BYTES = 65536
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
-_STATUS = {4001: 401, 4003: 403, 4004: 404, 1011: 500}
+_STATUS = {CloseCode.AUTH_FAILED: 401, CloseCode.FORBIDDEN: 403, CloseCode.NO_ROUTE: 404, CloseCode.INTERNAL_ERROR: 500}
 
 
 class SignedUrls:

@@ -34,6 +34,7 @@ from .config import Circuit, Config
 from .handshake import Accept
 from .metrics import Metrics
 from .routing import Route, RouteError, Router, Target, Upstream
+from ._relay import CloseCode
 
 __all__ = ["Balancer", "Health", "UpstreamError"]
 
@@ -324,7 +325,7 @@ class Balancer:
                                         left / (len(candidates) - i), self.max_rest)
             except RouteError as exc:
                 h.abandoned()
-                if exc.code != 1011:      # the request's own fault (a bad model)
+                if exc.code != CloseCode.INTERNAL_ERROR:      # the request's own fault (a bad model)
                     raise
                 log.error("provider secret unavailable: a configuration fault", extra={
                     "event": "upstream_attempt", "provider": h.target.provider,
