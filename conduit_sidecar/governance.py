@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from . import _relay
 from .keys import KeyEntry
@@ -27,7 +27,8 @@ from .routing import BUILTIN
 from .state import LocalStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
-    from .server import Sidecar
+    from .config import Config
+    from .metrics import Metrics
     from .session import SessionInfo
 
 __all__ = ["Governor"]
@@ -56,10 +57,14 @@ def _utcnow() -> dt.datetime:
 
 
 class Governor:
-    def __init__(self, sidecar: Sidecar):
-        self.sidecar = sidecar
-        self.state = sidecar.config.state
-        self.metrics = sidecar.metrics
+    def __init__(self, config: Config, metrics: Metrics, live_per_key: Mapping[str, int],
+                 model_label: Callable[[str | None], str]):
+        # What it needs of the process, passed in: it never reaches back into the server.
+        self.config = config
+        self.state = config.state
+        self.metrics = metrics
+        self.live_per_key = live_per_key
+        self.model_label = model_label
         self.store = open_store(self.state)
         self.local = LocalStore() if self.store.shared else self.store
         self.pod = secrets.token_hex(6)
@@ -125,7 +130,7 @@ class Governor:
         if reason:
             return _relay.CloseCode.BUDGET_EXHAUSTED, reason
         if (self.shared and entry.max_connections
-                and self.sidecar.live_per_key[entry.id] > entry.max_connections):
+                and self.live_per_key[entry.id] > entry.max_connections):
             return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         if entry.sessions_per_minute:
             wait = self.local.take_start(entry.id, entry.sessions_per_minute)
@@ -169,7 +174,7 @@ class Governor:
 
     def usage(self, info: SessionInfo, counts: dict[str, int], model_label: str) -> None:
         """Tokens of one provider usage report (metering); never awaits."""
-        price = price_for(self.sidecar.config.prices, info.model)
+        price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, counts) if price is not None else 0.0
         if usd:
             self.metrics.cost.labels(info.key_id, info.provider, model_label).inc(usd)
@@ -184,13 +189,13 @@ class Governor:
         sent = relay.counters(0)[1][_BINARY]
         if sent == live.audio_bytes:
             return
-        seconds = (sent - live.audio_bytes) / self.sidecar.config.audio.bytes_per_second
+        seconds = (sent - live.audio_bytes) / self.config.audio.bytes_per_second
         live.audio_bytes = sent
-        price = price_for(self.sidecar.config.prices, info.model)
+        price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, {}, seconds) if price is not None else 0.0
         if usd:
             self.metrics.cost.labels(info.key_id, info.provider,
-                                     self.sidecar.model_label(info.model)).inc(usd)
+                                     self.model_label(info.model)).inc(usd)
         self._add(info.key_id, {"audio_seconds": seconds, "usd": usd})
 
     def _add(self, key_id: str, deltas: dict[str, float]) -> None:

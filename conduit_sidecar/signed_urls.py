@@ -19,19 +19,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .handshake import admit, refuse
-from .keys import Rejection
-from .routing import Route, RouteError
+from .config import Limits
+from .keys import KeySet, Rejection
+from .routing import Route, RouteError, Router
 from ._relay import CloseCode
 
-if TYPE_CHECKING:
-    from .session import Host
+
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
@@ -92,7 +92,17 @@ def _fetch(url: str, headers: list[tuple[str, str]], context, timeout: float) ->
         return response.read(_MAX_RESPONSE_BYTES + 1)
 
 
-async def answer(host: Host, request: Request, secure: bool) -> Response:
+class Gate(Protocol):
+    """What answering a signed-URL request needs from the process (session.Host has it)."""
+
+    keyset: KeySet
+    router: Router
+    limits: Limits
+
+    def auth_failed(self, why: Rejection) -> None: ...
+
+
+async def answer(host: Gate, request: Request, secure: bool) -> Response:
     """The response to a get-signed-url request."""
     url = urllib.parse.urlsplit(request.path)
     query = urllib.parse.parse_qs(url.query)
