@@ -10,13 +10,12 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
+
+from conduit_sidecar.testing import Process, admin_ready, free_port, port_open
 
 from . import nginx as nginx_conf
 from .loadgen import Target
@@ -28,68 +27,9 @@ class Unavailable(Exception):
     """A column that cannot run here; the message says why (the tests skip on it)."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class Process:
-    """A child process, output to `workdir/name.log`, ready once `ready()` says so."""
-
-    def __init__(self, name: str, argv: list[str], workdir: str, ready, timeout: float = 15):
-        self.name, self.workdir = name, workdir
-        self.log_path = os.path.join(workdir, f"{name}.log")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name} did not start:\n{self.output()[-2000:]}")
-            time.sleep(0.05)
-
-    def pids(self) -> list[int]:
-        """The process and its children (nginx's worker)."""
-        pids = [self.proc.pid]
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        if int(f.read().rpartition(")")[2].split()[1]) == self.proc.pid:
-                            pids.append(int(pid))
-                except OSError:
-                    pass
-        return pids
-
-    def check(self, grace: float = 0) -> None:
-        """Raise if the process has exited (within `grace` seconds): its exit code
-        and the end of its log."""
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n"
-                               f"{self.output()[-2000:]}")
-
-    def output(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def _start(name: str, argv: list[str], workdir: str, ready) -> Process:
+    """A column's process, its log in `workdir`, run from the checkout (benchmarks.*)."""
+    return Process(name, argv, os.path.join(workdir, f"{name}.log"), cwd=ROOT).start(ready)
 
 
 @dataclass
@@ -144,9 +84,9 @@ def client_context(certs: Certs) -> ssl.SSLContext:
 def upstream(workdir: str, certs: Certs | None) -> tuple[Process, int]:
     port = free_port()
     tls = ["--cert", certs.cert, "--key", certs.key] if certs else []
-    proc = Process("upstream-tls" if certs else "upstream",
-                   [sys.executable, "-m", "benchmarks.upstream", str(port), *tls], workdir,
-                   lambda: port_open(port))
+    proc = _start("upstream-tls" if certs else "upstream",
+                  [sys.executable, "-m", "benchmarks.upstream", str(port), *tls], workdir,
+                  lambda: port_open(port))
     return proc, port
 
 
@@ -154,9 +94,9 @@ def naive(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int
     port = free_port()
     url = f"{'wss' if certs else 'ws'}://127.0.0.1:{up_port}"
     ca = ["--ca-file", certs.ca] if certs else []
-    proc = Process("naive-tls" if certs else "naive",
-                   [sys.executable, "-m", "benchmarks.naive_relay", str(port), url, *ca], workdir,
-                   lambda: port_open(port))
+    proc = _start("naive-tls" if certs else "naive",
+                  [sys.executable, "-m", "benchmarks.naive_relay", str(port), url, *ca], workdir,
+                  lambda: port_open(port))
     return proc, port
 
 
@@ -168,7 +108,7 @@ def nginx(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int
     workdir = os.path.join(workdir, "nginx-tls" if certs else "nginx")
     os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
     nginx_conf.config(workdir, port, up_port, certs.ca if certs else None)
-    proc = Process("nginx", nginx_conf.argv(binary, workdir), workdir, lambda: port_open(port))
+    proc = _start("nginx", nginx_conf.argv(binary, workdir), workdir, lambda: port_open(port))
     return proc, port
 
 
@@ -197,9 +137,9 @@ def redis(workdir: str) -> tuple[Process, int]:
     if shutil.which("redis-server") is None:
         raise Unavailable("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
-    return Process("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"], workdir,
-                   lambda: port_open(port)), port
+    return _start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no"], workdir,
+                  lambda: port_open(port)), port
 
 
 def sidecar(workdir: str, up_port: int, certs: Certs | None,
@@ -237,15 +177,7 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
                 "drain_seconds = 0\n\n"
                 f'[providers.bench]\nurl = "{scheme}://127.0.0.1:{up_port}/{{model}}"\n{ca}\n{tls}'
                 f'{state}')
-
-    def ready():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    proc = Process(name, [*command, "serve", "--config", config], workdir, ready)
+    proc = _start(name, [*command, "serve", "--config", config], workdir, admin_ready(admin))
     if listener and not port_open(tls_port):
         tls_port = None
     return Sidecar(proc, port, key, tls_port)

@@ -7,17 +7,16 @@ import asyncio
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import urllib.request
 
 import pytest
 
 from conduit_sidecar.keys import hash_key, new_key
+from conduit_sidecar.testing import Process, admin_ready, free_port
 
 PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
 
@@ -39,12 +38,6 @@ def raw_upstream_sidecar(workdir: str, limits: str, providers: str = "") -> "Sid
                           standard_keys(), limits=limits).start()
     proc.upstream_port = port
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(coro, timeout: float = 60):
@@ -82,7 +75,7 @@ class Keys:
         os.replace(tmp, path)
 
 
-class SidecarProcess:
+class SidecarProcess(Process):
     """`conduit-sidecar serve` in its own process, stdout captured to a file."""
 
     def __init__(self, workdir: str, providers: str, keys: Keys, limits: str = "",
@@ -105,42 +98,14 @@ class SidecarProcess:
                 [limits]
                 {limits}
                 """) + textwrap.dedent(providers))
-        self.log_path = os.path.join(workdir, "sidecar.log")
-        self.env = {**os.environ, "PROVIDER_KEY": PROVIDER_SECRET, **(env or {})}
-        self.proc = None
+        super().__init__("sidecar", [sys.executable, "-m", "conduit_sidecar", "serve", "--config",
+                                     self.config, "--log-level", "debug"],
+                         os.path.join(workdir, "sidecar.log"),
+                         env={**os.environ, "PROVIDER_KEY": PROVIDER_SECRET, **(env or {})})
 
     def start(self) -> "SidecarProcess":
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conduit_sidecar", "serve", "--config", self.config,
-             "--log-level", "debug"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("sidecar exited:\n" + self.output())
-            try:
-                if http_get(self.admin("/readyz"))[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("sidecar not ready:\n" + self.output())
-
-    def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-    def output(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        super().start(admin_ready(self.admin_port), timeout=10)
+        return self
 
     def log_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]

@@ -37,8 +37,9 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from dataclasses import dataclass, field
+
+from conduit_sidecar.testing import admin_ready, free_port, sidecar_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -102,12 +103,6 @@ class SetupError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"[autobahn] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
@@ -210,12 +205,6 @@ class Proc:
         return ""
 
 
-def sidecar_command() -> list[str]:
-    """`conduit-sidecar` from this interpreter's environment (or `python -m`)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "conduit-sidecar")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "conduit_sidecar"]
-
-
 def new_key(workdir: str) -> tuple[str, dict]:
     """`conduit-sidecar keys new --id autobahn`: the key and its key-file entry."""
     out = subprocess.run([*sidecar_command(), "keys", "new", "--id", "autobahn"],
@@ -260,14 +249,10 @@ def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None) -> tuple[
             """) + textwrap.dedent(providers))
     sidecar = Proc("sidecar", [*sidecar_command(), "serve", "--config", conf],
                    os.path.join(workdir, "sidecar.log")).start()
-    deadline = time.monotonic() + 30
-    while True:
+    ready, deadline = admin_ready(admin_port), time.monotonic() + 30
+    while not ready():
         if sidecar.proc.poll() is not None:
             raise SetupError(f"sidecar exited with {sidecar.proc.returncode}:\n{sidecar.tail()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
         if time.monotonic() > deadline:
             sidecar.stop()
             raise SetupError(f"sidecar not ready after 30s:\n{sidecar.tail()}")

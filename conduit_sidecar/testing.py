@@ -1,0 +1,115 @@
+"""Support shared by the tests, the benchmarks and the scripts (soak, Autobahn): free
+loopback ports, child processes with a log file, and waiting for a sidecar's /readyz.
+
+Only they import it; `serve` never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Callable
+
+__all__ = ["Process", "admin_ready", "free_port", "port_open", "sidecar_command"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def admin_ready(admin_port: int) -> Callable[[], bool]:
+    """A readiness check: the sidecar's `GET /readyz` answers 200."""
+    def ready() -> bool:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
+                return r.status == 200
+        return False
+    return ready
+
+
+def sidecar_command() -> list[str]:
+    """`conduit-sidecar` beside this interpreter, else `python -m conduit_sidecar`."""
+    exe = os.path.join(os.path.dirname(sys.executable), "conduit-sidecar")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "conduit_sidecar"]
+
+
+class Process:
+    """A child process whose output (stdout and stderr) goes to `log_path`."""
+
+    def __init__(self, name: str, argv: list[str], log_path: str, *, env: dict | None = None,
+                 cwd: str | None = None):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self.env, self.cwd = env, cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready: Callable[[], bool] | None = None, timeout: float = 15) -> Process:
+        """Start it; with `ready`, wait until it says so. RuntimeError (with the end of
+        the log) if the process exits or is not ready in time."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+        deadline = time.monotonic() + timeout
+        while ready is not None and not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The process and its children (nginx's worker)."""
+        pids = [self.pid]
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == self.pid:
+                        pids.append(int(pid))
+        return pids
+
+    def check(self, grace: float = 0) -> None:
+        """Raise if the process has exited (within `grace` seconds): its exit code and
+        the end of its log."""
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(grace)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}")
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def tail(self, chars: int = 2000) -> str:
+        with contextlib.suppress(OSError):
+            return self.output()[-chars:]
+        return ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
