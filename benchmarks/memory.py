@@ -64,12 +64,12 @@ async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
     at_2 = await settle(pids, 0.5)
     for client in held:
         client.transport.abort()
-    after_idle = await settle(pids)
+    after_idle = await settle(pids, 3)
     bursting = await open_many(target, burst)
     peak = rss_bytes(pids) / 2**20
     for client in bursting:
         client.transport.abort()
-    after_burst = await settle(pids)
+    after_burst = await settle(pids, 3)
     return {
         "fresh_mib": fresh, "rest_mib": rest,
         "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),
