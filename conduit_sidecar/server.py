@@ -286,6 +286,7 @@ class Sidecar:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+        self.trimmer.trim()
         loop = asyncio.get_running_loop()
         signals = 0
 

@@ -14,7 +14,8 @@ __all__ = ["Trimmer"]
 
 class Trimmer:
     """`grew(live)` on each new session, `check(live)` now and then: trims once the
-    live count has fallen by `drop` sessions from its peak since the last trim."""
+    live count has fallen by `drop` sessions from its peak since the last trim.
+    `trim()` also after start-up, whose temporary objects leave free heap behind."""
 
     __slots__ = ("drop", "peak", "_trim")
 
@@ -31,10 +32,13 @@ class Trimmer:
         if self.peak - live < self.drop:
             return False
         self.peak = live
+        self.trim()
+        return True
+
+    def trim(self) -> None:
         if self._trim is None:
             self._trim = _malloc_trim()
         self._trim()
-        return True
 
 
 def _malloc_trim():
