@@ -12,7 +12,8 @@ Method (docs/benchmarks.md, "Memory"):
   divided by the sessions added. The warm-up never held that many, so the growth is
   what each session costs, not freed memory reused;
 - after the idle sessions close, and after a burst of `burst` sessions opened at once
-  and closed: RSS one second later, next to the at-rest figure.
+  and closed: RSS five seconds later (the sidecar gives memory back from its poller,
+  every `keys_poll_seconds`, 2 s here), next to the at-rest figure.
 
 The sidecar must be fresh: a process that ran other cases (bulk transfers leave
 megabytes of freed heap behind) hides the cost of new sessions in that free memory.
@@ -51,6 +52,7 @@ async def settle(pids: list[int], seconds: float = 1.0) -> float:
 
 
 async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
+    """The figures above; `sessions` counts every session that opened."""
     pids = target.pids()
     fresh = await settle(pids, 0.5)
     await churn(target, warm)
@@ -62,14 +64,16 @@ async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
     at_1 = await settle(pids, 0.5)
     held += await open_many(target, idle)
     at_2 = await settle(pids, 0.5)
+    opened = len(held)
     for client in held:
         client.transport.abort()
-    after_idle = await settle(pids, 3)
+    after_idle = await settle(pids, 5)
     bursting = await open_many(target, burst)
+    opened += len(bursting)
     peak = rss_bytes(pids) / 2**20
     for client in bursting:
         client.transport.abort()
-    after_burst = await settle(pids, 3)
+    after_burst = await settle(pids, 5)
     return {
         "fresh_mib": fresh, "rest_mib": rest,
         "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),
@@ -77,7 +81,7 @@ async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
         "idle_1k_mib": at_1, "idle_2k_mib": at_2,
         "after_idle_mib": after_idle, "burst_peak_mib": peak, "after_burst_mib": after_burst,
         "after_burst_vs_rest": after_burst / rest,
-        "warm": warm, "idle": idle, "burst": burst,
+        "warm": warm, "idle": idle, "burst": burst, "sessions": opened,
     }
 
 
