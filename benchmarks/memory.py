@@ -12,8 +12,9 @@ Method (docs/benchmarks.md, "Memory"):
   divided by the sessions added. The warm-up never held that many, so the growth is
   what each session costs, not freed memory reused;
 - after the idle sessions close, and after a burst of `burst` sessions opened at once
-  and closed: RSS five seconds later (the sidecar gives memory back from its poller,
-  every `keys_poll_seconds`, 2 s here), next to the at-rest figure.
+  and closed: RSS six seconds later (the sidecar gives memory back from its poller,
+  every `keys_poll_seconds`, 2 s here, once the count stopped falling), next to the
+  at-rest figure.
 
 The sidecar must be fresh: a process that ran other cases (bulk transfers leave
 megabytes of freed heap behind) hides the cost of new sessions in that free memory.
@@ -67,13 +68,13 @@ async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
     opened = len(held)
     for client in held:
         client.transport.abort()
-    after_idle = await settle(pids, 5)
+    after_idle = await settle(pids, 6)
     bursting = await open_many(target, burst)
     opened += len(bursting)
     peak = rss_bytes(pids) / 2**20
     for client in bursting:
         client.transport.abort()
-    after_burst = await settle(pids, 5)
+    after_burst = await settle(pids, 6)
     return {
         "fresh_mib": fresh, "rest_mib": rest,
         "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),

@@ -14,14 +14,15 @@ __all__ = ["Trimmer"]
 
 class Trimmer:
     """`grew(live)` on each new session, `check(live)` now and then: trims once the
-    live count has fallen by `drop` sessions from its peak since the last trim.
+    live count, `drop` sessions or more below its peak since the last trim, has
+    stopped falling (so a burst's end is trimmed once, after its last session).
     `trim()` also after start-up, whose temporary objects leave free heap behind."""
 
-    __slots__ = ("drop", "peak", "_trim")
+    __slots__ = ("drop", "peak", "last", "_trim")
 
     def __init__(self, drop: int = 256):
         self.drop = drop
-        self.peak = 0
+        self.peak = self.last = 0
         self._trim = None
 
     def grew(self, live: int) -> None:
@@ -29,7 +30,8 @@ class Trimmer:
             self.peak = live
 
     def check(self, live: int) -> bool:
-        if self.peak - live < self.drop:
+        falling, self.last = live < self.last, live
+        if falling or self.peak - live < self.drop:
             return False
         self.peak = live
         self.trim()
