@@ -52,7 +52,7 @@ async def settle(pids: list[int], seconds: float = 1.0) -> float:
     return rss_bytes(pids) / 2**20
 
 
-async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
+async def measure(target: Target, warm: int, idle: int, burst: int, wait: float = 6) -> dict:
     """The figures above; `sessions` counts every session that opened."""
     pids = target.pids()
     fresh = await settle(pids, 0.5)
@@ -68,13 +68,13 @@ async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
     opened = len(held)
     for client in held:
         client.transport.abort()
-    after_idle = await settle(pids, 6)
+    after_idle = await settle(pids, wait)
     bursting = await open_many(target, burst)
     opened += len(bursting)
     peak = rss_bytes(pids) / 2**20
     for client in bursting:
         client.transport.abort()
-    after_burst = await settle(pids, 6)
+    after_burst = await settle(pids, wait)
     return {
         "fresh_mib": fresh, "rest_mib": rest,
         "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),
@@ -86,14 +86,16 @@ async def measure(target: Target, warm: int, idle: int, burst: int) -> dict:
     }
 
 
-def run(warm: int, idle: int, burst: int) -> dict:
-    """A fresh upstream and sidecar in a temp dir, measured, then stopped."""
+def run(warm: int, idle: int, burst: int, wait: float = 6) -> dict:
+    """A fresh upstream and sidecar in a temp dir, measured, then stopped. `wait`:
+    seconds from the sessions' end to the RSS reading."""
     with tempfile.TemporaryDirectory(prefix="conduit-mem-") as workdir:
         up, up_port = harness.upstream(workdir, None)
         try:
             s = harness.sidecar(workdir, up_port, None)
             try:
-                return uvloop.run(measure(harness.sidecar_target("sidecar", s), warm, idle, burst))
+                target = harness.sidecar_target("sidecar", s)
+                return uvloop.run(measure(target, warm, idle, burst, wait))
             finally:
                 s.process.stop()
         finally:
