@@ -13,16 +13,18 @@ __all__ = ["Trimmer"]
 
 
 class Trimmer:
-    """`grew(live)` on each new session, `check(live)` now and then: trims once the
-    live count, `drop` sessions or more below its peak since the last trim, has
-    stopped falling (so a burst's end is trimmed once, after its last session).
-    `trim()` also after start-up, whose temporary objects leave free heap behind."""
+    """`grew(live)` on each new session, `check(live)` now and then: trims whenever
+    the live count is `drop` sessions or more below its peak since the last trim,
+    and once more when such a fall has ended (its last sessions may close fewer than
+    `drop` at a time). `trim()` also after start-up, whose temporary objects leave
+    free heap behind."""
 
-    __slots__ = ("drop", "peak", "last", "_trim")
+    __slots__ = ("drop", "peak", "last", "falling", "_trim")
 
     def __init__(self, drop: int = 256):
         self.drop = drop
         self.peak = self.last = 0
+        self.falling = False        # a fall of `drop` or more is under way
         self._trim = None
 
     def grew(self, live: int) -> None:
@@ -30,8 +32,12 @@ class Trimmer:
             self.peak = live
 
     def check(self, live: int) -> bool:
-        falling, self.last = live < self.last, live
-        if falling or self.peak - live < self.drop:
+        still_falling, self.last = live < self.last, live
+        if self.peak - live >= self.drop:
+            self.falling = True
+        elif self.falling and not still_falling:
+            self.falling = False
+        else:
             return False
         self.peak = live
         self.trim()
