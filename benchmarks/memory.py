@@ -13,8 +13,7 @@ Method (docs/benchmarks.md, "Memory"):
   what each session costs, not freed memory reused;
 - after the idle sessions close, and after a burst of `burst` sessions opened at once
   and closed: RSS six seconds later (the sidecar gives memory back from its poller,
-  every `keys_poll_seconds`, 2 s here, once the count stopped falling), next to the
-  at-rest figure.
+  every `keys_poll_seconds`, 2 s here), next to the at-rest figure.
 
 The sidecar must be fresh: a process that ran other cases (bulk transfers leave
 megabytes of freed heap behind) hides the cost of new sessions in that free memory.
