@@ -44,15 +44,18 @@ class Sizes:
     session_seconds: float
     handshakes: int         # sessions opened per repetition
     idle: int               # idle sessions held open
+    memory: tuple           # (warm-up, idle, burst) sessions for benchmarks.memory
     scanner_bytes: int      # bytes of frames per scanner call
 
 
 SIZES = (Sizes(quick=True, rounds=1, warmup=0, session_rounds=1, pingpong=200,
                bulk={960: 20000, 65536: 200}, sessions=50, tls_sessions=20, session_seconds=1,
-               handshakes=100, idle=100, scanner_bytes=1 << 16) if QUICK else
+               handshakes=100, idle=100, memory=(100, 100, 200),
+               scanner_bytes=1 << 16) if QUICK else
          Sizes(quick=False, rounds=5, warmup=1, session_rounds=3, pingpong=3000,
                bulk={960: 500_000, 65536: 8000}, sessions=200, tls_sessions=100,
-               session_seconds=5, handshakes=1000, idle=1000, scanner_bytes=1 << 20))
+               session_seconds=5, handshakes=1000, idle=1000, memory=(2000, 1000, 4000),
+               scanner_bytes=1 << 20))
 
 # section -> (title, columns, ratios (a, b) reported as a/b)
 SECTIONS = {
@@ -65,6 +68,8 @@ SECTIONS = {
             ["direct", "naive", "nginx", "sidecar"], [("sidecar", "nginx"), ("sidecar", "naive")]),
     "listener": ("Client leg over TLS: the sidecar's wss listener vs its ws listener (upstream ws)",
                  ["sidecar", "sidecar-wss"], [("sidecar-wss", "sidecar")]),
+    "memory": ("Memory of a fresh sidecar seen from outside (RSS; benchmarks/memory.py)",
+               ["sidecar"], []),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "
                  "it limited the run)"), ["direct", "naive", "nginx", "sidecar", "sidecar-redis",
                                       "sidecar-wss"], []),

@@ -349,6 +349,8 @@ async def handshakes(target: Target, total: int, parallel: int = 4) -> dict:
     await asyncio.gather(*(connector() for _ in range(parallel)))
     usage = cpu.stop()
     return {"sessions_per_s": total / ((_now() - t0) / 1e9), "sessions": total,
+            "proxy_cpu_us_per_session":
+                usage["proxy_cpu_s"] * 1e6 / total if target.pids() else None,
             "loadgen_cpu": usage["loadgen_cpu"]}
 
 

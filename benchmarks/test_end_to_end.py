@@ -55,10 +55,13 @@ def test_sessions(measure, target, section, sizes):
 
 
 @pytest.mark.sections("plain", "listener")
-def test_handshakes(measure, target, section, sizes):
-    results = measure(section, "handshakes", target,
-                      lambda: loadgen.handshakes(target, sizes.handshakes),
-                      {"new sessions per second (4 connectors)": "sessions_per_s"})
+@pytest.mark.parametrize("parallel", [4, 50])
+def test_handshakes(measure, target, section, sizes, parallel):
+    rows = {f"new sessions per second ({parallel} at a time)": "sessions_per_s"}
+    if target.name != "direct":
+        rows[f"proxy CPU µs per new session ({parallel} at a time)"] = "proxy_cpu_us_per_session"
+    results = measure(section, f"handshakes, {parallel} at a time", target,
+                      lambda: loadgen.handshakes(target, sizes.handshakes, parallel), rows)
     assert all(r["sessions"] == sizes.handshakes for r in results)
 
 

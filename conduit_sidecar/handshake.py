@@ -10,6 +10,7 @@ decide on reconnecting from the close code.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import http
 import re
 import urllib.parse
@@ -102,6 +103,17 @@ def admit(entry: KeyEntry | None, router: Router, now: dt.datetime, model: str |
     return route
 
 
+@functools.lru_cache(maxsize=4)
+def _checker(allowed_origins: tuple[str, ...] | None) -> ServerProtocol:
+    """One ServerProtocol per origin list, shared by every request: `accept` only
+    reads its settings (and records the last failure, read right after it). A new
+    one per request cost a UUID, a logger lookup and a parser generator that forms a
+    reference cycle: garbage left for the cyclic GC, which grew the heap by megabytes
+    under a stream of handshakes."""
+    origins = None if allowed_origins is None else [*allowed_origins, None]
+    return ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
+
+
 def _offered(request: Request) -> list[str]:
     return [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
             for p in v.split(",") if p.strip()]
@@ -142,8 +154,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     # Answer the client with one of its own subprotocols, never the key one.
     # allowed_origins guards against other sites' pages; clients that send no Origin
     # (SDKs, servers) are not browsers and pass.
-    origins = None if state.allowed_origins is None else [*state.allowed_origins, None]
-    ws = ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
+    ws = _checker(None if state.allowed_origins is None else tuple(state.allowed_origins))
     response = ws.accept(_without_key_subprotocols(request, passed, bool(carriers)))
     if response.status_code != 101:
         return _refused(response, ws.handshake_exc)

@@ -23,6 +23,7 @@ from .routing import Router
 from .session import ClientHandshake, SessionInfo
 from .signed_urls import SignedUrls
 from .tls import ListenerTLS
+from .trim import Trimmer
 from .upstream import Balancer
 
 __all__ = ["Sidecar"]
@@ -52,6 +53,7 @@ class Sidecar:
         self.stopped: asyncio.Event | None = None
         self.listening: dict[str, tuple[str, int]] = {}
         self.signed_urls = SignedUrls()
+        self.trimmer = Trimmer()
 
     # -- admission ---------------------------------------------------------------
 
@@ -75,6 +77,7 @@ class Sidecar:
     def reserve(self, info: SessionInfo) -> None:
         self.sessions.add(info)
         self.live_per_key[info.key_id] += 1
+        self.trimmer.grew(len(self.sessions))
 
     def release(self, info: SessionInfo) -> None:
         if info in self.sessions:
@@ -223,6 +226,7 @@ class Sidecar:
                 self.tls.check()
             if self.config.limits.idle_timeout_seconds:
                 self.close_idle(time.monotonic())
+            self.trimmer.check(len(self.sessions))
 
     def close_idle(self, now: float) -> None:
         """Sessions that relayed no frame for idle_timeout_seconds get 1001."""
@@ -282,6 +286,7 @@ class Sidecar:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+        self.trimmer.trim()
         loop = asyncio.get_running_loop()
         signals = 0
 

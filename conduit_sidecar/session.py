@@ -213,6 +213,18 @@ async def _rest(host: Host, transport, request: Request) -> bool:
     return True
 
 
+class _HandedOver(asyncio.Protocol):
+    """Set on both transports just before the relay takes them. uvloop keeps the
+    previous protocol's bound `data_received` when the new protocol (the relay's
+    buffered Leg) has none: without this, each handshake protocol, with its parser,
+    request, response and finished Task, would live as long as its session."""
+
+    data_received = staticmethod(lambda data: None)     # shared: nothing per session
+
+
+_HANDED_OVER = _HandedOver()
+
+
 async def open_session(host: Host, transport, request: Request, early: bytes):
     if await _rest(host, transport, request):
         return
@@ -294,6 +306,8 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     relay.session = info
     info.relay = relay
     host.count("accepted")
+    transport.set_protocol(_HANDED_OVER)
+    upstream.set_protocol(_HANDED_OVER)
     relay.start(transport, upstream, early, upstream_early)
     host.started(info)
     transport.resume_reading()

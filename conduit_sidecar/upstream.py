@@ -162,6 +162,11 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
     except InvalidHandshake as exc:
         _drop(transport)
         raise _Failed("invalid", f"upstream handshake invalid: {exc}", "bad handshake") from None
+    finally:
+        # Its parser generator refers back to the protocol: a cycle per session that
+        # the rarely run cyclic GC (see Sidecar.run) would free only after thousands
+        # of handshakes, megabytes later.
+        ws.parser.close()
     if ws.extensions:
         _drop(transport)
         raise _Failed("invalid", "upstream negotiated an extension that was not offered",

@@ -1,0 +1,116 @@
+"""The sidecar's memory as an outside harness sees it: RSS (`VmRSS` in
+/proc/PID/status) of a fresh `conduit-sidecar serve` process, driven over loopback by
+this process (raw sockets, `loadgen.connect`) against the benchmark upstream.
+
+    python -m benchmarks.memory                 # 2,000 warm-up, 1k/2k idle, 4k burst
+    python -m benchmarks.memory --idle 500 --warm 500 --burst 1000   # smaller
+
+Method (docs/benchmarks.md, "Memory"):
+- at rest: after the warm-up, `warm` sessions opened and closed 50 at a time (every
+  code path and cache touched once, but never more than 50 sessions held);
+- per idle session: RSS growth from 1 held session to `idle`, then to 2 × `idle`,
+  divided by the sessions added. The warm-up never held that many, so the growth is
+  what each session costs, not freed memory reused;
+- after the idle sessions close, and after a burst of `burst` sessions opened at once
+  and closed: RSS six seconds later (the sidecar gives memory back from its poller,
+  every `keys_poll_seconds`, 2 s here), next to the at-rest figure.
+
+The sidecar must be fresh: a process that ran other cases (bulk transfers leave
+megabytes of freed heap behind) hides the cost of new sessions in that free memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+
+import uvloop
+
+from . import harness
+from .loadgen import Target, connect, open_many, rss_bytes
+
+
+async def churn(target: Target, total: int, parallel: int = 50) -> None:
+    """Open and close `total` sessions, at most `parallel` at once."""
+    left = total
+
+    async def one():
+        nonlocal left
+        while left > 0:
+            left -= 1
+            (await connect(target, "echo")).transport.abort()
+
+    await asyncio.gather(*(one() for _ in range(parallel)))
+
+
+async def settle(pids: list[int], seconds: float = 1.0) -> float:
+    """RSS in MiB once closed sessions are gone (the sidecar frees them on its loop)."""
+    await asyncio.sleep(seconds)
+    return rss_bytes(pids) / 2**20
+
+
+async def measure(target: Target, warm: int, idle: int, burst: int, wait: float = 6) -> dict:
+    """The figures above; `sessions` counts every session that opened."""
+    pids = target.pids()
+    fresh = await settle(pids, 0.5)
+    await churn(target, warm)
+    rest = await settle(pids)
+    held = [await connect(target, "echo")]
+    await asyncio.sleep(0.5)
+    one = rss_bytes(pids)
+    held += await open_many(target, idle - 1)
+    at_1 = await settle(pids, 0.5)
+    held += await open_many(target, idle)
+    at_2 = await settle(pids, 0.5)
+    opened = len(held)
+    for client in held:
+        client.transport.abort()
+    after_idle = await settle(pids, wait)
+    bursting = await open_many(target, burst)
+    opened += len(bursting)
+    peak = rss_bytes(pids) / 2**20
+    for client in bursting:
+        client.transport.abort()
+    after_burst = await settle(pids, wait)
+    return {
+        "fresh_mib": fresh, "rest_mib": rest,
+        "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),
+        "kib_per_session_2k": (at_2 - at_1) * 1024 / idle,
+        "idle_1k_mib": at_1, "idle_2k_mib": at_2,
+        "after_idle_mib": after_idle, "burst_peak_mib": peak, "after_burst_mib": after_burst,
+        "after_burst_vs_rest": after_burst / rest,
+        "warm": warm, "idle": idle, "burst": burst, "sessions": opened,
+    }
+
+
+def run(warm: int, idle: int, burst: int, wait: float = 6) -> dict:
+    """A fresh upstream and sidecar in a temp dir, measured, then stopped. `wait`:
+    seconds from the sessions' end to the RSS reading."""
+    with tempfile.TemporaryDirectory(prefix="conduit-mem-") as workdir:
+        up, up_port = harness.upstream(workdir, None)
+        try:
+            s = harness.sidecar(workdir, up_port, None)
+            try:
+                target = harness.sidecar_target("sidecar", s)
+                return uvloop.run(measure(target, warm, idle, burst, wait))
+            finally:
+                s.process.stop()
+        finally:
+            up.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--warm", type=int, default=2000)
+    p.add_argument("--idle", type=int, default=1000)
+    p.add_argument("--burst", type=int, default=4000)
+    args = p.parse_args()
+    figures = run(args.warm, args.idle, args.burst)
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                      for k, v in figures.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
