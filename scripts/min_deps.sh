@@ -10,7 +10,8 @@ python3 -m venv --clear "$venv"
 "$venv/bin/python" scripts/min_deps.py pyproject.toml > "$venv/constraints.txt"
 echo "min_deps: $(tr '\n' ' ' < "$venv/constraints.txt")"
 PIP_CONSTRAINT="$PWD/$venv/constraints.txt" "$venv/bin/python" -m pip install -q . pytest
-# Run from the tests folder so the installed package, not the checkout, is imported.
+# The checkout's sources are what is tested (run from it); every dependency comes from
+# this venv. test_tls covers the cryptography floor, test_governance the redis one.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir=. -c pyproject.toml \
     tests/test_relay.py tests/test_close_codes.py tests/test_operations.py \
-    tests/test_key_reload.py tests/test_limits.py tests/test_governance.py "$@"
+    tests/test_key_reload.py tests/test_limits.py tests/test_governance.py tests/test_tls.py "$@"
