@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import http
 import ipaddress
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest

@@ -108,7 +108,7 @@ def _usage(args) -> int:
 
     async def read():
         try:
-            now = dt.datetime.now(dt.timezone.utc)
+            now = dt.datetime.now(dt.UTC)
             return now, [(e, await store.totals(e.id, now)) for e in entries]
         finally:
             await store.close()

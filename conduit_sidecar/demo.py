@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from . import _relay, config as config_mod
-from .keys import KeySet, KeyEntry, hash_key, new_key
+from .keys import KeyEntry, KeySet, hash_key, new_key
 from .mock import MockProvider
 from .routing import Router
 from .server import Sidecar

@@ -17,12 +17,21 @@ import logging
 import math
 import secrets
 import time
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from . import _relay
 from .keys import KeyEntry
-from .policy import (METRICS, WINDOWS, budget_reason, cost_usd, error_event, over_budget,
-                     price_for, window_bounds)
+from .policy import (
+    METRICS,
+    WINDOWS,
+    budget_reason,
+    cost_usd,
+    error_event,
+    over_budget,
+    price_for,
+    window_bounds,
+)
 from .routing import BUILTIN
 from .state import LocalStore, StoreError, Totals, open_store
 
@@ -38,7 +47,8 @@ TICK_SECONDS = 1.0
 # Built-in providers whose clients speak another event dialect than OpenAI's: they
 # get the close code and reason alone. Custom providers are taken to speak OpenAI's.
 _OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
-_ERROR_CODES = {_relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded", _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached"}
+_ERROR_CODES = {_relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded",
+                _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached"}
 _BINARY = _relay.KIND_NAMES.index("binary")
 
 
@@ -53,7 +63,7 @@ class _Live:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Governor:
@@ -144,7 +154,8 @@ class Governor:
         if live is not None and info.key.max_session_seconds:
             cap = info.key.max_session_seconds
             live.timer = asyncio.get_running_loop().call_later(
-                cap, self._close, info, _relay.CloseCode.SESSION_TIME_LIMIT, f"session cap of {cap:g} s reached")
+                cap, self._close, info, _relay.CloseCode.SESSION_TIME_LIMIT,
+                f"session cap of {cap:g} s reached")
 
     def release(self, info: SessionInfo) -> None:
         """The session is over (or never started): count its last audio, free its lease."""

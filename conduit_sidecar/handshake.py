@@ -14,7 +14,7 @@ import functools
 import http
 import re
 import urllib.parse
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 from websockets.datastructures import Headers

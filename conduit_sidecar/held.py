@@ -15,6 +15,7 @@ import msgspec
 from websockets.frames import Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
+
 from ._relay import CloseCode
 
 __all__ = ["Refused", "read_first", "setup_model"]
@@ -107,7 +108,8 @@ def setup_model(message: bytes) -> str:
     try:
         model = _setup.decode(message).setup.model
     except msgspec.DecodeError:
-        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a setup message naming the model") from None
+        raise Refused(CloseCode.PROTOCOL_ERROR,
+                      "the first message must be a setup message naming the model") from None
     model = model.removeprefix("models/")
     if not model or any(c < " " or c == "\x7f" for c in model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")

@@ -11,7 +11,8 @@ import enum
 import hashlib
 import logging
 import secrets
-from typing import Annotated, Callable, Literal
+from collections.abc import Callable
+from typing import Annotated, Literal
 
 import msgspec
 

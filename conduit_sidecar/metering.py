@@ -12,7 +12,8 @@ Counts are `{kind: number}`: token kinds (`TOKEN_KINDS`) and seconds kinds
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 import msgspec
 

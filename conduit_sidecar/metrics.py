@@ -43,7 +43,7 @@ class _RelayCollector:
         h = HistogramMetricFamily("conduit_relay_processing_seconds",
                                   "Time the relay spent per socket read (scan and forward).")
         cumulative, buckets = 0, []
-        for bound, count in zip(_relay.HISTOGRAM_BOUNDS + (float("inf"),), hist):
+        for bound, count in zip(_relay.HISTOGRAM_BOUNDS + (float("inf"),), hist, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         h.add_metric([], buckets, hist_sum)

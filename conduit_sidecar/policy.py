@@ -42,7 +42,7 @@ def cost_usd(price: Price, tokens: dict[str, int], audio_seconds: float = 0.0) -
 
 def window_bounds(window: str, now: dt.datetime) -> tuple[str, dt.datetime]:
     """(stamp naming the UTC calendar window that holds `now`, the window's end)."""
-    now = now.astimezone(dt.timezone.utc)
+    now = now.astimezone(dt.UTC)
     if window == "hour":
         start = now.replace(minute=0, second=0, microsecond=0)
         end = start + dt.timedelta(hours=1)

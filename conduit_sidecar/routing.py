@@ -19,10 +19,10 @@ import urllib.parse
 import msgspec
 from websockets.uri import WebSocketURI, parse_uri
 
+from ._relay import CloseCode
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
 from .providers import BUILTIN, TEMPLATES, upstream_path
-from ._relay import CloseCode
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
@@ -243,7 +243,8 @@ class Router:
                                  f"control character in {field}")
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
-                raise RouteError(CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR, f"{field} is a dot segment")
+                raise RouteError(CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
+                                 f"{field} is a dot segment")
         url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""),
                          upstream_path(spec.url, version))
         if query:

@@ -59,7 +59,7 @@ class Sidecar:
 
     def admission(self) -> Admission:
         # With a shared store, max_connections is held by cluster-wide leases (govern).
-        return Admission(self.keyset, self.router, dt.datetime.now(dt.timezone.utc),
+        return Admission(self.keyset, self.router, dt.datetime.now(dt.UTC),
                          {} if self.governor.shared else self.live_per_key,
                          len(self.sessions) >= self.limits.max_connections,
                          self.draining, self.config.allowed_origins, self.signed_urls.key_id)
@@ -175,7 +175,7 @@ class Sidecar:
     def recheck_keys(self) -> None:
         """Live sessions hold only while their key does: a removed, rotated (same id,
         new hash), disabled or expired key ends them with 4001."""
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         for info in list(self.sessions):
             current, reason = self.keyset.recheck(info.key, now)
             if current is not None:
@@ -211,9 +211,9 @@ class Sidecar:
         self.governor.start()
         log.info("started", extra={
             "event": "start", "version": __version__,
-            "listen": "%s:%d" % self.listening["listen"],
-            "admin_listen": "%s:%d" % self.listening["admin"],
-            "tls_listen": "%s:%d" % self.listening["tls"] if "tls" in self.listening else None,
+            "listen": "{}:{}".format(*self.listening["listen"]),
+            "admin_listen": "{}:{}".format(*self.listening["admin"]),
+            "tls_listen": "{}:{}".format(*self.listening["tls"]) if "tls" in self.listening else None,
             "providers": self.router.configured, "keys": len(self.keyset)})
 
     async def _poll(self) -> None:
@@ -239,7 +239,8 @@ class Sidecar:
             if activity != info.seen_activity:
                 info.seen_activity, info.active_at = activity, now
             elif now - info.active_at >= limit:
-                relay.close(_relay.CloseCode.GOING_AWAY, "idle timeout", _relay.CloseCode.GOING_AWAY, "idle timeout")
+                relay.close(_relay.CloseCode.GOING_AWAY, "idle timeout",
+                            _relay.CloseCode.GOING_AWAY, "idle timeout")
 
     @property
     def ready(self) -> bool:

@@ -19,7 +19,7 @@ from websockets.http11 import Request
 
 from . import _relay, held, signed_urls
 from .config import Limits
-from .handshake import Admission, Close, Refuse, decide, refuse
+from .handshake import Accept, Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
 from .keys import KeyEntry, KeySet, Rejection
 from .metering import Usage
@@ -179,8 +179,8 @@ async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo
         model = held.setup_model(message)
         failed = None
         if not decision.key.allows_model(model):
-            failed = Close(decision.response, _relay.CloseCode.FORBIDDEN, f"model {model!r} not allowed for this key",
-                           decision.key)
+            failed = Close(decision.response, _relay.CloseCode.FORBIDDEN,
+                           f"model {model!r} not allowed for this key", decision.key)
     except held.Refused as exc:
         failed = Close(decision.response, exc.code, str(exc), decision.key)
     if failed is not None:
@@ -188,7 +188,8 @@ async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo
         host.rejected(failed)
         # The client's bytes go to the drain (it waits for their close), unless they
         # were what broke the rules.
-        _close_after_upgrade(host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True)
+        _close_after_upgrade(host, transport, failed,
+                             early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True)
         return None
     info.model = model
     return msgspec.structs.replace(decision, model=model), early
@@ -279,7 +280,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         upstream.abort()
         return
     # The key file may have changed while the upstream answered.
-    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.timezone.utc))
+    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC))
     if revoked is not None:
         host.release(info)
         upstream.abort()

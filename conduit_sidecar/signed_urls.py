@@ -25,20 +25,19 @@ import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .handshake import admit, refuse
+from ._relay import CloseCode
 from .config import Limits
+from .handshake import admit, refuse
 from .keys import KeySet, Rejection
 from .routing import Route, RouteError, Router
-from ._relay import CloseCode
-
-
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
 PATH = "/v1/convai/conversation/get-signed-url"
 _MAX_RESPONSE_BYTES = 65536
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
-_STATUS = {CloseCode.AUTH_FAILED: 401, CloseCode.FORBIDDEN: 403, CloseCode.NO_ROUTE: 404, CloseCode.INTERNAL_ERROR: 500}
+_STATUS = {CloseCode.AUTH_FAILED: 401, CloseCode.FORBIDDEN: 403, CloseCode.NO_ROUTE: 404,
+           CloseCode.INTERNAL_ERROR: 500}
 
 
 class SignedUrls:
@@ -118,7 +117,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         host.auth_failed(Rejection.MISSING)
         return _json(401, {"detail": Rejection.MISSING.value})
     entry = host.keyset.lookup(keys[0].strip())
-    admitted = admit(entry, host.router, dt.datetime.now(dt.timezone.utc), agent, "elevenlabs")
+    admitted = admit(entry, host.router, dt.datetime.now(dt.UTC), agent, "elevenlabs")
     if not isinstance(admitted, Route):
         code, reason, why = admitted
         if why is not None:

@@ -156,8 +156,8 @@ class RedisStore:
 
     def __init__(self, state: State):
         import redis.asyncio
-        from redis.backoff import NoBackoff
         from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         password = None
         if state.password_file:
@@ -247,8 +247,8 @@ class RedisStore:
 def _parse(hashes: list[list[str]]) -> Totals:
     """HGETALL replies of the hour, day and month hashes -> Totals."""
     totals = _empty()
-    for window, flat in zip(WINDOWS, hashes):
-        for field, value in zip(flat[::2], flat[1::2]):
+    for window, flat in zip(WINDOWS, hashes, strict=True):
+        for field, value in zip(flat[::2], flat[1::2], strict=True):
             if field in totals[window]:
                 totals[window][field] = float(value)
     return totals

@@ -144,7 +144,7 @@ class LoopbackCA:
 
     def renew(self, now: dt.datetime | None = None) -> bool:
         """Make, rotate or re-issue what is due; True when the leaf was re-issued."""
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         if not self.files.changed() and self.due is not None and now < self.due:
             return False
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
@@ -252,7 +252,7 @@ def certificate(key: ec.EllipticCurvePrivateKey, *, name: str, days: float,
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     signer, issuer_name = (issuer[0], issuer[1].subject) if issuer else (key, subject)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)

@@ -25,16 +25,17 @@ import logging
 import random
 import ssl
 import time
+
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.http11 import Response
 from websockets.streams import StreamReader
 
+from ._relay import CloseCode
 from .config import Circuit, Config
 from .handshake import Accept
 from .metrics import Metrics
 from .routing import Route, RouteError, Router, Target, Upstream
-from ._relay import CloseCode
 
 __all__ = ["Balancer", "Health", "UpstreamError"]
 
