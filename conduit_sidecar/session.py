@@ -207,7 +207,7 @@ async def _rest(host: Host, transport, request: Request) -> bool:
                                             transport.get_extra_info("sslcontext") is not None)
     except Exception:          # a bug of ours: the client gets a status, never a hang
         log.exception("signed url failed", extra={"event": "signed_url_error"})
-        response = refuse(500, "internal error")
+        response = refuse(500, "internal error").response
     log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
     transport.write(response.serialize())
     transport.close()

@@ -36,8 +36,8 @@ __all__ = ["PATH", "SignedUrls", "answer"]
 PATH = "/v1/convai/conversation/get-signed-url"
 _MAX_RESPONSE_BYTES = 65536
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
-_STATUS = {CloseCode.AUTH_FAILED: 401, CloseCode.FORBIDDEN: 403, CloseCode.NO_ROUTE: 404,
-           CloseCode.INTERNAL_ERROR: 500}
+_STATUS: dict[int, int] = {CloseCode.AUTH_FAILED: 401, CloseCode.FORBIDDEN: 403,
+                           CloseCode.NO_ROUTE: 404, CloseCode.INTERNAL_ERROR: 500}
 
 
 class SignedUrls:
@@ -97,6 +97,7 @@ class Gate(Protocol):
     keyset: KeySet
     router: Router
     limits: Limits
+    signed_urls: SignedUrls
 
     def auth_failed(self, why: Rejection) -> None: ...
 
@@ -107,11 +108,11 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     query = urllib.parse.parse_qs(url.query)
     agents = query.get("agent_id", [])
     if len(agents) != 1 or not agents[0]:
-        return refuse(400, "agent_id is required, once")
+        return refuse(400, "agent_id is required, once").response
     agent = agents[0]
     authority = request.headers.get("Host", "")
     if not _HOST.match(authority):
-        return refuse(400, "bad Host header")
+        return refuse(400, "bad Host header").response
     keys = request.headers.get_all("xi-api-key")
     if len(keys) != 1:
         host.auth_failed(Rejection.MISSING)
@@ -123,8 +124,11 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         if why is not None:
             host.auth_failed(why)
         return _json(_STATUS.get(code, 400), {"detail": reason})
+    assert entry is not None          # admit refuses an unknown key
     try:
-        upstream = host.router.upstream(admitted, agent)
+        # The REST call goes to the first deployment: its URL, resource and secret
+        # (the route's own spec has the deployments' template fields unresolved).
+        upstream = host.router.upstream(admitted.targets[0], agent)
     except RouteError as exc:
         return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
     uri = upstream.uri

@@ -394,6 +394,9 @@ def test_elevenlabs_signed_url_is_refused_for_a_bad_key_and_unknown_signatures(n
     status, body = http_get(f"http://127.0.0.1:{native.port}/v1/convai/conversation/"
                             "get-signed-url?agent_id=a")
     assert status == 401 and "missing key" in body
+    # Bad input before the key check gets its 400, not a dropped connection.
+    status, body = http_get(f"http://127.0.0.1:{native.port}/v1/convai/conversation/get-signed-url")
+    assert status == 400 and "agent_id is required" in body
 
     async def body():
         url = (f"ws://127.0.0.1:{native.port}/v1/convai/conversation?agent_id=a"
