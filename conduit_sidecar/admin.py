@@ -46,7 +46,7 @@ def _from_loopback(transport) -> bool:
 class _AdminProtocol(asyncio.Protocol):
     def __init__(self, admin: AdminServer):
         self.admin = admin
-        self.reader = RequestReader(_MAX_REQUEST)
+        self.reader: RequestReader | None = RequestReader(_MAX_REQUEST)
 
     def connection_made(self, transport):
         self.transport = transport

@@ -116,7 +116,8 @@ def _usage(args) -> int:
     try:
         now, rows = asyncio.run(read())
     except StoreError as exc:
-        print(f"conduit-sidecar: {conf.state.url.partition('@')[2] or conf.state.url}: "
+        url = conf.state.url or ""                  # set: RedisStore needs it
+        print(f"conduit-sidecar: {url.partition('@')[2] or url}: "
               f"unavailable: {exc}", file=sys.stderr)
         return 1
     for entry, totals in rows:

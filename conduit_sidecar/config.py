@@ -8,6 +8,7 @@ and the problem.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import msgspec
@@ -143,7 +144,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 # Environment overrides: variable -> (section or None, field, type).
-_ENV = {
+_ENV: dict[str, tuple[str | None, str, Callable[[str], object]]] = {
     "CONDUIT_LISTEN": (None, "listen", str),
     "CONDUIT_ADMIN_LISTEN": (None, "admin_listen", str),
     "CONDUIT_KEYS_FILE": (None, "keys_file", str),

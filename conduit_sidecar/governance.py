@@ -33,7 +33,7 @@ from .policy import (
     window_bounds,
 )
 from .routing import BUILTIN
-from .state import LocalStore, StoreError, Totals, open_store
+from .state import LocalStore, RedisStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
     from .config import Config
@@ -47,8 +47,8 @@ TICK_SECONDS = 1.0
 # Built-in providers whose clients speak another event dialect than OpenAI's: they
 # get the close code and reason alone. Custom providers are taken to speak OpenAI's.
 _OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
-_ERROR_CODES = {_relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded",
-                _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached"}
+_ERROR_CODES: dict[int, str] = {_relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded",
+                                 _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached"}
 _BINARY = _relay.KIND_NAMES.index("binary")
 
 
@@ -76,7 +76,7 @@ class Governor:
         self.live_per_key = live_per_key
         self.model_label = model_label
         self.store = open_store(self.state)
-        self.local = LocalStore() if self.store.shared else self.store
+        self.local = self.store if isinstance(self.store, LocalStore) else LocalStore()
         self.pod = secrets.token_hex(6)
         self.available = True
         self.retry_at = 0.0
@@ -171,6 +171,7 @@ class Governor:
             self._spawn(self.flush())
 
     async def _release_lease(self, key_id: str, member: str) -> None:
+        assert isinstance(self.store, RedisStore)       # leases are taken in a shared store only
         try:
             await self._op("release", self.store.release(key_id, member))
         except StoreError:
@@ -183,7 +184,7 @@ class Governor:
 
     # -- usage and enforcement -------------------------------------------------------
 
-    def usage(self, info: SessionInfo, counts: dict[str, int], model_label: str) -> None:
+    def usage(self, info: SessionInfo, counts: dict[str, float], model_label: str) -> None:
         """Tokens of one provider usage report (metering); never awaits."""
         price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, counts) if price is not None else 0.0
@@ -301,6 +302,7 @@ class Governor:
             if live.lease is not None:
                 leases.setdefault(info.key_id, []).append(live.lease)
         if leases:
+            assert isinstance(self.store, RedisStore)   # leases are taken in a shared store only
             try:
                 await self._op("renew", self.store.renew(leases))
             except StoreError:

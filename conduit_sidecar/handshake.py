@@ -21,6 +21,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
+from websockets.typing import Origin
 
 from ._relay import CloseCode
 from .keys import KeyEntry, KeySet, Rejection
@@ -92,6 +93,7 @@ def admit(entry: KeyEntry | None, router: Router, now: dt.datetime, model: str |
            else Rejection.EXPIRED if entry.expired(now) else None)
     if why is not None:
         return CloseCode.AUTH_FAILED, why.value, why
+    assert entry is not None                        # no entry: why is UNKNOWN
     try:
         route = router.route(model, provider)
     except RouteError as exc:
@@ -110,7 +112,7 @@ def _checker(allowed_origins: tuple[str, ...] | None) -> ServerProtocol:
     one per request cost a UUID, a logger lookup and a parser generator that forms a
     reference cycle: garbage left for the cyclic GC, which grew the heap by megabytes
     under a stream of handshakes."""
-    origins = None if allowed_origins is None else [*allowed_origins, None]
+    origins = None if allowed_origins is None else [*map(Origin, allowed_origins), None]
     return ServerProtocol(origins=origins, select_subprotocol=lambda _, __: None)
 
 
@@ -183,6 +185,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         code, reason, why = admitted
         return Close(response, code, reason, entry, why)
     route = admitted
+    assert entry is not None                        # admit refuses a missing entry
     if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
         return Close(response, CloseCode.KEY_LIMIT,
                      f"key limit of {entry.max_connections} concurrent connections reached", entry)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
@@ -38,7 +38,7 @@ class _FirstMessage(asyncio.Protocol):
         self.limit = limit
         self.ws = ServerProtocol(state=OPEN, max_size=limit)
         self.raw = bytearray()
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | bytearray | memoryview] = []
         self.done = asyncio.get_running_loop().create_future()
 
     def _finish(self, value) -> None:
@@ -53,6 +53,7 @@ class _FirstMessage(asyncio.Protocol):
         self.raw += data
         self.ws.receive_data(bytes(data))
         for frame in self.ws.events_received():
+            assert isinstance(frame, Frame)         # OPEN: no handshake events any more
             if frame.opcode in _DATA:
                 self.parts.append(frame.data)
                 if frame.fin:

@@ -168,7 +168,7 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
     if not _given(raw):
         return None
     u = _strict(raw, _gemini_usage)
-    counts = dict.fromkeys(TOKEN_KINDS, 0)
+    counts: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
     counts.update(input=u.promptTokenCount, output=u.responseTokenCount,
                   input_cached=u.cachedContentTokenCount)
     for side, details in (("input", u.promptTokensDetails), ("output", u.responseTokensDetails)):
@@ -192,7 +192,7 @@ class _AssemblyTermination(msgspec.Struct):
 
 
 def _seconds_decoder(kind: str, shape: type, field: str):
-    decoder = msgspec.json.Decoder(shape)
+    decoder: msgspec.json.Decoder[msgspec.Struct] = msgspec.json.Decoder(shape)
 
     def decode(message: bytes) -> dict[str, float] | None:
         try:
@@ -227,7 +227,7 @@ class Usage:
     __slots__ = ("tokens", "seconds")
 
     def __init__(self):
-        self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
+        self.tokens: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
         self.seconds = dict.fromkeys(SECONDS_KINDS, 0.0)
 
     def add(self, counts: dict[str, float]) -> None:

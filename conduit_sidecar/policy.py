@@ -28,7 +28,7 @@ def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
     return prices[best] if best is not None else None
 
 
-def cost_usd(price: Price, tokens: dict[str, int], audio_seconds: float = 0.0) -> float:
+def cost_usd(price: Price, tokens: dict[str, float], audio_seconds: float = 0.0) -> float:
     """USD for one usage report. Cached input tokens are part of the input text count
     and billed at input_cached instead of input_text."""
     cached = min(tokens.get("input_cached", 0), tokens.get("input_text", 0))

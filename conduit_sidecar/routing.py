@@ -74,6 +74,7 @@ def _merge(name: str, user: Provider | None) -> Provider:
     """A built-in template overridden field by field by the user's section."""
     base = BUILTIN.get(name)
     if base is None:
+        assert user is not None                 # a provider not built in is a configured one
         return user
     if user is None:
         return base
@@ -109,13 +110,15 @@ class Router:
                 raise ConfigError(f"provider {name!r}: deployment names must be unique "
                                   f"(unnamed ones are labelled by index) - at "
                                   f"`$.providers.{name}.deployments`")
+            uses_model = False
             for i, target in enumerate(targets):
                 where = f"`$.providers.{name}" + (f".deployments[{i}]`" if spec.deployments else "`")
                 self._check(name, target.spec, configured=name in config.providers, where=where)
+                assert target.spec.url                  # _check refuses a deployment without one
+                uses_model = uses_model or "{model}" in target.spec.url
             template = TEMPLATES.get(name)
             query = frozenset((template.query if template else ()) + tuple(spec.query_params))
-            self.routes[name] = Route(name, spec, any("{model}" in t.spec.url for t in targets),
-                                      targets, spec.selection or "weighted", query)
+            self.routes[name] = Route(name, spec, uses_model, targets, spec.selection or "weighted", query)
         # Usable now: user sections, and built-ins that were given a secret.
         self.configured = sorted(
             n for n, r in self.routes.items()
@@ -202,6 +205,7 @@ class Router:
             if value is None:
                 raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable")
             return value.strip()
+        assert spec.secret_file is not None         # _check: a {secret} template has a source
         try:
             st = os.stat(spec.secret_file)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -230,6 +234,7 @@ class Router:
         """The URL and headers for one session at one deployment (secrets filled in), with
         the client's allowed query parameters appended and its API version kept."""
         spec = target.spec
+        assert spec.url is not None                 # _check refused a target without one
         if model and spec.model_names:
             model = spec.model_names.get(model) or next(
                 (name for pattern, name in spec.model_names.items() if match(pattern, model)),
@@ -257,6 +262,7 @@ class Router:
 
 
 def _template_text(spec: Provider) -> str:
+    assert spec.url is not None                     # built-ins have one, _check the rest
     return spec.url + "".join((spec.headers or {}).values())
 
 

@@ -220,6 +220,7 @@ class Sidecar:
         """Mounted Secrets change by file swaps: check keys and certificates."""
         while True:
             await asyncio.sleep(self.config.keys_poll_seconds)
+            assert self.watcher is not None         # start() made it before this task
             self.watcher.check()
             self.recheck_keys()             # expiry passes without a file change
             if self.tls is not None:
@@ -256,7 +257,7 @@ class Sidecar:
                                     "drain_seconds": self.config.limits.drain_seconds})
         loop = asyncio.get_running_loop()
         loop.call_later(self.config.limits.drain_seconds, self.close_all)
-        if not self.sessions:
+        if not self.sessions and self.stopped is not None:      # None: not started
             self.stopped.set()
 
     def close_all(self) -> None:
@@ -290,6 +291,8 @@ class Sidecar:
         self.trimmer.trim()
         loop = asyncio.get_running_loop()
         signals = 0
+        stopped = self.stopped
+        assert stopped is not None                  # start() made it
 
         def on_signal():
             nonlocal signals
@@ -298,11 +301,11 @@ class Sidecar:
                 self.drain()
             else:
                 self.close_all()
-                self.stopped.set()
+                stopped.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        await self.stopped.wait()
+        await stopped.wait()
         if self.sessions and signals < 2:
             # Sessions were told 1001; give their closing handshakes a moment.
             deadline = loop.time() + self.config.limits.close_timeout_seconds

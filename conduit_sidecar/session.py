@@ -25,7 +25,7 @@ from .keys import KeyEntry, KeySet, Rejection
 from .metering import Usage
 from .providers import BadPath, meter, normalise_path
 from .routing import RouteError, Router
-from .upstream import Balancer, UpstreamError
+from .upstream import Balancer, Health, UpstreamError
 
 __all__ = ["ClientHandshake", "Host", "SessionInfo"]
 
@@ -44,11 +44,11 @@ class SessionInfo:
         self.model = model
         self.provider = provider
         self.started = time.monotonic()
-        self.relay = None
+        self.relay: _relay.Relay | None = None
         self.usage = Usage()
         self.seen_activity = 0          # frames relayed at the last idle check
         self.active_at = self.started
-        self.upstream = None            # the deployment's Health; released at the end
+        self.upstream: Health | None = None     # the deployment's Health; released at the end
 
 
 class Host(Protocol):
@@ -84,12 +84,11 @@ class ClientHandshake(asyncio.Protocol):
 
     def __init__(self, host: Host):
         self.host = host
-        self.transport = None
-        self.task = None
+        self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport):
         self.transport = transport
-        self.reader = RequestReader(self.host.limits.max_request_bytes)
+        self.reader: RequestReader | None = RequestReader(self.host.limits.max_request_bytes)
         self.timer = asyncio.get_running_loop().call_later(
             self.host.limits.handshake_timeout_seconds, self._timeout)
 
@@ -100,6 +99,7 @@ class ClientHandshake(asyncio.Protocol):
     def data_received(self, data):
         if self.task is not None:
             return      # the session owns the socket; a client must wait for 101
+        assert self.reader is not None                  # dropped only when the task starts
         try:
             request = self.reader.feed(data)
         except BadRequest as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
+from collections.abc import Sequence
 
 from .config import ConfigError, State
 from .policy import METRICS, WINDOWS, window_bounds
@@ -51,7 +52,7 @@ class LocalStore:
         self.usage: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}
 
     async def admit(self, key_id: str, member: str, max_connections: int | None,
-                    per_minute: int | None, headroom: list[tuple[str, str, float]],
+                    per_minute: int | None, headroom: Sequence[tuple[str, str, float]],
                     now: dt.datetime) -> tuple[Admission, Totals]:
         totals = await self.totals(key_id, now)
         for i, (window, metric, left) in enumerate(headroom):
@@ -169,6 +170,7 @@ class RedisStore:
         self.errors = (redis.RedisError, OSError, TimeoutError)
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
+        assert state.url is not None                # config.load requires it for redis
         self.client = redis.asyncio.Redis.from_url(
             state.url, password=password, socket_timeout=state.timeout_seconds,
             socket_connect_timeout=state.timeout_seconds, retry=Retry(NoBackoff(), 0),
@@ -198,7 +200,7 @@ class RedisStore:
         return keys, expire_at
 
     async def admit(self, key_id: str, member: str, max_connections: int | None,
-                    per_minute: int | None, headroom: list[tuple[str, str, float]],
+                    per_minute: int | None, headroom: Sequence[tuple[str, str, float]],
                     now: dt.datetime) -> tuple[Admission, Totals]:
         """Check budgets (refused when a window total reached its headroom), then take
         a lease under max_connections and a session-rate slot: atomically, at once."""
@@ -232,7 +234,7 @@ class RedisStore:
 
     async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
         keys, expire_at = self.usage_keys(key_id, now)
-        args = [*expire_at] if deltas else []
+        args: list[int | str] = [*expire_at] if deltas else []
         for metric, value in deltas.items():
             args += [metric, repr(float(value))]
         return _parse(await self._call(self.add_script, keys, args))

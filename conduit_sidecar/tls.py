@@ -90,7 +90,10 @@ class ListenerTLS:
 
     def __init__(self, conf: TLS):
         self.conf = conf
-        self.authority = LoopbackCA(conf.state_dir, conf.ca_out) if conf.self_signed else None
+        self.authority: LoopbackCA | None = None
+        if conf.self_signed:
+            assert conf.state_dir and conf.ca_out           # config.load requires both
+            self.authority = LoopbackCA(conf.state_dir, conf.ca_out)
         try:
             if self.authority:
                 self.authority.renew()
@@ -98,6 +101,7 @@ class ListenerTLS:
             raise ConfigError(f"[tls] cannot write the self-signed CA: {exc}") from None
         cert_file, key_file = ((self.authority.cert_file, self.authority.key_file) if self.authority
                                else (conf.cert_file, conf.key_file))
+        assert cert_file and key_file                       # config.load requires both
         try:
             self.files = CertFiles(cert_file, key_file)
         except ConfigError as exc:
@@ -115,7 +119,7 @@ class ListenerTLS:
 
     @property
     def ready(self) -> bool:
-        return not self.conf.self_signed or os.path.exists(self.conf.ca_out)
+        return self.authority is None or os.path.exists(self.authority.ca_out)
 
 
 class LoopbackCA:

@@ -30,6 +30,7 @@ from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.http11 import Response
 from websockets.streams import StreamReader
+from websockets.typing import Subprotocol
 
 from ._relay import CloseCode
 from .config import Circuit, Config
@@ -118,7 +119,8 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
     Returns (transport, subprotocol, bytes already read past the 101)."""
     loop = asyncio.get_running_loop()
     uri = upstream.uri
-    ws = ClientProtocol(uri, subprotocols=subprotocols)
+    ws = ClientProtocol(uri, subprotocols=None if subprotocols is None
+                        else [Subprotocol(p) for p in subprotocols])
     request = ws.connect()
     for name, value in upstream.headers:
         request.headers[name] = value
@@ -231,6 +233,9 @@ class Health:
     def healthy(self) -> bool:
         return self.resting_until is None
 
+    def up(self) -> float:              # the deployment_healthy gauge
+        return float(self.healthy)
+
     def available(self, now: float) -> bool:
         """Closed, or its rest is over and nobody is probing it yet."""
         return self.resting_until is None or (now >= self.resting_until and not self.probing)
@@ -284,8 +289,7 @@ class Balancer:
         for name in router.configured:
             self.health[name] = [Health(t, config.circuit) for t in router.routes[name].targets]
             for h in self.health[name]:
-                metrics.deployment_healthy.labels(name, h.target.label).set_function(
-                    lambda h=h: float(h.healthy))
+                metrics.deployment_healthy.labels(name, h.target.label).set_function(h.up)
 
     def order(self, route: Route, now: float) -> tuple[list[Health], list[Health]]:
         """(deployments to try in order, deployments resting now)."""

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from .. import __version__
 from ..config import ADMIN_PORT, CONFIG_ENV, LISTEN_PORT, TLS_PORT, env_var
@@ -144,7 +145,7 @@ _KNOWN = set(ANNOTATIONS) | {STATUS_ANNOTATION, INJECT_LABEL}
 def settings_from_annotations(annotations: Mapping[str, str] | None,
                               defaults: Settings = Settings()) -> Settings:
     """The settings for one pod: `defaults` overridden by its conduit.dev/ annotations."""
-    changes = {}
+    changes: dict[str, Any] = {}     # each value of its field's type (ANNOTATIONS parses it)
     for key, value in (annotations or {}).items():
         if not key.startswith(PREFIX):
             continue
@@ -387,8 +388,8 @@ def inject_object(obj: Mapping, defaults: Settings = Settings()) -> dict:
         return dict(obj) if _opted_out(obj) else inject_pod(obj, defaults)
     if kind not in TEMPLATE_PARENTS:
         return dict(obj)
-    obj = copy.deepcopy(dict(obj))
-    parent = obj
+    copied = copy.deepcopy(dict(obj))
+    parent: Any = copied
     for key in TEMPLATE_PARENTS[kind]:
         parent = parent.get(key) if isinstance(parent, dict) else None
     if not isinstance(parent, dict) or not isinstance(parent.get("template"), dict):
@@ -396,7 +397,7 @@ def inject_object(obj: Mapping, defaults: Settings = Settings()) -> dict:
         raise InjectError(f"{kind} has no pod template at {where}.template")
     if not _opted_out(parent["template"]):
         parent["template"] = inject_pod(parent["template"], defaults)
-    return obj
+    return copied
 
 
 def _opted_out(pod: Mapping) -> bool:

@@ -79,6 +79,7 @@ def review_response(review, defaults: Settings = Settings()) -> dict:
     uid = request.get("uid") if isinstance(request, dict) else None
     if not isinstance(uid, str) or not uid:
         raise BadReview("not an AdmissionReview: request.uid is missing")
+    assert isinstance(request, dict)                # uid was read from it
     response: dict = {"uid": uid, "allowed": True}
     if review.get("apiVersion") != "admission.k8s.io/v1" or review.get("kind") != "AdmissionReview":
         _deny(response, "expected apiVersion admission.k8s.io/v1, kind AdmissionReview")
@@ -164,11 +165,12 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, webhook: Webhook):
         self.webhook = webhook
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-        self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future | None = None       # set when h11 has data for us
         self.writable: asyncio.Future | None = None     # set when the client reads again
         self.closed = False
         self.task: asyncio.Task | None = None
+
+    transport: asyncio.Transport        # from connection_made until _release
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -182,7 +184,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.closed:
             return
         self.transport.pause_reading()
-        self.http.receive_data(_read_buffer[:nbytes])
+        self.http.receive_data(_read_buffer[:nbytes])  # type: ignore[arg-type]  # h11 takes any buffer
         self._wake()
 
     def eof_received(self) -> bool:
@@ -247,7 +249,8 @@ class _Connection(asyncio.BufferedProtocol):
         # The TLS layer keeps bound methods of ours; without our references back the
         # cycle is gone and its buffers are freed now, not at some cyclic GC.
         self.closed = True
-        self.transport = self.http = self.waiter = self.writable = None
+        del self.transport, self.http
+        self.waiter = self.writable = None
 
     async def next_event(self):
         """h11's next event, reading while it needs data."""
@@ -297,7 +300,8 @@ class _Connection(asyncio.BufferedProtocol):
         # connection, and the client could lose the answer. It goes into a mapping of
         # its announced length: pages become resident only as bytes arrive, and all
         # go back to the system when the request ends (heap pieces would fragment).
-        body = mmap.mmap(-1, length) if length else b""
+        mapped = mmap.mmap(-1, length) if length else None
+        body = mapped if mapped is not None else bytearray()
         try:
             offset = 0
             while not isinstance(event := await self.next_event(), h11.EndOfMessage):
@@ -318,8 +322,8 @@ class _Connection(asyncio.BufferedProtocol):
                 return 400, f"{exc}\n".encode(), "text/plain"
             return 200, json.dumps(answer).encode(), "application/json"
         finally:
-            if length:
-                body.close()
+            if mapped is not None:
+                mapped.close()
 
 
 class Webhook:
@@ -343,6 +347,7 @@ class Webhook:
         return _Connection(self)
 
     async def close(self) -> None:
+        assert self.server is not None              # start() made it
         self.server.close()
         await self.server.wait_closed()
 

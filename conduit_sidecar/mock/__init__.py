@@ -18,7 +18,8 @@ import base64
 import itertools
 
 import msgspec
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 
 from . import native
 
@@ -34,8 +35,8 @@ class MockProvider:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl=None, shape: str = "openai"):
         self.host, self.port, self.ssl = host, port, ssl
-        self.requests = []          # (path, headers) of every handshake, for tests
-        self.server = None
+        self.requests: list[tuple[str, Headers]] = []   # (path, headers) of every handshake, for tests
+        self.server: Server | None = None
         self.handler = self._handle if shape in ("openai", "azure") else native.SHAPES[shape]
         self.rest = native.REST.get(shape)
 
@@ -45,13 +46,14 @@ class MockProvider:
         return f"{scheme}://{self.host}:{self.port}"
 
     async def __aenter__(self):
-        self.server = await serve(self._serve, self.host, self.port, ssl=self.ssl,
+        self.server = server = await serve(self._serve, self.host, self.port, ssl=self.ssl,
                                   compression=None, max_size=None, process_request=self._record,
                                   select_subprotocol=lambda _, offered: offered[0] if offered else None)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.port = server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc):
+        assert self.server is not None              # __aenter__ started it
         self.server.close()
         await self.server.wait_closed()
 

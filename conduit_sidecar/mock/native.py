@@ -31,6 +31,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _query(ws: ServerConnection) -> dict[str, str]:
+    assert ws.request is not None                   # the handshake is done
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(ws.request.path).query))
 
 
