@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Process", "admin_ready", "free_port", "port_open", "sidecar_command"]
 

@@ -9,6 +9,8 @@ the heap. Elsewhere (musl, macOS) there is no such call and this does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["Trimmer"]
 
 
@@ -25,7 +27,7 @@ class Trimmer:
         self.drop = drop
         self.peak = self.last = 0
         self.falling = False        # a fall of `drop` or more is under way
-        self._trim = None
+        self._trim: Callable[[], object] | None = None
 
     def grew(self, live: int) -> None:
         if live > self.peak:
@@ -49,8 +51,8 @@ class Trimmer:
         self._trim()
 
 
-def _malloc_trim():
-    import ctypes       # only once there is something to give back
+def _malloc_trim() -> Callable[[], object]:
+    import ctypes  # only once there is something to give back
 
     try:
         trim = ctypes.CDLL(None).malloc_trim
