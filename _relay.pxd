@@ -3,6 +3,10 @@
 
 from libc.stdint cimport uint8_t, uint64_t
 
+cdef extern from "_tls.h":
+    ctypedef struct SSL:
+        pass
+
 cdef enum:
     # Longest frame header: 2 + 8 (64-bit length) + 4 (mask key).
     HEADER_MAX = 14
@@ -73,12 +77,18 @@ cdef class Leg(Endpoint):
     cdef Pipe outbound         # frames written to this socket
     cdef object transport
     cdef object write_buffer_size
-    cdef int fd                # -1 when writes must go through the transport (TLS)
+    cdef int fd                # -1 when writes must go through the transport (uvloop's TLS)
+    cdef SSL* ssl              # a TLS leg the relay encrypts itself (NULL: plain, or uvloop's)
+    cdef object tls            # the ssl.SSLObject that owns `ssl` (kept as long as the leg)
     cdef bint backlog          # the transport holds unsent bytes: keep order, write through it
     cdef bytes queued_notice   # a text frame to send just before queued_close
     cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 
-    cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound) except -1
+    cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
+                    object tls) except -1
+    cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef int read_tls(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef int flush_tls(self) except -1
     cdef int shut(self) except -1
     cdef int drop(self) except -1
 

@@ -37,9 +37,20 @@ forwarded; a frame in flight to the peer delays ours to its end (`CLOSE_QUEUED*`
 (it violated the protocol, or the other peer is gone). A violator's bytes are
 never read again: its pipe has a verdict. Frames are forwarded only from a leg
 whose peer has not closed, to a leg no close was sent to.
+
+TLS legs (the provider's wss, the loopback wss listener) are encrypted here, by
+OpenSSL called directly, when the build found its headers (`NATIVE_TLS`): the
+handshake and the upgrade run in Python over an `ssl.SSLObject` with memory BIOs
+(`conduit_sidecar.tlsleg`), then the leg takes that object's SSL and reads whole
+records per socket read, with no Python call per record. Without it, TLS legs are
+uvloop's SSL transports, written through `transport.write`.
 """
 
 import os
+import ssl
+import sys
+
+from cpython.object cimport PyObject
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING
@@ -52,6 +63,28 @@ cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hn, const void* needle, size_t nn)
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+cdef extern from "_tls.h":
+    enum: CONDUIT_HAVE_OPENSSL
+    enum: SSL_ERROR_WANT_READ
+    enum: SSL_ERROR_ZERO_RETURN
+    ctypedef struct BIO:
+        pass
+    ctypedef struct conduit_ssl_socket:
+        SSL* ssl
+    ctypedef struct conduit_memory_bio:
+        BIO* bio
+    int SSL_read_ex(SSL* s, void* buf, size_t num, size_t* readbytes)
+    int SSL_write_ex(SSL* s, const void* buf, size_t num, size_t* written)
+    int SSL_get_error(const SSL* s, int ret)
+    int SSL_shutdown(SSL* s)
+    BIO* SSL_get_rbio(const SSL* s)
+    BIO* SSL_get_wbio(const SSL* s)
+    int BIO_write(BIO* b, const void* data, int dlen)
+    int BIO_read(BIO* b, void* data, int dlen)
+    size_t BIO_ctrl_pending(BIO* b)
+    void ERR_clear_error()
+    unsigned long OpenSSL_version_num()
+
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     enum: MSG_NOSIGNAL
@@ -62,6 +95,10 @@ cdef double VIOLATION_GRACE = 0.1
 
 cdef enum:
     READ_SIZE = 262144
+    # TLS: the largest record's plaintext. Every SSL_read gets at least this much room
+    # (less would split records and leave bytes in OpenSSL between socket reads).
+    TLS_RECORD = 16384
+    CIPHER_SIZE = 65536
     COPY_PIECE = 65536
     HIST_BUCKETS = 12
     # Metering states of a pipe.
@@ -99,6 +136,40 @@ cdef unsigned PEER_DONE = ((1 << CLOSE_RECEIVED) | (1 << FAILED) | (1 << CLOSE_Q
 # Shared by all sessions; see the module docstring.
 cdef bytearray _read_buffer = bytearray(READ_SIZE)
 cdef uint8_t* _read_ptr = <uint8_t*>PyByteArray_AS_STRING(_read_buffer)
+# TLS legs: one read's plaintext, and records on their way to a socket. Like the read
+# buffer, nothing refers to them once a call returns (bytes not sent are copied).
+cdef uint8_t _plain[READ_SIZE]
+cdef uint8_t _cipher[CIPHER_SIZE]
+_SSLSocket = type(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(
+    ssl.MemoryBIO(), ssl.MemoryBIO())._sslobj)
+
+
+cdef SSL* ssl_of(object sslobj) except? NULL:
+    """The SSL* inside an ssl.SSLObject (see _tls.h for the layout relied on)."""
+    obj = sslobj._sslobj
+    if type(obj) is not _SSLSocket:
+        raise TypeError("not an ssl.SSLObject")
+    return (<conduit_ssl_socket*><PyObject*>obj).ssl
+
+
+def _native_tls():
+    """Whether TLS legs can be relayed by OpenSSL from here: built with its headers,
+    linked to the libssl that Python's `ssl` uses, and the _ssl object layout is the
+    one _tls.h describes (checked on a throwaway object before any session trusts it)."""
+    if not CONDUIT_HAVE_OPENSSL or OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+        return False
+    if sys.implementation.name != "cpython":
+        return False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(incoming, outgoing,
+                                                          server_hostname="localhost")
+    cdef SSL* s = ssl_of(obj)
+    return (s != NULL
+            and SSL_get_rbio(s) == (<conduit_memory_bio*><PyObject*>incoming).bio
+            and SSL_get_wbio(s) == (<conduit_memory_bio*><PyObject*>outgoing).bio)
+
+
+NATIVE_TLS = os.environ.get("CONDUIT_NATIVE_TLS", "1") != "0" and _native_tls()
 
 # Process totals, read by the metrics collector at scrape time.
 cdef uint64_t g_frames[2][KINDS]
@@ -224,13 +295,17 @@ cdef class Leg(Endpoint):
     def __cinit__(self):
         self.fd = -1
 
-    cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound) except -1:
+    cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
+                    object tls) except -1:
         self.relay = relay
         self.transport = transport
         self.inbound = inbound
         self.outbound = outbound
         self.write_buffer_size = transport.get_write_buffer_size
-        # TLS transports encrypt what they are given: no file descriptor to write to.
+        if tls is not None:     # an ssl.SSLObject past its handshake, over a plain transport
+            self.ssl = ssl_of(tls)
+            self.tls = tls
+        # uvloop's TLS transports encrypt what they are given: no file descriptor to write to.
         if transport.get_extra_info("sslcontext") is None:
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -243,6 +318,61 @@ cdef class Leg(Endpoint):
         return 0
 
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
+        cdef size_t done
+        if self.ssl == NULL:
+            return self.send_raw(data, size)
+        if self.state >= SHUT or size <= 0:
+            return 0
+        # A memory BIO takes every record: the write is whole or the TLS session failed.
+        if not SSL_write_ex(self.ssl, data, size, &done):
+            ERR_clear_error()
+            return self.drop()
+        return self.flush_tls()
+
+    cdef int flush_tls(self) except -1:
+        """Records waiting in the write BIO go to the socket."""
+        cdef BIO* out = SSL_get_wbio(self.ssl)
+        cdef int n
+        while BIO_ctrl_pending(out) > 0:
+            n = BIO_read(out, _cipher, CIPHER_SIZE)
+            if n <= 0:
+                break
+            self.send_raw(_cipher, n)
+        return 0
+
+    cdef int read_tls(self, const uint8_t* data, Py_ssize_t size) except -1:
+        """Bytes read from a TLS leg's socket: every whole record is decrypted, and the
+        plaintext of one read goes to the pipe at once (as a plain leg's read does)."""
+        cdef size_t got
+        cdef Py_ssize_t have = 0
+        cdef int err = SSL_ERROR_WANT_READ
+        if size > 0 and BIO_write(SSL_get_rbio(self.ssl), data, <int>size) != size:
+            raise MemoryError()
+        while True:
+            if READ_SIZE - have < TLS_RECORD:
+                self.inbound.feed(_plain, have)
+                have = 0
+                if self.relay is None or self.relay.done or self.inbound.verdict_code:
+                    return 0
+            if SSL_read_ex(self.ssl, _plain + have, READ_SIZE - have, &got):
+                have += got
+                continue
+            err = SSL_get_error(self.ssl, 0)
+            ERR_clear_error()
+            break
+        if have:
+            self.inbound.feed(_plain, have)
+        if self.state >= SHUT:
+            return 0
+        self.flush_tls()        # answers to post-handshake messages (key updates)
+        if err == SSL_ERROR_ZERO_RETURN:
+            self.shut()         # the peer's close_notify: like a plain leg's EOF
+        elif err != SSL_ERROR_WANT_READ:
+            self.drop()         # a bad record or alert: connection_lost follows
+        return 0
+
+    cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1:
+        """Bytes for the socket as they are (a plain leg's frames, a TLS leg's records)."""
         cdef ssize_t sent
         cdef Py_ssize_t piece
         if self.state >= SHUT or size <= 0:
@@ -303,6 +433,11 @@ cdef class Leg(Endpoint):
     cdef int shut(self) except -1:
         """Close the socket once what was written is out."""
         if self.state < SHUT:
+            if self.ssl != NULL:
+                # close_notify, then the TCP close once it is out.
+                SSL_shutdown(self.ssl)
+                ERR_clear_error()
+                self.flush_tls()
             self.set_state(SHUT)
             self.transport.close()
         return 0
@@ -325,7 +460,10 @@ cdef class Leg(Endpoint):
         if self.relay is None or self.relay.done or self.inbound.verdict_code:
             return
         cdef uint64_t t0 = now_ns()
-        self.inbound.feed(_read_ptr, nbytes)
+        if self.ssl != NULL:
+            self.read_tls(_read_ptr, nbytes)
+        else:
+            self.inbound.feed(_read_ptr, nbytes)
         observe(now_ns() - t0)
 
     def eof_received(self):
@@ -683,14 +821,20 @@ cdef class Relay:
         self.c2u.dst = self.u2c.src = self.upstream
 
     def start(self, client_transport, upstream_transport, bytes client_early=b"",
-              bytes upstream_early=b""):
-        """Take over both transports; forward bytes already read past each handshake."""
-        self.client.attach(self, client_transport, self.c2u, self.u2c)
-        self.upstream.attach(self, upstream_transport, self.u2c, self.c2u)
+              bytes upstream_early=b"", client_tls=None, upstream_tls=None):
+        """Take over both transports; forward bytes already read past each handshake.
+        A `*_tls` SSLObject (NATIVE_TLS) makes that leg TLS over its plain transport;
+        records it holds unread are relayed now, after the early bytes."""
+        self.client.attach(self, client_transport, self.c2u, self.u2c, client_tls)
+        self.upstream.attach(self, upstream_transport, self.u2c, self.c2u, upstream_tls)
         if upstream_early:
             self.u2c.feed(<uint8_t*>PyBytes_AS_STRING(upstream_early), len(upstream_early))
+        if upstream_tls is not None and not self.done and not self.u2c.verdict_code:
+            self.upstream.read_tls(NULL, 0)
         if client_early and not self.done:
             self.c2u.feed(<uint8_t*>PyBytes_AS_STRING(client_early), len(client_early))
+        if client_tls is not None and not self.done and not self.c2u.verdict_code:
+            self.client.read_tls(NULL, 0)
 
     def close(self, int client_code, str client_reason, int upstream_code, str upstream_reason,
               bytes client_notice=None):

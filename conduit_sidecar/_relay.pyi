@@ -2,6 +2,7 @@
 
 import asyncio
 import enum
+import ssl
 from collections.abc import Callable
 
 KIND_NAMES: tuple[str, str, str, str, str, str]
@@ -9,6 +10,7 @@ DIRECTION_NAMES: tuple[str, str]
 HISTOGRAM_BOUNDS: tuple[float, ...]
 SNIFF_BYTES: int
 SNIFF_BYTES_MAX: int
+NATIVE_TLS: bool    # TLS legs encrypted by OpenSSL from the relay (else uvloop's SSL transport)
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
@@ -104,7 +106,8 @@ class Relay:
     def activity(self) -> int: ...
     def start(self, client_transport: asyncio.BaseTransport,
               upstream_transport: asyncio.BaseTransport, client_early: bytes = b"",
-              upstream_early: bytes = b"") -> None: ...
+              upstream_early: bytes = b"", client_tls: ssl.SSLObject | None = None,
+              upstream_tls: ssl.SSLObject | None = None) -> None: ...
     def close(self, client_code: int, client_reason: str, upstream_code: int,
               upstream_reason: str, client_notice: bytes | None = None) -> None: ...
     def abort(self) -> None: ...

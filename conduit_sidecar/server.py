@@ -23,6 +23,7 @@ from .routing import Router
 from .session import ClientHandshake, SessionInfo
 from .signed_urls import SignedUrls
 from .tls import ListenerTLS
+from .tlsleg import TLSStream
 from .trim import Trimmer
 from .upstream import Balancer
 
@@ -196,10 +197,18 @@ class Sidecar:
         if self.config.tls is not None:
             self.tls = ListenerTLS(self.config.tls)
             host, port = split_hostport(self.config.tls.listen)
-            server = await loop.create_server(
-                lambda: ClientHandshake(self), host, port, ssl=self.tls.context,
-                ssl_handshake_timeout=self.config.limits.handshake_timeout_seconds,
-                reuse_address=True, backlog=4096)
+            if _relay.NATIVE_TLS:
+                # The relay encrypts these legs itself; ClientHandshake's timer covers
+                # the TLS handshake as well as the upgrade request.
+                context = self.tls.context
+                server = await loop.create_server(
+                    lambda: TLSStream(context, ClientHandshake(self), server_side=True),
+                    host, port, reuse_address=True, backlog=4096)
+            else:
+                server = await loop.create_server(
+                    lambda: ClientHandshake(self), host, port, ssl=self.tls.context,
+                    ssl_handshake_timeout=self.config.limits.handshake_timeout_seconds,
+                    reuse_address=True, backlog=4096)
             self.servers.append(server)
             self.listening["tls"] = server.sockets[0].getsockname()[:2]
         self.admin = AdminServer(self.config.admin_listen, self.metrics.registry,

@@ -17,7 +17,7 @@ from typing import Protocol
 import msgspec
 from websockets.http11 import Request
 
-from . import _relay, held, signed_urls
+from . import _relay, held, signed_urls, tlsleg
 from .config import Limits
 from .handshake import Accept, Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
@@ -307,9 +307,11 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     relay.session = info
     info.relay = relay
     host.count("accepted")
+    transport, client_tls = tlsleg.handover(transport)
+    upstream, upstream_tls = tlsleg.handover(upstream)
     transport.set_protocol(_HANDED_OVER)
     upstream.set_protocol(_HANDED_OVER)
-    relay.start(transport, upstream, early, upstream_early)
+    relay.start(transport, upstream, early, upstream_early, client_tls, upstream_tls)
     host.started(info)
     transport.resume_reading()
     upstream.resume_reading()

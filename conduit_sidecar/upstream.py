@@ -32,6 +32,7 @@ from websockets.http11 import Response
 from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 
+from . import _relay, tlsleg
 from ._relay import CloseCode
 from .config import Circuit, Config
 from .handshake import Accept
@@ -132,8 +133,11 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
             transport, _ = await loop.create_connection(lambda: proto, uri.host, uri.port)
             if upstream.ssl is not None:
                 stage = "TLS handshake"
-                transport = await loop.start_tls(transport, proto, upstream.ssl,
-                                                 server_hostname=uri.host)
+                if _relay.NATIVE_TLS:       # the relay will encrypt this leg itself
+                    transport = await tlsleg.start_tls(transport, proto, upstream.ssl, uri.host)
+                else:
+                    transport = await loop.start_tls(transport, proto, upstream.ssl,
+                                                     server_hostname=uri.host)
                 proto.transport = transport
             stage = "WebSocket handshake"
             proto.send_request()

@@ -1,0 +1,191 @@
+"""TLS legs the relay encrypts itself (`_relay.NATIVE_TLS`): until the relay takes
+the socket, a `TLSStream` runs the TLS handshake and carries the HTTP upgrade over
+an `ssl.SSLObject` and two memory BIOs, on a plain uvloop transport. It is the
+transport the handshake protocols see; `handover` gives the relay the plain
+transport and the SSLObject (records not yet read stay in its BIO for the relay).
+
+Verification, SNI, the hostname check, the minimum version and every handshake
+exception are the SSLContext's and the SSLObject's, as with uvloop's SSL transport
+(which wraps the same object). Without NATIVE_TLS the callers keep uvloop's
+transport (`loop.start_tls`, `create_server(ssl=...)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+__all__ = ["TLSStream", "handover", "start_tls"]
+
+_READ = 65536
+
+
+class TLSStream(asyncio.Protocol):
+    """The protocol of a plain transport and the transport of `app`, with TLS
+    between them. Server side: `app` is told of the connection at once (its own
+    timer then covers the TLS handshake too). Client side: see `start_tls`."""
+
+    def __init__(self, context: ssl.SSLContext, app: asyncio.BaseProtocol, *,
+                 server_side: bool = False, server_hostname: str | None = None):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side,
+                                       server_hostname)
+        self.app = app
+        self.server_side = server_side
+        self.raw = None
+        self.handshaken = False
+        self.waiter: asyncio.Future | None = None     # the client's handshake
+        self.paused = False
+        self.closing = False
+
+    # protocol of the plain transport
+
+    def connection_made(self, raw):
+        self.raw = raw
+        if self.server_side:
+            self.app.connection_made(self)
+        else:
+            self._handshake()       # the ClientHello
+
+    def data_received(self, data):
+        self.incoming.write(data)
+        if self.handshaken or self._handshake():
+            self._deliver()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
+        if self.server_side or self.handshaken:
+            self.app.connection_lost(exc)
+
+    def pause_writing(self):
+        self.app.pause_writing()
+
+    def resume_writing(self):
+        self.app.resume_writing()
+
+    def _handshake(self) -> bool:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()       # the alert, if any
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_exception(exc)
+            else:
+                self.raw.abort()
+            return False
+        self._flush()
+        self.handshaken = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        return True
+
+    def _deliver(self):
+        """Decrypted bytes to the app, until it pauses (the rest stays for the relay)."""
+        while not self.paused and not self.raw.is_closing():
+            try:
+                data = self.sslobj.read(_READ)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLError:
+                self.raw.abort()
+                return
+            if not data:
+                if not self.app.eof_received():
+                    self.close()
+                break
+            self.app.data_received(data)
+        self._flush()
+
+    def _flush(self):
+        data = self.outgoing.read()
+        if data:
+            self.raw.write(data)
+
+    # transport of the app
+
+    def write(self, data):
+        if self.closing:
+            return
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLError:
+            self.raw.abort()
+            return
+        self._flush()
+
+    def close(self):
+        if self.closing:
+            return
+        self.closing = True
+        if self.handshaken:
+            try:
+                self.sslobj.unwrap()        # close_notify; the peer's is not awaited
+            except ssl.SSLError:
+                pass
+            self._flush()
+        self.raw.close()
+
+    def abort(self):
+        self.closing = True
+        self.raw.abort()
+
+    def is_closing(self):
+        return self.closing or self.raw.is_closing()
+
+    def pause_reading(self):
+        self.paused = True
+        self.raw.pause_reading()
+
+    def resume_reading(self):
+        self.paused = False
+        self.raw.resume_reading()
+        if self.handshaken:     # records already in the BIO
+            asyncio.get_running_loop().call_soon(self._deliver)
+
+    def set_protocol(self, protocol):
+        self.app = protocol
+
+    def get_protocol(self):
+        return self.app
+
+    def get_write_buffer_size(self):
+        return self.raw.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.raw.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name, default=None):
+        if name == "ssl_object":
+            return self.sslobj
+        if name == "sslcontext":
+            return self.sslobj.context
+        if name == "peercert":
+            return self.sslobj.getpeercert()
+        return self.raw.get_extra_info(name, default)
+
+
+async def start_tls(raw, app, context: ssl.SSLContext, server_hostname: str) -> TLSStream:
+    """The client's TLS handshake on `raw` (whose protocol `app` already is); raises
+    what the SSLObject raises (ssl.SSLCertVerificationError, ...)."""
+    stream = TLSStream(context, app, server_hostname=server_hostname)
+    stream.waiter = asyncio.get_running_loop().create_future()
+    raw.set_protocol(stream)
+    stream.connection_made(raw)
+    await stream.waiter
+    return stream
+
+
+def handover(transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
+    """(the transport for the relay, the SSLObject it encrypts with, or None)."""
+    if isinstance(transport, TLSStream):
+        return transport.raw, transport.sslobj
+    return transport, None
