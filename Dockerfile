@@ -5,12 +5,14 @@
 # it works with readOnlyRootFilesystem: true.
 
 FROM python:3.11-slim AS build
-# A C compiler for the Cython relay (_relay.pyx); the dependencies come as wheels.
+# A C compiler for the Cython relay (_relay.pyx), and OpenSSL's headers so that it
+# encrypts TLS legs itself (the runtime's libssl3 is the one Python's ssl uses); the
+# dependencies come as wheels.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md _relay.pyx _relay.pxd ./
+COPY pyproject.toml setup.py README.md _relay.pyx _relay.pxd _tls.h ./
 COPY conduit_sidecar/ conduit_sidecar/
 # The project's wheel plus a wheel of every dependency, so the runtime stage installs
 # offline and needs no compiler.

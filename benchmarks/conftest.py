@@ -64,15 +64,20 @@ SECTIONS = {
     "plain": ("End to end on loopback, ws on both legs",
               ["direct", "naive", "nginx", "sidecar", "sidecar-redis"],
               [("sidecar", "nginx"), ("sidecar", "naive"), ("sidecar-redis", "sidecar")]),
+    # sidecar-uvloop: TLS legs on uvloop's SSL transport (CONDUIT_NATIVE_TLS=0, the
+    # fallback build's path), sidecar: encrypted by the relay's OpenSSL calls.
     "tls": ("Provider leg over TLS (upstream wss, verified against the bench CA)",
-            ["direct", "naive", "nginx", "sidecar"], [("sidecar", "nginx"), ("sidecar", "naive")]),
+            ["direct", "naive", "nginx", "sidecar-uvloop", "sidecar"],
+            [("sidecar", "nginx"), ("sidecar-uvloop", "nginx"), ("sidecar", "naive")]),
     "listener": ("Client leg over TLS: the sidecar's wss listener vs its ws listener (upstream ws)",
-                 ["sidecar", "sidecar-wss"], [("sidecar-wss", "sidecar")]),
+                 ["sidecar", "sidecar-wss-uvloop", "sidecar-wss"],
+                 [("sidecar-wss", "sidecar"), ("sidecar-wss-uvloop", "sidecar")]),
     "memory": ("Memory of a fresh sidecar seen from outside (RSS; benchmarks/memory.py)",
                ["sidecar"], []),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "
-                 "it limited the run)"), ["direct", "naive", "nginx", "sidecar", "sidecar-redis",
-                                      "sidecar-wss"], []),
+                 "it limited the run)"),
+                ["direct", "naive", "nginx", "sidecar", "sidecar-redis", "sidecar-uvloop",
+                 "sidecar-wss-uvloop", "sidecar-wss"], []),
 }
 RESULTS: dict[str, dict[str, dict[str, float]]] = {s: {} for s in SECTIONS}
 
@@ -127,18 +132,21 @@ class Columns:
             return harness.proxy_target(column, proc, port)
         if column == "sidecar-redis":
             s = self._once(("sidecar-redis",), lambda: self._sidecar(
-                up, None, None, self._once(("redis",), lambda: self._keep(harness.redis(self.workdir)))[1]))
+                up, None, None, redis_port=self._once(
+                    ("redis",), lambda: self._keep(harness.redis(self.workdir)))[1]))
             return harness.sidecar_target(column, s)
         listener = self.certs() if section == "listener" else None
-        s = self._once(("sidecar", section), lambda: self._sidecar(up, certs, listener))
-        if column == "sidecar-wss":
+        uvloop_tls = column.endswith("-uvloop")
+        s = self._once(("sidecar", section, uvloop_tls),
+                       lambda: self._sidecar(up, certs, listener, uvloop_tls))
+        if column.startswith("sidecar-wss"):
             if s.tls_port is None:
                 raise Unavailable("this sidecar build does not serve [tls] listen (nothing accepts on its port)")
             return harness.sidecar_target(column, s, harness.client_context(listener))
         return harness.sidecar_target(column, s)
 
-    def _sidecar(self, up, certs, listener, redis_port=None):
-        s = harness.sidecar(self.workdir, up, certs, listener, redis_port)
+    def _sidecar(self, up, certs, listener, uvloop_tls=False, redis_port=None):
+        s = harness.sidecar(self.workdir, up, certs, listener, redis_port, uvloop_tls)
         self.processes.append(s.process)
         return s
 

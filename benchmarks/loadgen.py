@@ -151,7 +151,7 @@ async def connect(target: Target, model: str, hello: bool = True) -> Client:
 
 
 class Cpu:
-    """CPU seconds of processes (from /proc/PID/stat) and of this one, over a window."""
+    """CPU seconds of processes (from schedstat) and of this one, over a window."""
 
     def __init__(self, pids: list[int]):
         self.pids = pids
@@ -164,12 +164,17 @@ class Cpu:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
+    """Run time of every thread, in exact nanoseconds (/proc/PID/stat's ticks round to
+    0.25 µs per frame in the sessions case and swing ±15% between runs)."""
+    ns = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])       # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    ns += int(f.read().split()[0])
+            except OSError:
+                pass        # a thread that just ended
+    return ns / 1e9
 
 
 def rss_bytes(pids: list[int]) -> int:

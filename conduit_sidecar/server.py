@@ -223,6 +223,7 @@ class Sidecar:
             "listen": "{}:{}".format(*self.listening["listen"]),
             "admin_listen": "{}:{}".format(*self.listening["admin"]),
             "tls_listen": "{}:{}".format(*self.listening["tls"]) if "tls" in self.listening else None,
+            "tls_relay": "openssl" if _relay.NATIVE_TLS else "uvloop",
             "providers": self.router.configured, "keys": len(self.keyset)})
 
     async def _poll(self) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the relay with AddressSanitizer + UndefinedBehaviorSanitizer into a scratch
-# directory and run the scanner tests and the in-process relay tests (real sockets)
-# against that build. Fails on any report.
+# directory and run the scanner tests and the in-process relay tests (real sockets;
+# both legs TLS with OpenSSL called from the relay in test_relay_tls) against that
+# build. Fails on any report.
 #   bash scripts/asan.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,10 +11,11 @@ build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -g -O1"
 # A copy of the sources, so the editable install in this checkout is left alone.
-cp setup.py _relay.pyx _relay.pxd "$build"/
+cp setup.py _relay.pyx _relay.pxd _tls.h "$build"/
 mkdir -p "$build/conduit_sidecar" "$build/tests" && cp conduit_sidecar/*.py "$build/conduit_sidecar/"
 cp tests/test_scanner.py tests/test_scanner_properties.py tests/reference_parser.py \
-   tests/test_relay_notice.py tests/conftest.py "$build/tests/"
+   tests/test_relay_notice.py tests/test_relay_tls.py tests/conftest.py tests/certs.py \
+   "$build/tests/"
 (cd "$build" && CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
    python3 setup.py -q build_ext --inplace >/dev/null 2>build.log) || { cat "$build/build.log"; exit 1; }
 libasan=$(gcc -print-file-name=libasan.so)

@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ ! -e /usr/include/openssl/ssl.h ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  # OpenSSL's headers: the relay then encrypts TLS legs itself (else uvloop's SSL transport).
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libssl-dev \
+    >/dev/null 2>&1 || echo "test.sh: libssl-dev not installed; TLS legs will use uvloop's SSL"
+fi
 python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into conduit_sidecar._relay
 if command -v npm >/dev/null; then
   npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, @google/genai, @deepgram/sdk, playwright-core

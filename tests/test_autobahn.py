@@ -7,7 +7,8 @@ through the sidecar than against the baseline without it:
 * run A (client-facing leg): `wstest -m fuzzingclient` against the echo provider
   alone and against the sidecar in front of it;
 * run B (provider-facing leg): `wstest -m fuzzingserver` with the websockets echo
-  driver directly and with the driver reaching it through the sidecar.
+  driver directly and with the driver reaching it through the sidecar;
+* run C: run B with the fuzzing server behind TLS (the provider leg is wss).
 
 A case counts as worse only if it is worse in every attempt (see run.py: some
 cases race by design). Reports: `.autobahn/reports/run-{a,b}/index.json`.
@@ -69,3 +70,8 @@ def test_client_leg_fuzzingclient(autobahn):
 def test_provider_leg_fuzzingserver(autobahn):
     """Run B: the sidecar as a WebSocket client is no worse than websockets directly."""
     _gate(autobahn, "B", "websockets-direct")
+
+
+def test_provider_leg_over_tls_fuzzingserver(autobahn):
+    """Run C: the same over a verified wss provider leg (the relay's TLS path)."""
+    _gate(autobahn, "C", "websockets-direct")

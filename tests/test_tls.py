@@ -63,6 +63,14 @@ def tls_env(tmp_path_factory, mock_provider):
     sidecar.stop()
 
 
+def test_both_tls_legs_are_the_relays_own_when_built_with_openssl(tls_env):
+    """The TLS tests here run the path this build has: the relay's OpenSSL calls when
+    it was built with the headers (NATIVE_TLS), else uvloop's SSL transport."""
+    from conduit_sidecar import _relay
+    started = next(line for line in tls_env[0].log_lines() if line.get("event") == "start")
+    assert started["tls_relay"] == ("openssl" if _relay.NATIVE_TLS else "uvloop")
+
+
 def client_ssl(cafile):
     return ssl.create_default_context(cafile=cafile)
 

@@ -10,6 +10,9 @@ Run B: `wstest -m fuzzingserver` tests a WebSocket *client*: the driver
 provider whose URL is the fuzzing server's `runCase` (agent `conduit-sidecar`).
 This exercises the sidecar's provider-facing leg.
 
+Run C: run B with the fuzzing server behind TLS (a throwaway CA and leaf): the
+sidecar's provider leg is wss, verified, and encrypted the way production's is.
+
 The gate, per run and case by case: the sidecar's result is no worse than the
 baseline's (OK < NON-STRICT = INFORMATIONAL < UNIMPLEMENTED < FAILED, compared for
 both `behavior` and `behaviorClose`). Cases 12.* and 13.* (permessage-deflate) are
@@ -19,7 +22,7 @@ The suite is Python 2 code: it is installed once with Python 2.7's pip into a
 cache directory (default `.autobahn/` in the repo root) and started with
 `wstest.py`. Everything listens on 127.0.0.1 on free ports.
 
-    python scripts/autobahn/run.py                 # both runs, gate, summary table
+    python scripts/autobahn/run.py                 # all three runs, gate, summary table
     python scripts/autobahn/run.py --runs a --cases '1.*,2.*'
     python scripts/autobahn/run.py --no-sidecar    # baselines only
 """
@@ -163,6 +166,24 @@ def ensure_suite(cache_dir: str, python2: str) -> str:
     return site_dir
 
 
+# ---------------------------------------------------------------- certificates
+
+@dataclass
+class Certs:
+    ca: str
+    cert: str
+    key: str
+
+
+def make_certs(workdir: str) -> Certs:
+    """A throwaway CA and a leaf for 127.0.0.1 (tests/certs.py) for run C."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from certs import CA
+    ca = CA("autobahn test CA")
+    cert, key = ca.issue(workdir, ("127.0.0.1",), "fuzzingserver")
+    return Certs(ca.write(os.path.join(workdir, "ca.pem")), cert, key)
+
+
 # ---------------------------------------------------------------- processes
 
 @dataclass
@@ -222,7 +243,8 @@ def new_key(workdir: str) -> tuple[str, dict]:
     return key, entry
 
 
-def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None) -> tuple[Proc, int, str]:
+def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None,
+                  tls_port: int | None = None, ca_file: str | None = None) -> tuple[Proc, int, str]:
     key, entry = new_key(workdir)
     keys_file = os.path.join(workdir, "keys.json")
     with open(keys_file, "w") as f:
@@ -237,6 +259,12 @@ def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None) -> tuple[
         providers += f"""
         [providers.autobahn]
         url = "ws://127.0.0.1:{fuzz_port}/runCase?case={{model}}&agent={SIDECAR}"
+        """
+    if tls_port:
+        providers += f"""
+        [providers.autobahn-tls]
+        url = "wss://127.0.0.1:{tls_port}/runCase?case={{model}}&agent={SIDECAR}"
+        ca_file = "{ca_file}"
         """
     with open(conf, "w") as f:
         f.write(textwrap.dedent(f"""\
@@ -285,7 +313,7 @@ def wstest(python2: str, site_dir: str, mode: str, spec: dict, workdir: str, nam
 class Options:
     cases: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: list(EXCLUDE))
-    runs: str = "ab"
+    runs: str = "abc"
     sidecar: bool = True
     out: str = os.path.join(ROOT, ".autobahn", "reports")
     cache: str = os.path.join(ROOT, ".autobahn")
@@ -318,13 +346,18 @@ def run_a(opts: Options, python2: str, site_dir: str, workdir: str, echo_port: i
 
 
 def run_b(opts: Options, python2: str, site_dir: str, workdir: str, fuzz_port: int,
-          sidecar_port: int | None, key: str | None, cases: list[str], name: str) -> str:
-    """fuzzingserver; the driver directly, then the driver through the sidecar."""
+          sidecar_port: int | None, key: str | None, cases: list[str], name: str,
+          tls: Certs | None = None) -> str:
+    """fuzzingserver; the driver directly, then the driver through the sidecar. With
+    `tls` (run C) the fuzzing server listens with TLS: the sidecar's provider leg is
+    wss, verified against `tls.ca`, and so is the direct driver's connection."""
     outdir = os.path.join(opts.out, name)
     shutil.rmtree(outdir, ignore_errors=True)
-    fuzz = f"ws://127.0.0.1:{fuzz_port}"
+    fuzz = f"{'wss' if tls else 'ws'}://127.0.0.1:{fuzz_port}"
     spec = {"url": fuzz, "outdir": outdir, "cases": cases,
             "exclude-cases": opts.exclude, "exclude-agent-cases": {}}
+    if tls:
+        spec.update(cert=tls.cert, key=tls.key)
     server = wstest(python2, site_dir, "fuzzingserver", spec, workdir, f"{name}-fuzzingserver")
     try:
         wait_port(fuzz_port, server.proc, "fuzzingserver")
@@ -333,13 +366,15 @@ def run_b(opts: Options, python2: str, site_dir: str, workdir: str, fuzz_port: i
         runs = [(DIRECT, [])]
         if sidecar_port:
             via = (f"ws://127.0.0.1:{sidecar_port}/v1/realtime/connect"
-                   "?model={case}&provider=autobahn")
+                   f"?model={{case}}&provider=autobahn{'-tls' if tls else ''}")
             runs.append((SIDECAR, ["--via", via,
                                    *(a for h in driver_key_headers(key) for a in ("--header", h))]))
         for agent, extra in runs:
             log(f"{name}: fuzzingserver, driver as {agent}")
             proc = Proc(f"driver {agent}", [*driver, "--agent", agent, *extra],
-                        os.path.join(workdir, f"{name}-driver-{agent}.log")).start()
+                        os.path.join(workdir, f"{name}-driver-{agent}.log"),
+                        # websockets' default context trusts the test CA this way.
+                        env={**os.environ, "SSL_CERT_FILE": tls.ca} if tls else None).start()
             code = proc.wait(opts.timeout)
             proc.stop()
             if code != 0:
@@ -482,9 +517,12 @@ def run_all(opts: Options) -> Result:
         echo, echo_port = start_echo(workdir)
         procs.append(echo)
         fuzz_port = free_port() if "b" in opts.runs else None
+        tls_port = free_port() if "c" in opts.runs else None
+        certs = make_certs(workdir) if tls_port else None
         sidecar_port = key = None
         if opts.sidecar:
-            sidecar, sidecar_port, key = start_sidecar(workdir, echo_port, fuzz_port)
+            sidecar, sidecar_port, key = start_sidecar(workdir, echo_port, fuzz_port, tls_port,
+                                                       certs.ca if certs else None)
             procs.append(sidecar)
         plan = []
         if "a" in opts.runs:
@@ -493,6 +531,10 @@ def run_all(opts: Options) -> Result:
         if "b" in opts.runs:
             plan.append(("B", DIRECT, lambda cases, name: run_b(
                 opts, python2, site_dir, workdir, fuzz_port, sidecar_port, key, cases, name)))
+        if "c" in opts.runs:
+            plan.append(("C", DIRECT, lambda cases, name: run_b(
+                opts, python2, site_dir, workdir, tls_port, sidecar_port, key, cases, name,
+                certs)))
         for run, baseline, execute in plan:
             t = time.monotonic()
             indexes[run] = execute(opts.cases, f"run-{run.lower()}")
@@ -526,7 +568,8 @@ def run_all(opts: Options) -> Result:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default="ab", help="'a', 'b' or 'ab' (default)")
+    p.add_argument("--runs", default="abc",
+                   help="any of 'a', 'b', 'c' (run B over TLS); default: 'abc'")
     p.add_argument("--cases", default="*", help="comma-separated case patterns (default: *)")
     p.add_argument("--no-sidecar", action="store_true", help="baselines only")
     p.add_argument("--out", default=Options.out, help="reports directory")

@@ -1,0 +1,196 @@
+"""The relay's own TLS legs (`_relay.NATIVE_TLS`): both legs TLS, the relay in this
+process between a websockets client (wss) and an upstream over loopback, the
+handshakes run by `tlsleg` as the sidecar runs them. Byte-exact transfers, the
+closing handshake with close_notify, and a provider whose TLS breaks.
+
+No sidecar process: scripts/asan.sh runs it on the sanitized build."""
+
+import asyncio
+import base64
+import os
+import ssl
+import tempfile
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from certs import CA
+from conduit_sidecar import _relay, tlsleg
+from conftest import run, switching_protocols
+
+pytestmark = pytest.mark.skipif(not _relay.NATIVE_TLS,
+                                reason="relay built without OpenSSL headers (uvloop's TLS is used)")
+
+
+@pytest.fixture(scope="module")
+def pki():
+    with tempfile.TemporaryDirectory() as d:
+        ca = CA()
+        cafile = ca.write(os.path.join(d, "ca.pem"))
+        server = ca.server_context(d)
+        client = ssl.create_default_context(cafile=cafile)
+        yield server, client
+
+
+class _Head(asyncio.Protocol):
+    """Collects an HTTP head; the relay takes the transport over after it."""
+
+    def __init__(self):
+        self.data = b""
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+        if b"\r\n\r\n" in self.data and not self.done.done():
+            self.transport.pause_reading()
+            self.done.set_result(self.data)
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("lost"))
+
+
+async def _front(pki, up_port):
+    """A wss listener whose sessions the relay carries to wss://127.0.0.1:up_port;
+    returns (port, a future of the first relay)."""
+    server_ctx, client_ctx = pki
+    loop = asyncio.get_running_loop()
+    relays = loop.create_future()
+
+    async def session(head_proto):
+        head = await head_proto.done
+        raw, up = await loop.create_connection(_Head, "127.0.0.1", up_port)
+        upstream = await tlsleg.start_tls(raw, up, client_ctx, "127.0.0.1")
+        up.transport = upstream
+        key = base64.b64encode(os.urandom(16))
+        upstream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        response = await up.done
+        client = head_proto.transport
+        client.write(switching_protocols(head))
+        relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None)
+        client, client_tls = tlsleg.handover(client)
+        upstream, upstream_tls = tlsleg.handover(upstream)
+        assert client_tls is not None and upstream_tls is not None
+        relay.start(client, upstream, b"", response.split(b"\r\n\r\n", 1)[1],
+                    client_tls, upstream_tls)
+        client.resume_reading()
+        upstream.resume_reading()
+        if not relays.done():
+            relays.set_result(relay)
+
+    def accept():
+        head = _Head()
+        loop.create_task(session(head))
+        return tlsleg.TLSStream(server_ctx, head, server_side=True)
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    return server.sockets[0].getsockname()[1], relays
+
+
+def _client(port, pki):
+    return connect(f"wss://127.0.0.1:{port}/", ssl=pki[1], compression=None, max_size=None,
+                   ping_interval=None)
+
+
+async def _echo(ws):
+    async for message in ws:
+        await ws.send(message)
+
+
+def test_byte_exact_both_ways_through_two_tls_legs(pki):
+    async def body():
+        async with serve(_echo, "127.0.0.1", 0, ssl=pki[0], compression=None,
+                         max_size=None, ping_interval=None) as up:
+            port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+            async with _client(port, pki) as ws:
+                for size in (0, 1, 125, 16383, 16384, 16385, 65536, 1 << 20, 16 << 20):
+                    payload = os.urandom(size)
+                    await ws.send(payload)
+                    assert await ws.recv() == payload
+                text = "é" * 100_000
+                await ws.send(text)
+                assert await ws.recv() == text
+                # Many frames in one read, and records split across reads.
+                burst = [os.urandom(960) for _ in range(2000)]
+                for m in burst:
+                    await ws.send(m)
+                for m in burst:
+                    assert await ws.recv() == m
+            return ws.close_code, ws.close_reason
+    assert run(body()) == (1000, "")
+
+
+def test_slow_reader_gets_every_byte(pki):
+    """64 MiB from the provider to a client that reads slowly: the relay's writes
+    meet a full socket (backpressure on a TLS leg) and lose or corrupt nothing."""
+    chunk = os.urandom(1 << 20)
+
+    async def flood(ws):
+        await ws.recv()
+        for i in range(64):
+            await ws.send(bytes([i]) + chunk)
+
+    async def body():
+        async with serve(flood, "127.0.0.1", 0, ssl=pki[0], compression=None,
+                         max_size=None, ping_interval=None) as up:
+            port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+            async with _client(port, pki) as ws:
+                await ws.send("go")
+                for i in range(64):
+                    if i % 8 == 0:
+                        await asyncio.sleep(0.2)
+                    assert await ws.recv() == bytes([i]) + chunk
+    run(body())
+
+
+class _BrokenUpstream(asyncio.Protocol):
+    """A TLS upstream that answers the upgrade, then either sends a record that does
+    not decrypt or ends TLS with close_notify (no WebSocket close)."""
+
+    def __init__(self, server_ctx, how):
+        self.how = how
+        self.stream = tlsleg.TLSStream(server_ctx, self, server_side=True)
+        self.head = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.transport.write(switching_protocols(self.head))
+            self.transport.write(b"\x81\x02hi")
+            asyncio.get_running_loop().call_later(0.1, self.fail)
+
+    def fail(self):
+        if self.how == "bad record":
+            # An application-data record whose tag cannot verify.
+            self.stream.raw.write(b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        else:
+            self.stream.close()
+
+
+@pytest.mark.parametrize("how", ["bad record", "close_notify"])
+def test_upstream_tls_ends_without_a_close_frame_gives_1014(pki, how):
+    async def body():
+        loop = asyncio.get_running_loop()
+        up = await loop.create_server(lambda: _BrokenUpstream(pki[0], how).stream,
+                                      "127.0.0.1", 0)
+        port, relays = await _front(pki, up.sockets[0].getsockname()[1])
+        async with _client(port, pki) as ws:
+            assert await ws.recv() == "hi"
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except ConnectionClosed as closed:
+                relay = await relays
+                return closed.rcvd.code, closed.rcvd.reason, relay.close_reason
+    code, reason, relay_reason = run(body())
+    assert (code, reason) == (1014, "upstream connection lost")
+    assert relay_reason == "upstream connection lost"
