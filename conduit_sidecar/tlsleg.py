@@ -187,5 +187,6 @@ async def start_tls(raw, app, context: ssl.SSLContext, server_hostname: str) -> 
 def handover(transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
     """(the transport for the relay, the SSLObject it encrypts with, or None)."""
     if isinstance(transport, TLSStream):
+        transport.paused = True     # a _deliver still scheduled must not read the relay's records
         return transport.raw, transport.sslobj
     return transport, None
