@@ -188,5 +188,8 @@ def handover(transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
     """(the transport for the relay, the SSLObject it encrypts with, or None)."""
     if isinstance(transport, TLSStream):
         transport.paused = True     # a _deliver still scheduled must not read the relay's records
+        # The handshake protocol and this stream refer to each other: part them, so that
+        # both are freed by reference counting once the relay has the transport.
+        transport.app = None
         return transport.raw, transport.sslobj
     return transport, None
