@@ -18,21 +18,23 @@ import ssl
 __all__ = ["TLSStream", "handover", "start_tls"]
 
 _READ = 65536
+_DETACHED = asyncio.Protocol()     # the app of a stream the relay took (shared, does nothing)
 
 
-class TLSStream(asyncio.Protocol):
+class TLSStream(asyncio.Protocol, asyncio.Transport):
     """The protocol of a plain transport and the transport of `app`, with TLS
     between them. Server side: `app` is told of the connection at once (its own
     timer then covers the TLS handshake too). Client side: see `start_tls`."""
 
-    def __init__(self, context: ssl.SSLContext, app: asyncio.BaseProtocol, *,
+    raw: asyncio.Transport      # the plain transport, from connection_made on
+
+    def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol, *,
                  server_side: bool = False, server_hostname: str | None = None):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side,
                                        server_hostname)
         self.app = app
         self.server_side = server_side
-        self.raw = None
         self.handshaken = False
         self.waiter: asyncio.Future | None = None     # the client's handshake
         self.paused = False
@@ -173,7 +175,8 @@ class TLSStream(asyncio.Protocol):
         return self.raw.get_extra_info(name, default)
 
 
-async def start_tls(raw, app, context: ssl.SSLContext, server_hostname: str) -> TLSStream:
+async def start_tls(raw: asyncio.Transport, app: asyncio.Protocol, context: ssl.SSLContext,
+                    server_hostname: str) -> TLSStream:
     """The client's TLS handshake on `raw` (whose protocol `app` already is); raises
     what the SSLObject raises (ssl.SSLCertVerificationError, ...)."""
     stream = TLSStream(context, app, server_hostname=server_hostname)
@@ -184,12 +187,12 @@ async def start_tls(raw, app, context: ssl.SSLContext, server_hostname: str) -> 
     return stream
 
 
-def handover(transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
+def handover(transport: asyncio.Transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
     """(the transport for the relay, the SSLObject it encrypts with, or None)."""
     if isinstance(transport, TLSStream):
         transport.paused = True     # a _deliver still scheduled must not read the relay's records
         # The handshake protocol and this stream refer to each other: part them, so that
         # both are freed by reference counting once the relay has the transport.
-        transport.app = None
+        transport.app = _DETACHED
         return transport.raw, transport.sslobj
     return transport, None
