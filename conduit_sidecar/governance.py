@@ -81,6 +81,9 @@ class Governor:
         self.available = True
         self.retry_at = 0.0
         self.pending: dict[str, dict[str, float]] = {}
+        # Usage on its way to the store: still counted until the store has it, or a
+        # session admitted during a flush would see the key's usage dip.
+        self.flushing: dict[str, dict[str, float]] = {}
         self.known: dict[str, dict[str, tuple[str, dict[str, float]]]] = {}
         self.live: dict[SessionInfo, _Live] = {}
         self.task: asyncio.Task | None = None
@@ -115,7 +118,7 @@ class Governor:
                             now: dt.datetime) -> tuple[int, str] | None:
         """One store call: budgets (less what this pod has not flushed yet), then a
         lease and a session-rate slot."""
-        pending = self.pending.get(entry.id, {})
+        pending = self.unflushed(entry.id)
         headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0))
                     for b in entry.budgets]
         member = f"{self.pod}:{info.id}"
@@ -218,10 +221,15 @@ class Governor:
     def _remember(self, key_id: str, totals: Totals, now: dt.datetime) -> None:
         self.known[key_id] = {w: (window_bounds(w, now)[0], totals[w]) for w in WINDOWS}
 
+    def unflushed(self, key_id: str) -> dict[str, float]:
+        """What this pod counted for the key that the store does not hold yet."""
+        pending, flushing = self.pending.get(key_id, {}), self.flushing.get(key_id, {})
+        return {m: pending.get(m, 0.0) + flushing.get(m, 0.0) for m in METRICS}
+
     def estimate(self, key_id: str, now: dt.datetime) -> Totals:
         """Last known window totals plus what this pod has not flushed yet."""
         known = self.known.get(key_id, {})
-        pending = self.pending.get(key_id, {})
+        pending = self.unflushed(key_id)
         totals = {}
         for window in WINDOWS:
             stamp, held = known.get(window, ("", {}))
@@ -288,11 +296,14 @@ class Governor:
         keys = set(self.pending) | {i.key_id for i in self.live if i.key.budgets}
         for key_id in keys:
             deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
+            self.flushing[key_id] = deltas
             try:
                 totals = await self._op("add_usage", self.store.add_usage(key_id, deltas, now))
             except StoreError:
                 self._add(key_id, deltas)     # kept for when the store is back
                 return
+            finally:
+                del self.flushing[key_id]
             self._remember(key_id, totals, now)
             self.enforce(key_id, now)
 
