@@ -10,7 +10,7 @@ DIRECTION_NAMES: tuple[str, str]
 HISTOGRAM_BOUNDS: tuple[float, ...]
 SNIFF_BYTES: int
 SNIFF_BYTES_MAX: int
-NATIVE_TLS: bool    # TLS legs encrypted by OpenSSL from the relay (else uvloop's SSL transport)
+NATIVE_TLS: bool  # TLS legs encrypted by OpenSSL from the relay (else uvloop's SSL transport)
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
@@ -45,9 +45,13 @@ class LegState(enum.IntEnum):
 _Counters = tuple[tuple[int, ...], tuple[int, ...], int]
 
 def close_frame(code: int, reason: str, masked: bool) -> bytes: ...
-def totals() -> tuple[tuple[tuple[int, ...], tuple[int, ...]],
-                      tuple[tuple[int, ...], tuple[int, ...]],
-                      tuple[int, int], tuple[int, ...], float]: ...
+def totals() -> tuple[
+    tuple[tuple[int, ...], tuple[int, ...]],
+    tuple[tuple[int, ...], tuple[int, ...]],
+    tuple[int, int],
+    tuple[int, ...],
+    float,
+]: ...
 def scan_benchmark(data: bytes, masked: bool, repeat: int) -> int: ...
 
 class Endpoint:
@@ -72,9 +76,15 @@ class Pipe:
     def counters(self) -> _Counters: ...
 
 class Scanner(Pipe):
-    def __init__(self, masked: bool, max_message: int = ..., record: bool = True,
-                 markers: tuple[bytes, ...] = (), meter_binary: bool = False,
-                 sniff_bytes: int = 256) -> None: ...
+    def __init__(
+        self,
+        masked: bool,
+        max_message: int = ...,
+        record: bool = True,
+        markers: tuple[bytes, ...] = (),
+        meter_binary: bool = False,
+        sniff_bytes: int = 256,
+    ) -> None: ...
     def feed_bytes(self, data: bytes | bytearray | memoryview) -> None: ...
     @property
     def output(self) -> bytes: ...
@@ -86,10 +96,18 @@ class Scanner(Pipe):
 class Relay:
     on_message: Callable[[Relay, bytes], object] | None
     session: object
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_message: int, close_timeout: float,
-                 on_done: Callable[[Relay], object], markers: tuple[bytes, ...] = (),
-                 on_message: Callable[[Relay, bytes], object] | None = None, *,
-                 meter_binary: bool = False, sniff_bytes: int = 256) -> None: ...
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_message: int,
+        close_timeout: float,
+        on_done: Callable[[Relay], object],
+        markers: tuple[bytes, ...] = (),
+        on_message: Callable[[Relay, bytes], object] | None = None,
+        *,
+        meter_binary: bool = False,
+        sniff_bytes: int = 256,
+    ) -> None: ...
     @property
     def client(self) -> Leg: ...
     @property
@@ -104,11 +122,22 @@ class Relay:
     def finished(self) -> bool: ...
     @property
     def activity(self) -> int: ...
-    def start(self, client_transport: asyncio.BaseTransport,
-              upstream_transport: asyncio.BaseTransport, client_early: bytes = b"",
-              upstream_early: bytes = b"", client_tls: ssl.SSLObject | None = None,
-              upstream_tls: ssl.SSLObject | None = None) -> None: ...
-    def close(self, client_code: int, client_reason: str, upstream_code: int,
-              upstream_reason: str, client_notice: bytes | None = None) -> None: ...
+    def start(
+        self,
+        client_transport: asyncio.BaseTransport,
+        upstream_transport: asyncio.BaseTransport,
+        client_early: bytes = b"",
+        upstream_early: bytes = b"",
+        client_tls: ssl.SSLObject | None = None,
+        upstream_tls: ssl.SSLObject | None = None,
+    ) -> None: ...
+    def close(
+        self,
+        client_code: int,
+        client_reason: str,
+        upstream_code: int,
+        upstream_reason: str,
+        client_notice: bytes | None = None,
+    ) -> None: ...
     def abort(self) -> None: ...
     def counters(self, direction: int) -> _Counters: ...

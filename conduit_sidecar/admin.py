@@ -25,10 +25,12 @@ _MAX_REQUEST = 8192
 _TIMEOUT = 5.0
 
 
-def _response(status: int, reason: str, body: bytes, content_type="text/plain; charset=utf-8",
-              extra=()) -> bytes:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Connection", "close"), *extra])
+def _response(
+    status: int, reason: str, body: bytes, content_type="text/plain; charset=utf-8", extra=()
+) -> bytes:
+    headers = Headers(
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close"), *extra]
+    )
     return Response(status, reason, headers, body).serialize()
 
 
@@ -58,8 +60,7 @@ class _AdminProtocol(asyncio.Protocol):
         try:
             request = self.reader.feed(data)
         except BadRequest as exc:
-            self._send(_response(exc.status, http.HTTPStatus(exc.status).phrase,
-                                 (str(exc) + "\n").encode()))
+            self._send(_response(exc.status, http.HTTPStatus(exc.status).phrase, (str(exc) + "\n").encode()))
             return
         if request is not None:
             self._answer(request)
@@ -71,8 +72,9 @@ class _AdminProtocol(asyncio.Protocol):
         if path not in routes:
             return self._send(_response(404, "Not Found", b"not found\n"))
         if request.method != routes[path]:
-            return self._send(_response(405, "Method Not Allowed", b"method not allowed\n",
-                                        extra=[("Allow", routes[path])]))
+            return self._send(
+                _response(405, "Method Not Allowed", b"method not allowed\n", extra=[("Allow", routes[path])])
+            )
         if path == "/metrics":
             body = generate_latest(admin.registry)
             return self._send(_response(200, "OK", body, CONTENT_TYPE_LATEST))
@@ -104,8 +106,15 @@ class _AdminProtocol(asyncio.Protocol):
 class AdminServer:
     """The admin listener; it sees the process only through the callables it is given."""
 
-    def __init__(self, listen: str, registry: CollectorRegistry, *, ready: Callable[[], bool],
-                 draining: Callable[[], bool], drain: Callable[[], None]):
+    def __init__(
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        *,
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+        drain: Callable[[], None],
+    ):
         self.listen = listen
         self.registry = registry
         self.ready = ready
@@ -117,8 +126,7 @@ class AdminServer:
         """Listen; returns the bound address."""
         host, port = split_hostport(self.listen)
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _AdminProtocol(self), host, port,
-                                               reuse_address=True)
+        self.server = await loop.create_server(lambda: _AdminProtocol(self), host, port, reuse_address=True)
         return self.server.sockets[0].getsockname()[:2]
 
     async def stop(self):

@@ -21,8 +21,10 @@ from .routing import Router, masked
 
 def _serve(args) -> int:
     try:
-        conf = config_mod.load(args.config, overrides={
-            "listen": args.listen, "keys_file": args.keys_file, "log_level": args.log_level})
+        conf = config_mod.load(
+            args.config,
+            overrides={"listen": args.listen, "keys_file": args.keys_file, "log_level": args.log_level},
+        )
         keyset = load_keys(conf.keys_file)
         router = Router(conf)
     except ConfigError as exc:
@@ -30,12 +32,13 @@ def _serve(args) -> int:
         return 1
     logs.setup(conf.log_level)
     from .server import Sidecar
+
     try:
         return uvloop.run(Sidecar(conf, keyset, router).run())
-    except ConfigError as exc:        # e.g. [tls] certificate files that do not load
+    except ConfigError as exc:  # e.g. [tls] certificate files that do not load
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:            # e.g. the listen address is taken
+    except OSError as exc:  # e.g. the listen address is taken
         print(f"conduit-sidecar: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
@@ -74,11 +77,14 @@ def _unpriced(conf, router: Router, keyset: KeySet) -> list[str]:
             patterns = [m for name in router.configured for m in router.routes[name].spec.models]
         for pattern in patterns:
             if price_for(conf.prices, pattern.rstrip("*")) is None:
-                warnings.append(f"key {entry.id!r} has a usd budget but model {pattern!r} "
-                                "has no [prices] entry")
+                warnings.append(
+                    f"key {entry.id!r} has a usd budget but model {pattern!r} has no [prices] entry"
+                )
         if not patterns:
-            warnings.append(f"key {entry.id!r} has a usd budget but may use any model: "
-                            "models without a [prices] entry cost nothing")
+            warnings.append(
+                f"key {entry.id!r} has a usd budget but may use any model: "
+                "models without a [prices] entry cost nothing"
+            )
     return warnings
 
 
@@ -90,8 +96,11 @@ def _usage(args) -> int:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
     if conf.state.backend != "redis":
-        print('conduit-sidecar: [state] backend = "local": each sidecar holds its own counts '
-              "(see its /metrics); usage reads a shared backend", file=sys.stderr)
+        print(
+            'conduit-sidecar: [state] backend = "local": each sidecar holds its own counts '
+            "(see its /metrics); usage reads a shared backend",
+            file=sys.stderr,
+        )
         return 1
     entries = sorted(keyset.by_id.values(), key=lambda e: e.id)
     if args.key is not None:
@@ -100,6 +109,7 @@ def _usage(args) -> int:
             print(f"conduit-sidecar: no key {args.key!r} in {conf.keys_file}", file=sys.stderr)
             return 1
     from .state import RedisStore, StoreError
+
     try:
         store = RedisStore(conf.state)
     except ConfigError as exc:
@@ -116,9 +126,8 @@ def _usage(args) -> int:
     try:
         now, rows = asyncio.run(read())
     except StoreError as exc:
-        url = conf.state.url or ""                  # set: RedisStore needs it
-        print(f"conduit-sidecar: {url.partition('@')[2] or url}: "
-              f"unavailable: {exc}", file=sys.stderr)
+        url = conf.state.url or ""  # set: RedisStore needs it
+        print(f"conduit-sidecar: {url.partition('@')[2] or url}: unavailable: {exc}", file=sys.stderr)
         return 1
     for entry, totals in rows:
         print(entry.id)
@@ -139,11 +148,15 @@ def _usage(args) -> int:
 def _keys_new(args) -> int:
     key = new_key()
     try:
-        entry = KeyEntry(id=args.id, sha256=hash_key(key), allowed_models=args.model or None,
-                         allowed_providers=args.provider or None,
-                         max_connections=args.max_connections,
-                         expires_at=dt.datetime.fromisoformat(args.expires) if args.expires else None)
-        entry = msgspec.convert(msgspec.to_builtins(entry), KeyEntry)    # validate
+        entry = KeyEntry(
+            id=args.id,
+            sha256=hash_key(key),
+            allowed_models=args.model or None,
+            allowed_providers=args.provider or None,
+            max_connections=args.max_connections,
+            expires_at=dt.datetime.fromisoformat(args.expires) if args.expires else None,
+        )
+        entry = msgspec.convert(msgspec.to_builtins(entry), KeyEntry)  # validate
     except (ValueError, msgspec.ValidationError) as exc:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
@@ -160,6 +173,7 @@ def _keys_hash(args) -> int:
 
 def _demo(args) -> int:
     from .demo import print_provider_summary, print_summary, run, run_provider
+
     if args.provider == "openai":
         print_summary(uvloop.run(run(args.seconds)))
     else:
@@ -170,11 +184,15 @@ def _demo(args) -> int:
 def _live_health(admin: str) -> dict[tuple[str, str], str]:
     """(provider, deployment) -> "healthy" | "resting", from a running sidecar's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(admin.rstrip("/") + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    return {(s.labels["provider"], s.labels["deployment"]): "healthy" if s.value else "resting"
-            for family in text_string_to_metric_families(text)
-            if family.name == "conduit_deployment_healthy" for s in family.samples}
+    return {
+        (s.labels["provider"], s.labels["deployment"]): "healthy" if s.value else "resting"
+        for family in text_string_to_metric_families(text)
+        if family.name == "conduit_deployment_healthy"
+        for s in family.samples
+    }
 
 
 def _providers(args) -> int:
@@ -184,7 +202,7 @@ def _providers(args) -> int:
     except ConfigError as exc:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:            # urllib's errors are OSErrors
+    except OSError as exc:  # urllib's errors are OSErrors
         print(f"conduit-sidecar: cannot read {args.admin}/metrics: {exc}", file=sys.stderr)
         return 1
     for name in sorted(router.routes):
@@ -199,9 +217,11 @@ def _providers(args) -> int:
             for target in route.targets:
                 url, _ = masked(target.spec)
                 live = health.get((name, target.label), "")
-                print(f"{'':12} {'':15} deployment {target.label} weight {target.weight} "
-                      f"{url.replace('{resource}', target.spec.resource or '{resource}')}"
-                      + (f" [{live}]" if live else ""))
+                print(
+                    f"{'':12} {'':15} deployment {target.label} weight {target.weight} "
+                    f"{url.replace('{resource}', target.spec.resource or '{resource}')}"
+                    + (f" [{live}]" if live else "")
+                )
     for pattern, names in router.model_routes.items():
         print(f"route        {pattern} -> {', '.join(names)}")
     return 0
@@ -220,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     k = sub.add_parser("keys", help="make and hash virtual keys").add_subparsers(
-        dest="keys_command", required=True)
+        dest="keys_command", required=True
+    )
     n = k.add_parser("new", help="print a new key once, and its key-file entry")
     n.add_argument("--id", required=True)
     n.add_argument("--model", action="append", metavar="PATTERN")
@@ -236,27 +257,33 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--config")
     c.set_defaults(func=_check_config)
 
-    u = sub.add_parser("usage", help="each key's window totals, limits and reset times "
-                                     "from the shared state backend")
+    u = sub.add_parser(
+        "usage", help="each key's window totals, limits and reset times from the shared state backend"
+    )
     u.add_argument("--config")
     u.add_argument("--key", metavar="ID")
     u.set_defaults(func=_usage)
 
     d = sub.add_parser("demo", help="run the sidecar with the built-in mock provider")
     d.add_argument("--seconds", type=float, default=3.0)
-    d.add_argument("--provider", choices=SHAPES, default="openai",
-                   help="the provider shape to demonstrate (its own paths, key form and events)")
+    d.add_argument(
+        "--provider",
+        choices=SHAPES,
+        default="openai",
+        help="the provider shape to demonstrate (its own paths, key form and events)",
+    )
     d.set_defaults(func=_demo)
 
-    v = sub.add_parser("providers", help="list provider templates and deployments "
-                                         "(secrets masked)")
+    v = sub.add_parser("providers", help="list provider templates and deployments (secrets masked)")
     v.add_argument("--config")
-    v.add_argument("--admin", metavar="URL",
-                   help="a running sidecar's admin address: show each deployment's health "
-                        "from its /metrics")
+    v.add_argument(
+        "--admin",
+        metavar="URL",
+        help="a running sidecar's admin address: show each deployment's health from its /metrics",
+    )
     v.set_defaults(func=_providers)
 
-    for name, text in k8s.COMMANDS.items():     # listed here, parsed by k8s.cli
+    for name, text in k8s.COMMANDS.items():  # listed here, parsed by k8s.cli
         sub.add_parser(name, help=text, add_help=False)
     return p
 
@@ -266,6 +293,7 @@ def main(argv=None) -> int:
     if argv and argv[0] in k8s.COMMANDS:
         # Imported only now: `serve` never loads the webhook's h11, PyYAML or cryptography.
         from .k8s.cli import main as k8s_main
+
         return k8s_main(argv)
     args = parser().parse_args(argv)
     return args.func(args)

@@ -13,15 +13,31 @@ from typing import Annotated, Literal
 
 import msgspec
 
-__all__ = ["ADMIN_PORT", "Audio", "CONFIG_ENV", "Circuit", "Config", "ConfigError", "Deployment",
-           "LISTEN_PORT", "Limits", "Price", "Provider", "State", "TLS", "TLS_PORT", "env_var", "load",
-           "split_hostport"]
+__all__ = [
+    "ADMIN_PORT",
+    "Audio",
+    "CONFIG_ENV",
+    "Circuit",
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "LISTEN_PORT",
+    "Limits",
+    "Price",
+    "Provider",
+    "State",
+    "TLS",
+    "TLS_PORT",
+    "env_var",
+    "load",
+    "split_hostport",
+]
 
 # Default ports (the pod injector, k8s/inject.py, uses them too).
 LISTEN_PORT = 8080
 ADMIN_PORT = 9464
 TLS_PORT = 8443
-CONFIG_ENV = "CONDUIT_CONFIG"     # the config file's path
+CONFIG_ENV = "CONDUIT_CONFIG"  # the config file's path
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -37,7 +53,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     handshake_timeout_seconds: Positive = 10.0
     upstream_connect_timeout_seconds: Positive = 10.0
     close_timeout_seconds: Positive = 5.0
-    idle_timeout_seconds: NonNegative = 0.0      # 0: sessions may idle forever
+    idle_timeout_seconds: NonNegative = 0.0  # 0: sessions may idle forever
     max_message_bytes: Count = 16 * 1024 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 20)] = 16384
     drain_seconds: NonNegative = 25.0
@@ -46,8 +62,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class Deployment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One place a provider runs; every field set here overrides the provider's."""
 
-    name: str | None = None          # label in logs and metrics; default: its index
-    weight: Count = 1                # for selection = "weighted"
+    name: str | None = None  # label in logs and metrics; default: its index
+    weight: Count = 1  # for selection = "weighted"
     url: str | None = None
     headers: dict[str, str] | None = None
     secret_file: str | None = None
@@ -66,12 +82,12 @@ class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     secret_env: str | None = None
     models: list[str] = []
     ca_file: str | None = None
-    resource: str | None = None      # azure: the resource name in the host
+    resource: str | None = None  # azure: the resource name in the host
     # The client's model pattern -> the name the provider knows it by (Azure: a deployment).
     model_names: dict[str, str] | None = None
     deployments: list[Deployment] = []
     selection: Literal["weighted", "least_sessions"] | None = None
-    query_params: list[str] = []     # client query parameters to pass, beyond the template's
+    query_params: list[str] = []  # client query parameters to pass, beyond the template's
 
 
 class Circuit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -85,6 +101,7 @@ class Circuit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Audio(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The format of binary audio frames, to turn relayed bytes into seconds."""
+
     sample_rate: Count = 24000
     sample_format: Literal["pcm16", "g711_ulaw", "g711_alaw"] = "pcm16"
     channels: Count = 1
@@ -106,6 +123,7 @@ class TLS(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """USD per million tokens of each kind (the token metric's kinds), and per minute
     of audio for providers that bill by duration."""
+
     input_text: NonNegative = 0.0
     input_audio: NonNegative = 0.0
     input_cached: NonNegative = 0.0
@@ -116,14 +134,15 @@ class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class State(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Where counts that span pods live: leases, session rates, budget windows."""
+
     backend: Literal["local", "redis"] = "local"
-    url: str | None = None                   # redis:// or rediss://
+    url: str | None = None  # redis:// or rediss://
     password_file: str | None = None
     key_prefix: str = "conduit:"
     on_unavailable: Literal["open", "closed"] = "open"
     # A dead pod's leases expire after this; live ones are renewed every tick (1 s).
     lease_seconds: Annotated[float, msgspec.Meta(ge=3)] = 15.0
-    timeout_seconds: Positive = 0.5          # per Redis call
+    timeout_seconds: Positive = 0.5  # per Redis call
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -136,10 +155,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     limits: Limits = Limits()
     audio: Audio = Audio()
     providers: dict[str, Provider] = {}
-    routes: dict[str, list[str]] = {}      # model pattern -> providers, tried in order
+    routes: dict[str, list[str]] = {}  # model pattern -> providers, tried in order
     circuit: Circuit = Circuit()
     tls: TLS | None = None
-    prices: dict[str, Price] = {}            # model pattern (exact, or prefix*) -> price
+    prices: dict[str, Price] = {}  # model pattern (exact, or prefix*) -> price
     state: State = State()
 
 
@@ -173,8 +192,9 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def load(path: str | None = None, overrides: dict | None = None,
-         environ: os._Environ | dict | None = None) -> Config:
+def load(
+    path: str | None = None, overrides: dict | None = None, environ: os._Environ | dict | None = None
+) -> Config:
     """Read the config file (if any), then apply environment and flag overrides."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV)
@@ -214,14 +234,16 @@ def load(path: str | None = None, overrides: dict | None = None,
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc} - at `$.tls.listen`") from None
         if config.tls.self_signed == bool(config.tls.cert_file and config.tls.key_file):
-            raise ConfigError(f"{source}: [tls] needs either cert_file and key_file, "
-                              "or self_signed = true - at `$.tls`")
+            raise ConfigError(
+                f"{source}: [tls] needs either cert_file and key_file, or self_signed = true - at `$.tls`"
+            )
         if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
             raise ConfigError(f"{source}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
-    if config.state.backend == "redis" and not (config.state.url or "").startswith(
-            ("redis://", "rediss://")):
-        raise ConfigError(f"{source}: [state] backend = \"redis\" needs url = \"redis://...\" or "
-                          "\"rediss://...\" - at `$.state.url`")
+    if config.state.backend == "redis" and not (config.state.url or "").startswith(("redis://", "rediss://")):
+        raise ConfigError(
+            f'{source}: [state] backend = "redis" needs url = "redis://..." or '
+            '"rediss://..." - at `$.state.url`'
+        )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: log_level must be debug, info, warning or error - at `$.log_level`")
     return config

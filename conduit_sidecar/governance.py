@@ -47,8 +47,10 @@ TICK_SECONDS = 1.0
 # Built-in providers whose clients speak another event dialect than OpenAI's: they
 # get the close code and reason alone. Custom providers are taken to speak OpenAI's.
 _OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
-_ERROR_CODES: dict[int, str] = {_relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded",
-                                 _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached"}
+_ERROR_CODES: dict[int, str] = {
+    _relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded",
+    _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached",
+}
 _BINARY = _relay.KIND_NAMES.index("binary")
 
 
@@ -56,9 +58,9 @@ class _Live:
     __slots__ = ("lease", "timer", "audio_bytes", "closing")
 
     def __init__(self):
-        self.lease: str | None = None     # the lease member, when one is held
+        self.lease: str | None = None  # the lease member, when one is held
         self.timer: asyncio.TimerHandle | None = None
-        self.audio_bytes = 0              # client->provider binary payload already counted
+        self.audio_bytes = 0  # client->provider binary payload already counted
         self.closing = False
 
 
@@ -67,8 +69,13 @@ def _utcnow() -> dt.datetime:
 
 
 class Governor:
-    def __init__(self, config: Config, metrics: Metrics, live_per_key: Mapping[str, int],
-                 model_label: Callable[[str | None], str]):
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        live_per_key: Mapping[str, int],
+        model_label: Callable[[str | None], str],
+    ):
         # What it needs of the process, passed in: it never reaches back into the server.
         self.config = config
         self.state = config.state
@@ -101,8 +108,7 @@ class Governor:
         """None to go on, or (close code, reason). The caller has reserved `info`."""
         live = self.live[info] = _Live()
         entry = info.key
-        if not (entry.budgets or entry.sessions_per_minute
-                or (self.shared and entry.max_connections)):
+        if not (entry.budgets or entry.sessions_per_minute or (self.shared and entry.max_connections)):
             return None
         now = _utcnow()
         try:
@@ -114,17 +120,18 @@ class Governor:
             self.metrics.state_fallbacks.labels("local").inc()
             return self._admit_local(entry, live, now)
 
-    async def _admit_shared(self, info: SessionInfo, entry: KeyEntry, live: _Live,
-                            now: dt.datetime) -> tuple[int, str] | None:
+    async def _admit_shared(
+        self, info: SessionInfo, entry: KeyEntry, live: _Live, now: dt.datetime
+    ) -> tuple[int, str] | None:
         """One store call: budgets (less what this pod has not flushed yet), then a
         lease and a session-rate slot."""
         pending = self.unflushed(entry.id)
-        headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0))
-                    for b in entry.budgets]
+        headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0)) for b in entry.budgets]
         member = f"{self.pod}:{info.id}"
         lease = entry.max_connections if self.shared else None
-        refusal, totals = await self._op("admit", self.store.admit(
-            entry.id, member, lease, entry.sessions_per_minute, headroom, now))
+        refusal, totals = await self._op(
+            "admit", self.store.admit(entry.id, member, lease, entry.sessions_per_minute, headroom, now)
+        )
         self._remember(entry.id, totals, now)
         if refusal is None:
             live.lease = member if lease else None
@@ -136,14 +143,12 @@ class Governor:
             return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, detail)
 
-    def _admit_local(self, entry: KeyEntry, live: _Live,
-                     now: dt.datetime) -> tuple[int, str] | None:
+    def _admit_local(self, entry: KeyEntry, live: _Live, now: dt.datetime) -> tuple[int, str] | None:
         """The shared store is down and on_unavailable = "open": this pod's counts."""
         reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
         if reason:
             return _relay.CloseCode.BUDGET_EXHAUSTED, reason
-        if (self.shared and entry.max_connections
-                and self.live_per_key[entry.id] > entry.max_connections):
+        if self.shared and entry.max_connections and self.live_per_key[entry.id] > entry.max_connections:
             return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         if entry.sessions_per_minute:
             wait = self.local.take_start(entry.id, entry.sessions_per_minute)
@@ -157,8 +162,12 @@ class Governor:
         if live is not None and info.key.max_session_seconds:
             cap = info.key.max_session_seconds
             live.timer = asyncio.get_running_loop().call_later(
-                cap, self._close, info, _relay.CloseCode.SESSION_TIME_LIMIT,
-                f"session cap of {cap:g} s reached")
+                cap,
+                self._close,
+                info,
+                _relay.CloseCode.SESSION_TIME_LIMIT,
+                f"session cap of {cap:g} s reached",
+            )
 
     def release(self, info: SessionInfo) -> None:
         """The session is over (or never started): count its last audio, free its lease."""
@@ -174,11 +183,11 @@ class Governor:
             self._spawn(self.flush())
 
     async def _release_lease(self, key_id: str, member: str) -> None:
-        assert isinstance(self.store, RedisStore)       # leases are taken in a shared store only
+        assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
         try:
             await self._op("release", self.store.release(key_id, member))
         except StoreError:
-            pass        # the lease expires by itself
+            pass  # the lease expires by itself
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -193,7 +202,7 @@ class Governor:
         usd = cost_usd(price, counts) if price is not None else 0.0
         if usd:
             self.metrics.cost.labels(info.key_id, info.provider, model_label).inc(usd)
-        tokens = counts.get("input", 0) + counts.get("output", 0)   # seconds-only reports have none
+        tokens = counts.get("input", 0) + counts.get("output", 0)  # seconds-only reports have none
         self._add(info.key_id, {"tokens": tokens, "usd": usd})
         self.enforce(info.key_id, _utcnow())
 
@@ -209,8 +218,7 @@ class Governor:
         price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, {}, seconds) if price is not None else 0.0
         if usd:
-            self.metrics.cost.labels(info.key_id, info.provider,
-                                     self.model_label(info.model)).inc(usd)
+            self.metrics.cost.labels(info.key_id, info.provider, self.model_label(info.model)).inc(usd)
         self._add(info.key_id, {"audio_seconds": seconds, "usd": usd})
 
     def _add(self, key_id: str, deltas: dict[str, float]) -> None:
@@ -253,9 +261,16 @@ class Governor:
         if live is None or live.closing or relay is None or relay.finished:
             return
         live.closing = True
-        log.info("session limit reached", extra={"event": "limit", "session_id": info.id,
-                                                 "key_id": info.key_id, "code": code,
-                                                 "reason": reason})
+        log.info(
+            "session limit reached",
+            extra={
+                "event": "limit",
+                "session_id": info.id,
+                "key_id": info.key_id,
+                "code": code,
+                "reason": reason,
+            },
+        )
         notice = None
         if info.provider not in _OTHER_DIALECTS:
             notice = error_event(_ERROR_CODES[code], reason)
@@ -278,9 +293,14 @@ class Governor:
             if self.available:
                 self.available = False
                 self.metrics.state_available.set(0)
-                log.warning("shared state unavailable", extra={
-                    "event": "state_unavailable", "error": str(exc),
-                    "on_unavailable": self.state.on_unavailable})
+                log.warning(
+                    "shared state unavailable",
+                    extra={
+                        "event": "state_unavailable",
+                        "error": str(exc),
+                        "on_unavailable": self.state.on_unavailable,
+                    },
+                )
             raise
         self.metrics.state_operations.labels(op, "ok").inc()
         self.metrics.state_seconds.labels(op).observe(time.monotonic() - started)
@@ -300,7 +320,7 @@ class Governor:
             try:
                 totals = await self._op("add_usage", self.store.add_usage(key_id, deltas, now))
             except StoreError:
-                self._add(key_id, deltas)     # kept for when the store is back
+                self._add(key_id, deltas)  # kept for when the store is back
                 return
             finally:
                 del self.flushing[key_id]
@@ -313,7 +333,7 @@ class Governor:
             if live.lease is not None:
                 leases.setdefault(info.key_id, []).append(live.lease)
         if leases:
-            assert isinstance(self.store, RedisStore)   # leases are taken in a shared store only
+            assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
             try:
                 await self._op("renew", self.store.renew(leases))
             except StoreError:
@@ -348,5 +368,7 @@ def _connections_reason(entry: KeyEntry) -> str:
 
 
 def _rate_reason(entry: KeyEntry, wait: float) -> str:
-    return (f"key limit of {entry.sessions_per_minute} new sessions per minute reached: "
-            f"retry in {math.ceil(wait)} s")
+    return (
+        f"key limit of {entry.sessions_per_minute} new sessions per minute reached: "
+        f"retry in {math.ceil(wait)} s"
+    )

@@ -38,6 +38,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 class Admission(msgspec.Struct, frozen=True):
     """What the process knows when a request arrives: everything `decide` reads."""
+
     keyset: KeySet
     router: Router
     now: dt.datetime
@@ -45,34 +46,37 @@ class Admission(msgspec.Struct, frozen=True):
     at_capacity: bool
     draining: bool
     allowed_origins: list[str] | None
-    signed: Callable[[str], str | None] = lambda _: None   # signature -> the key id it stands for
+    signed: Callable[[str], str | None] = lambda _: None  # signature -> the key id it stands for
 
 
 class Refuse(msgspec.Struct, frozen=True):
     """Answer with an HTTP error; no upgrade."""
+
     response: Response
     reason: str
 
 
 class Close(msgspec.Struct, frozen=True):
     """Upgrade (101), then close with `code`."""
+
     response: Response
     code: int
     reason: str
     key: KeyEntry | None = None
-    rejection: Rejection | None = None     # for 4001: why the key was refused
+    rejection: Rejection | None = None  # for 4001: why the key was refused
 
 
 class Accept(msgspec.Struct, frozen=True):
     """Open the upstream; on success answer with `response` (plus its subprotocol)."""
+
     response: Response
     key: KeyEntry
     route: Route
     model: str | None
     subprotocols: list[str] | None
-    query: tuple[tuple[str, str], ...] = ()     # client parameters for the upstream URL
-    version: str | None = None                  # the API version the client asked for
-    hold_first: bool = False                    # the model is in the first client message
+    query: tuple[tuple[str, str], ...] = ()  # client parameters for the upstream URL
+    version: str | None = None  # the API version the client asked for
+    hold_first: bool = False  # the model is in the first client message
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
@@ -81,19 +85,32 @@ def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -
 
 def refuse(status: int, text: str) -> Refuse:
     body = (text + "\n").encode()
-    headers = Headers([("Connection", "close"), ("Content-Length", str(len(body))),
-                       ("Content-Type", "text/plain; charset=utf-8")])
+    headers = Headers(
+        [
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", "text/plain; charset=utf-8"),
+        ]
+    )
     return Refuse(Response(status, http.HTTPStatus(status).phrase, headers, body), text)
 
 
-def admit(entry: KeyEntry | None, router: Router, now: dt.datetime, model: str | None,
-          provider: str | None) -> Route | tuple[int, str, Rejection | None]:
+def admit(
+    entry: KeyEntry | None, router: Router, now: dt.datetime, model: str | None, provider: str | None
+) -> Route | tuple[int, str, Rejection | None]:
     """The route for a key's request, or (close code, reason, 4001 cause) why not."""
-    why = (Rejection.UNKNOWN if entry is None else Rejection.DISABLED if not entry.enabled
-           else Rejection.EXPIRED if entry.expired(now) else None)
+    why = (
+        Rejection.UNKNOWN
+        if entry is None
+        else Rejection.DISABLED
+        if not entry.enabled
+        else Rejection.EXPIRED
+        if entry.expired(now)
+        else None
+    )
     if why is not None:
         return CloseCode.AUTH_FAILED, why.value, why
-    assert entry is not None                        # no entry: why is UNKNOWN
+    assert entry is not None  # no entry: why is UNKNOWN
     try:
         route = router.route(model, provider)
     except RouteError as exc:
@@ -117,8 +134,12 @@ def _checker(allowed_origins: tuple[str, ...] | None) -> ServerProtocol:
 
 
 def _offered(request: Request) -> list[str]:
-    return [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
-            for p in v.split(",") if p.strip()]
+    return [
+        p.strip()
+        for v in request.headers.get_all("Sec-WebSocket-Protocol")
+        for p in v.split(",")
+        if p.strip()
+    ]
 
 
 def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
@@ -185,14 +206,19 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         code, reason, why = admitted
         return Close(response, code, reason, entry, why)
     route = admitted
-    assert entry is not None                        # admit refuses a missing entry
+    assert entry is not None  # admit refuses a missing entry
     if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
-        return Close(response, CloseCode.KEY_LIMIT,
-                     f"key limit of {entry.max_connections} concurrent connections reached", entry)
+        return Close(
+            response,
+            CloseCode.KEY_LIMIT,
+            f"key limit of {entry.max_connections} concurrent connections reached",
+            entry,
+        )
     forward = tuple((n, v) for n, values in query.items() if n in route.query for v in values)
     hold = where is not None and TEMPLATES[where.provider].model_in_setup
-    return Accept(response, entry, route, model, upstream_offer or None, forward,
-                  where.version if where else None, hold)
+    return Accept(
+        response, entry, route, model, upstream_offer or None, forward, where.version if where else None, hold
+    )
 
 
 def _without_key_subprotocols(request: Request, passed: list[str], had_key: bool) -> Request:
@@ -200,8 +226,9 @@ def _without_key_subprotocols(request: Request, passed: list[str], had_key: bool
     no text websockets derives from the header (its error messages) can hold the key."""
     if not had_key:
         return request
-    headers = Headers([(k, v) for k, v in request.headers.raw_items()
-                       if k.lower() != "sec-websocket-protocol"])
+    headers = Headers(
+        [(k, v) for k, v in request.headers.raw_items() if k.lower() != "sec-websocket-protocol"]
+    )
     headers["Sec-WebSocket-Protocol"] = ", ".join([*passed, "key"])
     return Request(request.path, headers)
 

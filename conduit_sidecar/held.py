@@ -21,7 +21,7 @@ from ._relay import CloseCode
 __all__ = ["Refused", "read_first", "setup_model"]
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
-_SLACK = 65536       # control frames around the first message
+_SLACK = 65536  # control frames around the first message
 
 
 class Refused(Exception):
@@ -48,12 +48,12 @@ class _FirstMessage(asyncio.Protocol):
 
     def data_received(self, data) -> None:
         if self.done.done():
-            self.raw += data         # arrived in the same read: the relay gets it
+            self.raw += data  # arrived in the same read: the relay gets it
             return
         self.raw += data
         self.ws.receive_data(bytes(data))
         for frame in self.ws.events_received():
-            assert isinstance(frame, Frame)         # OPEN: no handshake events any more
+            assert isinstance(frame, Frame)  # OPEN: no handshake events any more
             if frame.opcode in _DATA:
                 self.parts.append(frame.data)
                 if frame.fin:
@@ -62,7 +62,7 @@ class _FirstMessage(asyncio.Protocol):
             elif frame.opcode == Opcode.CLOSE:
                 self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
                 return
-        if self.ws.close_sent is not None:          # websockets judged a violation
+        if self.ws.close_sent is not None:  # websockets judged a violation
             self._finish(Refused(self.ws.close_sent.code, self.ws.close_sent.reason))
         elif len(self.raw) > self.limit + _SLACK:
             self._finish(Refused(CloseCode.MESSAGE_TOO_BIG, f"first message over {self.limit} bytes"))
@@ -109,8 +109,9 @@ def setup_model(message: bytes) -> str:
     try:
         model = _setup.decode(message).setup.model
     except msgspec.DecodeError:
-        raise Refused(CloseCode.PROTOCOL_ERROR,
-                      "the first message must be a setup message naming the model") from None
+        raise Refused(
+            CloseCode.PROTOCOL_ERROR, "the first message must be a setup message naming the model"
+        ) from None
     model = model.removeprefix("models/")
     if not model or any(c < " " or c == "\x7f" for c in model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")

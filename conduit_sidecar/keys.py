@@ -19,8 +19,18 @@ import msgspec
 from .config import ConfigError
 from .watch import FileWatch
 
-__all__ = ["KEY_PREFIX", "Budget", "KeyEntry", "KeyFile", "KeySet", "KeyWatcher", "Rejection",
-           "hash_key", "load_keys", "new_key"]
+__all__ = [
+    "KEY_PREFIX",
+    "Budget",
+    "KeyEntry",
+    "KeyFile",
+    "KeySet",
+    "KeyWatcher",
+    "Rejection",
+    "hash_key",
+    "load_keys",
+    "new_key",
+]
 
 KEY_PREFIX = "condt_"
 log = logging.getLogger("conduit.keys")
@@ -32,6 +42,7 @@ KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-
 class Rejection(enum.Enum):
     """Why a key is refused (close 4001): the value is the close reason, the name in
     lower case the `conduit_auth_failures_total{reason}` label."""
+
     MISSING = "missing key"
     UNKNOWN = "unknown key"
     DISABLED = "key disabled"
@@ -46,6 +57,7 @@ class Rejection(enum.Enum):
 
 class Budget(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A limit on a key's usage per UTC calendar window (tokens are input + output)."""
+
     metric: Literal["tokens", "audio_seconds", "usd"]
     limit: Annotated[float, msgspec.Meta(gt=0)]
     window: Literal["hour", "day", "month"]
@@ -56,8 +68,8 @@ class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_def
     sha256: Sha256
     enabled: bool = True
     expires_at: dt.datetime | None = None
-    allowed_models: list[str] | None = None        # None: any model
-    allowed_providers: list[str] | None = None     # None: any provider
+    allowed_models: list[str] | None = None  # None: any model
+    allowed_providers: list[str] | None = None  # None: any provider
     max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_session_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
     sessions_per_minute: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -89,7 +101,7 @@ def hash_key(key: str) -> str:
 
 
 def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)    # 256 bits
+    return KEY_PREFIX + secrets.token_urlsafe(32)  # 256 bits
 
 
 class KeySet:
@@ -127,8 +139,10 @@ def load_keys(path: str) -> KeySet:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if KEY_PREFIX.encode() in data:
-        raise ConfigError(f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "
-                          "sha256 (conduit-sidecar keys hash KEY)")
+        raise ConfigError(
+            f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "
+            "sha256 (conduit-sidecar keys hash KEY)"
+        )
     try:
         keyfile = msgspec.json.decode(data, type=KeyFile)
     except msgspec.ValidationError as exc:
@@ -143,12 +157,12 @@ def load_keys(path: str) -> KeySet:
         if entry.sha256 in seen_hashes:
             raise ConfigError(f"{path}: duplicate sha256 - at `$.keys[{i}].sha256`")
         if entry.expires_at is not None and entry.expires_at.tzinfo is None:
-            raise ConfigError(f"{path}: expires_at needs a time zone (e.g. Z) - at "
-                              f"`$.keys[{i}].expires_at`")
+            raise ConfigError(f"{path}: expires_at needs a time zone (e.g. Z) - at `$.keys[{i}].expires_at`")
         windows = [(b.metric, b.window) for b in entry.budgets]
         if len(set(windows)) != len(windows):
-            raise ConfigError(f"{path}: two budgets with the same metric and window - at "
-                              f"`$.keys[{i}].budgets`")
+            raise ConfigError(
+                f"{path}: two budgets with the same metric and window - at `$.keys[{i}].budgets`"
+            )
         seen_ids.add(entry.id)
         seen_hashes.add(entry.sha256)
     return KeySet(keyfile.keys)
@@ -171,9 +185,15 @@ class KeyWatcher:
         try:
             new = load_keys(self.path)
         except ConfigError as exc:
-            log.warning("key reload failed; keeping the last good key set",
-                        extra={"event": "keys_reload", "result": "invalid", "error": str(exc),
-                               "keys": len(self.keyset)})
+            log.warning(
+                "key reload failed; keeping the last good key set",
+                extra={
+                    "event": "keys_reload",
+                    "result": "invalid",
+                    "error": str(exc),
+                    "keys": len(self.keyset),
+                },
+            )
             self.on_change(None)
             return
         self.keyset = new

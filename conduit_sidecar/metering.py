@@ -17,14 +17,21 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["METERS", "MODEL_LABELS_MAX", "MalformedUsage", "Meter", "SECONDS_KINDS", "TOKEN_KINDS",
-           "Usage"]
+__all__ = ["METERS", "MODEL_LABELS_MAX", "MalformedUsage", "Meter", "SECONDS_KINDS", "TOKEN_KINDS", "Usage"]
 
 # Token kinds: `input`/`output` are totals; the others break them down (a detail is
 # counted once, under its most specific kind: cached audio is `input_cached`, not also
 # `input_audio`'s breakdown).
-TOKEN_KINDS = ("input", "output", "input_text", "input_audio", "input_image", "input_cached",
-               "output_text", "output_audio")
+TOKEN_KINDS = (
+    "input",
+    "output",
+    "input_text",
+    "input_audio",
+    "input_image",
+    "input_cached",
+    "output_text",
+    "output_audio",
+)
 SECONDS_KINDS = ("audio",)
 MODEL_LABELS_MAX = 100
 
@@ -40,17 +47,19 @@ class MalformedUsage(ValueError):
 class Meter(msgspec.Struct, frozen=True):
     """What the relay sniffs for (markers within the first `sniff_bytes` of a provider
     message; binary messages too when `binary`) and how the message is decoded."""
+
     markers: tuple[bytes, ...]
     decode: Callable[[bytes], dict[str, float] | None]
     binary: bool = False
     sniff_bytes: int = 256
 
 
-_NONE = msgspec.Raw()     # a field that is absent
+_NONE = msgspec.Raw()  # a field that is absent
 
 
 class _Envelope(msgspec.Struct):
     """Just enough to tell a usage event from another message naming its marker."""
+
     type: str = ""
     response: msgspec.Raw = _NONE
     usage: msgspec.Raw = _NONE
@@ -72,6 +81,7 @@ def _strict(raw: msgspec.Raw, decoder: msgspec.json.Decoder):
 
 # -- OpenAI realtime: response.done and transcription usage ------------------------
 
+
 class _CachedDetails(msgspec.Struct):
     text_tokens: Tokens = 0
     audio_tokens: Tokens = 0
@@ -83,7 +93,7 @@ class _InputDetails(msgspec.Struct):
     audio_tokens: Tokens = 0
     image_tokens: Tokens = 0
     cached_tokens: Tokens = 0
-    cached_tokens_details: _CachedDetails | None = None   # a breakdown of cached_tokens
+    cached_tokens_details: _CachedDetails | None = None  # a breakdown of cached_tokens
 
 
 class _OutputDetails(msgspec.Struct):
@@ -92,7 +102,7 @@ class _OutputDetails(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
-    type: str = "tokens"                 # transcription: "tokens" or "duration"
+    type: str = "tokens"  # transcription: "tokens" or "duration"
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
     seconds: Seconds = 0.0
@@ -111,22 +121,27 @@ _usage = msgspec.json.Decoder(_Usage)
 def _tokens(u: _Usage) -> dict[str, float]:
     i = u.input_token_details or _InputDetails()
     o = u.output_token_details or _OutputDetails()
-    return {"input": u.input_tokens, "output": u.output_tokens,
-            "input_text": i.text_tokens, "input_audio": i.audio_tokens,
-            "input_image": i.image_tokens, "input_cached": i.cached_tokens,
-            "output_text": o.text_tokens, "output_audio": o.audio_tokens}
+    return {
+        "input": u.input_tokens,
+        "output": u.output_tokens,
+        "input_text": i.text_tokens,
+        "input_audio": i.audio_tokens,
+        "input_image": i.image_tokens,
+        "input_cached": i.cached_tokens,
+        "output_text": o.text_tokens,
+        "output_audio": o.audio_tokens,
+    }
 
 
 def decode_openai(message: bytes) -> dict[str, float] | None:
     try:
         event = _envelope.decode(message)
     except msgspec.DecodeError:
-        return None              # not JSON we know: the marker was inside some other text
+        return None  # not JSON we know: the marker was inside some other text
     if event.type == "response.done" and _given(event.response):
         raw = _strict(event.response, _response).usage
         return _tokens(_strict(raw, _usage)) if _given(raw) else None
-    if (event.type == "conversation.item.input_audio_transcription.completed"
-            and _given(event.usage)):
+    if event.type == "conversation.item.input_audio_transcription.completed" and _given(event.usage):
         u = _strict(event.usage, _usage)
         if u.type == "duration":
             return {"audio": u.seconds}
@@ -137,6 +152,7 @@ def decode_openai(message: bytes) -> dict[str, float] | None:
 
 
 # -- Gemini Live: usageMetadata ------------------------------------------------------
+
 
 class _Modality(msgspec.Struct):
     modality: str = ""
@@ -169,8 +185,9 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
         return None
     u = _strict(raw, _gemini_usage)
     counts: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
-    counts.update(input=u.promptTokenCount, output=u.responseTokenCount,
-                  input_cached=u.cachedContentTokenCount)
+    counts.update(
+        input=u.promptTokenCount, output=u.responseTokenCount, input_cached=u.cachedContentTokenCount
+    )
     for side, details in (("input", u.promptTokensDetails), ("output", u.responseTokensDetails)):
         for d in details:
             kind = f"{side}_{_MODALITY.get(d.modality, '')}"
@@ -180,6 +197,7 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
 
 
 # -- Deepgram and AssemblyAI: audio seconds at the end of a stream -------------------
+
 
 class _DeepgramMetadata(msgspec.Struct):
     type: str
@@ -204,21 +222,22 @@ def _seconds_decoder(kind: str, shape: type, field: str):
             return {"audio": getattr(decoder.decode(message), field)}
         except msgspec.DecodeError as exc:
             raise MalformedUsage(str(exc)) from None
+
     return decode
 
 
 METERS: dict[str, Meter] = {
-    "openai": Meter((b'"response.done"', b'"conversation.item.input_audio_transcription.completed"'),
-                    decode_openai),
+    "openai": Meter(
+        (b'"response.done"', b'"conversation.item.input_audio_transcription.completed"'), decode_openai
+    ),
     # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes.
     "gemini": Meter((b'"usageMetadata"',), decode_gemini, binary=True, sniff_bytes=8192),
-    "deepgram": Meter((b'"Metadata"',),
-                      _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
-    "assemblyai": Meter((b'"Termination"',),
-                        _seconds_decoder("Termination", _AssemblyTermination,
-                                         "audio_duration_seconds")),
+    "deepgram": Meter((b'"Metadata"',), _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
+    "assemblyai": Meter(
+        (b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "audio_duration_seconds")
+    ),
 }
-METERS["azure"] = METERS["openai"]          # Azure OpenAI speaks OpenAI's events
+METERS["azure"] = METERS["openai"]  # Azure OpenAI speaks OpenAI's events
 
 
 class Usage:

@@ -24,15 +24,18 @@ class _RelayCollector:
 
     def collect(self):
         frames, payload, wire, hist, hist_sum = _relay.totals()
-        f = CounterMetricFamily("conduit_frames", "Frames relayed.",
-                                labels=["direction", "kind"])
-        b = CounterMetricFamily("conduit_bytes", "Bytes relayed on the wire (frame headers included).",
-                                labels=["direction"])
-        p = CounterMetricFamily("conduit_payload_bytes", "Frame payload bytes relayed.",
-                                labels=["direction", "kind"])
-        a = CounterMetricFamily("conduit_audio_seconds",
-                                "Audio relayed in binary frames, in seconds of the configured format.",
-                                labels=["direction"])
+        f = CounterMetricFamily("conduit_frames", "Frames relayed.", labels=["direction", "kind"])
+        b = CounterMetricFamily(
+            "conduit_bytes", "Bytes relayed on the wire (frame headers included).", labels=["direction"]
+        )
+        p = CounterMetricFamily(
+            "conduit_payload_bytes", "Frame payload bytes relayed.", labels=["direction", "kind"]
+        )
+        a = CounterMetricFamily(
+            "conduit_audio_seconds",
+            "Audio relayed in binary frames, in seconds of the configured format.",
+            labels=["direction"],
+        )
         binary = _relay.KIND_NAMES.index("binary")
         for d, direction in enumerate(_relay.DIRECTION_NAMES):
             b.add_metric([direction], wire[d])
@@ -40,8 +43,9 @@ class _RelayCollector:
             for k, kind in enumerate(_relay.KIND_NAMES):
                 f.add_metric([direction, kind], frames[d][k])
                 p.add_metric([direction, kind], payload[d][k])
-        h = HistogramMetricFamily("conduit_relay_processing_seconds",
-                                  "Time the relay spent per socket read (scan and forward).")
+        h = HistogramMetricFamily(
+            "conduit_relay_processing_seconds", "Time the relay spent per socket read (scan and forward)."
+        )
         cumulative, buckets = 0, []
         for bound, count in zip(_relay.HISTOGRAM_BOUNDS + (float("inf"),), hist, strict=True):
             cumulative += count
@@ -53,51 +57,98 @@ class _RelayCollector:
 class Metrics:
     def __init__(self, sessions_active, audio_bytes_per_second: int):
         r = self.registry = CollectorRegistry(auto_describe=True)
-        Gauge("conduit_connections_active", "Sessions being relayed.",
-              registry=r).set_function(sessions_active)
-        self.connections = Counter("conduit_connections", "Client handshakes by outcome.",
-                                   ["result"], registry=r)
-        self.duration = Histogram("conduit_connection_duration_seconds", "Session durations.",
-                                  buckets=_DURATION_BUCKETS, registry=r)
-        self.upstream_connect = Histogram("conduit_upstream_connect_seconds",
-                                          "Upstream TCP + TLS + WebSocket handshake time.",
-                                          ["provider"], buckets=_CONNECT_BUCKETS, registry=r)
-        self.upstream_attempts = Counter("conduit_upstream_attempts",
-                                         "Upstream connect attempts by deployment and outcome.",
-                                         ["provider", "deployment", "outcome"], registry=r)
-        self.deployment_healthy = Gauge("conduit_deployment_healthy",
-                                        "1 while a deployment's circuit is closed, 0 while it "
-                                        "rests after failures.", ["provider", "deployment"],
-                                        registry=r)
-        self.auth_failures = Counter("conduit_auth_failures", "Rejected keys by reason.",
-                                     ["reason"], registry=r)
-        self.closes = Counter("conduit_closes", "Session ends by the side that closed first and code.",
-                              ["side", "code"], registry=r)
-        self.keys_reload = Counter("conduit_keys_reload", "Key file reloads by result.",
-                                   ["result"], registry=r)
-        Gauge("conduit_build_info", "Build information.", ["version", "python"],
-              registry=r).labels(__version__, platform.python_version()).set(1)
-        self.usage = Counter("conduit_usage_tokens", "Tokens reported by providers' usage "
-                             "events; kinds input/output are totals, the others break them down.",
-                             ["key_id", "provider", "model", "kind"], registry=r)
-        self.usage_seconds = Counter("conduit_usage_seconds", "Audio seconds reported by "
-                                     "providers' usage events (Deepgram, AssemblyAI, OpenAI "
-                                     "transcription by duration).",
-                                     ["key_id", "provider", "model", "kind"], registry=r)
-        self.usage_malformed = Counter("conduit_usage_malformed", "Provider usage events ignored "
-                                       "as malformed (unreadable, negative or implausible counts).",
-                                       ["provider"], registry=r)
-        self.cost = Counter("conduit_cost_usd", "Cost of reported usage in USD, from the "
-                            "configured prices.", ["key_id", "provider", "model"], registry=r)
-        self.state_operations = Counter("conduit_state_operations", "Calls to the state "
-                                        "backend by operation and result.", ["op", "result"],
-                                        registry=r)
-        self.state_seconds = Histogram("conduit_state_operation_seconds", "State backend "
-                                       "call latency (successful calls).", ["op"],
-                                       buckets=_CONNECT_BUCKETS, registry=r)
-        self.state_available = Gauge("conduit_state_available", "1 while the state backend "
-                                     "answers; 0 during an outage.", registry=r)
-        self.state_fallbacks = Counter("conduit_state_fallbacks", "Admissions decided while "
-                                       "the state backend was unavailable, by outcome (local "
-                                       "counts, or refused).", ["mode"], registry=r)
+        Gauge("conduit_connections_active", "Sessions being relayed.", registry=r).set_function(
+            sessions_active
+        )
+        self.connections = Counter(
+            "conduit_connections", "Client handshakes by outcome.", ["result"], registry=r
+        )
+        self.duration = Histogram(
+            "conduit_connection_duration_seconds", "Session durations.", buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.upstream_connect = Histogram(
+            "conduit_upstream_connect_seconds",
+            "Upstream TCP + TLS + WebSocket handshake time.",
+            ["provider"],
+            buckets=_CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.upstream_attempts = Counter(
+            "conduit_upstream_attempts",
+            "Upstream connect attempts by deployment and outcome.",
+            ["provider", "deployment", "outcome"],
+            registry=r,
+        )
+        self.deployment_healthy = Gauge(
+            "conduit_deployment_healthy",
+            "1 while a deployment's circuit is closed, 0 while it rests after failures.",
+            ["provider", "deployment"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "conduit_auth_failures", "Rejected keys by reason.", ["reason"], registry=r
+        )
+        self.closes = Counter(
+            "conduit_closes",
+            "Session ends by the side that closed first and code.",
+            ["side", "code"],
+            registry=r,
+        )
+        self.keys_reload = Counter(
+            "conduit_keys_reload", "Key file reloads by result.", ["result"], registry=r
+        )
+        Gauge("conduit_build_info", "Build information.", ["version", "python"], registry=r).labels(
+            __version__, platform.python_version()
+        ).set(1)
+        self.usage = Counter(
+            "conduit_usage_tokens",
+            "Tokens reported by providers' usage "
+            "events; kinds input/output are totals, the others break them down.",
+            ["key_id", "provider", "model", "kind"],
+            registry=r,
+        )
+        self.usage_seconds = Counter(
+            "conduit_usage_seconds",
+            "Audio seconds reported by "
+            "providers' usage events (Deepgram, AssemblyAI, OpenAI "
+            "transcription by duration).",
+            ["key_id", "provider", "model", "kind"],
+            registry=r,
+        )
+        self.usage_malformed = Counter(
+            "conduit_usage_malformed",
+            "Provider usage events ignored as malformed (unreadable, negative or implausible counts).",
+            ["provider"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "conduit_cost_usd",
+            "Cost of reported usage in USD, from the configured prices.",
+            ["key_id", "provider", "model"],
+            registry=r,
+        )
+        self.state_operations = Counter(
+            "conduit_state_operations",
+            "Calls to the state backend by operation and result.",
+            ["op", "result"],
+            registry=r,
+        )
+        self.state_seconds = Histogram(
+            "conduit_state_operation_seconds",
+            "State backend call latency (successful calls).",
+            ["op"],
+            buckets=_CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.state_available = Gauge(
+            "conduit_state_available", "1 while the state backend answers; 0 during an outage.", registry=r
+        )
+        self.state_fallbacks = Counter(
+            "conduit_state_fallbacks",
+            "Admissions decided while "
+            "the state backend was unavailable, by outcome (local "
+            "counts, or refused).",
+            ["mode"],
+            registry=r,
+        )
         r.register(_RelayCollector(audio_bytes_per_second))

@@ -10,8 +10,16 @@ import msgspec
 from .config import Price
 from .keys import Budget, match
 
-__all__ = ["METRICS", "WINDOWS", "budget_reason", "cost_usd", "error_event", "over_budget", "price_for",
-           "window_bounds"]
+__all__ = [
+    "METRICS",
+    "WINDOWS",
+    "budget_reason",
+    "cost_usd",
+    "error_event",
+    "over_budget",
+    "price_for",
+    "window_bounds",
+]
 
 METRICS = ("tokens", "audio_seconds", "usd")
 WINDOWS = ("hour", "day", "month")
@@ -32,11 +40,13 @@ def cost_usd(price: Price, tokens: dict[str, float], audio_seconds: float = 0.0)
     """USD for one usage report. Cached input tokens are part of the input text count
     and billed at input_cached instead of input_text."""
     cached = min(tokens.get("input_cached", 0), tokens.get("input_text", 0))
-    per_million = ((tokens.get("input_text", 0) - cached) * price.input_text
-                   + cached * price.input_cached
-                   + tokens.get("input_audio", 0) * price.input_audio
-                   + tokens.get("output_text", 0) * price.output_text
-                   + tokens.get("output_audio", 0) * price.output_audio)
+    per_million = (
+        (tokens.get("input_text", 0) - cached) * price.input_text
+        + cached * price.input_cached
+        + tokens.get("input_audio", 0) * price.input_audio
+        + tokens.get("output_text", 0) * price.output_text
+        + tokens.get("output_audio", 0) * price.output_audio
+    )
     return per_million / 1e6 + audio_seconds / 60 * price.audio_minute
 
 
@@ -55,8 +65,7 @@ def window_bounds(window: str, now: dt.datetime) -> tuple[str, dt.datetime]:
     return start.strftime(_STAMP[window]), end
 
 
-def over_budget(budgets: list[Budget], totals: dict[str, dict[str, float]],
-                now: dt.datetime) -> str | None:
+def over_budget(budgets: list[Budget], totals: dict[str, dict[str, float]], now: dt.datetime) -> str | None:
     """The close reason for the first budget whose window total reached its limit, or
     None. `totals` maps a window to its metric totals."""
     for b in budgets:
@@ -67,11 +76,15 @@ def over_budget(budgets: list[Budget], totals: dict[str, dict[str, float]],
 
 def budget_reason(budget: Budget, now: dt.datetime) -> str:
     resets = window_bounds(budget.window, now)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
-    return (f"budget exhausted: {budget.metric} per {budget.window} ({budget.limit:g}); "
-            f"resets {resets}")
+    return f"budget exhausted: {budget.metric} per {budget.window} ({budget.limit:g}); resets {resets}"
 
 
 def error_event(code: str, message: str) -> bytes:
     """The error event a client of an OpenAI-shaped provider gets before the close."""
-    return msgspec.json.encode({"type": "error", "event_id": f"event_conduit_{code}", "error": {
-        "type": "invalid_request_error", "code": code, "message": message}})
+    return msgspec.json.encode(
+        {
+            "type": "error",
+            "event_id": f"event_conduit_{code}",
+            "error": {"type": "invalid_request_error", "code": code, "message": message},
+        }
+    )

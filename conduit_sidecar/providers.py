@@ -18,8 +18,17 @@ import msgspec
 from .config import Provider
 from .metering import METERS, Meter
 
-__all__ = ["BUILTIN", "KeyForm", "NativePath", "Template", "TEMPLATES", "meter", "native",
-           "normalise_path", "presented_key"]
+__all__ = [
+    "BUILTIN",
+    "KeyForm",
+    "NativePath",
+    "Template",
+    "TEMPLATES",
+    "meter",
+    "native",
+    "normalise_path",
+    "presented_key",
+]
 
 
 class KeyForm(msgspec.Struct, frozen=True):
@@ -30,22 +39,23 @@ class KeyForm(msgspec.Struct, frozen=True):
     follows (OpenAI); otherwise the key is the protocol offered right after `name`
     (Deepgram's `token, KEY`), and `name` itself is what the 101 may select.
     """
+
     where: Literal["header", "query", "subprotocol"]
     name: str
     schemes: tuple[str, ...] = ("",)
 
 
 class Template(msgspec.Struct, frozen=True):
-    spec: Provider                       # upstream URL and headers (how the secret is sent)
+    spec: Provider  # upstream URL and headers (how the secret is sent)
     keys: tuple[KeyForm, ...]
-    query: tuple[str, ...] = ()          # client session parameters that pass (allow-list)
-    model_in_setup: bool = False         # the model is named in the first client message
+    query: tuple[str, ...] = ()  # client session parameters that pass (allow-list)
+    model_in_setup: bool = False  # the model is named in the first client message
 
 
 class NativePath(msgspec.Struct, frozen=True):
     provider: str
-    model_param: str | None = None       # the query parameter naming the model
-    version: str | None = None           # API version the client asked for (kept upstream)
+    model_param: str | None = None  # the query parameter naming the model
+    version: str | None = None  # API version the client asked for (kept upstream)
 
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
@@ -53,49 +63,117 @@ OPENAI_KEYS = (BEARER, KeyForm("subprotocol", "openai-insecure-api-key."))
 
 TEMPLATES: dict[str, Template] = {
     "openai": Template(
-        Provider(url="wss://api.openai.com/v1/realtime?model={model}",
-                 headers={"Authorization": "Bearer {secret}"}),
-        OPENAI_KEYS),
+        Provider(
+            url="wss://api.openai.com/v1/realtime?model={model}", headers={"Authorization": "Bearer {secret}"}
+        ),
+        OPENAI_KEYS,
+    ),
     "azure": Template(
-        Provider(url="wss://{resource}.openai.azure.com/openai/v1/realtime?model={model}",
-                 headers={"api-key": "{secret}"}),
-        (KeyForm("header", "api-key"), BEARER)),
+        Provider(
+            url="wss://{resource}.openai.azure.com/openai/v1/realtime?model={model}",
+            headers={"api-key": "{secret}"},
+        ),
+        (KeyForm("header", "api-key"), BEARER),
+    ),
     "gemini": Template(
-        Provider(url="wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage."
-                     "v1beta.GenerativeService.BidiGenerateContent?key={secret}",
-                 headers={}),
+        Provider(
+            url="wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage."
+            "v1beta.GenerativeService.BidiGenerateContent?key={secret}",
+            headers={},
+        ),
         (KeyForm("header", "x-goog-api-key"), KeyForm("query", "key")),
-        model_in_setup=True),
+        model_in_setup=True,
+    ),
     "elevenlabs": Template(
-        Provider(url="wss://api.elevenlabs.io/v1/convai/conversation?agent_id={model}",
-                 headers={"xi-api-key": "{secret}"}),
+        Provider(
+            url="wss://api.elevenlabs.io/v1/convai/conversation?agent_id={model}",
+            headers={"xi-api-key": "{secret}"},
+        ),
         (KeyForm("header", "xi-api-key"),),
-        query=("conversation_signature", "branch_id", "environment", "source", "version")),
+        query=("conversation_signature", "branch_id", "environment", "source", "version"),
+    ),
     "deepgram": Template(
-        Provider(url="wss://api.deepgram.com/v1/listen?model={model}",
-                 headers={"Authorization": "Token {secret}"}),
-        (KeyForm("header", "Authorization", ("token", "bearer")), KeyForm("subprotocol", "token"),
-         KeyForm("subprotocol", "bearer")),
-        query=("callback", "callback_method", "channels", "detect_entities", "diarize",
-               "diarize_model", "dictation", "encoding", "endpointing", "extra",
-               "interim_results", "keyterm", "keywords", "language", "mip_opt_out",
-               "multichannel", "numerals", "profanity_filter", "punctuate", "redact",
-               "replace", "sample_rate", "search", "smart_format", "tag", "utterance_end_ms",
-               "vad_events", "version")),
+        Provider(
+            url="wss://api.deepgram.com/v1/listen?model={model}", headers={"Authorization": "Token {secret}"}
+        ),
+        (
+            KeyForm("header", "Authorization", ("token", "bearer")),
+            KeyForm("subprotocol", "token"),
+            KeyForm("subprotocol", "bearer"),
+        ),
+        query=(
+            "callback",
+            "callback_method",
+            "channels",
+            "detect_entities",
+            "diarize",
+            "diarize_model",
+            "dictation",
+            "encoding",
+            "endpointing",
+            "extra",
+            "interim_results",
+            "keyterm",
+            "keywords",
+            "language",
+            "mip_opt_out",
+            "multichannel",
+            "numerals",
+            "profanity_filter",
+            "punctuate",
+            "redact",
+            "replace",
+            "sample_rate",
+            "search",
+            "smart_format",
+            "tag",
+            "utterance_end_ms",
+            "vad_events",
+            "version",
+        ),
+    ),
     "assemblyai": Template(
-        Provider(url="wss://streaming.assemblyai.com/v3/ws?speech_model={model}",   # required in v3
-                 headers={"Authorization": "{secret}"}),
+        Provider(
+            url="wss://streaming.assemblyai.com/v3/ws?speech_model={model}",  # required in v3
+            headers={"Authorization": "{secret}"},
+        ),
         (KeyForm("header", "Authorization"), KeyForm("query", "token")),
         # Not webhook_* nor llm_gateway: a client does not choose where the provider calls out.
-        query=("sample_rate", "encoding", "format_turns", "end_of_turn_confidence_threshold",
-               "min_end_of_turn_silence_when_confident", "min_turn_silence", "max_turn_silence",
-               "keyterms_prompt", "language_detection", "language_code", "language_codes",
-               "vad_threshold", "inactivity_timeout", "prompt", "filter_profanity",
-               "agent_context", "interruption_delay", "turn_left_pad_ms", "session_heartbeat",
-               "acknowledge_silence", "speaker_labels", "speaker_labels_revision_interval_ms",
-               "max_speakers", "domain", "voice_focus", "voice_focus_threshold",
-               "continuous_partials", "include_partial_turns", "redact_pii",
-               "redact_pii_policies", "redact_pii_sub", "mode")),
+        query=(
+            "sample_rate",
+            "encoding",
+            "format_turns",
+            "end_of_turn_confidence_threshold",
+            "min_end_of_turn_silence_when_confident",
+            "min_turn_silence",
+            "max_turn_silence",
+            "keyterms_prompt",
+            "language_detection",
+            "language_code",
+            "language_codes",
+            "vad_threshold",
+            "inactivity_timeout",
+            "prompt",
+            "filter_profanity",
+            "agent_context",
+            "interruption_delay",
+            "turn_left_pad_ms",
+            "session_heartbeat",
+            "acknowledge_silence",
+            "speaker_labels",
+            "speaker_labels_revision_interval_ms",
+            "max_speakers",
+            "domain",
+            "voice_focus",
+            "voice_focus_threshold",
+            "continuous_partials",
+            "include_partial_turns",
+            "redact_pii",
+            "redact_pii_policies",
+            "redact_pii_sub",
+            "mode",
+        ),
+    ),
 }
 BUILTIN: dict[str, Provider] = {name: t.spec for name, t in TEMPLATES.items()}
 
@@ -146,8 +224,9 @@ def upstream_path(url: str, version: str | None) -> str:
     return _GEMINI_VERSION.sub(version, url, count=1) if version else url
 
 
-def presented_key(forms: tuple[KeyForm, ...], headers, query: dict[str, list[str]],
-                  offered: list[str]) -> tuple[str | None, set[str]]:
+def presented_key(
+    forms: tuple[KeyForm, ...], headers, query: dict[str, list[str]], offered: list[str]
+) -> tuple[str | None, set[str]]:
     """(key, key-bearing subprotocols) for a request. `forms` are in order of precedence
     (a header wins over a query parameter or subprotocol); a form that holds two
     different values gives no key. Every key-bearing subprotocol is reported, used or
@@ -167,9 +246,9 @@ def presented_key(forms: tuple[KeyForm, ...], headers, query: dict[str, list[str
             found.extend(query.get(form.name, []))
         elif form.name.endswith("."):
             for p in offered:
-                if p[:len(form.name)].lower() == form.name:      # browsers keep case
+                if p[: len(form.name)].lower() == form.name:  # browsers keep case
                     carriers.add(p)
-                    found.append(p[len(form.name):])
+                    found.append(p[len(form.name) :])
         elif form.name in offered:
             i = offered.index(form.name)
             if i + 1 < len(offered):

@@ -29,10 +29,23 @@ __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Headers the sidecar owns on the upstream request; a template may not set them.
-_RESERVED = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
-             "sec-websocket-extensions", "sec-websocket-protocol", "sec-websocket-accept",
-             "content-length", "transfer-encoding", "te", "trailer", "keep-alive",
-             "proxy-connection", "proxy-authorization"}
+_RESERVED = {
+    "host",
+    "upgrade",
+    "connection",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+}
 
 
 class RouteError(Exception):
@@ -51,8 +64,9 @@ class Upstream(msgspec.Struct, frozen=True):
 
 class Target(msgspec.Struct, frozen=True):
     """One deployment of a provider, its template fields all resolved."""
+
     provider: str
-    label: str               # the deployment's name, or its index
+    label: str  # the deployment's name, or its index
     spec: Provider
     weight: int
 
@@ -62,8 +76,8 @@ class Route(msgspec.Struct, frozen=True):
     spec: Provider
     uses_model: bool
     targets: tuple[Target, ...]
-    selection: str           # "weighted" | "least_sessions"
-    query: frozenset[str] = frozenset()     # client query parameters that pass
+    selection: str  # "weighted" | "least_sessions"
+    query: frozenset[str] = frozenset()  # client query parameters that pass
 
 
 # The fields a deployment may override (all of Deployment's but its label and weight).
@@ -74,12 +88,14 @@ def _merge(name: str, user: Provider | None) -> Provider:
     """A built-in template overridden field by field by the user's section."""
     base = BUILTIN.get(name)
     if base is None:
-        assert user is not None                 # a provider not built in is a configured one
+        assert user is not None  # a provider not built in is a configured one
         return user
     if user is None:
         return base
-    fields = {f: getattr(user, f) if getattr(user, f) not in (None, []) else getattr(base, f)
-              for f in Provider.__struct_fields__}
+    fields = {
+        f: getattr(user, f) if getattr(user, f) not in (None, []) else getattr(base, f)
+        for f in Provider.__struct_fields__
+    }
     return Provider(**fields)
 
 
@@ -90,11 +106,12 @@ def _targets(name: str, spec: Provider) -> tuple[Target, ...]:
     targets = []
     for i, d in enumerate(spec.deployments):
         fields = {f: getattr(d, f) for f in _OVERRIDES if getattr(d, f) is not None}
-        if d.secret_file or d.secret_env:       # its own secret, wherever the provider's is
+        if d.secret_file or d.secret_env:  # its own secret, wherever the provider's is
             fields.setdefault("secret_file", None)
             fields.setdefault("secret_env", None)
-        targets.append(Target(name, d.name or str(i),
-                              msgspec.structs.replace(spec, deployments=[], **fields), d.weight))
+        targets.append(
+            Target(name, d.name or str(i), msgspec.structs.replace(spec, deployments=[], **fields), d.weight)
+        )
     return tuple(targets)
 
 
@@ -107,28 +124,34 @@ class Router:
             targets = _targets(name, spec)
             labels = [t.label for t in targets]
             if len(set(labels)) != len(labels):
-                raise ConfigError(f"provider {name!r}: deployment names must be unique "
-                                  f"(unnamed ones are labelled by index) - at "
-                                  f"`$.providers.{name}.deployments`")
+                raise ConfigError(
+                    f"provider {name!r}: deployment names must be unique "
+                    f"(unnamed ones are labelled by index) - at "
+                    f"`$.providers.{name}.deployments`"
+                )
             uses_model = False
             for i, target in enumerate(targets):
                 where = f"`$.providers.{name}" + (f".deployments[{i}]`" if spec.deployments else "`")
                 self._check(name, target.spec, configured=name in config.providers, where=where)
-                assert target.spec.url                  # _check refuses a deployment without one
+                assert target.spec.url  # _check refuses a deployment without one
                 uses_model = uses_model or "{model}" in target.spec.url
             template = TEMPLATES.get(name)
             query = frozenset((template.query if template else ()) + tuple(spec.query_params))
             self.routes[name] = Route(name, spec, uses_model, targets, spec.selection or "weighted", query)
         # Usable now: user sections, and built-ins that were given a secret.
         self.configured = sorted(
-            n for n, r in self.routes.items()
-            if n in config.providers or "{secret}" not in _template_text(r.spec))
+            n
+            for n, r in self.routes.items()
+            if n in config.providers or "{secret}" not in _template_text(r.spec)
+        )
         for pattern, names in config.routes.items():
             unknown = [n for n in names if n not in self.configured]
             if not names or unknown:
-                raise ConfigError(f"route {pattern!r} needs configured providers"
-                                  + (f", not {unknown}" if unknown else "")
-                                  + f' - at `$.routes."{pattern}"`')
+                raise ConfigError(
+                    f"route {pattern!r} needs configured providers"
+                    + (f", not {unknown}" if unknown else "")
+                    + f' - at `$.routes."{pattern}"`'
+                )
         self.model_routes = config.routes
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._secrets: dict[str, tuple[tuple, str]] = {}
@@ -149,11 +172,13 @@ class Router:
             raise ConfigError(f"provider {name!r}: unknown template field(s) {sorted(unknown)} - at {where}")
         for header, value in (spec.headers or {}).items():
             if header.lower() in _RESERVED:
-                raise ConfigError(f"provider {name!r}: header {header!r} is set by the sidecar - "
-                                  f"at {where}.headers")
+                raise ConfigError(
+                    f"provider {name!r}: header {header!r} is set by the sidecar - at {where}.headers"
+                )
             if _CONTROL.search(header + value):
-                raise ConfigError(f"provider {name!r}: control character in header {header!r} - "
-                                  f"at {where}.headers")
+                raise ConfigError(
+                    f"provider {name!r}: control character in header {header!r} - at {where}.headers"
+                )
         if configured and "secret" in fields and not (spec.secret_file or spec.secret_env):
             raise ConfigError(f"provider {name!r} needs secret_file or secret_env - at {where}")
         if configured and "resource" in fields and not spec.resource:
@@ -163,8 +188,10 @@ class Router:
         keys = {f.name for f in template.keys if f.where == "query"} if template else set()
         for param in spec.query_params:
             if param in own or param in keys or _CONTROL.search(param) or not param:
-                raise ConfigError(f"provider {name!r}: query parameter {param!r} is the template's "
-                                  f"own or a key - at {where}.query_params")
+                raise ConfigError(
+                    f"provider {name!r}: query parameter {param!r} is the template's "
+                    f"own or a key - at {where}.query_params"
+                )
         if spec.ca_file and not os.path.exists(spec.ca_file):
             raise ConfigError(f"provider {name!r}: ca_file {spec.ca_file!r} not found - at {where}.ca_file")
 
@@ -178,9 +205,18 @@ class Router:
             if model is None:
                 raise RouteError(CloseCode.NO_ROUTE, "no model and no provider given")
             chain = self._chain(model)
-            route = (self.routes[chain[0]] if chain else
-                     next((self.routes[n] for n in self.configured
-                           if any(match(p, model) for p in self.routes[n].spec.models)), None))
+            route = (
+                self.routes[chain[0]]
+                if chain
+                else next(
+                    (
+                        self.routes[n]
+                        for n in self.configured
+                        if any(match(p, model) for p in self.routes[n].spec.models)
+                    ),
+                    None,
+                )
+            )
             if route is None:
                 raise RouteError(CloseCode.NO_ROUTE, f"no provider serves model {model!r}")
         if route.uses_model and not model:
@@ -189,15 +225,14 @@ class Router:
 
     def _chain(self, model: str) -> list[str]:
         """The providers of the first `[routes]` pattern that matches the model."""
-        return next((names for pattern, names in self.model_routes.items()
-                     if match(pattern, model)), [])
+        return next((names for pattern, names in self.model_routes.items() if match(pattern, model)), [])
 
     def fallbacks(self, route: Route, model: str | None) -> list[Route]:
         """The providers a model route lists after `route`, to fail over to."""
         chain = self._chain(model) if model else []
         if route.name not in chain:
             return []
-        return [self.routes[n] for n in chain[chain.index(route.name) + 1:]]
+        return [self.routes[n] for n in chain[chain.index(route.name) + 1 :]]
 
     def secret(self, spec: Provider) -> str:
         if spec.secret_env:
@@ -205,7 +240,7 @@ class Router:
             if value is None:
                 raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable")
             return value.strip()
-        assert spec.secret_file is not None         # _check: a {secret} template has a source
+        assert spec.secret_file is not None  # _check: a {secret} template has a source
         try:
             st = os.stat(spec.secret_file)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -229,40 +264,48 @@ class Router:
             self._contexts[ca_file] = ctx
         return ctx
 
-    def upstream(self, target: Target, model: str | None, query: tuple[tuple[str, str], ...] = (),
-                 version: str | None = None) -> Upstream:
+    def upstream(
+        self,
+        target: Target,
+        model: str | None,
+        query: tuple[tuple[str, str], ...] = (),
+        version: str | None = None,
+    ) -> Upstream:
         """The URL and headers for one session at one deployment (secrets filled in), with
         the client's allowed query parameters appended and its API version kept."""
         spec = target.spec
-        assert spec.url is not None                 # _check refused a target without one
+        assert spec.url is not None  # _check refused a target without one
         if model and spec.model_names:
             model = spec.model_names.get(model) or next(
-                (name for pattern, name in spec.model_names.items() if match(pattern, model)),
-                model)
+                (name for pattern, name in spec.model_names.items() if match(pattern, model)), model
+            )
         values = {"model": model or "", "resource": spec.resource or ""}
         if "{secret}" in _template_text(spec):
             values["secret"] = self.secret(spec)
         for field, value in values.items():
             if _CONTROL.search(value):
-                raise RouteError(CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
-                                 f"control character in {field}")
+                raise RouteError(
+                    CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
+                    f"control character in {field}",
+                )
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
-                raise RouteError(CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
-                                 f"{field} is a dot segment")
-        url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""),
-                         upstream_path(spec.url, version))
+                raise RouteError(
+                    CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
+                    f"{field} is a dot segment",
+                )
+        url = _FIELD.sub(
+            lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(spec.url, version)
+        )
         if query:
-            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(
-                query, quote_via=urllib.parse.quote)
-        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v))
-                   for h, v in (spec.headers or {}).items()]
+            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in (spec.headers or {}).items()]
         uri = parse_uri(url)
         return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
 
 
 def _template_text(spec: Provider) -> str:
-    assert spec.url is not None                     # built-ins have one, _check the rest
+    assert spec.url is not None  # built-ins have one, _check the rest
     return spec.url + "".join((spec.headers or {}).values())
 
 

@@ -32,7 +32,6 @@ __all__ = ["Sidecar"]
 log = logging.getLogger("conduit.server")
 
 
-
 class Sidecar:
     def __init__(self, config: Config, keyset: KeySet, router: Router | None = None):
         self.config = config
@@ -60,10 +59,16 @@ class Sidecar:
 
     def admission(self) -> Admission:
         # With a shared store, max_connections is held by cluster-wide leases (govern).
-        return Admission(self.keyset, self.router, dt.datetime.now(dt.UTC),
-                         {} if self.governor.shared else self.live_per_key,
-                         len(self.sessions) >= self.limits.max_connections,
-                         self.draining, self.config.allowed_origins, self.signed_urls.key_id)
+        return Admission(
+            self.keyset,
+            self.router,
+            dt.datetime.now(dt.UTC),
+            {} if self.governor.shared else self.live_per_key,
+            len(self.sessions) >= self.limits.max_connections,
+            self.draining,
+            self.config.allowed_origins,
+            self.signed_urls.key_id,
+        )
 
     async def govern(self, info: SessionInfo) -> tuple[int, str] | None:
         """Budgets, session rate and cluster-wide leases: None, or (close code, reason)."""
@@ -87,7 +92,7 @@ class Sidecar:
             if self.live_per_key[info.key_id] <= 0:
                 del self.live_per_key[info.key_id]
             if info.upstream is not None:
-                info.upstream.release()        # least_sessions counts live sessions
+                info.upstream.release()  # least_sessions counts live sessions
         self.governor.release(info)
         if self.draining and not self.sessions and self.stopped is not None:
             self.stopped.set()
@@ -104,9 +109,15 @@ class Sidecar:
         if decision.rejection is not None:
             self.auth_failed(decision.rejection)
         self.metrics.closes.labels("sidecar", str(decision.code)).inc()
-        log.info("session rejected", extra={
-            "event": "rejected", "code": decision.code, "reason": decision.reason,
-            "key_id": decision.key.id if decision.key else None})
+        log.info(
+            "session rejected",
+            extra={
+                "event": "rejected",
+                "code": decision.code,
+                "reason": decision.reason,
+                "key_id": decision.key.id if decision.key else None,
+            },
+        )
 
     def session_ended(self, relay) -> None:
         info: SessionInfo = relay.session
@@ -119,17 +130,29 @@ class Sidecar:
         c2u, u2c = relay.counters(0), relay.counters(1)
         binary = _relay.KIND_NAMES.index("binary")
         per_second = self.config.audio.bytes_per_second
-        log.info("session ended", extra={
-            "event": "session_end", "session_id": info.id, "key_id": info.key_id,
-            "model": info.model, "provider": info.provider,
-            "deployment": info.upstream.target.label if info.upstream else None,
-            "duration_seconds": round(duration, 3),
-            "frames_client_to_upstream": sum(c2u[0]), "frames_upstream_to_client": sum(u2c[0]),
-            "bytes_client_to_upstream": c2u[2], "bytes_upstream_to_client": u2c[2],
-            "closed_by": relay.closed_by, "close_code": code, "close_reason": relay.close_reason,
-            "audio_seconds_client_to_upstream": round(c2u[1][binary] / per_second, 3),
-            "audio_seconds_upstream_to_client": round(u2c[1][binary] / per_second, 3),
-            "usage_tokens": info.usage.tokens, "usage_seconds": info.usage.seconds})
+        log.info(
+            "session ended",
+            extra={
+                "event": "session_end",
+                "session_id": info.id,
+                "key_id": info.key_id,
+                "model": info.model,
+                "provider": info.provider,
+                "deployment": info.upstream.target.label if info.upstream else None,
+                "duration_seconds": round(duration, 3),
+                "frames_client_to_upstream": sum(c2u[0]),
+                "frames_upstream_to_client": sum(u2c[0]),
+                "bytes_client_to_upstream": c2u[2],
+                "bytes_upstream_to_client": u2c[2],
+                "closed_by": relay.closed_by,
+                "close_code": code,
+                "close_reason": relay.close_reason,
+                "audio_seconds_client_to_upstream": round(c2u[1][binary] / per_second, 3),
+                "audio_seconds_upstream_to_client": round(u2c[1][binary] / per_second, 3),
+                "usage_tokens": info.usage.tokens,
+                "usage_seconds": info.usage.seconds,
+            },
+        )
 
     def provider_message(self, relay, message: bytes) -> None:
         """A provider message that may report usage (see metering). Called by the
@@ -151,10 +174,12 @@ class Sidecar:
                     family = self.metrics.usage_seconds if kind in SECONDS_KINDS else self.metrics.usage
                     family.labels(info.key_id, info.provider, model, kind).inc(n)
             self.governor.usage(info, counts, model)
-        except Exception as exc:       # a bug of ours must not end the session
+        except Exception as exc:  # a bug of ours must not end the session
             self.metrics.usage_malformed.labels(info.provider).inc()
-            log.warning("usage not counted", extra={"event": "usage_error", "session_id": info.id,
-                                                    "error": type(exc).__name__})
+            log.warning(
+                "usage not counted",
+                extra={"event": "usage_error", "session_id": info.id, "error": type(exc).__name__},
+            )
 
     def model_label(self, model: str | None) -> str:
         """Models come from clients: only a bounded number become label values."""
@@ -171,7 +196,7 @@ class Sidecar:
             self.metrics.keys_reload.labels("invalid").inc()
             return
         self.metrics.keys_reload.labels("ok").inc()
-        self.keyset = keyset        # the poll rechecks live sessions right after
+        self.keyset = keyset  # the poll rechecks live sessions right after
 
     def recheck_keys(self) -> None:
         """Live sessions hold only while their key does: a removed, rotated (same id,
@@ -190,8 +215,9 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
         host, port = split_hostport(self.config.listen)
-        server = await loop.create_server(lambda: ClientHandshake(self), host, port,
-                                          reuse_address=True, backlog=4096)
+        server = await loop.create_server(
+            lambda: ClientHandshake(self), host, port, reuse_address=True, backlog=4096
+        )
         self.servers.append(server)
         self.listening["listen"] = server.sockets[0].getsockname()[:2]
         if self.config.tls is not None:
@@ -203,36 +229,55 @@ class Sidecar:
                 context = self.tls.context
                 server = await loop.create_server(
                     lambda: TLSStream(context, ClientHandshake(self), server_side=True),
-                    host, port, reuse_address=True, backlog=4096)
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=4096,
+                )
             else:
                 server = await loop.create_server(
-                    lambda: ClientHandshake(self), host, port, ssl=self.tls.context,
+                    lambda: ClientHandshake(self),
+                    host,
+                    port,
+                    ssl=self.tls.context,
                     ssl_handshake_timeout=self.config.limits.handshake_timeout_seconds,
-                    reuse_address=True, backlog=4096)
+                    reuse_address=True,
+                    backlog=4096,
+                )
             self.servers.append(server)
             self.listening["tls"] = server.sockets[0].getsockname()[:2]
-        self.admin = AdminServer(self.config.admin_listen, self.metrics.registry,
-                                 ready=lambda: self.ready, draining=lambda: self.draining,
-                                 drain=self.drain)
+        self.admin = AdminServer(
+            self.config.admin_listen,
+            self.metrics.registry,
+            ready=lambda: self.ready,
+            draining=lambda: self.draining,
+            drain=self.drain,
+        )
         self.listening["admin"] = await self.admin.start()
         self.watcher = KeyWatcher(self.config.keys_file, self.keyset, self.on_keys)
         self.poller = loop.create_task(self._poll())
         self.governor.start()
-        log.info("started", extra={
-            "event": "start", "version": __version__,
-            "listen": "{}:{}".format(*self.listening["listen"]),
-            "admin_listen": "{}:{}".format(*self.listening["admin"]),
-            "tls_listen": "{}:{}".format(*self.listening["tls"]) if "tls" in self.listening else None,
-            "tls_relay": "openssl" if _relay.NATIVE_TLS else "uvloop",
-            "providers": self.router.configured, "keys": len(self.keyset)})
+        log.info(
+            "started",
+            extra={
+                "event": "start",
+                "version": __version__,
+                "listen": "{}:{}".format(*self.listening["listen"]),
+                "admin_listen": "{}:{}".format(*self.listening["admin"]),
+                "tls_listen": "{}:{}".format(*self.listening["tls"]) if "tls" in self.listening else None,
+                "tls_relay": "openssl" if _relay.NATIVE_TLS else "uvloop",
+                "providers": self.router.configured,
+                "keys": len(self.keyset),
+            },
+        )
 
     async def _poll(self) -> None:
         """Mounted Secrets change by file swaps: check keys and certificates."""
         while True:
             await asyncio.sleep(self.config.keys_poll_seconds)
-            assert self.watcher is not None         # start() made it before this task
+            assert self.watcher is not None  # start() made it before this task
             self.watcher.check()
-            self.recheck_keys()             # expiry passes without a file change
+            self.recheck_keys()  # expiry passes without a file change
             if self.tls is not None:
                 self.tls.check()
             if self.config.limits.idle_timeout_seconds:
@@ -250,24 +295,30 @@ class Sidecar:
             if activity != info.seen_activity:
                 info.seen_activity, info.active_at = activity, now
             elif now - info.active_at >= limit:
-                relay.close(_relay.CloseCode.GOING_AWAY, "idle timeout",
-                            _relay.CloseCode.GOING_AWAY, "idle timeout")
+                relay.close(
+                    _relay.CloseCode.GOING_AWAY, "idle timeout", _relay.CloseCode.GOING_AWAY, "idle timeout"
+                )
 
     @property
     def ready(self) -> bool:
-        return (bool(self.servers) and not self.draining
-                and (self.tls is None or self.tls.ready))
+        return bool(self.servers) and not self.draining and (self.tls is None or self.tls.ready)
 
     def drain(self) -> None:
         """Stop admitting sessions; close the remaining ones after drain_seconds."""
         if self.draining:
             return
         self.draining = True
-        log.info("draining", extra={"event": "drain", "sessions": len(self.sessions),
-                                    "drain_seconds": self.config.limits.drain_seconds})
+        log.info(
+            "draining",
+            extra={
+                "event": "drain",
+                "sessions": len(self.sessions),
+                "drain_seconds": self.config.limits.drain_seconds,
+            },
+        )
         loop = asyncio.get_running_loop()
         loop.call_later(self.config.limits.drain_seconds, self.close_all)
-        if not self.sessions and self.stopped is not None:      # None: not started
+        if not self.sessions and self.stopped is not None:  # None: not started
             self.stopped.set()
 
     def close_all(self) -> None:
@@ -302,7 +353,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         signals = 0
         stopped = self.stopped
-        assert stopped is not None                  # start() made it
+        assert stopped is not None  # start() made it
 
         def on_signal():
             nonlocal signals

@@ -34,21 +34,32 @@ _ids = itertools.count(1)
 
 
 class SessionInfo:
-    __slots__ = ("id", "key", "key_id", "model", "provider", "started", "relay", "usage",
-                 "seen_activity", "active_at", "upstream")
+    __slots__ = (
+        "id",
+        "key",
+        "key_id",
+        "model",
+        "provider",
+        "started",
+        "relay",
+        "usage",
+        "seen_activity",
+        "active_at",
+        "upstream",
+    )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str):
         self.id = f"s{next(_ids)}"
-        self.key = key                  # the entry it was admitted with (rechecked by hash)
+        self.key = key  # the entry it was admitted with (rechecked by hash)
         self.key_id = key.id
         self.model = model
         self.provider = provider
         self.started = time.monotonic()
         self.relay: _relay.Relay | None = None
         self.usage = Usage()
-        self.seen_activity = 0          # frames relayed at the last idle check
+        self.seen_activity = 0  # frames relayed at the last idle check
         self.active_at = self.started
-        self.upstream: Health | None = None     # the deployment's Health; released at the end
+        self.upstream: Health | None = None  # the deployment's Health; released at the end
 
 
 class Host(Protocol):
@@ -90,7 +101,8 @@ class ClientHandshake(asyncio.Protocol):
         self.transport = transport
         self.reader: RequestReader | None = RequestReader(self.host.limits.max_request_bytes)
         self.timer = asyncio.get_running_loop().call_later(
-            self.host.limits.handshake_timeout_seconds, self._timeout)
+            self.host.limits.handshake_timeout_seconds, self._timeout
+        )
 
     def _timeout(self):
         self.host.count("handshake_timeout")
@@ -98,8 +110,8 @@ class ClientHandshake(asyncio.Protocol):
 
     def data_received(self, data):
         if self.task is not None:
-            return      # the session owns the socket; a client must wait for 101
-        assert self.reader is not None                  # dropped only when the task starts
+            return  # the session owns the socket; a client must wait for 101
+        assert self.reader is not None  # dropped only when the task starts
         try:
             request = self.reader.feed(data)
         except BadRequest as exc:
@@ -114,7 +126,8 @@ class ClientHandshake(asyncio.Protocol):
         self.transport.pause_reading()
         early, self.reader = self.reader.early, None
         self.task = asyncio.get_running_loop().create_task(
-            open_session(self.host, self.transport, request, early))
+            open_session(self.host, self.transport, request, early)
+        )
 
     def eof_received(self):
         return False
@@ -153,8 +166,7 @@ class _Drain(asyncio.Protocol):
 _CLOSE = _relay.KIND_NAMES.index("close")
 
 
-def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes,
-                         answered: bool = False):
+def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, answered: bool = False):
     if not answered:
         transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
@@ -166,21 +178,27 @@ def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes,
         transport.resume_reading()
 
 
-async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo,
-                      early: bytes) -> tuple[Accept, bytes] | None:
+async def _hold_first(
+    host: Host, transport, decision: Accept, info: SessionInfo, early: bytes
+) -> tuple[Accept, bytes] | None:
     """Answer 101, read the client's first message (Gemini's setup) and check the model
     it names. Returns the decision with its model and the raw bytes read so far (for
     the relay), or None when the session was closed."""
     transport.write(decision.response.serialize())
     limits = host.limits
     try:
-        message, early = await held.read_first(transport, early, limits.max_message_bytes,
-                                               limits.handshake_timeout_seconds)
+        message, early = await held.read_first(
+            transport, early, limits.max_message_bytes, limits.handshake_timeout_seconds
+        )
         model = held.setup_model(message)
         failed = None
         if not decision.key.allows_model(model):
-            failed = Close(decision.response, _relay.CloseCode.FORBIDDEN,
-                           f"model {model!r} not allowed for this key", decision.key)
+            failed = Close(
+                decision.response,
+                _relay.CloseCode.FORBIDDEN,
+                f"model {model!r} not allowed for this key",
+                decision.key,
+            )
     except held.Refused as exc:
         failed = Close(decision.response, exc.code, str(exc), decision.key)
     if failed is not None:
@@ -188,8 +206,9 @@ async def _hold_first(host: Host, transport, decision: Accept, info: SessionInfo
         host.rejected(failed)
         # The client's bytes go to the drain (it waits for their close), unless they
         # were what broke the rules.
-        _close_after_upgrade(host, transport, failed,
-                             early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True)
+        _close_after_upgrade(
+            host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
+        )
         return None
     info.model = model
     return msgspec.structs.replace(decision, model=model), early
@@ -201,11 +220,10 @@ async def _rest(host: Host, transport, request: Request) -> bool:
         if normalise_path(request.path)[0] != signed_urls.PATH:
             return False
     except BadPath:
-        return False           # decide answers it
+        return False  # decide answers it
     try:
-        response = await signed_urls.answer(host, request,
-                                            transport.get_extra_info("sslcontext") is not None)
-    except Exception:          # a bug of ours: the client gets a status, never a hang
+        response = await signed_urls.answer(host, request, transport.get_extra_info("sslcontext") is not None)
+    except Exception:  # a bug of ours: the client gets a status, never a hang
         log.exception("signed url failed", extra={"event": "signed_url_error"})
         response = refuse(500, "internal error").response
     log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
@@ -220,7 +238,7 @@ class _HandedOver(asyncio.Protocol):
     buffered Leg) has none: without this, each handshake protocol, with its parser,
     request, response and finished Task, would live as long as its session."""
 
-    data_received = staticmethod(lambda data: None)     # shared: nothing per session
+    data_received = staticmethod(lambda data: None)  # shared: nothing per session
 
 
 _HANDED_OVER = _HandedOver()
@@ -232,9 +250,10 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     decision = decide(request, host.admission())
     if isinstance(decision, Refuse):
         host.count("bad_request")
-        log.info("handshake refused", extra={"event": "refused",
-                                             "status": decision.response.status_code,
-                                             "reason": decision.reason})
+        log.info(
+            "handshake refused",
+            extra={"event": "refused", "status": decision.response.status_code, "reason": decision.reason},
+        )
         transport.write(decision.response.serialize())
         transport.close()
         return
@@ -261,9 +280,8 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
             decision, early = held_first
         started = time.monotonic()
         try:
-            upstream, subprotocol, upstream_early, info.upstream = \
-                await host.balancer.connect(decision)
-            info.provider = info.upstream.target.provider     # after a failover: the next one
+            upstream, subprotocol, upstream_early, info.upstream = await host.balancer.connect(decision)
+            info.provider = info.upstream.target.provider  # after a failover: the next one
         except (UpstreamError, RouteError) as exc:
             code = exc.code if isinstance(exc, RouteError) else _relay.CloseCode.UPSTREAM_FAILED
             host.release(info)
@@ -272,7 +290,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
             _close_after_upgrade(host, transport, failed, early, answered)
             return
         host.connected(info, time.monotonic() - started)
-    except asyncio.CancelledError:     # the client left while we connected
+    except asyncio.CancelledError:  # the client left while we connected
         host.release(info)
         raise
     if transport.is_closing():
@@ -299,11 +317,16 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         transport.write(response.serialize())
     limits = host.limits
     metered = meter(info.provider)
-    relay = _relay.Relay(asyncio.get_running_loop(), limits.max_message_bytes,
-                         limits.close_timeout_seconds, host.session_ended,
-                         metered.markers if metered else (), host.provider_message,
-                         meter_binary=bool(metered and metered.binary),
-                         sniff_bytes=metered.sniff_bytes if metered else 256)
+    relay = _relay.Relay(
+        asyncio.get_running_loop(),
+        limits.max_message_bytes,
+        limits.close_timeout_seconds,
+        host.session_ended,
+        metered.markers if metered else (),
+        host.provider_message,
+        meter_binary=bool(metered and metered.binary),
+        sniff_bytes=metered.sniff_bytes if metered else 256,
+    )
     relay.session = info
     info.relay = relay
     host.count("accepted")

@@ -36,8 +36,12 @@ __all__ = ["PATH", "SignedUrls", "answer"]
 PATH = "/v1/convai/conversation/get-signed-url"
 _MAX_RESPONSE_BYTES = 65536
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
-_STATUS: dict[int, int] = {CloseCode.AUTH_FAILED: 401, CloseCode.FORBIDDEN: 403,
-                           CloseCode.NO_ROUTE: 404, CloseCode.INTERNAL_ERROR: 500}
+_STATUS: dict[int, int] = {
+    CloseCode.AUTH_FAILED: 401,
+    CloseCode.FORBIDDEN: 403,
+    CloseCode.NO_ROUTE: 404,
+    CloseCode.INTERNAL_ERROR: 500,
+}
 
 
 class SignedUrls:
@@ -73,14 +77,15 @@ _decoder = msgspec.json.Decoder(_Signed)
 
 def _json(status: int, body: dict) -> Response:
     data = msgspec.json.encode(body)
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                       ("Connection", "close")])
+    headers = Headers(
+        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Connection", "close")]
+    )
     return Response(status, http.HTTPStatus(status).phrase, headers, data)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args):
-        return None          # the secret goes to the configured host only: a 3xx is an error
+        return None  # the secret goes to the configured host only: a 3xx is an error
 
 
 def _fetch(url: str, headers: list[tuple[str, str]], context, timeout: float) -> bytes:
@@ -124,7 +129,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         if why is not None:
             host.auth_failed(why)
         return _json(_STATUS.get(code, 400), {"detail": reason})
-    assert entry is not None          # admit refuses an unknown key
+    assert entry is not None  # admit refuses an unknown key
     try:
         # The REST call goes to the first deployment: its URL, resource and secret
         # (the route's own spec has the deployments' template fields unresolved).
@@ -133,12 +138,15 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
     uri = upstream.uri
     path = uri.resource_name.partition("?")[0]
-    rest = (f"{'https' if uri.secure else 'http'}://{uri.host}:{uri.port}{path}/get-signed-url?"
-            + urllib.parse.urlencode({"agent_id": agent}, quote_via=urllib.parse.quote))
+    rest = (
+        f"{'https' if uri.secure else 'http'}://{uri.host}:{uri.port}{path}/get-signed-url?"
+        + urllib.parse.urlencode({"agent_id": agent}, quote_via=urllib.parse.quote)
+    )
     timeout = host.limits.upstream_connect_timeout_seconds
     try:
         body = await asyncio.get_running_loop().run_in_executor(
-            None, _fetch, rest, upstream.headers, upstream.ssl, timeout)
+            None, _fetch, rest, upstream.headers, upstream.ssl, timeout
+        )
         if len(body) > _MAX_RESPONSE_BYTES:
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
@@ -152,6 +160,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     if not signature:
         return _json(502, {"detail": "provider's signed URL has no signature"})
     host.signed_urls.remember(signature, entry.id)
-    ours = urllib.parse.urlunsplit(("wss" if secure else "ws", authority, "/v1/convai/conversation",
-                                    signed.query, ""))
+    ours = urllib.parse.urlunsplit(
+        ("wss" if secure else "ws", authority, "/v1/convai/conversation", signed.query, "")
+    )
     return _json(200, {"signed_url": ours})

@@ -51,9 +51,15 @@ class LocalStore:
         self.starts: dict[str, collections.deque[float]] = {}
         self.usage: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}
 
-    async def admit(self, key_id: str, member: str, max_connections: int | None,
-                    per_minute: int | None, headroom: Sequence[tuple[str, str, float]],
-                    now: dt.datetime) -> tuple[Admission, Totals]:
+    async def admit(
+        self,
+        key_id: str,
+        member: str,
+        max_connections: int | None,
+        per_minute: int | None,
+        headroom: Sequence[tuple[str, str, float]],
+        now: dt.datetime,
+    ) -> tuple[Admission, Totals]:
         totals = await self.totals(key_id, now)
         for i, (window, metric, left) in enumerate(headroom):
             if totals[window][metric] >= left:
@@ -102,7 +108,9 @@ _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2
 # per_minute (0: no rate), lease_ms, window_ms, then per budget: window number (1-3),
 # metric, headroom. -> {refusal (0 none, 1 budget, 2 connections, 3 rate), budget
 # number or ms to wait, the three usage hashes}
-_ADMIT = _NOW_MS + """
+_ADMIT = (
+    _NOW_MS
+    + """
 local out = {0, 0, redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]),
              redis.call('HGETALL', KEYS[5])}
 for j = 6, #ARGV, 3 do
@@ -130,12 +138,16 @@ if limit > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 return out"""
+)
 
 # KEYS[1] leases; ARGV ttl_ms, member... : extend (or re-create after an outage)
-_RENEW = _NOW_MS + """
+_RENEW = (
+    _NOW_MS
+    + """
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1"""
+)
 
 # KEYS usage hashes (one per window); ARGV expire-at (s) per key, then metric, delta...
 _ADD = """
@@ -170,11 +182,15 @@ class RedisStore:
         self.errors = (redis.RedisError, OSError, TimeoutError)
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
-        assert state.url is not None                # config.load requires it for redis
+        assert state.url is not None  # config.load requires it for redis
         self.client = redis.asyncio.Redis.from_url(
-            state.url, password=password, socket_timeout=state.timeout_seconds,
-            socket_connect_timeout=state.timeout_seconds, retry=Retry(NoBackoff(), 0),
-            decode_responses=True)
+            state.url,
+            password=password,
+            socket_timeout=state.timeout_seconds,
+            socket_connect_timeout=state.timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
         self.prefix = state.key_prefix
         self.lease_ms = int(state.lease_seconds * 1000)
         self.admit_script = self.client.register_script(_ADMIT)
@@ -199,19 +215,24 @@ class RedisStore:
             expire_at.append(int(end.timestamp()) + _USAGE_GRACE_SECONDS)
         return keys, expire_at
 
-    async def admit(self, key_id: str, member: str, max_connections: int | None,
-                    per_minute: int | None, headroom: Sequence[tuple[str, str, float]],
-                    now: dt.datetime) -> tuple[Admission, Totals]:
+    async def admit(
+        self,
+        key_id: str,
+        member: str,
+        max_connections: int | None,
+        per_minute: int | None,
+        headroom: Sequence[tuple[str, str, float]],
+        now: dt.datetime,
+    ) -> tuple[Admission, Totals]:
         """Check budgets (refused when a window total reached its headroom), then take
         a lease under max_connections and a session-rate slot: atomically, at once."""
         usage, _ = self.usage_keys(key_id, now)
-        args = [member, max_connections or 0, per_minute or 0, self.lease_ms,
-                RATE_WINDOW_SECONDS * 1000]
+        args = [member, max_connections or 0, per_minute or 0, self.lease_ms, RATE_WINDOW_SECONDS * 1000]
         for window, metric, left in headroom:
             args += [WINDOWS.index(window) + 1, metric, repr(float(left))]
         refusal, detail, *hashes = await self._call(
-            self.admit_script, [self.key(key_id, "leases"), self.key(key_id, "starts"), *usage],
-            args)
+            self.admit_script, [self.key(key_id, "leases"), self.key(key_id, "starts"), *usage], args
+        )
         totals = _parse(hashes)
         if refusal == 1:
             return ("budget", detail), totals
@@ -223,8 +244,7 @@ class RedisStore:
 
     async def renew(self, leases: dict[str, list[str]]) -> None:
         for key_id, members in leases.items():
-            await self._call(self.renew_script, [self.key(key_id, "leases")],
-                             [self.lease_ms, *members])
+            await self._call(self.renew_script, [self.key(key_id, "leases")], [self.lease_ms, *members])
 
     async def release(self, key_id: str, member: str) -> None:
         try:

@@ -31,11 +31,13 @@ def port_open(port: int) -> bool:
 
 def admin_ready(admin_port: int) -> Callable[[], bool]:
     """A readiness check: the sidecar's `GET /readyz` answers 200."""
+
     def ready() -> bool:
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
                 return r.status == 200
         return False
+
     return ready
 
 
@@ -48,8 +50,9 @@ def sidecar_command() -> list[str]:
 class Process:
     """A child process whose output (stdout and stderr) goes to `log_path`."""
 
-    def __init__(self, name: str, argv: list[str], log_path: str, *, env: dict | None = None,
-                 cwd: str | None = None):
+    def __init__(
+        self, name: str, argv: list[str], log_path: str, *, env: dict | None = None, cwd: str | None = None
+    ):
         self.name, self.argv, self.log_path = name, argv, log_path
         self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen | None = None
@@ -58,8 +61,14 @@ class Process:
         """Start it; with `ready`, wait until it says so. RuntimeError (with the end of
         the log) if the process exits or is not ready in time."""
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+            )
         deadline = time.monotonic() + timeout
         while ready is not None and not ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -32,8 +32,16 @@ if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["LOOPBACK_NAMES", "CertFiles", "ListenerTLS", "LoopbackCA", "certificate", "new_key",
-           "pem", "server_context"]
+__all__ = [
+    "LOOPBACK_NAMES",
+    "CertFiles",
+    "ListenerTLS",
+    "LoopbackCA",
+    "certificate",
+    "new_key",
+    "pem",
+    "server_context",
+]
 
 log = logging.getLogger("conduit.tls")
 
@@ -45,7 +53,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_DAYS = 90
 CA_OVERLAP_DAYS = 45
 LEAF_DAYS = 7
-LEAF_RENEW_DAYS = 2      # a leaf with fewer days left is re-issued
+LEAF_RENEW_DAYS = 2  # a leaf with fewer days left is re-issued
 _SKEW = dt.timedelta(minutes=5)
 
 
@@ -78,8 +86,10 @@ class CertFiles:
         try:
             self._load()
         except ConfigError as exc:
-            log.warning("TLS certificate reload failed; keeping the current one",
-                        extra={"event": "tls_reload", "result": "invalid", "error": str(exc)})
+            log.warning(
+                "TLS certificate reload failed; keeping the current one",
+                extra={"event": "tls_reload", "result": "invalid", "error": str(exc)},
+            )
             return
         log.info("TLS certificate reloaded", extra={"event": "tls_reload", "result": "ok"})
 
@@ -92,16 +102,19 @@ class ListenerTLS:
         self.conf = conf
         self.authority: LoopbackCA | None = None
         if conf.self_signed:
-            assert conf.state_dir and conf.ca_out           # config.load requires both
+            assert conf.state_dir and conf.ca_out  # config.load requires both
             self.authority = LoopbackCA(conf.state_dir, conf.ca_out)
         try:
             if self.authority:
                 self.authority.renew()
         except OSError as exc:
             raise ConfigError(f"[tls] cannot write the self-signed CA: {exc}") from None
-        cert_file, key_file = ((self.authority.cert_file, self.authority.key_file) if self.authority
-                               else (conf.cert_file, conf.key_file))
-        assert cert_file and key_file                       # config.load requires both
+        cert_file, key_file = (
+            (self.authority.cert_file, self.authority.key_file)
+            if self.authority
+            else (conf.cert_file, conf.key_file)
+        )
+        assert cert_file and key_file  # config.load requires both
         try:
             self.files = CertFiles(cert_file, key_file)
         except ConfigError as exc:
@@ -113,8 +126,10 @@ class ListenerTLS:
             try:
                 self.authority.renew()
             except (OSError, ValueError) as exc:
-                log.warning("self-signed certificate renewal failed", extra={
-                    "event": "tls_renew", "result": "error", "error": str(exc)})
+                log.warning(
+                    "self-signed certificate renewal failed",
+                    extra={"event": "tls_renew", "result": "error", "error": str(exc)},
+                )
         self.files.check()
 
     @property
@@ -171,21 +186,27 @@ class LoopbackCA:
             _write(self.ca_out, trusted, 0o644)
 
         leaf = self._leaf()
-        renewed = leaf is None or _left(leaf, now) < dt.timedelta(days=LEAF_RENEW_DAYS) \
+        renewed = (
+            leaf is None
+            or _left(leaf, now) < dt.timedelta(days=LEAF_RENEW_DAYS)
             or not _signed_by(leaf, current[1])
+        )
         if renewed:
             ca_key, ca_cert = current
             key = new_key()
-            leaf = certificate(key, name="localhost", names=LOOPBACK_NAMES, days=LEAF_DAYS,
-                               issuer=(ca_key, ca_cert), now=now)
+            leaf = certificate(
+                key, name="localhost", names=LOOPBACK_NAMES, days=LEAF_DAYS, issuer=(ca_key, ca_cert), now=now
+            )
             _write(self.key_file, pem(key), 0o600)
             _write(self.cert_file, pem(leaf) + pem(ca_cert), 0o644)
             if self.due is not None:
                 log.info("self-signed certificate renewed", extra={"event": "tls_renew", "result": "ok"})
-        self.files.changed()      # our own writes are not news
+        self.files.changed()  # our own writes are not news
         ca_end = current[1].not_valid_after_utc
-        self.due = min(leaf.not_valid_after_utc - dt.timedelta(days=LEAF_RENEW_DAYS),
-                       ca_end - leaf_days if upcoming else ca_end - dt.timedelta(days=CA_OVERLAP_DAYS))
+        self.due = min(
+            leaf.not_valid_after_utc - dt.timedelta(days=LEAF_RENEW_DAYS),
+            ca_end - leaf_days if upcoming else ca_end - dt.timedelta(days=CA_OVERLAP_DAYS),
+        )
         return renewed
 
     def _load(self, stem: str):
@@ -196,7 +217,7 @@ class LoopbackCA:
         if key_data is None or cert_data is None:
             return None
         cert = x509.load_pem_x509_certificate(cert_data)
-        try:       # a CA from before the constraint (valid 10 years) is replaced
+        try:  # a CA from before the constraint (valid 10 years) is replaced
             cert.extensions.get_extension_for_class(x509.NameConstraints)
         except x509.ExtensionNotFound:
             return None
@@ -215,8 +236,9 @@ class LoopbackCA:
 
 def _loopback_ca(now: dt.datetime):
     key = new_key()
-    return key, certificate(key, name="conduit-sidecar loopback CA", days=CA_DAYS, ca=True,
-                            names=LOOPBACK_NAMES, now=now)
+    return key, certificate(
+        key, name="conduit-sidecar loopback CA", days=CA_DAYS, ca=True, names=LOOPBACK_NAMES, now=now
+    )
 
 
 def _left(cert: x509.Certificate, now: dt.datetime) -> dt.timedelta:
@@ -235,16 +257,23 @@ def _signed_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
 
 # --- the x509 builder ----------------------------------------------------------------
 
+
 def new_key() -> ec.EllipticCurvePrivateKey:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def certificate(key: ec.EllipticCurvePrivateKey, *, name: str, days: float,
-                names: Sequence[str] = (), ca: bool = False,
-                issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
-                now: dt.datetime | None = None) -> x509.Certificate:
+def certificate(
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    name: str,
+    days: float,
+    names: Sequence[str] = (),
+    ca: bool = False,
+    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
     """A certificate for `key` with common name `name`, valid `days`, signed by
     `issuer` (key, certificate) or self-signed.
 
@@ -259,27 +288,45 @@ def certificate(key: ec.EllipticCurvePrivateKey, *, name: str, days: float,
     now = now or dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     signer, issuer_name = (issuer[0], issuer[1].subject) if issuer else (key, subject)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False,
-                                            key_encipherment=False, data_encipherment=False,
-                                            key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                                            encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
-                              critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
+        )
+    )
     if ca and names:
-        builder = builder.add_extension(x509.NameConstraints(
-            permitted_subtrees=[_general_name(n, network=True) for n in names],
-            excluded_subtrees=None), critical=True)
+        builder = builder.add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[_general_name(n, network=True) for n in names], excluded_subtrees=None
+            ),
+            critical=True,
+        )
     elif not ca:
-        builder = (builder
-                   .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]),
-                                  critical=False)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                                  critical=False))
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     return builder.sign(signer, hashes.SHA256())
 
 
@@ -298,8 +345,9 @@ def pem(obj) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     if hasattr(obj, "private_bytes"):
-        return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return obj.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     return obj.public_bytes(serialization.Encoding.PEM)
 
 

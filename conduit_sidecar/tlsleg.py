@@ -18,7 +18,7 @@ import ssl
 __all__ = ["TLSStream", "handover", "start_tls"]
 
 _READ = 65536
-_DETACHED = asyncio.Protocol()     # the app of a stream the relay took (shared, does nothing)
+_DETACHED = asyncio.Protocol()  # the app of a stream the relay took (shared, does nothing)
 
 
 class TLSStream(asyncio.Protocol, asyncio.Transport):
@@ -26,17 +26,22 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
     between them. Server side: `app` is told of the connection at once (its own
     timer then covers the TLS handshake too). Client side: see `start_tls`."""
 
-    raw: asyncio.Transport      # the plain transport, from connection_made on
+    raw: asyncio.Transport  # the plain transport, from connection_made on
 
-    def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol, *,
-                 server_side: bool = False, server_hostname: str | None = None):
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        app: asyncio.Protocol,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+    ):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side,
-                                       server_hostname)
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
         self.app = app
         self.server_side = server_side
         self.handshaken = False
-        self.waiter: asyncio.Future | None = None     # the client's handshake
+        self.waiter: asyncio.Future | None = None  # the client's handshake
         self.paused = False
         self.closing = False
 
@@ -47,7 +52,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         if self.server_side:
             self.app.connection_made(self)
         else:
-            self._handshake()       # the ClientHello
+            self._handshake()  # the ClientHello
 
     def data_received(self, data):
         self.incoming.write(data)
@@ -76,7 +81,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             self._flush()
             return False
         except (ssl.SSLError, OSError) as exc:
-            self._flush()       # the alert, if any
+            self._flush()  # the alert, if any
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_exception(exc)
             else:
@@ -130,7 +135,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.closing = True
         if self.handshaken:
             try:
-                self.sslobj.unwrap()        # close_notify; the peer's is not awaited
+                self.sslobj.unwrap()  # close_notify; the peer's is not awaited
             except ssl.SSLError:
                 pass
             self._flush()
@@ -150,7 +155,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
     def resume_reading(self):
         self.paused = False
         self.raw.resume_reading()
-        if self.handshaken:     # records already in the BIO
+        if self.handshaken:  # records already in the BIO
             asyncio.get_running_loop().call_soon(self._deliver)
 
     def set_protocol(self, protocol):
@@ -175,8 +180,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         return self.raw.get_extra_info(name, default)
 
 
-async def start_tls(raw: asyncio.Transport, app: asyncio.Protocol, context: ssl.SSLContext,
-                    server_hostname: str) -> TLSStream:
+async def start_tls(
+    raw: asyncio.Transport, app: asyncio.Protocol, context: ssl.SSLContext, server_hostname: str
+) -> TLSStream:
     """The client's TLS handshake on `raw` (whose protocol `app` already is); raises
     what the SSLObject raises (ssl.SSLCertVerificationError, ...)."""
     stream = TLSStream(context, app, server_hostname=server_hostname)
@@ -190,7 +196,7 @@ async def start_tls(raw: asyncio.Transport, app: asyncio.Protocol, context: ssl.
 def handover(transport: asyncio.Transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
     """(the transport for the relay, the SSLObject it encrypts with, or None)."""
     if isinstance(transport, TLSStream):
-        transport.paused = True     # a _deliver still scheduled must not read the relay's records
+        transport.paused = True  # a _deliver still scheduled must not read the relay's records
         # The handshake protocol and this stream refer to each other: part them, so that
         # both are freed by reference counting once the relay has the transport.
         transport.app = _DETACHED

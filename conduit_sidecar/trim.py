@@ -26,7 +26,7 @@ class Trimmer:
     def __init__(self, drop: int = 256):
         self.drop = drop
         self.peak = self.last = 0
-        self.falling = False        # a fall of `drop` or more is under way
+        self.falling = False  # a fall of `drop` or more is under way
         self._trim: Callable[[], object] | None = None
 
     def grew(self, live: int) -> None:

@@ -43,7 +43,7 @@ __all__ = ["Balancer", "Health", "UpstreamError"]
 
 log = logging.getLogger("conduit.upstream")
 _MAX_RESPONSE_BYTES = 65536
-_REASON_BYTES = 123          # a close frame's reason must fit in 125 bytes with the code
+_REASON_BYTES = 123  # a close frame's reason must fit in 125 bytes with the code
 
 
 class UpstreamError(Exception):
@@ -55,8 +55,9 @@ class _Failed(UpstreamError):
     multi-attempt close reason; `failover` False when no other deployment would do
     better; `rest` (seconds) when the provider said how long to stay away."""
 
-    def __init__(self, outcome: str, message: str, short: str, failover: bool = True,
-                 rest: float | None = None):
+    def __init__(
+        self, outcome: str, message: str, short: str, failover: bool = True, rest: float | None = None
+    ):
         super().__init__(message)
         self.outcome, self.short, self.failover, self.rest = outcome, short, failover, rest
 
@@ -68,8 +69,7 @@ class _UpstreamHandshake(asyncio.Protocol):
     def __init__(self, request: bytes):
         self.request = request
         self.reader = StreamReader()
-        self.parser = Response.parse(self.reader.read_line, self.reader.read_exact,
-                                     self.reader.read_to_eof)
+        self.parser = Response.parse(self.reader.read_line, self.reader.read_exact, self.reader.read_to_eof)
         next(self.parser)
         self.result = asyncio.get_running_loop().create_future()
         self.size = 0
@@ -87,8 +87,7 @@ class _UpstreamHandshake(asyncio.Protocol):
             self.transport.pause_reading()
             self._set((done.value, bytes(self.reader.buffer)))
         except Exception as exc:
-            self._set(_Failed("invalid", f"upstream sent an invalid HTTP response ({exc})",
-                              "bad response"))
+            self._set(_Failed("invalid", f"upstream sent an invalid HTTP response ({exc})", "bad response"))
 
     def _set(self, value):
         if not self.result.done():
@@ -110,18 +109,17 @@ class _UpstreamHandshake(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc):
-        self._set(_Failed("invalid", "upstream closed the connection during the handshake",
-                          "closed"))
+        self._set(_Failed("invalid", "upstream closed the connection during the handshake", "closed"))
 
 
-async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: float,
-                   max_rest: float):
+async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: float, max_rest: float):
     """TCP, then TLS, then the WebSocket handshake, each named in the error on failure.
     Returns (transport, subprotocol, bytes already read past the 101)."""
     loop = asyncio.get_running_loop()
     uri = upstream.uri
-    ws = ClientProtocol(uri, subprotocols=None if subprotocols is None
-                        else [Subprotocol(p) for p in subprotocols])
+    ws = ClientProtocol(
+        uri, subprotocols=None if subprotocols is None else [Subprotocol(p) for p in subprotocols]
+    )
     request = ws.connect()
     for name, value in upstream.headers:
         request.headers[name] = value
@@ -133,11 +131,10 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
             transport, _ = await loop.create_connection(lambda: proto, uri.host, uri.port)
             if upstream.ssl is not None:
                 stage = "TLS handshake"
-                if _relay.NATIVE_TLS:       # the relay will encrypt this leg itself
+                if _relay.NATIVE_TLS:  # the relay will encrypt this leg itself
                     transport = await tlsleg.start_tls(transport, proto, upstream.ssl, uri.host)
                 else:
-                    transport = await loop.start_tls(transport, proto, upstream.ssl,
-                                                     server_hostname=uri.host)
+                    transport = await loop.start_tls(transport, proto, upstream.ssl, server_hostname=uri.host)
                 proto.transport = transport
             stage = "WebSocket handshake"
             proto.send_request()
@@ -158,7 +155,7 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
         if stage == "TLS handshake":
             raise _Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
         raise _Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None
-    except (_Failed, asyncio.CancelledError):     # cancelled: the client left
+    except (_Failed, asyncio.CancelledError):  # cancelled: the client left
         _drop(transport)
         raise
     try:
@@ -176,8 +173,7 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
         ws.parser.close()
     if ws.extensions:
         _drop(transport)
-        raise _Failed("invalid", "upstream negotiated an extension that was not offered",
-                      "bad handshake")
+        raise _Failed("invalid", "upstream negotiated an extension that was not offered", "bad handshake")
     return transport, ws.subprotocol, early
 
 
@@ -185,8 +181,9 @@ def _refused(response: Response, max_rest: float) -> _Failed:
     status = response.status_code
     message, short = f"upstream refused: HTTP {status}", f"HTTP {status}"
     if status == 429:
-        return _Failed("http_429", message, short,
-                       rest=_retry_after(response.headers.get("Retry-After"), max_rest))
+        return _Failed(
+            "http_429", message, short, rest=_retry_after(response.headers.get("Retry-After"), max_rest)
+        )
     if status >= 500:
         return _Failed("http_5xx", message, short)
     if status in (401, 403):
@@ -217,17 +214,16 @@ class Health:
     """One deployment's circuit breaker and live session count (per sidecar).
     Times are `time.monotonic()` seconds, passed in so the rules are testable."""
 
-    __slots__ = ("target", "circuit", "live", "failures", "resting_until", "cooldown",
-                 "probing")
+    __slots__ = ("target", "circuit", "live", "failures", "resting_until", "cooldown", "probing")
 
     def __init__(self, target: Target, circuit: Circuit):
         self.target = target
         self.circuit = circuit
-        self.live = 0                   # sessions connecting to or relaying through it
-        self.failures = 0               # connect failures in a row
-        self.resting_until: float | None = None     # None: circuit closed (healthy)
+        self.live = 0  # sessions connecting to or relaying through it
+        self.failures = 0  # connect failures in a row
+        self.resting_until: float | None = None  # None: circuit closed (healthy)
         self.cooldown = circuit.cooldown_seconds
-        self.probing = False            # the one probe after a rest is under way
+        self.probing = False  # the one probe after a rest is under way
 
     @property
     def name(self) -> str:
@@ -237,7 +233,7 @@ class Health:
     def healthy(self) -> bool:
         return self.resting_until is None
 
-    def up(self) -> float:              # the deployment_healthy gauge
+    def up(self) -> float:  # the deployment_healthy gauge
         return float(self.healthy)
 
     def available(self, now: float) -> bool:
@@ -282,8 +278,7 @@ class Health:
 class Balancer:
     """Chooses deployments, fails over between them, and keeps their health."""
 
-    def __init__(self, router: Router, config: Config, metrics: Metrics,
-                 rng: random.Random | None = None):
+    def __init__(self, router: Router, config: Config, metrics: Metrics, rng: random.Random | None = None):
         self.router = router
         self.timeout = config.limits.upstream_connect_timeout_seconds
         self.max_rest = config.circuit.max_cooldown_seconds
@@ -300,7 +295,7 @@ class Balancer:
         ready = [h for h in self.health[route.name] if h.available(now)]
         resting = [h for h in self.health[route.name] if not h.available(now)]
         if route.selection == "least_sessions":
-            return sorted(ready, key=lambda h: h.live), resting     # ties: listed order
+            return sorted(ready, key=lambda h: h.live), resting  # ties: listed order
         ordered = []
         while ready:
             pick = self.rng.choices(ready, weights=[h.target.weight for h in ready])[0]
@@ -314,8 +309,11 @@ class Balancer:
         RouteError (its own code)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        routes = [decision.route] + [r for r in self.router.fallbacks(decision.route, decision.model)
-                                     if decision.key.allows_provider(r.name)]
+        routes = [decision.route] + [
+            r
+            for r in self.router.fallbacks(decision.route, decision.model)
+            if decision.key.allows_provider(r.name)
+        ]
         candidates, resting = [], []
         for route in routes:
             ready, rest = self.order(route, time.monotonic())
@@ -328,22 +326,28 @@ class Balancer:
             if left <= 0:
                 notes.append(f"{h.name} not tried")
                 continue
-            if not h.available(time.monotonic()):   # another session's failure or probe since
+            if not h.available(time.monotonic()):  # another session's failure or probe since
                 resting.append(h)
                 continue
             h.begin()
             try:
-                upstream = self.router.upstream(h.target, decision.model, decision.query,
-                                                decision.version)
-                result = await _attempt(upstream, decision.subprotocols,
-                                        left / (len(candidates) - i), self.max_rest)
+                upstream = self.router.upstream(h.target, decision.model, decision.query, decision.version)
+                result = await _attempt(
+                    upstream, decision.subprotocols, left / (len(candidates) - i), self.max_rest
+                )
             except RouteError as exc:
                 h.abandoned()
-                if exc.code != CloseCode.INTERNAL_ERROR:      # the request's own fault (a bad model)
+                if exc.code != CloseCode.INTERNAL_ERROR:  # the request's own fault (a bad model)
                     raise
-                log.error("provider secret unavailable: a configuration fault", extra={
-                    "event": "upstream_attempt", "provider": h.target.provider,
-                    "deployment": h.target.label, "outcome": "config"})
+                log.error(
+                    "provider secret unavailable: a configuration fault",
+                    extra={
+                        "event": "upstream_attempt",
+                        "provider": h.target.provider,
+                        "deployment": h.target.label,
+                        "outcome": "config",
+                    },
+                )
                 self._count(h, "config")
                 errors.append(exc)
                 notes.append(f"{h.name} no secret")
@@ -354,14 +358,21 @@ class Balancer:
                 else:
                     h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth")
                 self._count(h, exc.outcome)
-                extra = {"event": "upstream_attempt", "provider": h.target.provider,
-                         "deployment": h.target.label, "outcome": exc.outcome,
-                         "error": str(exc), "resting_seconds":
-                             round(h.resting_until - time.monotonic(), 3)
-                             if h.resting_until is not None else None}
+                extra = {
+                    "event": "upstream_attempt",
+                    "provider": h.target.provider,
+                    "deployment": h.target.label,
+                    "outcome": exc.outcome,
+                    "error": str(exc),
+                    "resting_seconds": round(h.resting_until - time.monotonic(), 3)
+                    if h.resting_until is not None
+                    else None,
+                }
                 if exc.outcome == "http_auth":
-                    log.error("upstream refused the provider credentials: a configuration "
-                              "fault; deployment rests", extra=extra)
+                    log.error(
+                        "upstream refused the provider credentials: a configuration fault; deployment rests",
+                        extra=extra,
+                    )
                 else:
                     log.warning("upstream attempt failed", extra=extra)
                 errors.append(exc)
@@ -369,7 +380,7 @@ class Balancer:
                 if not exc.failover:
                     break
                 continue
-            except asyncio.CancelledError:      # the client left
+            except asyncio.CancelledError:  # the client left
                 h.abandoned()
                 raise
             h.succeeded()
@@ -377,10 +388,10 @@ class Balancer:
             return (*result, h)
         notes += [f"{h.name} resting" for h in resting]
         if len(errors) == 1 and not resting and len(notes) == 1:
-            raise errors[0]                     # one deployment: its own words
+            raise errors[0]  # one deployment: its own words
         reason = "upstream failed: " + ("; ".join(notes) or "no deployment")
         if len(reason.encode()) > _REASON_BYTES:
-            reason = reason.encode()[:_REASON_BYTES - 3].decode(errors="ignore") + "..."
+            reason = reason.encode()[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
         raise UpstreamError(reason)
 
     def _count(self, h: Health, outcome: str) -> None:

@@ -28,7 +28,8 @@ if ! command -v redis-server >/dev/null && [ "$(id -u)" -eq 0 ] && command -v ap
     apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 fi
 
-python3 -m ruff check conduit_sidecar                 # lint and types: configured in pyproject.toml
+python3 -m ruff check conduit_sidecar                 # lint, format and types: configured in pyproject.toml
+python3 -m ruff format --check conduit_sidecar
 python3 -m mypy
 python3 -m pytest -q "$@" tests
 bash scripts/min_deps.sh                        # the core tests on the declared dependency floors

@@ -30,9 +30,12 @@ def main(argv: list[str]) -> int:
     i = subparsers.add_parser("inject", help=COMMANDS["inject"])
     i.add_argument("-f", "--filename", required=True, metavar="FILE", help="YAML or JSON file, - for stdin")
     i.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
-    i.add_argument("--sidecar-image", default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
-                   metavar="IMAGE",
-                   help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)")
+    i.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
+        metavar="IMAGE",
+        help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)",
+    )
     i.set_defaults(func=_inject)
 
     w = subparsers.add_parser("inject-webhook", help=COMMANDS["inject-webhook"])
@@ -55,7 +58,7 @@ def _inject(args: argparse.Namespace) -> int:
         print(f"conduit-sidecar: {args.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]   # JSON is YAML too
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]  # JSON is YAML too
     except yaml.YAMLError as exc:
         print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {exc}", file=sys.stderr)
         return 1

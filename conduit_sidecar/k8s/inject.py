@@ -33,8 +33,17 @@ from .. import __version__
 from ..config import ADMIN_PORT, CONFIG_ENV, LISTEN_PORT, TLS_PORT, env_var
 
 __all__ = [
-    "ANNOTATIONS", "CONTAINER_NAME", "DEFAULT_IMAGE", "InjectError", "Settings", "inject_object",
-    "inject_pod", "is_injected", "json_patch_for_pod", "settings_from_annotations", "sidecar_container",
+    "ANNOTATIONS",
+    "CONTAINER_NAME",
+    "DEFAULT_IMAGE",
+    "InjectError",
+    "Settings",
+    "inject_object",
+    "inject_pod",
+    "is_injected",
+    "json_patch_for_pod",
+    "settings_from_annotations",
+    "sidecar_container",
 ]
 
 PREFIX = "conduit.dev/"
@@ -79,7 +88,7 @@ class Settings:
     provider_secret: str = "conduit-provider"
     config_map: str = "conduit-config"
     cpu_request: str = "50m"
-    cpu_limit: str | None = None         # no CPU limit by default: throttling adds latency
+    cpu_limit: str | None = None  # no CPU limit by default: throttling adds latency
     memory_request: str = "64Mi"
     memory_limit: str = "128Mi"
 
@@ -142,10 +151,11 @@ ANNOTATIONS = {
 _KNOWN = set(ANNOTATIONS) | {STATUS_ANNOTATION, INJECT_LABEL}
 
 
-def settings_from_annotations(annotations: Mapping[str, str] | None,
-                              defaults: Settings = Settings()) -> Settings:
+def settings_from_annotations(
+    annotations: Mapping[str, str] | None, defaults: Settings = Settings()
+) -> Settings:
     """The settings for one pod: `defaults` overridden by its conduit.dev/ annotations."""
-    changes: dict[str, Any] = {}     # each value of its field's type (ANNOTATIONS parses it)
+    changes: dict[str, Any] = {}  # each value of its field's type (ANNOTATIONS parses it)
     for key, value in (annotations or {}).items():
         if not key.startswith(PREFIX):
             continue
@@ -170,6 +180,7 @@ def settings_from_annotations(annotations: Mapping[str, str] | None,
 def _check_shape(pod: Mapping) -> None:
     """The fields we read or patch have the types the API gives them, so that a
     malformed object yields InjectError rather than a crash."""
+
     def is_list_of_objects(value) -> bool:
         return isinstance(value, list) and all(isinstance(v, Mapping) for v in value)
 
@@ -200,8 +211,10 @@ def is_injected(pod: Mapping) -> bool:
     if STATUS_ANNOTATION in (metadata.get("annotations") or {}):
         return True
     spec = pod.get("spec") or {}
-    return any(c.get("name") == CONTAINER_NAME
-               for c in (spec.get("initContainers") or []) + (spec.get("containers") or []))
+    return any(
+        c.get("name") == CONTAINER_NAME
+        for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])
+    )
 
 
 def sidecar_container(s: Settings) -> dict:
@@ -214,8 +227,10 @@ def sidecar_container(s: Settings) -> dict:
         # POST /drain answers only loopback (the preStop hook below runs in the pod).
         {"name": env_var(None, "admin_listen"), "value": f"0.0.0.0:{s.admin_port}"},
     ]
-    ports = [{"name": "conduit", "containerPort": s.listen_port, "protocol": "TCP"},
-             {"name": "conduit-metrics", "containerPort": s.admin_port, "protocol": "TCP"}]
+    ports = [
+        {"name": "conduit", "containerPort": s.listen_port, "protocol": "TCP"},
+        {"name": "conduit-metrics", "containerPort": s.admin_port, "protocol": "TCP"},
+    ]
     mounts = [
         {"name": "conduit-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "conduit-keys", "mountPath": KEYS_DIR, "readOnly": True},
@@ -229,14 +244,20 @@ def sidecar_container(s: Settings) -> dict:
             {"name": env_var("tls", "state_dir"), "value": PRIVATE_DIR},
         ]
         ports.append({"name": "conduit-tls", "containerPort": s.tls_port, "protocol": "TCP"})
-        mounts += [{"name": "conduit-ca", "mountPath": CA_DIR},
-                   {"name": "conduit-private", "mountPath": PRIVATE_DIR}]
-    resources = {"requests": {"cpu": s.cpu_request, "memory": s.memory_request},
-                 "limits": {"memory": s.memory_limit}}
+        mounts += [
+            {"name": "conduit-ca", "mountPath": CA_DIR},
+            {"name": "conduit-private", "mountPath": PRIVATE_DIR},
+        ]
+    resources = {
+        "requests": {"cpu": s.cpu_request, "memory": s.memory_request},
+        "limits": {"memory": s.memory_limit},
+    }
     if s.cpu_limit:
         resources["limits"]["cpu"] = s.cpu_limit
-    drain = ("import urllib.request as u;"
-             f"u.urlopen(u.Request('http://127.0.0.1:{s.admin_port}/drain',method='POST'),timeout=5)")
+    drain = (
+        "import urllib.request as u;"
+        f"u.urlopen(u.Request('http://127.0.0.1:{s.admin_port}/drain',method='POST'),timeout=5)"
+    )
     container = {
         "name": CONTAINER_NAME,
         "image": s.image,
@@ -268,8 +289,12 @@ def sidecar_container(s: Settings) -> dict:
 
 
 def _probe(path: str, period: int, failures: int) -> dict:
-    return {"httpGet": {"path": path, "port": "conduit-metrics"},
-            "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 2}
+    return {
+        "httpGet": {"path": path, "port": "conduit-metrics"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 2,
+    }
 
 
 def _volumes(s: Settings) -> list[dict]:
@@ -279,10 +304,12 @@ def _volumes(s: Settings) -> list[dict]:
         {"name": "conduit-providers", "secret": {"secretName": s.provider_secret}},
     ]
     if s.tls:
-        volumes += [{"name": "conduit-ca", "emptyDir": {"sizeLimit": "1Mi"}},
-                    # The CA key lives in memory only, for the pod's lifetime, so a
-                    # restarted sidecar reuses the CA the app already trusts.
-                    {"name": "conduit-private", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}]
+        volumes += [
+            {"name": "conduit-ca", "emptyDir": {"sizeLimit": "1Mi"}},
+            # The CA key lives in memory only, for the pod's lifetime, so a
+            # restarted sidecar reuses the CA the app already trusts.
+            {"name": "conduit-private", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        ]
     return volumes
 
 
@@ -304,13 +331,16 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
     ours = {v["name"] for v in _volumes(s)}
     taken = ours & {v.get("name") for v in spec.get("volumes") or []}
     if taken:
-        raise InjectError(f"the pod already has volumes named {', '.join(sorted(taken))}, "
-                          "which the conduit sidecar needs")
+        raise InjectError(
+            f"the pod already has volumes named {', '.join(sorted(taken))}, which the conduit sidecar needs"
+        )
     if s.tls:
         for c in spec.get("containers") or []:
             if any(m.get("mountPath") == CA_DIR for m in c.get("volumeMounts") or []):
-                raise InjectError(f"container {c.get('name')!r} already mounts {CA_DIR}, "
-                                  "where conduit.dev/tls puts the sidecar's CA")
+                raise InjectError(
+                    f"container {c.get('name')!r} already mounts {CA_DIR}, "
+                    "where conduit.dev/tls puts the sidecar's CA"
+                )
 
 
 def json_patch_for_pod(pod: Mapping, defaults: Settings = Settings()) -> list[dict]:
@@ -341,19 +371,21 @@ def json_patch_for_pod(pod: Mapping, defaults: Settings = Settings()) -> list[di
     if s.tls:
         for i, c in enumerate(spec["containers"]):
             path = f"/spec/containers/{i}"
-            _append(ops, c, path, "volumeMounts",
-                    [{"name": "conduit-ca", "mountPath": CA_DIR, "readOnly": True}])
+            _append(
+                ops, c, path, "volumeMounts", [{"name": "conduit-ca", "mountPath": CA_DIR, "readOnly": True}]
+            )
             if not any(e.get("name") == "NODE_EXTRA_CA_CERTS" for e in c.get("env") or []):
                 _append(ops, c, path, "env", [{"name": "NODE_EXTRA_CA_CERTS", "value": CA_FILE}])
     if "metadata" not in pod or pod["metadata"] is None:
-        ops.append({"op": "add", "path": "/metadata",
-                    "value": {"annotations": {STATUS_ANNOTATION: "injected"}}})
+        ops.append(
+            {"op": "add", "path": "/metadata", "value": {"annotations": {STATUS_ANNOTATION: "injected"}}}
+        )
     elif not metadata.get("annotations"):
-        ops.append({"op": "add", "path": "/metadata/annotations",
-                    "value": {STATUS_ANNOTATION: "injected"}})
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {STATUS_ANNOTATION: "injected"}})
     else:
-        ops.append({"op": "add", "path": "/metadata/annotations/" + _escape(STATUS_ANNOTATION),
-                    "value": "injected"})
+        ops.append(
+            {"op": "add", "path": "/metadata/annotations/" + _escape(STATUS_ANNOTATION), "value": "injected"}
+        )
     return ops
 
 

@@ -53,16 +53,24 @@ from ..config import TLS_PORT, ConfigError, split_hostport
 from ..tls import CertFiles
 from .inject import DEFAULT_IMAGE, InjectError, Settings, json_patch_for_pod
 
-__all__ = ["BODY_BUDGET", "MAX_BODY", "MAX_CONNECTIONS", "REQUEST_DEADLINE", "Webhook",
-           "add_arguments", "review_response", "run"]
+__all__ = [
+    "BODY_BUDGET",
+    "MAX_BODY",
+    "MAX_CONNECTIONS",
+    "REQUEST_DEADLINE",
+    "Webhook",
+    "add_arguments",
+    "review_response",
+    "run",
+]
 
 log = logging.getLogger("conduit.webhook")
 
-MAX_BODY = 2 << 20            # a pod is at most 1.5 MiB (etcd's limit), plus the review around it
-MAX_HEADERS = 16 << 10        # request line and headers
+MAX_BODY = 2 << 20  # a pod is at most 1.5 MiB (etcd's limit), plus the review around it
+MAX_HEADERS = 16 << 10  # request line and headers
 MAX_CONNECTIONS = 128
-BODY_BUDGET = 16 << 20        # all bodies in progress; with the rest, well under 128Mi
-REQUEST_DEADLINE = 10.0       # seconds; the API server gives up after timeoutSeconds (5)
+BODY_BUDGET = 16 << 20  # all bodies in progress; with the rest, well under 128Mi
+REQUEST_DEADLINE = 10.0  # seconds; the API server gives up after timeoutSeconds (5)
 READ_SIZE = 64 << 10
 
 
@@ -79,12 +87,12 @@ def review_response(review, defaults: Settings = Settings()) -> dict:
     uid = request.get("uid") if isinstance(request, dict) else None
     if not isinstance(uid, str) or not uid:
         raise BadReview("not an AdmissionReview: request.uid is missing")
-    assert isinstance(request, dict)                # uid was read from it
+    assert isinstance(request, dict)  # uid was read from it
     response: dict = {"uid": uid, "allowed": True}
     if review.get("apiVersion") != "admission.k8s.io/v1" or review.get("kind") != "AdmissionReview":
         _deny(response, "expected apiVersion admission.k8s.io/v1, kind AdmissionReview")
     elif _kind(request) != "Pod" or request.get("operation") != "CREATE":
-        pass    # not ours to change: the webhook rules send only pod CREATEs
+        pass  # not ours to change: the webhook rules send only pod CREATEs
     else:
         pod = request.get("object")
         where = f"{request.get('namespace') or '-'}/{_pod_name(pod)}"
@@ -103,8 +111,10 @@ def review_response(review, defaults: Settings = Settings()) -> dict:
             if patch:
                 response["patchType"] = "JSONPatch"
                 response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
-            log.info("injected" if patch else "already injected",
-                     extra={"event": "admit", "pod": where, "operations": len(patch)})
+            log.info(
+                "injected" if patch else "already injected",
+                extra={"event": "admit", "pod": where, "operations": len(patch)},
+            )
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
@@ -140,8 +150,10 @@ class _Bodies:
         self.total += n
         while self.total > self.budget:
             hog = max(self.held, key=self.held.__getitem__)
-            log.info("request body dropped: bodies in progress over budget",
-                     extra={"event": "shed", "bytes": self.held[hog], "budget": self.budget})
+            log.info(
+                "request body dropped: bodies in progress over budget",
+                extra={"event": "shed", "bytes": self.held[hog], "budget": self.budget},
+            )
             self.release(hog)
             hog.drop()
 
@@ -165,16 +177,16 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, webhook: Webhook):
         self.webhook = webhook
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-        self.waiter: asyncio.Future | None = None       # set when h11 has data for us
-        self.writable: asyncio.Future | None = None     # set when the client reads again
+        self.waiter: asyncio.Future | None = None  # set when h11 has data for us
+        self.writable: asyncio.Future | None = None  # set when the client reads again
         self.closed = False
         self.task: asyncio.Task | None = None
 
-    transport: asyncio.Transport        # from connection_made until _release
+    transport: asyncio.Transport  # from connection_made until _release
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        transport.set_read_buffer_limits(high=READ_SIZE)    # what TLS holds undecrypted
+        transport.set_read_buffer_limits(high=READ_SIZE)  # what TLS holds undecrypted
         self.task = asyncio.get_running_loop().create_task(self.serve())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -220,8 +232,10 @@ class _Connection(asyncio.BufferedProtocol):
         webhook = self.webhook
         peer = (self.transport.get_extra_info("peername") or ("-",))[0]
         if webhook.connections >= webhook.max_connections:
-            log.info("connection refused: too many", extra={"event": "shed", "peer": peer,
-                                                            "connections": webhook.connections})
+            log.info(
+                "connection refused: too many",
+                extra={"event": "shed", "peer": peer, "connections": webhook.connections},
+            )
             self._release()
             return
         webhook.connections += 1
@@ -231,9 +245,9 @@ class _Connection(asyncio.BufferedProtocol):
                     if not await self.exchange():
                         break
                     if self.writable is not None:
-                        await self.writable     # a client that does not read gets no more
+                        await self.writable  # a client that does not read gets no more
                 self.http.start_next_cycle()
-            self.transport.close()      # after what is written, with a TLS close_notify
+            self.transport.close()  # after what is written, with a TLS close_notify
         except (TimeoutError, OSError, _Dropped) as exc:
             log.debug("connection dropped", extra={"peer": peer, "error": repr(exc)})
         except Exception:
@@ -269,20 +283,21 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             request = await self.next_event()
             if not isinstance(request, h11.Request):
-                return False        # closed between requests
+                return False  # closed between requests
             status, body, content_type = await self.answer(request)
         except h11.RemoteProtocolError as exc:
             if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.transport.is_closing():
-                return False        # an answer is under way, or no one to send one to
+                return False  # an answer is under way, or no one to send one to
             status, body, content_type = exc.error_status_hint, f"{exc}\n".encode(), "text/plain"
         finally:
             self.webhook.bodies.release(self)
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if http.their_state is not h11.DONE:
-            headers.append(("Connection", "close"))     # the request is left unread
-        response = http.send(h11.Response(status_code=status, headers=headers,
-                                          reason=HTTPStatus(status).phrase.encode()))
-        if request is None or request.method != b"HEAD":     # a HEAD answer has no body
+            headers.append(("Connection", "close"))  # the request is left unread
+        response = http.send(
+            h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode())
+        )
+        if request is None or request.method != b"HEAD":  # a HEAD answer has no body
             response += http.send(h11.Data(data=body))
         self.transport.write(response + http.send(h11.EndOfMessage()))
         return http.our_state is h11.DONE and http.their_state is h11.DONE
@@ -305,11 +320,11 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             offset = 0
             while not isinstance(event := await self.next_event(), h11.EndOfMessage):
-                body[offset:offset + len(event.data)] = event.data
+                body[offset : offset + len(event.data)] = event.data
                 offset += len(event.data)
                 self.webhook.bodies.add(self, len(event.data))
             if self.transport.is_closing():
-                raise _Dropped()        # over the body budget
+                raise _Dropped()  # over the body budget
             path = request.target.split(b"?", 1)[0]
             if path == b"/healthz" and request.method in (b"GET", b"HEAD"):
                 return 200, b"ok\n", "text/plain"
@@ -317,7 +332,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return 404, b"not found\n", "text/plain"
             try:
                 answer = review_response(msgspec.json.decode(body), self.webhook.defaults)
-            except (msgspec.DecodeError, ValueError, RecursionError) as exc:   # BadReview is a ValueError
+            except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # BadReview is a ValueError
                 log.info("bad review", extra={"event": "bad_request", "error": str(exc)[:200]})
                 return 400, f"{exc}\n".encode(), "text/plain"
             return 200, json.dumps(answer).encode(), "application/json"
@@ -329,8 +344,9 @@ class _Connection(asyncio.BufferedProtocol):
 class Webhook:
     """The HTTPS server; `await start(host, port)`, then `close()`."""
 
-    def __init__(self, certs: CertFiles, defaults: Settings = Settings(),
-                 max_connections: int = MAX_CONNECTIONS):
+    def __init__(
+        self, certs: CertFiles, defaults: Settings = Settings(), max_connections: int = MAX_CONNECTIONS
+    ):
         self.certs, self.defaults, self.max_connections = certs, defaults, max_connections
         self.bodies = _Bodies(BODY_BUDGET)
         self.connections = 0
@@ -338,7 +354,8 @@ class Webhook:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await asyncio.get_running_loop().create_server(
-            self._accept, host, port, ssl=self.certs.context, ssl_handshake_timeout=REQUEST_DEADLINE)
+            self._accept, host, port, ssl=self.certs.context, ssl_handshake_timeout=REQUEST_DEADLINE
+        )
         return self.server.sockets[0].getsockname()[:2]
 
     def _accept(self) -> _Connection:
@@ -347,7 +364,7 @@ class Webhook:
         return _Connection(self)
 
     async def close(self) -> None:
-        assert self.server is not None              # start() made it
+        assert self.server is not None  # start() made it
         self.server.close()
         await self.server.wait_closed()
 
@@ -356,11 +373,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", required=True, metavar="FILE", help="PEM certificate (chain)")
     p.add_argument("--tls-key", required=True, metavar="FILE", help="PEM private key")
     p.add_argument("--listen", default=f"0.0.0.0:{TLS_PORT}", metavar="HOST:PORT")
-    p.add_argument("--sidecar-image", default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
-                   metavar="IMAGE",
-                   help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)")
-    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
-                   help="connections served at once; more are closed (default: %(default)s)")
+    p.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
+        metavar="IMAGE",
+        help="image of the injected sidecar (default: $CONDUIT_SIDECAR_IMAGE or %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once; more are closed (default: %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -369,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     try:
         host, port = split_hostport(args.listen)
-        certs = CertFiles(args.tls_cert, args.tls_key)     # fail at start on a bad cert or key
+        certs = CertFiles(args.tls_cert, args.tls_key)  # fail at start on a bad cert or key
     except (ValueError, ConfigError) as exc:
         print(f"conduit-sidecar inject-webhook: {exc}", file=sys.stderr)
         return 1

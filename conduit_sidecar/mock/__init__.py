@@ -35,7 +35,7 @@ class MockProvider:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl=None, shape: str = "openai"):
         self.host, self.port, self.ssl = host, port, ssl
-        self.requests: list[tuple[str, Headers]] = []   # (path, headers) of every handshake, for tests
+        self.requests: list[tuple[str, Headers]] = []  # (path, headers) of every handshake, for tests
         self.server: Server | None = None
         self.handler = self._handle if shape in ("openai", "azure") else native.SHAPES[shape]
         self.rest = native.REST.get(shape)
@@ -46,14 +46,21 @@ class MockProvider:
         return f"{scheme}://{self.host}:{self.port}"
 
     async def __aenter__(self):
-        self.server = server = await serve(self._serve, self.host, self.port, ssl=self.ssl,
-                                  compression=None, max_size=None, process_request=self._record,
-                                  select_subprotocol=lambda _, offered: offered[0] if offered else None)
+        self.server = server = await serve(
+            self._serve,
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            compression=None,
+            max_size=None,
+            process_request=self._record,
+            select_subprotocol=lambda _, offered: offered[0] if offered else None,
+        )
         self.port = server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc):
-        assert self.server is not None              # __aenter__ started it
+        assert self.server is not None  # __aenter__ started it
         self.server.close()
         await self.server.wait_closed()
 
@@ -66,10 +73,18 @@ class MockProvider:
         await self.handler(ws)
 
     async def _handle(self, ws: ServerConnection):
-        session = {"id": f"sess_{next(_ids)}", "object": "realtime.session",
-                   "type": "realtime", "model": "mock-realtime", "output_modalities": ["audio"]}
-        await ws.send(_encoder.encode({"type": "session.created",
-                                       "event_id": f"event_{next(_ids)}", "session": session}).decode())
+        session = {
+            "id": f"sess_{next(_ids)}",
+            "object": "realtime.session",
+            "type": "realtime",
+            "model": "mock-realtime",
+            "output_modalities": ["audio"],
+        }
+        await ws.send(
+            _encoder.encode(
+                {"type": "session.created", "event_id": f"event_{next(_ids)}", "session": session}
+            ).decode()
+        )
         audio_in = 0
         async for message in ws:
             if isinstance(message, bytes):
@@ -86,9 +101,16 @@ class MockProvider:
             elif kind == "input_audio_buffer.append":
                 audio = event.get("audio", "")
                 audio_in += len(base64.b64decode(audio, validate=False))
-                await ws.send(_event("response.output_audio.delta", response_id="resp_mock",
-                                     item_id="item_mock", output_index=0, content_index=0,
-                                     delta=audio))
+                await ws.send(
+                    _event(
+                        "response.output_audio.delta",
+                        response_id="resp_mock",
+                        item_id="item_mock",
+                        output_index=0,
+                        content_index=0,
+                        delta=audio,
+                    )
+                )
             elif kind in ("input_audio_buffer.commit", "response.create"):
                 await ws.send(_event("response.done", response=_response(audio_in)))
                 audio_in = 0
@@ -104,13 +126,19 @@ def _response(audio_bytes: int) -> dict:
     """A `response.done` payload; token counts derived from the audio received
     (pcm16 at 24 kHz is 48,000 bytes/s; OpenAI bills about 10 audio tokens/s)."""
     audio_tokens = audio_bytes // 4800
-    return {"id": "resp_mock", "object": "realtime.response", "status": "completed",
-            "output": [], "usage": {
-                "total_tokens": 2 * audio_tokens + 12,
-                "input_tokens": audio_tokens + 7, "output_tokens": audio_tokens + 5,
-                "input_token_details": {"text_tokens": 7, "audio_tokens": audio_tokens,
-                                        "cached_tokens": 0},
-                "output_token_details": {"text_tokens": 5, "audio_tokens": audio_tokens}}}
+    return {
+        "id": "resp_mock",
+        "object": "realtime.response",
+        "status": "completed",
+        "output": [],
+        "usage": {
+            "total_tokens": 2 * audio_tokens + 12,
+            "input_tokens": audio_tokens + 7,
+            "output_tokens": audio_tokens + 5,
+            "input_token_details": {"text_tokens": 7, "audio_tokens": audio_tokens, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": 5, "audio_tokens": audio_tokens},
+        },
+    }
 
 
 async def main(host: str, port: int, shape: str = "openai") -> None:

@@ -31,7 +31,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _query(ws: ServerConnection) -> dict[str, str]:
-    assert ws.request is not None                   # the handshake is done
+    assert ws.request is not None  # the handshake is done
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(ws.request.path).query))
 
 
@@ -45,15 +45,24 @@ async def gemini(ws: ServerConnection) -> None:
         # Proto JSON: Google's servers take lowerCamel and snake_case field names alike.
         event = _json.decode(message)
         content = event.get("clientContent") or event.get("client_content") or {}
-        text = " ".join(p.get("text", "") for t in content.get("turns", [])
-                        for p in t.get("parts", []))
+        text = " ".join(p.get("text", "") for t in content.get("turns", []) for p in t.get("parts", []))
         await ws.send(_encode({"serverContent": {"modelTurn": {"parts": [{"text": f"echo: {text}"}]}}}))
         if content.get("turnComplete") or content.get("turn_complete"):
             n = len(text.split())
-            await ws.send(_encode({"serverContent": {"turnComplete": True}, "usageMetadata": {
-                "promptTokenCount": n + 3, "responseTokenCount": n + 1, "totalTokenCount": 2 * n + 4,
-                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n + 3}],
-                "responseTokensDetails": [{"modality": "TEXT", "tokenCount": n + 1}]}}))
+            await ws.send(
+                _encode(
+                    {
+                        "serverContent": {"turnComplete": True},
+                        "usageMetadata": {
+                            "promptTokenCount": n + 3,
+                            "responseTokenCount": n + 1,
+                            "totalTokenCount": 2 * n + 4,
+                            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n + 3}],
+                            "responseTokensDetails": [{"modality": "TEXT", "tokenCount": n + 1}],
+                        },
+                    }
+                )
+            )
 
 
 def _bytes_per_second(q: dict[str, str]) -> int:
@@ -71,43 +80,84 @@ async def deepgram(ws: ServerConnection) -> None:
             received += len(message)
             if received - reported >= per_second // 2:
                 start, reported = reported / per_second, received
-                await ws.send(_encode({
-                    "type": "Results", "channel_index": [0, 1], "start": start,
-                    "duration": received / per_second - start, "is_final": True,
-                    "speech_final": True,
-                    "channel": {"alternatives": [{"transcript": f"{received} bytes at "
-                                                  f"{q.get('encoding')}/{q.get('sample_rate')}",
-                                                  "confidence": 0.99, "words": []}]},
-                    "metadata": {"request_id": request_id, "model_uuid": "mock",
-                                 "model_info": {"name": q.get("model", ""), "version": "mock",
-                                                "arch": "mock"}}}).decode())
+                await ws.send(
+                    _encode(
+                        {
+                            "type": "Results",
+                            "channel_index": [0, 1],
+                            "start": start,
+                            "duration": received / per_second - start,
+                            "is_final": True,
+                            "speech_final": True,
+                            "channel": {
+                                "alternatives": [
+                                    {
+                                        "transcript": f"{received} bytes at "
+                                        f"{q.get('encoding')}/{q.get('sample_rate')}",
+                                        "confidence": 0.99,
+                                        "words": [],
+                                    }
+                                ]
+                            },
+                            "metadata": {
+                                "request_id": request_id,
+                                "model_uuid": "mock",
+                                "model_info": {"name": q.get("model", ""), "version": "mock", "arch": "mock"},
+                            },
+                        }
+                    ).decode()
+                )
         elif _json.decode(message).get("type") == "CloseStream":
-            await ws.send(_encode({
-                "type": "Metadata", "transaction_key": "deprecated", "request_id": request_id,
-                "sha256": "0" * 64, "created": "2026-01-01T00:00:00.000Z",
-                "duration": received / per_second, "channels": 1}).decode())
+            await ws.send(
+                _encode(
+                    {
+                        "type": "Metadata",
+                        "transaction_key": "deprecated",
+                        "request_id": request_id,
+                        "sha256": "0" * 64,
+                        "created": "2026-01-01T00:00:00.000Z",
+                        "duration": received / per_second,
+                        "channels": 1,
+                    }
+                ).decode()
+            )
             await ws.close(1000)
             return
 
 
 async def assemblyai(ws: ServerConnection) -> None:
     per_second = int(_query(ws).get("sample_rate", 16000)) * 2
-    await ws.send(_encode({"type": "Begin", "id": secrets.token_hex(8),
-                           "expires_at": 4102444800}).decode())
+    await ws.send(_encode({"type": "Begin", "id": secrets.token_hex(8), "expires_at": 4102444800}).decode())
     received, turn = 0, 0
     async for message in ws:
         if isinstance(message, bytes):
             received += len(message)
             if received // per_second > turn:
-                await ws.send(_encode({
-                    "type": "Turn", "turn_order": turn, "turn_is_formatted": True,
-                    "end_of_turn": True, "transcript": f"{received} bytes",
-                    "end_of_turn_confidence": 0.9, "words": []}).decode())
+                await ws.send(
+                    _encode(
+                        {
+                            "type": "Turn",
+                            "turn_order": turn,
+                            "turn_is_formatted": True,
+                            "end_of_turn": True,
+                            "transcript": f"{received} bytes",
+                            "end_of_turn_confidence": 0.9,
+                            "words": [],
+                        }
+                    ).decode()
+                )
                 turn += 1
         elif _json.decode(message).get("type") == "Terminate":
-            seconds = round(received / per_second)        # whole seconds, like the API
-            await ws.send(_encode({"type": "Termination", "audio_duration_seconds": seconds,
-                                   "session_duration_seconds": seconds}).decode())
+            seconds = round(received / per_second)  # whole seconds, like the API
+            await ws.send(
+                _encode(
+                    {
+                        "type": "Termination",
+                        "audio_duration_seconds": seconds,
+                        "session_duration_seconds": seconds,
+                    }
+                ).decode()
+            )
             await ws.close(1000)
             return
 
@@ -120,17 +170,31 @@ async def elevenlabs(ws: ServerConnection) -> None:
         event = _json.decode(message)
         kind = event.get("type")
         if kind == "conversation_initiation_client_data":
-            await ws.send(_encode({"type": "conversation_initiation_metadata",
-                                   "conversation_initiation_metadata_event": {
-                                       "conversation_id": "conv_" + secrets.token_hex(4),
-                                       "agent_output_audio_format": "pcm_16000",
-                                       "user_input_audio_format": "pcm_16000"}}).decode())
+            await ws.send(
+                _encode(
+                    {
+                        "type": "conversation_initiation_metadata",
+                        "conversation_initiation_metadata_event": {
+                            "conversation_id": "conv_" + secrets.token_hex(4),
+                            "agent_output_audio_format": "pcm_16000",
+                            "user_input_audio_format": "pcm_16000",
+                        },
+                    }
+                ).decode()
+            )
         elif kind == "user_message":
-            await ws.send(_encode({"type": "agent_response", "agent_response_event": {
-                "agent_response": f"echo: {event.get('text', '')}"}}).decode())
+            await ws.send(
+                _encode(
+                    {
+                        "type": "agent_response",
+                        "agent_response_event": {"agent_response": f"echo: {event.get('text', '')}"},
+                    }
+                ).decode()
+            )
         elif kind == "ping":
-            await ws.send(_encode({"type": "pong", "event_id": event.get("ping_event", {})
-                                   .get("event_id", 0)}).decode())
+            await ws.send(
+                _encode({"type": "pong", "event_id": event.get("ping_event", {}).get("event_id", 0)}).decode()
+            )
 
 
 def elevenlabs_rest(mock, connection, request):
@@ -146,15 +210,18 @@ def elevenlabs_rest(mock, connection, request):
     if url.path == "/v1/convai/conversation/get-signed-url" and q.get("agent_id"):
         signature = secrets.token_urlsafe(16)
         _issued.add(signature)
-        signed = (f"{mock.url}/v1/convai/conversation?" +
-                  urllib.parse.urlencode({"agent_id": q["agent_id"],
-                                          "conversation_signature": signature}))
+        signed = f"{mock.url}/v1/convai/conversation?" + urllib.parse.urlencode(
+            {"agent_id": q["agent_id"], "conversation_signature": signature}
+        )
         body = _encode({"signed_url": signed})
-        return Response(200, "OK", Headers([("Content-Type", "application/json"),
-                                            ("Content-Length", str(len(body)))]), body)
+        return Response(
+            200,
+            "OK",
+            Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]),
+            body,
+        )
     return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
 
-SHAPES = {"gemini": gemini, "deepgram": deepgram, "assemblyai": assemblyai,
-          "elevenlabs": elevenlabs}
+SHAPES = {"gemini": gemini, "deepgram": deepgram, "assemblyai": assemblyai, "elevenlabs": elevenlabs}
 REST = {"elevenlabs": elevenlabs_rest}
