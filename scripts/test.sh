@@ -14,6 +14,11 @@ python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into condu
 if command -v npm >/dev/null; then
   npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, @google/genai, @deepgram/sdk, playwright-core
 fi
+if [ ! -x tests/agents/.venv/bin/python ]; then
+  # openai-agents and LiveKit's OpenAI plugin, apart: openai-agents pins websockets<17.
+  python3 -m venv tests/agents/.venv
+fi
+tests/agents/.venv/bin/pip install -q -r tests/agents/requirements.txt   # ~3 min, ~450 MB the first time
 bash scripts/install_browser.sh                 # Debian's chromium, for tests/test_browser.py
 if ! command -v promtool >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   # promtool (in Debian's prometheus package) checks the /metrics exposition.

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import urllib.request
 
 import pytest
 
 from conduit_sidecar.keys import hash_key, new_key
+from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.testing import Process, admin_ready, free_port
 
 PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
@@ -121,6 +123,13 @@ class SidecarProcess(Process):
         return {"Authorization": f"Bearer {self.keys.plain[key_id]}"}
 
 
+def mock_section(port: int) -> str:
+    """The config section of a provider `mock`: an OpenAI-shaped mock on `port`."""
+    return (f'\n[providers.mock]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+            'headers = { Authorization = "Bearer {secret}" }\nsecret_env = "PROVIDER_KEY"\n'
+            'models = ["mock-*"]\n')
+
+
 class MockProcess:
     """The built-in mock provider in its own process."""
 
@@ -134,13 +143,38 @@ class MockProcess:
 
     def section(self) -> str:
         """The config section of a provider `mock` served by this process."""
-        return (f'\n[providers.mock]\nurl = "ws://127.0.0.1:{self.port}/v1/realtime?model={{model}}"\n'
-                'headers = { Authorization = "Bearer {secret}" }\nsecret_env = "PROVIDER_KEY"\n'
-                'models = ["mock-*"]\n')
+        return mock_section(self.port)
 
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+
+class ThreadMock:
+    """A mock provider on its own event loop in a thread, so tests can read what it
+    received (`requests`) while SDK clients run on theirs."""
+
+    def __init__(self, shape: str):
+        self.mock = MockProvider(shape=shape)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+        self.port = self.mock.port
+
+    async def _main(self):
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        async with self.mock:
+            self.ready.set()
+            await self.stopped.wait()
+
+    def last_request(self):
+        return self.mock.requests[-1]
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(10)
 
 
 def standard_keys() -> Keys:

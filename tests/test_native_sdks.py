@@ -20,38 +20,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conduit_sidecar.mock import MockProvider
-
-from conftest import PROVIDER_SECRET, SidecarProcess, free_port, http_get, run, standard_keys
+from conftest import (PROVIDER_SECRET, SidecarProcess, ThreadMock, free_port, http_get, run,
+                      standard_keys)
 
 SHAPES = ("deepgram", "gemini", "assemblyai", "elevenlabs", "azure")
-
-
-class ThreadMock:
-    """A mock provider on its own event loop in a thread, so tests can read what it
-    received (`requests`) while SDK clients run on theirs."""
-
-    def __init__(self, shape: str):
-        self.mock = MockProvider(shape=shape)
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
-        self.thread.start()
-        self.ready.wait(10)
-        self.port = self.mock.port
-
-    async def _main(self):
-        self.loop = asyncio.get_running_loop()
-        self.stopped = asyncio.Event()
-        async with self.mock:
-            self.ready.set()
-            await self.stopped.wait()
-
-    def last_request(self):
-        return self.mock.requests[-1]
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.stopped.set)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,10 @@ elevenlabs). The OpenAI Realtime GA shape:
 - `session.update` -> `session.updated`;
 - `input_audio_buffer.append` -> `response.output_audio.delta` (the same audio back)
   and, on `input_audio_buffer.commit` or `response.create`, `response.done` with a
-  `usage` object counting what was received;
+  `usage` object counting what was received (`response.create` first gets
+  `response.created`: agent SDKs end a turn only on a response they saw start);
+- `conversation.item.create` -> `conversation.item.added` and `conversation.item.done`
+  with the item (given an id if it had none);
 - binary frames are echoed; text that is not a known JSON event is echoed verbatim.
 """
 
@@ -111,8 +114,18 @@ class MockProvider:
                         delta=audio,
                     )
                 )
+            elif kind == "conversation.item.create" and isinstance(event.get("item"), dict):
+                item = {"id": f"item_{next(_ids)}", **event["item"], "status": "completed"}
+                for done in ("added", "done"):
+                    await ws.send(
+                        _event(f"conversation.item.{done}", previous_item_id=None, item=item)
+                    )
             elif kind in ("input_audio_buffer.commit", "response.create"):
-                await ws.send(_event("response.done", response=_response(audio_in)))
+                response = _response(audio_in)
+                if kind == "response.create":
+                    await ws.send(_event("response.created", response={
+                        **response, "status": "in_progress", "usage": None}))
+                await ws.send(_event("response.done", response=response))
                 audio_in = 0
             else:
                 await ws.send(message)
