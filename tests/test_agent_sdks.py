@@ -78,3 +78,36 @@ def test_openai_agents_wrong_key_is_refused(agents_sidecar):
                               agents_sidecar, agents_sidecar.keys.plain["disabled"])
     assert result["close"] == [4001, "key disabled"], result
     assert requests == []
+
+
+needs_node = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "@openai", "agents-realtime"))
+    or not shutil.which("node"), reason="run `npm install --prefix tests/node`")
+AGENTS_NODE = ["node", os.path.join(NODE_DIR, "agents_realtime_test.mjs")]
+
+
+@needs_node
+def test_node_agents_realtime_session(agents_sidecar):
+    """Its websocket transport dials the `url` it is given as is: plain ws:// works,
+    no TLS listener needed (unlike the openai Node SDK's OpenAIRealtimeWS)."""
+    key = agents_sidecar.keys.plain["good"]
+    result, requests = client(AGENTS_NODE, agents_sidecar, key)
+    assert result["end"] == "agent_end", result
+    seen = result["seen"]
+    for kind in ("session.created", "conversation.item.added", "response.created", "response.done"):
+        assert f"server:{kind}" in seen, seen
+    assert not [s for s in seen if s.startswith("error")], seen
+    assert seen.index("agent_start") < seen.index("agent_end")
+    assert_secret_only(requests, key)
+
+
+@needs_node
+def test_node_agents_realtime_wrong_key_is_refused(agents_sidecar):
+    """The SDK reports only a disconnect; the sidecar's log has the 4001 and why."""
+    def rejected():
+        return [r for r in agents_sidecar.log_lines() if r.get("event") == "rejected"]
+    before = len(rejected())
+    result, requests = client(AGENTS_NODE, agents_sidecar, agents_sidecar.keys.plain["disabled"])
+    assert result["end"] == "closed" and "agent_start" not in result["seen"], result
+    assert requests == []
+    assert [(r["code"], r["reason"]) for r in rejected()[before:]] == [(4001, "key disabled")]
