@@ -80,6 +80,38 @@ def test_openai_agents_wrong_key_is_refused(agents_sidecar):
     assert requests == []
 
 
+LIVEKIT = [AGENTS_PY, os.path.join(HERE, "agents", "livekit_session.py")]
+
+
+def rejections(sidecar) -> list[tuple[int, str]]:
+    return [(r["code"], r["reason"]) for r in sidecar.log_lines() if r.get("event") == "rejected"]
+
+
+@needs_agents_venv
+def test_livekit_openai_plugin_session(agents_sidecar):
+    """The plugin's RealtimeSession driven without a LiveKit server: instructions, one
+    generate_reply, its generation to response.done."""
+    key = agents_sidecar.keys.plain["good"]
+    result, requests = client(LIVEKIT, agents_sidecar, key)
+    assert result["end"] == "done" and result["errors"] == [], result
+    seen = result["seen"]
+    assert seen[0] == "session.created" and "session.updated" in seen, seen
+    assert seen.index("response.created") < seen.index("response.done"), seen
+    assert_secret_only(requests, key)
+
+
+@needs_agents_venv
+def test_livekit_openai_plugin_wrong_key_is_refused(agents_sidecar):
+    """The plugin takes the 4001 for a dropped connection and retries (each retry is
+    refused again); generate_reply fails and nothing reaches the provider."""
+    before = len(rejections(agents_sidecar))
+    result, requests = client(LIVEKIT, agents_sidecar, agents_sidecar.keys.plain["disabled"])
+    assert result["end"] == "error" and result["seen"] == [], result
+    assert requests == []
+    refused = rejections(agents_sidecar)[before:]
+    assert refused and set(refused) == {(4001, "key disabled")}, refused
+
+
 needs_node = pytest.mark.skipif(
     not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "@openai", "agents-realtime"))
     or not shutil.which("node"), reason="run `npm install --prefix tests/node`")
@@ -104,10 +136,8 @@ def test_node_agents_realtime_session(agents_sidecar):
 @needs_node
 def test_node_agents_realtime_wrong_key_is_refused(agents_sidecar):
     """The SDK reports only a disconnect; the sidecar's log has the 4001 and why."""
-    def rejected():
-        return [r for r in agents_sidecar.log_lines() if r.get("event") == "rejected"]
-    before = len(rejected())
+    before = len(rejections(agents_sidecar))
     result, requests = client(AGENTS_NODE, agents_sidecar, agents_sidecar.keys.plain["disabled"])
     assert result["end"] == "closed" and "agent_start" not in result["seen"], result
     assert requests == []
-    assert [(r["code"], r["reason"]) for r in rejected()[before:]] == [(4001, "key disabled")]
+    assert rejections(agents_sidecar)[before:] == [(4001, "key disabled")]

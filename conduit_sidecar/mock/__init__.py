@@ -8,7 +8,8 @@ elevenlabs). The OpenAI Realtime GA shape:
 - `input_audio_buffer.append` -> `response.output_audio.delta` (the same audio back)
   and, on `input_audio_buffer.commit` or `response.create`, `response.done` with a
   `usage` object counting what was received (`response.create` first gets
-  `response.created`: agent SDKs end a turn only on a response they saw start);
+  `response.created`: agent SDKs end a turn only on a response they saw start; both
+  carry the request's `metadata`);
 - `conversation.item.create` -> `conversation.item.added` and `conversation.item.done`
   with the item (given an id if it had none);
 - binary frames are echoed; text that is not a known JSON event is echoed verbatim.
@@ -123,6 +124,9 @@ class MockProvider:
             elif kind in ("input_audio_buffer.commit", "response.create"):
                 response = _response(audio_in)
                 if kind == "response.create":
+                    # LiveKit matches a response to its request by the metadata it set.
+                    params = event.get("response")
+                    response["metadata"] = params.get("metadata") if isinstance(params, dict) else None
                     await ws.send(_event("response.created", response={
                         **response, "status": "in_progress", "usage": None}))
                 await ws.send(_event("response.done", response=response))
