@@ -118,17 +118,18 @@ class MockProvider:
             elif kind == "conversation.item.create" and isinstance(event.get("item"), dict):
                 item = {"id": f"item_{next(_ids)}", **event["item"], "status": "completed"}
                 for done in ("added", "done"):
-                    await ws.send(
-                        _event(f"conversation.item.{done}", previous_item_id=None, item=item)
-                    )
+                    await ws.send(_event(f"conversation.item.{done}", previous_item_id=None, item=item))
             elif kind in ("input_audio_buffer.commit", "response.create"):
                 response = _response(audio_in)
                 if kind == "response.create":
                     # LiveKit matches a response to its request by the metadata it set.
                     params = event.get("response")
                     response["metadata"] = params.get("metadata") if isinstance(params, dict) else None
-                    await ws.send(_event("response.created", response={
-                        **response, "status": "in_progress", "usage": None}))
+                    await ws.send(
+                        _event(
+                            "response.created", response={**response, "status": "in_progress", "usage": None}
+                        )
+                    )
                 await ws.send(_event("response.done", response=response))
                 audio_in = 0
             else:
