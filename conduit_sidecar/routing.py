@@ -23,6 +23,7 @@ from ._relay import CloseCode
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
 from .providers import BUILTIN, TEMPLATES, upstream_path
+from .watch import file_signature
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
@@ -242,8 +243,9 @@ class Router:
             return value.strip()
         assert spec.secret_file is not None  # _check: a {secret} template has a source
         try:
-            st = os.stat(spec.secret_file)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            stamp = file_signature(spec.secret_file)  # a rotated Secret is read again
+            if stamp is None:
+                raise OSError(spec.secret_file)
             cached = self._secrets.get(spec.secret_file)
             if cached is None or cached[0] != stamp:
                 with open(spec.secret_file, encoding="utf-8") as f:
