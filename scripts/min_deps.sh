@@ -9,9 +9,10 @@ python3 -m venv --clear "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" scripts/min_deps.py pyproject.toml > "$venv/constraints.txt"
 echo "min_deps: $(tr '\n' ' ' < "$venv/constraints.txt")"
-PIP_CONSTRAINT="$PWD/$venv/constraints.txt" "$venv/bin/python" -m pip install -q . pytest
-# The checkout's sources are what is tested (run from it); every dependency comes from
-# this venv. test_tls covers the cryptography floor, test_governance the redis one.
+"$venv/bin/python" -m pip install -q -r "$venv/constraints.txt" pytest
+# The checkout's sources (and the relay scripts/test.sh built into it) are what is
+# tested, run from it; every dependency comes from this venv. test_tls covers the
+# cryptography floor, test_governance the redis one.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir=. -c pyproject.toml \
     tests/test_relay.py tests/test_close_codes.py tests/test_operations.py \
     tests/test_key_reload.py tests/test_limits.py tests/test_governance.py tests/test_tls.py "$@"
