@@ -11,7 +11,6 @@ import math
 import os
 import statistics
 import struct
-import tempfile
 import time
 
 from websockets.asyncio.client import connect
@@ -32,31 +31,30 @@ def _tone(seconds: float) -> list[bytes]:
     return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
 
 
+def _config(providers: dict) -> config_mod.Config:
+    """Loopback on free ports; the key set is given to the Sidecar, not read from a file."""
+    return config_mod.load(
+        None,
+        environ={},
+        overrides={
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "keys_file": os.devnull,
+            "providers": providers,
+        },
+    )
+
+
 async def run(seconds: float = 3.0) -> dict:
     key = new_key()
-    with tempfile.TemporaryDirectory() as tmp:
-        keys_file = os.path.join(tmp, "keys.json")
-        with open(keys_file, "w") as f:
-            json.dump({"keys": [{"id": "demo", "sha256": hash_key(key)}]}, f)
-        async with MockProvider() as mock:
-            conf = config_mod.load(
-                None,
-                environ={},
-                overrides={
-                    "listen": "127.0.0.1:0",
-                    "admin_listen": "127.0.0.1:0",
-                    "keys_file": keys_file,
-                    "providers": {
-                        "mock": {"url": mock.url + "/v1/realtime?model={model}", "models": ["mock-*"]}
-                    },
-                },
-            )
-            sidecar = Sidecar(conf, KeySet([KeyEntry("demo", hash_key(key))]))
-            await sidecar.start()
-            try:
-                return await _session(sidecar, key, seconds)
-            finally:
-                await sidecar.stop()
+    async with MockProvider() as mock:
+        conf = _config({"mock": {"url": mock.url + "/v1/realtime?model={model}", "models": ["mock-*"]}})
+        sidecar = Sidecar(conf, KeySet([KeyEntry("demo", hash_key(key))]))
+        await sidecar.start()
+        try:
+            return await _session(sidecar, key, seconds)
+        finally:
+            await sidecar.stop()
 
 
 async def _session(sidecar: Sidecar, key: str, seconds: float) -> dict:
@@ -156,16 +154,7 @@ async def run_provider(name: str) -> dict:
     """The sidecar and `name`'s mock provider; one session as that provider's SDK sends it."""
     key = new_key()
     async with MockProvider(shape=name) as mock:
-        conf = config_mod.load(
-            None,
-            environ={},
-            overrides={
-                "listen": "127.0.0.1:0",
-                "admin_listen": "127.0.0.1:0",
-                "keys_file": os.devnull,
-                "providers": {name: {"url": mock.url + _NATIVE_URLS[name], "secret_env": "DEMO_SECRET"}},
-            },
-        )
+        conf = _config({name: {"url": mock.url + _NATIVE_URLS[name], "secret_env": "DEMO_SECRET"}})
         sidecar = Sidecar(
             conf,
             KeySet([KeyEntry("demo", hash_key(key))]),
