@@ -5,8 +5,6 @@ throwaway CA and certificate for the TLS variants.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import shutil
@@ -15,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from conduit_sidecar.testing import Process, admin_ready, free_port, port_open
+from conduit_sidecar.testing import CA, Process, admin_ready, free_port, port_open
 
 from . import nginx as nginx_conf
 from .loadgen import Target
@@ -44,38 +42,9 @@ class Certs:
 
 def make_certs(workdir: str) -> Certs:
     """A throwaway CA and a leaf for localhost / 127.0.0.1 signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def build(subject, issuer, public_key, signer, ca: bool, san=None):
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-             .public_key(public_key).serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(minutes=5))
-             .not_valid_after(now + dt.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(san, critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conduit bench CA")])
-    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, True)
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    leaf = build(leaf_name, ca_name, leaf_key.public_key(), ca_key, False, san)
-    certs = Certs(*(os.path.join(workdir, n) for n in ("ca.pem", "cert.pem", "key.pem")))
-    pem = serialization.Encoding.PEM
-    for path, data in ((certs.ca, ca.public_bytes(pem)), (certs.cert, leaf.public_bytes(pem)),
-                       (certs.key, leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))):
-        with open(path, "wb") as f:
-            f.write(data)
-    return certs
+    ca = CA("conduit bench CA")
+    cert, key = ca.issue(workdir, ("localhost", "127.0.0.1"), "leaf")
+    return Certs(ca.write(os.path.join(workdir, "ca.pem")), cert, key)
 
 
 def client_context(certs: Certs) -> ssl.SSLContext:

@@ -1,5 +1,6 @@
 """Support shared by the tests, the benchmarks and the scripts (soak, Autobahn): free
-loopback ports, child processes with a log file, and waiting for a sidecar's /readyz.
+loopback ports, child processes with a log file, waiting for a sidecar's /readyz, and
+throwaway certificate authorities made by the sidecar's own x509 builder.
 
 Only they import it; `serve` never does.
 """
@@ -15,7 +16,9 @@ import time
 import urllib.request
 from collections.abc import Callable
 
-__all__ = ["Process", "admin_ready", "free_port", "port_open", "sidecar_command"]
+from .tls import certificate, new_key, pem, server_context
+
+__all__ = ["CA", "Process", "admin_ready", "free_port", "port_open", "sidecar_command"]
 
 
 def free_port() -> int:
@@ -110,6 +113,15 @@ class Process:
             return self.output()[-chars:]
         return ""
 
+    def wait(self, timeout: float) -> int:
+        """Its exit code; stopped and RuntimeError if it runs longer than `timeout`."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not finish in {timeout:.0f}s; see {self.log_path}") from None
+
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after 10 s; returns the exit code."""
         if self.proc is None:
@@ -122,3 +134,43 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class CA:
+    """A throwaway certificate authority (30 days) that issues leaves into a directory."""
+
+    def __init__(self, name: str = "conduit test CA"):
+        self.key = new_key()
+        self.cert = certificate(self.key, name=name, days=30, ca=True)
+
+    def pem(self) -> bytes:
+        return pem(self.cert)
+
+    def write(self, path: str | os.PathLike) -> str:
+        with open(path, "wb") as f:
+            f.write(self.pem())
+        return str(path)
+
+    def issue(
+        self,
+        directory: str | os.PathLike,
+        names: tuple[str, ...] = ("127.0.0.1", "localhost"),
+        stem: str = "server",
+    ) -> tuple[str, str]:
+        """A leaf for `names`; returns (cert_file, key_file) written in `directory`."""
+        key = new_key()
+        cert = certificate(key, name=names[0], names=names, days=30, issuer=(self.key, self.cert))
+        cert_file = os.path.join(directory, f"{stem}.crt")
+        key_file = os.path.join(directory, f"{stem}.key")
+        with open(cert_file, "wb") as f:
+            f.write(pem(cert))
+        with open(key_file, "wb") as f:
+            f.write(pem(key))
+        return cert_file, key_file
+
+    def server_context(
+        self, directory: str | os.PathLike, names: tuple[str, ...] = ("127.0.0.1", "localhost")
+    ):
+        ctx = server_context()
+        ctx.load_cert_chain(*self.issue(directory, names))
+        return ctx

@@ -35,9 +35,9 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
-from certs import CA
 from conftest import SidecarProcess, free_port, standard_keys
 
+from conduit_sidecar.testing import CA
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
 from conduit_sidecar.k8s.webhook import MAX_BODY

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from certs import CA
+from conduit_sidecar.testing import CA
 from conduit_sidecar import _relay, tlsleg
 from conftest import run, switching_protocols
 

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from certs import CA
+from conduit_sidecar.testing import CA
 from conduit_sidecar.mock import MockProvider
 from conftest import Keys, SidecarProcess, free_port, run, standard_keys
 from test_key_reload import SecretVolume

@@ -42,7 +42,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 
-from conduit_sidecar.testing import admin_ready, free_port, sidecar_command
+from conduit_sidecar.testing import CA, Process, admin_ready, free_port, sidecar_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -176,55 +176,13 @@ class Certs:
 
 
 def make_certs(workdir: str) -> Certs:
-    """A throwaway CA and a leaf for 127.0.0.1 (tests/certs.py) for run C."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from certs import CA
+    """A throwaway CA and a leaf for 127.0.0.1 for run C."""
     ca = CA("autobahn test CA")
     cert, key = ca.issue(workdir, ("127.0.0.1",), "fuzzingserver")
     return Certs(ca.write(os.path.join(workdir, "ca.pem")), cert, key)
 
 
 # ---------------------------------------------------------------- processes
-
-@dataclass
-class Proc:
-    """A child process whose output goes to a log file."""
-    name: str
-    argv: list[str]
-    logfile: str
-    env: dict | None = None
-    cwd: str | None = None
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> "Proc":
-        self._log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
-        return self
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise SetupError(f"{self.name} did not finish in {timeout:.0f}s; see {self.logfile}") from None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "_log"):
-            self._log.close()
-
-    def tail(self, n: int = 40) -> str:
-        with contextlib.suppress(OSError), open(self.logfile, "rb") as f:
-            return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
-        return ""
-
 
 def new_key(workdir: str) -> tuple[str, dict]:
     """`conduit-sidecar keys new --id autobahn`: the key and its key-file entry."""
@@ -244,7 +202,7 @@ def new_key(workdir: str) -> tuple[str, dict]:
 
 
 def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None,
-                  tls_port: int | None = None, ca_file: str | None = None) -> tuple[Proc, int, str]:
+                  tls_port: int | None = None, ca_file: str | None = None) -> tuple[Process, int, str]:
     key, entry = new_key(workdir)
     keys_file = os.path.join(workdir, "keys.json")
     with open(keys_file, "w") as f:
@@ -275,36 +233,28 @@ def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None,
             [limits]
             max_message_bytes = 67108864
             """) + textwrap.dedent(providers))
-    sidecar = Proc("sidecar", [*sidecar_command(), "serve", "--config", conf],
-                   os.path.join(workdir, "sidecar.log")).start()
-    ready, deadline = admin_ready(admin_port), time.monotonic() + 30
-    while not ready():
-        if sidecar.proc.poll() is not None:
-            raise SetupError(f"sidecar exited with {sidecar.proc.returncode}:\n{sidecar.tail()}")
-        if time.monotonic() > deadline:
-            sidecar.stop()
-            raise SetupError(f"sidecar not ready after 30s:\n{sidecar.tail()}")
-        time.sleep(0.1)
+    sidecar = Process("sidecar", [*sidecar_command(), "serve", "--config", conf],
+                      os.path.join(workdir, "sidecar.log")).start(admin_ready(admin_port), timeout=30)
     return sidecar, port, key
 
 
-def start_echo(workdir: str) -> tuple[Proc, int]:
+def start_echo(workdir: str) -> tuple[Process, int]:
     port = free_port()
-    echo = Proc("echo", [sys.executable, os.path.join(HERE, "echo.py"), "--port", str(port)],
-                os.path.join(workdir, "echo.log")).start()
+    echo = Process("echo", [sys.executable, os.path.join(HERE, "echo.py"), "--port", str(port)],
+                   os.path.join(workdir, "echo.log")).start()
     wait_port(port, echo.proc, "echo provider")
     return echo, port
 
 
-def wstest(python2: str, site_dir: str, mode: str, spec: dict, workdir: str, name: str) -> Proc:
+def wstest(python2: str, site_dir: str, mode: str, spec: dict, workdir: str, name: str) -> Process:
     spec_path = os.path.join(workdir, f"{name}.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f, indent=2)
     argv = [python2, os.path.join(HERE, "wstest.py"), site_dir, "-m", mode, "-s", spec_path]
     if mode == "fuzzingserver":
         argv += ["--webport", "0"]
-    return Proc(f"wstest {mode}", argv, os.path.join(workdir, f"{name}.log"), cwd=workdir,
-                env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}).start()
+    return Process(f"wstest {mode}", argv, os.path.join(workdir, f"{name}.log"), cwd=workdir,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}).start()
 
 
 # ---------------------------------------------------------------- the two runs
@@ -371,10 +321,10 @@ def run_b(opts: Options, python2: str, site_dir: str, workdir: str, fuzz_port: i
                                    *(a for h in driver_key_headers(key) for a in ("--header", h))]))
         for agent, extra in runs:
             log(f"{name}: fuzzingserver, driver as {agent}")
-            proc = Proc(f"driver {agent}", [*driver, "--agent", agent, *extra],
-                        os.path.join(workdir, f"{name}-driver-{agent}.log"),
-                        # websockets' default context trusts the test CA this way.
-                        env={**os.environ, "SSL_CERT_FILE": tls.ca} if tls else None).start()
+            proc = Process(f"driver {agent}", [*driver, "--agent", agent, *extra],
+                           os.path.join(workdir, f"{name}-driver-{agent}.log"),
+                           # websockets' default context trusts the test CA this way.
+                           env={**os.environ, "SSL_CERT_FILE": tls.ca} if tls else None).start()
             code = proc.wait(opts.timeout)
             proc.stop()
             if code != 0:
@@ -511,7 +461,7 @@ def run_all(opts: Options) -> Result:
     workdir = os.path.join(opts.out, "work")
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
-    procs: list[Proc] = []
+    procs: list[Process] = []
     indexes, worse = {}, {}
     try:
         echo, echo_port = start_echo(workdir)
@@ -584,7 +534,7 @@ def main(argv=None) -> int:
                    attempts=max(1, args.attempts))
     try:
         result = run_all(opts)
-    except SetupError as exc:
+    except RuntimeError as exc:     # SetupError, or a child that failed to start or finish
         log(f"error: {exc}")
         return 2
     print(result.report())
