@@ -288,8 +288,11 @@ class Router:
         False: headers that carry the secret are left out (a session nobody presented a
         key for never gets the provider's credential)."""
         spec = target.spec
-        url = spec.url if model is not None else _without_model(spec)
-        assert url is not None  # _check refused a target without one; route() one that needs a model
+        url = spec.url
+        assert url is not None  # _check refused a target without one
+        if model is None and "{model}" in url:
+            url = _without_model(spec)
+            assert url is not None  # route() admits no model only where it can be dropped
         header_templates = {h: v for h, v in (spec.headers or {}).items() if secret or "{secret}" not in v}
         if not secret and "{secret}" in url:
             raise RouteError(CloseCode.NO_ROUTE, f"provider {target.provider!r} needs its secret in the URL")

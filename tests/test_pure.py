@@ -154,6 +154,12 @@ def test_openai_sessions_without_a_model_in_the_url():
     assert decide(upgrade("/v1/realtime?call_id=a&call_id=b"), state).response.status_code == 400
 
 
+def test_a_template_naming_the_model_only_in_a_header_still_gets_an_empty_one():
+    r = Router(Config(providers={"hdr": Provider(url="ws://127.0.0.1:9/v1", headers={"X-Model": "{model}"})}))
+    up = r.upstream(r.route(None, "hdr").targets[0], None)
+    assert (up.uri.resource_name, up.headers) == ("/v1", [("X-Model", "")])
+
+
 def test_call_id_sessions_need_a_key_without_allowed_models():
     state = openai_admission(KeyEntry("limited", hash_key(KEY), allowed_models=["gpt-*"]))
     d = decide(upgrade("/v1/realtime?call_id=c"), state)
