@@ -155,6 +155,7 @@ def _keys_new(args) -> int:
             allowed_providers=args.provider or None,
             max_connections=args.max_connections,
             expires_at=dt.datetime.fromisoformat(args.expires) if args.expires else None,
+            public_agents=args.public_agent or [],
         )
         entry = msgspec.convert(msgspec.to_builtins(entry), KeyEntry)  # validate
     except (ValueError, msgspec.ValidationError) as exc:
@@ -248,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--provider", action="append", metavar="NAME")
     n.add_argument("--max-connections", type=int)
     n.add_argument("--expires", metavar="ISO8601")
+    n.add_argument("--public-agent", action="append", metavar="AGENT_ID")
     n.set_defaults(func=_keys_new)
     h = k.add_parser("hash", help="print the sha256 of a key")
     h.add_argument("key")

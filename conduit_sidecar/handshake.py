@@ -23,9 +23,20 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.typing import Origin
 
+from . import held
 from ._relay import CloseCode
 from .keys import KeyEntry, KeySet, Rejection
-from .providers import OPENAI_KEYS, TEMPLATES, BadPath, KeyForm, native, normalise_path, presented_key
+from .providers import (
+    OPENAI_KEYS,
+    TEMPLATES,
+    BadPath,
+    KeyForm,
+    modelless,
+    native,
+    normalise_path,
+    presented_key,
+    speaks_openai,
+)
 from .routing import Route, RouteError, Router
 
 __all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "admit", "decide", "refuse"]
@@ -76,7 +87,16 @@ class Accept(msgspec.Struct, frozen=True):
     subprotocols: list[str] | None
     query: tuple[tuple[str, str], ...] = ()  # client parameters for the upstream URL
     version: str | None = None  # the API version the client asked for
-    hold_first: bool = False  # the model is in the first client message
+    # The model is named in the first client message, held and read by this (None
+    # from it: no model named).
+    hold: Callable[[bytes], str | None] | None = None
+    # An OpenAI session that names no model in its URL ("call", "transcription"; see
+    # providers.modelless): the upstream URL names none either, and this is the model
+    # label until a model is named.
+    modelless: str | None = None
+    # Admitted for a key's public agent with no credential presented: sent upstream
+    # without the provider secret.
+    anonymous: bool = False
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
@@ -96,7 +116,12 @@ def refuse(status: int, text: str) -> Refuse:
 
 
 def admit(
-    entry: KeyEntry | None, router: Router, now: dt.datetime, model: str | None, provider: str | None
+    entry: KeyEntry | None,
+    router: Router,
+    now: dt.datetime,
+    model: str | None,
+    provider: str | None,
+    without_model: bool = False,
 ) -> Route | tuple[int, str, Rejection | None]:
     """The route for a key's request, or (close code, reason, 4001 cause) why not."""
     why = (
@@ -112,7 +137,7 @@ def admit(
         return CloseCode.AUTH_FAILED, why.value, why
     assert entry is not None  # no entry: why is UNKNOWN
     try:
-        route = router.route(model, provider)
+        route = router.route(model, provider, without_model)
     except RouteError as exc:
         return exc.code, str(exc), None
     if not entry.allows_provider(route.name):
@@ -157,7 +182,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     except UnicodeDecodeError:
         return refuse(400, "query is not valid UTF-8")
     model_param = "model" if where is None else where.model_param
-    for name in ("model", "provider", model_param):
+    for name in ("model", "provider", model_param, *(("call_id", "intent") if path == PATHS[1] else ())):
         values = query.get(name, []) if name else []
         if len(values) > 1:
             return refuse(400, f"{name} given more than once")
@@ -165,6 +190,12 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             return refuse(400, f"{name} contains control characters")
     model = query.get(model_param, [None])[0] if model_param else None
     provider = query.get("provider", [None])[0] if where is None else where.provider
+    # OpenAI's path without a model: a call (call_id=) or a transcription session.
+    kind = modelless(query) if path == PATHS[1] and model is None else None
+    if kind is not None and not speaks_openai(provider or "openai"):
+        kind = None  # another provider's sessions need their model: refused as before
+    if kind is not None:
+        provider = provider or "openai"
 
     offered = _offered(request)
     key, carriers = presented_key(forms, request.headers, query, offered)
@@ -189,24 +220,43 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     if state.at_capacity:
         return Close(response, CloseCode.AT_CAPACITY, "sidecar at its connection limit: try again later")
 
+    elevenlabs = where is not None and where.provider == "elevenlabs"
     signature = query.get("conversation_signature", [""])[0]
-    if key is None and where is not None and where.provider == "elevenlabs" and signature:
+    anonymous = False
+    if key is None and elevenlabs and signature:
         # A signed URL the sidecar handed out carries no key: it stands for the key
         # it was issued to.
         key_id = state.signed(signature)
         if key_id is None:
             return _rejected(response, Rejection.SIGNATURE)
         entry = state.keyset.by_id.get(key_id)
+    elif key is None and elevenlabs and model in state.keyset.by_agent:
+        # A public agent: ElevenLabs' SDK sends no credential at all. The key that lists
+        # the agent owns the session, which goes upstream without the provider secret.
+        entry, anonymous = state.keyset.by_agent[model], True
     elif key is None:
         return _rejected(response, Rejection.MISSING)
     else:
         entry = state.keyset.lookup(key)
-    admitted = admit(entry, state.router, state.now, model, provider)
+    admitted = admit(entry, state.router, state.now, model, provider, without_model=kind is not None)
     if not isinstance(admitted, Route):
         code, reason, why = admitted
         return Close(response, code, reason, entry, why)
     route = admitted
     assert entry is not None  # admit refuses a missing entry
+    if kind == "call" and entry.allowed_models is not None:
+        # The call was created elsewhere: no model can be checked.
+        return Close(
+            response, CloseCode.FORBIDDEN, "call_id sessions name no model: not allowed for this key", entry
+        )
+    named_by = {"call": "call_id", "transcription": "intent"}.get(kind or "")
+    if named_by is not None and named_by not in route.query:
+        return Close(
+            response,
+            CloseCode.NO_ROUTE,
+            f"provider {route.name!r} does not take {named_by} (add it to its query_params)",
+            entry,
+        )
     if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
         return Close(
             response,
@@ -215,9 +265,22 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             entry,
         )
     forward = tuple((n, v) for n, values in query.items() if n in route.query for v in values)
-    hold = where is not None and TEMPLATES[where.provider].model_in_setup
+    hold: Callable[[bytes], str | None] | None = None
+    if where is not None and TEMPLATES[where.provider].model_in_setup:
+        hold = held.setup_model
+    elif kind == "transcription":
+        hold = held.transcription_model
     return Accept(
-        response, entry, route, model, upstream_offer or None, forward, where.version if where else None, hold
+        response,
+        entry,
+        route,
+        model,
+        upstream_offer or None,
+        forward,
+        where.version if where else None,
+        hold,
+        kind,
+        anonymous,
     )
 
 

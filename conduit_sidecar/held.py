@@ -1,5 +1,7 @@
 """The client's first message, held before the upstream is opened: Gemini names its
-model in its first `setup` message, not in the URL, so model policy is checked there.
+model in its first `setup` message, and an OpenAI transcription session
+(`intent=transcription`) in its first session update, not in the URL, so model policy
+is checked there.
 
 The message is parsed with websockets' sans-I/O protocol only to find where it ends
 and what it says; the relay is then handed the raw bytes exactly as received (still
@@ -18,7 +20,7 @@ from websockets.server import ServerProtocol
 
 from ._relay import CloseCode
 
-__all__ = ["Refused", "read_first", "setup_model"]
+__all__ = ["Refused", "read_first", "setup_model", "transcription_model"]
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 _SLACK = 65536  # control frames around the first message
@@ -104,6 +106,10 @@ class _Setup(msgspec.Struct):
 _setup = msgspec.json.Decoder(_Setup)
 
 
+def _valid(model: str) -> bool:
+    return bool(model) and not any(c < " " or c == "\x7f" for c in model)
+
+
 def setup_model(message: bytes) -> str:
     """The model a Gemini `setup` message names, without its `models/` prefix."""
     try:
@@ -113,6 +119,54 @@ def setup_model(message: bytes) -> str:
             CloseCode.PROTOCOL_ERROR, "the first message must be a setup message naming the model"
         ) from None
     model = model.removeprefix("models/")
-    if not model or any(c < " " or c == "\x7f" for c in model):
+    if not _valid(model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")
+    return model
+
+
+class _Transcription(msgspec.Struct):
+    model: str | None = None
+
+
+class _AudioInput(msgspec.Struct):
+    transcription: _Transcription | None = None
+
+
+class _Audio(msgspec.Struct):
+    input: _AudioInput | None = None
+
+
+class _Session(msgspec.Struct):
+    type: str | None = None
+    audio: _Audio | None = None  # GA
+    input_audio_transcription: _Transcription | None = None  # beta
+
+
+class _ClientEvent(msgspec.Struct):
+    type: str
+    session: _Session | None = None
+
+
+_client_event = msgspec.json.Decoder(_ClientEvent)
+
+
+def transcription_model(message: bytes) -> str | None:
+    """The transcription model an OpenAI transcription session's first message names:
+    GA `session.update` with `session.type` "transcription" and
+    `session.audio.input.transcription.model`, or beta `transcription_session.update`
+    with `session.input_audio_transcription.model`. None: it names none (another
+    event, or an update without a model)."""
+    try:
+        event = _client_event.decode(message)
+    except msgspec.DecodeError:
+        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a JSON client event") from None
+    session = event.session or _Session()
+    named: _Transcription | None = None
+    if event.type == "session.update" and session.type == "transcription":
+        named = session.audio.input.transcription if session.audio and session.audio.input else None
+    elif event.type == "transcription_session.update":
+        named = session.input_audio_transcription
+    model = named.model if named else None
+    if model is not None and not _valid(model):
+        raise Refused(CloseCode.PROTOCOL_ERROR, "the session update names no valid transcription model")
     return model

@@ -37,6 +37,7 @@ log = logging.getLogger("conduit.keys")
 
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 KeyId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+AgentId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class Rejection(enum.Enum):
@@ -74,6 +75,9 @@ class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_def
     max_session_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
     sessions_per_minute: Annotated[int, msgspec.Meta(ge=1)] | None = None
     budgets: list[Budget] = []
+    # ElevenLabs public agents whose key-less sessions (the SDK's requires_auth=False)
+    # are this key's: its policy, limits and budgets apply; one key per agent.
+    public_agents: list[AgentId] = []
 
     def allows_model(self, model: str) -> bool:
         return self.allowed_models is None or any(match(p, model) for p in self.allowed_models)
@@ -110,6 +114,7 @@ class KeySet:
     def __init__(self, entries: list[KeyEntry]):
         self.by_hash = {e.sha256: e for e in entries}
         self.by_id = {e.id: e for e in entries}
+        self.by_agent = {agent: e for e in entries for agent in e.public_agents}  # load_keys: one key each
 
     def __len__(self) -> int:
         return len(self.by_hash)
@@ -117,13 +122,16 @@ class KeySet:
     def lookup(self, key: str) -> KeyEntry | None:
         return self.by_hash.get(hash_key(key))
 
-    def recheck(self, entry: KeyEntry, now: dt.datetime) -> tuple[KeyEntry | None, Rejection | None]:
+    def recheck(
+        self, entry: KeyEntry, now: dt.datetime, agent: str | None = None
+    ) -> tuple[KeyEntry | None, Rejection | None]:
         """A live session's key against this set: its current entry, found by hash (a
         rotation under the same id revokes the old key), and the 4001 reason if the
-        session must end."""
+        session must end. `agent`: the session was admitted as this public agent's,
+        which the key must still list."""
         current = self.by_hash.get(entry.sha256)
-        if current is None:
-            return None, Rejection.REVOKED
+        if current is None or (agent is not None and agent not in current.public_agents):
+            return current, Rejection.REVOKED
         if not current.enabled:
             return current, Rejection.DISABLED
         if current.expired(now):
@@ -151,6 +159,7 @@ def load_keys(path: str) -> KeySet:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     seen_ids: set[str] = set()
     seen_hashes: set[str] = set()
+    agents: dict[str, str] = {}  # public agent -> the key listing it
     for i, entry in enumerate(keyfile.keys):
         if entry.id in seen_ids:
             raise ConfigError(f"{path}: duplicate key id {entry.id!r} - at `$.keys[{i}].id`")
@@ -163,6 +172,13 @@ def load_keys(path: str) -> KeySet:
             raise ConfigError(
                 f"{path}: two budgets with the same metric and window - at `$.keys[{i}].budgets`"
             )
+        for agent in entry.public_agents:
+            if agent in agents:
+                raise ConfigError(
+                    f"{path}: public agent {agent!r} is listed by key {agents[agent]!r} and key "
+                    f"{entry.id!r}: a public agent belongs to one key - at `$.keys[{i}].public_agents`"
+                )
+            agents[agent] = entry.id
         seen_ids.add(entry.id)
         seen_hashes.add(entry.sha256)
     return KeySet(keyfile.keys)

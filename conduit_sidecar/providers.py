@@ -25,9 +25,11 @@ __all__ = [
     "Template",
     "TEMPLATES",
     "meter",
+    "modelless",
     "native",
     "normalise_path",
     "presented_key",
+    "speaks_openai",
 ]
 
 
@@ -67,6 +69,7 @@ TEMPLATES: dict[str, Template] = {
             url="wss://api.openai.com/v1/realtime?model={model}", headers={"Authorization": "Bearer {secret}"}
         ),
         OPENAI_KEYS,
+        query=("call_id", "intent"),  # the sessions that name no model (see `modelless`)
     ),
     "azure": Template(
         Provider(
@@ -211,6 +214,23 @@ def normalise_path(target: str) -> tuple[str, str]:
 def native(path: str) -> NativePath | None:
     """The provider whose SDKs dial `path`, if any."""
     return _NATIVE.get(path)
+
+
+def speaks_openai(provider: str) -> bool:
+    """OpenAI's realtime events: OpenAI, Azure, and the providers the user defines."""
+    return provider in ("openai", "azure") or provider not in TEMPLATES
+
+
+def modelless(query: dict[str, list[str]]) -> str | None:
+    """What an OpenAI session that names no model in its URL is: "call" (`call_id=`: a
+    call created elsewhere, its model chosen there) or "transcription"
+    (`intent=transcription`: the model is named in the first session update); None for
+    anything else. The kind is also the session's model label until a model is named."""
+    if query.get("call_id"):
+        return "call"
+    if query.get("intent") == ["transcription"]:
+        return "transcription"
+    return None
 
 
 def meter(provider: str) -> Meter | None:

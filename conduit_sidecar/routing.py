@@ -79,6 +79,9 @@ class Route(msgspec.Struct, frozen=True):
     targets: tuple[Target, ...]
     selection: str  # "weighted" | "least_sessions"
     query: frozenset[str] = frozenset()  # client query parameters that pass
+    # Every target names the model only as a query parameter's value, so a session
+    # that names none (OpenAI's call_id and transcription sessions) drops that parameter.
+    model_optional: bool = False
 
 
 # The fields a deployment may override (all of Deployment's but its label and weight).
@@ -130,15 +133,18 @@ class Router:
                     f"(unnamed ones are labelled by index) - at "
                     f"`$.providers.{name}.deployments`"
                 )
-            uses_model = False
+            uses_model, model_optional = False, True
             for i, target in enumerate(targets):
                 where = f"`$.providers.{name}" + (f".deployments[{i}]`" if spec.deployments else "`")
                 self._check(name, target.spec, configured=name in config.providers, where=where)
                 assert target.spec.url  # _check refuses a deployment without one
                 uses_model = uses_model or "{model}" in target.spec.url
+                model_optional = model_optional and _without_model(target.spec) is not None
             template = TEMPLATES.get(name)
             query = frozenset((template.query if template else ()) + tuple(spec.query_params))
-            self.routes[name] = Route(name, spec, uses_model, targets, spec.selection or "weighted", query)
+            self.routes[name] = Route(
+                name, spec, uses_model, targets, spec.selection or "weighted", query, model_optional
+            )
         # Usable now: user sections, and built-ins that were given a secret.
         self.configured = sorted(
             n
@@ -196,8 +202,10 @@ class Router:
         if spec.ca_file and not os.path.exists(spec.ca_file):
             raise ConfigError(f"provider {name!r}: ca_file {spec.ca_file!r} not found - at {where}.ca_file")
 
-    def route(self, model: str | None, provider: str | None) -> Route:
-        """The provider for a request: named by `provider=`, else by the model routes."""
+    def route(self, model: str | None, provider: str | None, without_model: bool = False) -> Route:
+        """The provider for a request: named by `provider=`, else by the model routes.
+        `without_model`: a session that names no model, for providers that can do
+        without one in their URL."""
         if provider is not None:
             route = self.routes.get(provider)
             if route is None or provider not in self.configured:
@@ -220,7 +228,7 @@ class Router:
             )
             if route is None:
                 raise RouteError(CloseCode.NO_ROUTE, f"no provider serves model {model!r}")
-        if route.uses_model and not model:
+        if route.uses_model and not model and not (without_model and route.model_optional):
             raise RouteError(CloseCode.NO_ROUTE, f"provider {route.name!r} needs a model")
         return route
 
@@ -272,17 +280,28 @@ class Router:
         model: str | None,
         query: tuple[tuple[str, str], ...] = (),
         version: str | None = None,
+        secret: bool = True,
     ) -> Upstream:
         """The URL and headers for one session at one deployment (secrets filled in), with
-        the client's allowed query parameters appended and its API version kept."""
+        the client's allowed query parameters appended and its API version kept. No
+        `model`: the URL's model parameter is dropped (route() allowed it). `secret`
+        False: headers that carry the secret are left out (a session nobody presented a
+        key for never gets the provider's credential)."""
         spec = target.spec
-        assert spec.url is not None  # _check refused a target without one
+        url = spec.url
+        assert url is not None  # _check refused a target without one
+        if model is None and "{model}" in url:
+            url = _without_model(spec)
+            assert url is not None  # route() admits no model only where it can be dropped
+        header_templates = {h: v for h, v in (spec.headers or {}).items() if secret or "{secret}" not in v}
+        if not secret and "{secret}" in url:
+            raise RouteError(CloseCode.NO_ROUTE, f"provider {target.provider!r} needs its secret in the URL")
         if model and spec.model_names:
             model = spec.model_names.get(model) or next(
                 (name for pattern, name in spec.model_names.items() if match(pattern, model)), model
             )
         values = {"model": model or "", "resource": spec.resource or ""}
-        if "{secret}" in _template_text(spec):
+        if "{secret}" in url + "".join(header_templates.values()):
             values["secret"] = self.secret(spec)
         for field, value in values.items():
             if _CONTROL.search(value):
@@ -297,13 +316,23 @@ class Router:
                     f"{field} is a dot segment",
                 )
         url = _FIELD.sub(
-            lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(spec.url, version)
+            lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(url, version)
         )
         if query:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
-        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in (spec.headers or {}).items()]
+        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
         uri = parse_uri(url)
         return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
+
+
+def _without_model(spec: Provider) -> str | None:
+    """The URL template without its `...={model}` query parameter; None when the
+    template names the model elsewhere too (its path or headers)."""
+    assert spec.url is not None  # built-ins have one, _check the rest
+    base, _, query = spec.url.partition("?")
+    kept = [p for p in query.split("&") if p and p.partition("=")[2] != "{model}"]
+    url = base + ("?" + "&".join(kept) if kept else "")
+    return None if "{model}" in url + "".join((spec.headers or {}).values()) else url
 
 
 def _template_text(spec: Provider) -> str:

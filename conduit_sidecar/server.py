@@ -200,10 +200,11 @@ class Sidecar:
 
     def recheck_keys(self) -> None:
         """Live sessions hold only while their key does: a removed, rotated (same id,
-        new hash), disabled or expired key ends them with 4001."""
+        new hash), disabled or expired key ends them with 4001, and so does a key that
+        no longer lists the public agent a key-less session was admitted for."""
         now = dt.datetime.now(dt.UTC)
         for info in list(self.sessions):
-            current, reason = self.keyset.recheck(info.key, now)
+            current, reason = self.keyset.recheck(info.key, now, info.public_agent)
             if current is not None:
                 info.key = current
             if reason and info.relay is not None and not info.relay.finished:

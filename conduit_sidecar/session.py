@@ -46,9 +46,10 @@ class SessionInfo:
         "seen_activity",
         "active_at",
         "upstream",
+        "public_agent",
     )
 
-    def __init__(self, key: KeyEntry, model: str | None, provider: str):
+    def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
         self.id = f"s{next(_ids)}"
         self.key = key  # the entry it was admitted with (rechecked by hash)
         self.key_id = key.id
@@ -60,6 +61,7 @@ class SessionInfo:
         self.seen_activity = 0  # frames relayed at the last idle check
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
+        self.public_agent = public_agent  # admitted without a key, as this agent's session
 
 
 class Host(Protocol):
@@ -181,24 +183,26 @@ def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, a
 async def _hold_first(
     host: Host, transport, decision: Accept, info: SessionInfo, early: bytes
 ) -> tuple[Accept, bytes] | None:
-    """Answer 101, read the client's first message (Gemini's setup) and check the model
-    it names. Returns the decision with its model and the raw bytes read so far (for
-    the relay), or None when the session was closed."""
+    """Answer 101, read the client's first message (Gemini's setup, an OpenAI
+    transcription session's update) and check the model it names. Returns the decision
+    with its model and the raw bytes read so far (for the relay), or None when the
+    session was closed."""
     transport.write(decision.response.serialize())
     limits = host.limits
+    assert decision.hold is not None  # the caller holds only such sessions
     try:
         message, early = await held.read_first(
             transport, early, limits.max_message_bytes, limits.handshake_timeout_seconds
         )
-        model = held.setup_model(message)
-        failed = None
-        if not decision.key.allows_model(model):
-            failed = Close(
-                decision.response,
-                _relay.CloseCode.FORBIDDEN,
-                f"model {model!r} not allowed for this key",
-                decision.key,
-            )
+        model = decision.hold(message)
+        refusal = None
+        if model is None and decision.key.allowed_models is not None:  # fine where any model is
+            refusal = "the first message must name a model for this key"
+        elif model is not None and not decision.key.allows_model(model):
+            refusal = f"model {model!r} not allowed for this key"
+        failed = (
+            Close(decision.response, _relay.CloseCode.FORBIDDEN, refusal, decision.key) if refusal else None
+        )
     except held.Refused as exc:
         failed = Close(decision.response, exc.code, str(exc), decision.key)
     if failed is not None:
@@ -210,6 +214,8 @@ async def _hold_first(
             host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
         )
         return None
+    if model is None:
+        return decision, early
     info.model = model
     return msgspec.structs.replace(decision, model=model), early
 
@@ -262,9 +268,14 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         _close_after_upgrade(host, transport, decision, early)
         return
 
-    info = SessionInfo(decision.key, decision.model, decision.route.name)
+    info = SessionInfo(
+        decision.key,
+        decision.model or decision.modelless,
+        decision.route.name,
+        decision.model if decision.anonymous else None,
+    )
     host.reserve(info)
-    answered = decision.hold_first
+    answered = decision.hold is not None
     try:
         refusal = await host.govern(info)
         if refusal is not None:
@@ -298,7 +309,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         upstream.abort()
         return
     # The key file may have changed while the upstream answered.
-    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC))
+    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
     if revoked is not None:
         host.release(info)
         upstream.abort()

@@ -309,10 +309,9 @@ class Balancer:
         RouteError (its own code)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        model = None if decision.modelless else decision.model  # its URL names no model
         routes = [decision.route] + [
-            r
-            for r in self.router.fallbacks(decision.route, decision.model)
-            if decision.key.allows_provider(r.name)
+            r for r in self.router.fallbacks(decision.route, model) if decision.key.allows_provider(r.name)
         ]
         candidates, resting = [], []
         for route in routes:
@@ -331,7 +330,9 @@ class Balancer:
                 continue
             h.begin()
             try:
-                upstream = self.router.upstream(h.target, decision.model, decision.query, decision.version)
+                upstream = self.router.upstream(
+                    h.target, model, decision.query, decision.version, secret=not decision.anonymous
+                )
                 result = await _attempt(
                     upstream, decision.subprotocols, left / (len(candidates) - i), self.max_rest
                 )
@@ -353,6 +354,10 @@ class Balancer:
                 notes.append(f"{h.name} no secret")
                 continue
             except _Failed as exc:
+                if decision.anonymous and exc.outcome == "http_auth":
+                    # Refused without the secret (an agent listed as public that is
+                    # not): the request's fault, not the deployment's.
+                    exc.failover = False
                 if not exc.failover:
                     h.abandoned()
                 else:
@@ -368,7 +373,7 @@ class Balancer:
                     if h.resting_until is not None
                     else None,
                 }
-                if exc.outcome == "http_auth":
+                if exc.outcome == "http_auth" and exc.failover:
                     log.error(
                         "upstream refused the provider credentials: a configuration fault; deployment rests",
                         extra=extra,

@@ -28,6 +28,8 @@ def test_keys_new_prints_a_key_once_and_its_hash_entry():
     assert key not in lines[-1]
     assert cli("keys", "hash", key).stdout.strip() == hash_key(key)
     assert cli("keys", "new", "--id", "x").stdout.splitlines()[0] != lines[0]
+    public = cli("keys", "new", "--id", "web", "--public-agent", "agent_a", "--public-agent", "agent_b")
+    assert json.loads(public.stdout.splitlines()[-1])["public_agents"] == ["agent_a", "agent_b"]
 
 
 def test_check_config_names_file_field_and_problem(tmp_path):

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from conftest import (PROVIDER_SECRET, SidecarProcess, ThreadMock, free_port, http_get, run,
                       standard_keys)
 
-SHAPES = ("deepgram", "gemini", "assemblyai", "elevenlabs", "azure")
+SHAPES = ("deepgram", "gemini", "assemblyai", "elevenlabs", "azure", "openai")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,9 @@ def native():
     m = {shape: f"ws://127.0.0.1:{mock.port}" for shape, mock in mocks.items()}
     keys = standard_keys()
     keys.add("gemini-flash", allowed_models=["gemini-2.5-flash*"])
+    keys.add("transcribe-only", allowed_models=["gpt-4o-transcribe"])
+    keys.add("public-owner", public_agents=["agent_public_demo", "agent_private_listed"],
+             max_connections=1)
     providers = f"""
         [providers.deepgram]
         url = "{m['deepgram']}/v1/listen?model={{model}}"
@@ -52,6 +55,9 @@ def native():
         secret_env = "PROVIDER_KEY"
         [providers.azure]
         url = "{m['azure']}/openai/v1/realtime?model={{model}}"
+        secret_env = "PROVIDER_KEY"
+        [providers.openai]
+        url = "{m['openai']}/v1/realtime?model={{model}}"
         secret_env = "PROVIDER_KEY"
         """
     extra = f"""
@@ -381,19 +387,67 @@ def test_elevenlabs_signed_url_is_refused_for_a_bad_key_and_unknown_signatures(n
     assert (rcvd.code, rcvd.reason) == (4001, "unknown or expired signed URL")
 
 
-def test_elevenlabs_public_agent(native):
-    key = native.keys.plain["good"]
-    # The SDK dials a public agent with no credential at all: the sidecar cannot tell
-    # whose session it is and refuses it (README: use requires_auth=True).
-    replies = _conversation(native, key, "agent_public", requires_auth=False)
-    assert not replies
+def test_elevenlabs_public_agent_without_any_credential(native):
+    """requires_auth=False: the SDK sends no credential. The agent is listed as public by
+    the key `public-owner`, so the session is that key's, and goes upstream without the
+    provider secret."""
+    other = native.keys.plain["good"]            # the SDK's api_key: never sent on this path
+    replies = _conversation(native, other, "agent_public_demo", requires_auth=False)
+    assert replies == ["echo: hello agent"]
+    path, headers = _last_request(native, "elevenlabs")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+    assert query["agent_id"] == "agent_public_demo" and query["source"] == "python_sdk"
+    assert "xi-api-key" not in headers and PROVIDER_SECRET not in path + str(headers)
+    assert other not in path + str(headers)
+    end = last_session(native, "elevenlabs")
+    assert (end["key_id"], end["model"]) == ("public-owner", "agent_public_demo")
 
-    async def body():         # the SDK's own key form, xi-api-key, works for any agent
-        async with connect(f"ws://127.0.0.1:{native.port}/v1/convai/conversation?agent_id=agent_public",
+
+def test_elevenlabs_public_agent_sessions_obey_the_owning_keys_limits(native):
+    url = f"ws://127.0.0.1:{native.port}/v1/convai/conversation?agent_id=agent_public_demo"
+
+    async def body():
+        async with connect(url) as first:
+            await first.send('{"type":"conversation_initiation_client_data"}')
+            assert "conversation_initiation_metadata" in await first.recv()
+            async with connect(url) as second:          # public-owner: max_connections = 1
+                with pytest.raises(ConnectionClosed) as exc:
+                    await second.recv()
+        return exc.value.rcvd
+    rcvd = run(body())
+    assert rcvd.code == 4029 and "key limit" in rcvd.reason
+
+
+def test_elevenlabs_unlisted_agent_without_a_key_gets_4001(native):
+    before = metric(native, "conduit_auth_failures_total", reason="missing")
+    replies = _conversation(native, native.keys.plain["good"], "agent_public_unlisted",
+                            requires_auth=False)
+    assert not replies
+    assert metric(native, "conduit_auth_failures_total", reason="missing") == before + 1
+    assert _closed_with(native, "/v1/convai/conversation?agent_id=agent_public_unlisted") == (
+        4001, "missing key")
+
+
+def test_elevenlabs_listed_agent_that_is_private_is_refused_without_resting_the_deployment(native):
+    """The provider refuses a key-less private agent (listed as public by mistake): the
+    client gets the refusal, and the deployment, which is fine, is not rested."""
+    code, reason = _closed_with(native, "/v1/convai/conversation?agent_id=agent_private_listed")
+    assert (code, reason) == (1014, "upstream refused: HTTP 403")
+    assert metric(native, "conduit_deployment_healthy", provider="elevenlabs", deployment="0") == 1
+    _, headers = _last_request(native, "elevenlabs")
+    assert "xi-api-key" not in headers
+
+
+def test_elevenlabs_key_header_works_for_any_agent(native):
+    key = native.keys.plain["good"]
+
+    async def body():         # the SDK's own key form, xi-api-key, with the secret upstream
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/convai/conversation?agent_id=agent_x",
                            additional_headers={"xi-api-key": key}) as ws:
             await ws.send('{"type":"conversation_initiation_client_data"}')
             assert "conversation_initiation_metadata" in await ws.recv()
     run(body())
+    assert _last_request(native, "elevenlabs")[1]["xi-api-key"] == PROVIDER_SECRET
 
 
 def test_signed_urls_are_remembered_briefly_and_boundedly():
@@ -436,6 +490,129 @@ def test_azure_openai_client_realtime_over_the_tls_listener(native, sidecar_ca_b
     time.sleep(0.2)
     assert metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels) == before + 10
 
+
+
+# -- OpenAI sessions that name no model in the URL -------------------------------------
+
+def _openai(native, key_id: str):
+    from openai import AsyncOpenAI
+    return AsyncOpenAI(base_url=f"http://127.0.0.1:{native.port}/v1",
+                       api_key=native.keys.plain[key_id])
+
+
+def _transcribe(native, key_id: str, model: str | None, seconds: int = 1):
+    """A transcription session through the openai SDK (`intent=transcription`, no model
+    in the URL; the GA session.update names the model): the completed event, or the
+    close code and reason."""
+    import base64
+
+    from openai import APIError
+
+    async def body():
+        session = {"type": "transcription"}
+        if model is not None:
+            session["audio"] = {"input": {"transcription": {"model": model}}}
+        try:
+            async with _openai(native, key_id).realtime.connect(
+                    extra_query={"intent": "transcription"}) as conn:
+                await conn.session.update(session=session)
+                await conn.input_audio_buffer.append(audio=base64.b64encode(bytes(48000 * seconds)).decode())
+                await conn.input_audio_buffer.commit()
+                async for event in conn:
+                    if event.type == "conversation.item.input_audio_transcription.completed":
+                        return event
+        except (ConnectionClosed, APIError) as exc:
+            rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+            return rcvd.code, rcvd.reason
+    return run(body())
+
+
+def test_openai_transcription_session_through_the_sdk(native):
+    labels = dict(key_id="transcribe-only", provider="openai", model="gpt-4o-transcribe")
+    before = metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels)
+    event = _transcribe(native, "transcribe-only", "gpt-4o-transcribe")
+    assert event.transcript == "48000 bytes heard by gpt-4o-transcribe"
+    assert (event.usage.type, event.usage.input_tokens) == ("tokens", 10)
+    path, headers = _last_request(native, "openai")
+    assert path == "/v1/realtime?intent=transcription"           # no model= upstream
+    key = native.keys.plain["transcribe-only"]
+    assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}" and key not in str(headers)
+    time.sleep(0.2)
+    assert metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels) == before + 10
+    assert metric(native, "conduit_usage_tokens_total", kind="input", **labels) >= 10
+    assert last_session(native, "openai")["model"] == "gpt-4o-transcribe"
+
+
+def test_openai_transcription_billed_by_duration(native):
+    labels = dict(key_id="good", provider="openai", model="whisper-1", kind="audio")
+    before = metric(native, "conduit_usage_seconds_total", **labels)
+    event = _transcribe(native, "good", "whisper-1", seconds=2)
+    assert (event.usage.type, event.usage.seconds) == ("duration", 2.0)
+    time.sleep(0.2)
+    assert metric(native, "conduit_usage_seconds_total", **labels) == before + 2.0
+
+
+def test_openai_transcription_model_not_allowed_gets_4003(native):
+    assert _transcribe(native, "transcribe-only", "whisper-1") == (
+        4003, "model 'whisper-1' not allowed for this key")
+
+
+def test_openai_transcription_without_a_model(native):
+    """Naming no model is fine for a key that allows any model (label `transcription`),
+    not for a key limited to some."""
+    assert _transcribe(native, "transcribe-only", None) == (
+        4003, "the first message must name a model for this key")
+    event = _transcribe(native, "good", None)
+    assert event.transcript == "48000 bytes heard by no model"
+    assert last_session(native, "openai")["model"] == "transcription"
+
+
+def test_openai_beta_transcription_session_update(native):
+    """The beta shape names the model in `transcription_session.update`."""
+    key = native.keys.plain["transcribe-only"]
+    update = json.dumps({"type": "transcription_session.update",
+                         "session": {"input_audio_transcription": {"model": "gpt-4o-transcribe"}}})
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/realtime?intent=transcription",
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send(update)
+            kinds = [json.loads(await ws.recv())["type"] for _ in range(2)]
+        denied = update.replace("gpt-4o-transcribe", "whisper-1")
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/realtime?intent=transcription",
+                           subprotocols=["realtime", f"openai-insecure-api-key.{key}"]) as ws:
+            await ws.send(denied)
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return kinds, exc.value.rcvd
+    kinds, rcvd = run(body())
+    assert kinds == ["session.created", "transcription_session.updated"]
+    assert rcvd.code == 4003
+
+
+def test_openai_call_id_session_through_the_sdk(native):
+    async def body():
+        async with _openai(native, "good").realtime.connect(call_id="rtc_abc 1") as conn:
+            return (await conn.recv()).type
+    assert run(body()) == "session.created"
+    path, headers = _last_request(native, "openai")
+    assert path == "/v1/realtime?call_id=rtc_abc%201"
+    assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}"
+    end = last_session(native, "openai")
+    assert (end["key_id"], end["model"]) == ("good", "call")
+
+
+def test_openai_call_id_with_a_key_limited_to_models_gets_4003(native):
+    from openai import APIError
+
+    async def body():
+        try:
+            async with _openai(native, "models-only").realtime.connect(call_id="rtc_abc") as conn:
+                await conn.recv()
+        except (ConnectionClosed, APIError) as exc:
+            rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+            return rcvd.code, rcvd.reason
+    assert run(body()) == (4003, "call_id sessions name no model: not allowed for this key")
 
 
 # -- bad input on the native paths ---------------------------------------------------

@@ -3,16 +3,17 @@ reader, key rechecks and the config loader. (Everything else is tested over
 loopback against real processes.)"""
 
 import datetime as dt
+import os
 
 import pytest
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
-from conduit_sidecar import config as config_module
+from conduit_sidecar import config as config_module, held
 from conduit_sidecar.config import Config, ConfigError, Provider
 from conduit_sidecar.handshake import Accept, Admission, Close, Refuse, decide
 from conduit_sidecar.httpread import BadRequest, RequestReader
-from conduit_sidecar.keys import KeyEntry, KeySet, Rejection, hash_key
+from conduit_sidecar.keys import KeyEntry, KeySet, Rejection, hash_key, load_keys
 from conduit_sidecar.routing import RouteError, Router
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
@@ -115,6 +116,119 @@ def test_upstream_url_and_headers():
             r.upstream(r.route(model, "pathy"), model)
     with pytest.raises(RouteError, match="control character"):
         r.upstream(r.route("gpt-a", None), "gpt-\r\nx")
+
+
+def openai_admission(*entries: KeyEntry) -> Admission:
+    """OpenAI and ElevenLabs configured, beside `local` and `pathy`."""
+    conf = Config(providers={"openai": Provider(secret_env="SECRET"),
+                             "elevenlabs": Provider(secret_env="SECRET"),
+                             "local": Provider(url="ws://127.0.0.1:9/v1/realtime?model={model}"),
+                             "pathy": Provider(url="ws://127.0.0.1:9/x/{model}/y")})
+    return admission(keyset=KeySet(list(entries)), router=Router(conf, environ={"SECRET": "sk-up"}))
+
+
+def test_openai_sessions_without_a_model_in_the_url():
+    """call_id= and intent=transcription go to openai with the model parameter dropped
+    and the parameter forwarded; without them a model-less request stays refused."""
+    state = openai_admission(KeyEntry("any", hash_key(KEY)))
+    for query, kind in (("call_id=rtc%201", "call"), ("intent=transcription", "transcription")):
+        d = decide(upgrade(f"/v1/realtime?{query}"), state)
+        assert isinstance(d, Accept) and (d.route.name, d.model, d.modelless) == ("openai", None, kind)
+        assert (d.hold is held.transcription_model) == (kind == "transcription")
+        up = state.router.upstream(d.route.targets[0], None, d.query)
+        assert up.uri.resource_name == f"/v1/realtime?{query}"
+        assert up.headers == [("Authorization", "Bearer sk-up")]
+    with_model = decide(upgrade("/v1/realtime?model=gpt-realtime&provider=openai&call_id=c"), state)
+    assert isinstance(with_model, Accept) and with_model.modelless is None
+    for path, code, reason in (
+        ("/v1/realtime", 4004, "no model and no provider given"),
+        ("/v1/realtime?intent=quicksilver", 4004, "no model and no provider given"),
+        ("/v1/realtime/connect?call_id=c", 4004, "no model and no provider given"),
+        ("/v1/realtime?provider=pathy&call_id=c", 4004, "provider 'pathy' needs a model"),
+        ("/v1/realtime?provider=elevenlabs&call_id=c", 4004, "provider 'elevenlabs' needs a model"),
+        ("/v1/realtime?provider=local&call_id=c", 4004,
+         "provider 'local' does not take call_id (add it to its query_params)"),
+    ):
+        d = decide(upgrade(path), state)
+        assert isinstance(d, Close) and (d.code, d.reason) == (code, reason), path
+    assert decide(upgrade("/v1/realtime?call_id=a&call_id=b"), state).response.status_code == 400
+
+
+def test_a_template_naming_the_model_only_in_a_header_still_gets_an_empty_one():
+    r = Router(Config(providers={"hdr": Provider(url="ws://127.0.0.1:9/v1", headers={"X-Model": "{model}"})}))
+    up = r.upstream(r.route(None, "hdr").targets[0], None)
+    assert (up.uri.resource_name, up.headers) == ("/v1", [("X-Model", "")])
+
+
+def test_call_id_sessions_need_a_key_without_allowed_models():
+    state = openai_admission(KeyEntry("limited", hash_key(KEY), allowed_models=["gpt-*"]))
+    d = decide(upgrade("/v1/realtime?call_id=c"), state)
+    assert isinstance(d, Close) and d.code == 4003 and "call_id" in d.reason
+    # Transcription: judged on the first message (held), not here.
+    assert isinstance(decide(upgrade("/v1/realtime?intent=transcription"), state), Accept)
+
+
+@pytest.mark.parametrize("message,model", [
+    (b'{"type":"session.update","session":{"type":"transcription","audio":{"input":'
+     b'{"transcription":{"model":"gpt-4o-transcribe"}}}}}', "gpt-4o-transcribe"),
+    (b'{"type":"transcription_session.update","session":{"input_audio_transcription":'
+     b'{"model":"whisper-1"}}}', "whisper-1"),
+    (b'{"type":"session.update","session":{"type":"realtime","audio":{"input":'
+     b'{"transcription":{"model":"whisper-1"}}}}}', None),
+    (b'{"type":"input_audio_buffer.append","audio":""}', None),
+])
+def test_the_transcription_model_a_first_message_names(message, model):
+    assert held.transcription_model(message) == model
+
+
+@pytest.mark.parametrize("message", [b"not json", b'{"no":"type"}', b'[1]',
+                                     b'{"type":"transcription_session.update","session":'
+                                     b'{"input_audio_transcription":{"model":"a\nb"}}}'])
+def test_a_malformed_first_transcription_message_gets_1002(message):
+    with pytest.raises(held.Refused) as exc:
+        held.transcription_model(message)
+    assert exc.value.code == 1002
+
+
+def test_a_public_agent_is_its_keys_without_the_provider_secret():
+    owner = KeyEntry("owner", hash_key(KEY), public_agents=["agent_pub"], allowed_providers=["elevenlabs"])
+    state = openai_admission(owner)
+    d = decide(upgrade("/v1/convai/conversation?agent_id=agent_pub&source=python_sdk", key=None), state)
+    assert isinstance(d, Accept) and d.anonymous and d.key is owner and d.model == "agent_pub"
+    up = state.router.upstream(d.route.targets[0], d.model, d.query, secret=False)
+    assert up.headers == [] and "sk-up" not in up.uri.resource_name
+    for agent in ("agent_other", ""):
+        d = decide(upgrade(f"/v1/convai/conversation?agent_id={agent}", key=None), state)
+        assert isinstance(d, Close) and d.rejection is Rejection.MISSING
+    # With a key presented, the session is that key's, with the secret (as before).
+    with_key = decide(upgrade("/v1/convai/conversation?agent_id=agent_pub", key=None, xi_api_key=KEY), state)
+    assert isinstance(with_key, Accept) and not with_key.anonymous
+    # The key's policy holds (the agent id is the model), and its recheck follows the list.
+    narrow = KeyEntry("owner", hash_key(KEY), public_agents=["agent_pub"], allowed_models=["agent_other"])
+    d = decide(upgrade("/v1/convai/conversation?agent_id=agent_pub", key=None), openai_admission(narrow))
+    assert isinstance(d, Close) and d.code == 4003 and d.key is narrow
+    assert KeySet([owner]).recheck(owner, NOW, "agent_pub") == (owner, None)
+    unlisted = KeyEntry("owner", owner.sha256)
+    assert KeySet([unlisted]).recheck(owner, NOW, "agent_pub")[1] is Rejection.REVOKED
+
+
+def test_two_keys_listing_one_public_agent_is_a_load_error(tmp_path):
+    import json
+
+    from conduit_sidecar.keys import KeyWatcher
+    path = tmp_path / "keys.json"
+    good = {"keys": [{"id": "a", "sha256": hash_key("condt_a"), "public_agents": ["agent_x"]}]}
+    path.write_text(json.dumps(good))
+    watcher = KeyWatcher(str(path), load_keys(str(path)), lambda _: None)
+    watcher.file.changed()
+    bad = {"keys": [*good["keys"], {"id": "b", "sha256": hash_key("condt_b"), "public_agents": ["agent_x"]}]}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"public agent 'agent_x' is listed by key 'a' and key 'b'.*"
+                                          r"\$\.keys\[1\]\.public_agents"):
+        load_keys(str(path))
+    os.utime(path, (1, 1))
+    watcher.check()
+    assert watcher.keyset.by_agent["agent_x"].id == "a"        # the previous set is kept
 
 
 def test_request_reader_bounds_and_early_bytes():

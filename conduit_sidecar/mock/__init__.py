@@ -13,6 +13,13 @@ elevenlabs). The OpenAI Realtime GA shape:
 - `conversation.item.create` -> `conversation.item.added` and `conversation.item.done`
   with the item (given an id if it had none);
 - binary frames are echoed; text that is not a known JSON event is echoed verbatim.
+
+A transcription session (`?intent=transcription`) instead starts with a
+`session.created` of type `transcription`, answers `session.update` (GA) and
+`transcription_session.update` (beta), and on `input_audio_buffer.commit` sends
+`input_audio_buffer.committed`, a transcription `delta` and `completed` with `usage`:
+of type `duration` (`seconds` received) when the model named is `whisper-1`, else of
+type `tokens` (10 audio tokens a second).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import urllib.parse
 
 import msgspec
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -74,7 +82,12 @@ class MockProvider:
         return None if self.rest is None else self.rest(self, connection, request)
 
     async def _serve(self, ws: ServerConnection):
-        await self.handler(ws)
+        assert ws.request is not None  # the handshake is done
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(ws.request.path).query)
+        if self.handler == self._handle and query.get("intent") == ["transcription"]:
+            await _transcription(ws)
+        else:
+            await self.handler(ws)
 
     async def _handle(self, ws: ServerConnection):
         session = {
@@ -134,6 +147,60 @@ class MockProvider:
                 audio_in = 0
             else:
                 await ws.send(message)
+
+
+async def _transcription(ws: ServerConnection) -> None:
+    session: dict = {"id": f"sess_{next(_ids)}", "object": "realtime.session", "type": "transcription"}
+    await ws.send(_event("session.created", session=session))
+    model, audio_in = "", 0
+    async for message in ws:
+        try:
+            event = _decoder.decode(message)
+        except msgspec.DecodeError:
+            await ws.send(_event("error", error={"type": "invalid_request_error", "message": "not JSON"}))
+            continue
+        kind = event.get("type")
+        update = event.get("session") or {}
+        if kind == "session.update":
+            session.update(update)
+            model = (
+                ((update.get("audio") or {}).get("input") or {}).get("transcription", {}).get("model", model)
+            )
+            await ws.send(_event("session.updated", session=session))
+        elif kind == "transcription_session.update":
+            session.update(update)
+            model = (update.get("input_audio_transcription") or {}).get("model", model)
+            await ws.send(_event("transcription_session.updated", session=session))
+        elif kind == "input_audio_buffer.append":
+            audio_in += len(base64.b64decode(event.get("audio", ""), validate=False))
+        elif kind == "input_audio_buffer.commit":
+            item = f"item_{next(_ids)}"
+            seconds = audio_in / 48000  # pcm16 at 24 kHz
+            text = f"{audio_in} bytes heard by {model or 'no model'}"
+            audio_tokens = audio_in // 4800
+            usage = (
+                {"type": "duration", "seconds": seconds}
+                if model == "whisper-1"
+                else {
+                    "type": "tokens",
+                    "input_tokens": audio_tokens,
+                    "output_tokens": 5,
+                    "total_tokens": audio_tokens + 5,
+                    "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+                }
+            )
+            await ws.send(_event("input_audio_buffer.committed", previous_item_id=None, item_id=item))
+            fields = dict(item_id=item, content_index=0)
+            await ws.send(_event("conversation.item.input_audio_transcription.delta", delta=text, **fields))
+            await ws.send(
+                _event(
+                    "conversation.item.input_audio_transcription.completed",
+                    transcript=text,
+                    usage=usage,
+                    **fields,
+                )
+            )
+            audio_in = 0
 
 
 def _event(kind: str, **fields) -> str:

@@ -10,7 +10,9 @@
 - elevenlabs (conversational AI): `conversation_initiation_client_data` ->
   `conversation_initiation_metadata`; `user_message` -> `agent_response`. Its REST
   `GET /v1/convai/conversation/get-signed-url` hands out signed URLs; a session with a
-  `conversation_signature` it did not issue is refused with HTTP 403.
+  `conversation_signature` it did not issue is refused with HTTP 403, and so is a
+  session with neither signature nor `xi-api-key` for an agent that is not public
+  (public agents here: ids starting with `agent_public`).
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ async def assemblyai(ws: ServerConnection) -> None:
 
 
 _issued: set[str] = set()
+PUBLIC_AGENTS = "agent_public"  # the prefix of the agents anyone may talk to
 
 
 async def elevenlabs(ws: ServerConnection) -> None:
@@ -206,6 +209,9 @@ def elevenlabs_rest(mock, connection, request):
         signature = q.get("conversation_signature")
         if signature is not None and signature not in _issued:
             return connection.respond(http.HTTPStatus.FORBIDDEN, "bad signature\n")
+        public = q.get("agent_id", "").startswith(PUBLIC_AGENTS)
+        if signature is None and "xi-api-key" not in request.headers and not public:
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "this agent requires authorization\n")
         return None
     if url.path == "/v1/convai/conversation/get-signed-url" and q.get("agent_id"):
         signature = secrets.token_urlsafe(16)
