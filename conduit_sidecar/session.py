@@ -57,7 +57,7 @@ class SessionInfo:
         self.provider = provider
         self.started = time.monotonic()
         self.relay: _relay.Relay | None = None
-        self.usage = Usage()
+        self.usage: Usage | None = None  # made at the first usage report
         self.seen_activity = 0  # frames relayed at the last idle check
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
@@ -238,18 +238,6 @@ async def _rest(host: Host, transport, request: Request) -> bool:
     return True
 
 
-class _HandedOver(asyncio.Protocol):
-    """Set on both transports just before the relay takes them. uvloop keeps the
-    previous protocol's bound `data_received` when the new protocol (the relay's
-    buffered Leg) has none: without this, each handshake protocol, with its parser,
-    request, response and finished Task, would live as long as its session."""
-
-    data_received = staticmethod(lambda data: None)  # shared: nothing per session
-
-
-_HANDED_OVER = _HandedOver()
-
-
 async def open_session(host: Host, transport, request: Request, early: bytes):
     if await _rest(host, transport, request):
         return
@@ -343,8 +331,6 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     host.count("accepted")
     transport, client_tls = tlsleg.handover(transport)
     upstream, upstream_tls = tlsleg.handover(upstream)
-    transport.set_protocol(_HANDED_OVER)
-    upstream.set_protocol(_HANDED_OVER)
     relay.start(transport, upstream, early, upstream_early, client_tls, upstream_tls)
     host.started(info)
     transport.resume_reading()
