@@ -134,7 +134,7 @@ cdef class Pipe:
     cdef int meter_state
     cdef bint message_end      # the current frame ends a data message
     cdef bint data_frame       # the current frame is a data frame (not control)
-    cdef uint8_t* sniff        # `window` bytes, allocated at the first metered message
+    cdef uint8_t* sniff        # `window` bytes, allocated while a message start is sniffed
     cdef Py_ssize_t window
     cdef Py_ssize_t nsniff
     cdef bytearray capture
@@ -146,6 +146,7 @@ cdef class Pipe:
     cdef int violation(self, int code, str reason) except -1
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int meter_done(self) except -1
+    cdef void release_sniff(self) noexcept
     cdef bint marked(self)
 
 

@@ -604,12 +604,13 @@ cdef class Pipe:
             self.message_bytes += plen
             self.fragmented = not fin
             if self.window and opcode != 0:
-                if self.sniff == NULL:      # idle sessions never pay for it
-                    self.sniff = <uint8_t*>PyMem_Malloc(self.window)
+                self.meter_state = METER_IDLE
+                if opcode == 1 or self.meter_binary:
                     if self.sniff == NULL:
-                        raise MemoryError()
-                self.meter_state = (METER_SNIFF if opcode == 1 or self.meter_binary
-                                    else METER_IDLE)
+                        self.sniff = <uint8_t*>PyMem_Malloc(self.window)
+                        if self.sniff == NULL:
+                            raise MemoryError()
+                    self.meter_state = METER_SNIFF
                 self.nsniff = 0
         self.message_end = fin and opcode < 8
         self.data_frame = opcode < 8
@@ -729,9 +730,11 @@ cdef class Pipe:
                 return 0
             if not self.marked():
                 self.meter_state = METER_IDLE
+                self.release_sniff()
                 return 0
             self.meter_state = METER_CAPTURE
             self.capture = bytearray(self.sniff[:self.nsniff])
+            self.release_sniff()
             data += take
             size -= take
         if len(self.capture) + size > CAPTURE_MAX:
@@ -757,9 +760,15 @@ cdef class Pipe:
             message = bytes(self.capture)
         self.meter_state = METER_IDLE
         self.capture = None
+        self.release_sniff()
         if message is not None:
             self.dst.metered(self, message)
         return 0
+
+    cdef void release_sniff(self) noexcept:
+        # Held only while a message's start is sniffed: an idle session keeps none.
+        PyMem_Free(self.sniff)
+        self.sniff = NULL
 
     def counters(self):
         """(frames per kind, payload bytes per kind, wire bytes)."""
