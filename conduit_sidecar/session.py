@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
+import sys
 import time
 from typing import Protocol
 
@@ -34,8 +35,11 @@ _ids = itertools.count(1)
 
 
 class SessionInfo:
+    """What the process knows of a live session. Idle sessions are held by the
+    thousand: every field here is paid for by each of them."""
+
     __slots__ = (
-        "id",
+        "number",
         "key",
         "key_id",
         "model",
@@ -50,10 +54,11 @@ class SessionInfo:
     )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
-        self.id = f"s{next(_ids)}"
+        self.number = next(_ids)
         self.key = key  # the entry it was admitted with (rechecked by hash)
         self.key_id = key.id
-        self.model = model
+        # Sessions mostly ask for a few models: one string each, not one per session.
+        self.model = sys.intern(model) if model else model
         self.provider = provider
         self.started = time.monotonic()
         self.relay: _relay.Relay | None = None
@@ -62,6 +67,10 @@ class SessionInfo:
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
         self.public_agent = public_agent  # admitted without a key, as this agent's session
+
+    @property
+    def id(self) -> str:
+        return f"s{self.number}"
 
 
 class Host(Protocol):
