@@ -76,7 +76,6 @@ cdef class Leg(Endpoint):
     cdef Pipe inbound          # frames read from this socket
     cdef Pipe outbound         # frames written to this socket
     cdef object transport
-    cdef object write_buffer_size
     cdef int fd                # -1 when writes must go through the transport (uvloop's TLS)
     cdef SSL* ssl              # a TLS leg the relay encrypts itself (NULL: plain, or uvloop's)
     cdef object tls            # the ssl.SSLObject that owns `ssl` (kept as long as the leg)
@@ -117,7 +116,7 @@ cdef class Pipe:
     cdef uint64_t max_message
     cdef Endpoint src
     cdef Endpoint dst
-    cdef uint8_t held[HELD_MAX]
+    cdef uint8_t* held         # HELD_MAX bytes, allocated at the first split frame start
     cdef Py_ssize_t nheld
     cdef uint64_t left         # payload bytes of the current frame still to come
     cdef bint forwarding       # the current frame goes to dst (else it is dropped)
@@ -135,7 +134,7 @@ cdef class Pipe:
     cdef int meter_state
     cdef bint message_end      # the current frame ends a data message
     cdef bint data_frame       # the current frame is a data frame (not control)
-    cdef uint8_t* sniff        # `window` bytes, allocated only when there are markers
+    cdef uint8_t* sniff        # `window` bytes, allocated while a message start is sniffed
     cdef Py_ssize_t window
     cdef Py_ssize_t nsniff
     cdef bytearray capture
@@ -147,6 +146,7 @@ cdef class Pipe:
     cdef int violation(self, int code, str reason) except -1
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int meter_done(self) except -1
+    cdef void release_sniff(self) noexcept
     cdef bint marked(self)
 
 

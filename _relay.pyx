@@ -262,6 +262,10 @@ cdef bytes text_frame(bytes payload):
     return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
+def _get_buffer(Py_ssize_t sizehint):
+    return _read_buffer
+
+
 cdef class Endpoint:
 
     cdef int set_state(self, LegState new) except -1:
@@ -301,7 +305,6 @@ cdef class Leg(Endpoint):
         self.transport = transport
         self.inbound = inbound
         self.outbound = outbound
-        self.write_buffer_size = transport.get_write_buffer_size
         if tls is not None:     # an ssl.SSLObject past its handshake, over a plain transport
             self.ssl = ssl_of(tls)
             self.tls = tls
@@ -378,7 +381,7 @@ cdef class Leg(Endpoint):
         if self.state >= SHUT or size <= 0:
             return 0
         if self.fd >= 0:
-            if self.backlog and self.write_buffer_size() == 0:
+            if self.backlog and self.transport.get_write_buffer_size() == 0:
                 self.backlog = False
             if not self.backlog:
                 sent = send(self.fd, data, size, MSG_NOSIGNAL | MSG_DONTWAIT)
@@ -450,10 +453,13 @@ cdef class Leg(Endpoint):
             self.transport.abort()
         return 0
 
-    # asyncio (buffered) protocol
+    # asyncio (buffered) protocol. uvloop keeps the protocol's `data_received` and
+    # `get_buffer` as it finds them on set_protocol: class attributes, not a bound
+    # method per transport (a leg has no use for data_received; the read buffer is
+    # shared).
 
-    def get_buffer(self, Py_ssize_t sizehint):
-        return _read_buffer
+    data_received = None
+    get_buffer = staticmethod(_get_buffer)
 
     def buffer_updated(self, Py_ssize_t nbytes):
         # Nothing is read from a violator (its pipe has a verdict) or after the session.
@@ -531,6 +537,7 @@ cdef class Pipe:
         self.max_message = max_message
 
     def __dealloc__(self):
+        PyMem_Free(self.held)
         PyMem_Free(self.sniff)
 
     cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1:
@@ -543,9 +550,6 @@ cdef class Pipe:
         for m in markers:
             if not isinstance(m, bytes) or not 0 < len(m) <= window:
                 raise ValueError("a marker must be non-empty bytes within the sniff window")
-        self.sniff = <uint8_t*>PyMem_Malloc(window)
-        if self.sniff == NULL:
-            raise MemoryError()
         self.markers = markers
         self.meter_binary = binary
         self.window = window
@@ -599,9 +603,14 @@ cdef class Pipe:
                 return self.violation(MESSAGE_TOO_BIG, "message over %d bytes" % self.max_message) + 1
             self.message_bytes += plen
             self.fragmented = not fin
-            if self.sniff != NULL and opcode != 0:
-                self.meter_state = (METER_SNIFF if opcode == 1 or self.meter_binary
-                                    else METER_IDLE)
+            if self.window and opcode != 0:
+                self.meter_state = METER_IDLE
+                if opcode == 1 or self.meter_binary:
+                    if self.sniff == NULL:
+                        self.sniff = <uint8_t*>PyMem_Malloc(self.window)
+                        if self.sniff == NULL:
+                            raise MemoryError()
+                    self.meter_state = METER_SNIFF
                 self.nsniff = 0
         self.message_end = fin and opcode < 8
         self.data_frame = opcode < 8
@@ -682,6 +691,10 @@ cdef class Pipe:
                 need = read_header(p + pos, n - pos, &f)
                 if n - pos < need:
                     self.emit(p + run, pos - run)
+                    if self.held == NULL:   # most sessions never split a frame start
+                        self.held = <uint8_t*>PyMem_Malloc(HELD_MAX)
+                        if self.held == NULL:
+                            raise MemoryError()
                     memcpy(self.held, p + pos, n - pos)
                     self.nheld = n - pos
                     run = pos = n
@@ -717,9 +730,11 @@ cdef class Pipe:
                 return 0
             if not self.marked():
                 self.meter_state = METER_IDLE
+                self.release_sniff()
                 return 0
             self.meter_state = METER_CAPTURE
             self.capture = bytearray(self.sniff[:self.nsniff])
+            self.release_sniff()
             data += take
             size -= take
         if len(self.capture) + size > CAPTURE_MAX:
@@ -745,9 +760,15 @@ cdef class Pipe:
             message = bytes(self.capture)
         self.meter_state = METER_IDLE
         self.capture = None
+        self.release_sniff()
         if message is not None:
             self.dst.metered(self, message)
         return 0
+
+    cdef void release_sniff(self) noexcept:
+        # Held only while a message's start is sniffed: an idle session keeps none.
+        PyMem_Free(self.sniff)
+        self.sniff = NULL
 
     def counters(self):
         """(frames per kind, payload bytes per kind, wire bytes)."""

@@ -16,7 +16,7 @@ from .config import Config, split_hostport
 from .governance import Governor
 from .handshake import Admission, Close
 from .keys import KeySet, KeyWatcher, Rejection
-from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage
+from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Usage
 from .metrics import Metrics
 from .providers import meter
 from .routing import Router
@@ -54,6 +54,10 @@ class Sidecar:
         self.listening: dict[str, tuple[str, int]] = {}
         self.signed_urls = SignedUrls()
         self.trimmer = Trimmer()
+        # Bound once: every session's relay holds these two (a bound method made per
+        # session would cost each idle session 128 bytes).
+        self.session_ended = self.session_ended  # type: ignore[method-assign]
+        self.provider_message = self.provider_message  # type: ignore[method-assign]
 
     # -- admission ---------------------------------------------------------------
 
@@ -130,6 +134,7 @@ class Sidecar:
         c2u, u2c = relay.counters(0), relay.counters(1)
         binary = _relay.KIND_NAMES.index("binary")
         per_second = self.config.audio.bytes_per_second
+        usage = info.usage or Usage()
         log.info(
             "session ended",
             extra={
@@ -149,8 +154,8 @@ class Sidecar:
                 "close_reason": relay.close_reason,
                 "audio_seconds_client_to_upstream": round(c2u[1][binary] / per_second, 3),
                 "audio_seconds_upstream_to_client": round(u2c[1][binary] / per_second, 3),
-                "usage_tokens": info.usage.tokens,
-                "usage_seconds": info.usage.seconds,
+                "usage_tokens": usage.tokens,
+                "usage_seconds": usage.seconds,
             },
         )
 
@@ -167,6 +172,8 @@ class Sidecar:
         if counts is None:
             return
         try:
+            if info.usage is None:
+                info.usage = Usage()
             info.usage.add(counts)
             model = self.model_label(info.model)
             for kind, n in counts.items():

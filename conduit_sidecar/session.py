@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
+import sys
 import time
 from typing import Protocol
 
@@ -34,8 +35,11 @@ _ids = itertools.count(1)
 
 
 class SessionInfo:
+    """What the process knows of a live session. Idle sessions are held by the
+    thousand: every field here is paid for by each of them."""
+
     __slots__ = (
-        "id",
+        "number",
         "key",
         "key_id",
         "model",
@@ -50,18 +54,23 @@ class SessionInfo:
     )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
-        self.id = f"s{next(_ids)}"
+        self.number = next(_ids)
         self.key = key  # the entry it was admitted with (rechecked by hash)
         self.key_id = key.id
-        self.model = model
+        # Sessions mostly ask for a few models: one string each, not one per session.
+        self.model = sys.intern(model) if model else model
         self.provider = provider
         self.started = time.monotonic()
         self.relay: _relay.Relay | None = None
-        self.usage = Usage()
+        self.usage: Usage | None = None  # made at the first usage report
         self.seen_activity = 0  # frames relayed at the last idle check
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
         self.public_agent = public_agent  # admitted without a key, as this agent's session
+
+    @property
+    def id(self) -> str:
+        return f"s{self.number}"
 
 
 class Host(Protocol):
@@ -238,18 +247,6 @@ async def _rest(host: Host, transport, request: Request) -> bool:
     return True
 
 
-class _HandedOver(asyncio.Protocol):
-    """Set on both transports just before the relay takes them. uvloop keeps the
-    previous protocol's bound `data_received` when the new protocol (the relay's
-    buffered Leg) has none: without this, each handshake protocol, with its parser,
-    request, response and finished Task, would live as long as its session."""
-
-    data_received = staticmethod(lambda data: None)  # shared: nothing per session
-
-
-_HANDED_OVER = _HandedOver()
-
-
 async def open_session(host: Host, transport, request: Request, early: bytes):
     if await _rest(host, transport, request):
         return
@@ -343,8 +340,6 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     host.count("accepted")
     transport, client_tls = tlsleg.handover(transport)
     upstream, upstream_tls = tlsleg.handover(upstream)
-    transport.set_protocol(_HANDED_OVER)
-    upstream.set_protocol(_HANDED_OVER)
     relay.start(transport, upstream, early, upstream_early, client_tls, upstream_tls)
     host.started(info)
     transport.resume_reading()
