@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import datetime as dt
 import sys
-import urllib.request
 
 import msgspec
 import uvloop
@@ -14,8 +13,8 @@ import uvloop
 from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
 from .keys import KeyEntry, KeySet, hash_key, load_keys, new_key
-from .mock import SHAPES
 from .policy import METRICS, WINDOWS, price_for, window_bounds
+from .providers import TEMPLATES
 from .routing import Router, masked
 
 
@@ -184,6 +183,8 @@ def _demo(args) -> int:
 
 def _live_health(admin: str) -> dict[tuple[str, str], str]:
     """(provider, deployment) -> "healthy" | "resting", from a running sidecar's /metrics."""
+    import urllib.request
+
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(admin.rstrip("/") + "/metrics", timeout=5) as r:
@@ -270,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=3.0)
     d.add_argument(
         "--provider",
-        choices=SHAPES,
+        choices=tuple(TEMPLATES),  # the mock speaks each catalogued provider
         default="openai",
         help="the provider shape to demonstrate (its own paths, key form and events)",
     )

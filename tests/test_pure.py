@@ -281,6 +281,14 @@ def package_imports() -> dict[str, set[str]]:
     return graph
 
 
+def test_the_mock_speaks_every_catalogued_provider():
+    """`demo --provider` offers the catalogue (cli does not import the mock for it)."""
+    from conduit_sidecar.mock import SHAPES
+    from conduit_sidecar.providers import TEMPLATES
+
+    assert sorted(SHAPES) == sorted(TEMPLATES)
+
+
 def test_layers_point_one_way():
     """No import cycle among the package's modules, not even through imports made only
     for types; server and cli sit on top (only commands import them)."""
