@@ -458,4 +458,4 @@ class Balancer:
         return request
 
     def _count(self, h: Health, outcome: str) -> None:
-        self.metrics.upstream_attempts.labels(h.target.provider, h.target.label, outcome).inc()
+        self.metrics.child(self.metrics.upstream_attempts, h.target.provider, h.target.label, outcome).inc()
