@@ -29,6 +29,7 @@ __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_URIS_MAX = 256  # parsed upstream URLs kept (they hold client-chosen models)
 # Headers the sidecar owns on the upstream request; a template may not set them.
 _RESERVED = {
     "host",
@@ -162,6 +163,7 @@ class Router:
         self.model_routes = config.routes
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._secrets: dict[str, tuple[tuple, str]] = {}
+        self._uris: dict[str, WebSocketURI] = {}  # parsed once per URL (shared, never changed)
 
     def _check(self, name: str, spec: Provider, configured: bool, where: str) -> None:
         if not spec.url:
@@ -321,7 +323,11 @@ class Router:
         if query:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
-        uri = parse_uri(url)
+        uri = self._uris.get(url)
+        if uri is None:
+            if len(self._uris) >= _URIS_MAX:
+                del self._uris[next(iter(self._uris))]  # the oldest
+            uri = self._uris[url] = parse_uri(url)
         return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
 
 

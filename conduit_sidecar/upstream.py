@@ -328,6 +328,8 @@ class Balancer:
         resting = [h for h in self.health[route.name] if not h.available(now)]
         if route.selection == "least_sessions":
             return sorted(ready, key=lambda h: h.live), resting  # ties: listed order
+        if len(ready) == 1:
+            return ready, resting  # nothing to draw
         ordered = []
         while ready:
             pick = self.rng.choices(ready, weights=[h.target.weight for h in ready])[0]
