@@ -4,6 +4,7 @@ collector below reads them at scrape time, so relaying pays no Python per frame.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -56,6 +57,7 @@ class _RelayCollector:
 
 class Metrics:
     def __init__(self, sessions_active, audio_bytes_per_second: int):
+        self._children: dict[tuple, Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("conduit_connections_active", "Sessions being relayed.", registry=r).set_function(
             sessions_active
@@ -152,3 +154,12 @@ class Metrics:
             registry=r,
         )
         r.register(_RelayCollector(audio_bytes_per_second))
+
+    def child(self, family, *values: str):
+        """`family.labels(*values)`, remembered: labels() checks its arguments and takes
+        a lock on every call, and each session needs the same few children."""
+        key = (family, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child

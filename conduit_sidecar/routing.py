@@ -11,6 +11,7 @@ percent-encoded; any value with a control character is refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import ssl
@@ -29,6 +30,9 @@ __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A session's URL repeats: parse it once (the URI is shared and never changed; 256
+# kept, as URLs hold client-chosen models).
+_parse_uri = functools.lru_cache(maxsize=256)(parse_uri)
 # Headers the sidecar owns on the upstream request; a template may not set them.
 _RESERVED = {
     "host",
@@ -321,7 +325,7 @@ class Router:
         if query:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
-        uri = parse_uri(url)
+        uri = _parse_uri(url)
         return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
 
 

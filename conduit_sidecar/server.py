@@ -82,7 +82,7 @@ class Sidecar:
         self.governor.started(info)
 
     def connected(self, info: SessionInfo, seconds: float) -> None:
-        self.metrics.upstream_connect.labels(info.provider).observe(seconds)
+        self.metrics.child(self.metrics.upstream_connect, info.provider).observe(seconds)
 
     def reserve(self, info: SessionInfo) -> None:
         self.sessions.add(info)
@@ -102,17 +102,17 @@ class Sidecar:
             self.stopped.set()
 
     def count(self, result: str) -> None:
-        self.metrics.connections.labels(result).inc()
+        self.metrics.child(self.metrics.connections, result).inc()
 
     def auth_failed(self, why: Rejection) -> None:
-        self.metrics.auth_failures.labels(why.label).inc()
+        self.metrics.child(self.metrics.auth_failures, why.label).inc()
 
     def rejected(self, decision: Close) -> None:
         # The result label is the close code's name: auth_failed, key_limit, upstream_failed...
         self.count(_relay.CloseCode(decision.code).name.lower())
         if decision.rejection is not None:
             self.auth_failed(decision.rejection)
-        self.metrics.closes.labels("sidecar", str(decision.code)).inc()
+        self.metrics.child(self.metrics.closes, "sidecar", str(decision.code)).inc()
         log.info(
             "session rejected",
             extra={
@@ -130,7 +130,7 @@ class Sidecar:
         duration = time.monotonic() - info.started
         self.metrics.duration.observe(duration)
         code = relay.close_code if relay.close_code is not None else 1006
-        self.metrics.closes.labels(relay.closed_by or "unknown", str(code)).inc()
+        self.metrics.child(self.metrics.closes, relay.closed_by or "unknown", str(code)).inc()
         c2u, u2c = relay.counters(0), relay.counters(1)
         binary = _relay.KIND_NAMES.index("binary")
         per_second = self.config.audio.bytes_per_second

@@ -31,6 +31,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.http11 import Response
 from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
+from websockets.utils import generate_key
 
 from . import _relay, tlsleg
 from ._relay import CloseCode
@@ -44,6 +45,7 @@ __all__ = ["Balancer", "Health", "UpstreamError"]
 log = logging.getLogger("conduit.upstream")
 _MAX_RESPONSE_BYTES = 65536
 _REASON_BYTES = 123  # a close frame's reason must fit in 125 bytes with the code
+_REQUESTS_MAX = 256  # upgrade requests kept (URLs hold client-chosen models)
 
 
 class UpstreamError(Exception):
@@ -112,18 +114,52 @@ class _UpstreamHandshake(asyncio.Protocol):
         self._set(_Failed("invalid", "upstream closed the connection during the handshake", "closed"))
 
 
-async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: float, max_rest: float):
+class _Request:
+    """An upstream's upgrade request as websockets' ClientProtocol builds it, kept for
+    every session with the same URL, headers and subprotocol offer: a session changes
+    only the Sec-WebSocket-Key (a fresh one each time). The same protocol checks each
+    response, handed that session's key just before (synchronously: no other session
+    runs in between). A protocol per session cost a UUID, a logger lookup, a parser
+    generator and two Headers builds, a tenth of a handshake's CPU."""
+
+    __slots__ = ("ws", "head", "tail")
+
+    def __init__(self, upstream: Upstream, subprotocols: tuple[str, ...] | None):
+        ws = self.ws = ClientProtocol(
+            upstream.uri,
+            subprotocols=None if subprotocols is None else [Subprotocol(p) for p in subprotocols],
+        )
+        ws.parser.close()  # never fed (responses go to Response.parse); no cycle kept
+        request = ws.connect()
+        for name, value in upstream.headers:
+            request.headers[name] = value
+        data, key = request.serialize(), ws.key.encode()
+        at = data.index(b"\r\nSec-WebSocket-Key: " + key + b"\r\n") + len("\r\nSec-WebSocket-Key: ")
+        self.head, self.tail = data[:at], data[at + len(key) :]
+
+    def new(self) -> tuple[str, bytes]:
+        """(a fresh key, the request bytes carrying it)"""
+        key = generate_key()
+        return key, self.head + key.encode() + self.tail
+
+    def check(self, key: str, response: Response) -> Subprotocol | None:
+        """websockets' checks of the response to the request with `key`; raises
+        InvalidHandshake. Returns the subprotocol the upstream chose."""
+        ws = self.ws
+        ws.key = key
+        ws.process_response(response)
+        if ws.extensions:
+            raise _Failed("invalid", "upstream negotiated an extension that was not offered", "bad handshake")
+        return ws.subprotocol
+
+
+async def _attempt(prepared: _Request, upstream: Upstream, timeout: float, max_rest: float):
     """TCP, then TLS, then the WebSocket handshake, each named in the error on failure.
     Returns (transport, subprotocol, bytes already read past the 101)."""
     loop = asyncio.get_running_loop()
     uri = upstream.uri
-    ws = ClientProtocol(
-        uri, subprotocols=None if subprotocols is None else [Subprotocol(p) for p in subprotocols]
-    )
-    request = ws.connect()
-    for name, value in upstream.headers:
-        request.headers[name] = value
-    proto = _UpstreamHandshake(request.serialize())
+    key, request = prepared.new()
+    proto = _UpstreamHandshake(request)
     stage = "TCP connect"
     transport = None
     try:
@@ -159,22 +195,17 @@ async def _attempt(upstream: Upstream, subprotocols: list[str] | None, timeout: 
         _drop(transport)
         raise
     try:
-        ws.process_response(response)
+        subprotocol = prepared.check(key, response)
     except InvalidStatus:
         _drop(transport)
         raise _refused(response, max_rest) from None
     except InvalidHandshake as exc:
         _drop(transport)
         raise _Failed("invalid", f"upstream handshake invalid: {exc}", "bad handshake") from None
-    finally:
-        # Its parser generator refers back to the protocol: a cycle per session that
-        # the rarely run cyclic GC (see Sidecar.run) would free only after thousands
-        # of handshakes, megabytes later.
-        ws.parser.close()
-    if ws.extensions:
+    except _Failed:
         _drop(transport)
-        raise _Failed("invalid", "upstream negotiated an extension that was not offered", "bad handshake")
-    return transport, ws.subprotocol, early
+        raise
+    return transport, subprotocol, early
 
 
 def _refused(response: Response, max_rest: float) -> _Failed:
@@ -285,6 +316,7 @@ class Balancer:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.health: dict[str, list[Health]] = {}
+        self.requests: dict[tuple, _Request] = {}
         for name in router.configured:
             self.health[name] = [Health(t, config.circuit) for t in router.routes[name].targets]
             for h in self.health[name]:
@@ -296,6 +328,8 @@ class Balancer:
         resting = [h for h in self.health[route.name] if not h.available(now)]
         if route.selection == "least_sessions":
             return sorted(ready, key=lambda h: h.live), resting  # ties: listed order
+        if len(ready) == 1:
+            return ready, resting  # nothing to draw
         ordered = []
         while ready:
             pick = self.rng.choices(ready, weights=[h.target.weight for h in ready])[0]
@@ -334,7 +368,10 @@ class Balancer:
                     h.target, model, decision.query, decision.version, secret=not decision.anonymous
                 )
                 result = await _attempt(
-                    upstream, decision.subprotocols, left / (len(candidates) - i), self.max_rest
+                    self._request(upstream, decision.subprotocols),
+                    upstream,
+                    left / (len(candidates) - i),
+                    self.max_rest,
                 )
             except RouteError as exc:
                 h.abandoned()
@@ -399,5 +436,28 @@ class Balancer:
             reason = reason.encode()[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
         raise UpstreamError(reason)
 
+    def _request(self, upstream: Upstream, subprotocols: list[str] | None) -> _Request:
+        """The upgrade request for this URL, these headers (a rotated secret makes new
+        ones) and this offer: built once, then reused."""
+        uri = upstream.uri
+        offer = None if subprotocols is None else tuple(subprotocols)
+        shape = (
+            uri.secure,
+            uri.host,
+            uri.port,
+            uri.path,
+            uri.query,
+            uri.username,
+            uri.password,
+            tuple(upstream.headers),
+            offer,
+        )
+        request = self.requests.get(shape)
+        if request is None:
+            if len(self.requests) >= _REQUESTS_MAX:
+                del self.requests[next(iter(self.requests))]  # the oldest
+            request = self.requests[shape] = _Request(upstream, offer)
+        return request
+
     def _count(self, h: Health, outcome: str) -> None:
-        self.metrics.upstream_attempts.labels(h.target.provider, h.target.label, outcome).inc()
+        self.metrics.child(self.metrics.upstream_attempts, h.target.provider, h.target.label, outcome).inc()

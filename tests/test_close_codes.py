@@ -186,6 +186,30 @@ def test_secret_goes_upstream_and_the_virtual_key_does_not(sidecar, upstream_por
     assert "Authorization" not in headers
 
 
+def test_each_upstream_request_has_its_own_key_when_the_request_is_reused(sidecar, upstream_ports):
+    """The upstream upgrade request is built once per URL, headers and offer: each
+    session, also concurrent ones, must still send a fresh Sec-WebSocket-Key and have
+    the provider's Sec-WebSocket-Accept checked against its own key (a wrong one: 1014)."""
+    async def body():
+        from websockets.asyncio.server import serve
+        seen = []
+
+        async def handler(ws):
+            seen.append(ws.request.headers)
+            await ws.close(4000, ws.subprotocol or "none")
+        async with serve(handler, "127.0.0.1", upstream_ports["raw"],
+                         select_subprotocol=lambda ws, offered: "realtime" if offered else None):
+            offers = [["realtime"], None] * 4
+            results = await asyncio.gather(*(close_of(sidecar.url(provider="raw"), sidecar.auth(),
+                                                      subprotocols=o) for o in offers))
+        return offers, results, seen
+    offers, results, seen = run(body())
+    assert results == [(4000, "realtime" if o else "none") for o in offers]
+    keys = [h["Sec-WebSocket-Key"] for h in seen]
+    assert len(set(keys)) == len(offers)
+    assert sorted(h.get("Sec-WebSocket-Protocol") or "" for h in seen) == [""] * 4 + ["realtime"] * 4
+
+
 def test_key_subprotocol_in_any_letter_case_is_taken_and_not_forwarded(sidecar, upstream_ports):
     """Review finding 9: `OpenAI-Insecure-API-Key.` was forwarded upstream as it was."""
     async def body():
