@@ -343,11 +343,9 @@ cdef class Leg(Endpoint):
         returns the records left in the read BIO."""
         cdef SSL* s = ssl_of(tls)
         cdef BIO* old
-        cdef BIO* bio = conduit_bio_new()
+        cdef BIO* bio
         cdef bytes unread
         cdef Py_ssize_t n
-        if bio == NULL:
-            raise MemoryError()
         old = SSL_get_wbio(s)
         n = BIO_ctrl_pending(old)
         if n:       # (the handshake's stream sends its records at once: none expected)
@@ -359,6 +357,9 @@ cdef class Leg(Endpoint):
         unread = PyBytes_FromStringAndSize(NULL, n)
         if n:
             BIO_read(old, PyBytes_AS_STRING(unread), n)
+        bio = conduit_bio_new()
+        if bio == NULL:
+            raise MemoryError()
         SSL_set_bio(s, bio, bio)    # releases the SSL's references to the memory BIOs
         self.ssl = s
         self.tls = tls              # the SSLObject owns the SSL (and now the window BIO)
