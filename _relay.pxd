@@ -83,8 +83,9 @@ cdef class Leg(Endpoint):
     cdef bytes queued_notice   # a text frame to send just before queued_close
     cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 
-    cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
-                    object tls) except -1
+    cdef bytes attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
+                      object tls)
+    cdef bytes take_tls(self, object tls)
     cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int read_tls(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int flush_tls(self) except -1

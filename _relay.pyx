@@ -66,9 +66,19 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 cdef extern from "_tls.h":
     enum: CONDUIT_HAVE_OPENSSL
     enum: SSL_ERROR_WANT_READ
+    enum: SSL_ERROR_WANT_WRITE
     enum: SSL_ERROR_ZERO_RETURN
     ctypedef struct BIO:
         pass
+    ctypedef struct conduit_tls_io:
+        BIO* bio
+        const uint8_t* in_data
+        size_t in_len
+        uint8_t* out_data
+        size_t out_len
+        size_t out_cap
+    conduit_tls_io conduit_io
+    BIO* conduit_bio_new()
     ctypedef struct conduit_ssl_socket:
         SSL* ssl
     ctypedef struct conduit_memory_bio:
@@ -79,7 +89,7 @@ cdef extern from "_tls.h":
     int SSL_shutdown(SSL* s)
     BIO* SSL_get_rbio(const SSL* s)
     BIO* SSL_get_wbio(const SSL* s)
-    int BIO_write(BIO* b, const void* data, int dlen)
+    void SSL_set_bio(SSL* s, BIO* rbio, BIO* wbio)
     int BIO_read(BIO* b, void* data, int dlen)
     size_t BIO_ctrl_pending(BIO* b)
     void ERR_clear_error()
@@ -98,7 +108,10 @@ cdef enum:
     # TLS: the largest record's plaintext. Every SSL_read gets at least this much room
     # (less would split records and leave bytes in OpenSSL between socket reads).
     TLS_RECORD = 16384
-    CIPHER_SIZE = 65536
+    # A read's plaintext (its records and the one it completes) fits in one feed, and
+    # the records of one write (a read's worth) in one send.
+    PLAIN_SIZE = READ_SIZE + 2 * TLS_RECORD
+    CIPHER_SIZE = PLAIN_SIZE + 8192
     COPY_PIECE = 65536
     HIST_BUCKETS = 12
     # Metering states of a pipe.
@@ -136,10 +149,13 @@ cdef unsigned PEER_DONE = ((1 << CLOSE_RECEIVED) | (1 << FAILED) | (1 << CLOSE_Q
 # Shared by all sessions; see the module docstring.
 cdef bytearray _read_buffer = bytearray(READ_SIZE)
 cdef uint8_t* _read_ptr = <uint8_t*>PyByteArray_AS_STRING(_read_buffer)
-# TLS legs: one read's plaintext, and records on their way to a socket. Like the read
-# buffer, nothing refers to them once a call returns (bytes not sent are copied).
-cdef uint8_t _plain[READ_SIZE]
+# TLS legs: one read's plaintext, and records on their way to a socket (the window
+# BIO's, see _tls.h). Like the read buffer, nothing refers to them once a call
+# returns (bytes not sent are copied).
+cdef uint8_t _plain[PLAIN_SIZE]
 cdef uint8_t _cipher[CIPHER_SIZE]
+conduit_io.out_data = _cipher
+conduit_io.out_cap = CIPHER_SIZE
 _SSLSocket = type(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(
     ssl.MemoryBIO(), ssl.MemoryBIO())._sslobj)
 
@@ -299,15 +315,17 @@ cdef class Leg(Endpoint):
     def __cinit__(self):
         self.fd = -1
 
-    cdef int attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
-                    object tls) except -1:
+    cdef bytes attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
+                      object tls):
+        """Take the transport (and `tls`, an ssl.SSLObject past its handshake over a plain
+        transport). Returns the records the handshake read but left undecrypted."""
+        cdef bytes unread = b""
         self.relay = relay
         self.transport = transport
         self.inbound = inbound
         self.outbound = outbound
-        if tls is not None:     # an ssl.SSLObject past its handshake, over a plain transport
-            self.ssl = ssl_of(tls)
-            self.tls = tls
+        if tls is not None:
+            unread = self.take_tls(tls)
         # uvloop's TLS transports encrypt what they are given: no file descriptor to write to.
         if transport.get_extra_info("sslcontext") is None:
             sock = transport.get_extra_info("socket")
@@ -318,56 +336,97 @@ cdef class Leg(Endpoint):
         # What the transport still holds (the 101; uvloop < 0.20 queues every write until
         # the loop turns) must go first: write through it until it is empty.
         self.backlog = True
-        return 0
+        return unread
+
+    cdef bytes take_tls(self, object tls):
+        """The SSL of `tls` moves from its memory BIOs to the window BIO (_tls.h);
+        returns the records left in the read BIO."""
+        cdef SSL* s = ssl_of(tls)
+        cdef BIO* old
+        cdef BIO* bio
+        cdef bytes unread
+        cdef Py_ssize_t n
+        old = SSL_get_wbio(s)
+        n = BIO_ctrl_pending(old)
+        if n:       # (the handshake's stream sends its records at once: none expected)
+            sent = PyBytes_FromStringAndSize(NULL, n)
+            BIO_read(old, PyBytes_AS_STRING(sent), n)
+            self.transport.write(sent)
+        old = SSL_get_rbio(s)
+        n = BIO_ctrl_pending(old)
+        unread = PyBytes_FromStringAndSize(NULL, n)
+        if n:
+            BIO_read(old, PyBytes_AS_STRING(unread), n)
+        bio = conduit_bio_new()
+        if bio == NULL:
+            raise MemoryError()
+        SSL_set_bio(s, bio, bio)    # releases the SSL's references to the memory BIOs
+        self.ssl = s
+        self.tls = tls              # the SSLObject owns the SSL (and now the window BIO)
+        return unread
 
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
         cdef size_t done
+        cdef int ok
         if self.ssl == NULL:
             return self.send_raw(data, size)
         if self.state >= SHUT or size <= 0:
             return 0
-        # A memory BIO takes every record: the write is whole or the TLS session failed.
-        if not SSL_write_ex(self.ssl, data, size, &done):
+        while True:
+            conduit_io.bio = SSL_get_wbio(self.ssl)
+            ok = SSL_write_ex(self.ssl, data, size, &done)
+            conduit_io.bio = NULL
+            if ok or SSL_get_error(self.ssl, ok) != SSL_ERROR_WANT_WRITE:
+                break
+            # The records so far fill the buffer: they go out, the same call goes on.
+            self.flush_tls()
+            if self.state >= SHUT:
+                return 0
+        if not ok:
             ERR_clear_error()
+            conduit_io.out_len = 0
             return self.drop()
         return self.flush_tls()
 
     cdef int flush_tls(self) except -1:
-        """Records waiting in the write BIO go to the socket."""
-        cdef BIO* out = SSL_get_wbio(self.ssl)
-        cdef int n
-        while BIO_ctrl_pending(out) > 0:
-            n = BIO_read(out, _cipher, CIPHER_SIZE)
-            if n <= 0:
-                break
-            self.send_raw(_cipher, n)
+        """Records this leg's last SSL call wrote go to its socket."""
+        cdef size_t n = conduit_io.out_len
+        if n:
+            conduit_io.out_len = 0
+            self.send_raw(conduit_io.out_data, n)
         return 0
 
     cdef int read_tls(self, const uint8_t* data, Py_ssize_t size) except -1:
-        """Bytes read from a TLS leg's socket: every whole record is decrypted, and the
-        plaintext of one read goes to the pipe at once (as a plain leg's read does)."""
+        """Bytes read from a TLS leg's socket: OpenSSL decrypts every whole record
+        straight from `data` (a partial one it keeps for the next read), and the
+        read's plaintext goes to the pipe in one feed, as a plain leg's read does."""
         cdef size_t got
         cdef Py_ssize_t have = 0
+        cdef int ok = 1
         cdef int err = SSL_ERROR_WANT_READ
-        if size > 0 and BIO_write(SSL_get_rbio(self.ssl), data, <int>size) != size:
-            raise MemoryError()
+        cdef BIO* bio = SSL_get_rbio(self.ssl)
         while True:
-            if READ_SIZE - have < TLS_RECORD:
+            conduit_io.bio, conduit_io.in_data, conduit_io.in_len = bio, data, size
+            while PLAIN_SIZE - have >= TLS_RECORD:
+                ok = SSL_read_ex(self.ssl, _plain + have, PLAIN_SIZE - have, &got)
+                if not ok:
+                    break
+                have += got
+            data, size = conduit_io.in_data, conduit_io.in_len
+            conduit_io.bio = NULL
+            if not ok:
+                err = SSL_get_error(self.ssl, ok)
+                ERR_clear_error()
+            self.flush_tls()    # answers to post-handshake messages (key updates)
+            if have:
                 self.inbound.feed(_plain, have)
                 have = 0
-                if self.relay is None or self.relay.done or self.inbound.verdict_code:
-                    return 0
-            if SSL_read_ex(self.ssl, _plain + have, READ_SIZE - have, &got):
-                have += got
-                continue
-            err = SSL_get_error(self.ssl, 0)
-            ERR_clear_error()
-            break
-        if have:
-            self.inbound.feed(_plain, have)
+            if not ok:
+                break
+            if self.relay is None or self.relay.done or self.inbound.verdict_code:
+                return 0
         if self.state >= SHUT:
             return 0
-        self.flush_tls()        # answers to post-handshake messages (key updates)
         if err == SSL_ERROR_ZERO_RETURN:
             self.shut()         # the peer's close_notify: like a plain leg's EOF
         elif err != SSL_ERROR_WANT_READ:
@@ -438,7 +497,9 @@ cdef class Leg(Endpoint):
         if self.state < SHUT:
             if self.ssl != NULL:
                 # close_notify, then the TCP close once it is out.
+                conduit_io.bio = SSL_get_wbio(self.ssl)
                 SSL_shutdown(self.ssl)
+                conduit_io.bio = NULL
                 ERR_clear_error()
                 self.flush_tls()
             self.set_state(SHUT)
@@ -846,16 +907,20 @@ cdef class Relay:
         """Take over both transports; forward bytes already read past each handshake.
         A `*_tls` SSLObject (NATIVE_TLS) makes that leg TLS over its plain transport;
         records it holds unread are relayed now, after the early bytes."""
-        self.client.attach(self, client_transport, self.c2u, self.u2c, client_tls)
-        self.upstream.attach(self, upstream_transport, self.u2c, self.c2u, upstream_tls)
+        cdef bytes client_records = self.client.attach(self, client_transport, self.c2u,
+                                                       self.u2c, client_tls)
+        cdef bytes upstream_records = self.upstream.attach(self, upstream_transport, self.u2c,
+                                                           self.c2u, upstream_tls)
         if upstream_early:
             self.u2c.feed(<uint8_t*>PyBytes_AS_STRING(upstream_early), len(upstream_early))
-        if upstream_tls is not None and not self.done and not self.u2c.verdict_code:
-            self.upstream.read_tls(NULL, 0)
+        if upstream_records and not self.done and not self.u2c.verdict_code:
+            self.upstream.read_tls(<uint8_t*>PyBytes_AS_STRING(upstream_records),
+                                   len(upstream_records))
         if client_early and not self.done:
             self.c2u.feed(<uint8_t*>PyBytes_AS_STRING(client_early), len(client_early))
-        if client_tls is not None and not self.done and not self.c2u.verdict_code:
-            self.client.read_tls(NULL, 0)
+        if client_records and not self.done and not self.c2u.verdict_code:
+            self.client.read_tls(<uint8_t*>PyBytes_AS_STRING(client_records),
+                                 len(client_records))
 
     def close(self, int client_code, str client_reason, int upstream_code, str upstream_reason,
               bytes client_notice=None):

@@ -2,7 +2,14 @@
  *
  * setup.py defines CONDUIT_OPENSSL (and links libssl) only when <openssl/ssl.h> is
  * there; without it the stand-ins below never run: _relay.NATIVE_TLS is False and
- * sessions keep uvloop's SSL transport. */
+ * sessions keep uvloop's SSL transport.
+ *
+ * Once the relay has a leg, that leg's SSL reads and writes records through a
+ * window BIO (below), not Python's memory BIOs: OpenSSL reads records straight from
+ * the buffer the socket was read into (a memory BIO would first copy them into a
+ * zero-filled buffer of its own), and writes them into one buffer that the relay
+ * sends like a plain leg's bytes (a memory BIO would keep them for a second copy
+ * out). */
 #ifndef CONDUIT_TLS_H
 #define CONDUIT_TLS_H
 
@@ -24,12 +31,100 @@ static inline int SSL_write_ex(SSL *s, const void *b, size_t n, size_t *w) { ret
 static inline int SSL_get_error(const SSL *s, int ret) { return 1; }
 static inline int SSL_shutdown(SSL *s) { return -1; }
 static inline BIO *SSL_get_rbio(const SSL *s) { return NULL; }
+static inline void SSL_set_bio(SSL *s, BIO *r, BIO *w) {}
+#define SSL_ERROR_WANT_WRITE 3
 static inline BIO *SSL_get_wbio(const SSL *s) { return NULL; }
-static inline int BIO_write(BIO *b, const void *d, int n) { return -1; }
 static inline int BIO_read(BIO *b, void *d, int n) { return -1; }
 static inline size_t BIO_ctrl_pending(BIO *b) { return 0; }
 static inline void ERR_clear_error(void) {}
 static inline unsigned long OpenSSL_version_num(void) { return 0; }
+#endif
+
+/* The one window of all legs (the relay is single-threaded): `bio` is the BIO whose
+ * SSL call is running. Reads take ciphertext from `in_data` (none left: want read;
+ * OpenSSL keeps a partial record for the next read); writes append records to
+ * `out_data`, which the relay sends once the call returns (full: want write, the
+ * relay sends and repeats the call). Any other BIO reads nothing and cannot write
+ * (an error, not a retry): a stray call on the Python SSLObject after the handover
+ * can neither take a leg's records nor put bytes among another leg's. */
+typedef struct {
+    BIO *bio;
+    const unsigned char *in_data;
+    size_t in_len;
+    unsigned char *out_data;
+    size_t out_len;
+    size_t out_cap;
+} conduit_tls_io;
+
+static conduit_tls_io conduit_io;
+
+#if CONDUIT_HAVE_OPENSSL
+static int conduit_bio_read(BIO *b, char *buf, size_t n, size_t *got)
+{
+    BIO_clear_retry_flags(b);
+    if (b != conduit_io.bio || conduit_io.in_len == 0) {
+        BIO_set_retry_read(b);
+        return 0;
+    }
+    if (n > conduit_io.in_len)
+        n = conduit_io.in_len;
+    memcpy(buf, conduit_io.in_data, n);
+    conduit_io.in_data += n;
+    conduit_io.in_len -= n;
+    *got = n;
+    return 1;
+}
+
+static int conduit_bio_write(BIO *b, const char *data, size_t n, size_t *done)
+{
+    size_t room = conduit_io.out_cap - conduit_io.out_len;
+    BIO_clear_retry_flags(b);
+    if (b != conduit_io.bio)
+        return 0;
+    if (room == 0) {
+        BIO_set_retry_write(b);
+        return 0;
+    }
+    if (n > room)
+        n = room;
+    memcpy(conduit_io.out_data + conduit_io.out_len, data, n);
+    conduit_io.out_len += n;
+    *done = n;
+    return 1;
+}
+
+static long conduit_bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    return cmd == BIO_CTRL_FLUSH;   /* written records are the relay's to send */
+}
+
+static int conduit_bio_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static BIO_METHOD *conduit_bio_method;
+
+/* A window BIO, or NULL (out of memory). */
+static BIO *conduit_bio_new(void)
+{
+    BIO_METHOD *m = conduit_bio_method;
+    if (m == NULL) {
+        m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "conduit relay window");
+        if (m == NULL || !BIO_meth_set_read_ex(m, conduit_bio_read)
+                || !BIO_meth_set_write_ex(m, conduit_bio_write)
+                || !BIO_meth_set_ctrl(m, conduit_bio_ctrl)
+                || !BIO_meth_set_create(m, conduit_bio_create)) {
+            BIO_meth_free(m);
+            return NULL;
+        }
+        conduit_bio_method = m;
+    }
+    return BIO_new(m);
+}
+#else
+static inline BIO *conduit_bio_new(void) { return NULL; }
 #endif
 
 /* The leading fields of CPython's _ssl objects (Modules/_ssl.c, unchanged since 3.7):

@@ -57,7 +57,7 @@ class _Head(asyncio.Protocol):
 
 async def _front(pki, up_port):
     """A wss listener whose sessions the relay carries to wss://127.0.0.1:up_port;
-    returns (port, a future of the first relay)."""
+    returns (port, a future of the first relay and its legs' SSLObjects)."""
     server_ctx, client_ctx = pki
     loop = asyncio.get_running_loop()
     relays = loop.create_future()
@@ -83,7 +83,7 @@ async def _front(pki, up_port):
         client.resume_reading()
         upstream.resume_reading()
         if not relays.done():
-            relays.set_result(relay)
+            relays.set_result((relay, client_tls, upstream_tls))
 
     def accept():
         head = _Head()
@@ -189,8 +189,83 @@ def test_upstream_tls_ends_without_a_close_frame_gives_1014(pki, how):
             try:
                 await asyncio.wait_for(ws.recv(), 5)
             except ConnectionClosed as closed:
-                relay = await relays
+                relay, _, _ = await relays
                 return closed.rcvd.code, closed.rcvd.reason, relay.close_reason
     code, reason, relay_reason = run(body())
     assert (code, reason) == (1014, "upstream connection lost")
     assert relay_reason == "upstream connection lost"
+
+
+class _EagerUpstream(asyncio.Protocol):
+    """A TLS upstream whose 101 and first frames are records of one write: the
+    handshake's stream decrypts the 101 and leaves the frames' records unread."""
+
+    def __init__(self, server_ctx):
+        self.stream = tlsleg.TLSStream(server_ctx, self, server_side=True)
+        self.head = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.head is None:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            for record in (switching_protocols(self.head), b"\x81\x05first", b"\x81\x06second"):
+                self.stream.sslobj.write(record)
+            self.stream._flush()
+            self.head = None
+
+
+def test_records_left_by_the_upgrade_are_relayed_first(pki):
+    async def body():
+        loop = asyncio.get_running_loop()
+        up = await loop.create_server(lambda: _EagerUpstream(pki[0]).stream, "127.0.0.1", 0)
+        port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+        async with _client(port, pki) as ws:
+            return [await asyncio.wait_for(ws.recv(), 5) for _ in range(2)]
+    assert run(body()) == ["first", "second"]
+
+
+def test_a_legs_sslobject_is_the_relays_after_the_handover(pki):
+    """Python code holding a leg's SSLObject can neither take records the relay
+    is owed nor get bytes onto a socket (they would land among the relay's records)."""
+    async def body():
+        async with serve(_echo, "127.0.0.1", 0, ssl=pki[0], compression=None,
+                         max_size=None, ping_interval=None) as up:
+            port, relays = await _front(pki, up.sockets[0].getsockname()[1])
+            async with _client(port, pki) as ws:
+                await ws.send(b"before")
+                assert await ws.recv() == b"before"
+                _, client_tls, upstream_tls = await relays
+                payload = os.urandom(100_000)
+                await ws.send(payload)
+                await asyncio.sleep(0.1)        # the echo's records are read by the relay
+                for sslobj in (client_tls, upstream_tls):
+                    with pytest.raises(ssl.SSLWantReadError):
+                        sslobj.read(1 << 20)
+                assert await ws.recv() == payload
+                with pytest.raises(ssl.SSLError):
+                    upstream_tls.write(b"\x82\x04junk")
+    run(body())
+
+
+def test_a_notice_larger_than_the_send_buffer_reaches_a_tls_client(pki):
+    """The notice's records take several rounds of the relay's send buffer."""
+    notice = b"n" * 400_000
+
+    async def body():
+        async with serve(_echo, "127.0.0.1", 0, ssl=pki[0], compression=None,
+                         max_size=None, ping_interval=None) as up:
+            port, relays = await _front(pki, up.sockets[0].getsockname()[1])
+            async with _client(port, pki) as ws:
+                await ws.send("hello")
+                assert await ws.recv() == "hello"
+                relay, _, _ = await relays
+                relay.close(1001, "going away", 1001, "going away", notice)
+                message = await asyncio.wait_for(ws.recv(), 5)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 5)
+                return message, closed.value.rcvd.code
+    assert run(body()) == (notice.decode(), 1001)
