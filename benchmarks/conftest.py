@@ -22,6 +22,8 @@ import pytest
 import uvloop
 import websockets
 
+from conduit_sidecar.testing import Certs, throwaway_certs
+
 from . import harness
 from .harness import Unavailable
 from .loadgen import Target
@@ -111,8 +113,9 @@ class Columns:
         self.processes.append(proc_port[0])
         return proc_port
 
-    def certs(self) -> harness.Certs:
-        return self._once("certs", lambda: harness.make_certs(self.workdir))
+    def certs(self) -> Certs:
+        return self._once(
+            "certs", lambda: throwaway_certs(self.workdir, ("localhost", "127.0.0.1"), "conduit bench CA"))
 
     def upstream(self, tls: bool) -> int:
         certs = self.certs() if tls else None

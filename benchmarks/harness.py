@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from conduit_sidecar.testing import CA, Process, admin_ready, free_port, port_open
+from conduit_sidecar.testing import Certs, Process, admin_ready, free_port, port_open
 
 from . import nginx as nginx_conf
 from .loadgen import Target
@@ -31,20 +31,6 @@ def _start(name: str, argv: list[str], workdir: str, ready,
     `env`: variables set on top of this process's environment."""
     return Process(name, argv, os.path.join(workdir, f"{name}.log"), cwd=ROOT,
                    env={**os.environ, **env} if env else None).start(ready)
-
-
-@dataclass
-class Certs:
-    ca: str
-    cert: str
-    key: str
-
-
-def make_certs(workdir: str) -> Certs:
-    """A throwaway CA and a leaf for localhost / 127.0.0.1 signed by it."""
-    ca = CA("conduit bench CA")
-    cert, key = ca.issue(workdir, ("localhost", "127.0.0.1"), "leaf")
-    return Certs(ca.write(os.path.join(workdir, "ca.pem")), cert, key)
 
 
 def client_context(certs: Certs) -> ssl.SSLContext:

@@ -8,6 +8,7 @@ Only they import it; `serve` never does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -18,7 +19,16 @@ from collections.abc import Callable
 
 from .tls import certificate, new_key, pem, server_context
 
-__all__ = ["CA", "Process", "admin_ready", "free_port", "port_open", "sidecar_command"]
+__all__ = [
+    "CA",
+    "Certs",
+    "Process",
+    "admin_ready",
+    "free_port",
+    "port_open",
+    "sidecar_command",
+    "throwaway_certs",
+]
 
 
 def free_port() -> int:
@@ -174,3 +184,21 @@ class CA:
         ctx = server_context()
         ctx.load_cert_chain(*self.issue(directory, names))
         return ctx
+
+
+@dataclasses.dataclass(frozen=True)
+class Certs:
+    """Files of a throwaway CA and of a leaf it signed."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def throwaway_certs(
+    workdir: str, names: tuple[str, ...] = ("127.0.0.1", "localhost"), name: str = "conduit test CA"
+) -> Certs:
+    """A new CA and a leaf for `names`, written into `workdir`."""
+    ca = CA(name)
+    cert, key = ca.issue(workdir, names, "leaf")
+    return Certs(ca.write(os.path.join(workdir, "ca.pem")), cert, key)

@@ -32,6 +32,28 @@ def switching_protocols(request_head: bytes) -> bytes:
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
 
 
+class HttpHead(asyncio.Protocol):
+    """Collects an HTTP head for the in-process relay tests; the relay takes the
+    transport over after it."""
+
+    def __init__(self):
+        self.data = b""
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+        if b"\r\n\r\n" in self.data and not self.done.done():
+            self.transport.pause_reading()
+            self.done.set_result(self.data)
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("lost"))
+
+
 def raw_upstream_sidecar(workdir: str, limits: str, providers: str = "") -> "SidecarProcess":
     """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`
     (plus any other `providers` sections)."""

@@ -18,20 +18,18 @@ import urllib.request
 
 import msgspec
 import pytest
+from conftest import PROVIDER_SECRET, SidecarProcess, free_port, run, standard_keys
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conduit_sidecar.testing import CA
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.config import ConfigError
 from conduit_sidecar.metrics import Metrics
 from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.routing import Router
+from conduit_sidecar.testing import CA
 from conduit_sidecar.upstream import Balancer, Health
-
-from conftest import PROVIDER_SECRET, SidecarProcess, free_port, run, standard_keys
-
 
 # -- deployments as loopback servers ----------------------------------------------
 

@@ -37,11 +37,11 @@ import pytest
 import yaml
 from conftest import SidecarProcess, free_port, standard_keys
 
-from conduit_sidecar.testing import CA
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
 from conduit_sidecar.k8s.webhook import MAX_BODY
 from conduit_sidecar.keys import load_keys
+from conduit_sidecar.testing import CA
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S_VERSIONS = ["1.29.0", "1.33.0"]

@@ -9,13 +9,13 @@ import asyncio
 import gc
 import types
 
-from conftest import run
-from test_relay_notice import _Head, _session
+from conftest import HttpHead, run
+from test_relay_notice import _session
 
 
 def _heads() -> int:
     gc.collect()
-    return sum(isinstance(o, _Head) for o in gc.get_objects())
+    return sum(isinstance(o, HttpHead) for o in gc.get_objects())
 
 
 def test_handshake_protocols_die_and_legs_are_bound_once_each():

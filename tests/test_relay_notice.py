@@ -7,30 +7,13 @@ import base64
 import os
 
 import pytest
+from conftest import HttpHead, run, switching_protocols
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conduit_sidecar import _relay
-from conftest import run, switching_protocols
 
 NOTICE = b'{"type":"error","error":{"code":"budget_exhausted"}}'
-
-
-class _Head(asyncio.Protocol):
-    """Collects an HTTP head; the relay takes the transport over after it."""
-
-    def __init__(self):
-        self.data = b""
-        self.done = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.data += data
-        if b"\r\n\r\n" in self.data and not self.done.done():
-            self.transport.pause_reading()
-            self.done.set_result(self.data)
 
 
 class _Upstream(asyncio.Protocol):
@@ -62,7 +45,7 @@ async def _session():
     async def front(head_proto):
         head = await head_proto.done
         client = head_proto.transport
-        upstream, up = await loop.create_connection(_Head, "127.0.0.1", up_port)
+        upstream, up = await loop.create_connection(HttpHead, "127.0.0.1", up_port)
         key = base64.b64encode(os.urandom(16))
         upstream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
@@ -76,7 +59,7 @@ async def _session():
         relays.set_result(relay)
 
     def accept():
-        proto = _Head()
+        proto = HttpHead()
         loop.create_task(front(proto))
         return proto
 

@@ -12,13 +12,13 @@ import ssl
 import tempfile
 
 import pytest
+from conftest import HttpHead, run, switching_protocols
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conduit_sidecar.testing import CA
 from conduit_sidecar import _relay, tlsleg
-from conftest import run, switching_protocols
+from conduit_sidecar.testing import CA
 
 pytestmark = pytest.mark.skipif(not _relay.NATIVE_TLS,
                                 reason="relay built without OpenSSL headers (uvloop's TLS is used)")
@@ -34,27 +34,6 @@ def pki():
         yield server, client
 
 
-class _Head(asyncio.Protocol):
-    """Collects an HTTP head; the relay takes the transport over after it."""
-
-    def __init__(self):
-        self.data = b""
-        self.done = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.data += data
-        if b"\r\n\r\n" in self.data and not self.done.done():
-            self.transport.pause_reading()
-            self.done.set_result(self.data)
-
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self.done.set_exception(ConnectionError("lost"))
-
-
 async def _front(pki, up_port):
     """A wss listener whose sessions the relay carries to wss://127.0.0.1:up_port;
     returns (port, a future of the first relay and its legs' SSLObjects)."""
@@ -64,7 +43,7 @@ async def _front(pki, up_port):
 
     async def session(head_proto):
         head = await head_proto.done
-        raw, up = await loop.create_connection(_Head, "127.0.0.1", up_port)
+        raw, up = await loop.create_connection(HttpHead, "127.0.0.1", up_port)
         upstream = await tlsleg.start_tls(raw, up, client_ctx, "127.0.0.1")
         up.transport = upstream
         key = base64.b64encode(os.urandom(16))
@@ -86,7 +65,7 @@ async def _front(pki, up_port):
             relays.set_result((relay, client_tls, upstream_tls))
 
     def accept():
-        head = _Head()
+        head = HttpHead()
         loop.create_task(session(head))
         return tlsleg.TLSStream(server_ctx, head, server_side=True)
 

@@ -12,13 +12,13 @@ import subprocess
 import time
 
 import pytest
+from conftest import Keys, SidecarProcess, free_port, run, standard_keys
+from test_key_reload import SecretVolume
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conduit_sidecar.testing import CA
 from conduit_sidecar.mock import MockProvider
-from conftest import Keys, SidecarProcess, free_port, run, standard_keys
-from test_key_reload import SecretVolume
+from conduit_sidecar.testing import CA
 
 NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
 have_node = os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")) and shutil.which("node")

@@ -42,7 +42,14 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 
-from conduit_sidecar.testing import CA, Process, admin_ready, free_port, sidecar_command
+from conduit_sidecar.testing import (
+    Certs,
+    Process,
+    admin_ready,
+    free_port,
+    sidecar_command,
+    throwaway_certs,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -164,22 +171,6 @@ def ensure_suite(cache_dir: str, python2: str) -> str:
     shutil.rmtree(site_dir, ignore_errors=True)
     os.replace(tmp, site_dir)
     return site_dir
-
-
-# ---------------------------------------------------------------- certificates
-
-@dataclass
-class Certs:
-    ca: str
-    cert: str
-    key: str
-
-
-def make_certs(workdir: str) -> Certs:
-    """A throwaway CA and a leaf for 127.0.0.1 for run C."""
-    ca = CA("autobahn test CA")
-    cert, key = ca.issue(workdir, ("127.0.0.1",), "fuzzingserver")
-    return Certs(ca.write(os.path.join(workdir, "ca.pem")), cert, key)
 
 
 # ---------------------------------------------------------------- processes
@@ -468,7 +459,7 @@ def run_all(opts: Options) -> Result:
         procs.append(echo)
         fuzz_port = free_port() if "b" in opts.runs else None
         tls_port = free_port() if "c" in opts.runs else None
-        certs = make_certs(workdir) if tls_port else None
+        certs = throwaway_certs(workdir, ("127.0.0.1",), "autobahn test CA") if tls_port else None
         sidecar_port = key = None
         if opts.sidecar:
             sidecar, sidecar_port, key = start_sidecar(workdir, echo_port, fuzz_port, tls_port,
