@@ -174,14 +174,16 @@ def loop():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "sections(*names): run this case for every column "
-                                       "of these report sections")
+    config.addinivalue_line("markers", "sections(*names, proxies=False): run this case for every "
+                                       "column of these report sections (with proxies=True, "
+                                       "not `direct`)")
 
 
 def pytest_generate_tests(metafunc):
     mark = metafunc.definition.get_closest_marker("sections")
     if mark and "where" in metafunc.fixturenames:
-        where = [(s, c) for s in mark.args for c in SECTIONS[s][1]]
+        where = [(s, c) for s in mark.args for c in SECTIONS[s][1]
+                 if not (mark.kwargs.get("proxies") and c == "direct")]
         metafunc.parametrize("where", where, ids=[f"{s}-{c}" for s, c in where])
 
 

@@ -65,10 +65,8 @@ def test_handshakes(measure, target, section, sizes, parallel):
     assert all(r["sessions"] == sizes.handshakes for r in results)
 
 
-@pytest.mark.sections("plain")
+@pytest.mark.sections("plain", proxies=True)  # memory of a proxy: `direct` has none
 def test_idle_sessions(measure, target, section, sizes):
-    if target.name == "direct":
-        pytest.skip("direct: no proxy, no proxy memory")
     # One round: freed sessions leave memory that a repeat would reuse.
     results = measure(section, "idle sessions", target,
                       lambda: loadgen.idle(target, sizes.idle),
