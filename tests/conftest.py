@@ -54,6 +54,28 @@ class HttpHead(asyncio.Protocol):
             self.done.set_exception(ConnectionError("lost"))
 
 
+class UpgradeAnswer(asyncio.Protocol):
+    """A hand-written upstream for the in-process relay tests: collects the upgrade
+    request, then `answer`s it (by default with the 101) and ignores what follows."""
+
+    def __init__(self):
+        self.head = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.head is None:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            head, self.head = self.head, None
+            self.answer(head)
+
+    def answer(self, head: bytes) -> None:
+        self.transport.write(switching_protocols(head))
+
+
 def raw_upstream_sidecar(workdir: str, limits: str, providers: str = "") -> "SidecarProcess":
     """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`
     (plus any other `providers` sections)."""

@@ -7,7 +7,7 @@ import base64
 import os
 
 import pytest
-from conftest import HttpHead, run, switching_protocols
+from conftest import HttpHead, UpgradeAnswer, run, switching_protocols
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -16,23 +16,16 @@ from conduit_sidecar import _relay
 NOTICE = b'{"type":"error","error":{"code":"budget_exhausted"}}'
 
 
-class _Upstream(asyncio.Protocol):
+class _Upstream(UpgradeAnswer):
     """Answers the upgrade, then hands its transport to the test."""
 
     def __init__(self, ready):
-        self.head, self.ready = b"", ready
+        super().__init__()
+        self.ready = ready
 
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        if self.head is None:
-            return
-        self.head += data
-        if b"\r\n\r\n" in self.head:
-            self.transport.write(switching_protocols(self.head))
-            self.head = None
-            self.ready.set_result(self.transport)
+    def answer(self, head):
+        super().answer(head)
+        self.ready.set_result(self.transport)
 
 
 async def _session():

@@ -12,7 +12,7 @@ import ssl
 import tempfile
 
 import pytest
-from conftest import HttpHead, run, switching_protocols
+from conftest import HttpHead, UpgradeAnswer, run, switching_protocols
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
@@ -73,6 +73,11 @@ async def _front(pki, up_port):
     return server.sockets[0].getsockname()[1], relays
 
 
+def _tls_upstream(handler, pki):
+    """A websockets server with TLS (the test CA's leaf) for the relay's provider leg."""
+    return serve(handler, "127.0.0.1", 0, ssl=pki[0], compression=None, max_size=None, ping_interval=None)
+
+
 def _client(port, pki):
     return connect(f"wss://127.0.0.1:{port}/", ssl=pki[1], compression=None, max_size=None,
                    ping_interval=None)
@@ -85,8 +90,7 @@ async def _echo(ws):
 
 def test_byte_exact_both_ways_through_two_tls_legs(pki):
     async def body():
-        async with serve(_echo, "127.0.0.1", 0, ssl=pki[0], compression=None,
-                         max_size=None, ping_interval=None) as up:
+        async with _tls_upstream(_echo, pki) as up:
             port, _ = await _front(pki, up.sockets[0].getsockname()[1])
             async with _client(port, pki) as ws:
                 for size in (0, 1, 125, 16383, 16384, 16385, 65536, 1 << 20, 16 << 20):
@@ -117,8 +121,7 @@ def test_slow_reader_gets_every_byte(pki):
             await ws.send(bytes([i]) + chunk)
 
     async def body():
-        async with serve(flood, "127.0.0.1", 0, ssl=pki[0], compression=None,
-                         max_size=None, ping_interval=None) as up:
+        async with _tls_upstream(flood, pki) as up:
             port, _ = await _front(pki, up.sockets[0].getsockname()[1])
             async with _client(port, pki) as ws:
                 await ws.send("go")
@@ -175,26 +178,18 @@ def test_upstream_tls_ends_without_a_close_frame_gives_1014(pki, how):
     assert relay_reason == "upstream connection lost"
 
 
-class _EagerUpstream(asyncio.Protocol):
+class _EagerUpstream(UpgradeAnswer):
     """A TLS upstream whose 101 and first frames are records of one write: the
     handshake's stream decrypts the 101 and leaves the frames' records unread."""
 
     def __init__(self, server_ctx):
+        super().__init__()
         self.stream = tlsleg.TLSStream(server_ctx, self, server_side=True)
-        self.head = b""
 
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        if self.head is None:
-            return
-        self.head += data
-        if b"\r\n\r\n" in self.head:
-            for record in (switching_protocols(self.head), b"\x81\x05first", b"\x81\x06second"):
-                self.stream.sslobj.write(record)
-            self.stream._flush()
-            self.head = None
+    def answer(self, head):
+        for record in (switching_protocols(head), b"\x81\x05first", b"\x81\x06second"):
+            self.stream.sslobj.write(record)
+        self.stream._flush()
 
 
 def test_records_left_by_the_upgrade_are_relayed_first(pki):
@@ -211,8 +206,7 @@ def test_a_legs_sslobject_is_the_relays_after_the_handover(pki):
     """Python code holding a leg's SSLObject can neither take records the relay
     is owed nor get bytes onto a socket (they would land among the relay's records)."""
     async def body():
-        async with serve(_echo, "127.0.0.1", 0, ssl=pki[0], compression=None,
-                         max_size=None, ping_interval=None) as up:
+        async with _tls_upstream(_echo, pki) as up:
             port, relays = await _front(pki, up.sockets[0].getsockname()[1])
             async with _client(port, pki) as ws:
                 await ws.send(b"before")
@@ -235,8 +229,7 @@ def test_a_notice_larger_than_the_send_buffer_reaches_a_tls_client(pki):
     notice = b"n" * 400_000
 
     async def body():
-        async with serve(_echo, "127.0.0.1", 0, ssl=pki[0], compression=None,
-                         max_size=None, ping_interval=None) as up:
+        async with _tls_upstream(_echo, pki) as up:
             port, relays = await _front(pki, up.sockets[0].getsockname()[1])
             async with _client(port, pki) as ws:
                 await ws.send("hello")
