@@ -344,7 +344,9 @@ class Governor:
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            for info, live in list(self.live.items()):
+            # No list: the items iterator reuses one tuple, where a list of them would
+            # pin pymalloc arenas through the tuple free list after a burst.
+            for info, live in self.live.items():
                 self._count_audio(info, live)
             await self.flush()
             if time.monotonic() - renewed >= renew_every:
