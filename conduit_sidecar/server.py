@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 
-from . import __version__, _relay
+from . import __version__, _relay, logs
 from .admin import AdminServer
 from .config import Config, split_hostport
 from .governance import Governor
@@ -135,9 +135,10 @@ class Sidecar:
         binary = _relay.KIND_NAMES.index("binary")
         per_second = self.config.audio.bytes_per_second
         usage = info.usage or Usage()
-        log.info(
+        logs.info(
+            log,
             "session ended",
-            extra={
+            {
                 "event": "session_end",
                 "session_id": info.id,
                 "key_id": info.key_id,
