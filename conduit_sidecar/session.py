@@ -229,13 +229,19 @@ async def _hold_first(
     return msgspec.structs.replace(decision, model=model), early
 
 
-async def _rest(host: Host, transport, request: Request) -> bool:
-    """Serve the REST call some SDKs make before a session (ElevenLabs' signed URL)."""
+def _is_rest(request: Request) -> bool:
+    """Whether the request is the REST call some SDKs make before a session
+    (ElevenLabs' signed URL); a path that is not normal is decide's to answer."""
+    if "/" + request.path.partition("?")[0].lstrip("/") != signed_urls.PATH:
+        return False  # (normalise_path's path, without its checks: most requests)
     try:
-        if normalise_path(request.path)[0] != signed_urls.PATH:
-            return False
+        return normalise_path(request.path)[0] == signed_urls.PATH
     except BadPath:
-        return False  # decide answers it
+        return False
+
+
+async def _rest(host: Host, transport, request: Request) -> None:
+    """Answer the REST call and close."""
     try:
         response = await signed_urls.answer(host, request, transport.get_extra_info("sslcontext") is not None)
     except Exception:  # a bug of ours: the client gets a status, never a hang
@@ -244,11 +250,11 @@ async def _rest(host: Host, transport, request: Request) -> bool:
     log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
     transport.write(response.serialize())
     transport.close()
-    return True
 
 
 async def open_session(host: Host, transport, request: Request, early: bytes):
-    if await _rest(host, transport, request):
+    if _is_rest(request):
+        await _rest(host, transport, request)
         return
     decision = decide(request, host.admission())
     if isinstance(decision, Refuse):
