@@ -514,15 +514,20 @@ cdef class Leg(Endpoint):
             self.transport.abort()
         return 0
 
-    # asyncio (buffered) protocol. uvloop keeps the protocol's `data_received` and
-    # `get_buffer` as it finds them on set_protocol: class attributes, not a bound
-    # method per transport (a leg has no use for data_received; the read buffer is
-    # shared).
+    # asyncio (buffered) protocol. uvloop keeps the protocol's `data_received`,
+    # `get_buffer` and `buffer_updated` as it finds them on set_protocol: class
+    # attributes and the leg itself, not a bound method per transport (a leg has no
+    # use for data_received; the read buffer is shared; `buffer_updated` is the leg,
+    # whose call is the handler: 64 bytes less per leg of every idle session).
 
     data_received = None
     get_buffer = staticmethod(_get_buffer)
 
-    def buffer_updated(self, Py_ssize_t nbytes):
+    @property
+    def buffer_updated(self):
+        return self
+
+    def __call__(self, Py_ssize_t nbytes):
         # Nothing is read from a violator (its pipe has a verdict) or after the session.
         if self.relay is None or self.relay.done or self.inbound.verdict_code:
             return
