@@ -26,11 +26,11 @@ class Unavailable(Exception):
 
 
 def _start(name: str, argv: list[str], workdir: str, ready,
-           env: dict[str, str] | None = None) -> Process:
+           env: dict[str, str] | None = None, timeout: float = 15) -> Process:
     """A column's process, its log in `workdir`, run from the checkout (benchmarks.*);
     `env`: variables set on top of this process's environment."""
     return Process(name, argv, os.path.join(workdir, f"{name}.log"), cwd=ROOT,
-                   env={**os.environ, **env} if env else None).start(ready)
+                   env={**os.environ, **env} if env else None).start(ready, timeout)
 
 
 def client_context(certs: Certs) -> ssl.SSLContext:
@@ -102,12 +102,13 @@ def redis(workdir: str) -> tuple[Process, int]:
 
 def sidecar(workdir: str, up_port: int, certs: Certs | None,
             listener: Certs | None = None, redis_port: int | None = None,
-            uvloop_tls: bool = False) -> Sidecar:
+            uvloop_tls: bool = False, under: tuple[str, ...] = ()) -> Sidecar:
     """`conduit-sidecar serve` with provider `bench` at the upstream; with `certs` the
     provider leg is wss (CA in `ca_file`), with `listener` it also listens with TLS.
     With `redis_port`, [state] is that Redis and the key has every policy that uses it
     (leases, a session rate and a budget, none of them reached). `uvloop_tls`: TLS legs
-    on uvloop's SSL transport, not the relay's OpenSSL calls."""
+    on uvloop's SSL transport, not the relay's OpenSSL calls. `under`: a command
+    `serve` runs under (valgrind), given a minute to start."""
     command = sidecar_command()
     name = ("sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
             + ("-redis" if redis_port else "") + ("-uvloop" if uvloop_tls else ""))
@@ -137,8 +138,8 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
                 "drain_seconds = 0\n\n"
                 f'[providers.bench]\nurl = "{scheme}://127.0.0.1:{up_port}/{{model}}"\n{ca}\n{tls}'
                 f'{state}')
-    proc = _start(name, [*command, "serve", "--config", config], workdir, admin_ready(admin),
-                  env={"CONDUIT_NATIVE_TLS": "0"} if uvloop_tls else None)
+    proc = _start(name, [*under, *command, "serve", "--config", config], workdir, admin_ready(admin),
+                  env={"CONDUIT_NATIVE_TLS": "0"} if uvloop_tls else None, timeout=120 if under else 15)
     if listener and not port_open(tls_port):
         tls_port = None
     return Sidecar(proc, port, key, tls_port)

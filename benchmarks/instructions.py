@@ -1,0 +1,78 @@
+"""User-space instructions per new session: a `conduit-sidecar serve` under valgrind's
+callgrind, driven by `loadgen.handshakes` (connect, upgrade, the upstream's hello,
+drop) against the benchmark upstream. Instruction counts do not swing with the
+machine's load as times do: this is the handshake figure to compare two builds by.
+
+    python -m benchmarks.instructions              # 100 warm-up, 300 counted, 4 at a time
+
+Counting starts after the warm-up (`callgrind_control -z`) and ends with a dump
+(`-d`) once the counted sessions have closed, so each session's close path is in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+
+import uvloop
+
+from . import harness
+from .loadgen import Target, handshakes
+
+
+def _total(path: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+async def count(target: Target, out: str, warm: int, sessions: int, parallel: int) -> float:
+    """Instructions per session; `out` is callgrind's output file pattern."""
+    pid = str(target.pids()[0])
+    await handshakes(target, warm, parallel)
+    subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+    await handshakes(target, sessions, parallel)
+    await asyncio.sleep(1)  # the closes are handled
+    subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+    dumps = sorted(glob.glob(out.replace("%p", pid) + ".*"), key=os.path.getmtime)
+    return _total(dumps[-1]) / sessions
+
+
+def run(warm: int, sessions: int, parallel: int) -> float:
+    if shutil.which("valgrind") is None:
+        raise harness.Unavailable("valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="conduit-instr-") as workdir:
+        out = os.path.join(workdir, "callgrind.%p")
+        up, up_port = harness.upstream(workdir, None)
+        try:
+            s = harness.sidecar(workdir, up_port, None,
+                                under=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
+            try:
+                target = harness.sidecar_target("sidecar", s)
+                return uvloop.run(count(target, out, warm, sessions, parallel))
+            finally:
+                s.process.stop()
+        finally:
+            up.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--warm", type=int, default=100)
+    p.add_argument("--sessions", type=int, default=300)
+    p.add_argument("--parallel", type=int, default=4)
+    args = p.parse_args()
+    per = run(args.warm, args.sessions, args.parallel)
+    print(f"{per / 1e6:.3f} M user-space instructions per new session "
+          f"({args.sessions} sessions, {args.parallel} at a time)")
+
+
+if __name__ == "__main__":
+    main()
