@@ -71,11 +71,14 @@ class LoopTurnHandler(logging.StreamHandler):
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
-            if self.lines:
-                self.lines.append("")
-                self.stream.write("\n".join(self.lines))
-                self.lines.clear()
-            self.stream.flush()
+            lines, self.lines = self.lines, []
+            try:
+                if lines:
+                    lines.append("")
+                    self.stream.write("\n".join(lines))
+                self.stream.flush()
+            except Exception:  # stdout gone: the lines are lost, never raised into the loop
+                self.handleError(logging.makeLogRecord({"msg": f"{len(lines) - 1} log lines"}))
 
 
 _ROOT = logging.getLogger("conduit")
@@ -86,9 +89,9 @@ def info(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
     handler chain when nothing but `setup`'s handler would see it: a session's end is
     logged thousands of times a second, and the record cost 13% of a session's
     instructions. Any other handler or filter gets the record as usual."""
-    handlers = _ROOT.handlers
     if not logger.isEnabledFor(logging.INFO):
         return
+    handlers = _ROOT.handlers
     if (
         len(handlers) == 1
         and isinstance(handler := handlers[0], LoopTurnHandler)

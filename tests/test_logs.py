@@ -91,3 +91,21 @@ def test_the_fast_path_yields_to_other_handlers_filters_and_levels(stream):
     logging.getLogger("conduit").setLevel("WARNING")
     logs.info(log, "below the level", {"event": "c"})
     assert [line["event"] for line in _lines(stream)] == ["a"]
+
+
+def test_a_failed_write_loses_the_lines_and_raises_nothing(stream, capsys):
+    def broken(_):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    stream.write = broken  # type: ignore[method-assign]
+    log = logging.getLogger("conduit.test")
+
+    async def body():
+        logs.info(log, "lost", {"event": "a"})
+        log.info("lost too")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return logging.getLogger("conduit").handlers[0].lines
+
+    assert asyncio.run(body()) == []  # nothing kept to grow without bound
+    assert "Broken pipe" in capsys.readouterr().err
