@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 from . import _relay
@@ -55,12 +55,14 @@ _BINARY = _relay.KIND_NAMES.index("binary")
 
 
 class _Live:
-    __slots__ = ("lease", "timer", "audio_bytes", "closing")
+    """A session's governance state, made only for sessions that need one (a lease,
+    a session cap, a budget close): idle sessions are held by the thousand."""
+
+    __slots__ = ("lease", "timer", "closing")
 
     def __init__(self):
         self.lease: str | None = None  # the lease member, when one is held
         self.timer: asyncio.TimerHandle | None = None
-        self.audio_bytes = 0  # client->provider binary payload already counted
         self.closing = False
 
 
@@ -73,6 +75,7 @@ class Governor:
         self,
         config: Config,
         metrics: Metrics,
+        sessions: Collection[SessionInfo],
         live_per_key: Mapping[str, int],
         model_label: Callable[[str | None], str],
     ):
@@ -80,6 +83,7 @@ class Governor:
         self.config = config
         self.state = config.state
         self.metrics = metrics
+        self.sessions = sessions  # every live session (the process's own set)
         self.live_per_key = live_per_key
         self.model_label = model_label
         self.store = open_store(self.state)
@@ -92,7 +96,7 @@ class Governor:
         # session admitted during a flush would see the key's usage dip.
         self.flushing: dict[str, dict[str, float]] = {}
         self.known: dict[str, dict[str, tuple[str, dict[str, float]]]] = {}
-        self.live: dict[SessionInfo, _Live] = {}
+        self.live: dict[SessionInfo, _Live] = {}  # the sessions that have one
         self.task: asyncio.Task | None = None
         self.background: set[asyncio.Task] = set()
         self.metrics.state_available.set(1)
@@ -106,10 +110,10 @@ class Governor:
 
     async def admit(self, info: SessionInfo) -> tuple[int, str] | None:
         """None to go on, or (close code, reason). The caller has reserved `info`."""
-        live = self.live[info] = _Live()
         entry = info.key
         if not (entry.budgets or entry.sessions_per_minute or (self.shared and entry.max_connections)):
             return None
+        live = self._live(info)
         now = _utcnow()
         try:
             return await self._admit_shared(info, entry, live, now)
@@ -118,7 +122,7 @@ class Governor:
                 self.metrics.state_fallbacks.labels("refused").inc()
                 return _relay.CloseCode.AT_CAPACITY, "shared state unavailable: try again later"
             self.metrics.state_fallbacks.labels("local").inc()
-            return self._admit_local(entry, live, now)
+            return self._admit_local(entry, now)
 
     async def _admit_shared(
         self, info: SessionInfo, entry: KeyEntry, live: _Live, now: dt.datetime
@@ -143,7 +147,7 @@ class Governor:
             return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, detail)
 
-    def _admit_local(self, entry: KeyEntry, live: _Live, now: dt.datetime) -> tuple[int, str] | None:
+    def _admit_local(self, entry: KeyEntry, now: dt.datetime) -> tuple[int, str] | None:
         """The shared store is down and on_unavailable = "open": this pod's counts."""
         reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
         if reason:
@@ -156,12 +160,17 @@ class Governor:
                 return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, wait)
         return None
 
+    def _live(self, info: SessionInfo) -> _Live:
+        live = self.live.get(info)
+        if live is None:
+            live = self.live[info] = _Live()
+        return live
+
     def started(self, info: SessionInfo) -> None:
         """The relay runs: start the session cap's clock."""
-        live = self.live.get(info)
-        if live is not None and info.key.max_session_seconds:
+        if info.key.max_session_seconds:
             cap = info.key.max_session_seconds
-            live.timer = asyncio.get_running_loop().call_later(
+            self._live(info).timer = asyncio.get_running_loop().call_later(
                 cap,
                 self._close,
                 info,
@@ -171,14 +180,13 @@ class Governor:
 
     def release(self, info: SessionInfo) -> None:
         """The session is over (or never started): count its last audio, free its lease."""
+        self._count_audio(info)
         live = self.live.pop(info, None)
-        if live is None:
-            return
-        if live.timer is not None:
-            live.timer.cancel()
-        self._count_audio(info, live)
-        if live.lease is not None:
-            self._spawn(self._release_lease(info.key_id, live.lease))
+        if live is not None:
+            if live.timer is not None:
+                live.timer.cancel()
+            if live.lease is not None:
+                self._spawn(self._release_lease(info.key_id, live.lease))
         if info.key_id in self.pending:
             self._spawn(self.flush())
 
@@ -206,15 +214,15 @@ class Governor:
         self._add(info.key_id, {"tokens": tokens, "usd": usd})
         self.enforce(info.key_id, _utcnow())
 
-    def _count_audio(self, info: SessionInfo, live: _Live) -> None:
+    def _count_audio(self, info: SessionInfo) -> None:
         relay = info.relay
         if relay is None:
             return
         sent = relay.counters(0)[1][_BINARY]
-        if sent == live.audio_bytes:
+        if sent == info.audio_bytes:
             return
-        seconds = (sent - live.audio_bytes) / self.config.audio.bytes_per_second
-        live.audio_bytes = sent
+        seconds = (sent - info.audio_bytes) / self.config.audio.bytes_per_second
+        info.audio_bytes = sent
         price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, {}, seconds) if price is not None else 0.0
         if usd:
@@ -249,16 +257,18 @@ class Governor:
         """Close the key's sessions if it reached a budget (as each session's entry,
         kept current by the key rechecks, has it)."""
         totals = None
-        for info in [i for i in self.live if i.key_id == key_id and i.key.budgets]:
+        for info in [i for i in self.sessions if i.key_id == key_id and i.key.budgets]:
             totals = totals or self.estimate(key_id, now)
             reason = over_budget(info.key.budgets, totals, now)
             if reason:
                 self._close(info, _relay.CloseCode.BUDGET_EXHAUSTED, reason)
 
     def _close(self, info: SessionInfo, code: int, reason: str) -> None:
-        live = self.live.get(info)
         relay = info.relay
-        if live is None or live.closing or relay is None or relay.finished:
+        if relay is None or relay.finished or info not in self.sessions:
+            return
+        live = self._live(info)
+        if live.closing:
             return
         live.closing = True
         log.info(
@@ -313,7 +323,7 @@ class Governor:
     async def flush(self) -> None:
         """Add pending usage to the store and refresh the totals of keys in use."""
         now = _utcnow()
-        keys = set(self.pending) | {i.key_id for i in self.live if i.key.budgets}
+        keys = set(self.pending) | {i.key_id for i in self.sessions if i.key.budgets}
         for key_id in keys:
             deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
             self.flushing[key_id] = deltas
@@ -344,10 +354,8 @@ class Governor:
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            # No list: the items iterator reuses one tuple, where a list of them would
-            # pin pymalloc arenas through the tuple free list after a burst.
-            for info, live in self.live.items():
-                self._count_audio(info, live)
+            for info in self.sessions:  # (nothing here awaits: the set stays as it is)
+                self._count_audio(info)
             await self.flush()
             if time.monotonic() - renewed >= renew_every:
                 renewed = time.monotonic()
@@ -359,8 +367,8 @@ class Governor:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        for info, live in list(self.live.items()):
-            self._count_audio(info, live)
+        for info in list(self.sessions):
+            self._count_audio(info)
         await self.flush()
         await self.store.close()
 

@@ -44,7 +44,7 @@ class Sidecar:
         self.metrics = Metrics(lambda: len(self.sessions), config.audio.bytes_per_second)
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
-        self.governor = Governor(config, self.metrics, self.live_per_key, self.model_label)
+        self.governor = Governor(config, self.metrics, self.sessions, self.live_per_key, self.model_label)
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
         self.watcher: KeyWatcher | None = None

@@ -51,6 +51,7 @@ class SessionInfo:
         "active_at",
         "upstream",
         "public_agent",
+        "audio_bytes",
     )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
@@ -67,6 +68,7 @@ class SessionInfo:
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
         self.public_agent = public_agent  # admitted without a key, as this agent's session
+        self.audio_bytes = 0  # client->provider binary payload the governor has counted
 
     @property
     def id(self) -> str:

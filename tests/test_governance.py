@@ -325,6 +325,25 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
 
 
+def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
+    """Sessions admitted without any limit keep no governance state; a budget the key
+    file adds later still reaches them."""
+    keys = Keys()
+    keys.add("later")
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "later")
+        await response_done(ws)                               # 12 tokens, no budget yet
+        keys.entries[0]["budgets"] = [{"metric": "tokens", "limit": 20, "window": "hour"}]
+        keys.write(proc.keys_file)
+        await asyncio.sleep(1)                                # polled every 0.2 s
+        await ws.send(json.dumps({"type": "response.create"}))   # 24: crosses 20
+        code, reason = await closed(ws, "budget_exceeded")
+        assert code == 4002 and reason.startswith("budget exhausted: tokens per hour (20)")
+    run(scenario())
+
+
 def test_local_backend_enforces_the_same_policy(sidecars):
     keys = Keys()
     keys.add("budget", budgets=[{"metric": "tokens", "limit": 20, "window": "hour"}])
