@@ -125,8 +125,8 @@ class Sidecar:
 
     def session_ended(self, relay) -> None:
         info: SessionInfo = relay.session
+        self.release(info)  # with info.relay still set: the audio since the last tick counts
         info.relay = None
-        self.release(info)
         duration = time.monotonic() - info.started
         self.metrics.duration.observe(duration)
         code = relay.close_code if relay.close_code is not None else 1006

@@ -325,6 +325,25 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
 
 
+def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
+    """Binary audio is counted every second and at the session's end: a session
+    shorter than a tick is counted whole."""
+    keys = Keys()
+    keys.add("audio", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "audio")
+        await ws.send(bytes(96_000))                          # 2 s of 24 kHz pcm16
+        assert len(await asyncio.wait_for(ws.recv(), 10)) == 96_000   # the mock echoes
+        await ws.close()
+    run(scenario())
+    deadline = time.monotonic() + 5
+    while "audio_seconds 2 / 1000" not in (out := usage_cli(proc, "audio")):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+
+
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     """Sessions admitted without any limit keep no governance state; a budget the key
     file adds later still reaches them."""
