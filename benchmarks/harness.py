@@ -11,6 +11,9 @@ import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from conduit_sidecar.testing import Certs, Process, admin_ready, free_port, port_open
@@ -149,6 +152,22 @@ def sidecar_target(name: str, s: Sidecar, tls: ssl.SSLContext | None = None) -> 
     return Target(name, s.tls_port if tls else s.port,
                   lambda model: f"/v1/realtime/connect?model={model}&provider=bench",
                   headers={"Authorization": f"Bearer {s.key}"}, ssl=tls, process=s.process)
+
+
+@contextmanager
+def fresh_sidecar(prefix: str, under: tuple[str, ...] = ()) -> Iterator[Target]:
+    """A fresh benchmark upstream and plain sidecar in a temp dir (`under`: as for
+    `sidecar`), stopped on exit; yields the sidecar's target."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        up, up_port = upstream(workdir, None)
+        try:
+            s = sidecar(workdir, up_port, None, under=under)
+            try:
+                yield sidecar_target("sidecar", s)
+            finally:
+                s.process.stop()
+        finally:
+            up.stop()
 
 
 def proxy_target(name: str, proc: Process, port: int) -> Target:

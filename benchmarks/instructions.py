@@ -48,19 +48,11 @@ async def count(target: Target, out: str, warm: int, sessions: int, parallel: in
 def run(warm: int, sessions: int, parallel: int) -> float:
     if shutil.which("valgrind") is None:
         raise harness.Unavailable("valgrind is not installed (apt-get install valgrind)")
-    with tempfile.TemporaryDirectory(prefix="conduit-instr-") as workdir:
-        out = os.path.join(workdir, "callgrind.%p")
-        up, up_port = harness.upstream(workdir, None)
-        try:
-            s = harness.sidecar(workdir, up_port, None,
-                                under=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
-            try:
-                target = harness.sidecar_target("sidecar", s)
-                return uvloop.run(count(target, out, warm, sessions, parallel))
-            finally:
-                s.process.stop()
-        finally:
-            up.stop()
+    with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as outdir:
+        out = os.path.join(outdir, "callgrind.%p")
+        under = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
+        with harness.fresh_sidecar("conduit-instr-", under) as target:
+            return uvloop.run(count(target, out, warm, sessions, parallel))
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 
 import uvloop
 
@@ -88,17 +87,8 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
 def run(warm: int, idle: int, burst: int, wait: float = 6) -> dict:
     """A fresh upstream and sidecar in a temp dir, measured, then stopped. `wait`:
     seconds from the sessions' end to the RSS reading."""
-    with tempfile.TemporaryDirectory(prefix="conduit-mem-") as workdir:
-        up, up_port = harness.upstream(workdir, None)
-        try:
-            s = harness.sidecar(workdir, up_port, None)
-            try:
-                target = harness.sidecar_target("sidecar", s)
-                return uvloop.run(measure(target, warm, idle, burst, wait))
-            finally:
-                s.process.stop()
-        finally:
-            up.stop()
+    with harness.fresh_sidecar("conduit-mem-") as target:
+        return uvloop.run(measure(target, warm, idle, burst, wait))
 
 
 def main() -> None:
