@@ -24,6 +24,7 @@ __all__ = [
     "NativePath",
     "Template",
     "TEMPLATES",
+    "bare_path",
     "meter",
     "modelless",
     "native",
@@ -198,11 +199,16 @@ class BadPath(ValueError):
     """A request path the sidecar will not route (the message says why)."""
 
 
+def bare_path(target: str) -> str:
+    """The path of a request target, leading slashes collapsed (the Node Gemini SDK
+    sends `//ws/...`), nothing checked: see normalise_path."""
+    return "/" + target.partition("?")[0].lstrip("/")
+
+
 def normalise_path(target: str) -> tuple[str, str]:
-    """(path, query) of a request target. Leading slashes collapse (the Node Gemini SDK
-    sends `//ws/...`); dot segments and control characters are refused."""
-    path, _, query = target.partition("?")
-    path = "/" + path.lstrip("/")
+    """(path, query) of a request target, the path as bare_path gives it; dot segments
+    and control characters are refused."""
+    path, query = bare_path(target), target.partition("?")[2]
     decoded = urllib.parse.unquote(path)
     if _CONTROL.search(decoded) or _CONTROL.search(urllib.parse.unquote(query)):
         raise BadPath("control characters in the request target")

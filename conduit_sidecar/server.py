@@ -113,9 +113,10 @@ class Sidecar:
         if decision.rejection is not None:
             self.auth_failed(decision.rejection)
         self.metrics.child(self.metrics.closes, "sidecar", str(decision.code)).inc()
-        log.info(
+        logs.info(
+            log,
             "session rejected",
-            extra={
+            {
                 "event": "rejected",
                 "code": decision.code,
                 "reason": decision.reason,

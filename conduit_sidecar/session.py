@@ -18,13 +18,13 @@ from typing import Protocol
 import msgspec
 from websockets.http11 import Request
 
-from . import _relay, held, signed_urls, tlsleg
+from . import _relay, held, logs, signed_urls, tlsleg
 from .config import Limits
 from .handshake import Accept, Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
 from .keys import KeyEntry, KeySet, Rejection
 from .metering import Usage
-from .providers import BadPath, meter, normalise_path
+from .providers import BadPath, bare_path, meter, normalise_path
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
 
@@ -234,8 +234,8 @@ async def _hold_first(
 def _is_rest(request: Request) -> bool:
     """Whether the request is the REST call some SDKs make before a session
     (ElevenLabs' signed URL); a path that is not normal is decide's to answer."""
-    if "/" + request.path.partition("?")[0].lstrip("/") != signed_urls.PATH:
-        return False  # (normalise_path's path, without its checks: most requests)
+    if bare_path(request.path) != signed_urls.PATH:
+        return False  # most requests: no need for normalise_path's checks
     try:
         return normalise_path(request.path)[0] == signed_urls.PATH
     except BadPath:
@@ -261,9 +261,10 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     decision = decide(request, host.admission())
     if isinstance(decision, Refuse):
         host.count("bad_request")
-        log.info(
+        logs.info(
+            log,
             "handshake refused",
-            extra={"event": "refused", "status": decision.response.status_code, "reason": decision.reason},
+            {"event": "refused", "status": decision.response.status_code, "reason": decision.reason},
         )
         transport.write(decision.response.serialize())
         transport.close()
