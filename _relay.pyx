@@ -53,8 +53,9 @@ import sys
 from cpython.object cimport PyObject
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.buffer cimport PyBUF_WRITE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
@@ -146,9 +147,11 @@ cdef unsigned[9] ALLOWED = [
 cdef unsigned PEER_DONE = ((1 << CLOSE_RECEIVED) | (1 << FAILED) | (1 << CLOSE_QUEUED_LAST)
                            | (1 << CLOSED) | (1 << SHUT) | (1 << LOST))
 
-# Shared by all sessions; see the module docstring.
-cdef bytearray _read_buffer = bytearray(READ_SIZE)
-cdef uint8_t* _read_ptr = <uint8_t*>PyByteArray_AS_STRING(_read_buffer)
+# Shared by all sessions; see the module docstring. A static array, not a bytearray
+# (which zero-fills it): its pages become resident only as reads reach them, so an
+# idle pod that never read a large burst does not hold 256 KiB for it.
+cdef uint8_t _read_ptr[READ_SIZE]
+cdef memoryview _read_buffer = PyMemoryView_FromMemory(<char*>_read_ptr, READ_SIZE, PyBUF_WRITE)
 # TLS legs: one read's plaintext, and records on their way to a socket (the window
 # BIO's, see _tls.h). Like the read buffer, nothing refers to them once a call
 # returns (bytes not sent are copied).
