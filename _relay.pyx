@@ -88,6 +88,7 @@ cdef extern from "_tls.h":
     int SSL_write_ex(SSL* s, const void* buf, size_t num, size_t* written)
     int SSL_get_error(const SSL* s, int ret)
     int SSL_shutdown(SSL* s)
+    int SSL_free_buffers(SSL* s)
     BIO* SSL_get_rbio(const SSL* s)
     BIO* SSL_get_wbio(const SSL* s)
     void SSL_set_bio(SSL* s, BIO* rbio, BIO* wbio)
@@ -189,6 +190,21 @@ def _native_tls():
 
 
 NATIVE_TLS = os.environ.get("CONDUIT_NATIVE_TLS", "1") != "0" and _native_tls()
+
+
+def tls_buffers_releasable(unsigned long version):
+    """Whether an idle leg may hand its record buffers back (SSL_free_buffers) under
+    OpenSSL `version`: before 3.0.14, 3.1.6, 3.2.2 and 3.3.1 that call could free a
+    buffer that held a record's first part (CVE-2024-4741); 1.1.1's fix is not public."""
+    for fixed in (0x30300010, 0x30200020, 0x30100060, 0x300000e0):
+        if version >= fixed & 0xfff00000:  # this minor series or a later one
+            return version >= fixed
+    return False
+
+
+# Without it an idle TLS leg keeps OpenSSL's 16 KiB read buffer (docs/relay.md).
+TLS_BUFFERS_RELEASED = NATIVE_TLS and tls_buffers_releasable(OpenSSL_version_num())
+cdef bint _release_tls_buffers = TLS_BUFFERS_RELEASED
 
 # Process totals, read by the metrics collector at scrape time.
 cdef uint64_t g_frames[2][KINDS]
@@ -364,6 +380,8 @@ cdef class Leg(Endpoint):
         if bio == NULL:
             raise MemoryError()
         SSL_set_bio(s, bio, bio)    # releases the SSL's references to the memory BIOs
+        if _release_tls_buffers:
+            SSL_free_buffers(s)     # set up by the handshake's last read, which found none
         self.ssl = s
         self.tls = tls              # the SSLObject owns the SSL (and now the window BIO)
         return unread
@@ -434,6 +452,11 @@ cdef class Leg(Endpoint):
             self.shut()         # the peer's close_notify: like a plain leg's EOF
         elif err != SSL_ERROR_WANT_READ:
             self.drop()         # a bad record or alert: connection_lost follows
+        elif _release_tls_buffers:
+            # The read that found no record set up OpenSSL's read buffer, which
+            # SSL_MODE_RELEASE_BUFFERS frees only after a whole record: an idle leg would
+            # keep it. A record's first part keeps it (the call then does nothing).
+            SSL_free_buffers(self.ssl)
         return 0
 
     cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1:

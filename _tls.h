@@ -30,6 +30,7 @@ static inline int SSL_read_ex(SSL *s, void *b, size_t n, size_t *r) { return 0; 
 static inline int SSL_write_ex(SSL *s, const void *b, size_t n, size_t *w) { return 0; }
 static inline int SSL_get_error(const SSL *s, int ret) { return 1; }
 static inline int SSL_shutdown(SSL *s) { return -1; }
+static inline int SSL_free_buffers(SSL *s) { return 0; }
 static inline BIO *SSL_get_rbio(const SSL *s) { return NULL; }
 static inline void SSL_set_bio(SSL *s, BIO *r, BIO *w) {}
 #define SSL_ERROR_WANT_WRITE 3

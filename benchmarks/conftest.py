@@ -22,7 +22,7 @@ import pytest
 import uvloop
 import websockets
 
-from conduit_sidecar.testing import Certs, throwaway_certs
+from conduit_sidecar.testing import Certs
 
 from . import harness
 from .harness import Unavailable
@@ -74,8 +74,9 @@ SECTIONS = {
     "listener": ("Client leg over TLS: the sidecar's wss listener vs its ws listener (upstream ws)",
                  ["sidecar", "sidecar-wss-uvloop", "sidecar-wss"],
                  [("sidecar-wss", "sidecar"), ("sidecar-wss-uvloop", "sidecar")]),
+    # sidecar-tls: the provider leg over wss, as in production.
     "memory": ("Memory of a fresh sidecar seen from outside (RSS; benchmarks/memory.py)",
-               ["sidecar"], []),
+               ["sidecar", "sidecar-tls"], [("sidecar-tls", "sidecar")]),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "
                  "it limited the run)"),
                 ["direct", "naive", "nginx", "sidecar", "sidecar-redis", "sidecar-uvloop",
@@ -115,7 +116,7 @@ class Columns:
 
     def certs(self) -> Certs:
         return self._once(
-            "certs", lambda: throwaway_certs(self.workdir, ("localhost", "127.0.0.1"), "conduit bench CA"))
+            "certs", lambda: harness.bench_certs(self.workdir))
 
     def upstream(self, tls: bool) -> int:
         certs = self.certs() if tls else None

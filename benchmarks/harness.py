@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from conduit_sidecar.testing import Certs, Process, admin_ready, free_port, port_open
+from conduit_sidecar.testing import Certs, Process, admin_ready, free_port, port_open, throwaway_certs
 
 from . import nginx as nginx_conf
 from .loadgen import Target
@@ -154,14 +154,21 @@ def sidecar_target(name: str, s: Sidecar, tls: ssl.SSLContext | None = None) -> 
                   headers={"Authorization": f"Bearer {s.key}"}, ssl=tls, process=s.process)
 
 
+def bench_certs(workdir: str) -> Certs:
+    """A throwaway CA (written into `workdir`) and its leaf for the upstream's wss."""
+    return throwaway_certs(workdir, ("localhost", "127.0.0.1"), "conduit bench CA")
+
+
 @contextmanager
-def fresh_sidecar(prefix: str, under: tuple[str, ...] = ()) -> Iterator[Target]:
-    """A fresh benchmark upstream and plain sidecar in a temp dir (`under`: as for
-    `sidecar`), stopped on exit; yields the sidecar's target."""
+def fresh_sidecar(prefix: str, under: tuple[str, ...] = (), tls: bool = False) -> Iterator[Target]:
+    """A fresh benchmark upstream and sidecar in a temp dir (`under`: as for
+    `sidecar`; `tls`: the provider leg is wss, verified against a throwaway CA),
+    stopped on exit; yields the sidecar's target."""
     with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
-        up, up_port = upstream(workdir, None)
+        certs = bench_certs(workdir) if tls else None
+        up, up_port = upstream(workdir, certs)
         try:
-            s = sidecar(workdir, up_port, None, under=under)
+            s = sidecar(workdir, up_port, certs, under=under)
             try:
                 yield sidecar_target("sidecar", s)
             finally:

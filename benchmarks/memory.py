@@ -4,6 +4,7 @@ this process (raw sockets, `loadgen.connect`) against the benchmark upstream.
 
     python -m benchmarks.memory                 # 2,000 warm-up, 1k/2k idle, 4k burst
     python -m benchmarks.memory --idle 500 --warm 500 --burst 1000   # smaller
+    python -m benchmarks.memory --tls           # the provider leg over wss
 
 Method (docs/benchmarks.md, "Memory"):
 - at rest: after the warm-up, `warm` sessions opened and closed 50 at a time (every
@@ -84,10 +85,10 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
     }
 
 
-def run(warm: int, idle: int, burst: int, wait: float = 6) -> dict:
+def run(warm: int, idle: int, burst: int, wait: float = 6, tls: bool = False) -> dict:
     """A fresh upstream and sidecar in a temp dir, measured, then stopped. `wait`:
-    seconds from the sessions' end to the RSS reading."""
-    with harness.fresh_sidecar("conduit-mem-") as target:
+    seconds from the sessions' end to the RSS reading; `tls`: a wss provider leg."""
+    with harness.fresh_sidecar("conduit-mem-", tls=tls) as target:
         return uvloop.run(measure(target, warm, idle, burst, wait))
 
 
@@ -96,8 +97,9 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=2000)
     p.add_argument("--idle", type=int, default=1000)
     p.add_argument("--burst", type=int, default=4000)
+    p.add_argument("--tls", action="store_true", help="the provider leg over wss, as in production")
     args = p.parse_args()
-    figures = run(args.warm, args.idle, args.burst)
+    figures = run(args.warm, args.idle, args.burst, tls=args.tls)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                       for k, v in figures.items()}, indent=2))
 

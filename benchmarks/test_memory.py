@@ -9,14 +9,15 @@ import pytest
 from . import harness, memory
 
 
-def test_memory(sizes, report_row):
+@pytest.mark.parametrize("column", ["sidecar", "sidecar-tls"])
+def test_memory(sizes, report_row, column):
     try:
         harness.sidecar_command()
     except harness.Unavailable as exc:
         pytest.skip(str(exc))
     warm, idle, burst = sizes.memory
     # Quick mode's sessions are too few to be trimmed: no need to wait for the poller.
-    figures = memory.run(warm, idle, burst, wait=1 if sizes.quick else 6)
+    figures = memory.run(warm, idle, burst, wait=1 if sizes.quick else 6, tls=column == "sidecar-tls")
     assert figures["sessions"] == 2 * idle + burst
     n = f"{idle:,}"
     rows = {"at rest (after the warm-up): MiB": "rest_mib",
@@ -27,4 +28,4 @@ def test_memory(sizes, report_row):
             "after the burst closed: MiB": "after_burst_mib",
             "after the burst / at rest": "after_burst_vs_rest"}
     for row, key in rows.items():
-        report_row("memory", row, "sidecar", figures[key])
+        report_row("memory", row, column, figures[key])

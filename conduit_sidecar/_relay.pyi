@@ -11,6 +11,7 @@ HISTOGRAM_BOUNDS: tuple[float, ...]
 SNIFF_BYTES: int
 SNIFF_BYTES_MAX: int
 NATIVE_TLS: bool  # TLS legs encrypted by OpenSSL from the relay (else uvloop's SSL transport)
+TLS_BUFFERS_RELEASED: bool  # an idle TLS leg gives OpenSSL's record buffers back
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
@@ -45,6 +46,7 @@ class LegState(enum.IntEnum):
 _Counters = tuple[tuple[int, ...], tuple[int, ...], int]
 
 def close_frame(code: int, reason: str, masked: bool) -> bytes: ...
+def tls_buffers_releasable(version: int) -> bool: ...
 def totals() -> tuple[
     tuple[tuple[int, ...], tuple[int, ...]],
     tuple[tuple[int, ...], tuple[int, ...]],

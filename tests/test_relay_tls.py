@@ -110,6 +110,51 @@ def test_byte_exact_both_ways_through_two_tls_legs(pki):
     assert run(body()) == (1000, "")
 
 
+async def _trickle(port: int, piece: int = 5):
+    """A TCP proxy to 127.0.0.1:port that forwards what it reads `piece` bytes per
+    write, one write per loop turn: the relay's leg reads each TLS record in parts
+    (its header alone, then pieces of its body)."""
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                for i in range(0, len(data), piece):
+                    writer.write(data[i:i + piece])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+        finally:
+            writer.close()
+
+    async def proxy(reader, writer):
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(proxy, "127.0.0.1", 0)
+
+
+def test_records_read_in_parts_on_both_legs(pki):
+    """Between reads the relay hands an idle leg's record buffers back to OpenSSL
+    (`TLS_BUFFERS_RELEASED`); a record whose first part was read must keep its buffer.
+    Every record on both legs arrives in 5-byte parts: each message comes back whole."""
+    async def body():
+        async with _tls_upstream(_echo, pki) as up:
+            provider = await _trickle(up.sockets[0].getsockname()[1])
+            port, _ = await _front(pki, provider.sockets[0].getsockname()[1])
+            client = await _trickle(port)
+            async with _client(client.sockets[0].getsockname()[1], pki) as ws:
+                for size in (1, 300, 16385):
+                    payload = os.urandom(size)
+                    await ws.send(payload)
+                    assert await ws.recv() == payload
+            return ws.close_code
+    assert run(body()) == 1000
+
+
+def test_buffers_are_handed_back_only_where_openssl_fixed_cve_2024_4741():
+    fixed = {0x300000e0, 0x30100060, 0x30200020, 0x30300010, 0x30400000, 0x30500010}
+    unsafe = {0x1010117f, 0x30000000, 0x300000d0, 0x30100050, 0x30200010, 0x30300000}
+    assert {v for v in fixed | unsafe if _relay.tls_buffers_releasable(v)} == fixed
+
+
 def test_slow_reader_gets_every_byte(pki):
     """64 MiB from the provider to a client that reads slowly: the relay's writes
     meet a full socket (backpressure on a TLS leg) and lose or corrupt nothing."""
