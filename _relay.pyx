@@ -586,6 +586,10 @@ cdef class Leg(Endpoint):
         cdef Relay relay = self.relay
         self.set_state(LOST)
         relay.on_lost(self)
+        # Nothing uses a lost leg's transport. uvloop's SSL transport keeps its protocol
+        # (this leg) after the end: leg -> transport -> SSLProtocol -> leg would be a
+        # cycle, and each session's TLS buffers would wait for the cyclic GC.
+        self.transport = None
 
 
 cdef class Recorder(Endpoint):

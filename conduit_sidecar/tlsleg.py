@@ -67,6 +67,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             self.waiter.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
         if self.server_side or self.handshaken:
             self.app.connection_lost(exc)
+        # The app (a handshake protocol) refers to this stream: part them, so that a
+        # connection that ended before the handover is freed by reference counting.
+        self.app = _DETACHED
 
     def pause_writing(self):
         self.app.pause_writing()
