@@ -13,17 +13,15 @@ import asyncio
 import base64
 import gc
 import os
-import ssl
-import tempfile
 import types
 
 from conftest import HttpHead, run, switching_protocols
 from test_relay_notice import _session
+from test_relay_tls import _echo, pki  # noqa: F401  (pki: a fixture, a CA's server context and a client trusting it)
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 from conduit_sidecar import _relay, tlsleg
-from conduit_sidecar.testing import CA
 
 
 def _heads() -> int:
@@ -51,11 +49,6 @@ def test_handshake_protocols_die_and_no_leg_method_is_bound():
     assert bound == []
 
 
-async def _echo(ws):
-    async for message in ws:
-        await ws.send(message)
-
-
 def _left_to_the_gc(run_it, kinds) -> list[str]:
     """The names of `kinds` among what the cyclic GC would free after `run_it()`,
     which runs with the GC off (it would otherwise free them along the way)."""
@@ -72,7 +65,7 @@ def _left_to_the_gc(run_it, kinds) -> list[str]:
         gc.enable()
 
 
-def test_a_tls_connection_that_ends_before_the_handover_is_freed_without_the_cyclic_gc():
+def test_a_tls_connection_that_ends_before_the_handover_is_freed_without_the_cyclic_gc(pki):
     """A wss listener's connection refused before any session (a bad request, a
     timeout) never reaches the relay: its TLSStream and handshake protocol refer to
     each other. They must part when the connection ends, or every such connection's
@@ -97,16 +90,11 @@ def test_a_tls_connection_that_ends_before_the_handover_is_freed_without_the_cyc
         await asyncio.wait_for(lost, 5)
         server.close()
 
-    with tempfile.TemporaryDirectory() as d:
-        ca = CA()
-        client_ctx = ssl.create_default_context(cafile=ca.write(os.path.join(d, "ca.pem")))
-        server_ctx = ca.server_context(d)
-        left = _left_to_the_gc(lambda: run(body(server_ctx, client_ctx)),
-                               lambda o: isinstance(o, (tlsleg.TLSStream, HttpHead)))
+    left = _left_to_the_gc(lambda: run(body(*pki)), lambda o: isinstance(o, (tlsleg.TLSStream, HttpHead)))
     assert left == []
 
 
-def test_a_session_on_uvloops_tls_transport_is_freed_without_the_cyclic_gc():
+def test_a_session_on_uvloops_tls_transport_is_freed_without_the_cyclic_gc(pki):
     """The fallback TLS path (a build without OpenSSL's headers): the provider leg is
     uvloop's SSL transport, which keeps its protocol, the leg, after the end. Once the
     session is over, nothing of it may be left to the cyclic GC, which runs rarely in
@@ -148,11 +136,7 @@ def test_a_session_on_uvloops_tls_transport_is_freed_without_the_cyclic_gc():
             await asyncio.sleep(0.2)        # the provider leg's close_notify and TCP close
             server.close()
 
-    with tempfile.TemporaryDirectory() as d:
-        ca = CA()
-        client_ctx = ssl.create_default_context(cafile=ca.write(os.path.join(d, "ca.pem")))
-        server_ctx = ca.server_context(d)
-        left = _left_to_the_gc(lambda: run(body(server_ctx, client_ctx)),
-                               lambda o: type(o).__module__ == "_relay"
-                               or type(o).__qualname__ in ("SSLProtocol", "_SSLProtocolTransport"))
+    left = _left_to_the_gc(lambda: run(body(*pki)),
+                           lambda o: type(o).__module__ == "_relay"
+                           or type(o).__qualname__ in ("SSLProtocol", "_SSLProtocolTransport"))
     assert left == []
