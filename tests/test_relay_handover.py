@@ -17,7 +17,7 @@ import types
 
 from conftest import HttpHead, run, switching_protocols
 from test_relay_notice import _session
-from test_relay_tls import _echo, pki  # noqa: F401  (pki: a fixture, a CA's server context and a client trusting it)
+from test_relay_tls import _echo, pki  # noqa: F401  (pki: a fixture)
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
