@@ -4,6 +4,7 @@ drop) against the benchmark upstream. Instruction counts do not swing with the
 machine's load as times do: this is the handshake figure to compare two builds by.
 
     python -m benchmarks.instructions              # 100 warm-up, 300 counted, 4 at a time
+    python -m benchmarks.instructions --tls        # the provider leg over wss
 
 Counting starts after the warm-up (`callgrind_control -z`) and ends with a dump
 (`-d`) once the counted sessions have closed, so each session's close path is in.
@@ -45,13 +46,13 @@ async def count(target: Target, out: str, warm: int, sessions: int, parallel: in
     return _total(dumps[-1]) / sessions
 
 
-def run(warm: int, sessions: int, parallel: int) -> float:
+def run(warm: int, sessions: int, parallel: int, tls: bool = False) -> float:
     if shutil.which("valgrind") is None:
         raise harness.Unavailable("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as outdir:
         out = os.path.join(outdir, "callgrind.%p")
         under = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
-        with harness.fresh_sidecar("conduit-instr-", under) as target:
+        with harness.fresh_sidecar("conduit-instr-", under, tls) as target:
             return uvloop.run(count(target, out, warm, sessions, parallel))
 
 
@@ -60,10 +61,11 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=100)
     p.add_argument("--sessions", type=int, default=300)
     p.add_argument("--parallel", type=int, default=4)
+    p.add_argument("--tls", action="store_true", help="the provider leg over wss (a throwaway CA)")
     args = p.parse_args()
-    per = run(args.warm, args.sessions, args.parallel)
+    per = run(args.warm, args.sessions, args.parallel, args.tls)
     print(f"{per / 1e6:.3f} M user-space instructions per new session "
-          f"({args.sessions} sessions, {args.parallel} at a time)")
+          f"({args.sessions} sessions, {args.parallel} at a time{', wss provider leg' if args.tls else ''})")
 
 
 if __name__ == "__main__":

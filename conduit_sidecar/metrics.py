@@ -81,6 +81,12 @@ class Metrics:
             ["provider", "deployment", "outcome"],
             registry=r,
         )
+        self.upstream_tls_resumed = Counter(
+            "conduit_upstream_tls_resumed",
+            "Upstream connects whose TLS handshake resumed the deployment's previous session.",
+            ["provider", "deployment"],
+            registry=r,
+        )
         self.deployment_healthy = Gauge(
             "conduit_deployment_healthy",
             "1 while a deployment's circuit is closed, 0 while it rests after failures.",

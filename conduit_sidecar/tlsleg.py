@@ -8,6 +8,8 @@ Verification, SNI, the hostname check, the minimum version and every handshake
 exception are the SSLContext's and the SSLObject's, as with uvloop's SSL transport
 (which wraps the same object). Without NATIVE_TLS the callers keep uvloop's
 transport (`loop.start_tls`, `create_server(ssl=...)`).
+
+`SessionCache` keeps the provider legs' TLS sessions for resumption.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-__all__ = ["TLSStream", "handover", "start_tls"]
+__all__ = ["SessionCache", "TLSStream", "handover", "start_tls"]
 
 _READ = 65536
 _DETACHED = asyncio.Protocol()  # the app of a stream the relay took (shared, does nothing)
@@ -35,9 +37,10 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         *,
         server_side: bool = False,
         server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname, session)
         self.app = app
         self.server_side = server_side
         self.handshaken = False
@@ -184,11 +187,16 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
 
 
 async def start_tls(
-    raw: asyncio.Transport, app: asyncio.Protocol, context: ssl.SSLContext, server_hostname: str
+    raw: asyncio.Transport,
+    app: asyncio.Protocol,
+    context: ssl.SSLContext,
+    server_hostname: str,
+    session: ssl.SSLSession | None = None,
 ) -> TLSStream:
-    """The client's TLS handshake on `raw` (whose protocol `app` already is); raises
-    what the SSLObject raises (ssl.SSLCertVerificationError, ...)."""
-    stream = TLSStream(context, app, server_hostname=server_hostname)
+    """The client's TLS handshake on `raw` (whose protocol `app` already is), offering
+    `session` for resumption; raises what the SSLObject raises
+    (ssl.SSLCertVerificationError, ...)."""
+    stream = TLSStream(context, app, server_hostname=server_hostname, session=session)
     stream.waiter = asyncio.get_running_loop().create_future()
     raw.set_protocol(stream)
     stream.connection_made(raw)
@@ -205,3 +213,45 @@ def handover(transport: asyncio.Transport) -> tuple[asyncio.Transport, ssl.SSLOb
         transport.app = _DETACHED
         return transport.raw, transport.sslobj
     return transport, None
+
+
+class SessionCache:
+    """The newest TLS session of each provider endpoint, offered when the next leg to
+    it starts. A resumed handshake (TLS 1.3 or 1.2 session tickets) skips the
+    certificate chain: its parsing and verification were most of a full handshake's
+    CPU in the sidecar. Only a session from a handshake that was verified with the
+    same context (trust store and `ca_file`), for the same name (SNI and the hostname
+    check) and port is ever offered: the key is all three. The server decides whether
+    a ticket is still good (its lifetime, its keys); a refused one costs a full,
+    verified handshake. At most `size` endpoints, the one used longest ago dropped."""
+
+    __slots__ = ("size", "sessions")
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.sessions: dict[tuple[ssl.SSLContext, str, int], ssl.SSLSession] = {}
+
+    def get(self, context: ssl.SSLContext, host: str, port: int) -> ssl.SSLSession | None:
+        return self.sessions.get((context, host, port))
+
+    def keep(self, host: str, port: int, sslobj: ssl.SSLObject) -> None:
+        """After a leg's upgrade (its tickets read by then): a full handshake's session
+        replaces the endpoint's, a resumed one leaves it. Getting a session out of
+        an SSLObject copies it through its DER form, which parses the certificate
+        chain again (a third of a millisecond with OpenSSL 3.0): done only when the
+        server did not take the session offered. One without a ticket cannot be
+        resumed and is not kept."""
+        key = (sslobj.context, host, port)
+        if sslobj.session_reused and key in self.sessions:
+            return
+        session = sslobj.session
+        self.sessions.pop(key, None)  # entered again below, as the newest
+        if session is None or not session.has_ticket:
+            return
+        if len(self.sessions) >= self.size:
+            del self.sessions[next(iter(self.sessions))]
+        self.sessions[key] = session
+
+    def forget(self, context: ssl.SSLContext, host: str, port: int) -> None:
+        """A handshake to the endpoint failed: the next one starts afresh."""
+        self.sessions.pop((context, host, port), None)

@@ -153,9 +153,12 @@ class _Request:
         return ws.subprotocol
 
 
-async def _attempt(prepared: _Request, upstream: Upstream, timeout: float, max_rest: float):
-    """TCP, then TLS, then the WebSocket handshake, each named in the error on failure.
-    Returns (transport, subprotocol, bytes already read past the 101)."""
+async def _attempt(
+    prepared: _Request, upstream: Upstream, timeout: float, max_rest: float, sessions: tlsleg.SessionCache
+):
+    """TCP, then TLS (resuming the endpoint's session in `sessions`, where the relay
+    encrypts the leg), then the WebSocket handshake, each named in the error on
+    failure. Returns (transport, subprotocol, bytes already read past the 101)."""
     loop = asyncio.get_running_loop()
     uri = upstream.uri
     key, request = prepared.new()
@@ -168,7 +171,14 @@ async def _attempt(prepared: _Request, upstream: Upstream, timeout: float, max_r
             if upstream.ssl is not None:
                 stage = "TLS handshake"
                 if _relay.NATIVE_TLS:  # the relay will encrypt this leg itself
-                    transport = await tlsleg.start_tls(transport, proto, upstream.ssl, uri.host)
+                    endpoint = (upstream.ssl, uri.host, uri.port)
+                    try:
+                        transport = await tlsleg.start_tls(
+                            transport, proto, upstream.ssl, uri.host, sessions.get(*endpoint)
+                        )
+                    except OSError:  # ssl.SSLError included
+                        sessions.forget(*endpoint)  # the next handshake starts afresh
+                        raise
                 else:
                     transport = await loop.start_tls(transport, proto, upstream.ssl, server_hostname=uri.host)
                 proto.transport = transport
@@ -205,6 +215,8 @@ async def _attempt(prepared: _Request, upstream: Upstream, timeout: float, max_r
     except _Failed:
         _drop(transport)
         raise
+    if isinstance(transport, tlsleg.TLSStream):
+        sessions.keep(uri.host, uri.port, transport.sslobj)
     return transport, subprotocol, early
 
 
@@ -317,6 +329,7 @@ class Balancer:
         self.rng = rng or random.Random()
         self.health: dict[str, list[Health]] = {}
         self.requests: dict[tuple, _Request] = {}
+        self.tls_sessions = tlsleg.SessionCache()
         for name in router.configured:
             self.health[name] = [Health(t, config.circuit) for t in router.routes[name].targets]
             for h in self.health[name]:
@@ -372,6 +385,7 @@ class Balancer:
                     upstream,
                     left / (len(candidates) - i),
                     self.max_rest,
+                    self.tls_sessions,
                 )
             except RouteError as exc:
                 h.abandoned()
@@ -427,6 +441,8 @@ class Balancer:
                 raise
             h.succeeded()
             self._count(h, "ok")
+            if isinstance(result[0], tlsleg.TLSStream) and result[0].sslobj.session_reused:
+                self.metrics.child(self.metrics.upstream_tls_resumed, h.target.provider, h.target.label).inc()
             return (*result, h)
         notes += [f"{h.name} resting" for h in resting]
         if len(errors) == 1 and not resting and len(notes) == 1:

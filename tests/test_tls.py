@@ -13,8 +13,10 @@ import time
 
 import pytest
 from conftest import Keys, SidecarProcess, free_port, run, standard_keys
+from test_deployments import metric
 from test_key_reload import SecretVolume
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from conduit_sidecar.mock import MockProvider
@@ -38,6 +40,10 @@ def tls_env(tmp_path_factory, mock_provider):
 
         [providers.tlsnoca]
         url = "wss://127.0.0.1:{ports['good']}/v1/realtime?model={{model}}"
+
+        [providers.tlsbyname]
+        url = "wss://localhost:{ports['good']}/v1/realtime?model={{model}}"
+        ca_file = "{root / 'provider-ca.pem'}"
 
         [providers.tlswrongname]
         url = "wss://localhost:{ports['wrongname']}/"
@@ -165,6 +171,39 @@ def test_tls_provider_with_a_certificate_for_another_name(tls_env):
             return await close_reason(sidecar, "tlswrongname")
     code, reason = run(body())
     assert code == 1014 and "Hostname mismatch" in reason and "localhost" in reason
+
+
+def test_provider_sessions_resume_only_for_the_same_trust_and_name(tls_env):
+    """The second leg to a provider resumes the first's TLS session (no certificate
+    chain to verify again), where the relay encrypts the legs; a provider at the same
+    address with another trust store, or under another name, never gets that session
+    and is verified in full."""
+    sidecar, ca, ports, root = tls_env
+    from conduit_sidecar import _relay
+    resumed = []
+
+    async def echo(ws):
+        resumed.append(ws.transport.get_extra_info("ssl_object").session_reused)
+        async for message in ws:
+            await ws.send(message)
+
+    async def body():
+        count = lambda: metric(sidecar, "conduit_upstream_tls_resumed_total", deployment="0",  # noqa: E731
+                               provider="tlsmock") or 0.0
+        before = count()
+        async with serve(echo, "127.0.0.1", ports["good"], ssl=ca.server_context(root, names=("127.0.0.1",))):
+            for _ in range(3):
+                async with connect(sidecar.url(provider="tlsmock"), additional_headers=sidecar.auth()) as ws:
+                    await ws.send("ping")
+                    assert await ws.recv() == "ping"
+            other_trust = await close_reason(sidecar, "tlsnoca")
+            other_name = await close_reason(sidecar, "tlsbyname")
+        return count() - before, other_trust, other_name
+    counted, other_trust, other_name = run(body())
+    assert resumed == ([False, True, True] if _relay.NATIVE_TLS else [False] * 3)
+    assert counted == (2 if _relay.NATIVE_TLS else 0)
+    assert other_trust == (1014, "upstream TLS failure: unable to get local issuer certificate")
+    assert other_name[0] == 1014 and "Hostname mismatch" in other_name[1] and "localhost" in other_name[1]
 
 
 def test_tls_provider_that_never_finishes_the_handshake(tls_env):
