@@ -23,6 +23,7 @@
 #else
 #define CONDUIT_HAVE_OPENSSL 0
 typedef struct ssl_st SSL;
+typedef struct ssl_session_st SSL_SESSION;
 typedef struct bio_st BIO;
 #define SSL_ERROR_WANT_READ 2
 #define SSL_ERROR_ZERO_RETURN 6
@@ -31,6 +32,10 @@ static inline int SSL_write_ex(SSL *s, const void *b, size_t n, size_t *w) { ret
 static inline int SSL_get_error(const SSL *s, int ret) { return 1; }
 static inline int SSL_shutdown(SSL *s) { return -1; }
 static inline int SSL_free_buffers(SSL *s) { return 0; }
+static inline SSL_SESSION *SSL_get1_session(SSL *s) { return NULL; }
+static inline int SSL_set_session(SSL *s, SSL_SESSION *session) { return 0; }
+static inline int SSL_SESSION_is_resumable(const SSL_SESSION *session) { return 0; }
+static inline void SSL_SESSION_free(SSL_SESSION *session) {}
 static inline BIO *SSL_get_rbio(const SSL *s) { return NULL; }
 static inline void SSL_set_bio(SSL *s, BIO *r, BIO *w) {}
 #define SSL_ERROR_WANT_WRITE 3

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from . import _relay
+
 __all__ = ["SessionCache", "TLSStream", "handover", "start_tls"]
 
 _READ = 65536
@@ -37,10 +39,12 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         *,
         server_side: bool = False,
         server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
+        session: _relay.TLSSession | None = None,
     ):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname, session)
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        if session is not None:
+            _relay.tls_resume(self.sslobj, session)
         self.app = app
         self.server_side = server_side
         self.handshaken = False
@@ -191,7 +195,7 @@ async def start_tls(
     app: asyncio.Protocol,
     context: ssl.SSLContext,
     server_hostname: str,
-    session: ssl.SSLSession | None = None,
+    session: _relay.TLSSession | None = None,
 ) -> TLSStream:
     """The client's TLS handshake on `raw` (whose protocol `app` already is), offering
     `session` for resumption; raises what the SSLObject raises
@@ -218,35 +222,31 @@ def handover(transport: asyncio.Transport) -> tuple[asyncio.Transport, ssl.SSLOb
 class SessionCache:
     """The newest TLS session of each provider endpoint, offered when the next leg to
     it starts. A resumed handshake (TLS 1.3 or 1.2 session tickets) skips the
-    certificate chain: its parsing and verification were most of a full handshake's
-    CPU in the sidecar. Only a session from a handshake that was verified with the
-    same context (trust store and `ca_file`), for the same name (SNI and the hostname
-    check) and port is ever offered: the key is all three. The server decides whether
-    a ticket is still good (its lifetime, its keys); a refused one costs a full,
-    verified handshake. At most `size` endpoints, the one used longest ago dropped."""
+    certificate chain, whose parsing and verification were the larger part of a
+    full handshake's CPU in the sidecar. Only a session from a handshake that was
+    verified with the same context (trust store and `ca_file`), for the same name
+    (SNI and the hostname check) and port is ever offered: the key is all three. The
+    server decides whether a ticket is still good (its lifetime, its keys); a
+    refused one costs a full, verified handshake. At most `size` endpoints, the one
+    used longest ago dropped. Sessions are OpenSSL's, held by reference
+    (`_relay.TLSSession`), never copied."""
 
     __slots__ = ("size", "sessions")
 
     def __init__(self, size: int = 64):
         self.size = size
-        self.sessions: dict[tuple[ssl.SSLContext, str, int], ssl.SSLSession] = {}
+        self.sessions: dict[tuple[ssl.SSLContext, str, int], _relay.TLSSession] = {}
 
-    def get(self, context: ssl.SSLContext, host: str, port: int) -> ssl.SSLSession | None:
+    def get(self, context: ssl.SSLContext, host: str, port: int) -> _relay.TLSSession | None:
         return self.sessions.get((context, host, port))
 
     def keep(self, host: str, port: int, sslobj: ssl.SSLObject) -> None:
-        """After a leg's upgrade (its tickets read by then): a full handshake's session
-        replaces the endpoint's, a resumed one leaves it. Getting a session out of
-        an SSLObject copies it through its DER form, which parses the certificate
-        chain again (a third of a millisecond with OpenSSL 3.0): done only when the
-        server did not take the session offered. One without a ticket cannot be
-        resumed and is not kept."""
+        """After a leg's upgrade: its session, with the tickets read by then (a
+        server may take each only once), replaces the endpoint's."""
         key = (sslobj.context, host, port)
-        if sslobj.session_reused and key in self.sessions:
-            return
-        session = sslobj.session
+        session = _relay.tls_session(sslobj)
         self.sessions.pop(key, None)  # entered again below, as the newest
-        if session is None or not session.has_ticket:
+        if session is None:
             return
         if len(self.sessions) >= self.size:
             del self.sessions[next(iter(self.sessions))]
