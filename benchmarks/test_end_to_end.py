@@ -54,7 +54,7 @@ def test_sessions(measure, target, section, sizes):
     assert all(r["received"] == r["sent"] > 0 for r in results)
 
 
-@pytest.mark.sections("plain", "listener")
+@pytest.mark.sections("plain", "tls", "listener")
 @pytest.mark.parametrize("parallel", [4, 50])
 def test_handshakes(measure, target, section, sizes, parallel):
     rows = {f"new sessions per second ({parallel} at a time)": "sessions_per_s"}

@@ -174,10 +174,11 @@ def test_tls_provider_with_a_certificate_for_another_name(tls_env):
 
 
 def test_provider_sessions_resume_only_for_the_same_trust_and_name(tls_env):
-    """The second leg to a provider resumes the first's TLS session (no certificate
-    chain to verify again), where the relay encrypts the legs; a provider at the same
-    address with another trust store, or under another name, never gets that session
-    and is verified in full."""
+    """Each leg to a provider offers the session of the one before (no certificate
+    chain to verify again), where the relay encrypts the legs. A server that no
+    longer takes it (a restart: new ticket keys) gets a full handshake; a provider
+    at the same address with another trust store, or under another name, never gets
+    the session and is verified in full."""
     sidecar, ca, ports, root = tls_env
     from conduit_sidecar import _relay
     resumed = []
@@ -187,21 +188,26 @@ def test_provider_sessions_resume_only_for_the_same_trust_and_name(tls_env):
         async for message in ws:
             await ws.send(message)
 
+    async def legs(n):
+        server = ca.server_context(root, names=("127.0.0.1",))
+        async with serve(echo, "127.0.0.1", ports["good"], ssl=server):
+            for _ in range(n):
+                async with connect(sidecar.url(provider="tlsmock"), additional_headers=sidecar.auth()) as ws:
+                    await ws.send("ping")
+                    assert await ws.recv() == "ping"
+            return await close_reason(sidecar, "tlsnoca"), await close_reason(sidecar, "tlsbyname")
+
     async def body():
         count = lambda: metric(sidecar, "conduit_upstream_tls_resumed_total", deployment="0",  # noqa: E731
                                provider="tlsmock") or 0.0
         before = count()
-        async with serve(echo, "127.0.0.1", ports["good"], ssl=ca.server_context(root, names=("127.0.0.1",))):
-            for _ in range(3):
-                async with connect(sidecar.url(provider="tlsmock"), additional_headers=sidecar.auth()) as ws:
-                    await ws.send("ping")
-                    assert await ws.recv() == "ping"
-            other_trust = await close_reason(sidecar, "tlsnoca")
-            other_name = await close_reason(sidecar, "tlsbyname")
-        return count() - before, other_trust, other_name
-    counted, other_trust, other_name = run(body())
-    assert resumed == ([False, True, True] if _relay.NATIVE_TLS else [False] * 3)
-    assert counted == (2 if _relay.NATIVE_TLS else 0)
+        await legs(3)
+        refused = await legs(2)
+        return count() - before, refused
+    counted, (other_trust, other_name) = run(body())
+    native = _relay.NATIVE_TLS
+    assert resumed == ([False, True, True, False, True] if native else [False] * 5)
+    assert counted == (3 if native else 0)
     assert other_trust == (1014, "upstream TLS failure: unable to get local issuer certificate")
     assert other_name[0] == 1014 and "Hostname mismatch" in other_name[1] and "localhost" in other_name[1]
 
