@@ -91,7 +91,8 @@ cdef extern from "_tls.h":
     int SSL_get_error(const SSL* s, int ret)
     int SSL_shutdown(SSL* s)
     int SSL_free_buffers(SSL* s)
-    SSL_SESSION* SSL_get1_session(SSL* s)
+    SSL_SESSION* SSL_get0_session(const SSL* s)
+    SSL_SESSION* SSL_SESSION_dup(const SSL_SESSION* session)
     int SSL_set_session(SSL* s, SSL_SESSION* session)
     int SSL_SESSION_is_resumable(const SSL_SESSION* session)
     void SSL_SESSION_free(SSL_SESSION* session)
@@ -214,10 +215,12 @@ TLS_BUFFERS_RELEASED = NATIVE_TLS and tls_buffers_releasable(OpenSSL_version_num
 cdef bint _release_tls_buffers = TLS_BUFFERS_RELEASED
 
 cdef class TLSSession:
-    """A provider leg's resumable TLS session, held by reference. Python's
-    `SSLObject.session` and its setter each copy a session through its DER form,
-    which parses the certificate chain again: 1.6 M instructions per new session
-    with OpenSSL 3.0, more than the resumption saves."""
+    """A provider leg's resumable TLS session, the relay's own copy. Python's
+    `SSLObject.session` getter and its setter copy a session through its DER form,
+    which parses the certificate chain again (1.6 M instructions per new session
+    with OpenSSL 3.0, more than resumption saves); `SSL_SESSION_dup` copies fields
+    and takes references. A copy, not the SSL's own session: OpenSSL marks the
+    session of an SSL freed without close_notify not resumable, for every holder."""
 
     cdef SSL_SESSION* session
 
@@ -227,23 +230,31 @@ cdef class TLSSession:
 
 
 def tls_session(object sslobj):
-    """The session of `sslobj` (an ssl.SSLObject, NATIVE_TLS) with the tickets it
-    has read so far, or None when it cannot be resumed."""
-    cdef SSL_SESSION* session = SSL_get1_session(ssl_of(sslobj))
-    if session == NULL:
+    """A copy of the session of `sslobj` (an ssl.SSLObject, NATIVE_TLS) with the
+    tickets it has read so far, or None when it cannot be resumed."""
+    cdef SSL_SESSION* current = SSL_get0_session(ssl_of(sslobj))
+    if current == NULL or not SSL_SESSION_is_resumable(current):
         return None
-    if not SSL_SESSION_is_resumable(session):
-        SSL_SESSION_free(session)
+    cdef SSL_SESSION* copy = SSL_SESSION_dup(current)
+    if copy == NULL:
+        ERR_clear_error()
         return None
     cdef TLSSession held = TLSSession.__new__(TLSSession)
-    held.session = session
+    held.session = copy
     return held
 
 
 def tls_resume(object sslobj, TLSSession session not None):
-    """Offer `session` in the handshake `sslobj` has not started yet; False when
-    OpenSSL refuses it (the handshake is then a full one)."""
-    if SSL_set_session(ssl_of(sslobj), session.session) != 1:
+    """Offer a copy of `session` in the handshake `sslobj` has not started yet; False
+    when OpenSSL refuses it (the handshake is then a full one)."""
+    cdef SSL* s = ssl_of(sslobj)
+    cdef SSL_SESSION* copy = SSL_SESSION_dup(session.session)
+    if copy == NULL:
+        ERR_clear_error()
+        return False
+    cdef int ok = SSL_set_session(s, copy)  # takes its own reference
+    SSL_SESSION_free(copy)
+    if ok != 1:
         ERR_clear_error()
         return False
     return True

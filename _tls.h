@@ -32,7 +32,8 @@ static inline int SSL_write_ex(SSL *s, const void *b, size_t n, size_t *w) { ret
 static inline int SSL_get_error(const SSL *s, int ret) { return 1; }
 static inline int SSL_shutdown(SSL *s) { return -1; }
 static inline int SSL_free_buffers(SSL *s) { return 0; }
-static inline SSL_SESSION *SSL_get1_session(SSL *s) { return NULL; }
+static inline SSL_SESSION *SSL_get0_session(const SSL *s) { return NULL; }
+static inline SSL_SESSION *SSL_SESSION_dup(const SSL_SESSION *session) { return NULL; }
 static inline int SSL_set_session(SSL *s, SSL_SESSION *session) { return 0; }
 static inline int SSL_SESSION_is_resumable(const SSL_SESSION *session) { return 0; }
 static inline void SSL_SESSION_free(SSL_SESSION *session) {}

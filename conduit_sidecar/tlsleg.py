@@ -228,8 +228,8 @@ class SessionCache:
     (SNI and the hostname check) and port is ever offered: the key is all three. The
     server decides whether a ticket is still good (its lifetime, its keys); a
     refused one costs a full, verified handshake. At most `size` endpoints, the one
-    used longest ago dropped. Sessions are OpenSSL's, held by reference
-    (`_relay.TLSSession`), never copied."""
+    used longest ago dropped. The sessions are the relay's copies
+    (`_relay.TLSSession`), never an SSL's own."""
 
     __slots__ = ("size", "sessions")
 

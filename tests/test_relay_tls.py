@@ -286,3 +286,43 @@ def test_a_notice_larger_than_the_send_buffer_reaches_a_tls_client(pki):
                     await asyncio.wait_for(ws.recv(), 5)
                 return message, closed.value.rcvd.code
     assert run(body()) == (notice.decode(), 1001)
+
+
+def test_a_tls_session_copy_resumes_and_outlives_its_legs(pki):
+    """`_relay.TLSSession` (the provider legs' resumption): copied from a finished
+    handshake with its tickets, offered to the next, released in any order with the
+    SSL objects that used it, and still resumable after they were freed without
+    close_notify (which marks an SSL's own session not resumable). scripts/asan.sh
+    runs this on the sanitized build."""
+    server_ctx, client_ctx = pki
+
+    def handshake(session=None):
+        ci, co, si, so = (ssl.MemoryBIO() for _ in range(4))
+        client = client_ctx.wrap_bio(ci, co, server_hostname="127.0.0.1")
+        if session is not None:
+            assert _relay.tls_resume(client, session)
+        server = server_ctx.wrap_bio(si, so, server_side=True)
+        for _ in range(4):  # ClientHello; the server's flight; Finished; the tickets
+            for side in (client, server):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            si.write(co.read())
+            ci.write(so.read())
+        with pytest.raises(ssl.SSLWantReadError):
+            client.read()  # takes the tickets; no data
+        return client
+
+    fresh = client_ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.1")
+    assert _relay.tls_session(fresh) is None  # no handshake yet
+    first = handshake()
+    session = _relay.tls_session(first)
+    assert session is not None and not first.session_reused
+    del first
+    second = handshake(session)
+    del session  # the SSL holds its own reference
+    assert second.session_reused
+    newest = _relay.tls_session(second)
+    del second
+    assert newest is not None and handshake(newest).session_reused
