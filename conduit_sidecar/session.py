@@ -254,7 +254,44 @@ async def _rest(host: Host, transport, request: Request) -> None:
     transport.close()
 
 
+class _Opening:
+    """How far `_open` got: what the last-resort cleanup of a bug must undo."""
+
+    __slots__ = ("info", "upstream", "answered", "relayed")
+
+    def __init__(self):
+        self.info: SessionInfo | None = None  # reserved (released by the relay once it runs)
+        self.upstream = None  # connected, not yet the relay's
+        self.answered = False  # the 101 is out
+        self.relayed = False  # the relay has both legs
+
+
 async def open_session(host: Host, transport, request: Request, early: bytes):
+    """Open the session `request` asks for on `transport`. A bug of ours on the way
+    (an exception nothing here expects) is logged with its traceback and ends the
+    session, 500 before the 101 and 1011 after it, with whatever it held released:
+    the client is never left waiting on a socket nobody reads."""
+    opening = _Opening()
+    try:
+        await _open(host, transport, request, early, opening)
+    except Exception:
+        log.exception("session failed: a bug of ours", extra={"event": "internal_error"})
+        host.count("internal_error")
+        if opening.relayed:
+            transport.abort()  # the relay sees its leg lost and ends the session
+            return
+        if opening.info is not None:
+            host.release(opening.info)
+        if opening.upstream is not None:
+            opening.upstream.abort()
+        if opening.answered:
+            transport.write(_relay.close_frame(_relay.CloseCode.INTERNAL_ERROR, "internal error", False))
+        else:
+            transport.write(refuse(500, "internal error").response.serialize())
+        transport.close()
+
+
+async def _open(host: Host, transport, request: Request, early: bytes, opening: _Opening):
     if _is_rest(request):
         await _rest(host, transport, request)
         return
@@ -281,6 +318,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         decision.model if decision.anonymous else None,
     )
     host.reserve(info)
+    opening.info = info
     answered = decision.hold is not None
     try:
         refusal = await host.govern(info)
@@ -291,6 +329,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
             _close_after_upgrade(host, transport, refused, early)
             return
         if answered:
+            opening.answered = True  # _hold_first's first write
             held_first = await _hold_first(host, transport, decision, info, early)
             if held_first is None:
                 return
@@ -298,6 +337,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         started = time.monotonic()
         try:
             upstream, subprotocol, upstream_early, info.upstream = await host.balancer.connect(decision)
+            opening.upstream = upstream
             info.provider = info.upstream.target.provider  # after a failover: the next one
         except (UpstreamError, RouteError) as exc:
             code = exc.code if isinstance(exc, RouteError) else _relay.CloseCode.UPSTREAM_FAILED
@@ -332,6 +372,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
                 del response.headers["Sec-WebSocket-Protocol"]
             response.headers["Sec-WebSocket-Protocol"] = subprotocol
         transport.write(response.serialize())
+        opening.answered = True
     limits = host.limits
     metered = meter(info.provider)
     relay = _relay.Relay(
@@ -350,6 +391,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
     transport, client_tls = tlsleg.handover(transport)
     upstream, upstream_tls = tlsleg.handover(upstream)
     relay.start(transport, upstream, early, upstream_early, client_tls, upstream_tls)
+    opening.relayed = True
     host.started(info)
     transport.resume_reading()
     upstream.resume_reading()

@@ -4,11 +4,14 @@ Each ends both sides cleanly, and the session's end says what happened."""
 import asyncio
 import socket
 import struct
+import sys
 import time
 
 import pytest
-from conftest import raw_upstream_sidecar, run, switching_protocols
+from conftest import Keys, SidecarProcess, http_get, raw_upstream_sidecar, run, switching_protocols
 from test_bad_input import close_frame_of, masked, session
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 
 class RawUpstream(asyncio.Protocol):
@@ -191,3 +194,61 @@ def test_a_violating_client_gets_its_close_code_whether_or_not_the_provider_answ
     body = bytes(b ^ data[2 + (i & 3)] for i, b in enumerate(data[6:6 + n]))
     assert (int.from_bytes(body[:2], "big"), body[2:].decode()) == (
         1002, "client: unmasked frame from the client")
+
+
+# Run in the sidecar process before `serve`: `decide` (before the 101) and `meter`
+# (after it, the upstream connected) each raise once, as a bug of ours would.
+_INJECT = """
+import sys
+import conduit_sidecar.session as session
+
+def once(name):
+    real, left = getattr(session, name), [1]
+    def faulty(*args, **kwargs):
+        if left[0]:
+            left[0] = 0
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+    setattr(session, name, faulty)
+
+once("decide")
+once("meter")
+from conduit_sidecar.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(tmp_path, mock_provider):
+    """An exception nothing expects while a session opens: 500 before the 101, 1011
+    after it (the upstream dropped, the key's slot freed), a log line with the
+    traceback; never a client left waiting on a socket nobody reads."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys)
+    sidecar.argv = [sys.executable, "-c", _INJECT, *sidecar.argv[3:]]  # in place of -m conduit_sidecar
+    sidecar.start()
+    auth = {"Authorization": f"Bearer {keys.plain['one']}"}
+
+    async def body():
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(sidecar.url(), additional_headers=auth, open_timeout=5):
+                pass
+        async with connect(sidecar.url(), additional_headers=auth, open_timeout=5) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        async with connect(sidecar.url(), additional_headers=auth, open_timeout=5) as ws:
+            assert "session.created" in await ws.recv()  # the slot of max_connections = 1 is free
+            await ws.send(b"\x01" * 960)
+            assert await ws.recv() == b"\x01" * 960
+        return refused.value.response.status_code, closed.value.rcvd
+    try:
+        status, close = run(body())
+        assert status == 500
+        assert (close.code, close.reason) == (1011, "internal error")
+        bugs = [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+        assert len(bugs) == 2 and all("RuntimeError: injected fault" in b["error"] for b in bugs)
+        _, text = http_get(f"http://127.0.0.1:{sidecar.admin_port}/metrics")
+        assert 'conduit_connections_total{result="internal_error"} 2.0' in text
+        assert sidecar.proc.poll() is None
+    finally:
+        sidecar.stop()
