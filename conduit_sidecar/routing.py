@@ -164,7 +164,7 @@ class Router:
                     + f' - at `$.routes."{pattern}"`'
                 )
         self.model_routes = config.routes
-        self._contexts: dict[str | None, ssl.SSLContext] = {}
+        self._contexts: dict[str | None, tuple[tuple | None, ssl.SSLContext]] = {}
         self._secrets: dict[str, tuple[tuple, str]] = {}
 
     def _check(self, name: str, spec: Provider, configured: bool, where: str) -> None:
@@ -268,15 +268,22 @@ class Router:
             raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable") from None
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
-        """Verified client context: system trust store plus the provider's CA, TLS 1.2+."""
-        ctx = self._contexts.get(ca_file)
-        if ctx is None:
+        """Verified client context: system trust store plus the provider's CA, TLS 1.2+.
+        A `ca_file` that was replaced (a rotated Secret or ConfigMap) is read again
+        into a new context; TLS sessions are kept per context (tlsleg.SessionCache),
+        so none verified under the old CAs is offered again."""
+        stamp = file_signature(ca_file) if ca_file else None
+        cached = self._contexts.get(ca_file)
+        if cached is None or cached[0] != stamp:
             ctx = ssl.create_default_context()
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             if ca_file:
-                ctx.load_verify_locations(ca_file)
-            self._contexts[ca_file] = ctx
-        return ctx
+                try:
+                    ctx.load_verify_locations(ca_file)
+                except OSError:  # ssl.SSLError included: not PEM certificates
+                    raise RouteError(CloseCode.INTERNAL_ERROR, "provider CA file unavailable") from None
+            cached = self._contexts[ca_file] = (stamp, ctx)
+        return cached[1]
 
     def upstream(
         self,

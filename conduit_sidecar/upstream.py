@@ -392,7 +392,7 @@ class Balancer:
                 if exc.code != CloseCode.INTERNAL_ERROR:  # the request's own fault (a bad model)
                     raise
                 log.error(
-                    "provider secret unavailable: a configuration fault",
+                    f"{exc}: a configuration fault",  # fixed texts: no secret in them
                     extra={
                         "event": "upstream_attempt",
                         "provider": h.target.provider,
@@ -402,7 +402,7 @@ class Balancer:
                 )
                 self._count(h, "config")
                 errors.append(exc)
-                notes.append(f"{h.name} no secret")
+                notes.append(f"{h.name} {exc}")
                 continue
             except _Failed as exc:
                 if decision.anonymous and exc.outcome == "http_auth":

@@ -436,3 +436,55 @@ def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
 def der_digest(cert) -> str:
     from cryptography.hazmat.primitives import serialization
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def test_a_rotated_provider_ca_file_is_read_again(tmp_path, mock_provider):
+    """The provider's `ca_file` replaced (as a Secret or ConfigMap update does): the
+    next leg is verified against the new CAs, and no TLS session verified under the
+    old ones is offered (the provider here keeps its ticket keys, so it would take
+    one); an unreadable file is a configuration fault (1011)."""
+    old, new = CA(), CA()
+    cafile = str(tmp_path / "provider-ca.pem")
+    old.write(cafile)
+    port = free_port()
+    providers = f"""
+        {mock_provider.section()}
+
+        [providers.rotating]
+        url = "wss://127.0.0.1:{port}/v1/realtime?model={{model}}"
+        ca_file = "{cafile}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), providers, standard_keys()).start()
+    resumed = []
+
+    async def echo(ws):
+        resumed.append(ws.transport.get_extra_info("ssl_object").session_reused)
+        async for message in ws:
+            await ws.send(message)
+
+    async def leg(server):
+        async with serve(echo, "127.0.0.1", port, ssl=server):
+            try:
+                async with connect(sidecar.url(provider="rotating"), additional_headers=sidecar.auth()) as ws:
+                    await ws.send("ping")
+                    return await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason
+
+    def rotate(text):
+        (tmp_path / "next.pem").write_text(text)
+        os.replace(tmp_path / "next.pem", cafile)
+
+    try:
+        provider = old.server_context(tmp_path)
+        assert run(leg(provider)) == "ping"
+        rotate(new.pem().decode())
+        provider.load_cert_chain(*new.issue(str(tmp_path)))  # same ticket keys, the new CA's leaf
+        assert run(leg(provider)) == "ping"
+        assert run(leg(old.server_context(tmp_path))) == (
+            1014, "upstream TLS failure: unable to get local issuer certificate")
+        rotate("not a certificate\n")
+        assert run(leg(provider)) == (1011, "provider CA file unavailable")
+        assert resumed == [False, False]
+    finally:
+        sidecar.stop()
