@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import socket
 import urllib.request
 
 import pytest
@@ -21,6 +22,19 @@ from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.testing import Process, admin_ready, free_port
 
 PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
+_HELD: list[socket.socket] = []
+
+
+def held_port() -> int:
+    """A loopback port for servers a test starts and stops again and again: held by a
+    bound socket that never listens (SO_REUSEADDR), so no outgoing connection takes
+    it as its local port in between (free_port's port could be, and the next bind
+    then fails), while the servers (asyncio and uvloop set SO_REUSEADDR) bind it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return sock.getsockname()[1]
 
 
 def switching_protocols(request_head: bytes) -> bytes:

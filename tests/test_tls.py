@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Keys, SidecarProcess, free_port, run, standard_keys
+from conftest import Keys, SidecarProcess, free_port, held_port, run, standard_keys
 from test_deployments import metric
 from test_key_reload import SecretVolume
 from websockets.asyncio.client import connect
@@ -30,7 +30,7 @@ have_node = os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")) and 
 def tls_env(tmp_path_factory, mock_provider):
     root = tmp_path_factory.mktemp("tls")
     ca = CA()
-    ports = {name: free_port() for name in ("good", "wrongname", "stall")}
+    ports = {name: held_port() for name in ("good", "wrongname", "stall")}
     providers = f"""
         {mock_provider.section()}
 
@@ -446,7 +446,7 @@ def test_a_rotated_provider_ca_file_is_read_again(tmp_path, mock_provider):
     old, new = CA(), CA()
     cafile = str(tmp_path / "provider-ca.pem")
     old.write(cafile)
-    port = free_port()
+    port = held_port()
     providers = f"""
         {mock_provider.section()}
 
