@@ -259,7 +259,7 @@ def mock_provider():
 @pytest.fixture(scope="session")
 def upstream_ports():
     """Ports for upstreams that tests start themselves (named by provider)."""
-    return {name: free_port() for name in ("raw", "refuse", "blackhole", "down", "closer")}
+    return {name: held_port() for name in ("raw", "refuse", "blackhole", "down", "closer")}
 
 
 @pytest.fixture(scope="session")
