@@ -139,6 +139,26 @@ async def close_reason(sidecar, provider):
         return exc.rcvd.code, exc.rcvd.reason
 
 
+def recording_echo(resumed: list[bool]):
+    """A wss provider's handler: echoes, and notes for each connection whether its
+    TLS session was resumed."""
+    async def echo(ws):
+        resumed.append(ws.transport.get_extra_info("ssl_object").session_reused)
+        async for message in ws:
+            await ws.send(message)
+    return echo
+
+
+async def ping(sidecar, provider):
+    """Sends "ping" in a session to `provider`: returns the echo, or (code, reason) if closed."""
+    try:
+        async with connect(sidecar.url(provider=provider), additional_headers=sidecar.auth()) as ws:
+            await ws.send("ping")
+            return await ws.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code, exc.rcvd.reason
+
+
 def test_tls_provider_with_its_ca_file(tls_env):
     sidecar, ca, ports, root = tls_env
 
@@ -183,18 +203,11 @@ def test_provider_sessions_resume_only_for_the_same_trust_and_name(tls_env):
     from conduit_sidecar import _relay
     resumed = []
 
-    async def echo(ws):
-        resumed.append(ws.transport.get_extra_info("ssl_object").session_reused)
-        async for message in ws:
-            await ws.send(message)
-
     async def legs(n):
         server = ca.server_context(root, names=("127.0.0.1",))
-        async with serve(echo, "127.0.0.1", ports["good"], ssl=server):
+        async with serve(recording_echo(resumed), "127.0.0.1", ports["good"], ssl=server):
             for _ in range(n):
-                async with connect(sidecar.url(provider="tlsmock"), additional_headers=sidecar.auth()) as ws:
-                    await ws.send("ping")
-                    assert await ws.recv() == "ping"
+                assert await ping(sidecar, "tlsmock") == "ping"
             return await close_reason(sidecar, "tlsnoca"), await close_reason(sidecar, "tlsbyname")
 
     async def body():
@@ -457,19 +470,9 @@ def test_a_rotated_provider_ca_file_is_read_again(tmp_path, mock_provider):
     sidecar = SidecarProcess(str(tmp_path), providers, standard_keys()).start()
     resumed = []
 
-    async def echo(ws):
-        resumed.append(ws.transport.get_extra_info("ssl_object").session_reused)
-        async for message in ws:
-            await ws.send(message)
-
     async def leg(server):
-        async with serve(echo, "127.0.0.1", port, ssl=server):
-            try:
-                async with connect(sidecar.url(provider="rotating"), additional_headers=sidecar.auth()) as ws:
-                    await ws.send("ping")
-                    return await ws.recv()
-            except ConnectionClosed as exc:
-                return exc.rcvd.code, exc.rcvd.reason
+        async with serve(recording_echo(resumed), "127.0.0.1", port, ssl=server):
+            return await ping(sidecar, "rotating")
 
     def rotate(text):
         (tmp_path / "next.pem").write_text(text)
