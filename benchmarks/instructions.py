@@ -5,6 +5,8 @@ machine's load as times do: this is the handshake figure to compare two builds b
 
     python -m benchmarks.instructions              # 100 warm-up, 300 counted, 4 at a time
     python -m benchmarks.instructions --tls        # the provider leg over wss
+    python -m benchmarks.instructions --keep cg.out   # and keep callgrind's dump
+    callgrind_annotate --inclusive=yes cg.out      # where the instructions went
 
 Counting starts after the warm-up (`callgrind_control -z`) and ends with a dump
 (`-d`) once the counted sessions have closed, so each session's close path is in.
@@ -34,8 +36,10 @@ def _total(path: str) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
-async def count(target: Target, out: str, warm: int, sessions: int, parallel: int) -> float:
-    """Instructions per session; `out` is callgrind's output file pattern."""
+async def count(target: Target, out: str, warm: int, sessions: int, parallel: int,
+                keep: str | None = None) -> float:
+    """Instructions per session; `out` is callgrind's output file pattern, `keep` a
+    path to copy the counted dump to."""
     pid = str(target.pids()[0])
     await handshakes(target, warm, parallel)
     subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
@@ -43,17 +47,19 @@ async def count(target: Target, out: str, warm: int, sessions: int, parallel: in
     await asyncio.sleep(1)  # the closes are handled
     subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
     dumps = sorted(glob.glob(out.replace("%p", pid) + ".*"), key=os.path.getmtime)
+    if keep:
+        shutil.copy(dumps[-1], keep)
     return _total(dumps[-1]) / sessions
 
 
-def run(warm: int, sessions: int, parallel: int, tls: bool = False) -> float:
+def run(warm: int, sessions: int, parallel: int, tls: bool = False, keep: str | None = None) -> float:
     if shutil.which("valgrind") is None:
         raise harness.Unavailable("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as outdir:
         out = os.path.join(outdir, "callgrind.%p")
         under = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
         with harness.fresh_sidecar("conduit-instr-", under, tls) as target:
-            return uvloop.run(count(target, out, warm, sessions, parallel))
+            return uvloop.run(count(target, out, warm, sessions, parallel, keep))
 
 
 def main() -> None:
@@ -62,8 +68,9 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=300)
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--tls", action="store_true", help="the provider leg over wss (a throwaway CA)")
+    p.add_argument("--keep", metavar="PATH", help="copy callgrind's dump of the counted sessions here")
     args = p.parse_args()
-    per = run(args.warm, args.sessions, args.parallel, args.tls)
+    per = run(args.warm, args.sessions, args.parallel, args.tls, args.keep)
     print(f"{per / 1e6:.3f} M user-space instructions per new session "
           f"({args.sessions} sessions, {args.parallel} at a time{', wss provider leg' if args.tls else ''})")
 
