@@ -352,6 +352,7 @@ class Sidecar:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (then drain) or a second signal (then stop at once)."""
+        asyncio.get_running_loop().set_exception_handler(logs.loop_error)
         await self.start()
         # Live sessions are long-lived objects the cyclic GC would traverse again and
         # again; sessions free themselves by reference counting (the relay breaks its

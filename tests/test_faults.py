@@ -11,7 +11,7 @@ import pytest
 from conftest import Keys, SidecarProcess, http_get, raw_upstream_sidecar, run, switching_protocols
 from test_bad_input import close_frame_of, masked, session
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 
 class RawUpstream(asyncio.Protocol):
@@ -202,17 +202,19 @@ _INJECT = """
 import sys
 import conduit_sidecar.session as session
 
-def once(name):
-    real, left = getattr(session, name), [1]
+def once(owner, name, quoting):
+    # The message quotes what a library's message could: the request's key.
+    real, left = getattr(owner, name), [1]
     def faulty(*args, **kwargs):
         if left[0]:
             left[0] = 0
-            raise RuntimeError("injected fault")
+            raise RuntimeError(f"injected fault near {quoting(args)!r}")
         return real(*args, **kwargs)
-    setattr(session, name, faulty)
+    setattr(owner, name, faulty)
 
-once("decide")
-once("meter")
+once(session, "decide", lambda args: args[0].headers["Authorization"])
+once(session, "meter", lambda args: args[0])
+once(session.ClientHandshake, "data_received", lambda args: args[1])  # a callback of the loop
 from conduit_sidecar.cli import main
 sys.exit(main())
 """
@@ -221,7 +223,9 @@ sys.exit(main())
 def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(tmp_path, mock_provider):
     """An exception nothing expects while a session opens: 500 before the 101, 1011
     after it (the upstream dropped, the key's slot freed), a log line with the
-    traceback; never a client left waiting on a socket nobody reads."""
+    traceback but not the exception's message, which could quote a key; never a
+    client left waiting on a socket nobody reads. One in a callback of the event loop
+    is logged the same way, not by asyncio's handler."""
     keys = Keys()
     keys.add("one", max_connections=1)
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys)
@@ -230,6 +234,9 @@ def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(
     auth = {"Authorization": f"Bearer {keys.plain['one']}"}
 
     async def body():
+        with pytest.raises((InvalidMessage, ConnectionClosed, OSError)):  # the loop's handler aborts it
+            async with connect(sidecar.url(), additional_headers=auth, open_timeout=5):
+                pass
         with pytest.raises(InvalidStatus) as refused:
             async with connect(sidecar.url(), additional_headers=auth, open_timeout=5):
                 pass
@@ -246,7 +253,13 @@ def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(
         assert status == 500
         assert (close.code, close.reason) == (1011, "internal error")
         bugs = [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
-        assert len(bugs) == 2 and all("RuntimeError: injected fault" in b["error"] for b in bugs)
+        assert len(bugs) == 2
+        assert all("builtins.RuntimeError (message not logged)" in b["error"] for b in bugs)
+        assert [b["error"].count("File ") > 2 for b in bugs] == [True, True]  # the frames are there
+        loop_errors = [line for line in sidecar.log_lines() if line.get("event") == "loop_error"]
+        assert len(loop_errors) == 1 and "in faulty" in loop_errors[0]["error"]
+        output = sidecar.output()
+        assert "injected fault" not in output and keys.plain["one"] not in output
         _, text = http_get(f"http://127.0.0.1:{sidecar.admin_port}/metrics")
         assert 'conduit_connections_total{result="internal_error"} 2.0' in text
         assert sidecar.proc.poll() is None
