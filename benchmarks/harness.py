@@ -105,13 +105,15 @@ def redis(workdir: str) -> tuple[Process, int]:
 
 def sidecar(workdir: str, up_port: int, certs: Certs | None,
             listener: Certs | None = None, redis_port: int | None = None,
-            uvloop_tls: bool = False, under: tuple[str, ...] = ()) -> Sidecar:
+            uvloop_tls: bool = False, under: tuple[str, ...] = (),
+            up_host: str = "127.0.0.1") -> Sidecar:
     """`conduit-sidecar serve` with provider `bench` at the upstream; with `certs` the
     provider leg is wss (CA in `ca_file`), with `listener` it also listens with TLS.
     With `redis_port`, [state] is that Redis and the key has every policy that uses it
     (leases, a session rate and a budget, none of them reached). `uvloop_tls`: TLS legs
     on uvloop's SSL transport, not the relay's OpenSSL calls. `under`: a command
-    `serve` runs under (valgrind), given a minute to start."""
+    `serve` runs under (valgrind), given a minute to start. `up_host`: how the
+    provider URL names the upstream (a name is looked up through the sidecar's cache)."""
     command = sidecar_command()
     name = ("sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
             + ("-redis" if redis_port else "") + ("-uvloop" if uvloop_tls else ""))
@@ -139,7 +141,7 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
                 f'keys_file = "{keys_file}"\n\n'
                 "[limits]\nmax_connections = 5000\nmax_message_bytes = 67108864\n"
                 "drain_seconds = 0\n\n"
-                f'[providers.bench]\nurl = "{scheme}://127.0.0.1:{up_port}/{{model}}"\n{ca}\n{tls}'
+                f'[providers.bench]\nurl = "{scheme}://{up_host}:{up_port}/{{model}}"\n{ca}\n{tls}'
                 f'{state}')
     proc = _start(name, [*under, *command, "serve", "--config", config], workdir, admin_ready(admin),
                   env={"CONDUIT_NATIVE_TLS": "0"} if uvloop_tls else None, timeout=120 if under else 15)
@@ -160,15 +162,16 @@ def bench_certs(workdir: str) -> Certs:
 
 
 @contextmanager
-def fresh_sidecar(prefix: str, under: tuple[str, ...] = (), tls: bool = False) -> Iterator[Target]:
-    """A fresh benchmark upstream and sidecar in a temp dir (`under`: as for
-    `sidecar`; `tls`: the provider leg is wss, verified against a throwaway CA),
+def fresh_sidecar(prefix: str, under: tuple[str, ...] = (), tls: bool = False,
+                  up_host: str = "127.0.0.1") -> Iterator[Target]:
+    """A fresh benchmark upstream and sidecar in a temp dir (`under`, `up_host`: as
+    for `sidecar`; `tls`: the provider leg is wss, verified against a throwaway CA),
     stopped on exit; yields the sidecar's target."""
     with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
         certs = bench_certs(workdir) if tls else None
         up, up_port = upstream(workdir, certs)
         try:
-            s = sidecar(workdir, up_port, certs, under=under)
+            s = sidecar(workdir, up_port, certs, under=under, up_host=up_host)
             try:
                 yield sidecar_target("sidecar", s)
             finally:

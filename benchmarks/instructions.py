@@ -5,6 +5,7 @@ machine's load as times do: this is the handshake figure to compare two builds b
 
     python -m benchmarks.instructions              # 100 warm-up, 300 counted, 4 at a time
     python -m benchmarks.instructions --tls        # the provider leg over wss
+    python -m benchmarks.instructions --upstream-host localhost   # a name, not an address
     python -m benchmarks.instructions --keep cg.out   # and keep callgrind's dump
     callgrind_annotate --inclusive=yes cg.out      # where the instructions went
 
@@ -52,13 +53,14 @@ async def count(target: Target, out: str, warm: int, sessions: int, parallel: in
     return _total(dumps[-1]) / sessions
 
 
-def run(warm: int, sessions: int, parallel: int, tls: bool = False, keep: str | None = None) -> float:
+def run(warm: int, sessions: int, parallel: int, tls: bool = False, keep: str | None = None,
+        up_host: str = "127.0.0.1") -> float:
     if shutil.which("valgrind") is None:
         raise harness.Unavailable("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as outdir:
         out = os.path.join(outdir, "callgrind.%p")
         under = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
-        with harness.fresh_sidecar("conduit-instr-", under, tls) as target:
+        with harness.fresh_sidecar("conduit-instr-", under, tls, up_host) as target:
             return uvloop.run(count(target, out, warm, sessions, parallel, keep))
 
 
@@ -69,10 +71,13 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--tls", action="store_true", help="the provider leg over wss (a throwaway CA)")
     p.add_argument("--keep", metavar="PATH", help="copy callgrind's dump of the counted sessions here")
+    p.add_argument("--upstream-host", default="127.0.0.1",
+                   help="how the provider URL names the upstream (e.g. localhost: a name to look up)")
     args = p.parse_args()
-    per = run(args.warm, args.sessions, args.parallel, args.tls, args.keep)
+    per = run(args.warm, args.sessions, args.parallel, args.tls, args.keep, args.upstream_host)
     print(f"{per / 1e6:.3f} M user-space instructions per new session "
-          f"({args.sessions} sessions, {args.parallel} at a time{', wss provider leg' if args.tls else ''})")
+          f"({args.sessions} sessions, {args.parallel} at a time{', wss provider leg' if args.tls else ''}"
+          f", upstream {args.upstream_host})")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,12 @@ class Metrics:
             ["provider", "deployment"],
             registry=r,
         )
+        self.dns_lookups = Counter(
+            "conduit_upstream_dns_lookups",
+            "Provider host name lookups (cache misses) by result.",
+            ["result"],
+            registry=r,
+        )
         self.deployment_healthy = Gauge(
             "conduit_deployment_healthy",
             "1 while a deployment's circuit is closed, 0 while it rests after failures.",

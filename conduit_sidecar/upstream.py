@@ -38,6 +38,7 @@ from ._relay import CloseCode
 from .config import Circuit, Config
 from .handshake import Accept
 from .metrics import Metrics
+from .resolver import Resolver
 from .routing import Route, RouteError, Router, Target, Upstream
 
 __all__ = ["Balancer", "Health", "UpstreamError"]
@@ -154,11 +155,17 @@ class _Request:
 
 
 async def _attempt(
-    prepared: _Request, upstream: Upstream, timeout: float, max_rest: float, sessions: tlsleg.SessionCache
+    prepared: _Request,
+    upstream: Upstream,
+    timeout: float,
+    max_rest: float,
+    sessions: tlsleg.SessionCache,
+    resolver: Resolver,
 ):
-    """TCP, then TLS (resuming the endpoint's session in `sessions`, where the relay
-    encrypts the leg), then the WebSocket handshake, each named in the error on
-    failure. Returns (transport, subprotocol, bytes already read past the 101)."""
+    """TCP (to the host's addresses in `resolver`), then TLS (resuming the endpoint's
+    session in `sessions`, where the relay encrypts the leg), then the WebSocket
+    handshake, each named in the error on failure. Returns (transport, subprotocol,
+    bytes already read past the 101)."""
     loop = asyncio.get_running_loop()
     uri = upstream.uri
     key, request = prepared.new()
@@ -167,7 +174,7 @@ async def _attempt(
     transport = None
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(lambda: proto, uri.host, uri.port)
+            transport, _ = await resolver.connect(lambda: proto, uri.host, uri.port)
             if upstream.ssl is not None:
                 stage = "TLS handshake"
                 if _relay.NATIVE_TLS:  # the relay will encrypt this leg itself
@@ -330,6 +337,9 @@ class Balancer:
         self.health: dict[str, list[Health]] = {}
         self.requests: dict[tuple, _Request] = {}
         self.tls_sessions = tlsleg.SessionCache()
+        self.resolver = Resolver(
+            config.limits.dns_cache_seconds, lambda result: metrics.child(metrics.dns_lookups, result).inc()
+        )
         for name in router.configured:
             self.health[name] = [Health(t, config.circuit) for t in router.routes[name].targets]
             for h in self.health[name]:
@@ -386,6 +396,7 @@ class Balancer:
                     left / (len(candidates) - i),
                     self.max_rest,
                     self.tls_sessions,
+                    self.resolver,
                 )
             except RouteError as exc:
                 h.abandoned()

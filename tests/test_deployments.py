@@ -433,6 +433,53 @@ def test_circuit_rules():
     assert h.live == 0
 
 
+# -- provider host names ---------------------------------------------------------------
+
+def test_a_provider_host_name_is_looked_up_once_per_dns_cache_seconds(workdir):
+    """`localhost` in a provider URL: the first session looks it up, the next ones
+    reuse its addresses (sessions that arrive together share one lookup) until
+    dns_cache_seconds pass, or until none of them connects; a literal address is
+    never looked up."""
+    named, literal = Named("named"), Named("literal")
+    sidecar = SidecarProcess(
+        workdir,
+        f'[providers.p]\nurl = "ws://localhost:{named.port}/"\n'
+        f'[providers.lit]\nurl = "ws://127.0.0.1:{literal.port}/"\n',
+        standard_keys(), limits="upstream_connect_timeout_seconds = 2\ndns_cache_seconds = 2\n").start()
+
+    def lookups() -> float:
+        return metric(sidecar, "conduit_upstream_dns_lookups_total", result="ok") or 0.0
+
+    async def served(provider="p"):
+        ws, name = await open_session(sidecar, provider)
+        await ws.close()
+        return name
+
+    async def body():
+        counts = []
+        async with named, literal:
+            seen = [await served() for _ in range(3)]
+            counts.append(lookups())
+            seen += [await served("lit"), await served("lit")]
+            counts.append(lookups())
+            await asyncio.sleep(2.2)  # the addresses expire
+            seen += await asyncio.gather(*(served() for _ in range(5)))
+            counts.append(lookups())
+        down = await close_of(sidecar)  # cached addresses, nobody there: forgotten
+        async with Named("named", named.port):
+            seen.append(await served())
+        counts.append(lookups())
+        return seen, counts, down, metric(sidecar, "conduit_upstream_dns_lookups_total", result="error")
+
+    try:
+        seen, counts, down, failed = run(body())
+    finally:
+        sidecar.stop()
+    assert seen == ["named"] * 3 + ["literal"] * 2 + ["named"] * 6
+    assert counts == [1, 1, 2, 3]
+    assert down[0] == 1014 and failed is None
+
+
 # -- 5. a model route from openai to azure, with the OpenAI SDK -------------------------
 
 def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
