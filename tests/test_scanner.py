@@ -111,6 +111,25 @@ def test_own_close_frames_are_valid_and_bounded():
     assert s.verdict_code == 0 and s.output == f and len(f) <= 2 + 4 + 125
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_own_close_frames_carry_the_code_and_the_longest_whole_characters_of_the_reason(masked):
+    keys = set()
+    for reason in ["", "bye", "x" * 200, *("a" * k + "é€𝄞" * 60 for k in range(4))]:
+        f = close_frame(4001, reason, masked)
+        head = 6 if masked else 2
+        assert f[0] == 0x88 and f[1] == (0x80 if masked else 0) | (len(f) - head)
+        payload = bytes(b ^ f[2 + (i & 3)] for i, b in enumerate(f[head:])) if masked else f[head:]
+        whole = b""
+        for ch in reason:
+            if len(whole) + len(ch.encode()) > 123:
+                break
+            whole += ch.encode()
+        assert payload == (4001).to_bytes(2, "big") + whole, reason
+        if masked:
+            keys.add(f[2:6])
+    assert len(keys) == (7 if masked else 0)  # a fresh mask per frame
+
+
 def test_close_frame_in_a_long_length_form_is_judged_whole_across_reads():
     """`88 FE 00 05` (a 5-byte close payload in the 16-bit form) split before its
     payload: the scanner must wait for the payload, not read past what it was given."""
