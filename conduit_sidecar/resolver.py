@@ -93,9 +93,12 @@ class Resolver:
         return await asyncio.shield(entry[1])  # a waiter that leaves keeps it running
 
     async def _lookup(self, host: str, port: int) -> list[tuple[str, int]]:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        except UnicodeError:  # the IDNA encoding refused it (an empty or too long label)
+            raise socket.gaierror(socket.EAI_NONAME, "invalid host name") from None
         # (address, port, ...) of AF_INET and AF_INET6, in the resolver's order
         return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
 

@@ -480,6 +480,26 @@ def test_a_provider_host_name_is_looked_up_once_per_dns_cache_seconds(workdir):
     assert down[0] == 1014 and failed is None
 
 
+def test_a_host_name_that_cannot_be_looked_up_gives_1014_and_is_looked_up_again(workdir):
+    """`a..b` fails in the resolver's IDNA step, locally (no query leaves the host):
+    each session is refused 1014 with the reason, none is an internal error, and a
+    failed lookup is not kept."""
+    sidecar = SidecarProcess(workdir, '[providers.p]\nurl = "ws://a..b:1/"\n', standard_keys(),
+                             limits="upstream_connect_timeout_seconds = 2\n").start()
+
+    async def body():
+        closes = [await close_of(sidecar), await close_of(sidecar)]
+        return closes, metric(sidecar, "conduit_upstream_dns_lookups_total", result="error")
+
+    try:
+        closes, failed = run(body())
+    finally:
+        sidecar.stop()
+    assert closes == [(1014, "upstream unreachable: invalid host name")] * 2
+    assert failed == 2
+    assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+
+
 # -- 5. a model route from openai to azure, with the OpenAI SDK -------------------------
 
 def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
