@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from conduit_sidecar.testing import Certs, Process, admin_ready, free_port, port_open, throwaway_certs
+from conduit_sidecar.testing import Certs, Process, admin_ready, held_port, port_open, throwaway_certs
 
 from . import nginx as nginx_conf
 from .loadgen import Target
@@ -43,7 +43,7 @@ def client_context(certs: Certs) -> ssl.SSLContext:
 # -- columns -------------------------------------------------------------------------
 
 def upstream(workdir: str, certs: Certs | None) -> tuple[Process, int]:
-    port = free_port()
+    port = held_port()
     tls = ["--cert", certs.cert, "--key", certs.key] if certs else []
     proc = _start("upstream-tls" if certs else "upstream",
                   [sys.executable, "-m", "benchmarks.upstream", str(port), *tls], workdir,
@@ -52,7 +52,7 @@ def upstream(workdir: str, certs: Certs | None) -> tuple[Process, int]:
 
 
 def naive(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int]:
-    port = free_port()
+    port = held_port()
     url = f"{'wss' if certs else 'ws'}://127.0.0.1:{up_port}"
     ca = ["--ca-file", certs.ca] if certs else []
     proc = _start("naive-tls" if certs else "naive",
@@ -65,7 +65,7 @@ def nginx(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int
     binary, why = nginx_conf.find_or_install()
     if binary is None:
         raise Unavailable(why)
-    port = free_port()
+    port = held_port()
     workdir = os.path.join(workdir, "nginx-tls" if certs else "nginx")
     os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
     nginx_conf.config(workdir, port, up_port, certs.ca if certs else None)
@@ -97,7 +97,7 @@ def redis(workdir: str) -> tuple[Process, int]:
     """redis-server on a free loopback port, no persistence."""
     if shutil.which("redis-server") is None:
         raise Unavailable("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
+    port = held_port()
     return _start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                             "--save", "", "--appendonly", "no"], workdir,
                   lambda: port_open(port)), port
@@ -131,7 +131,7 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
     keys_file = os.path.join(workdir, "keys.json")
     with open(keys_file, "w") as f:
         json.dump({"keys": [entry]}, f)
-    port, admin, tls_port = free_port(), free_port(), free_port()
+    port, admin, tls_port = held_port(), held_port(), held_port()
     scheme, ca = ("wss", f'ca_file = "{certs.ca}"\n') if certs else ("ws", "")
     tls = (f'[tls]\nlisten = "127.0.0.1:{tls_port}"\ncert_file = "{listener.cert}"\n'
            f'key_file = "{listener.key}"\n') if listener else ""

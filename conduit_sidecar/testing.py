@@ -25,6 +25,7 @@ __all__ = [
     "Process",
     "admin_ready",
     "free_port",
+    "held_port",
     "port_open",
     "sidecar_command",
     "throwaway_certs",
@@ -35,6 +36,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_HELD: list[socket.socket] = []
+
+
+def held_port() -> int:
+    """A loopback port for a server started later, or again and again: held by a bound
+    socket that never listens (SO_REUSEADDR) for the life of this process, so no
+    outgoing connection takes it as its local port in between (free_port's port
+    could be, and the server's bind then fails), while the servers (asyncio,
+    uvloop, nginx, redis and Node set SO_REUSEADDR) bind it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return sock.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

@@ -12,31 +12,15 @@ import sys
 import tempfile
 import textwrap
 import threading
-import socket
 import urllib.request
 
 import pytest
 
 from conduit_sidecar.keys import hash_key, new_key
 from conduit_sidecar.mock import MockProvider
-from conduit_sidecar.testing import Process, admin_ready, free_port
+from conduit_sidecar.testing import Process, admin_ready, free_port, held_port
 
 PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
-_HELD: list[socket.socket] = []
-
-
-def held_port() -> int:
-    """A loopback port for servers a test starts and stops again and again: held by a
-    bound socket that never listens (SO_REUSEADDR), so no outgoing connection takes
-    it as its local port in between (free_port's port could be, and the next bind
-    then fails), while the servers (asyncio and uvloop set SO_REUSEADDR) bind it."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    _HELD.append(sock)
-    return sock.getsockname()[1]
-
-
 def switching_protocols(request_head: bytes) -> bytes:
     """The 101 a hand-written upstream answers an upgrade request with."""
     from websockets.utils import accept_key
@@ -93,7 +77,7 @@ class UpgradeAnswer(asyncio.Protocol):
 def raw_upstream_sidecar(workdir: str, limits: str, providers: str = "") -> "SidecarProcess":
     """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`
     (plus any other `providers` sections)."""
-    port = free_port()
+    port = held_port()
     proc = SidecarProcess(workdir, f'{providers}\n[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n',
                           standard_keys(), limits=limits).start()
     proc.upstream_port = port
@@ -141,8 +125,8 @@ class SidecarProcess(Process):
     def __init__(self, workdir: str, providers: str, keys: Keys, limits: str = "",
                  extra: str = "", env: dict | None = None, keys_file: str | None = None):
         self.workdir = workdir
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port = held_port()
+        self.admin_port = held_port()
         self.keys = keys
         self.keys_file = keys_file or os.path.join(workdir, "keys.json")
         if keys_file is None:
