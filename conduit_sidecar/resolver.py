@@ -2,11 +2,15 @@
 session: a session's upstream connect otherwise waits for a lookup in libuv's
 thread pool, and in a Kubernetes pod (`ndots:5`) a name like `api.openai.com` is
 first tried under each search domain. nginx resolves its upstreams once at start-up;
-Envoy re-resolves on a timer; this cache re-resolves when an entry is older than
-the limit or when every address it gave failed to connect.
+Envoy re-resolves on a timer and keeps the last good addresses when DNS fails.
 
-Sessions that miss together share one lookup. A failed lookup is not kept: the next
-session asks again. A literal address is never looked up.
+Here the first session after the limit starts a lookup in the background and goes on
+with the last good addresses, which serve until the lookup brings new ones; a failed
+lookup leaves them in use (asked again after a second). A host has no addresses at
+all before its first good lookup, after none of its addresses took a connection, or
+with `dns_cache_seconds = 0`: then a session waits for a lookup, shared by the
+sessions that need it at the same moment, and a failed one is not kept. A literal
+address is never looked up.
 """
 
 from __future__ import annotations
@@ -20,7 +24,16 @@ from collections.abc import Awaitable, Callable
 __all__ = ["Resolver"]
 
 _ENTRIES_MAX = 256  # hosts come from the config's URL templates: a handful
-_FOREVER = float("inf")
+_RETRY_SECONDS = 1.0  # after a failed lookup, the last good addresses serve this long
+
+
+class _Entry:
+    __slots__ = ("addresses", "expires", "lookup")
+
+    def __init__(self):
+        self.addresses: list[tuple[str, int]] | None = None  # of the last good lookup
+        self.expires = 0.0  # monotonic
+        self.lookup: asyncio.Task | None = None  # under way
 
 
 class Resolver:
@@ -32,8 +45,7 @@ class Resolver:
     def __init__(self, ttl: float, lookups: Callable[[str], None]):
         self.ttl = ttl
         self.lookups = lookups
-        # (host, port) -> [expiry (monotonic), the lookup: done, or shared while it runs]
-        self.entries: dict[tuple[str, int], list] = {}
+        self.entries: dict[tuple[str, int], _Entry] = {}
         self.literal: dict[str, bool] = {}  # host -> whether it is an address
 
     def connect(
@@ -64,16 +76,22 @@ class Resolver:
                     error = exc
             assert error is not None  # a lookup gives at least one address
             raise error
-        except BaseException:  # failed, timed out, or the client left: ask again next time
+        except BaseException:  # failed, timed out, or the client left: wait for a lookup next time
             self.forget(host, port)
             raise
 
     def cached(self, host: str, port: int) -> list[tuple[str, int]] | None:
-        """The host name's addresses while they are fresh; else None."""
+        """The host name's last good addresses; None when it has none. Past the limit,
+        the first caller starts a lookup in the background."""
         entry = self.entries.get((host, port))
-        if entry is not None and entry[1].done() and entry[0] > time.monotonic():
-            return entry[1].result()
-        return None
+        if entry is None or entry.addresses is None:
+            return None
+        if entry.expires <= time.monotonic():
+            if not self.ttl:
+                return None  # no caching: every session waits for its lookup
+            if entry.lookup is None:
+                self._start(host, port, entry)
+        return entry.addresses
 
     async def addresses(self, host: str, port: int) -> list[tuple[str, int]]:
         """(address, port) pairs to try in order. Raises OSError (socket.gaierror)."""
@@ -82,15 +100,17 @@ class Resolver:
             return cached
         key = (host, port)
         entry = self.entries.get(key)
-        if entry is None or entry[1].done():  # none, or expired
-            lookup = asyncio.get_running_loop().create_task(self._lookup(host, port))
-            entry = [_FOREVER, lookup]
-            self.forget(host, port)
+        if entry is None:
             if len(self.entries) >= _ENTRIES_MAX:
                 del self.entries[next(iter(self.entries))]  # the oldest
-            self.entries[key] = entry
-            lookup.add_done_callback(lambda done: self._ended(key, entry, done))
-        return await asyncio.shield(entry[1])  # a waiter that leaves keeps it running
+            entry = self.entries[key] = _Entry()
+        lookup = entry.lookup or self._start(host, port, entry)
+        return await asyncio.shield(lookup)  # a waiter that leaves keeps it running
+
+    def _start(self, host: str, port: int, entry: _Entry) -> asyncio.Task:
+        lookup = entry.lookup = asyncio.get_running_loop().create_task(self._lookup(host, port))
+        lookup.add_done_callback(lambda done: self._ended(host, port, entry, done))
+        return lookup
 
     async def _lookup(self, host: str, port: int) -> list[tuple[str, int]]:
         try:
@@ -102,17 +122,20 @@ class Resolver:
         # (address, port, ...) of AF_INET and AF_INET6, in the resolver's order
         return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
 
-    def _ended(self, key: tuple[str, int], entry: list, lookup: asyncio.Task) -> None:
+    def _ended(self, host: str, port: int, entry: _Entry, lookup: asyncio.Task) -> None:
+        entry.lookup = None
         failed = lookup.cancelled() or lookup.exception() is not None
         self.lookups("error" if failed else "ok")
-        if failed:
-            self.forget(*key, entry)
+        if not failed:
+            entry.addresses, entry.expires = lookup.result(), time.monotonic() + self.ttl
+        elif entry.addresses is None:
+            self.forget(host, port, entry)  # nothing to go on with: not kept
         else:
-            entry[0] = time.monotonic() + self.ttl
+            entry.expires = time.monotonic() + min(self.ttl, _RETRY_SECONDS)
 
-    def forget(self, host: str, port: int, entry: list | None = None) -> None:
+    def forget(self, host: str, port: int, entry: _Entry | None = None) -> None:
         """Drop the host's addresses (only `entry`, when given): the next session
-        looks it up again."""
+        waits for a lookup."""
         key = (host, port)
         if key in self.entries and (entry is None or self.entries[key] is entry):
             del self.entries[key]

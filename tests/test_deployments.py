@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 import urllib.request
@@ -498,6 +499,62 @@ def test_a_host_name_that_cannot_be_looked_up_gives_1014_and_is_looked_up_again(
     assert closes == [(1014, "upstream unreachable: invalid host name")] * 2
     assert failed == 2
     assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+
+
+_DNS_DOWN_AFTER_ONE = """
+import socket, sys
+from conduit_sidecar.resolver import Resolver
+
+real, calls = Resolver._lookup, [0]
+async def lookup(self, host, port):  # DNS answers once, then is down
+    calls[0] += 1
+    if calls[0] > 1:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    return await real(self, host, port)
+Resolver._lookup = lookup
+from conduit_sidecar.cli import main
+sys.exit(main())
+"""
+
+
+def test_when_dns_fails_the_last_good_addresses_serve_until_they_stop_connecting(workdir):
+    """DNS down after the first lookup (injected in the process: this machine cannot
+    make a name fail on demand): past dns_cache_seconds, sessions go on with the last
+    good addresses while the lookups in the background fail; once those addresses
+    stop taking connections they are dropped, and a session that must wait for a
+    lookup gets 1014 with the resolver's words."""
+    named = Named("named")
+    sidecar = SidecarProcess(workdir, f'[providers.p]\nurl = "ws://localhost:{named.port}/"\n',
+                             standard_keys(), limits="upstream_connect_timeout_seconds = 2\n"
+                             "dns_cache_seconds = 1\n")
+    sidecar.argv = [sys.executable, "-c", _DNS_DOWN_AFTER_ONE, *sidecar.argv[3:]]
+    sidecar.start()
+
+    async def served():
+        ws, name = await open_session(sidecar)
+        await ws.close()
+        return name
+
+    async def body():
+        async with named:
+            seen = [await served()]
+            for _ in range(2):
+                await asyncio.sleep(1.2)  # past the limit, and past the retry
+                seen.append(await served())
+            await asyncio.sleep(0.3)
+        counts = [metric(sidecar, "conduit_upstream_dns_lookups_total", result=r) for r in ("ok", "error")]
+        refused = await close_of(sidecar)      # the addresses stopped connecting: dropped
+        unresolved = await close_of(sidecar)   # a lookup to wait for, and DNS is down
+        return seen, counts, refused, unresolved
+
+    try:
+        seen, counts, refused, unresolved = run(body())
+    finally:
+        sidecar.stop()
+    assert seen == ["named"] * 3
+    assert counts == [1, 2]
+    assert refused == (1014, "upstream refused the connection")
+    assert unresolved == (1014, "upstream unreachable: Temporary failure in name resolution")
 
 
 # -- 5. a model route from openai to azure, with the OpenAI SDK -------------------------
