@@ -117,6 +117,13 @@ async def open_session(sidecar, provider="p", model="m"):
     return ws, json.loads(await ws.recv())["deployment"]
 
 
+async def served_by(sidecar, provider="p") -> str:
+    """Open a session and close it; the name of the deployment that served it."""
+    ws, name = await open_session(sidecar, provider)
+    await ws.close()
+    return name
+
+
 async def close_of(sidecar, provider="p", model="m"):
     async with connect(sidecar.url(model=model, provider=provider),
                        additional_headers=sidecar.auth(), open_timeout=10) as ws:
@@ -325,29 +332,24 @@ def test_circuit_rests_a_failing_deployment_then_probes_it(workdir):
         f'name = "flaky"\n{ws_url(port)}', f'name = "good"\n{ws_url(good.port)}'),
         extra="[circuit]\nfailures = 3\ncooldown_seconds = 2\nmax_cooldown_seconds = 30\n")
 
-    async def serve_one():
-        ws, name = await open_session(sidecar)
-        await ws.close()
-        return name
-
     async def body():
         flaky = Refusing("503 Service Unavailable", port=port)
         async with good:
             async with flaky:
-                served = [await serve_one() for _ in range(3)]
+                served = [await served_by(sidecar) for _ in range(3)]
                 after_three = flaky.requests
                 healthy_open = metric(sidecar, "conduit_deployment_healthy",
                                       deployment="flaky", provider="p")
-                served += [await serve_one() for _ in range(3)]      # resting: not tried
+                served += [await served_by(sidecar) for _ in range(3)]      # resting: not tried
                 resting = flaky.requests
                 await asyncio.sleep(2.3)
-                served.append(await serve_one())                     # the probe: fails
+                served.append(await served_by(sidecar))                     # the probe: fails
                 probed = flaky.requests
-                served.append(await serve_one())                     # rests 4 s now
+                served.append(await served_by(sidecar))                     # rests 4 s now
                 after_probe = flaky.requests
             await asyncio.sleep(4.3)
             async with Named("flaky", port=port) as recovered:
-                back = [await serve_one() for _ in range(3)]         # probe succeeds
+                back = [await served_by(sidecar) for _ in range(3)]         # probe succeeds
                 probes = recovered.handshakes
             healthy = metric(sidecar, "conduit_deployment_healthy", deployment="flaky",
                              provider="p")
@@ -376,18 +378,13 @@ def test_one_probe_while_sessions_arrive_together(workdir):
         f'name = "flaky"\n{ws_url(port)}', f'name = "good"\n{ws_url(good.port)}'),
         extra="[circuit]\nfailures = 1\ncooldown_seconds = 1\n")
 
-    async def serve_one():
-        ws, name = await open_session(sidecar)
-        await ws.close()
-        return name
-
     async def body():
         async with good:
             async with Refusing("503 Service Unavailable", port=port):
-                first = await serve_one()
+                first = await served_by(sidecar)
             await asyncio.sleep(1.2)
             async with Blackhole(port) as hole:
-                served = await asyncio.gather(*(serve_one() for _ in range(5)))
+                served = await asyncio.gather(*(served_by(sidecar) for _ in range(5)))
                 return first, served, hole.requests
     try:
         first, served, probes = run(body())
@@ -451,24 +448,19 @@ def test_a_provider_host_name_is_looked_up_once_per_dns_cache_seconds(workdir):
     def lookups() -> float:
         return metric(sidecar, "conduit_upstream_dns_lookups_total", result="ok") or 0.0
 
-    async def served(provider="p"):
-        ws, name = await open_session(sidecar, provider)
-        await ws.close()
-        return name
-
     async def body():
         counts = []
         async with named, literal:
-            seen = [await served() for _ in range(3)]
+            seen = [await served_by(sidecar) for _ in range(3)]
             counts.append(lookups())
-            seen += [await served("lit"), await served("lit")]
+            seen += [await served_by(sidecar, "lit"), await served_by(sidecar, "lit")]
             counts.append(lookups())
             await asyncio.sleep(2.2)  # the addresses expire
-            seen += await asyncio.gather(*(served() for _ in range(5)))
+            seen += await asyncio.gather(*(served_by(sidecar) for _ in range(5)))
             counts.append(lookups())
         down = await close_of(sidecar)  # cached addresses, nobody there: forgotten
         async with Named("named", named.port):
-            seen.append(await served())
+            seen.append(await served_by(sidecar))
         counts.append(lookups())
         return seen, counts, down, metric(sidecar, "conduit_upstream_dns_lookups_total", result="error")
 
@@ -530,17 +522,12 @@ def test_when_dns_fails_the_last_good_addresses_serve_until_they_stop_connecting
     sidecar.argv = [sys.executable, "-c", _DNS_DOWN_AFTER_ONE, *sidecar.argv[3:]]
     sidecar.start()
 
-    async def served():
-        ws, name = await open_session(sidecar)
-        await ws.close()
-        return name
-
     async def body():
         async with named:
-            seen = [await served()]
+            seen = [await served_by(sidecar)]
             for _ in range(2):
                 await asyncio.sleep(1.2)  # past the limit, and past the retry
-                seen.append(await served())
+                seen.append(await served_by(sidecar))
             await asyncio.sleep(0.3)
         counts = [metric(sidecar, "conduit_upstream_dns_lookups_total", result=r) for r in ("ok", "error")]
         refused = await close_of(sidecar)      # the addresses stopped connecting: dropped
