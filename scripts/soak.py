@@ -24,7 +24,7 @@ import uvloop
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from conftest import Keys, SidecarProcess, free_port  # noqa: E402
+from conftest import Keys, SidecarProcess, held_port  # noqa: E402
 
 PAYLOAD = 960
 MASK = b"\x37\xfa\x21\x3d"
@@ -171,7 +171,7 @@ def soak(sessions: int = 1000, seconds: float = 60.0, rounds: int = 1) -> dict:
     round that does not grow it shows the memory kept after the first is reused)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * sessions + 1024)), hard))
-    echo_port = free_port()
+    echo_port = held_port()
     echo = subprocess.Popen([sys.executable, "-c", ECHO, str(echo_port)], stdout=subprocess.PIPE)
     assert echo.stdout.readline().strip() == b"ready"
     keys = Keys()

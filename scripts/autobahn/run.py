@@ -46,7 +46,7 @@ from conduit_sidecar.testing import (
     Certs,
     Process,
     admin_ready,
-    free_port,
+    held_port,
     sidecar_command,
     throwaway_certs,
 )
@@ -198,7 +198,7 @@ def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None,
     keys_file = os.path.join(workdir, "keys.json")
     with open(keys_file, "w") as f:
         json.dump({"keys": [entry]}, f)
-    port, admin_port = free_port(), free_port()
+    port, admin_port = held_port(), held_port()
     conf = os.path.join(workdir, "sidecar.toml")
     providers = f"""
         [providers.echo]
@@ -230,7 +230,7 @@ def start_sidecar(workdir: str, echo_port: int, fuzz_port: int | None,
 
 
 def start_echo(workdir: str) -> tuple[Process, int]:
-    port = free_port()
+    port = held_port()
     echo = Process("echo", [sys.executable, os.path.join(HERE, "echo.py"), "--port", str(port)],
                    os.path.join(workdir, "echo.log")).start()
     wait_port(port, echo.proc, "echo provider")
@@ -457,8 +457,8 @@ def run_all(opts: Options) -> Result:
     try:
         echo, echo_port = start_echo(workdir)
         procs.append(echo)
-        fuzz_port = free_port() if "b" in opts.runs else None
-        tls_port = free_port() if "c" in opts.runs else None
+        fuzz_port = held_port() if "b" in opts.runs else None
+        tls_port = held_port() if "c" in opts.runs else None
         certs = throwaway_certs(workdir, ("127.0.0.1",), "autobahn test CA") if tls_port else None
         sidecar_port = key = None
         if opts.sidecar:
