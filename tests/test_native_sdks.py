@@ -87,14 +87,22 @@ def metric(sidecar, name: str, **labels) -> float:
     return 0.0
 
 
-def last_session(sidecar, provider: str) -> dict:
-    """The provider's last session-end log line (the log is written as sessions end)."""
+def log_mark(sidecar) -> int:
+    """How many log lines the sidecar has written: `last_session`'s `since`."""
+    return len(sidecar.log_lines())
+
+
+def last_session(sidecar, provider: str, since: int) -> dict:
+    """The provider's last session-end log line after the first `since` lines. A
+    session's line is written once the sidecar has seen it end, which may be after
+    the client is done: wait for it (an earlier test's line is not this one)."""
     deadline = time.monotonic() + 5
     while True:
-        ends = [r for r in sidecar.log_lines()
+        ends = [r for r in sidecar.log_lines()[since:]
                 if r.get("event") == "session_end" and r.get("provider") == provider]
-        if ends or time.monotonic() > deadline:
+        if ends:
             return ends[-1]
+        assert time.monotonic() < deadline, f"no {provider} session_end line after line {since}"
         time.sleep(0.05)
 
 
@@ -110,6 +118,7 @@ def _deepgram_client(sidecar, key: str):
 
 
 def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
+    mark = log_mark(native)
     from deepgram.core.events import EventType
     key = native.keys.plain["good"]
     client = _deepgram_client(native, key)
@@ -143,7 +152,7 @@ def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
     assert key not in path and key not in str(headers)
     assert metric(native, "conduit_usage_seconds_total", key_id="good", provider="deepgram",
                   model="nova-3", kind="audio") == pytest.approx(before + 1.0)
-    assert last_session(native, "deepgram")["usage_seconds"]["audio"] == pytest.approx(1.0)
+    assert last_session(native, "deepgram", mark)["usage_seconds"]["audio"] == pytest.approx(1.0)
 
 
 def _last_request(sidecar, shape):
@@ -199,6 +208,7 @@ def _gemini(native, key_id: str):
 
 
 def test_gemini_python_sdk_over_the_tls_listener(native, sidecar_ca_bundle):
+    mark = log_mark(native)
     client = _gemini(native, "gemini-flash")
 
     async def body():
@@ -222,7 +232,7 @@ def test_gemini_python_sdk_over_the_tls_listener(native, sidecar_ca_bundle):
     assert path == ("/ws/google.ai.generativelanguage.v1.GenerativeService.BidiGenerateContent"
                     "?key=" + urllib.parse.quote(PROVIDER_SECRET, safe=""))
     assert key not in path and key not in str(headers) and "x-goog-api-key" not in headers
-    assert last_session(native, "gemini")["model"] == "gemini-2.5-flash-live"
+    assert last_session(native, "gemini", mark)["model"] == "gemini-2.5-flash-live"
     # usageMetadata comes in a binary frame, after serverContent: metered all the same.
     labels = dict(key_id="gemini-flash", provider="gemini", model="gemini-2.5-flash-live")
     assert metric(native, "conduit_usage_tokens_total", kind="input", **labels) == 5
@@ -354,6 +364,7 @@ def _conversation(native, key: str, agent: str, requires_auth: bool):
 
 
 def test_elevenlabs_private_agent_through_a_signed_url(native):
+    mark = log_mark(native)
     key = native.keys.plain["good"]
     replies = _conversation(native, key, "agent_private", requires_auth=True)
     assert replies == ["echo: hello agent"]
@@ -364,7 +375,7 @@ def test_elevenlabs_private_agent_through_a_signed_url(native):
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
     assert query["agent_id"] == "agent_private" and query["conversation_signature"]
     assert headers["xi-api-key"] == PROVIDER_SECRET and key not in path + str(headers)
-    end = last_session(native, "elevenlabs")
+    end = last_session(native, "elevenlabs", mark)
     assert end["key_id"] == "good" and end["provider"] == "elevenlabs" and end["model"] == "agent_private"
 
 
@@ -391,6 +402,7 @@ def test_elevenlabs_public_agent_without_any_credential(native):
     """requires_auth=False: the SDK sends no credential. The agent is listed as public by
     the key `public-owner`, so the session is that key's, and goes upstream without the
     provider secret."""
+    mark = log_mark(native)
     other = native.keys.plain["good"]            # the SDK's api_key: never sent on this path
     replies = _conversation(native, other, "agent_public_demo", requires_auth=False)
     assert replies == ["echo: hello agent"]
@@ -399,7 +411,7 @@ def test_elevenlabs_public_agent_without_any_credential(native):
     assert query["agent_id"] == "agent_public_demo" and query["source"] == "python_sdk"
     assert "xi-api-key" not in headers and PROVIDER_SECRET not in path + str(headers)
     assert other not in path + str(headers)
-    end = last_session(native, "elevenlabs")
+    end = last_session(native, "elevenlabs", mark)
     assert (end["key_id"], end["model"]) == ("public-owner", "agent_public_demo")
 
 
@@ -528,6 +540,7 @@ def _transcribe(native, key_id: str, model: str | None, seconds: int = 1):
 
 
 def test_openai_transcription_session_through_the_sdk(native):
+    mark = log_mark(native)
     labels = dict(key_id="transcribe-only", provider="openai", model="gpt-4o-transcribe")
     before = metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels)
     event = _transcribe(native, "transcribe-only", "gpt-4o-transcribe")
@@ -540,7 +553,7 @@ def test_openai_transcription_session_through_the_sdk(native):
     time.sleep(0.2)
     assert metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels) == before + 10
     assert metric(native, "conduit_usage_tokens_total", kind="input", **labels) >= 10
-    assert last_session(native, "openai")["model"] == "gpt-4o-transcribe"
+    assert last_session(native, "openai", mark)["model"] == "gpt-4o-transcribe"
 
 
 def test_openai_transcription_billed_by_duration(native):
@@ -560,11 +573,12 @@ def test_openai_transcription_model_not_allowed_gets_4003(native):
 def test_openai_transcription_without_a_model(native):
     """Naming no model is fine for a key that allows any model (label `transcription`),
     not for a key limited to some."""
+    mark = log_mark(native)
     assert _transcribe(native, "transcribe-only", None) == (
         4003, "the first message must name a model for this key")
     event = _transcribe(native, "good", None)
     assert event.transcript == "48000 bytes heard by no model"
-    assert last_session(native, "openai")["model"] == "transcription"
+    assert last_session(native, "openai", mark)["model"] == "transcription"
 
 
 def test_openai_beta_transcription_session_update(native):
@@ -591,6 +605,7 @@ def test_openai_beta_transcription_session_update(native):
 
 
 def test_openai_call_id_session_through_the_sdk(native):
+    mark = log_mark(native)
     async def body():
         async with _openai(native, "good").realtime.connect(call_id="rtc_abc 1") as conn:
             return (await conn.recv()).type
@@ -598,7 +613,7 @@ def test_openai_call_id_session_through_the_sdk(native):
     path, headers = _last_request(native, "openai")
     assert path == "/v1/realtime?call_id=rtc_abc%201"
     assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}"
-    end = last_session(native, "openai")
+    end = last_session(native, "openai", mark)
     assert (end["key_id"], end["model"]) == ("good", "call")
 
 
