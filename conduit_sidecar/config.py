@@ -52,7 +52,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_connections: Count = 1000
     handshake_timeout_seconds: Positive = 10.0
     upstream_connect_timeout_seconds: Positive = 10.0
-    dns_cache_seconds: NonNegative = 30.0  # how long a provider host's addresses are reused
+    dns_cache_seconds: NonNegative = 30.0  # then a provider host's addresses are refreshed (0: no cache)
     close_timeout_seconds: Positive = 5.0
     idle_timeout_seconds: NonNegative = 0.0  # 0: sessions may idle forever
     max_message_bytes: Count = 16 * 1024 * 1024

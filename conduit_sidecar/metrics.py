@@ -89,7 +89,8 @@ class Metrics:
         )
         self.dns_lookups = Counter(
             "conduit_upstream_dns_lookups",
-            "Provider host name lookups (cache misses) by result.",
+            "Provider host name lookups (first use, background refresh, after the addresses "
+            "stopped connecting) by result.",
             ["result"],
             registry=r,
         )

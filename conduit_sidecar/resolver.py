@@ -7,8 +7,9 @@ Envoy re-resolves on a timer and keeps the last good addresses when DNS fails.
 Here the first session after the limit starts a lookup in the background and goes on
 with the last good addresses, which serve until the lookup brings new ones; a failed
 lookup leaves them in use (asked again after a second). A host has no addresses at
-all before its first good lookup, after none of its addresses took a connection, or
-with `dns_cache_seconds = 0`: then a session waits for a lookup, shared by the
+all before its first good lookup, after none of its addresses took a connection
+(`upstream` also drops them when the connect timed out), or with
+`dns_cache_seconds = 0`: then a session waits for a lookup, shared by the
 sessions that need it at the same moment, and a failed one is not kept. A literal
 address is never looked up.
 """
@@ -67,18 +68,15 @@ class Resolver:
         self, factory: Callable[[], asyncio.Protocol], host: str, port: int
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         loop = asyncio.get_running_loop()
-        try:
-            error: OSError | None = None
-            for address in self.cached(host, port) or await self.addresses(host, port):
-                try:
-                    return await loop.create_connection(factory, *address)
-                except OSError as exc:
-                    error = exc
-            assert error is not None  # a lookup gives at least one address
-            raise error
-        except BaseException:  # failed, timed out, or the client left: wait for a lookup next time
-            self.forget(host, port)
-            raise
+        error: OSError | None = None
+        for address in self.cached(host, port) or await self._looked_up(host, port):
+            try:
+                return await loop.create_connection(factory, *address)
+            except OSError as exc:
+                error = exc
+        self.forget(host, port)  # none takes a connection: the next session waits for a lookup
+        assert error is not None  # a lookup gives at least one address
+        raise error
 
     def cached(self, host: str, port: int) -> list[tuple[str, int]] | None:
         """The host name's last good addresses; None when it has none. Past the limit,
@@ -93,11 +91,9 @@ class Resolver:
                 self._start(host, port, entry)
         return entry.addresses
 
-    async def addresses(self, host: str, port: int) -> list[tuple[str, int]]:
-        """(address, port) pairs to try in order. Raises OSError (socket.gaierror)."""
-        cached = self.cached(host, port)
-        if cached is not None:
-            return cached
+    async def _looked_up(self, host: str, port: int) -> list[tuple[str, int]]:
+        """For a host with no addresses to go on: (address, port) pairs from a lookup,
+        the one under way if there is one. Raises OSError (socket.gaierror)."""
         key = (host, port)
         entry = self.entries.get(key)
         if entry is None:

@@ -194,6 +194,8 @@ async def _attempt(
             response, early = await proto.result
     except TimeoutError:
         _drop(transport)
+        if stage == "TCP connect":  # the addresses may be dead: the next session waits for a lookup
+            resolver.forget(uri.host, uri.port)
         raise _Failed("timeout", f"upstream timed out ({stage})", "timeout") from None
     except ssl.SSLCertVerificationError as exc:
         _drop(transport)
