@@ -47,6 +47,7 @@ class Sidecar:
         self.keyset = keyset
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
+        self.handshaking = 0  # connections whose upgrade request is being read
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.metrics = Metrics(lambda: len(self.sessions), config.audio.bytes_per_second)

@@ -84,6 +84,7 @@ class Host(Protocol):
     router: Router
     keyset: KeySet
     balancer: Balancer
+    handshaking: int  # connections still sending their upgrade request (or TLS handshake)
 
     signed_urls: signed_urls.SignedUrls
 
@@ -102,51 +103,68 @@ class Host(Protocol):
 
 class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
-    the connection to `open_session` and keeps nothing of the request."""
+    the connection to `open_session` and keeps nothing of the request. At most
+    `max_connections` connections are read at a time (each holds up to
+    `max_request_bytes`): what a peer can make the sidecar hold before any key is
+    checked has a fixed bound. Past it a connection gets 503 at once (on the wss
+    listener it is dropped: no TLS handshake is spent on it)."""
 
     __slots__ = ("host", "transport", "reader", "timer", "task")
 
     def __init__(self, host: Host):
         self.host = host
         self.task: asyncio.Task[None] | None = None
+        self.reader: RequestReader | None = None  # set while the request is read
 
     def connection_made(self, transport):
         self.transport = transport
-        self.reader: RequestReader | None = RequestReader(self.host.limits.max_request_bytes)
-        self.timer = asyncio.get_running_loop().call_later(
-            self.host.limits.handshake_timeout_seconds, self._timeout
-        )
+        host = self.host
+        if host.handshaking >= host.limits.max_connections:
+            host.count("too_many_handshakes")
+            transport.write(refuse(503, "too many connections in their handshake").response.serialize())
+            transport.close()
+            return
+        host.handshaking += 1
+        self.reader = RequestReader(host.limits.max_request_bytes)
+        limit = host.limits.handshake_timeout_seconds
+        self.timer = asyncio.get_running_loop().call_later(limit, self._timeout)
+
+    def _read(self) -> None:
+        """The request is read (or refused): the connection counts no longer."""
+        self.reader = None
+        self.host.handshaking -= 1
+        self.timer.cancel()
 
     def _timeout(self):
         self.host.count("handshake_timeout")
         self.transport.abort()
 
     def data_received(self, data):
-        if self.task is not None:
-            return  # the session owns the socket; a client must wait for 101
-        assert self.reader is not None  # dropped only when the task starts
+        reader = self.reader
+        if reader is None:
+            return  # the session owns the socket (a client must wait for 101), or it closes
         try:
-            request = self.reader.feed(data)
+            request = reader.feed(data)
         except BadRequest as exc:
-            self.timer.cancel()
+            self._read()
             self.host.count("bad_request")
             self.transport.write(refuse(exc.status, str(exc)).response.serialize())
             self.transport.close()
             return
         if request is None:
             return
-        self.timer.cancel()
+        self._read()
         self.transport.pause_reading()
-        early, self.reader = self.reader.early, None
         self.task = asyncio.get_running_loop().create_task(
-            open_session(self.host, self.transport, request, early)
+            open_session(self.host, self.transport, request, reader.early)
         )
 
     def eof_received(self):
         return False
 
     def connection_lost(self, exc):
-        self.timer.cancel()
+        if self.reader is not None:
+            self._read()
         if self.task is not None and not self.task.done():
             self.task.cancel()
 

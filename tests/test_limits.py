@@ -1,5 +1,5 @@
-"""Limits: global connections (1013), handshake timeout, closing-handshake timeout,
-idle timeout."""
+"""Limits: global connections (1013), connections in their handshake (503), handshake
+timeout, closing-handshake timeout, idle timeout."""
 
 import asyncio
 import socket
@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import raw_upstream_sidecar, run
+from conftest import http_get, raw_upstream_sidecar, run
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,56 @@ def test_global_limit_gets_1013(limited):
         await a.close()
         await b.close()
     run(body())
+
+
+def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
+    """Before any key is checked a peer can hold only max_connections connections, each
+    bounded by max_request_bytes: past them a connection gets 503 at once; a slot is
+    free again as soon as a request is read or its connection ends."""
+    def partial():
+        s = socket.create_connection(("127.0.0.1", limited.port))
+        s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n")  # and no more yet
+        return s
+
+    def metric():
+        _, text = http_get(f"http://127.0.0.1:{limited.admin_port}/metrics")
+        line = [x for x in text.splitlines() if 'result="too_many_handshakes"' in x]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = metric()
+    a, b = partial(), partial()
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", limited.port)) as c:
+            c.settimeout(5)
+            answer = b""
+            while chunk := c.recv(1000):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert answer.endswith(b"too many connections in their handshake\n")
+        assert metric() == before + 1
+        a.close()
+        time.sleep(0.1)
+
+        async def session():
+            async with connect(limited.url(), additional_headers=limited.auth()) as ws:
+                return await ws.recv()
+        assert run(session())  # the slot a held came back
+        # b finishes its request (no key: 101, then 4001): it no longer holds a slot
+        b.sendall(b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        b.settimeout(5)
+        assert b.recv(12) == b"HTTP/1.1 101"
+        c1, c2 = partial(), partial()  # both slots free: neither is answered at once
+        c1.settimeout(0.2), c2.settimeout(0.2)
+        for s in (c1, c2):
+            with pytest.raises(socket.timeout):
+                s.recv(100)
+            s.close()
+    finally:
+        a.close()
+        b.close()
+    assert metric() == before + 1
 
 
 def test_a_silent_connection_is_cut_at_the_handshake_timeout(limited):
