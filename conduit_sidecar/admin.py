@@ -1,12 +1,14 @@
 """The admin listener: /metrics, /healthz, /readyz, POST /drain (from loopback only).
 
 Requests are parsed by websockets' HTTP/1.1 parser; one request per connection,
-bounded in size and time.
+bounded in size and time, and in number: the port listens on the pod's address, so
+any pod may connect, and what it can make the sidecar hold must have a fixed bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import http
 import ipaddress
 from collections.abc import Callable
@@ -23,6 +25,10 @@ __all__ = ["AdminServer"]
 
 _MAX_REQUEST = 8192
 _TIMEOUT = 5.0
+# Prometheus and the kubelet's probes need a connection or two each; past either
+# limit a connection gets 503 at once. Per address, so that one pod cannot take them all.
+_MAX_CONNECTIONS = 64
+_MAX_PER_PEER = 8
 
 
 def _response(
@@ -48,10 +54,20 @@ def _from_loopback(transport) -> bool:
 class _AdminProtocol(asyncio.Protocol):
     def __init__(self, admin: AdminServer):
         self.admin = admin
-        self.reader: RequestReader | None = RequestReader(_MAX_REQUEST)
+        self.reader: RequestReader | None = None
+        self.peer: str | None = None  # the address it is counted under
 
     def connection_made(self, transport):
         self.transport = transport
+        peer = str(transport.get_extra_info("peername")[0])
+        counts = self.admin.connections
+        if counts.total() >= _MAX_CONNECTIONS or counts[peer] >= _MAX_PER_PEER:
+            transport.write(_response(503, "Service Unavailable", b"too many admin connections\n"))
+            transport.close()
+            return
+        counts[peer] += 1
+        self.peer = peer
+        self.reader = RequestReader(_MAX_REQUEST)
         self.timer = asyncio.get_running_loop().call_later(_TIMEOUT, transport.abort)
 
     def data_received(self, data):
@@ -100,7 +116,13 @@ class _AdminProtocol(asyncio.Protocol):
         self.transport.close()
 
     def connection_lost(self, exc):
+        if self.peer is None:
+            return
         self.timer.cancel()
+        counts = self.admin.connections
+        counts[self.peer] -= 1
+        if not counts[self.peer]:
+            del counts[self.peer]
 
 
 class AdminServer:
@@ -121,6 +143,7 @@ class AdminServer:
         self.draining = draining
         self.drain = drain
         self.server: asyncio.AbstractServer | None = None
+        self.connections: collections.Counter[str] = collections.Counter()  # open, per peer address
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the bound address."""

@@ -323,6 +323,44 @@ def test_drain_only_from_loopback(tmp_path, mock_provider):
         sidecar.stop()
 
 
+def test_admin_connections_are_bounded_per_address_and_in_all(ops):
+    """Any pod may connect to the admin port: one address holds at most 8 connections
+    at a time and all together at most 64, each bounded in size and time; past that a
+    connection gets 503 at once, and the others are served as before."""
+    def idle(source: str) -> socket.socket:
+        s = socket.socket()
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", ops.admin_port))
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and no more
+        return s
+
+    def refused(source: str) -> bool:
+        with socket.socket() as s:
+            s.bind((source, 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", ops.admin_port))
+            answer = s.recv(200)
+        return answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"too many admin connections\n")
+
+    held = [idle("127.0.0.2") for _ in range(8)]
+    try:
+        time.sleep(0.2)
+        assert refused("127.0.0.2")
+        assert admin_request(ops, "GET", "/healthz", "127.0.0.3") == 200  # another address
+        held += [idle(f"127.0.0.{n}") for n in range(3, 10) for _ in range(8)]  # 64 in all
+        time.sleep(0.2)
+        assert refused("127.0.0.10")
+        for s in held[:8]:
+            s.close()
+        time.sleep(0.2)
+        assert admin_request(ops, "GET", "/healthz", "127.0.0.10") == 200
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.2)
+    assert admin_request(ops, "GET", "/healthz", "127.0.0.2") == 200
+
+
 def test_malformed_usage_is_ignored_and_counted(ops):
     """Review finding 8: a negative count made Counter.inc raise inside the relay's
     callback; right behind the 101 the session was never released."""
