@@ -104,10 +104,10 @@ class Host(Protocol):
 class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
     the connection to `open_session` and keeps nothing of the request. At most
-    `max_connections` connections are read at a time (each holds up to
-    `max_request_bytes`): what a peer can make the sidecar hold before any key is
-    checked has a fixed bound. Past it a connection gets 503 at once (on the wss
-    listener it is dropped: no TLS handshake is spent on it)."""
+    `max_connections` connections are read (or drained after a refusal, `_Drain`) at
+    a time, each holding up to `max_request_bytes`: what a peer can make the sidecar
+    hold before any key is accepted has a fixed bound. Past it a connection gets 503
+    at once (on the wss listener it is dropped: no TLS handshake is spent on it)."""
 
     __slots__ = ("host", "transport", "reader", "timer", "task")
 
@@ -174,9 +174,12 @@ class _Drain(asyncio.Protocol):
     sends is scanned by the relay's scanner (which holds at most one frame header)
     and discarded, until its close frame or a violation, then the socket is closed.
     Nothing a rejected client sends is kept, however much it sends, and nothing here
-    forms a reference cycle: the connection is freed as soon as it ends."""
+    forms a reference cycle: the connection is freed as soon as it ends. It holds one
+    of the `max_connections` slots of connections without a session until then."""
 
-    def __init__(self, transport, timeout: float):
+    def __init__(self, host: Host, transport, timeout: float):
+        self.host: Host | None = host
+        host.handshaking += 1
         self.transport = transport
         self.scanner = _relay.Scanner(True, record=False)
         self.timer = asyncio.get_running_loop().call_later(timeout, transport.abort)
@@ -192,6 +195,9 @@ class _Drain(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.timer.cancel()
+        if self.host is not None:
+            self.host.handshaking -= 1
+            self.host = None
 
 
 _CLOSE = _relay.KIND_NAMES.index("close")
@@ -201,7 +207,12 @@ def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, a
     if not answered:
         transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
-    drain = _Drain(transport, host.limits.close_timeout_seconds)
+    if transport.is_closing():
+        return  # the client is gone or going: no close of its to wait for
+    if host.handshaking >= host.limits.max_connections:
+        transport.close()  # no slot to wait for the client's close in; it has ours
+        return
+    drain = _Drain(host, transport, host.limits.close_timeout_seconds)
     transport.set_protocol(drain)
     if early:
         drain.data_received(early)

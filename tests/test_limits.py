@@ -70,11 +70,13 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
             async with connect(limited.url(), additional_headers=limited.auth()) as ws:
                 return await ws.recv()
         assert run(session())  # the slot a held came back
-        # b finishes its request (no key: 101, then 4001): it no longer holds a slot
+        # b finishes its request (no key: 101, then 4001) and leaves: its slot is free
         b.sendall(b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         b.settimeout(5)
         assert b.recv(12) == b"HTTP/1.1 101"
+        b.close()
+        time.sleep(0.1)
         c1, c2 = partial(), partial()  # both slots free: neither is answered at once
         c1.settimeout(0.2), c2.settimeout(0.2)
         for s in (c1, c2):
@@ -85,6 +87,42 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
         a.close()
         b.close()
     assert metric() == before + 1
+
+
+def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
+    """After a refusal the sidecar waits up to close_timeout_seconds for the client's
+    close; those connections count among the max_connections without a session."""
+    def rejected():
+        s = socket.create_connection(("127.0.0.1", limited.port))
+        s.settimeout(5)
+        s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer condt_wrong\r\n\r\n")
+        data = b""
+        while b"unknown key" not in data:  # 101, then close 4001 "unknown key"
+            chunk = s.recv(1000)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 101 ")
+        return s  # and it never sends its close
+
+    def answered_at_once() -> bytes:
+        with socket.create_connection(("127.0.0.1", limited.port)) as s:
+            s.settimeout(0.3)
+            try:
+                return s.recv(100)
+            except socket.timeout:
+                return b""
+
+    a, b = rejected(), rejected()
+    try:
+        assert answered_at_once().startswith(b"HTTP/1.1 503 ")
+        time.sleep(1)  # close_timeout_seconds = 0.5: both were cut off
+        assert a.recv(100) == b"" and b.recv(100) == b""
+        assert answered_at_once() == b""  # a slot is free: the request is awaited
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_silent_connection_is_cut_at_the_handshake_timeout(limited):
