@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
+from conduit_sidecar import _relay
 from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.testing import CA
 
@@ -72,7 +73,6 @@ def tls_env(tmp_path_factory, mock_provider):
 def test_both_tls_legs_are_the_relays_own_when_built_with_openssl(tls_env):
     """The TLS tests here run the path this build has: the relay's OpenSSL calls when
     it was built with the headers (NATIVE_TLS), else uvloop's SSL transport."""
-    from conduit_sidecar import _relay
     started = next(line for line in tls_env[0].log_lines() if line.get("event") == "start")
     assert started["tls_relay"] == ("openssl" if _relay.NATIVE_TLS else "uvloop")
 
@@ -83,6 +83,43 @@ def client_ssl(cafile):
 
 def wss_url(sidecar, provider="mock"):
     return f"wss://127.0.0.1:{sidecar.tls_port}/v1/realtime/connect?model=mock-realtime&provider={provider}"
+
+
+@pytest.mark.skipif(not _relay.NATIVE_TLS,
+                    reason="uvloop's SSL transport counts a connection after its TLS handshake")
+def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, mock_provider):
+    """Connections in their TLS handshake count among the max_connections without a
+    session; past them a connection is dropped before any TLS is done for it."""
+    tls_port = free_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        self_signed = true
+        ca_out = "{tmp_path / 'public' / 'ca.pem'}"
+        state_dir = "{tmp_path / 'private'}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra,
+                             limits="max_connections = 1").start()
+    sidecar.tls_port, sidecar.ca_out = tls_port, str(tmp_path / "public" / "ca.pem")
+    try:
+        silent = socket.create_connection(("127.0.0.1", tls_port))  # no ClientHello yet
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", tls_port)) as raw:
+            raw.settimeout(5)
+            t0 = time.monotonic()
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                client_ssl(sidecar.ca_out).wrap_socket(raw, server_hostname="127.0.0.1")
+            assert time.monotonic() - t0 < 2  # dropped, not left to the handshake timeout
+        silent.close()
+        time.sleep(0.1)
+
+        async def body():
+            async with connect(wss_url(sidecar), additional_headers=sidecar.auth(),
+                               ssl=client_ssl(sidecar.ca_out)) as ws:
+                return await ws.recv()
+        assert "session.created" in run(body())
+    finally:
+        sidecar.stop()
 
 
 def test_websockets_client_over_the_tls_listener(tls_env):
@@ -200,7 +237,6 @@ def test_provider_sessions_resume_only_for_the_same_trust_and_name(tls_env):
     at the same address with another trust store, or under another name, never gets
     the session and is verified in full."""
     sidecar, ca, ports, root = tls_env
-    from conduit_sidecar import _relay
     resumed = []
 
     async def legs(n):
