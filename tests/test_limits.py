@@ -64,7 +64,7 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
         assert answer.endswith(b"too many connections in their handshake\n")
         assert metric() == before + 1
         a.close()
-        time.sleep(0.1)
+        time.sleep(0.5)  # its end is handled
 
         async def session():
             async with connect(limited.url(), additional_headers=limited.auth()) as ws:
@@ -76,7 +76,7 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
         b.settimeout(5)
         assert b.recv(12) == b"HTTP/1.1 101"
         b.close()
-        time.sleep(0.1)
+        time.sleep(0.5)
         c1, c2 = partial(), partial()  # both slots free: neither is answered at once
         c1.settimeout(0.2), c2.settimeout(0.2)
         for s in (c1, c2):

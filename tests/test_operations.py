@@ -352,12 +352,12 @@ def test_admin_connections_are_bounded_per_address_and_in_all(ops):
         assert refused("127.0.0.10")
         for s in held[:8]:
             s.close()
-        time.sleep(0.2)
+        time.sleep(0.5)  # their ends are handled
         assert admin_request(ops, "GET", "/healthz", "127.0.0.10") == 200
     finally:
         for s in held:
             s.close()
-    time.sleep(0.2)
+    time.sleep(0.5)
     assert admin_request(ops, "GET", "/healthz", "127.0.0.2") == 200
 
 
