@@ -1,4 +1,4 @@
-"""The admin listener: /metrics, /healthz, /readyz, POST /drain (from loopback only).
+"""The admin listener: /metrics, /healthz, /readyz, POST /drain (from 127.0.0.1 or ::1 only).
 
 Requests are parsed by websockets' HTTP/1.1 parser; one request per connection,
 bounded in size and time, and in number: the port listens on the pod's address, so
@@ -40,7 +40,13 @@ def _response(
     return Response(status, reason, headers, body).serialize()
 
 
-def _from_loopback(transport) -> bool:
+# Exactly these, not all of 127.0.0.0/8: Istio's sidecar forwards some of other pods'
+# connections to the app from 127.0.0.6, while a process of the pod itself that
+# connects to 127.0.0.1 or ::1 comes from that same address (docs/kubernetes.md).
+_POD_ITSELF = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+def _from_pod_itself(transport) -> bool:
     peer = transport.get_extra_info("peername")
     try:
         address = ipaddress.ip_address(peer[0])
@@ -48,7 +54,7 @@ def _from_loopback(transport) -> bool:
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return address.is_loopback
+    return address in _POD_ITSELF
 
 
 class _AdminProtocol(asyncio.Protocol):
@@ -101,11 +107,11 @@ class _AdminProtocol(asyncio.Protocol):
                 return self._send(_response(200, "OK", b"ready\n"))
             why = b"draining\n" if admin.draining() else b"not ready\n"
             return self._send(_response(503, "Service Unavailable", why))
-        if not _from_loopback(self.transport):
+        if not _from_pod_itself(self.transport):
             # Anyone who can reach the admin port (Prometheus, the kubelet, any pod)
             # may read it; only the pod itself may drain it. Kubernetes drains with
             # SIGTERM, which needs no request at all.
-            return self._send(_response(403, "Forbidden", b"drain is only accepted from loopback\n"))
+            return self._send(_response(403, "Forbidden", b"drain is only accepted from 127.0.0.1 or ::1\n"))
         admin.drain()
         return self._send(_response(202, "Accepted", b"draining\n"))
 

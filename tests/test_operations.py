@@ -307,7 +307,8 @@ def admin_request(sidecar, method: str, path: str, source: str) -> int:
 
 def test_drain_only_from_loopback(tmp_path, mock_provider):
     """Review finding 2: the admin port listens on every address (Prometheus, the
-    kubelet); reads are open to all, POST /drain only to the pod itself."""
+    kubelet); reads are open to all, POST /drain only to the pod itself (127.0.0.1,
+    ::1)."""
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
     sidecar.env["CONDUIT_ADMIN_LISTEN"] = f"0.0.0.0:{sidecar.admin_port}"
     sidecar.start()
@@ -316,6 +317,9 @@ def test_drain_only_from_loopback(tmp_path, mock_provider):
         for path in ("/metrics", "/healthz", "/readyz"):
             assert admin_request(sidecar, "GET", path, outside) == 200
         assert admin_request(sidecar, "POST", "/drain", outside) == 403
+        # Istio's sidecar forwards other pods' connections from 127.0.0.6: loopback,
+        # but not the pod itself
+        assert admin_request(sidecar, "POST", "/drain", "127.0.0.6") == 403
         assert http_get(sidecar.admin("/readyz"))[0] == 200         # not draining
         assert admin_request(sidecar, "POST", "/drain", "127.0.0.1") == 202
         assert sidecar.proc.wait(10) == 0            # no sessions: the drain ends at once
