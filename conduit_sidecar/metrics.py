@@ -56,12 +56,17 @@ class _RelayCollector:
 
 
 class Metrics:
-    def __init__(self, sessions_active, audio_bytes_per_second: int):
+    def __init__(self, sessions_active, pending, audio_bytes_per_second: int):
         self._children: dict[tuple, Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("conduit_connections_active", "Sessions being relayed.", registry=r).set_function(
             sessions_active
         )
+        Gauge(
+            "conduit_connections_pending",
+            "Connections without a session: sending their upgrade request, or refused and awaiting a close.",
+            registry=r,
+        ).set_function(pending)
         self.connections = Counter(
             "conduit_connections", "Client handshakes by outcome.", ["result"], registry=r
         )

@@ -50,7 +50,9 @@ class Sidecar:
         self.handshaking = 0  # connections whose upgrade request is being read
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
-        self.metrics = Metrics(lambda: len(self.sessions), config.audio.bytes_per_second)
+        self.metrics = Metrics(
+            lambda: len(self.sessions), lambda: self.handshaking, config.audio.bytes_per_second
+        )
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
         self.governor = Governor(config, self.metrics, self.sessions, self.live_per_key, self.model_label)

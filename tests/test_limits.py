@@ -11,7 +11,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import http_get, raw_upstream_sidecar, run
+from conftest import raw_upstream_sidecar, run
+from test_governance import metric
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,14 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
         s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n")  # and no more yet
         return s
 
-    def metric():
-        _, text = http_get(f"http://127.0.0.1:{limited.admin_port}/metrics")
-        line = [x for x in text.splitlines() if 'result="too_many_handshakes"' in x]
-        return float(line[0].split()[-1]) if line else 0.0
+    def refusals():
+        return metric(limited, 'conduit_connections_total{result="too_many_handshakes"}')
 
-    before = metric()
+    before = refusals()
     a, b = partial(), partial()
     try:
+        time.sleep(0.1)
+        assert metric(limited, "conduit_connections_pending") == 2
         with socket.create_connection(("127.0.0.1", limited.port)) as c:
             c.settimeout(5)
             answer = b""
@@ -66,7 +67,7 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
         b.close()
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert answer.endswith(b"too many connections in their handshake\n")
-    assert metric() == before + 1
+    assert refusals() == before + 1
     time.sleep(0.5)  # their ends are handled
 
     async def body():
@@ -79,7 +80,9 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
             c2.close()
             return answered
     assert run(body()) == []
-    assert metric() == before + 1
+    assert refusals() == before + 1
+    time.sleep(0.5)
+    assert metric(limited, "conduit_connections_pending") == 0
 
 
 def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
@@ -109,6 +112,7 @@ def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
 
     a, b = rejected(), rejected()
     try:
+        assert metric(limited, "conduit_connections_pending") == 2
         assert answered_at_once().startswith(b"HTTP/1.1 503 ")
         time.sleep(1)  # close_timeout_seconds = 0.5: both were cut off
         assert a.recv(100) == b"" and b.recv(100) == b""
@@ -116,6 +120,8 @@ def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
     finally:
         a.close()
         b.close()
+    time.sleep(0.7)  # the last one's handshake timeout (0.5 s)
+    assert metric(limited, "conduit_connections_pending") == 0
 
 
 def test_a_silent_connection_is_cut_at_the_handshake_timeout(limited):

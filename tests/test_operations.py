@@ -208,7 +208,8 @@ def test_admin_endpoints(ops):
 def test_metrics_exposition_round_trips(ops):
     text = http_get(ops.admin("/metrics"))[1]
     names = {f.name for f in text_string_to_metric_families(text)}
-    for name in ("conduit_connections_active", "conduit_connections", "conduit_connection_duration_seconds",
+    for name in ("conduit_connections_active", "conduit_connections_pending", "conduit_connections",
+                 "conduit_connection_duration_seconds",
                  "conduit_frames", "conduit_bytes", "conduit_upstream_connect_seconds",
                  "conduit_auth_failures", "conduit_closes", "conduit_keys_reload",
                  "conduit_relay_processing_seconds", "conduit_build_info", "conduit_usage_tokens",
