@@ -65,7 +65,7 @@ class _AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
-        peer = str(transport.get_extra_info("peername")[0])
+        peer = str((transport.get_extra_info("peername") or ("",))[0])
         counts = self.admin.connections
         if counts.total() >= _MAX_CONNECTIONS or counts[peer] >= _MAX_PER_PEER:
             transport.write(_response(503, "Service Unavailable", b"too many admin connections\n"))

@@ -20,7 +20,7 @@ from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Usage
 from .metrics import Metrics
 from .providers import meter
 from .routing import Router
-from .session import ClientHandshake, SessionInfo
+from .session import ClientHandshake, SessionInfo, Slots
 from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .tlsleg import TLSStream
@@ -47,11 +47,11 @@ class Sidecar:
         self.keyset = keyset
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
-        self.handshaking = 0  # connections whose upgrade request is being read
+        self.pending = Slots(self.limits.max_connections)  # connections without a session
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.metrics = Metrics(
-            lambda: len(self.sessions), lambda: self.handshaking, config.audio.bytes_per_second
+            lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
         )
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()

@@ -28,7 +28,7 @@ from .providers import BadPath, bare_path, meter, normalise_path
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
 
-__all__ = ["ClientHandshake", "Host", "SessionInfo"]
+__all__ = ["ClientHandshake", "Host", "SessionInfo", "Slots"]
 
 log = logging.getLogger("conduit.session")
 _ids = itertools.count(1)
@@ -75,6 +75,29 @@ class SessionInfo:
         return f"s{self.number}"
 
 
+class Slots:
+    """The `max_connections` slots of connections without a session: sending their
+    upgrade request (on the wss listener, from the TLS handshake on), or refused after
+    the upgrade and awaiting their close (`_Drain`). Each holds at most
+    `max_request_bytes` plus one read, so what peers that have shown no valid key can
+    make the sidecar hold has a fixed bound."""
+
+    __slots__ = ("limit", "taken")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give(self) -> None:
+        self.taken -= 1
+
+
 class Host(Protocol):
     """What a session needs from the process that serves it (server.Sidecar is one).
     Sessions know nothing else of it: data flows from the listener to the relay, and
@@ -84,7 +107,7 @@ class Host(Protocol):
     router: Router
     keyset: KeySet
     balancer: Balancer
-    handshaking: int  # connections still sending their upgrade request (or TLS handshake)
+    pending: Slots
 
     signed_urls: signed_urls.SignedUrls
 
@@ -103,10 +126,8 @@ class Host(Protocol):
 
 class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
-    the connection to `open_session` and keeps nothing of the request. At most
-    `max_connections` connections are read (or drained after a refusal, `_Drain`) at
-    a time, each holding up to `max_request_bytes`: what a peer can make the sidecar
-    hold before any key is accepted has a fixed bound. Past it a connection gets 503
+    the connection to `open_session` and keeps nothing of the request. It holds one
+    of the host's `pending` slots while it reads; with none free a connection gets 503
     at once (on the wss listener it is dropped: no TLS handshake is spent on it)."""
 
     __slots__ = ("host", "transport", "reader", "timer", "task")
@@ -119,20 +140,19 @@ class ClientHandshake(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         host = self.host
-        if host.handshaking >= host.limits.max_connections:
+        if not host.pending.take():
             host.count("too_many_handshakes")
             transport.write(refuse(503, "too many connections in their handshake").response.serialize())
             transport.close()
             return
-        host.handshaking += 1
         self.reader = RequestReader(host.limits.max_request_bytes)
         limit = host.limits.handshake_timeout_seconds
         self.timer = asyncio.get_running_loop().call_later(limit, self._timeout)
 
-    def _read(self) -> None:
-        """The request is read (or refused): the connection counts no longer."""
+    def _done_reading(self) -> None:
+        """The request is read (or refused), or the connection ended: its slot is free."""
         self.reader = None
-        self.host.handshaking -= 1
+        self.host.pending.give()
         self.timer.cancel()
 
     def _timeout(self):
@@ -146,14 +166,14 @@ class ClientHandshake(asyncio.Protocol):
         try:
             request = reader.feed(data)
         except BadRequest as exc:
-            self._read()
+            self._done_reading()
             self.host.count("bad_request")
             self.transport.write(refuse(exc.status, str(exc)).response.serialize())
             self.transport.close()
             return
         if request is None:
             return
-        self._read()
+        self._done_reading()
         self.transport.pause_reading()
         self.task = asyncio.get_running_loop().create_task(
             open_session(self.host, self.transport, request, reader.early)
@@ -164,7 +184,7 @@ class ClientHandshake(asyncio.Protocol):
 
     def connection_lost(self, exc):
         if self.reader is not None:
-            self._read()
+            self._done_reading()
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
@@ -174,12 +194,11 @@ class _Drain(asyncio.Protocol):
     sends is scanned by the relay's scanner (which holds at most one frame header)
     and discarded, until its close frame or a violation, then the socket is closed.
     Nothing a rejected client sends is kept, however much it sends, and nothing here
-    forms a reference cycle: the connection is freed as soon as it ends. It holds one
-    of the `max_connections` slots of connections without a session until then."""
+    forms a reference cycle: the connection is freed as soon as it ends. It holds the
+    `pending` slot its caller took until then."""
 
-    def __init__(self, host: Host, transport, timeout: float):
-        self.host: Host | None = host
-        host.handshaking += 1
+    def __init__(self, slots: Slots, transport, timeout: float):
+        self.slots: Slots | None = slots
         self.transport = transport
         self.scanner = _relay.Scanner(True, record=False)
         self.timer = asyncio.get_running_loop().call_later(timeout, transport.abort)
@@ -195,9 +214,9 @@ class _Drain(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.timer.cancel()
-        if self.host is not None:
-            self.host.handshaking -= 1
-            self.host = None
+        if self.slots is not None:
+            self.slots.give()
+            self.slots = None
 
 
 _CLOSE = _relay.KIND_NAMES.index("close")
@@ -209,10 +228,10 @@ def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, a
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
     if transport.is_closing():
         return  # the client is gone or going: no close of its to wait for
-    if host.handshaking >= host.limits.max_connections:
+    if not host.pending.take():
         transport.close()  # no slot to wait for the client's close in; it has ours
         return
-    drain = _Drain(host, transport, host.limits.close_timeout_seconds)
+    drain = _Drain(host.pending, transport, host.limits.close_timeout_seconds)
     transport.set_protocol(drain)
     if early:
         drain.data_received(early)
