@@ -57,7 +57,8 @@ class Admission(msgspec.Struct, frozen=True):
     at_capacity: bool
     draining: bool
     allowed_origins: list[str] | None
-    signed: Callable[[str], str | None] = lambda _: None  # signature -> the key id it stands for
+    # signature -> (the key id it stands for, the deployment that signed it), or None
+    signed: Callable[[str], tuple[str, str] | None] = lambda _: None
 
 
 class Refuse(msgspec.Struct, frozen=True):
@@ -97,6 +98,9 @@ class Accept(msgspec.Struct, frozen=True):
     # Admitted for a key's public agent with no credential presented: sent upstream
     # without the provider secret.
     anonymous: bool = False
+    # A signed URL's session: only the deployment that signed it takes the signature,
+    # so it goes there and nowhere else.
+    deployment: str | None = None
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
@@ -223,12 +227,14 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     elevenlabs = where is not None and where.provider == "elevenlabs"
     signature = query.get("conversation_signature", [""])[0]
     anonymous = False
+    deployment = None
     if key is None and elevenlabs and signature:
         # A signed URL the sidecar handed out carries no key: it stands for the key
         # it was issued to.
-        key_id = state.signed(signature)
-        if key_id is None:
+        issued = state.signed(signature)
+        if issued is None:
             return _rejected(response, Rejection.SIGNATURE)
+        key_id, deployment = issued
         entry = state.keyset.by_id.get(key_id)
     elif key is None and elevenlabs and model in state.keyset.by_agent:
         # A public agent: ElevenLabs' SDK sends no credential at all. The key that lists
@@ -281,6 +287,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         hold,
         kind,
         anonymous,
+        deployment,
     )
 
 

@@ -82,7 +82,7 @@ class Sidecar:
             len(self.sessions) >= self.limits.max_connections,
             self.draining,
             self.config.allowed_origins,
-            self.signed_urls.key_id,
+            self.signed_urls.issued_to,
         )
 
     async def govern(self, info: SessionInfo) -> tuple[int, str] | None:

@@ -29,7 +29,8 @@ from ._relay import CloseCode
 from .config import Limits
 from .handshake import admit, refuse
 from .keys import KeySet, Rejection
-from .routing import Route, RouteError, Router
+from .routing import Route, RouteError, Router, Upstream
+from .upstream import Balancer
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
@@ -45,27 +46,29 @@ _STATUS: dict[int, int] = {
 
 
 class SignedUrls:
-    """Signatures handed out -> the key id they stand for. Least recently issued go
-    first past `size`; a signature is good for `ttl` seconds (ElevenLabs': 15 min)."""
+    """Signatures handed out -> (the key id they stand for, the deployment that signed
+    them: only it takes the signature). Least recently issued go first past `size`; a
+    signature is good for `ttl` seconds (ElevenLabs': 15 min)."""
 
     def __init__(self, size: int = 10000, ttl: float = 900.0, clock=time.monotonic):
         self.size, self.ttl, self.clock = size, ttl, clock
-        self.issued: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self.issued: collections.OrderedDict[str, tuple[str, str, float]] = collections.OrderedDict()
 
-    def remember(self, signature: str, key_id: str) -> None:
-        self.issued[signature] = (key_id, self.clock() + self.ttl)
+    def remember(self, signature: str, key_id: str, deployment: str) -> None:
+        self.issued[signature] = (key_id, deployment, self.clock() + self.ttl)
         self.issued.move_to_end(signature)
         while len(self.issued) > self.size:
             self.issued.popitem(last=False)
 
-    def key_id(self, signature: str) -> str | None:
+    def issued_to(self, signature: str) -> tuple[str, str] | None:
+        """(key id, deployment label), or None: unknown or expired."""
         entry = self.issued.get(signature)
         if entry is None:
             return None
-        if entry[1] < self.clock():
+        if entry[2] < self.clock():
             del self.issued[signature]
             return None
-        return entry[0]
+        return entry[0], entry[1]
 
 
 class _Signed(msgspec.Struct):
@@ -73,6 +76,7 @@ class _Signed(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(_Signed)
+_Split = urllib.parse.SplitResult
 
 
 def _json(status: int, body: dict) -> Response:
@@ -103,6 +107,7 @@ class Gate(Protocol):
     router: Router
     limits: Limits
     signed_urls: SignedUrls
+    balancer: Balancer
 
     def auth_failed(self, why: Rejection) -> None: ...
 
@@ -130,19 +135,50 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             host.auth_failed(why)
         return _json(_STATUS.get(code, 400), {"detail": reason})
     assert entry is not None  # admit refuses an unknown key
-    try:
-        # The REST call goes to the first deployment: its URL, resource and secret
-        # (the route's own spec has the deployments' template fields unresolved).
-        upstream = host.router.upstream(admitted.targets[0], agent)
-    except RouteError as exc:
-        return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
+    # Deployments in the balancer's order (resting ones skipped), failing over as a
+    # session's connect does; all share upstream_connect_timeout_seconds.
+    ready, resting = host.balancer.order(admitted, time.monotonic())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + host.limits.upstream_connect_timeout_seconds
+    notes: list[str] = []
+    for i, h in enumerate(ready):
+        left = deadline - loop.time()
+        if left <= 0:
+            notes.append(f"{h.name} not tried")
+            continue
+        try:
+            # The deployment's own URL, resource and secret (the route's spec has the
+            # deployments' template fields unresolved).
+            upstream = host.router.upstream(h.target, agent)
+        except RouteError as exc:
+            return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
+        signed, failover = await _sign(upstream, agent, left / (len(ready) - i))
+        if isinstance(signed, str):
+            notes.append(f"{h.name} {signed}")
+            if failover:
+                continue
+            break
+        signature = urllib.parse.parse_qs(signed.query)["conversation_signature"][0]
+        host.signed_urls.remember(signature, entry.id, h.target.label)
+        ours = urllib.parse.urlunsplit(
+            ("wss" if secure else "ws", authority, "/v1/convai/conversation", signed.query, "")
+        )
+        return _json(200, {"signed_url": ours})
+    if len(notes) == 1 and not resting:
+        return _json(502, {"detail": "provider " + notes[0].partition(" ")[2]})  # its own words
+    notes += [f"{h.name} resting" for h in resting]
+    return _json(502, {"detail": "provider failed: " + "; ".join(notes)})
+
+
+async def _sign(upstream: Upstream, agent: str, timeout: float) -> tuple[_Split | str, bool]:
+    """One deployment's signed URL (split), or (what went wrong, whether to try the
+    next deployment: yes but for an HTTP refusal of the request itself, e.g. 404)."""
     uri = upstream.uri
     path = uri.resource_name.partition("?")[0]
     rest = (
         f"{'https' if uri.secure else 'http'}://{uri.host}:{uri.port}{path}/get-signed-url?"
         + urllib.parse.urlencode({"agent_id": agent}, quote_via=urllib.parse.quote)
     )
-    timeout = host.limits.upstream_connect_timeout_seconds
     try:
         body = await asyncio.get_running_loop().run_in_executor(
             None, _fetch, rest, upstream.headers, upstream.ssl, timeout
@@ -151,16 +187,9 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
     except urllib.error.HTTPError as exc:
-        return _json(502, {"detail": f"provider refused: HTTP {exc.code}"})
+        return f"refused: HTTP {exc.code}", exc.code in (401, 403, 429) or exc.code >= 500
     except (OSError, ValueError, msgspec.DecodeError) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"
-        return _json(502, {"detail": f"provider {reason}"})
-    params = urllib.parse.parse_qs(signed.query)
-    signature = params.get("conversation_signature", [""])[0]
-    if not signature:
-        return _json(502, {"detail": "provider's signed URL has no signature"})
-    host.signed_urls.remember(signature, entry.id)
-    ours = urllib.parse.urlunsplit(
-        ("wss" if secure else "ws", authority, "/v1/convai/conversation", signed.query, "")
-    )
-    return _json(200, {"signed_url": ours})
+        return ("timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"), True
+    if not urllib.parse.parse_qs(signed.query).get("conversation_signature", [""])[0]:
+        return "gave a signed URL without a signature", True
+    return signed, True

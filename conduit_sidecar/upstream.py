@@ -369,14 +369,18 @@ class Balancer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         model = None if decision.modelless else decision.model  # its URL names no model
-        routes = [decision.route] + [
-            r for r in self.router.fallbacks(decision.route, model) if decision.key.allows_provider(r.name)
-        ]
+        # A signed URL's session goes to the deployment that signed it and nowhere else.
+        signed = decision.deployment is not None
+        fallbacks = [] if signed else self.router.fallbacks(decision.route, model)
+        routes = [decision.route] + [r for r in fallbacks if decision.key.allows_provider(r.name)]
         candidates, resting = [], []
         for route in routes:
             ready, rest = self.order(route, time.monotonic())
             candidates += ready
             resting += rest
+        if signed:
+            candidates = [h for h in candidates if h.target.label == decision.deployment]
+            resting = [h for h in resting if h.target.label == decision.deployment]
         errors: list[Exception] = []
         notes: list[str] = []
         for i, h in enumerate(candidates):

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import msgspec
@@ -583,6 +584,90 @@ def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
     assert headers["api-key"] == PROVIDER_SECRET and "Authorization" not in headers
     end, = ended(sidecar)
     assert (end["provider"], end["deployment"], end["model"]) == ("azure", "eastus2", "gpt-realtime")
+
+
+# -- 6. ElevenLabs' signed URLs: one deployment signs, the same one serves -------------
+
+def _elevenlabs(*ports: int) -> str:
+    body = "".join(f"""
+        [[providers.elevenlabs.deployments]]
+        name = "{name}"
+        url = "ws://127.0.0.1:{port}/v1/convai/conversation?agent_id={{model}}"
+        """ for name, port in zip("ab", ports))
+    return f"""
+        [providers.elevenlabs]
+        secret_env = "PROVIDER_KEY"
+        selection = "least_sessions"
+        """ + body
+
+
+async def _signed_url(sidecar, agent: str = "agent_private") -> tuple[int, dict]:
+    """The sidecar's answer to the SDK's get-signed-url call."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{sidecar.port}/v1/convai/conversation/get-signed-url?agent_id={agent}",
+        headers={"xi-api-key": sidecar.keys.plain["good"]})
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+    return await asyncio.to_thread(fetch)
+
+
+async def _talk(url: str, **kw) -> str:
+    async with connect(url, open_timeout=10, **kw) as ws:
+        await ws.send('{"type":"conversation_initiation_client_data"}')
+        return json.loads(await ws.recv())["type"]
+
+
+def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workdir):
+    down, up = free_port(), free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(down, up))
+
+    async def body():
+        async with MockProvider(port=up, shape="elevenlabs") as b:
+            status, answer = await _signed_url(sidecar)
+            assert status == 200, answer
+            return await _talk(answer["signed_url"]), b.issued, b.requests
+    try:
+        first, issued, requests = run(body())
+    finally:
+        sidecar.stop()
+    assert first == "conversation_initiation_metadata"
+    assert len(issued) == 1 and any(sig in requests[-1][0] for sig in issued)
+    end, = ended(sidecar)
+    assert (end["provider"], end["deployment"], end["key_id"]) == ("elevenlabs", "b", "good")
+
+
+def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
+    """`a` signs (both idle: listed order). A keyed session then makes `a` the busier,
+    so the balancer would send the next session to `b`, which never issued the
+    signature: the signed session must still go to `a`, and `b` is neither asked nor
+    rested."""
+    ports = free_port(), free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(*ports))
+    key = {"xi-api-key": sidecar.keys.plain["good"]}
+
+    async def body():
+        async with MockProvider(port=ports[0], shape="elevenlabs") as a, \
+                MockProvider(port=ports[1], shape="elevenlabs") as b:
+            status, answer = await _signed_url(sidecar)
+            assert status == 200 and len(a.issued) == 1 and not b.issued, answer
+            url = f"ws://127.0.0.1:{sidecar.port}/v1/convai/conversation?agent_id=agent_x"
+            async with connect(url, additional_headers=key, open_timeout=10):
+                first = await _talk(answer["signed_url"])
+            return first, len(a.requests), len(b.requests)
+    try:
+        first, to_a, to_b = run(body())
+        healthy_b = metric(sidecar, "conduit_deployment_healthy", deployment="b", provider="elevenlabs")
+    finally:
+        sidecar.stop()
+    assert first == "conversation_initiation_metadata"
+    assert (to_a, to_b) == (3, 0)    # the REST call, the keyed session, the signed one
+    assert healthy_b == 1
+    assert sorted(e["deployment"] for e in ended(sidecar)) == ["a", "a"]
 
 
 # -- config --------------------------------------------------------------------------

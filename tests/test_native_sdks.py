@@ -467,11 +467,11 @@ def test_signed_urls_are_remembered_briefly_and_boundedly():
     now = [0.0]
     urls = SignedUrls(size=2, ttl=60, clock=lambda: now[0])
     for n in range(3):
-        urls.remember(f"sig{n}", f"key{n}")
-    assert urls.key_id("sig0") is None                      # the least recent went first
-    assert urls.key_id("sig2") == "key2"
+        urls.remember(f"sig{n}", f"key{n}", f"deployment{n}")
+    assert urls.issued_to("sig0") is None                   # the least recent went first
+    assert urls.issued_to("sig2") == ("key2", "deployment2")
     now[0] = 61
-    assert urls.key_id("sig1") is None and len(urls.issued) == 1
+    assert urls.issued_to("sig1") is None and len(urls.issued) == 1
 
 
 # -- Azure OpenAI --------------------------------------------------------------------

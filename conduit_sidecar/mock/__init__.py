@@ -51,6 +51,7 @@ class MockProvider:
         self.server: Server | None = None
         self.handler = self._handle if shape in ("openai", "azure") else native.SHAPES[shape]
         self.rest = native.REST.get(shape)
+        self.issued: set[str] = set()  # signatures of the signed URLs it handed out
 
     @property
     def url(self) -> str:

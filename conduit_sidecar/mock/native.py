@@ -164,7 +164,6 @@ async def assemblyai(ws: ServerConnection) -> None:
             return
 
 
-_issued: set[str] = set()
 PUBLIC_AGENTS = "agent_public"  # the prefix of the agents anyone may talk to
 
 
@@ -202,12 +201,12 @@ async def elevenlabs(ws: ServerConnection) -> None:
 
 def elevenlabs_rest(mock, connection, request):
     """`get-signed-url`: a URL to this mock with a fresh signature; a session whose
-    signature this mock did not issue is refused."""
+    signature this mock did not issue is refused (each mock is its own account)."""
     url = urllib.parse.urlsplit(request.path)
     q = dict(urllib.parse.parse_qsl(url.query))
     if "upgrade" in request.headers.get("Connection", "").lower():
         signature = q.get("conversation_signature")
-        if signature is not None and signature not in _issued:
+        if signature is not None and signature not in mock.issued:
             return connection.respond(http.HTTPStatus.FORBIDDEN, "bad signature\n")
         public = q.get("agent_id", "").startswith(PUBLIC_AGENTS)
         if signature is None and "xi-api-key" not in request.headers and not public:
@@ -215,7 +214,7 @@ def elevenlabs_rest(mock, connection, request):
         return None
     if url.path == "/v1/convai/conversation/get-signed-url" and q.get("agent_id"):
         signature = secrets.token_urlsafe(16)
-        _issued.add(signature)
+        mock.issued.add(signature)
         signed = f"{mock.url}/v1/convai/conversation?" + urllib.parse.urlencode(
             {"agent_id": q["agent_id"], "conversation_signature": signature}
         )
