@@ -557,6 +557,35 @@ def test_webhook_holds_a_slow_body_attack(tls_files):
     assert "shed" in output
 
 
+def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
+    """Connections count from accept, not from the end of their TLS handshake: with
+    `--max-connections 2`, two connections that never send a ClientHello take both
+    places, the third is closed at once (no handshake state is made for it), and once
+    one of the two goes a review is answered again. Unbounded, a peer in the cluster
+    could hold any number of pending handshakes for REQUEST_DEADLINE each."""
+    proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE, "--max-connections", "2")
+    held = [socket.create_connection(("127.0.0.1", hook.port)) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        third = socket.create_connection(("127.0.0.1", hook.port))
+        third.settimeout(5)
+        try:
+            closed = third.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            closed = False
+        third.close()
+        assert closed, "a third connection waited for its TLS handshake"
+        held.pop().close()
+        time.sleep(0.3)
+        assert hook.review(pod())["allowed"] is True
+    finally:
+        for s in held:
+            s.close()
+        stop(proc)
+
+
 def apply_patch(pod: dict, patch: list[dict], tmp_path: pathlib.Path) -> dict:
     """Apply with the jsonpatch package and with kubectl; both must agree."""
     patched = jsonpatch.apply_patch(pod, patch)

@@ -14,9 +14,10 @@ It runs on the same asyncio (uvloop) stack as the sidecar: one task per connecti
 no threads. What a client can hold is bounded (the pod has a 128Mi memory limit, and
 with `failurePolicy: Fail` an injector down blocks every opted-in pod):
 
-* connections: `MAX_CONNECTIONS`; the excess is closed once its TLS handshake is done,
-  before a byte of its request is read;
-* time: the TLS handshake, then each request (from the end of the handshake or of
+* connections: `MAX_CONNECTIONS`, counted from accept: the excess is closed at once,
+  before any TLS work is done for it, so pending handshakes are bounded too (TLS
+  runs in `tlsleg.TLSStream`, as on the sidecar's wss listener);
+* time: the TLS handshake with the first request, then each further request (from
   the previous answer until its answer is written), must each be over within
   `REQUEST_DEADLINE`, however the bytes arrive; else the connection is dropped;
 * memory: a body is read up to `MAX_BODY`, and the bodies in progress together up to
@@ -42,6 +43,7 @@ import mmap
 import os
 import signal
 import sys
+import time
 from http import HTTPStatus
 
 import h11
@@ -51,6 +53,7 @@ import uvloop
 from .. import logs
 from ..config import TLS_PORT, ConfigError, split_hostport
 from ..tls import CertFiles
+from ..tlsleg import TLSStream
 from .inject import DEFAULT_IMAGE, InjectError, Settings, json_patch_for_pod
 
 __all__ = [
@@ -71,7 +74,6 @@ MAX_HEADERS = 16 << 10  # request line and headers
 MAX_CONNECTIONS = 128
 BODY_BUDGET = 16 << 20  # all bodies in progress; with the rest, well under 128Mi
 REQUEST_DEADLINE = 10.0  # seconds; the API server gives up after timeoutSeconds (5)
-READ_SIZE = 64 << 10
 
 
 class BadReview(ValueError):
@@ -165,14 +167,10 @@ class _Dropped(Exception):
     """The connection was dropped under us, or the peer went away."""
 
 
-# Where TLS decrypts for every connection: each piece goes to h11 at once (a copy),
-# so one buffer serves all, and a connection never holds more than READ_SIZE unparsed.
-_read_buffer = memoryview(bytearray(READ_SIZE))
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One client's HTTP/1.1 requests through h11, read one piece at a time
-    (reading is paused unless h11 needs more), each answered within the deadline."""
+class _Connection(asyncio.Protocol):
+    """One client's HTTP/1.1 requests through h11, read one decrypted piece (64 KiB
+    at most) at a time: reading is paused unless h11 needs more, and the TLS stream
+    keeps the rest undecrypted. Each request is answered within the deadline."""
 
     def __init__(self, webhook: Webhook):
         self.webhook = webhook
@@ -182,21 +180,25 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.task: asyncio.Task | None = None
 
-    transport: asyncio.Transport  # from connection_made until _release
+    transport: asyncio.Transport  # the TLS stream, from connection_made until _release
 
     def connection_made(self, transport) -> None:
+        # At accept, before the TLS handshake (TLSStream tells its app at once).
+        webhook = self.webhook
+        if webhook.connections >= webhook.max_connections:
+            webhook.refused()
+            self.closed = True
+            transport.abort()
+            return
+        webhook.connections += 1
         self.transport = transport
-        transport.set_read_buffer_limits(high=READ_SIZE)  # what TLS holds undecrypted
         self.task = asyncio.get_running_loop().create_task(self.serve())
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.closed:
             return
         self.transport.pause_reading()
-        self.http.receive_data(_read_buffer[:nbytes])  # type: ignore[arg-type]  # h11 takes any buffer
+        self.http.receive_data(data)
         self._wake()
 
     def eof_received(self) -> bool:
@@ -231,14 +233,6 @@ class _Connection(asyncio.BufferedProtocol):
     async def serve(self) -> None:
         webhook = self.webhook
         peer = (self.transport.get_extra_info("peername") or ("-",))[0]
-        if webhook.connections >= webhook.max_connections:
-            log.info(
-                "connection refused: too many",
-                extra={"event": "shed", "peer": peer, "connections": webhook.connections},
-            )
-            self._release()
-            return
-        webhook.connections += 1
         try:
             while True:
                 async with asyncio.timeout(REQUEST_DEADLINE):
@@ -350,18 +344,30 @@ class Webhook:
         self.certs, self.defaults, self.max_connections = certs, defaults, max_connections
         self.bodies = _Bodies(BODY_BUDGET)
         self.connections = 0
+        self.refusals = 0  # connections refused since the last line that said so
+        self.refusals_logged = 0.0
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.server = await asyncio.get_running_loop().create_server(
-            self._accept, host, port, ssl=self.certs.context, ssl_handshake_timeout=REQUEST_DEADLINE
-        )
+        self.server = await asyncio.get_running_loop().create_server(self._accept, host, port)
         return self.server.sockets[0].getsockname()[:2]
 
-    def _accept(self) -> _Connection:
-        # Called before the TLS handshake: a renewed certificate is in place for it.
+    def _accept(self) -> TLSStream:
+        # Before the TLS handshake: a renewed certificate is in place for it.
         self.certs.check()
-        return _Connection(self)
+        return TLSStream(self.certs.context, _Connection(self), server_side=True)
+
+    def refused(self) -> None:
+        """A connection past max_connections. A flood of them is not a flood of log
+        lines: at most one a second, with how many."""
+        self.refusals += 1
+        now = time.monotonic()
+        if now - self.refusals_logged >= 1.0:
+            log.info(
+                "connections refused: too many",
+                extra={"event": "shed", "refused": self.refusals, "connections": self.connections},
+            )
+            self.refusals, self.refusals_logged = 0, now
 
     async def close(self) -> None:
         assert self.server is not None  # start() made it
