@@ -30,7 +30,7 @@ from .config import Limits
 from .handshake import admit, refuse
 from .keys import KeySet, Rejection
 from .routing import Route, RouteError, Router, Upstream
-from .upstream import Balancer
+from .upstream import Balancer, shares
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
@@ -138,21 +138,16 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     # Deployments in the balancer's order (resting ones skipped), failing over as a
     # session's connect does; all share upstream_connect_timeout_seconds.
     ready, resting = host.balancer.order(admitted, time.monotonic())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + host.limits.upstream_connect_timeout_seconds
+    deadline = asyncio.get_running_loop().time() + host.limits.upstream_connect_timeout_seconds
     notes: list[str] = []
-    for i, h in enumerate(ready):
-        left = deadline - loop.time()
-        if left <= 0:
-            notes.append(f"{h.name} not tried")
-            continue
+    for h, share in shares(ready, deadline, notes):
         try:
             # The deployment's own URL, resource and secret (the route's spec has the
             # deployments' template fields unresolved).
             upstream = host.router.upstream(h.target, agent)
         except RouteError as exc:
             return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
-        signed, failover = await _sign(upstream, agent, left / (len(ready) - i))
+        signed, failover = await _sign(upstream, agent, share)
         if isinstance(signed, str):
             notes.append(f"{h.name} {signed}")
             if failover:

@@ -25,6 +25,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Iterator
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus
@@ -41,7 +42,7 @@ from .metrics import Metrics
 from .resolver import Resolver
 from .routing import Route, RouteError, Router, Target, Upstream
 
-__all__ = ["Balancer", "Health", "UpstreamError"]
+__all__ = ["Balancer", "Health", "UpstreamError", "shares"]
 
 log = logging.getLogger("conduit.upstream")
 _MAX_RESPONSE_BYTES = 65536
@@ -327,6 +328,19 @@ class Health:
         self.live -= 1
 
 
+def shares(candidates: list[Health], deadline: float, notes: list[str]) -> Iterator[tuple[Health, float]]:
+    """Each deployment to try with its share of the time left before `deadline` (loop
+    time): the time left divided by the deployments left, so one that never answers
+    costs only its share. Those the deadline leaves no time for go into `notes`."""
+    loop = asyncio.get_running_loop()
+    for i, h in enumerate(candidates):
+        left = deadline - loop.time()
+        if left <= 0:
+            notes.append(f"{h.name} not tried")
+            continue
+        yield h, left / (len(candidates) - i)
+
+
 class Balancer:
     """Chooses deployments, fails over between them, and keeps their health."""
 
@@ -383,11 +397,7 @@ class Balancer:
             resting = [h for h in resting if h.target.label == decision.deployment]
         errors: list[Exception] = []
         notes: list[str] = []
-        for i, h in enumerate(candidates):
-            left = deadline - loop.time()
-            if left <= 0:
-                notes.append(f"{h.name} not tried")
-                continue
+        for h, share in shares(candidates, deadline, notes):
             if not h.available(time.monotonic()):  # another session's failure or probe since
                 resting.append(h)
                 continue
@@ -399,7 +409,7 @@ class Balancer:
                 result = await _attempt(
                     self._request(upstream, decision.subprotocols),
                     upstream,
-                    left / (len(candidates) - i),
+                    share,
                     self.max_rest,
                     self.tls_sessions,
                     self.resolver,
