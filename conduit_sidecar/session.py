@@ -77,10 +77,11 @@ class SessionInfo:
 
 class Slots:
     """The `max_connections` slots of connections without a session: sending their
-    upgrade request (on the wss listener, from the TLS handshake on), or refused after
-    the upgrade and awaiting their close (`_Drain`). Each holds at most
-    `max_request_bytes` plus one read, so what peers that have shown no valid key can
-    make the sidecar hold has a fixed bound."""
+    upgrade request (on the wss listener, from the TLS handshake on), refused after
+    the upgrade and awaiting their close (`_Drain`), or waiting for the provider's
+    answer to a REST call (`_rest`). Each holds at most `max_request_bytes` plus one
+    read, so what peers can make the sidecar hold, and how many provider calls they
+    can have in progress, has a fixed bound."""
 
     __slots__ = ("limit", "taken")
 
@@ -124,6 +125,13 @@ class Host(Protocol):
     def provider_message(self, relay: _relay.Relay, message: bytes) -> None: ...
 
 
+def _no_slot(host: Host, transport) -> None:
+    """All `pending` slots are taken: 503 at once."""
+    host.count("too_many_handshakes")
+    transport.write(refuse(503, "too many connections in their handshake").response.serialize())
+    transport.close()
+
+
 class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
     the connection to `open_session` and keeps nothing of the request. It holds one
@@ -141,9 +149,7 @@ class ClientHandshake(asyncio.Protocol):
         self.transport = transport
         host = self.host
         if not host.pending.take():
-            host.count("too_many_handshakes")
-            transport.write(refuse(503, "too many connections in their handshake").response.serialize())
-            transport.close()
+            _no_slot(host, transport)
             return
         self.reader = RequestReader(host.limits.max_request_bytes)
         limit = host.limits.handshake_timeout_seconds
@@ -291,12 +297,18 @@ def _is_rest(request: Request) -> bool:
 
 
 async def _rest(host: Host, transport, request: Request) -> None:
-    """Answer the REST call and close."""
+    """Answer the REST call and close. It holds a `pending` slot while the provider is
+    asked: a key holder cannot start provider calls without bound (none free: 503)."""
+    if not host.pending.take():
+        _no_slot(host, transport)
+        return
     try:
         response = await signed_urls.answer(host, request, transport.get_extra_info("sslcontext") is not None)
     except Exception:  # a bug of ours: the client gets a status, never a hang
         log.exception("signed url failed", extra={"event": "signed_url_error"})
         response = refuse(500, "internal error").response
+    finally:
+        host.pending.give()
     log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
     transport.write(response.serialize())
     transport.close()

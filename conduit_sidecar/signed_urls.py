@@ -175,9 +175,10 @@ async def _sign(upstream: Upstream, agent: str, timeout: float) -> tuple[_Split 
         + urllib.parse.urlencode({"agent_id": agent}, quote_via=urllib.parse.quote)
     )
     try:
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, _fetch, rest, upstream.headers, upstream.ssl, timeout
-        )
+        # The whole call, a wait for a free executor thread included, is bounded.
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(None, _fetch, rest, upstream.headers, upstream.ssl, timeout)
+        body = await asyncio.wait_for(call, timeout)
         if len(body) > _MAX_RESPONSE_BYTES:
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)

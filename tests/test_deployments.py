@@ -601,8 +601,8 @@ def _elevenlabs(*ports: int) -> str:
         """ + body
 
 
-async def _signed_url(sidecar, agent: str = "agent_private") -> tuple[int, dict]:
-    """The sidecar's answer to the SDK's get-signed-url call."""
+async def _signed_url(sidecar, agent: str = "agent_private") -> tuple[int, dict | str]:
+    """The sidecar's answer to the SDK's get-signed-url call (its JSON, or its text)."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{sidecar.port}/v1/convai/conversation/get-signed-url?agent_id={agent}",
         headers={"xi-api-key": sidecar.keys.plain["good"]})
@@ -612,7 +612,8 @@ async def _signed_url(sidecar, agent: str = "agent_private") -> tuple[int, dict]
             with urllib.request.urlopen(request, timeout=10) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            body = exc.read()
+            return exc.code, json.loads(body) if body.startswith(b"{") else body.decode()
     return await asyncio.to_thread(fetch)
 
 
@@ -668,6 +669,42 @@ def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     assert (to_a, to_b) == (3, 0)    # the REST call, the keyed session, the signed one
     assert healthy_b == 1
     assert sorted(e["deployment"] for e in ended(sidecar)) == ["a", "a"]
+
+
+def _pending(sidecar) -> float:
+    with urllib.request.urlopen(sidecar.admin("/metrics"), timeout=5) as r:
+        return float(re.search(r"^conduit_connections_pending (\S+)$", r.read().decode(), re.M).group(1))
+
+
+def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
+    """A key holder cannot have the sidecar call the provider without bound: each
+    get-signed-url holds one of the `max_connections` slots until it is answered. With
+    2 slots and a deployment that never answers, two calls wait, a third gets 503 at
+    once, and the slots come back when the two time out."""
+    port = free_port()
+    sidecar = SidecarProcess(workdir, _elevenlabs(port), standard_keys(),
+                             limits="max_connections = 2\nupstream_connect_timeout_seconds = 2\n").start()
+
+    async def body():
+        async with Blackhole(port=port):
+            waiting = [asyncio.create_task(_signed_url(sidecar)) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            pending = await asyncio.to_thread(_pending, sidecar)
+            started = time.monotonic()
+            third = await _signed_url(sidecar)
+            third_took = time.monotonic() - started
+            return pending, third, third_took, await asyncio.gather(*waiting)
+    try:
+        pending, third, third_took, waited = run(body())
+        time.sleep(0.2)
+        after = _pending(sidecar)
+    finally:
+        sidecar.stop()
+    assert pending == 2
+    assert third == (503, "too many connections in their handshake\n") and third_took < 1.5, third
+    assert [status for status, _ in waited] == [502, 502]
+    assert all(answer["detail"] == "provider timed out" for _, answer in waited), waited
+    assert after == 0
 
 
 # -- config --------------------------------------------------------------------------
