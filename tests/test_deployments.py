@@ -690,18 +690,16 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
             waiting = [asyncio.create_task(_signed_url(sidecar)) for _ in range(2)]
             await asyncio.sleep(0.5)
             pending = await asyncio.to_thread(_pending, sidecar)
-            started = time.monotonic()
             third = await _signed_url(sidecar)
-            third_took = time.monotonic() - started
-            return pending, third, third_took, await asyncio.gather(*waiting)
+            return pending, third, await asyncio.gather(*waiting)
     try:
-        pending, third, third_took, waited = run(body())
+        pending, third, waited = run(body())
         time.sleep(0.2)
         after = _pending(sidecar)
     finally:
         sidecar.stop()
     assert pending == 2
-    assert third == (503, "too many connections in their handshake\n") and third_took < 1.5, third
+    assert third == (503, "too many connections in their handshake\n"), third  # without: 502 timed out
     assert [status for status, _ in waited] == [502, 502]
     assert all(answer["detail"] == "provider timed out" for _, answer in waited), waited
     assert after == 0
