@@ -642,6 +642,30 @@ def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workd
     assert (end["provider"], end["deployment"], end["key_id"]) == ("elevenlabs", "b", "good")
 
 
+@pytest.mark.parametrize("status, moves_on", [("503 Service Unavailable", True),
+                                               ("401 Unauthorized", True),
+                                               ("404 Not Found", False)])
+def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status, moves_on):
+    """A 5xx or 401 from the first deployment: the next one signs. Any other 4xx is the
+    request's own fault (an unknown agent): the fetch stops there, with its status."""
+    first, second = Refusing(status), free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(first.port, second))
+
+    async def body():
+        async with first, MockProvider(port=second, shape="elevenlabs") as b:
+            return await _signed_url(sidecar), first.requests, len(b.issued)
+    try:
+        (code, answer), asked_first, signed_by_second = run(body())
+    finally:
+        sidecar.stop()
+    assert asked_first == 1
+    if moves_on:
+        assert code == 200 and signed_by_second == 1, answer
+    else:
+        assert (code, answer) == (502, {"detail": f"provider refused: HTTP {status.split()[0]}"})
+        assert signed_by_second == 0
+
+
 def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     """`a` signs (both idle: listed order). A keyed session then makes `a` the busier,
     so the balancer would send the next session to `b`, which never issued the
