@@ -254,8 +254,8 @@ class _Connection(asyncio.Protocol):
     def _release(self) -> None:
         if not self.transport.is_closing():
             self.drop()
-        # The TLS layer keeps bound methods of ours; without our references back the
-        # cycle is gone and its buffers are freed now, not at some cyclic GC.
+        # The TLS stream refers to us until its connection ends; without our reference
+        # back there is no cycle, and its buffers are freed now, not at some cyclic GC.
         self.closed = True
         del self.transport, self.http
         self.waiter = self.writable = None
