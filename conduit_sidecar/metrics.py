@@ -64,7 +64,8 @@ class Metrics:
         )
         Gauge(
             "conduit_connections_pending",
-            "Connections without a session: sending their upgrade request, or refused and awaiting a close.",
+            "Connections without a session: sending their upgrade request, refused and awaiting a close, "
+            "or waiting for a signed URL from the provider.",
             registry=r,
         ).set_function(pending)
         self.connections = Counter(

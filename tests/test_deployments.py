@@ -21,6 +21,7 @@ import urllib.request
 import msgspec
 import pytest
 from conftest import PROVIDER_SECRET, SidecarProcess, free_port, run, standard_keys
+from test_governance import metric as total
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
@@ -695,11 +696,6 @@ def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     assert sorted(e["deployment"] for e in ended(sidecar)) == ["a", "a"]
 
 
-def _pending(sidecar) -> float:
-    with urllib.request.urlopen(sidecar.admin("/metrics"), timeout=5) as r:
-        return float(re.search(r"^conduit_connections_pending (\S+)$", r.read().decode(), re.M).group(1))
-
-
 def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
     """A key holder cannot have the sidecar call the provider without bound: each
     get-signed-url holds one of the `max_connections` slots until it is answered. With
@@ -713,13 +709,13 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
         async with Blackhole(port=port):
             waiting = [asyncio.create_task(_signed_url(sidecar)) for _ in range(2)]
             await asyncio.sleep(0.5)
-            pending = await asyncio.to_thread(_pending, sidecar)
+            pending = await asyncio.to_thread(total, sidecar, "conduit_connections_pending")
             third = await _signed_url(sidecar)
             return pending, third, await asyncio.gather(*waiting)
     try:
         pending, third, waited = run(body())
         time.sleep(0.2)
-        after = _pending(sidecar)
+        after = total(sidecar, "conduit_connections_pending")
     finally:
         sidecar.stop()
     assert pending == 2

@@ -15,8 +15,8 @@ no threads. What a client can hold is bounded (the pod has a 128Mi memory limit,
 with `failurePolicy: Fail` an injector down blocks every opted-in pod):
 
 * connections: `MAX_CONNECTIONS`, counted from accept: the excess is closed at once,
-  before any TLS work is done for it, so pending handshakes are bounded too (TLS
-  runs in `tlsleg.TLSStream`, as on the sidecar's wss listener);
+  before its TLS handshake, so pending handshakes are bounded too (TLS runs in
+  `tlsleg.TLSStream`, as on the sidecar's wss listener);
 * time: the TLS handshake with the first request, then each further request (from
   the previous answer until its answer is written), must each be over within
   `REQUEST_DEADLINE`, however the bytes arrive; else the connection is dropped;
