@@ -78,13 +78,14 @@ cdef class Leg(Endpoint):
     cdef object transport
     cdef int fd                # -1 when writes must go through the transport (uvloop's TLS)
     cdef SSL* ssl              # a TLS leg the relay encrypts itself (NULL: plain, or uvloop's)
+    cdef bint kernel_tx        # ... whose sends the kernel encrypts (OpenSSL only decrypts)
     cdef object tls            # the ssl.SSLObject that owns `ssl` (kept as long as the leg)
     cdef bint backlog          # the transport holds unsent bytes: keep order, write through it
     cdef bytes queued_notice   # a text frame to send just before queued_close
     cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 
     cdef bytes attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
-                      object tls)
+                      object tls, bint kernel_tx)
     cdef bytes take_tls(self, object tls)
     cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int read_tls(self, const uint8_t* data, Py_ssize_t size) except -1

@@ -42,8 +42,10 @@ TLS legs (the provider's wss, the loopback wss listener) are encrypted here, by
 OpenSSL called directly, when the build found its headers (`NATIVE_TLS`): the
 handshake and the upgrade run in Python over an `ssl.SSLObject` with memory BIOs
 (`conduit_sidecar.tlsleg`), then the leg takes that object's SSL and reads whole
-records per socket read, with no Python call per record. Without it, TLS legs are
-uvloop's SSL transports, written through `transport.write`.
+records per socket read, with no Python call per record. Where the kernel encrypts
+a leg's sends (kernel TLS, `conduit_sidecar.ktls`), its writes are a plain leg's and
+OpenSSL only decrypts. Without NATIVE_TLS, TLS legs are uvloop's SSL transports,
+written through `transport.write`.
 """
 
 import os
@@ -58,7 +60,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hn, const void* needle, size_t nn)
@@ -86,6 +88,14 @@ cdef extern from "_tls.h":
         SSL* ssl
     ctypedef struct conduit_memory_bio:
         BIO* bio
+    ctypedef struct SSL_CTX:
+        pass
+    ctypedef struct conduit_ssl_context:
+        SSL_CTX* ctx
+    SSL_CTX* SSL_get_SSL_CTX(const SSL* s)
+    int conduit_keep_secrets(SSL_CTX* ctx)
+    size_t conduit_take_secret(SSL* s, unsigned char* out)
+    ssize_t conduit_kernel_close_notify(int fd)
     int SSL_read_ex(SSL* s, void* buf, size_t num, size_t* readbytes)
     int SSL_write_ex(SSL* s, const void* buf, size_t num, size_t* written)
     int SSL_get_error(const SSL* s, int ret)
@@ -193,7 +203,8 @@ def _native_tls():
     cdef SSL* s = ssl_of(obj)
     return (s != NULL
             and SSL_get_rbio(s) == (<conduit_memory_bio*><PyObject*>incoming).bio
-            and SSL_get_wbio(s) == (<conduit_memory_bio*><PyObject*>outgoing).bio)
+            and SSL_get_wbio(s) == (<conduit_memory_bio*><PyObject*>outgoing).bio
+            and SSL_get_SSL_CTX(s) == (<conduit_ssl_context*><PyObject*>obj.context).ctx)
 
 
 NATIVE_TLS = os.environ.get("CONDUIT_NATIVE_TLS", "1") != "0" and _native_tls()
@@ -213,6 +224,30 @@ def tls_buffers_releasable(unsigned long version):
 # C copy is what the read path tests: no module-dict lookup per read.
 TLS_BUFFERS_RELEASED = NATIVE_TLS and tls_buffers_releasable(OpenSSL_version_num())
 cdef bint _release_tls_buffers = TLS_BUFFERS_RELEASED
+
+def tls_keep_secrets(object context):
+    """From now on, each TLS handshake of `context` (an ssl.SSLContext, NATIVE_TLS)
+    keeps its side's first application traffic secret for `tls_take_secret`; False
+    when the context already logs its keys (SSLKEYLOGFILE), whose callback stays."""
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError("not an ssl.SSLContext")
+    cdef int kept = conduit_keep_secrets((<conduit_ssl_context*><PyObject*>context).ctx)
+    if kept < 0:
+        raise MemoryError()
+    return kept == 1
+
+
+def tls_take_secret(object sslobj):
+    """The application traffic secret the handshake of `sslobj` kept (see
+    `tls_keep_secrets`), erased from the SSL by this call; None if there is none."""
+    cdef unsigned char out[64]
+    cdef size_t n = conduit_take_secret(ssl_of(sslobj), out)
+    if n == 0:
+        return None
+    secret = PyBytes_FromStringAndSize(<char*>out, n)
+    memset(out, 0, sizeof(out))
+    return secret
+
 
 cdef class TLSSession:
     """A provider leg's resumable TLS session, the relay's own copy. Python's
@@ -414,9 +449,10 @@ cdef class Leg(Endpoint):
         self.fd = -1
 
     cdef bytes attach(self, Relay relay, object transport, Pipe inbound, Pipe outbound,
-                      object tls):
+                      object tls, bint kernel_tx):
         """Take the transport (and `tls`, an ssl.SSLObject past its handshake over a plain
-        transport). Returns the records the handshake read but left undecrypted."""
+        transport; `kernel_tx`: the kernel encrypts what is sent on the socket). Returns
+        the records the handshake read but left undecrypted."""
         cdef bytes unread = b""
         self.relay = relay
         self.transport = transport
@@ -424,6 +460,7 @@ cdef class Leg(Endpoint):
         self.outbound = outbound
         if tls is not None:
             unread = self.take_tls(tls)
+            self.kernel_tx = kernel_tx
         # uvloop's TLS transports encrypt what they are given: no file descriptor to write to.
         if transport.get_extra_info("sslcontext") is None:
             sock = transport.get_extra_info("socket")
@@ -468,7 +505,7 @@ cdef class Leg(Endpoint):
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1:
         cdef size_t done
         cdef int ok
-        if self.ssl == NULL:
+        if self.ssl == NULL or self.kernel_tx:
             return self.send_raw(data, size)
         if self.state >= SHUT or size <= 0:
             return 0
@@ -517,6 +554,11 @@ cdef class Leg(Endpoint):
             if not ok:
                 err = SSL_get_error(self.ssl, ok)
                 ERR_clear_error()
+            if self.kernel_tx and conduit_io.out_len:
+                # OpenSSL answered a post-handshake message (a key update) with a
+                # record under its own sequence, which the kernel's sends have left.
+                conduit_io.out_len = 0
+                return self.drop()
             self.flush_tls()    # answers to post-handshake messages (key updates)
             if have:
                 self.inbound.feed(_plain, have)
@@ -600,7 +642,13 @@ cdef class Leg(Endpoint):
     cdef int shut(self) except -1:
         """Close the socket once what was written is out."""
         if self.state < SHUT:
-            if self.ssl != NULL:
+            if self.kernel_tx:
+                # The kernel's close_notify; not past bytes the transport still holds.
+                if self.backlog and self.transport.get_write_buffer_size() == 0:
+                    self.backlog = False
+                if not self.backlog:
+                    conduit_kernel_close_notify(self.fd)
+            elif self.ssl != NULL:
                 # close_notify, then the TCP close once it is out.
                 conduit_io.bio = SSL_get_wbio(self.ssl)
                 SSL_shutdown(self.ssl)
@@ -1018,14 +1066,18 @@ cdef class Relay:
         self.c2u.dst = self.u2c.src = self.upstream
 
     def start(self, client_transport, upstream_transport, bytes client_early=b"",
-              bytes upstream_early=b"", client_tls=None, upstream_tls=None):
+              bytes upstream_early=b"", client_tls=None, upstream_tls=None,
+              bint client_kernel_tx=False, bint upstream_kernel_tx=False):
         """Take over both transports; forward bytes already read past each handshake.
         A `*_tls` SSLObject (NATIVE_TLS) makes that leg TLS over its plain transport;
-        records it holds unread are relayed now, after the early bytes."""
+        records it holds unread are relayed now, after the early bytes. With
+        `*_kernel_tx` the kernel encrypts that leg's sends (conduit_sidecar.ktls) and
+        OpenSSL only decrypts."""
         cdef bytes client_records = self.client.attach(self, client_transport, self.c2u,
-                                                       self.u2c, client_tls)
+                                                       self.u2c, client_tls, client_kernel_tx)
         cdef bytes upstream_records = self.upstream.attach(self, upstream_transport, self.u2c,
-                                                           self.c2u, upstream_tls)
+                                                           self.c2u, upstream_tls,
+                                                           upstream_kernel_tx)
         if upstream_early:
             self.u2c.feed(<uint8_t*>PyBytes_AS_STRING(upstream_early), len(upstream_early))
         if upstream_records and not self.done and not self.u2c.verdict_code:

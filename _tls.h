@@ -14,6 +14,8 @@
 #define CONDUIT_TLS_H
 
 #include <Python.h>
+#include <string.h>
+#include <sys/socket.h>
 
 #ifdef CONDUIT_OPENSSL
 #include <openssl/crypto.h>
@@ -45,6 +47,8 @@ static inline int BIO_read(BIO *b, void *d, int n) { return -1; }
 static inline size_t BIO_ctrl_pending(BIO *b) { return 0; }
 static inline void ERR_clear_error(void) {}
 static inline unsigned long OpenSSL_version_num(void) { return 0; }
+typedef struct ssl_ctx_st SSL_CTX;
+static inline SSL_CTX *SSL_get_SSL_CTX(const SSL *s) { return NULL; }
 #endif
 
 /* The one window of all legs (the relay is single-threaded): `bio` is the BIO whose
@@ -130,9 +134,124 @@ static BIO *conduit_bio_new(void)
     }
     return BIO_new(m);
 }
+
+/* Kernel TLS (conduit_sidecar/ktls.py) needs this side's first application traffic
+ * secret, which OpenSSL gives out only to a keylog callback: the callback keeps it in
+ * the SSL (ex data) until the relay takes it at the handover, or the SSL is freed. */
+typedef struct {
+    size_t len;
+    unsigned char bytes[64];
+} conduit_secret;
+
+static int conduit_secret_index = -1;
+
+static void conduit_secret_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx,
+                                long argl, void *argp)
+{
+    if (ptr != NULL)
+        OPENSSL_clear_free(ptr, sizeof(conduit_secret));
+}
+
+static int conduit_unhex(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Lines are "LABEL <client random> <secret>", in hex. */
+static void conduit_keylog(const SSL *s, const char *line)
+{
+    const char *label = SSL_is_server(s) ? "SERVER_TRAFFIC_SECRET_0 " : "CLIENT_TRAFFIC_SECRET_0 ";
+    size_t n = strlen(label), i;
+    const char *hex;
+    conduit_secret *secret;
+    if (strncmp(line, label, n) != 0 || (hex = strchr(line + n, ' ')) == NULL)
+        return;
+    hex++;
+    n = strlen(hex);
+    if (n % 2 || n / 2 > sizeof(secret->bytes))
+        return;
+    if ((secret = OPENSSL_zalloc(sizeof(*secret))) == NULL)
+        return;
+    for (i = 0; i < n / 2; i++) {
+        int hi = conduit_unhex(hex[2 * i]), lo = conduit_unhex(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) {
+            OPENSSL_clear_free(secret, sizeof(*secret));
+            return;
+        }
+        secret->bytes[i] = (unsigned char)(hi << 4 | lo);
+    }
+    secret->len = n / 2;
+    conduit_secret_free(NULL, SSL_get_ex_data(s, conduit_secret_index), NULL, 0, 0, NULL);
+    if (!SSL_set_ex_data((SSL *)s, conduit_secret_index, secret))
+        OPENSSL_clear_free(secret, sizeof(*secret));
+}
+
+/* 1: SSLs of `ctx` made from now on keep their secret; 0: the context logs keys
+ * already (Python's keylog_filename, SSLKEYLOGFILE), left as it is; -1: no memory. */
+static int conduit_keep_secrets(SSL_CTX *ctx)
+{
+    SSL_CTX_keylog_cb_func current = SSL_CTX_get_keylog_callback(ctx);
+    if (current != NULL && current != conduit_keylog)
+        return 0;
+    if (conduit_secret_index < 0) {
+        conduit_secret_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, conduit_secret_free);
+        if (conduit_secret_index < 0)
+            return -1;
+    }
+    SSL_CTX_set_keylog_callback(ctx, conduit_keylog);
+    return 1;
+}
+
+/* Moves the kept secret of `s` into `out` (64 bytes) and erases it; its length, or 0. */
+static size_t conduit_take_secret(SSL *s, unsigned char *out)
+{
+    conduit_secret *secret;
+    size_t n;
+    if (conduit_secret_index < 0 || (secret = SSL_get_ex_data(s, conduit_secret_index)) == NULL)
+        return 0;
+    n = secret->len;
+    memcpy(out, secret->bytes, n);
+    SSL_set_ex_data(s, conduit_secret_index, NULL);
+    OPENSSL_clear_free(secret, sizeof(*secret));
+    return n;
+}
 #else
 static inline BIO *conduit_bio_new(void) { return NULL; }
+static inline int conduit_keep_secrets(SSL_CTX *ctx) { return 0; }
+static inline size_t conduit_take_secret(SSL *s, unsigned char *out) { return 0; }
 #endif
+
+/* A close_notify alert on a socket whose sends the kernel encrypts: a record of
+ * another type than application data is asked for in a control message. */
+static ssize_t conduit_kernel_close_notify(int fd)
+{
+    unsigned char alert[2] = {1, 0};    /* warning, close_notify */
+    union {
+        char buf[CMSG_SPACE(1)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {alert, sizeof(alert)};
+    struct msghdr msg;
+    struct cmsghdr *c;
+    memset(&msg, 0, sizeof(msg));
+    memset(&control, 0, sizeof(control));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+    c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = 282;                /* SOL_TLS */
+    c->cmsg_type = 1;                   /* TLS_SET_RECORD_TYPE */
+    c->cmsg_len = CMSG_LEN(1);
+    *CMSG_DATA(c) = 21;                 /* alert */
+    return sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
 
 /* The leading fields of CPython's _ssl objects (Modules/_ssl.c, unchanged since 3.7):
  * an SSLObject's `_sslobj` holds the SSL*, a MemoryBIO its BIO*. The relay checks
@@ -148,5 +267,11 @@ typedef struct {
     PyObject_HEAD
     BIO *bio;
 } conduit_memory_bio;
+
+/* An SSLContext's SSL_CTX* (checked the same way). */
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} conduit_ssl_context;
 
 #endif

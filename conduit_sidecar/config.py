@@ -159,6 +159,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     routes: dict[str, list[str]] = {}  # model pattern -> providers, tried in order
     circuit: Circuit = Circuit()
     tls: TLS | None = None
+    kernel_tls: bool = True  # the kernel encrypts TLS legs' sends where it can (Linux tls module)
     prices: dict[str, Price] = {}  # model pattern (exact, or prefix*) -> price
     state: State = State()
 
@@ -175,6 +176,7 @@ _ENV: dict[str, tuple[str | None, str, Callable[[str], object]]] = {
     "CONDUIT_TLS_CERT_FILE": ("tls", "cert_file", str),
     "CONDUIT_TLS_KEY_FILE": ("tls", "key_file", str),
     "CONDUIT_TLS_SELF_SIGNED": ("tls", "self_signed", lambda v: v.lower() in ("1", "true", "yes")),
+    "CONDUIT_KERNEL_TLS": (None, "kernel_tls", lambda v: v.lower() in ("1", "true", "yes")),
     "CONDUIT_TLS_CA_OUT": ("tls", "ca_out", str),
     "CONDUIT_TLS_STATE_DIR": ("tls", "state_dir", str),
 }

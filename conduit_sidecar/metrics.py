@@ -93,6 +93,13 @@ class Metrics:
             ["provider", "deployment"],
             registry=r,
         )
+        self.tls_legs = Counter(
+            "conduit_tls_legs",
+            "TLS legs handed to the relay, by leg (client, provider) and by what encrypts "
+            "their sends (kernel TLS, or OpenSSL).",
+            ["leg", "send"],
+            registry=r,
+        )
         self.dns_lookups = Counter(
             "conduit_upstream_dns_lookups",
             "Provider host name lookups (first use, background refresh, after the addresses "

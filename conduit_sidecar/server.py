@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 
-from . import __version__, _relay, logs
+from . import __version__, _relay, ktls, logs
 from .admin import AdminServer
 from .config import Config, split_hostport
 from .governance import Governor
@@ -114,6 +114,9 @@ class Sidecar:
 
     def count(self, result: str) -> None:
         self.metrics.child(self.metrics.connections, result).inc()
+
+    def tls_leg(self, leg: str, kernel: bool) -> None:
+        self.metrics.child(self.metrics.tls_legs, leg, "kernel" if kernel else "openssl").inc()
 
     def auth_failed(self, why: Rejection) -> None:
         self.metrics.child(self.metrics.auth_failures, why.label).inc()
@@ -234,6 +237,7 @@ class Sidecar:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
+        kernel_tls = ktls.switch(self.config.kernel_tls)
         host, port = split_hostport(self.config.listen)
         server = await loop.create_server(
             lambda: ClientHandshake(self), host, port, reuse_address=True, backlog=4096
@@ -286,6 +290,7 @@ class Sidecar:
                 "admin_listen": "{}:{}".format(*self.listening["admin"]),
                 "tls_listen": "{}:{}".format(*self.listening["tls"]) if "tls" in self.listening else None,
                 "tls_relay": "openssl" if _relay.NATIVE_TLS else "uvloop",
+                "kernel_tls": "on" if kernel_tls is None else f"off: {kernel_tls}",
                 "providers": self.router.configured,
                 "keys": len(self.keyset),
             },

@@ -117,6 +117,7 @@ class Host(Protocol):
     def started(self, info: SessionInfo) -> None: ...
     def auth_failed(self, why: Rejection) -> None: ...
     def count(self, result: str) -> None: ...
+    def tls_leg(self, leg: str, kernel: bool) -> None: ...
     def rejected(self, decision: Close) -> None: ...
     def reserve(self, info: SessionInfo) -> None: ...
     def release(self, info: SessionInfo) -> None: ...
@@ -448,9 +449,15 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
     relay.session = info
     info.relay = relay
     host.count("accepted")
-    transport, client_tls = tlsleg.handover(transport)
-    upstream, upstream_tls = tlsleg.handover(upstream)
-    relay.start(transport, upstream, early, upstream_early, client_tls, upstream_tls)
+    transport, client_tls, client_kernel = tlsleg.handover(transport)
+    upstream, upstream_tls, upstream_kernel = tlsleg.handover(upstream)
+    if client_tls is not None:
+        host.tls_leg("client", client_kernel)
+    if upstream_tls is not None:
+        host.tls_leg("provider", upstream_kernel)
+    relay.start(
+        transport, upstream, early, upstream_early, client_tls, upstream_tls, client_kernel, upstream_kernel
+    )
     opening.relayed = True
     host.started(info)
     transport.resume_reading()

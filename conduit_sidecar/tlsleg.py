@@ -9,7 +9,8 @@ exception are the SSLContext's and the SSLObject's, as with uvloop's SSL transpo
 (which wraps the same object). Without NATIVE_TLS the callers keep uvloop's
 transport (`loop.start_tls`, `create_server(ssl=...)`).
 
-`SessionCache` keeps the provider legs' TLS sessions for resumption.
+`SessionCache` keeps the provider legs' TLS sessions for resumption. With kernel
+TLS on (`ktls`), `handover` gives a leg's sends to the kernel where it can.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from . import _relay
+from . import _relay, ktls
 
 __all__ = ["SessionCache", "TLSStream", "handover", "start_tls"]
 
@@ -42,6 +43,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         session: _relay.TLSSession | None = None,
     ):
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        if ktls.enabled:
+            _relay.tls_keep_secrets(context)
         self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
         if session is not None:
             _relay.tls_resume(self.sslobj, session)
@@ -51,6 +54,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.waiter: asyncio.Future | None = None  # the client's handshake
         self.paused = False
         self.closing = False
+        # Records sent under this side's application traffic secret, or -1 once
+        # OpenSSL wrote one of its own after the handshake (a key update's answer).
+        self.records = 0
 
     # protocol of the plain transport
 
@@ -97,6 +103,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             else:
                 self.raw.abort()
             return False
+        # A server's last flight is its session tickets, under its application secret;
+        # a client's is its Finished, under the handshake secret.
+        self.handshaken = self.server_side
         self._flush()
         self.handshaken = True
         if self.waiter is not None and not self.waiter.done():
@@ -120,11 +129,14 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
                     self.close()
                 break
             self.app.data_received(data)
-        self._flush()
+        self._flush(ours=False)
 
-    def _flush(self):
+    def _flush(self, ours: bool = True):
+        """Records to the socket; `ours`: they encrypt what was written (or tickets)."""
         data = self.outgoing.read()
         if data:
+            if self.handshaken and self.records >= 0:
+                self.records = self.records + _count_records(data) if ours else -1
             self.raw.write(data)
 
     # transport of the app
@@ -180,6 +192,21 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
     def set_write_buffer_limits(self, high=None, low=None):
         self.raw.set_write_buffer_limits(high, low)
 
+    def send_in_kernel(self) -> bool:
+        """Give this stream's sends to the kernel (`ktls`), if all it needs is at hand;
+        the kept secret is erased either way."""
+        secret = _relay.tls_take_secret(self.sslobj)
+        if secret is None or self.records < 0 or self.raw.get_write_buffer_size():
+            return False  # (records the transport holds are encrypted already)
+        cipher = self.sslobj.cipher()
+        if cipher is None or cipher[0] not in ktls.CIPHERS or self.sslobj.version() != "TLSv1.3":
+            return False
+        try:
+            ktls.send_in_kernel(self.raw.get_extra_info("socket"), cipher[0], secret, self.records)
+        except OSError:
+            return False
+        return True
+
     def get_extra_info(self, name, default=None):
         if name == "ssl_object":
             return self.sslobj
@@ -208,15 +235,25 @@ async def start_tls(
     return stream
 
 
-def handover(transport: asyncio.Transport) -> tuple[asyncio.Transport, ssl.SSLObject | None]:
-    """(the transport for the relay, the SSLObject it encrypts with, or None)."""
+def _count_records(data: bytes) -> int:
+    """TLS records in `data` (whole records: what OpenSSL wrote to its BIO)."""
+    count = at = 0
+    while at < len(data):
+        at += 5 + int.from_bytes(data[at + 3 : at + 5], "big")
+        count += 1
+    return count
+
+
+def handover(transport: asyncio.Transport) -> tuple[asyncio.Transport, ssl.SSLObject | None, bool]:
+    """(the transport for the relay, the SSLObject it decrypts with or None, whether
+    the kernel encrypts the sends; else the SSLObject does that too)."""
     if isinstance(transport, TLSStream):
         transport.paused = True  # a _deliver still scheduled must not read the relay's records
         # The handshake protocol and this stream refer to each other: part them, so that
         # both are freed by reference counting once the relay has the transport.
         transport.app = _DETACHED
-        return transport.raw, transport.sslobj
-    return transport, None
+        return transport.raw, transport.sslobj, ktls.enabled and transport.send_in_kernel()
+    return transport, None, False
 
 
 class SessionCache:

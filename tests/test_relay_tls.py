@@ -1,7 +1,9 @@
 """The relay's own TLS legs (`_relay.NATIVE_TLS`): both legs TLS, the relay in this
 process between a websockets client (wss) and an upstream over loopback, the
 handshakes run by `tlsleg` as the sidecar runs them. Byte-exact transfers, the
-closing handshake with close_notify, and a provider whose TLS breaks.
+closing handshake with close_notify, and a provider whose TLS breaks. Where the
+kernel has kernel TLS (scripts/ktls-vm.sh) the legs send through it, as in the
+sidecar.
 
 No sidecar process: scripts/asan.sh runs it on the sanitized build."""
 
@@ -17,11 +19,17 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conduit_sidecar import _relay, tlsleg
+from conduit_sidecar import _relay, ktls, tlsleg
 from conduit_sidecar.testing import CA
 
 pytestmark = pytest.mark.skipif(not _relay.NATIVE_TLS,
                                 reason="relay built without OpenSSL headers (uvloop's TLS is used)")
+
+
+@pytest.fixture(autouse=True)
+def kernel_tls(monkeypatch):
+    """The legs' sends go to the kernel where it can take them, as in the sidecar."""
+    monkeypatch.setattr(ktls, "enabled", ktls.probe() is None)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +62,12 @@ async def _front(pki, up_port):
         client = head_proto.transport
         client.write(switching_protocols(head))
         relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None)
-        client, client_tls = tlsleg.handover(client)
-        upstream, upstream_tls = tlsleg.handover(upstream)
+        client, client_tls, client_kernel = tlsleg.handover(client)
+        upstream, upstream_tls, upstream_kernel = tlsleg.handover(upstream)
         assert client_tls is not None and upstream_tls is not None
+        assert client_kernel == upstream_kernel == ktls.enabled
         relay.start(client, upstream, b"", response.split(b"\r\n\r\n", 1)[1],
-                    client_tls, upstream_tls)
+                    client_tls, upstream_tls, client_kernel, upstream_kernel)
         client.resume_reading()
         upstream.resume_reading()
         if not relays.done():
@@ -245,6 +254,64 @@ def test_records_left_by_the_upgrade_are_relayed_first(pki):
         async with _client(port, pki) as ws:
             return [await asyncio.wait_for(ws.recv(), 5) for _ in range(2)]
     assert run(body()) == ["first", "second"]
+
+
+class _Ending:
+    """How a peer's TLS ended: "close_notify" if it read one (its stream's EOF), else
+    "no close_notify" (the TCP connection ended first, or a record did not decrypt)."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def eof_received(self):
+        if not self.ended.done():
+            self.ended.set_result("close_notify")
+        return False
+
+    def connection_lost(self, exc):
+        if not self.ended.done():
+            self.ended.set_result("no close_notify")
+
+
+class _ClosingUpstream(_Ending, UpgradeAnswer):
+    """Answers the upgrade, then a close frame with its own."""
+
+    def data_received(self, data):
+        if self.head is None and data[:1] == b"\x88":
+            self.transport.write(b"\x88\x02\x03\xe8")
+        super().data_received(data)
+
+
+class _ClosingClient(_Ending, asyncio.Protocol):
+    def data_received(self, data):
+        self.data = getattr(self, "data", b"") + data
+
+
+def test_each_leg_ends_with_a_close_notify_its_peer_reads(pki):
+    """After the closing handshake each TLS leg sends close_notify before its TCP
+    close, and each peer decrypts it (OpenSSL's record, or the kernel's)."""
+    key = base64.b64encode(os.urandom(16))
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        upstream = _ClosingUpstream()
+        up = await loop.create_server(lambda: tlsleg.TLSStream(pki[0], upstream, server_side=True),
+                                      "127.0.0.1", 0)
+        port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+        raw, client = await loop.create_connection(_ClosingClient, "127.0.0.1", port)
+        stream = await tlsleg.start_tls(raw, client, pki[1], "127.0.0.1")
+        client.transport = stream
+        stream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        while b"\r\n\r\n" not in getattr(client, "data", b""):
+            await asyncio.sleep(0.01)
+        stream.write(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # close 1000, masked
+        ends = await asyncio.wait_for(asyncio.gather(client.ended, upstream.ended), 5)
+        up.close()
+        return ends, client.data.split(b"\r\n\r\n", 1)[1]
+    assert run(body()) == (["close_notify", "close_notify"], b"\x88\x02\x03\xe8")
 
 
 def test_a_legs_sslobject_is_the_relays_after_the_handover(pki):

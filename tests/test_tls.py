@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conduit_sidecar import _relay
+from conduit_sidecar import _relay, ktls
 from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.testing import CA
 
@@ -75,6 +75,37 @@ def test_both_tls_legs_are_the_relays_own_when_built_with_openssl(tls_env):
     it was built with the headers (NATIVE_TLS), else uvloop's SSL transport."""
     started = next(line for line in tls_env[0].log_lines() if line.get("event") == "start")
     assert started["tls_relay"] == ("openssl" if _relay.NATIVE_TLS else "uvloop")
+
+
+@pytest.mark.skipif(not _relay.NATIVE_TLS, reason="uvloop's SSL transport is not handed over")
+def test_tls_legs_send_through_the_kernel_where_it_has_tls(tls_env, monkeypatch):
+    """kernel_tls is on by default: the kernel encrypts each TLS leg's sends where it
+    has the tls module (tried here the same way), else OpenSSL does, as the `started`
+    line says. Either way both legs relay byte-exact and close cleanly."""
+    sidecar, ca, ports, root = tls_env
+    monkeypatch.setattr(ktls, "enabled", ktls.enabled)  # restored after switch() below
+    reason = ktls.switch(True)
+    started = next(line for line in sidecar.log_lines() if line.get("event") == "start")
+    assert started["kernel_tls"] == ("on" if reason is None else f"off: {reason}")
+    send = "openssl" if reason else "kernel"
+
+    def legs():
+        return [metric(sidecar, "conduit_tls_legs_total", leg=leg, send=send) or 0.0
+                for leg in ("client", "provider")]
+
+    async def body():
+        async with MockProvider(port=ports["good"], ssl=ca.server_context(root)):
+            async with connect(wss_url(sidecar, "tlsmock"), additional_headers=sidecar.auth(),
+                               ssl=client_ssl(sidecar.ca_out), compression=None, max_size=None) as ws:
+                assert "session.created" in await ws.recv()
+                for size in (0, 125, 16385, 1 << 20):
+                    payload = os.urandom(size)
+                    await ws.send(payload)
+                    assert await ws.recv() == payload
+            return ws.close_code
+    before = legs()
+    assert run(body()) == 1000
+    assert legs() == [before[0] + 1, before[1] + 1]
 
 
 def client_ssl(cafile):
