@@ -113,6 +113,8 @@ cdef extern from "_tls.h":
     size_t BIO_ctrl_pending(BIO* b)
     void ERR_clear_error()
     unsigned long OpenSSL_version_num()
+    int SSL_get_key_update_type(const SSL* s)
+    enum: SSL_KEY_UPDATE_NONE
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
@@ -247,6 +249,12 @@ def tls_take_secret(object sslobj):
     secret = PyBytes_FromStringAndSize(<char*>out, n)
     memset(out, 0, sizeof(out))
     return secret
+
+
+def tls_key_update_owed(object sslobj):
+    """Whether the peer of `sslobj` asked for a key update that OpenSSL has not sent
+    yet (it goes with the next write, under the next keys)."""
+    return SSL_get_key_update_type(ssl_of(sslobj)) != SSL_KEY_UPDATE_NONE
 
 
 cdef class TLSSession:
@@ -554,15 +562,14 @@ cdef class Leg(Endpoint):
             if not ok:
                 err = SSL_get_error(self.ssl, ok)
                 ERR_clear_error()
-            if self.kernel_tx and conduit_io.out_len:
-                # OpenSSL answered a post-handshake message (a key update) with a
-                # record under its own sequence, which the kernel's sends have left.
-                conduit_io.out_len = 0
-                return self.drop()
             self.flush_tls()    # answers to post-handshake messages (key updates)
             if have:
                 self.inbound.feed(_plain, have)
                 have = 0
+            if self.kernel_tx and SSL_get_key_update_type(self.ssl) != SSL_KEY_UPDATE_NONE:
+                # The peer asked for a key update. OpenSSL owes it one, sent at its next
+                # write, which the kernel's sends have replaced (and left its sequence).
+                return self.drop()
             if not ok:
                 break
             if self.relay is None or self.relay.done or self.inbound.verdict_code:

@@ -54,8 +54,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.waiter: asyncio.Future | None = None  # the client's handshake
         self.paused = False
         self.closing = False
-        # Records sent under this side's application traffic secret, or -1 once
-        # OpenSSL wrote one of its own after the handshake (a key update's answer).
+        # Records sent under this side's first application traffic secret, or -1
+        # once a key update (owed to the peer, sent with a write) moved past it, or
+        # OpenSSL wrote a record of its own after the handshake.
         self.records = 0
 
     # protocol of the plain transport
@@ -144,6 +145,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
     def write(self, data):
         if self.closing:
             return
+        if self.handshaken and _relay.tls_key_update_owed(self.sslobj):
+            self.records = -1  # this write sends the key update, then records under new keys
         try:
             self.sslobj.write(data)
         except ssl.SSLError:
@@ -196,7 +199,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         """Give this stream's sends to the kernel (`ktls`), if all it needs is at hand;
         the kept secret is erased either way."""
         secret = _relay.tls_take_secret(self.sslobj)
-        if secret is None or self.records < 0 or self.raw.get_write_buffer_size():
+        if secret is None or self.records < 0 or _relay.tls_key_update_owed(self.sslobj):
+            return False
+        if self.raw.get_write_buffer_size():
             return False  # (records the transport holds are encrypted already)
         cipher = self.sslobj.cipher()
         if cipher is None or cipher[0] not in ktls.CIPHERS or self.sslobj.version() != "TLSv1.3":

@@ -17,7 +17,7 @@
 # Needs root (apt-get, /dev/kvm). Cache: KTLS_VM_CACHE (default
 # /var/cache/conduit-ktls-vm): kernel tree (~400 MB) + busybox + initramfs.
 # Other knobs: KTLS_VM_ACCEL=auto|kvm|tcg, KTLS_VM_BOOT_TIMEOUT (KVM boot watchdog,
-# default 30 s), KTLS_VM_DEBUG=1 (show the guest console afterwards).
+# default 10 s), KTLS_VM_DEBUG=1 (show the guest console afterwards).
 set -euo pipefail
 
 if [ $# -eq 0 ]; then
@@ -293,7 +293,7 @@ booted=
 for accel in "${ACCELS[@]}"; do
     if [ "$accel" = kvm ]; then
         opts=(-enable-kvm -cpu host)
-        boot_limit=${KTLS_VM_BOOT_TIMEOUT:-30}
+        boot_limit=${KTLS_VM_BOOT_TIMEOUT:-10}
     else
         if [ "${KTLS_VM_ACCEL:-auto}" != tcg ]; then
             log "using TCG emulation (slow): no KVM here that boots this kernel"

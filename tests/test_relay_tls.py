@@ -9,6 +9,8 @@ No sidecar process: scripts/asan.sh runs it on the sanitized build."""
 
 import asyncio
 import base64
+import ctypes
+import ctypes.util
 import os
 import ssl
 import tempfile
@@ -42,9 +44,11 @@ def pki():
         yield server, client
 
 
-async def _front(pki, up_port):
+async def _front(pki, up_port, client_kernel_tx=None):
     """A wss listener whose sessions the relay carries to wss://127.0.0.1:up_port;
-    returns (port, a future of the first relay and its legs' SSLObjects)."""
+    returns (port, a future of the first relay and its legs' SSLObjects). Each leg's
+    sends must be the kernel's where it can take them (`client_kernel_tx`: unless the
+    test says otherwise for the client leg)."""
     server_ctx, client_ctx = pki
     loop = asyncio.get_running_loop()
     relays = loop.create_future()
@@ -65,7 +69,8 @@ async def _front(pki, up_port):
         client, client_tls, client_kernel = tlsleg.handover(client)
         upstream, upstream_tls, upstream_kernel = tlsleg.handover(upstream)
         assert client_tls is not None and upstream_tls is not None
-        assert client_kernel == upstream_kernel == ktls.enabled
+        assert upstream_kernel == ktls.enabled
+        assert client_kernel == (ktls.enabled if client_kernel_tx is None else client_kernel_tx)
         relay.start(client, upstream, b"", response.split(b"\r\n\r\n", 1)[1],
                     client_tls, upstream_tls, client_kernel, upstream_kernel)
         client.resume_reading()
@@ -254,6 +259,98 @@ def test_records_left_by_the_upgrade_are_relayed_first(pki):
         async with _client(port, pki) as ws:
             return [await asyncio.wait_for(ws.recv(), 5) for _ in range(2)]
     assert run(body()) == ["first", "second"]
+
+
+_libssl = ctypes.CDLL(ctypes.util.find_library("ssl"))
+
+
+def _request_key_update(sslobj):
+    """SSL_key_update(SSL_KEY_UPDATE_REQUESTED), which Python's ssl lacks: on the SSL*
+    through ctypes, with the layout _tls.h relies on. Sent with the next write."""
+    ssl_ptr = ctypes.c_void_p.from_address(
+        id(sslobj._sslobj) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p))
+    assert _libssl.SSL_key_update(ssl_ptr, 1) == 1
+
+
+class _KeyUpdatingUpstream(UpgradeAnswer):
+    """After the upgrade, at the first frame it reads, asks for a TLS key update and
+    sends "after"; at each later frame, "more"; a close it answers."""
+
+    def __init__(self, server_ctx):
+        super().__init__()
+        self.stream = tlsleg.TLSStream(server_ctx, self, server_side=True)
+        self.frames = 0
+
+    def data_received(self, data):
+        if self.head is not None:
+            return super().data_received(data)
+        if data[:1] == b"\x88":
+            return self.transport.write(b"\x88\x02\x03\xe8")
+        self.frames += 1
+        if self.frames == 1:
+            _request_key_update(self.stream.sslobj)
+        self.transport.write(b"\x81\x05after" if self.frames == 1 else b"\x81\x04more")
+
+
+def test_a_key_update_the_provider_requests(pki):
+    """OpenSSL's leg answers it (at its next write) and goes on under the new keys. A
+    leg whose sends the kernel encrypts cannot answer: after the frames read with the
+    request it is dropped, and the client gets 1014."""
+    async def body():
+        loop = asyncio.get_running_loop()
+        up = await loop.create_server(lambda: _KeyUpdatingUpstream(pki[0]).stream, "127.0.0.1", 0)
+        port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+        got = []
+        try:
+            async with _client(port, pki) as ws:
+                for _ in range(3):
+                    await ws.send("go")
+                    got.append(await asyncio.wait_for(ws.recv(), 5))
+        except ConnectionClosed as closed:
+            return got, closed.rcvd.code, closed.rcvd.reason
+        return got, ws.close_code, ws.close_reason
+    got, code, reason = run(body())
+    if ktls.enabled:  # "after" came with the request: delivered, unless a read split them
+        assert got in ([], ["after"]) and (code, reason) == (1014, "upstream connection lost")
+    else:
+        assert (got, code, reason) == (["after", "more", "more"], 1000, "")
+
+
+class _Collect(asyncio.Protocol):
+    def __init__(self):
+        self.data = b""
+
+    def data_received(self, data):
+        self.data += data
+
+
+async def _until(cond):
+    while not cond():
+        await asyncio.sleep(0.01)
+
+
+def test_a_key_update_requested_before_the_handover_keeps_the_leg_openssls(pki):
+    """A client asks for a key update with its upgrade request: the 101 goes out
+    after OpenSSL's answer, under keys past the ones the handshake kept, so that
+    leg's sends stay OpenSSL's (`_front` checks) and the session works."""
+    key = base64.b64encode(os.urandom(16))
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        async with _tls_upstream(_echo, pki) as up:
+            port, _ = await _front(pki, up.sockets[0].getsockname()[1], client_kernel_tx=False)
+            raw, client = await loop.create_connection(_Collect, "127.0.0.1", port)
+            stream = await tlsleg.start_tls(raw, client, pki[1], "127.0.0.1")
+            _request_key_update(stream.sslobj)
+            stream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+            await asyncio.wait_for(_until(lambda: b"\r\n\r\n" in client.data), 5)
+            stream.write(b"\x81\x82\x00\x00\x00\x00hi")  # "hi", masked with a zero key
+            await asyncio.wait_for(_until(lambda: client.data.endswith(b"\x81\x02hi")), 5)
+            stream.abort()
+            return client.data.split(b"\r\n", 1)[0]
+    assert run(body()) == b"HTTP/1.1 101 Switching Protocols"
 
 
 class _Ending:
