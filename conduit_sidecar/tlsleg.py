@@ -114,11 +114,14 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         return True
 
     def _deliver(self):
-        """Decrypted bytes to the app, until it pauses (the rest stays for the relay)."""
+        """Decrypted bytes to the app, until it pauses (the rest stays for the relay,
+        or for its next resume_reading); the socket is read again only once every
+        record read so far was taken."""
         while not self.paused and not self.raw.is_closing():
             try:
                 data = self.sslobj.read(_READ)
             except ssl.SSLWantReadError:
+                self.raw.resume_reading()
                 break
             except ssl.SSLZeroReturnError:
                 data = b""
@@ -179,9 +182,10 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
 
     def resume_reading(self):
         self.paused = False
-        self.raw.resume_reading()
-        if self.handshaken:  # records already in the BIO
+        if self.handshaken:  # records already in the BIO first (_deliver resumes the socket)
             asyncio.get_running_loop().call_soon(self._deliver)
+        else:
+            self.raw.resume_reading()
 
     def set_protocol(self, protocol):
         self.app = protocol

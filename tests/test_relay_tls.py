@@ -353,6 +353,49 @@ def test_a_key_update_requested_before_the_handover_keeps_the_leg_openssls(pki):
     assert run(body()) == b"HTTP/1.1 101 Switching Protocols"
 
 
+def test_a_stream_reads_its_socket_again_only_once_its_records_are_taken(pki):
+    """A TLSStream's app that takes a piece, pauses, and resumes a loop turn later
+    (the injection webhook reads a body so): whatever the peer sends meanwhile, the
+    stream holds at most one socket read of records, not all that was sent (as when
+    the socket was resumed along with the app: 200 MB in the webhook's slow-body
+    attack on a loaded machine)."""
+    total = 16 << 20
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        got, most = 0, 0
+
+        class Slow(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                nonlocal got, most
+                got += len(data)
+                most = max(most, stream.incoming.pending)
+                self.transport.pause_reading()
+                loop.call_soon(self.transport.resume_reading)
+                if got >= total and not done.done():
+                    done.set_result(None)
+
+        def accept():
+            nonlocal stream
+            stream = tlsleg.TLSStream(pki[0], Slow(), server_side=True)
+            return stream
+
+        stream = None
+        server = await loop.create_server(accept, "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1],
+                                                  ssl=pki[1], server_hostname="127.0.0.1")
+        writer.write(os.urandom(total))
+        await asyncio.wait_for(done, 30)
+        writer.close()
+        server.close()
+        return most
+    assert run(body()) <= 512 * 1024
+
+
 class _Ending:
     """How a peer's TLS ended: "close_notify" if it read one (its stream's EOF), else
     "no close_notify" (the TCP connection ended first, or a record did not decrypt)."""
