@@ -164,6 +164,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state: State = State()
 
 
+def _flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
 # Environment overrides: variable -> (section or None, field, type).
 _ENV: dict[str, tuple[str | None, str, Callable[[str], object]]] = {
     "CONDUIT_LISTEN": (None, "listen", str),
@@ -175,10 +179,10 @@ _ENV: dict[str, tuple[str | None, str, Callable[[str], object]]] = {
     "CONDUIT_TLS_LISTEN": ("tls", "listen", str),
     "CONDUIT_TLS_CERT_FILE": ("tls", "cert_file", str),
     "CONDUIT_TLS_KEY_FILE": ("tls", "key_file", str),
-    "CONDUIT_TLS_SELF_SIGNED": ("tls", "self_signed", lambda v: v.lower() in ("1", "true", "yes")),
-    "CONDUIT_KERNEL_TLS": (None, "kernel_tls", lambda v: v.lower() in ("1", "true", "yes")),
+    "CONDUIT_TLS_SELF_SIGNED": ("tls", "self_signed", _flag),
     "CONDUIT_TLS_CA_OUT": ("tls", "ca_out", str),
     "CONDUIT_TLS_STATE_DIR": ("tls", "state_dir", str),
+    "CONDUIT_KERNEL_TLS": (None, "kernel_tls", _flag),
 }
 
 

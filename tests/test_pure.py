@@ -251,6 +251,9 @@ def test_config_precedence_and_errors(tmp_path):
     conf = config_module.load(str(path), overrides={"listen": "127.0.0.1:3"},
                               environ={"CONDUIT_MAX_CONNECTIONS": "7", "CONDUIT_LISTEN": "127.0.0.1:2"})
     assert conf.listen == "127.0.0.1:3" and conf.limits.max_connections == 7
+    assert conf.kernel_tls
+    path.write_text("kernel_tls = true\n")
+    assert not config_module.load(str(path), environ={"CONDUIT_KERNEL_TLS": "0"}).kernel_tls
     path.write_text('[limits]\nmax_connections = 0\n')
     with pytest.raises(ConfigError, match=r"\$\.limits\.max_connections"):
         config_module.load(str(path), environ={})
