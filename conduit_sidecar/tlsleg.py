@@ -54,9 +54,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.waiter: asyncio.Future | None = None  # the client's handshake
         self.paused = False
         self.closing = False
-        # Records sent under this side's first application traffic secret, or -1
-        # once a key update (owed to the peer, sent with a write) moved past it, or
-        # OpenSSL wrote a record of its own after the handshake.
+        # While kernel TLS is on: records sent under this side's first application
+        # traffic secret, or -1 once a key update (owed to the peer, sent with a
+        # write) moved past it, or OpenSSL wrote a record of its own after the handshake.
         self.records = 0
 
     # protocol of the plain transport
@@ -139,7 +139,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         """Records to the socket; `ours`: they encrypt what was written (or tickets)."""
         data = self.outgoing.read()
         if data:
-            if self.handshaken and self.records >= 0:
+            if ktls.enabled and self.handshaken and self.records >= 0:
                 self.records = self.records + _count_records(data) if ours else -1
             self.raw.write(data)
 
@@ -148,7 +148,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
     def write(self, data):
         if self.closing:
             return
-        if self.handshaken and _relay.tls_key_update_owed(self.sslobj):
+        if ktls.enabled and self.handshaken and _relay.tls_key_update_owed(self.sslobj):
             self.records = -1  # this write sends the key update, then records under new keys
         try:
             self.sslobj.write(data)

@@ -44,6 +44,13 @@ def pki():
         yield server, client
 
 
+def _upgrade_request() -> bytes:
+    """A WebSocket upgrade request for "/", with a fresh key."""
+    return (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n\r\n")
+
+
 async def _front(pki, up_port, client_kernel_tx=None):
     """A wss listener whose sessions the relay carries to wss://127.0.0.1:up_port;
     returns (port, a future of the first relay and its legs' SSLObjects). Each leg's
@@ -58,10 +65,7 @@ async def _front(pki, up_port, client_kernel_tx=None):
         raw, up = await loop.create_connection(HttpHead, "127.0.0.1", up_port)
         upstream = await tlsleg.start_tls(raw, up, client_ctx, "127.0.0.1")
         up.transport = upstream
-        key = base64.b64encode(os.urandom(16))
-        upstream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                       b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                       b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        upstream.write(_upgrade_request())
         response = await up.done
         client = head_proto.transport
         client.write(switching_protocols(head))
@@ -333,8 +337,6 @@ def test_a_key_update_requested_before_the_handover_keeps_the_leg_openssls(pki):
     """A client asks for a key update with its upgrade request: the 101 goes out
     after OpenSSL's answer, under keys past the ones the handshake kept, so that
     leg's sends stay OpenSSL's (`_front` checks) and the session works."""
-    key = base64.b64encode(os.urandom(16))
-
     async def body():
         loop = asyncio.get_running_loop()
         async with _tls_upstream(_echo, pki) as up:
@@ -342,9 +344,7 @@ def test_a_key_update_requested_before_the_handover_keeps_the_leg_openssls(pki):
             raw, client = await loop.create_connection(_Collect, "127.0.0.1", port)
             stream = await tlsleg.start_tls(raw, client, pki[1], "127.0.0.1")
             _request_key_update(stream.sslobj)
-            stream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                         b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+            stream.write(_upgrade_request())
             await asyncio.wait_for(_until(lambda: b"\r\n\r\n" in client.data), 5)
             stream.write(b"\x81\x82\x00\x00\x00\x00hi")  # "hi", masked with a zero key
             await asyncio.wait_for(_until(lambda: client.data.endswith(b"\x81\x02hi")), 5)
@@ -423,16 +423,13 @@ class _ClosingUpstream(_Ending, UpgradeAnswer):
         super().data_received(data)
 
 
-class _ClosingClient(_Ending, asyncio.Protocol):
-    def data_received(self, data):
-        self.data = getattr(self, "data", b"") + data
+class _ClosingClient(_Ending, _Collect):
+    pass
 
 
 def test_each_leg_ends_with_a_close_notify_its_peer_reads(pki):
     """After the closing handshake each TLS leg sends close_notify before its TCP
     close, and each peer decrypts it (OpenSSL's record, or the kernel's)."""
-    key = base64.b64encode(os.urandom(16))
-
     async def body():
         loop = asyncio.get_running_loop()
         upstream = _ClosingUpstream()
@@ -442,11 +439,8 @@ def test_each_leg_ends_with_a_close_notify_its_peer_reads(pki):
         raw, client = await loop.create_connection(_ClosingClient, "127.0.0.1", port)
         stream = await tlsleg.start_tls(raw, client, pki[1], "127.0.0.1")
         client.transport = stream
-        stream.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                     b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
-        while b"\r\n\r\n" not in getattr(client, "data", b""):
-            await asyncio.sleep(0.01)
+        stream.write(_upgrade_request())
+        await asyncio.wait_for(_until(lambda: b"\r\n\r\n" in client.data), 5)
         stream.write(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # close 1000, masked
         ends = await asyncio.wait_for(asyncio.gather(client.ended, upstream.ended), 5)
         up.close()
