@@ -63,9 +63,11 @@ SIZES = (Sizes(quick=True, rounds=1, warmup=0, session_rounds=1, pingpong=200,
 SECTIONS = {
     "scanner": ("Scanner in process: ns per frame (scan + forward)",
                 ["websockets", "sidecar"], [("websockets", "sidecar")]),
+    # floor: the stack alone (benchmarks/floor_relay.py), what the sidecar's features add to.
     "plain": ("End to end on loopback, ws on both legs",
-              ["direct", "naive", "nginx", "sidecar", "sidecar-redis"],
-              [("sidecar", "nginx"), ("sidecar", "naive"), ("sidecar-redis", "sidecar")]),
+              ["direct", "floor", "naive", "nginx", "sidecar", "sidecar-redis"],
+              [("sidecar", "nginx"), ("sidecar", "naive"), ("sidecar", "floor"),
+               ("sidecar-redis", "sidecar")]),
     # sidecar-uvloop: TLS legs on uvloop's SSL transport (CONDUIT_NATIVE_TLS=0, the
     # fallback build's path), sidecar: encrypted by the relay's OpenSSL calls.
     "tls": ("Provider leg over TLS (upstream wss, verified against the bench CA)",
@@ -79,7 +81,7 @@ SECTIONS = {
                ["sidecar", "sidecar-tls"], [("sidecar-tls", "sidecar")]),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "
                  "it limited the run)"),
-                ["direct", "naive", "nginx", "sidecar", "sidecar-redis", "sidecar-uvloop",
+                ["direct", "floor", "naive", "nginx", "sidecar", "sidecar-redis", "sidecar-uvloop",
                  "sidecar-wss-uvloop", "sidecar-wss"], []),
 }
 RESULTS: dict[str, dict[str, dict[str, float]]] = {s: {} for s in SECTIONS}
@@ -130,6 +132,9 @@ class Columns:
         if column == "direct":
             return Target("direct", up, lambda model: f"/{model}",
                           ssl=harness.client_context(certs) if tls else None)
+        if column == "floor":  # plain only: it relays ws to 127.0.0.1
+            proc, port = self._once("floor", lambda: self._keep(harness.floor(self.workdir, up)))
+            return harness.proxy_target(column, proc, port)
         if column in ("naive", "nginx"):
             start = harness.naive if column == "naive" else harness.nginx
             proc, port = self._once((column, tls), lambda: self._keep(start(self.workdir, up, certs)))

@@ -1,6 +1,6 @@
 """The benchmark columns as processes on loopback: the upstream, `naive`, `nginx` and
-`sidecar`, each in its own process with its files in one temp dir, plus the
-throwaway CA and certificate for the TLS variants.
+`sidecar` (and `floor`, for `benchmarks.instructions`), each in its own process with
+its files in one temp dir, plus the throwaway CA and certificate for the TLS variants.
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ def naive(workdir: str, up_port: int, certs: Certs | None) -> tuple[Process, int
     proc = _start("naive-tls" if certs else "naive",
                   [sys.executable, "-m", "benchmarks.naive_relay", str(port), url, *ca], workdir,
                   lambda: port_open(port))
+    return proc, port
+
+
+def floor(workdir: str, up_port: int, under: tuple[str, ...] = ()) -> tuple[Process, int]:
+    """`benchmarks.floor_relay` to a plain upstream (`under`: as for `sidecar`)."""
+    port = held_port()
+    proc = _start("floor", [*under, sys.executable, "-m", "benchmarks.floor_relay", str(port), str(up_port)],
+                  workdir, lambda: port_open(port), timeout=120 if under else 15)
     return proc, port
 
 

@@ -6,6 +6,7 @@ machine's load as times do: this is the handshake figure to compare two builds b
     python -m benchmarks.instructions              # 100 warm-up, 300 counted, 4 at a time
     python -m benchmarks.instructions --tls        # the provider leg over wss
     python -m benchmarks.instructions --upstream-host localhost   # a name, not an address
+    python -m benchmarks.instructions --floor      # benchmarks.floor_relay instead of serve
     python -m benchmarks.instructions --keep cg.out   # and keep callgrind's dump
     callgrind_annotate --inclusive=yes cg.out      # where the instructions went
 
@@ -54,14 +55,30 @@ async def count(target: Target, out: str, warm: int, sessions: int, parallel: in
 
 
 def run(warm: int, sessions: int, parallel: int, tls: bool = False, keep: str | None = None,
-        up_host: str = "127.0.0.1") -> float:
+        up_host: str = "127.0.0.1", floor: bool = False) -> float:
     if shutil.which("valgrind") is None:
         raise harness.Unavailable("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as outdir:
         out = os.path.join(outdir, "callgrind.%p")
         under = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
+        if floor:
+            return _floor(outdir, out, under, warm, sessions, parallel, keep)
         with harness.fresh_sidecar("conduit-instr-", under, tls, up_host) as target:
             return uvloop.run(count(target, out, warm, sessions, parallel, keep))
+
+
+def _floor(workdir: str, out: str, under: tuple[str, ...], warm: int, sessions: int, parallel: int,
+           keep: str | None) -> float:
+    up, up_port = harness.upstream(workdir, None)
+    try:
+        proc, port = harness.floor(workdir, up_port, under)
+        try:
+            target = harness.proxy_target("floor", proc, port)
+            return uvloop.run(count(target, out, warm, sessions, parallel, keep))
+        finally:
+            proc.stop()
+    finally:
+        up.stop()
 
 
 def main() -> None:
@@ -70,12 +87,17 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=300)
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--tls", action="store_true", help="the provider leg over wss (a throwaway CA)")
+    p.add_argument("--floor", action="store_true",
+                   help="count benchmarks.floor_relay (the stack alone, no features) instead of serve")
     p.add_argument("--keep", metavar="PATH", help="copy callgrind's dump of the counted sessions here")
     p.add_argument("--upstream-host", default="127.0.0.1",
                    help="how the provider URL names the upstream (e.g. localhost: a name to look up)")
     args = p.parse_args()
-    per = run(args.warm, args.sessions, args.parallel, args.tls, args.keep, args.upstream_host)
-    print(f"{per / 1e6:.3f} M user-space instructions per new session "
+    if args.floor and (args.tls or args.upstream_host != "127.0.0.1"):
+        p.error("--floor relays plain WebSocket to 127.0.0.1 only")
+    per = run(args.warm, args.sessions, args.parallel, args.tls, args.keep, args.upstream_host, args.floor)
+    what = "benchmarks.floor_relay" if args.floor else "serve"
+    print(f"{per / 1e6:.3f} M user-space instructions per new session of {what} "
           f"({args.sessions} sessions, {args.parallel} at a time{', wss provider leg' if args.tls else ''}"
           f", upstream {args.upstream_host})")
 
