@@ -1,6 +1,6 @@
 """The benchmark columns as processes on loopback: the upstream, `naive`, `nginx` and
-`sidecar` (and `floor`, for `benchmarks.instructions`), each in its own process with
-its files in one temp dir, plus the throwaway CA and certificate for the TLS variants.
+`sidecar` (and `floor`), each in its own process with its files in one temp dir,
+plus the throwaway CA and certificate for the TLS variants.
 """
 
 from __future__ import annotations
@@ -170,22 +170,39 @@ def bench_certs(workdir: str) -> Certs:
 
 
 @contextmanager
-def fresh_sidecar(prefix: str, under: tuple[str, ...] = (), tls: bool = False,
-                  up_host: str = "127.0.0.1") -> Iterator[Target]:
-    """A fresh benchmark upstream and sidecar in a temp dir (`under`, `up_host`: as
-    for `sidecar`; `tls`: the provider leg is wss, verified against a throwaway CA),
-    stopped on exit; yields the sidecar's target."""
+def _fresh(prefix: str, tls: bool, column) -> Iterator[Target]:
+    """A fresh benchmark upstream (wss with a throwaway CA when `tls`) and the column
+    `column(workdir, up_port, certs)` starts, as (process, target), in a temp dir;
+    both stopped on exit."""
     with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
         certs = bench_certs(workdir) if tls else None
         up, up_port = upstream(workdir, certs)
         try:
-            s = sidecar(workdir, up_port, certs, under=under, up_host=up_host)
+            proc, target = column(workdir, up_port, certs)
             try:
-                yield sidecar_target("sidecar", s)
+                yield target
             finally:
-                s.process.stop()
+                proc.stop()
         finally:
             up.stop()
+
+
+def fresh_sidecar(prefix: str, under: tuple[str, ...] = (), tls: bool = False,
+                  up_host: str = "127.0.0.1"):
+    """A fresh upstream and sidecar (`under`, `up_host`: as for `sidecar`; `tls`: the
+    provider leg is wss, verified against a throwaway CA); yields the sidecar's target."""
+    def start(workdir, up_port, certs):
+        s = sidecar(workdir, up_port, certs, under=under, up_host=up_host)
+        return s.process, sidecar_target("sidecar", s)
+    return _fresh(prefix, tls, start)
+
+
+def fresh_floor(prefix: str, under: tuple[str, ...] = ()):
+    """A fresh upstream and `floor` relay (`under`: as for `sidecar`); yields its target."""
+    def start(workdir, up_port, _certs):
+        proc, port = floor(workdir, up_port, under)
+        return proc, proxy_target("floor", proc, port)
+    return _fresh(prefix, False, start)
 
 
 def proxy_target(name: str, proc: Process, port: int) -> Target:

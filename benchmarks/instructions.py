@@ -61,24 +61,10 @@ def run(warm: int, sessions: int, parallel: int, tls: bool = False, keep: str | 
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as outdir:
         out = os.path.join(outdir, "callgrind.%p")
         under = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
-        if floor:
-            return _floor(outdir, out, under, warm, sessions, parallel, keep)
-        with harness.fresh_sidecar("conduit-instr-", under, tls, up_host) as target:
+        fresh = (harness.fresh_floor("conduit-instr-", under) if floor
+                 else harness.fresh_sidecar("conduit-instr-", under, tls, up_host))
+        with fresh as target:
             return uvloop.run(count(target, out, warm, sessions, parallel, keep))
-
-
-def _floor(workdir: str, out: str, under: tuple[str, ...], warm: int, sessions: int, parallel: int,
-           keep: str | None) -> float:
-    up, up_port = harness.upstream(workdir, None)
-    try:
-        proc, port = harness.floor(workdir, up_port, under)
-        try:
-            target = harness.proxy_target("floor", proc, port)
-            return uvloop.run(count(target, out, warm, sessions, parallel, keep))
-        finally:
-            proc.stop()
-    finally:
-        up.stop()
 
 
 def main() -> None:
