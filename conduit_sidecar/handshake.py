@@ -310,5 +310,8 @@ def _refused(response: Response, exc: Exception | None) -> Refuse:
     else:
         text = http.HTTPStatus(response.status_code).phrase.lower()
     body = (text + "\n").encode()
+    # Headers is a multi-dict: setting adds a second Content-Length beside websockets'
+    # own, and HTTP parsers (Node's among them) reject a response with two.
+    del response.headers["Content-Length"]
     response.headers["Content-Length"] = str(len(body))
     return Refuse(Response(response.status_code, response.reason_phrase, response.headers, body), text)
