@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import ssl
 import time
@@ -255,6 +256,8 @@ def _retry_after(value: str | None, cap: float) -> float | None:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
+    if not math.isfinite(seconds):  # "nan": no clock passes it, the deployment would rest for good
+        return None
     return min(max(seconds, 0.0), cap)
 
 

@@ -32,7 +32,7 @@ from conduit_sidecar.metrics import Metrics
 from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.routing import Router
 from conduit_sidecar.testing import CA
-from conduit_sidecar.upstream import Balancer, Health
+from conduit_sidecar.upstream import Balancer, Health, _retry_after
 
 # -- deployments as loopback servers ----------------------------------------------
 
@@ -431,6 +431,16 @@ def test_circuit_rules():
     assert h.available(31.5) and h.live == 1
     h.release()
     assert h.live == 0
+
+
+@pytest.mark.parametrize("value, rest", [
+    ("2", 2.0), (" 7 ", 7.0), ("2.5", 2.5), ("600", 60.0), ("-5", 0.0), (None, None), ("", None),
+    # "nan" once left a deployment resting for good: no clock passes NaN.
+    ("nan", None), ("-nan", None), ("inf", None),
+    ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),   # a date in the past: at once
+])
+def test_retry_after_is_a_finite_rest_within_the_cap(value, rest):
+    assert _retry_after(value, 60.0) == rest
 
 
 # -- provider host names ---------------------------------------------------------------
