@@ -14,6 +14,7 @@ import asyncio
 import collections
 import datetime as dt
 import http
+import http.client
 import re
 import time
 import urllib.error
@@ -184,7 +185,9 @@ async def _sign(upstream: Upstream, agent: str, timeout: float) -> tuple[_Split 
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
     except urllib.error.HTTPError as exc:
         return f"refused: HTTP {exc.code}", exc.code in (401, 403, 429) or exc.code >= 500
-    except (OSError, ValueError, msgspec.DecodeError) as exc:
+    # http.client's HTTPException: an answer that is not HTTP (bad status line, a line
+    # too long, a body cut short), a provider fault like any unreadable answer.
+    except (OSError, ValueError, msgspec.DecodeError, http.client.HTTPException) as exc:
         return ("timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"), True
     if not urllib.parse.parse_qs(signed.query).get("conversation_signature", [""])[0]:
         return "gave a signed URL without a signature", True

@@ -655,10 +655,12 @@ def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workd
 
 @pytest.mark.parametrize("status, moves_on", [("503 Service Unavailable", True),
                                                ("401 Unauthorized", True),
+                                               ("garbage", True),
                                                ("404 Not Found", False)])
 def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status, moves_on):
-    """A 5xx or 401 from the first deployment: the next one signs. Any other 4xx is the
-    request's own fault (an unknown agent): the fetch stops there, with its status."""
+    """A 5xx or 401 from the first deployment, or an answer that is not HTTP (a status
+    line "HTTP/1.1 garbage"): the next one signs. Any other 4xx is the request's own
+    fault (an unknown agent): the fetch stops there, with its status."""
     first, second = Refusing(status), free_port()
     sidecar = sidecar_with(workdir, _elevenlabs(first.port, second))
 
