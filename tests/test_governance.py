@@ -20,6 +20,10 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from conduit_sidecar import state
+from conduit_sidecar.config import Config
+from conduit_sidecar.governance import Governor
+from conduit_sidecar.metrics import Metrics
 from conftest import Keys, SidecarProcess, free_port, http_get, run
 
 class RedisServer:
@@ -383,3 +387,43 @@ def test_local_backend_enforces_the_same_policy(sidecars):
         assert result[:2] == ("closed", 4029) and "per minute" in result[2]
     run(scenario())
     assert metric(proc, "conduit_state_operations_total") > 0
+
+
+def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
+    """A session's end flushes its key's usage while the tick's flush of that key may
+    still wait on Redis. Each flush's usage counts for the key until the store answers
+    that flush, whichever answers first. The one to finish second once raised KeyError,
+    and when that was the tick's flush the tick died: no lease renewals, budget
+    refreshes or audio counting after it. (A stand-in for Redis whose answers the test
+    releases, in the order the race needs.)"""
+    class Store:
+        shared = True
+
+        def __init__(self):
+            self.answers: list[asyncio.Future] = []
+
+        async def add_usage(self, key_id, deltas, now):
+            answer = asyncio.get_running_loop().create_future()
+            self.answers.append(answer)
+            await answer
+            return state._empty()
+
+    async def scenario():
+        config = Config()
+        governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+                            set(), {}, lambda model: model or "")
+        governor.store = store = Store()
+        governor._add("k", {"tokens": 5.0})
+        ending = asyncio.create_task(governor.flush())      # a session's end
+        await asyncio.sleep(0)
+        governor._add("k", {"tokens": 7.0})
+        tick = asyncio.create_task(governor.flush())        # the tick, while the first waits
+        await asyncio.sleep(0)
+        assert governor.unflushed("k")["tokens"] == 12.0
+        store.answers[0].set_result(None)
+        await ending
+        assert governor.unflushed("k")["tokens"] == 7.0     # the tick's is still on its way
+        store.answers[1].set_result(None)
+        await tick                                          # raised KeyError before
+        assert governor.unflushed("k")["tokens"] == 0.0 and not governor.flushing
+    asyncio.run(scenario())
