@@ -106,8 +106,13 @@ class _Setup(msgspec.Struct):
 _setup = msgspec.json.Decoder(_Setup)
 
 
+# Model names are short identifiers; a first message may be max_message_bytes long,
+# and the model goes into log lines and metric labels.
+_MAX_MODEL_CHARS = 256
+
+
 def _valid(model: str) -> bool:
-    return bool(model) and not any(c < " " or c == "\x7f" for c in model)
+    return 0 < len(model) <= _MAX_MODEL_CHARS and not any(c < " " or c == "\x7f" for c in model)
 
 
 def setup_model(message: bytes) -> str:

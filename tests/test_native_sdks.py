@@ -651,6 +651,8 @@ def _closed_with(native, path: str, headers: dict | None = None, send=None) -> t
     ('{"clientContent": {}}', "the first message must be a setup message naming the model"),
     ("not json", "the first message must be a setup message naming the model"),
     ('{"setup": {"model": ""}}', "setup names no valid model"),
+    # A name no model has, as long as a message may be: it would go into the log lines.
+    ('{"setup": {"model": "models/%s"}}' % ("m" * 100_000), "setup names no valid model"),
 ])
 def test_gemini_first_message_must_be_a_setup(native, first, reason):
     key = native.keys.plain["good"]
