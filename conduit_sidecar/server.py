@@ -50,6 +50,7 @@ class Sidecar:
         self.pending = Slots(self.limits.max_connections)  # connections without a session
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
+        self.closing = False  # drain_seconds are over (or a second signal came)
         self.metrics = Metrics(
             lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
         )
@@ -347,11 +348,12 @@ class Sidecar:
             self.stopped.set()
 
     def close_all(self) -> None:
+        """1001 to every session; those still opening get it once their upstream has
+        answered (or failed), within its timeouts, and release themselves then."""
+        self.closing = True
         for info in list(self.sessions):
             if info.relay is not None and not info.relay.finished:
                 info.relay.close(_relay.CloseCode.GOING_AWAY, "going away", _relay.CloseCode.NORMAL, "")
-            elif info.relay is None:
-                self.release(info)
 
     async def stop(self) -> None:
         if self.poller:

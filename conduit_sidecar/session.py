@@ -109,6 +109,7 @@ class Host(Protocol):
     keyset: KeySet
     balancer: Balancer
     pending: Slots
+    closing: bool  # the drain has ended: sessions still opening get 1001, not a relay
 
     signed_urls: signed_urls.SignedUrls
 
@@ -414,6 +415,13 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
     if transport.is_closing():
         host.release(info)
         upstream.abort()
+        return
+    if host.closing:  # the drain ended while the upstream answered
+        host.release(info)
+        upstream.abort()
+        going = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
+        host.rejected(going)
+        _close_after_upgrade(host, transport, going, early, answered)
         return
     # The key file may have changed while the upstream answered.
     _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)

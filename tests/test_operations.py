@@ -18,7 +18,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from conftest import (PROVIDER_SECRET, SidecarProcess, free_port, http_get, run,
-                      standard_keys)
+                      standard_keys, switching_protocols)
 
 
 def scrape(sidecar) -> dict:
@@ -266,6 +266,43 @@ def test_drain_keeps_sessions_then_closes_with_1001(tmp_path, mock_provider, tri
                 assert (exc.value.rcvd.code, exc.value.rcvd.reason) == (1001, "going away")
                 assert time.monotonic() - t0 > 0.5
         run(body())
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+
+
+def test_a_session_still_opening_when_the_drain_ends_gets_1001(tmp_path):
+    """drain_seconds run out while a session waits for its provider's 101: the session
+    gets 1001 once the provider answers, and the sidecar exits after it. It was
+    dropped from the live sessions at once, so the sidecar exited under it (the client
+    saw the connection end without a close code) or relayed it untracked."""
+    upstream_port = free_port()
+    sidecar = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
+                             standard_keys(), limits="drain_seconds = 0.3").start()
+    try:
+        async def body():
+            asked = asyncio.Event()
+
+            async def slow_upstream(reader, writer):
+                head = await reader.readuntil(b"\r\n\r\n")
+                asked.set()
+                await asyncio.sleep(1.0)                      # the drain ends meanwhile
+                writer.write(switching_protocols(head))
+                await reader.read()                           # until the sidecar lets go
+                writer.close()
+
+            server = await asyncio.start_server(slow_upstream, "127.0.0.1", upstream_port)
+            async with server:
+                url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
+                attempt = asyncio.ensure_future(connect(url, additional_headers=sidecar.auth()))
+                await asyncio.wait_for(asked.wait(), 5)
+                assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202
+                ws = await asyncio.wait_for(attempt, 10)
+                with pytest.raises(ConnectionClosed) as exc:
+                    await asyncio.wait_for(ws.recv(), 10)
+                return exc.value.rcvd
+        rcvd = run(body())
+        assert rcvd is not None and (rcvd.code, rcvd.reason) == (1001, "going away")
         assert sidecar.proc.wait(10) == 0
     finally:
         sidecar.stop()
