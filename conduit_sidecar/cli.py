@@ -125,8 +125,7 @@ def _usage(args) -> int:
     try:
         now, rows = asyncio.run(read())
     except StoreError as exc:
-        url = conf.state.url or ""  # set: RedisStore needs it
-        print(f"conduit-sidecar: {url.partition('@')[2] or url}: unavailable: {exc}", file=sys.stderr)
+        print(f"conduit-sidecar: Redis at {store.where}: unavailable: {exc}", file=sys.stderr)
         return 1
     for entry, totals in rows:
         print(entry.id)
@@ -144,6 +143,11 @@ def _usage(args) -> int:
     return 0
 
 
+def _aware(when: dt.datetime) -> dt.datetime:
+    """--expires without a time zone is UTC: the key file refuses a naive time."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
 def _keys_new(args) -> int:
     key = new_key()
     try:
@@ -153,7 +157,7 @@ def _keys_new(args) -> int:
             allowed_models=args.model or None,
             allowed_providers=args.provider or None,
             max_connections=args.max_connections,
-            expires_at=dt.datetime.fromisoformat(args.expires) if args.expires else None,
+            expires_at=_aware(dt.datetime.fromisoformat(args.expires)) if args.expires else None,
             public_agents=args.public_agent or [],
         )
         entry = msgspec.convert(msgspec.to_builtins(entry), KeyEntry)  # validate
@@ -249,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--model", action="append", metavar="PATTERN")
     n.add_argument("--provider", action="append", metavar="NAME")
     n.add_argument("--max-connections", type=int)
-    n.add_argument("--expires", metavar="ISO8601")
+    n.add_argument("--expires", metavar="ISO8601", help="expiry time (UTC when it names no time zone)")
     n.add_argument("--public-agent", action="append", metavar="AGENT_ID")
     n.set_defaults(func=_keys_new)
     h = k.add_parser("hash", help="print the sha256 of a key")

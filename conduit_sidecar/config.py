@@ -8,6 +8,7 @@ and the problem.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -194,8 +195,10 @@ def env_var(section: str | None, field: str) -> str:
 def split_hostport(value: str) -> tuple[str, int]:
     """'127.0.0.1:8080' or '[::1]:8080' -> (host, port)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not port.isascii() or not port.isdigit() or not host:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if int(port) > 65535:  # uvloop would bind the port modulo 65536
+        raise ValueError(f"port out of range (0-65535) in {value!r}")
     return host.strip("[]"), int(port)
 
 
@@ -219,6 +222,8 @@ def load(
     for var, (section, field, conv) in _ENV.items():
         if var in environ:
             target = raw if section is None else raw.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{source}: [{section}] must be a table - at `$.{section}`")
             try:
                 target[field] = conv(environ[var])
             except ValueError:
@@ -246,11 +251,18 @@ def load(
             )
         if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
             raise ConfigError(f"{source}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
-    if config.state.backend == "redis" and not (config.state.url or "").startswith(("redis://", "rediss://")):
-        raise ConfigError(
-            f'{source}: [state] backend = "redis" needs url = "redis://..." or '
-            '"rediss://..." - at `$.state.url`'
-        )
+    if config.state.backend == "redis":
+        url = config.state.url or ""
+        valid = url.startswith(("redis://", "rediss://"))
+        try:
+            _ = urllib.parse.urlsplit(url).port
+        except ValueError:  # a port that is not a number, or out of range
+            valid = False
+        if not valid:  # (the message never quotes the URL: it can hold a password)
+            raise ConfigError(
+                f'{source}: [state] backend = "redis" needs url = "redis://HOST[:PORT]..." or '
+                '"rediss://..." - at `$.state.url`'
+            )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: log_level must be debug, info, warning or error - at `$.log_level`")
     return config

@@ -183,14 +183,20 @@ class RedisStore:
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
         assert state.url is not None  # config.load requires it for redis
-        self.client = redis.asyncio.Redis.from_url(
-            state.url,
-            password=password,
-            socket_timeout=state.timeout_seconds,
-            socket_connect_timeout=state.timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
+        try:
+            self.client = redis.asyncio.Redis.from_url(
+                state.url,
+                password=password,
+                socket_timeout=state.timeout_seconds,
+                socket_connect_timeout=state.timeout_seconds,
+                retry=Retry(NoBackoff(), 0),
+                decode_responses=True,
+            )
+        except ValueError:  # redis-py's own checks (its message may quote the URL)
+            raise ConfigError("[state] url is not a valid Redis URL - at `$.state.url`") from None
+        kwargs = self.client.connection_pool.connection_kwargs
+        # Where it is, for messages: never the URL, which can hold a password.
+        self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self.prefix = state.key_prefix
         self.lease_ms = int(state.lease_seconds * 1000)
         self.admit_script = self.client.register_script(_ADMIT)

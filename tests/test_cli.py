@@ -1,6 +1,7 @@
 """The command line: keys, check-config, providers, demo (the README's first command)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,6 +70,47 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     conf.write_text('listen = "nonsense"\n')
     r = cli("serve", "--config", str(conf))
     assert r.returncode == 1 and "HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text, env, says", [
+    ('listen = "127.0.0.1:99999"\n', {}, "$.listen"),                   # was bound modulo 65536
+    ('admin_listen = "127.0.0.1:65536"\n', {}, "$.admin_listen"),
+    ("limits = 5\n", {"CONDUIT_MAX_CONNECTIONS": "3"}, "$.limits"),      # was a TypeError
+    ('[state]\nbackend = "redis"\nurl = "redis://:hunter2@127.0.0.1:notaport/0"\n', {}, "$.state.url"),
+    ('[state]\nbackend = "redis"\nurl = "redis://:hunter2@127.0.0.1:70000/0"\n', {}, "$.state.url"),
+])
+def test_a_bad_config_is_named_never_a_traceback_or_a_secret(tmp_path, text, env, says):
+    conf = tmp_path / "c.toml"
+    conf.write_text(text)
+    for command in ("check-config", "serve"):
+        r = cli(command, "--config", str(conf), env={**os.environ, **env})
+        assert r.returncode == 1 and says in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "hunter2" not in r.stderr
+
+
+def test_keys_new_expires_without_a_zone_is_utc(tmp_path):
+    """The entry it prints must load: the key file refuses a time without a zone."""
+    r = cli("keys", "new", "--id", "a", "--expires", "2027-01-01")
+    assert r.returncode == 0, r.stderr
+    entry = json.loads(r.stdout.splitlines()[-1])
+    assert entry["expires_at"] == "2027-01-01T00:00:00Z"
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [entry]}))
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n')
+    assert cli("check-config", "--config", str(conf)).returncode == 0
+
+
+def test_usage_names_the_redis_host_never_its_url(tmp_path):
+    """`usage` against a Redis that is down: where it is, not the URL and its password."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n[state]\nbackend = "redis"\n'
+                    f'url = "redis://:p@ss@127.0.0.1:1/0?password=topsecret"\ntimeout_seconds = 1\n')
+    r = cli("usage", "--config", str(conf))
+    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr, r.stderr
+    assert "ss@" not in r.stderr and "topsecret" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_demo_runs_and_summarises():
