@@ -929,6 +929,11 @@ cdef class Pipe:
                     self.nheld = n - pos
                     run = pos = n
                     break
+                if f.opcode == 8:
+                    # Its close handshake may write to dst (our close, to a violator)
+                    # and shut it: what came before it in this read goes first.
+                    self.emit(p + run, pos - run)
+                    run = pos
                 if self.start_frame(p + pos, &f, need):
                     self.emit(p + run, pos - run)
                     return 0
@@ -940,6 +945,10 @@ cdef class Pipe:
                 if self.message_end:
                     self.message_end = False
                     if self.meter_state:
+                        # on_message may close the session (a budget): the message
+                        # goes out before the close notice, not after or inside it.
+                        self.emit(p + run, pos - run)
+                        run = pos
                         self.meter_done()
                 if dst.at_frame_end:
                     # A frame boundary the endpoint waits for (e.g. to send its close).

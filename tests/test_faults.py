@@ -196,6 +196,26 @@ def test_a_violating_client_gets_its_close_code_whether_or_not_the_provider_answ
         1002, "client: unmasked frame from the client")
 
 
+def test_the_providers_answer_to_a_violators_last_message_comes_before_its_close(faulty):
+    """The client's last good message, then a violation; the provider answers that
+    message and closes in one write, before the sidecar's close reached it: the client
+    gets the answer, then its 1002. The provider's close was handled before the bytes
+    ahead of it in the same read were sent, and the answer was lost."""
+    def answer(transport, data):
+        if data[:1] == b"\x81" and not transport.is_closing():    # the last good message
+            transport.write(bytes([0x81, 6]) + b"answer" + b"\x88\x02\x03\xe8")
+            transport.close()
+
+    async def client(reader, writer, events):
+        events["on_data"] = answer
+        writer.write(masked(0x81, b"last good") + masked(0x83, b"bad"))   # opcode 3: reserved
+        return await asyncio.wait_for(reader.read(), 5)     # until the sidecar closes
+    data, events = with_upstream(faulty, lambda t: None, client)
+    assert data[:8] == bytes([0x81, 6]) + b"answer"
+    code = struct.unpack(">H", data[10:12])[0]
+    assert data[8] == 0x88 and (code, data[12:]) == (1002, b"client: reserved opcode 3")
+
+
 # Run in the sidecar process before `serve`: `decide` (before the 101) and `meter`
 # (after it, the upstream connected) each raise once, as a bug of ours would.
 _INJECT = """

@@ -28,8 +28,9 @@ class _Upstream(UpgradeAnswer):
         self.ready.set_result(self.transport)
 
 
-async def _session():
-    """(relay, websockets client, upstream transport); the relay sits between them."""
+async def _session(markers=(), on_message=None):
+    """(relay, websockets client, upstream transport); the relay sits between them,
+    metering the upstream's messages with `markers` for `on_message`."""
     loop = asyncio.get_running_loop()
     upstream_ready, relays = loop.create_future(), loop.create_future()
     up_server = await loop.create_server(lambda: _Upstream(upstream_ready), "127.0.0.1", 0)
@@ -45,7 +46,7 @@ async def _session():
                        b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
         response = await up.done
         client.write(switching_protocols(head))
-        relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None)
+        relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None, markers, on_message)
         relay.start(client, upstream, b"", response.split(b"\r\n\r\n", 1)[1])
         client.resume_reading()
         upstream.resume_reading()
@@ -130,3 +131,41 @@ def test_a_notice_must_be_utf8():
         return await _rest(ws)
     got, code, _ = run(body())
     assert got == [] and code == 1001
+
+
+def _text(payload: bytes) -> bytes:
+    header = bytes([0x81, len(payload)]) if len(payload) < 126 else \
+        bytes([0x81, 126]) + len(payload).to_bytes(2, "big")
+    return header + payload
+
+
+DELTA = b'{"type":"response.delta","x":1}'
+DONE = b'{"type":"response.done","usage":{"total_tokens":99}}'
+
+
+def _budget_close(relay, message):
+    """What a usage report over a budget does (server.provider_message, governance)."""
+    relay.close(_relay.CloseCode.BUDGET_EXHAUSTED, "budget exhausted", 1000, "", client_notice=NOTICE)
+
+
+@pytest.mark.parametrize("split", [None, 100])
+def test_a_close_from_a_usage_report_comes_after_the_message_that_reported_it(split):
+    """The provider's messages and the report that crosses the budget arrive in one
+    read (or the report split across two): the client gets them in order, then the
+    notice and the close. The close was written ahead of the read's messages, or
+    inside the report when it was split (a corrupt stream)."""
+    done = DONE + b" " * (300 if split else 0)      # JSON allows trailing whitespace
+
+    async def body():
+        relay, ws, upstream = await _session((b'"response.done"',), _budget_close)
+        data = _text(DELTA) + _text(done)
+        if split is None:
+            upstream.write(data)
+        else:
+            upstream.write(data[:len(data) - split])
+            await asyncio.sleep(0.1)
+            upstream.write(data[len(data) - split:])
+        return await _rest(ws)
+    got, code, reason = run(body())
+    assert got == [DELTA.decode(), done.decode(), NOTICE.decode()]
+    assert (code, reason) == (4002, "budget exhausted")
