@@ -76,6 +76,9 @@ class CertFiles:
 
     def _load(self) -> None:
         try:
+            # Into a spare context first: OpenSSL has already replaced the live one's
+            # certificate by the time it finds the key does not match, leaving it none.
+            server_context().load_cert_chain(self.cert_file, self.key_file)
             self.context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load {self.cert_file} / {self.key_file}: {exc}") from None
@@ -109,6 +112,8 @@ class ListenerTLS:
                 self.authority.renew()
         except OSError as exc:
             raise ConfigError(f"[tls] cannot write the self-signed CA: {exc}") from None
+        except ValueError as exc:  # a file in state_dir that is not the PEM it wrote
+            raise ConfigError(f"[tls] unreadable self-signed CA state in {conf.state_dir}: {exc}") from None
         cert_file, key_file = (
             (self.authority.cert_file, self.authority.key_file)
             if self.authority

@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 
 import pytest
@@ -367,6 +368,59 @@ def test_certificate_rotation_by_symlink_swap(tmp_path, mock_provider):
         run(body())
     finally:
         sidecar.stop()
+
+
+def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(tmp_path, mock_provider):
+    """tls.crt replaced while tls.key is still the old key (a renewal half written):
+    the reload fails and the listener goes on with the pair it had. OpenSSL had
+    already dropped that pair from the live context, and every new handshake failed."""
+    ca = CA()
+    cafile = ca.write(tmp_path / "ca.pem")
+    for name in ("a", "b", "tls"):
+        os.makedirs(tmp_path / name)
+    cert, key = ca.issue(str(tmp_path / "a"))
+    other_cert, _ = ca.issue(str(tmp_path / "b"))
+    cert_file, key_file = tmp_path / "tls" / "tls.crt", tmp_path / "tls" / "tls.key"
+    shutil.copy(cert, cert_file)
+    shutil.copy(key, key_file)
+    tls_port = free_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        cert_file = "{cert_file}"
+        key_file = "{key_file}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra).start()
+    try:
+        first = peer_cert_digest(tls_port, cafile)
+        shutil.copy(other_cert, cert_file)              # not the key's certificate
+        deadline = time.monotonic() + 5
+        while not any(line.get("event") == "tls_reload" for line in sidecar.log_lines()):
+            assert time.monotonic() < deadline, "no reload attempted"
+            time.sleep(0.1)
+        reload, = [line for line in sidecar.log_lines() if line.get("event") == "tls_reload"]
+        assert reload["result"] == "invalid"
+        assert peer_cert_digest(tls_port, cafile) == first
+    finally:
+        sidecar.stop()
+
+
+def test_a_corrupt_self_signed_state_is_a_config_error(tmp_path):
+    state = tmp_path / "state"
+    os.makedirs(state)
+    (state / "ca.crt").write_text("not a certificate")
+    (state / "ca.key").write_text("not a key")
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\nlisten = "127.0.0.1:{free_port()}"\n'
+                    f'admin_listen = "127.0.0.1:{free_port()}"\n'
+                    f'[tls]\nlisten = "127.0.0.1:{free_port()}"\nself_signed = true\n'
+                    f'state_dir = "{state}"\nca_out = "{tmp_path / "ca.pem"}"\n')
+    r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "serve", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "[tls] unreadable self-signed CA state" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, mock_provider):
