@@ -25,8 +25,11 @@ __all__ = ["AdminServer"]
 
 _MAX_REQUEST = 8192
 _TIMEOUT = 5.0
-# Prometheus and the kubelet's probes need a connection or two each; past either
-# limit a connection gets 503 at once. Per address, so that one pod cannot take them all.
+# Prometheus and the kubelet's probes need a connection or two each. Past the limit
+# per address a connection gets 503 at once, so that one pod cannot take them all;
+# past the limit in all the oldest connection still sending its request is dropped,
+# so that idle connections from many pods cannot starve the probes (whose requests
+# arrive at once) and have the kubelet restart the sidecar.
 _MAX_CONNECTIONS = 64
 _MAX_PER_PEER = 8
 
@@ -66,15 +69,21 @@ class _AdminProtocol(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         peer = str((transport.get_extra_info("peername") or ("",))[0])
-        counts = self.admin.connections
-        if counts.total() >= _MAX_CONNECTIONS or counts[peer] >= _MAX_PER_PEER:
+        admin = self.admin
+        counts = admin.connections
+        full = counts.total() >= _MAX_CONNECTIONS
+        # (none still reading at the limit in all: every one answered, its answer going out)
+        if counts[peer] >= _MAX_PER_PEER or (full and not admin.reading):
             transport.write(_response(503, "Service Unavailable", b"too many admin connections\n"))
             transport.close()
             return
+        if full:
+            next(iter(admin.reading))._drop()
         counts[peer] += 1
         self.peer = peer
+        admin.reading[self] = None
         self.reader = RequestReader(_MAX_REQUEST)
-        self.timer = asyncio.get_running_loop().call_later(_TIMEOUT, transport.abort)
+        self.timer = asyncio.get_running_loop().call_later(_TIMEOUT, self._drop)
 
     def data_received(self, data):
         if self.reader is None:
@@ -116,19 +125,31 @@ class _AdminProtocol(asyncio.Protocol):
         return self._send(_response(202, "Accepted", b"draining\n"))
 
     def _send(self, data: bytes):
+        # The timer stays: a peer that does not read the answer is dropped too.
         self.reader = None
-        self.timer.cancel()
+        self.admin.reading.pop(self, None)
         self.transport.write(data)
         self.transport.close()
 
-    def connection_lost(self, exc):
+    def _drop(self):
+        """Timed out, or the oldest still sending its request at the limit in all."""
+        self._release()
+        self.transport.abort()
+
+    def _release(self):
         if self.peer is None:
             return
+        self.reader = None
         self.timer.cancel()
+        self.admin.reading.pop(self, None)
         counts = self.admin.connections
         counts[self.peer] -= 1
         if not counts[self.peer]:
             del counts[self.peer]
+        self.peer = None
+
+    def connection_lost(self, exc):
+        self._release()
 
 
 class AdminServer:
@@ -150,6 +171,7 @@ class AdminServer:
         self.drain = drain
         self.server: asyncio.AbstractServer | None = None
         self.connections: collections.Counter[str] = collections.Counter()  # open, per peer address
+        self.reading: dict[_AdminProtocol, None] = {}  # still sending their request, oldest first
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the bound address."""

@@ -367,8 +367,10 @@ def test_drain_only_from_loopback(tmp_path, mock_provider):
 
 def test_admin_connections_are_bounded_per_address_and_in_all(ops):
     """Any pod may connect to the admin port: one address holds at most 8 connections
-    at a time and all together at most 64, each bounded in size and time; past that a
-    connection gets 503 at once, and the others are served as before."""
+    at a time (past that a connection gets 503 at once) and all together at most 64,
+    each bounded in size and time. At 64 a new connection drops the oldest one still
+    sending its request: idle connections from 8 pods once kept the kubelet's probes
+    out (503), and failed probes restart the sidecar."""
     def idle(source: str) -> socket.socket:
         s = socket.socket()
         s.bind((source, 0))
@@ -391,11 +393,20 @@ def test_admin_connections_are_bounded_per_address_and_in_all(ops):
         assert admin_request(ops, "GET", "/healthz", "127.0.0.3") == 200  # another address
         held += [idle(f"127.0.0.{n}") for n in range(3, 10) for _ in range(8)]  # 64 in all
         time.sleep(0.2)
-        assert refused("127.0.0.10")
-        for s in held[:8]:
-            s.close()
-        time.sleep(0.5)  # their ends are handled
-        assert admin_request(ops, "GET", "/healthz", "127.0.0.10") == 200
+        assert admin_request(ops, "GET", "/healthz", "127.0.0.10") == 200   # a probe
+        assert admin_request(ops, "GET", "/readyz", "127.0.0.11") == 200
+        time.sleep(0.2)
+
+        def dropped(s: socket.socket) -> bool:
+            s.setblocking(False)
+            try:
+                return s.recv(100) == b""
+            except BlockingIOError:
+                return False
+        # The oldest idle ones made room: two of ours, or one if an earlier test of
+        # this module left an older connection behind.
+        gone = [i for i, s in enumerate(held) if dropped(s)]
+        assert gone in ([0], [0, 1]), gone
     finally:
         for s in held:
             s.close()
