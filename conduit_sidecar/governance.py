@@ -123,7 +123,12 @@ class Governor:
                 self.metrics.state_fallbacks.labels("refused").inc()
                 return _relay.CloseCode.AT_CAPACITY, "shared state unavailable: try again later"
             self.metrics.state_fallbacks.labels("local").inc()
-            return self._admit_local(entry, now)
+            refusal = self._admit_local(entry, now)
+            if refusal is None and self.shared and entry.max_connections:
+                # Its lease, taken by the first renewal once the store is back: until
+                # the session ends other pods count it under max_connections.
+                live.lease = self._member(info)
+            return refusal
 
     async def _admit_shared(
         self, info: SessionInfo, entry: KeyEntry, live: _Live, now: dt.datetime
@@ -132,7 +137,7 @@ class Governor:
         lease and a session-rate slot."""
         pending = self.unflushed(entry.id)
         headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0)) for b in entry.budgets]
-        member = f"{self.pod}:{info.id}"
+        member = self._member(info)
         lease = entry.max_connections if self.shared else None
         refusal, totals = await self._op(
             "admit", self.store.admit(entry.id, member, lease, entry.sessions_per_minute, headroom, now)
@@ -160,6 +165,10 @@ class Governor:
             if wait:
                 return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, wait)
         return None
+
+    def _member(self, info: SessionInfo) -> str:
+        """The session's member in the key's lease set: unique across pods."""
+        return f"{self.pod}:{info.id}"
 
     def _live(self, info: SessionInfo) -> _Live:
         live = self.live.get(info)

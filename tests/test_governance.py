@@ -329,6 +329,28 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
 
 
+def test_a_session_admitted_during_an_outage_holds_its_lease_once_redis_is_back(sidecars, redis_server):
+    """max_connections 1 across two pods: a session admitted on its pod's own counts
+    while Redis was down takes its lease at the first renewal after Redis is back, so
+    the other pod refuses a second one. It held none, and the other pod let a second in."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    a, b = sidecars(keys, redis_server.url)
+
+    async def scenario():
+        redis_server.stop()
+        first = await attempt(a, "one")
+        assert first[0] == "open"
+        redis_server.start()                      # empty: no persistence
+        await asyncio.sleep(2.5)                  # renewals every lease_seconds / 3 (1 s)
+        second = await attempt(b, "one")
+        if second[0] == "open":
+            await second[1].close()
+        await first[1].close()
+        return second
+    assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
+
+
 def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
     """Binary audio is counted every second and at the session's end: a session
     shorter than a tick is counted whole."""
