@@ -19,9 +19,10 @@ import msgspec
 
 __all__ = ["METERS", "MODEL_LABELS_MAX", "MalformedUsage", "Meter", "SECONDS_KINDS", "TOKEN_KINDS", "Usage"]
 
-# Token kinds: `input`/`output` are totals; the others break them down (a detail is
-# counted once, under its most specific kind: cached audio is `input_cached`, not also
-# `input_audio`'s breakdown).
+# Token kinds: `input`/`output` are totals; the others break them down. Cached input
+# tokens are also in `input_text` or `input_audio` (OpenAI's counts);
+# `input_cached_audio` is the audio part of `input_cached`, which prices need: cached
+# audio is billed far below audio.
 TOKEN_KINDS = (
     "input",
     "output",
@@ -29,6 +30,7 @@ TOKEN_KINDS = (
     "input_audio",
     "input_image",
     "input_cached",
+    "input_cached_audio",
     "output_text",
     "output_audio",
 )
@@ -128,6 +130,7 @@ def _tokens(u: _Usage) -> dict[str, float]:
         "input_audio": i.audio_tokens,
         "input_image": i.image_tokens,
         "input_cached": i.cached_tokens,
+        "input_cached_audio": i.cached_tokens_details.audio_tokens if i.cached_tokens_details else 0,
         "output_text": o.text_tokens,
         "output_audio": o.audio_tokens,
     }

@@ -37,13 +37,15 @@ def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
 
 
 def cost_usd(price: Price, tokens: dict[str, float], audio_seconds: float = 0.0) -> float:
-    """USD for one usage report. Cached input tokens are part of the input text count
-    and billed at input_cached instead of input_text."""
-    cached = min(tokens.get("input_cached", 0), tokens.get("input_text", 0))
+    """USD for one usage report. Cached input tokens are part of the input text and
+    audio counts (`input_cached_audio` of them audio, the rest text) and billed at
+    input_cached instead."""
+    cached_audio = min(tokens.get("input_cached_audio", 0), tokens.get("input_audio", 0))
+    cached_text = min(tokens.get("input_cached", 0) - cached_audio, tokens.get("input_text", 0))
     per_million = (
-        (tokens.get("input_text", 0) - cached) * price.input_text
-        + cached * price.input_cached
-        + tokens.get("input_audio", 0) * price.input_audio
+        (tokens.get("input_text", 0) - cached_text) * price.input_text
+        + (cached_text + cached_audio) * price.input_cached
+        + (tokens.get("input_audio", 0) - cached_audio) * price.input_audio
         + tokens.get("output_text", 0) * price.output_text
         + tokens.get("output_audio", 0) * price.output_audio
     )

@@ -19,7 +19,8 @@ def done(usage) -> bytes:
 
 def test_openai_details_are_counted_once():
     # cached_tokens_details breaks cached_tokens down (and cached tokens are also in
-    # text/audio): only the totals and the top-level details are counted.
+    # text/audio): the totals, the top-level details, and the audio part of the cached
+    # tokens (priced apart) are counted.
     counts = openai(done({
         "total_tokens": 330, "input_tokens": 300, "output_tokens": 30,
         "input_token_details": {"text_tokens": 120, "audio_tokens": 170, "image_tokens": 10,
@@ -28,8 +29,8 @@ def test_openai_details_are_counted_once():
                                                           "image_tokens": 0}},
         "output_token_details": {"text_tokens": 10, "audio_tokens": 20}}))
     assert counts == {"input": 300, "output": 30, "input_text": 120, "input_audio": 170,
-                      "input_image": 10, "input_cached": 100, "output_text": 10,
-                      "output_audio": 20}
+                      "input_image": 10, "input_cached": 100, "input_cached_audio": 40,
+                      "output_text": 10, "output_audio": 20}
 
 
 def test_openai_transcription_usage_tokens_and_duration():

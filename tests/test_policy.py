@@ -37,6 +37,17 @@ def test_cost_by_audio_minute():
     assert round(cost_usd(price, {}, 5400.0), 2) == 0.39
 
 
+def test_cached_audio_is_billed_at_the_cached_price_not_as_audio():
+    """A long voice session's cache hits are mostly audio (OpenAI's
+    cached_tokens_details): those tokens were billed at the audio price, about 7x the
+    cost here, and usd budgets closed sessions that early."""
+    price = Price(input_text=4.0, input_audio=32.0, input_cached=0.4)
+    tokens = {"input_text": 500, "input_audio": 20_000, "input_cached": 18_000,
+              "input_cached_audio": 17_600}
+    # text 100 x 4 = 0.0004; audio 2,400 x 32 = 0.0768; cached 18,000 x 0.4 = 0.0072
+    assert cost_usd(price, tokens) == pytest.approx(0.0844)
+
+
 def test_cached_tokens_never_exceed_text_tokens():
     price = Price(input_text=10.0, input_cached=1.0)
     assert cost_usd(price, {"input_text": 100, "input_cached": 500}) == pytest.approx(100e-6)
