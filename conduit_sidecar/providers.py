@@ -105,9 +105,9 @@ TEMPLATES: dict[str, Template] = {
             KeyForm("subprotocol", "token"),
             KeyForm("subprotocol", "bearer"),
         ),
+        # Not callback nor callback_method: a client does not choose where the provider
+        # calls out (Deepgram would POST the session's transcripts there).
         query=(
-            "callback",
-            "callback_method",
             "channels",
             "detect_entities",
             "diarize",

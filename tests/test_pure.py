@@ -127,6 +127,24 @@ def openai_admission(*entries: KeyEntry) -> Admission:
     return admission(keyset=KeySet(list(entries)), router=Router(conf, environ={"SECRET": "sk-up"}))
 
 
+def test_no_client_chooses_where_a_provider_calls_out():
+    """Deepgram's callback (it POSTs the transcripts there) and AssemblyAI's webhooks
+    are not client session parameters: only the provider account's owner sets them."""
+    conf = Config(providers={"deepgram": Provider(secret_env="SECRET"),
+                             "assemblyai": Provider(secret_env="SECRET")})
+    state = admission(keyset=KeySet([KeyEntry("any", hash_key(KEY))]),
+                      router=Router(conf, environ={"SECRET": "sk-up"}))
+    for path, auth, passed in (
+        ("/v1/listen?model=nova-3&encoding=linear16&callback=https://x.example/&callback_method=put",
+         f"Token {KEY}", (("encoding", "linear16"),)),
+        ("/v3/ws?speech_model=u&sample_rate=16000&webhook_url=https://x.example/",
+         KEY, (("sample_rate", "16000"),)),
+    ):
+        d = decide(upgrade(path, key=None, Authorization=auth), state)
+        assert isinstance(d, Accept), d
+        assert d.query == passed
+
+
 def test_openai_sessions_without_a_model_in_the_url():
     """call_id= and intent=transcription go to openai with the model parameter dropped
     and the parameter forwarded; without them a model-less request stays refused."""
