@@ -558,11 +558,18 @@ cdef class Leg(Endpoint):
                     break
                 have += got
             data, size = conduit_io.in_data, conduit_io.in_len
-            conduit_io.bio = NULL
+            # The window is this read's alone: a later call on this leg's BIO (which
+            # reads and writes) must not find its bytes.
+            conduit_io.bio, conduit_io.in_len = NULL, 0
             if not ok:
                 err = SSL_get_error(self.ssl, ok)
                 ERR_clear_error()
-            self.flush_tls()    # answers to post-handshake messages (key updates)
+            if self.kernel_tx:
+                # OpenSSL's records (an alert) would go out as application data under
+                # the kernel's keys: the peer gets the drop below instead.
+                conduit_io.out_len = 0
+            else:
+                self.flush_tls()    # answers to post-handshake messages (key updates)
             if have:
                 self.inbound.feed(_plain, have)
                 have = 0
