@@ -207,10 +207,12 @@ class Governor:
         except StoreError:
             pass  # the lease expires by itself
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
+        """A store call that `stop` waits for: usage and lease releases are not lost."""
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
     # -- usage and enforcement -------------------------------------------------------
 
@@ -370,7 +372,8 @@ class Governor:
             try:
                 for info in self.sessions:  # (nothing here awaits: the set stays as it is)
                     self._count_audio(info)
-                await self.flush()
+                # Shielded: a stop during the call waits for it rather than lose its usage.
+                await asyncio.shield(self._spawn(self.flush()))
                 if time.monotonic() - renewed >= renew_every:
                     renewed = time.monotonic()
                     await self._renew()
@@ -381,8 +384,12 @@ class Governor:
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
+        """The flushes and lease releases under way finish (each within the store's
+        timeout), then the last usage is flushed, then the store is closed."""
         if self.task is not None:
             self.task.cancel()
+        while self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
         for info in list(self.sessions):
             self._count_audio(info)
         await self.flush()

@@ -365,6 +365,12 @@ class Sidecar:
         for info in list(self.sessions):
             if info.relay is not None:
                 info.relay.abort()
+        # The aborted relays end at their connection_lost, a loop turn or two from now:
+        # their releases (the last usage, the leases) go to the governor before it stops.
+        for _ in range(10):
+            if not any(info.relay is not None for info in self.sessions):
+                break
+            await asyncio.sleep(0)
         await self.governor.stop()
 
     async def run(self) -> int:

@@ -351,6 +351,26 @@ def test_a_session_admitted_during_an_outage_holds_its_lease_once_redis_is_back(
     assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
 
 
+def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars, redis_server):
+    """A session ends and the sidecar is told to stop right after: the flush and the
+    lease release its end started finish before the store is closed. The store was
+    closed under them, and the usage of the sessions a rollout ended was lost."""
+    keys = Keys()
+    keys.add("team", max_connections=3,
+             budgets=[{"metric": "tokens", "limit": 100000, "window": "hour"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "team")
+        await response_done(ws)                               # 12 tokens
+        await ws.close()
+        proc.proc.send_signal(signal.SIGTERM)                 # right after its end
+    run(scenario())
+    assert proc.proc.wait(10) == 0
+    assert "tokens 12 / 100000" in usage_cli(proc, "team")
+    assert redis_server.command("ZCARD", "t:{team}:leases") == ":0"
+
+
 def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
     """Binary audio is counted every second and at the session's end: a session
     shorter than a tick is counted whole."""
