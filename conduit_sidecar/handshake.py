@@ -272,10 +272,17 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         )
     forward = tuple((n, v) for n, values in query.items() if n in route.query for v in values)
     hold: Callable[[bytes], str | None] | None = None
-    if where is not None and TEMPLATES[where.provider].model_in_setup:
+    template = TEMPLATES.get(route.name)
+    # By the route, not the path: Gemini's setup names the model on /v1/realtime/connect too.
+    if template is not None and template.model_in_setup:
         hold = held.setup_model
     elif kind == "transcription":
         hold = held.transcription_model
+    if hold is None and model is None and entry.allowed_models is not None:
+        # Nothing would name the model for allowed_models to be checked against.
+        return Close(
+            response, CloseCode.FORBIDDEN, "the session names no model: not allowed for this key", entry
+        )
     return Accept(
         response,
         entry,

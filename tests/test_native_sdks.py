@@ -659,6 +659,17 @@ def test_gemini_first_message_must_be_a_setup(native, first, reason):
     assert _closed_with(native, f"{GEMINI_PATH}?key={key}", send=first) == (1002, reason)
 
 
+@pytest.mark.parametrize("query", ["provider=gemini", "provider=gemini&model=gpt-realtime-x"])
+def test_gemini_setup_is_checked_on_the_sidecars_own_path_too(native, query):
+    """A key whose allowed_models lists no Gemini model, on /v1/realtime/connect: the
+    setup message is held and its model checked there too (4003). It was held only
+    on Gemini's own path, and went through unchecked here."""
+    key = native.keys.plain["models-only"]
+    setup = '{"setup": {"model": "models/gemini-live"}}'
+    assert _closed_with(native, f"/v1/realtime/connect?{query}", {"Authorization": f"Bearer {key}"},
+                        send=setup) == (4003, "model 'gemini-live' not allowed for this key")
+
+
 def test_gemini_no_first_message_in_time(native):
     key = native.keys.plain["good"]
     assert _closed_with(native, f"{GEMINI_PATH}?key={key}") == (1002, "no first message within 2 s")

@@ -300,7 +300,13 @@ def test_request_reaches_the_provider_as_documented(tls_sidecar, pki, upstream_p
                                                    "Cookie": f"session={vkey}",
                                                    "Origin": "http://app.example",
                                                    "X-Anything": vkey}) as ws:
-                assert await ws.recv() == '{"type":"session.created"}'   # relayed through TLS
+                if name == "gemini":    # its first message names the model, on any path
+                    setup = '{"setup": {"model": "models/gemini-live"}}'
+                    await ws.send(setup)
+                    assert await ws.recv() == '{"type":"session.created"}'
+                    assert await ws.recv() == setup                      # echoed
+                else:
+                    assert await ws.recv() == '{"type":"session.created"}'   # relayed through TLS
                 await ws.send(b"\x00\x01pcm")
                 assert await ws.recv() == b"\x00\x01pcm"
             return up.seen

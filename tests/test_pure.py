@@ -127,6 +127,18 @@ def openai_admission(*entries: KeyEntry) -> Admission:
     return admission(keyset=KeySet(list(entries)), router=Router(conf, environ={"SECRET": "sk-up"}))
 
 
+def test_a_key_with_allowed_models_needs_a_model_to_check():
+    """A provider whose URL names no model, reached with a key restricted to some
+    models and no model named anywhere: 4003. It went through: nothing was checked."""
+    conf = Config(providers={"fixed": Provider(url="ws://127.0.0.1:9/fixed")})
+    state = admission(router=Router(conf, environ={}))
+    d = decide(upgrade("/v1/realtime/connect?provider=fixed"), state)
+    assert isinstance(d, Close)
+    assert (d.code, d.reason) == (4003, "the session names no model: not allowed for this key")
+    anyone = admission(keyset=KeySet([KeyEntry("any", hash_key(KEY))]), router=Router(conf, environ={}))
+    assert isinstance(decide(upgrade("/v1/realtime/connect?provider=fixed"), anyone), Accept)
+
+
 def test_no_client_chooses_where_a_provider_calls_out():
     """Deepgram's callback (it POSTs the transcripts there) and AssemblyAI's webhooks
     are not client session parameters: only the provider account's owner sets them."""
