@@ -58,10 +58,11 @@ class _Live:
     """A session's governance state, made only for sessions that need one (a lease,
     a session cap, a budget close): idle sessions are held by the thousand."""
 
-    __slots__ = ("lease", "timer", "closing")
+    __slots__ = ("lease", "written", "timer", "closing")
 
     def __init__(self):
         self.lease: str | None = None  # the lease member, when one is held
+        self.written = True  # False: taken during an outage, not in the store yet
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
 
@@ -124,10 +125,10 @@ class Governor:
                 return _relay.CloseCode.AT_CAPACITY, "shared state unavailable: try again later"
             self.metrics.state_fallbacks.labels("local").inc()
             refusal = self._admit_local(entry, now)
-            if refusal is None and self.shared and entry.max_connections:
-                # Its lease, taken by the first renewal once the store is back: until
-                # the session ends other pods count it under max_connections.
-                live.lease = self._member(info)
+            if refusal is None and live.lease is not None:
+                # Written by the first renewal once the store is back: until the session
+                # ends other pods count it under max_connections.
+                live.written = False
             return refusal
 
     async def _admit_shared(
@@ -137,15 +138,19 @@ class Governor:
         lease and a session-rate slot."""
         pending = self.unflushed(entry.id)
         headroom = [(b.window, b.metric, b.limit - pending.get(b.metric, 0.0)) for b in entry.budgets]
-        member = self._member(info)
+        member = f"{self.pod}:{info.id}"  # unique across pods
         lease = entry.max_connections if self.shared else None
+        # Before the call: a session cancelled during it (its client left), or whose
+        # call failed after the store ran it, releases a lease the store may have taken
+        # (removing one it did not take is harmless).
+        live.lease = member if lease else None
         refusal, totals = await self._op(
             "admit", self.store.admit(entry.id, member, lease, entry.sessions_per_minute, headroom, now)
         )
         self._remember(entry.id, totals, now)
         if refusal is None:
-            live.lease = member if lease else None
             return None
+        live.lease = None
         kind, detail = refusal
         if kind == "budget":
             return _relay.CloseCode.BUDGET_EXHAUSTED, budget_reason(entry.budgets[int(detail)], now)
@@ -165,10 +170,6 @@ class Governor:
             if wait:
                 return _relay.CloseCode.KEY_LIMIT, _rate_reason(entry, wait)
         return None
-
-    def _member(self, info: SessionInfo) -> str:
-        """The session's member in the key's lease set: unique across pods."""
-        return f"{self.pod}:{info.id}"
 
     def _live(self, info: SessionInfo) -> _Live:
         live = self.live.get(info)
@@ -353,16 +354,21 @@ class Governor:
             self.enforce(key_id, now)
 
     async def _renew(self) -> None:
-        leases: dict[str, list[str]] = {}
+        leases: dict[str, tuple[list[str], list[str]]] = {}
+        unwritten = []
         for info, live in self.live.items():
             if live.lease is not None:
-                leases.setdefault(info.key_id, []).append(live.lease)
+                leases.setdefault(info.key_id, ([], []))[0 if live.written else 1].append(live.lease)
+                if not live.written:
+                    unwritten.append(live)
         if leases:
             assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
             try:
                 await self._op("renew", self.store.renew(leases))
             except StoreError:
-                pass
+                return
+            for live in unwritten:
+                live.written = True
 
     async def run(self) -> None:
         renew_every = self.state.lease_seconds / 3

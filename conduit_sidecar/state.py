@@ -140,12 +140,17 @@ end
 return out"""
 )
 
-# KEYS[1] leases; ARGV ttl_ms, member... : extend (or re-create after an outage)
+# KEYS[1] leases; ARGV ttl_ms, n, then n members to extend (XX: one released since the
+# renewal was sent stays released), then members to write (taken during an outage)
 _RENEW = (
     _NOW_MS
     + """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV do
+  if i < 3 + n then redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+  else redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
 return 1"""
 )
 
@@ -248,9 +253,12 @@ class RedisStore:
             return ("rate", detail / 1000), totals
         return None, totals
 
-    async def renew(self, leases: dict[str, list[str]]) -> None:
-        for key_id, members in leases.items():
-            await self._call(self.renew_script, [self.key(key_id, "leases")], [self.lease_ms, *members])
+    async def renew(self, leases: dict[str, tuple[list[str], list[str]]]) -> None:
+        """Per key: (members to extend, members to write)."""
+        for key_id, (extend, write) in leases.items():
+            await self._call(
+                self.renew_script, [self.key(key_id, "leases")], [self.lease_ms, len(extend), *extend, *write]
+            )
 
     async def release(self, key_id: str, member: str) -> None:
         try:

@@ -20,7 +20,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from conduit_sidecar import state
+from conduit_sidecar import config as config_module, state
 from conduit_sidecar.config import Config
 from conduit_sidecar.governance import Governor
 from conduit_sidecar.metrics import Metrics
@@ -369,6 +369,24 @@ def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars
     assert proc.proc.wait(10) == 0
     assert "tokens 12 / 100000" in usage_cli(proc, "team")
     assert redis_server.command("ZCARD", "t:{team}:leases") == ":0"
+
+
+def test_a_renewal_extends_leases_but_never_brings_one_back(redis_server):
+    """Renewals go key by key, each awaited, while sessions end and release their
+    leases on other connections: a renewal sent before a release and run after it
+    re-created the lease (a plain ZADD), and the key stayed at its limit for
+    lease_seconds with no session open. It now only extends what is there (XX), and
+    writes only the leases taken during an outage."""
+    store = state.RedisStore(config_module.State(backend="redis", url=redis_server.url, key_prefix="t:"))
+
+    async def scenario():
+        key = store.key("k", "leases")
+        await store.client.zadd(key, {"live": 1})
+        await store.renew({"k": (["live", "released"], ["outage"])})
+        members = sorted(await store.client.zrange(key, 0, -1))
+        await store.client.aclose()
+        return members
+    assert run(scenario()) == ["live", "outage"]
 
 
 def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
