@@ -466,8 +466,8 @@ class Balancer:
                 if not exc.failover:
                     break
                 continue
-            except asyncio.CancelledError:  # the client left
-                h.abandoned()
+            except BaseException:  # the client left (cancelled), or a bug of ours
+                h.abandoned()  # no verdict on the deployment; a probe is let go
                 raise
             h.succeeded()
             self._count(h, "ok")
