@@ -296,10 +296,14 @@ class Health:
         """Closed, or its rest is over and nobody is probing it yet."""
         return self.resting_until is None or (now >= self.resting_until and not self.probing)
 
-    def begin(self) -> None:
+    def begin(self) -> bool:
+        """An attempt starts; True when it is the one probe after a rest (its verdict,
+        and only its, ends the probing)."""
         self.live += 1
         if self.resting_until is not None:
             self.probing = True
+            return True
+        return False
 
     def succeeded(self) -> None:
         self.failures = 0
@@ -307,12 +311,14 @@ class Health:
         self.cooldown = self.circuit.cooldown_seconds
         self.probing = False
 
-    def failed(self, now: float, rest: float | None = None, at_once: bool = False) -> None:
+    def failed(
+        self, now: float, rest: float | None = None, at_once: bool = False, probe: bool = False
+    ) -> None:
         """A failed attempt: rest after `failures` in a row (or `at_once`, or for the
         provider's `rest`); a failed probe doubles the cool-down."""
         self.live -= 1
         self.failures += 1
-        if self.probing:
+        if probe:
             self.probing = False
             self.cooldown = min(self.cooldown * 2, self.circuit.max_cooldown_seconds)
             self.resting_until = now + (self.cooldown if rest is None else rest)
@@ -321,10 +327,11 @@ class Health:
         elif at_once or self.failures >= self.circuit.failures:
             self.resting_until = now + self.cooldown
 
-    def abandoned(self) -> None:
+    def abandoned(self, probe: bool = False) -> None:
         """The attempt ended without a verdict on the deployment (client left, bad request)."""
         self.live -= 1
-        self.probing = False
+        if probe:
+            self.probing = False
 
     def release(self) -> None:
         """The session it served has ended."""
@@ -404,7 +411,7 @@ class Balancer:
             if not h.available(time.monotonic()):  # another session's failure or probe since
                 resting.append(h)
                 continue
-            h.begin()
+            probe = h.begin()
             try:
                 upstream = self.router.upstream(
                     h.target, model, decision.query, decision.version, secret=not decision.anonymous
@@ -418,7 +425,7 @@ class Balancer:
                     self.resolver,
                 )
             except RouteError as exc:
-                h.abandoned()
+                h.abandoned(probe)
                 if exc.code != CloseCode.INTERNAL_ERROR:  # the request's own fault (a bad model)
                     raise
                 log.error(
@@ -440,9 +447,9 @@ class Balancer:
                     # not): the request's fault, not the deployment's.
                     exc.failover = False
                 if not exc.failover:
-                    h.abandoned()
+                    h.abandoned(probe)
                 else:
-                    h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth")
+                    h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth", probe=probe)
                 self._count(h, exc.outcome)
                 extra = {
                     "event": "upstream_attempt",
@@ -467,7 +474,7 @@ class Balancer:
                     break
                 continue
             except BaseException:  # the client left (cancelled), or a bug of ours
-                h.abandoned()  # no verdict on the deployment; a probe is let go
+                h.abandoned(probe)  # no verdict on the deployment; a probe is let go
                 raise
             h.succeeded()
             self._count(h, "ok")

@@ -411,13 +411,12 @@ def test_circuit_rules():
         h.begin()
         h.failed(t)
     assert not h.healthy and not h.available(3.0) and h.available(4.0)   # rests 2 s from t=2
-    h.begin()                                   # the one probe
+    assert h.begin()                            # the one probe
     assert not h.available(4.0)                 # nobody else while it is under way
-    h.failed(4.0)
+    h.failed(4.0, probe=True)
     assert h.resting_until == 8.0               # doubled
     for t in (8.0, 16.0):
-        h.begin()
-        h.failed(t)
+        h.failed(t, probe=h.begin())
     assert h.resting_until == 16.0 + 5.0        # capped
     h.begin()
     h.succeeded()
@@ -426,11 +425,29 @@ def test_circuit_rules():
     h.failed(30.0, rest=1.5)                    # Retry-After, even after one failure
     assert h.resting_until == 31.5
     assert h.live == 1                          # the one session that connected
-    h.begin()
-    h.abandoned()                               # the client left: no verdict, no probe held
+    h.abandoned(h.begin())                      # the probe's client left: no verdict, none held
     assert h.available(31.5) and h.live == 1
     h.release()
     assert h.live == 0
+
+
+def test_only_the_probe_ends_the_probing():
+    """An attempt that began before the rest ends during the probe: its verdict is not
+    the probe's. Its abandonment let a second probe start, and its failure doubled the
+    cool-down."""
+    h = _health(failures=1)
+    late = h.begin()                            # begun while the circuit was closed
+    h.begin()
+    h.failed(0.0)                               # another attempt: the circuit rests 2 s
+    probe = h.begin() if h.available(2.0) else None
+    assert probe is True and late is False
+    h.abandoned(late)                           # the late one's client leaves
+    assert not h.available(2.5)                 # the probe is still the only one
+    h.begin()
+    h.failed(2.5, probe=late)                   # a late failure: no doubling
+    assert h.cooldown == 2.0
+    h.succeeded()
+    assert h.healthy and h.available(3.0)
 
 
 @pytest.mark.parametrize("value, rest", [
