@@ -30,12 +30,16 @@ def http_status(port, data: bytes) -> int:
 
 
 def http_answer(port, data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-    """(status, header lines, body) of the whole answer, read until the sidecar closes."""
+    """(status, header lines, body) of the answer, read until the sidecar closes. A
+    request refused before it was all read ends in a reset once the answer is out."""
     answer = b""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(data)
-        while chunk := s.recv(65536):
-            answer += chunk
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            assert answer, "reset before any answer"
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
@@ -113,7 +117,11 @@ def test_bad_requests_get_an_http_status(strict, data, status):
     got, headers, body = http_answer(strict.port, data)
     assert got == status
     # One Content-Length, the body's: a client's HTTP parser (Node's) rejects two.
-    assert [v for k, v in headers if k == "content-length"] == [str(len(body))]
+    # (After a reset the body may be cut short: then only the header is counted.)
+    lengths = [v for k, v in headers if k == "content-length"]
+    assert len(lengths) == 1 and int(lengths[0]) >= len(body)
+    if status != 431:                   # read whole: nothing of the request was left unread
+        assert lengths == [str(len(body))]
 
 
 def test_slowloris_is_cut_at_the_handshake_timeout(strict):
