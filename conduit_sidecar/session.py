@@ -416,21 +416,21 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
         host.release(info)
         upstream.abort()
         return
-    if host.closing:  # the drain ended while the upstream answered
+    # The drain may have ended, or the key file changed, while the upstream answered.
+    late: Close | None = None
+    if host.closing:
+        late = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
+    else:
+        _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
+        if revoked is not None:
+            late = Close(
+                decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked
+            )
+    if late is not None:
         host.release(info)
         upstream.abort()
-        going = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
-        host.rejected(going)
-        _close_after_upgrade(host, transport, going, early, answered)
-        return
-    # The key file may have changed while the upstream answered.
-    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
-    if revoked is not None:
-        host.release(info)
-        upstream.abort()
-        failed = Close(decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked)
-        host.rejected(failed)
-        _close_after_upgrade(host, transport, failed, early, answered)
+        host.rejected(late)
+        _close_after_upgrade(host, transport, late, early, answered)
         return
     response = decision.response
     # The provider's choice wins. When it picks none, the client's first offer (set

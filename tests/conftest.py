@@ -30,6 +30,31 @@ def switching_protocols(request_head: bytes) -> bytes:
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
 
 
+class SlowUpstream:
+    """A provider on 127.0.0.1 that answers each upgrade with its 101 only `delay`
+    seconds after the request came (`asked` is set then), then holds the connection
+    until the sidecar lets go: a window in which the test changes something."""
+
+    def __init__(self, port: int, delay: float = 1.0):
+        self.port, self.delay = port, delay
+        self.asked = asyncio.Event()
+
+    async def _answer(self, reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.asked.set()
+        await asyncio.sleep(self.delay)
+        writer.write(switching_protocols(head))
+        await reader.read()
+        writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+
 class HttpHead(asyncio.Protocol):
     """Collects an HTTP head for the in-process relay tests; the relay takes the
     transport over after it."""

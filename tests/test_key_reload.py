@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conduit_sidecar.keys import hash_key, new_key
-from conftest import Keys, SidecarProcess, free_port, http_get, run, switching_protocols
+from conftest import Keys, SidecarProcess, SlowUpstream, free_port, http_get, run
 
 
 class SecretVolume:
@@ -177,21 +177,10 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path):
                              keys).start()
     try:
         async def body():
-            asked = asyncio.Event()
-
-            async def slow_upstream(reader, writer):
-                head = await reader.readuntil(b"\r\n\r\n")
-                asked.set()
-                await asyncio.sleep(1.0)                      # the key is revoked meanwhile
-                writer.write(switching_protocols(head))
-                await reader.read()                           # until the sidecar lets go
-                writer.close()
-
-            server = await asyncio.start_server(slow_upstream, "127.0.0.1", upstream_port)
-            async with server:
+            async with SlowUpstream(upstream_port) as up:       # the key is revoked meanwhile
                 url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
                 attempt = asyncio.ensure_future(connect(url, additional_headers={"Authorization": f"Bearer {alpha}"}))
-                await asyncio.wait_for(asked.wait(), 5)
+                await asyncio.wait_for(up.asked.wait(), 5)
                 with open(sidecar.keys_file, "w") as f:
                     f.write('{"keys": []}')
                 ws = await attempt

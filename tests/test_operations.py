@@ -17,8 +17,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import (PROVIDER_SECRET, SidecarProcess, free_port, http_get, run,
-                      standard_keys, switching_protocols)
+from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, free_port, http_get, run,
+                      standard_keys)
 
 
 def scrape(sidecar) -> dict:
@@ -281,21 +281,10 @@ def test_a_session_still_opening_when_the_drain_ends_gets_1001(tmp_path):
                              standard_keys(), limits="drain_seconds = 0.3").start()
     try:
         async def body():
-            asked = asyncio.Event()
-
-            async def slow_upstream(reader, writer):
-                head = await reader.readuntil(b"\r\n\r\n")
-                asked.set()
-                await asyncio.sleep(1.0)                      # the drain ends meanwhile
-                writer.write(switching_protocols(head))
-                await reader.read()                           # until the sidecar lets go
-                writer.close()
-
-            server = await asyncio.start_server(slow_upstream, "127.0.0.1", upstream_port)
-            async with server:
+            async with SlowUpstream(upstream_port) as up:       # the drain ends meanwhile
                 url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
                 attempt = asyncio.ensure_future(connect(url, additional_headers=sidecar.auth()))
-                await asyncio.wait_for(asked.wait(), 5)
+                await asyncio.wait_for(up.asked.wait(), 5)
                 assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202
                 ws = await asyncio.wait_for(attempt, 10)
                 with pytest.raises(ConnectionClosed) as exc:
