@@ -342,7 +342,10 @@ def test_a_session_admitted_during_an_outage_holds_its_lease_once_redis_is_back(
         first = await attempt(a, "one")
         assert first[0] == "open"
         redis_server.start()                      # empty: no persistence
-        await asyncio.sleep(2.5)                  # renewals every lease_seconds / 3 (1 s)
+        deadline = time.monotonic() + 10          # renewals every lease_seconds / 3 (1 s)
+        while redis_server.command("ZCARD", "t:{one}:leases") != ":1":
+            assert time.monotonic() < deadline, "the lease was never written"
+            await asyncio.sleep(0.2)
         second = await attempt(b, "one")
         if second[0] == "open":
             await second[1].close()
