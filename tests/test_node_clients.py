@@ -37,3 +37,35 @@ def test_resilient_client_does_not_reconnect_after_4001(sidecar, key):
     assert result["connects"] == 1, result
     assert result["closes"][0][0] == 4001
     assert result["closes"][0][1] in ("unknown key", "key disabled")
+
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
+                         "conduit-real-time-audio.md")
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE), reason="../shared/reference is not beside the checkout")
+def test_the_reference_pages_classes_work_unchanged(sidecar):
+    """The docs' four classes as printed (only their placeholder origin replaced), on the
+    `ws` 7 they were written for."""
+    code, out = node("reference_classes.mjs", REFERENCE, base(sidecar), sidecar.keys.plain["good"], "down")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["placeholders"] == 1
+    assert result["classes"] == ["ConduitRealTimeAudio", "ResilientRealTimeAudio",
+                                 "ValidatedRealTimeAudio", "MonitoredRealTimeAudio"]
+    basic = result["basic"]
+    # Text frames reach onTextMessage parsed, binary ones onAudioData as the bytes sent.
+    assert basic["opened"] and basic["echoed"] and basic["audioEqual"], basic
+    assert basic["types"][:1] == ["session.created"] and "session.updated" in basic["types"], basic
+    assert basic["closeCode"] == 1005  # disconnect() closes without a code
+    # 4001 is final for the docs' policy; 1014 (provider down) is retried until its cap.
+    assert result["badKey"] == {"connects": 1, "logs": ["Connection closed: 4001 unknown key"] * 2}
+    down = result["providerDown"]
+    assert down["connects"] == 3, down
+    assert down["logs"][0].startswith("Connection closed: 1014 upstream"), down
+    assert down["logs"][-1] == "Max reconnection attempts reached", down
+    assert result["validated"] == {"types": ["session.created", "session.updated"], "refused": True}
+    stats = result["monitored"]
+    assert (stats["messagesSent"], stats["bytesSent"]) == (2, 1440), stats
+    assert (stats["messagesReceived"], stats["bytesReceived"]) == (3, 1440), stats
+    assert stats["isHealthy"], stats
