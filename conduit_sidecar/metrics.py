@@ -113,6 +113,12 @@ class Metrics:
             ["provider", "deployment"],
             registry=r,
         )
+        self.signed_urls = Counter(
+            "conduit_signed_urls",
+            "ElevenLabs get-signed-url calls answered, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "conduit_auth_failures", "Rejected keys by reason.", ["reason"], registry=r
         )

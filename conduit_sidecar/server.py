@@ -116,6 +116,9 @@ class Sidecar:
     def count(self, result: str) -> None:
         self.metrics.child(self.metrics.connections, result).inc()
 
+    def signed_url(self, status: int) -> None:
+        self.metrics.child(self.metrics.signed_urls, str(status)).inc()
+
     def tls_leg(self, leg: str, kernel: bool) -> None:
         self.metrics.child(self.metrics.tls_legs, leg, "kernel" if kernel else "openssl").inc()
 

@@ -118,6 +118,7 @@ class Host(Protocol):
     def started(self, info: SessionInfo) -> None: ...
     def auth_failed(self, why: Rejection) -> None: ...
     def count(self, result: str) -> None: ...
+    def signed_url(self, status: int) -> None: ...
     def tls_leg(self, leg: str, kernel: bool) -> None: ...
     def rejected(self, decision: Close) -> None: ...
     def reserve(self, info: SessionInfo) -> None: ...
@@ -312,6 +313,7 @@ async def _rest(host: Host, transport, request: Request) -> None:
     finally:
         host.pending.give()
     log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
+    host.signed_url(response.status_code)
     transport.write(response.serialize())
     transport.close()
 
@@ -338,10 +340,10 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         await _open(host, transport, request, early, opening)
     except Exception:
         log.exception("session failed: a bug of ours", extra={"event": "internal_error"})
-        host.count("internal_error")
         if opening.relayed:
             transport.abort()  # the relay sees its leg lost and ends the session
             return
+        host.count("internal_error")
         if opening.info is not None:
             host.release(opening.info)
         if opening.upstream is not None:
@@ -456,7 +458,6 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
     )
     relay.session = info
     info.relay = relay
-    host.count("accepted")
     transport, client_tls, client_kernel = tlsleg.handover(transport)
     upstream, upstream_tls, upstream_kernel = tlsleg.handover(upstream)
     if client_tls is not None:
@@ -467,6 +468,7 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
         transport, upstream, early, upstream_early, client_tls, upstream_tls, client_kernel, upstream_kernel
     )
     opening.relayed = True
+    host.count("accepted")  # one outcome per handshake: from here a bug is the relay's to end
     host.started(info)
     transport.resume_reading()
     upstream.resume_reading()

@@ -686,9 +686,11 @@ def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status
             return await _signed_url(sidecar), first.requests, len(b.issued)
     try:
         (code, answer), asked_first, signed_by_second = run(body())
+        counted = total(sidecar, f'conduit_signed_urls_total{{status="{code}"}}')
     finally:
         sidecar.stop()
     assert asked_first == 1
+    assert counted == 1
     if moves_on:
         assert code == 200 and signed_by_second == 1, answer
     else:
