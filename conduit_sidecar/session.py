@@ -139,14 +139,20 @@ class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
     the connection to `open_session` and keeps nothing of the request. It holds one
     of the host's `pending` slots while it reads; with none free a connection gets 503
-    at once (on the wss listener it is dropped: no TLS handshake is spent on it)."""
+    at once (on the wss listener it is dropped: no TLS handshake is spent on it).
 
-    __slots__ = ("host", "transport", "reader", "timer", "task")
+    While the session opens it goes on reading, only to notice a client that leaves
+    (its end or a reset cancels the opening, whose upstream is then dropped): a client
+    must wait for the 101, so what one sends meanwhile is kept in `early` for the relay,
+    one read of it, and reading pauses there."""
+
+    __slots__ = ("host", "transport", "reader", "timer", "task", "early")
 
     def __init__(self, host: Host):
         self.host = host
         self.task: asyncio.Task[None] | None = None
         self.reader: RequestReader | None = None  # set while the request is read
+        self.early = bytearray()  # what the client sent past its request
 
     def connection_made(self, transport):
         self.transport = transport
@@ -171,7 +177,10 @@ class ClientHandshake(asyncio.Protocol):
     def data_received(self, data):
         reader = self.reader
         if reader is None:
-            return  # the session owns the socket (a client must wait for 101), or it closes
+            if self.task is not None:  # the session opens (or the connection closes)
+                self.early += data
+                self.transport.pause_reading()
+            return
         try:
             request = reader.feed(data)
         except BadRequest as exc:
@@ -183,9 +192,11 @@ class ClientHandshake(asyncio.Protocol):
         if request is None:
             return
         self._done_reading()
-        self.transport.pause_reading()
+        if reader.early:
+            self.early += reader.early
+            self.transport.pause_reading()
         self.task = asyncio.get_running_loop().create_task(
-            open_session(self.host, self.transport, request, reader.early)
+            open_session(self.host, self.transport, request, self)
         )
 
     def eof_received(self):
@@ -330,14 +341,14 @@ class _Opening:
         self.relayed = False  # the relay has both legs
 
 
-async def open_session(host: Host, transport, request: Request, early: bytes):
+async def open_session(host: Host, transport, request: Request, client: ClientHandshake):
     """Open the session `request` asks for on `transport`. A bug of ours on the way
     (an exception nothing here expects) is logged with its traceback and ends the
     session, 500 before the 101 and 1011 after it, with whatever it held released:
     the client is never left waiting on a socket nobody reads."""
     opening = _Opening()
     try:
-        await _open(host, transport, request, early, opening)
+        await _open(host, transport, request, client, opening)
     except Exception:
         log.exception("session failed: a bug of ours", extra={"event": "internal_error"})
         if opening.relayed:
@@ -355,7 +366,7 @@ async def open_session(host: Host, transport, request: Request, early: bytes):
         transport.close()
 
 
-async def _open(host: Host, transport, request: Request, early: bytes, opening: _Opening):
+async def _open(host: Host, transport, request: Request, client: ClientHandshake, opening: _Opening):
     if _is_rest(request):
         await _rest(host, transport, request)
         return
@@ -372,7 +383,7 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
         return
     if isinstance(decision, Close):
         host.rejected(decision)
-        _close_after_upgrade(host, transport, decision, early)
+        _close_after_upgrade(host, transport, decision, bytes(client.early))
         return
 
     info = SessionInfo(
@@ -390,14 +401,19 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
             host.release(info)
             refused = Close(decision.response, *refusal, decision.key)
             host.rejected(refused)
-            _close_after_upgrade(host, transport, refused, early)
+            _close_after_upgrade(host, transport, refused, bytes(client.early))
             return
         if answered:
             opening.answered = True  # _hold_first's first write
-            held_first = await _hold_first(host, transport, decision, info, early)
+            held_first = await _hold_first(host, transport, decision, info, bytes(client.early))
             if held_first is None:
                 return
-            decision, early = held_first
+            decision, raw = held_first
+            # Watched again while the upstream opens: the held message and what came
+            # with it are the relay's first bytes.
+            client.early[:] = raw
+            transport.set_protocol(client)
+            transport.resume_reading()
         started = time.monotonic()
         try:
             upstream, subprotocol, upstream_early, info.upstream = await host.balancer.connect(decision)
@@ -408,11 +424,12 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
             host.release(info)
             failed = Close(decision.response, code, str(exc), decision.key)
             host.rejected(failed)
-            _close_after_upgrade(host, transport, failed, early, answered)
+            _close_after_upgrade(host, transport, failed, bytes(client.early), answered)
             return
         host.connected(info, time.monotonic() - started)
     except asyncio.CancelledError:  # the client left while we connected
         host.release(info)
+        host.count("client_gone")
         raise
     if transport.is_closing():
         host.release(info)
@@ -432,7 +449,7 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
         host.release(info)
         upstream.abort()
         host.rejected(late)
-        _close_after_upgrade(host, transport, late, early, answered)
+        _close_after_upgrade(host, transport, late, bytes(client.early), answered)
         return
     response = decision.response
     # The provider's choice wins. When it picks none, the client's first offer (set
@@ -465,7 +482,14 @@ async def _open(host: Host, transport, request: Request, early: bytes, opening: 
     if upstream_tls is not None:
         host.tls_leg("provider", upstream_kernel)
     relay.start(
-        transport, upstream, early, upstream_early, client_tls, upstream_tls, client_kernel, upstream_kernel
+        transport,
+        upstream,
+        bytes(client.early),
+        upstream_early,
+        client_tls,
+        upstream_tls,
+        client_kernel,
+        upstream_kernel,
     )
     opening.relayed = True
     host.count("accepted")  # one outcome per handshake: from here a bug is the relay's to end

@@ -33,18 +33,26 @@ def switching_protocols(request_head: bytes) -> bytes:
 class SlowUpstream:
     """A provider on 127.0.0.1 that answers each upgrade with its 101 only `delay`
     seconds after the request came (`asked` is set then), then holds the connection
-    until the sidecar lets go: a window in which the test changes something."""
+    until the sidecar lets go (`released` is set then): a window in which the test
+    changes something."""
 
     def __init__(self, port: int, delay: float = 1.0):
         self.port, self.delay = port, delay
         self.asked = asyncio.Event()
+        self.released = asyncio.Event()
 
     async def _answer(self, reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
-        self.asked.set()
-        await asyncio.sleep(self.delay)
-        writer.write(switching_protocols(head))
-        await reader.read()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.asked.set()
+            try:
+                await asyncio.wait_for(reader.read(), self.delay)  # the sidecar let go first
+            except TimeoutError:
+                writer.write(switching_protocols(head))
+                await reader.read()
+        except ConnectionError:
+            pass
+        self.released.set()
         writer.close()
 
     async def __aenter__(self):

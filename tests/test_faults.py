@@ -8,8 +8,9 @@ import sys
 import time
 
 import pytest
-from conftest import Keys, SidecarProcess, http_get, raw_upstream_sidecar, run, switching_protocols
-from test_bad_input import close_frame_of, masked, session
+from conftest import (Keys, SidecarProcess, SlowUpstream, free_port, http_get, raw_upstream_sidecar, run,
+                      switching_protocols)
+from test_bad_input import close_frame_of, masked, request, session
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
@@ -291,3 +292,48 @@ def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(
         assert sidecar.proc.poll() is None
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize("leave", ["end", "reset"])
+@pytest.mark.parametrize("path", ["plain", "held"])
+def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its_slot(tmp_path, path, leave):
+    """The client sends its request (and, on a held path, its first message), then
+    ends its side or resets while the provider is slow to answer: the sidecar drops
+    the upstream attempt at once, not when the 101 comes, and counts the handshake
+    `client_gone`. The key's only slot is free again."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    upstream_port = free_port()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n'
+        f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/g?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n',
+        keys).start()
+    provider = "slow" if path == "plain" else "gemini"
+
+    async def body():
+        async with SlowUpstream(upstream_port, delay=4) as up:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(request(f"/v1/realtime/connect?provider={provider}", key=keys.plain["one"]))
+            if path == "held":  # the 101 comes first, then the setup naming the model
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+                writer.write(masked(0x81, b'{"setup": {"model": "models/gemini-live"}}'))
+            await asyncio.wait_for(up.asked.wait(), 5)
+            if leave == "reset":
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.close()
+            else:
+                writer.write_eof()
+            started = time.monotonic()
+            await asyncio.wait_for(up.released.wait(), 10)
+            return time.monotonic() - started
+    try:
+        released_after = run(body())
+        counts = http_get(sidecar.admin("/metrics"))[1]
+    finally:
+        sidecar.stop()
+    assert released_after < 2, released_after  # the 101 would have come at 4 s
+    assert 'conduit_connections_total{result="client_gone"} 1.0' in counts
+    assert 'result="accepted"' not in counts
+    assert "conduit_connections_active 0.0" in counts
