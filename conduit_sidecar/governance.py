@@ -364,11 +364,21 @@ class Governor:
         if leases:
             assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
             try:
-                await self._op("renew", self.store.renew(leases))
+                missing = set(await self._op("renew", self.store.renew(leases)))
             except StoreError:
                 return
             for live in unwritten:
                 live.written = True
+            if missing:
+                # Lost with the store's data while the sessions live on: written again by
+                # the next renewal, so other pods count them under max_connections again
+                # (a session released meanwhile is no longer here).
+                lost = [live for live in self.live.values() if live.lease in missing]
+                for live in lost:
+                    live.written = False
+                log.warning(
+                    "leases lost in the shared state", extra={"event": "leases_lost", "count": len(lost)}
+                )
 
     async def run(self) -> None:
         renew_every = self.state.lease_seconds / 3

@@ -140,18 +140,20 @@ end
 return out"""
 )
 
-# KEYS[1] leases; ARGV ttl_ms, n, then n members to extend (XX: one released since the
-# renewal was sent stays released), then members to write (taken during an outage)
+# KEYS[1] leases; ARGV ttl_ms, n, then n members to extend (only those still there: one
+# released since the renewal was sent stays released), then members to write (taken
+# during an outage, or found gone by the last renewal); returns the members not there
 _RENEW = (
     _NOW_MS
     + """
 local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local missing = {}
 for i = 3, #ARGV do
-  if i < 3 + n then redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
-  else redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+  if i >= 3 + n or redis.call('ZSCORE', KEYS[1], ARGV[i]) then redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  else missing[#missing + 1] = ARGV[i] end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-return 1"""
+return missing"""
 )
 
 # KEYS usage hashes (one per window); ARGV expire-at (s) per key, then metric, delta...
@@ -253,12 +255,16 @@ class RedisStore:
             return ("rate", detail / 1000), totals
         return None, totals
 
-    async def renew(self, leases: dict[str, tuple[list[str], list[str]]]) -> None:
-        """Per key: (members to extend, members to write)."""
+    async def renew(self, leases: dict[str, tuple[list[str], list[str]]]) -> list[str]:
+        """Per key: (members to extend, members to write). Returns the members to extend
+        that were gone (Redis restarted empty, or they expired while it was down):
+        extending never brings one back, a released lease included."""
+        missing: list[str] = []
         for key_id, (extend, write) in leases.items():
-            await self._call(
+            missing += await self._call(
                 self.renew_script, [self.key(key_id, "leases")], [self.lease_ms, len(extend), *extend, *write]
             )
+        return missing
 
     async def release(self, key_id: str, member: str) -> None:
         try:

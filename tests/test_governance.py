@@ -354,6 +354,35 @@ def test_a_session_admitted_during_an_outage_holds_its_lease_once_redis_is_back(
     assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
 
 
+def test_a_lease_lost_with_redis_is_written_again(sidecars, redis_server):
+    """max_connections 1 across two pods: Redis restarts empty under a live session
+    (its pod sees no failed call). The next renewal finds the lease gone and the one
+    after writes it again, so the other pod refuses a second session. Renewals only
+    extended leases, so it stayed gone and the other pod let a second in."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    a, b = sidecars(keys, redis_server.url)
+
+    async def scenario():
+        first = await attempt(a, "one")
+        assert first[0] == "open"
+        assert redis_server.command("ZCARD", "t:{one}:leases") == ":1"
+        redis_server.stop()
+        redis_server.start()                      # empty: no persistence
+        assert redis_server.command("ZCARD", "t:{one}:leases") == ":0"
+        deadline = time.monotonic() + 10          # renewals every lease_seconds / 3 (1 s)
+        while redis_server.command("ZCARD", "t:{one}:leases") != ":1":
+            assert time.monotonic() < deadline, "the lease was never written again"
+            await asyncio.sleep(0.2)
+        second = await attempt(b, "one")
+        if second[0] == "open":
+            await second[1].close()
+        await first[1].close()
+        return second
+    assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
+    assert any(line.get("event") == "leases_lost" for line in a.log_lines())
+
+
 def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars, redis_server):
     """A session ends and the sidecar is told to stop right after: the flush and the
     lease release its end started finish before the store is closed. The store was
@@ -385,11 +414,11 @@ def test_a_renewal_extends_leases_but_never_brings_one_back(redis_server):
     async def scenario():
         key = store.key("k", "leases")
         await store.client.zadd(key, {"live": 1})
-        await store.renew({"k": (["live", "released"], ["outage"])})
+        missing = await store.renew({"k": (["live", "released"], ["outage"])})
         members = sorted(await store.client.zrange(key, 0, -1))
         await store.client.aclose()
-        return members
-    assert run(scenario()) == ["live", "outage"]
+        return members, missing
+    assert run(scenario()) == (["live", "outage"], ["released"])
 
 
 def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
