@@ -12,7 +12,7 @@ from websockets.exceptions import SecurityError
 from websockets.http11 import Request
 from websockets.streams import StreamReader
 
-__all__ = ["BadRequest", "RequestReader"]
+__all__ = ["BadRequest", "RequestReader", "what"]
 
 
 class BadRequest(Exception):
@@ -48,16 +48,17 @@ class RequestReader:
                 raise BadRequest(431, "request headers too large") from None
             return done.value
         except SecurityError as exc:
-            raise BadRequest(431, f"request too large: {_what(exc)}") from None
+            raise BadRequest(431, f"request too large: {what(exc)}") from None
         except (ValueError, NotImplementedError, UnicodeDecodeError, EOFError) as exc:
             # EOFError: a line without CRLF (websockets' parser says "connection closed")
-            raise BadRequest(400, f"bad request: {_what(exc)}") from None
+            raise BadRequest(400, f"bad request: {what(exc)}") from None
         if self.size > self.max_bytes:
             raise BadRequest(431, "request headers too large")
         return None
 
 
-def _what(exc: Exception) -> str:
-    """websockets' parser error without the offending line ("invalid HTTP header
-    line: Authorization: ...")."""
+def what(exc: Exception) -> str:
+    """A websockets parser or handshake error without the text it quotes ("invalid
+    HTTP header line: Authorization: ...", "unsupported protocol; expected HTTP/1.1:
+    GET /?key=..."): a peer's line may hold a secret, even ours echoed back."""
     return str(exc).split(":", 1)[0]

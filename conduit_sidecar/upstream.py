@@ -39,6 +39,7 @@ from . import _relay, tlsleg
 from ._relay import CloseCode
 from .config import Circuit, Config
 from .handshake import Accept
+from .httpread import what
 from .metrics import Metrics
 from .resolver import Resolver
 from .routing import Route, RouteError, Router, Target, Upstream
@@ -92,7 +93,9 @@ class _UpstreamHandshake(asyncio.Protocol):
             self.transport.pause_reading()
             self._set((done.value, bytes(self.reader.buffer)))
         except Exception as exc:
-            self._set(_Failed("invalid", f"upstream sent an invalid HTTP response ({exc})", "bad response"))
+            self._set(
+                _Failed("invalid", f"upstream sent an invalid HTTP response ({what(exc)})", "bad response")
+            )
 
     def _set(self, value):
         if not self.result.done():
@@ -222,7 +225,7 @@ async def _attempt(
         raise _refused(response, max_rest) from None
     except InvalidHandshake as exc:
         _drop(transport)
-        raise _Failed("invalid", f"upstream handshake invalid: {exc}", "bad handshake") from None
+        raise _Failed("invalid", f"upstream handshake invalid: {what(exc)}", "bad handshake") from None
     except _Failed:
         _drop(transport)
         raise

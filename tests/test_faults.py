@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import (Keys, SidecarProcess, SlowUpstream, free_port, http_get, raw_upstream_sidecar, run,
-                      switching_protocols)
+from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, SlowUpstream, free_port, http_get, raw_upstream_sidecar,
+                      run, standard_keys, switching_protocols)
 from test_bad_input import close_frame_of, masked, request, session
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -337,3 +337,45 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     assert 'conduit_connections_total{result="client_gone"} 1.0' in counts
     assert 'result="accepted"' not in counts
     assert "conduit_connections_active 0.0" in counts
+
+
+@pytest.mark.parametrize("answer", ["echo", "bad_101"])
+def test_an_upstream_answer_that_quotes_our_request_never_carries_the_secret_further(tmp_path, answer):
+    """An upstream that echoes the request back (an echo service on the wrong port), or
+    a 101 whose bad header repeats our request line: websockets' errors quote the
+    line, which holds the provider secret when the URL carries it (Gemini's `?key=`).
+    Neither the client's close reason nor a log line may."""
+    upstream_port = free_port()
+
+    async def echo(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if answer == "echo":
+            writer.write(head)
+        else:
+            line = head.split(b"\r\n", 1)[0]
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + line + b"\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
+        await reader.read()
+        writer.close()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.echo]\nurl = "ws://127.0.0.1:{upstream_port}/?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n',
+        standard_keys()).start()
+
+    async def body():
+        server = await asyncio.start_server(echo, "127.0.0.1", upstream_port)
+        try:
+            async with connect(sidecar.url(provider="echo"), additional_headers=sidecar.auth()) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd
+        finally:
+            server.close()
+    try:
+        rcvd = run(body())
+        output = sidecar.output()
+    finally:
+        sidecar.stop()
+    assert rcvd.code == 1014, rcvd
+    assert PROVIDER_SECRET not in rcvd.reason and "key=" not in rcvd.reason, rcvd.reason
+    assert PROVIDER_SECRET not in output and "upstream_attempt" in output
