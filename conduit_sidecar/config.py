@@ -57,6 +57,9 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     close_timeout_seconds: Positive = 5.0
     idle_timeout_seconds: NonNegative = 0.0  # 0: sessions may idle forever
     max_message_bytes: Count = 16 * 1024 * 1024
+    # A held first message (Gemini's setup, a transcription session's update) is kept
+    # whole before the model is known: its own, smaller bound.
+    first_message_bytes: Count = 1024 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 20)] = 16384
     drain_seconds: NonNegative = 25.0
 

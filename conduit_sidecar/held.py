@@ -6,7 +6,7 @@ is checked there.
 The message is parsed with websockets' sans-I/O protocol only to find where it ends
 and what it says; the relay is then handed the raw bytes exactly as received (still
 masked), so the provider gets the client's frames unchanged. Bounded in size (the
-session's max_message_bytes) and time (the handshake timeout).
+limits' first_message_bytes) and time (the handshake timeout).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class _Setup(msgspec.Struct):
 _setup = msgspec.json.Decoder(_Setup)
 
 
-# Model names are short identifiers; a first message may be max_message_bytes long,
+# Model names are short identifiers; a first message may be a megabyte long,
 # and the model goes into log lines and metric labels.
 _MAX_MODEL_CHARS = 256
 

@@ -271,7 +271,10 @@ async def _hold_first(
     assert decision.hold is not None  # the caller holds only such sessions
     try:
         message, early = await held.read_first(
-            transport, early, limits.max_message_bytes, limits.handshake_timeout_seconds
+            transport,
+            early,
+            min(limits.first_message_bytes, limits.max_message_bytes),
+            limits.handshake_timeout_seconds,
         )
         model = decision.hold(message)
         refusal = None
