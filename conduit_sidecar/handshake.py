@@ -57,7 +57,7 @@ class Admission(msgspec.Struct, frozen=True):
     at_capacity: bool
     draining: bool
     allowed_origins: list[str] | None
-    # signature -> (the key id it stands for, the deployment that signed it), or None
+    # signature -> (the hash of the key it stands for, the deployment that signed it), or None
     signed: Callable[[str], tuple[str, str] | None] = lambda _: None
 
 
@@ -234,8 +234,10 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         issued = state.signed(signature)
         if issued is None:
             return _rejected(response, Rejection.SIGNATURE)
-        key_id, deployment = issued
-        entry = state.keyset.by_id.get(key_id)
+        key_hash, deployment = issued
+        entry = state.keyset.by_hash.get(key_hash)
+        if entry is None:  # rotated or removed since it signed
+            return _rejected(response, Rejection.REVOKED)
     elif key is None and elevenlabs and model in state.keyset.by_agent:
         # A public agent: ElevenLabs' SDK sends no credential at all. The key that lists
         # the agent owns the session, which goes upstream without the provider secret.

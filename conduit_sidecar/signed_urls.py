@@ -47,22 +47,24 @@ _STATUS: dict[int, int] = {
 
 
 class SignedUrls:
-    """Signatures handed out -> (the key id they stand for, the deployment that signed
-    them: only it takes the signature). Least recently issued go first past `size`; a
-    signature is good for `ttl` seconds (ElevenLabs': 15 min)."""
+    """Signatures handed out -> (the hash of the key they stand for, the deployment that
+    signed them: only it takes the signature). The hash, not the key's id: a rotation
+    under the same id ends what the old key signed, as it ends its sessions. Least
+    recently issued go first past `size`; a signature is good for `ttl` seconds
+    (ElevenLabs': 15 min)."""
 
     def __init__(self, size: int = 10000, ttl: float = 900.0, clock=time.monotonic):
         self.size, self.ttl, self.clock = size, ttl, clock
         self.issued: collections.OrderedDict[str, tuple[str, str, float]] = collections.OrderedDict()
 
-    def remember(self, signature: str, key_id: str, deployment: str) -> None:
-        self.issued[signature] = (key_id, deployment, self.clock() + self.ttl)
+    def remember(self, signature: str, key_hash: str, deployment: str) -> None:
+        self.issued[signature] = (key_hash, deployment, self.clock() + self.ttl)
         self.issued.move_to_end(signature)
         while len(self.issued) > self.size:
             self.issued.popitem(last=False)
 
     def issued_to(self, signature: str) -> tuple[str, str] | None:
-        """(key id, deployment label), or None: unknown or expired."""
+        """(key hash, deployment label), or None: unknown or expired."""
         entry = self.issued.get(signature)
         if entry is None:
             return None
@@ -155,7 +157,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
                 continue
             break
         signature = urllib.parse.parse_qs(signed.query)["conversation_signature"][0]
-        host.signed_urls.remember(signature, entry.id, h.target.label)
+        host.signed_urls.remember(signature, entry.sha256, h.target.label)
         ours = urllib.parse.urlunsplit(
             ("wss" if secure else "ws", authority, "/v1/convai/conversation", signed.query, "")
         )

@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.config import ConfigError
+from conduit_sidecar.keys import hash_key, new_key
 from conduit_sidecar.metrics import Metrics
 from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.routing import Router
@@ -668,6 +669,32 @@ def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workd
     assert len(issued) == 1 and any(sig in requests[-1][0] for sig in issued)
     end, = ended(sidecar)
     assert (end["provider"], end["deployment"], end["key_id"]) == ("elevenlabs", "b", "good")
+
+
+def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
+    """The key `good` signs, then is rotated under the same id (a new sha256): the
+    signature is refused as its old key now is (4001 key revoked). It stood for the
+    key's id, so a leaked key could sign just before its rotation and go on opening
+    sessions, billed to the new key, for the signature's 15 minutes."""
+    port = free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(port))
+
+    async def body():
+        async with MockProvider(port=port, shape="elevenlabs"):
+            status, answer = await _signed_url(sidecar)
+            assert status == 200, answer
+            entry = next(e for e in sidecar.keys.entries if e["id"] == "good")
+            entry["sha256"] = hash_key(new_key())
+            sidecar.keys.write(sidecar.keys_file)
+            await asyncio.sleep(1)                                  # polled every 0.2 s
+            with pytest.raises(ConnectionClosed) as closed:
+                await _talk(answer["signed_url"])
+            return closed.value.rcvd
+    try:
+        rcvd = run(body())
+    finally:
+        sidecar.stop()
+    assert (rcvd.code, rcvd.reason) == (4001, "key revoked")
 
 
 @pytest.mark.parametrize("status, moves_on", [("503 Service Unavailable", True),
