@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from .config import ConfigError
-from .watch import FileWatch
+from .watch import FileWatch, file_signature
 
 __all__ = [
     "KEY_PREFIX",
@@ -109,9 +109,11 @@ def new_key() -> str:
 
 
 class KeySet:
-    """An immutable loaded key file: hash -> entry."""
+    """An immutable loaded key file: hash -> entry. `signature`: the file's as it was
+    before the read (watch.file_signature), None for a set made in memory."""
 
-    def __init__(self, entries: list[KeyEntry]):
+    def __init__(self, entries: list[KeyEntry], signature: tuple | None = None):
+        self.signature = signature
         self.by_hash = {e.sha256: e for e in entries}
         self.by_id = {e.id: e for e in entries}
         self.by_agent = {agent: e for e in entries for agent in e.public_agents}  # load_keys: one key each
@@ -141,6 +143,7 @@ class KeySet:
 
 def load_keys(path: str) -> KeySet:
     """Read and validate a key file; raises ConfigError naming the problem."""
+    signature = file_signature(path)  # before the read: a change during it is seen later
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -181,7 +184,7 @@ def load_keys(path: str) -> KeySet:
             agents[agent] = entry.id
         seen_ids.add(entry.id)
         seen_hashes.add(entry.sha256)
-    return KeySet(keyfile.keys)
+    return KeySet(keyfile.keys, signature)
 
 
 class KeyWatcher:
@@ -194,6 +197,10 @@ class KeyWatcher:
         self.keyset = keyset
         self.on_change = on_change
         self.file = FileWatch(path)
+        if keyset.signature is not None:
+            # From the file as it was read, not as it is now: one replaced while the
+            # process started (a Secret update) is reloaded at the first check.
+            self.file.signature = (keyset.signature,)
 
     def check(self) -> None:
         if not self.file.changed():

@@ -261,6 +261,28 @@ def test_two_keys_listing_one_public_agent_is_a_load_error(tmp_path):
     assert watcher.keyset.by_agent["agent_x"].id == "a"        # the previous set is kept
 
 
+def test_a_key_file_replaced_while_the_sidecar_starts_is_reloaded_at_the_first_check(tmp_path):
+    """The file is read, then replaced (a Secret update) before the watcher exists: the
+    watcher starts from the file as it was read, so its first check reloads it. It
+    started from the file as it was then, and the revoked key stayed good until some
+    later change."""
+    import json
+
+    from conduit_sidecar.keys import KeyWatcher
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"id": "old", "sha256": hash_key("condt_old")}]}))
+    loaded = load_keys(str(path))
+    tmp = tmp_path / "keys.json.tmp"
+    tmp.write_text(json.dumps({"keys": [{"id": "new", "sha256": hash_key("condt_new")}]}))
+    os.replace(tmp, path)
+    changes = []
+    watcher = KeyWatcher(str(path), loaded, changes.append)
+    watcher.check()
+    assert [set(c.by_id) for c in changes] == [{"new"}]
+    watcher.check()
+    assert len(changes) == 1                                    # once
+
+
 def test_request_reader_bounds_and_early_bytes():
     reader = RequestReader(1024)
     head = b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\n\r\n"
