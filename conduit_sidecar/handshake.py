@@ -25,7 +25,7 @@ from websockets.typing import Origin
 
 from . import held
 from ._relay import CloseCode
-from .keys import KeyEntry, KeySet, Rejection
+from .keys import KEY_PREFIX, KeyEntry, KeySet, Rejection
 from .providers import (
     OPENAI_KEYS,
     TEMPLATES,
@@ -203,6 +203,9 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
 
     offered = _offered(request)
     key, carriers = presented_key(forms, request.headers, query, offered)
+    # A virtual key offered in a form this path does not read (another provider's, or
+    # a case it does not match) is still a key: it goes neither upstream nor into the 101.
+    carriers.update(p for p in offered if KEY_PREFIX in p)
     passed = [p for p in offered if p not in carriers]
     # Deepgram's browser form `token, KEY`: the 101 selects `token`; the provider,
     # which gets its key by header, is not offered it.

@@ -90,6 +90,18 @@ def test_key_subprotocol_any_case_is_the_key_and_never_echoed():
     assert d.response.headers["Sec-WebSocket-Protocol"] == "realtime"
 
 
+@pytest.mark.parametrize("offer", [f"realtime, token, {KEY}", f"realtime, Token, {KEY}",
+                                   f"realtime, x-key.{KEY}"])
+def test_a_key_in_a_form_the_path_does_not_read_is_still_never_forwarded(offer):
+    """The key in the Authorization header, and again in a subprotocol form of
+    another provider's (Deepgram's `token, K`, in any case) or none: that offer went
+    upstream and could be the one the 101 selected."""
+    d = decide(upgrade(Sec_WebSocket_Protocol=offer), admission())
+    assert isinstance(d, Accept)
+    assert not any(KEY in p for p in d.subprotocols or [])
+    assert d.response.headers["Sec-WebSocket-Protocol"] == "realtime"
+
+
 def test_a_refusal_never_repeats_a_header_value():
     d = decide(upgrade(key=None, Sec_WebSocket_Protocol=f"openai-insecure-api-key.{KEY}, [x"),
                admission())
