@@ -185,6 +185,14 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         query = urllib.parse.parse_qs(raw_query, strict_parsing=False, errors="strict")
     except UnicodeDecodeError:
         return refuse(400, "query is not valid UTF-8")
+    # A virtual key in a parameter no key is read from (swapped parameters, a key pasted
+    # as the model) would reach log lines, metric labels and the provider's URL.
+    read = {f.name for f in forms if f.where == "query"}
+    if any(
+        KEY_PREFIX in name or (name not in read and any(KEY_PREFIX in v for v in values))
+        for name, values in query.items()
+    ):
+        return refuse(400, "a virtual key in a query parameter that holds none")
     model_param = "model" if where is None else where.model_param
     for name in ("model", "provider", model_param, *(("call_id", "intent") if path == PATHS[1] else ())):
         values = query.get(name, []) if name else []

@@ -102,6 +102,16 @@ def test_a_key_in_a_form_the_path_does_not_read_is_still_never_forwarded(offer):
     assert d.response.headers["Sec-WebSocket-Protocol"] == "realtime"
 
 
+@pytest.mark.parametrize("query", [f"model={KEY}&provider=local", f"model=m&provider={KEY}",
+                                   f"model=m&provider=local&{KEY}=1", f"model=x-{KEY}&provider=local"])
+def test_a_virtual_key_in_a_parameter_that_holds_none_is_refused_unrepeated(query):
+    """Swapped parameters: the key went into the rejection's log line, the session's
+    model label and the provider's URL."""
+    d = decide(upgrade(f"/v1/realtime?{query}"), admission())
+    assert isinstance(d, Refuse) and d.response.status_code == 400
+    assert KEY not in d.reason and KEY.encode() not in d.response.serialize()
+
+
 def test_a_refusal_never_repeats_a_header_value():
     d = decide(upgrade(key=None, Sec_WebSocket_Protocol=f"openai-insecure-api-key.{KEY}, [x"),
                admission())
