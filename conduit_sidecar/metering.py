@@ -163,11 +163,18 @@ class _Modality(msgspec.Struct):
 
 
 class _UsageMetadata(msgspec.Struct):
+    """Gemini's total is prompt + response + tool-use prompt + thoughts: all billed,
+    the last two at the input and output text prices."""
+
     promptTokenCount: Tokens = 0
     responseTokenCount: Tokens = 0
     cachedContentTokenCount: Tokens = 0
+    toolUsePromptTokenCount: Tokens = 0
+    thoughtsTokenCount: Tokens = 0
     promptTokensDetails: list[_Modality] = []
     responseTokensDetails: list[_Modality] = []
+    toolUsePromptTokensDetails: list[_Modality] = []
+    cacheTokensDetails: list[_Modality] = []
 
 
 class _GeminiMessage(msgspec.Struct):
@@ -189,9 +196,17 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
     u = _strict(raw, _gemini_usage)
     counts: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
     counts.update(
-        input=u.promptTokenCount, output=u.responseTokenCount, input_cached=u.cachedContentTokenCount
+        input=u.promptTokenCount + u.toolUsePromptTokenCount,
+        output=u.responseTokenCount + u.thoughtsTokenCount,
+        input_cached=u.cachedContentTokenCount,
+        output_text=u.thoughtsTokenCount,
     )
-    for side, details in (("input", u.promptTokensDetails), ("output", u.responseTokensDetails)):
+    for side, details in (
+        ("input", u.promptTokensDetails),
+        ("input", u.toolUsePromptTokensDetails),
+        ("output", u.responseTokensDetails),
+        ("input_cached", u.cacheTokensDetails),
+    ):
         for d in details:
             kind = f"{side}_{_MODALITY.get(d.modality, '')}"
             if kind in counts and kind != "output_image":

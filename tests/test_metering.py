@@ -55,6 +55,23 @@ def test_gemini_usage_metadata_per_modality():
     assert counts["output_audio"] == 12 and counts["output_text"] == 0
 
 
+def test_gemini_tool_use_and_thoughts_are_counted_and_cached_audio_told_apart():
+    """Gemini's total is prompt + response + tool-use prompt + thoughts; the last two
+    were dropped (1,200 of 2,300 tokens counted here), and cached audio was never
+    told from cached text."""
+    counts = gemini(json.dumps({"usageMetadata": {
+        "promptTokenCount": 1000, "responseTokenCount": 200, "toolUsePromptTokenCount": 300,
+        "thoughtsTokenCount": 800, "totalTokenCount": 2300, "cachedContentTokenCount": 600,
+        "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 1000}],
+        "toolUsePromptTokensDetails": [{"modality": "TEXT", "tokenCount": 300}],
+        "cacheTokensDetails": [{"modality": "AUDIO", "tokenCount": 500}, {"modality": "TEXT", "tokenCount": 100}],
+        "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 200}]}}).encode())
+    assert counts["input"] + counts["output"] == 2300
+    assert (counts["input_audio"], counts["input_text"]) == (1000, 300)
+    assert (counts["output_audio"], counts["output_text"]) == (200, 800)
+    assert (counts["input_cached"], counts["input_cached_audio"]) == (600, 500)
+
+
 def test_audio_seconds_of_deepgram_and_assemblyai():
     assert deepgram(b'{"type":"Metadata","duration":3.25,"channels":1}') == {"audio": 3.25}
     assert assemblyai(b'{"type":"Termination","audio_duration_seconds":7,'
