@@ -220,12 +220,27 @@ class Governor:
     def usage(self, info: SessionInfo, counts: dict[str, float], model_label: str) -> None:
         """Tokens of one provider usage report (metering); never awaits."""
         price = price_for(self.config.prices, info.model)
-        usd = cost_usd(price, counts) if price is not None else 0.0
+        seconds = self._reported_seconds(info) if counts.get("audio") else 0.0
+        usd = cost_usd(price, counts, seconds) if price is not None else 0.0
         if usd:
             self.metrics.cost.labels(info.key_id, info.provider, model_label).inc(usd)
         tokens = counts.get("input", 0) + counts.get("output", 0)  # seconds-only reports have none
-        self._add(info.key_id, {"tokens": tokens, "usd": usd})
+        self._add(info.key_id, {"tokens": tokens, "audio_seconds": seconds, "usd": usd})
         self.enforce(info.key_id, _utcnow())
+
+    def _reported_seconds(self, info: SessionInfo) -> float:
+        """Audio seconds a provider reported (OpenAI's duration usage, Deepgram's and
+        AssemblyAI's at a stream's end) are its word for the session's audio. What the
+        binary frames gave at [audio]'s format (nothing for OpenAI, whose audio travels
+        as JSON; too little for a Deepgram session in 8 kHz mu-law) is topped up to the
+        reports' sum, never cut back. Returns the seconds to charge now."""
+        usage = info.usage
+        assert usage is not None  # the caller has added the report to it
+        self._count_audio(info)
+        charged = info.audio_bytes / self.config.audio.bytes_per_second + usage.topped_up
+        more = max(0.0, usage.seconds["audio"] - charged)
+        usage.topped_up += more
+        return more
 
     def _count_audio(self, info: SessionInfo) -> None:
         relay = info.relay

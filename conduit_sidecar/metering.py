@@ -261,11 +261,12 @@ METERS["azure"] = METERS["openai"]  # Azure OpenAI speaks OpenAI's events
 class Usage:
     """A session's running totals."""
 
-    __slots__ = ("tokens", "seconds")
+    __slots__ = ("tokens", "seconds", "topped_up")
 
     def __init__(self):
         self.tokens: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
         self.seconds = dict.fromkeys(SECONDS_KINDS, 0.0)
+        self.topped_up = 0.0  # audio seconds charged beyond the binary frames' (governance)
 
     def add(self, counts: dict[str, float]) -> None:
         for kind, n in counts.items():

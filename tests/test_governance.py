@@ -24,6 +24,7 @@ from conduit_sidecar import config as config_module, state
 from conduit_sidecar.config import Config
 from conduit_sidecar.governance import Governor
 from conduit_sidecar.metrics import Metrics
+from conduit_sidecar.mock import MockProvider
 from conftest import Keys, SidecarProcess, free_port, http_get, run
 
 class RedisServer:
@@ -438,6 +439,56 @@ def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
     while "audio_seconds 2 / 1000" not in (out := usage_cli(proc, "audio")):
         assert time.monotonic() < deadline, out
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("shape", ["openai", "deepgram"])
+def test_audio_seconds_a_provider_reports_are_charged(sidecars, redis_server, mock_provider, shape):
+    """openai: a transcription session on whisper-1, whose audio travels as JSON (no
+    binary frame counts it) and is reported as `duration` usage. deepgram: 8 kHz
+    mu-law, whose binary frames count a sixth of their seconds at [audio]'s 24 kHz
+    pcm16, and whose Metadata reports the stream's duration. Either way the session
+    is charged the 2 s the provider reports (audio_seconds, and audio_minute's cost);
+    the reports were only shown in conduit_usage_seconds_total."""
+    keys = Keys()
+    keys.add("stt", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
+    deepgram_port = free_port()
+    extra = (f'[providers.stt]\nurl = "ws://127.0.0.1:{mock_provider.port}/v1/realtime"\n'
+             'query_params = ["intent"]\n'
+             f'[providers.deepgram]\nurl = "ws://127.0.0.1:{deepgram_port}/v1/listen?model={{model}}"\n'
+             'secret_env = "PROVIDER_KEY"\n'
+             '[prices."whisper-1"]\naudio_minute = 0.6\n[prices."nova-3"]\naudio_minute = 0.6\n')
+    proc, = sidecars(keys, redis_server.url, n=1, extra=extra)
+    update = {"type": "session.update", "session": {
+        "type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}}
+
+    async def openai():
+        url = f"ws://127.0.0.1:{proc.port}/v1/realtime?intent=transcription&provider=stt"
+        async with connect(url, additional_headers=proc.auth("stt"), open_timeout=10) as ws:
+            await ws.send(json.dumps(update))                     # held: it names the model
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            audio = base64.b64encode(bytes(96_000)).decode()        # 2 s of 24 kHz pcm16
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != (
+                    "conversation.item.input_audio_transcription.completed"):
+                pass
+
+    async def deepgram():
+        url = f"ws://127.0.0.1:{proc.port}/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
+        async with MockProvider(port=deepgram_port, shape="deepgram"):
+            async with connect(url, additional_headers={"Authorization": f"Token {keys.plain['stt']}"},
+                               open_timeout=10) as ws:
+                await ws.send(bytes(16_000))                        # 2 s of 8 kHz mu-law
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                with pytest.raises(websockets.ConnectionClosedOK):
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+    run(openai() if shape == "openai" else deepgram())
+    deadline = time.monotonic() + 5
+    while "audio_seconds 2 / 1000" not in (out := usage_cli(proc, "stt")):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    assert "usd 0.0200" in out                                  # 2 s at $0.60 a minute
 
 
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
