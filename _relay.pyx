@@ -885,9 +885,10 @@ cdef class Pipe:
             self.frames[i] += 1
             self.payload[i] += plen
             self.wire_bytes += hlen + plen
-            g_frames[self.direction][i] += 1
-            g_payload[self.direction][i] += plen
-            g_wire[self.direction] += hlen + plen
+            if self.direction >= 0:
+                g_frames[self.direction][i] += 1
+                g_payload[self.direction][i] += plen
+                g_wire[self.direction] += hlen + plen
         if opcode == 8:
             self.dst.close_frame(self, code, reason)
         return 0
@@ -1031,6 +1032,7 @@ cdef class Scanner(Pipe):
 
     def __init__(self, bint masked, uint64_t max_message=1 << 62, bint record=True,
                  tuple markers=(), bint meter_binary=False, Py_ssize_t sniff_bytes=SNIFF_DEFAULT):
+        self.direction = -1  # nothing it scans is relayed: out of the process's totals
         self.masked = masked
         self.max_message = max_message
         self.recorder = Recorder(record)

@@ -166,3 +166,14 @@ def test_metering_markers_binary_and_window():
 def test_metering_set_up_is_checked(kw):
     with pytest.raises(ValueError):
         Scanner(False, **kw)
+
+
+def test_a_scanner_is_counted_in_no_process_total():
+    """The drain that reads a refused client's frames is a Scanner: its frames are
+    discarded, not relayed, and conduit_frames_total counted them as relayed."""
+    from conduit_sidecar import _relay
+    before = _relay.totals()[:3]
+    scanner = _relay.Scanner(True, record=False)
+    scanner.feed_bytes(b"\x82\x83abcd" + b"xyz" + b"\x88\x80abcd")
+    assert scanner.counters()[0][2] == 1                        # its own counts stay
+    assert _relay.totals()[:3] == before
