@@ -145,7 +145,7 @@ class State(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     password_file: str | None = None
     key_prefix: str = "conduit:"
     on_unavailable: Literal["open", "closed"] = "open"
-    # A dead pod's leases expire after this; live ones are renewed every tick (1 s).
+    # A dead pod's leases expire after this; live ones are renewed every third of it.
     lease_seconds: Annotated[float, msgspec.Meta(ge=3)] = 15.0
     timeout_seconds: Positive = 0.5  # per Redis call
 
