@@ -18,14 +18,22 @@ from .providers import TEMPLATES
 from .routing import Router, masked
 
 
+def _config(path: str | None, overrides: dict | None = None) -> tuple[config_mod.Config, Router]:
+    """The config and its providers; every error names the file first."""
+    conf = config_mod.load(path, overrides)
+    try:
+        return conf, Router(conf)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_mod.source(path)}: {exc}") from None
+
+
 def _serve(args) -> int:
     try:
-        conf = config_mod.load(
+        conf, router = _config(
             args.config,
             overrides={"listen": args.listen, "keys_file": args.keys_file, "log_level": args.log_level},
         )
         keyset = load_keys(conf.keys_file)
-        router = Router(conf)
     except ConfigError as exc:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
@@ -44,8 +52,7 @@ def _serve(args) -> int:
 
 def _check_config(args) -> int:
     try:
-        conf = config_mod.load(args.config)
-        router = Router(conf)
+        conf, router = _config(args.config)
         keyset = load_keys(conf.keys_file)
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
@@ -203,7 +210,7 @@ def _live_health(admin: str) -> dict[tuple[str, str], str]:
 
 def _providers(args) -> int:
     try:
-        router = Router(config_mod.load(args.config))
+        _, router = _config(args.config)
         health = _live_health(args.admin) if args.admin else {}
     except ConfigError as exc:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)

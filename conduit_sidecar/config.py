@@ -205,28 +205,32 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def source(path: str | None = None, environ: os._Environ | dict | None = None) -> str:
+    """The file a config comes from (`--config`, else $CONDUIT_CONFIG), or "defaults":
+    what every message about it names first."""
+    return path or (os.environ if environ is None else environ).get(CONFIG_ENV) or "defaults"
+
+
 def load(
     path: str | None = None, overrides: dict | None = None, environ: os._Environ | dict | None = None
 ) -> Config:
     """Read the config file (if any), then apply environment and flag overrides."""
     environ = os.environ if environ is None else environ
-    path = path or environ.get(CONFIG_ENV)
     raw: dict = {}
-    source = "defaults"
-    if path:
-        source = path
+    where = source(path, environ)
+    if where != "defaults":
         try:
-            with open(path, "rb") as f:
+            with open(where, "rb") as f:
                 raw = msgspec.toml.decode(f.read())
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
         except msgspec.DecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     for var, (section, field, conv) in _ENV.items():
         if var in environ:
             target = raw if section is None else raw.setdefault(section, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"{source}: [{section}] must be a table - at `$.{section}`")
+                raise ConfigError(f"{where}: [{section}] must be a table - at `$.{section}`")
             try:
                 target[field] = conv(environ[var])
             except ValueError:
@@ -237,23 +241,23 @@ def load(
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     for field in ("listen", "admin_listen"):
         try:
             split_hostport(getattr(config, field))
         except ValueError as exc:
-            raise ConfigError(f"{source}: {exc} - at `$.{field}`") from None
+            raise ConfigError(f"{where}: {exc} - at `$.{field}`") from None
     if config.tls is not None:
         try:
             split_hostport(config.tls.listen)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {exc} - at `$.tls.listen`") from None
+            raise ConfigError(f"{where}: {exc} - at `$.tls.listen`") from None
         if config.tls.self_signed == bool(config.tls.cert_file and config.tls.key_file):
             raise ConfigError(
-                f"{source}: [tls] needs either cert_file and key_file, or self_signed = true - at `$.tls`"
+                f"{where}: [tls] needs either cert_file and key_file, or self_signed = true - at `$.tls`"
             )
         if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
-            raise ConfigError(f"{source}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
+            raise ConfigError(f"{where}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
     if config.state.backend == "redis":
         url = config.state.url or ""
         valid = url.startswith(("redis://", "rediss://"))
@@ -263,9 +267,9 @@ def load(
             valid = False
         if not valid:  # (the message never quotes the URL: it can hold a password)
             raise ConfigError(
-                f'{source}: [state] backend = "redis" needs url = "redis://HOST[:PORT]..." or '
+                f'{where}: [state] backend = "redis" needs url = "redis://HOST[:PORT]..." or '
                 '"rediss://..." - at `$.state.url`'
             )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{source}: log_level must be debug, info, warning or error - at `$.log_level`")
+        raise ConfigError(f"{where}: log_level must be debug, info, warning or error - at `$.log_level`")
     return config

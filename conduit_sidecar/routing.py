@@ -139,7 +139,7 @@ class Router:
                 )
             uses_model, model_optional = False, True
             for i, target in enumerate(targets):
-                where = f"`$.providers.{name}" + (f".deployments[{i}]`" if spec.deployments else "`")
+                where = f"$.providers.{name}" + (f".deployments[{i}]" if spec.deployments else "")
                 self._check(name, target.spec, configured=name in config.providers, where=where)
                 assert target.spec.url  # _check refuses a deployment without one
                 uses_model = uses_model or "{model}" in target.spec.url
@@ -169,31 +169,33 @@ class Router:
 
     def _check(self, name: str, spec: Provider, configured: bool, where: str) -> None:
         if not spec.url:
-            raise ConfigError(f"provider {name!r} needs a url - at {where}")
+            raise ConfigError(f"provider {name!r} needs a url - at `{where}`")
         try:
             uri = parse_uri(_FIELD.sub("x", spec.url))
         except Exception:
-            raise ConfigError(f"provider {name!r}: url must be ws:// or wss:// - at {where}.url") from None
+            raise ConfigError(f"provider {name!r}: url must be ws:// or wss:// - at `{where}.url`") from None
         del uri
         fields = set(_FIELD.findall(spec.url))
         for value in (spec.headers or {}).values():
             fields |= set(_FIELD.findall(value))
         unknown = fields - {"model", "secret", "resource"}
         if unknown:
-            raise ConfigError(f"provider {name!r}: unknown template field(s) {sorted(unknown)} - at {where}")
+            raise ConfigError(
+                f"provider {name!r}: unknown template field(s) {sorted(unknown)} - at `{where}`"
+            )
         for header, value in (spec.headers or {}).items():
             if header.lower() in _RESERVED:
                 raise ConfigError(
-                    f"provider {name!r}: header {header!r} is set by the sidecar - at {where}.headers"
+                    f"provider {name!r}: header {header!r} is set by the sidecar - at `{where}.headers`"
                 )
             if _CONTROL.search(header + value):
                 raise ConfigError(
-                    f"provider {name!r}: control character in header {header!r} - at {where}.headers"
+                    f"provider {name!r}: control character in header {header!r} - at `{where}.headers`"
                 )
         if configured and "secret" in fields and not (spec.secret_file or spec.secret_env):
-            raise ConfigError(f"provider {name!r} needs secret_file or secret_env - at {where}")
+            raise ConfigError(f"provider {name!r} needs secret_file or secret_env - at `{where}`")
         if configured and "resource" in fields and not spec.resource:
-            raise ConfigError(f"provider {name!r} needs resource - at {where}.resource")
+            raise ConfigError(f"provider {name!r} needs resource - at `{where}.resource`")
         own = {n for n, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(spec.url).query)}
         template = TEMPLATES.get(name)
         keys = {f.name for f in template.keys if f.where == "query"} if template else set()
@@ -201,10 +203,10 @@ class Router:
             if param in own or param in keys or _CONTROL.search(param) or not param:
                 raise ConfigError(
                     f"provider {name!r}: query parameter {param!r} is the template's "
-                    f"own or a key - at {where}.query_params"
+                    f"own or a key - at `{where}.query_params`"
                 )
         if spec.ca_file and not os.path.exists(spec.ca_file):
-            raise ConfigError(f"provider {name!r}: ca_file {spec.ca_file!r} not found - at {where}.ca_file")
+            raise ConfigError(f"provider {name!r}: ca_file {spec.ca_file!r} not found - at `{where}.ca_file`")
 
     def route(self, model: str | None, provider: str | None, without_model: bool = False) -> Route:
         """The provider for a request: named by `provider=`, else by the model routes.

@@ -46,6 +46,7 @@ def test_check_config_names_file_field_and_problem(tmp_path):
                     'headers = { Authorization = "Bearer {secret}" }\n')
     r = cli("check-config", "--config", str(conf))
     assert r.returncode == 1 and "needs secret_file or secret_env" in r.stderr
+    assert r.stderr.startswith(f"invalid: {conf}: ") and "at `$.providers.local`" in r.stderr  # the file first
 
     keys.write_text('{"keys": [{"id": "a", "sha256": "condt_plaintext"}]}')
     conf.write_text(f'keys_file = "{keys}"\n')

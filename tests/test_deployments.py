@@ -804,7 +804,7 @@ def _load(workdir, text: str):
     ('[providers.p]\nurl = "ws://h/"\nselection = "random"\n', "Invalid enum value 'random' - at `$.providers[...].selection`"),
     ('[providers.azure]\nsecret_env = "K"\n[[providers.azure.deployments]]\nresource = "a"\n'
      '[[providers.azure.deployments]]\nsecret_env = "K2"\n',
-     "provider 'azure' needs resource - at `$.providers.azure.deployments[1]`.resource"),
+     "provider 'azure' needs resource - at `$.providers.azure.deployments[1].resource`"),
     ('[providers.p]\nurl = "ws://h/?k={secret}"\n[[providers.p.deployments]]\n',
      "provider 'p' needs secret_file or secret_env - at `$.providers.p.deployments[0]`"),
     ('[routes]\n"gpt-*" = ["openai", "nowhere"]\n',
