@@ -94,7 +94,15 @@ TEMPLATES: dict[str, Template] = {
             headers={"xi-api-key": "{secret}"},
         ),
         (KeyForm("header", "xi-api-key"),),
-        query=("conversation_signature", "branch_id", "environment", "source", "version"),
+        query=(
+            "conversation_signature",
+            "conversation_id",
+            "branch_id",
+            "environment",
+            "source",
+            "version",
+            "version_id",
+        ),
     ),
     "deepgram": Template(
         Provider(

@@ -36,6 +36,10 @@ from .upstream import Balancer, shares
 __all__ = ["PATH", "SignedUrls", "answer"]
 
 PATH = "/v1/convai/conversation/get-signed-url"
+# What ElevenLabs' SDKs may ask with agent_id (which environment, branch or version of
+# the agent; the conversation id in the signed URL): the client's choice, passed once
+# each. Nothing else goes to the provider.
+_PASSED = ("include_conversation_id", "branch_id", "version_id", "environment", "debug_events_request")
 _MAX_RESPONSE_BYTES = 65536
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
 _STATUS: dict[int, int] = {
@@ -123,6 +127,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     if len(agents) != 1 or not agents[0]:
         return refuse(400, "agent_id is required, once").response
     agent = agents[0]
+    passed = [(name, query[name][0]) for name in _PASSED if len(query.get(name, ())) == 1]
     authority = request.headers.get("Host", "")
     if not _HOST.match(authority):
         return refuse(400, "bad Host header").response
@@ -150,7 +155,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             upstream = host.router.upstream(h.target, agent)
         except RouteError as exc:
             return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
-        signed, failover = await _sign(upstream, agent, share)
+        signed, failover = await _sign(upstream, agent, passed, share)
         if isinstance(signed, str):
             notes.append(f"{h.name} {signed}")
             if failover:
@@ -168,14 +173,16 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     return _json(502, {"detail": "provider failed: " + "; ".join(notes)})
 
 
-async def _sign(upstream: Upstream, agent: str, timeout: float) -> tuple[_Split | str, bool]:
+async def _sign(
+    upstream: Upstream, agent: str, passed: list[tuple[str, str]], timeout: float
+) -> tuple[_Split | str, bool]:
     """One deployment's signed URL (split), or (what went wrong, whether to try the
     next deployment: yes but for an HTTP refusal of the request itself, e.g. 404)."""
     uri = upstream.uri
     path = uri.resource_name.partition("?")[0]
     rest = (
         f"{'https' if uri.secure else 'http'}://{uri.host}:{uri.port}{path}/get-signed-url?"
-        + urllib.parse.urlencode({"agent_id": agent}, quote_via=urllib.parse.quote)
+        + urllib.parse.urlencode([("agent_id", agent), *passed], quote_via=urllib.parse.quote)
     )
     try:
         # The whole call, a wait for a free executor thread included, is bounded.

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import msgspec
@@ -630,10 +631,10 @@ def _elevenlabs(*ports: int) -> str:
         """ + body
 
 
-async def _signed_url(sidecar, agent: str = "agent_private") -> tuple[int, dict | str]:
+async def _signed_url(sidecar, agent: str = "agent_private", more: str = "") -> tuple[int, dict | str]:
     """The sidecar's answer to the SDK's get-signed-url call (its JSON, or its text)."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{sidecar.port}/v1/convai/conversation/get-signed-url?agent_id={agent}",
+        f"http://127.0.0.1:{sidecar.port}/v1/convai/conversation/get-signed-url?agent_id={agent}{more}",
         headers={"xi-api-key": sidecar.keys.plain["good"]})
 
     def fetch():
@@ -669,6 +670,30 @@ def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workd
     assert len(issued) == 1 and any(sig in requests[-1][0] for sig in issued)
     end, = ended(sidecar)
     assert (end["provider"], end["deployment"], end["key_id"]) == ("elevenlabs", "b", "good")
+
+
+def test_the_signed_url_call_passes_the_sdks_agent_parameters(workdir):
+    """ElevenLabs' SDK asks for an environment, branch or version of the agent and for
+    the conversation id; only agent_id went to the provider, so a staging conversation
+    ran on production. Parameters outside that list still never go."""
+    port = free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(port))
+
+    async def body():
+        async with MockProvider(port=port, shape="elevenlabs") as m:
+            status, answer = await _signed_url(
+                sidecar, more="&environment=staging&branch_id=b1&include_conversation_id=true"
+                              "&callback=http%3A%2F%2Fevil")
+            return status, m.requests
+    try:
+        status, requests = run(body())
+    finally:
+        sidecar.stop()
+    assert status == 200
+    path = [p for p, _ in requests if "get-signed-url" in p][-1]
+    assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query)) == {
+        "agent_id": "agent_private", "environment": "staging", "branch_id": "b1",
+        "include_conversation_id": "true"}
 
 
 def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
