@@ -953,3 +953,18 @@ def test_cli_has_the_subcommands():
     for command, flag in (("inject", "--filename"), ("inject-webhook", "--tls-cert")):
         run = subprocess.run(CLI + [command, "--help"], capture_output=True, text=True, timeout=30)
         assert run.returncode == 0 and flag in run.stdout, run.stderr
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    """.dockerignore starts from nothing (`*`) and lets named files back in: one the
+    Dockerfile copies but the list forgets fails `docker build` (`_tls.h` did)."""
+    rules = [r.strip() for r in open(os.path.join(ROOT, ".dockerignore")) if r.strip() and not r.startswith("#")]
+    assert rules[0] == "*"
+    let_in = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    copied = []
+    for line in open(os.path.join(ROOT, "Dockerfile")):
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            copied += [w.rstrip("/") for w in words[1:-1]]
+    assert copied and {c for c in copied if c not in let_in} == set()
+    assert all(os.path.exists(os.path.join(ROOT, c)) for c in copied)
