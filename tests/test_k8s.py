@@ -35,7 +35,7 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import SidecarProcess, free_port, standard_keys
+from conftest import free_port
 
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
@@ -207,8 +207,6 @@ def test_base_deployment_is_what_the_injector_makes():
     sidecar = spec["initContainers"][0]
     assert sidecar == sidecar_container(Settings(image=DEFAULT_IMAGE))
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["lifecycle"]["preStop"]["exec"]["command"][:2] == ["python", "-c"]
-    assert "http://127.0.0.1:9464/drain" in sidecar["lifecycle"]["preStop"]["exec"]["command"][2]
     assert spec["terminationGracePeriodSeconds"] > 25          # drain_seconds
     # The injector's helper agrees with the hand-written pod, bar the status annotation.
     injected = check_injected({"metadata": {"annotations": {"conduit.dev/status": "injected"}},
@@ -231,29 +229,16 @@ def test_base_deployment_is_what_the_injector_makes():
     assert endpoint["path"] == "/metrics"
 
 
-def test_injected_prestop_drains_from_inside_the_pod(tmp_path, mock_provider):
-    """The admin port listens on 0.0.0.0 (the kubelet's probes, Prometheus), and
-    POST /drain answers only loopback. The injected preStop is an exec in the pod to
-    127.0.0.1, so it drains: an httpGet hook would come from the node's address and
-    get 403 (and can only GET). Here the hook's command runs against a sidecar with
-    the injected admin address."""
-    container = sidecar_container(Settings(admin_port=free_port()))
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["CONDUIT_ADMIN_LISTEN"].startswith("0.0.0.0:")
-    hook = container["lifecycle"]["preStop"]
-    assert list(hook) == ["exec"] and hook["exec"]["command"][0] == "python"
-    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
-    sidecar.admin_port = int(env["CONDUIT_ADMIN_LISTEN"].rsplit(":", 1)[1])
-    sidecar.env["CONDUIT_ADMIN_LISTEN"] = env["CONDUIT_ADMIN_LISTEN"]
-    sidecar.start()
-    try:
-        run = subprocess.run([sys.executable, *hook["exec"]["command"][1:]], capture_output=True,
-                             text=True, timeout=15)
-        assert run.returncode == 0, run.stderr
-        assert sidecar.proc.wait(10) == 0            # drained (no sessions), then exited
-    finally:
-        sidecar.stop()
-    assert [line for line in sidecar.log_lines() if line.get("event") == "drain"]
+def test_the_injected_sidecar_has_no_prestop_drain():
+    """The kubelet runs a native sidecar's preStop when the pod starts to end, while
+    the app still runs, and sends SIGTERM only after the app exited: the preStop that
+    POSTed /drain refused the app's new sessions for the rest of its shutdown, and an
+    idle sidecar exited at once. SIGTERM drains on its own."""
+    for native in (True, False):
+        container = sidecar_container(Settings(native_sidecar=native))
+        assert "lifecycle" not in container
+    env = {e["name"]: e["value"] for e in sidecar_container(Settings())["env"]}
+    assert env["CONDUIT_ADMIN_LISTEN"].startswith("0.0.0.0:")   # probes and Prometheus
 
 
 def load_pod_config(docs: list[dict], tmp_path: pathlib.Path) -> config_mod.Config:
@@ -709,7 +694,6 @@ def test_webhook_annotations_configure_the_sidecar(webhook, tmp_path):
                                                                           "conduit-metrics": 19464}
     env = {e["name"]: e["value"] for e in sidecar["env"]}
     assert env["CONDUIT_LISTEN"] == "127.0.0.1:18080" and env["CONDUIT_ADMIN_LISTEN"] == "0.0.0.0:19464"
-    assert "127.0.0.1:19464/drain" in sidecar["lifecycle"]["preStop"]["exec"]["command"][2]
     volumes = {v["name"]: v for v in patched["spec"]["volumes"]}
     assert volumes["conduit-keys"]["secret"]["secretName"] == "team-a-keys"
     assert volumes["conduit-providers"]["secret"]["secretName"] == "openai-prod"

@@ -224,7 +224,10 @@ def sidecar_container(s: Settings) -> dict:
         {"name": env_var(None, "keys_file"), "value": KEYS_DIR + "/keys.json"},
         {"name": env_var(None, "listen"), "value": f"127.0.0.1:{s.listen_port}"},
         # The kubelet's probes and Prometheus reach the admin port from outside the pod;
-        # POST /drain answers only loopback (the preStop hook below runs in the pod).
+        # POST /drain answers only loopback. No preStop hook drains: the kubelet runs a
+        # native sidecar's at the start of the pod's end, while the app still runs, and
+        # a drain then would refuse the app's sessions (or end an idle sidecar at once).
+        # SIGTERM drains, and reaches a native sidecar only once the app has exited.
         {"name": env_var(None, "admin_listen"), "value": f"0.0.0.0:{s.admin_port}"},
     ]
     ports = [
@@ -254,10 +257,6 @@ def sidecar_container(s: Settings) -> dict:
     }
     if s.cpu_limit:
         resources["limits"]["cpu"] = s.cpu_limit
-    drain = (
-        "import urllib.request as u;"
-        f"u.urlopen(u.Request('http://127.0.0.1:{s.admin_port}/drain',method='POST'),timeout=5)"
-    )
     container = {
         "name": CONTAINER_NAME,
         "image": s.image,
@@ -271,7 +270,6 @@ def sidecar_container(s: Settings) -> dict:
         "startupProbe": _probe("/readyz", period=1, failures=30),
         "readinessProbe": _probe("/readyz", period=5, failures=2),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
-        "lifecycle": {"preStop": {"exec": {"command": ["python", "-c", drain]}}},
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS,
