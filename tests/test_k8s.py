@@ -723,6 +723,33 @@ def test_webhook_refuses_conflicting_pods(webhook):
     assert response["allowed"] is False and "conduit-keys" in response["status"]["message"]
 
 
+@pytest.mark.parametrize("containers, annotations, message", [
+    ([{"name": "app", "image": "app", "ports": [{"containerPort": 8080}]}], None,
+     "container 'app' declares port 8080, which the conduit sidecar listens on: set conduit.dev/listen-port"),
+    ([{"name": "app", "image": "app", "ports": [{"containerPort": 9464}]}], None, "conduit.dev/admin-port"),
+    ([{"name": "app", "image": "app", "ports": [{"containerPort": 8443}]}], {"conduit.dev/tls": "true"},
+     "conduit.dev/tls-port"),
+])
+def test_webhook_refuses_a_pod_whose_app_declares_a_sidecar_port(webhook, containers, annotations, message):
+    """The app's own 8080 (the commonest app port) or 9464: once the sidecar holds it,
+    the app's bind fails and it crash-loops. Refused with the annotation that moves ours."""
+    response = webhook.review(pod(containers=containers, annotations=annotations))
+    assert response["allowed"] is False and message in response["status"]["message"]
+    moved = webhook.review(pod(containers=containers, annotations={
+        **(annotations or {}), "conduit.dev/listen-port": "18080", "conduit.dev/admin-port": "19464",
+        "conduit.dev/tls-port": "18443"}))
+    assert moved["allowed"] is True and moved["patch"]
+
+
+def test_webhook_refuses_a_host_network_pod(webhook):
+    """On hostNetwork the pod's loopback is the node's: any process there could use
+    the sidecar (and its keys) and drain it."""
+    host = pod()
+    host["spec"]["hostNetwork"] = True
+    response = webhook.review(host)
+    assert response["allowed"] is False and "hostNetwork" in response["status"]["message"]
+
+
 @pytest.mark.parametrize("obj, message", [
     (None, "not a pod"),
     ("a pod", "not a pod"),

@@ -326,6 +326,21 @@ def _append(ops: list, parent: Mapping, path: str, key: str, items: list) -> Non
 
 
 def _check_conflicts(spec: Mapping, s: Settings) -> None:
+    if spec.get("hostNetwork") is True:
+        # The pod's loopback would be the node's: every process on it could use the
+        # sidecar's keys and drain it, and its ports would be the node's.
+        raise InjectError("the pod uses hostNetwork: the conduit sidecar needs a pod network of its own")
+    ports = {s.listen_port: "conduit.dev/listen-port", s.admin_port: "conduit.dev/admin-port"}
+    if s.tls:
+        ports[s.tls_port] = "conduit.dev/tls-port"
+    for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+        for p in c.get("ports") or []:
+            if isinstance(p, Mapping) and p.get("containerPort") in ports:
+                port = p["containerPort"]
+                raise InjectError(
+                    f"container {c.get('name')!r} declares port {port}, which the conduit sidecar "
+                    f"listens on: set {ports[port]} to another port"
+                )
     ours = {v["name"] for v in _volumes(s)}
     taken = ours & {v.get("name") for v in spec.get("volumes") or []}
     if taken:
