@@ -979,3 +979,21 @@ def test_every_file_the_dockerfile_copies_is_in_the_build_context():
             copied += [w.rstrip("/") for w in words[1:-1]]
     assert copied and {c for c in copied if c not in let_in} == set()
     assert all(os.path.exists(os.path.join(ROOT, c)) for c in copied)
+
+
+def test_inject_file_keeps_unquoted_dates_as_kubernetes_reads_them(tmp_path):
+    """YAML 1.1 reads an unquoted 2026-01-15 as a date: the value was written back
+    changed (`2026-01-15 10:00:00+00:00`), and `-o json` died with a traceback.
+    Kubernetes reads it as the string it is."""
+    p = pod(annotations={"release-date": "DATE"},
+            containers=[{"name": "app", "image": "app", "env": [{"name": "CUTOVER", "value": "STAMP"}]}])
+    text = json.dumps(p).replace('"DATE"', "2026-01-15").replace('"STAMP"', "2026-01-15T10:00:00Z")
+    source = tmp_path / "pod.yaml"
+    source.write_text(text)
+    for output in ("yaml", "json"):
+        run = inject_cli("-f", str(source), "-o", output)
+        assert run.returncode == 0, run.stderr
+        obj = json.loads(run.stdout) if output == "json" else yaml.safe_load(run.stdout)
+        assert obj["metadata"]["annotations"]["release-date"] == "2026-01-15"
+        app = next(c for c in obj["spec"]["containers"] if c["name"] == "app")
+        assert app["env"] == [{"name": "CUTOVER", "value": "2026-01-15T10:00:00Z"}]

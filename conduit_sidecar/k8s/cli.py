@@ -57,8 +57,8 @@ def _inject(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"conduit-sidecar: {args.filename}: {exc.strerror}", file=sys.stderr)
         return 1
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]  # JSON is YAML too
+    try:  # JSON is YAML too
+        documents = [d for d in yaml.load_all(text, Loader=_loader()) if d is not None]
     except yaml.YAMLError as exc:
         print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {exc}", file=sys.stderr)
         return 1
@@ -82,3 +82,18 @@ def _inject(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
     return 0
+
+
+def _loader() -> type:
+    """PyYAML's safe loader without YAML 1.1's timestamps: Kubernetes reads an unquoted
+    `2026-01-15` as the string it is, and a date object would be written back changed
+    (or fail JSON output)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+
+    return Loader
