@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import socket
 import ssl
+import signal
 import subprocess
 import sys
 import time
@@ -407,8 +408,8 @@ def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str, env: 
 
 
 def stop(proc: subprocess.Popen) -> str:
-    """SIGTERM: the webhook exits cleanly; returns its log."""
-    proc.terminate()
+    """SIGINT: the webhook exits cleanly at once; returns its log."""
+    proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=10)[0].decode()
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
@@ -420,6 +421,18 @@ def webhook(tls_files):
     proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE)
     yield hook
     stop(proc)
+
+
+def test_webhook_answers_for_a_while_after_sigterm(tls_files):
+    """The API server goes on sending reviews to a pod being deleted until its
+    endpoints catch up, and failurePolicy is Fail: the webhook stopped listening at
+    once, and pods created meanwhile were refused."""
+    proc, hook = start_webhook(*tls_files, "--shutdown-delay", "2")
+    proc.terminate()
+    time.sleep(1)
+    assert hook.request("/healthz", method="GET") == (200, b"ok\n")
+    assert proc.wait(5) == 0
+    assert '"event":"stopping"' in proc.communicate()[0].decode()
 
 
 def test_webhook_reloads_a_renewed_certificate(tmp_path):

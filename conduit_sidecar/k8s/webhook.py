@@ -392,6 +392,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="connections served at once; more are closed (default: %(default)s)",
     )
+    p.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="after SIGTERM, go on answering this long: the API server sends reviews until its "
+        "endpoints drop the pod (default: %(default)s; SIGINT or a second SIGTERM: at once)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -406,17 +414,26 @@ def run(args: argparse.Namespace) -> int:
         return 1
     webhook = Webhook(certs, Settings(image=args.sidecar_image), args.max_connections)
     try:
-        return uvloop.run(_serve(webhook, host, port, args.sidecar_image))
+        return uvloop.run(_serve(webhook, host, port, args.sidecar_image, args.shutdown_delay))
     except OSError as exc:
         print(f"conduit-sidecar inject-webhook: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
-async def _serve(webhook: Webhook, host: str, port: int, image: str) -> int:
+async def _serve(webhook: Webhook, host: str, port: int, image: str, delay: float) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    later: list[asyncio.TimerHandle] = []
+
+    def terminate() -> None:
+        if later:  # a second SIGTERM
+            stop.set()
+            return
+        log.info("stopping", extra={"event": "stopping", "seconds": delay})
+        later.append(loop.call_later(delay, stop.set))
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     host, port = await webhook.start(host, port)
     await stop.wait()
     await webhook.close()
