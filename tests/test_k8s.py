@@ -336,6 +336,12 @@ def test_injector_manifests(directory):
         assert "conduit-injector.conduit-system.svc" in certificate["spec"]["dnsNames"]
         issuer = find(docs, "Issuer", certificate["spec"]["issuerRef"]["name"])
         assert issuer["metadata"]["namespace"] == namespace
+        # Signed by a CA of its own, which renewals keep: a self-signed serving
+        # certificate is its own CA, and caBundle changed before the pods had the new one.
+        ca = next(d for d in docs if d["kind"] == "Certificate"
+                  and d["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"])
+        assert ca["spec"]["isCA"] is True and ca["spec"]["privateKey"]["rotationPolicy"] == "Never"
+        assert "selfSigned" in find(docs, "Issuer", ca["spec"]["issuerRef"]["name"])["spec"]
     else:
         assert not annotations and not [d for d in docs if d["apiVersion"].startswith("cert-manager")]
 
