@@ -239,7 +239,7 @@ def test_the_injected_sidecar_has_no_prestop_drain():
         container = sidecar_container(Settings(native_sidecar=native))
         assert "lifecycle" not in container
     env = {e["name"]: e["value"] for e in sidecar_container(Settings())["env"]}
-    assert env["CONDUIT_ADMIN_LISTEN"].startswith("0.0.0.0:")   # probes and Prometheus
+    assert env["CONDUIT_ADMIN_LISTEN"].startswith("*:")   # probes and Prometheus, IPv4 and IPv6
 
 
 def load_pod_config(docs: list[dict], tmp_path: pathlib.Path) -> config_mod.Config:
@@ -260,7 +260,7 @@ def load_pod_config(docs: list[dict], tmp_path: pathlib.Path) -> config_mod.Conf
 @needs_kubectl
 def test_base_config_and_key_file_load(tmp_path):
     conf = load_pod_config(docs_of(kustomize("k8s/base")), tmp_path)
-    assert conf.admin_listen == "0.0.0.0:9464" and conf.listen == "127.0.0.1:8080"
+    assert conf.admin_listen == "*:9464" and conf.listen == "127.0.0.1:8080"
     assert conf.providers["openai"].secret_file == "/etc/conduit/providers/openai"
     assert conf.tls is None
     assert len(load_keys(conf.keys_file)) == 0
@@ -312,7 +312,7 @@ def test_injector_manifests(directory):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports[port["targetPort"]] == 8443 and port["port"] == 443
     assert container["args"][0] == "inject-webhook"
-    assert "--listen=0.0.0.0:8443" in container["args"]
+    assert "--listen=*:8443" in container["args"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["CONDUIT_SIDECAR_IMAGE"] == container["image"] == DEFAULT_IMAGE
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -712,7 +712,7 @@ def test_webhook_annotations_configure_the_sidecar(webhook, tmp_path):
     assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"conduit": 18080,
                                                                           "conduit-metrics": 19464}
     env = {e["name"]: e["value"] for e in sidecar["env"]}
-    assert env["CONDUIT_LISTEN"] == "127.0.0.1:18080" and env["CONDUIT_ADMIN_LISTEN"] == "0.0.0.0:19464"
+    assert env["CONDUIT_LISTEN"] == "127.0.0.1:18080" and env["CONDUIT_ADMIN_LISTEN"] == "*:19464"
     volumes = {v["name"]: v for v in patched["spec"]["volumes"]}
     assert volumes["conduit-keys"]["secret"]["secretName"] == "team-a-keys"
     assert volumes["conduit-providers"]["secret"]["secretName"] == "openai-prod"

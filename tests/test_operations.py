@@ -433,3 +433,20 @@ def test_malformed_usage_is_ignored_and_counted(ops):
     assert d("conduit_usage_tokens_total", kind="output", **labels) == 4
     assert value(after, "conduit_connections_active") == 0
     assert "Traceback" not in ops.output()
+
+
+def test_the_admin_port_on_every_address_answers_ipv4_and_ipv6(tmp_path, mock_provider):
+    """admin_listen = "*:PORT" (what the injector sets): the kubelet probes the pod's
+    IP, which is IPv6 on IPv6-only clusters; 0.0.0.0 alone never answered there and
+    the sidecar was restarted for failing its probes."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
+    sidecar.env["CONDUIT_ADMIN_LISTEN"] = f"*:{sidecar.admin_port}"
+    sidecar.start()
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            assert http_get(f"http://{host}:{sidecar.admin_port}/readyz")[0] == 200
+        assert http_get(f"http://[::1]:{sidecar.admin_port}/drain", method="POST")[0] == 202  # ::1 is the pod
+    finally:
+        sidecar.stop()

@@ -228,7 +228,7 @@ def sidecar_container(s: Settings) -> dict:
         # native sidecar's at the start of the pod's end, while the app still runs, and
         # a drain then would refuse the app's sessions (or end an idle sidecar at once).
         # SIGTERM drains, and reaches a native sidecar only once the app has exited.
-        {"name": env_var(None, "admin_listen"), "value": f"0.0.0.0:{s.admin_port}"},
+        {"name": env_var(None, "admin_listen"), "value": f"*:{s.admin_port}"},
     ]
     ports = [
         {"name": "conduit", "containerPort": s.listen_port, "protocol": "TCP"},

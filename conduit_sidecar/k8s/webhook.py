@@ -378,7 +378,12 @@ class Webhook:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", required=True, metavar="FILE", help="PEM certificate (chain)")
     p.add_argument("--tls-key", required=True, metavar="FILE", help="PEM private key")
-    p.add_argument("--listen", default=f"0.0.0.0:{TLS_PORT}", metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        default=f"*:{TLS_PORT}",
+        metavar="HOST:PORT",
+        help="host * (the default): every IPv4 and IPv6 address",
+    )
     p.add_argument(
         "--sidecar-image",
         default=os.environ.get("CONDUIT_SIDECAR_IMAGE", DEFAULT_IMAGE),
