@@ -223,8 +223,20 @@ class _DeepgramMetadata(msgspec.Struct):
 
 
 class _AssemblyTermination(msgspec.Struct):
+    """AssemblyAI bills a streaming session by how long it was open, idle time
+    included: its session's seconds, where it reports them, not its audio's."""
+
     type: str
     audio_duration_seconds: Seconds = 0.0
+    session_duration_seconds: Seconds | None = None
+
+    @property
+    def billed(self) -> float:
+        return (
+            self.audio_duration_seconds
+            if self.session_duration_seconds is None
+            else self.session_duration_seconds
+        )
 
 
 def _seconds_decoder(kind: str, shape: type, field: str):
@@ -251,9 +263,7 @@ METERS: dict[str, Meter] = {
     # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes.
     "gemini": Meter((b'"usageMetadata"',), decode_gemini, binary=True, sniff_bytes=8192),
     "deepgram": Meter((b'"Metadata"',), _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
-    "assemblyai": Meter(
-        (b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "audio_duration_seconds")
-    ),
+    "assemblyai": Meter((b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "billed")),
 }
 METERS["azure"] = METERS["openai"]  # Azure OpenAI speaks OpenAI's events
 

@@ -74,8 +74,10 @@ def test_gemini_tool_use_and_thoughts_are_counted_and_cached_audio_told_apart():
 
 def test_audio_seconds_of_deepgram_and_assemblyai():
     assert deepgram(b'{"type":"Metadata","duration":3.25,"channels":1}') == {"audio": 3.25}
+    # AssemblyAI bills the session's open time, idle included; the audio where that is absent.
     assert assemblyai(b'{"type":"Termination","audio_duration_seconds":7,'
-                      b'"session_duration_seconds":8}') == {"audio": 7}
+                      b'"session_duration_seconds":8}') == {"audio": 8}
+    assert assemblyai(b'{"type":"Termination","audio_duration_seconds":7}') == {"audio": 7}
 
 
 @pytest.mark.parametrize("decode,message", [
