@@ -171,6 +171,14 @@ def _offered(request: Request) -> list[str]:
     ]
 
 
+def _key_misplaced(query: dict[str, list[str]], forms: tuple[KeyForm, ...]) -> bool:
+    read = {f.name for f in forms if f.where == "query"}
+    return any(
+        KEY_PREFIX in name or (name not in read and any(KEY_PREFIX in v for v in values))
+        for name, values in query.items()
+    )
+
+
 def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     try:
         path, raw_query = normalise_path(request.path)
@@ -186,12 +194,10 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     except UnicodeDecodeError:
         return refuse(400, "query is not valid UTF-8")
     # A virtual key in a parameter no key is read from (swapped parameters, a key pasted
-    # as the model) would reach log lines, metric labels and the provider's URL.
-    read = {f.name for f in forms if f.where == "query"}
-    if any(
-        KEY_PREFIX in name or (name not in read and any(KEY_PREFIX in v for v in values))
-        for name, values in query.items()
-    ):
+    # as the model) would reach log lines, metric labels and the provider's URL. (The
+    # raw query first: a search in C, where the parameters' check costs 15 k
+    # instructions, 1.6% of a session.)
+    if ("condt" in raw_query or "%" in raw_query) and _key_misplaced(query, forms):
         return refuse(400, "a virtual key in a query parameter that holds none")
     model_param = "model" if where is None else where.model_param
     for name in ("model", "provider", model_param, *(("call_id", "intent") if path == PATHS[1] else ())):
@@ -213,7 +219,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     key, carriers = presented_key(forms, request.headers, query, offered)
     # A virtual key offered in a form this path does not read (another provider's, or
     # a case it does not match) is still a key: it goes neither upstream nor into the 101.
-    carriers.update(p for p in offered if KEY_PREFIX in p)
+    if offered:
+        carriers.update(p for p in offered if KEY_PREFIX in p)
     passed = [p for p in offered if p not in carriers]
     # Deepgram's browser form `token, KEY`: the 101 selects `token`; the provider,
     # which gets its key by header, is not offered it.
