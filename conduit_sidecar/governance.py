@@ -62,7 +62,9 @@ class _Live:
 
     def __init__(self):
         self.lease: str | None = None  # the lease member, when one is held
-        self.written = True  # False: taken during an outage, not in the store yet
+        # False: taken during an outage (or found gone), not in the store yet; None: its
+        # admission call is under way, so no renewal touches it.
+        self.written: bool | None = True
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
 
@@ -144,9 +146,11 @@ class Governor:
         # call failed after the store ran it, releases a lease the store may have taken
         # (removing one it did not take is harmless).
         live.lease = member if lease else None
+        live.written = None
         refusal, totals = await self._op(
             "admit", self.store.admit(entry.id, member, lease, entry.sessions_per_minute, headroom, now)
         )
+        live.written = True
         self._remember(entry.id, totals, now)
         if refusal is None:
             return None
@@ -372,7 +376,7 @@ class Governor:
         leases: dict[str, tuple[list[str], list[str]]] = {}
         unwritten = []
         for info, live in self.live.items():
-            if live.lease is not None:
+            if live.lease is not None and live.written is not None:
                 leases.setdefault(info.key_id, ([], []))[0 if live.written else 1].append(live.lease)
                 if not live.written:
                     unwritten.append(live)
@@ -388,12 +392,13 @@ class Governor:
                 # Lost with the store's data while the sessions live on: written again by
                 # the next renewal, so other pods count them under max_connections again
                 # (a session released meanwhile is no longer here).
-                lost = [live for live in self.live.values() if live.lease in missing]
+                lost = [live for live in self.live.values() if live.lease in missing and live.written]
                 for live in lost:
                     live.written = False
-                log.warning(
-                    "leases lost in the shared state", extra={"event": "leases_lost", "count": len(lost)}
-                )
+                if lost:
+                    log.warning(
+                        "leases lost in the shared state", extra={"event": "leases_lost", "count": len(lost)}
+                    )
 
     async def run(self) -> None:
         renew_every = self.state.lease_seconds / 3

@@ -39,7 +39,7 @@ from .providers import (
 )
 from .routing import Route, RouteError, Router
 
-__all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "admit", "decide", "refuse"]
+__all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "admit", "decide", "key_misplaced", "refuse"]
 
 # The sidecar's own paths: the provider comes from `provider=` or the model routes, the
 # key in OpenAI's forms. Each provider's own SDK paths are in the catalogue (providers).
@@ -171,7 +171,8 @@ def _offered(request: Request) -> list[str]:
     ]
 
 
-def _key_misplaced(query: dict[str, list[str]], forms: tuple[KeyForm, ...]) -> bool:
+def key_misplaced(query: dict[str, list[str]], forms: tuple[KeyForm, ...]) -> bool:
+    """Whether a virtual key is in a query parameter that none of `forms` reads."""
     read = {f.name for f in forms if f.where == "query"}
     return any(
         KEY_PREFIX in name or (name not in read and any(KEY_PREFIX in v for v in values))
@@ -197,7 +198,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     # as the model) would reach log lines, metric labels and the provider's URL. (The
     # raw query first: a search in C, where the parameters' check costs 15 k
     # instructions, 1.6% of a session.)
-    if ("condt" in raw_query or "%" in raw_query) and _key_misplaced(query, forms):
+    if ("condt" in raw_query or "%" in raw_query) and key_misplaced(query, forms):
         return refuse(400, "a virtual key in a query parameter that holds none")
     model_param = "model" if where is None else where.model_param
     for name in ("model", "provider", model_param, *(("call_id", "intent") if path == PATHS[1] else ())):

@@ -211,6 +211,11 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
             kind = f"{side}_{_MODALITY.get(d.modality, '')}"
             if kind in counts and kind != "output_image":
                 counts[kind] += d.tokenCount
+    # Tokens no detail names a modality for (a count sent without its details) are
+    # priced as text, not left out.
+    for side in ("input", "output"):
+        told = sum(counts[f"{side}_{m}"] for m in ("text", "audio", "image") if f"{side}_{m}" in counts)
+        counts[f"{side}_text"] += max(0, counts[side] - told)
     return counts
 
 

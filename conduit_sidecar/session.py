@@ -146,13 +146,14 @@ class ClientHandshake(asyncio.Protocol):
     must wait for the 101, so what one sends meanwhile is kept in `early` for the relay,
     one read of it, and reading pauses there."""
 
-    __slots__ = ("host", "transport", "reader", "timer", "task", "early")
+    __slots__ = ("host", "transport", "reader", "timer", "task", "early", "rest")
 
     def __init__(self, host: Host):
         self.host = host
         self.task: asyncio.Task[None] | None = None
         self.reader: RequestReader | None = None  # set while the request is read
         self.early = bytearray()  # what the client sent past its request
+        self.rest = False  # the request is a REST call (see _is_rest), not an upgrade
 
     def connection_made(self, transport):
         self.transport = transport
@@ -192,6 +193,7 @@ class ClientHandshake(asyncio.Protocol):
         if request is None:
             return
         self._done_reading()
+        self.rest = _is_rest(request)
         if reader.early:
             self.early += reader.early
             self.transport.pause_reading()
@@ -200,7 +202,9 @@ class ClientHandshake(asyncio.Protocol):
         )
 
     def eof_received(self):
-        return False
+        # An HTTP client may end its side once its request is sent: a REST call is still
+        # answered. A WebSocket client that ends its side before its 101 is leaving.
+        return self.task is not None and self.rest
 
     def connection_lost(self, exc):
         if self.reader is not None:
@@ -370,7 +374,7 @@ async def open_session(host: Host, transport, request: Request, client: ClientHa
 
 
 async def _open(host: Host, transport, request: Request, client: ClientHandshake, opening: _Opening):
-    if _is_rest(request):
+    if client.rest:
         await _rest(host, transport, request)
         return
     decision = decide(request, host.admission())
@@ -414,7 +418,8 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             decision, raw = held_first
             # Watched again while the upstream opens: the held message and what came
             # with it are the relay's first bytes.
-            client.early[:] = raw
+            client.early = bytearray(raw)
+            del raw, held_first  # one copy held while the upstream opens, not two
             transport.set_protocol(client)
             transport.resume_reading()
         started = time.monotonic()
@@ -434,8 +439,9 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         host.release(info)
         host.count("client_gone")
         raise
-    if transport.is_closing():
+    if transport.is_closing():  # the client left as the upstream answered
         host.release(info)
+        host.count("client_gone")
         upstream.abort()
         return
     # The drain may have ended, or the key file changed, while the upstream answered.

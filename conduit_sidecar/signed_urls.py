@@ -28,7 +28,7 @@ from websockets.http11 import Request, Response
 
 from ._relay import CloseCode
 from .config import Limits
-from .handshake import admit, refuse
+from .handshake import admit, key_misplaced, refuse
 from .keys import KeySet, Rejection
 from .routing import Route, RouteError, Router, Upstream
 from .upstream import Balancer, shares
@@ -123,6 +123,8 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     """The response to a get-signed-url request."""
     url = urllib.parse.urlsplit(request.path)
     query = urllib.parse.parse_qs(url.query)
+    if key_misplaced(query, ()):  # the key goes in xi-api-key; these go to the provider
+        return refuse(400, "a virtual key in a query parameter").response
     agents = query.get("agent_id", [])
     if len(agents) != 1 or not agents[0]:
         return refuse(400, "agent_id is required, once").response

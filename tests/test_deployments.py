@@ -696,6 +696,39 @@ def test_the_signed_url_call_passes_the_sdks_agent_parameters(workdir):
         "include_conversation_id": "true"}
 
 
+def test_the_signed_url_call_is_answered_after_the_client_ends_its_side_and_never_forwards_a_key(workdir):
+    """An HTTP client may end its side once its request is sent (curl, ncat): the
+    call is still answered (reading on while the provider is asked had made it
+    cancel). A virtual key in a parameter that goes to the provider is refused (400)
+    and never sent."""
+    port = free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(port))
+    key = sidecar.keys.plain["good"]
+
+    async def ask(query: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(f"GET /v1/convai/conversation/get-signed-url?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"xi-api-key: {key}\r\n\r\n".encode())
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    async def body():
+        async with MockProvider(port=port, shape="elevenlabs") as m:
+            signed = await ask("agent_id=agent_private")
+            leaked = await ask(f"agent_id=agent_private&branch_id={key}")
+            return signed, leaked, m.requests
+    try:
+        signed, leaked, requests = run(body())
+    finally:
+        sidecar.stop()
+    assert signed.startswith(b"HTTP/1.1 200 ") and b"signed_url" in signed
+    assert leaked.startswith(b"HTTP/1.1 400 ") and key.encode() not in leaked
+    assert len([p for p, _ in requests if "get-signed-url" in p]) == 1
+    assert not any(key in p for p, _ in requests)
+
+
 def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
     """The key `good` signs, then is rotated under the same id (a new sha256): the
     signature is refused as its old key now is (4001 key revoked). It stood for the

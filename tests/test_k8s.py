@@ -758,6 +758,8 @@ def test_webhook_refuses_a_pod_whose_app_declares_a_sidecar_port(webhook, contai
         **(annotations or {}), "conduit.dev/listen-port": "18080", "conduit.dev/admin-port": "19464",
         "conduit.dev/tls-port": "18443"}))
     assert moved["allowed"] is True and moved["patch"]
+    udp = [{**containers[0], "ports": [{**containers[0]["ports"][0], "protocol": "UDP"}]}]
+    assert webhook.review(pod(containers=udp, annotations=annotations))["allowed"] is True  # not ours
 
 
 def test_webhook_refuses_a_host_network_pod(webhook):

@@ -55,6 +55,16 @@ def test_gemini_usage_metadata_per_modality():
     assert counts["output_audio"] == 12 and counts["output_text"] == 0
 
 
+def test_gemini_tokens_without_their_details_are_priced_as_text():
+    """A count sent without its per-modality details was in `input`/`output` but in
+    no priced kind: it cost nothing."""
+    counts = gemini(json.dumps({"usageMetadata": {
+        "promptTokenCount": 1000, "toolUsePromptTokenCount": 300, "responseTokenCount": 200,
+        "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 1000}]}}).encode())
+    assert (counts["input"], counts["input_audio"], counts["input_text"]) == (1300, 1000, 300)
+    assert (counts["output"], counts["output_text"]) == (200, 200)
+
+
 def test_gemini_tool_use_and_thoughts_are_counted_and_cached_audio_told_apart():
     """Gemini's total is prompt + response + tool-use prompt + thoughts; the last two
     were dropped (1,200 of 2,300 tokens counted here), and cached audio was never

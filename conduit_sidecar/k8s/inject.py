@@ -335,7 +335,8 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
         ports[s.tls_port] = "conduit.dev/tls-port"
     for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
         for p in c.get("ports") or []:
-            if isinstance(p, Mapping) and p.get("containerPort") in ports:
+            tcp = p.get("protocol", "TCP") == "TCP" if isinstance(p, Mapping) else False
+            if tcp and p.get("containerPort") in ports:
                 port = p["containerPort"]
                 raise InjectError(
                     f"container {c.get('name')!r} declares port {port}, which the conduit sidecar "
