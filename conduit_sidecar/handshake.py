@@ -30,6 +30,7 @@ from .providers import (
     OPENAI_KEYS,
     TEMPLATES,
     BadPath,
+    Kept,
     KeyForm,
     modelless,
     native,
@@ -87,7 +88,7 @@ class Accept(msgspec.Struct, frozen=True):
     model: str | None
     subprotocols: list[str] | None
     query: tuple[tuple[str, str], ...] = ()  # client parameters for the upstream URL
-    version: str | None = None  # the API version the client asked for
+    kept: Kept | None = None  # the part of the client's path kept upstream (providers.Kept)
     # The model is named in the first client message, held and read by this (None
     # from it: no model named).
     hold: Callable[[bytes], str | None] | None = None
@@ -188,7 +189,9 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     where = native(path)
     if path not in PATHS and where is None:
         return refuse(404, f"not found: use {PATHS[0]}")
-    forms: tuple[KeyForm, ...] = OPENAI_KEYS if where is None else TEMPLATES[where.provider].keys
+    # A native path with no provider of its own is routed as the sidecar's paths are.
+    fixed = where.provider if where is not None else None
+    forms: tuple[KeyForm, ...] = OPENAI_KEYS if fixed is None else TEMPLATES[fixed].keys
 
     try:
         query = urllib.parse.parse_qs(raw_query, strict_parsing=False, errors="strict")
@@ -208,7 +211,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         if values and _CONTROL.search(values[0]):
             return refuse(400, f"{name} contains control characters")
     model = query.get(model_param, [None])[0] if model_param else None
-    provider = query.get("provider", [None])[0] if where is None else where.provider
+    provider = query.get("provider", [None])[0] if fixed is None else fixed
     # OpenAI's path without a model: a call (call_id=) or a transcription session.
     kind = modelless(query) if path == PATHS[1] and model is None else None
     if kind is not None and not speaks_openai(provider or "openai"):
@@ -271,6 +274,9 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         return Close(response, code, reason, entry, why)
     route = admitted
     assert entry is not None  # admit refuses a missing entry
+    kept = where.kept if where is not None else None
+    if not route.serves(kept):
+        return Close(response, CloseCode.NO_ROUTE, f"provider {route.name!r} does not serve {path}", entry)
     if kind == "call" and entry.allowed_models is not None:
         # The call was created elsewhere: no model can be checked.
         return Close(
@@ -311,7 +317,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         model,
         upstream_offer or None,
         forward,
-        where.version if where else None,
+        kept,
         hold,
         kind,
         anonymous,

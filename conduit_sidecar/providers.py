@@ -21,6 +21,7 @@ from .metering import METERS, Meter
 __all__ = [
     "BUILTIN",
     "KeyForm",
+    "Kept",
     "NativePath",
     "Template",
     "TEMPLATES",
@@ -31,6 +32,7 @@ __all__ = [
     "normalise_path",
     "presented_key",
     "speaks_openai",
+    "takes",
 ]
 
 
@@ -55,10 +57,26 @@ class Template(msgspec.Struct, frozen=True):
     model_in_setup: bool = False  # the model is named in the first client message
 
 
+class Kept(msgspec.Struct, frozen=True):
+    """The part of a native path that goes upstream: `text` in place of the first match
+    of the pattern `at` in the template URL up to its query (Gemini's API version for the
+    template's; OpenAI's `/realtime/translations` for its `/realtime`).
+
+    `builtins`: the built-in providers that serve the path (None: all); another
+    built-in cannot (Azure documents no translation path), a provider of the user's can
+    if its URL matches. `required`: a URL `at` does not match cannot serve the path;
+    else that URL is used as it is (a Gemini URL of the user's naming no version)."""
+
+    at: str
+    text: str
+    builtins: tuple[str, ...] | None = None
+    required: bool = True
+
+
 class NativePath(msgspec.Struct, frozen=True):
-    provider: str
+    provider: str | None  # None: chosen as on the sidecar's own paths (provider=, routes)
     model_param: str | None = None  # the query parameter naming the model
-    version: str | None = None  # API version the client asked for (kept upstream)
+    kept: Kept | None = None  # the part of the client's path kept upstream
 
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
@@ -191,15 +209,23 @@ BUILTIN: dict[str, Provider] = {name: t.spec for name, t in TEMPLATES.items()}
 
 # The paths each provider's SDKs dial (observed), and where the model is named.
 _GEMINI = "/ws/google.ai.generativelanguage.{}.GenerativeService.BidiGenerateContent"
+_GEMINI_VERSION = r"(?<=generativelanguage\.)v1\w*(?=\.)"
 _NATIVE: dict[str, NativePath] = {
+    # OpenAI's translation sessions (openai-python's realtime.translations.connect), on
+    # the providers /v1/realtime reaches whose URL path ends in /realtime.
+    "/v1/realtime/translations": NativePath(
+        None, "model", Kept(r"/realtime$", "/realtime/translations", builtins=("openai",))
+    ),
     "/openai/v1/realtime": NativePath("azure", "model"),
     "/openai/realtime": NativePath("azure", "deployment"),
-    **{_GEMINI.format(v): NativePath("gemini", version=v) for v in ("v1", "v1beta", "v1alpha")},
+    **{
+        _GEMINI.format(v): NativePath("gemini", kept=Kept(_GEMINI_VERSION, v, required=False))
+        for v in ("v1", "v1beta", "v1alpha")
+    },
     "/v1/listen": NativePath("deepgram", "model"),
     "/v3/ws": NativePath("assemblyai", "speech_model"),
     "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),
 }
-_GEMINI_VERSION = re.compile(r"(?<=generativelanguage\.)v1\w*(?=\.)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -253,9 +279,23 @@ def meter(provider: str) -> Meter | None:
     return METERS.get(provider) if provider in TEMPLATES else METERS["openai"]
 
 
-def upstream_path(url: str, version: str | None) -> str:
-    """The template URL with the client's API version in place of the template's."""
-    return _GEMINI_VERSION.sub(version, url, count=1) if version else url
+def takes(kept: Kept | None, provider: str, url: str) -> bool:
+    """Whether a target of `provider` at the template `url` serves a native path that
+    keeps `kept` of the client's path (see Kept)."""
+    if kept is None:
+        return True
+    if provider in TEMPLATES and kept.builtins is not None and provider not in kept.builtins:
+        return False
+    return not kept.required or re.search(kept.at, url.partition("?")[0]) is not None
+
+
+def upstream_path(url: str, kept: Kept | None) -> str:
+    """The template URL with the part of the client's path `kept` keeps in its path
+    (takes() says whether the template can take it)."""
+    if kept is None:
+        return url
+    path, sep, query = url.partition("?")
+    return re.sub(kept.at, lambda _: kept.text, path, count=1) + sep + query
 
 
 def presented_key(

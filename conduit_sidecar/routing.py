@@ -23,7 +23,7 @@ from websockets.uri import WebSocketURI, parse_uri
 from ._relay import CloseCode
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
-from .providers import BUILTIN, TEMPLATES, upstream_path
+from .providers import BUILTIN, TEMPLATES, Kept, takes, upstream_path
 from .watch import file_signature
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
@@ -86,6 +86,11 @@ class Route(msgspec.Struct, frozen=True):
     # Every target names the model only as a query parameter's value, so a session
     # that names none (OpenAI's call_id and transcription sessions) drops that parameter.
     model_optional: bool = False
+
+    def serves(self, kept: Kept | None) -> bool:
+        """Whether every deployment serves a native path that keeps `kept` of the
+        client's path upstream (providers.Kept)."""
+        return kept is None or all(takes(kept, t.provider, t.spec.url or "") for t in self.targets)
 
 
 # The fields a deployment may override (all of Deployment's but its label and weight).
@@ -242,12 +247,13 @@ class Router:
         """The providers of the first `[routes]` pattern that matches the model."""
         return next((names for pattern, names in self.model_routes.items() if match(pattern, model)), [])
 
-    def fallbacks(self, route: Route, model: str | None) -> list[Route]:
-        """The providers a model route lists after `route`, to fail over to."""
+    def fallbacks(self, route: Route, model: str | None, kept: Kept | None = None) -> list[Route]:
+        """The providers a model route lists after `route`, to fail over to: those that
+        serve the client's path (`kept`: see providers.Kept)."""
         chain = self._chain(model) if model else []
         if route.name not in chain:
             return []
-        return [self.routes[n] for n in chain[chain.index(route.name) + 1 :]]
+        return [self.routes[n] for n in chain[chain.index(route.name) + 1 :] if self.routes[n].serves(kept)]
 
     def secret(self, spec: Provider) -> str:
         if spec.secret_env:
@@ -292,11 +298,12 @@ class Router:
         target: Target,
         model: str | None,
         query: tuple[tuple[str, str], ...] = (),
-        version: str | None = None,
+        kept: Kept | None = None,
         secret: bool = True,
     ) -> Upstream:
         """The URL and headers for one session at one deployment (secrets filled in), with
-        the client's allowed query parameters appended and its API version kept. No
+        the client's allowed query parameters appended and the part of its path `kept`
+        keeps (Route.serves said the target takes it). No
         `model`: the URL's model parameter is dropped (route() allowed it). `secret`
         False: headers that carry the secret are left out (a session nobody presented a
         key for never gets the provider's credential)."""
@@ -328,9 +335,7 @@ class Router:
                     CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
                     f"{field} is a dot segment",
                 )
-        url = _FIELD.sub(
-            lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(url, version)
-        )
+        url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(url, kept))
         if query:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]

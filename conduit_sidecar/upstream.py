@@ -398,7 +398,7 @@ class Balancer:
         model = None if decision.modelless else decision.model  # its URL names no model
         # A signed URL's session goes to the deployment that signed it and nowhere else.
         signed = decision.deployment is not None
-        fallbacks = [] if signed else self.router.fallbacks(decision.route, model)
+        fallbacks = [] if signed else self.router.fallbacks(decision.route, model, decision.kept)
         routes = [decision.route] + [r for r in fallbacks if decision.key.allows_provider(r.name)]
         candidates, resting = [], []
         for route in routes:
@@ -417,7 +417,7 @@ class Balancer:
             probe = h.begin()
             try:
                 upstream = self.router.upstream(
-                    h.target, model, decision.query, decision.version, secret=not decision.anonymous
+                    h.target, model, decision.query, decision.kept, secret=not decision.anonymous
                 )
                 result = await _attempt(
                     self._request(upstream, decision.subprotocols),

@@ -59,6 +59,7 @@ def native():
         [providers.openai]
         url = "{m['openai']}/v1/realtime?model={{model}}"
         secret_env = "PROVIDER_KEY"
+        models = ["gpt-realtime-translate"]
         """
     extra = f"""
         [tls]
@@ -628,6 +629,63 @@ def test_openai_call_id_with_a_key_limited_to_models_gets_4003(native):
             rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
             return rcvd.code, rcvd.reason
     assert run(body()) == (4003, "call_id sessions name no model: not allowed for this key")
+
+
+# -- OpenAI translation sessions -----------------------------------------------------
+
+def _translate(native, key_id: str, **query) -> tuple[str, list[str]] | tuple[int, str]:
+    """A translation session through the openai SDK (realtime.translations.connect):
+    (the session's model, the event types after session.created), or the close code
+    and reason."""
+    import base64
+
+    from openai import APIError
+
+    async def body():
+        try:
+            async with _openai(native, key_id).realtime.translations.connect(
+                    model="gpt-realtime-translate", extra_query=query) as conn:
+                created = await conn.recv()
+                assert (created.type, created.session.type) == ("session.created", "translation")
+                await conn.session.update(session={"audio": {"output": {"language": "es"}}})
+                audio = base64.b64encode(bytes(9600)).decode()
+                await conn.session.input_audio_buffer.append(audio=audio)
+                await conn.session.close()
+                seen = []
+                async for event in conn:
+                    seen.append(event.type)
+                    if event.type == "session.output_audio.delta":
+                        assert event.delta == audio
+                    if event.type == "session.closed":
+                        break
+                return created.session.model, seen
+        except (ConnectionClosed, APIError) as exc:
+            rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+            return rcvd.code, rcvd.reason
+    return run(body())
+
+
+def test_openai_translation_session_through_the_sdk(native):
+    """/v1/realtime/translations?model=M goes to the template's /realtime path with
+    /translations after it, with the provider secret and the model as given."""
+    mark = log_mark(native)
+    assert _translate(native, "good") == (
+        "gpt-realtime-translate", ["session.updated", "session.output_audio.delta", "session.closed"])
+    path, headers = _last_request(native, "openai")
+    assert path == "/v1/realtime/translations?model=gpt-realtime-translate"
+    assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}"
+    assert native.keys.plain["good"] not in str(headers)
+    end = last_session(native, "openai", mark)
+    assert (end["key_id"], end["model"]) == ("good", "gpt-realtime-translate")
+
+
+def test_openai_translation_session_policy(native):
+    """allowed_models is checked against the URL's model (4003); Azure documents no
+    translation path (4004)."""
+    assert _translate(native, "transcribe-only") == (
+        4003, "model 'gpt-realtime-translate' not allowed for this key")
+    assert _translate(native, "good", provider="azure") == (
+        4004, "provider 'azure' does not serve /v1/realtime/translations")
 
 
 # -- bad input on the native paths ---------------------------------------------------

@@ -206,6 +206,67 @@ def test_openai_sessions_without_a_model_in_the_url():
     assert decide(upgrade("/v1/realtime?call_id=a&call_id=b"), state).response.status_code == 400
 
 
+def test_openai_translation_sessions():
+    """openai-python's realtime.translations.connect dials /v1/realtime/translations?model=M:
+    routed, keyed and checked as /v1/realtime, sent to the template's /realtime path with
+    /translations after it. Azure documents no translation path; a URL that does not
+    end in /realtime has nowhere to put it: 4004, and neither is failed over to."""
+    conf = Config(providers={"openai": Provider(secret_env="SECRET"),
+                             "azure": Provider(secret_env="SECRET", resource="r"),
+                             "local": Provider(url="ws://127.0.0.1:9/v1/realtime?model={model}",
+                                               models=["local-*"]),
+                             "pathy": Provider(url="ws://127.0.0.1:9/x/{model}/y")},
+                  routes={"gpt-realtime-translate": ["openai", "azure", "local"]})
+    r = Router(conf, environ={"SECRET": "sk-up"})
+    state = admission(keyset=KeySet([KeyEntry("t", hash_key(KEY), allowed_models=["gpt-*", "local-*"])]),
+                      router=r)
+    for path, url in (
+        ("/v1/realtime/translations?model=gpt-realtime-translate&call_id=c&voice=x",
+         "wss://api.openai.com:443/v1/realtime/translations?model=gpt-realtime-translate&call_id=c"),
+        ("/v1/realtime/translations?model=local-translate",
+         "ws://127.0.0.1:9/v1/realtime/translations?model=local-translate"),
+    ):
+        d = decide(upgrade(path), state)
+        assert isinstance(d, Accept), d
+        up = r.upstream(d.route.targets[0], d.model, d.query, d.kept)
+        scheme = "wss" if up.uri.secure else "ws"
+        assert f"{scheme}://{up.uri.host}:{up.uri.port}{up.uri.resource_name}" == url
+        assert up.headers == ([("Authorization", "Bearer sk-up")] if d.route.name == "openai" else [])
+    # The subprotocol key form, as on /v1/realtime.
+    by_subprotocol = decide(upgrade("/v1/realtime/translations?model=gpt-realtime-translate", key=None,
+                                    Sec_WebSocket_Protocol=f"realtime, openai-insecure-api-key.{KEY}"),
+                            state)
+    assert isinstance(by_subprotocol, Accept) and by_subprotocol.subprotocols == ["realtime"]
+    # Failover skips the providers that do not serve the path (Azure here).
+    openai = r.routes["openai"]
+    assert [f.name for f in r.fallbacks(openai, "gpt-realtime-translate")] == ["azure", "local"]
+    kept = decide(upgrade("/v1/realtime/translations?model=gpt-realtime-translate"), state).kept
+    assert [f.name for f in r.fallbacks(openai, "gpt-realtime-translate", kept)] == ["local"]
+    for path, code, reason in (
+        ("/v1/realtime/translations?model=gpt-realtime-translate&provider=azure", 4004,
+         "provider 'azure' does not serve /v1/realtime/translations"),
+        ("/v1/realtime/translations?model=gpt-x&provider=pathy", 4004,
+         "provider 'pathy' does not serve /v1/realtime/translations"),
+        ("/v1/realtime/translations?model=other&provider=openai", 4003,
+         "model 'other' not allowed for this key"),
+        ("/v1/realtime/translations?provider=openai", 4004, "provider 'openai' needs a model"),
+        ("/v1/realtime/translations?intent=transcription", 4004, "no model and no provider given"),
+    ):
+        d = decide(upgrade(path), state)
+        assert isinstance(d, Close) and (d.code, d.reason) == (code, reason), path
+    assert decide(upgrade("/v1/realtime/translations?model=gpt-realtime-translate", key=None),
+                  state).code == 4001
+    assert decide(upgrade("/v1/realtime/translations?model=a&model=b"), state).response.status_code == 400
+    # Gemini's version is still the client's (and a URL without one is used as it is).
+    gemini = Router(Config(providers={"gemini": Provider(secret_env="SECRET")}), environ={"SECRET": "k"})
+    d = decide(upgrade("/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent",
+                       key=None, x_goog_api_key=KEY),
+               admission(keyset=KeySet([KeyEntry("any", hash_key(KEY))]), router=gemini))
+    assert isinstance(d, Accept)
+    up = gemini.upstream(d.route.targets[0], None, d.query, d.kept)
+    assert up.uri.resource_name.startswith("/ws/google.ai.generativelanguage.v1alpha.GenerativeService")
+
+
 def test_a_template_naming_the_model_only_in_a_header_still_gets_an_empty_one():
     r = Router(Config(providers={"hdr": Provider(url="ws://127.0.0.1:9/v1", headers={"X-Model": "{model}"})}))
     up = r.upstream(r.route(None, "hdr").targets[0], None)

@@ -20,6 +20,12 @@ A transcription session (`?intent=transcription`) instead starts with a
 `input_audio_buffer.committed`, a transcription `delta` and `completed` with `usage`:
 of type `duration` (`seconds` received) when the model named is `whisper-1`, else of
 type `tokens` (10 audio tokens a second).
+
+A translation session (path `.../realtime/translations`) starts with a `session.created`
+of type `translation` naming the URL's model, answers `session.update` with
+`session.updated`, `session.input_audio_buffer.append` with `session.output_audio.delta`
+(the same audio back), and `session.close` with `session.closed`. Its events carry no
+usage, as OpenAI's do not.
 """
 
 from __future__ import annotations
@@ -84,8 +90,11 @@ class MockProvider:
 
     async def _serve(self, ws: ServerConnection):
         assert ws.request is not None  # the handshake is done
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(ws.request.path).query)
-        if self.handler == self._handle and query.get("intent") == ["transcription"]:
+        url = urllib.parse.urlsplit(ws.request.path)
+        query = urllib.parse.parse_qs(url.query)
+        if self.handler == self._handle and url.path.endswith("/realtime/translations"):
+            await _translation(ws, query.get("model", [""])[0])
+        elif self.handler == self._handle and query.get("intent") == ["transcription"]:
             await _transcription(ws)
         else:
             await self.handler(ws)
@@ -202,6 +211,32 @@ async def _transcription(ws: ServerConnection) -> None:
                 )
             )
             audio_in = 0
+
+
+async def _translation(ws: ServerConnection, model: str) -> None:
+    session: dict = {
+        "id": f"sess_{next(_ids)}",
+        "type": "translation",
+        "model": model,
+        "expires_at": 0,
+        "audio": {"input": {}, "output": {"language": None}},
+    }
+    await ws.send(_event("session.created", session=session))
+    async for message in ws:
+        try:
+            event = _decoder.decode(message)
+        except msgspec.DecodeError:
+            await ws.send(_event("error", error={"type": "invalid_request_error", "message": "not JSON"}))
+            continue
+        kind = event.get("type")
+        if kind == "session.update":
+            session["audio"] = (event.get("session") or {}).get("audio", session["audio"])
+            await ws.send(_event("session.updated", session=session))
+        elif kind == "session.input_audio_buffer.append":
+            await ws.send(_event("session.output_audio.delta", delta=event.get("audio", "")))
+        elif kind == "session.close":
+            await ws.send(_event("session.closed"))
+            await ws.close()
 
 
 def _event(kind: str, **fields) -> str:
