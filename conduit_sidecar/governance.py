@@ -241,10 +241,15 @@ class Governor:
         usage = info.usage
         assert usage is not None  # the caller has added the report to it
         self._count_audio(info)
-        charged = info.audio_bytes / self.config.audio.bytes_per_second + usage.topped_up
+        charged = info.audio_bytes / self._rate(info) + usage.topped_up
         more = max(0.0, usage.seconds["audio"] - charged)
         usage.topped_up += more
         return more
+
+    def _rate(self, info: SessionInfo) -> float:
+        """Bytes per second of the session's binary audio: its own format where its
+        query names one (providers.audio_rate), else [audio]'s."""
+        return info.audio_rate or self.config.audio.bytes_per_second
 
     def _count_audio(self, info: SessionInfo) -> None:
         relay = info.relay
@@ -253,7 +258,7 @@ class Governor:
         sent = relay.counters(0)[1][_BINARY]
         if sent == info.audio_bytes:
             return
-        seconds = (sent - info.audio_bytes) / self.config.audio.bytes_per_second
+        seconds = (sent - info.audio_bytes) / self._rate(info)
         info.audio_bytes = sent
         price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, {}, seconds) if price is not None else 0.0

@@ -25,6 +25,7 @@ __all__ = [
     "NativePath",
     "Template",
     "TEMPLATES",
+    "audio_rate",
     "bare_path",
     "meter",
     "modelless",
@@ -277,6 +278,27 @@ def meter(provider: str) -> Meter | None:
     """How a provider reports usage (None: it reports none we read); providers the
     user defines are taken to speak OpenAI's events."""
     return METERS.get(provider) if provider in TEMPLATES else METERS["openai"]
+
+
+# Bytes per sample of the raw encodings Deepgram's and AssemblyAI's query name.
+_SAMPLE_BYTES = {"linear16": 2, "pcm_s16le": 2, "mulaw": 1, "alaw": 1, "pcm_mulaw": 1}
+
+
+def audio_rate(provider: str, query: tuple[tuple[str, str], ...]) -> int | None:
+    """Bytes per second of the binary audio a Deepgram or AssemblyAI session streams, by
+    the raw format its query names (AssemblyAI's default is pcm_s16le). None where the
+    format is `[audio]`'s, or not raw (Deepgram without `encoding`: a container)."""
+    if provider not in ("deepgram", "assemblyai"):
+        return None
+    q = dict(query)
+    width = _SAMPLE_BYTES.get(q.get("encoding", "pcm_s16le" if provider == "assemblyai" else ""))
+    try:
+        rate, channels = int(q.get("sample_rate", "16000")), int(q.get("channels", "1"))
+    except ValueError:
+        return None
+    if width is None or not (0 < rate <= 384_000 and 0 < channels <= 32):
+        return None
+    return width * rate * channels
 
 
 def takes(kept: Kept | None, provider: str, url: str) -> bool:

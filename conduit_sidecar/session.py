@@ -24,7 +24,7 @@ from .handshake import Accept, Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
 from .keys import KeyEntry, KeySet, Rejection
 from .metering import Usage
-from .providers import BadPath, bare_path, meter, normalise_path
+from .providers import BadPath, audio_rate, bare_path, meter, normalise_path
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
 
@@ -52,6 +52,7 @@ class SessionInfo:
         "upstream",
         "public_agent",
         "audio_bytes",
+        "audio_rate",
     )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
@@ -69,6 +70,7 @@ class SessionInfo:
         self.upstream: Health | None = None  # the deployment's Health; released at the end
         self.public_agent = public_agent  # admitted without a key, as this agent's session
         self.audio_bytes = 0  # client->provider binary payload the governor has counted
+        self.audio_rate: int | None = None  # its bytes per second, if not [audio]'s
 
     @property
     def id(self) -> str:
@@ -399,6 +401,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         decision.route.name,
         decision.model if decision.anonymous else None,
     )
+    info.audio_rate = audio_rate(decision.route.name, decision.query)
     host.reserve(info)
     opening.info = info
     answered = decision.hold is not None

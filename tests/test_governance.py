@@ -491,6 +491,30 @@ def test_audio_seconds_a_provider_reports_are_charged(sidecars, redis_server, mo
     assert "usd 0.0200" in out                                  # 2 s at $0.60 a minute
 
 
+def test_a_deepgram_stream_is_counted_live_in_its_own_format(sidecars, redis_server):
+    """8 kHz mu-law is 8,000 bytes a second, a sixth of [audio]'s 24 kHz pcm16: while
+    the stream runs (before any report tops it up), its seconds counted every tick are
+    its own, so an audio_seconds budget closes it in time, not six times late."""
+    keys = Keys()
+    keys.add("stt", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
+    port = free_port()
+    extra = (f'[providers.deepgram]\nurl = "ws://127.0.0.1:{port}/v1/listen?model={{model}}"\n'
+             'secret_env = "PROVIDER_KEY"\n')
+    proc, = sidecars(keys, redis_server.url, n=1, extra=extra)
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{proc.port}/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
+        async with MockProvider(port=port, shape="deepgram"):
+            async with connect(url, additional_headers={"Authorization": f"Token {keys.plain['stt']}"},
+                               open_timeout=10) as ws:
+                await ws.send(bytes(16_000))                        # 2 s of 8 kHz mu-law
+                deadline = time.monotonic() + 5
+                while "audio_seconds 2 / 1000" not in (out := await asyncio.to_thread(usage_cli, proc, "stt")):
+                    assert time.monotonic() < deadline, out
+                    await asyncio.sleep(0.2)
+    run(scenario())
+
+
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     """Sessions admitted without any limit keep no governance state; a budget the key
     file adds later still reaches them."""

@@ -447,3 +447,18 @@ def test_layers_point_one_way():
     for name, targets in graph.items():
         if name not in ("cli", "demo", "__main__"):
             assert not {"server", "cli"} & targets, name
+
+
+@pytest.mark.parametrize("provider, query, rate", [
+    ("deepgram", (("encoding", "mulaw"), ("sample_rate", "8000")), 8000),
+    ("deepgram", (("encoding", "linear16"), ("sample_rate", "16000"), ("channels", "2")), 64000),
+    ("deepgram", (), None),                                   # a container: not known
+    ("deepgram", (("encoding", "opus"), ("sample_rate", "48000")), None),
+    ("deepgram", (("encoding", "linear16"), ("sample_rate", "lots")), None),
+    ("assemblyai", (("sample_rate", "16000"),), 32000),       # pcm_s16le by default
+    ("assemblyai", (("encoding", "pcm_mulaw"), ("sample_rate", "8000")), 8000),
+    ("openai", (("encoding", "mulaw"),), None),               # [audio]'s format
+])
+def test_a_sessions_audio_rate_comes_from_the_format_its_query_names(provider, query, rate):
+    from conduit_sidecar.providers import audio_rate
+    assert audio_rate(provider, query) == rate
