@@ -33,13 +33,14 @@ def switching_protocols(request_head: bytes) -> bytes:
 class SlowUpstream:
     """A provider on 127.0.0.1 that answers each upgrade with its 101 only `delay`
     seconds after the request came (`asked` is set then), then holds the connection
-    until the sidecar lets go (`released` is set then): a window in which the test
-    changes something."""
+    until the sidecar lets go (`released` is set then; `answered`: whether the 101 had
+    gone out): a window in which the test changes something."""
 
     def __init__(self, port: int, delay: float = 1.0):
         self.port, self.delay = port, delay
         self.asked = asyncio.Event()
         self.released = asyncio.Event()
+        self.answered = False
 
     async def _answer(self, reader, writer):
         try:
@@ -49,6 +50,7 @@ class SlowUpstream:
                 await asyncio.wait_for(reader.read(), self.delay)  # the sidecar let go first
             except TimeoutError:
                 writer.write(switching_protocols(head))
+                self.answered = True
                 await reader.read()
         except ConnectionError:
             pass

@@ -433,11 +433,11 @@ def test_webhook_answers_for_a_while_after_sigterm(tls_files):
     """The API server goes on sending reviews to a pod being deleted until its
     endpoints catch up, and failurePolicy is Fail: the webhook stopped listening at
     once, and pods created meanwhile were refused."""
-    proc, hook = start_webhook(*tls_files, "--shutdown-delay", "2")
+    proc, hook = start_webhook(*tls_files, "--shutdown-delay", "3")
     proc.terminate()
-    time.sleep(1)
+    time.sleep(0.5)
     assert hook.request("/healthz", method="GET") == (200, b"ok\n")
-    assert proc.wait(5) == 0
+    assert proc.wait(10) == 0
     assert '"event":"stopping"' in proc.communicate()[0].decode()
 
 
