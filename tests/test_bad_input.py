@@ -178,7 +178,9 @@ def test_bad_client_frames_get_a_close_code(strict, frames, code, reason):
         if len(session_ends(strict)) > before:
             break
         time.sleep(0.05)
-    end = session_ends(strict)[-1]
+    else:
+        pytest.fail("no session_end for this session")
+    end = session_ends(strict)[before]
     assert (end["closed_by"], end["close_code"], end["close_reason"]) == ("sidecar", code, reason)
 
 

@@ -33,6 +33,7 @@ def test_ws_client_frames_both_ways(sidecar):
 @pytest.mark.parametrize("key", ["condt_unknown", None])
 def test_resilient_client_does_not_reconnect_after_4001(sidecar, key):
     code, out = node("resilient_test.mjs", base(sidecar), key or sidecar.keys.plain["disabled"])
+    assert code == 0, out
     result = json.loads(out)
     assert result["connects"] == 1, result
     assert result["closes"][0][0] == 4001

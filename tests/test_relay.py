@@ -1,11 +1,12 @@
 """Frames through the sidecar to the mock provider and back, with a websockets
 client: byte-identical, in order, every size class of the frame header."""
 
+import asyncio
 import os
 
 from websockets.asyncio.client import connect
 
-from conftest import run
+from conftest import run, switching_protocols
 
 SIZES = [0, 1, 125, 126, 65535, 65536, 16 * 1024 * 1024]
 
@@ -55,13 +56,28 @@ def test_fragmented_messages_pass_whole(sidecar):
     run(body())
 
 
-def test_ping_pong_go_end_to_end(sidecar):
+def test_ping_pong_go_end_to_end(sidecar, upstream_ports):
+    """The client's ping reaches the provider (as the client masked it) and the
+    provider's pong reaches the client: the sidecar answers neither itself."""
+    seen = []
+
+    async def provider(reader, writer):
+        writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")))
+        b0, b1 = await reader.readexactly(2)
+        mask, payload = await reader.readexactly(4), await reader.readexactly(b1 & 0x7F)
+        seen.append((b0, b1 & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))))
+        writer.write(bytes([0x8A, len(seen[0][2])]) + seen[0][2])
+        await reader.read()
+
     async def body():
-        async with connect_to(sidecar) as ws:
-            await ws.recv()
-            latency = await (await ws.ping(b"are you there"))
-            assert latency >= 0
+        server = await asyncio.start_server(provider, "127.0.0.1", upstream_ports["raw"])
+        try:
+            async with connect(sidecar.url(provider="raw"), additional_headers=sidecar.auth()) as ws:
+                await asyncio.wait_for(await ws.ping(b"are you there"), 5)
+        finally:
+            server.close()
     run(body())
+    assert seen == [(0x89, 0x80, b"are you there")]
 
 
 def test_normal_close_is_relayed_both_ways(sidecar):

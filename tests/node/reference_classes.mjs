@@ -73,7 +73,10 @@ async function resilient(key, provider) {
   const client = new Counted(key, 'mock-realtime', provider, { maxReconnectAttempts: 2, reconnectDelay: 50 });
   const start = logs.length;
   client.connect();
-  await sleep(1500);
+  // The first close, then a second more: far past reconnectDelay, so every reconnect
+  // the policy makes has been made.
+  await until(() => logs.slice(start).some((l) => l.startsWith('Connection closed')), 10000);
+  await sleep(1000);
   if (client.ws) client.ws.terminate();
   return { connects: client.connects, logs: logs.slice(start).filter((l) => l.startsWith('Connection closed') || l.startsWith('Max')) };
 }
