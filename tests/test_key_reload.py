@@ -74,7 +74,8 @@ def test_symlink_swap_rotation(tmp_path, mock_provider):
             assert await eventually(lambda: opens(sidecar, beta))
 
             volume.publish("{not json")                             # a broken update
-            await asyncio.sleep(0.6)                                # three poll intervals
+            assert await eventually(                                # read, and refused
+                lambda: _metric_has(sidecar, 'conduit_keys_reload_total{result="invalid"} 1.0'))
             assert await opens(sidecar, alpha) and await opens(sidecar, beta)
             await live.send(b"still here")
             assert await live.recv() == b"still here"
@@ -93,6 +94,10 @@ def test_symlink_swap_rotation(tmp_path, mock_provider):
         assert 'conduit_keys_reload_total{result="ok"} 2.0' in metrics
     finally:
         sidecar.stop()
+
+
+async def _metric_has(sidecar, sample: str) -> bool:
+    return sample in (await asyncio.to_thread(http_get, sidecar.admin("/metrics")))[1]
 
 
 def test_plain_file_replace_and_disable(tmp_path, mock_provider):

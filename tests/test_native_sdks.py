@@ -88,6 +88,14 @@ def metric(sidecar, name: str, **labels) -> float:
     return 0.0
 
 
+def metric_becomes(sidecar, value: float, name: str, **labels) -> float:
+    """The sample once it equals `value`, or its last reading after 5 s."""
+    deadline = time.monotonic() + 5
+    while (got := metric(sidecar, name, **labels)) != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
 def log_mark(sidecar) -> int:
     """How many log lines the sidecar has written: `last_session`'s `since`."""
     return len(sidecar.log_lines())
@@ -321,9 +329,8 @@ def test_assemblyai_streaming_client_v3(native):
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
     assert query == {"speech_model": "u3-rt-pro", "sample_rate": "16000", "format_turns": "True"}
     assert headers["Authorization"] == PROVIDER_SECRET and key not in str(headers)
-    time.sleep(0.2)
-    assert metric(native, "conduit_usage_seconds_total", key_id="good", provider="assemblyai",
-                  model="u3-rt-pro", kind="audio") == 2.0
+    assert metric_becomes(native, 2.0, "conduit_usage_seconds_total", key_id="good", provider="assemblyai",
+                          model="u3-rt-pro", kind="audio") == 2.0
 
 
 def test_assemblyai_token_in_the_query(native):
@@ -500,8 +507,8 @@ def test_azure_openai_client_realtime_over_the_tls_listener(native, sidecar_ca_b
     path, headers = _last_request(native, "azure")
     assert path == "/openai/v1/realtime?model=my-realtime"
     assert headers["api-key"] == PROVIDER_SECRET and key not in str(headers)
-    time.sleep(0.2)
-    assert metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels) == before + 10
+    assert metric_becomes(native, before + 10, "conduit_usage_tokens_total", kind="input_audio",
+                          **labels) == before + 10
 
 
 
@@ -551,8 +558,8 @@ def test_openai_transcription_session_through_the_sdk(native):
     assert path == "/v1/realtime?intent=transcription"           # no model= upstream
     key = native.keys.plain["transcribe-only"]
     assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}" and key not in str(headers)
-    time.sleep(0.2)
-    assert metric(native, "conduit_usage_tokens_total", kind="input_audio", **labels) == before + 10
+    assert metric_becomes(native, before + 10, "conduit_usage_tokens_total", kind="input_audio",
+                          **labels) == before + 10
     assert metric(native, "conduit_usage_tokens_total", kind="input", **labels) >= 10
     assert last_session(native, "openai", mark)["model"] == "gpt-4o-transcribe"
 
@@ -562,8 +569,7 @@ def test_openai_transcription_billed_by_duration(native):
     before = metric(native, "conduit_usage_seconds_total", **labels)
     event = _transcribe(native, "good", "whisper-1", seconds=2)
     assert (event.usage.type, event.usage.seconds) == ("duration", 2.0)
-    time.sleep(0.2)
-    assert metric(native, "conduit_usage_seconds_total", **labels) == before + 2.0
+    assert metric_becomes(native, before + 2.0, "conduit_usage_seconds_total", **labels) == before + 2.0
 
 
 def test_openai_transcription_model_not_allowed_gets_4003(native):
