@@ -150,6 +150,15 @@ def ended(sidecar) -> list[dict]:
     return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
 
 
+async def ends_reach(sidecar, n: int) -> None:
+    """Wait (5 s at most) for n session_end lines: the sidecar sees a session end
+    after its client is done with it."""
+    deadline = time.monotonic() + 5
+    while (have := len(ended(sidecar))) < n:
+        assert time.monotonic() < deadline, f"{have} session_end lines, not {n}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def workdir():
     return tempfile.mkdtemp(prefix="conduit-deploy-")
@@ -224,7 +233,7 @@ def test_least_sessions_keeps_live_counts_within_one(workdir):
             for ws in live["a"][:6]:
                 await ws.close()
             del live["a"][:6]
-            await asyncio.sleep(0.3)         # the sidecar sees the ends
+            await ends_reach(sidecar, 6)     # the sidecar sees the ends
             refill = []
             for _ in range(6):
                 ws, name = await open_session(sidecar)
@@ -282,7 +291,7 @@ def test_failover_to_the_next_deployment(workdir, kind, outcome):
                 ws, name = await open_session(sidecar)
                 served.append(name)
                 await ws.close()
-            await asyncio.sleep(0.3)
+            await ends_reach(sidecar, len(served))
             return served, tried, (bad.requests if hasattr(bad, "requests") else None)
     try:
         served, tried, later = run(body())
@@ -601,7 +610,7 @@ def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
     async def body():
         async with openai, MockProvider(port=mock_port) as azure:
             seen = await sdk_session(sidecar.port, sidecar.keys.plain["good"], "gpt-realtime")
-            await asyncio.sleep(0.3)
+            await ends_reach(sidecar, 1)
             return seen, openai.requests, azure.requests
     try:
         seen, openai_requests, azure_requests = run(body())
@@ -744,7 +753,10 @@ def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
             entry = next(e for e in sidecar.keys.entries if e["id"] == "good")
             entry["sha256"] = hash_key(new_key())
             sidecar.keys.write(sidecar.keys_file)
-            await asyncio.sleep(1)                                  # polled every 0.2 s
+            deadline = time.monotonic() + 5                         # polled every 0.2 s
+            while not await asyncio.to_thread(total, sidecar, 'conduit_keys_reload_total{result="ok"}'):
+                assert time.monotonic() < deadline, "the key file was not reloaded"
+                await asyncio.sleep(0.05)
             with pytest.raises(ConnectionClosed) as closed:
                 await _talk(answer["signed_url"])
             return closed.value.rcvd
@@ -824,14 +836,17 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
     async def body():
         async with Blackhole(port=port):
             waiting = [asyncio.create_task(_signed_url(sidecar)) for _ in range(2)]
-            await asyncio.sleep(0.5)
-            pending = await asyncio.to_thread(total, sidecar, "conduit_connections_pending")
+            deadline = time.monotonic() + 5
+            while (pending := await asyncio.to_thread(total, sidecar, "conduit_connections_pending")) < 2:
+                assert time.monotonic() < deadline, pending
+                await asyncio.sleep(0.05)
             third = await _signed_url(sidecar)
             return pending, third, await asyncio.gather(*waiting)
     try:
         pending, third, waited = run(body())
-        time.sleep(0.2)
-        after = total(sidecar, "conduit_connections_pending")
+        deadline = time.monotonic() + 5
+        while (after := total(sidecar, "conduit_connections_pending")) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         sidecar.stop()
     assert pending == 2

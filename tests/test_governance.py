@@ -152,6 +152,14 @@ def metric(proc: SidecarProcess, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+async def usage_shows(proc: SidecarProcess, key_id: str, text: str) -> None:
+    """Wait (10 s at most) until the usage command's answer for the key holds `text`."""
+    deadline = time.monotonic() + 10
+    while text not in (out := await asyncio.to_thread(usage_cli, proc, key_id)):
+        assert time.monotonic() < deadline, out
+        await asyncio.sleep(0.2)
+
+
 def usage_cli(proc: SidecarProcess, key_id: str) -> str:
     out = subprocess.run([sys.executable, "-m", "conduit_sidecar", "usage", "--config",
                           proc.config, "--key", key_id], capture_output=True, text=True, timeout=30)
@@ -295,7 +303,7 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     async def scenario():
         live = [(await attempt(p, "team"))[1] for p in procs]
         await response_done(live[0])
-        await asyncio.sleep(1.5)                  # flushed: 12 tokens in Redis
+        await usage_shows(opened, "team", "tokens 12 / 100000")   # flushed to Redis
         redis_server.stop()
         for ws in live:                           # live sessions go on
             await response_done(ws)
@@ -312,12 +320,11 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
             await asyncio.sleep(0.2)
         await result[1].close()
         await response_done(live[1])
-        await asyncio.sleep(1.5)
         for ws in live:
             await ws.close()
+        # The two outage responses and the one after it reach the restarted Redis.
+        await usage_shows(opened, "team", "tokens 36 / 100000")
     run(scenario())
-    # The two outage responses and the one after it reached the restarted Redis.
-    assert "tokens 36 / 100000" in usage_cli(opened, "team")
     for proc in procs:
         events = [line["event"] for line in proc.log_lines()]
         assert events.count("state_unavailable") == 1
@@ -524,7 +531,10 @@ def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
         await response_done(ws)                               # 12 tokens, no budget yet
         keys.entries[0]["budgets"] = [{"metric": "tokens", "limit": 20, "window": "hour"}]
         keys.write(proc.keys_file)
-        await asyncio.sleep(1)                                # polled every 0.2 s
+        deadline = time.monotonic() + 5                       # polled every 0.2 s
+        while not await asyncio.to_thread(metric, proc, 'conduit_keys_reload_total{result="ok"}'):
+            assert time.monotonic() < deadline, "the key file was not reloaded"
+            await asyncio.sleep(0.05)
         await ws.send(json.dumps({"type": "response.create"}))   # 24: crosses 20
         code, reason = await closed(ws, "budget_exceeded")
         assert code == 4002 and reason.startswith("budget exhausted: tokens per hour (20)")

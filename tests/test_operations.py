@@ -21,6 +21,20 @@ from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, free_port, 
                       standard_keys)
 
 
+def session_ends(sidecar) -> list[dict]:
+    return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
+
+
+def ended(sidecar, before: int) -> list[dict]:
+    """The session_end lines past the first `before`, once there is one (its metrics
+    are counted by then): a session's end is seen after its client is done."""
+    deadline = time.monotonic() + 5
+    while len(ends := session_ends(sidecar)) <= before:
+        assert time.monotonic() < deadline, "no session_end line"
+        time.sleep(0.05)
+    return ends[before:]
+
+
 def scrape(sidecar) -> dict:
     status, text = http_get(sidecar.admin("/metrics"))
     assert status == 200
@@ -61,7 +75,7 @@ def server_frame_len(n):
 
 
 def test_frames_and_bytes_are_counted_exactly(ops):
-    before = scrape(ops)
+    before, ends = scrape(ops), len(session_ends(ops))
     sizes = [0, 5, 125, 126, 1000, 70000]
 
     async def body():
@@ -76,7 +90,7 @@ def test_frames_and_bytes_are_counted_exactly(ops):
             await ws.close(1000)
         return len(created.encode())
     created = run(body())
-    time.sleep(0.2)
+    ended(ops, ends)
     after = scrape(ops)
     d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
     up, down = "client_to_upstream", "upstream_to_client"
@@ -148,9 +162,9 @@ def test_usage_counts_match_the_provider_usage_even_when_fragmented(ops):
             async with connect(ops.url(provider="fragmenting"), additional_headers=ops.auth()) as ws:
                 for _ in range(4):
                     await ws.recv()
-    before = scrape(ops)
+    before, ends = scrape(ops), len(session_ends(ops))
     run(body())
-    time.sleep(0.2)
+    ended(ops, ends)
     after = scrape(ops)
     labels = dict(key_id="good", provider="fragmenting", model="mock-realtime")
     d = lambda kind: (value(after, "conduit_usage_tokens_total", kind=kind, **labels)  # noqa: E731
@@ -170,9 +184,9 @@ def test_session_end_log_line(ops):
             await ws.send(b"x" * 960)
             await ws.recv()
             await ws.close(1000, "done")
+    ends = len(session_ends(ops))
     run(body())
-    time.sleep(0.2)
-    end = [l for l in ops.log_lines() if l.get("event") == "session_end"][-1]
+    end = ended(ops, ends)[0]
     for field in ("session_id", "key_id", "model", "provider", "duration_seconds",
                   "frames_client_to_upstream", "frames_upstream_to_client",
                   "bytes_client_to_upstream", "bytes_upstream_to_client", "closed_by",
@@ -421,9 +435,9 @@ def test_malformed_usage_is_ignored_and_counted(ops):
                     await ws.recv()
                 await ws.send(b"still relaying")
                 assert await ws.recv() == b"still relaying"
-    before = scrape(ops)
+    before, ends = scrape(ops), len(session_ends(ops))
     run(body())
-    time.sleep(0.2)
+    ended(ops, ends)
     after = scrape(ops)
     labels = dict(key_id="good", provider="fragmenting", model="mock-realtime")
     d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
