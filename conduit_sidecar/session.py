@@ -130,6 +130,9 @@ class Host(Protocol):
     def provider_message(self, relay: _relay.Relay, message: bytes) -> None: ...
 
 
+_LINGER_SECONDS = 1.0
+
+
 def _no_slot(host: Host, transport) -> None:
     """All `pending` slots are taken: 503 at once."""
     host.count("too_many_handshakes")
@@ -148,7 +151,7 @@ class ClientHandshake(asyncio.Protocol):
     must wait for the 101, so what one sends meanwhile is kept in `early` for the relay,
     one read of it, and reading pauses there."""
 
-    __slots__ = ("host", "transport", "reader", "timer", "task", "early", "rest")
+    __slots__ = ("host", "transport", "reader", "timer", "task", "early", "rest", "lingering")
 
     def __init__(self, host: Host):
         self.host = host
@@ -156,6 +159,7 @@ class ClientHandshake(asyncio.Protocol):
         self.reader: RequestReader | None = None  # set while the request is read
         self.early = bytearray()  # what the client sent past its request
         self.rest = False  # the request is a REST call (see _is_rest), not an upgrade
+        self.lingering = False  # refused: what the client still sends is read and dropped
 
     def connection_made(self, transport):
         self.transport = transport
@@ -170,8 +174,25 @@ class ClientHandshake(asyncio.Protocol):
     def _done_reading(self) -> None:
         """The request is read (or refused), or the connection ended: its slot is free."""
         self.reader = None
+        self.lingering = False
         self.host.pending.give()
         self.timer.cancel()
+
+    def _linger(self) -> None:
+        """After a refusal: bytes left unread when a socket closes make the kernel send
+        a reset, which can destroy the answer before the client reads it. So our side
+        ends and what the client still sends is read and dropped, until its end or
+        _LINGER_SECONDS (nginx's lingering close), the slot held until then. (A TLS
+        connection closes at once, as before.)"""
+        transport = self.transport
+        if isinstance(transport, tlsleg.TLSStream) or not transport.can_write_eof():
+            self._done_reading()
+            transport.close()
+            return
+        self.reader, self.lingering = None, True
+        self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
+        transport.write_eof()
 
     def _timeout(self):
         self.host.count("handshake_timeout")
@@ -187,10 +208,9 @@ class ClientHandshake(asyncio.Protocol):
         try:
             request = reader.feed(data)
         except BadRequest as exc:
-            self._done_reading()
             self.host.count("bad_request")
             self.transport.write(refuse(exc.status, str(exc)).response.serialize())
-            self.transport.close()
+            self._linger()
             return
         if request is None:
             return
@@ -209,7 +229,7 @@ class ClientHandshake(asyncio.Protocol):
         return self.task is not None and self.rest
 
     def connection_lost(self, exc):
-        if self.reader is not None:
+        if self.reader is not None or self.lingering:
             self._done_reading()
         if self.task is not None and not self.task.done():
             self.task.cancel()

@@ -124,6 +124,19 @@ def test_bad_requests_get_an_http_status(strict, data, status):
         assert lengths == [str(len(body))]
 
 
+def test_a_refused_client_still_sending_reads_its_answer_whole(strict):
+    """A client that sends a megabyte of headers and only then reads: the sidecar
+    answers 431 after the first 16 KiB and ends its side, then reads and drops the
+    rest, so the client reads the whole answer and an end. It closed with the rest
+    unread, and the kernel's reset could destroy the answer before it was read."""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as s:
+        s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nX-Flood: " + b"f" * (1 << 20))
+        answer = b""
+        while chunk := s.recv(65536):                 # no ConnectionResetError
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"\r\n\r\nrequest too large: " in answer
+
+
 def test_slowloris_is_cut_at_the_handshake_timeout(strict):
     with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as s:
         t0 = time.monotonic()
