@@ -113,7 +113,7 @@ cdef struct Header:
 
 cdef class Pipe:
     """One direction: scans frame headers from `src`, forwards bytes to `dst`."""
-    cdef int direction         # C2U or U2C; -1: a Scanner, counted in no process total
+    cdef int direction         # C2U or U2C; DISCARDED: a Scanner, counted in no process total
     cdef bint masked           # frames in this direction must be masked (client to server)
     cdef uint64_t max_message
     cdef Endpoint src

@@ -23,6 +23,7 @@ import msgspec
 import pytest
 from conftest import PROVIDER_SECRET, SidecarProcess, free_port, run, standard_keys
 from test_governance import metric as total
+from test_limits import pending_becomes
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
@@ -836,17 +837,14 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
     async def body():
         async with Blackhole(port=port):
             waiting = [asyncio.create_task(_signed_url(sidecar)) for _ in range(2)]
-            deadline = time.monotonic() + 5
-            while (pending := await asyncio.to_thread(total, sidecar, "conduit_connections_pending")) < 2:
-                assert time.monotonic() < deadline, pending
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(pending_becomes, sidecar, 2)
+            pending = await asyncio.to_thread(total, sidecar, "conduit_connections_pending")
             third = await _signed_url(sidecar)
             return pending, third, await asyncio.gather(*waiting)
     try:
         pending, third, waited = run(body())
-        deadline = time.monotonic() + 5
-        while (after := total(sidecar, "conduit_connections_pending")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        pending_becomes(sidecar, 0)
+        after = total(sidecar, "conduit_connections_pending")
     finally:
         sidecar.stop()
     assert pending == 2

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, SlowUpstream, free_port, http_get, raw_upstream_sidecar,
                       run, standard_keys, switching_protocols)
-from test_bad_input import close_frame_of, masked, request, session
+from test_bad_input import close_frame_of, masked, request, session, session_ends
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
@@ -58,10 +58,6 @@ def reset(transport):
     sock = transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
-
-
-def session_ends(sidecar) -> list[dict]:
-    return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
 
 
 def last_end(sidecar, events) -> dict:

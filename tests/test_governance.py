@@ -152,12 +152,13 @@ def metric(proc: SidecarProcess, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
-async def usage_shows(proc: SidecarProcess, key_id: str, text: str) -> None:
-    """Wait (10 s at most) until the usage command's answer for the key holds `text`."""
+async def usage_shows(proc: SidecarProcess, key_id: str, text: str) -> str:
+    """The usage command's answer for the key once it holds `text` (10 s at most)."""
     deadline = time.monotonic() + 10
     while text not in (out := await asyncio.to_thread(usage_cli, proc, key_id)):
         assert time.monotonic() < deadline, out
         await asyncio.sleep(0.2)
+    return out
 
 
 def usage_cli(proc: SidecarProcess, key_id: str) -> str:
@@ -334,6 +335,20 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
 
 
+async def second_once_the_lease_is_back(first, b: SidecarProcess, redis_server):
+    """Wait (10 s at most) for key `one`'s lease to be in Redis again, then try a second
+    session on pod `b`; both sessions closed after. Returns the second's attempt."""
+    deadline = time.monotonic() + 10          # renewals every lease_seconds / 3 (1 s)
+    while redis_server.command("ZCARD", "t:{one}:leases") != ":1":
+        assert time.monotonic() < deadline, "the lease was never written"
+        await asyncio.sleep(0.2)
+    second = await attempt(b, "one")
+    if second[0] == "open":
+        await second[1].close()
+    await first[1].close()
+    return second
+
+
 def test_a_session_admitted_during_an_outage_holds_its_lease_once_redis_is_back(sidecars, redis_server):
     """max_connections 1 across two pods: a session admitted on its pod's own counts
     while Redis was down takes its lease at the first renewal after Redis is back, so
@@ -347,15 +362,7 @@ def test_a_session_admitted_during_an_outage_holds_its_lease_once_redis_is_back(
         first = await attempt(a, "one")
         assert first[0] == "open"
         redis_server.start()                      # empty: no persistence
-        deadline = time.monotonic() + 10          # renewals every lease_seconds / 3 (1 s)
-        while redis_server.command("ZCARD", "t:{one}:leases") != ":1":
-            assert time.monotonic() < deadline, "the lease was never written"
-            await asyncio.sleep(0.2)
-        second = await attempt(b, "one")
-        if second[0] == "open":
-            await second[1].close()
-        await first[1].close()
-        return second
+        return await second_once_the_lease_is_back(first, b, redis_server)
     assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
 
 
@@ -375,15 +382,7 @@ def test_a_lease_lost_with_redis_is_written_again(sidecars, redis_server):
         redis_server.stop()
         redis_server.start()                      # empty: no persistence
         assert redis_server.command("ZCARD", "t:{one}:leases") == ":0"
-        deadline = time.monotonic() + 10          # renewals every lease_seconds / 3 (1 s)
-        while redis_server.command("ZCARD", "t:{one}:leases") != ":1":
-            assert time.monotonic() < deadline, "the lease was never written again"
-            await asyncio.sleep(0.2)
-        second = await attempt(b, "one")
-        if second[0] == "open":
-            await second[1].close()
-        await first[1].close()
-        return second
+        return await second_once_the_lease_is_back(first, b, redis_server)
     assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
     assert any(line.get("event") == "leases_lost" for line in a.log_lines())
 
@@ -439,10 +438,7 @@ def test_audio_of_a_sessions_last_second_is_counted(sidecars, redis_server):
         assert len(await asyncio.wait_for(ws.recv(), 10)) == 96_000   # the mock echoes
         await ws.close()
     run(scenario())
-    deadline = time.monotonic() + 5
-    while "audio_seconds 2 / 1000" not in (out := usage_cli(proc, "audio")):
-        assert time.monotonic() < deadline, out
-        time.sleep(0.2)
+    run(usage_shows(proc, "audio", "audio_seconds 2 / 1000"))
 
 
 @pytest.mark.parametrize("shape", ["openai", "deepgram"])
@@ -488,10 +484,7 @@ def test_audio_seconds_a_provider_reports_are_charged(sidecars, redis_server, mo
                     while True:
                         await asyncio.wait_for(ws.recv(), 10)
     run(openai() if shape == "openai" else deepgram())
-    deadline = time.monotonic() + 5
-    while "audio_seconds 2 / 1000" not in (out := usage_cli(proc, "stt")):
-        assert time.monotonic() < deadline, out
-        time.sleep(0.2)
+    out = run(usage_shows(proc, "stt", "audio_seconds 2 / 1000"))
     assert "usd 0.0200" in out                                  # 2 s at $0.60 a minute
 
 
@@ -512,10 +505,7 @@ def test_a_deepgram_stream_is_counted_live_in_its_own_format(sidecars, redis_ser
             async with connect(url, additional_headers={"Authorization": f"Token {keys.plain['stt']}"},
                                open_timeout=10) as ws:
                 await ws.send(bytes(16_000))                        # 2 s of 8 kHz mu-law
-                deadline = time.monotonic() + 5
-                while "audio_seconds 2 / 1000" not in (out := await asyncio.to_thread(usage_cli, proc, "stt")):
-                    assert time.monotonic() < deadline, out
-                    await asyncio.sleep(0.2)
+                await usage_shows(proc, "stt", "audio_seconds 2 / 1000")   # while it runs
     run(scenario())
 
 

@@ -19,10 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, free_port, http_get, run,
                       standard_keys)
-
-
-def session_ends(sidecar) -> list[dict]:
-    return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
+from test_bad_input import session_ends
 
 
 def ended(sidecar, before: int) -> list[dict]:

@@ -163,12 +163,7 @@ async def _transcription(ws: ServerConnection) -> None:
     session: dict = {"id": f"sess_{next(_ids)}", "object": "realtime.session", "type": "transcription"}
     await ws.send(_event("session.created", session=session))
     model, audio_in = "", 0
-    async for message in ws:
-        try:
-            event = _decoder.decode(message)
-        except msgspec.DecodeError:
-            await ws.send(_event("error", error={"type": "invalid_request_error", "message": "not JSON"}))
-            continue
+    async for event in _events(ws):
         kind = event.get("type")
         update = event.get("session") or {}
         if kind == "session.update":
@@ -222,12 +217,7 @@ async def _translation(ws: ServerConnection, model: str) -> None:
         "audio": {"input": {}, "output": {"language": None}},
     }
     await ws.send(_event("session.created", session=session))
-    async for message in ws:
-        try:
-            event = _decoder.decode(message)
-        except msgspec.DecodeError:
-            await ws.send(_event("error", error={"type": "invalid_request_error", "message": "not JSON"}))
-            continue
+    async for event in _events(ws):
         kind = event.get("type")
         if kind == "session.update":
             session["audio"] = (event.get("session") or {}).get("audio", session["audio"])
@@ -237,6 +227,17 @@ async def _translation(ws: ServerConnection, model: str) -> None:
         elif kind == "session.close":
             await ws.send(_event("session.closed"))
             await ws.close()
+
+
+async def _events(ws: ServerConnection):
+    """The client's JSON events; what is not JSON gets an `error` event, as OpenAI's."""
+    async for message in ws:
+        try:
+            event = _decoder.decode(message)
+        except msgspec.DecodeError:
+            await ws.send(_event("error", error={"type": "invalid_request_error", "message": "not JSON"}))
+            continue
+        yield event
 
 
 def _event(kind: str, **fields) -> str:
