@@ -211,6 +211,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             return refuse(400, f"{name} given more than once")
         if values and _CONTROL.search(values[0]):
             return refuse(400, f"{name} contains control characters")
+        if values and len(values[0]) > held.MAX_MODEL_CHARS:  # they reach log lines and labels
+            return refuse(400, f"{name} longer than {held.MAX_MODEL_CHARS} characters")
     model = query.get(model_param, [None])[0] if model_param else None
     provider = query.get("provider", [None])[0] if fixed is None else fixed
     # OpenAI's path without a model: a call (call_id=) or a transcription session.

@@ -20,7 +20,7 @@ from websockets.server import ServerProtocol
 
 from ._relay import CloseCode
 
-__all__ = ["Refused", "read_first", "setup_model", "transcription_model"]
+__all__ = ["MAX_MODEL_CHARS", "Refused", "read_first", "setup_model", "transcription_model"]
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 _SLACK = 65536  # control frames around the first message
@@ -108,11 +108,11 @@ _setup = msgspec.json.Decoder(_Setup)
 
 # Model names are short identifiers; a first message may be a megabyte long,
 # and the model goes into log lines and metric labels.
-_MAX_MODEL_CHARS = 256
+MAX_MODEL_CHARS = 256
 
 
 def _valid(model: str) -> bool:
-    return 0 < len(model) <= _MAX_MODEL_CHARS and not any(c < " " or c == "\x7f" for c in model)
+    return 0 < len(model) <= MAX_MODEL_CHARS and not any(c < " " or c == "\x7f" for c in model)
 
 
 def setup_model(message: bytes) -> str:

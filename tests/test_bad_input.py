@@ -101,6 +101,7 @@ def strict(tmp_path_factory, mock_provider):
     (request(path="/elsewhere"), 404),
     (request(path="/v1/realtime/connect?model=a%0D%0AX-Injected:%201&provider=mock"), 400),
     (request(path="/v1/realtime/connect?model=" + "m" * 100_000), 431),
+    (request(path="/v1/realtime/connect?provider=mock&model=" + "m" * 257), 400),
     (request(headers={"X-Big": "b" * 9000}), 431),
     (request(headers={f"X-{i}": "v" * 100 for i in range(200)}), 431),
     # TLS bytes on the plain port (fixed bytes: a random LF used to decide the outcome).
