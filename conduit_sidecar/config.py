@@ -211,6 +211,24 @@ def source(path: str | None = None, environ: os._Environ | dict | None = None) -
     return path or (os.environ if environ is None else environ).get(CONFIG_ENV) or "defaults"
 
 
+def _located(raw: dict, exc: msgspec.ValidationError) -> str:
+    """msgspec's message, naming the entry of a table of tables where msgspec elides it
+    (`$.providers[...]`): with several providers, the user needs to know which."""
+    text = str(exc)
+    for section, kind in (("providers", Provider), ("prices", Price), ("routes", list[str])):
+        table = raw.get(section)
+        if f"`$.{section}[...]" not in text or not isinstance(table, dict):
+            continue
+        for name, value in table.items():
+            try:
+                msgspec.convert(value, kind)
+            except msgspec.ValidationError as one:
+                problem, _, at = str(one).partition(" - at `$")
+                entry = f".{name}" if name.isidentifier() else f'."{name}"'
+                return f"{problem} - at `$.{section}{entry}{at or '`'}"
+    return text
+
+
 def load(
     path: str | None = None, overrides: dict | None = None, environ: os._Environ | dict | None = None
 ) -> Config:
@@ -241,7 +259,7 @@ def load(
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {_located(raw, exc)}") from None
     for field in ("listen", "admin_listen"):
         try:
             split_hostport(getattr(config, field))

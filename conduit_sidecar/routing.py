@@ -18,6 +18,7 @@ import ssl
 import urllib.parse
 
 import msgspec
+from websockets.exceptions import InvalidURI
 from websockets.uri import WebSocketURI, parse_uri
 
 from ._relay import CloseCode
@@ -176,10 +177,12 @@ class Router:
         if not spec.url:
             raise ConfigError(f"provider {name!r} needs a url - at `{where}`")
         try:
-            uri = parse_uri(_FIELD.sub("x", spec.url))
-        except Exception:
-            raise ConfigError(f"provider {name!r}: url must be ws:// or wss:// - at `{where}.url`") from None
-        del uri
+            parse_uri(_FIELD.sub("x", spec.url))
+        except (InvalidURI, ValueError) as exc:  # ValueError: urllib's, on the port
+            why = exc.msg if isinstance(exc, InvalidURI) else str(exc)  # the reason, not the URL
+            raise ConfigError(
+                f"provider {name!r}: url is not a ws:// or wss:// URL: {why} - at `{where}.url`"
+            ) from None
         fields = set(_FIELD.findall(spec.url))
         for value in (spec.headers or {}).values():
             fields |= set(_FIELD.findall(value))

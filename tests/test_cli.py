@@ -79,6 +79,11 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     ("limits = 5\n", {"CONDUIT_MAX_CONNECTIONS": "3"}, "$.limits"),      # was a TypeError
     ('[state]\nbackend = "redis"\nurl = "redis://:hunter2@127.0.0.1:notaport/0"\n', {}, "$.state.url"),
     ('[state]\nbackend = "redis"\nurl = "redis://:hunter2@127.0.0.1:70000/0"\n', {}, "$.state.url"),
+    # Which provider, of several; and why its URL is not one (was "must be ws:// or wss://").
+    ('[providers.a]\nurl = "ws://h/"\n[providers."my-b"]\nurl = "ws://h/"\nheaders = { X = 5 }\n', {},
+     'Expected `str`, got `int` - at `$.providers."my-b".headers'),
+    ('[providers.a]\nurl = "wss://h:99999/?model={model}&k=hunter2"\n', {}, "Port out of range 0-65535"),
+    ('[routes]\n"gpt*" = 5\n', {}, 'Expected `array`, got `int` - at `$.routes."gpt*"`'),
 ])
 def test_a_bad_config_is_named_never_a_traceback_or_a_secret(tmp_path, text, env, says):
     conf = tmp_path / "c.toml"

@@ -869,10 +869,10 @@ def _load(workdir, text: str):
     ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nname = "1"\n'
      '[[providers.p.deployments]]\n', "deployment names must be unique"),
     ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nweight = 0\n',
-     "Expected `int` >= 1 - at `$.providers[...].deployments[0].weight`"),
+     "Expected `int` >= 1 - at `$.providers.p.deployments[0].weight`"),
     ('[providers.p]\nurl = "ws://h/"\n[[providers.p.deployments]]\nregion = "x"\n',
-     "Object contains unknown field `region` - at `$.providers[...].deployments[0]`"),
-    ('[providers.p]\nurl = "ws://h/"\nselection = "random"\n', "Invalid enum value 'random' - at `$.providers[...].selection`"),
+     "Object contains unknown field `region` - at `$.providers.p.deployments[0]`"),
+    ('[providers.p]\nurl = "ws://h/"\nselection = "random"\n', "Invalid enum value 'random' - at `$.providers.p.selection`"),
     ('[providers.azure]\nsecret_env = "K"\n[[providers.azure.deployments]]\nresource = "a"\n'
      '[[providers.azure.deployments]]\nsecret_env = "K2"\n',
      "provider 'azure' needs resource - at `$.providers.azure.deployments[1].resource`"),

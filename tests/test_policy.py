@@ -128,7 +128,7 @@ def test_state_and_prices_config(tmp_path):
     for body, where in [('[state]\nbackend = "redis"\n', "state.url"),
                         ('[state]\nbackend = "redis"\nurl = "http://x"\n', "state.url"),
                         ('[state]\nbackend = "memcached"\n', "state.backend"),
-                        ('[prices.x]\ninput_text = -1\n', ">= 0.0 - at `$.prices[...].input_text"),
+                        ('[prices.x]\ninput_text = -1\n', ">= 0.0 - at `$.prices.x.input_text"),
                         ('[prices.x]\ninput_euros = 1\n', "input_euros")]:
         with open(path, "w") as f:
             f.write(body)
