@@ -3,8 +3,14 @@
 - gemini: `setup` -> `setupComplete`; `clientContent` -> one model text part, then
   `turnComplete` with `usageMetadata`. Like Google's server, JSON goes out in binary
   frames.
-- deepgram (listen v1): binary audio -> `Results` every half second of audio;
-  `CloseStream` -> `Metadata` with the `duration` received, then close 1000.
+- deepgram, by the request path. Listen v1 (`/v1/listen`): binary audio -> `Results`
+  every half second of audio; `CloseStream` -> `Metadata` with the `duration`
+  received, then close 1000. Flux (`/v2/listen`): `Connected`; binary audio ->
+  `TurnInfo` every half second of audio (`StartOfTurn`, then `Update`);
+  `CloseStream` -> `TurnInfo` `EndOfTurn`, then close 1000. Speak (`/v1/speak`):
+  `Metadata` (no duration); `Speak` text is held until `Flush` -> binary audio (50 ms
+  of the URL's format per character), then `Flushed`; `Clear` -> `Cleared`; `Close`
+  -> the held text's audio, then close 1000; another message -> `Warning`.
 - assemblyai (streaming v3): `Begin`; binary audio -> `Turn`; `Terminate` ->
   `Termination` with `audio_duration_seconds`, then close 1000.
 - elevenlabs (conversational AI): `conversation_initiation_client_data` ->
@@ -18,6 +24,7 @@
 from __future__ import annotations
 
 import http
+import itertools
 import secrets
 import urllib.parse
 
@@ -73,6 +80,17 @@ def _bytes_per_second(q: dict[str, str]) -> int:
 
 
 async def deepgram(ws: ServerConnection) -> None:
+    assert ws.request is not None  # the handshake is done
+    path = urllib.parse.urlsplit(ws.request.path).path
+    if path.endswith("/v2/listen"):
+        await _flux(ws)
+    elif path.endswith("/v1/speak"):
+        await _speak(ws)
+    else:
+        await _listen(ws)
+
+
+async def _listen(ws: ServerConnection) -> None:
     q = _query(ws)
     per_second = _bytes_per_second(q)
     received = reported = 0
@@ -125,6 +143,77 @@ async def deepgram(ws: ServerConnection) -> None:
             )
             await ws.close(1000)
             return
+
+
+async def _flux(ws: ServerConnection) -> None:
+    q = _query(ws)
+    per_second = _bytes_per_second(q)
+    request_id = secrets.token_hex(8)
+    sequence = itertools.count()
+    received = reported = 0
+    connected = {"type": "Connected", "request_id": request_id, "sequence_id": next(sequence)}
+    await ws.send(_encode(connected).decode())
+
+    def turn(event: str) -> str:
+        fields = {
+            "type": "TurnInfo",
+            "request_id": request_id,
+            "sequence_id": next(sequence),
+            "event": event,
+            "turn_index": 0,
+            "audio_window_start": 0.0,
+            "audio_window_end": received / per_second,
+            "transcript": f"{received} bytes at {q.get('encoding')}/{q.get('sample_rate')}",
+            "words": [],
+            "end_of_turn_confidence": 0.9 if event == "EndOfTurn" else 0.1,
+        }
+        return _encode({**fields, "trigger": "model"} if event == "EndOfTurn" else fields).decode()
+
+    async for message in ws:
+        if isinstance(message, bytes):
+            received += len(message)
+            if received - reported >= per_second // 2:
+                await ws.send(turn("Update" if reported else "StartOfTurn"))
+                reported = received
+        elif _json.decode(message).get("type") == "CloseStream":
+            await ws.send(turn("EndOfTurn"))
+            await ws.close(1000)
+            return
+
+
+async def _speak(ws: ServerConnection) -> None:
+    q = _query(ws)
+    per_character = _bytes_per_second({"sample_rate": "24000", **q}) // 20
+    flushes = itertools.count()
+    held = ""
+    metadata = {
+        "type": "Metadata",
+        "request_id": secrets.token_hex(8),
+        "model_name": q.get("model", ""),
+        "model_version": "mock",
+        "model_uuid": "mock",
+    }
+    await ws.send(_encode(metadata).decode())
+    async for message in ws:
+        try:
+            event = _json.decode(message)
+        except msgspec.DecodeError:
+            event = None
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "Speak":
+            held += str(event.get("text", ""))
+            continue
+        if kind not in ("Flush", "Clear", "Close"):
+            warning = {"type": "Warning", "description": f"unknown message type {kind!r}", "code": "UNKNOWN"}
+            await ws.send(_encode(warning).decode())
+            continue
+        if kind != "Clear" and held:
+            await ws.send(bytes(len(held) * per_character))
+        held = ""
+        if kind == "Close":
+            await ws.close(1000)
+            return
+        await ws.send(_encode({"type": kind + "ed", "sequence_id": next(flushes)}).decode())
 
 
 async def assemblyai(ws: ServerConnection) -> None:
