@@ -223,8 +223,12 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
 
 
 class _DeepgramMetadata(msgspec.Struct):
+    """A listen stream's last message, with the seconds of audio it took. Speak's
+    `Metadata` (a TTS stream's first message) has no duration and reports no usage:
+    Speak bills characters, which no message reports."""
+
     type: str
-    duration: Seconds = 0.0
+    duration: Seconds | None = None
 
 
 class _AssemblyTermination(msgspec.Struct):
@@ -254,9 +258,10 @@ def _seconds_decoder(kind: str, shape: type, field: str):
         except msgspec.DecodeError:
             return None
         try:
-            return {"audio": getattr(decoder.decode(message), field)}
+            seconds = getattr(decoder.decode(message), field)
         except msgspec.DecodeError as exc:
             raise MalformedUsage(str(exc)) from None
+        return None if seconds is None else {"audio": seconds}
 
     return decode
 

@@ -95,6 +95,9 @@ def test_audio_seconds_of_deepgram_and_assemblyai():
     (openai, b'"response.done" but not JSON we know'),
     (gemini, b'{"serverContent":{"modelTurn":{"parts":[{"text":"usageMetadata"}]}}}'),
     (deepgram, b'{"type":"Results","channel":{"alternatives":[{"transcript":"Metadata"}]}}'),
+    # Speak's first message: no duration, nothing billed by it (Speak bills characters).
+    (deepgram, b'{"type":"Metadata","request_id":"r","model_name":"aura-2-thalia-en",'
+               b'"model_version":"1","model_uuid":"u"}'),
     (assemblyai, b'{"type":"Turn","transcript":"Termination"}'),
 ])
 def test_a_marker_in_other_messages_is_not_usage(decode, message):
