@@ -300,7 +300,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             f"key limit of {entry.max_connections} concurrent connections reached",
             entry,
         )
-    forward = tuple((n, v) for n, values in query.items() if n in route.query for v in values)
+    passes = route.passes(where.query if where is not None else None)
+    forward = tuple((n, v) for n, values in query.items() if n in passes for v in values)
     hold: Callable[[bytes], str | None] | None = None
     template = TEMPLATES.get(route.name)
     # By the route, not the path: Gemini's setup names the model on /v1/realtime/connect too.

@@ -61,7 +61,8 @@ class Template(msgspec.Struct, frozen=True):
 class Kept(msgspec.Struct, frozen=True):
     """The part of a native path that goes upstream: `text` in place of the first match
     of the pattern `at` in the template URL up to its query (Gemini's API version for the
-    template's; OpenAI's `/realtime/translations` for its `/realtime`).
+    template's; OpenAI's `/realtime/translations` for its `/realtime`; Deepgram's
+    `/v2/listen` or `/v1/speak` for its `/v1/listen`).
 
     `builtins`: the built-in providers that serve the path (None: all); another
     built-in cannot (Azure documents no translation path), a provider of the user's can
@@ -78,6 +79,9 @@ class NativePath(msgspec.Struct, frozen=True):
     provider: str | None  # None: chosen as on the sidecar's own paths (provider=, routes)
     model_param: str | None = None  # the query parameter naming the model
     kept: Kept | None = None  # the part of the client's path kept upstream
+    # The path's own client query allow-list, in place of the template's (None: the
+    # template's); the user's `query_params` add to either.
+    query: tuple[str, ...] | None = None
 
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
@@ -211,6 +215,23 @@ BUILTIN: dict[str, Provider] = {name: t.spec for name, t in TEMPLATES.items()}
 # The paths each provider's SDKs dial (observed), and where the model is named.
 _GEMINI = "/ws/google.ai.generativelanguage.{}.GenerativeService.BidiGenerateContent"
 _GEMINI_VERSION = r"(?<=generativelanguage\.)v1\w*(?=\.)"
+# Deepgram's Flux and streaming TTS sockets, on the host of its /v1/listen. Flux takes
+# no callback; Speak's REST callback and callback_method stay out (see "deepgram").
+_FLUX_QUERY = (
+    "eager_eot_threshold",
+    "encoding",
+    "eot_threshold",
+    "eot_timeout_ms",
+    "keyterm",
+    "language_hint",
+    "mip_opt_out",
+    "numerals",
+    "profanity_filter",
+    "redact",
+    "sample_rate",
+    "tag",
+)
+_SPEAK_QUERY = ("bit_rate", "container", "encoding", "mip_opt_out", "sample_rate", "speed", "tag")
 _NATIVE: dict[str, NativePath] = {
     # OpenAI's translation sessions (openai-python's realtime.translations.connect), on
     # the providers /v1/realtime reaches whose URL path ends in /realtime.
@@ -224,6 +245,10 @@ _NATIVE: dict[str, NativePath] = {
         for v in ("v1", "v1beta", "v1alpha")
     },
     "/v1/listen": NativePath("deepgram", "model"),
+    **{
+        path: NativePath("deepgram", "model", Kept(r"/v1/listen$", path, builtins=("deepgram",)), query)
+        for path, query in (("/v2/listen", _FLUX_QUERY), ("/v1/speak", _SPEAK_QUERY))
+    },
     "/v3/ws": NativePath("assemblyai", "speech_model"),
     "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),
 }

@@ -83,10 +83,16 @@ class Route(msgspec.Struct, frozen=True):
     uses_model: bool
     targets: tuple[Target, ...]
     selection: str  # "weighted" | "least_sessions"
-    query: frozenset[str] = frozenset()  # client query parameters that pass
+    query: frozenset[str] = frozenset()  # client query parameters that pass (see passes)
     # Every target names the model only as a query parameter's value, so a session
     # that names none (OpenAI's call_id and transcription sessions) drops that parameter.
     model_optional: bool = False
+
+    def passes(self, own: tuple[str, ...] | None) -> frozenset[str]:
+        """The client query parameters that pass on a path with its `own` allow-list
+        (providers.NativePath.query) in place of the template's; the user's
+        `query_params` pass on every path."""
+        return self.query if own is None else frozenset(own + tuple(self.spec.query_params))
 
     def serves(self, kept: Kept | None) -> bool:
         """Whether every deployment serves a native path that keeps `kept` of the
