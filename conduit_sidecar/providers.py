@@ -306,7 +306,7 @@ def meter(provider: str) -> Meter | None:
 
 
 # Bytes per sample of the raw encodings Deepgram's and AssemblyAI's query name.
-_SAMPLE_BYTES = {"linear16": 2, "pcm_s16le": 2, "mulaw": 1, "alaw": 1, "pcm_mulaw": 1}
+_SAMPLE_BYTES = {"linear32": 4, "linear16": 2, "pcm_s16le": 2, "mulaw": 1, "alaw": 1, "pcm_mulaw": 1}
 
 
 def audio_rate(provider: str, query: tuple[tuple[str, str], ...]) -> int | None:

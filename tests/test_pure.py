@@ -452,6 +452,7 @@ def test_layers_point_one_way():
 @pytest.mark.parametrize("provider, query, rate", [
     ("deepgram", (("encoding", "mulaw"), ("sample_rate", "8000")), 8000),
     ("deepgram", (("encoding", "linear16"), ("sample_rate", "16000"), ("channels", "2")), 64000),
+    ("deepgram", (("encoding", "linear32"), ("sample_rate", "16000")), 64000),
     ("deepgram", (), None),                                   # a container: not known
     ("deepgram", (("encoding", "opus"), ("sample_rate", "48000")), None),
     ("deepgram", (("encoding", "linear16"), ("sample_rate", "lots")), None),
