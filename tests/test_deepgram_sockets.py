@@ -19,7 +19,7 @@ from conduit_sidecar.keys import KEY_PREFIX, KeyEntry, KeySet, hash_key
 from conduit_sidecar.routing import Router
 from conftest import PROVIDER_SECRET, run
 from test_native_sdks import (_closed_with, _deepgram_client, _last_request, last_session, log_mark,
-                              metric, metric_becomes)
+                              metric, metric_becomes, node)
 from test_native_sdks import native  # noqa: F401, F811  (the fixture: a sidecar, its mocks)
 from test_pure import KEY, admission, upgrade
 
@@ -112,6 +112,18 @@ def test_speak_through_the_python_sdk_meters_nothing(sidecar):
     assert end["usage_seconds"] == {"audio": 0.0} and not any(end["usage_tokens"].values())
     assert metric(sidecar, "conduit_usage_seconds_total", **labels) == 0
     assert metric(sidecar, "conduit_usage_malformed_total", provider="deepgram") == malformed
+
+
+def test_flux_and_speak_through_the_node_sdk(sidecar):
+    base, key = f"ws://127.0.0.1:{sidecar.port}", sidecar.keys.plain["voice"]
+    flux = node("deepgram_sockets_test.mjs", base, key, "flux")
+    assert flux["types"] == ["Connected", "TurnInfo", "TurnInfo", "TurnInfo"], flux
+    assert flux["transcript"] == "32000 bytes at linear16/16000" and flux["close"][0] == 1000
+    assert _no_virtual_key_upstream(sidecar)[0] == "/v2/listen"
+    speak = node("deepgram_sockets_test.mjs", base, key, "speak")
+    assert speak["types"] == ["Metadata", "Flushed"] and speak["close"][0] == 1000, speak
+    assert speak["audioBytes"] == len("Hello node") * 2400
+    assert _no_virtual_key_upstream(sidecar)[0] == "/v1/speak"
 
 
 @pytest.mark.parametrize("path, first", [(FLUX, "Connected"), (SPEAK, "Metadata")])
