@@ -62,7 +62,7 @@ class Kept(msgspec.Struct, frozen=True):
     """The part of a native path that goes upstream: `text` in place of the first match
     of the pattern `at` in the template URL up to its query (Gemini's API version for the
     template's; OpenAI's `/realtime/translations` for its `/realtime`; Deepgram's
-    `/v2/listen` or `/v1/speak` for its `/v1/listen`).
+    `/v2/listen`, `/v1/speak` or `/v2/speak` for its `/v1/listen`).
 
     `builtins`: the built-in providers that serve the path (None: all); another
     built-in cannot (Azure documents no translation path), a provider of the user's can
@@ -216,7 +216,8 @@ BUILTIN: dict[str, Provider] = {name: t.spec for name, t in TEMPLATES.items()}
 _GEMINI = "/ws/google.ai.generativelanguage.{}.GenerativeService.BidiGenerateContent"
 _GEMINI_VERSION = r"(?<=generativelanguage\.)v1\w*(?=\.)"
 # Deepgram's Flux and streaming TTS sockets, on the host of its /v1/listen. Flux takes
-# no callback; Speak's REST callback and callback_method stay out (see "deepgram").
+# no callback; Speak's REST callback and callback_method stay out (see "deepgram"), and
+# Flux TTS (/v2/speak) takes them on its REST form only.
 _FLUX_QUERY = (
     "eager_eot_threshold",
     "encoding",
@@ -232,6 +233,7 @@ _FLUX_QUERY = (
     "tag",
 )
 _SPEAK_QUERY = ("bit_rate", "container", "encoding", "mip_opt_out", "sample_rate", "speed", "tag")
+_SPEAK_V2_QUERY = ("encoding", "expressivity", "mip_opt_out", "sample_rate", "speed", "tag")
 _NATIVE: dict[str, NativePath] = {
     # OpenAI's translation sessions (openai-python's realtime.translations.connect), on
     # the providers /v1/realtime reaches whose URL path ends in /realtime.
@@ -247,7 +249,11 @@ _NATIVE: dict[str, NativePath] = {
     "/v1/listen": NativePath("deepgram", "model"),
     **{
         path: NativePath("deepgram", "model", Kept(r"/v1/listen$", path, builtins=("deepgram",)), query)
-        for path, query in (("/v2/listen", _FLUX_QUERY), ("/v1/speak", _SPEAK_QUERY))
+        for path, query in (
+            ("/v2/listen", _FLUX_QUERY),
+            ("/v1/speak", _SPEAK_QUERY),
+            ("/v2/speak", _SPEAK_V2_QUERY),
+        )
     },
     "/v3/ws": NativePath("assemblyai", "speech_model"),
     "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),

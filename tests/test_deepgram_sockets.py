@@ -1,4 +1,4 @@
-"""Deepgram's Flux (`/v2/listen`) and streaming TTS (`/v1/speak`) sockets: deepgram-sdk,
+"""Deepgram's Flux (`/v2/listen`) and streaming TTS (`/v1/speak`, Flux TTS `/v2/speak`) sockets: deepgram-sdk,
 unchanged but for its base URL and a virtual key as its API key, through the sidecar to
 the deepgram mock (which answers by the request path); the key forms, the query
 allow-lists, the policy, and what is metered."""
@@ -25,6 +25,7 @@ from test_pure import KEY, admission, upgrade
 
 FLUX = "/v2/listen?model=flux-general-en"
 SPEAK = "/v1/speak?model=aura-2-thalia-en"
+SPEAK_V2 = "/v2/speak?model=flux-alexis-en"
 BUDGET = 1.5  # the `flux-budget` key's audio seconds a day
 
 
@@ -114,6 +115,42 @@ def test_speak_through_the_python_sdk_meters_nothing(sidecar):
     assert metric(sidecar, "conduit_usage_malformed_total", provider="deepgram") == malformed
 
 
+def test_flux_tts_through_the_python_sdk_meters_nothing(sidecar):
+    """Flux TTS (speak.v2, in deepgram-sdk since 7.10): text goes, a turn's audio comes
+    back between SpeechStarted and SpeechMetadata. Its character counts are not usage
+    the sidecar meters (it has no character budget): nothing is counted."""
+    from deepgram.speak.v2.types import SpeakV2Speak
+    mark = log_mark(sidecar)
+    malformed = metric(sidecar, "conduit_usage_malformed_total", provider="deepgram")
+    client = _deepgram_client(sidecar, sidecar.keys.plain["voice"])
+
+    async def body():
+        got = []
+        async with client.speak.v2.connect(model="flux-alexis-en", encoding="linear16",
+                                           sample_rate="24000", expressivity=1) as conn:
+            await conn.send_speak(SpeakV2Speak(text="Hello Flux"))
+            await conn.send_flush()
+            async for message in conn:
+                got.append(message)
+                if getattr(message, "type", None) == "Flushed":
+                    await conn.send_close()
+        return got
+
+    got = run(body())
+    events = [m.type for m in got if not isinstance(m, bytes)]
+    assert events == ["Connected", "SpeechStarted", "SpeechMetadata", "Flushed", "SessionMetadata"], got
+    assert got[0].model_name == "flux-alexis-en"
+    assert len(b"".join(m for m in got if isinstance(m, bytes))) == len("Hello Flux") * 2400
+    assert got[-1].total_billable_character_count == len("Hello Flux")
+    assert _no_virtual_key_upstream(sidecar) == ("/v2/speak", [
+        ("model", "flux-alexis-en"), ("encoding", "linear16"), ("sample_rate", "24000"),
+        ("expressivity", "1")])
+    end = last_session(sidecar, "deepgram", mark)
+    assert (end["key_id"], end["model"], end["close_code"]) == ("voice", "flux-alexis-en", 1000)
+    assert end["usage_seconds"] == {"audio": 0.0} and not any(end["usage_tokens"].values())
+    assert metric(sidecar, "conduit_usage_malformed_total", provider="deepgram") == malformed
+
+
 def test_flux_and_speak_through_the_node_sdk(sidecar):
     base, key = f"ws://127.0.0.1:{sidecar.port}", sidecar.keys.plain["voice"]
     flux = node("deepgram_sockets_test.mjs", base, key, "flux")
@@ -126,7 +163,7 @@ def test_flux_and_speak_through_the_node_sdk(sidecar):
     assert _no_virtual_key_upstream(sidecar)[0] == "/v1/speak"
 
 
-@pytest.mark.parametrize("path, first", [(FLUX, "Connected"), (SPEAK, "Metadata")])
+@pytest.mark.parametrize("path, first", [(FLUX, "Connected"), (SPEAK, "Metadata"), (SPEAK_V2, "Connected")])
 @pytest.mark.parametrize("form", ["Token", "Bearer", "token", "bearer"])
 def test_every_deepgram_key_form(sidecar, path, first, form):
     """Authorization `Token`/`Bearer` (the SDKs), subprotocols `token, KEY` / `bearer, KEY`
@@ -156,6 +193,10 @@ def test_every_deepgram_key_form(sidecar, path, first, form):
      "&speed=1.2&bit_rate=8000&eot_threshold=0.6&tag=t",
      [("model", "aura-2-thalia-en"), ("encoding", "mulaw"), ("sample_rate", "8000"), ("speed", "1.2"),
       ("bit_rate", "8000"), ("tag", "t")]),
+    (SPEAK_V2 + "&encoding=mulaw&sample_rate=8000&callback=http%3A%2F%2Fx&callback_method=POST"
+     "&speed=1.2&expressivity=-1&bit_rate=8000&container=wav&mip_opt_out=true&tag=t",
+     [("model", "flux-alexis-en"), ("encoding", "mulaw"), ("sample_rate", "8000"), ("speed", "1.2"),
+      ("expressivity", "-1"), ("mip_opt_out", "true"), ("tag", "t")]),
 ])
 def test_only_each_paths_own_parameters_pass(sidecar, path, passed):
     """Each socket has its own allow-list: no callback (a client does not choose where
@@ -170,7 +211,7 @@ def test_only_each_paths_own_parameters_pass(sidecar, path, passed):
     assert _no_virtual_key_upstream(sidecar)[1] == passed
 
 
-@pytest.mark.parametrize("path", [FLUX, SPEAK])
+@pytest.mark.parametrize("path", [FLUX, SPEAK, SPEAK_V2])
 @pytest.mark.parametrize("key, reason", [("condt_wrong", "unknown key"), (None, "missing key")])
 def test_a_wrong_or_missing_key_gets_4001(sidecar, path, key, reason):
     headers = {"Authorization": f"Token {key}"} if key else {}
@@ -182,6 +223,9 @@ def test_a_wrong_or_missing_key_gets_4001(sidecar, path, key, reason):
     ("models-only", SPEAK, 4003, "model 'aura-2-thalia-en' not allowed for this key"),
     ("restricted", FLUX, 4003, "provider 'deepgram' not allowed for this key"),
     ("voice", "/v1/speak?encoding=linear16", 4004, "provider 'deepgram' needs a model"),
+    ("voice", "/v2/speak?model=nova-3", 4003, "model 'nova-3' not allowed for this key"),
+    ("models-only", SPEAK_V2, 4003, "model 'flux-alexis-en' not allowed for this key"),
+    ("voice", "/v2/speak?encoding=linear16", 4004, "provider 'deepgram' needs a model"),
 ])
 def test_the_model_and_provider_are_checked(sidecar, key_id, path, code, reason):
     headers = {"Authorization": f"Token {sidecar.keys.plain[key_id]}"}
@@ -222,7 +266,8 @@ def test_the_path_replaces_the_deepgram_urls_listen_path():
     r = Router(conf, environ={"S": "dg-secret"})
     state = admission(keyset=KeySet([KeyEntry("k", hash_key(KEY))]), router=r)
     for path, upstream in ((FLUX + "&encoding=linear16", "/proxy/v2/listen?model=flux-general-en&encoding=linear16"),
-                           (SPEAK + "&speed=1.1", "/proxy/v1/speak?model=aura-2-thalia-en&speed=1.1")):
+                           (SPEAK + "&speed=1.1", "/proxy/v1/speak?model=aura-2-thalia-en&speed=1.1"),
+                           (SPEAK_V2 + "&speed=1.1", "/proxy/v2/speak?model=flux-alexis-en&speed=1.1")):
         d = decide(upgrade(path, key=None, Authorization=f"Bearer {KEY}"), state)
         assert isinstance(d, Accept), d
         up = r.upstream(d.route.targets[0], d.model, d.query, d.kept)

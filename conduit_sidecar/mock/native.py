@@ -10,7 +10,11 @@
   `CloseStream` -> `TurnInfo` `EndOfTurn`, then close 1000. Speak (`/v1/speak`):
   `Metadata` (no duration); `Speak` text is held until `Flush` -> binary audio (50 ms
   of the URL's format per character), then `Flushed`; `Clear` -> `Cleared`; `Close`
-  -> the held text's audio, then close 1000; another message -> `Warning`.
+  -> the held text's audio, then close 1000; another message -> `Warning`. Flux TTS
+  (`/v2/speak`): `Connected`; `Speak` text is held until `Flush` -> `SpeechStarted`,
+  binary audio (as /v1/speak's), `SpeechMetadata` with the turn's characters, then
+  `Flushed`; `Close` -> `SessionMetadata` with the session's totals, then close 1000;
+  another message -> `Warning`.
 - assemblyai (streaming v3): `Begin`; binary audio -> `Turn`; `Terminate` ->
   `Termination` with `audio_duration_seconds`, then close 1000.
 - elevenlabs (conversational AI): `conversation_initiation_client_data` ->
@@ -86,6 +90,8 @@ async def deepgram(ws: ServerConnection) -> None:
         await _flux(ws)
     elif path.endswith("/v1/speak"):
         await _speak(ws)
+    elif path.endswith("/v2/speak"):
+        await _speak_v2(ws)
     else:
         await _listen(ws)
 
@@ -214,6 +220,63 @@ async def _speak(ws: ServerConnection) -> None:
             await ws.close(1000)
             return
         await ws.send(_encode({"type": kind + "ed", "sequence_id": next(flushes)}).decode())
+
+
+async def _speak_v2(ws: ServerConnection) -> None:
+    q = _query(ws)
+    per_character = _bytes_per_second({"sample_rate": "24000", **q}) // 20
+    turns = itertools.count()
+    held = ""
+    total = {
+        "total_audio_duration_ms": 0,
+        "total_input_character_count": 0,
+        "total_billable_character_count": 0,
+    }
+    connected = {
+        "type": "Connected",
+        "request_id": secrets.token_hex(8),
+        "model_name": q.get("model", ""),
+        "model_version": "mock",
+        "model_uuids": ["mock"],
+    }
+    await ws.send(_encode(connected).decode())
+    async for message in ws:
+        try:
+            event = _json.decode(message)
+        except msgspec.DecodeError:
+            event = None
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "Speak":
+            held += str(event.get("text", ""))
+        elif kind == "Flush":
+            speech_id = f"dg_sp_{next(turns):012x}"
+            await ws.send(_encode({"type": "SpeechStarted", "speech_id": speech_id}).decode())
+            if held:
+                await ws.send(bytes(len(held) * per_character))
+            turn = {
+                "audio_duration_ms": len(held) * 50,
+                "input_character_count": len(held),
+                "billable_character_count": len(held),
+            }
+            for name, n in turn.items():
+                total["total_" + name] += n
+            controls = {"pronunciations_applied": 0, "breaks_applied": 0, "pronunciation_warnings": 0}
+            metadata = {
+                "type": "SpeechMetadata",
+                "speech_id": speech_id,
+                **turn,
+                "controls_applied": controls,
+            }
+            await ws.send(_encode(metadata).decode())
+            await ws.send(_encode({"type": "Flushed", "speech_id": speech_id}).decode())
+            held = ""
+        elif kind == "Close":
+            await ws.send(_encode({"type": "SessionMetadata", **total}).decode())
+            await ws.close(1000)
+            return
+        else:
+            warning = {"type": "Warning", "code": "UNKNOWN", "description": f"unknown message type {kind!r}"}
+            await ws.send(_encode(warning).decode())
 
 
 async def assemblyai(ws: ServerConnection) -> None:
