@@ -145,6 +145,7 @@ _NATIVE_URLS = {
     "azure": "/openai/v1/realtime?model={model}",
     "gemini": "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key={secret}",
     "deepgram": "/v1/listen?model={model}",
+    "deepgram_agent": "/v1/agent/converse",
     "assemblyai": "/v3/ws?speech_model={model}",
     "elevenlabs": "/v1/convai/conversation?agent_id={model}",
 }
@@ -225,6 +226,30 @@ async def _deepgram(base: str, key: str):
     )
 
 
+async def _deepgram_agent(base: str, key: str):
+    settings = {
+        "type": "Settings",
+        "audio": {"input": {"encoding": "linear16", "sample_rate": 16000}},
+        "agent": {
+            "listen": {"provider": {"type": "deepgram", "model": "nova-3"}},
+            "think": {"provider": {"type": "open_ai", "model": "gpt-4o-mini"}},
+            "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}},
+        },
+    }
+    async with connect(
+        base + _NATIVE_URLS["deepgram_agent"], additional_headers={"Authorization": f"Token {key}"}
+    ) as ws:
+        names = [json.loads(await ws.recv())["type"]]  # Welcome: Deepgram's guide sends nothing before it
+        await ws.send(json.dumps(settings))
+        for _ in range(50):
+            await ws.send(bytes(640))  # 20 ms of 16 kHz PCM16
+        async for message in ws:
+            names.append("audio" if isinstance(message, bytes) else json.loads(message)["type"])
+            if names[-1] == "AgentAudioDone":
+                break
+    return names, ws.close_code
+
+
 async def _assemblyai(base: str, key: str):
     return await _pcm_stream(
         base + "/v3/ws?speech_model=u3-rt-pro&sample_rate=16000",
@@ -267,6 +292,7 @@ async def _azure(base: str, key: str):
 _NATIVE_SESSIONS = {
     "gemini": _gemini,
     "deepgram": _deepgram,
+    "deepgram_agent": _deepgram_agent,
     "assemblyai": _assemblyai,
     "elevenlabs": _elevenlabs,
     "azure": _azure,

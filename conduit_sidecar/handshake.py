@@ -90,9 +90,9 @@ class Accept(msgspec.Struct, frozen=True):
     subprotocols: list[str] | None
     query: tuple[tuple[str, str], ...] = ()  # client parameters for the upstream URL
     kept: Kept | None = None  # the part of the client's path kept upstream (providers.Kept)
-    # The model is named in the first client message, held and read by this (None
-    # from it: no model named).
-    hold: Callable[[bytes], str | None] | None = None
+    # The models are named in the first client message, held and read by this (the
+    # session's label first; none: no model named).
+    hold: Callable[[bytes], tuple[str, ...]] | None = None
     # An OpenAI session that names no model in its URL ("call", "transcription"; see
     # providers.modelless): the upstream URL names none either, and this is the model
     # label until a model is named.
@@ -103,6 +103,9 @@ class Accept(msgspec.Struct, frozen=True):
     # A signed URL's session: only the deployment that signed it takes the signature,
     # so it goes there and nowhere else.
     deployment: str | None = None
+    # The upstream opens first and its first message reaches the client before the
+    # hold (Deepgram's agent: clients may wait for its Welcome before their Settings).
+    greeted: bool = False
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
@@ -302,11 +305,14 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         )
     passes = route.passes(where.query if where is not None else None)
     forward = tuple((n, v) for n, values in query.items() if n in passes for v in values)
-    hold: Callable[[bytes], str | None] | None = None
+    hold: Callable[[bytes], tuple[str, ...]] | None = None
     template = TEMPLATES.get(route.name)
+    greeted = template is not None and template.settings_after_welcome
     # By the route, not the path: Gemini's setup names the model on /v1/realtime/connect too.
     if template is not None and template.model_in_setup:
         hold = held.setup_model
+    elif greeted:
+        hold = held.agent_settings
     elif kind == "transcription":
         hold = held.transcription_model
     if hold is None and model is None and entry.allowed_models is not None:
@@ -326,6 +332,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         kind,
         anonymous,
         deployment,
+        greeted,
     )
 
 

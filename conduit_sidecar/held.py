@@ -1,7 +1,9 @@
-"""The client's first message, held before the upstream is opened: Gemini names its
-model in its first `setup` message, and an OpenAI transcription session
-(`intent=transcription`) in its first session update, not in the URL, so model policy
-is checked there.
+"""The client's first message, held before it goes upstream: Gemini names its model in
+its first `setup` message, an OpenAI transcription session (`intent=transcription`) in
+its first session update, and Deepgram's agent its models in its `Settings`, not in
+the URL, so model policy is checked there. Those are held before the upstream opens;
+the agent's after, once the provider's first message (its Welcome, which clients may
+wait for) has been read here and passed on.
 
 The message is parsed with websockets' sans-I/O protocol only to find where it ends
 and what it says; the relay is then handed the raw bytes exactly as received (still
@@ -19,8 +21,17 @@ from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from ._relay import CloseCode
+from .keys import KEY_PREFIX
 
-__all__ = ["MAX_MODEL_CHARS", "Refused", "read_first", "setup_model", "transcription_model"]
+__all__ = [
+    "MAX_MODEL_CHARS",
+    "Refused",
+    "agent_settings",
+    "read_first",
+    "read_greeting",
+    "setup_model",
+    "transcription_model",
+]
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 _SLACK = 65536  # control frames around the first message
@@ -95,6 +106,81 @@ async def read_first(transport, early: bytes, limit: int, timeout: float) -> tup
     return message, bytes(reader.raw)
 
 
+class _Greeting(asyncio.Protocol):
+    """The provider's frames up to the end of its first data message; what follows
+    stays for the relay. Frames are only delimited here (the relay checks them): the
+    header gives each one's length."""
+
+    def __init__(self, transport, limit: int):
+        self.transport = transport
+        self.limit = limit
+        self.raw = bytearray()
+        self.end = 0  # where the next frame starts
+        self.done = asyncio.get_running_loop().create_future()
+
+    def _finish(self, value) -> None:
+        if not self.done.done():
+            self.transport.pause_reading()
+            (self.done.set_exception if isinstance(value, Exception) else self.done.set_result)(value)
+
+    def data_received(self, data) -> None:
+        self.raw += data
+        while not self.done.done() and (end := _frame_end(self.raw, self.end)) is not None:
+            head, self.end = self.raw[self.end], end
+            opcode = head & 0x0F
+            if opcode == Opcode.CLOSE.value:
+                self._finish(
+                    Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message")
+                )
+            elif head & 0x80 and opcode < Opcode.CLOSE.value:  # the message's last frame
+                self._finish(self.end)
+        if not self.done.done() and len(self.raw) > self.limit + _SLACK:
+            self._finish(
+                Refused(CloseCode.UPSTREAM_FAILED, f"the provider's first message over {self.limit} bytes")
+            )
+
+    def eof_received(self):
+        self._finish(Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message"))
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._finish(Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message"))
+
+
+def _frame_end(buf: bytearray, at: int) -> int | None:
+    """Where the frame that starts at `at` ends, if `buf` holds all of it."""
+    if len(buf) < at + 2:
+        return None
+    size, head = buf[at + 1] & 0x7F, at + 2
+    if size > 125:
+        width = 2 if size == 126 else 8
+        if len(buf) < head + width:
+            return None
+        size, head = int.from_bytes(buf[head : head + width], "big"), head + width
+    end = head + (4 if buf[at + 1] & 0x80 else 0) + size
+    return end if end <= len(buf) else None
+
+
+async def read_greeting(upstream, early: bytes, limit: int, timeout: float) -> tuple[bytes, bytes]:
+    """(the provider's frames up to the end of its first data message, the bytes after
+    them). The upstream's reading is paused when this returns."""
+    reader = _Greeting(upstream, limit)
+    upstream.set_protocol(reader)
+    if early:
+        reader.data_received(early)
+    if not reader.done.done():
+        upstream.resume_reading()
+    try:
+        async with asyncio.timeout(timeout):
+            end = await reader.done
+    except TimeoutError:
+        upstream.pause_reading()
+        raise Refused(
+            CloseCode.UPSTREAM_FAILED, f"no first message from the provider within {timeout:g} s"
+        ) from None
+    return bytes(reader.raw[:end]), bytes(reader.raw[end:])
+
+
 class _SetupBody(msgspec.Struct):
     model: str
 
@@ -115,7 +201,7 @@ def _valid(model: str) -> bool:
     return 0 < len(model) <= MAX_MODEL_CHARS and not any(c < " " or c == "\x7f" for c in model)
 
 
-def setup_model(message: bytes) -> str:
+def setup_model(message: bytes) -> tuple[str]:
     """The model a Gemini `setup` message names, without its `models/` prefix."""
     try:
         model = _setup.decode(message).setup.model
@@ -126,7 +212,7 @@ def setup_model(message: bytes) -> str:
     model = model.removeprefix("models/")
     if not _valid(model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")
-    return model
+    return (model,)
 
 
 class _Transcription(msgspec.Struct):
@@ -155,11 +241,11 @@ class _ClientEvent(msgspec.Struct):
 _client_event = msgspec.json.Decoder(_ClientEvent)
 
 
-def transcription_model(message: bytes) -> str | None:
+def transcription_model(message: bytes) -> tuple[str, ...]:
     """The transcription model an OpenAI transcription session's first message names:
     GA `session.update` with `session.type` "transcription" and
     `session.audio.input.transcription.model`, or beta `transcription_session.update`
-    with `session.input_audio_transcription.model`. None: it names none (another
+    with `session.input_audio_transcription.model`. Empty: it names none (another
     event, or an update without a model)."""
     try:
         event = _client_event.decode(message)
@@ -174,4 +260,57 @@ def transcription_model(message: bytes) -> str | None:
     model = named.model if named else None
     if model is not None and not _valid(model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "the session update names no valid transcription model")
-    return model
+    return () if model is None else (model,)
+
+
+class _AgentProvider(msgspec.Struct):
+    model: str | None = None
+    model_id: str | None = None  # ElevenLabs' and Cartesia's speak providers name it so
+
+
+class _Stage(msgspec.Struct):
+    provider: _AgentProvider | None = None
+
+
+class _Agent(msgspec.Struct):
+    listen: _Stage | None = None
+    think: _Stage | list[_Stage] | None = None  # a list: fallbacks, in order
+    speak: _Stage | list[_Stage] | None = None
+
+
+class _Settings(msgspec.Struct):
+    type: str
+    agent: _Agent | str  # a string: a stored agent configuration's id
+
+
+_settings = msgspec.json.Decoder(_Settings)
+
+
+def agent_settings(message: bytes) -> tuple[str, ...]:
+    """The models a Deepgram agent's `Settings` names: think's (the session's label
+    first), then listen's and speak's, each fallback's too. Empty: it names none (a
+    stored agent's id; stages that leave the model to Deepgram, AWS Polly's voice)."""
+    try:
+        settings = _settings.decode(message)
+    except msgspec.DecodeError:
+        settings = None
+    if settings is None or settings.type != "Settings":
+        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a Settings message")
+    if KEY_PREFIX.encode() in message:  # e.g. as a think endpoint's key: it would go upstream
+        raise Refused(CloseCode.FORBIDDEN, "a virtual key in the Settings message")
+    agent = settings.agent
+    if isinstance(agent, str):
+        return ()
+    stages: list[_Stage] = []
+    for stage in (agent.think, agent.listen, agent.speak):
+        stages.extend(stage if isinstance(stage, list) else [] if stage is None else [stage])
+    models = tuple(
+        named
+        for stage in stages
+        if stage.provider is not None
+        for named in (stage.provider.model, stage.provider.model_id)
+        if named is not None
+    )
+    if not all(map(_valid, models)):
+        raise Refused(CloseCode.PROTOCOL_ERROR, "Settings names no valid model")
+    return models

@@ -56,6 +56,9 @@ class Template(msgspec.Struct, frozen=True):
     keys: tuple[KeyForm, ...]
     query: tuple[str, ...] = ()  # client session parameters that pass (allow-list)
     model_in_setup: bool = False  # the model is named in the first client message
+    # Deepgram's agent: the provider speaks first (Welcome), which clients may wait for,
+    # and the client's first message (Settings) names the models.
+    settings_after_welcome: bool = False
 
 
 class Kept(msgspec.Struct, frozen=True):
@@ -86,6 +89,11 @@ class NativePath(msgspec.Struct, frozen=True):
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
 OPENAI_KEYS = (BEARER, KeyForm("subprotocol", "openai-insecure-api-key."))
+DEEPGRAM_KEYS = (
+    KeyForm("header", "Authorization", ("token", "bearer")),
+    KeyForm("subprotocol", "token"),
+    KeyForm("subprotocol", "bearer"),
+)
 
 TEMPLATES: dict[str, Template] = {
     "openai": Template(
@@ -131,11 +139,7 @@ TEMPLATES: dict[str, Template] = {
         Provider(
             url="wss://api.deepgram.com/v1/listen?model={model}", headers={"Authorization": "Token {secret}"}
         ),
-        (
-            KeyForm("header", "Authorization", ("token", "bearer")),
-            KeyForm("subprotocol", "token"),
-            KeyForm("subprotocol", "bearer"),
-        ),
+        DEEPGRAM_KEYS,
         # Not callback nor callback_method: a client does not choose where the provider
         # calls out (Deepgram would POST the session's transcripts there).
         query=(
@@ -166,6 +170,15 @@ TEMPLATES: dict[str, Template] = {
             "vad_events",
             "version",
         ),
+    ),
+    # Deepgram's voice agent, on its own host; the same key as /v1/listen. Its models
+    # are named in the Settings message, none in the URL.
+    "deepgram_agent": Template(
+        Provider(
+            url="wss://agent.deepgram.com/v1/agent/converse", headers={"Authorization": "Token {secret}"}
+        ),
+        DEEPGRAM_KEYS,
+        settings_after_welcome=True,
     ),
     "assemblyai": Template(
         Provider(
@@ -255,6 +268,7 @@ _NATIVE: dict[str, NativePath] = {
             ("/v2/speak", _SPEAK_V2_QUERY),
         )
     },
+    "/v1/agent/converse": NativePath("deepgram_agent"),
     "/v3/ws": NativePath("assemblyai", "speech_model"),
     "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),
 }

@@ -288,13 +288,13 @@ def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, a
 async def _hold_first(
     host: Host, transport, decision: Accept, info: SessionInfo, early: bytes
 ) -> tuple[Accept, bytes] | None:
-    """Answer 101, read the client's first message (Gemini's setup, an OpenAI
-    transcription session's update) and check the model it names. Returns the decision
-    with its model and the raw bytes read so far (for the relay), or None when the
-    session was closed."""
-    transport.write(decision.response.serialize())
+    """Read the client's first message (Gemini's setup, an OpenAI transcription
+    session's update, Deepgram's agent Settings; the 101 is out) and check every model
+    it names. Returns the decision with its model and the raw bytes read so far (for
+    the relay), or None when the session was closed."""
     limits = host.limits
     assert decision.hold is not None  # the caller holds only such sessions
+    models: tuple[str, ...] = ()
     try:
         message, early = await held.read_first(
             transport,
@@ -302,12 +302,13 @@ async def _hold_first(
             min(limits.first_message_bytes, limits.max_message_bytes),
             limits.handshake_timeout_seconds,
         )
-        model = decision.hold(message)
+        models = decision.hold(message)
         refusal = None
-        if model is None and decision.key.allowed_models is not None:  # fine where any model is
+        barred = [m for m in models if not decision.key.allows_model(m)]
+        if not models and decision.key.allowed_models is not None:  # fine where any model is
             refusal = "the first message must name a model for this key"
-        elif model is not None and not decision.key.allows_model(model):
-            refusal = f"model {model!r} not allowed for this key"
+        elif barred:
+            refusal = f"model {barred[0]!r} not allowed for this key"
         failed = (
             Close(decision.response, _relay.CloseCode.FORBIDDEN, refusal, decision.key) if refusal else None
         )
@@ -322,10 +323,48 @@ async def _hold_first(
             host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
         )
         return None
-    if model is None:
+    if not models:
         return decision, early
-    info.model = model
-    return msgspec.structs.replace(decision, model=model), early
+    info.model = models[0]
+    return msgspec.structs.replace(decision, model=models[0]), early
+
+
+async def _greet(
+    host: Host,
+    transport,
+    upstream,
+    upstream_early: bytes,
+    decision: Accept,
+    info: SessionInfo,
+    client: ClientHandshake,
+) -> tuple[Accept, bytes, bytes] | None:
+    """Pass the provider's first message (Deepgram's agent Welcome) to the client, then
+    hold the client's first message as _hold_first does. Returns the decision, the
+    client's raw bytes and the provider's after its first message (for the relay), or
+    None when the session was closed (and the upstream dropped). The greeting is not
+    in the relay's counters."""
+    limits = host.limits
+    try:
+        greeting, upstream_early = await held.read_greeting(
+            upstream,
+            upstream_early,
+            min(limits.first_message_bytes, limits.max_message_bytes),
+            limits.handshake_timeout_seconds,
+        )
+    except held.Refused as exc:
+        upstream.abort()
+        host.release(info)
+        failed = Close(decision.response, exc.code, str(exc), decision.key)
+        host.rejected(failed)
+        _close_after_upgrade(host, transport, failed, bytes(client.early), True)
+        return None
+    transport.write(greeting)
+    # What the client sent meanwhile, read by its handshake protocol until now.
+    held_first = await _hold_first(host, transport, decision, info, bytes(client.early))
+    if held_first is None:
+        upstream.abort()  # the client's first message never went: nothing to close cleanly
+        return None
+    return *held_first, upstream_early
 
 
 def _is_rest(request: Request) -> bool:
@@ -424,7 +463,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
     info.audio_rate = audio_rate(decision.route.name, decision.query)
     host.reserve(info)
     opening.info = info
-    answered = decision.hold is not None
+    answered = decision.hold is not None and not decision.greeted  # 101 before the upstream
     try:
         refusal = await host.govern(info)
         if refusal is not None:
@@ -434,7 +473,8 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             _close_after_upgrade(host, transport, refused, bytes(client.early))
             return
         if answered:
-            opening.answered = True  # _hold_first's first write
+            opening.answered = True
+            transport.write(decision.response.serialize())
             held_first = await _hold_first(host, transport, decision, info, bytes(client.early))
             if held_first is None:
                 return
@@ -493,6 +533,13 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             response.headers["Sec-WebSocket-Protocol"] = subprotocol
         transport.write(response.serialize())
         opening.answered = True
+    if decision.greeted:
+        greeted = await _greet(host, transport, upstream, upstream_early, decision, info, client)
+        if greeted is None:
+            return
+        decision, raw, upstream_early = greeted
+        client.early = bytearray(raw)
+        del raw, greeted
     limits = host.limits
     metered = meter(info.provider)
     relay = _relay.Relay(

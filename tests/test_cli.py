@@ -130,6 +130,8 @@ def test_demo_runs_and_summarises():
 @pytest.mark.parametrize("provider,events,metered", [
     ("gemini", "setupComplete, serverContent, serverContent", "'input': 4.0"),
     ("deepgram", "Results, Results, Metadata", "{'audio': 1.0}"),
+    ("deepgram_agent", "Welcome, SettingsApplied, UserStartedSpeaking, ConversationText, History, "
+     "ConversationText, History, AgentThinking, AgentStartedSpeaking, audio, AgentAudioDone", "nothing"),
     ("assemblyai", "Begin, Turn, Termination", "{'audio': 1.0}"),
     ("elevenlabs", "conversation_initiation_metadata, agent_response", "nothing"),
     ("azure", "session.created, response.output_audio.delta, response.done", "'input_audio': 10.0"),

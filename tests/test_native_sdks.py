@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from conftest import (PROVIDER_SECRET, SidecarProcess, ThreadMock, free_port, http_get, run,
                       standard_keys)
 
-SHAPES = ("deepgram", "gemini", "assemblyai", "elevenlabs", "azure", "openai")
+SHAPES = ("deepgram", "deepgram_agent", "gemini", "assemblyai", "elevenlabs", "azure", "openai")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,9 @@ def native():
     providers = f"""
         [providers.deepgram]
         url = "{m['deepgram']}/v1/listen?model={{model}}"
+        secret_env = "PROVIDER_KEY"
+        [providers.deepgram_agent]
+        url = "{m['deepgram_agent']}/v1/agent/converse"
         secret_env = "PROVIDER_KEY"
         [providers.gemini]
         url = "{m['gemini']}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key={{secret}}"

@@ -46,6 +46,8 @@ SECRET_IN_URL = "s3cr%2Ft%2Bkey%3D%26x"
 #   elevenlabs: elevenlabs.io/docs/conversational-ai (agent_id query, xi-api-key header)
 #   deepgram:   developers.deepgram.com/reference/speech-to-text-api/listen-streaming
 #               (Authorization: Token <key>)
+#   deepgram_agent: developers.deepgram.com/reference/voice-agent/voice-agent (another
+#               host, agent.deepgram.com; Authorization: Token <key>; models in Settings)
 #   assemblyai: assemblyai.com/docs/api-reference/streaming-api (v3; Authorization: <key>;
 #               `speech_model` is a required connection parameter, "there is no default")
 DOCUMENTED = {
@@ -59,6 +61,7 @@ DOCUMENTED = {
                    {"xi-api-key": "{secret}"}),
     "deepgram": ("wss://api.deepgram.com/v1/listen?model={model}",
                  {"Authorization": "Token {secret}"}),
+    "deepgram_agent": ("wss://agent.deepgram.com/v1/agent/converse", {"Authorization": "Token {secret}"}),
     "assemblyai": ("wss://streaming.assemblyai.com/v3/ws?speech_model={model}",
                    {"Authorization": "{secret}"}),
 }
@@ -75,6 +78,7 @@ CASES = {
     "elevenlabs": ("agent_7 x/y&z", "/v1/convai/conversation?agent_id=agent_7%20x%2Fy%26z",
                    {"xi-api-key": SECRET}),
     "deepgram": ("nova-3", "/v1/listen?model=nova-3", {"authorization": f"Token {SECRET}"}),
+    "deepgram_agent": (None, "/v1/agent/converse", {"authorization": f"Token {SECRET}"}),
     "assemblyai": ("u3-rt-pro", "/v3/ws?speech_model=u3-rt-pro", {"authorization": SECRET}),
 }
 
@@ -305,6 +309,11 @@ def test_request_reaches_the_provider_as_documented(tls_sidecar, pki, upstream_p
                     await ws.send(setup)
                     assert await ws.recv() == '{"type":"session.created"}'
                     assert await ws.recv() == setup                      # echoed
+                elif name == "deepgram_agent":  # the provider's greeting first, then Settings
+                    assert await ws.recv() == '{"type":"session.created"}'
+                    settings = '{"type": "Settings", "agent": {"think": {"provider": {"model": "m"}}}}'
+                    await ws.send(settings)
+                    assert await ws.recv() == settings
                 else:
                     assert await ws.recv() == '{"type":"session.created"}'   # relayed through TLS
                 await ws.send(b"\x00\x01pcm")

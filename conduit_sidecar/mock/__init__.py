@@ -1,7 +1,7 @@
 """Mock providers: real WebSocket servers speaking each provider's event shapes, for
 the demo, tests and benchmarks. No network beyond loopback. `MockProvider(shape=...)`:
-"openai" (also Azure's), or one of `native.SHAPES` (gemini, deepgram, assemblyai,
-elevenlabs). The OpenAI Realtime GA shape:
+"openai" (also Azure's), or one of `native.SHAPES` (gemini, deepgram, deepgram_agent,
+assemblyai, elevenlabs). The OpenAI Realtime GA shape:
 
 - `session.created` right after the handshake;
 - `session.update` -> `session.updated`;

@@ -15,6 +15,14 @@
   binary audio (as /v1/speak's), `SpeechMetadata` with the turn's characters, then
   `Flushed`; `Close` -> `SessionMetadata` with the session's totals, then close 1000;
   another message -> `Warning`.
+- deepgram_agent (voice agent, `/v1/agent/converse`): `Welcome`; the first message must
+  be `Settings` -> `SettingsApplied` (else `Error`, close 1002); binary audio ->
+  `UserStartedSpeaking`, then per second of audio at `audio.input`'s format a turn:
+  `ConversationText` and `History` (user: the bytes heard; assistant: an echo naming
+  the think model), `AgentThinking`, `AgentStartedSpeaking`, 100 ms of binary audio
+  at `audio.output`'s format, `AgentAudioDone`; `InjectUserMessage` -> that turn for
+  its text; `Update{Prompt,Speak,Think,Listen}` -> `...Updated`; `KeepAlive` ->
+  nothing; another message -> `Warning`.
 - assemblyai (streaming v3): `Begin`; binary audio -> `Turn`; `Terminate` ->
   `Termination` with `audio_duration_seconds`, then close 1000.
 - elevenlabs (conversational AI): `conversation_initiation_client_data` ->
@@ -279,6 +287,61 @@ async def _speak_v2(ws: ServerConnection) -> None:
             await ws.send(_encode(warning).decode())
 
 
+def _agent_rate(audio: dict) -> int:
+    width = 2 if audio.get("encoding", "linear16") == "linear16" else 1
+    return int(audio.get("sample_rate", 24000)) * width
+
+
+async def deepgram_agent(ws: ServerConnection) -> None:
+    await ws.send(_encode({"type": "Welcome", "request_id": secrets.token_hex(8)}).decode())
+    try:
+        settings = _json.decode(await ws.recv(decode=False))
+    except msgspec.DecodeError:
+        settings = None
+    if not isinstance(settings, dict) or settings.get("type") != "Settings":
+        error = {"type": "Error", "code": "UNPARSABLE_CLIENT_MESSAGE", "description": "expected Settings"}
+        await ws.send(_encode(error).decode())
+        await ws.close(1002, "expected Settings")
+        return
+    await ws.send(_encode({"type": "SettingsApplied"}).decode())
+    audio = settings.get("audio") or {}
+    per_second, out_rate = _agent_rate(audio.get("input") or {}), _agent_rate(audio.get("output") or {})
+    agent = settings.get("agent")
+    think = (agent.get("think") if isinstance(agent, dict) else None) or {}
+    first = think[0] if isinstance(think, list) else think
+    think_model = first.get("provider", {}).get("model")
+
+    async def turn(heard: str) -> None:
+        for role, content in (("user", heard), ("assistant", f"{think_model} heard: {heard}")):
+            await ws.send(_encode({"type": "ConversationText", "role": role, "content": content}).decode())
+            await ws.send(_encode({"type": "History", "role": role, "content": content}).decode())
+        await ws.send(_encode({"type": "AgentThinking", "content": "mock"}).decode())
+        latency = {"total_latency": 0.2, "tts_latency": 0.1, "ttt_latency": 0.1}
+        await ws.send(_encode({"type": "AgentStartedSpeaking", **latency}).decode())
+        await ws.send(bytes(out_rate // 10))
+        await ws.send(_encode({"type": "AgentAudioDone"}).decode())
+
+    received = reported = 0
+    async for message in ws:
+        if isinstance(message, bytes):
+            if not received:
+                await ws.send(_encode({"type": "UserStartedSpeaking"}).decode())
+            received += len(message)
+            if received - reported >= per_second:
+                reported = received
+                await turn(f"{received} bytes")
+            continue
+        event = _json.decode(message)
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "InjectUserMessage":
+            await turn(str(event.get("content", "")))
+        elif kind in ("UpdatePrompt", "UpdateSpeak", "UpdateThink", "UpdateListen"):
+            await ws.send(_encode({"type": kind.removeprefix("Update") + "Updated"}).decode())
+        elif kind != "KeepAlive":
+            warning = {"type": "Warning", "code": "UNKNOWN", "description": f"unknown message type {kind!r}"}
+            await ws.send(_encode(warning).decode())
+
+
 async def assemblyai(ws: ServerConnection) -> None:
     per_second = int(_query(ws).get("sample_rate", 16000)) * 2
     await ws.send(_encode({"type": "Begin", "id": secrets.token_hex(8), "expires_at": 4102444800}).decode())
@@ -380,5 +443,11 @@ def elevenlabs_rest(mock, connection, request):
     return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
 
-SHAPES = {"gemini": gemini, "deepgram": deepgram, "assemblyai": assemblyai, "elevenlabs": elevenlabs}
+SHAPES = {
+    "gemini": gemini,
+    "deepgram": deepgram,
+    "deepgram_agent": deepgram_agent,
+    "assemblyai": assemblyai,
+    "elevenlabs": elevenlabs,
+}
 REST = {"elevenlabs": elevenlabs_rest}

@@ -1,0 +1,225 @@
+"""Deepgram's voice agent (`/v1/agent/converse`, on agent.deepgram.com): deepgram-sdk's
+agent client, unchanged but for its base URL and a virtual key, through the sidecar to
+the deepgram_agent mock. The provider's Welcome reaches the client first; the client's
+Settings is held and every model it names checked against the key before it goes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conduit_sidecar import held
+from conduit_sidecar.config import Config, Provider
+from conduit_sidecar.handshake import Accept, Close, decide
+from conduit_sidecar.keys import KEY_PREFIX, KeyEntry, KeySet, hash_key
+from conduit_sidecar.routing import Router
+from conftest import PROVIDER_SECRET, run
+from test_native_sdks import (_closed_with, _deepgram_client, _last_request, last_session, log_mark,
+                              metric, metric_becomes)
+from test_native_sdks import native  # noqa: F401, F811  (the fixture: a sidecar, its mocks)
+from test_pure import KEY, admission, upgrade
+
+AGENT = "/v1/agent/converse"
+# Deepgram's documented Settings shape (docs: voice-agent-settings, configure-voice-agent).
+SETTINGS = {
+    "type": "Settings",
+    "audio": {"input": {"encoding": "linear16", "sample_rate": 16000},
+              "output": {"encoding": "linear16", "sample_rate": 24000, "container": "none"}},
+    "agent": {
+        "language": "en",
+        "listen": {"provider": {"type": "deepgram", "version": "v1", "model": "nova-3"}},
+        "think": {"provider": {"type": "open_ai", "model": "gpt-4o-mini"}, "prompt": "Be brief."},
+        "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}},
+    },
+}
+
+
+def _settings(**agent) -> str:
+    return json.dumps({**SETTINGS, "agent": {**SETTINGS["agent"], **agent}})
+
+
+@pytest.fixture(scope="module")
+def sidecar(native):
+    """`native` with `agent-voice`, for the agent's think, listen and speak models only."""
+    native.keys.add("agent-voice", allowed_models=["gpt-4o-mini", "nova-3", "aura-2-*"])
+    reloads = metric(native, "conduit_keys_reload_total", result="ok")
+    native.keys.write(native.keys_file)
+    assert metric_becomes(native, reloads + 1, "conduit_keys_reload_total", result="ok") == reloads + 1
+    return native
+
+
+def _no_virtual_key_upstream(sidecar) -> str:
+    """The agent mock's last handshake: the provider secret in Deepgram's header form, no
+    virtual key anywhere. Returns its path."""
+    path, headers = _last_request(sidecar, "deepgram_agent")
+    assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
+    assert KEY_PREFIX not in path and KEY_PREFIX not in str(headers)
+    assert "Sec-WebSocket-Protocol" not in headers
+    return path
+
+
+async def _until(ws, done, seconds: float = 10) -> list:
+    """Messages (JSON decoded, binary as bytes) until `done(last)` or the close."""
+    got: list = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+        got.append(message if isinstance(message, bytes) else json.loads(message))
+        if done(got[-1]):
+            return got
+    raise AssertionError(f"not done within {seconds} s: {got}")
+
+
+def test_the_agent_through_the_python_sdk(sidecar):
+    """Settings sent at once (the SDK's own flow), audio both ways, the agent's events
+    back; the think model labels the session."""
+    from deepgram.agent.v1.types import AgentV1Settings
+    mark = log_mark(sidecar)
+    client = _deepgram_client(sidecar, sidecar.keys.plain["agent-voice"])
+
+    async def body():
+        got = []
+        async with client.agent.v1.connect() as agent:
+            await agent.send_settings(AgentV1Settings.model_validate(SETTINGS))
+            deadline = time.monotonic() + 10
+            async for message in agent:
+                got.append(message)
+                kind = getattr(message, "type", None)
+                if kind == "SettingsApplied":
+                    for _ in range(50):                      # 1 s of 16 kHz PCM16, 20 ms frames
+                        await agent.send_media(bytes(640))
+                if kind == "AgentAudioDone" or time.monotonic() > deadline:
+                    break
+        return got
+
+    got = run(body())
+    events = [m.type for m in got if not isinstance(m, bytes)]
+    assert events[:3] == ["Welcome", "SettingsApplied", "UserStartedSpeaking"], events
+    assert events[-3:] == ["AgentThinking", "AgentStartedSpeaking", "AgentAudioDone"], events
+    said = [(m.role, m.content) for m in got if getattr(m, "type", None) == "ConversationText"]
+    assert said == [("user", "32000 bytes"), ("assistant", "gpt-4o-mini heard: 32000 bytes")]
+    assert len(b"".join(m for m in got if isinstance(m, bytes))) == 4800   # 100 ms at 24 kHz PCM16
+    assert _no_virtual_key_upstream(sidecar) == AGENT
+    end = last_session(sidecar, "deepgram_agent", mark)
+    assert (end["key_id"], end["model"]) == ("agent-voice", "gpt-4o-mini")
+    assert not any(end["usage_tokens"].values())
+
+
+def test_a_client_that_waits_for_welcome_before_its_settings(sidecar):
+    """Deepgram's message-flow guide: no message before the Welcome. A browser's key
+    subprotocol form (`token, KEY`), which never goes upstream or into the 101."""
+    key = sidecar.keys.plain["agent-voice"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}", subprotocols=["token", key]) as ws:
+            assert ws.subprotocol == "token"
+            welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(_settings())
+            applied = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(json.dumps({"type": "InjectUserMessage", "content": "hello"}))
+            turn = await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "AgentAudioDone")
+        return welcome, applied, turn
+
+    welcome, applied, turn = run(body())
+    assert welcome["type"] == "Welcome" and welcome["request_id"] and applied == {"type": "SettingsApplied"}
+    assert [m["content"] for m in turn if isinstance(m, dict) and m["type"] == "ConversationText"] == [
+        "hello", "gpt-4o-mini heard: hello"]
+    _no_virtual_key_upstream(sidecar)
+
+
+@pytest.mark.parametrize("key, reason", [("condt_wrong", "unknown key"), (None, "missing key")])
+def test_a_wrong_or_missing_key_gets_4001(sidecar, key, reason):
+    headers = {"Authorization": f"Token {key}"} if key else {}
+    assert _closed_with(sidecar, AGENT, headers) == (4001, reason)
+
+
+def _refused(sidecar, key_id: str, first: str | bytes) -> tuple[int, str]:
+    """The close a first message gets, after the Welcome only: the refused message never
+    reached the provider, which would have answered SettingsApplied."""
+    async def body():
+        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
+                           additional_headers={"Authorization": f"Token {sidecar.keys.plain[key_id]}"}) as ws:
+            await ws.send(first)
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "Welcome"
+            with pytest.raises(ConnectionClosed) as exc:
+                await asyncio.wait_for(ws.recv(), 10)
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    return run(body())
+
+
+@pytest.mark.parametrize("key_id, settings, reason", [
+    ("agent-voice", _settings(think={"provider": {"type": "open_ai", "model": "gpt-4o"}}),
+     "model 'gpt-4o' not allowed for this key"),
+    # A fallback names it: every think and speak provider is checked.
+    ("agent-voice", _settings(speak=[{"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}},
+                                     {"provider": {"type": "eleven_labs", "model_id": "eleven_turbo_v2_5"}}]),
+     "model 'eleven_turbo_v2_5' not allowed for this key"),
+    ("agent-voice", _settings(listen={"provider": {"type": "deepgram", "version": "v2",
+                                                   "model": "flux-general-en"}}),
+     "model 'flux-general-en' not allowed for this key"),
+    ("models-only", _settings(), "model 'gpt-4o-mini' not allowed for this key"),
+    # A stored agent configuration's id names no model a key's list could allow.
+    ("agent-voice", json.dumps({**SETTINGS, "agent": "agent-config-id"}),
+     "the first message must name a model for this key"),
+    # An app that took its virtual key for its LLM's: it would go to Deepgram and on.
+    ("good", _settings(think={"provider": {"type": "open_ai", "model": "gpt-4o-mini"},
+                              "endpoint": {"url": "https://llm.example/v1/chat/completions",
+                                           "headers": {"authorization": f"Bearer {KEY_PREFIX}x"}}}),
+     "a virtual key in the Settings message"),
+])
+def test_a_settings_the_key_does_not_allow_gets_4003(sidecar, key_id, settings, reason):
+    assert _refused(sidecar, key_id, settings) == (4003, reason)
+
+
+@pytest.mark.parametrize("first", ['{"type": "KeepAlive"}', "not json", b"\x00\x01pcm",
+                                   '{"type": "Settings", "audio": {}}'])
+def test_a_first_message_that_is_not_settings_gets_1002(sidecar, first):
+    assert _refused(sidecar, "good", first) == (1002, "the first message must be a Settings message")
+
+
+def test_no_settings_in_time_gets_1002(sidecar):
+    async def body():
+        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
+                           additional_headers={"Authorization": f"Token {sidecar.keys.plain['good']}"}) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "Welcome"
+            with pytest.raises(ConnectionClosed) as exc:
+                await asyncio.wait_for(ws.recv(), 10)
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (1002, "no first message within 2 s")
+
+
+@pytest.mark.parametrize("settings, models", [
+    (SETTINGS, ("gpt-4o-mini", "nova-3", "aura-2-thalia-en")),
+    ({**SETTINGS, "agent": {"think": [{"provider": {"type": "anthropic", "model": "claude-3-5-haiku"}},
+                                      {"provider": {"type": "open_ai", "model": "gpt-4o-mini"}}],
+                            "speak": {"provider": {"type": "aws_polly", "voice": "Matthew",
+                                                   "engine": "neural"}}}},
+     ("claude-3-5-haiku", "gpt-4o-mini")),
+    ({**SETTINGS, "agent": "agent-config-id"}, ()),
+])
+def test_the_models_a_settings_names(settings, models):
+    """Think's first (the session's label), then listen's and speak's; AWS Polly's
+    voice and a stored agent's id name none."""
+    assert held.agent_settings(json.dumps(settings).encode()) == models
+
+
+def test_the_agent_is_its_own_provider_on_its_own_host():
+    """deepgram_agent's template: agent.deepgram.com, the key as on /v1/listen. A config
+    with only [providers.deepgram] does not serve it (4004), whose secret it does not
+    borrow; the agent's section may name the same one."""
+    keyset = KeySet([KeyEntry("k", hash_key(KEY))])
+    only_listen = Router(Config(providers={"deepgram": Provider(secret_env="S")}), environ={"S": "dg"})
+    d = decide(upgrade(AGENT, key=None, Authorization=f"Token {KEY}"), admission(keyset=keyset, router=only_listen))
+    assert isinstance(d, Close) and (d.code, d.reason) == (4004, "unknown provider 'deepgram_agent'")
+    both = Router(Config(providers={"deepgram": Provider(secret_env="S"),
+                                    "deepgram_agent": Provider(secret_env="S")}), environ={"S": "dg"})
+    d = decide(upgrade(AGENT, key=None, Authorization=f"Bearer {KEY}"), admission(keyset=keyset, router=both))
+    assert isinstance(d, Accept) and d.greeted and d.hold is held.agent_settings and d.model is None
+    up = both.upstream(d.route.targets[0], d.model, d.query, d.kept)
+    assert (up.uri.host, up.uri.resource_name, up.headers) == (
+        "agent.deepgram.com", AGENT, [("Authorization", "Token dg")])
