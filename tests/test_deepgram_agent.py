@@ -208,6 +208,58 @@ def test_the_models_a_settings_names(settings, models):
     assert held.agent_settings(json.dumps(settings).encode()) == models
 
 
+class _Upstream:
+    """A provider leg as read_greeting sees it: bytes are handed to its protocol."""
+
+    def __init__(self):
+        self.reading = False
+
+    def set_protocol(self, protocol):
+        self.protocol = protocol
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    size = len(payload)
+    head = bytes([0x80 * fin | opcode])
+    return head + (bytes([size]) if size < 126 else bytes([126]) + size.to_bytes(2, "big")) + payload
+
+
+def test_the_greeting_ends_with_the_providers_first_message():
+    """A ping, then a Welcome in two fragments (one over 125 bytes), and the start of
+    the next message: the client gets up to the Welcome's last frame, the relay what
+    was read after it (reading then pauses: the rest stays unread for the relay); a
+    greeting cut anywhere is completed by later reads."""
+    greeting = _frame(0x9, b"") + _frame(0x1, b'{"type": "Welcome", ', fin=False) + _frame(
+        0x0, b'"request_id": "' + b"r" * 200 + b'"}')
+    after = _frame(0x2, bytes(10))[:5]
+
+    async def body(cut: int):
+        upstream = _Upstream()
+        read = asyncio.ensure_future(held.read_greeting(upstream, (greeting + after)[:cut], 1 << 20, 5))
+        await asyncio.sleep(0)  # one turn of the loop: read_greeting is now waiting for bytes
+        if not read.done():
+            assert upstream.reading
+            upstream.protocol.data_received((greeting + after)[cut:])
+        return await read, upstream.reading
+    for cut in (0, 1, 3, len(greeting) - 1, len(greeting) + 2):
+        rest = after[: cut - len(greeting)] if cut > len(greeting) else after
+        assert run(body(cut)) == ((greeting, rest), False)
+
+
+def test_a_provider_that_closes_before_its_greeting_gets_1014():
+    async def body():
+        with pytest.raises(held.Refused) as exc:
+            await held.read_greeting(_Upstream(), _frame(0x8, b"\x03\xe8"), 1 << 20, 5)
+        return exc.value.code, str(exc.value)
+    assert run(body()) == (1014, "the provider closed before its first message")
+
+
 def test_the_agent_is_its_own_provider_on_its_own_host():
     """deepgram_agent's template: agent.deepgram.com, the key as on /v1/listen. A config
     with only [providers.deepgram] does not serve it (4004), whose secret it does not
