@@ -20,7 +20,7 @@ from conduit_sidecar.keys import KEY_PREFIX, KeyEntry, KeySet, hash_key
 from conduit_sidecar.routing import Router
 from conftest import PROVIDER_SECRET, run
 from test_native_sdks import (_closed_with, _deepgram_client, _last_request, last_session, log_mark,
-                              metric, metric_becomes)
+                              metric, metric_becomes, node)
 from test_native_sdks import native  # noqa: F401, F811  (the fixture: a sidecar, its mocks)
 from test_pure import KEY, admission, upgrade
 
@@ -130,6 +130,17 @@ def test_a_client_that_waits_for_welcome_before_its_settings(sidecar):
     assert [m["content"] for m in turn if isinstance(m, dict) and m["type"] == "ConversationText"] == [
         "hello", "gpt-4o-mini heard: hello"]
     _no_virtual_key_upstream(sidecar)
+
+
+def test_the_agent_through_the_node_sdk(sidecar):
+    base, key = f"ws://127.0.0.1:{sidecar.port}", sidecar.keys.plain["agent-voice"]
+    out = node("deepgram_agent_test.mjs", base, key, "gpt-4o-mini")
+    assert out["types"][:2] == ["Welcome", "SettingsApplied"] and out["types"][-1] == "AgentAudioDone", out
+    assert out["said"] == ["hello node", "gpt-4o-mini heard: hello node"]
+    assert out["audioBytes"] == 3200                          # 100 ms at 16 kHz PCM16
+    assert _no_virtual_key_upstream(sidecar) == AGENT
+    refused = node("deepgram_agent_test.mjs", base, key, "gpt-4o")
+    assert refused["types"] == ["Welcome"] and refused["close"] == [4003, "model 'gpt-4o' not allowed for this key"]
 
 
 @pytest.mark.parametrize("key, reason", [("condt_wrong", "unknown key"), (None, "missing key")])
