@@ -161,6 +161,11 @@ def test_flux_and_speak_through_the_node_sdk(sidecar):
     assert speak["types"] == ["Metadata", "Flushed"] and speak["close"][0] == 1000, speak
     assert speak["audioBytes"] == len("Hello node") * 2400
     assert _no_virtual_key_upstream(sidecar)[0] == "/v1/speak"
+    flux_tts = node("deepgram_sockets_test.mjs", base, key, "speak2")
+    assert flux_tts["types"] == ["Connected", "SpeechStarted", "SpeechMetadata", "Flushed",
+                                 "SessionMetadata"] and flux_tts["close"][0] == 1000, flux_tts
+    assert flux_tts["audioBytes"] == len("Hello node") * 2400
+    assert _no_virtual_key_upstream(sidecar)[0] == "/v2/speak"
 
 
 @pytest.mark.parametrize("path, first", [(FLUX, "Connected"), (SPEAK, "Metadata"), (SPEAK_V2, "Connected")])
