@@ -20,7 +20,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
-from ._relay import CloseCode
+from ._relay import CloseCode, Scanner
 from .keys import KEY_PREFIX
 
 __all__ = [
@@ -108,14 +108,15 @@ async def read_first(transport, early: bytes, limit: int, timeout: float) -> tup
 
 class _Greeting(asyncio.Protocol):
     """The provider's frames up to the end of its first data message; what follows
-    stays for the relay. Frames are only delimited here (the relay checks them): the
-    header gives each one's length."""
+    stays for the relay. The relay's scanner delimits and checks them, as it does every
+    frame it relays (they reach the client before the relay starts)."""
 
     def __init__(self, transport, limit: int):
         self.transport = transport
         self.limit = limit
         self.raw = bytearray()
-        self.end = 0  # where the next frame starts
+        self.scanner = Scanner(False, limit)
+        self.seen = 0  # frame ends judged so far
         self.done = asyncio.get_running_loop().create_future()
 
     def _finish(self, value) -> None:
@@ -124,17 +125,30 @@ class _Greeting(asyncio.Protocol):
             (self.done.set_exception if isinstance(value, Exception) else self.done.set_result)(value)
 
     def data_received(self, data) -> None:
+        if self.done.done():
+            return
         self.raw += data
-        while not self.done.done() and (end := _frame_end(self.raw, self.end)) is not None:
-            head, self.end = self.raw[self.end], end
+        scanner = self.scanner
+        scanner.feed_bytes(data)
+        if scanner.verdict_code:
+            self._finish(
+                Refused(CloseCode.UPSTREAM_FAILED, f"the provider's first message: {scanner.verdict_reason}")
+            )
+            return
+        ends = scanner.frame_boundaries
+        for end in ends[self.seen :]:
+            head = self.raw[ends[self.seen - 1] if self.seen else 0]
+            self.seen += 1
             opcode = head & 0x0F
             if opcode == Opcode.CLOSE.value:
                 self._finish(
                     Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message")
                 )
-            elif head & 0x80 and opcode < Opcode.CLOSE.value:  # the message's last frame
-                self._finish(self.end)
-        if not self.done.done() and len(self.raw) > self.limit + _SLACK:
+                return
+            if head & 0x80 and opcode < Opcode.CLOSE.value:  # the message's last frame
+                self._finish(end)
+                return
+        if len(self.raw) > self.limit + _SLACK:  # control frames without end
             self._finish(
                 Refused(CloseCode.UPSTREAM_FAILED, f"the provider's first message over {self.limit} bytes")
             )
@@ -145,20 +159,6 @@ class _Greeting(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._finish(Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message"))
-
-
-def _frame_end(buf: bytearray, at: int) -> int | None:
-    """Where the frame that starts at `at` ends, if `buf` holds all of it."""
-    if len(buf) < at + 2:
-        return None
-    size, head = buf[at + 1] & 0x7F, at + 2
-    if size > 125:
-        width = 2 if size == 126 else 8
-        if len(buf) < head + width:
-            return None
-        size, head = int.from_bytes(buf[head : head + width], "big"), head + width
-    end = head + (4 if buf[at + 1] & 0x80 else 0) + size
-    return end if end <= len(buf) else None
 
 
 async def read_greeting(upstream, early: bytes, limit: int, timeout: float) -> tuple[bytes, bytes]:

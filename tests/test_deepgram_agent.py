@@ -271,6 +271,21 @@ def test_a_provider_that_closes_before_its_greeting_gets_1014():
     assert run(body()) == (1014, "the provider closed before its first message")
 
 
+@pytest.mark.parametrize("frame, why", [
+    (bytes([0xC1, 0]), "reserved bits set (no extension was negotiated)"),
+    (bytes([0x81, 0x80]) + bytes(4), "masked frame from the upstream"),
+    (bytes([0x83, 0]), "reserved opcode 3"),
+    (bytes([0x80, 0]), "continuation frame without a message to continue"),
+])
+def test_a_greeting_is_checked_as_every_relayed_frame_is(frame, why):
+    """It reaches the client before the relay starts: the relay's scanner judges it."""
+    async def body():
+        with pytest.raises(held.Refused) as exc:
+            await held.read_greeting(_Upstream(), _frame(0x9, b"") + frame, 1 << 20, 5)
+        return exc.value.code, str(exc.value)
+    assert run(body()) == (1014, f"the provider's first message: {why}")
+
+
 def test_the_agent_is_its_own_provider_on_its_own_host():
     """deepgram_agent's template: agent.deepgram.com, the key as on /v1/listen. A config
     with only [providers.deepgram] does not serve it (4004), whose secret it does not
