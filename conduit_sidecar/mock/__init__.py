@@ -58,6 +58,7 @@ class MockProvider:
         self.handler = self._handle if shape in ("openai", "azure") else native.SHAPES[shape]
         self.rest = native.REST.get(shape)
         self.issued: set[str] = set()  # signatures of the signed URLs it handed out
+        self.first_messages: list[bytes] = []  # of every ElevenLabs text-to-speech session, for tests
 
     @property
     def url(self) -> str:
@@ -96,6 +97,8 @@ class MockProvider:
             await _translation(ws, query.get("model", [""])[0])
         elif self.handler == self._handle and query.get("intent") == ["transcription"]:
             await _transcription(ws)
+        elif self.handler == native.elevenlabs and "/text-to-speech/" in url.path:
+            await native.text_to_speech(ws, self.first_messages)
         else:
             await self.handler(ws)
 

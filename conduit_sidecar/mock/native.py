@@ -31,10 +31,19 @@
   `conversation_signature` it did not issue is refused with HTTP 403, and so is a
   session with neither signature nor `xi-api-key` for an agent that is not public
   (public agents here: ids starting with `agent_public`).
+- elevenlabs (text to speech, `/v1/text-to-speech/{voice_id}/stream-input`): the first
+  message opens the stream (`text` a single space, with `voice_settings` and
+  `generation_config`); text is buffered and voiced on `try_trigger_generation`,
+  `flush` or the closing `{"text": ""}`: `{"audio": <base64>, "isFinal": null,
+  "normalizedAlignment": ..., "alignment": ...}` per chunk, then `{"isFinal": true}`
+  and close 1000. The mock's "audio" is the text's UTF-8 bytes, so a test can tell
+  what was voiced. `multi-stream-input` does the same per `context_id` (audio and
+  final messages carry `contextId`; `flush`, `close_context`, `close_socket`).
 """
 
 from __future__ import annotations
 
+import base64
 import http
 import itertools
 import secrets
@@ -45,7 +54,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-__all__ = ["REST", "SHAPES"]
+__all__ = ["REST", "SHAPES", "text_to_speech"]
 
 _json = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
@@ -375,6 +384,69 @@ async def assemblyai(ws: ServerConnection) -> None:
                     }
                 ).decode()
             )
+            await ws.close(1000)
+            return
+
+
+def _voiced(text: str, context: str | None = None) -> bytes:
+    """One audio chunk of `text`, as ElevenLabs sends it (alignment per character)."""
+    chars = list(text)
+    alignment = {
+        "charStartTimesMs": [10 * i for i in range(len(chars))],
+        "charDurationsMs": [10] * len(chars),
+        "chars": chars,
+    }
+    event: dict = {
+        "audio": base64.b64encode(text.encode()).decode(),
+        "isFinal": None,
+        "normalizedAlignment": alignment,
+        "alignment": alignment,
+    }
+    if context is not None:
+        event["contextId"] = context
+    return _encode(event)
+
+
+def _final(context: str | None = None) -> bytes:
+    return _encode({"isFinal": True} if context is None else {"isFinal": True, "contextId": context})
+
+
+async def text_to_speech(ws: ServerConnection, first_messages: list[bytes]) -> None:
+    """`stream-input` and `multi-stream-input`; the first message is kept in
+    `first_messages` (tests check what reached the provider)."""
+    assert ws.request is not None  # the handshake is done
+    multi = urllib.parse.urlsplit(ws.request.path).path.endswith("/multi-stream-input")
+    buffers: dict[str | None, str] = {}  # text not voiced yet, per open context
+    first = True
+    async for message in ws:
+        raw = message.encode() if isinstance(message, str) else message
+        event = _json.decode(raw)
+        text = event.get("text")
+        if first:
+            first_messages.append(raw)
+            first = False
+            if text != " ":
+                await ws.close(1008, "the first message must be a single space")
+                return
+        context = event.get("context_id", "default") if multi else None
+        # A stream ends with empty text; a context with close_context (empty text only
+        # keeps it alive), every context with close_socket.
+        if multi and event.get("close_socket"):
+            ending = list(buffers)
+        else:
+            buffers.setdefault(context, "")
+            if text and text.strip():  # not the single space that opens a context
+                buffers[context] += text
+            ending = [context] if event.get("close_context") or (text == "" and not multi) else []
+        voicing = [context] if event.get("try_trigger_generation") or event.get("flush") else []
+        for c in dict.fromkeys(voicing + ending):
+            if buffers.get(c):
+                await ws.send(_voiced(buffers[c], c).decode())
+                buffers[c] = ""
+        for c in ending:
+            await ws.send(_final(c).decode())
+            del buffers[c]
+        if (ending and not multi) or (multi and event.get("close_socket")):
             await ws.close(1000)
             return
 
