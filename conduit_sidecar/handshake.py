@@ -252,11 +252,12 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     if state.at_capacity:
         return Close(response, CloseCode.AT_CAPACITY, "sidecar at its connection limit: try again later")
 
-    elevenlabs = where is not None and where.provider == "elevenlabs"
+    # Signed URLs and public agents are ElevenLabs' agents' (convai), not its TTS's.
+    agents = path == "/v1/convai/conversation"
     signature = query.get("conversation_signature", [""])[0]
     anonymous = False
     deployment = None
-    if key is None and elevenlabs and signature:
+    if key is None and agents and signature:
         # A signed URL the sidecar handed out carries no key: it stands for the key
         # it was issued to.
         issued = state.signed(signature)
@@ -266,7 +267,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         entry = state.keyset.by_hash.get(key_hash)
         if entry is None:  # rotated or removed since it signed
             return _rejected(response, Rejection.REVOKED)
-    elif key is None and elevenlabs and model in state.keyset.by_agent:
+    elif key is None and agents and model in state.keyset.by_agent:
         # A public agent: ElevenLabs' SDK sends no credential at all. The key that lists
         # the agent owns the session, which goes upstream without the provider secret.
         entry, anonymous = state.keyset.by_agent[model], True
@@ -274,13 +275,16 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         return _rejected(response, Rejection.MISSING)
     else:
         entry = state.keyset.lookup(key)
-    admitted = admit(entry, state.router, state.now, model, provider, without_model=kind is not None)
+    kept = where.kept if where is not None else None
+    # A path whose model parameter is optional upstream (ElevenLabs' TTS `model_id`)
+    # may name none, as OpenAI's call and transcription sessions may.
+    optional = kind is not None or (kept is not None and kept.model is not None)
+    admitted = admit(entry, state.router, state.now, model, provider, without_model=optional)
     if not isinstance(admitted, Route):
         code, reason, why = admitted
         return Close(response, code, reason, entry, why)
     route = admitted
     assert entry is not None  # admit refuses a missing entry
-    kept = where.kept if where is not None else None
     if not route.serves(kept):
         return Close(response, CloseCode.NO_ROUTE, f"provider {route.name!r} does not serve {path}", entry)
     if kind == "call" and entry.allowed_models is not None:

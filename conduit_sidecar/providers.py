@@ -65,17 +65,23 @@ class Kept(msgspec.Struct, frozen=True):
     """The part of a native path that goes upstream: `text` in place of the first match
     of the pattern `at` in the template URL up to its query (Gemini's API version for the
     template's; OpenAI's `/realtime/translations` for its `/realtime`; Deepgram's
-    `/v2/listen`, `/v1/speak` or `/v2/speak` for its `/v1/listen`).
+    `/v2/listen`, `/v1/speak` or `/v2/speak` for its `/v1/listen`; ElevenLabs'
+    text-to-speech path, voice id included, for its `/v1/convai/conversation`).
 
     `builtins`: the built-in providers that serve the path (None: all); another
     built-in cannot (Azure documents no translation path), a provider of the user's can
     if its URL matches. `required`: a URL `at` does not match cannot serve the path;
-    else that URL is used as it is (a Gemini URL of the user's naming no version)."""
+    else that URL is used as it is (a Gemini URL of the user's naming no version).
+    `model`: the query parameter that names the model upstream in place of the
+    template's `...={model}` one (ElevenLabs' `model_id` for its `agent_id`), left out
+    when the session names no model; only URLs that name the model as nothing but a
+    query parameter's value can serve the path (Route.serves)."""
 
     at: str
     text: str
     builtins: tuple[str, ...] | None = None
     required: bool = True
+    model: str | None = None
 
 
 class NativePath(msgspec.Struct, frozen=True):
@@ -272,6 +278,38 @@ _NATIVE: dict[str, NativePath] = {
     "/v3/ws": NativePath("assemblyai", "speech_model"),
     "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),
 }
+# Native paths with a variable segment, matched whole; their Kept text expands the
+# pattern's groups. ElevenLabs' text-to-speech sockets keep the client's voice id
+# (strictly alphanumeric, as ElevenLabs' ids are: nothing to encode) and name the
+# model in `model_id`, which ElevenLabs defaults when it is absent.
+_NATIVE_PATTERNS: tuple[tuple[re.Pattern[str], NativePath], ...] = (
+    (
+        re.compile(r"/v1/text-to-speech/([A-Za-z0-9]{1,64})/(stream-input|multi-stream-input)"),
+        NativePath(
+            "elevenlabs",
+            "model_id",
+            Kept(
+                r"/v1/convai/conversation$",
+                r"/v1/text-to-speech/\1/\2",
+                builtins=("elevenlabs",),
+                model="model_id",
+            ),
+            # Not authorization nor single_use_token: credentials are the sidecar's.
+            query=(
+                "output_format",
+                "language_code",
+                "enable_logging",
+                "enable_ssml_parsing",
+                "optimize_streaming_latency",
+                "inactivity_timeout",
+                "sync_alignment",
+                "auto_mode",
+                "apply_text_normalization",
+                "seed",
+            ),
+        ),
+    ),
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -298,8 +336,17 @@ def normalise_path(target: str) -> tuple[str, str]:
 
 
 def native(path: str) -> NativePath | None:
-    """The provider whose SDKs dial `path`, if any."""
-    return _NATIVE.get(path)
+    """The provider whose SDKs dial `path`, if any, with the part of it kept upstream."""
+    found = _NATIVE.get(path)
+    if found is not None:
+        return found
+    for pattern, where in _NATIVE_PATTERNS:
+        m = pattern.fullmatch(path)
+        if m is not None and where.kept is not None:
+            return msgspec.structs.replace(
+                where, kept=msgspec.structs.replace(where.kept, text=m.expand(where.kept.text))
+            )
+    return None
 
 
 def speaks_openai(provider: str) -> bool:

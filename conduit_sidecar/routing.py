@@ -97,7 +97,11 @@ class Route(msgspec.Struct, frozen=True):
     def serves(self, kept: Kept | None) -> bool:
         """Whether every deployment serves a native path that keeps `kept` of the
         client's path upstream (providers.Kept)."""
-        return kept is None or all(takes(kept, t.provider, t.spec.url or "") for t in self.targets)
+        if kept is None:
+            return True
+        if kept.model is not None and not self.model_optional:
+            return False  # its model parameter could not be replaced by kept.model
+        return all(takes(kept, t.provider, t.spec.url or "") for t in self.targets)
 
 
 # The fields a deployment may override (all of Deployment's but its label and weight).
@@ -313,15 +317,17 @@ class Router:
         """The URL and headers for one session at one deployment (secrets filled in), with
         the client's allowed query parameters appended and the part of its path `kept`
         keeps (Route.serves said the target takes it). No
-        `model`: the URL's model parameter is dropped (route() allowed it). `secret`
+        `model`: the URL's model parameter is dropped (route() allowed it); so it is
+        where `kept` names the parameter the model goes in instead. `secret`
         False: headers that carry the secret are left out (a session nobody presented a
         key for never gets the provider's credential)."""
         spec = target.spec
         url = spec.url
         assert url is not None  # _check refused a target without one
-        if model is None and "{model}" in url:
+        moved = kept is not None and kept.model is not None
+        if (model is None or moved) and "{model}" in url:
             url = _without_model(spec)
-            assert url is not None  # route() admits no model only where it can be dropped
+            assert url is not None  # route() and Route.serves admit only URLs it can drop from
         header_templates = {h: v for h, v in (spec.headers or {}).items() if secret or "{secret}" not in v}
         if not secret and "{secret}" in url:
             raise RouteError(CloseCode.NO_ROUTE, f"provider {target.provider!r} needs its secret in the URL")
@@ -345,6 +351,9 @@ class Router:
                     f"{field} is a dot segment",
                 )
         url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(url, kept))
+        if moved and model:
+            assert kept is not None and kept.model is not None  # moved says so
+            query = ((kept.model, model), *query)
         if query:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
