@@ -131,6 +131,11 @@ def test_wrong_or_missing_key_gets_4001(native, sidecar_ca_bundle):
     # A signature or a public agent stands for a key on the agents' path only.
     assert _closed_with(native, f"{TTS}?conversation_signature=forged") == (4001, "missing key")
     assert _closed_with(native, f"{TTS}?model_id=agent_public_demo") == (4001, "missing key")
+    # ElevenLabs' other key forms are not read: a virtual key in them is refused outright.
+    for param in ("authorization", "single_use_token"):
+        with pytest.raises(InvalidStatus) as refused:
+            _closed_with(native, f"{TTS}?{param}={native.keys.plain['good']}")
+        assert refused.value.response.status_code == 400
     assert len(native.mocks["elevenlabs"].mock.requests) == before
 
 
