@@ -1,0 +1,816 @@
+"""Chaos: a seeded, randomized fault-injection run against one sidecar.
+
+Many concurrent clients (websockets' client and raw sockets) and a hand-written
+provider that misbehaves on request do random things for CHAOS_SECONDS (default 20):
+normal sessions with text and binary frames, fragmented or not, both ways; closes and
+TCP resets at every point of a session's life (request half sent, provider slow to
+answer, just after the 101, between fragments, mid-frame, during the close
+handshake); the provider answering slowly, refusing (503), resetting, closing with
+codes, sending half a frame, a masked frame or no close at all, never reading; bad
+client frames; keys revoked and rotated under live sessions. Each scenario states
+what its client, the provider and the session's `session_end` line must see; once
+every client is done the process-wide invariants are checked (polled with a
+deadline): the sidecar alive and without a traceback, no session or pending
+connection left (metrics), every provider connection let go, one `session_end` per
+accepted session, file descriptors and RSS back near the start, and a fresh session
+and a drain still work.
+
+The seed is printed (`pytest -s`) and in every failure message; CHAOS_SEED=N replays
+the same choices (timing differs). CHAOS_WORKERS sets the concurrency (default 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from conftest import Keys, SidecarProcess, http_get, run, standard_keys, switching_protocols
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.utils import apply_mask
+
+from conduit_sidecar.keys import hash_key, new_key
+
+SECONDS = float(os.environ.get("CHAOS_SECONDS", "20"))
+WORKERS = int(os.environ.get("CHAOS_WORKERS", "10"))
+MAX_MESSAGE = 1 << 20
+CLOSE_TIMEOUT = 1.0
+CONNECT_TIMEOUT = 2.0
+KEY_POLL = 0.2
+
+
+# -- frames --------------------------------------------------------------------------
+
+def frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = True, rsv: int = 0,
+          length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    b0 = (0x80 if fin else 0) | rsv | opcode
+    m = 0x80 if mask else 0
+    if n < 126:
+        head = bytes([b0, m | n])
+    elif n < 65536:
+        head = bytes([b0, m | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([b0, m | 127]) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + apply_mask(payload, key)
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    return code.to_bytes(2, "big") + reason.encode()
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Frames:
+    """An incremental frame parser that checks what a peer of the sidecar may get:
+    `masked` frames only (the provider's side) or unmasked only (the client's)."""
+
+    def __init__(self, masked: bool):
+        self.masked, self.buf, self.fragmented = masked, bytearray(), False
+
+    def feed(self, data: bytes) -> list[tuple[bool, int, bytes]]:
+        self.buf += data
+        out = []
+        while True:
+            b = self.buf
+            if len(b) < 2:
+                return out
+            fin, rsv, opcode, m, n = b[0] & 0x80, b[0] & 0x70, b[0] & 0x0F, b[1] & 0x80, b[1] & 0x7F
+            pos = 2
+            if n == 126:
+                if len(b) < 4:
+                    return out
+                n, pos = int.from_bytes(b[2:4], "big"), 4
+            elif n == 127:
+                if len(b) < 10:
+                    return out
+                n, pos = int.from_bytes(b[2:10], "big"), 10
+            if bool(m) != self.masked:
+                raise ProtocolError(f"mask bit {bool(m)} on a frame to the {'provider' if self.masked else 'client'}")
+            if rsv:
+                raise ProtocolError("reserved bits")
+            if opcode not in (0, 1, 2, 8, 9, 10):
+                raise ProtocolError(f"opcode {opcode}")
+            if opcode >= 8 and (not fin or n > 125):
+                raise ProtocolError("bad control frame")
+            if opcode == 0 and not self.fragmented:
+                raise ProtocolError("continuation without a start")
+            if opcode in (1, 2) and self.fragmented:
+                raise ProtocolError("new message inside a fragmented one")
+            key = b""
+            if m:
+                if len(b) < pos + 4:
+                    return out
+                key, pos = bytes(b[pos:pos + 4]), pos + 4
+            if len(b) < pos + n:
+                return out
+            payload = bytes(b[pos:pos + n])
+            if key:
+                payload = apply_mask(payload, key)
+            del b[:pos + n]
+            if opcode < 8:
+                self.fragmented = not fin
+            out.append((bool(fin), opcode, payload))
+
+
+def reset(transport) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
+# -- the misbehaving provider ----------------------------------------------------------
+
+@dataclass
+class UpRecord:
+    """What the provider saw of one session (by its model name)."""
+    connections: int = 0
+    answered: bool = False
+    frames: list = field(default_factory=list)       # (fin, opcode, payload) received
+    sent_frames: int = 0
+    close: tuple | None = None                       # the first close frame received
+    errors: list = field(default_factory=list)       # frames the sidecar must never send
+    lost: float | None = None
+    open_transports: int = 0
+
+
+class ChaosUpstream(asyncio.Protocol):
+    """The model in the upgrade request names the behaviour: `c-<n>-<mode>-<a>-<b>`."""
+
+    def __init__(self, chaos: Chaos):
+        self.chaos = chaos
+        self.buf = b""
+        self.rec: UpRecord | None = None
+        self.parser = Frames(masked=True)
+        self.mode = ""
+        self.closed_sent = False
+        self.data_seen = 0
+        self.stopped = False     # no more echoes
+        self.eof_sent = False
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def connection_made(self, transport):
+        self.t = transport
+        self.chaos.up_transports.add(transport)
+
+    def later(self, delay, fn, *args):
+        self.timers.append(asyncio.get_running_loop().call_later(delay, fn, *args))
+
+    def write(self, data: bytes) -> None:
+        if not self.t.is_closing() and not self.eof_sent:
+            self.t.write(data)
+
+    def data_received(self, data):
+        if self.rec is None:
+            self.buf += data
+            if b"\r\n\r\n" not in self.buf:
+                return
+            head, _, rest = self.buf.partition(b"\r\n\r\n")
+            self.buf = b""
+            line = head.split(b"\r\n", 1)[0].decode()
+            model = line.split("model=", 1)[1].split(" ", 1)[0].split("&", 1)[0]
+            self.rec = self.chaos.up.setdefault(model, UpRecord())
+            self.rec.connections += 1
+            self.rec.open_transports += 1
+            _, _, self.mode, a, b = model.split("-")
+            self.a, self.b = int(a), int(b)
+            self.head = head + b"\r\n\r\n"
+            if self.mode == "refuse":
+                self.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                self.t.close()
+            elif self.mode == "reset101":
+                self.later(self.a / 1000, reset, self.t)
+            elif self.mode == "hang":
+                pass                                     # never answers
+            elif self.mode == "slow":
+                self.later(self.a / 1000, self.answer)
+            else:
+                self.answer()
+            return
+        if self.stopped == "deaf":
+            return
+        try:
+            frames = self.parser.feed(data)
+        except ProtocolError as exc:
+            self.rec.errors.append(str(exc))
+            reset(self.t)
+            return
+        for fin, opcode, payload in frames:
+            self.on_frame(fin, opcode, payload)
+
+    def answer(self):
+        if self.t.is_closing():
+            return
+        self.write(switching_protocols(self.head))
+        self.rec.answered = True
+        mode, a = self.mode, self.a
+        if mode == "deaf":            # reads nothing, then vanishes after `a` ms
+            self.stopped = "deaf"
+            self.t.pause_reading()
+            self.later(a / 1000, reset, self.t)
+        elif a == 0:
+            self.misbehave()
+
+    def send(self, data: bytes) -> None:
+        self.rec.sent_frames += 1
+        self.write(data)
+
+    def misbehave(self):
+        """After `a` echoed messages (the modes that end the session)."""
+        mode = self.mode
+        self.stopped = True
+        if mode == "close":
+            code = 4000 + self.b
+            self.send(frame(8, close_payload(code, f"bye{self.b}"), mask=False))
+            self.closed_sent = True
+        elif mode == "reset":
+            self.later(0.15, reset, self.t)              # between frames
+        elif mode == "resetmid":
+            self.write(bytes([0x82, 126, 0x10, 0x00]) + b"half a frame")
+            self.later(0.15, reset, self.t)
+        elif mode == "halfclose":
+            if self.t.can_write_eof():
+                self.t.write_eof()
+                self.eof_sent = True
+        elif mode == "masked":
+            self.send(frame(2, b"masked!", mask=True))
+        else:
+            self.stopped = False
+
+    def on_frame(self, fin, opcode, payload):
+        rec = self.rec
+        rec.frames.append((fin, opcode, payload))
+        if opcode == 8:
+            if rec.close is None:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                rec.close = (code, payload[2:].decode(errors="replace"))
+            if not self.closed_sent:
+                self.closed_sent = True
+                self.send(frame(8, payload, mask=False))
+            self.t.close()
+            return
+        if opcode == 9:
+            if not self.closed_sent:
+                self.send(frame(10, payload, mask=False))
+            return
+        if self.closed_sent or self.stopped:
+            return
+        if opcode in (0, 1, 2):
+            self.send(frame(opcode, payload, fin=fin, mask=False))
+            if fin:
+                self.data_seen += 1
+                if self.mode in ("close", "reset", "resetmid", "halfclose", "masked") and self.data_seen == self.a:
+                    self.misbehave()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self.chaos.up_transports.discard(self.t)
+        for timer in self.timers:
+            timer.cancel()
+        if self.rec is not None:
+            self.rec.lost = time.monotonic()
+            self.rec.open_transports -= 1
+
+
+# -- the run -----------------------------------------------------------------------------
+
+@dataclass
+class Session:
+    n: int
+    scenario: str
+    model: str
+    expect_end: tuple | None           # (closed_by, {codes}) or None: no session_end line
+    key: str = "good"
+    notes: list = field(default_factory=list)
+    revocable: str | None = None       # the plaintext of a revocable key it used
+
+
+class Chaos:
+    def __init__(self, sidecar: SidecarProcess, seed: int):
+        self.sidecar, self.seed = sidecar, seed
+        self.up: dict[str, UpRecord] = {}
+        self.up_transports: set = set()
+        self.sessions: list[Session] = []
+        self.violations: list[str] = []
+        self.counter = 0
+        self.pool: dict[str, str | None] = {}          # revocable key id -> current plaintext
+        self.invalid_since: dict[str, float] = {}      # plaintext -> when it stopped being valid
+
+    def fail(self, s: Session, what: str) -> None:
+        self.violations.append(f"[seed {self.seed}] #{s.n} {s.scenario} ({s.model}): {what}")
+
+    def new(self, scenario: str, mode: str, a: int = 0, b: int = 0, expect_end=None) -> Session:
+        self.counter += 1
+        s = Session(self.counter, scenario, f"c-{self.counter}-{mode}-{a}-{b}", expect_end)
+        self.sessions.append(s)
+        return s
+
+    def url(self, s: Session) -> str:
+        return f"ws://127.0.0.1:{self.sidecar.port}/v1/realtime/connect?model={s.model}&provider=chaos"
+
+    def request(self, s: Session, key: str) -> bytes:
+        return (f"GET /v1/realtime/connect?model={s.model}&provider=chaos HTTP/1.1\r\n"
+                f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {key}\r\n\r\n").encode()
+
+    # -- websockets clients
+
+    async def ws_session(self, rng: random.Random, s: Session, key: str, messages: int,
+                         until_closed: bool) -> tuple[ConnectionClosed | None, int]:
+        """Send `messages` random messages (some fragmented, some pings between), each
+        echo checked in order; then close 1000, or (until_closed) keep going until the
+        other side closes. Returns the ConnectionClosed (or None) and echoes received."""
+        echoed = 0
+        async with connect(self.url(s), additional_headers={"Authorization": f"Bearer {key}"},
+                           open_timeout=10, close_timeout=5, max_size=None, compression=None,
+                           ping_interval=None) as ws:
+            try:
+                i = 0
+                while until_closed or i < messages:
+                    i += 1
+                    size = rng.choice((0, 1, 125, 126, 1000, 65535, 65536, 200_000)) if rng.random() < 0.3 \
+                        else rng.randrange(0, 4000)
+                    tag = f"{s.n}:{i}:".encode()
+                    if rng.random() < 0.5:
+                        msg = (tag + b"t" * size).decode()
+                    else:
+                        msg = tag + rng.randbytes(size)
+                    if rng.random() < 0.1:     # (before the message: its echo may come with a close)
+                        await asyncio.wait_for(await ws.ping(), 10)
+                    if rng.random() < 0.2:
+                        cut = sorted(rng.randrange(0, len(msg) + 1) for _ in range(rng.randrange(1, 4)))
+                        parts = [msg[x:y] for x, y in zip([0, *cut], [*cut, len(msg)])]
+                        await ws.send(iter(parts))
+                    else:
+                        await ws.send(msg)
+                    got = await asyncio.wait_for(ws.recv(), 10)
+                    if got != msg:
+                        self.fail(s, f"message {i} echoed wrong: {got[:40]!r}... != {msg[:40]!r}...")
+                        return None, echoed
+                    echoed += 1
+                    if s.revocable is not None:
+                        since = self.invalid_since.get(s.revocable)
+                        if since is not None and time.monotonic() - since > 2 + 5 * KEY_POLL:
+                            self.fail(s, f"an echo {time.monotonic() - since:.1f} s after its key was revoked")
+                            return None, echoed
+                        if time.monotonic() > self.end:
+                            break
+                        await asyncio.sleep(rng.random() * 0.2)
+                await ws.close(1000)
+                return ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent, ws.protocol.close_rcvd_then_sent), echoed
+            except ConnectionClosed as exc:
+                return exc, echoed
+
+    async def sc_echo(self, rng):
+        mode = rng.choice(("echo", "echo", "slow"))
+        s = self.new("echo", mode, rng.randrange(50, 1200) if mode == "slow" else 0,
+                     expect_end=("client", {1000}))
+        messages = rng.randrange(1, 12)
+        closed, echoed = await self.ws_session(rng, s, self.sidecar.keys.plain["good"], messages, False)
+        if closed is None:
+            return
+        if echoed != messages:
+            self.fail(s, f"{echoed} of {messages} echoed")
+        if closed.rcvd is None or closed.rcvd.code != 1000:
+            self.fail(s, f"closed with {closed.rcvd} (sent {closed.sent}), not 1000")
+        s.notes.append(("frames", messages))
+
+    async def sc_provider_ends(self, rng):
+        """The provider ends the session after `a` echoes: a close with a code, a reset
+        between frames, half a frame then a reset, a FIN without close, a masked frame."""
+        mode = rng.choice(("close", "reset", "resetmid", "halfclose", "masked"))
+        a, b = rng.randrange(0, 4), rng.randrange(0, 999)
+        expect = {"close": ("upstream", {4000 + b}), "reset": ("upstream", {1006}),
+                  "resetmid": ("upstream", {1006}), "halfclose": ("upstream", {1006}),
+                  "masked": ("sidecar", {1002})}[mode]
+        s = self.new("provider-ends", mode, a, b, expect_end=expect)
+        closed, echoed = await self.ws_session(rng, s, self.sidecar.keys.plain["good"], 0, True)
+        if closed is None:
+            return
+        rcvd = closed.rcvd
+        want = {"close": (4000 + b, f"bye{b}"), "reset": (1014, "upstream connection lost"),
+                "resetmid": None, "halfclose": (1014, "upstream connection lost"),
+                "masked": (1002, "upstream: masked frame from the upstream")}[mode]
+        got = (rcvd.code, rcvd.reason) if rcvd else None
+        if got != want:
+            self.fail(s, f"client got close {got}, want {want} (after {echoed} echoes)")
+        if echoed != a:
+            self.fail(s, f"{echoed} echoes, want {a}")
+
+    async def sc_refused(self, rng):
+        """The provider refuses (503), resets before its 101, or never answers: 1014."""
+        mode = rng.choice(("refuse", "reset101", "hang"))
+        s = self.new("refused", mode, rng.randrange(0, 300))
+        want = {"refuse": "upstream refused: HTTP 503", "reset101": "upstream",
+                "hang": "upstream timed out"}[mode]
+        try:
+            async with connect(self.url(s), additional_headers=self.sidecar.auth(), open_timeout=10,
+                               compression=None, ping_interval=None) as ws:
+                await asyncio.wait_for(ws.recv(), 10)
+            self.fail(s, "a message came")
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            if rcvd is None or rcvd.code != 1014 or not rcvd.reason.startswith(want):
+                self.fail(s, f"got {rcvd}, want 1014 {want!r}...")
+        except InvalidStatus as exc:
+            self.fail(s, f"HTTP {exc.response.status_code}, want 101 then 1014")
+
+    async def sc_deaf(self, rng):
+        """The provider reads nothing, then vanishes (a reset): the client, held back
+        meanwhile (the sidecar stops reading it), sends what it can, then a close
+        (unread until the provider is gone: then 1014) or a reset (unseen while its
+        leg is not read)."""
+        s = self.new("deaf", "deaf", rng.randrange(300, 2500), expect_end=("upstream|client", {1006}))
+        reader, writer = await self.raw_open(s, self.sidecar.keys.plain["good"])
+        if reader is None:
+            return
+        blob = frame(2, b"d" * 60000)
+        deadline = time.monotonic() + rng.random() * 1.5
+        try:
+            while time.monotonic() < deadline and not writer.transport.is_closing():
+                writer.write(blob)
+                await asyncio.wait_for(writer.drain(), 0.3)
+        except (TimeoutError, ConnectionError):
+            pass
+        if rng.random() < 0.5:
+            reset(writer.transport)
+        else:
+            if not writer.transport.is_closing():
+                writer.write(frame(8, close_payload(1000)))
+            await self.read_to_end(s, reader, 10)
+            writer.close()
+
+    # -- raw clients
+
+    async def raw_open(self, s: Session, key: str, expect_101: bool = True):
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+        writer.write(self.request(s, key))
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            self.fail(s, f"no 101: {exc!r}")
+            writer.close()
+            return None, None
+        if not head.startswith(b"HTTP/1.1 101"):
+            self.fail(s, f"no 101: {head[:40]!r}")
+            writer.close()
+            return None, None
+        return reader, writer
+
+    async def read_to_end(self, s: Session, reader, timeout: float) -> list:
+        """Frames the sidecar sends until it closes (checked: unmasked, valid)."""
+        parser, frames = Frames(masked=False), []
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    frames += parser.feed(chunk)
+        except TimeoutError:
+            self.fail(s, f"the sidecar did not close the client within {timeout} s")
+        except ConnectionResetError:
+            frames.append("reset")
+        except ProtocolError as exc:
+            self.fail(s, f"client got a bad frame: {exc}")
+        return frames
+
+    async def sc_client_leaves(self, rng):
+        """The client ends (FIN) or resets at a point of its session's life."""
+        point = rng.choice(("partial", "opening", "after101", "fragment", "midframe", "closing"))
+        how = rng.choice(("fin", "rst"))
+        key = self.sidecar.keys.plain["good"]
+        if point == "partial":
+            s = self.new(f"leaves-{point}-{how}", "echo")
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+            req = self.request(s, key)
+            writer.write(req[:rng.randrange(0, len(req) - 1)])
+            await asyncio.sleep(rng.random() * 0.3)
+        elif point == "opening":
+            s = self.new(f"leaves-{point}-{how}", "slow", 1500)
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+            writer.write(self.request(s, key))
+            await asyncio.sleep(rng.random() * 0.8)
+        else:
+            expect = ("client", {1000} if point == "closing" and how == "fin" else
+                      {1000, 1006} if point == "closing" else {1006})
+            s = self.new(f"leaves-{point}-{how}", "echo", expect_end=expect)
+            reader, writer = await self.raw_open(s, key)
+            if reader is None:
+                return
+            if point == "fragment":
+                writer.write(frame(1, b"first part", fin=False))
+                if rng.random() < 0.5:
+                    writer.write(frame(9, b"ping between"))
+            elif point == "midframe":
+                writer.write(frame(2, b"m" * 1000)[:rng.randrange(1, 1000)])
+            elif point == "closing":
+                writer.write(frame(8, close_payload(1000, "bye")))
+            await asyncio.sleep(rng.random() * 0.05)
+        if how == "rst":
+            reset(writer.transport)
+        else:
+            if writer.can_write_eof():
+                writer.write_eof()
+            await self.read_to_end(s, reader, 10)
+            writer.close()
+        s.notes.append(("left", point, how))
+
+    async def sc_bad_frame(self, rng):
+        kind = rng.choice(("unmasked", "rsv", "opcode", "oversized", "bigping", "badclose"))
+        code = 1009 if kind == "oversized" else 1002
+        s = self.new(f"bad-{kind}", "echo", expect_end=("sidecar", {code}))
+        reader, writer = await self.raw_open(s, self.sidecar.keys.plain["good"])
+        if reader is None:
+            return
+        good = frame(1, b"fine")
+        if rng.random() < 0.5:
+            writer.write(good)
+        bad = {"unmasked": frame(2, b"abc", mask=False), "rsv": frame(2, b"abc", rsv=0x40),
+               "opcode": frame(3, b"abc"), "oversized": frame(2, b"x" * 100, length=MAX_MESSAGE + 1)[:200],
+               "bigping": frame(9, b"p" * 200), "badclose": frame(8, close_payload(999))}[kind]
+        writer.write(bad)
+        frames = await self.read_to_end(s, reader, 10)
+        writer.close()
+        closes = [f for f in frames if f != "reset" and f[1] == 8]
+        got = (int.from_bytes(closes[0][2][:2], "big"), closes[0][2][2:].decode()) if closes else None
+        if got is None or got[0] != code or not got[1].startswith("client: "):
+            self.fail(s, f"client got {got} ({frames[-3:]}), want {code} 'client: ...'")
+        s.notes.append(("bad", code, got[1] if got else None))
+
+    async def sc_revocable(self, rng):
+        """A session on a key the key file loses (revoked or rotated) at random."""
+        kid = rng.choice(sorted(self.pool))
+        plain = self.pool[kid]
+        if plain is None:
+            return
+        s = self.new("revocable", "echo", expect_end=("client|sidecar", {1000, 4001}))
+        s.revocable = plain
+        t0 = time.monotonic()
+        try:
+            closed, echoed = await self.ws_session(rng, s, plain, rng.randrange(5, 40), False)
+        except InvalidStatus as exc:
+            self.fail(s, f"HTTP {exc.response.status_code}")
+            return
+        if closed is None:
+            return
+        rcvd = closed.rcvd
+        since = self.invalid_since.get(plain)
+        if rcvd is not None and rcvd.code == 4001:
+            if since is None or since > time.monotonic():
+                self.fail(s, f"4001 {rcvd.reason!r} for a key never revoked")
+            elif echoed == 0 and since <= t0:
+                s.expect_end = None if rcvd.reason == "unknown key" else s.expect_end
+                if rcvd.reason != "unknown key":
+                    self.fail(s, f"revoked before the session: {rcvd.reason!r}, want 'unknown key'")
+            elif rcvd.reason != "key revoked" and rcvd.reason != "unknown key":
+                self.fail(s, f"4001 {rcvd.reason!r}, want 'key revoked'")
+            if rcvd.reason == "unknown key":
+                s.expect_end = None
+        elif rcvd is None or rcvd.code != 1000:
+            self.fail(s, f"closed with {rcvd}")
+
+    async def revoker(self, rng):
+        keys = self.sidecar.keys
+        while time.monotonic() < self.end:
+            await asyncio.sleep(0.5 + rng.random() * 1.5)
+            kid = rng.choice(sorted(self.pool))
+            old = self.pool[kid]
+            entries = [e for e in keys.entries if e["id"] != kid]
+            if old is None or rng.random() < 0.5:       # (re)issue or rotate: a new key
+                plain = new_key()
+                entries.append({"id": kid, "sha256": hash_key(plain)})
+            else:                                        # revoke
+                plain = None
+            keys.entries = entries
+            keys.write(self.sidecar.keys_file)
+            if old is not None:
+                self.invalid_since[old] = time.monotonic()
+            self.pool[kid] = plain
+
+    async def worker(self, index: int):
+        rng = random.Random(f"{self.seed}/{index}")
+        scenarios = [(self.sc_echo, 5), (self.sc_provider_ends, 4), (self.sc_refused, 2),
+                     (self.sc_client_leaves, 5), (self.sc_bad_frame, 2), (self.sc_revocable, 2),
+                     (self.sc_deaf, 1)]
+        pick = [f for f, w in scenarios for _ in range(w)]
+        while time.monotonic() < self.end:
+            sc = rng.choice(pick)
+            try:
+                await asyncio.wait_for(sc(rng), 30)
+            except Exception as exc:      # noqa: BLE001 - recorded, the run goes on
+                n = self.counter
+                self.violations.append(f"[seed {self.seed}] {sc.__name__} (last #{n}) raised {exc!r}")
+
+    async def main(self):
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)
+        try:
+            self.end = time.monotonic() + SECONDS
+            rng = random.Random(f"{self.seed}/keys")
+            await asyncio.gather(self.revoker(rng), *(self.worker(i) for i in range(WORKERS)))
+            # Every provider connection is let go by the sidecar (none of our modes holds one).
+            deadline = time.monotonic() + CONNECT_TIMEOUT + 3 * CLOSE_TIMEOUT + 5
+            while self.up_transports and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for t in list(self.up_transports):
+                self.violations.append(f"[seed {self.seed}] a provider connection still open: "
+                                       f"{[m for m, r in self.up.items() if r.open_transports][:5]}")
+                t.abort()
+                break
+        finally:
+            server.close()
+
+
+# -- invariants ---------------------------------------------------------------------------
+
+def metrics(sidecar) -> dict[str, float]:
+    out = {}
+    for line in http_get(sidecar.admin("/metrics"))[1].splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def poll(what: str, check, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            return what
+        time.sleep(0.05)
+    return None
+
+
+@pytest.fixture
+def chaos_sidecar(tmp_path):
+    from conftest import held_port
+    port = held_port()
+    keys = standard_keys()
+    for i in range(3):
+        keys.add(f"r{i}")
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.chaos]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+        f'[circuit]\nfailures = 1000000\n',
+        keys,
+        limits=f"upstream_connect_timeout_seconds = {CONNECT_TIMEOUT}\nclose_timeout_seconds = {CLOSE_TIMEOUT}\n"
+               f"max_message_bytes = {MAX_MESSAGE}\nhandshake_timeout_seconds = 3\ndrain_seconds = 2\n",
+    ).start()
+    sidecar.upstream_port = port
+    try:
+        yield sidecar
+    finally:
+        sidecar.stop()
+
+
+def fresh_session(chaos: Chaos) -> str | None:
+    async def body():
+        s = chaos.new("fresh", "echo", expect_end=("client", {1000}))
+        closed, echoed = await chaos.ws_session(random.Random(0), s, chaos.sidecar.keys.plain["good"], 3, False)
+        return closed, echoed
+    closed, echoed = run(Chaos.main_fresh(chaos, body))
+    if echoed != 3 or closed is None or closed.rcvd is None or closed.rcvd.code != 1000:
+        return f"a fresh session after the run: {echoed} echoes, {closed}"
+    return None
+
+
+async def _main_fresh(self, body):
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)
+    try:
+        self.end = time.monotonic() + 5
+        return await body()
+    finally:
+        server.close()
+
+
+Chaos.main_fresh = _main_fresh
+
+
+def check_invariants(chaos: Chaos, sidecar: SidecarProcess, fd0: int, rss0: int) -> list[str]:
+    v = chaos.violations          # chaos.fail appends here too
+    seed = chaos.seed
+    pid = sidecar.pid
+    if sidecar.proc.poll() is not None:
+        return v + [f"[seed {seed}] the sidecar exited: {sidecar.tail()}"]
+
+    def quiet():
+        m = metrics(sidecar)
+        return m.get("conduit_connections_active") == 0 and m.get("conduit_connections_pending") == 0
+    if (bad := poll("sessions or pending connections left", quiet, 15)):
+        m = metrics(sidecar)
+        v.append(f"[seed {seed}] {bad}: active {m.get('conduit_connections_active')} "
+                 f"pending {m.get('conduit_connections_pending')}")
+
+    def ends():
+        return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
+    m = metrics(sidecar)
+    accepted = m.get('conduit_connections_total{result="accepted"}', 0)
+    if (bad := poll("session_end lines", lambda: len(ends()) >= accepted, 10)):
+        v.append(f"[seed {seed}] {len(ends())} session_end lines for {accepted} accepted sessions")
+    lines = sidecar.log_lines()
+    end_lines = [line for line in lines if line.get("event") == "session_end"]
+    if len(end_lines) != accepted:
+        v.append(f"[seed {seed}] {len(end_lines)} session_end lines, {accepted} accepted")
+    by_model: dict[str, list[dict]] = {}
+    for line in end_lines:
+        by_model.setdefault(line["model"], []).append(line)
+    ids = [line["session_id"] for line in end_lines]
+    if len(ids) != len(set(ids)):
+        v.append(f"[seed {seed}] a session_id ended twice")
+    for s in chaos.sessions:
+        got = by_model.get(s.model, [])
+        up = chaos.up.get(s.model)
+        if up is not None and up.errors:
+            chaos.fail(s, f"the provider got frames it must never get: {up.errors}")
+        if s.expect_end is None:
+            if got and not s.scenario.startswith("revocable"):
+                chaos.fail(s, f"a session_end line for a session never accepted: {got}")
+            continue
+        if len(got) != 1:
+            chaos.fail(s, f"{len(got)} session_end lines, want 1 {s.expect_end}")
+            continue
+        end = got[0]
+        by, codes = s.expect_end
+        if end["closed_by"] not in by.split("|") or end["close_code"] not in codes:
+            chaos.fail(s, f"session_end closed_by {end['closed_by']} {end['close_code']} "
+                          f"{end['close_reason']!r}, want {by} {codes}")
+        if s.scenario == "echo" and up is not None:
+            # Every frame both ways was relayed: the provider's count is the relay's.
+            if end["frames_client_to_upstream"] != len(up.frames):
+                chaos.fail(s, f"relay counted {end['frames_client_to_upstream']} frames to the provider, "
+                              f"which got {len(up.frames)}")
+            if end["frames_upstream_to_client"] != up.sent_frames:
+                chaos.fail(s, f"relay counted {end['frames_upstream_to_client']} frames to the client, "
+                              f"the provider sent {up.sent_frames}")
+            if up.close != (1000, ""):
+                chaos.fail(s, f"the provider got close {up.close}, want 1000")
+        left = next((n for n in s.notes if n[0] == "left"), None)
+        if left and left[1] in ("after101", "fragment") and up is not None:
+            if up.close != (1001, "client went away"):
+                chaos.fail(s, f"the provider got close {up.close}, want 1001 'client went away'")
+        bad = next((n for n in s.notes if n[0] == "bad"), None)
+        if bad and up is not None and (up.close is None or up.close[0] != bad[1]
+                                       or not up.close[1].startswith("client: ")):
+            chaos.fail(s, f"the provider got close {up.close}, want {bad[1]} 'client: ...'")
+    noisy = [line for line in lines if line.get("event") in ("internal_error", "loop_error")]
+    if "Traceback" in sidecar.output() or noisy:
+        v.append(f"[seed {seed}] the sidecar logged a traceback: {noisy[:2] or sidecar.tail()}")
+    if (bad := poll("fds", lambda: fds(pid) <= fd0 + 2, 10)):
+        v.append(f"[seed {seed}] file descriptors {fd0} at the start, {fds(pid)} after")
+    rss = rss_kib(pid)
+    if rss > rss0 + 64 * 1024:
+        v.append(f"[seed {seed}] RSS {rss0} KiB at the start, {rss} KiB after")
+    return v
+
+
+def test_chaos(chaos_sidecar):
+    sidecar = chaos_sidecar
+    seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 32))
+    print(f"\nchaos seed {seed} ({SECONDS:.0f} s, {WORKERS} workers): CHAOS_SEED={seed} to replay")
+    chaos = Chaos(sidecar, seed)
+    chaos.pool = {f"r{i}": sidecar.keys.plain[f"r{i}"] for i in range(3)}
+    assert fresh_session(chaos) is None             # warm-up: the baseline includes one session
+    fd0, rss0 = fds(sidecar.pid), rss_kib(sidecar.pid)
+    run(chaos.main(), timeout=SECONDS + 120)
+    violations = check_invariants(chaos, sidecar, fd0, rss0)
+    if (bad := fresh_session(chaos)) is not None:
+        violations.append(f"[seed {seed}] {bad}")
+    counts: dict[str, int] = {}
+    for s in chaos.sessions:
+        counts[s.scenario.split("-")[0]] = counts.get(s.scenario.split("-")[0], 0) + 1
+    print(f"chaos seed {seed}: {len(chaos.sessions)} sessions {counts}; fds {fd0} -> {fds(sidecar.pid)}, "
+          f"RSS {rss0} -> {rss_kib(sidecar.pid)} KiB; {len(violations)} violations")
+    # The drain ends the process once no session is left.
+    status, _ = http_get(sidecar.admin("/drain"), method="POST")
+    if status != 202:
+        violations.append(f"[seed {seed}] POST /drain: {status}")
+    elif sidecar.wait(10) != 0:
+        violations.append(f"[seed {seed}] the drained sidecar exited with {sidecar.proc.returncode}")
+    assert not violations, "\n".join(violations[:40]) + f"\n({len(violations)} in all)"
