@@ -25,6 +25,7 @@ import asyncio
 import os
 import random
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.utils import apply_mask
 
 from conduit_sidecar.keys import hash_key, new_key
+from conduit_sidecar.testing import CA
 
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "20"))
 WORKERS = int(os.environ.get("CHAOS_WORKERS", "10"))
@@ -219,6 +221,16 @@ class ChaosUpstream(asyncio.Protocol):
     def answer(self):
         if self.t.is_closing():
             return
+        if self.mode == "eager":        # the 101 and `a` frames (and a close if b) in one write
+            hello = b"".join(frame(1, f"hello {i}".encode(), mask=False) for i in range(self.a))
+            self.rec.sent_frames += self.a
+            if self.b:
+                hello += frame(8, close_payload(4000 + self.b, "eager"), mask=False)
+                self.rec.sent_frames += 1
+                self.closed_sent = True
+            self.write(switching_protocols(self.head) + hello)
+            self.rec.answered = True
+            return
         self.write(switching_protocols(self.head))
         self.rec.answered = True
         mode, a = self.mode, self.a
@@ -284,7 +296,9 @@ class ChaosUpstream(asyncio.Protocol):
         elif mode == "halfclose":
             if self.t.can_write_eof():
                 self.t.write_eof()
-                self.eof_sent = True
+            else:                       # TLS: close_notify and FIN, no close frame
+                self.t.close()
+            self.eof_sent = True
         elif mode == "masked":
             self.send(frame(2, b"masked!", mask=True))
         else:
@@ -340,6 +354,8 @@ class Session:
     expect_end: tuple | None           # (closed_by, {codes}) or None: no session_end line
     key: str = "good"
     notes: list = field(default_factory=list)
+    tls_client: bool = False           # wss to the sidecar's TLS listener
+    tls_up: bool = False               # the provider leg is wss
     revocable: str | None = None       # the plaintext of a revocable key it used
 
 
@@ -351,6 +367,7 @@ class Chaos:
         self.sessions: list[Session] = []
         self.violations: list[str] = []
         self.counter = 0
+        self.tls = os.environ.get("CHAOS_TLS", "1") == "1"   # some legs wss (both sides)
         self.pool: dict[str, str | None] = {}          # revocable key id -> current plaintext
         self.invalid_since: dict[str, float] = {}      # plaintext -> when it stopped being valid
         self.issued_at: dict[str, float] = {}          # plaintext -> when it was written
@@ -361,14 +378,39 @@ class Chaos:
     def new(self, scenario: str, mode: str, a: int = 0, b: int = 0, expect_end=None) -> Session:
         self.counter += 1
         s = Session(self.counter, scenario, f"c-{self.counter}-{mode}-{a}-{b}", expect_end)
+        if self.tls:
+            pick = random.Random(f"{self.seed}/{self.counter}")
+            s.tls_client, s.tls_up = pick.random() < 0.4, pick.random() < 0.4
         self.sessions.append(s)
         return s
 
     def url(self, s: Session) -> str:
-        return f"ws://127.0.0.1:{self.sidecar.port}/v1/realtime/connect?model={s.model}&provider=chaos"
+        scheme, port = ("wss", self.sidecar.tls_port) if s.tls_client else ("ws", self.sidecar.port)
+        provider = "chaostls" if s.tls_up else "chaos"
+        return f"{scheme}://127.0.0.1:{port}/v1/realtime/connect?model={s.model}&provider={provider}"
+
+    def ws(self, s: Session, key: str, **kwargs):
+        return connect(self.url(s), additional_headers={"Authorization": f"Bearer {key}"},
+                       ssl=self.client_ssl if s.tls_client else None, compression=None,
+                       ping_interval=None, **kwargs)
+
+    async def open(self, s: Session):
+        if s.tls_client:
+            return await asyncio.open_connection("127.0.0.1", self.sidecar.tls_port, ssl=self.client_ssl,
+                                                 server_hostname="127.0.0.1")
+        return await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+
+    async def servers(self):
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)]
+        if self.tls:
+            servers.append(await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1",
+                                                    self.sidecar.upstream_tls_port, ssl=self.sidecar.upstream_ssl))
+        return servers
 
     def request(self, s: Session, key: str) -> bytes:
-        return (f"GET /v1/realtime/connect?model={s.model}&provider=chaos HTTP/1.1\r\n"
+        provider = "chaostls" if s.tls_up else "chaos"
+        return (f"GET /v1/realtime/connect?model={s.model}&provider={provider} HTTP/1.1\r\n"
                 f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
                 f"Authorization: Bearer {key}\r\n\r\n").encode()
@@ -381,9 +423,7 @@ class Chaos:
         echo checked in order; then close 1000, or (until_closed) keep going until the
         other side closes. Returns the ConnectionClosed (or None) and echoes received."""
         echoed = 0
-        async with connect(self.url(s), additional_headers={"Authorization": f"Bearer {key}"},
-                           open_timeout=10, close_timeout=5, max_size=None, compression=None,
-                           ping_interval=None) as ws:
+        async with self.ws(s, key, open_timeout=10, close_timeout=5, max_size=None) as ws:
             try:
                 i = 0
                 while until_closed or i < messages:
@@ -464,8 +504,7 @@ class Chaos:
         want = {"refuse": "upstream refused: HTTP 503", "reset101": "upstream",
                 "hang": "upstream timed out"}[mode]
         try:
-            async with connect(self.url(s), additional_headers=self.sidecar.auth(), open_timeout=10,
-                               compression=None, ping_interval=None) as ws:
+            async with self.ws(s, self.sidecar.keys.plain["good"], open_timeout=10) as ws:
                 await asyncio.wait_for(ws.recv(), 10)
             self.fail(s, "a message came")
         except ConnectionClosed as exc:
@@ -503,7 +542,7 @@ class Chaos:
     # -- raw clients
 
     async def raw_open(self, s: Session, key: str, expect_101: bool = True):
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+        reader, writer = await self.open(s)
         writer.write(self.request(s, key))
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -539,13 +578,13 @@ class Chaos:
         key = self.sidecar.keys.plain["good"]
         if point == "partial":
             s = self.new(f"leaves-{point}-{how}", "echo")
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+            reader, writer = await self.open(s)
             req = self.request(s, key)
             writer.write(req[:rng.randrange(0, len(req) - 1)])
             await asyncio.sleep(rng.random() * 0.3)
         elif point == "opening":
             s = self.new(f"leaves-{point}-{how}", "slow", 1500)
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+            reader, writer = await self.open(s)
             writer.write(self.request(s, key))
             await asyncio.sleep(rng.random() * 0.8)
         else:
@@ -566,10 +605,11 @@ class Chaos:
             await asyncio.sleep(rng.random() * 0.05)
         if how == "rst":
             reset(writer.transport)
-        else:
-            if writer.can_write_eof():
-                writer.write_eof()
+        elif writer.can_write_eof():
+            writer.write_eof()
             await self.read_to_end(s, reader, 10)
+            writer.close()
+        else:                        # TLS: close_notify and FIN
             writer.close()
         s.notes.append(("left", point, how))
 
@@ -653,6 +693,9 @@ class Chaos:
                 s.notes.append(("left", "stream", "rst"))
                 return
             elif act == "fin":
+                if not writer.can_write_eof():
+                    writer.close()
+                    return
                 writer.write_eof()
             else:
                 writer.write(frame(2, b"abc", mask=False))
@@ -696,6 +739,72 @@ class Chaos:
         if len(codes) != 1 or codes[0] not in (1000, 4000 + b):
             self.fail(s, f"client got closes {codes}, want one of 1000 or {4000 + b}")
 
+    async def sc_early(self, rng):
+        """The client sends frames with its request (before its 101), in one write or
+        split, maybe a close among them; the provider answers at once, slowly, or with
+        frames (and a close) in the write of its 101."""
+        mode = rng.choice(("echo", "slow", "eager"))
+        a = rng.randrange(50, 1000) if mode == "slow" else rng.randrange(0, 3) if mode == "eager" else 0
+        b = rng.randrange(0, 2) * rng.randrange(1, 999) if mode == "eager" else 0
+        n = rng.randrange(1, 6)
+        close = rng.random() < 0.5 and not b
+        s = self.new("early", mode, a, b,
+                     expect_end=("upstream", {4000 + b}) if b else ("client", {1000}) if close else ("client", {1006}))
+        msgs = [f"early {i} ".encode() + rng.randbytes(rng.randrange(0, 3000)) for i in range(n)]
+        wire = self.request(s, self.sidecar.keys.plain["good"]) + b"".join(frame(2, m) for m in msgs)
+        if close:
+            wire += frame(8, close_payload(1000, "early bye"))
+        reader, writer = await self.open(s)
+        cut = rng.randrange(0, len(wire)) if rng.random() < 0.5 else len(wire)
+        writer.write(wire[:cut])
+        await asyncio.sleep(rng.random() * 0.05)
+        writer.write(wire[cut:])
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            self.fail(s, f"no 101: {exc!r}")
+            writer.close()
+            return
+        if not head.startswith(b"HTTP/1.1 101"):
+            self.fail(s, f"no 101: {head[:40]!r}")
+            writer.close()
+            return
+        parser, frames = Frames(masked=False), []
+        want_data = [f"hello {i}".encode() for i in range(a)] if mode == "eager" else []
+        want_data += [] if b else msgs
+        try:
+            async with asyncio.timeout(10):
+                while (len([f for f in frames if f[1] in (1, 2)]) < len(want_data) or b) \
+                        and not any(f[1] == 8 for f in frames):
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    frames += parser.feed(chunk)
+                if not close and not any(f[1] == 8 for f in frames):
+                    if not writer.can_write_eof():   # TLS: close_notify and FIN
+                        writer.close()
+                        frames.append((True, -1, b""))
+                        raise TimeoutError
+                    writer.write_eof()       # (a client that leaves: its session ends 1006)
+                while chunk := await reader.read(65536):
+                    frames += parser.feed(chunk)
+        except (TimeoutError, ConnectionResetError, ProtocolError) as exc:
+            if not (frames and frames[-1][1] == -1):
+                self.fail(s, f"client: {exc!r} after {len(frames)} frames")
+        writer.close()
+        data = [f[2] for f in frames if f[1] in (1, 2)]
+        if mode == "eager" and b:
+            data = data[:a]
+            want_data = want_data[:a]
+        if data != want_data:
+            self.fail(s, f"client got {[d[:12] for d in data]}, want {[d[:12] for d in want_data]}")
+        closes = [(int.from_bytes(f[2][:2], "big"), f[2][2:].decode()) for f in frames if f[1] == 8]
+        want_close = [(4000 + b, "eager")] if b else [(1000, "early bye")] if close else \
+            [(1001, "client went away")]   # the FIN: the provider's answer to our 1001... not relayed
+        if b or close:
+            if closes[:1] != want_close:
+                self.fail(s, f"client got closes {closes}, want {want_close}")
+
     async def revoker(self, rng):
         keys = self.sidecar.keys
         while time.monotonic() < self.end:
@@ -720,7 +829,8 @@ class Chaos:
         rng = random.Random(f"{self.seed}/{index}")
         scenarios = [(self.sc_echo, 5), (self.sc_provider_ends, 4), (self.sc_refused, 2),
                      (self.sc_client_leaves, 5), (self.sc_bad_frame, 2), (self.sc_revocable, 2),
-                     (self.sc_deaf, 1), (self.sc_stream, 4), (self.sc_both_close, 1)]
+                     (self.sc_deaf, 1), (self.sc_stream, 4), (self.sc_both_close, 1),
+                     (self.sc_early, 3)]
         pick = [f for f, w in scenarios for _ in range(w)]
         while time.monotonic() < self.end:
             sc = rng.choice(pick)
@@ -731,8 +841,7 @@ class Chaos:
                 self.violations.append(f"[seed {self.seed}] {sc.__name__} (last #{n}) raised {exc!r}")
 
     async def main(self):
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)
+        servers = await self.servers()
         try:
             self.end = time.monotonic() + SECONDS
             rng = random.Random(f"{self.seed}/keys")
@@ -747,7 +856,8 @@ class Chaos:
                 t.abort()
                 break
         finally:
-            server.close()
+            for server in servers:
+                server.close()
 
 
 # -- invariants ---------------------------------------------------------------------------
@@ -786,15 +896,23 @@ def chaos_sidecar(tmp_path):
     keys = standard_keys()
     for i in range(3):
         keys.add(f"r{i}")
+    tls_port, up_tls_port = held_port(), held_port()
+    ca = CA()
     sidecar = SidecarProcess(
         str(tmp_path),
         f'[providers.chaos]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+        f'[providers.chaostls]\nurl = "wss://127.0.0.1:{up_tls_port}/v1/realtime?model={{model}}"\n'
+        f'ca_file = "{ca.write(tmp_path / "provider-ca.pem")}"\n'
         f'[circuit]\nfailures = 1000000\n',
         keys,
+        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
+              f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n',
         limits=f"upstream_connect_timeout_seconds = {CONNECT_TIMEOUT}\nclose_timeout_seconds = {CLOSE_TIMEOUT}\n"
                f"max_message_bytes = {MAX_MESSAGE}\nhandshake_timeout_seconds = 3\ndrain_seconds = {DRAIN_SECONDS}\n",
     ).start()
-    sidecar.upstream_port = port
+    sidecar.upstream_port, sidecar.tls_port, sidecar.upstream_tls_port = port, tls_port, up_tls_port
+    sidecar.upstream_ssl = ca.server_context(tmp_path)
+    sidecar.client_ssl = ssl.create_default_context(cafile=str(tmp_path / "public" / "ca.pem"))
     try:
         yield sidecar
     finally:
@@ -813,13 +931,13 @@ def fresh_session(chaos: Chaos) -> str | None:
 
 
 async def _main_fresh(self, body):
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)
+    servers = await self.servers()
     try:
         self.end = time.monotonic() + 5
         return await body()
     finally:
-        server.close()
+        for server in servers:
+            server.close()
 
 
 Chaos.main_fresh = _main_fresh
@@ -834,15 +952,14 @@ async def _drain_phase(self: Chaos, rng: random.Random) -> list[str]:
     live ones get 1001 and those still opening get it once their provider answers;
     then the process exits 0."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)
+    servers = await self.servers()
     self.end = time.monotonic() + 60
     key = self.sidecar.keys.plain["good"]
     got: dict[str, object] = {}
 
     async def echo(name):
         s = self.new(f"drain-{name}", "echo", expect_end=("sidecar", {1001}))
-        async with connect(self.url(s), additional_headers={"Authorization": f"Bearer {key}"},
-                           compression=None, ping_interval=None) as ws:
+        async with self.ws(s, key) as ws:
             try:
                 while True:
                     await ws.send(b"x" * rng.randrange(1, 3000))
@@ -854,8 +971,7 @@ async def _drain_phase(self: Chaos, rng: random.Random) -> list[str]:
     async def opening(name):
         s = self.new(f"drain-{name}", "slow", int(DRAIN_SECONDS * 1000) + 500)
         try:
-            async with connect(self.url(s), additional_headers={"Authorization": f"Bearer {key}"},
-                               compression=None, ping_interval=None, open_timeout=10) as ws:
+            async with self.ws(s, key, open_timeout=10) as ws:
                 await asyncio.wait_for(ws.recv(), 10)
         except ConnectionClosed as exc:
             got[name] = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else None
@@ -873,14 +989,14 @@ async def _drain_phase(self: Chaos, rng: random.Random) -> list[str]:
     problems = [] if status == 202 else [f"POST /drain: {status}"]
     late = self.new("drain-late", "echo")
     try:
-        async with connect(self.url(late), additional_headers={"Authorization": f"Bearer {key}"},
-                           compression=None, ping_interval=None) as ws:
+        async with self.ws(late, key) as ws:
             await asyncio.wait_for(ws.recv(), 5)
     except ConnectionClosed as exc:
         if exc.rcvd is None or exc.rcvd.code != 1013:
             problems.append(f"a session after the drain: {exc.rcvd}, want 1013")
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-    server.close()
+    for server in servers:
+        server.close()
     for name, result in sorted(got.items()):
         if name.startswith(("echo", "opening")) and result != (1001, "going away"):
             problems.append(f"drain: {name} got {result}, want 1001 'going away'")
@@ -975,6 +1091,7 @@ def test_chaos(chaos_sidecar):
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 32))
     print(f"\nchaos seed {seed} ({SECONDS:.0f} s, {WORKERS} workers): CHAOS_SEED={seed} to replay")
     chaos = Chaos(sidecar, seed)
+    chaos.client_ssl = sidecar.client_ssl
     chaos.pool = {f"r{i}": sidecar.keys.plain[f"r{i}"] for i in range(3)}
     assert fresh_session(chaos) is None             # warm-up: the baseline includes one session
     fd0, rss0 = fds(sidecar.pid), rss_kib(sidecar.pid)
