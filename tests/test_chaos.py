@@ -150,6 +150,8 @@ class UpRecord:
     errors: list = field(default_factory=list)       # frames the sidecar must never send
     lost: float | None = None
     open_transports: int = 0
+    close_at: float | None = None                    # when the first close came
+    answered_at: float | None = None                 # when a close owed behind a message went
 
 
 class ChaosUpstream(asyncio.Protocol):
@@ -188,7 +190,8 @@ class ChaosUpstream(asyncio.Protocol):
             head, _, rest = self.buf.partition(b"\r\n\r\n")
             self.buf = b""
             line = head.split(b"\r\n", 1)[0].decode()
-            model = line.split("model=", 1)[1].split(" ", 1)[0].split("&", 1)[0]
+            # the model names the session; held (Gemini) sessions pass it as `chaos=`
+            model = line.split("model=" if "model=" in line else "chaos=", 1)[1].split(" ", 1)[0].split("&", 1)[0]
             self.rec = self.chaos.up.setdefault(model, UpRecord())
             self.rec.connections += 1
             self.rec.open_transports += 1
@@ -273,6 +276,7 @@ class ChaosUpstream(asyncio.Protocol):
             await asyncio.sleep(0.01)
         self.in_flight = False
         if self.owed_close is not None:
+            self.rec.answered_at = time.monotonic()
             self.send(frame(8, self.owed_close, mask=False))
             self.t.close()
 
@@ -309,6 +313,7 @@ class ChaosUpstream(asyncio.Protocol):
         rec.frames.append((fin, opcode, payload))
         if opcode == 8:
             if rec.close is None:
+                rec.close_at = time.monotonic()
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 rec.close = (code, payload[2:].decode(errors="replace"))
             if not self.closed_sent:
@@ -387,6 +392,8 @@ class Chaos:
     def url(self, s: Session) -> str:
         scheme, port = ("wss", self.sidecar.tls_port) if s.tls_client else ("ws", self.sidecar.port)
         provider = "chaostls" if s.tls_up else "chaos"
+        if s.scenario.startswith("held"):
+            return f"{scheme}://127.0.0.1:{port}/v1/realtime/connect?provider=gemini&chaos={s.model}"
         return f"{scheme}://127.0.0.1:{port}/v1/realtime/connect?model={s.model}&provider={provider}"
 
     def ws(self, s: Session, key: str, **kwargs):
@@ -410,7 +417,8 @@ class Chaos:
 
     def request(self, s: Session, key: str) -> bytes:
         provider = "chaostls" if s.tls_up else "chaos"
-        return (f"GET /v1/realtime/connect?model={s.model}&provider={provider} HTTP/1.1\r\n"
+        query = f"provider=gemini&chaos={s.model}" if s.scenario.startswith("held") else f"model={s.model}&provider={provider}"
+        return (f"GET /v1/realtime/connect?{query} HTTP/1.1\r\n"
                 f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
                 f"Authorization: Bearer {key}\r\n\r\n").encode()
@@ -418,13 +426,19 @@ class Chaos:
     # -- websockets clients
 
     async def ws_session(self, rng: random.Random, s: Session, key: str, messages: int,
-                         until_closed: bool) -> tuple[ConnectionClosed | None, int]:
+                         until_closed: bool, first: str | None = None) -> tuple[ConnectionClosed | None, int]:
         """Send `messages` random messages (some fragmented, some pings between), each
         echo checked in order; then close 1000, or (until_closed) keep going until the
         other side closes. Returns the ConnectionClosed (or None) and echoes received."""
         echoed = 0
         async with self.ws(s, key, open_timeout=10, close_timeout=5, max_size=None) as ws:
             try:
+                if first is not None:        # a held first message: echoed first
+                    await ws.send(first)
+                    got = await asyncio.wait_for(ws.recv(), 10)
+                    if got != first:
+                        self.fail(s, f"the first message echoed wrong: {got[:60]!r}")
+                        return None, echoed
                 i = 0
                 while until_closed or i < messages:
                     i += 1
@@ -719,7 +733,11 @@ class Chaos:
             self.fail(s, f"the message came {'whole' if message == want else 'cut'}: "
                          f"{len(message or b'')} of {len(want)} bytes, frames {[(f[0], f[1], len(f[2])) for f in frames][:8]}")
         want_close = (1002, "client: unmasked frame from the client") if act == "violate" else (1000, "")
-        if got != want_close:
+        up = self.up.get(s.model)
+        if got is None and up and up.close_at and up.answered_at and \
+                up.answered_at - up.close_at > 0.8 * CLOSE_TIMEOUT:
+            s.notes.append(("slow", "the provider answered the close after the close timeout"))
+        elif got != want_close:
             self.fail(s, f"client got close {got}, want {want_close}")
         if act == "violate":
             s.notes.append(("bad", 1002, got[1] if got else None))
@@ -805,6 +823,85 @@ class Chaos:
             if closes[:1] != want_close:
                 self.fail(s, f"client got closes {closes}, want {want_close}")
 
+    async def sc_held(self, rng):
+        """Gemini's first message names the model: the sidecar answers 101, holds the
+        setup, checks it, then opens the provider (slow, refusing, or at once). The
+        client sends it whole, in fragments or with a ping before it, sends a bad one,
+        or leaves before it or while the provider opens."""
+        act = rng.choice(("normal", "normal", "fragmented", "leave-before", "leave-opening", "bad", "forbidden"))
+        how = rng.choice(("fin", "rst"))
+        mode = {"leave-opening": "slow", "normal": rng.choice(("echo", "slow", "refuse"))}.get(act, "echo")
+        a = 1500 if act == "leave-opening" else rng.randrange(50, 1000) if mode == "slow" else 0
+        expect = ("client", {1000}) if act in ("normal", "fragmented") and mode != "refuse" else None
+        s = self.new(f"held-{act}", mode, a, expect_end=expect)
+        setup = '{"setup": {"model": "models/%s", "generation_config": {"x": "%s"}}}' % (
+            s.model, "p" * rng.randrange(0, 5000))
+        key = self.sidecar.keys.plain["models-only" if act == "forbidden" else "good"]
+        if act == "normal":
+            try:
+                closed, echoed = await self.ws_session(rng, s, key, rng.randrange(0, 5), False, first=setup)
+            except ConnectionClosed as exc:
+                closed, echoed = exc, -1
+            if closed is None:
+                return
+            want = (1014, "upstream refused: HTTP 503") if mode == "refuse" else (1000, "")
+            got = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else None
+            if got != want:
+                self.fail(s, f"closed with {got}, want {want}")
+            return
+        reader, writer = await self.raw_open(s, key)
+        if reader is None:
+            return
+        if act == "leave-before":
+            if rng.random() < 0.5:
+                writer.write(frame(1, setup.encode()[:rng.randrange(1, 40)], fin=False))
+            await asyncio.sleep(rng.random() * 0.2)
+        elif act == "leave-opening":
+            writer.write(frame(1, setup.encode()))
+            await asyncio.sleep(rng.random() * 0.8)
+        elif act in ("bad", "forbidden"):
+            writer.write(frame(1, b"not a setup" if act == "bad" else setup.encode()))
+            frames = await self.read_to_end(s, reader, 10)
+            writer.close()
+            closes = [(int.from_bytes(f[2][:2], "big"), f[2][2:].decode()) for f in frames if f != "reset" and f[1] == 8]
+            want = (1002, "the first message must be a setup message naming the model") if act == "bad" else \
+                (4003, f"model {s.model!r} not allowed for this key")
+            if closes != [want]:
+                self.fail(s, f"client got closes {closes}, want {want}")
+            return
+        else:                                # fragmented, a ping first
+            body = setup.encode()
+            cut = rng.randrange(1, len(body))
+            writer.write(frame(9, b"first ping") + frame(1, body[:cut], fin=False) + frame(0, body[cut:]))
+            parser, frames = Frames(masked=False), []
+            try:
+                async with asyncio.timeout(10):
+                    while not any(f[1] == 1 for f in frames):
+                        chunk = await reader.read(65536)
+                        if not chunk:
+                            break
+                        frames += parser.feed(chunk)
+                    writer.write(frame(8, close_payload(1000)))
+                    while chunk := await reader.read(65536):
+                        frames += parser.feed(chunk)
+            except (TimeoutError, ConnectionResetError, ProtocolError) as exc:
+                self.fail(s, f"client: {exc!r} after {frames}")
+            writer.close()
+            text = b"".join(f[2] for f in frames if f[1] in (0, 1))
+            kinds = [f[1] for f in frames]
+            if text != body or kinds[-1:] != [8] or 10 not in kinds:
+                self.fail(s, f"client got {kinds} ({len(text)} of {len(body)} bytes of the echo)")
+            return
+        if how == "rst":
+            reset(writer.transport)
+        elif writer.can_write_eof():
+            writer.write_eof()
+            await self.read_to_end(s, reader, 10)
+            writer.close()
+        else:
+            writer.close()
+        s.notes.append(("left", act, how))
+
     async def revoker(self, rng):
         keys = self.sidecar.keys
         while time.monotonic() < self.end:
@@ -830,7 +927,7 @@ class Chaos:
         scenarios = [(self.sc_echo, 5), (self.sc_provider_ends, 4), (self.sc_refused, 2),
                      (self.sc_client_leaves, 5), (self.sc_bad_frame, 2), (self.sc_revocable, 2),
                      (self.sc_deaf, 1), (self.sc_stream, 4), (self.sc_both_close, 1),
-                     (self.sc_early, 3)]
+                     (self.sc_early, 3), (self.sc_held, 3)]
         pick = [f for f, w in scenarios for _ in range(w)]
         while time.monotonic() < self.end:
             sc = rng.choice(pick)
@@ -903,6 +1000,8 @@ def chaos_sidecar(tmp_path):
         f'[providers.chaos]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
         f'[providers.chaostls]\nurl = "wss://127.0.0.1:{up_tls_port}/v1/realtime?model={{model}}"\n'
         f'ca_file = "{ca.write(tmp_path / "provider-ca.pem")}"\n'
+        f'[providers.gemini]\nurl = "ws://127.0.0.1:{port}/g?key={{secret}}"\n'
+        f'secret_env = "PROVIDER_KEY"\nquery_params = ["chaos"]\n'
         f'[circuit]\nfailures = 1000000\n',
         keys,
         extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
