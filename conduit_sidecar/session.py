@@ -269,6 +269,11 @@ _CLOSE = _relay.KIND_NAMES.index("close")
 
 
 def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, answered: bool = False):
+    if transport.is_closing():
+        # The client is gone or going: nothing to answer. (It left while its first
+        # message was held: that reader's end does not cancel the opening, and a lost
+        # transport's closed handle raises on a write.)
+        return
     if not answered:
         transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
@@ -427,6 +432,8 @@ async def open_session(host: Host, transport, request: Request, client: ClientHa
             host.release(opening.info)
         if opening.upstream is not None:
             opening.upstream.abort()
+        if transport.is_closing():
+            return  # the client is gone: a write to a lost transport would raise here
         if opening.answered:
             transport.write(_relay.close_frame(_relay.CloseCode.INTERNAL_ERROR, "internal error", False))
         else:

@@ -383,3 +383,49 @@ def test_an_upstream_answer_that_quotes_our_request_never_carries_the_secret_fur
     assert rcvd.code == 1014, rcvd
     assert PROVIDER_SECRET not in rcvd.reason and "key=" not in rcvd.reason, rcvd.reason
     assert PROVIDER_SECRET not in output and "upstream_attempt" in output
+
+
+def test_a_client_that_resets_while_its_first_message_is_held_is_no_bug_of_ours(tmp_path):
+    """Found by tests/test_chaos.py: a client whose first message the sidecar holds
+    (Gemini's setup) resets before that message is whole, on the ws or the wss
+    listener. Its refusal's close frame was written to the lost transport, whose closed
+    handle raised: an `internal_error` line with a traceback (counted
+    result="internal_error"), then the last-resort handler's own write raised too (a
+    `loop_error` when the task was freed). The held reader's end does not cancel the
+    opening as ClientHandshake's does: the refusal now writes nothing to a client
+    that is gone."""
+    import ssl
+    from conftest import held_port
+    tls_port = held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path), '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\nsecret_env = "PROVIDER_KEY"\n',
+        standard_keys(),
+        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
+              f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
+    cases = [(tls, sent) for tls in (False, True) for sent in (b"", masked(0x01, b'{"setup": {"model":')[:12])]
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "public" / "ca.pem"))
+        for tls, sent in cases:
+            s = socket.create_connection(("127.0.0.1", tls_port if tls else sidecar.port), timeout=5)
+            if tls:
+                s = context.wrap_socket(s, server_hostname="127.0.0.1")
+            with s:
+                s.sendall(request("/v1/realtime/connect?provider=gemini", key=sidecar.keys.plain["good"]))
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += s.recv(1000)
+                assert head.startswith(b"HTTP/1.1 101 ")
+                s.sendall(sent)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+        deadline = time.monotonic() + 5
+        while sum(line.get("reason") == "closed before its first message"
+                  for line in sidecar.log_lines()) < len(cases):
+            assert time.monotonic() < deadline, sidecar.tail()
+            time.sleep(0.05)
+        text = http_get(sidecar.admin("/metrics"))[1]
+        assert "\nconduit_connections_pending 0.0\n" in text
+        assert 'result="internal_error"' not in text
+    finally:
+        sidecar.stop()
+    assert [line["event"] for line in sidecar.log_lines() if line.get("level") == "error"] == []
+    assert "Traceback" not in sidecar.output()
