@@ -371,6 +371,7 @@ class Chaos:
         self.up_transports: set = set()
         self.sessions: list[Session] = []
         self.violations: list[str] = []
+        self.failed: set[str] = set()                  # models of sessions with a violation
         self.counter = 0
         self.tls = os.environ.get("CHAOS_TLS", "1") == "1"   # some legs wss (both sides)
         self.pool: dict[str, str | None] = {}          # revocable key id -> current plaintext
@@ -379,6 +380,7 @@ class Chaos:
 
     def fail(self, s: Session, what: str) -> None:
         self.violations.append(f"[seed {self.seed}] #{s.n} {s.scenario} ({s.model}): {what}")
+        self.failed.add(s.model)
 
     def new(self, scenario: str, mode: str, a: int = 0, b: int = 0, expect_end=None) -> Session:
         self.counter += 1
@@ -402,10 +404,13 @@ class Chaos:
                        ping_interval=None, **kwargs)
 
     async def open(self, s: Session):
+        # A reader that never pauses: uvloop's SSL transport drops the records it holds
+        # undelivered (a paused reader's) when the TCP FIN comes, so a client that paused
+        # would miss the sidecar's close frame sent just before its close_notify and FIN.
         if s.tls_client:
             return await asyncio.open_connection("127.0.0.1", self.sidecar.tls_port, ssl=self.client_ssl,
-                                                 server_hostname="127.0.0.1")
-        return await asyncio.open_connection("127.0.0.1", self.sidecar.port)
+                                                 server_hostname="127.0.0.1", limit=1 << 24)
+        return await asyncio.open_connection("127.0.0.1", self.sidecar.port, limit=1 << 24)
 
     async def servers(self):
         loop = asyncio.get_running_loop()
@@ -744,7 +749,9 @@ class Chaos:
             self.fail(s, f"the message came {'whole' if message == want else 'cut'}: "
                          f"{len(message or b'')} of {len(want)} bytes, frames {[(f[0], f[1], len(f[2])) for f in frames][:8]}")
         if got != want_close:
-            self.fail(s, f"client got close {got}, want {want_close}")
+            self.fail(s, f"client got close {got}, want {want_close} ({ended - (acted or ended):.3f} s after "
+                         f"its {act}; tls client {s.tls_client}, provider {s.tls_up}; last frames "
+                         f"{[(f[0], f[1], len(f[2])) for f in frames][-4:]})")
         if act == "violate":
             s.notes.append(("bad", 1002, got[1] if got else None))
 
@@ -1180,6 +1187,14 @@ def check_invariants(chaos: Chaos, sidecar: SidecarProcess, fd0: int, rss0: int)
         if bad and up is not None and (up.close is None or up.close[0] != bad[1]
                                        or not up.close[1].startswith("client: ")):
             chaos.fail(s, f"the provider got close {up.close}, want {bad[1]} 'client: ...'")
+    for model in sorted(chaos.failed):             # what the sidecar and the provider saw of them
+        end = by_model.get(model)
+        up = chaos.up.get(model)
+        keep = ("closed_by", "close_code", "close_reason", "frames_client_to_upstream",
+                "frames_upstream_to_client", "duration_seconds")
+        print(f"  {model}: session_end {[{k: e[k] for k in keep} for e in end or []]}; provider "
+              + (f"got {[(f[0], f[1], len(f[2])) for f in up.frames][-4:]}, close {up.close}, "
+                 f"sent {up.sent_frames} frames" if up else "never asked"))
     noisy = [line for line in lines if line.get("event") in ("internal_error", "loop_error")]
     if "Traceback" in sidecar.output() or noisy:
         v.append(f"[seed {seed}] the sidecar logged a traceback: {noisy[:2] or sidecar.tail()}")
