@@ -40,9 +40,10 @@ _SLACK = 65536  # control frames around the first message
 class Refused(Exception):
     """The first message cannot be accepted: close with `code` and the message."""
 
-    def __init__(self, code: int, reason: str):
+    def __init__(self, code: int, reason: str, gone: bool = False):
         super().__init__(reason)
         self.code = code
+        self.gone = gone  # the connection is lost: there is no one to tell
 
 
 class _FirstMessage(asyncio.Protocol):
@@ -85,7 +86,8 @@ class _FirstMessage(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc) -> None:
-        self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
+        # Unlike ClientHandshake's, this end does not cancel the opening: it is told.
+        self._finish(Refused(CloseCode.NORMAL, "closed before its first message", gone=True))
 
 
 async def read_first(transport, early: bytes, limit: int, timeout: float) -> tuple[bytes, bytes]:

@@ -269,11 +269,6 @@ _CLOSE = _relay.KIND_NAMES.index("close")
 
 
 def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, answered: bool = False):
-    if transport.is_closing():
-        # The client is gone or going: nothing to answer. (It left while its first
-        # message was held: that reader's end does not cancel the opening, and a lost
-        # transport's closed handle raises on a write.)
-        return
     if not answered:
         transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
@@ -319,6 +314,12 @@ async def _hold_first(
         )
     except held.Refused as exc:
         failed = Close(decision.response, exc.code, str(exc), decision.key)
+        if exc.gone:
+            # The connection is lost (a reset): nothing to answer, and a lost
+            # transport's closed handle raises on a write.
+            host.release(info)
+            host.rejected(failed)
+            return None
     if failed is not None:
         host.release(info)
         host.rejected(failed)
