@@ -1090,20 +1090,19 @@ async def _burst_phase(self: Chaos) -> list[str]:
         key = self.sidecar.keys.plain["good"]
         opened, codes = [], []
 
-        async def one():
-            s = self.new("burst", "echo")
-            s.tls_client = s.tls_up = False
+        async def outcome(ws):
             try:
-                ws = await self.ws(s, key, open_timeout=10)
-                opened.append((s, ws))
-                msg = await asyncio.wait_for(ws.recv(), 0.2)
+                msg = await asyncio.wait_for(ws.recv(), 0.5)
                 codes.append(("message", msg))
             except ConnectionClosed as exc:
                 codes.append(exc.rcvd.code if exc.rcvd else None)
             except TimeoutError:
                 codes.append("open")            # admitted: the echo provider says nothing first
         for _ in range(MAX_CONNECTIONS + 6):     # one after the other: no 503 for requests in flight
-            await one()
+            s = self.new("burst", "echo")
+            s.tls_client = s.tls_up = False
+            opened.append((s, await self.ws(s, key, open_timeout=10)))
+        await asyncio.gather(*(outcome(ws) for _, ws in opened))
         if sorted(map(str, codes)) != sorted(["1013"] * 6 + ["open"] * MAX_CONNECTIONS):
             problems.append(f"burst: {MAX_CONNECTIONS + 6} sessions at once ended {sorted(map(str, codes))}, "
                             f"want {MAX_CONNECTIONS} open and 6 x 1013")
