@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import Keys, SidecarProcess, http_get, run, standard_keys, switching_protocols
+from conftest import SidecarProcess, http_get, run, standard_keys, switching_protocols
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.utils import apply_mask
@@ -43,7 +43,7 @@ from conduit_sidecar.testing import CA
 
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "20"))
 WORKERS = int(os.environ.get("CHAOS_WORKERS", "10"))
-ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "1"))   # > 1: RSS must plateau from round to round
+ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "1"))  # > 1: RSS must plateau from round to round
 MAX_MESSAGE = 1 << 20
 CLOSE_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 2.0
@@ -52,8 +52,15 @@ KEY_POLL = 0.2
 
 # -- frames --------------------------------------------------------------------------
 
-def frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = True, rsv: int = 0,
-          length: int | None = None) -> bytes:
+
+def frame(
+    opcode: int,
+    payload: bytes = b"",
+    fin: bool = True,
+    mask: bool = True,
+    rsv: int = 0,
+    length: int | None = None,
+) -> bytes:
     n = len(payload) if length is None else length
     b0 = (0x80 if fin else 0) | rsv | opcode
     m = 0x80 if mask else 0
@@ -102,7 +109,9 @@ class Frames:
                     return out
                 n, pos = int.from_bytes(b[2:10], "big"), 10
             if bool(m) != self.masked:
-                raise ProtocolError(f"mask bit {bool(m)} on a frame to the {'provider' if self.masked else 'client'}")
+                raise ProtocolError(
+                    f"mask bit {bool(m)} on a frame to the {'provider' if self.masked else 'client'}"
+                )
             if rsv:
                 raise ProtocolError("reserved bits")
             if opcode not in (0, 1, 2, 8, 9, 10):
@@ -117,13 +126,13 @@ class Frames:
             if m:
                 if len(b) < pos + 4:
                     return out
-                key, pos = bytes(b[pos:pos + 4]), pos + 4
+                key, pos = bytes(b[pos : pos + 4]), pos + 4
             if len(b) < pos + n:
                 return out
-            payload = bytes(b[pos:pos + n])
+            payload = bytes(b[pos : pos + n])
             if key:
                 payload = apply_mask(payload, key)
-            del b[:pos + n]
+            del b[: pos + n]
             if opcode < 8:
                 self.fragmented = not fin
             out.append((bool(fin), opcode, payload))
@@ -142,19 +151,21 @@ def reset(transport) -> None:
 
 # -- the misbehaving provider ----------------------------------------------------------
 
+
 @dataclass
 class UpRecord:
     """What the provider saw of one session (by its model name)."""
+
     connections: int = 0
     answered: bool = False
-    frames: list = field(default_factory=list)       # (fin, opcode, payload) received
+    frames: list = field(default_factory=list)  # (fin, opcode, payload) received
     sent_frames: int = 0
-    close: tuple | None = None                       # the first close frame received
-    errors: list = field(default_factory=list)       # frames the sidecar must never send
+    close: tuple | None = None  # the first close frame received
+    errors: list = field(default_factory=list)  # frames the sidecar must never send
     lost: float | None = None
     open_transports: int = 0
-    close_at: float | None = None                    # when the first close came
-    answered_at: float | None = None                 # when a close owed behind a message went
+    close_at: float | None = None  # when the first close came
+    answered_at: float | None = None  # when a close owed behind a message went
 
 
 class ChaosUpstream(asyncio.Protocol):
@@ -168,9 +179,9 @@ class ChaosUpstream(asyncio.Protocol):
         self.mode = ""
         self.closed_sent = False
         self.data_seen = 0
-        self.stopped = False     # no more echoes
+        self.stopped = False  # no more echoes
         self.eof_sent = False
-        self.in_flight = False   # a message to the client is being written (mode stream)
+        self.in_flight = False  # a message to the client is being written (mode stream)
         self.owed_close = None
         self.timers: list[asyncio.TimerHandle] = []
 
@@ -194,7 +205,9 @@ class ChaosUpstream(asyncio.Protocol):
             self.buf = b""
             line = head.split(b"\r\n", 1)[0].decode()
             # the model names the session; held (Gemini) sessions pass it as `chaos=`
-            model = line.split("model=" if "model=" in line else "chaos=", 1)[1].split(" ", 1)[0].split("&", 1)[0]
+            model = (
+                line.split("model=" if "model=" in line else "chaos=", 1)[1].split(" ", 1)[0].split("&", 1)[0]
+            )
             self.rec = self.chaos.up.setdefault(model, UpRecord())
             self.rec.connections += 1
             self.rec.open_transports += 1
@@ -207,7 +220,7 @@ class ChaosUpstream(asyncio.Protocol):
             elif self.mode == "reset101":
                 self.later(self.a / 1000, reset, self.t)
             elif self.mode == "hang":
-                pass                                     # never answers
+                pass  # never answers
             elif self.mode == "slow":
                 self.later(self.a / 1000, self.answer)
             else:
@@ -227,7 +240,7 @@ class ChaosUpstream(asyncio.Protocol):
     def answer(self):
         if self.t.is_closing():
             return
-        if self.mode == "eager":        # the 101 and `a` frames (and a close if b) in one write
+        if self.mode == "eager":  # the 101 and `a` frames (and a close if b) in one write
             hello = b"".join(frame(1, f"hello {i}".encode(), mask=False) for i in range(self.a))
             self.rec.sent_frames += self.a
             if self.b:
@@ -240,11 +253,11 @@ class ChaosUpstream(asyncio.Protocol):
         self.write(switching_protocols(self.head))
         self.rec.answered = True
         mode, a = self.mode, self.a
-        if mode == "deaf":            # reads nothing, then vanishes after `a` ms
+        if mode == "deaf":  # reads nothing, then vanishes after `a` ms
             self.stopped = "deaf"
             self.t.pause_reading()
             self.later(a / 1000, reset, self.t)
-        elif mode == "drip":           # one frame of `a` KiB, 1 KiB every 20 ms
+        elif mode == "drip":  # one frame of `a` KiB, 1 KiB every 20 ms
             self.write(bytes([0x82, 127]) + (a * 1024).to_bytes(8, "big"))
             self.in_flight = True
             self.stream_task = asyncio.get_running_loop().create_task(self.drip(a))
@@ -267,15 +280,17 @@ class ChaosUpstream(asyncio.Protocol):
         is answered once the message is out, as a real endpoint would."""
         data = bytes(i % 251 for i in range(kib * 1024))
         cuts = sorted({0, len(data), *(len(data) * (k + 1) // (fragments + 1) for k in range(fragments))})
-        wire = b"".join(frame(2 if i == 0 else 0, data[x:y], fin=y == len(data), mask=False)
-                        for i, (x, y) in enumerate(zip(cuts, cuts[1:])))
+        wire = b"".join(
+            frame(2 if i == 0 else 0, data[x:y], fin=y == len(data), mask=False)
+            for i, (x, y) in enumerate(zip(cuts, cuts[1:], strict=False))
+        )
         self.rec.sent_frames += len(cuts) - 1
         self.in_flight = True
-        piece = max(4096, len(wire) // 16)   # ~0.2 s in flight: well within close_timeout_seconds
+        piece = max(4096, len(wire) // 16)  # ~0.2 s in flight: well within close_timeout_seconds
         for at in range(0, len(wire), piece):
             if self.t.is_closing():
                 return
-            self.write(wire[at:at + piece])
+            self.write(wire[at : at + piece])
             await asyncio.sleep(0.01)
         self.in_flight = False
         if self.owed_close is not None:
@@ -296,14 +311,14 @@ class ChaosUpstream(asyncio.Protocol):
             self.send(frame(8, close_payload(code, f"bye{self.b}"), mask=False))
             self.closed_sent = True
         elif mode == "reset":
-            self.later(0.15, reset, self.t)              # between frames
+            self.later(0.15, reset, self.t)  # between frames
         elif mode == "resetmid":
             self.write(bytes([0x82, 126, 0x10, 0x00]) + b"half a frame")
             self.later(0.15, reset, self.t)
         elif mode == "halfclose":
             if self.t.can_write_eof():
                 self.t.write_eof()
-            else:                       # TLS: close_notify and FIN, no close frame
+            else:  # TLS: close_notify and FIN, no close frame
                 self.t.close()
             self.eof_sent = True
         elif mode == "masked":
@@ -337,7 +352,10 @@ class ChaosUpstream(asyncio.Protocol):
             self.send(frame(opcode, payload, fin=fin, mask=False))
             if fin:
                 self.data_seen += 1
-                if self.mode in ("close", "reset", "resetmid", "halfclose", "masked") and self.data_seen == self.a:
+                if (
+                    self.mode in ("close", "reset", "resetmid", "halfclose", "masked")
+                    and self.data_seen == self.a
+                ):
                     self.misbehave()
 
     def eof_received(self):
@@ -354,17 +372,18 @@ class ChaosUpstream(asyncio.Protocol):
 
 # -- the run -----------------------------------------------------------------------------
 
+
 @dataclass
 class Session:
     n: int
     scenario: str
     model: str
-    expect_end: tuple | None           # (closed_by, {codes}) or None: no session_end line
+    expect_end: tuple | None  # (closed_by, {codes}) or None: no session_end line
     key: str = "good"
     notes: list = field(default_factory=list)
-    tls_client: bool = False           # wss to the sidecar's TLS listener
-    tls_up: bool = False               # the provider leg is wss
-    revocable: str | None = None       # the plaintext of a revocable key it used
+    tls_client: bool = False  # wss to the sidecar's TLS listener
+    tls_up: bool = False  # the provider leg is wss
+    revocable: str | None = None  # the plaintext of a revocable key it used
 
 
 class Chaos:
@@ -374,12 +393,12 @@ class Chaos:
         self.up_transports: set = set()
         self.sessions: list[Session] = []
         self.violations: list[str] = []
-        self.failed: set[str] = set()                  # models of sessions with a violation
+        self.failed: set[str] = set()  # models of sessions with a violation
         self.counter = 0
-        self.tls = os.environ.get("CHAOS_TLS", "1") == "1"   # some legs wss (both sides)
-        self.pool: dict[str, str | None] = {}          # revocable key id -> current plaintext
-        self.invalid_since: dict[str, float] = {}      # plaintext -> when it stopped being valid
-        self.issued_at: dict[str, float] = {}          # plaintext -> when it was written
+        self.tls = os.environ.get("CHAOS_TLS", "1") == "1"  # some legs wss (both sides)
+        self.pool: dict[str, str | None] = {}  # revocable key id -> current plaintext
+        self.invalid_since: dict[str, float] = {}  # plaintext -> when it stopped being valid
+        self.issued_at: dict[str, float] = {}  # plaintext -> when it was written
 
     def fail(self, s: Session, what: str) -> None:
         self.violations.append(f"[seed {self.seed}] #{s.n} {s.scenario} ({s.model}): {what}")
@@ -402,46 +421,77 @@ class Chaos:
         return f"{scheme}://127.0.0.1:{port}/v1/realtime/connect?model={s.model}&provider={provider}"
 
     def ws(self, s: Session, key: str, **kwargs):
-        return connect(self.url(s), additional_headers={"Authorization": f"Bearer {key}"},
-                       ssl=self.client_ssl if s.tls_client else None, compression=None,
-                       ping_interval=None, **kwargs)
+        return connect(
+            self.url(s),
+            additional_headers={"Authorization": f"Bearer {key}"},
+            ssl=self.client_ssl if s.tls_client else None,
+            compression=None,
+            ping_interval=None,
+            **kwargs,
+        )
 
     async def open(self, s: Session):
         # A reader that never pauses: uvloop's SSL transport drops the records it holds
         # undelivered (a paused reader's) when the TCP FIN comes, so a client that paused
         # would miss the sidecar's close frame sent just before its close_notify and FIN.
         if s.tls_client:
-            return await asyncio.open_connection("127.0.0.1", self.sidecar.tls_port, ssl=self.client_ssl,
-                                                 server_hostname="127.0.0.1", limit=1 << 24)
+            return await asyncio.open_connection(
+                "127.0.0.1",
+                self.sidecar.tls_port,
+                ssl=self.client_ssl,
+                server_hostname="127.0.0.1",
+                limit=1 << 24,
+            )
         return await asyncio.open_connection("127.0.0.1", self.sidecar.port, limit=1 << 24)
 
     async def servers(self):
         loop = asyncio.get_running_loop()
-        servers = [await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)]
+        servers = [
+            await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1", self.sidecar.upstream_port)
+        ]
         if self.tls:
-            servers.append(await loop.create_server(lambda: ChaosUpstream(self), "127.0.0.1",
-                                                    self.sidecar.upstream_tls_port, ssl=self.sidecar.upstream_ssl))
+            servers.append(
+                await loop.create_server(
+                    lambda: ChaosUpstream(self),
+                    "127.0.0.1",
+                    self.sidecar.upstream_tls_port,
+                    ssl=self.sidecar.upstream_ssl,
+                )
+            )
         return servers
 
     def request(self, s: Session, key: str) -> bytes:
         provider = "chaostls" if s.tls_up else "chaos"
-        query = f"provider=gemini&chaos={s.model}" if s.scenario.startswith("held") else f"model={s.model}&provider={provider}"
-        return (f"GET /v1/realtime/connect?{query} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                f"Authorization: Bearer {key}\r\n\r\n").encode()
+        query = (
+            f"provider=gemini&chaos={s.model}"
+            if s.scenario.startswith("held")
+            else f"model={s.model}&provider={provider}"
+        )
+        return (
+            f"GET /v1/realtime/connect?{query} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {key}\r\n\r\n"
+        ).encode()
 
     # -- websockets clients
 
-    async def ws_session(self, rng: random.Random, s: Session, key: str, messages: int,
-                         until_closed: bool, first: str | None = None) -> tuple[ConnectionClosed | None, int]:
+    async def ws_session(
+        self,
+        rng: random.Random,
+        s: Session,
+        key: str,
+        messages: int,
+        until_closed: bool,
+        first: str | None = None,
+    ) -> tuple[ConnectionClosed | None, int]:
         """Send `messages` random messages (some fragmented, some pings between), each
         echo checked in order; then close 1000, or (until_closed) keep going until the
         other side closes. Returns the ConnectionClosed (or None) and echoes received."""
         echoed = 0
         async with self.ws(s, key, open_timeout=10, close_timeout=5, max_size=None) as ws:
             try:
-                if first is not None:        # a held first message: echoed first
+                if first is not None:  # a held first message: echoed first
                     await ws.send(first)
                     got = await asyncio.wait_for(ws.recv(), 10)
                     if got != first:
@@ -450,18 +500,21 @@ class Chaos:
                 i = 0
                 while until_closed or i < messages:
                     i += 1
-                    size = rng.choice((0, 1, 125, 126, 1000, 65535, 65536, 200_000)) if rng.random() < 0.3 \
+                    size = (
+                        rng.choice((0, 1, 125, 126, 1000, 65535, 65536, 200_000))
+                        if rng.random() < 0.3
                         else rng.randrange(0, 4000)
+                    )
                     tag = f"{s.n}:{i}:".encode()
                     if rng.random() < 0.5:
                         msg = (tag + b"t" * size).decode()
                     else:
                         msg = tag + rng.randbytes(size)
-                    if rng.random() < 0.1:     # (before the message: its echo may come with a close)
+                    if rng.random() < 0.1:  # (before the message: its echo may come with a close)
                         await asyncio.wait_for(await ws.ping(), 10)
                     if rng.random() < 0.2:
                         cut = sorted(rng.randrange(0, len(msg) + 1) for _ in range(rng.randrange(1, 4)))
-                        parts = [msg[x:y] for x, y in zip([0, *cut], [*cut, len(msg)])]
+                        parts = [msg[x:y] for x, y in zip([0, *cut], [*cut, len(msg)], strict=True)]
                         await ws.send(iter(parts))
                     else:
                         await ws.send(msg)
@@ -473,20 +526,25 @@ class Chaos:
                     if s.revocable is not None:
                         since = self.invalid_since.get(s.revocable)
                         if since is not None and time.monotonic() - since > 2 + 5 * KEY_POLL:
-                            self.fail(s, f"an echo {time.monotonic() - since:.1f} s after its key was revoked")
+                            self.fail(
+                                s, f"an echo {time.monotonic() - since:.1f} s after its key was revoked"
+                            )
                             return None, echoed
                         if time.monotonic() > self.end:
                             break
                         await asyncio.sleep(rng.random() * 0.2)
                 await ws.close(1000)
-                return ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent, ws.protocol.close_rcvd_then_sent), echoed
+                return ConnectionClosed(
+                    ws.protocol.close_rcvd, ws.protocol.close_sent, ws.protocol.close_rcvd_then_sent
+                ), echoed
             except ConnectionClosed as exc:
                 return exc, echoed
 
     async def sc_echo(self, rng):
         mode = rng.choice(("echo", "echo", "slow"))
-        s = self.new("echo", mode, rng.randrange(50, 1200) if mode == "slow" else 0,
-                     expect_end=("client", {1000}))
+        s = self.new(
+            "echo", mode, rng.randrange(50, 1200) if mode == "slow" else 0, expect_end=("client", {1000})
+        )
         messages = rng.randrange(1, 12)
         closed, echoed = await self.ws_session(rng, s, self.sidecar.keys.plain["good"], messages, False)
         if closed is None:
@@ -502,17 +560,25 @@ class Chaos:
         between frames, half a frame then a reset, a FIN without close, a masked frame."""
         mode = rng.choice(("close", "reset", "resetmid", "halfclose", "masked"))
         a, b = rng.randrange(0, 4), rng.randrange(0, 999)
-        expect = {"close": ("upstream", {4000 + b}), "reset": ("upstream", {1006}),
-                  "resetmid": ("upstream", {1006}), "halfclose": ("upstream", {1006}),
-                  "masked": ("sidecar", {1002})}[mode]
+        expect = {
+            "close": ("upstream", {4000 + b}),
+            "reset": ("upstream", {1006}),
+            "resetmid": ("upstream", {1006}),
+            "halfclose": ("upstream", {1006}),
+            "masked": ("sidecar", {1002}),
+        }[mode]
         s = self.new("provider-ends", mode, a, b, expect_end=expect)
         closed, echoed = await self.ws_session(rng, s, self.sidecar.keys.plain["good"], 0, True)
         if closed is None:
             return
         rcvd = closed.rcvd
-        want = {"close": (4000 + b, f"bye{b}"), "reset": (1014, "upstream connection lost"),
-                "resetmid": None, "halfclose": (1014, "upstream connection lost"),
-                "masked": (1002, "upstream: masked frame from the upstream")}[mode]
+        want = {
+            "close": (4000 + b, f"bye{b}"),
+            "reset": (1014, "upstream connection lost"),
+            "resetmid": None,
+            "halfclose": (1014, "upstream connection lost"),
+            "masked": (1002, "upstream: masked frame from the upstream"),
+        }[mode]
         got = (rcvd.code, rcvd.reason) if rcvd else None
         if got != want:
             self.fail(s, f"client got close {got}, want {want} (after {echoed} echoes)")
@@ -523,8 +589,9 @@ class Chaos:
         """The provider refuses (503), resets before its 101, or never answers: 1014."""
         mode = rng.choice(("refuse", "reset101", "hang"))
         s = self.new("refused", mode, rng.randrange(0, 300))
-        want = {"refuse": "upstream refused: HTTP 503", "reset101": "upstream",
-                "hang": "upstream timed out"}[mode]
+        want = {"refuse": "upstream refused: HTTP 503", "reset101": "upstream", "hang": "upstream timed out"}[
+            mode
+        ]
         try:
             async with self.ws(s, self.sidecar.keys.plain["good"], open_timeout=10) as ws:
                 await asyncio.wait_for(ws.recv(), 10)
@@ -603,7 +670,7 @@ class Chaos:
             s = self.new(f"leaves-{point}-{how}", "echo")
             reader, writer = await self.open(s)
             req = self.request(s, key)
-            writer.write(req[:rng.randrange(0, len(req) - 1)])
+            writer.write(req[: rng.randrange(0, len(req) - 1)])
             await asyncio.sleep(rng.random() * 0.3)
         elif point == "opening":
             s = self.new(f"leaves-{point}-{how}", "slow", 1500)
@@ -611,8 +678,14 @@ class Chaos:
             writer.write(self.request(s, key))
             await asyncio.sleep(rng.random() * 0.8)
         else:
-            expect = ("client", {1000} if point == "closing" and how == "fin" else
-                      {1000, 1006} if point == "closing" else {1006})
+            expect = (
+                "client",
+                {1000}
+                if point == "closing" and how == "fin"
+                else {1000, 1006}
+                if point == "closing"
+                else {1006},
+            )
             s = self.new(f"leaves-{point}-{how}", "echo", expect_end=expect)
             reader, writer = await self.raw_open(s, key)
             if reader is None:
@@ -622,7 +695,7 @@ class Chaos:
                 if rng.random() < 0.5:
                     writer.write(frame(9, b"ping between"))
             elif point == "midframe":
-                writer.write(frame(2, b"m" * 1000)[:rng.randrange(1, 1000)])
+                writer.write(frame(2, b"m" * 1000)[: rng.randrange(1, 1000)])
             elif point == "closing":
                 writer.write(frame(8, close_payload(1000, "bye")))
             await asyncio.sleep(rng.random() * 0.05)
@@ -632,7 +705,7 @@ class Chaos:
             writer.write_eof()
             await self.read_to_end(s, reader, 10)
             writer.close()
-        else:                        # TLS: close_notify and FIN
+        else:  # TLS: close_notify and FIN
             writer.close()
         s.notes.append(("left", point, how))
 
@@ -646,9 +719,14 @@ class Chaos:
         good = frame(1, b"fine")
         if rng.random() < 0.5:
             writer.write(good)
-        bad = {"unmasked": frame(2, b"abc", mask=False), "rsv": frame(2, b"abc", rsv=0x40),
-               "opcode": frame(3, b"abc"), "oversized": frame(2, b"x" * 100, length=MAX_MESSAGE + 1)[:200],
-               "bigping": frame(9, b"p" * 200), "badclose": frame(8, close_payload(999))}[kind]
+        bad = {
+            "unmasked": frame(2, b"abc", mask=False),
+            "rsv": frame(2, b"abc", rsv=0x40),
+            "opcode": frame(3, b"abc"),
+            "oversized": frame(2, b"x" * 100, length=MAX_MESSAGE + 1)[:200],
+            "bigping": frame(9, b"p" * 200),
+            "badclose": frame(8, close_payload(999)),
+        }[kind]
         writer.write(bad)
         frames = await self.read_to_end(s, reader, 10)
         writer.close()
@@ -677,8 +755,12 @@ class Chaos:
         rcvd = closed.rcvd
         since = self.invalid_since.get(plain)
         if rcvd is not None and rcvd.code == 4001:
-            if rcvd.reason == "unknown key" and echoed == 0 and t0 < self.issued_at.get(plain, 0) + 1 + 5 * KEY_POLL:
-                s.expect_end = None     # issued a moment ago: the sidecar has not read it yet
+            if (
+                rcvd.reason == "unknown key"
+                and echoed == 0
+                and t0 < self.issued_at.get(plain, 0) + 1 + 5 * KEY_POLL
+            ):
+                s.expect_end = None  # issued a moment ago: the sidecar has not read it yet
                 return
             if since is None or since > time.monotonic():
                 self.fail(s, f"4001 {rcvd.reason!r} for a key never revoked")
@@ -699,8 +781,13 @@ class Chaos:
         breaks the protocol."""
         kib, fragments = rng.randrange(16, 400), rng.randrange(0, 4)
         act = rng.choice(("read", "close", "reset", "fin", "violate"))
-        expect = {"read": ("client", {1000}), "close": ("client", {1000}), "reset": ("client", {1006}),
-                  "fin": ("client", {1006}), "violate": ("sidecar", {1002})}[act]
+        expect = {
+            "read": ("client", {1000}),
+            "close": ("client", {1000}),
+            "reset": ("client", {1006}),
+            "fin": ("client", {1006}),
+            "violate": ("sidecar", {1002}),
+        }[act]
         s = self.new(f"stream-{act}", "stream", kib, fragments, expect_end=expect)
         reader, writer = await self.raw_open(s, self.sidecar.keys.plain["good"])
         if reader is None:
@@ -742,19 +829,24 @@ class Chaos:
         if act == "fin":
             return
         want_close = (1002, "client: unmasked frame from the client") if act == "violate" else (1000, "")
-        up = self.up.get(s.model)
         if got is None and acted is not None and ended - acted > 0.9 * CLOSE_TIMEOUT:
             # The machine was too slow: the provider's message outlasted close_timeout_seconds
             # after the close it owed an answer to, so the sidecar cut both (as it should).
             s.notes.append(("slow", "the provider answered the close after the close timeout"))
             return
         if message != want:
-            self.fail(s, f"the message came {'whole' if message == want else 'cut'}: "
-                         f"{len(message or b'')} of {len(want)} bytes, frames {[(f[0], f[1], len(f[2])) for f in frames][:8]}")
+            self.fail(
+                s,
+                f"the message came {'whole' if message == want else 'cut'}: {len(message or b'')} of "
+                f"{len(want)} bytes, frames {[(f[0], f[1], len(f[2])) for f in frames][:8]}",
+            )
         if got != want_close:
-            self.fail(s, f"client got close {got}, want {want_close} ({ended - (acted or ended):.3f} s after "
-                         f"its {act}; tls client {s.tls_client}, provider {s.tls_up}; last frames "
-                         f"{[(f[0], f[1], len(f[2])) for f in frames][-4:]})")
+            self.fail(
+                s,
+                f"client got close {got}, want {want_close} ({ended - (acted or ended):.3f} s after "
+                f"its {act}; tls client {s.tls_client}, provider {s.tls_up}; last frames "
+                f"{[(f[0], f[1], len(f[2])) for f in frames][-4:]})",
+            )
         if act == "violate":
             s.notes.append(("bad", 1002, got[1] if got else None))
 
@@ -782,8 +874,13 @@ class Chaos:
         b = rng.randrange(0, 2) * rng.randrange(1, 999) if mode == "eager" else 0
         n = rng.randrange(1, 6)
         close = rng.random() < 0.5 and not b
-        s = self.new("early", mode, a, b,
-                     expect_end=("upstream", {4000 + b}) if b else ("client", {1000}) if close else ("client", {1006}))
+        s = self.new(
+            "early",
+            mode,
+            a,
+            b,
+            expect_end=("upstream", {4000 + b}) if b else ("client", {1000}) if close else ("client", {1006}),
+        )
         msgs = [f"early {i} ".encode() + rng.randbytes(rng.randrange(0, 3000)) for i in range(n)]
         wire = self.request(s, self.sidecar.keys.plain["good"]) + b"".join(frame(2, m) for m in msgs)
         if close:
@@ -808,18 +905,19 @@ class Chaos:
         want_data += [] if b else msgs
         try:
             async with asyncio.timeout(10):
-                while (len([f for f in frames if f[1] in (1, 2)]) < len(want_data) or b) \
-                        and not any(f[1] == 8 for f in frames):
+                while (len([f for f in frames if f[1] in (1, 2)]) < len(want_data) or b) and not any(
+                    f[1] == 8 for f in frames
+                ):
                     chunk = await reader.read(65536)
                     if not chunk:
                         break
                     frames += parser.feed(chunk)
                 if not close and not any(f[1] == 8 for f in frames):
-                    if not writer.can_write_eof():   # TLS: close_notify and FIN
+                    if not writer.can_write_eof():  # TLS: close_notify and FIN
                         writer.close()
                         frames.append((True, -1, b""))
                         raise TimeoutError
-                    writer.write_eof()       # (a client that leaves: its session ends 1006)
+                    writer.write_eof()  # (a client that leaves: its session ends 1006)
                 while chunk := await reader.read(65536):
                     frames += parser.feed(chunk)
         except (TimeoutError, ConnectionResetError, ProtocolError) as exc:
@@ -833,8 +931,9 @@ class Chaos:
         if data != want_data:
             self.fail(s, f"client got {[d[:12] for d in data]}, want {[d[:12] for d in want_data]}")
         closes = [(int.from_bytes(f[2][:2], "big"), f[2][2:].decode()) for f in frames if f[1] == 8]
-        want_close = [(4000 + b, "eager")] if b else [(1000, "early bye")] if close else \
-            [(1001, "client went away")]   # the FIN: the provider's answer to our 1001... not relayed
+        want_close = (
+            [(4000 + b, "eager")] if b else [(1000, "early bye")] if close else [(1001, "client went away")]
+        )  # the FIN: the provider's answer to our 1001... not relayed
         if b or close:
             if closes[:1] != want_close:
                 self.fail(s, f"client got closes {closes}, want {want_close}")
@@ -844,20 +943,22 @@ class Chaos:
         setup, checks it, then opens the provider (slow, refusing, or at once). The
         client sends it whole, in fragments or with a ping before it, sends a bad one,
         or leaves before it or while the provider opens."""
-        act = rng.choice(("normal", "normal", "fragmented", "leave-before", "leave-opening", "bad", "forbidden"))
+        act = rng.choice(
+            ("normal", "normal", "fragmented", "leave-before", "leave-opening", "bad", "forbidden")
+        )
         how = rng.choice(("fin", "rst"))
         mode = {"leave-opening": "slow", "normal": rng.choice(("echo", "slow", "refuse"))}.get(act, "echo")
         a = 1500 if act == "leave-opening" else rng.randrange(50, 1000) if mode == "slow" else 0
         expect = ("client", {1000}) if act in ("normal", "fragmented") and mode != "refuse" else None
         s = self.new(f"held-{act}", mode, a, expect_end=expect)
-        setup = '{"setup": {"model": "models/%s", "generation_config": {"x": "%s"}}}' % (
-            s.model, "p" * rng.randrange(0, 5000))
+        pad = "p" * rng.randrange(0, 5000)
+        setup = f'{{"setup": {{"model": "models/{s.model}", "generation_config": {{"x": "{pad}"}}}}}}'
         key = self.sidecar.keys.plain["models-only" if act == "forbidden" else "good"]
         if act == "normal":
             try:
-                closed, echoed = await self.ws_session(rng, s, key, rng.randrange(0, 5), False, first=setup)
+                closed, _ = await self.ws_session(rng, s, key, rng.randrange(0, 5), False, first=setup)
             except ConnectionClosed as exc:
-                closed, echoed = exc, -1
+                closed = exc
             if closed is None:
                 return
             want = (1014, "upstream refused: HTTP 503") if mode == "refuse" else (1000, "")
@@ -870,7 +971,7 @@ class Chaos:
             return
         if act == "leave-before":
             if rng.random() < 0.5:
-                writer.write(frame(1, setup.encode()[:rng.randrange(1, 40)], fin=False))
+                writer.write(frame(1, setup.encode()[: rng.randrange(1, 40)], fin=False))
             await asyncio.sleep(rng.random() * 0.2)
         elif act == "leave-opening":
             writer.write(frame(1, setup.encode()))
@@ -879,13 +980,20 @@ class Chaos:
             writer.write(frame(1, b"not a setup" if act == "bad" else setup.encode()))
             frames = await self.read_to_end(s, reader, 10)
             writer.close()
-            closes = [(int.from_bytes(f[2][:2], "big"), f[2][2:].decode()) for f in frames if f != "reset" and f[1] == 8]
-            want = (1002, "the first message must be a setup message naming the model") if act == "bad" else \
-                (4003, f"model {s.model!r} not allowed for this key")
+            closes = [
+                (int.from_bytes(f[2][:2], "big"), f[2][2:].decode())
+                for f in frames
+                if f != "reset" and f[1] == 8
+            ]
+            want = (
+                (1002, "the first message must be a setup message naming the model")
+                if act == "bad"
+                else (4003, f"model {s.model!r} not allowed for this key")
+            )
             if closes != [want]:
                 self.fail(s, f"client got closes {closes}, want {want}")
             return
-        else:                                # fragmented, a ping first
+        else:  # fragmented, a ping first
             body = setup.encode()
             cut = rng.randrange(1, len(body))
             writer.write(frame(9, b"first ping") + frame(1, body[:cut], fin=False) + frame(0, body[cut:]))
@@ -925,10 +1033,10 @@ class Chaos:
             kid = rng.choice(sorted(self.pool))
             old = self.pool[kid]
             entries = [e for e in keys.entries if e["id"] != kid]
-            if old is None or rng.random() < 0.5:       # (re)issue or rotate: a new key
+            if old is None or rng.random() < 0.5:  # (re)issue or rotate: a new key
                 plain = new_key()
                 entries.append({"id": kid, "sha256": hash_key(plain)})
-            else:                                        # revoke
+            else:  # revoke
                 plain = None
             keys.entries = entries
             keys.write(self.sidecar.keys_file)
@@ -940,16 +1048,25 @@ class Chaos:
 
     async def worker(self, index: int):
         rng = random.Random(f"{self.seed}/{index}")
-        scenarios = [(self.sc_echo, 5), (self.sc_provider_ends, 4), (self.sc_refused, 2),
-                     (self.sc_client_leaves, 5), (self.sc_bad_frame, 2), (self.sc_revocable, 2),
-                     (self.sc_deaf, 1), (self.sc_stream, 4), (self.sc_both_close, 1),
-                     (self.sc_early, 3), (self.sc_held, 3)]
+        scenarios = [
+            (self.sc_echo, 5),
+            (self.sc_provider_ends, 4),
+            (self.sc_refused, 2),
+            (self.sc_client_leaves, 5),
+            (self.sc_bad_frame, 2),
+            (self.sc_revocable, 2),
+            (self.sc_deaf, 1),
+            (self.sc_stream, 4),
+            (self.sc_both_close, 1),
+            (self.sc_early, 3),
+            (self.sc_held, 3),
+        ]
         pick = [f for f, w in scenarios for _ in range(w)]
         while time.monotonic() < self.end:
             sc = rng.choice(pick)
             try:
                 await asyncio.wait_for(sc(rng), 30)
-            except Exception as exc:      # noqa: BLE001 - recorded, the run goes on
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                 n = self.counter
                 self.violations.append(f"[seed {self.seed}] {sc.__name__} (last #{n}) raised {exc!r}")
 
@@ -964,8 +1081,10 @@ class Chaos:
             while self.up_transports and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             for t in list(self.up_transports):
-                self.violations.append(f"[seed {self.seed}] a provider connection still open: "
-                                       f"{[m for m, r in self.up.items() if r.open_transports][:5]}")
+                self.violations.append(
+                    f"[seed {self.seed}] a provider connection still open: "
+                    f"{[m for m, r in self.up.items() if r.open_transports][:5]}"
+                )
                 t.abort()
                 break
         finally:
@@ -974,6 +1093,7 @@ class Chaos:
 
 
 # -- invariants ---------------------------------------------------------------------------
+
 
 def metrics(sidecar) -> dict[str, float]:
     out = {}
@@ -995,7 +1115,7 @@ def rss_kib(pid: int) -> int:
 
 def poll(what: str, check, timeout: float = 10):
     deadline = time.monotonic() + timeout
-    while not (got := check()):
+    while not check():
         if time.monotonic() > deadline:
             return what
         time.sleep(0.05)
@@ -1005,6 +1125,7 @@ def poll(what: str, check, timeout: float = 10):
 @pytest.fixture
 def chaos_sidecar(tmp_path):
     from conftest import held_port
+
     port = held_port()
     keys = standard_keys()
     for i in range(3):
@@ -1018,13 +1139,14 @@ def chaos_sidecar(tmp_path):
         f'ca_file = "{ca.write(tmp_path / "provider-ca.pem")}"\n'
         f'[providers.gemini]\nurl = "ws://127.0.0.1:{port}/g?key={{secret}}"\n'
         f'secret_env = "PROVIDER_KEY"\nquery_params = ["chaos"]\n'
-        f'[circuit]\nfailures = 1000000\n',
+        f"[circuit]\nfailures = 1000000\n",
         keys,
         extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
-              f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n',
-        limits=f"upstream_connect_timeout_seconds = {CONNECT_TIMEOUT}\nclose_timeout_seconds = {CLOSE_TIMEOUT}\n"
-               f"max_message_bytes = {MAX_MESSAGE}\nhandshake_timeout_seconds = 3\ndrain_seconds = {DRAIN_SECONDS}\n"
-               f"max_connections = {MAX_CONNECTIONS}\n",
+        f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n',
+        limits=f"upstream_connect_timeout_seconds = {CONNECT_TIMEOUT}\n"
+        f"close_timeout_seconds = {CLOSE_TIMEOUT}\n"
+        f"max_message_bytes = {MAX_MESSAGE}\nhandshake_timeout_seconds = 3\ndrain_seconds = {DRAIN_SECONDS}\n"
+        f"max_connections = {MAX_CONNECTIONS}\n",
     ).start()
     sidecar.upstream_port, sidecar.tls_port, sidecar.upstream_tls_port = port, tls_port, up_tls_port
     sidecar.upstream_ssl = ca.server_context(tmp_path)
@@ -1038,8 +1160,11 @@ def chaos_sidecar(tmp_path):
 def fresh_session(chaos: Chaos) -> str | None:
     async def body():
         s = chaos.new("fresh", "echo", expect_end=("client", {1000}))
-        closed, echoed = await chaos.ws_session(random.Random(0), s, chaos.sidecar.keys.plain["good"], 3, False)
+        closed, echoed = await chaos.ws_session(
+            random.Random(0), s, chaos.sidecar.keys.plain["good"], 3, False
+        )
         return closed, echoed
+
     closed, echoed = run(Chaos.main_fresh(chaos, body))
     if echoed != 3 or closed is None or closed.rcvd is None or closed.rcvd.code != 1000:
         return f"a fresh session after the run: {echoed} echoes, {closed}"
@@ -1071,14 +1196,20 @@ async def _burst_phase(self: Chaos) -> list[str]:
     servers = await self.servers()
     self.end = time.monotonic() + 60
     try:
-        conns = [await asyncio.open_connection("127.0.0.1", self.sidecar.port) for _ in range(MAX_CONNECTIONS + 16)]
+        conns = [
+            await asyncio.open_connection("127.0.0.1", self.sidecar.port) for _ in range(MAX_CONNECTIONS + 16)
+        ]
         for _, w in conns:
             w.write(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n")
-        answers = await asyncio.gather(*(asyncio.wait_for(r.read(200), 0.5) for r, _ in conns), return_exceptions=True)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(r.read(200), 0.5) for r, _ in conns), return_exceptions=True
+        )
         refused = sum(isinstance(a, bytes) and a.startswith(b"HTTP/1.1 503 ") for a in answers)
         if refused != 16:
-            problems.append(f"burst: {refused} of {len(conns)} half-sent requests got 503, want 16 "
-                            f"(max_connections {MAX_CONNECTIONS})")
+            problems.append(
+                f"burst: {refused} of {len(conns)} half-sent requests got 503, want 16 "
+                f"(max_connections {MAX_CONNECTIONS})"
+            )
         for i, (_, w) in enumerate(conns):
             reset(w.transport) if i % 2 else w.close()
         deadline = time.monotonic() + 5
@@ -1097,15 +1228,18 @@ async def _burst_phase(self: Chaos) -> list[str]:
             except ConnectionClosed as exc:
                 codes.append(exc.rcvd.code if exc.rcvd else None)
             except TimeoutError:
-                codes.append("open")            # admitted: the echo provider says nothing first
-        for _ in range(MAX_CONNECTIONS + 6):     # one after the other: no 503 for requests in flight
+                codes.append("open")  # admitted: the echo provider says nothing first
+
+        for _ in range(MAX_CONNECTIONS + 6):  # one after the other: no 503 for requests in flight
             s = self.new("burst", "echo")
             s.tls_client = s.tls_up = False
             opened.append((s, await self.ws(s, key, open_timeout=10)))
         await asyncio.gather(*(outcome(ws) for _, ws in opened))
         if sorted(map(str, codes)) != sorted(["1013"] * 6 + ["open"] * MAX_CONNECTIONS):
-            problems.append(f"burst: {MAX_CONNECTIONS + 6} sessions at once ended {sorted(map(str, codes))}, "
-                            f"want {MAX_CONNECTIONS} open and 6 x 1013")
+            problems.append(
+                f"burst: {MAX_CONNECTIONS + 6} sessions at once ended {sorted(map(str, codes))}, "
+                f"want {MAX_CONNECTIONS} open and 6 x 1013"
+            )
         for s, ws in opened:
             if ws.close_code is None:
                 s.expect_end = ("client", {1000})
@@ -1183,7 +1317,7 @@ Chaos.drain_phase = _drain_phase
 
 
 def check_invariants(chaos: Chaos, sidecar: SidecarProcess, fd0: int, rss0: int) -> list[str]:
-    v = chaos.violations          # chaos.fail appends here too
+    v = chaos.violations  # chaos.fail appends here too
     seed = chaos.seed
     pid = sidecar.pid
     if sidecar.proc.poll() is not None:
@@ -1192,16 +1326,20 @@ def check_invariants(chaos: Chaos, sidecar: SidecarProcess, fd0: int, rss0: int)
     def quiet():
         m = metrics(sidecar)
         return m.get("conduit_connections_active") == 0 and m.get("conduit_connections_pending") == 0
-    if (bad := poll("sessions or pending connections left", quiet, 15)):
+
+    if bad := poll("sessions or pending connections left", quiet, 15):
         m = metrics(sidecar)
-        v.append(f"[seed {seed}] {bad}: active {m.get('conduit_connections_active')} "
-                 f"pending {m.get('conduit_connections_pending')}")
+        v.append(
+            f"[seed {seed}] {bad}: active {m.get('conduit_connections_active')} "
+            f"pending {m.get('conduit_connections_pending')}"
+        )
 
     def ends():
         return [line for line in sidecar.log_lines() if line.get("event") == "session_end"]
+
     m = metrics(sidecar)
     accepted = m.get('conduit_connections_total{result="accepted"}', 0)
-    if (bad := poll("session_end lines", lambda: len(ends()) >= accepted, 10)):
+    if bad := poll("session_end lines", lambda: len(ends()) >= accepted, 10):
         v.append(f"[seed {seed}] {len(ends())} session_end lines for {accepted} accepted sessions")
     lines = sidecar.log_lines()
     end_lines = [line for line in lines if line.get("event") == "session_end"]
@@ -1228,16 +1366,25 @@ def check_invariants(chaos: Chaos, sidecar: SidecarProcess, fd0: int, rss0: int)
         end = got[0]
         by, codes = s.expect_end
         if end["closed_by"] not in by.split("|") or end["close_code"] not in codes:
-            chaos.fail(s, f"session_end closed_by {end['closed_by']} {end['close_code']} "
-                          f"{end['close_reason']!r}, want {by} {codes}")
+            chaos.fail(
+                s,
+                f"session_end closed_by {end['closed_by']} {end['close_code']} "
+                f"{end['close_reason']!r}, want {by} {codes}",
+            )
         if s.scenario == "echo" and up is not None:
             # Every frame both ways was relayed: the provider's count is the relay's.
             if end["frames_client_to_upstream"] != len(up.frames):
-                chaos.fail(s, f"relay counted {end['frames_client_to_upstream']} frames to the provider, "
-                              f"which got {len(up.frames)}")
+                chaos.fail(
+                    s,
+                    f"relay counted {end['frames_client_to_upstream']} frames to the provider, "
+                    f"which got {len(up.frames)}",
+                )
             if end["frames_upstream_to_client"] != up.sent_frames:
-                chaos.fail(s, f"relay counted {end['frames_upstream_to_client']} frames to the client, "
-                              f"the provider sent {up.sent_frames}")
+                chaos.fail(
+                    s,
+                    f"relay counted {end['frames_upstream_to_client']} frames to the client, "
+                    f"the provider sent {up.sent_frames}",
+                )
             if up.close != (1000, ""):
                 chaos.fail(s, f"the provider got close {up.close}, want 1000")
         left = next((n for n in s.notes if n[0] == "left"), None)
@@ -1245,21 +1392,36 @@ def check_invariants(chaos: Chaos, sidecar: SidecarProcess, fd0: int, rss0: int)
             if up.close != (1001, "client went away"):
                 chaos.fail(s, f"the provider got close {up.close}, want 1001 'client went away'")
         bad = next((n for n in s.notes if n[0] == "bad"), None)
-        if bad and up is not None and (up.close is None or up.close[0] != bad[1]
-                                       or not up.close[1].startswith("client: ")):
+        if (
+            bad
+            and up is not None
+            and (up.close is None or up.close[0] != bad[1] or not up.close[1].startswith("client: "))
+        ):
             chaos.fail(s, f"the provider got close {up.close}, want {bad[1]} 'client: ...'")
-    for model in sorted(chaos.failed):             # what the sidecar and the provider saw of them
+    for model in sorted(chaos.failed):  # what the sidecar and the provider saw of them
         end = by_model.get(model)
         up = chaos.up.get(model)
-        keep = ("closed_by", "close_code", "close_reason", "frames_client_to_upstream",
-                "frames_upstream_to_client", "duration_seconds")
-        print(f"  {model}: session_end {[{k: e[k] for k in keep} for e in end or []]}; provider "
-              + (f"got {[(f[0], f[1], len(f[2])) for f in up.frames][-4:]}, close {up.close}, "
-                 f"sent {up.sent_frames} frames" if up else "never asked"))
+        keep = (
+            "closed_by",
+            "close_code",
+            "close_reason",
+            "frames_client_to_upstream",
+            "frames_upstream_to_client",
+            "duration_seconds",
+        )
+        print(
+            f"  {model}: session_end {[{k: e[k] for k in keep} for e in end or []]}; provider "
+            + (
+                f"got {[(f[0], f[1], len(f[2])) for f in up.frames][-4:]}, close {up.close}, "
+                f"sent {up.sent_frames} frames"
+                if up
+                else "never asked"
+            )
+        )
     noisy = [line for line in lines if line.get("event") in ("internal_error", "loop_error")]
     if "Traceback" in sidecar.output() or noisy:
         v.append(f"[seed {seed}] the sidecar logged a traceback: {noisy[:2] or sidecar.tail()}")
-    if (bad := poll("fds", lambda: fds(pid) <= fd0 + 2, 10)):
+    if bad := poll("fds", lambda: fds(pid) <= fd0 + 2, 10):
         v.append(f"[seed {seed}] file descriptors {fd0} at the start, {fds(pid)} after")
     rss = rss_kib(pid)
     if rss > rss0 + 64 * 1024:
@@ -1274,9 +1436,9 @@ def test_chaos(chaos_sidecar):
     chaos = Chaos(sidecar, seed)
     chaos.client_ssl = sidecar.client_ssl
     chaos.pool = {f"r{i}": sidecar.keys.plain[f"r{i}"] for i in range(3)}
-    assert fresh_session(chaos) is None             # warm-up: the baseline includes one session
+    assert fresh_session(chaos) is None  # warm-up: the baseline includes one session
     fd0, rss0 = fds(sidecar.pid), rss_kib(sidecar.pid)
-    rounds = []                                     # RSS after each round but the last
+    rounds = []  # RSS after each round but the last
     for _ in range(ROUNDS - 1):
         run(chaos.main(), timeout=SECONDS + 120)
         poll("quiet", lambda: metrics(sidecar).get("conduit_connections_active") == 0, 15)
@@ -1297,8 +1459,10 @@ def test_chaos(chaos_sidecar):
     counts: dict[str, int] = {}
     for s in chaos.sessions:
         counts[s.scenario.split("-")[0]] = counts.get(s.scenario.split("-")[0], 0) + 1
-    print(f"chaos seed {seed}: {len(chaos.sessions)} sessions {counts}; fds {fd0} -> {fds(sidecar.pid)}, "
-          f"RSS {rss0} -> {rss_kib(sidecar.pid)} KiB; {len(violations)} violations")
+    print(
+        f"chaos seed {seed}: {len(chaos.sessions)} sessions {counts}; fds {fd0} -> {fds(sidecar.pid)}, "
+        f"RSS {rss0} -> {rss_kib(sidecar.pid)} KiB; {len(violations)} violations"
+    )
     violations += run(chaos.drain_phase(random.Random(f"{seed}/drain")), 60)
     try:
         code = sidecar.wait(DRAIN_SECONDS + 2 * CLOSE_TIMEOUT + CONNECT_TIMEOUT + 5)
@@ -1311,8 +1475,11 @@ def test_chaos(chaos_sidecar):
         if s.scenario.startswith("drain-") and s.expect_end is not None:
             end = ends.get(s.model)
             if end is None or (end["closed_by"], end["close_code"]) != ("sidecar", 1001):
-                chaos.fail(s, f"session_end {end and (end['closed_by'], end['close_code'], end['close_reason'])}, "
-                              "want sidecar 1001")
+                chaos.fail(
+                    s,
+                    f"session_end {end and (end['closed_by'], end['close_code'], end['close_reason'])}, "
+                    "want sidecar 1001",
+                )
     if "Traceback" in sidecar.output():
         violations.append(f"[seed {seed}] a traceback in the drain: {sidecar.tail()}")
     assert not violations, "\n".join(violations[:40]) + f"\n({len(violations)} in all)"

@@ -398,11 +398,13 @@ def test_a_client_that_resets_while_its_first_message_is_held_is_no_bug_of_ours(
     from conftest import held_port
     tls_port = held_port()
     sidecar = SidecarProcess(
-        str(tmp_path), '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\nsecret_env = "PROVIDER_KEY"\n',
+        str(tmp_path),
+        '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\nsecret_env = "PROVIDER_KEY"\n',
         standard_keys(),
         extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
               f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
-    cases = [(tls, sent) for tls in (False, True) for sent in (b"", masked(0x01, b'{"setup": {"model":')[:12])]
+    part = masked(0x01, b'{"setup": {"model":')[:12]
+    cases = [(tls, sent) for tls in (False, True) for sent in (b"", part)]
     try:
         context = ssl.create_default_context(cafile=str(tmp_path / "public" / "ca.pem"))
         for tls, sent in cases:
