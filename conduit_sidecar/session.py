@@ -542,7 +542,13 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         transport.write(response.serialize())
         opening.answered = True
     if decision.greeted:
-        greeted = await _greet(host, transport, upstream, upstream_early, decision, info, client)
+        try:
+            greeted = await _greet(host, transport, upstream, upstream_early, decision, info, client)
+        except asyncio.CancelledError:  # the client left while the provider's Welcome was awaited
+            host.release(info)
+            host.count("client_gone")
+            upstream.abort()
+            raise
         if greeted is None:
             return
         decision, raw, upstream_early = greeted

@@ -431,3 +431,61 @@ def test_a_client_that_resets_while_its_first_message_is_held_is_no_bug_of_ours(
         sidecar.stop()
     assert [line["event"] for line in sidecar.log_lines() if line.get("level") == "error"] == []
     assert "Traceback" not in sidecar.output()
+
+
+@pytest.mark.parametrize("leave", ["end", "reset"])
+def test_a_client_that_leaves_while_the_provider_greets_frees_its_slot_and_the_provider(tmp_path, leave):
+    """Found by a probe after tests/test_chaos.py: Deepgram's agent speaks first (its
+    Welcome goes to the client before the client's Settings is held). A client that
+    left while the Welcome was awaited cancelled the opening outside the part that
+    releases: the session stayed live for good (conduit_connections_active 1, the key's
+    max_connections slot taken: the next session got 4029) and the provider's
+    connection stayed open."""
+    from conftest import held_port
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    upstream_port = held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{upstream_port}/v1/agent/converse"\n'
+        'headers = { Authorization = "Token {secret}" }\nsecret_env = "PROVIDER_KEY"\n',
+        keys).start()
+    path = "/v1/agent/converse"
+    upgrade = request(path, headers={"Authorization": f"Token {keys.plain['one']}"})
+
+    async def body():
+        let_go = asyncio.Event()
+
+        async def provider(reader, writer):   # answers 101, then no Welcome for 10 s
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(switching_protocols(head))
+            try:
+                await asyncio.wait_for(reader.read(), 10)
+                let_go.set()
+            except (TimeoutError, ConnectionError):
+                pass
+            writer.close()
+        async with await asyncio.start_server(provider, "127.0.0.1", upstream_port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(upgrade)
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+            await asyncio.sleep(0.2)                             # the Welcome is awaited
+            if leave == "reset":
+                reset(writer.transport)
+            else:
+                writer.write_eof()
+            await asyncio.wait_for(let_go.wait(), 5)             # the provider is let go
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(upgrade)                                # the key's one slot is free
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+            await asyncio.sleep(0.3)
+            assert not (data := reader._buffer), data            # no close 4029
+            writer.close()
+    try:
+        run(body())
+        counts = http_get(sidecar.admin("/metrics"))[1]
+    finally:
+        sidecar.stop()
+    assert 'conduit_connections_total{result="client_gone"}' in counts  # (the second one's too, maybe)
+    assert 'result="key_limit"' not in counts
+    assert "Traceback" not in sidecar.output()
