@@ -24,6 +24,7 @@ CHAOS_TLS=0 keeps every leg plain.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
@@ -261,10 +262,15 @@ class ChaosUpstream(asyncio.Protocol):
             self.write(bytes([0x82, 127]) + (a * 1024).to_bytes(8, "big"))
             self.in_flight = True
             self.stream_task = asyncio.get_running_loop().create_task(self.drip(a))
+        elif mode == "welcome":  # Deepgram's agent speaks first: its Welcome after `a` ms
+            self.later(a / 1000, self.welcome)
         elif mode == "stream":
             self.stream_task = asyncio.get_running_loop().create_task(self.trickle(a, self.b))
         elif a == 0:
             self.misbehave()
+
+    def welcome(self):
+        self.send(frame(1, b'{"type": "Welcome", "request_id": "chaos"}', mask=False))
 
     async def drip(self, kib: int):
         for _ in range(kib):
@@ -418,6 +424,8 @@ class Chaos:
         provider = "chaostls" if s.tls_up else "chaos"
         if s.scenario.startswith("held"):
             return f"{scheme}://127.0.0.1:{port}/v1/realtime/connect?provider=gemini&chaos={s.model}"
+        if s.scenario.startswith("greeted"):
+            return f"{scheme}://127.0.0.1:{port}/v1/agent/converse?chaos={s.model}"
         return f"{scheme}://127.0.0.1:{port}/v1/realtime/connect?model={s.model}&provider={provider}"
 
     def ws(self, s: Session, key: str, **kwargs):
@@ -467,8 +475,11 @@ class Chaos:
             if s.scenario.startswith("held")
             else f"model={s.model}&provider={provider}"
         )
+        path = f"/v1/realtime/connect?{query}"
+        if s.scenario.startswith("greeted"):
+            path = f"/v1/agent/converse?chaos={s.model}"
         return (
-            f"GET /v1/realtime/connect?{query} HTTP/1.1\r\n"
+            f"GET {path} HTTP/1.1\r\n"
             f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
             f"Authorization: Bearer {key}\r\n\r\n"
@@ -1026,6 +1037,59 @@ class Chaos:
             writer.close()
         s.notes.append(("left", act, how))
 
+    async def sc_greeted(self, rng):
+        """Deepgram's agent: the provider's Welcome (after a while) goes to the client
+        first, then the client's Settings is held and checked. The client talks, or
+        leaves (end or reset) before the Welcome or after it, before its Settings."""
+        act = rng.choice(("normal", "normal", "leave-before", "leave-after"))
+        how = rng.choice(("fin", "rst"))
+        a = rng.randrange(0, 800)
+        s = self.new(
+            f"greeted-{act}", "welcome", a, expect_end=("client", {1000}) if act == "normal" else None
+        )
+        settings = json.dumps({"type": "Settings", "agent": {"think": {"provider": {"model": s.model}}}})
+        key = self.sidecar.keys.plain["good"]
+        if act == "normal":
+            async with self.ws(s, key, open_timeout=10, close_timeout=5, max_size=None) as ws:
+                try:
+                    welcome = await asyncio.wait_for(ws.recv(), 10)
+                    if "Welcome" not in welcome:
+                        self.fail(s, f"first message {welcome[:60]!r}, want the Welcome")
+                    for i in range(rng.randrange(1, 5)):  # the Settings first: no session without it
+                        msg = settings if i == 0 else f"{s.n}:{i}:" + "t" * rng.randrange(0, 3000)
+                        await ws.send(msg)
+                        if (got := await asyncio.wait_for(ws.recv(), 10)) != msg:
+                            self.fail(s, f"echo {i} wrong: {got[:40]!r}")
+                except ConnectionClosed as exc:
+                    self.fail(s, f"closed with {exc.rcvd}")
+            return
+        reader, writer = await self.raw_open(s, key)
+        if reader is None:
+            return
+        if act == "leave-after":
+            parser, frames = Frames(masked=False), []
+            try:
+                async with asyncio.timeout(10):
+                    while not frames and (chunk := await reader.read(65536)):
+                        frames += parser.feed(chunk)
+            except (ConnectionError, TimeoutError, ProtocolError) as exc:
+                self.fail(s, f"no Welcome: {exc!r}")
+            if not frames or b"Welcome" not in frames[0][2]:
+                self.fail(s, f"first frames {frames[:2]}, want the Welcome")
+                writer.close()
+                return
+        else:
+            await asyncio.sleep(rng.random() * a / 1000)
+        if how == "rst":
+            reset(writer.transport)
+        elif writer.can_write_eof():
+            writer.write_eof()
+            await self.read_to_end(s, reader, 10)
+            writer.close()
+        else:
+            writer.close()
+        s.notes.append(("left", act, how))
+
     async def revoker(self, rng):
         keys = self.sidecar.keys
         while time.monotonic() < self.end:
@@ -1060,6 +1124,7 @@ class Chaos:
             (self.sc_both_close, 1),
             (self.sc_early, 3),
             (self.sc_held, 3),
+            (self.sc_greeted, 2),
         ]
         pick = [f for f, w in scenarios for _ in range(w)]
         while time.monotonic() < self.end:
@@ -1138,6 +1203,9 @@ def chaos_sidecar(tmp_path):
         f'[providers.chaostls]\nurl = "wss://127.0.0.1:{up_tls_port}/v1/realtime?model={{model}}"\n'
         f'ca_file = "{ca.write(tmp_path / "provider-ca.pem")}"\n'
         f'[providers.gemini]\nurl = "ws://127.0.0.1:{port}/g?key={{secret}}"\n'
+        f'secret_env = "PROVIDER_KEY"\nquery_params = ["chaos"]\n'
+        f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{port}/v1/agent/converse"\n'
+        f'headers = {{ Authorization = "Token {{secret}}" }}\n'
         f'secret_env = "PROVIDER_KEY"\nquery_params = ["chaos"]\n'
         f"[circuit]\nfailures = 1000000\n",
         keys,
