@@ -59,7 +59,7 @@ from cpython.buffer cimport PyBUF_WRITE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
 cdef extern from "<string.h>" nogil:
@@ -1147,12 +1147,11 @@ cdef class Relay:
 
     @property
     def activity(self):
-        """Frames relayed so far, both ways (for idle detection)."""
-        cdef int k
-        cdef uint64_t n = 0
-        for k in range(KINDS):
-            n += self.c2u.frames[k] + self.u2c.frames[k]
-        return n
+        """Bytes relayed so far, both ways, a frame in flight as far as it has come (for
+        idle detection: one long frame streaming for longer than the idle limit is not
+        idle). A frame's bytes are counted at its start; what is still to come of it is
+        taken off."""
+        return <int64_t>(self.c2u.wire_bytes + self.u2c.wire_bytes) - <int64_t>(self.c2u.left + self.u2c.left)
 
     cdef int send_close(self, Leg leg, int code, str reason, bint finish,
                         bytes notice=None) except -1:

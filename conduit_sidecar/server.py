@@ -317,7 +317,7 @@ class Sidecar:
                 log.exception("poll failed", extra={"event": "internal_error"})
 
     def close_idle(self, now: float) -> None:
-        """Sessions that relayed no frame for idle_timeout_seconds get 1001."""
+        """Sessions that relayed no byte for idle_timeout_seconds get 1001."""
         limit = self.config.limits.idle_timeout_seconds
         for info in list(self.sessions):
             relay = info.relay

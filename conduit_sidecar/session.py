@@ -65,7 +65,7 @@ class SessionInfo:
         self.started = time.monotonic()
         self.relay: _relay.Relay | None = None
         self.usage: Usage | None = None  # made at the first usage report
-        self.seen_activity = 0  # frames relayed at the last idle check
+        self.seen_activity = 0  # bytes relayed at the last idle check (Relay.activity)
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
         self.public_agent = public_agent  # admitted without a key, as this agent's session

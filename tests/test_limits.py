@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import raw_upstream_sidecar, run
+from conftest import raw_upstream_sidecar, run, switching_protocols
 from test_governance import metric
 
 
@@ -172,3 +172,31 @@ def test_idle_sessions_are_closed(limited):
                 await asyncio.wait_for(ws.recv(), 5)
             return exc.value.rcvd.code, exc.value.rcvd.reason
     assert run(body()) == (1001, "idle timeout")
+
+
+def test_one_long_frame_streaming_is_not_idle(limited):
+    """The provider streams one 200 KiB frame over 2 s, bytes flowing all along, past
+    the 0.6 s idle limit: not idle. Idle detection counted frames, so the session was
+    closed 1001 once the frame was through."""
+    size = 200 * 1024
+
+    async def provider(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(switching_protocols(head) + bytes([0x82, 127]) + size.to_bytes(8, "big"))
+        for _ in range(20):
+            writer.write(b"a" * (size // 20))
+            await asyncio.sleep(0.1)
+        writer.write(bytes([0x88, 2, 0x03, 0xE8]))  # close 1000
+        await reader.read()
+        writer.close()
+
+    async def body():
+        server = await asyncio.start_server(provider, "127.0.0.1", limited.upstream_port)
+        async with server:
+            async with connect(limited.url(provider="raw"), additional_headers=limited.auth(),
+                               max_size=None) as ws:
+                message = await ws.recv()
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.recv()
+            return len(message), exc.value.rcvd.code
+    assert run(body()) == (size, 1000)
