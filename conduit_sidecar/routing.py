@@ -216,6 +216,17 @@ class Router:
             raise ConfigError(f"provider {name!r} needs resource - at `{where}.resource`")
         own = {n for n, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(spec.url).query)}
         template = TEMPLATES.get(name)
+        if (
+            template is not None
+            and (template.model_in_setup or template.settings_after_welcome)
+            and "model" in fields
+        ):
+            # Its SDKs name the model in their first message, none in the URL: every
+            # session would get 4004 "needs a model".
+            raise ConfigError(
+                f"provider {name!r} names its model in the session's first message: its url "
+                f"cannot use {{model}} - at `{where}.url`"
+            )
         keys = {f.name for f in template.keys if f.where == "query"} if template else set()
         for param in spec.query_params:
             if param in own or param in keys or _CONTROL.search(param) or not param:

@@ -84,6 +84,9 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
      'Expected `str`, got `int` - at `$.providers."my-b".headers'),
     ('[providers.a]\nurl = "wss://h:99999/?model={model}&k=hunter2"\n', {}, "Port out of range 0-65535"),
     ('[routes]\n"gpt*" = 5\n', {}, 'Expected `array`, got `int` - at `$.routes."gpt*"`'),
+    # Gemini names its model in its setup message: every session would get 4004.
+    ('[providers.gemini]\nurl = "ws://h/g/{model}?key={secret}"\nsecret_env = "K"\n', {},
+     "its url cannot use {model} - at `$.providers.gemini.url`"),
 ])
 def test_a_bad_config_is_named_never_a_traceback_or_a_secret(tmp_path, text, env, says):
     conf = tmp_path / "c.toml"
