@@ -99,6 +99,8 @@ class MockProvider:
             await _transcription(ws)
         elif self.handler == native.elevenlabs and "/text-to-speech/" in url.path:
             await native.text_to_speech(ws, self.first_messages)
+        elif self.handler == native.elevenlabs and url.path.endswith("/v1/speech-to-text/realtime"):
+            await native.speech_to_text(ws)
         else:
             await self.handler(ws)
 

@@ -39,6 +39,13 @@
   and close 1000. The mock's "audio" is the text's UTF-8 bytes, so a test can tell
   what was voiced. `multi-stream-input` does the same per `context_id` (audio and
   final messages carry `contextId`; `flush`, `close_context`, `close_socket`).
+- elevenlabs (realtime speech to text, `/v1/speech-to-text/realtime`): `session_started`
+  with the URL's session config; each `input_audio_chunk` (base64 audio in JSON) ->
+  `partial_transcript` of the bytes heard so far; one with `commit` ->
+  `committed_transcript` (and `committed_transcript_with_timestamps` when the URL has
+  `include_timestamps=true`) naming the bytes and `audio_format`, and the count starts
+  again; anything else -> `input_error`. It commits on `commit` only, whatever
+  `commit_strategy` says.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-__all__ = ["REST", "SHAPES", "text_to_speech"]
+__all__ = ["REST", "SHAPES", "speech_to_text", "text_to_speech"]
 
 _json = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
@@ -449,6 +456,49 @@ async def text_to_speech(ws: ServerConnection, first_messages: list[bytes]) -> N
         if (ending and not multi) or (multi and event.get("close_socket")):
             await ws.close(1000)
             return
+
+
+async def speech_to_text(ws: ServerConnection) -> None:
+    q = _query(ws)
+    audio_format = q.get("audio_format", "pcm_16000")
+    sample_rate = int(audio_format.rpartition("_")[2])
+    per_second = sample_rate * (1 if audio_format.startswith("ulaw") else 2)
+    config = {
+        "sample_rate": sample_rate,
+        "audio_format": audio_format,
+        "language_code": q.get("language_code"),
+        "commit_strategy": q.get("commit_strategy", "manual"),
+        "model_id": q.get("model_id"),
+        "include_timestamps": q.get("include_timestamps") == "true",
+    }
+    started = {"message_type": "session_started", "session_id": secrets.token_hex(8), "config": config}
+    await ws.send(_encode(started).decode())
+    heard = 0
+    async for message in ws:
+        try:
+            event = _json.decode(message)
+        except msgspec.DecodeError:
+            event = None
+        if not isinstance(event, dict) or event.get("message_type") != "input_audio_chunk":
+            error = {"message_type": "input_error", "error": "expected input_audio_chunk"}
+            await ws.send(_encode(error).decode())
+            continue
+        heard += len(base64.b64decode(event.get("audio_base_64") or ""))
+        text = f"{heard} bytes at {audio_format}"
+        if not event.get("commit"):
+            await ws.send(_encode({"message_type": "partial_transcript", "text": text}).decode())
+            continue
+        await ws.send(_encode({"message_type": "committed_transcript", "text": text}).decode())
+        if config["include_timestamps"]:
+            word = {"text": text, "start": 0.0, "end": heard / per_second, "type": "word"}
+            timed = {
+                "message_type": "committed_transcript_with_timestamps",
+                "text": text,
+                "language_code": config["language_code"] or "en",
+                "words": [word],
+            }
+            await ws.send(_encode(timed).decode())
+        heard = 0
 
 
 PUBLIC_AGENTS = "agent_public"  # the prefix of the agents anyone may talk to
