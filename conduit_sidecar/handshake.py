@@ -287,6 +287,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     assert entry is not None  # admit refuses a missing entry
     if not route.serves(kept):
         return Close(response, CloseCode.NO_ROUTE, f"provider {route.name!r} does not serve {path}", entry)
+    if model is None and kept is not None and kept.model_required:
+        return Close(response, CloseCode.NO_ROUTE, f"provider {route.name!r} needs a model", entry)
     if kind == "call" and entry.allowed_models is not None:
         # The call was created elsewhere: no model can be checked.
         return Close(

@@ -66,7 +66,8 @@ class Kept(msgspec.Struct, frozen=True):
     of the pattern `at` in the template URL up to its query (Gemini's API version for the
     template's; OpenAI's `/realtime/translations` for its `/realtime`; Deepgram's
     `/v2/listen`, `/v1/speak` or `/v2/speak` for its `/v1/listen`; ElevenLabs'
-    text-to-speech path, voice id included, for its `/v1/convai/conversation`).
+    text-to-speech path, voice id included, or its realtime speech-to-text path, for
+    its `/v1/convai/conversation`).
 
     `builtins`: the built-in providers that serve the path (None: all); another
     built-in cannot (Azure documents no translation path), a provider of the user's can
@@ -75,13 +76,16 @@ class Kept(msgspec.Struct, frozen=True):
     `model`: the query parameter that names the model upstream in place of the
     template's `...={model}` one (ElevenLabs' `model_id` for its `agent_id`), left out
     when the session names no model; only URLs that name the model as nothing but a
-    query parameter's value can serve the path (Route.serves)."""
+    query parameter's value can serve the path (Route.serves). `model_required`: the
+    provider refuses a session without it (Scribe's `model_id`), so the sidecar does
+    first (4004, as for a template that needs a model)."""
 
     at: str
     text: str
     builtins: tuple[str, ...] | None = None
     required: bool = True
     model: str | None = None
+    model_required: bool = False
 
 
 class NativePath(msgspec.Struct, frozen=True):
@@ -277,6 +281,40 @@ _NATIVE: dict[str, NativePath] = {
     "/v1/agent/converse": NativePath("deepgram_agent"),
     "/v3/ws": NativePath("assemblyai", "speech_model"),
     "/v1/convai/conversation": NativePath("elevenlabs", "agent_id"),
+    # ElevenLabs' realtime speech-to-text (Scribe), on the agents' host; model_id is
+    # required there.
+    "/v1/speech-to-text/realtime": NativePath(
+        "elevenlabs",
+        "model_id",
+        Kept(
+            r"/v1/convai/conversation$",
+            "/v1/speech-to-text/realtime",
+            builtins=("elevenlabs",),
+            model="model_id",
+            model_required=True,
+        ),
+        # Not token (ElevenLabs' single-use tokens): credentials are the sidecar's.
+        query=(
+            "audio_format",
+            "commit_strategy",
+            "vad_silence_threshold_secs",
+            "vad_threshold",
+            "min_speech_duration_ms",
+            "min_silence_duration_ms",
+            "language_code",
+            "secondary_languages",
+            "include_timestamps",
+            "include_language_detection",
+            "keyterms",
+            "no_verbatim",
+            "entity_detection",
+            "entity_redaction",
+            "entity_redaction_mode",
+            "transcript_edit",
+            "filter_background_audio",
+            "enable_logging",
+        ),
+    ),
 }
 # Native paths with a variable segment, matched whole; their Kept text expands the
 # pattern's groups. ElevenLabs' text-to-speech sockets keep the client's voice id
