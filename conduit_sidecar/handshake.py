@@ -196,6 +196,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     # A native path with no provider of its own is routed as the sidecar's paths are.
     fixed = where.provider if where is not None else None
     forms: tuple[KeyForm, ...] = OPENAI_KEYS if fixed is None else TEMPLATES[fixed].keys
+    if where is not None and where.keys is not None:
+        forms = where.keys  # the path's own (Gemini's ephemeral-token method)
 
     try:
         query = urllib.parse.parse_qs(raw_query, strict_parsing=False, errors="strict")
@@ -310,6 +312,9 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             entry,
         )
     passes = route.passes(where.query if where is not None else None)
+    # A parameter a key is read from never passes, even if `query_params` names it
+    # (Router refuses only the template's key parameters there, not a path's own).
+    passes -= {f.name for f in forms if f.where == "query"}
     forward = tuple((n, v) for n, values in query.items() if n in passes for v in values)
     hold: Callable[[bytes], tuple[str, ...]] | None = None
     template = TEMPLATES.get(route.name)

@@ -43,12 +43,14 @@ class KeyForm(msgspec.Struct, frozen=True):
     header: `name` is the header; `schemes` the accepted schemes ("" = the bare value).
     query: `name` is the parameter. subprotocol: `name` ending in "." is a prefix the key
     follows (OpenAI); otherwise the key is the protocol offered right after `name`
-    (Deepgram's `token, KEY`), and `name` itself is what the 101 may select.
+    (Deepgram's `token, KEY`), and `name` itself is what the 101 may select. `strip`: a
+    prefix dropped from the value when present (see GEMINI_TOKEN_KEYS).
     """
 
     where: Literal["header", "query", "subprotocol"]
     name: str
     schemes: tuple[str, ...] = ("",)
+    strip: str = ""
 
 
 class Template(msgspec.Struct, frozen=True):
@@ -95,6 +97,8 @@ class NativePath(msgspec.Struct, frozen=True):
     # The path's own client query allow-list, in place of the template's (None: the
     # template's); the user's `query_params` add to either.
     query: tuple[str, ...] | None = None
+    # The path's own key forms, in place of the template's (None: the template's).
+    keys: tuple[KeyForm, ...] | None = None
 
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
@@ -103,6 +107,14 @@ DEEPGRAM_KEYS = (
     KeyForm("header", "Authorization", ("token", "bearer")),
     KeyForm("subprotocol", "token"),
     KeyForm("subprotocol", "bearer"),
+)
+# Gemini's ephemeral-token forms (BidiGenerateContentConstrained: google-genai's
+# `Authorization: Token`, @google/genai's `?access_token=`). Both SDKs take that path
+# only for a key starting `auth_tokens/`, so an app hands them `auth_tokens/` plus its
+# virtual key; the prefix is dropped.
+GEMINI_TOKEN_KEYS = (
+    KeyForm("header", "Authorization", ("token",), strip="auth_tokens/"),
+    KeyForm("query", "access_token", strip="auth_tokens/"),
 )
 
 TEMPLATES: dict[str, Template] = {
@@ -267,6 +279,15 @@ _NATIVE: dict[str, NativePath] = {
     "/openai/realtime": NativePath("azure", "deployment"),
     **{
         _GEMINI.format(v): NativePath("gemini", kept=Kept(_GEMINI_VERSION, v, required=False))
+        for v in ("v1", "v1beta", "v1alpha")
+    },
+    # The ephemeral-token method, with a virtual key for the token: upstream it is the
+    # template's own method (BidiGenerateContent, the API version kept) with its secret,
+    # the setup held and checked as there.
+    **{
+        _GEMINI.format(v) + "Constrained": NativePath(
+            "gemini", kept=Kept(_GEMINI_VERSION, v, required=False), keys=GEMINI_TOKEN_KEYS
+        )
         for v in ("v1", "v1beta", "v1alpha")
     },
     "/v1/listen": NativePath("deepgram", "model"),
@@ -480,7 +501,7 @@ def presented_key(
             if i + 1 < len(offered):
                 carriers.add(offered[i + 1])
                 found.append(offered[i + 1])
-        values = {v for v in found if v}
+        values = {v.removeprefix(form.strip) for v in found if v}
         if key is None and len(values) == 1:
             key = values.pop()
     return key, carriers

@@ -267,6 +267,25 @@ def test_openai_translation_sessions():
     assert up.uri.resource_name.startswith("/ws/google.ai.generativelanguage.v1alpha.GenerativeService")
 
 
+def test_geminis_ephemeral_token_method_reads_its_token_forms_and_passes_none():
+    """BidiGenerateContentConstrained: the key as `Authorization: Token` (google-genai) or
+    ?access_token= (@google/genai), `auth_tokens/` dropped; upstream the plain method at
+    the client's version. access_token never passes, even if query_params names it."""
+    conf = Config(providers={"gemini": Provider(secret_env="SECRET", query_params=["access_token"])})
+    gemini = Router(conf, environ={"SECRET": "k"})
+    state = admission(keyset=KeySet([KeyEntry("any", hash_key(KEY))]), router=gemini)
+    path = "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained"
+    for request in (upgrade(path, key=None, Authorization=f"Token auth_tokens/{KEY}"),
+                    upgrade(f"{path}?access_token=auth_tokens/{KEY}", key=None),
+                    upgrade(f"{path}?access_token={KEY}", key=None)):
+        d = decide(request, state)
+        assert isinstance(d, Accept) and d.key.id == "any" and d.query == ()
+        up = gemini.upstream(d.route.targets[0], None, d.query, d.kept)
+        assert up.uri.resource_name == (
+            "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContent?key=k")
+    assert decide(upgrade(path), state).reason == "missing key"  # Bearer is not a token form
+
+
 def test_a_template_naming_the_model_only_in_a_header_still_gets_an_empty_one():
     r = Router(Config(providers={"hdr": Provider(url="ws://127.0.0.1:9/v1", headers={"X-Model": "{model}"})}))
     up = r.upstream(r.route(None, "hdr").targets[0], None)
