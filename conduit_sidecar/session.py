@@ -373,6 +373,17 @@ async def _greet(
     return *held_first, upstream_early
 
 
+def _late(host: Host, decision: Accept, info: SessionInfo) -> Close | None:
+    """Why a session admitted earlier must not start now: the drain is over (close_all
+    tells only sessions with a relay), or its key was revoked meanwhile."""
+    if host.closing:
+        return Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
+    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
+    if revoked is not None:
+        return Close(decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked)
+    return None
+
+
 def _is_rest(request: Request) -> bool:
     """Whether the request is the REST call some SDKs make before a session
     (ElevenLabs' signed URL); a path that is not normal is decide's to answer."""
@@ -516,15 +527,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         upstream.abort()
         return
     # The drain may have ended, or the key file changed, while the upstream answered.
-    late: Close | None = None
-    if host.closing:
-        late = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
-    else:
-        _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
-        if revoked is not None:
-            late = Close(
-                decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked
-            )
+    late = _late(host, decision, info)
     if late is not None:
         host.release(info)
         upstream.abort()
@@ -554,6 +557,15 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         decision, raw, upstream_early = greeted
         client.early = bytearray(raw)
         del raw, greeted
+        # The Welcome and the Settings took up to two handshake timeouts: close_all may
+        # have passed this session (no relay yet to tell), or its key been revoked.
+        late = _late(host, decision, info)
+        if late is not None:
+            host.release(info)
+            upstream.abort()
+            host.rejected(late)
+            _close_after_upgrade(host, transport, late, bytes(client.early), True)
+            return
     limits = host.limits
     metered = meter(info.provider)
     relay = _relay.Relay(

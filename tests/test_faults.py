@@ -489,3 +489,50 @@ def test_a_client_that_leaves_while_the_provider_greets_frees_its_slot_and_the_p
     assert 'conduit_connections_total{result="client_gone"}' in counts  # (the second one's too, maybe)
     assert 'result="key_limit"' not in counts
     assert "Traceback" not in sidecar.output()
+
+
+def test_a_session_greeted_after_the_drain_ended_is_closed_going_away(tmp_path):
+    """Deepgram's agent: the drain's end (close_all) tells only sessions with a relay.
+    A session whose provider's Welcome came after it started relaying unannounced, and
+    the sidecar waited on it past drain_seconds for as long as the client stayed: the
+    `host.closing` check ran before the Welcome and Settings, not after."""
+    import json
+    import os
+    import signal
+
+    from websockets.asyncio.server import serve
+    keys = Keys()
+    keys.add("one")
+    upstream_port = free_port()
+
+    async def provider(ws):  # the Welcome after the drain's end, then an echo
+        await asyncio.sleep(1.0)
+        await ws.send(json.dumps({"type": "Welcome", "request_id": "x"}))
+        async for message in ws:
+            await ws.send(message)
+
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{upstream_port}/v1/agent/converse"\n'
+        'headers = { Authorization = "Token {secret}" }\nsecret_env = "PROVIDER_KEY"\n',
+        keys, limits="drain_seconds = 0.2\nclose_timeout_seconds = 1").start()
+
+    async def body():
+        async with serve(provider, "127.0.0.1", upstream_port):
+            async with connect(f"ws://127.0.0.1:{sidecar.port}/v1/agent/converse",
+                               additional_headers={"Authorization": f"Token {keys.plain['one']}"},
+                               open_timeout=5, close_timeout=1) as ws:
+                os.kill(sidecar.pid, signal.SIGTERM)               # the drain: over in 0.2 s
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "Welcome"
+                await ws.send(json.dumps({"type": "Settings", "agent": {}}))
+                with pytest.raises(ConnectionClosed):
+                    for _ in range(10):                           # relayed unannounced on main
+                        await asyncio.wait_for(ws.recv(), 1)
+                        await ws.send("more")
+                assert ws.close_code == 1001, (ws.close_code, ws.close_reason)
+    try:
+        run(body())
+        assert sidecar.wait(5) == 0
+    finally:
+        sidecar.stop()
+    assert "Traceback" not in sidecar.output()
