@@ -288,6 +288,18 @@ class _Settings(msgspec.Struct):
 _settings = msgspec.json.Decoder(_Settings)
 
 
+def _holds_key(message: bytes) -> bool:
+    """Whether a JSON message holds a virtual key, as written or escaped (`\\u005f`):
+    Deepgram reads the value the escape stands for. Re-encoded by msgspec, a decoded
+    message escapes nothing but quotes, backslashes and control characters."""
+    prefix = KEY_PREFIX.encode()
+    if prefix in message:
+        return True
+    if b"\\" not in message:
+        return False  # no escapes: what is written is what is read
+    return prefix in msgspec.json.encode(msgspec.json.decode(message))
+
+
 def agent_settings(message: bytes) -> tuple[str, ...]:
     """The models a Deepgram agent's `Settings` names: think's (the session's label
     first), then listen's and speak's, each fallback's too. Empty: it names none (a
@@ -298,7 +310,7 @@ def agent_settings(message: bytes) -> tuple[str, ...]:
         settings = None
     if settings is None or settings.type != "Settings":
         raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a Settings message")
-    if KEY_PREFIX.encode() in message:  # e.g. as a think endpoint's key: it would go upstream
+    if _holds_key(message):  # e.g. as a think endpoint's key: it would go upstream
         raise Refused(CloseCode.FORBIDDEN, "a virtual key in the Settings message")
     agent = settings.agent
     if isinstance(agent, str):

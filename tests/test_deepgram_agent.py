@@ -182,6 +182,12 @@ def _refused(sidecar, key_id: str, first: str | bytes) -> tuple[int, str]:
                               "endpoint": {"url": "https://llm.example/v1/chat/completions",
                                            "headers": {"authorization": f"Bearer {KEY_PREFIX}x"}}}),
      "a virtual key in the Settings message"),
+    # The same, one character JSON-escaped: Deepgram reads the key all the same.
+    ("good", _settings(think={"provider": {"type": "open_ai", "model": "gpt-4o-mini"},
+                              "endpoint": {"url": "https://llm.example/v1/chat/completions",
+                                           "headers": {"authorization": "Bearer KEYx"}}}).replace(
+                                               "KEY", KEY_PREFIX[:-1] + "\\u%04x" % ord(KEY_PREFIX[-1])),
+     "a virtual key in the Settings message"),
 ])
 def test_a_settings_the_key_does_not_allow_gets_4003(sidecar, key_id, settings, reason):
     assert _refused(sidecar, key_id, settings) == (4003, reason)
