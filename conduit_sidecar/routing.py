@@ -277,7 +277,12 @@ class Router:
         chain = self._chain(model) if model else []
         if route.name not in chain:
             return []
-        return [self.routes[n] for n in chain[chain.index(route.name) + 1 :] if self.routes[n].serves(kept)]
+        held = _first_message(route.name)
+        return [
+            self.routes[n]
+            for n in chain[chain.index(route.name) + 1 :]
+            if self.routes[n].serves(kept) and _first_message(n) in ((False, False), held)
+        ]
 
     def secret(self, spec: Provider) -> str:
         if spec.secret_env:
@@ -370,6 +375,16 @@ class Router:
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
         uri = _parse_uri(url)
         return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
+
+
+def _first_message(name: str) -> tuple[bool, bool]:
+    """How a built-in provider's sessions name their models in the first message
+    (Gemini's setup; Deepgram's agent Settings, after its Welcome). The session's route
+    decides whether it is held and checked (handshake.decide): a fallback that needs
+    such a hold where its session's route had none would take models `allowed_models`
+    never saw, so fallbacks() skips it."""
+    template = TEMPLATES.get(name)
+    return (False, False) if template is None else (template.model_in_setup, template.settings_after_welcome)
 
 
 def _without_model(spec: Provider) -> str | None:

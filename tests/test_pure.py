@@ -482,3 +482,22 @@ def test_layers_point_one_way():
 def test_a_sessions_audio_rate_comes_from_the_format_its_query_names(provider, query, rate):
     from conduit_sidecar.providers import audio_rate
     assert audio_rate(provider, query) == rate
+
+
+def test_no_failover_to_a_provider_whose_first_message_the_session_did_not_hold():
+    """The session's route decides whether its first message is held and its models
+    checked (Gemini's setup; Deepgram's agent Settings, after its Welcome). A route
+    without that hold failed over to such a provider: an openai session of a key with
+    allowed_models went to deepgram_agent, whose Settings then named any model."""
+    conf = Config(
+        providers={name: Provider(secret_env="SECRET") for name in ("openai", "deepgram_agent", "gemini")}
+        | {"mine": Provider(url="ws://127.0.0.1:9/v1/agent/converse")},
+        routes={"gpt-*": ["openai", "deepgram_agent", "gemini", "mine"],
+                "agent-*": ["deepgram_agent", "mine", "gemini"],
+                "gemini-*": ["gemini", "mine"]},
+    )
+    r = Router(conf, environ={"SECRET": "sk-up"})
+    assert [f.name for f in r.fallbacks(r.routes["openai"], "gpt-x")] == ["mine"]
+    # A held route keeps its fallbacks of the same kind and those of the user's.
+    assert [f.name for f in r.fallbacks(r.routes["deepgram_agent"], "agent-x")] == ["mine"]
+    assert [f.name for f in r.fallbacks(r.routes["gemini"], "gemini-x")] == ["mine"]
