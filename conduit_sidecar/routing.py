@@ -189,7 +189,8 @@ class Router:
         try:
             parse_uri(_FIELD.sub("x", spec.url))
         except (InvalidURI, ValueError) as exc:  # ValueError: urllib's, on the port
-            why = exc.msg if isinstance(exc, InvalidURI) else str(exc)  # the reason, not the URL
+            # The reason, not the URL: urllib's port message quotes what stands there.
+            why = exc.msg if isinstance(exc, InvalidURI) else _QUOTED.sub("", str(exc))
             raise ConfigError(
                 f"provider {name!r}: url is not a ws:// or wss:// URL: {why} - at `{where}.url`"
             ) from None
@@ -375,6 +376,9 @@ class Router:
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
         uri = _parse_uri(url)
         return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
+
+
+_QUOTED = re.compile(r" as '.*'$", re.S)
 
 
 def _first_message(name: str) -> tuple[bool, bool]:

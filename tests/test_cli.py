@@ -83,6 +83,8 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     ('[providers.a]\nurl = "ws://h/"\n[providers."my-b"]\nurl = "ws://h/"\nheaders = { X = 5 }\n', {},
      'Expected `str`, got `int` - at `$.providers."my-b".headers'),
     ('[providers.a]\nurl = "wss://h:99999/?model={model}&k=hunter2"\n', {}, "Port out of range 0-65535"),
+    # A secret pasted where the port goes: urllib's message quotes it.
+    ('[providers.a]\nurl = "wss://h:hunter2/x"\n', {}, "Port could not be cast to integer value - at"),
     ('[routes]\n"gpt*" = 5\n', {}, 'Expected `array`, got `int` - at `$.routes."gpt*"`'),
     # Gemini names its model in its setup message: every session would get 4004.
     ('[providers.gemini]\nurl = "ws://h/g/{model}?key={secret}"\nsecret_env = "K"\n', {},
