@@ -331,6 +331,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         return Close(
             response, CloseCode.FORBIDDEN, "the session names no model: not allowed for this key", entry
         )
+    if hold is None and where is not None and where.key_in_first:
+        hold = held.keyless
     return Accept(
         response,
         entry,

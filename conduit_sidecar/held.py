@@ -27,6 +27,7 @@ __all__ = [
     "MAX_MODEL_CHARS",
     "Refused",
     "agent_settings",
+    "keyless",
     "read_first",
     "read_greeting",
     "setup_model",
@@ -297,7 +298,19 @@ def _holds_key(message: bytes) -> bool:
         return True
     if b"\\" not in message:
         return False  # no escapes: what is written is what is read
-    return prefix in msgspec.json.encode(msgspec.json.decode(message))
+    try:
+        return prefix in msgspec.json.encode(msgspec.json.decode(message))
+    except msgspec.DecodeError:
+        return False  # not JSON: the provider reads no key from it either
+
+
+def keyless(message: bytes) -> tuple[str, ...]:
+    """A first message from which the provider would also read a key (ElevenLabs'
+    text-to-speech `xi_api_key`, `authorization`) must hold no virtual key: it would go
+    upstream and be tried there. It names no model (the URL's is checked)."""
+    if _holds_key(message):
+        raise Refused(CloseCode.FORBIDDEN, "a virtual key in the first message")
+    return ()
 
 
 def agent_settings(message: bytes) -> tuple[str, ...]:

@@ -99,6 +99,9 @@ class NativePath(msgspec.Struct, frozen=True):
     query: tuple[str, ...] | None = None
     # The path's own key forms, in place of the template's (None: the template's).
     keys: tuple[KeyForm, ...] | None = None
+    # The provider also reads a key from the first client message (ElevenLabs'
+    # text-to-speech): it is held, and refused if it holds a virtual key (held.keyless).
+    key_in_first: bool = False
 
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
@@ -366,6 +369,7 @@ _NATIVE_PATTERNS: tuple[tuple[re.Pattern[str], NativePath], ...] = (
                 "apply_text_normalization",
                 "seed",
             ),
+            key_in_first=True,
         ),
     ),
 )

@@ -289,9 +289,11 @@ async def _hold_first(
     host: Host, transport, decision: Accept, info: SessionInfo, early: bytes
 ) -> tuple[Accept, bytes] | None:
     """Read the client's first message (Gemini's setup, an OpenAI transcription
-    session's update, Deepgram's agent Settings; the 101 is out) and check every model
-    it names. Returns the decision with its model and the raw bytes read so far (for
-    the relay), or None when the session was closed."""
+    session's update, Deepgram's agent Settings, ElevenLabs' first text-to-speech
+    message; the 101 is out) and check every model it names (where the URL named none,
+    one must be named for a key with allowed_models), and that it holds no virtual key
+    where the provider reads one from it. Returns the decision with its model and the
+    raw bytes read so far (for the relay), or None when the session was closed."""
     limits = host.limits
     assert decision.hold is not None  # the caller holds only such sessions
     models: tuple[str, ...] = ()
@@ -305,7 +307,7 @@ async def _hold_first(
         models = decision.hold(message)
         refusal = None
         barred = [m for m in models if not decision.key.allows_model(m)]
-        if not models and decision.key.allowed_models is not None:  # fine where any model is
+        if not models and decision.model is None and decision.key.allowed_models is not None:
             refusal = "the first message must name a model for this key"
         elif barred:
             refusal = f"model {barred[0]!r} not allowed for this key"

@@ -157,6 +157,28 @@ def test_model_not_allowed_gets_4003(native, sidecar_ca_bundle):
     assert len(native.mocks["elevenlabs"].mock.requests) == before
 
 
+@pytest.mark.parametrize("escaped", [False, True])
+def test_a_virtual_key_in_the_first_message_never_reaches_the_provider(native, escaped):
+    """ElevenLabs also reads a key from the first message (`xi_api_key`, as its own
+    WebSocket guide opens): one holding a virtual key, even JSON-escaped, gets 4003
+    and the provider sees neither it nor the session."""
+    key = native.keys.plain["good"]
+    first = json.dumps({"text": " ", "xi_api_key": key})
+    if escaped:
+        first = first.replace("condt_", "condt\\u005f")
+    mock = native.mocks["elevenlabs"].mock
+    before = len(mock.requests)
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}{TTS}", additional_headers={"xi-api-key": key}) as ws:
+            await ws.send(first)
+            await ws.wait_closed()
+            return ws.close_code, ws.close_reason
+    assert run(body()) == (4003, "a virtual key in the first message")
+    assert len(mock.requests) == before
+    assert all("condt" not in m.decode() for m in mock.first_messages)
+
+
 def test_bad_voice_ids_are_refused_before_anything_goes_upstream(native):
     """Voice ids are 1 to 64 letters and digits; anything else never reaches a URL."""
     key = native.keys.plain["good"]
