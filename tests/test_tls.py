@@ -2,6 +2,7 @@
 files) and verified wss upstreams."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -169,6 +170,84 @@ def test_websockets_client_over_the_tls_listener(tls_env):
                 await ws.send(text)
                 assert await ws.recv() == text
     run(body())
+
+
+def _bio_client(sidecar, version=ssl.TLSVersion.TLSv1_3):
+    """A TLS client over memory BIOs on a blocking socket: the test decides what each
+    send() carries. Returns (socket, SSLObject, incoming BIO, outgoing BIO) once the
+    client's side of the handshake is done: in TLS 1.3 its Finished is then in the
+    outgoing BIO, not yet sent (in TLS 1.2 it went before the server's Finished)."""
+    context = client_ssl(sidecar.ca_out)
+    context.minimum_version = context.maximum_version = version
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", sidecar.tls_port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(5)
+    while True:
+        try:
+            tls.do_handshake()
+            return sock, tls, incoming, outgoing
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "the server ended the connection during the handshake"
+            incoming.write(data)
+
+
+def _answer(sock, tls, incoming) -> bytes:
+    """The status line of the HTTP answer (the server's session tickets read on the way)."""
+    got = b""
+    while b"\r\n" not in got:
+        try:
+            got += tls.read(65536)
+        except ssl.SSLWantReadError:
+            data = sock.recv(65536)
+            assert data, f"connection ended before an answer: {got!r}"
+            incoming.write(data)
+    return got.split(b"\r\n", 1)[0]
+
+
+_NOPE = (b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["1.3", "1.2"])
+@pytest.mark.parametrize("cut", ["with_finished", "split_record", "after_a_pause"])
+def test_the_request_is_answered_however_it_follows_the_handshake(tls_env, version, cut):
+    """The hand-over from the TLS handshake to the request reader: the request in the
+    same send as the client's Finished, its record cut across sends (the Finished with
+    its first 7 bytes, the rest 50 ms later), or sent 50 ms after the Finished, once
+    what the server sent after its handshake (if anything) was read. Each is answered
+    at once (404 here), never left to the handshake timeout. (In TLS 1.2 the client's
+    Finished went before the server's, within the handshake: there the request goes
+    alone.)"""
+    sidecar = tls_env[0]
+    sock, tls, incoming, outgoing = _bio_client(sidecar, version)
+    with sock:
+        finished = outgoing.read()
+        tls.write(_NOPE)
+        request = outgoing.read()
+        t0 = time.monotonic()
+        if cut == "with_finished":
+            sock.sendall(finished + request)
+        elif cut == "split_record":
+            sock.sendall(finished + request[:7])
+            time.sleep(0.05)
+            sock.sendall(request[7:])
+        else:
+            sock.sendall(finished)
+            time.sleep(0.05)  # what the server sends after its handshake, if anything, is read
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                incoming.write(sock.recv(65536))
+            sock.settimeout(5)
+            with pytest.raises(ssl.SSLWantReadError):
+                tls.read(1)
+            t0 = time.monotonic()
+            sock.sendall(request)
+        assert _answer(sock, tls, incoming) == b"HTTP/1.1 404 Not Found"
+        assert time.monotonic() - t0 < 1
 
 
 @pytest.mark.skipif(not have_node, reason="npm packages not installed (tests/node)")
