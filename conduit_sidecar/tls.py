@@ -125,6 +125,14 @@ class ListenerTLS:
         except ConfigError as exc:
             raise ConfigError(f"[tls] {exc}") from None
         self.context = self.files.context
+        # No TLS 1.3 session tickets: they are the only records a TLS 1.3 server sends
+        # unasked once its handshake is done, and a threaded client (websockets' sync
+        # client, OpenAI's sync realtime client) reads them in one thread while another
+        # writes the request on the same SSL, which CPython does not serialise: about 1
+        # connection in 1000 then never sends its request, or the client crashes
+        # (README, "TLS on loopback"). Loopback clients rarely resume; TLS 1.2 keeps its
+        # tickets (they come within the handshake).
+        self.context.num_tickets = 0
 
     def check(self) -> None:
         if self.authority:
