@@ -16,6 +16,7 @@ TLS on (`ktls`), `handover` gives a leg's sends to the kernel where it can.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 from . import _relay, ktls
@@ -24,6 +25,14 @@ __all__ = ["SessionCache", "TLSStream", "handover", "start_tls"]
 
 _READ = 65536
 _DETACHED = asyncio.Protocol()  # the app of a stream the relay took (shared, does nothing)
+
+
+def _quickack(raw) -> None:
+    sock = raw.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except (AttributeError, OSError):  # not Linux, or not TCP
+        pass
 
 
 class TLSStream(asyncio.Protocol, asyncio.Transport):
@@ -109,6 +118,11 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.handshaken = self.server_side
         self._flush()
         self.handshaken = True
+        if self.server_side:
+            # The listener sends no session tickets (tls.ListenerTLS), so nothing carries
+            # the ACK of the client's Finished: a client with Nagle's algorithm on would
+            # hold its request for our delayed ACK (40 ms). Send the ACK now.
+            _quickack(self.raw)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
         return True
