@@ -185,6 +185,13 @@ def key_misplaced(query: dict[str, list[str]], forms: tuple[KeyForm, ...]) -> bo
     )
 
 
+@functools.cache
+def _key_params(forms: tuple[KeyForm, ...]) -> frozenset[str]:
+    """The query parameters a key is read from: they never pass upstream, even if
+    `query_params` names one (Router refuses only the template's there, not a path's own)."""
+    return frozenset(f.name for f in forms if f.where == "query")
+
+
 def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     try:
         path, raw_query = normalise_path(request.path)
@@ -312,9 +319,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             entry,
         )
     passes = route.passes(where.query if where is not None else None)
-    # A parameter a key is read from never passes, even if `query_params` names it
-    # (Router refuses only the template's key parameters there, not a path's own).
-    passes -= {f.name for f in forms if f.where == "query"}
+    if keyed := _key_params(forms):
+        passes = passes - keyed
     forward = tuple((n, v) for n, values in query.items() if n in passes for v in values)
     hold: Callable[[bytes], tuple[str, ...]] | None = None
     template = TEMPLATES.get(route.name)

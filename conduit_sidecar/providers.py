@@ -344,8 +344,9 @@ _NATIVE: dict[str, NativePath] = {
 # pattern's groups. ElevenLabs' text-to-speech sockets keep the client's voice id
 # (strictly alphanumeric, as ElevenLabs' ids are: nothing to encode) and name the
 # model in `model_id`, which ElevenLabs defaults when it is absent.
-_NATIVE_PATTERNS: tuple[tuple[re.Pattern[str], NativePath], ...] = (
+_NATIVE_PATTERNS: tuple[tuple[str, re.Pattern[str], NativePath], ...] = (
     (
+        "/v1/text-to-speech/",  # a literal prefix: most paths are no match at one compare
         re.compile(r"/v1/text-to-speech/([A-Za-z0-9]{1,64})/(stream-input|multi-stream-input)"),
         NativePath(
             "elevenlabs",
@@ -403,8 +404,8 @@ def native(path: str) -> NativePath | None:
     found = _NATIVE.get(path)
     if found is not None:
         return found
-    for pattern, where in _NATIVE_PATTERNS:
-        m = pattern.fullmatch(path)
+    for prefix, pattern, where in _NATIVE_PATTERNS:
+        m = pattern.fullmatch(path) if path.startswith(prefix) else None
         if m is not None and where.kept is not None:
             return msgspec.structs.replace(
                 where, kept=msgspec.structs.replace(where.kept, text=m.expand(where.kept.text))
