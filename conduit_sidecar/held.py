@@ -95,6 +95,15 @@ async def read_first(transport, early: bytes, limit: int, timeout: float) -> tup
     """(the first data message, every raw byte read so far). The transport's reading
     is paused when this returns."""
     reader = _FirstMessage(transport, limit)
+    late = Refused(CloseCode.PROTOCOL_ERROR, f"no first message within {timeout:g} s")
+    message = await _read(transport, reader, early, timeout, late)
+    return message, bytes(reader.raw)
+
+
+async def _read(transport, reader, early: bytes, timeout: float, late: Refused):
+    """Run `reader` (a protocol whose `done` future it settles) on `transport`, `early`
+    first, for at most `timeout`; `late` is raised after it. Reading is paused when
+    this returns."""
     transport.set_protocol(reader)
     if early:
         reader.data_received(early)
@@ -102,11 +111,10 @@ async def read_first(transport, early: bytes, limit: int, timeout: float) -> tup
         transport.resume_reading()
     try:
         async with asyncio.timeout(timeout):
-            message = await reader.done
+            return await reader.done
     except TimeoutError:
         transport.pause_reading()
-        raise Refused(CloseCode.PROTOCOL_ERROR, f"no first message within {timeout:g} s") from None
-    return message, bytes(reader.raw)
+        raise late from None
 
 
 class _Greeting(asyncio.Protocol):
@@ -168,19 +176,8 @@ async def read_greeting(upstream, early: bytes, limit: int, timeout: float) -> t
     """(the provider's frames up to the end of its first data message, the bytes after
     them). The upstream's reading is paused when this returns."""
     reader = _Greeting(upstream, limit)
-    upstream.set_protocol(reader)
-    if early:
-        reader.data_received(early)
-    if not reader.done.done():
-        upstream.resume_reading()
-    try:
-        async with asyncio.timeout(timeout):
-            end = await reader.done
-    except TimeoutError:
-        upstream.pause_reading()
-        raise Refused(
-            CloseCode.UPSTREAM_FAILED, f"no first message from the provider within {timeout:g} s"
-        ) from None
+    late = Refused(CloseCode.UPSTREAM_FAILED, f"no first message from the provider within {timeout:g} s")
+    end = await _read(upstream, reader, early, timeout, late)
     return bytes(reader.raw[:end]), bytes(reader.raw[end:])
 
 

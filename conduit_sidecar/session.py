@@ -375,15 +375,36 @@ async def _greet(
     return *held_first, upstream_early
 
 
-def _late(host: Host, decision: Accept, info: SessionInfo) -> Close | None:
-    """Why a session admitted earlier must not start now: the drain is over (close_all
-    tells only sessions with a relay), or its key was revoked meanwhile."""
+def _ended_late(
+    host: Host, transport, decision: Accept, info: SessionInfo, upstream, early: bytearray, answered: bool
+) -> bool:
+    """Whether a session admitted earlier was closed because it must not start now: the
+    drain is over (close_all tells only sessions with a relay), or its key was revoked
+    meanwhile."""
+    late = None
     if host.closing:
-        return Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
-    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
-    if revoked is not None:
-        return Close(decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked)
-    return None
+        late = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
+    else:
+        _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
+        if revoked is not None:
+            late = Close(
+                decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked
+            )
+    if late is None:
+        return False
+    host.release(info)
+    upstream.abort()
+    host.rejected(late)
+    _close_after_upgrade(host, transport, late, bytes(early), answered)
+    return True
+
+
+def _gone(host: Host, info: SessionInfo, upstream=None) -> None:
+    """The client left before its session started: nothing to answer."""
+    host.release(info)
+    host.count("client_gone")
+    if upstream is not None:
+        upstream.abort()
 
 
 def _is_rest(request: Request) -> bool:
@@ -520,21 +541,13 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             return
         host.connected(info, time.monotonic() - started)
     except asyncio.CancelledError:  # the client left while we connected
-        host.release(info)
-        host.count("client_gone")
+        _gone(host, info)
         raise
     if transport.is_closing():  # the client left as the upstream answered
-        host.release(info)
-        host.count("client_gone")
-        upstream.abort()
+        _gone(host, info, upstream)
         return
     # The drain may have ended, or the key file changed, while the upstream answered.
-    late = _late(host, decision, info)
-    if late is not None:
-        host.release(info)
-        upstream.abort()
-        host.rejected(late)
-        _close_after_upgrade(host, transport, late, bytes(client.early), answered)
+    if _ended_late(host, transport, decision, info, upstream, client.early, answered):
         return
     response = decision.response
     # The provider's choice wins. When it picks none, the client's first offer (set
@@ -550,9 +563,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         try:
             greeted = await _greet(host, transport, upstream, upstream_early, decision, info, client)
         except asyncio.CancelledError:  # the client left while the provider's Welcome was awaited
-            host.release(info)
-            host.count("client_gone")
-            upstream.abort()
+            _gone(host, info, upstream)
             raise
         if greeted is None:
             return
@@ -561,12 +572,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         del raw, greeted
         # The Welcome and the Settings took up to two handshake timeouts: close_all may
         # have passed this session (no relay yet to tell), or its key been revoked.
-        late = _late(host, decision, info)
-        if late is not None:
-            host.release(info)
-            upstream.abort()
-            host.rejected(late)
-            _close_after_upgrade(host, transport, late, bytes(client.early), True)
+        if _ended_late(host, transport, decision, info, upstream, client.early, True):
             return
     limits = host.limits
     metered = meter(info.provider)

@@ -102,6 +102,16 @@ async def gemini(ws: ServerConnection) -> None:
             )
 
 
+def _object(message: str | bytes) -> dict:
+    """A client's JSON message as an object; {} for anything else (the mocks answer it
+    with their error event)."""
+    try:
+        event = _json.decode(message)
+    except msgspec.DecodeError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
 def _bytes_per_second(q: dict[str, str]) -> int:
     width = 2 if q.get("encoding", "linear16") in ("linear16", "pcm_s16le") else 1
     return int(q.get("sample_rate", 16000)) * int(q.get("channels", 1)) * width
@@ -225,11 +235,8 @@ async def _speak(ws: ServerConnection) -> None:
     }
     await ws.send(_encode(metadata).decode())
     async for message in ws:
-        try:
-            event = _json.decode(message)
-        except msgspec.DecodeError:
-            event = None
-        kind = event.get("type") if isinstance(event, dict) else None
+        event = _object(message)
+        kind = event.get("type")
         if kind == "Speak":
             held += str(event.get("text", ""))
             continue
@@ -265,11 +272,8 @@ async def _speak_v2(ws: ServerConnection) -> None:
     }
     await ws.send(_encode(connected).decode())
     async for message in ws:
-        try:
-            event = _json.decode(message)
-        except msgspec.DecodeError:
-            event = None
-        kind = event.get("type") if isinstance(event, dict) else None
+        event = _object(message)
+        kind = event.get("type")
         if kind == "Speak":
             held += str(event.get("text", ""))
         elif kind == "Flush":
@@ -310,11 +314,8 @@ def _agent_rate(audio: dict) -> int:
 
 async def deepgram_agent(ws: ServerConnection) -> None:
     await ws.send(_encode({"type": "Welcome", "request_id": secrets.token_hex(8)}).decode())
-    try:
-        settings = _json.decode(await ws.recv(decode=False))
-    except msgspec.DecodeError:
-        settings = None
-    if not isinstance(settings, dict) or settings.get("type") != "Settings":
+    settings = _object(await ws.recv(decode=False))
+    if settings.get("type") != "Settings":
         error = {"type": "Error", "code": "UNPARSABLE_CLIENT_MESSAGE", "description": "expected Settings"}
         await ws.send(_encode(error).decode())
         await ws.close(1002, "expected Settings")
@@ -475,11 +476,8 @@ async def speech_to_text(ws: ServerConnection) -> None:
     await ws.send(_encode(started).decode())
     heard = 0
     async for message in ws:
-        try:
-            event = _json.decode(message)
-        except msgspec.DecodeError:
-            event = None
-        if not isinstance(event, dict) or event.get("message_type") != "input_audio_chunk":
+        event = _object(message)
+        if event.get("message_type") != "input_audio_chunk":
             error = {"message_type": "input_error", "error": "expected input_audio_chunk"}
             await ws.send(_encode(error).decode())
             continue
