@@ -18,8 +18,8 @@ from conduit_sidecar.handshake import Accept, Close, decide
 from conduit_sidecar.keys import KEY_PREFIX, KeyEntry, KeySet, hash_key
 from conduit_sidecar.routing import Router
 from conftest import PROVIDER_SECRET, run
-from test_native_sdks import (_closed_with, _deepgram_client, _last_request, last_session, log_mark,
-                              metric, metric_becomes, node)
+from test_native_sdks import (_closed_with, _deepgram_client, _last_request, _stream_a_second, last_session,
+                              log_mark, metric, metric_becomes, node)
 from test_native_sdks import native  # noqa: F401, F811  (the fixture: a sidecar, its mocks)
 from test_pure import KEY, admission, upgrade
 
@@ -52,23 +52,11 @@ def _no_virtual_key_upstream(sidecar):
 
 
 def test_flux_through_the_python_sdk(sidecar):
-    from deepgram.core.events import EventType
     mark = log_mark(sidecar)
     client = _deepgram_client(sidecar, sidecar.keys.plain["voice"])
 
-    async def body():
-        got = []
-        async with client.listen.v2.connect(model="flux-general-en", encoding="linear16",
-                                            sample_rate="16000", eot_threshold="0.7") as conn:
-            conn.on(EventType.MESSAGE, got.append)
-            listener = asyncio.create_task(conn.start_listening())
-            for _ in range(50):                           # 1 s of 16 kHz PCM16, 20 ms frames
-                await conn.send_media(bytes(640))
-            await conn.send_close_stream()
-            await listener
-        return got
-
-    got = run(body())
+    got = run(_stream_a_second(lambda: client.listen.v2.connect(
+        model="flux-general-en", encoding="linear16", sample_rate="16000", eot_threshold="0.7")))
     assert [m.type for m in got][0] == "Connected", got
     turns = [m for m in got if m.type == "TurnInfo"]
     assert [t.event for t in turns] == ["StartOfTurn", "Update", "EndOfTurn"], turns
@@ -80,6 +68,20 @@ def test_flux_through_the_python_sdk(sidecar):
     assert (end["key_id"], end["model"], end["close_code"]) == ("voice", "flux-general-en", 1000)
 
 
+async def _speak_until_flushed(connecting, speak) -> list:
+    """On the deepgram-sdk speak connection `connecting()` opens: `speak(conn)`, Flush,
+    and Close once Flushed comes; every message received."""
+    got: list = []
+    async with connecting() as conn:
+        await speak(conn)
+        await conn.send_flush()
+        async for message in conn:
+            got.append(message)
+            if getattr(message, "type", None) == "Flushed":
+                await conn.send_close()
+    return got
+
+
 def test_speak_through_the_python_sdk_meters_nothing(sidecar):
     """Text goes, audio comes back. Speak's `Metadata` carries no duration: it is not
     read as a listen stream's seconds, nor counted as malformed usage."""
@@ -89,19 +91,9 @@ def test_speak_through_the_python_sdk_meters_nothing(sidecar):
     malformed = metric(sidecar, "conduit_usage_malformed_total", provider="deepgram")
     client = _deepgram_client(sidecar, sidecar.keys.plain["voice"])
 
-    async def body():
-        got = []
-        async with client.speak.v1.connect(model="aura-2-thalia-en", encoding="linear16",
-                                           sample_rate=24000) as conn:
-            await conn.send_text(SpeakV1Text(text="Hello there"))
-            await conn.send_flush()
-            async for message in conn:
-                got.append(message)
-                if getattr(message, "type", None) == "Flushed":
-                    await conn.send_close()
-        return got
-
-    got = run(body())
+    got = run(_speak_until_flushed(
+        lambda: client.speak.v1.connect(model="aura-2-thalia-en", encoding="linear16", sample_rate=24000),
+        lambda conn: conn.send_text(SpeakV1Text(text="Hello there"))))
     assert got[0].type == "Metadata" and got[0].model_name == "aura-2-thalia-en", got
     audio = b"".join(m for m in got if isinstance(m, bytes))
     assert len(audio) == len("Hello there") * 2400         # the mock's 50 ms of 24 kHz PCM16 each
@@ -124,19 +116,10 @@ def test_flux_tts_through_the_python_sdk_meters_nothing(sidecar):
     malformed = metric(sidecar, "conduit_usage_malformed_total", provider="deepgram")
     client = _deepgram_client(sidecar, sidecar.keys.plain["voice"])
 
-    async def body():
-        got = []
-        async with client.speak.v2.connect(model="flux-alexis-en", encoding="linear16",
-                                           sample_rate="24000", expressivity=1) as conn:
-            await conn.send_speak(SpeakV2Speak(text="Hello Flux"))
-            await conn.send_flush()
-            async for message in conn:
-                got.append(message)
-                if getattr(message, "type", None) == "Flushed":
-                    await conn.send_close()
-        return got
-
-    got = run(body())
+    got = run(_speak_until_flushed(
+        lambda: client.speak.v2.connect(model="flux-alexis-en", encoding="linear16", sample_rate="24000",
+                                        expressivity=1),
+        lambda conn: conn.send_speak(SpeakV2Speak(text="Hello Flux"))))
     events = [m.type for m in got if not isinstance(m, bytes)]
     assert events == ["Connected", "SpeechStarted", "SpeechMetadata", "Flushed", "SessionMetadata"], got
     assert got[0].model_name == "flux-alexis-en"

@@ -129,27 +129,30 @@ def _deepgram_client(sidecar, key: str):
     return AsyncDeepgramClient(api_key=key, environment=env)
 
 
+async def _stream_a_second(connecting) -> list:
+    """One second of 16 kHz PCM16 in 20 ms frames on the deepgram-sdk listen connection
+    `connecting()` opens, then CloseStream: the messages it got."""
+    from deepgram.core.events import EventType
+    got: list = []
+    async with connecting() as conn:
+        conn.on(EventType.MESSAGE, got.append)
+        listener = asyncio.create_task(conn.start_listening())
+        for _ in range(50):
+            await conn.send_media(bytes(640))
+        await conn.send_close_stream()
+        await listener
+    return got
+
+
 def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
     mark = log_mark(native)
-    from deepgram.core.events import EventType
     key = native.keys.plain["good"]
     client = _deepgram_client(native, key)
     before = metric(native, "conduit_usage_seconds_total", key_id="good", provider="deepgram",
                     model="nova-3", kind="audio")
 
-    async def body():
-        got = []
-        async with client.listen.v1.connect(model="nova-3", encoding="linear16",
-                                            sample_rate="16000", interim_results="true") as conn:
-            conn.on(EventType.MESSAGE, got.append)
-            listener = asyncio.create_task(conn.start_listening())
-            for _ in range(50):                           # 1 s of 16 kHz PCM16, 20 ms frames
-                await conn.send_media(bytes(640))
-            await conn.send_close_stream()
-            await listener
-        return got
-
-    got = run(body())
+    got = run(_stream_a_second(lambda: client.listen.v1.connect(
+        model="nova-3", encoding="linear16", sample_rate="16000", interim_results="true")))
     kinds = [getattr(m, "type", None) for m in got]
     assert "Results" in kinds and kinds[-1] == "Metadata", kinds
     results = [m for m in got if getattr(m, "type", None) == "Results"]
