@@ -657,6 +657,18 @@ class Chaos:
             return None, None
         return reader, writer
 
+    async def leave(self, s: Session, reader, writer, how: str, point: str) -> None:
+        """The client leaves at `point`: a reset, or its end (reading what still comes)."""
+        if how == "rst":
+            reset(writer.transport)
+        elif writer.can_write_eof():
+            writer.write_eof()
+            await self.read_to_end(s, reader, 10)
+            writer.close()
+        else:  # TLS: close_notify and FIN
+            writer.close()
+        s.notes.append(("left", point, how))
+
     async def read_to_end(self, s: Session, reader, timeout: float) -> list:
         """Frames the sidecar sends until it closes (checked: unmasked, valid)."""
         parser, frames = Frames(masked=False), []
@@ -710,15 +722,7 @@ class Chaos:
             elif point == "closing":
                 writer.write(frame(8, close_payload(1000, "bye")))
             await asyncio.sleep(rng.random() * 0.05)
-        if how == "rst":
-            reset(writer.transport)
-        elif writer.can_write_eof():
-            writer.write_eof()
-            await self.read_to_end(s, reader, 10)
-            writer.close()
-        else:  # TLS: close_notify and FIN
-            writer.close()
-        s.notes.append(("left", point, how))
+        await self.leave(s, reader, writer, how, point)
 
     async def sc_bad_frame(self, rng):
         kind = rng.choice(("unmasked", "rsv", "opcode", "oversized", "bigping", "badclose"))
@@ -1027,15 +1031,7 @@ class Chaos:
             if text != body or kinds[-1:] != [8] or 10 not in kinds:
                 self.fail(s, f"client got {kinds} ({len(text)} of {len(body)} bytes of the echo)")
             return
-        if how == "rst":
-            reset(writer.transport)
-        elif writer.can_write_eof():
-            writer.write_eof()
-            await self.read_to_end(s, reader, 10)
-            writer.close()
-        else:
-            writer.close()
-        s.notes.append(("left", act, how))
+        await self.leave(s, reader, writer, how, act)
 
     async def sc_greeted(self, rng):
         """Deepgram's agent: the provider's Welcome (after a while) goes to the client
@@ -1080,15 +1076,7 @@ class Chaos:
                 return
         else:
             await asyncio.sleep(rng.random() * a / 1000)
-        if how == "rst":
-            reset(writer.transport)
-        elif writer.can_write_eof():
-            writer.write_eof()
-            await self.read_to_end(s, reader, 10)
-            writer.close()
-        else:
-            writer.close()
-        s.notes.append(("left", act, how))
+        await self.leave(s, reader, writer, how, act)
 
     async def revoker(self, rng):
         keys = self.sidecar.keys
