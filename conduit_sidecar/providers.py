@@ -180,6 +180,7 @@ TEMPLATES: dict[str, Template] = {
             "keyterm",
             "keywords",
             "language",
+            "language_hint",  # deepgram-sdk (Python) 7.x sends it on /v1/listen too
             "mip_opt_out",
             "multichannel",
             "numerals",

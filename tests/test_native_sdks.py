@@ -152,7 +152,8 @@ def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
                     model="nova-3", kind="audio")
 
     got = run(_stream_a_second(lambda: client.listen.v1.connect(
-        model="nova-3", encoding="linear16", sample_rate="16000", interim_results="true")))
+        model="nova-3", encoding="linear16", sample_rate="16000", interim_results="true",
+        language_hint="en")))
     kinds = [getattr(m, "type", None) for m in got]
     assert "Results" in kinds and kinds[-1] == "Metadata", kinds
     results = [m for m in got if getattr(m, "type", None) == "Results"]
@@ -162,7 +163,7 @@ def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
     path, headers = _last_request(native, "deepgram")
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
     assert query == {"model": "nova-3", "encoding": "linear16", "sample_rate": "16000",
-                     "interim_results": "true"}
+                     "interim_results": "true", "language_hint": "en"}
     assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
     assert key not in path and key not in str(headers)
     assert metric(native, "conduit_usage_seconds_total", key_id="good", provider="deepgram",
