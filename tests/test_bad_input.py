@@ -113,6 +113,8 @@ def strict(tmp_path_factory, mock_provider):
     # under websockets' own limits.
     (request(headers={f"X-Pad-{i}": "p" * 8000 for i in range(5)}), 431),
     (b"GET / HTTP/2.0\r\n\r\n", 400),
+    # HTTP/1.0 parses, and websockets' handshake check refuses its version.
+    (request().replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1), 505),
 ])
 def test_bad_requests_get_an_http_status(strict, data, status):
     got, headers, body = http_answer(strict.port, data)
