@@ -222,7 +222,9 @@ def _providers(args) -> int:
         route = router.routes[name]
         url, headers = masked(route.spec)
         state = "configured" if name in router.configured else "needs a secret"
-        print(f"{name:12} {state:15} {url}")
+        # Without a deployments list the provider is its one deployment: its health here.
+        live = "" if route.spec.deployments else health.get((name, route.targets[0].label), "")
+        print(f"{name:12} {state:15} {url}" + (f" [{live}]" if live else ""))
         for header, value in headers.items():
             print(f"{'':12} {'':15} {header}: {value}")
         if route.spec.deployments:

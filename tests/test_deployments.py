@@ -951,3 +951,22 @@ def test_providers_command_shows_deployments_and_live_health(workdir):
     assert "selection: least_sessions" in r.stdout
     assert f"deployment gone weight 1 ws://127.0.0.1:{gone}/ [resting]" in r.stdout
     assert f"deployment good weight 2 ws://127.0.0.1:{good.port}/ [healthy]" in r.stdout
+
+
+def test_providers_command_shows_the_live_health_of_a_provider_without_deployments(workdir):
+    # A provider with no `deployments` list runs as one deployment ("0"), whose circuit
+    # rests as any other's: --admin must show it too.
+    import subprocess
+    import sys
+    sidecar = sidecar_with(workdir, f"[providers.p]\n{ws_url(free_port())}\n",
+                           extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+    try:
+        assert run(close_of(sidecar))[0] == 1014
+        r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "providers", "--config",
+                            sidecar.config, "--admin", sidecar.admin("")],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        sidecar.stop()
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("p "))
+    assert line.endswith(" [resting]"), r.stdout
