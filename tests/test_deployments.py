@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -927,9 +928,14 @@ def test_deployments_override_the_template_and_map_model_names(workdir):
     assert up.headers == [("api-key", "two"), ("X-Region", "sweden")]
 
 
+def providers_admin(sidecar: SidecarProcess) -> subprocess.CompletedProcess:
+    """`conduit-sidecar providers --admin` against this sidecar's admin listener."""
+    return subprocess.run([sys.executable, "-m", "conduit_sidecar", "providers", "--config",
+                           sidecar.config, "--admin", sidecar.admin("")],
+                          capture_output=True, text=True, timeout=30)
+
+
 def test_providers_command_shows_deployments_and_live_health(workdir):
-    import subprocess
-    import sys
     good, gone = Named("good"), free_port()
     sidecar = sidecar_with(workdir, deployments(
         f'name = "gone"\n{ws_url(gone)}', f'name = "good"\n{ws_url(good.port)}\nweight = 2'),
@@ -942,9 +948,7 @@ def test_providers_command_shows_deployments_and_live_health(workdir):
             return name
     try:
         assert run(body()) == "good"
-        r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "providers", "--config",
-                            sidecar.config, "--admin", sidecar.admin("")],
-                           capture_output=True, text=True, timeout=30)
+        r = providers_admin(sidecar)
     finally:
         sidecar.stop()
     assert r.returncode == 0, r.stderr
@@ -956,15 +960,11 @@ def test_providers_command_shows_deployments_and_live_health(workdir):
 def test_providers_command_shows_the_live_health_of_a_provider_without_deployments(workdir):
     # A provider with no `deployments` list runs as one deployment ("0"), whose circuit
     # rests as any other's: --admin must show it too.
-    import subprocess
-    import sys
     sidecar = sidecar_with(workdir, f"[providers.p]\n{ws_url(free_port())}\n",
                            extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
     try:
         assert run(close_of(sidecar))[0] == 1014
-        r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "providers", "--config",
-                            sidecar.config, "--admin", sidecar.admin("")],
-                           capture_output=True, text=True, timeout=30)
+        r = providers_admin(sidecar)
     finally:
         sidecar.stop()
     assert r.returncode == 0, r.stderr
