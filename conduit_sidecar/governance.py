@@ -184,14 +184,27 @@ class Governor:
     def started(self, info: SessionInfo) -> None:
         """The relay runs: start the session cap's clock."""
         if info.key.max_session_seconds:
-            cap = info.key.max_session_seconds
-            self._live(info).timer = asyncio.get_running_loop().call_later(
-                cap,
-                self._close,
-                info,
-                _relay.CloseCode.SESSION_TIME_LIMIT,
-                f"session cap of {cap:g} s reached",
-            )
+            self._cap(info, info.key.max_session_seconds)
+
+    def recapped(self, info: SessionInfo) -> None:
+        """The key file changed a live session's max_session_seconds: the new cap
+        counts from the session's start (one already past it ends at once)."""
+        live = self.live.get(info)
+        if live is not None and live.timer is not None:
+            live.timer.cancel()
+            live.timer = None
+        if info.key.max_session_seconds:
+            self._cap(info, info.key.max_session_seconds - (time.monotonic() - info.started))
+
+    def _cap(self, info: SessionInfo, delay: float) -> None:
+        cap = info.key.max_session_seconds
+        self._live(info).timer = asyncio.get_running_loop().call_later(
+            max(0.0, delay),
+            self._close,
+            info,
+            _relay.CloseCode.SESSION_TIME_LIMIT,
+            f"session cap of {cap:g} s reached",
+        )
 
     def release(self, info: SessionInfo) -> None:
         """The session is over (or never started): count its last audio, free its lease."""

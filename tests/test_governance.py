@@ -531,6 +531,35 @@ def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     run(scenario())
 
 
+async def reloaded(proc: SidecarProcess) -> None:
+    """Wait (5 s at most) until the sidecar has swapped in a new key file."""
+    deadline = time.monotonic() + 5                           # polled every 0.2 s
+    while not await asyncio.to_thread(metric, proc, 'conduit_keys_reload_total{result="ok"}'):
+        assert time.monotonic() < deadline, "the key file was not reloaded"
+        await asyncio.sleep(0.05)
+
+
+def test_a_session_cap_the_key_file_adds_or_lowers_reaches_sessions_already_open(sidecars):
+    """max_session_seconds was armed only when a session started: a cap the key file
+    added (or lowered) later never reached the sessions already open, which ran on
+    uncapped. It now counts from the session's start: one already past the new cap
+    ends at once, with 4008 and the event."""
+    keys = Keys()
+    keys.add("later")
+    keys.add("lowered", max_session_seconds=600)
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        live = [(await attempt(proc, key_id))[1] for key_id in ("later", "lowered")]
+        await asyncio.sleep(1)                                # both older than 1 s
+        for entry in keys.entries:
+            entry["max_session_seconds"] = 1
+        keys.write(proc.keys_file)
+        await reloaded(proc)
+        return [await closed(ws, "session_limit_reached") for ws in live]
+    assert run(scenario()) == [(4008, "session cap of 1 s reached")] * 2
+
+
 def test_local_backend_enforces_the_same_policy(sidecars):
     keys = Keys()
     keys.add("budget", budgets=[{"metric": "tokens", "limit": 20, "window": "hour"}])
