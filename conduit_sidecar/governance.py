@@ -391,6 +391,14 @@ class Governor:
             self.enforce(key_id, now)
 
     async def _renew(self) -> None:
+        if self.shared:
+            # Sessions admitted while their key had no max_connections (the key file
+            # added it since): leased from now on, so new sessions count them.
+            for info in self.sessions:
+                if info.key.max_connections and info.relay is not None:
+                    live = self._live(info)
+                    if live.lease is None:
+                        live.lease, live.written = f"{self.pod}:{info.id}", False
         leases: dict[str, tuple[list[str], list[str]]] = {}
         unwritten = []
         for info, live in self.live.items():

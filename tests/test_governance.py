@@ -560,6 +560,33 @@ def test_a_session_cap_the_key_file_adds_or_lowers_reaches_sessions_already_open
     assert run(scenario()) == [(4008, "session cap of 1 s reached")] * 2
 
 
+def test_a_connection_limit_the_key_file_adds_counts_sessions_already_open(sidecars, redis_server):
+    """Two sessions of a key without max_connections are open on pod a; the key file
+    then sets max_connections 2. Those sessions held no lease, so pod b (and a too)
+    admitted two more: four concurrent sessions under a limit of two (the local
+    backend, counting its live sessions, refused). They now take a lease at the next
+    renewal."""
+    keys = Keys()
+    keys.add("later")
+    a, b = procs = sidecars(keys, redis_server.url)
+
+    async def scenario():
+        live = [(await attempt(a, "later"))[1] for _ in range(2)]
+        keys.entries[0]["max_connections"] = 2
+        for proc in procs:
+            keys.write(proc.keys_file)
+            await reloaded(proc)
+        deadline = time.monotonic() + 10                      # renewals every 1 s
+        while (result := await attempt(b, "later"))[0] == "open":
+            await result[1].close()
+            assert time.monotonic() < deadline, "a third session was admitted"
+            await asyncio.sleep(0.2)
+        for ws in live:
+            await ws.close()
+        return result
+    assert run(scenario()) == ("closed", 4029, "key limit of 2 concurrent connections reached")
+
+
 def test_local_backend_enforces_the_same_policy(sidecars):
     keys = Keys()
     keys.add("budget", budgets=[{"metric": "tokens", "limit": 20, "window": "hour"}])
