@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
 import math
 import secrets
@@ -95,10 +96,14 @@ class Governor:
         self.available = True
         self.retry_at = 0.0
         self.pending: dict[str, dict[str, float]] = {}
-        # Usage on its way to the store: still counted until the store has it, or a
-        # session admitted during a flush would see the key's usage dip. A list per key:
-        # a session's end starts a flush while the tick's may be under way.
-        self.flushing: dict[str, list[dict[str, float]]] = {}
+        # Usage on its way to the store, one batch (number, deltas) per key at a time,
+        # and batches whose call failed: the store may have applied one whose answer was
+        # late, so it is sent again as it is, before any newer one, and the store applies
+        # each number once. Still counted until the store has it, or a session admitted
+        # meanwhile would see the key's usage dip.
+        self.flushing: dict[str, tuple[int, dict[str, float]]] = {}
+        self.unsent: dict[str, tuple[int, dict[str, float]]] = {}
+        self.batches = itertools.count(1)
         self.known: dict[str, dict[str, tuple[str, dict[str, float]]]] = {}
         self.live: dict[SessionInfo, _Live] = {}  # the sessions that have one
         self.task: asyncio.Task | None = None
@@ -289,8 +294,9 @@ class Governor:
 
     def unflushed(self, key_id: str) -> dict[str, float]:
         """What this pod counted for the key that the store does not hold yet."""
-        pending, flushing = self.pending.get(key_id, {}), self.flushing.get(key_id, ())
-        return {m: pending.get(m, 0.0) + sum(d.get(m, 0.0) for d in flushing) for m in METRICS}
+        held = [self.pending.get(key_id, {})]
+        held += [batch[1] for batch in (self.flushing.get(key_id), self.unsent.get(key_id)) if batch]
+        return {m: sum(d.get(m, 0.0) for d in held) for m in METRICS}
 
     def estimate(self, key_id: str, now: dt.datetime) -> Totals:
         """Last known window totals plus what this pod has not flushed yet."""
@@ -373,22 +379,31 @@ class Governor:
     async def flush(self) -> None:
         """Add pending usage to the store and refresh the totals of keys in use."""
         now = _utcnow()
-        keys = set(self.pending) | {i.key_id for i in self.sessions if i.key.budgets}
+        keys = set(self.pending) | set(self.unsent) | {i.key_id for i in self.sessions if i.key.budgets}
         for key_id in keys:
-            deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
-            flushing = self.flushing.setdefault(key_id, [])
-            flushing.append(deltas)
+            if key_id in self.flushing:
+                continue  # a session's end, while the tick's flush waits (or the reverse)
             try:
-                totals = await self._op("add_usage", self.store.add_usage(key_id, deltas, now))
+                unsent = self.unsent.pop(key_id, None)
+                if unsent is not None:
+                    await self._send(key_id, unsent, now)
+                deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
+                totals = await self._send(key_id, (next(self.batches), deltas), now)
             except StoreError:
-                self._add(key_id, deltas)  # kept for when the store is back
                 return
-            finally:
-                flushing.remove(deltas)
-                if not flushing:
-                    del self.flushing[key_id]
             self._remember(key_id, totals, now)
             self.enforce(key_id, now)
+
+    async def _send(self, key_id: str, batch: tuple[int, dict[str, float]], now: dt.datetime) -> Totals:
+        number, deltas = self.flushing[key_id] = batch
+        try:
+            return await self._op("add_usage", self.store.add_usage(key_id, deltas, now, self.pod, number))
+        except StoreError:
+            if deltas:
+                self.unsent[key_id] = batch  # kept for when the store is back
+            raise
+        finally:
+            del self.flushing[key_id]
 
     async def _renew(self) -> None:
         if self.shared:

@@ -11,6 +11,8 @@ Redis keys (the key id in braces keeps one key's data in one Redis Cluster slot)
     PREFIX{KEY_ID}:usage:WINDOW:STAMP  hash tokens / audio_seconds / usd for one UTC
                                        hour (STAMP YYYYMMDDHH), day (YYYYMMDD) or month
                                        (YYYYMM); expires one hour after the window ends
+    PREFIX{KEY_ID}:flushed:POD         the number of the last usage batch of that
+                                       sidecar process applied; TTL one day
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ Totals = dict[str, dict[str, float]]
 Admission = tuple[str, float] | None
 RATE_WINDOW_SECONDS = 60
 _USAGE_GRACE_SECONDS = 3600
+# A batch sent again later than this after a late answer would count twice.
+_FLUSHED_SECONDS = 86400
 
 
 class StoreError(Exception):
@@ -82,7 +86,9 @@ class LocalStore:
         starts.append(now)
         return 0.0
 
-    async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
+    async def add_usage(
+        self, key_id: str, deltas: dict[str, float], now: dt.datetime, pod: str = "", batch: int = 0
+    ) -> Totals:
         totals = {}
         for window in WINDOWS:
             stamp = window_bounds(window, now)[0]
@@ -156,13 +162,23 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return missing"""
 )
 
-# KEYS usage hashes (one per window); ARGV expire-at (s) per key, then metric, delta...
+# KEYS usage hashes (one per window), then the pod's last applied batch; ARGV (none to
+# read only) expire-at (s) per usage hash, the batch's number and the seconds its record
+# lasts, then metric, delta... A number not above the last applied was applied already
+# (its answer came too late): it is not added again.
 _ADD = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  for j = #KEYS + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', key, ARGV[j], ARGV[j + 1]) end
-  if #ARGV > #KEYS then redis.call('EXPIREAT', key, ARGV[i]) end
-  out[i] = redis.call('HGETALL', key)
+local out, n = {}, #KEYS - 1
+local add = #ARGV > n
+if add then
+  if tonumber(ARGV[n + 1]) <= tonumber(redis.call('GET', KEYS[n + 1]) or '0') then add = false
+  else redis.call('SET', KEYS[n + 1], ARGV[n + 1], 'EX', ARGV[n + 2]) end
+end
+for i = 1, n do
+  if add then
+    for j = n + 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
+    redis.call('EXPIREAT', KEYS[i], ARGV[i])
+  end
+  out[i] = redis.call('HGETALL', KEYS[i])
 end
 return out"""
 
@@ -272,11 +288,16 @@ class RedisStore:
         except self.errors as exc:
             raise StoreError(str(exc) or type(exc).__name__) from None
 
-    async def add_usage(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
+    async def add_usage(
+        self, key_id: str, deltas: dict[str, float], now: dt.datetime, pod: str = "", batch: int = 0
+    ) -> Totals:
+        """Add one batch of a sidecar process's usage (`pod`, numbered upwards by
+        `batch`: a batch sent again is added once) and return the window totals."""
         keys, expire_at = self.usage_keys(key_id, now)
-        args: list[int | str] = [*expire_at] if deltas else []
+        args: list[int | str] = [*expire_at, batch, _FLUSHED_SECONDS] if deltas else []
         for metric, value in deltas.items():
             args += [metric, repr(float(value))]
+        keys.append(self.key(key_id, f"flushed:{pod}"))
         return _parse(await self._call(self.add_script, keys, args))
 
     async def totals(self, key_id: str, now: dt.datetime) -> Totals:

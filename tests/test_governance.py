@@ -59,9 +59,16 @@ class RedisServer:
         self.proc.terminate()
         self.proc.wait(10)
 
-    def command(self, *args: str) -> str:
+    def stall(self, seconds: float) -> None:
+        """Keep Redis busy (one script spinning) for `seconds`: what reached it meanwhile
+        runs after, answered too late for a caller's timeout."""
+        spin = ("local t = redis.call('TIME') local stop = t[1] * 1e6 + t[2] + ARGV[1] * 1e6 "
+                "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop return 1")
+        assert self.command("EVAL", spin, "0", str(seconds), timeout=seconds + 10) == ":1"
+
+    def command(self, *args: str, timeout: float = 2) -> str:
         """One command in RESP; the first line of the reply (enough for these tests)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
             s.sendall(f"*{len(args)}\r\n".encode()
                       + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
             return s.recv(65536).decode().split("\r\n")[0]
@@ -407,6 +414,33 @@ def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars
     assert redis_server.command("ZCARD", "t:{team}:leases") == ":0"
 
 
+def test_usage_a_late_redis_answer_left_unconfirmed_is_counted_once(sidecars, redis_server):
+    """Redis stalls for 1.5 s while a session streams audio: a flush that reached it
+    is answered after the 0.5 s timeout, so the sidecar cannot tell whether it was
+    applied, and Redis applies it once it gets to it. The sidecar added it again and
+    flushed it a second time: that second's audio was counted twice."""
+    keys = Keys()
+    keys.add("audio", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "audio")
+        stall = None
+        for i in range(40):                                   # 4 s of 24 kHz pcm16
+            await ws.send(bytes(4_800))
+            assert len(await asyncio.wait_for(ws.recv(), 10)) == 4_800   # the mock echoes
+            if i == 10:                                       # flushes are under way
+                stall = asyncio.create_task(asyncio.to_thread(redis_server.stall, 1.5))
+            await asyncio.sleep(0.1)
+        await stall
+        await ws.close()
+    run(scenario())
+    assert metric(proc, 'conduit_state_operations_total{op="add_usage",result="error"}') >= 1
+    proc.proc.send_signal(signal.SIGTERM)                     # the last usage is flushed
+    assert proc.proc.wait(10) == 0
+    assert "audio_seconds 4 / 1000" in usage_cli(proc, "audio")
+
+
 def test_a_renewal_extends_leases_but_never_brings_one_back(redis_server):
     """Renewals go key by key, each awaited, while sessions end and release their
     leases on other connections: a renewal sent before a release and run after it
@@ -611,20 +645,23 @@ def test_local_backend_enforces_the_same_policy(sidecars):
 
 def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
     """A session's end flushes its key's usage while the tick's flush of that key may
-    still wait on Redis. Each flush's usage counts for the key until the store answers
-    that flush, whichever answers first. The one to finish second once raised KeyError,
-    and when that was the tick's flush the tick died: no lease renewals, budget
-    refreshes or audio counting after it. (A stand-in for Redis whose answers the test
-    releases, in the order the race needs.)"""
+    still wait on Redis. The usage of both counts for the key until the store has it.
+    A key's batches go one at a time, in order (a late answer's batch is sent again and
+    applied once): the second flush leaves its usage pending for the next one. Two
+    batches in flight once raised KeyError in the one to finish second, and when that
+    was the tick's flush the tick died: no lease renewals, budget refreshes or audio
+    counting after it. (A stand-in for Redis whose answers the test releases.)"""
     class Store:
         shared = True
 
         def __init__(self):
             self.answers: list[asyncio.Future] = []
+            self.batches: list[tuple[int, dict]] = []
 
-        async def add_usage(self, key_id, deltas, now):
+        async def add_usage(self, key_id, deltas, now, pod, batch):
             answer = asyncio.get_running_loop().create_future()
             self.answers.append(answer)
+            self.batches.append((batch, deltas))
             await answer
             return state._empty()
 
@@ -637,13 +674,15 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
         ending = asyncio.create_task(governor.flush())      # a session's end
         await asyncio.sleep(0)
         governor._add("k", {"tokens": 7.0})
-        tick = asyncio.create_task(governor.flush())        # the tick, while the first waits
-        await asyncio.sleep(0)
+        await governor.flush()                              # the tick, while the first waits
         assert governor.unflushed("k")["tokens"] == 12.0
         store.answers[0].set_result(None)
         await ending
-        assert governor.unflushed("k")["tokens"] == 7.0     # the tick's is still on its way
+        assert governor.unflushed("k")["tokens"] == 7.0     # the tick's is still pending
+        tick = asyncio.create_task(governor.flush())        # the next tick
+        await asyncio.sleep(0)
         store.answers[1].set_result(None)
-        await tick                                          # raised KeyError before
+        await tick
         assert governor.unflushed("k")["tokens"] == 0.0 and not governor.flushing
+        assert store.batches == [(1, {"tokens": 5.0}), (2, {"tokens": 7.0})]
     asyncio.run(scenario())
