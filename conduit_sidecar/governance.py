@@ -28,12 +28,11 @@ from .policy import (
     WINDOWS,
     budget_reason,
     cost_usd,
-    error_event,
+    notice,
     over_budget,
     price_for,
     window_bounds,
 )
-from .routing import BUILTIN
 from .state import LocalStore, RedisStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
@@ -45,9 +44,6 @@ __all__ = ["Governor"]
 
 log = logging.getLogger("conduit.governance")
 TICK_SECONDS = 1.0
-# Built-in providers whose clients speak another event dialect than OpenAI's: they
-# get the close code and reason alone. Custom providers are taken to speak OpenAI's.
-_OTHER_DIALECTS = frozenset(BUILTIN) - {"openai", "azure"}
 _ERROR_CODES: dict[int, str] = {
     _relay.CloseCode.BUDGET_EXHAUSTED: "budget_exceeded",
     _relay.CloseCode.SESSION_TIME_LIMIT: "session_limit_reached",
@@ -337,10 +333,8 @@ class Governor:
                 "reason": reason,
             },
         )
-        notice = None
-        if info.provider not in _OTHER_DIALECTS:
-            notice = error_event(_ERROR_CODES[code], reason)
-        relay.close(code, reason, _relay.CloseCode.NORMAL, "", client_notice=notice)
+        told = notice(info.dialect, code, _ERROR_CODES[code], reason)
+        relay.close(code, reason, _relay.CloseCode.NORMAL, "", client_notice=told)
 
     # -- the store -------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ words a client is told when a limit ends its session."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import msgspec
 
@@ -16,6 +17,7 @@ __all__ = [
     "budget_reason",
     "cost_usd",
     "error_event",
+    "notice",
     "over_budget",
     "price_for",
     "window_bounds",
@@ -90,3 +92,34 @@ def error_event(code: str, message: str) -> bytes:
             "error": {"type": "invalid_request_error", "code": code, "message": message},
         }
     )
+
+
+# ElevenLabs Scribe's own message types for the two limits.
+_SCRIBE = {"budget_exceeded": "quota_exceeded", "session_limit_reached": "session_time_limit_exceeded"}
+# Each dialect's event, as its provider's SDKs parse it, from (close code, name, reason).
+_NOTICES: dict[str, Callable[[int, str, str], bytes]] = {
+    "openai": lambda close, name, reason: error_event(name, reason),
+    # Gemini has no error message; goAway is what it sends before it ends a session.
+    "gemini": lambda close, name, reason: b'{"goAway":{"timeLeft":"0s"}}',
+    # Deepgram's agent, Flux and Flux TTS; its /v1/listen says `variant`.
+    "deepgram": lambda close, name, reason: msgspec.json.encode(
+        {"type": "Error", "code": name, "description": reason}
+    ),
+    "deepgram_listen": lambda close, name, reason: msgspec.json.encode(
+        {"type": "Error", "variant": name, "description": reason}
+    ),
+    "assemblyai": lambda close, name, reason: msgspec.json.encode(
+        {"type": "Error", "error_code": close, "error": reason}
+    ),
+    "scribe": lambda close, name, reason: msgspec.json.encode(
+        {"message_type": _SCRIBE[name], "error": reason}
+    ),
+}
+
+
+def notice(dialect: str, close: int, name: str, reason: str) -> bytes | None:
+    """The event a session ended by a limit gets before its `close` code, in the
+    dialect its client reads (providers.dialect); `name` is budget_exceeded or
+    session_limit_reached. None: the dialect has none, the close says it alone."""
+    build = _NOTICES.get(dialect)
+    return build(close, name, reason) if build is not None else None

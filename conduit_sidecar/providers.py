@@ -27,6 +27,7 @@ __all__ = [
     "TEMPLATES",
     "audio_rate",
     "bare_path",
+    "dialect",
     "meter",
     "modelless",
     "native",
@@ -61,6 +62,9 @@ class Template(msgspec.Struct, frozen=True):
     # Deepgram's agent: the provider speaks first (Welcome), which clients may wait for,
     # and the client's first message (Settings) names the models.
     settings_after_welcome: bool = False
+    # The event dialect its clients read (policy.notice): the shape of the event a
+    # session ended by a limit gets before its close; "" none (the close alone).
+    notice: str = ""
 
 
 class Kept(msgspec.Struct, frozen=True):
@@ -88,6 +92,7 @@ class Kept(msgspec.Struct, frozen=True):
     required: bool = True
     model: str | None = None
     model_required: bool = False
+    notice: str | None = None  # the path's event dialect (Template.notice); None: the template's
 
 
 class NativePath(msgspec.Struct, frozen=True):
@@ -127,6 +132,7 @@ TEMPLATES: dict[str, Template] = {
         ),
         OPENAI_KEYS,
         query=("call_id", "intent"),  # the sessions that name no model (see `modelless`)
+        notice="openai",
     ),
     "azure": Template(
         Provider(
@@ -134,6 +140,7 @@ TEMPLATES: dict[str, Template] = {
             headers={"api-key": "{secret}"},
         ),
         (KeyForm("header", "api-key"), BEARER),
+        notice="openai",
     ),
     "gemini": Template(
         Provider(
@@ -143,6 +150,7 @@ TEMPLATES: dict[str, Template] = {
         ),
         (KeyForm("header", "x-goog-api-key"), KeyForm("query", "key")),
         model_in_setup=True,
+        notice="gemini",
     ),
     "elevenlabs": Template(
         Provider(
@@ -196,6 +204,7 @@ TEMPLATES: dict[str, Template] = {
             "vad_events",
             "version",
         ),
+        notice="deepgram_listen",
     ),
     # Deepgram's voice agent, on its own host; the same key as /v1/listen. Its models
     # are named in the Settings message, none in the URL.
@@ -205,6 +214,7 @@ TEMPLATES: dict[str, Template] = {
         ),
         DEEPGRAM_KEYS,
         settings_after_welcome=True,
+        notice="deepgram",
     ),
     "assemblyai": Template(
         Provider(
@@ -247,6 +257,7 @@ TEMPLATES: dict[str, Template] = {
             "redact_pii_sub",
             "mode",
         ),
+        notice="assemblyai",
     ),
 }
 BUILTIN: dict[str, Provider] = {name: t.spec for name, t in TEMPLATES.items()}
@@ -295,12 +306,15 @@ _NATIVE: dict[str, NativePath] = {
         for v in ("v1", "v1beta", "v1alpha")
     },
     "/v1/listen": NativePath("deepgram", "model"),
+    # Speak v1 has no error event: its SDK would read one as a Flushed.
     **{
-        path: NativePath("deepgram", "model", Kept(r"/v1/listen$", path, builtins=("deepgram",)), query)
-        for path, query in (
-            ("/v2/listen", _FLUX_QUERY),
-            ("/v1/speak", _SPEAK_QUERY),
-            ("/v2/speak", _SPEAK_V2_QUERY),
+        path: NativePath(
+            "deepgram", "model", Kept(r"/v1/listen$", path, builtins=("deepgram",), notice=notice), query
+        )
+        for path, query, notice in (
+            ("/v2/listen", _FLUX_QUERY, "deepgram"),
+            ("/v1/speak", _SPEAK_QUERY, ""),
+            ("/v2/speak", _SPEAK_V2_QUERY, "deepgram"),
         )
     },
     "/v1/agent/converse": NativePath("deepgram_agent"),
@@ -317,6 +331,7 @@ _NATIVE: dict[str, NativePath] = {
             builtins=("elevenlabs",),
             model="model_id",
             model_required=True,
+            notice="scribe",
         ),
         # Not token (ElevenLabs' single-use tokens): credentials are the sidecar's.
         query=(
@@ -417,6 +432,15 @@ def native(path: str) -> NativePath | None:
 def speaks_openai(provider: str) -> bool:
     """OpenAI's realtime events: OpenAI, Azure, and the providers the user defines."""
     return provider in ("openai", "azure") or provider not in TEMPLATES
+
+
+def dialect(provider: str, kept: Kept | None) -> str:
+    """The event dialect a session's client reads (Template.notice): its path's, else
+    its provider's; a provider the user defines speaks OpenAI's (speaks_openai)."""
+    if kept is not None and kept.notice is not None:
+        return kept.notice
+    template = TEMPLATES.get(provider)
+    return template.notice if template is not None else "openai"
 
 
 def modelless(query: dict[str, list[str]]) -> str | None:

@@ -24,7 +24,7 @@ from .handshake import Accept, Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
 from .keys import KeyEntry, KeySet, Rejection
 from .metering import Usage
-from .providers import BadPath, audio_rate, bare_path, meter, normalise_path
+from .providers import BadPath, audio_rate, bare_path, dialect, meter, normalise_path
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
 
@@ -53,6 +53,7 @@ class SessionInfo:
         "public_agent",
         "audio_bytes",
         "audio_rate",
+        "dialect",
     )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
@@ -71,6 +72,7 @@ class SessionInfo:
         self.public_agent = public_agent  # admitted without a key, as this agent's session
         self.audio_bytes = 0  # client->provider binary payload the governor has counted
         self.audio_rate: int | None = None  # its bytes per second, if not [audio]'s
+        self.dialect = ""  # the events its client reads (providers.dialect)
 
     @property
     def id(self) -> str:
@@ -503,6 +505,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         decision.model if decision.anonymous else None,
     )
     info.audio_rate = audio_rate(decision.route.name, decision.query)
+    info.dialect = dialect(decision.route.name, decision.kept)
     host.reserve(info)
     opening.info = info
     answered = decision.hold is not None and not decision.greeted  # 101 before the upstream

@@ -40,6 +40,7 @@ def native():
     keys.add("transcribe-only", allowed_models=["gpt-4o-transcribe"])
     keys.add("public-owner", public_agents=["agent_public_demo", "agent_private_listed"],
              max_connections=1)
+    keys.add("capped", max_session_seconds=1)              # test_limit_events.py
     providers = f"""
         [providers.deepgram]
         url = "{m['deepgram']}/v1/listen?model={{model}}"

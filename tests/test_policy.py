@@ -14,7 +14,8 @@ import pytest
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.config import ConfigError, Price
 from conduit_sidecar.keys import Budget, load_keys
-from conduit_sidecar.policy import cost_usd, error_event, over_budget, price_for, window_bounds
+from conduit_sidecar.policy import cost_usd, error_event, notice, over_budget, price_for, window_bounds
+from conduit_sidecar.providers import dialect, native
 
 UTC = dt.timezone.utc
 
@@ -90,6 +91,45 @@ def test_error_event_is_openai_shaped():
     assert event["type"] == "error"
     assert event["error"] == {"type": "invalid_request_error", "code": "budget_exceeded",
                               "message": "over"}
+
+
+_GEMINI = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+
+
+@pytest.mark.parametrize("provider,path,expected", [
+    ("openai", "/v1/realtime", {"type": "error", "event_id": "event_conduit_NAME",
+                                "error": {"type": "invalid_request_error", "code": "NAME",
+                                          "message": "REASON"}}),
+    ("mine", "/v1/realtime/translations", {"type": "error", "event_id": "event_conduit_NAME",
+                                           "error": {"type": "invalid_request_error",
+                                                     "code": "NAME", "message": "REASON"}}),
+    ("gemini", _GEMINI, {"goAway": {"timeLeft": "0s"}}),
+    ("gemini", _GEMINI + "Constrained", {"goAway": {"timeLeft": "0s"}}),
+    ("deepgram", "/v1/listen", {"type": "Error", "variant": "NAME", "description": "REASON"}),
+    ("deepgram", "/v2/listen", {"type": "Error", "code": "NAME", "description": "REASON"}),
+    ("deepgram", "/v2/speak", {"type": "Error", "code": "NAME", "description": "REASON"}),
+    ("deepgram", "/v1/speak", None),
+    ("deepgram_agent", "/v1/agent/converse", {"type": "Error", "code": "NAME", "description": "REASON"}),
+    ("assemblyai", "/v3/ws", {"type": "Error", "error_code": "CODE", "error": "REASON"}),
+    ("elevenlabs", "/v1/speech-to-text/realtime", {"message_type": "SCRIBE", "error": "REASON"}),
+    ("elevenlabs", "/v1/convai/conversation", None),
+    ("elevenlabs", "/v1/text-to-speech/abc/stream-input", None),
+])
+@pytest.mark.parametrize("code,name,scribe", [
+    (4002, "budget_exceeded", "quota_exceeded"),
+    (4008, "session_limit_reached", "session_time_limit_exceeded"),
+])
+def test_a_limit_is_told_in_the_dialect_of_the_path(provider, path, expected, code, name, scribe):
+    """DESIGN.md: one event in the provider's own shape, then the close; none where its
+    SDKs know no such event (Deepgram's Speak v1 SDK would read one as a Flushed)."""
+    where = native(path)
+    got = notice(dialect(provider, where.kept if where else None), code, name, "over")
+    if expected is None:
+        assert got is None
+        return
+    text = json.dumps(expected).replace("NAME", name).replace("REASON", "over")
+    text = text.replace('"CODE"', str(code)).replace("SCRIBE", scribe)
+    assert json.loads(got) == json.loads(text)
 
 
 def _keyfile(tmp_path, **fields) -> str:
