@@ -130,7 +130,8 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         return refuse(400, "agent_id is required, once").response
     agent = agents[0]
     passed = [(name, query[name][0]) for name in _PASSED if len(query.get(name, ())) == 1]
-    authority = request.headers.get("Host", "")
+    hosts = request.headers.get_all("Host")  # two: Headers.get raises, not a KeyError
+    authority = hosts[0] if len(hosts) == 1 else ""
     if not _HOST.match(authority):
         return refuse(400, "bad Host header").response
     keys = request.headers.get_all("xi-api-key")

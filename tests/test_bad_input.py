@@ -115,6 +115,11 @@ def strict(tmp_path_factory, mock_provider):
     (b"GET / HTTP/2.0\r\n\r\n", 400),
     # HTTP/1.0 parses, and websockets' handshake check refuses its version.
     (request().replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1), 505),
+    # The signed-URL call (a REST request, before any key is checked) with two Host
+    # headers: it was a 500 and a traceback logged as a bug of ours.
+    (request(path="/v1/convai/conversation/get-signed-url?agent_id=a",
+             headers={"Upgrade": None, "Connection": None}).replace(
+        b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nHost: 127.0.0.2\r\n"), 400),
 ])
 def test_bad_requests_get_an_http_status(strict, data, status):
     got, headers, body = http_answer(strict.port, data)
