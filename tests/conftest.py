@@ -4,6 +4,7 @@ keys, and small helpers. Every test talks over real sockets to 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import json
 import os
@@ -217,6 +218,9 @@ class MockProcess:
                                    f"uvloop.run(main('127.0.0.1', {self.port}))"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert b"mock provider on" in self.proc.stdout.readline()
+        # The rest is read and dropped: it holds a traceback for each connection that
+        # ends without a close, and a full pipe would block the mock in a write.
+        threading.Thread(target=collections.deque, args=(self.proc.stdout, 0), daemon=True).start()
 
     def section(self) -> str:
         """The config section of a provider `mock` served by this process."""

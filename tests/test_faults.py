@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, SlowUpstream, free_port, http_get, raw_upstream_sidecar,
-                      run, standard_keys, switching_protocols)
+from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, free_port, http_get,
+                      raw_upstream_sidecar, run, standard_keys, switching_protocols)
 from test_bad_input import close_frame_of, masked, request, session, session_ends
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -536,3 +536,27 @@ def test_a_session_greeted_after_the_drain_ended_is_closed_going_away(tmp_path):
     finally:
         sidecar.stop()
     assert "Traceback" not in sidecar.output()
+
+
+def test_the_mock_provider_keeps_answering_however_much_it_logs():
+    """conftest's mock writes a traceback for each connection that ends without a close;
+    its output, a pipe, must be read, or once 64 KiB are unread the mock blocks in a
+    write, and every later session through the suite's shared mock times out."""
+    mock = MockProcess()
+    upgrade = request("/v1/realtime?model=mock-realtime", headers={"Host": "127.0.0.1"},
+                      key=PROVIDER_SECRET)
+    try:
+        for _ in range(150):                     # ~1.2 KiB of traceback each
+            with socket.create_connection(("127.0.0.1", mock.port), timeout=5) as s:
+                s.sendall(upgrade)
+                assert s.recv(12) == b"HTTP/1.1 101"
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        async def body():
+            async with connect(f"ws://127.0.0.1:{mock.port}/v1/realtime?model=mock-realtime",
+                               additional_headers={"Authorization": f"Bearer {PROVIDER_SECRET}"},
+                               open_timeout=5) as ws:
+                return await ws.recv()
+        assert "session.created" in run(body())
+    finally:
+        mock.stop()
