@@ -121,6 +121,10 @@ class _AdminProtocol(asyncio.Protocol):
             # may read it; only the pod itself may drain it. Kubernetes drains with
             # SIGTERM, which needs no request at all.
             return self._send(_response(403, "Forbidden", b"drain is only accepted from 127.0.0.1 or ::1\n"))
+        if "Origin" in request.headers:
+            # A web page in a browser on the pod's host or in its app container posts
+            # from 127.0.0.1 too; browsers send Origin with every POST, curl sends none.
+            return self._send(_response(403, "Forbidden", b"drain is not accepted from a web page\n"))
         admin.drain()
         return self._send(_response(202, "Accepted", b"draining\n"))
 

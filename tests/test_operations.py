@@ -333,12 +333,12 @@ def non_loopback_address() -> str:
     return out.split()[3].split("/")[0]
 
 
-def admin_request(sidecar, method: str, path: str, source: str) -> int:
+def admin_request(sidecar, method: str, path: str, source: str, headers: str = "") -> int:
     with socket.socket() as s:
         s.bind((source, 0))
         s.settimeout(5)
         s.connect(("127.0.0.1", sidecar.admin_port))
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{headers}\r\n".encode())
         return int(s.recv(100).split(b" ", 2)[1])
 
 
@@ -357,6 +357,10 @@ def test_drain_only_from_loopback(tmp_path, mock_provider):
         # Istio's sidecar forwards other pods' connections from 127.0.0.6: loopback,
         # but not the pod itself
         assert admin_request(sidecar, "POST", "/drain", "127.0.0.6") == 403
+        # A web page in a browser on the same host (an agent's headless browser in the
+        # app container, a laptop's) posts from 127.0.0.1 too, with its Origin
+        assert admin_request(sidecar, "POST", "/drain", "127.0.0.1",
+                             "Origin: https://evil.example\r\n") == 403
         assert http_get(sidecar.admin("/readyz"))[0] == 200         # not draining
         assert admin_request(sidecar, "POST", "/drain", "127.0.0.1") == 202
         assert sidecar.proc.wait(10) == 0            # no sessions: the drain ends at once
