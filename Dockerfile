@@ -32,9 +32,14 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # The base image deletes its standard library's .pyc files, and with
 # PYTHONDONTWRITEBYTECODE and a read-only root none are ever written: every start would
 # compile asyncio, ssl, logging, email, http... again (about 0.9 s of CPU and 0.8 MiB of
-# RSS per start, docs/kubernetes.md). Compile them once, into the image (about 13 MB).
-RUN python -m compileall -q -j 0 -x '/(test|tests|idlelib|tkinter|turtledemo|lib2to3|ensurepip)/' \
-      "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
+# RSS per start, docs/kubernetes.md). Compile them once, into the image (about 13 MB),
+# at the level the sidecar runs at: PYTHONOPTIMIZE=2 leaves out docstrings (and
+# asserts, which the sidecar only uses to narrow types), about 1 MiB of RSS per pod
+# (docs/benchmarks.md, "Base RSS"); the installed packages' .opt-2.pyc files too.
+RUN python -m compileall -q -j 0 -o 2 -x '/(test|tests|idlelib|tkinter|turtledemo|lib2to3|ensurepip)/' \
+      "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \
+      "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+ENV PYTHONOPTIMIZE=2
 USER 10001:10001
 EXPOSE 8080 8443 9464
 # Exec form: the sidecar is PID 1 and receives SIGTERM itself (it drains, then exits).

@@ -5,6 +5,7 @@ this process (raw sockets, `loadgen.connect`) against the benchmark upstream.
     python -m benchmarks.memory                 # 2,000 warm-up, 1k/2k idle, 4k burst
     python -m benchmarks.memory --idle 500 --warm 500 --burst 1000   # smaller
     python -m benchmarks.memory --tls           # the provider leg over wss
+    python -m benchmarks.memory --optimize      # the sidecar as the image runs it (-OO)
 
 Method (docs/benchmarks.md, "Memory"):
 - at rest: after the warm-up, `warm` sessions opened and closed 50 at a time (every
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 
 import uvloop
 
@@ -98,7 +100,11 @@ def main() -> None:
     p.add_argument("--idle", type=int, default=1000)
     p.add_argument("--burst", type=int, default=4000)
     p.add_argument("--tls", action="store_true", help="the provider leg over wss, as in production")
+    p.add_argument("--optimize", action="store_true",
+                   help="the sidecar with PYTHONOPTIMIZE=2 (no docstrings), as the image runs it")
     args = p.parse_args()
+    if args.optimize:
+        os.environ["PYTHONOPTIMIZE"] = "2"  # read by the sidecar's interpreter, not this one
     figures = run(args.warm, args.idle, args.burst, tls=args.tls)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                       for k, v in figures.items()}, indent=2))

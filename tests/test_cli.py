@@ -132,6 +132,14 @@ def test_demo_runs_and_summarises():
     assert "round trip: p50" in out and "close codes: session 1000, wrong key 4001" in out
 
 
+def test_the_demo_runs_as_the_image_runs_the_sidecar():
+    """The image sets PYTHONOPTIMIZE=2 (no docstrings, no asserts: about 1 MiB less RSS,
+    docs/benchmarks.md): nothing of the sidecar may need them."""
+    r = cli("demo", "--seconds", "1", env={**os.environ, "PYTHONOPTIMIZE": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "50 echoed back" in r.stdout and "close codes: session 1000, wrong key 4001" in r.stdout
+
+
 @pytest.mark.parametrize("provider,events,metered", [
     ("gemini", "setupComplete, serverContent, serverContent", "'input': 4.0"),
     ("deepgram", "Results, Results, Metadata", "{'audio': 1.0}"),
