@@ -121,6 +121,10 @@ class Gate(Protocol):
 
 async def answer(host: Gate, request: Request, secure: bool) -> Response:
     """The response to a get-signed-url request."""
+    if request.method != "GET":  # HEAD, DELETE...: not this call's, whose answer is a body
+        refused = refuse(405, "the signed-URL call is a GET").response
+        refused.headers["Allow"] = "GET"
+        return refused
     url = urllib.parse.urlsplit(request.path)
     query = urllib.parse.parse_qs(url.query)
     if key_misplaced(query, ()):  # the key goes in xi-api-key; these go to the provider

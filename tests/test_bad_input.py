@@ -120,6 +120,10 @@ def strict(tmp_path_factory, mock_provider):
     (request(path="/v1/convai/conversation/get-signed-url?agent_id=a",
              headers={"Upgrade": None, "Connection": None}).replace(
         b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nHost: 127.0.0.2\r\n"), 400),
+    # ... with another method than GET: it was answered as a GET (HEAD with a body).
+    *((request(path="/v1/convai/conversation/get-signed-url?agent_id=a", method=method,
+               headers={"Upgrade": None, "Connection": None}), 405)
+      for method in ("HEAD", "DELETE", "POST")),
 ])
 def test_bad_requests_get_an_http_status(strict, data, status):
     got, headers, body = http_answer(strict.port, data)
