@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
+import ssl
 import sys
 import time
 from typing import Protocol
@@ -231,6 +232,11 @@ class ClientHandshake(asyncio.Protocol):
         return self.task is not None and self.rest
 
     def connection_lost(self, exc):
+        if isinstance(exc, ssl.SSLError) and self.reader is not None:
+            # The wss listener's handshake failed: most often a client that does not
+            # trust the listener's CA (its alert's name says so), which only this shows.
+            self.host.count("tls_failed")
+            logs.info(log, "tls handshake failed", {"event": "tls_failed", "reason": exc.reason})
         if self.reader is not None or self.lingering:
             self._done_reading()
         if self.task is not None and not self.task.done():

@@ -67,6 +67,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         # traffic secret, or -1 once a key update (owed to the peer, sent with a
         # write) moved past it, or OpenSSL wrote a record of its own after the handshake.
         self.records = 0
+        self.failed: Exception | None = None  # why the handshake failed (told to the app)
 
     # protocol of the plain transport
 
@@ -89,7 +90,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
         if self.server_side or self.handshaken:
-            self.app.connection_lost(exc)
+            self.app.connection_lost(exc or self.failed)
         # The app (a handshake protocol) refers to this stream: part them, so that a
         # connection that ended before the handover is freed by reference counting.
         self.app = _DETACHED
@@ -111,6 +112,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_exception(exc)
             else:
+                self.failed = exc
                 self.raw.abort()
             return False
         # A server's last flight is its session tickets, under its application secret;

@@ -155,6 +155,23 @@ def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, moc
         sidecar.stop()
 
 
+def test_a_client_that_does_not_trust_the_listener_is_counted_and_logged(tls_env):
+    """A client without the listener's CA refuses its certificate: its alert ended the
+    handshake, and nothing showed it (no count, no log line), so an operator could not
+    tell why an app's wss sessions never came."""
+    sidecar = tls_env[0]
+    before = metric(sidecar, "conduit_connections_total", result="tls_failed") or 0
+    with socket.create_connection(("127.0.0.1", sidecar.tls_port)) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    deadline = time.monotonic() + 5
+    while (metric(sidecar, "conduit_connections_total", result="tls_failed") or 0) == before:
+        assert time.monotonic() < deadline, "the failed handshake was not counted"
+        time.sleep(0.05)
+    failed = [r for r in sidecar.log_lines() if r.get("event") == "tls_failed"]
+    assert failed and failed[-1]["reason"] in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"), failed
+
+
 def test_websockets_client_over_the_tls_listener(tls_env):
     sidecar = tls_env[0]
 
