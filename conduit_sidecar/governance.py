@@ -456,7 +456,8 @@ class Governor:
 
     async def stop(self) -> None:
         """The flushes and lease releases under way finish (each within the store's
-        timeout), then the last usage is flushed, then the store is closed."""
+        timeout), then the last usage is flushed, then the store is closed; usage it
+        could not take is logged."""
         if self.task is not None:
             self.task.cancel()
         while self.background:
@@ -464,6 +465,10 @@ class Governor:
         for info in list(self.sessions):
             self._count_audio(info)
         await self.flush()
+        lost = {k: u for k in set(self.pending) | set(self.unsent) if any((u := self.unflushed(k)).values())}
+        if lost:
+            # Only this line keeps it: an operator can add it to the store by hand.
+            log.warning("usage not flushed", extra={"event": "usage_unflushed", "usage": lost})
         await self.store.close()
 
 

@@ -414,6 +414,36 @@ def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars
     assert redis_server.command("ZCARD", "t:{team}:leases") == ":0"
 
 
+@pytest.mark.parametrize("back", [False, True])
+def test_usage_of_an_outage_at_exit_reaches_the_store_or_the_log(sidecars, redis_server, back):
+    """Redis goes down at a session's start. If it is back when the sidecar stops, the
+    last flush takes the session's usage there. If it is still down, that usage was
+    dropped without a word: one warning line now names it per key, for an operator to
+    add by hand."""
+    keys = Keys()
+    keys.add("audio", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "audio")
+        redis_server.stop()
+        for _ in range(20):                                   # 2 s of 24 kHz pcm16
+            await ws.send(bytes(4_800))
+            assert len(await asyncio.wait_for(ws.recv(), 10)) == 4_800   # the mock echoes
+        await ws.close()
+        await asyncio.sleep(1.5)                              # a tick fails meanwhile
+    run(scenario())
+    if back:
+        redis_server.start()                                  # empty: no persistence
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(15) == 0
+    lost = [line for line in proc.log_lines() if line.get("event") == "usage_unflushed"]
+    if back:
+        assert not lost and "audio_seconds 2 / 1000" in usage_cli(proc, "audio")
+    else:
+        assert [line["usage"]["audio"]["audio_seconds"] for line in lost] == [2.0], lost
+
+
 def test_usage_a_late_redis_answer_left_unconfirmed_is_counted_once(sidecars, redis_server):
     """Redis stalls for 1.5 s while a session streams audio: a flush that reached it
     is answered after the 0.5 s timeout, so the sidecar cannot tell whether it was
