@@ -222,7 +222,9 @@ TEMPLATES: dict[str, Template] = {
             headers={"Authorization": "{secret}"},
         ),
         (KeyForm("header", "Authorization"), KeyForm("query", "token")),
-        # Not webhook_* nor llm_gateway: a client does not choose where the provider calls out.
+        # Not webhook_* nor llm_gateway: a client does not choose where the provider calls
+        # out; nor customer_support_audio_capture (AssemblyAI keeps the session's audio):
+        # what the provider retains is the operator's choice (query_params), not an app's.
         query=(
             "sample_rate",
             "encoding",

@@ -327,7 +327,7 @@ def test_assemblyai_streaming_client_v3(native):
                  StreamingEvents.Error):
         client.on(kind, lambda _, event, kind=kind: events.append((kind, event)))
     client.connect(StreamingParameters(sample_rate=16000, speech_model="u3-rt-pro",
-                                       format_turns=True))
+                                       format_turns=True, customer_support_audio_capture=True))
     client.stream(bytes(3200) for _ in range(20))           # 2 s of 16 kHz PCM16
     client.disconnect(terminate=True)
     kinds = [k for k, _ in events]
@@ -335,6 +335,7 @@ def test_assemblyai_streaming_client_v3(native):
     assert kinds[-1] == StreamingEvents.Termination and events[-1][1].audio_duration_seconds == 2
     path, headers = _last_request(native, "assemblyai")
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+    # Not customer_support_audio_capture: what AssemblyAI keeps is the operator's choice.
     assert query == {"speech_model": "u3-rt-pro", "sample_rate": "16000", "format_turns": "True"}
     assert headers["Authorization"] == PROVIDER_SECRET and key not in str(headers)
     assert metric_becomes(native, 2.0, "conduit_usage_seconds_total", key_id="good", provider="assemblyai",
