@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from conftest import run
 # The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
 from test_deepgram_agent import SETTINGS
@@ -43,40 +45,25 @@ async def _deepgram_until_closed(connecting, first=None) -> tuple[list, BaseExce
     return got, None
 
 
-def _error(got: list):
-    errors = [m for m in got if getattr(m, "type", None) == "Error"]
-    assert len(errors) == 1, got
-    return errors[0]
-
-
-def test_deepgram_listen_v1(native):
-    client = _deepgram_client(native, native.keys.plain["capped"])
-    got, _ = run(_deepgram_until_closed(lambda: client.listen.v1.connect(
-        model="nova-3", encoding="linear16", sample_rate="16000")))
-    error = _error(got)
-    assert type(error).__name__ == "ListenV1Error", got
-    assert (error.variant, error.description) == ("session_limit_reached", REASON)
-
-
-def test_deepgram_flux(native):
-    client = _deepgram_client(native, native.keys.plain["capped"])
-    got, _ = run(_deepgram_until_closed(lambda: client.listen.v2.connect(
-        model="flux-general-en", encoding="linear16", sample_rate="16000")))
-    error = _error(got)
-    assert type(error).__name__ == "ListenV2FatalError", got
-    assert (error.code, error.description) == ("session_limit_reached", REASON)
-
-
-def test_deepgram_voice_agent(native):
+@pytest.mark.parametrize("socket,kind,field", [
+    ("/v1/listen", "ListenV1Error", "variant"),
+    ("/v2/listen", "ListenV2FatalError", "code"),
+    ("/v1/agent/converse", "AgentV1Error", "code"),
+])
+def test_deepgram(native, socket, kind, field):
     from deepgram.agent.v1.types import AgentV1Settings
     client = _deepgram_client(native, native.keys.plain["capped"])
-
-    async def settings(agent):
-        await agent.send_settings(AgentV1Settings.model_validate(SETTINGS))
-    got, _ = run(_deepgram_until_closed(client.agent.v1.connect, settings))
-    error = _error(got)
-    assert type(error).__name__ == "AgentV1Error", got
-    assert (error.code, error.description) == ("session_limit_reached", REASON)
+    audio = {"encoding": "linear16", "sample_rate": "16000"}
+    connecting, first = {
+        "/v1/listen": (lambda: client.listen.v1.connect(model="nova-3", **audio), None),
+        "/v2/listen": (lambda: client.listen.v2.connect(model="flux-general-en", **audio), None),
+        "/v1/agent/converse": (client.agent.v1.connect,
+                               lambda agent: agent.send_settings(AgentV1Settings.model_validate(SETTINGS))),
+    }[socket]
+    got, _ = run(_deepgram_until_closed(connecting, first))
+    errors = [m for m in got if getattr(m, "type", None) == "Error"]
+    assert [(type(e).__name__, getattr(e, field), e.description) for e in errors] == [
+        (kind, "session_limit_reached", REASON)], got
 
 
 def test_assemblyai(native):
