@@ -12,9 +12,9 @@ import time
 import pytest
 
 from conftest import run
-# The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
 from test_deepgram_agent import SETTINGS
 from test_elevenlabs_scribe import _transcribe
+# The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
 from test_native_sdks import _deepgram_client, native, sidecar_ca_bundle  # noqa: F401
 
 REASON = "session cap of 1 s reached"
