@@ -307,6 +307,21 @@ _NATIVE: dict[str, NativePath] = {
         )
         for v in ("v1", "v1beta", "v1alpha")
     },
+    # Lyria's realtime music (google-genai's live.music), the same setup held: upstream
+    # the template's method is replaced, the API version kept. Its messages have no
+    # goAway (nor usage: not metered).
+    **{
+        _GEMINI.format(v).replace("Content", "Music"): NativePath(
+            "gemini",
+            kept=Kept(
+                _GEMINI_VERSION + r"\.GenerativeService\.BidiGenerateContent$",
+                f"{v}.GenerativeService.BidiGenerateMusic",
+                builtins=("gemini",),
+                notice="",
+            ),
+        )
+        for v in ("v1", "v1beta", "v1alpha")
+    },
     "/v1/listen": NativePath("deepgram", "model"),
     # Speak v1 has no error event: its SDK would read one as a Flushed.
     **{

@@ -105,6 +105,7 @@ _GEMINI = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerat
                                                      "code": "NAME", "message": "REASON"}}),
     ("gemini", _GEMINI, {"goAway": {"timeLeft": "0s"}}),
     ("gemini", _GEMINI + "Constrained", {"goAway": {"timeLeft": "0s"}}),
+    ("gemini", _GEMINI.replace("Content", "Music"), None),
     ("deepgram", "/v1/listen", {"type": "Error", "variant": "NAME", "description": "REASON"}),
     ("deepgram", "/v2/listen", {"type": "Error", "code": "NAME", "description": "REASON"}),
     ("deepgram", "/v2/speak", {"type": "Error", "code": "NAME", "description": "REASON"}),

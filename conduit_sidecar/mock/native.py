@@ -2,7 +2,8 @@
 
 - gemini: `setup` -> `setupComplete`; `clientContent` -> one model text part, then
   `turnComplete` with `usageMetadata`. Like Google's server, JSON goes out in binary
-  frames.
+  frames. On `...BidiGenerateMusic` (Lyria), every message after the setup -> one
+  `serverContent` audio chunk.
 - deepgram, by the request path. Listen v1 (`/v1/listen`): binary audio -> `Results`
   every half second of audio; `CloseStream` -> `Metadata` with the `duration`
   received, then close 1000. Flux (`/v2/listen`): `Connected`; binary audio ->
@@ -78,6 +79,14 @@ async def gemini(ws: ServerConnection) -> None:
         await ws.close(1007, "first message must be setup")
         return
     await ws.send(_encode({"setupComplete": {}}))
+    assert ws.request is not None  # the handshake is done
+    if "BidiGenerateMusic" in ws.request.path:
+        # Lyria: 10 ms of 48 kHz stereo PCM16 for every message.
+        data = base64.b64encode(bytes(1920)).decode()
+        chunk = {"data": data, "mimeType": "audio/l16;rate=48000;channels=2"}
+        async for _ in ws:
+            await ws.send(_encode({"serverContent": {"audioChunks": [chunk]}}))
+        return
     async for message in ws:
         # Proto JSON: Google's servers take lowerCamel and snake_case field names alike.
         event = _json.decode(message)
