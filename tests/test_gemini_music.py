@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import PROVIDER_SECRET, run
 # The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
-from test_native_sdks import _last_request, last_session, log_mark, native, sidecar_ca_bundle  # noqa: F401
+from test_native_sdks import _last_request, last_session, log_mark, native, node, sidecar_ca_bundle  # noqa: F401
 
 UPSTREAM = ("/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateMusic"
             "?key=" + urllib.parse.quote(PROVIDER_SECRET, safe=""))
@@ -58,3 +58,17 @@ def test_a_model_the_key_does_not_allow_gets_4003(native, sidecar_ca_bundle):
     closed = exc.value.rcvd
     assert (closed.code, closed.reason) == (4003, "model 'lyria-realtime-exp' not allowed for this key")
     assert len(native.mocks["gemini"].mock.requests) == before   # the provider never asked
+
+
+def test_the_node_sdk_plays_through_the_sidecar(native):
+    key = native.keys.plain["good"]
+    out = node("gemini_music_test.mjs", f"http://127.0.0.1:{native.port}", key, "models/lyria-realtime-exp")
+    assert out["chunks"] == [1920, 1920] and "error" not in out, out   # then its close, code-less
+    path, headers = _last_request(native, "gemini")
+    assert path == UPSTREAM and key not in str(headers.raw_items())   # its ?key= replaced
+
+
+def test_the_node_sdk_with_a_model_the_key_does_not_allow_gets_4003(native):
+    out = node("gemini_music_test.mjs", f"http://127.0.0.1:{native.port}",
+               native.keys.plain["gemini-flash"], "models/lyria-realtime-exp")
+    assert out["chunks"] == [] and out["close"] == [4003, "model 'lyria-realtime-exp' not allowed for this key"], out
