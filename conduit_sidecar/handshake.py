@@ -227,8 +227,9 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             return refuse(400, f"{name} longer than {held.MAX_MODEL_CHARS} characters")
     model = query.get(model_param, [None])[0] if model_param else None
     provider = query.get("provider", [None])[0] if fixed is None else fixed
-    # OpenAI's path without a model: a call (call_id=) or a transcription session.
-    kind = modelless(query) if path == PATHS[1] and model is None else None
+    # OpenAI's path without a model: a call (call_id=) or a transcription session; the
+    # Live paths name none ever.
+    kind = modelless(query) if path == PATHS[1] and model is None else where.modelless if where else None
     if kind is not None and not speaks_openai(provider or "openai"):
         kind = None  # another provider's sessions need their model: refused as before
     if kind is not None:
@@ -332,6 +333,8 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         hold = held.agent_settings
     elif kind == "transcription":
         hold = held.transcription_model
+    elif kind == "live":
+        hold = held.live_models
     if hold is None and model is None and entry.allowed_models is not None:
         # Nothing would name the model for allowed_models to be checked against.
         return Close(

@@ -1,9 +1,10 @@
 """The client's first message, held before it goes upstream: Gemini names its model in
 its first `setup` message, an OpenAI transcription session (`intent=transcription`) in
-its first session update, and Deepgram's agent its models in its `Settings`, not in
-the URL, so model policy is checked there. Those are held before the upstream opens;
-the agent's after, once the provider's first message (its Welcome, which clients may
-wait for) has been read here and passed on.
+its first session update, an OpenAI Live session in its `session.start`, and
+Deepgram's agent its models in its `Settings`, not in the URL, so model policy is
+checked there. Those are held before the upstream opens; the agent's after, once the
+provider's first message (its Welcome, which clients may wait for) has been read here
+and passed on.
 
 The message is parsed with websockets' sans-I/O protocol only to find where it ends
 and what it says; the relay is then handed the raw bytes exactly as received (still
@@ -28,6 +29,7 @@ __all__ = [
     "Refused",
     "agent_settings",
     "keyless",
+    "live_models",
     "read_first",
     "read_greeting",
     "setup_model",
@@ -261,6 +263,55 @@ def transcription_model(message: bytes) -> tuple[str, ...]:
     if model is not None and not _valid(model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "the session update names no valid transcription model")
     return () if model is None else (model,)
+
+
+class _Backend(msgspec.Struct):
+    model: str | None = None
+
+
+class _Delegation(msgspec.Struct):
+    responses: _Backend | None = None
+    decisions: _Backend | None = None
+
+
+class _LiveSession(msgspec.Struct):
+    model: str | None = None
+    delegation: _Delegation | None = None
+
+
+class _LiveEvent(msgspec.Struct):
+    type: str
+    session: _LiveSession | None = None
+
+
+_live_event = msgspec.json.Decoder(_LiveEvent)
+
+
+def live_models(message: bytes) -> tuple[str, ...]:
+    """The models an OpenAI Live `session.start` names: the Live model (the session's
+    label), then its delegated backend's (`delegation.responses.model` or
+    `delegation.decisions.model`), which it bills too. Empty: it names none (another
+    event; OpenAI refuses it)."""
+    try:
+        event = _live_event.decode(message)
+    except msgspec.DecodeError:
+        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a JSON client event") from None
+    session = event.session if event.type == "session.start" else None
+    if session is None:
+        return ()
+    delegation = session.delegation or _Delegation()
+    models = tuple(
+        m
+        for m in (
+            session.model,
+            delegation.responses.model if delegation.responses else None,
+            delegation.decisions.model if delegation.decisions else None,
+        )
+        if m is not None
+    )
+    if not all(map(_valid, models)):
+        raise Refused(CloseCode.PROTOCOL_ERROR, "session.start names no valid model")
+    return models
 
 
 class _AgentProvider(msgspec.Struct):

@@ -54,6 +54,9 @@ class Meter(msgspec.Struct, frozen=True):
     decode: Callable[[bytes], dict[str, float] | None]
     binary: bool = False
     sniff_bytes: int = 256
+    # Each report is the session's total so far (OpenAI Live's), not a new part of it:
+    # Usage.add counts its rise over what the session has counted.
+    cumulative: bool = False
 
 
 _NONE = msgspec.Raw()  # a field that is absent
@@ -151,6 +154,29 @@ def decode_openai(message: bytes) -> dict[str, float] | None:
         if u.type == "tokens":
             return _tokens(u)
         raise MalformedUsage(f"unknown usage type {u.type!r}")
+    return None
+
+
+# -- OpenAI Live: the session's audio seconds so far -------------------------------
+
+
+class _LiveUsage(msgspec.Struct):
+    seconds: Seconds
+
+
+_live_usage = msgspec.json.Decoder(_LiveUsage)
+
+
+def decode_openai_live(message: bytes) -> dict[str, float] | None:
+    """`session.usage.updated` and `session.closed` report the session's billable
+    seconds so far (SessionUsage: "do not sum values across usage events"), hence
+    Meter.cumulative."""
+    try:
+        event = _envelope.decode(message)
+    except msgspec.DecodeError:
+        return None
+    if event.type in ("session.usage.updated", "session.closed") and _given(event.usage):
+        return {"audio": _strict(event.usage, _live_usage).seconds}
     return None
 
 
@@ -276,6 +302,11 @@ METERS: dict[str, Meter] = {
     "assemblyai": Meter((b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "billed")),
 }
 METERS["azure"] = METERS["openai"]  # Azure OpenAI speaks OpenAI's events
+# OpenAI's Live sessions (providers.Kept.meter). Their delegated Responses backends'
+# tokens come in nested `response.event`s, not read.
+METERS["openai_live"] = Meter(
+    (b'"session.usage.updated"', b'"session.closed"'), decode_openai_live, cumulative=True
+)
 
 
 class Usage:
@@ -288,9 +319,18 @@ class Usage:
         self.seconds = dict.fromkeys(SECONDS_KINDS, 0.0)
         self.topped_up = 0.0  # audio seconds charged beyond the binary frames' (governance)
 
-    def add(self, counts: dict[str, float]) -> None:
+    def add(self, counts: dict[str, float], cumulative: bool = False) -> dict[str, float]:
+        """Adds one report and returns what it added: with `cumulative` (the report is
+        the session's total so far, Meter.cumulative) its rise over the totals, never
+        below zero, so nothing is counted twice."""
+        if cumulative:
+            counts = {
+                kind: max(0.0, n - (self.seconds[kind] if kind in self.seconds else self.tokens[kind]))
+                for kind, n in counts.items()
+            }
         for kind, n in counts.items():
             if kind in self.seconds:
                 self.seconds[kind] += n
             else:
                 self.tokens[kind] += n
+        return counts

@@ -3,7 +3,7 @@ own SDKs dial, where they put the API key, which client query parameters pass, a
 how its usage events are metered.
 
 handshake asks `native(path)` which provider serves a path and `presented_key` where
-the key is; routing fills the template; server meters with `meter(provider)`. Adding a
+the key is; routing fills the template; server meters with `meter(provider, kept)`. Adding a
 provider is one entry here.
 """
 
@@ -93,6 +93,8 @@ class Kept(msgspec.Struct, frozen=True):
     model: str | None = None
     model_required: bool = False
     notice: str | None = None  # the path's event dialect (Template.notice); None: the template's
+    # The path's usage events (a metering.METERS entry, "" none); None: the provider's.
+    meter: str | None = None
 
 
 class NativePath(msgspec.Struct, frozen=True):
@@ -107,6 +109,9 @@ class NativePath(msgspec.Struct, frozen=True):
     # The provider also reads a key from the first client message (ElevenLabs'
     # text-to-speech): it is held, and refused if it holds a virtual key (held.keyless).
     key_in_first: bool = False
+    # An OpenAI session that never names its model in the URL: its kind, as
+    # `modelless` gives it for /v1/realtime (the model label until one is named).
+    modelless: str | None = None
 
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
@@ -292,6 +297,14 @@ _NATIVE: dict[str, NativePath] = {
     "/v1/realtime/translations": NativePath(
         None, "model", Kept(r"/realtime$", "/realtime/translations", builtins=("openai",))
     ),
+    # OpenAI's Live sessions (openai-python's live.connect): the model is named in the
+    # first message (session.start), none in the URL; no client parameter passes.
+    "/v1/live/sessions": NativePath(
+        None,
+        kept=Kept(r"/realtime$", "/live/sessions", builtins=("openai",), meter="openai_live"),
+        query=(),
+        modelless="live",
+    ),
     "/openai/v1/realtime": NativePath("azure", "model"),
     "/openai/realtime": NativePath("azure", "deployment"),
     **{
@@ -406,6 +419,24 @@ _NATIVE_PATTERNS: tuple[tuple[str, re.Pattern[str], NativePath], ...] = (
             key_in_first=True,
         ),
     ),
+    # OpenAI Live's sockets on a stored session, by its id (live.forks.connect,
+    # live.sideband.connect): the model is the session's, chosen where it was started,
+    # so it cannot be checked (a key limited to models is refused, as on /v1/realtime
+    # with call_id). A sideband reflects its session's usage, which is metered on the
+    # session's own socket: not again.
+    *(
+        (
+            "/v1/live/sessions/",
+            re.compile(rf"/v1/live/sessions/([A-Za-z0-9_-]{{1,128}})/({kind})"),
+            NativePath(
+                None,
+                kept=Kept(r"/realtime$", r"/live/sessions/\1/\2", builtins=("openai",), meter=meter),
+                query=query,
+                modelless=f"live_{kind}",
+            ),
+        )
+        for kind, query, meter in (("fork", (), "openai_live"), ("attach", ("graceful_close",), ""))
+    ),
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -472,9 +503,12 @@ def modelless(query: dict[str, list[str]]) -> str | None:
     return None
 
 
-def meter(provider: str) -> Meter | None:
-    """How a provider reports usage (None: it reports none we read); providers the
-    user defines are taken to speak OpenAI's events."""
+def meter(provider: str, kept: Kept | None = None) -> Meter | None:
+    """How a session reports usage (None: it reports none we read): by its path's
+    events (Kept.meter), else its provider's; providers the user defines are taken to
+    speak OpenAI's events."""
+    if kept is not None and kept.meter is not None:
+        return METERS.get(kept.meter)
     return METERS.get(provider) if provider in TEMPLATES else METERS["openai"]
 
 

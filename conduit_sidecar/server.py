@@ -18,7 +18,6 @@ from .handshake import Admission, Close
 from .keys import KeySet, KeyWatcher, Rejection
 from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Usage
 from .metrics import Metrics
-from .providers import meter
 from .routing import Router
 from .session import ClientHandshake, SessionInfo, Slots
 from .signed_urls import SignedUrls
@@ -182,18 +181,19 @@ class Sidecar:
         """A provider message that may report usage (see metering). Called by the
         relay: whatever the message holds, nothing may raise into it."""
         info: SessionInfo = relay.session
+        metered = info.metered
         try:
-            metered = meter(info.provider)
             counts = metered.decode(message) if metered else None
         except MalformedUsage:
             self.metrics.usage_malformed.labels(info.provider).inc()
             return
         if counts is None:
             return
+        assert metered is not None  # it decoded the counts
         try:
             if info.usage is None:
                 info.usage = Usage()
-            info.usage.add(counts)
+            counts = info.usage.add(counts, metered.cumulative)
             model = self.model_label(info.model)
             for kind, n in counts.items():
                 if n:

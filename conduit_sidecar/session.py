@@ -24,7 +24,7 @@ from .config import Limits
 from .handshake import Accept, Admission, Close, Refuse, decide, refuse
 from .httpread import BadRequest, RequestReader
 from .keys import KeyEntry, KeySet, Rejection
-from .metering import Usage
+from .metering import Meter, Usage
 from .providers import BadPath, audio_rate, bare_path, dialect, meter, normalise_path
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
@@ -55,6 +55,7 @@ class SessionInfo:
         "audio_bytes",
         "audio_rate",
         "dialect",
+        "metered",
     )
 
     def __init__(self, key: KeyEntry, model: str | None, provider: str, public_agent: str | None = None):
@@ -74,6 +75,7 @@ class SessionInfo:
         self.audio_bytes = 0  # client->provider binary payload the governor has counted
         self.audio_rate: int | None = None  # its bytes per second, if not [audio]'s
         self.dialect = ""  # the events its client reads (providers.dialect)
+        self.metered: Meter | None = None  # how its usage is read (providers.meter), set at its relay
 
     @property
     def id(self) -> str:
@@ -584,7 +586,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         if _ended_late(host, transport, decision, info, upstream, client.early, True):
             return
     limits = host.limits
-    metered = meter(info.provider)
+    metered = info.metered = meter(info.provider, decision.kept)
     relay = _relay.Relay(
         asyncio.get_running_loop(),
         limits.max_message_bytes,

@@ -41,6 +41,7 @@ def native():
     keys.add("public-owner", public_agents=["agent_public_demo", "agent_private_listed"],
              max_connections=1)
     keys.add("capped", max_session_seconds=1)              # test_limit_events.py
+    keys.add("live-only", allowed_models=["gpt-live-*"])    # test_openai_live.py
     providers = f"""
         [providers.deepgram]
         url = "{m['deepgram']}/v1/listen?model={{model}}"

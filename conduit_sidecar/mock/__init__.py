@@ -26,6 +26,15 @@ of type `translation` naming the URL's model, answers `session.update` with
 `session.updated`, `session.input_audio_buffer.append` with `session.output_audio.delta`
 (the same audio back), and `session.close` with `session.closed`. Its events carry no
 usage, as OpenAI's do not.
+
+A Live session (path `.../live/sessions`) waits for `session.start` and answers it with
+`session.started` (the session's `model` as the client named it); each
+`session.input_audio.append` gets `session.output_audio.delta` (the same audio back)
+and `session.usage.updated` with the session's billable seconds so far (pcm16 at
+24 kHz), cumulative as OpenAI reports them; `session.close` gets `session.closed` with
+the same total. A fork (`.../live/sessions/ID/fork`) is the same, its model
+`gpt-live-1` (inherited); a sideband (`.../ID/attach`) takes no session.start and
+starts with `session.usage.updated` of the session it joins (5 s so far).
 """
 
 from __future__ import annotations
@@ -95,6 +104,8 @@ class MockProvider:
         query = urllib.parse.parse_qs(url.query)
         if self.handler == self._handle and url.path.endswith("/realtime/translations"):
             await _translation(ws, query.get("model", [""])[0])
+        elif self.handler == self._handle and "/live/sessions" in url.path:
+            await _live(ws, started=url.path.endswith("/attach"))
         elif self.handler == self._handle and query.get("intent") == ["transcription"]:
             await _transcription(ws)
         elif self.handler == native.elevenlabs and "/text-to-speech/" in url.path:
@@ -231,6 +242,38 @@ async def _translation(ws: ServerConnection, model: str) -> None:
             await ws.send(_event("session.output_audio.delta", delta=event.get("audio", "")))
         elif kind == "session.close":
             await ws.send(_event("session.closed"))
+            await ws.close()
+
+
+async def _live(ws: ServerConnection, started: bool) -> None:
+    session: dict = {"id": f"sess_{next(_ids)}", "expires_at": 0, "model": "gpt-live-1", "status": "active"}
+    # A sideband joins a session under way: 5 s so far, reflected to it at once.
+    audio_in = 48000 * 5 if started else 0
+    if started:
+        await ws.send(_event("session.usage.updated", usage={"seconds": audio_in / 48000}))
+    async for event in _events(ws):
+        kind = event.get("type")
+        if kind == "session.start" and not started:
+            started = True
+            session.update(event.get("session") or {})
+            await ws.send(_event("session.started", session=session))
+        elif not started:
+            error = {"type": "invalid_request_error", "code": "session_not_started", "message": "no session"}
+            await ws.send(_event("error", error=error))
+        elif kind == "session.input_audio.append":
+            audio = event.get("audio", "")
+            audio_in += len(base64.b64decode(audio, validate=False))
+            await ws.send(_event("session.output_audio.delta", delta=audio))
+            await ws.send(_event("session.usage.updated", usage={"seconds": audio_in / 48000}))
+        elif kind == "session.close":
+            await ws.send(
+                _event(
+                    "session.closed",
+                    reason="close_requested",
+                    session=session,
+                    usage={"seconds": audio_in / 48000},
+                )
+            )
             await ws.close()
 
 

@@ -1,0 +1,220 @@
+"""OpenAI's Live API sockets through the sidecar to the openai mock, with the openai
+SDK unchanged (`client.live.connect()`, `live.forks.connect()`,
+`live.sideband.connect()`) but for its base URL and a virtual key as its API key. The
+model is named in the first message (`session.start`), held and checked there; usage
+is the session's billable seconds so far, metered by their rise."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import PROVIDER_SECRET, run
+# The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
+from test_native_sdks import (_last_request, last_session, log_mark, metric, metric_becomes,  # noqa: F401
+                              native, sidecar_ca_bundle)
+
+MODEL = "gpt-live-1"
+SECOND = base64.b64encode(bytes(48000)).decode()  # a second of pcm16 at 24 kHz
+
+
+def _client(native, key: str):
+    from openai import AsyncOpenAI
+    return AsyncOpenAI(base_url=f"http://127.0.0.1:{native.port}/v1", api_key=key)
+
+
+def _closed(exc: BaseException) -> tuple[int, str]:
+    rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+    return rcvd.code, rcvd.reason
+
+
+def _live(native, key_id: str, session: dict | None = None, seconds: int = 2):
+    """A Live session through the SDK: session.start, `seconds` one-second audio
+    appends, session.close. (the session.started event, the event types after it), or
+    the close code and reason."""
+    from openai import APIError
+
+    async def body():
+        try:
+            async with _client(native, native.keys.plain[key_id]).live.connect() as conn:
+                await conn.session.start(session=session or {"model": MODEL})
+                started = await conn.recv()
+                for _ in range(seconds):
+                    await conn.session.input_audio.append(audio=SECOND)
+                await conn.session.close()
+                seen = []
+                async for event in conn:
+                    seen.append(event.type)
+                    if event.type == "session.output_audio.delta":
+                        assert event.delta == SECOND
+                    if event.type == "session.closed":
+                        assert event.usage.seconds == seconds
+                        break
+                return started, seen
+        except (ConnectionClosed, APIError) as exc:
+            return _closed(exc)
+    return run(body())
+
+
+def test_live_session_through_the_sdk(native):
+    """/v1/live/sessions goes to the template's path with /live/sessions in place of
+    /realtime, no model in the URL, the provider secret as Bearer; the held
+    session.start reaches the provider as sent, its model the session's label."""
+    mark = log_mark(native)
+    labels = dict(key_id="good", provider="openai", model=MODEL, kind="audio")
+    before = metric(native, "conduit_usage_seconds_total", **labels)
+    started, seen = _live(native, "good")
+    assert (started.type, started.session.model) == ("session.started", MODEL)
+    assert seen == ["session.output_audio.delta", "session.usage.updated"] * 2 + ["session.closed"]
+    path, headers = _last_request(native, "openai")
+    assert path == "/v1/live/sessions"
+    assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}"
+    assert "condt_" not in path + str(headers)
+    end = last_session(native, "openai", mark)
+    assert (end["key_id"], end["model"]) == ("good", MODEL)
+    # Reports of 1 s, 2 s and (session.closed) 2 s so far: 2 s, not 5.
+    assert metric_becomes(native, before + 2, "conduit_usage_seconds_total", **labels) == before + 2
+    assert end["usage_seconds"] == {"audio": 2.0}
+
+
+def test_live_models_are_checked_in_session_start(native):
+    """allowed_models is checked against session.start's model and its delegated
+    backend's; the upstream is never opened for a refused one."""
+    mock = native.mocks["openai"].mock
+    opened = len(mock.requests)
+    assert _live(native, "models-only") == (4003, f"model {MODEL!r} not allowed for this key")
+    delegated = {"model": MODEL, "delegation": {"type": "responses", "responses": {"model": "gpt-5"}}}
+    assert _live(native, "live-only", delegated) == (4003, "model 'gpt-5' not allowed for this key")
+    assert len(mock.requests) == opened
+    started, _ = _live(native, "live-only", seconds=0)
+    assert started.session.model == MODEL
+
+
+def test_live_wrong_key_gets_4001(native):
+    from openai import APIError
+
+    async def body():
+        try:
+            async with _client(native, "condt_wrong").live.connect() as conn:
+                await conn.session.start(session={"model": MODEL})
+                await conn.recv()
+        except (ConnectionClosed, APIError) as exc:
+            return _closed(exc)
+    assert run(body()) == (4001, "unknown key")
+
+
+def test_live_first_message_must_be_json(native):
+    key = native.keys.plain["good"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions",
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send("not json")
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (1002, "the first message must be a JSON client event")
+
+
+def test_live_other_providers_do_not_serve_it(native):
+    key = native.keys.plain["good"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions?provider=azure",
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (4004, "provider 'azure' does not serve /v1/live/sessions")
+
+
+def test_live_session_limit_is_told_as_an_error_event(native):
+    """A key whose max_session_seconds is 1: the SDK reads OpenAI's error event, then
+    the close 4008."""
+    async def body():
+        errors = []
+        async with _client(native, native.keys.plain["capped"]).live.connect() as conn:
+            await conn.session.start(session={"model": MODEL})
+            try:
+                async for event in conn:
+                    if event.type == "error":
+                        errors.append(event.error)
+            except ConnectionClosed as exc:
+                return errors, exc.rcvd.code
+        return errors, None
+    errors, code = run(body(), timeout=20)
+    assert [(e.code, e.message) for e in errors] == [
+        ("session_limit_reached", "session cap of 1 s reached")]
+    assert code == 4008
+
+
+def test_live_fork_and_sideband_through_the_sdk(native):
+    """A fork and a sideband name a stored session by id; its model cannot be checked,
+    so a key limited to models is refused them, as call_id sessions are. A fork is a
+    session of its own and metered; a sideband's usage is its session's, not metered
+    again."""
+    from openai import APIError
+    client = _client(native, native.keys.plain["good"])
+    labels = dict(key_id="good", provider="openai", kind="audio")
+
+    async def fork():
+        async with client.live.forks.connect(session_id="sess_stored1") as conn:
+            await conn.session.start(session={})
+            started = await conn.recv()
+            await conn.session.input_audio.append(audio=SECOND)
+            kinds = [(await conn.recv()).type for _ in range(2)]
+            return started.session.model, kinds
+
+    async def sideband():
+        async with client.live.sideband.connect(session_id="sess_stored1", graceful_close=True) as conn:
+            usage = await conn.recv()
+            await conn.session.close()
+            closed = await conn.recv()
+            return (usage.type, usage.usage.seconds), (closed.type, closed.usage.seconds)
+
+    async def refused(connecting):
+        try:
+            async with connecting as conn:
+                await conn.recv()
+        except (ConnectionClosed, APIError) as exc:
+            return _closed(exc)
+
+    before = metric(native, "conduit_usage_seconds_total", model="live_fork", **labels)
+    assert run(fork()) == ("gpt-live-1", ["session.output_audio.delta", "session.usage.updated"])
+    path, headers = _last_request(native, "openai")
+    assert path == "/v1/live/sessions/sess_stored1/fork"
+    assert headers["Authorization"] == f"Bearer {PROVIDER_SECRET}" and "condt_" not in str(headers)
+    assert metric_becomes(native, before + 1, "conduit_usage_seconds_total", model="live_fork",
+                          **labels) == before + 1
+
+    mark = log_mark(native)
+    assert run(sideband()) == (("session.usage.updated", 5.0), ("session.closed", 5.0))
+    assert _last_request(native, "openai")[0] == "/v1/live/sessions/sess_stored1/attach?graceful_close=true"
+    end = last_session(native, "openai", mark)
+    assert (end["model"], end["usage_seconds"]) == ("live_attach", {"audio": 0.0})
+
+    limited = _client(native, native.keys.plain["models-only"])
+    reason = "the session names no model: not allowed for this key"
+    assert run(refused(limited.live.forks.connect(session_id="sess_stored1"))) == (4003, reason)
+    assert run(refused(limited.live.sideband.connect(session_id="sess_stored1"))) == (4003, reason)
+
+
+def test_live_session_start_is_forwarded_verbatim(native):
+    """The held session.start reaches the provider byte for byte (its echo of the
+    session config shows what it read)."""
+    key = native.keys.plain["good"]
+    start = json.dumps({"type": "session.start",
+                        "session": {"model": MODEL, "instructions": "be brief \u00e9"}})
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions",
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send(start)
+            return json.loads(await ws.recv())
+    started = run(body())
+    assert started["type"] == "session.started"
+    assert started["session"]["instructions"] == "be brief \u00e9"
