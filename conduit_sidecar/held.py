@@ -291,11 +291,14 @@ def live_models(message: bytes) -> tuple[str, ...]:
     """The models an OpenAI Live `session.start` names: the Live model (the session's
     label), then its delegated backend's (`delegation.responses.model` or
     `delegation.decisions.model`), which it bills too. Empty: it names none (another
-    event; OpenAI refuses it)."""
+    event; OpenAI refuses it). A virtual key in it (say as a delegated MCP server's
+    `authorization`) is refused: it would go to OpenAI and on."""
     try:
         event = _live_event.decode(message)
     except msgspec.DecodeError:
         raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a JSON client event") from None
+    if _holds_key(message):
+        raise Refused(CloseCode.FORBIDDEN, "a virtual key in the first message")
     session = event.session if event.type == "session.start" else None
     if session is None:
         return ()

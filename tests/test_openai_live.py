@@ -120,6 +120,20 @@ def test_live_first_message_must_be_json(native):
     assert run(body()) == (1002, "the first message must be a JSON client event")
 
 
+def test_live_session_start_holding_a_virtual_key_is_refused(native):
+    """An app that gives a delegated MCP server its virtual key would send it to OpenAI
+    and on: refused, the upstream never opened."""
+    mock = native.mocks["openai"].mock
+    opened = len(mock.requests)
+    key = native.keys.plain["good"]
+    tool = {"type": "mcp", "server_label": "mine", "server_url": "https://mcp.example",
+            "authorization": key}
+    delegated = {"model": MODEL,
+                 "delegation": {"type": "responses", "responses": {"model": "gpt-5", "tools": [tool]}}}
+    assert _live(native, "good", delegated) == (4003, "a virtual key in the first message")
+    assert len(mock.requests) == opened
+
+
 def test_live_other_providers_do_not_serve_it(native):
     key = native.keys.plain["good"]
 
