@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from conftest import PROVIDER_SECRET, run
 # The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
 from test_native_sdks import (_last_request, last_session, log_mark, metric, metric_becomes,  # noqa: F401
-                              native, sidecar_ca_bundle)
+                              native, node, sidecar_ca_bundle)
 
 MODEL = "gpt-live-1"
 SECOND = base64.b64encode(bytes(48000)).decode()  # a second of pcm16 at 24 kHz
@@ -232,3 +232,15 @@ def test_live_session_start_is_forwarded_verbatim(native):
     started = run(body())
     assert started["type"] == "session.started"
     assert started["session"]["instructions"] == "be brief \u00e9"
+
+
+def test_live_node_sdk(native):
+    """The npm openai package's LiveWS: the same session, and 4003 for a model the key
+    does not allow."""
+    out = node("openai_live_test.mjs", str(native.port), native.keys.plain["live-only"], MODEL)
+    assert (out["started"], out["seconds"]) == (MODEL, 1), out
+    assert out["seen"] == ["session.started", "session.output_audio.delta", "session.usage.updated",
+                           "session.closed"], out
+    assert _last_request(native, "openai")[0] == "/v1/live/sessions"
+    out = node("openai_live_test.mjs", str(native.port), native.keys.plain["live-only"], "gpt-realtime")
+    assert (out["closeCode"], out["closeReason"]) == (4003, "model 'gpt-realtime' not allowed for this key"), out
