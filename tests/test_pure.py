@@ -206,6 +206,79 @@ def test_openai_sessions_without_a_model_in_the_url():
     assert decide(upgrade("/v1/realtime?call_id=a&call_id=b"), state).response.status_code == 400
 
 
+def test_openai_live_sessions():
+    """openai-python's live.connect dials /v1/live/sessions, its model in session.start
+    (held); forks and sidebands add a stored session's id. All go to the template's
+    /realtime path replaced, without its model parameter; only a sideband's
+    graceful_close passes. A provider that cannot drop its model, or speaks no OpenAI,
+    gets 4004; a stored session's model cannot be checked: 4003 for a limited key."""
+    from conduit_sidecar.metering import METERS
+    from conduit_sidecar.providers import meter
+    state = openai_admission(KeyEntry("any", hash_key(KEY)))
+    r = state.router
+    for path, kind, url in (
+        ("/v1/live/sessions?model=m&call_id=c", "live", "wss://api.openai.com:443/v1/live/sessions"),
+        ("/v1/live/sessions?provider=local", "live", "ws://127.0.0.1:9/v1/live/sessions"),
+        ("/v1/live/sessions/sess_1-a/fork", "live_fork",
+         "wss://api.openai.com:443/v1/live/sessions/sess_1-a/fork"),
+        ("/v1/live/sessions/sess_1/attach?graceful_close=true&x=1", "live_attach",
+         "wss://api.openai.com:443/v1/live/sessions/sess_1/attach?graceful_close=true"),
+    ):
+        d = decide(upgrade(path), state)
+        assert isinstance(d, Accept) and (d.model, d.modelless) == (None, kind), (path, d)
+        assert (d.hold is held.live_models) == (kind == "live")
+        up = r.upstream(d.route.targets[0], None, d.query, d.kept)
+        scheme = "wss" if up.uri.secure else "ws"
+        assert f"{scheme}://{up.uri.host}:{up.uri.port}{up.uri.resource_name}" == url
+        expected = None if kind == "live_attach" else METERS["openai_live"]
+        assert meter(d.route.name, d.kept) is expected
+    limited = openai_admission(KeyEntry("l", hash_key(KEY), allowed_models=["gpt-live-*"]))
+    assert decide(upgrade("/v1/live/sessions"), limited).hold is held.live_models
+    for path, admitted, code, reason in (
+        ("/v1/live/sessions?provider=pathy", state, 4004, "provider 'pathy' needs a model"),
+        ("/v1/live/sessions?provider=elevenlabs", state, 4004, "provider 'elevenlabs' needs a model"),
+        ("/v1/live/sessions/s/fork", limited, 4003, "the session names no model: not allowed for this key"),
+        ("/v1/live/sessions/s/attach", limited, 4003, "the session names no model: not allowed for this key"),
+    ):
+        d = decide(upgrade(path), admitted)
+        assert isinstance(d, Close) and (d.code, d.reason) == (code, reason), path
+    for path in ("/v1/live/sessions/s.1/fork", "/v1/live/sessions/s/other", "/v1/live/session"):
+        assert decide(upgrade(path), state).response.status_code == 404
+
+
+def test_live_session_start_names_its_models():
+    start = b'{"type":"session.start","session":{"model":"gpt-live-1","delegation":%s}}'
+    assert held.live_models(start % b"null") == ("gpt-live-1",)
+    assert held.live_models(start % b'{"type":"responses","responses":{"model":"gpt-5"}}') == (
+        "gpt-live-1", "gpt-5")
+    assert held.live_models(start % b'{"type":"decisions","decisions":{"model":"d","questions":[]}}') == (
+        "gpt-live-1", "d")
+    assert held.live_models(b'{"type":"session.update","session":{"model":"x"}}') == ()
+    for bad, code in ((b"not json", 1002), (start.replace(b"gpt-live-1", b"") % b"null", 1002),
+                      (start % b'{"type":"client","k":"condt_x"}', 4003),
+                      (start % b'{"type":"client","k":"\\u0063ondt_x"}', 4003)):
+        with pytest.raises(held.Refused) as exc:
+            held.live_models(bad)
+        assert exc.value.code == code, bad
+
+
+def test_cumulative_usage_counts_its_rise():
+    """OpenAI Live reports the session's seconds so far: 1, 2.5, 2.5, then a lower
+    (late) report count 2.5 in all, never less."""
+    from conduit_sidecar.metering import METERS, Usage
+    decode = METERS["openai_live"].decode
+    usage, added = Usage(), []
+    for event in (b'{"type":"session.usage.updated","event_id":"e","usage":{"seconds":1}}',
+                  b'{"type":"session.usage.updated","event_id":"e","usage":{"seconds":2.5}}',
+                  b'{"type":"session.closed","reason":"close_requested","usage":{"seconds":2.5}}',
+                  b'{"type":"session.usage.updated","usage":{"seconds":2}}'):
+        counts = decode(event)
+        assert counts is not None
+        added.append(usage.add(counts, cumulative=True)["audio"])
+    assert (added, usage.seconds["audio"]) == ([1.0, 1.5, 0.0, 0.0], 2.5)
+    assert decode(b'{"type":"session.started","session":{"model":"m"}}') is None
+
+
 def test_openai_translation_sessions():
     """openai-python's realtime.translations.connect dials /v1/realtime/translations?model=M:
     routed, keyed and checked as /v1/realtime, sent to the template's /realtime path with
