@@ -667,18 +667,29 @@ def _translate(native, key_id: str, **query) -> tuple[str, list[str]] | tuple[in
                 audio = base64.b64encode(bytes(9600)).decode()
                 await conn.session.input_audio_buffer.append(audio=audio)
                 await conn.session.close()
-                seen = []
-                async for event in conn:
-                    seen.append(event.type)
-                    if event.type == "session.output_audio.delta":
-                        assert event.delta == audio
-                    if event.type == "session.closed":
-                        break
-                return created.session.model, seen
+                return created.session.model, [e.type for e in await _until_closed(conn, audio)]
         except (ConnectionClosed, APIError) as exc:
-            rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
-            return rcvd.code, rcvd.reason
+            return _close_of(exc)
     return run(body())
+
+
+async def _until_closed(conn, audio: str) -> list:
+    """The events an openai SDK connection gets until `session.closed`; the audio
+    deltas among them must be `audio` (the mock sends it back)."""
+    seen = []
+    async for event in conn:
+        seen.append(event)
+        if event.type == "session.output_audio.delta":
+            assert event.delta == audio
+        if event.type == "session.closed":
+            return seen
+    raise AssertionError(f"no session.closed after {[e.type for e in seen]}")
+
+
+def _close_of(exc: BaseException) -> tuple[int, str]:
+    """The close code and reason an openai SDK error came from (it wraps websockets')."""
+    rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+    return rcvd.code, rcvd.reason
 
 
 def test_openai_translation_session_through_the_sdk(native):

@@ -15,8 +15,8 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import PROVIDER_SECRET, run
 # The fixtures too: this module gets its own sidecar and mocks, configured as theirs.
-from test_native_sdks import (_last_request, last_session, log_mark, metric, metric_becomes,  # noqa: F401
-                              native, node, sidecar_ca_bundle)
+from test_native_sdks import (_close_of, _last_request, _until_closed, last_session, log_mark,  # noqa: F401
+                              metric, metric_becomes, native, node, sidecar_ca_bundle)
 
 MODEL = "gpt-live-1"
 SECOND = base64.b64encode(bytes(48000)).decode()  # a second of pcm16 at 24 kHz
@@ -25,11 +25,6 @@ SECOND = base64.b64encode(bytes(48000)).decode()  # a second of pcm16 at 24 kHz
 def _client(native, key: str):
     from openai import AsyncOpenAI
     return AsyncOpenAI(base_url=f"http://127.0.0.1:{native.port}/v1", api_key=key)
-
-
-def _closed(exc: BaseException) -> tuple[int, str]:
-    rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
-    return rcvd.code, rcvd.reason
 
 
 def _live(native, key_id: str, session: dict | None = None, seconds: int = 2):
@@ -46,17 +41,11 @@ def _live(native, key_id: str, session: dict | None = None, seconds: int = 2):
                 for _ in range(seconds):
                     await conn.session.input_audio.append(audio=SECOND)
                 await conn.session.close()
-                seen = []
-                async for event in conn:
-                    seen.append(event.type)
-                    if event.type == "session.output_audio.delta":
-                        assert event.delta == SECOND
-                    if event.type == "session.closed":
-                        assert event.usage.seconds == seconds
-                        break
-                return started, seen
+                seen = await _until_closed(conn, SECOND)
+                assert seen[-1].usage.seconds == seconds
+                return started, [e.type for e in seen]
         except (ConnectionClosed, APIError) as exc:
-            return _closed(exc)
+            return _close_of(exc)
     return run(body())
 
 
@@ -103,7 +92,7 @@ def test_live_wrong_key_gets_4001(native):
                 await conn.session.start(session={"model": MODEL})
                 await conn.recv()
         except (ConnectionClosed, APIError) as exc:
-            return _closed(exc)
+            return _close_of(exc)
     assert run(body()) == (4001, "unknown key")
 
 
@@ -195,7 +184,7 @@ def test_live_fork_and_sideband_through_the_sdk(native):
             async with connecting as conn:
                 await conn.recv()
         except (ConnectionClosed, APIError) as exc:
-            return _closed(exc)
+            return _close_of(exc)
 
     before = metric(native, "conduit_usage_seconds_total", model="live_fork", **labels)
     assert run(fork()) == ("gpt-live-1", ["session.output_audio.delta", "session.usage.updated"])
