@@ -200,6 +200,10 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     where = native(path)
     if path not in PATHS and where is None:
         return refuse(404, f"not found: use {PATHS[0]}")
+    if KEY_PREFIX in path:
+        # A pattern path's segment (an OpenAI Live session id) is kept in the provider's
+        # URL: a key pasted there would go to the provider.
+        return refuse(400, "a virtual key in the request path")
     # A native path with no provider of its own is routed as the sidecar's paths are.
     fixed = where.provider if where is not None else None
     forms: tuple[KeyForm, ...] = OPENAI_KEYS if fixed is None else TEMPLATES[fixed].keys

@@ -233,3 +233,23 @@ def test_live_node_sdk(native):
     assert _last_request(native, "openai")[0] == "/v1/live/sessions"
     out = node("openai_live_test.mjs", str(native.port), native.keys.plain["live-only"], "gpt-realtime")
     assert (out["closeCode"], out["closeReason"]) == (4003, "model 'gpt-realtime' not allowed for this key"), out
+
+
+def test_live_session_id_holding_a_virtual_key_is_refused(native):
+    """A virtual key given as the stored session's id (the SDK's session_id= and
+    api_key= swapped) would go to OpenAI in the upstream path: 400, as a key in a query
+    parameter that holds none; no upstream opened."""
+    from websockets.exceptions import InvalidStatus
+    mock = native.mocks["openai"].mock
+    opened = len(mock.requests)
+    key = native.keys.plain["good"]
+
+    async def body(kind):
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions/{key}/{kind}",
+                               additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+                await ws.recv()
+        return exc.value.response.status_code, exc.value.response.body
+    for kind in ("fork", "attach"):
+        assert run(body(kind)) == (400, b"a virtual key in the request path\n")
+    assert len(mock.requests) == opened
