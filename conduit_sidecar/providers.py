@@ -107,7 +107,8 @@ class NativePath(msgspec.Struct, frozen=True):
     # The path's own key forms, in place of the template's (None: the template's).
     keys: tuple[KeyForm, ...] | None = None
     # The provider also reads a key from the first client message (ElevenLabs'
-    # text-to-speech): it is held, and refused if it holds a virtual key (held.keyless).
+    # text-to-speech), or would pass one on (an OpenAI Live fork's tools): it is held,
+    # and refused if it holds a virtual key (held.keyless).
     key_in_first: bool = False
     # An OpenAI session that never names its model in the URL: its kind, as
     # `modelless` gives it for /v1/realtime (the model label until one is named).
@@ -423,7 +424,9 @@ _NATIVE_PATTERNS: tuple[tuple[str, re.Pattern[str], NativePath], ...] = (
     # live.sideband.connect): the model is the session's, chosen where it was started,
     # so it cannot be checked (a key limited to models is refused, as on /v1/realtime
     # with call_id). A sideband reflects its session's usage, which is metered on the
-    # session's own socket: not again.
+    # session's own socket: not again. A fork's first message, its session.start, may
+    # give the delegated backend tools (an MCP server's `authorization`), as
+    # live.connect()'s does: held for a virtual key. A sideband's may come much later.
     *(
         (
             "/v1/live/sessions/",
@@ -432,10 +435,14 @@ _NATIVE_PATTERNS: tuple[tuple[str, re.Pattern[str], NativePath], ...] = (
                 None,
                 kept=Kept(r"/realtime$", r"/live/sessions/\1/\2", builtins=("openai",), meter=meter),
                 query=query,
+                key_in_first=first,
                 modelless=f"live_{kind}",
             ),
         )
-        for kind, query, meter in (("fork", (), "openai_live"), ("attach", ("graceful_close",), ""))
+        for kind, query, meter, first in (
+            ("fork", (), "openai_live", True),
+            ("attach", ("graceful_close",), "", False),
+        )
     ),
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

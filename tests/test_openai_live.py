@@ -253,3 +253,27 @@ def test_live_session_id_holding_a_virtual_key_is_refused(native):
     for kind in ("fork", "attach"):
         assert run(body(kind)) == (400, b"a virtual key in the request path\n")
     assert len(mock.requests) == opened
+
+
+def test_live_fork_session_start_holding_a_virtual_key_is_refused(native):
+    """A fork's session.start may give its delegated backend new tools (an MCP server's
+    `authorization`) as live.connect()'s does: a virtual key there would go to OpenAI
+    and on. It was relayed unread; now refused as on /v1/live/sessions, the upstream
+    never opened."""
+    from openai import APIError
+    mock = native.mocks["openai"].mock
+    opened = len(mock.requests)
+    key = native.keys.plain["good"]
+    tool = {"type": "mcp", "server_label": "mine", "server_url": "https://mcp.example",
+            "authorization": key}
+
+    async def body():
+        try:
+            async with _client(native, key).live.forks.connect(session_id="sess_stored1") as conn:
+                await conn.session.start(session={"delegation": {"type": "responses",
+                                                                 "responses": {"tools": [tool]}}})
+                await conn.recv()
+        except (ConnectionClosed, APIError) as exc:
+            return _close_of(exc)
+    assert run(body()) == (4003, "a virtual key in the first message")
+    assert len(mock.requests) == opened
