@@ -725,6 +725,10 @@ def test_webhook_annotations_configure_the_sidecar(webhook, tmp_path):
     ({"conduit.dev/memory-limit": "lots"}, "'conduit.dev/memory-limit': must be a Kubernetes quantity"),
     ({"conduit.dev/keys-secret": "Team_A"}, "'conduit.dev/keys-secret': must be a Kubernetes object name"),
     ({"conduit.dev/image": "evil image\n"}, "'conduit.dev/image': must be an image reference"),
+    # A trailing newline: the API server would refuse the pod with its own message.
+    ({"conduit.dev/image": "registry.example.com/cs:1.2.3\n"}, "'conduit.dev/image': must be an image"),
+    ({"conduit.dev/memory-limit": "256Mi\n"}, "'conduit.dev/memory-limit': must be a Kubernetes quantity"),
+    ({"conduit.dev/keys-secret": "team-a-keys\n"}, "'conduit.dev/keys-secret': must be a Kubernetes object"),
     ({"conduit.dev/tls": "yes"}, "'conduit.dev/tls': must be \"true\" or \"false\""),
     ({"conduit.dev/listen-port": "9464"}, "must differ"),
     ({"conduit.dev/memory-limt": "1Gi"}, "unknown annotation 'conduit.dev/memory-limt'"),

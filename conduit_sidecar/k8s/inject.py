@@ -114,19 +114,19 @@ def _port(value: str) -> int:
 
 
 def _quantity(value: str) -> str:
-    if not _QUANTITY.match(value):
+    if not _QUANTITY.fullmatch(value):  # match's $ allows a final newline
         raise ValueError("must be a Kubernetes quantity such as 50m, 0.5, 64Mi or 1Gi")
     return value
 
 
 def _name(value: str) -> str:
-    if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError("must be a Kubernetes object name (lowercase DNS subdomain)")
     return value
 
 
 def _image(value: str) -> str:
-    if len(value) > 512 or not _IMAGE.match(value):
+    if len(value) > 512 or not _IMAGE.fullmatch(value):
         raise ValueError("must be an image reference such as registry.example.com/conduit-sidecar:0.1.0")
     return value
 
