@@ -791,6 +791,15 @@ def test_webhook_refuses_malformed_pods(webhook, obj, message):
     assert response["allowed"] is False and message in response["status"]["message"]
 
 
+def test_webhook_answers_a_pod_with_a_malformed_generate_name(webhook):
+    """The pod's name for the log line was built outside the try that turns a bug into
+    a refusal: a non-string generateName dropped the connection with no answer."""
+    obj = pod()
+    del obj["metadata"]["name"]
+    obj["metadata"]["generateName"] = ["voice-agent-"]
+    assert webhook.review(obj)["allowed"] is True
+
+
 def test_webhook_malformed_requests(webhook):
     # Not JSON, or no uid to answer to: HTTP 400.
     assert webhook.request("/mutate", b"{not json")[0] == 400

@@ -134,7 +134,7 @@ def _pod_name(pod) -> str:
     metadata = pod.get("metadata") if isinstance(pod, dict) else None
     if not isinstance(metadata, dict):
         return "-"
-    return str(metadata.get("name") or (metadata.get("generateName") or "-") + "*")
+    return str(metadata.get("name") or f"{metadata.get('generateName') or '-'}*")  # any JSON type
 
 
 class _Bodies:
