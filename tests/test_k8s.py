@@ -981,6 +981,17 @@ def test_inject_file_json_and_errors(tmp_path):
         bad.write_text(content)
         run = inject_cli("-f", str(bad))
         assert run.returncode == 1 and message in run.stderr
+    # Malformed objects: a message naming the object, not a traceback.
+    for obj, message in (
+            ({"kind": "Pod", "metadata": {"name": "p", "labels": ["a"]},
+              "spec": {"containers": [{"name": "a", "image": "x"}]}}, "Pod/p: metadata.labels is not an object"),
+            ({"kind": "Pod", "metadata": "p", "spec": {"containers": [{"name": "a", "image": "x"}]}},
+             "metadata is not an object"),
+            ({"kind": "List", "items": ["x"]}, "List/?: items is not a list of objects"),
+            ({"kind": "List", "items": "x"}, "List/?: items is not a list of objects")):
+        bad.write_text(json.dumps(obj))
+        run = inject_cli("-f", str(bad))
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     run = inject_cli("-f", str(tmp_path / "missing.yaml"))
     assert run.returncode == 1 and "missing.yaml" in run.stderr
 

@@ -429,7 +429,10 @@ def inject_object(obj: Mapping, defaults: Settings = Settings()) -> dict:
     `conduit.dev/inject: "false"`, come back unchanged."""
     kind = obj.get("kind")
     if kind == "List":
-        return {**obj, "items": [inject_object(item, defaults) for item in obj.get("items") or []]}
+        items = obj.get("items") or []
+        if not isinstance(items, list) or not all(isinstance(item, Mapping) for item in items):
+            raise InjectError("items is not a list of objects")
+        return {**obj, "items": [inject_object(item, defaults) for item in items]}
     if kind == "Pod":
         return dict(obj) if _opted_out(obj) else inject_pod(obj, defaults)
     if kind not in TEMPLATE_PARENTS:
@@ -447,5 +450,10 @@ def inject_object(obj: Mapping, defaults: Settings = Settings()) -> dict:
 
 
 def _opted_out(pod: Mapping) -> bool:
-    labels = (pod.get("metadata") or {}).get("labels") or {}
+    metadata = pod.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        raise InjectError("metadata is not an object")
+    labels = metadata.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        raise InjectError("metadata.labels is not an object")
     return labels.get(INJECT_LABEL) == "false"
