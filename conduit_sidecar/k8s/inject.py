@@ -199,8 +199,8 @@ def _check_shape(pod: Mapping) -> None:
     for key in ("initContainers", "volumes"):
         if spec.get(key) is not None and not is_list_of_objects(spec[key]):
             raise InjectError(f"spec.{key} is not a list of objects")
-    for c in spec["containers"]:
-        for key in ("env", "volumeMounts"):
+    for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
+        for key in ("env", "volumeMounts", "ports"):
             if c.get(key) is not None and not is_list_of_objects(c[key]):
                 raise InjectError(f"container {c.get('name')!r}: {key} is not a list of objects")
 
@@ -335,15 +335,15 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
         ports[s.tls_port] = "conduit.dev/tls-port"
     for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
         for p in c.get("ports") or []:
-            tcp = p.get("protocol", "TCP") == "TCP" if isinstance(p, Mapping) else False
-            if tcp and p.get("containerPort") in ports:
+            tcp = p.get("protocol", "TCP") == "TCP"
+            if tcp and isinstance(p.get("containerPort"), int) and p["containerPort"] in ports:
                 port = p["containerPort"]
                 raise InjectError(
                     f"container {c.get('name')!r} declares port {port}, which the conduit sidecar "
                     f"listens on: set {ports[port]} to another port"
                 )
     ours = {v["name"] for v in _volumes(s)}
-    taken = ours & {v.get("name") for v in spec.get("volumes") or []}
+    taken = ours & {v.get("name") for v in spec.get("volumes") or [] if isinstance(v.get("name"), str)}
     if taken:
         raise InjectError(
             f"the pod already has volumes named {', '.join(sorted(taken))}, which the conduit sidecar needs"
