@@ -561,6 +561,27 @@ def test_webhook_holds_a_slow_body_attack(tls_files):
     assert "shed" in output
 
 
+def test_webhook_answer_to_one_review_fits_its_memory_limit(tls_files):
+    """In TLS mode each app container gets two patch operations (~230 bytes of JSON,
+    then base64) however small it is: one review of 2 MiB of empty containers (`{}`, 4
+    bytes each; the API server would never send it, but any pod that reaches the
+    Service can) made the webhook build ~1.4 million operations, seconds of CPU and
+    far more than its 128Mi limit: one request OOM-killed it. Refused now."""
+    limit, env = webhook_container()
+    proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE, env=env)
+    try:
+        obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"annotations": {"conduit.dev/tls": "true"}},
+               "spec": {"containers": [{}] * ((MAX_BODY - 1000) // 4)}}  # "{}, "
+        response = hook.review(obj)
+        assert response["allowed"] is False and "containers" in response["status"]["message"]
+        with open(f"/proc/{proc.pid}/status") as f:
+            peak = int(dict(line.split(":", 1) for line in f)["VmHWM"].split()[0]) * 1024
+        assert peak < limit, f"peak RSS {peak >> 20} MiB, limit {limit >> 20} MiB"
+        assert hook.review(pod(annotations={"conduit.dev/tls": "true"}))["allowed"] is True
+    finally:
+        stop(proc)
+
+
 def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
     """Connections count from accept, not from the end of their TLS handshake: with
     `--max-connections 2`, two connections that never send a ClientHello take both
