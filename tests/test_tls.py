@@ -168,8 +168,11 @@ def test_a_client_that_does_not_trust_the_listener_is_counted_and_logged(tls_env
     while (metric(sidecar, "conduit_connections_total", result="tls_failed") or 0) == before:
         assert time.monotonic() < deadline, "the failed handshake was not counted"
         time.sleep(0.05)
-    failed = [r for r in sidecar.log_lines() if r.get("event") == "tls_failed"]
-    assert failed and failed[-1]["reason"] in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"), failed
+    # The log line is written after the count, and reaches the file a moment later.
+    while not (failed := [r for r in sidecar.log_lines() if r.get("event") == "tls_failed"]):
+        assert time.monotonic() < deadline, "the failed handshake was not logged"
+        time.sleep(0.05)
+    assert failed[-1]["reason"] in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"), failed
 
 
 def test_websockets_client_over_the_tls_listener(tls_env):
