@@ -297,8 +297,7 @@ def live_models(message: bytes) -> tuple[str, ...]:
         event = _live_event.decode(message)
     except msgspec.DecodeError:
         raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a JSON client event") from None
-    if _holds_key(message):
-        raise Refused(CloseCode.FORBIDDEN, "a virtual key in the first message")
+    keyless(message)
     session = event.session if event.type == "session.start" else None
     if session is None:
         return ()

@@ -307,6 +307,7 @@ async def _hold_first(
     limits = host.limits
     assert decision.hold is not None  # the caller holds only such sessions
     models: tuple[str, ...] = ()
+    gone = False
     try:
         message, early = await held.read_first(
             transport,
@@ -326,20 +327,17 @@ async def _hold_first(
         )
     except held.Refused as exc:
         failed = Close(decision.response, exc.code, str(exc), decision.key)
-        if exc.gone:
-            # The connection is lost (a reset): nothing to answer, and a lost
-            # transport's closed handle raises on a write.
-            host.release(info)
-            host.rejected(failed)
-            return None
+        gone = exc.gone
     if failed is not None:
         host.release(info)
         host.rejected(failed)
-        # The client's bytes go to the drain (it waits for their close), unless they
-        # were what broke the rules.
-        _close_after_upgrade(
-            host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
-        )
+        # A lost connection (a reset) is not answered: its closed handle raises on a
+        # write. Else the client's bytes go to the drain (it waits for their close),
+        # unless they were what broke the rules.
+        if not gone:
+            _close_after_upgrade(
+                host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
+            )
         return None
     if not models:
         return decision, early

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, free_port, http_get,
-                      raw_upstream_sidecar, run, standard_keys, switching_protocols)
+from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, free_port, held_port,
+                      http_get, raw_upstream_sidecar, run, standard_keys, switching_protocols)
 from test_bad_input import close_frame_of, masked, request, session, session_ends
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -299,6 +299,13 @@ def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(
         sidecar.stop()
 
 
+def _one_slot_sidecar(tmp_path, providers: str) -> tuple[Keys, SidecarProcess]:
+    """A started sidecar with `providers` and one key, `one`, of one connection."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    return keys, SidecarProcess(str(tmp_path), providers, keys).start()
+
+
 @pytest.mark.parametrize("leave", ["end", "reset"])
 @pytest.mark.parametrize("path", ["plain", "held"])
 def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its_slot(tmp_path, path, leave):
@@ -306,14 +313,11 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     ends its side or resets while the provider is slow to answer: the sidecar drops
     the upstream attempt at once, before the 101 comes, and counts the handshake
     `client_gone`."""
-    keys = Keys()
-    keys.add("one", max_connections=1)
     upstream_port = free_port()
-    sidecar = SidecarProcess(
-        str(tmp_path),
+    keys, sidecar = _one_slot_sidecar(
+        tmp_path,
         f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n'
-        f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/g?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n',
-        keys).start()
+        f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/g?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n')
     provider = "slow" if path == "plain" else "gemini"
 
     async def body():
@@ -441,15 +445,11 @@ def test_a_client_that_leaves_while_the_provider_greets_frees_its_slot_and_the_p
     releases: the session stayed live for good (conduit_connections_active 1, the key's
     max_connections slot taken: the next session got 4029) and the provider's
     connection stayed open."""
-    from conftest import held_port
-    keys = Keys()
-    keys.add("one", max_connections=1)
     upstream_port = held_port()
-    sidecar = SidecarProcess(
-        str(tmp_path),
+    keys, sidecar = _one_slot_sidecar(
+        tmp_path,
         f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{upstream_port}/v1/agent/converse"\n'
-        'headers = { Authorization = "Token {secret}" }\nsecret_env = "PROVIDER_KEY"\n',
-        keys).start()
+        'headers = { Authorization = "Token {secret}" }\nsecret_env = "PROVIDER_KEY"\n')
     path = "/v1/agent/converse"
     upgrade = request(path, headers={"Authorization": f"Token {keys.plain['one']}"})
 
