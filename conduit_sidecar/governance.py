@@ -183,24 +183,24 @@ class Governor:
         return live
 
     def started(self, info: SessionInfo) -> None:
-        """The relay runs: start the session cap's clock."""
-        if info.key.max_session_seconds:
-            self._cap(info, info.key.max_session_seconds)
+        """The relay runs: arm the session cap."""
+        if cap := info.key.max_session_seconds:
+            self._cap(info, cap)
 
     def recapped(self, info: SessionInfo) -> None:
-        """The key file changed a live session's max_session_seconds: the new cap
-        counts from the session's start (one already past it ends at once)."""
+        """The key file changed a live session's max_session_seconds."""
         live = self.live.get(info)
         if live is not None and live.timer is not None:
             live.timer.cancel()
             live.timer = None
-        if info.key.max_session_seconds:
-            self._cap(info, info.key.max_session_seconds - (time.monotonic() - info.started))
+        if cap := info.key.max_session_seconds:
+            self._cap(info, cap)
 
-    def _cap(self, info: SessionInfo, delay: float) -> None:
-        cap = info.key.max_session_seconds
+    def _cap(self, info: SessionInfo, cap: float) -> None:
+        """The cap counts from the session's start (its handshake), the first one as a
+        recapped one: a session already past it ends at once."""
         self._live(info).timer = asyncio.get_running_loop().call_later(
-            max(0.0, delay),
+            max(0.0, cap - (time.monotonic() - info.started)),
             self._close,
             info,
             _relay.CloseCode.SESSION_TIME_LIMIT,

@@ -25,7 +25,7 @@ from conduit_sidecar.config import Config
 from conduit_sidecar.governance import Governor
 from conduit_sidecar.metrics import Metrics
 from conduit_sidecar.mock import MockProvider
-from conftest import Keys, SidecarProcess, free_port, http_get, run
+from conftest import Keys, SidecarProcess, SlowUpstream, free_port, http_get, run
 
 class RedisServer:
     """redis-server on 127.0.0.1, no persistence; stop() and start() keep the port."""
@@ -622,6 +622,33 @@ def test_a_session_cap_the_key_file_adds_or_lowers_reaches_sessions_already_open
         await reloaded(proc)
         return [await closed(ws, "session_limit_reached") for ws in live]
     assert run(scenario()) == [(4008, "session cap of 1 s reached")] * 2
+
+
+def test_the_session_cap_counts_from_the_handshake(tmp_path):
+    """The first cap was armed when the relay started, a recapped one counted from the
+    handshake: a session whose provider took long to answer ran its whole cap after
+    that. Both now count from the handshake. The provider answers the upgrade 4 s
+    after it is asked, past the key's 3 s cap: the session ends as soon as it opens,
+    not 3 s later."""
+    keys = Keys()
+    key = keys.add("capped", max_session_seconds=3)
+    upstream_port = free_port()
+    proc = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
+                          keys).start()
+
+    async def scenario():
+        async with SlowUpstream(upstream_port, delay=4):
+            ws = await connect(f"ws://127.0.0.1:{proc.port}/v1/realtime/connect?provider=slow",
+                               additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=10)
+            opened = time.monotonic()
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            return ws.close_code, ws.close_reason, time.monotonic() - opened
+    try:
+        code, reason, after_open = run(scenario())
+    finally:
+        proc.stop()
+    assert (code, reason) == (4008, "session cap of 3 s reached")
+    assert after_open < 1.5, f"the cap ran {after_open:.1f} s after the relay started"
 
 
 def test_a_connection_limit_the_key_file_adds_counts_sessions_already_open(sidecars, redis_server):
