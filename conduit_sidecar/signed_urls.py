@@ -161,7 +161,12 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             # deployments' template fields unresolved).
             upstream = host.router.upstream(h.target, agent)
         except RouteError as exc:
-            return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
+            if exc.code != CloseCode.INTERNAL_ERROR or len(ready) == 1:
+                return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
+            # This deployment's configuration fault (its secret missing): the next one
+            # may sign, as a session's connect goes on to it.
+            notes.append(f"{h.name} {exc}")
+            continue
         signed, failover = await _sign(upstream, agent, passed, share)
         if isinstance(signed, str):
             notes.append(f"{h.name} {signed}")

@@ -797,6 +797,24 @@ def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status
         assert signed_by_second == 0
 
 
+def test_the_signed_url_fetch_moves_on_past_a_deployment_without_its_secret(workdir):
+    """The first deployment's secret is missing (a configuration fault): a session's
+    connect logs it and tries the next deployment, and so must the signed-URL fetch.
+    It answered 500 "provider secret unavailable" while the second could sign."""
+    second = free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(free_port(), second).replace(
+        'name = "a"', 'name = "a"\n        secret_env = "CONDUIT_TEST_NO_SUCH_SECRET"', 1))
+
+    async def body():
+        async with MockProvider(port=second, shape="elevenlabs") as b:
+            return await _signed_url(sidecar), len(b.issued)
+    try:
+        (code, answer), signed_by_second = run(body())
+    finally:
+        sidecar.stop()
+    assert (code, signed_by_second) == (200, 1), answer
+
+
 def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     """`a` signs (both idle: listed order). A keyed session then makes `a` the busier,
     so the balancer would send the next session to `b`, which never issued the
