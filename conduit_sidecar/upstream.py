@@ -238,8 +238,10 @@ def _refused(response: Response, max_rest: float) -> _Failed:
     status = response.status_code
     message, short = f"upstream refused: HTTP {status}", f"HTTP {status}"
     if status == 429:
+        # One Retry-After or none: a repeated one is ignored (Headers.get raises on it).
+        values = response.headers.get_all("Retry-After")
         return _Failed(
-            "http_429", message, short, rest=_retry_after(response.headers.get("Retry-After"), max_rest)
+            "http_429", message, short, rest=_retry_after(values[0] if len(values) == 1 else None, max_rest)
         )
     if status >= 500:
         return _Failed("http_5xx", message, short)

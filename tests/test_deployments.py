@@ -313,6 +313,28 @@ def test_failover_to_the_next_deployment(workdir, kind, outcome):
         assert tried == 2           # one failure is not a circuit
 
 
+def test_a_429_with_two_retry_after_headers_fails_over(workdir):
+    """A 429 that repeats Retry-After: reading the header raised (websockets' Headers
+    refuses a lookup of a repeated header), so the session ended as a bug of ours (HTTP
+    500, no other deployment tried). The header is ignored: the deployment is counted
+    as any 429 without one, and the next one serves."""
+    bad = Refusing("429 Too Many Requests", "Retry-After: 1\r\nRetry-After: 2\r\n")
+    good = Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "bad"\n{ws_url(bad.port)}', f'name = "good"\n{ws_url(good.port)}'))
+
+    async def body():
+        async with bad, good:
+            return await served_by(sidecar), bad.requests
+    try:
+        served, asked = run(body())
+    finally:
+        sidecar.stop()
+    assert (served, asked) == ("good", 1)
+    attempt, = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert (attempt["deployment"], attempt["outcome"]) == ("bad", "http_429")
+
+
 def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
     hole, refusing = Blackhole(), Refusing("503 Service Unavailable")
     badtls = Named("x", ssl=CA("stranger CA").server_context(workdir))
