@@ -151,11 +151,17 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         return _json(_STATUS.get(code, 400), {"detail": reason})
     assert entry is not None  # admit refuses an unknown key
     # Deployments in the balancer's order (resting ones skipped), failing over as a
-    # session's connect does; all share upstream_connect_timeout_seconds.
+    # session's connect does, and counted in their circuits as its attempts are:
+    # private agents' sessions go only where their URL was signed, so these calls may
+    # be all a deployment that is down ever sees. All share
+    # upstream_connect_timeout_seconds.
     ready, resting = host.balancer.order(admitted, time.monotonic())
     deadline = asyncio.get_running_loop().time() + host.limits.upstream_connect_timeout_seconds
     notes: list[str] = []
     for h, share in shares(ready, deadline, notes):
+        if not h.available(time.monotonic()):  # rested, or probed, since
+            resting.append(h)
+            continue
         try:
             # The deployment's own URL, resource and secret (the route's spec has the
             # deployments' template fields unresolved).
@@ -167,12 +173,21 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             # may sign, as a session's connect goes on to it.
             notes.append(f"{h.name} {exc}")
             continue
-        signed, failover = await _sign(upstream, agent, passed, share)
+        probe = h.begin()
+        try:
+            signed, failover, auth = await _sign(upstream, agent, passed, share)
+        except BaseException:  # the client left (cancelled): no verdict
+            h.abandoned(probe)
+            raise
         if isinstance(signed, str):
             notes.append(f"{h.name} {signed}")
             if failover:
+                h.failed(time.monotonic(), at_once=auth, probe=probe)
                 continue
+            h.abandoned(probe)
             break
+        h.succeeded()
+        h.release()  # a call, not a session: nothing stays live on it
         signature = urllib.parse.parse_qs(signed.query)["conversation_signature"][0]
         host.signed_urls.remember(signature, entry.sha256, h.target.label)
         ours = urllib.parse.urlunsplit(
@@ -187,9 +202,10 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
 
 async def _sign(
     upstream: Upstream, agent: str, passed: list[tuple[str, str]], timeout: float
-) -> tuple[_Split | str, bool]:
-    """One deployment's signed URL (split), or (what went wrong, whether to try the
-    next deployment: yes but for an HTTP refusal of the request itself, e.g. 404)."""
+) -> tuple[_Split | str, bool, bool]:
+    """One deployment's signed URL (split), or what went wrong; then whether to try the
+    next deployment (yes but for an HTTP refusal of the request itself, e.g. 404), and
+    whether the provider refused our credentials (401/403: the deployment rests at once)."""
     uri = upstream.uri
     path = uri.resource_name.partition("?")[0]
     rest = (
@@ -205,11 +221,13 @@ async def _sign(
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
     except urllib.error.HTTPError as exc:
-        return f"refused: HTTP {exc.code}", exc.code in (401, 403, 429) or exc.code >= 500
+        auth = exc.code in (401, 403)
+        return f"refused: HTTP {exc.code}", auth or exc.code == 429 or exc.code >= 500, auth
     # http.client's HTTPException: an answer that is not HTTP (bad status line, a line
     # too long, a body cut short), a provider fault like any unreadable answer.
     except (OSError, ValueError, msgspec.DecodeError, http.client.HTTPException) as exc:
-        return ("timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"), True
+        words = "timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"
+        return words, True, False
     if not urllib.parse.parse_qs(signed.query).get("conversation_signature", [""])[0]:
-        return "gave a signed URL without a signature", True
-    return signed, True
+        return "gave a signed URL without a signature", True, False
+    return signed, True, False

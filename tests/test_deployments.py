@@ -837,6 +837,28 @@ def test_the_signed_url_fetch_moves_on_past_a_deployment_without_its_secret(work
     assert (code, signed_by_second) == (200, 1), answer
 
 
+def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
+    """Private agents' sessions go only where their URL was signed, so a deployment that
+    is down may see no session attempts at all: its signed-URL failures must trip its
+    circuit as a session's would. Each call asked it again (with a blackhole, each
+    waited out its share of the connect timeout)."""
+    first, second = Refusing("503 Service Unavailable"), free_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(first.port, second),
+                           extra="[circuit]\nfailures = 2\ncooldown_seconds = 60\n")
+
+    async def body():
+        async with first, MockProvider(port=second, shape="elevenlabs") as b:
+            answers = [await _signed_url(sidecar) for _ in range(4)]
+            return [code for code, _ in answers], first.requests, len(b.issued)
+    try:
+        codes, asked_first, signed_by_second = run(body())
+        healthy = metric(sidecar, "conduit_deployment_healthy", deployment="a", provider="elevenlabs")
+    finally:
+        sidecar.stop()
+    assert codes == [200] * 4 and signed_by_second == 4
+    assert asked_first == 2 and healthy == 0
+
+
 def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     """`a` signs (both idle: listed order). A keyed session then makes `a` the busier,
     so the balancer would send the next session to `b`, which never issued the
