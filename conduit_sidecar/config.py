@@ -288,6 +288,9 @@ def load(
                 f'{where}: [state] backend = "redis" needs url = "redis://HOST[:PORT]..." or '
                 '"rediss://..." - at `$.state.url`'
             )
+    if config.circuit.cooldown_seconds > config.circuit.max_cooldown_seconds:
+        # The first rest would pass the cap every later one (and Retry-After) keeps to.
+        raise ConfigError(f"{where}: cooldown_seconds is over max_cooldown_seconds - at `$.circuit`")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{where}: log_level must be debug, info, warning or error - at `$.log_level`")
     return config

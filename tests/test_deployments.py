@@ -944,6 +944,9 @@ def _load(workdir, text: str):
     ('[routes]\n"gpt-*" = ["openai", "nowhere"]\n',
      "route 'gpt-*' needs configured providers, not ['openai', 'nowhere']"),
     ('[routes]\n"gpt-*" = []\n', "route 'gpt-*' needs configured providers"),
+    # The first rest would pass the cap that every later one keeps to.
+    ('[circuit]\ncooldown_seconds = 90\nmax_cooldown_seconds = 60\n',
+     "cooldown_seconds is over max_cooldown_seconds - at `$.circuit`"),
 ])
 def test_config_errors_name_the_field(workdir, text, error):
     with pytest.raises(ConfigError) as exc:
