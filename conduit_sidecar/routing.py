@@ -179,6 +179,9 @@ class Router:
                     + (f", not {unknown}" if unknown else "")
                     + f' - at `$.routes."{pattern}"`'
                 )
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:  # its deployments would be tried twice per session
+                raise ConfigError(f'route {pattern!r} lists {twice!r} twice - at `$.routes."{pattern}"`')
         self.model_routes = config.routes
         self._contexts: dict[str | None, tuple[tuple | None, ssl.SSLContext]] = {}
         self._secrets: dict[str, tuple[tuple, str]] = {}

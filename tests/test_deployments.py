@@ -944,6 +944,10 @@ def _load(workdir, text: str):
     ('[routes]\n"gpt-*" = ["openai", "nowhere"]\n',
      "route 'gpt-*' needs configured providers, not ['openai', 'nowhere']"),
     ('[routes]\n"gpt-*" = []\n', "route 'gpt-*' needs configured providers"),
+    # Each session would try the provider's deployments twice, each failure counted twice.
+    ('[routes]\n"gpt-*" = ["openai", "azure", "openai"]\n[providers.azure]\nresource = "r"\n'
+     'secret_env = "K"\n[providers.openai]\nsecret_env = "K"\n',
+     "route 'gpt-*' lists 'openai' twice - at `$.routes.\"gpt-*\"`"),
     # The first rest would pass the cap that every later one keeps to.
     ('[circuit]\ncooldown_seconds = 90\nmax_cooldown_seconds = 60\n',
      "cooldown_seconds is over max_cooldown_seconds - at `$.circuit`"),
