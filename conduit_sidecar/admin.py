@@ -1,5 +1,7 @@
 """The admin listener: /metrics, /healthz, /readyz, POST /drain (from 127.0.0.1 or ::1 only).
 
+Every request must name an IP address or `localhost` as its Host (see _host_allowed).
+
 Requests are parsed by websockets' HTTP/1.1 parser; one request per connection,
 bounded in size and time, and in number: the port listens on the pod's address, so
 any pod may connect, and what it can make the sidecar hold must have a fixed bound.
@@ -47,6 +49,35 @@ def _response(
 # connections to the app from 127.0.0.6, while a process of the pod itself that
 # connects to 127.0.0.1 or ::1 comes from that same address (docs/kubernetes.md).
 _POD_ITSELF = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+def _host_allowed(headers: Headers) -> bool:
+    """One Host that is an IP literal ("10.1.2.3", "[fd00::1]", with or without a port)
+    or localhost. A web page that rebinds its own DNS name to 127.0.0.1 (a browser on the
+    pod's host or in the app container) sends that name: refusing it keeps the page from
+    reading the answers. Prometheus (pod IP), the kubelet's probes (pod IP) and
+    `curl localhost` name an address."""
+    hosts = headers.get_all("Host")
+    if len(hosts) != 1:
+        return False
+    host = hosts[0]
+    bracketed = host.startswith("[")
+    if bracketed:
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or rest[:1] not in ("", ":"):
+            return False
+        port = rest[1:]
+    else:
+        name, _, port = host.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return False
+    if not bracketed and name.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return bracketed == (address.version == 6)
 
 
 def _from_pod_itself(transport) -> bool:
@@ -100,6 +131,9 @@ class _AdminProtocol(asyncio.Protocol):
         admin = self.admin
         path = request.path.split("?", 1)[0]
         routes = {"/metrics": "GET", "/healthz": "GET", "/readyz": "GET", "/drain": "POST"}
+        if not _host_allowed(request.headers):
+            why = b"admin requests must name an IP address or localhost as Host\n"
+            return self._send(_response(421, "Misdirected Request", why))
         if path not in routes:
             return self._send(_response(404, "Not Found", b"not found\n"))
         if request.method != routes[path]:

@@ -338,7 +338,8 @@ def admin_request(sidecar, method: str, path: str, source: str, headers: str = "
         s.bind((source, 0))
         s.settimeout(5)
         s.connect(("127.0.0.1", sidecar.admin_port))
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{headers}\r\n".encode())
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{sidecar.admin_port}\r\nContent-Length: 0\r\n"
+                  f"{headers}\r\n".encode())
         return int(s.recv(100).split(b" ", 2)[1])
 
 
@@ -366,6 +367,36 @@ def test_drain_only_from_loopback(tmp_path, mock_provider):
         assert sidecar.proc.wait(10) == 0            # no sessions: the drain ends at once
     finally:
         sidecar.stop()
+
+
+def test_admin_requests_must_name_an_address_as_host(ops):
+    """DNS rebinding: a web page in a browser on the pod's host or in the app container
+    rebinds its own name to 127.0.0.1 and reads the admin port as same-origin; its
+    requests carry that name as Host. Only an IP literal or localhost is served: what
+    Prometheus and the kubelet (the pod IP), curl and `providers --admin` send."""
+    def answer(head: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", ops.admin_port), timeout=5) as s:
+            s.sendall(f"{head}Content-Length: 0\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+
+    port = ops.admin_port
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}",
+                 f"localhost.evil.example:{port}", "::1", f"[127.0.0.1]:{port}"):
+        for method, path in (("GET", "/metrics"), ("GET", "/healthz"), ("POST", "/drain")):
+            reply = answer(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n")
+            assert reply.startswith(b"HTTP/1.1 421 "), (host, path, reply[:100])
+            assert reply.endswith(b"admin requests must name an IP address or localhost as Host\n")
+    assert answer("GET /metrics HTTP/1.1\r\n").startswith(b"HTTP/1.1 421 ")               # none
+    assert answer(f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n"
+                  ).startswith(b"HTTP/1.1 421 ")                                          # two
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", "[::1]", "10.1.2.3:9464",
+                 "[fd00:10:244::5]:9464", f"localhost:{port}", "localhost", "LocalHost"):
+        reply = answer(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 ") and b"conduit_connections_active" in reply, host
+    assert http_get(f"http://localhost:{port}/healthz") == (200, "ok\n")                # as curl does
 
 
 def test_admin_connections_are_bounded_per_address_and_in_all(ops):
