@@ -17,6 +17,9 @@ from .policy import METRICS, WINDOWS, price_for, window_bounds
 from .providers import TEMPLATES
 from .routing import Router, masked
 
+# --help's description: not __doc__, which -OO (the image's PYTHONOPTIMIZE=2) strips.
+_DESCRIPTION = "The `conduit-sidecar` command."
+
 
 def _config(path: str | None, overrides: dict | None = None) -> tuple[config_mod.Config, Router]:
     """The config and its providers; every error names the file first."""
@@ -243,7 +246,7 @@ def _providers(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conduit-sidecar", description=__doc__)
+    p = argparse.ArgumentParser(prog="conduit-sidecar", description=_DESCRIPTION)
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
 

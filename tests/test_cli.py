@@ -140,6 +140,15 @@ def test_the_demo_runs_as_the_image_runs_the_sidecar():
     assert "50 echoed back" in r.stdout and "close codes: session 1000, wrong key 4001" in r.stdout
 
 
+def test_help_keeps_its_description_as_the_image_runs_it():
+    """-OO (the image's PYTHONOPTIMIZE=2) strips docstrings: a description taken from
+    the module's docstring vanished from --help."""
+    r = subprocess.run([sys.executable, "-OO", "-m", "conduit_sidecar", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "The `conduit-sidecar` command." in r.stdout
+
+
 @pytest.mark.parametrize("provider,events,metered", [
     ("gemini", "setupComplete, serverContent, serverContent", "'input': 4.0"),
     ("deepgram", "Results, Results, Metadata", "{'audio': 1.0}"),
