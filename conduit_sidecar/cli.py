@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import sys
 
 import msgspec
@@ -308,6 +309,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is seen here
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": no traceback, and stdout to devnull so that the
+        # flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in k8s.COMMANDS:
         # Imported only now: `serve` never loads the webhook's h11, PyYAML or cryptography.

@@ -149,6 +149,29 @@ def test_help_keeps_its_description_as_the_image_runs_it():
     assert "The `conduit-sidecar` command." in r.stdout
 
 
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize("args", [["providers"], ["keys", "new", "--id", "x"], ["--help"],
+                                  ["inject", "-f", "k8s/base/deployment.yaml"]])
+def test_output_into_a_closed_pipe_is_no_traceback(args, buffered):
+    """`conduit-sidecar providers | head -1`: the reader gone, the next write (or the
+    flush at exit) raised BrokenPipeError, printed as a traceback or "Exception ignored".
+    The pipe's read end is closed before the command starts, so every write hits it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "conduit_sidecar", *args], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=60, env=env,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        os.close(write)
+    assert r.stderr == "", r
+    # (argparse's --help ignores a failed write itself, and exits 0 when nothing is left)
+    assert r.returncode == 1 or (args == ["--help"] and not buffered and r.returncode == 0), r
+
+
 @pytest.mark.parametrize("provider,events,metered", [
     ("gemini", "setupComplete, serverContent, serverContent", "'input': 4.0"),
     ("deepgram", "Results, Results, Metadata", "{'audio': 1.0}"),
