@@ -177,7 +177,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         if self.closing:
             return
         self.closing = True
-        if self.handshaken:
+        # Not to a socket already closed (the peer's end read): uvloop raises there.
+        if self.handshaken and not self.raw.is_closing():
             try:
                 self.sslobj.unwrap()  # close_notify; the peer's is not awaited
             except ssl.SSLError:

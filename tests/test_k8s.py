@@ -611,6 +611,33 @@ def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
         stop(proc)
 
 
+def keep_alive_review(conn: http.client.HTTPSConnection, uid: str) -> dict:
+    """One review on `conn`, which must stay open (no reconnection)."""
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                          "namespace": "voice", "operation": "CREATE", "object": pod()}}
+    conn.request("POST", "/mutate", json.dumps(review), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and not r.will_close
+    return json.loads(r.read())["response"]
+
+
+def test_webhook_takes_the_end_of_a_kept_alive_connection_quietly(tls_files):
+    """The API server ends an idle kept-alive connection by closing its socket (no TLS
+    close_notify): the webhook then wrote its own close_notify to the closed socket and
+    logged a warning with uvloop's RuntimeError traceback, for every such connection."""
+    proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE)
+    conn = http.client.HTTPSConnection("127.0.0.1", hook.port, context=hook.context, timeout=10)
+    try:
+        for uid in ("first", "second"):
+            assert keep_alive_review(conn, uid)["uid"] == uid
+    finally:
+        conn.close()
+    assert hook.request("/healthz", method="GET") == (200, b"ok\n")  # after the close was seen
+    output = stop(proc)                                   # no "Traceback" in the log
+    assert '"connection error"' not in output, output
+
+
 def apply_patch(pod: dict, patch: list[dict], tmp_path: pathlib.Path) -> dict:
     """Apply with the jsonpatch package and with kubectl; both must agree."""
     patched = jsonpatch.apply_patch(pod, patch)
