@@ -40,7 +40,7 @@ from conftest import free_port
 
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
-from conduit_sidecar.k8s.webhook import MAX_BODY
+from conduit_sidecar.k8s.webhook import MAX_BODY, REQUEST_DEADLINE
 from conduit_sidecar.keys import load_keys
 from conduit_sidecar.testing import CA
 
@@ -636,6 +636,44 @@ def test_webhook_takes_the_end_of_a_kept_alive_connection_quietly(tls_files):
     assert hook.request("/healthz", method="GET") == (200, b"ok\n")  # after the close was seen
     output = stop(proc)                                   # no "Traceback" in the log
     assert '"connection error"' not in output, output
+
+
+def test_webhook_keeps_an_idle_connection_longer_than_the_api_server(webhook):
+    """The API server keeps an idle connection to the webhook for 90 s (Go's
+    http.Transport IdleConnTimeout) and sends a review on it whenever; the webhook
+    dropped it after 10 s idle, so a review sent just then failed, and with
+    failurePolicy Fail the pod was refused. Idle past REQUEST_DEADLINE, the same
+    connection still answers."""
+    conn = http.client.HTTPSConnection("127.0.0.1", webhook.port, context=webhook.context, timeout=10)
+    try:
+        assert keep_alive_review(conn, "first")["allowed"] is True
+        sock = conn.sock
+        time.sleep(REQUEST_DEADLINE + 1.5)
+        assert keep_alive_review(conn, "second")["uid"] == "second"
+        assert conn.sock is sock                                   # not a new connection
+    finally:
+        conn.close()
+
+
+def test_webhook_gives_an_idle_connections_place_to_a_new_one(tls_files):
+    """Kept-alive connections may now idle for minutes: at --max-connections, the
+    oldest one idle between requests makes room for a new one, which is answered;
+    connections in the middle of a request (or of their TLS handshake) are never
+    taken (test_webhook_spends_no_tls_handshake_past_max_connections)."""
+    proc, hook = start_webhook(*tls_files, "--sidecar-image", SIDECAR_IMAGE, "--max-connections", "2")
+    idle = [http.client.HTTPSConnection("127.0.0.1", hook.port, context=hook.context, timeout=10)
+            for _ in range(2)]
+    try:
+        for n, conn in enumerate(idle):
+            assert keep_alive_review(conn, f"idle-{n}")["allowed"] is True
+        assert hook.review(pod())["allowed"] is True               # a third connection
+        idle[0].sock.settimeout(5)
+        assert idle[0].sock.recv(1) == b""                         # the oldest idle one went
+        assert keep_alive_review(idle[1], "still-open")["uid"] == "still-open"
+    finally:
+        for conn in idle:
+            conn.close()
+        stop(proc)
 
 
 def apply_patch(pod: dict, patch: list[dict], tmp_path: pathlib.Path) -> dict:

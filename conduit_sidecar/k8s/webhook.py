@@ -14,12 +14,14 @@ It runs on the same asyncio (uvloop) stack as the sidecar: one task per connecti
 no threads. What a client can hold is bounded (the pod has a 128Mi memory limit, and
 with `failurePolicy: Fail` an injector down blocks every opted-in pod):
 
-* connections: `MAX_CONNECTIONS`, counted from accept: the excess is closed at once,
+* connections: `MAX_CONNECTIONS`, counted from accept: past it a new connection
+  takes the place of the oldest one idle between requests, or is closed at once,
   before its TLS handshake, so pending handshakes are bounded too (TLS runs in
   `tlsleg.TLSStream`, as on the sidecar's wss listener);
 * time: the TLS handshake with the first request, then each further request (from
-  the previous answer until its answer is written), must each be over within
-  `REQUEST_DEADLINE`, however the bytes arrive; else the connection is dropped;
+  its first bytes until its answer is written), must each be over within
+  `REQUEST_DEADLINE`, however the bytes arrive; a connection waits for its next
+  request up to `IDLE_TIMEOUT`; else the connection is dropped;
 * memory: a body is read up to `MAX_BODY`, and the bodies in progress together up to
   `BODY_BUDGET`: past it, the connection holding the most is dropped, so a trickling
   attacker loses and a small review goes through. A body goes into an anonymous
@@ -58,6 +60,7 @@ from .inject import DEFAULT_IMAGE, InjectError, Settings, json_patch_for_pod
 
 __all__ = [
     "BODY_BUDGET",
+    "IDLE_TIMEOUT",
     "MAX_BODY",
     "MAX_CONNECTIONS",
     "REQUEST_DEADLINE",
@@ -74,6 +77,10 @@ MAX_HEADERS = 16 << 10  # request line and headers
 MAX_CONNECTIONS = 128
 BODY_BUDGET = 16 << 20  # all bodies in progress; with the rest, well under 128Mi
 REQUEST_DEADLINE = 10.0  # seconds; the API server gives up after timeoutSeconds (5)
+# Longer than the API server keeps an idle connection (Go's http.Transport
+# IdleConnTimeout, 90 s): it is the client that ends an idle connection, never the
+# webhook just as a review is sent on it (with failurePolicy Fail, the pod refused).
+IDLE_TIMEOUT = 120.0
 
 
 class BadReview(ValueError):
@@ -186,10 +193,16 @@ class _Connection(asyncio.Protocol):
         # At accept, before the TLS handshake (TLSStream tells its app at once).
         webhook = self.webhook
         if webhook.connections >= webhook.max_connections:
-            webhook.refused()
-            self.closed = True
-            transport.abort()
-            return
+            if not webhook.idle:
+                webhook.refused()
+                self.closed = True
+                transport.abort()
+                return
+            # Idle keep-alive connections (the API servers keep some for 90 s) must not
+            # keep a new one out. The one dropped leaves the count on the loop's next turn.
+            oldest = next(iter(webhook.idle))
+            del webhook.idle[oldest]
+            oldest.drop()
         webhook.connections += 1
         self.transport = transport
         self.task = asyncio.get_running_loop().create_task(self.serve())
@@ -241,6 +254,8 @@ class _Connection(asyncio.Protocol):
                     if self.writable is not None:
                         await self.writable  # a client that does not read gets no more
                 self.http.start_next_cycle()
+                async with asyncio.timeout(IDLE_TIMEOUT):
+                    await self.idle()
             self.transport.close()  # after what is written, with a TLS close_notify
         except (TimeoutError, OSError, _Dropped) as exc:
             log.debug("connection dropped", extra={"peer": peer, "error": repr(exc)})
@@ -259,6 +274,18 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         del self.transport, self.http
         self.waiter = self.writable = None
+
+    async def idle(self) -> None:
+        """Wait, reading, for the next request's first bytes or the connection's end."""
+        idle = self.webhook.idle
+        idle[self] = None
+        try:
+            while self.http.trailing_data == (b"", False) and not self.transport.is_closing():
+                self.waiter = asyncio.get_running_loop().create_future()
+                self.transport.resume_reading()
+                await self.waiter
+        finally:
+            idle.pop(self, None)
 
     async def next_event(self):
         """h11's next event, reading while it needs data."""
@@ -344,6 +371,7 @@ class Webhook:
         self.certs, self.defaults, self.max_connections = certs, defaults, max_connections
         self.bodies = _Bodies(BODY_BUDGET)
         self.connections = 0
+        self.idle: dict[_Connection, None] = {}  # waiting for their next request, oldest first
         self.refusals = 0  # connections refused since the last line that said so
         self.refusals_logged = 0.0
         self.server: asyncio.Server | None = None
