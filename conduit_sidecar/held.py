@@ -15,8 +15,11 @@ limits' first_message_bytes) and time (the handshake timeout).
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 
 import msgspec
+import msgspec.inspect
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
@@ -194,6 +197,65 @@ class _Setup(msgspec.Struct):
 _setup = msgspec.json.Decoder(_Setup)
 
 
+class _Twice(Exception):
+    pass
+
+
+def _once(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    members = dict(pairs)
+    if len(members) < len(pairs):
+        raise _Twice
+    return members
+
+
+def _fold(name: str) -> str:
+    # As Go's encoding/json matches names: in any case, and ſ as s, K (Kelvin) as k.
+    return name.upper().lower()
+
+
+def _walk(value: object, shape: msgspec.inspect.Type) -> None:
+    """Refuse a name in `value` that is one of `shape`'s fields in another case."""
+    if isinstance(shape, msgspec.inspect.UnionType):
+        for each in shape.types:
+            _walk(value, each)
+    elif isinstance(shape, msgspec.inspect.ListType) and isinstance(value, list):
+        for item in value:
+            _walk(item, shape.item_type)
+    elif isinstance(shape, msgspec.inspect.StructType) and isinstance(value, dict):
+        fields = {_fold(f.encode_name): f for f in shape.fields}
+        for name, member in value.items():
+            field = fields.get(_fold(name))
+            if field is None:
+                continue
+            if field.encode_name != name:
+                spelled = f"the first message spells {field.encode_name!r} in another case"
+                raise Refused(CloseCode.PROTOCOL_ERROR, spelled)
+            _walk(member, field.type)
+
+
+@functools.cache  # 0.2 ms for the Settings' each time
+def _shape(decoder: msgspec.json.Decoder) -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(decoder.type)
+
+
+def _decode(decoder: msgspec.json.Decoder, message: bytes, reason: str):
+    """`message` as `decoder` reads it, refused (1002, `reason`) when it does not
+    decode. Refused too when the provider's parser could read other models than
+    msgspec does: a member named twice in any object (msgspec keeps the last, other
+    parsers the first), or on the way to a field read here a name that is the field's
+    in another case (msgspec skips it, Go's encoding/json reads it)."""
+    try:
+        decoded = decoder.decode(message)
+    except msgspec.DecodeError:
+        raise Refused(CloseCode.PROTOCOL_ERROR, reason) from None
+    try:
+        tree = json.loads(message, object_pairs_hook=_once)
+    except _Twice:
+        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message names a member twice") from None
+    _walk(tree, _shape(decoder))
+    return decoded
+
+
 # Model names are short identifiers; a first message may be a megabyte long,
 # and the model goes into log lines and metric labels.
 MAX_MODEL_CHARS = 256
@@ -205,13 +267,8 @@ def _valid(model: str) -> bool:
 
 def setup_model(message: bytes) -> tuple[str]:
     """The model a Gemini `setup` message names, without its `models/` prefix."""
-    try:
-        model = _setup.decode(message).setup.model
-    except msgspec.DecodeError:
-        raise Refused(
-            CloseCode.PROTOCOL_ERROR, "the first message must be a setup message naming the model"
-        ) from None
-    model = model.removeprefix("models/")
+    setup = _decode(_setup, message, "the first message must be a setup message naming the model")
+    model = setup.setup.model.removeprefix("models/")
     if not _valid(model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")
     return (model,)
@@ -249,10 +306,7 @@ def transcription_model(message: bytes) -> tuple[str, ...]:
     `session.audio.input.transcription.model`, or beta `transcription_session.update`
     with `session.input_audio_transcription.model`. Empty: it names none (another
     event, or an update without a model)."""
-    try:
-        event = _client_event.decode(message)
-    except msgspec.DecodeError:
-        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a JSON client event") from None
+    event = _decode(_client_event, message, "the first message must be a JSON client event")
     session = event.session or _Session()
     named: _Transcription | None = None
     if event.type == "session.update" and session.type == "transcription":
@@ -293,10 +347,7 @@ def live_models(message: bytes) -> tuple[str, ...]:
     `delegation.decisions.model`), which it bills too. Empty: it names none (another
     event; OpenAI refuses it). A virtual key in it (say as a delegated MCP server's
     `authorization`) is refused: it would go to OpenAI and on."""
-    try:
-        event = _live_event.decode(message)
-    except msgspec.DecodeError:
-        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a JSON client event") from None
+    event = _decode(_live_event, message, "the first message must be a JSON client event")
     keyless(message)
     session = event.session if event.type == "session.start" else None
     if session is None:
@@ -367,12 +418,10 @@ def agent_settings(message: bytes) -> tuple[str, ...]:
     """The models a Deepgram agent's `Settings` names: think's (the session's label
     first), then listen's and speak's, each fallback's too. Empty: it names none (a
     stored agent's id; stages that leave the model to Deepgram, AWS Polly's voice)."""
-    try:
-        settings = _settings.decode(message)
-    except msgspec.DecodeError:
-        settings = None
-    if settings is None or settings.type != "Settings":
-        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message must be a Settings message")
+    not_settings = "the first message must be a Settings message"
+    settings = _decode(_settings, message, not_settings)
+    if settings.type != "Settings":
+        raise Refused(CloseCode.PROTOCOL_ERROR, not_settings)
     if _holds_key(message):  # e.g. as a think endpoint's key: it would go upstream
         raise Refused(CloseCode.FORBIDDEN, "a virtual key in the Settings message")
     agent = settings.agent

@@ -193,6 +193,28 @@ def test_a_settings_the_key_does_not_allow_gets_4003(sidecar, key_id, settings, 
     assert _refused(sidecar, key_id, settings) == (4003, reason)
 
 
+_THINK = {"provider": {"type": "open_ai", "model": "M"},
+          "endpoint": {"url": "https://llm.example/v1/chat/completions", "headers": {"authorization": "A"}}}
+
+
+@pytest.mark.parametrize("settings, reason", [
+    # msgspec keeps the last of a member named twice; Deepgram's parser may keep the first.
+    (_settings(think=_THINK).replace('"model": "M"', '"model": "gpt-4o", "model": "gpt-4o-mini"'),
+     "the first message names a member twice"),
+    # A virtual key in the first of two: it was out of the message as msgspec read it.
+    (_settings(think=_THINK).replace('"model": "M"', '"model": "gpt-4o-mini"').replace(
+        '"authorization": "A"', '"authorization": "Bearer %s\\u%04xx", "authorization": "Bearer x"'
+        % (KEY_PREFIX[:-1], ord(KEY_PREFIX[-1]))),
+     "the first message names a member twice"),
+    # msgspec skips `Think`; a case-insensitive parser (Go's) reads it.
+    (json.dumps({**SETTINGS, "agent": {**SETTINGS["agent"],
+                                       "Think": {"provider": {"type": "open_ai", "model": "gpt-4o"}}}}),
+     "the first message spells 'think' in another case"),
+])
+def test_a_settings_the_provider_could_read_otherwise_gets_1002(sidecar, settings, reason):
+    assert _refused(sidecar, "agent-voice", settings) == (1002, reason)
+
+
 @pytest.mark.parametrize("first", ['{"type": "KeepAlive"}', "not json", b"\x00\x01pcm",
                                    '{"type": "Settings", "audio": {}}'])
 def test_a_first_message_that_is_not_settings_gets_1002(sidecar, first):

@@ -755,6 +755,42 @@ def test_gemini_setup_is_checked_on_the_sidecars_own_path_too(native, query):
                         send=setup) == (4003, "model 'gemini-live' not allowed for this key")
 
 
+TWICE = "the first message names a member twice"
+
+
+@pytest.mark.parametrize("first,reason", [
+    ('{"setup": {"model": "models/gemini-2.5-pro", "model": "models/gemini-2.5-flash"}}', TWICE),
+    ('{"setup": {"model": "models/gemini-2.5-pro"}, "setup": {"model": "models/gemini-2.5-flash"}}', TWICE),
+    ('{"setup": {"mod\\u0065l": "models/gemini-2.5-pro", "model": "models/gemini-2.5-flash"}}', TWICE),
+    ('{"setup": {"Model": "models/gemini-2.5-pro", "model": "models/gemini-2.5-flash"}}',
+     "the first message spells 'model' in another case"),
+    ('{"SETUP": {"model": "models/gemini-2.5-pro"}, "setup": {"model": "models/gemini-2.5-flash"}}',
+     "the first message spells 'setup' in another case"),
+])
+def test_gemini_setup_a_provider_could_read_otherwise_is_refused(native, first, reason):
+    """msgspec keeps the last of a member named twice and skips a name in another case;
+    the provider's parser may keep the first, or read `Model` (Go's does): the model
+    checked would not be the one used. Refused, the provider never asked."""
+    mock = native.mocks["gemini"].mock
+    opened = len(mock.requests)
+    key = native.keys.plain["gemini-flash"]
+    assert _closed_with(native, f"{GEMINI_PATH}?key={key}", send=first) == (1002, reason)
+    assert len(mock.requests) == opened
+
+
+def test_openai_transcription_update_a_provider_could_read_otherwise_is_refused(native):
+    mock = native.mocks["openai"].mock
+    opened = len(mock.requests)
+    key = native.keys.plain["transcribe-only"]
+    path = "/v1/realtime?intent=transcription"
+    named = '{"transcription": {"model": "gpt-4o-transcribe", %s: "whisper-1"}}'
+    for name, reason in (('"model"', TWICE), ('"MODEL"', "the first message spells 'model' in another case")):
+        update = ('{"type": "session.update", "session": {"type": "transcription", "audio": {"input": %s}}}'
+                  % (named % name))
+        assert _closed_with(native, path, {"Authorization": f"Bearer {key}"}, send=update) == (1002, reason)
+    assert len(mock.requests) == opened
+
+
 def test_gemini_no_first_message_in_time(native):
     key = native.keys.plain["good"]
     assert _closed_with(native, f"{GEMINI_PATH}?key={key}") == (1002, "no first message within 2 s")

@@ -123,6 +123,30 @@ def test_live_session_start_holding_a_virtual_key_is_refused(native):
     assert len(mock.requests) == opened
 
 
+@pytest.mark.parametrize("session, reason", [
+    ('{"model": "gpt-5", "model": "gpt-live-1"}', "the first message names a member twice"),
+    ('{"model": "gpt-live-1", "delegation": {"type": "responses", "Responses": {"model": "gpt-5"}}}',
+     "the first message spells 'responses' in another case"),
+])
+def test_live_session_start_openai_could_read_otherwise_is_refused(native, session, reason):
+    """msgspec keeps the last of a member named twice and skips a name in another case;
+    OpenAI's parser may keep the first, or read `Responses`: the model checked would not
+    be the one billed. Refused, the upstream never opened."""
+    mock = native.mocks["openai"].mock
+    opened = len(mock.requests)
+    key = native.keys.plain["live-only"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions",
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send('{"type": "session.start", "session": %s}' % session)
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (1002, reason)
+    assert len(mock.requests) == opened
+
+
 def test_live_other_providers_do_not_serve_it(native):
     key = native.keys.plain["good"]
 

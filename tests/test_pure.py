@@ -395,6 +395,27 @@ def test_a_malformed_first_transcription_message_gets_1002(message):
     assert exc.value.code == 1002
 
 
+@pytest.mark.parametrize("message, reason", [
+    (b'{"type":"transcription_session.update","session":{"input_audio_transcription":'
+     b'{"model":"whisper-1","model":"gpt-4o-transcribe"}}}', "the first message names a member twice"),
+    (b'{"type":"session.update","session":{"type":"transcription","audio":{"input":'
+     b'{"transcription":{"model":"whisper-1"}}}},"session":{"type":"realtime"}}',
+     "the first message names a member twice"),
+    # Go's encoding/json matches names in any case, and \u017f (long s) as s.
+    (b'{"type":"session.update","session":{"type":"transcription","audio":{"input":'
+     b'{"transcription":{"model":"gpt-4o-transcribe","MODEL":"whisper-1"}}}}}',
+     "the first message spells 'model' in another case"),
+    ('{"type":"transcription_session.update","\u017fession":{"input_audio_transcription":'
+     '{"model":"whisper-1"}}}'.encode(), "the first message spells 'session' in another case"),
+])
+def test_a_transcription_update_read_otherwise_elsewhere_gets_1002(message, reason):
+    """msgspec keeps the last of a member named twice and matches names exactly; the
+    provider's parser may keep the first, or match them in any case."""
+    with pytest.raises(held.Refused) as exc:
+        held.transcription_model(message)
+    assert (exc.value.code, str(exc.value)) == (1002, reason)
+
+
 def test_a_public_agent_is_its_keys_without_the_provider_secret():
     owner = KeyEntry("owner", hash_key(KEY), public_agents=["agent_pub"], allowed_providers=["elevenlabs"])
     state = openai_admission(owner)
