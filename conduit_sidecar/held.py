@@ -246,10 +246,9 @@ def _decode(decoder: msgspec.json.Decoder, message: bytes, reason: str):
     in another case (msgspec skips it, Go's encoding/json reads it)."""
     try:
         decoded = decoder.decode(message)
-    except msgspec.DecodeError:
-        raise Refused(CloseCode.PROTOCOL_ERROR, reason) from None
-    try:
         tree = json.loads(message, object_pairs_hook=_once)
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested deeper than a parser goes
+        raise Refused(CloseCode.PROTOCOL_ERROR, reason) from None
     except _Twice:
         raise Refused(CloseCode.PROTOCOL_ERROR, "the first message names a member twice") from None
     _walk(tree, _shape(decoder))

@@ -738,6 +738,9 @@ def _closed_with(native, path: str, headers: dict | None = None, send=None) -> t
     ('{"setup": {"model": ""}}', "setup names no valid model"),
     # A name no model has, as long as a message may be: it would go into the log lines.
     ('{"setup": {"model": "models/%s"}}' % ("m" * 100_000), "setup names no valid model"),
+    # Nested deeper than a parser recurses (msgspec raises RecursionError, not DecodeError).
+    ('{"setup": {"model": "models/gemini-x", "x": %s}}' % ("[" * 100_000 + "]" * 100_000),
+     "the first message must be a setup message naming the model"),
 ])
 def test_gemini_first_message_must_be_a_setup(native, first, reason):
     key = native.keys.plain["good"]

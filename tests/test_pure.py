@@ -387,6 +387,7 @@ def test_the_transcription_model_a_first_message_names(message, model):
 
 
 @pytest.mark.parametrize("message", [b"not json", b'{"no":"type"}', b'[1]',
+                                     b'{"type":"x","y":%s}' % (b"[" * 100_000 + b"]" * 100_000),
                                      b'{"type":"transcription_session.update","session":'
                                      b'{"input_audio_transcription":{"model":"a\nb"}}}'])
 def test_a_malformed_first_transcription_message_gets_1002(message):
