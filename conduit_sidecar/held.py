@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 
 import msgspec
 import msgspec.inspect
@@ -389,19 +390,15 @@ class _Settings(msgspec.Struct):
 _settings = msgspec.json.Decoder(_Settings)
 
 
+_ESCAPE = re.compile(rb"\\u00([0-7][0-9a-fA-F])")  # an ASCII character JSON-escaped
+
+
 def _holds_key(message: bytes) -> bool:
-    """Whether a JSON message holds a virtual key, as written or escaped (`\\u005f`):
-    Deepgram reads the value the escape stands for. Re-encoded by msgspec, a decoded
-    message escapes nothing but quotes, backslashes and control characters."""
-    prefix = KEY_PREFIX.encode()
-    if prefix in message:
-        return True
-    if b"\\" not in message:
-        return False  # no escapes: what is written is what is read
-    try:
-        return prefix in msgspec.json.encode(msgspec.json.decode(message))
-    except msgspec.DecodeError:
-        return False  # not JSON: the provider reads no key from it either
+    """Whether a message holds a virtual key, as written or escaped (`\\u005f`): the
+    provider reads the value the escape stands for. Searched in the bytes, escapes
+    undone, not in a parse: the provider's parser may read what msgspec refuses
+    (Python's json reads NaN) or keep the first of a member named twice."""
+    return KEY_PREFIX.encode() in _ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), message)
 
 
 def keyless(message: bytes) -> tuple[str, ...]:
