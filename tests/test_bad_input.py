@@ -8,7 +8,7 @@ import time
 import pytest
 from websockets.asyncio.server import serve
 
-from conftest import raw_upstream_sidecar, run
+from conftest import raw_upstream_sidecar, run, switching_protocols
 
 
 def request(path="/v1/realtime/connect?model=mock-realtime&provider=mock", method="GET",
@@ -255,6 +255,66 @@ def test_the_sidecar_still_serves_after_all_that(strict):
         assert (b0, b1) == (0x82, 10) and await reader.readexactly(10) == b"still fine"
         writer.close()
     run(body())
+
+
+@pytest.mark.parametrize("violator", ["client", "upstream"])
+def test_a_violation_in_the_bytes_read_with_the_handshake_stops_reading_the_violator(strict, violator):
+    """A bad frame in the same write as the upgrade request (or the provider's 101)
+    reaches the relay with the handshake's bytes. The violator must be read no
+    further, as after any violation: session.py resumed both legs after Relay.start,
+    so the sidecar read (and dropped) all the violator sent until the close timeout,
+    hundreds of MB a second, where its socket buffers should have filled. The other
+    peer never answers our close: the session lasts until the close timeout."""
+    # A frame announcing 2^40 bytes: unmasked from the client, masked from the provider.
+    length = (1 << 40).to_bytes(8, "big")
+    bad = bytes([0x82, 0x7F]) + length if violator == "client" else bytes([0x82, 0xFF]) + length + b"abcd"
+    chunk = bytes(1 << 16)
+
+    async def stream(writer, reader) -> int:
+        sent = 0
+        try:
+            while not reader.at_eof():
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 5)
+                sent += len(chunk)
+        except (ConnectionError, OSError, TimeoutError):
+            pass
+        return sent
+
+    async def body():
+        result = asyncio.get_running_loop().create_future()
+
+        async def provider(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if violator == "client":
+                writer.write(switching_protocols(head))
+                await reader.read()                   # never answers the close
+            else:
+                writer.write(switching_protocols(head) + bad)
+                result.set_result(await stream(writer, reader))
+            writer.close()
+
+        server = await asyncio.start_server(provider, "127.0.0.1", strict.upstream_port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+            req = request("/v1/realtime/connect?provider=raw", key=strict.keys.plain["good"])
+            if violator == "client":
+                writer.write(req + bad)
+                await reader.readuntil(b"\r\n\r\n")
+                sent = await stream(writer, reader)   # (its close comes with a reset: unread bytes)
+            else:
+                writer.write(req)
+                await reader.readuntil(b"\r\n\r\n")
+                assert await close_frame_of(reader) == (1002, "upstream: masked frame from the upstream")
+                sent = await asyncio.wait_for(result, 10)   # the client never answers
+            writer.close()
+            return sent
+        finally:
+            server.close()
+
+    sent = run(body())
+    # Socket buffers on both ends hold a few MiB; without the pause, 1.2-1.5 GB here.
+    assert sent < 32 << 20, f"{sent >> 20} MiB read from the violator"
 
 
 # -- memory: what a rejected peer sends is discarded, not kept ---------------------------
