@@ -700,13 +700,7 @@ cdef class Leg(Endpoint):
 
     def __call__(self, Py_ssize_t nbytes):
         # Nothing is read from a violator (its pipe has a verdict) or after the session.
-        if self.relay is None or self.relay.done:
-            return
-        if self.inbound.verdict_code:
-            # Paused at the violation, but a violation in the bytes handed to `start`
-            # comes before its caller resumes both legs: pause it again.
-            if self.state < SHUT:
-                self.transport.pause_reading()
+        if self.relay is None or self.relay.done or self.inbound.verdict_code:
             return
         cdef uint64_t t0 = now_ns()
         if self.ssl != NULL:

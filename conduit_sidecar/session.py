@@ -603,6 +603,11 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         host.tls_leg("client", client_kernel)
     if upstream_tls is not None:
         host.tls_leg("provider", upstream_kernel)
+    # Resumed before the relay takes over (nothing is read before this coroutine
+    # yields): a pause that start() makes, for a violation or backpressure in the bytes
+    # read with the handshakes, then stays.
+    transport.resume_reading()
+    upstream.resume_reading()
     relay.start(
         transport,
         upstream,
@@ -616,5 +621,3 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
     opening.relayed = True
     host.count("accepted")  # one outcome per handshake: from here a bug is the relay's to end
     host.started(info)
-    transport.resume_reading()
-    upstream.resume_reading()
