@@ -184,7 +184,7 @@ class Sidecar:
         metered = info.metered
         try:
             counts = metered.decode(message) if metered else None
-        except MalformedUsage:
+        except (MalformedUsage, RecursionError):  # RecursionError: nested past msgspec's depth
             self.metrics.usage_malformed.labels(info.provider).inc()
             return
         if counts is None:

@@ -450,12 +450,15 @@ def test_admin_connections_are_bounded_per_address_and_in_all(ops):
 
 def test_malformed_usage_is_ignored_and_counted(ops):
     """Review finding 8: a negative count made Counter.inc raise inside the relay's
-    callback; right behind the 101 the session was never released."""
+    callback; right behind the 101 the session was never released. Later review: a
+    message nested deeper than msgspec recurses raised RecursionError into the relay."""
     good = {"input_tokens": 3, "output_tokens": 4}
 
     async def provider(ws):
         await ws.send(json.dumps({"type": "response.done", "response": {"usage": {"input_tokens": -5}}}))
         await ws.send(json.dumps({"type": "response.done", "response": {"usage": {"output_tokens": 10**15}}}))
+        # Nested deeper than a parser recurses: RecursionError, not a DecodeError.
+        await ws.send('{"type":"response.done","x":' + "[" * 100000 + "]" * 100000 + "}")
         await ws.send(json.dumps({"type": "response.done", "response": {"usage": good}}))
         async for message in ws:
             await ws.send(message)
@@ -463,7 +466,7 @@ def test_malformed_usage_is_ignored_and_counted(ops):
     async def body():
         async with serve(provider, "127.0.0.1", ops.usage_port):
             async with connect(ops.url(provider="fragmenting"), additional_headers=ops.auth()) as ws:
-                for _ in range(3):
+                for _ in range(4):
                     await ws.recv()
                 await ws.send(b"still relaying")
                 assert await ws.recv() == b"still relaying"
@@ -473,7 +476,7 @@ def test_malformed_usage_is_ignored_and_counted(ops):
     after = scrape(ops)
     labels = dict(key_id="good", provider="fragmenting", model="mock-realtime")
     d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
-    assert d("conduit_usage_malformed_total", provider="fragmenting") == 2
+    assert d("conduit_usage_malformed_total", provider="fragmenting") == 3
     assert d("conduit_usage_tokens_total", kind="input", **labels) == 3
     assert d("conduit_usage_tokens_total", kind="output", **labels) == 4
     assert value(after, "conduit_connections_active") == 0
