@@ -140,6 +140,13 @@ cdef class Pipe:
     cdef Py_ssize_t window
     cdef Py_ssize_t nsniff
     cdef bytearray capture
+    # Read whole (the client's, in a session whose later messages are checked): each
+    # text message is captured unmasked and withheld (`pending`, its raw bytes and the
+    # control frames between its fragments) until dst has judged it.
+    cdef uint8_t read_whole
+    cdef uint8_t mask[4]       # the metered frame's mask key
+    cdef uint8_t mask_phase    # its payload bytes metered so far, mod 4
+    cdef bytearray pending     # withheld raw bytes of the message being read whole
 
     cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1
     cdef int feed(self, const uint8_t* data, Py_ssize_t size) except -1
@@ -147,7 +154,9 @@ cdef class Pipe:
     cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int violation(self, int code, str reason) except -1
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept
     cdef int meter_done(self) except -1
+    cdef int release(self, bint deliver) except -1
     cdef void release_sniff(self) noexcept
     cdef bint marked(self)
 
@@ -160,6 +169,7 @@ cdef class Relay:
     cdef object loop
     cdef object on_done
     cdef public object on_message
+    cdef object on_client_message
     cdef object deadline
     cdef double close_timeout
     cdef bint done

@@ -54,6 +54,7 @@ import sys
 
 from cpython.object cimport PyObject
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -140,6 +141,8 @@ cdef enum:
     METER_SNIFF = 1
     METER_CAPTURE = 2
     CAPTURE_MAX = 4 * 1024 * 1024
+    # Control frames a client may put between the fragments of a message read whole.
+    PENDING_SLACK = 65536
 
 # Legal transitions: ALLOWED[state] has bit n set if state -> n is allowed.
 cdef unsigned[9] ALLOWED = [
@@ -413,6 +416,13 @@ def close_frame(int code, str reason, bint masked):
     return frame
 
 
+cdef int append(bytearray into, const uint8_t* data, Py_ssize_t size) except -1:
+    cdef Py_ssize_t at = PyByteArray_GET_SIZE(into)
+    PyByteArray_Resize(into, at + size)
+    memcpy(PyByteArray_AS_STRING(into) + at, data, size)
+    return 0
+
+
 cdef bytes text_frame(bytes payload):
     """One unmasked text frame (the sidecar's notice to a client)."""
     cdef object n = len(payload)
@@ -653,8 +663,9 @@ cdef class Leg(Endpoint):
 
     cdef int metered(self, Pipe pipe, bytes message) except -1:
         cdef Relay relay = self.relay
-        if relay.on_message is not None:
-            relay.on_message(relay, message)
+        judge = relay.on_client_message if pipe.direction == C2U else relay.on_message
+        if judge is not None:
+            judge(relay, message)
         return 0
 
     cdef int shut(self) except -1:
@@ -798,7 +809,10 @@ cdef class Pipe:
 
     cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1:
         if size > 0:
-            self.dst.write(data, size)
+            if self.pending is not None:
+                append(self.pending, data, size)
+            else:
+                self.dst.write(data, size)
         return 0
 
     cdef int violation(self, int code, str reason) except -1:
@@ -830,6 +844,12 @@ cdef class Pipe:
                 return self.violation(PROTOCOL_ERROR, "fragmented control frame") + 1
             if plen > 125:
                 return self.violation(PROTOCOL_ERROR, "control frame payload over 125 bytes") + 1
+            if self.pending is not None:
+                if opcode == 8:
+                    self.release(False)     # the unfinished message is dropped with its close
+                elif PyByteArray_GET_SIZE(self.pending) > CAPTURE_MAX + PENDING_SLACK:
+                    return self.violation(MESSAGE_TOO_BIG, "control frames inside a message over %d bytes"
+                                          % PENDING_SLACK) + 1
         else:
             if opcode == 0:
                 if not self.fragmented:
@@ -844,7 +864,13 @@ cdef class Pipe:
                 return self.violation(MESSAGE_TOO_BIG, "message over %d bytes" % self.max_message) + 1
             self.message_bytes += plen
             self.fragmented = not fin
-            if self.window and opcode != 0:
+            if self.read_whole and opcode != 0:
+                self.meter_state = METER_IDLE
+                if opcode == 1:
+                    self.meter_state = METER_CAPTURE
+                    self.capture = bytearray()
+                    self.pending = bytearray()
+            elif self.window and opcode != 0:
                 self.meter_state = METER_IDLE
                 if opcode == 1 or self.meter_binary:
                     if self.sniff == NULL:
@@ -853,6 +879,12 @@ cdef class Pipe:
                             raise MemoryError()
                     self.meter_state = METER_SNIFF
                 self.nsniff = 0
+            if self.pending is not None and self.message_bytes > CAPTURE_MAX:
+                return self.violation(MESSAGE_TOO_BIG, "text message over %d bytes (read whole to be checked)"
+                                      % CAPTURE_MAX) + 1
+            if self.masked and self.meter_state:
+                memcpy(self.mask, h + hlen - 4, 4)
+                self.mask_phase = 0
         self.message_end = fin and opcode < 8
         self.data_frame = opcode < 8
         if opcode == 8:
@@ -940,9 +972,10 @@ cdef class Pipe:
                     self.nheld = n - pos
                     run = pos = n
                     break
-                if f.opcode == 8:
+                if f.opcode == 8 or (self.read_whole and f.opcode == 1):
                     # Its close handshake may write to dst (our close, to a violator)
-                    # and shut it: what came before it in this read goes first.
+                    # and shut it: what came before it in this read goes first. A
+                    # message read whole is withheld from its first byte.
                     self.emit(p + run, pos - run)
                     run = pos
                 if self.start_frame(p + pos, &f, need):
@@ -972,9 +1005,12 @@ cdef class Pipe:
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1:
         """Payload bytes of a metered message: sniff its start, capture it if marked."""
         cdef Py_ssize_t take
+        cdef Py_ssize_t at
         if self.meter_state == METER_SNIFF:
             take = min(size, self.window - self.nsniff)
             memcpy(self.sniff + self.nsniff, data, take)
+            if self.masked:
+                self.unmask(self.sniff + self.nsniff, take)
             self.nsniff += take
             if self.nsniff < self.window:
                 return 0
@@ -991,8 +1027,19 @@ cdef class Pipe:
             self.meter_state = METER_IDLE      # far larger than any usage event
             self.capture = None
         elif size > 0:
-            self.capture += data[:size]
+            at = PyByteArray_GET_SIZE(self.capture)
+            append(self.capture, data, size)
+            if self.masked:
+                self.unmask(<uint8_t*>PyByteArray_AS_STRING(self.capture) + at, size)
         return 0
+
+    cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept:
+        """Undo the current frame's mask on a copy of its next `size` payload bytes."""
+        cdef Py_ssize_t i
+        cdef uint8_t phase = self.mask_phase
+        for i in range(size):
+            data[i] ^= self.mask[(phase + i) & 3]
+        self.mask_phase = <uint8_t>((phase + size) & 3)
 
     cdef bint marked(self):
         cdef bytes m
@@ -1013,6 +1060,19 @@ cdef class Pipe:
         self.release_sniff()
         if message is not None:
             self.dst.metered(self, message)
+        if self.pending is not None:
+            self.release(True)
+        return 0
+
+    cdef int release(self, bint deliver) except -1:
+        """End withholding the message read whole: its bytes go to dst if `deliver`
+        and dst is still open to them (its judgement may have closed the session)."""
+        cdef bytearray pending = self.pending
+        self.pending = None
+        self.meter_state = METER_IDLE
+        self.capture = None
+        if deliver and self.dst.state < CLOSE_QUEUED:
+            self.dst.write(<uint8_t*>PyByteArray_AS_STRING(pending), PyByteArray_GET_SIZE(pending))
         return 0
 
     cdef void release_sniff(self) noexcept:
@@ -1034,10 +1094,12 @@ cdef class Scanner(Pipe):
     cdef Recorder recorder
 
     def __init__(self, bint masked, uint64_t max_message=1 << 62, bint record=True,
-                 tuple markers=(), bint meter_binary=False, Py_ssize_t sniff_bytes=SNIFF_DEFAULT):
+                 tuple markers=(), bint meter_binary=False, Py_ssize_t sniff_bytes=SNIFF_DEFAULT,
+                 bint read_whole=False):
         self.direction = DISCARDED  # nothing it scans is relayed: out of the process's totals
         self.masked = masked
         self.max_message = max_message
+        self.read_whole = read_whole
         self.recorder = Recorder(record)
         self.src = self.dst = self.recorder
         self.set_metering(markers, meter_binary, sniff_bytes)
@@ -1076,11 +1138,14 @@ cdef class Relay:
     """Two legs and two pipes. `start` hands both transports over; `close` sends the
     sidecar's own close frames; `on_done(relay)` is called once both sockets are gone.
     Provider messages (text, and binary if `meter_binary`) with any of `markers` in
-    their first `sniff_bytes` bytes go to `on_message(relay, bytes)`."""
+    their first `sniff_bytes` bytes go to `on_message(relay, bytes)`. With
+    `on_client_message`, each client text message is read whole and withheld from the
+    provider until `on_client_message(relay, unmasked bytes)` returns: it goes on
+    unless that closed the session."""
 
     def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
                  tuple markers=(), on_message=None, *, bint meter_binary=False,
-                 Py_ssize_t sniff_bytes=SNIFF_DEFAULT):
+                 Py_ssize_t sniff_bytes=SNIFF_DEFAULT, on_client_message=None):
         self.loop = loop
         self.on_done = on_done
         self.close_timeout = close_timeout
@@ -1090,6 +1155,8 @@ cdef class Relay:
         self.u2c = Pipe(U2C, False, max_message)
         self.u2c.set_metering(markers, meter_binary, sniff_bytes)
         self.on_message = on_message
+        self.on_client_message = on_client_message
+        self.c2u.read_whole = on_client_message is not None
         self.c2u.src = self.u2c.dst = self.client
         self.c2u.dst = self.u2c.src = self.upstream
 

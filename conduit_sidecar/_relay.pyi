@@ -94,6 +94,7 @@ class Scanner(Pipe):
         markers: tuple[bytes, ...] = (),
         meter_binary: bool = False,
         sniff_bytes: int = 256,
+        read_whole: bool = False,
     ) -> None: ...
     def feed_bytes(self, data: bytes | bytearray | memoryview) -> None: ...
     @property
@@ -117,6 +118,7 @@ class Relay:
         *,
         meter_binary: bool = False,
         sniff_bytes: int = 256,
+        on_client_message: Callable[[Relay, bytes], object] | None = None,
     ) -> None: ...
     @property
     def client(self) -> Leg: ...

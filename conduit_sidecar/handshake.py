@@ -106,6 +106,9 @@ class Accept(msgspec.Struct, frozen=True):
     # The upstream opens first and its first message reaches the client before the
     # hold (Deepgram's agent: clients may wait for its Welcome before their Settings).
     greeted: bool = False
+    # Later client messages may name models (or hold a key) too: each text message is
+    # read whole and withheld until this has read it (held.later_*).
+    later: Callable[[bytes], tuple[str, ...]] | None = None
 
 
 def _rejected(response: Response, why: Rejection, key: KeyEntry | None = None) -> Close:
@@ -331,14 +334,19 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     template = TEMPLATES.get(route.name)
     greeted = template is not None and template.settings_after_welcome
     # By the route, not the path: Gemini's setup names the model on /v1/realtime/connect too.
+    later: Callable[[bytes], tuple[str, ...]] | None = None
     if template is not None and template.model_in_setup:
         hold = held.setup_model
     elif greeted:
-        hold = held.agent_settings
+        hold, later = held.agent_settings, held.later_agent
     elif kind == "transcription":
         hold = held.transcription_model
+        # Its later models matter only to a key limited to some (nothing holds a key).
+        later = held.later_transcription if entry.allowed_models is not None else None
     elif kind == "live":
-        hold = held.live_models
+        hold, later = held.live_models, held.later_live
+    if kind in ("live_fork", "live_attach"):
+        later = held.later_live
     if hold is None and model is None and entry.allowed_models is not None:
         # Nothing would name the model for allowed_models to be checked against.
         return Close(
@@ -359,6 +367,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         anonymous,
         deployment,
         greeted,
+        later,
     )
 
 

@@ -10,6 +10,10 @@ The message is parsed with websockets' sans-I/O protocol only to find where it e
 and what it says; the relay is then handed the raw bytes exactly as received (still
 masked), so the provider gets the client's frames unchanged. Bounded in size (the
 limits' first_message_bytes) and time (the handshake timeout).
+
+Later messages of some of those sessions can name models too (the next session update,
+Live's delegated backend, the agent's `Update*`) or carry a key: the relay reads each
+of their text messages whole and withholds it until `later_*` here have read it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ __all__ = [
     "Refused",
     "agent_settings",
     "keyless",
+    "later_agent",
+    "later_live",
+    "later_transcription",
     "live_models",
+    "may_name",
     "read_first",
     "read_greeting",
     "setup_model",
@@ -214,14 +222,14 @@ def _fold(name: str) -> str:
     return name.upper().lower()
 
 
-def _walk(value: object, shape: msgspec.inspect.Type) -> None:
+def _walk(value: object, shape: msgspec.inspect.Type, which: str) -> None:
     """Refuse a name in `value` that is one of `shape`'s fields in another case."""
     if isinstance(shape, msgspec.inspect.UnionType):
         for each in shape.types:
-            _walk(value, each)
+            _walk(value, each, which)
     elif isinstance(shape, msgspec.inspect.ListType) and isinstance(value, list):
         for item in value:
-            _walk(item, shape.item_type)
+            _walk(item, shape.item_type, which)
     elif isinstance(shape, msgspec.inspect.StructType) and isinstance(value, dict):
         fields = {_fold(f.encode_name): f for f in shape.fields}
         for name, member in value.items():
@@ -229,9 +237,9 @@ def _walk(value: object, shape: msgspec.inspect.Type) -> None:
             if field is None:
                 continue
             if field.encode_name != name:
-                spelled = f"the first message spells {field.encode_name!r} in another case"
+                spelled = f"{which} spells {field.encode_name!r} in another case"
                 raise Refused(CloseCode.PROTOCOL_ERROR, spelled)
-            _walk(member, field.type)
+            _walk(member, field.type, which)
 
 
 @functools.cache  # 0.2 ms for the Settings' each time
@@ -239,7 +247,10 @@ def _shape(decoder: msgspec.json.Decoder) -> msgspec.inspect.Type:
     return msgspec.inspect.type_info(decoder.type)
 
 
-def _decode(decoder: msgspec.json.Decoder, message: bytes, reason: str):
+_FIRST, _LATER = "the first message", "a later message"
+
+
+def _decode(decoder: msgspec.json.Decoder, message: bytes, reason: str, which: str = _FIRST):
     """`message` as `decoder` reads it, refused (1002, `reason`) when it does not
     decode. Refused too when the provider's parser could read other models than
     msgspec does: a member named twice in any object (msgspec keeps the last, other
@@ -251,8 +262,8 @@ def _decode(decoder: msgspec.json.Decoder, message: bytes, reason: str):
     except (msgspec.DecodeError, RecursionError):  # RecursionError: nested deeper than a parser goes
         raise Refused(CloseCode.PROTOCOL_ERROR, reason) from None
     except _Twice:
-        raise Refused(CloseCode.PROTOCOL_ERROR, "the first message names a member twice") from None
-    _walk(tree, _shape(decoder))
+        raise Refused(CloseCode.PROTOCOL_ERROR, f"{which} names a member twice") from None
+    _walk(tree, _shape(decoder), which)
     return decoded
 
 
@@ -306,10 +317,21 @@ def transcription_model(message: bytes) -> tuple[str, ...]:
     `session.audio.input.transcription.model`, or beta `transcription_session.update`
     with `session.input_audio_transcription.model`. Empty: it names none (another
     event, or an update without a model)."""
-    event = _decode(_client_event, message, "the first message must be a JSON client event")
+    return _transcription(message, _FIRST)
+
+
+def later_transcription(message: bytes) -> tuple[str, ...]:
+    """The transcription model a later message of a transcription session names: as
+    in the first, but in any `session.update` (OpenAI may take one that leaves out the
+    session's type)."""
+    return _transcription(message, _LATER)
+
+
+def _transcription(message: bytes, which: str) -> tuple[str, ...]:
+    event = _decode(_client_event, message, f"{which} must be a JSON client event", which)
     session = event.session or _Session()
     named: _Transcription | None = None
-    if event.type == "session.update" and session.type == "transcription":
+    if event.type == "session.update" and (which is _LATER or session.type == "transcription"):
         named = session.audio.input.transcription if session.audio and session.audio.input else None
     elif event.type == "transcription_session.update":
         named = session.input_audio_transcription
@@ -347,9 +369,21 @@ def live_models(message: bytes) -> tuple[str, ...]:
     `delegation.decisions.model`), which it bills too. Empty: it names none (another
     event; OpenAI refuses it). A virtual key in it (say as a delegated MCP server's
     `authorization`) is refused: it would go to OpenAI and on."""
-    event = _decode(_live_event, message, "the first message must be a JSON client event")
-    keyless(message)
-    session = event.session if event.type == "session.start" else None
+    return _live(message, _FIRST, "session.start")
+
+
+def later_live(message: bytes) -> tuple[str, ...]:
+    """The models a later message of a Live session (or a fork or sideband) names: a
+    `session.update`'s, as `session.start`'s (the Live model cannot change, the
+    delegated backend's can); refused if it holds a virtual key."""
+    return _live(message, _LATER, "session.update")
+
+
+def _live(message: bytes, which: str, naming: str) -> tuple[str, ...]:
+    event = _decode(_live_event, message, f"{which} must be a JSON client event", which)
+    if _holds_key(message):
+        raise Refused(CloseCode.FORBIDDEN, f"a virtual key in {which}")
+    session = event.session if event.type == naming else None
     if session is None:
         return ()
     delegation = session.delegation or _Delegation()
@@ -363,7 +397,7 @@ def live_models(message: bytes) -> tuple[str, ...]:
         if m is not None
     )
     if not all(map(_valid, models)):
-        raise Refused(CloseCode.PROTOCOL_ERROR, "session.start names no valid model")
+        raise Refused(CloseCode.PROTOCOL_ERROR, f"{naming} names no valid model")
     return models
 
 
@@ -393,12 +427,15 @@ _settings = msgspec.json.Decoder(_Settings)
 _ESCAPE = re.compile(rb"\\u00([0-7][0-9a-fA-F])")  # an ASCII character JSON-escaped
 
 
+_KEY = KEY_PREFIX.encode()
+
+
 def _holds_key(message: bytes) -> bool:
     """Whether a message holds a virtual key, as written or escaped (`\\u005f`): the
     provider reads the value the escape stands for. Searched in the bytes, escapes
     undone, not in a parse: the provider's parser may read what msgspec refuses
     (Python's json reads NaN) or keep the first of a member named twice."""
-    return KEY_PREFIX.encode() in _ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), message)
+    return _KEY in _ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), message)
 
 
 def keyless(message: bytes) -> tuple[str, ...]:
@@ -423,16 +460,50 @@ def agent_settings(message: bytes) -> tuple[str, ...]:
     agent = settings.agent
     if isinstance(agent, str):
         return ()
-    stages: list[_Stage] = []
-    for stage in (agent.think, agent.listen, agent.speak):
-        stages.extend(stage if isinstance(stage, list) else [] if stage is None else [stage])
+    return _stage_models((agent.think, agent.listen, agent.speak), "Settings")
+
+
+class _AgentUpdate(msgspec.Struct):
+    type: str
+    think: _Stage | list[_Stage] | None = None  # UpdateThink
+    speak: _Stage | list[_Stage] | None = None  # UpdateSpeak
+    listen: _Stage | None = None  # UpdateListen
+    think_live: _Stage | None = None  # UpdateThink_Live
+
+
+_agent_update = msgspec.json.Decoder(_AgentUpdate)
+
+
+def later_agent(message: bytes) -> tuple[str, ...]:
+    """The models a later message of a Deepgram agent names (`UpdateThink`,
+    `UpdateSpeak`, `UpdateListen`, `UpdateThink_Live`); refused if it holds a virtual
+    key (a think endpoint's, as in `Settings`)."""
+    update = _decode(_agent_update, message, "a later message must be a JSON agent message", _LATER)
+    if _holds_key(message):
+        raise Refused(CloseCode.FORBIDDEN, "a virtual key in a later message")
+    if not update.type.startswith("Update"):
+        return ()
+    return _stage_models((update.think, update.think_live, update.listen, update.speak), update.type)
+
+
+def may_name(message: bytes) -> bool:
+    """Whether a later message could name a model or hold a virtual key at all, as
+    written or escaped. Most (audio appends) cannot, and are not parsed."""
+    return b"\\" in message or _KEY in message or b"model" in message.lower()
+
+
+def _stage_models(stages: tuple[_Stage | list[_Stage] | None, ...], naming: str) -> tuple[str, ...]:
+    """The models the agent's stages name, each fallback's too, in order."""
+    flat: list[_Stage] = []
+    for stage in stages:
+        flat.extend(stage if isinstance(stage, list) else [] if stage is None else [stage])
     models = tuple(
         named
-        for stage in stages
+        for stage in flat
         if stage.provider is not None
         for named in (stage.provider.model, stage.provider.model_id)
         if named is not None
     )
     if not all(map(_valid, models)):
-        raise Refused(CloseCode.PROTOCOL_ERROR, "Settings names no valid model")
+        raise Refused(CloseCode.PROTOCOL_ERROR, f"{naming} names no valid model")
     return models

@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 
-from . import __version__, _relay, ktls, logs
+from . import __version__, _relay, held, ktls, logs
 from .admin import AdminServer
 from .config import Config, split_hostport
 from .governance import Governor
@@ -206,6 +206,38 @@ class Sidecar:
                 "usage not counted",
                 extra={"event": "usage_error", "session_id": info.id, "error": type(exc).__name__},
             )
+
+    def client_message(self, later, relay, message: bytes) -> None:
+        """A later client text message of a session `later` (held.later_*) reads, which
+        the relay withholds from the provider until this returns: a model the key may
+        not use (its current entry), a virtual key, or a message the provider could
+        read otherwise ends the session instead. Nothing may raise into the relay."""
+        if not held.may_name(message):
+            return
+        info: SessionInfo = relay.session
+        code: int
+        try:
+            models = later(message)
+            barred = next((m for m in models if not info.key.allows_model(m)), None)
+            if barred is None:
+                return
+            code, reason = _relay.CloseCode.FORBIDDEN, f"model {barred!r} not allowed for this key"
+        except held.Refused as exc:
+            code, reason = exc.code, str(exc)
+        except Exception:  # a bug of ours: the message is not let through unread
+            log.exception("later message unread", extra={"event": "internal_error", "session_id": info.id})
+            code, reason = _relay.CloseCode.INTERNAL_ERROR, "internal error"
+        log.info(
+            "later message refused",
+            extra={
+                "event": "message_refused",
+                "session_id": info.id,
+                "key_id": info.key_id,
+                "code": code,
+                "reason": reason,
+            },
+        )
+        relay.close(code, reason, _relay.CloseCode.NORMAL, "")
 
     def model_label(self, model: str | None) -> str:
         """Models come from clients: only a bounded number become label values."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import itertools
 import logging
 import ssl
@@ -133,6 +134,7 @@ class Host(Protocol):
     def connected(self, info: SessionInfo, seconds: float) -> None: ...
     def session_ended(self, relay: _relay.Relay) -> None: ...
     def provider_message(self, relay: _relay.Relay, message: bytes) -> None: ...
+    def client_message(self, later, relay: _relay.Relay, message: bytes) -> None: ...
 
 
 _LINGER_SECONDS = 1.0
@@ -594,6 +596,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         host.provider_message,
         meter_binary=bool(metered and metered.binary),
         sniff_bytes=metered.sniff_bytes if metered else 256,
+        on_client_message=functools.partial(host.client_message, decision.later) if decision.later else None,
     )
     relay.session = info
     info.relay = relay

@@ -214,6 +214,47 @@ _THINK = {"provider": {"type": "open_ai", "model": "M"},
 def test_a_settings_the_provider_could_read_otherwise_gets_1002(sidecar, settings, reason):
     assert _refused(sidecar, "agent-voice", settings) == (1002, reason)
 
+def _after_settings(sidecar, key_id: str, later: str) -> list:
+    """Settings the key allows, then `later` and one audio chunk: the agent's messages
+    after SettingsApplied until the audio's answer, UserStartedSpeaking (the
+    `...Updated` an allowed update gets comes first), or the close code and reason."""
+    async def body():
+        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
+                           additional_headers={"Authorization": f"Token {sidecar.keys.plain[key_id]}"}) as ws:
+            await ws.send(_settings())
+            await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "SettingsApplied")
+            await ws.send(later)
+            await ws.send(bytes(3200))
+            try:
+                got = await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "UserStartedSpeaking")
+            except ConnectionClosed as exc:
+                return [exc.rcvd.code, exc.rcvd.reason]
+            return [m["type"] for m in got if isinstance(m, dict)]
+    return run(body())
+
+
+@pytest.mark.parametrize("key_id, later, answer", [
+    ("agent-voice", {"type": "UpdateThink", "think": {"provider": {"type": "open_ai", "model": "gpt-4o"}}},
+     [4003, "model 'gpt-4o' not allowed for this key"]),
+    ("agent-voice", {"type": "UpdateSpeak", "speak": [
+        {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}},
+        {"provider": {"type": "eleven_labs", "model_id": "eleven_turbo_v2_5"}}]},
+     [4003, "model 'eleven_turbo_v2_5' not allowed for this key"]),
+    ("agent-voice", {"type": "UpdateSpeak", "speak": {"provider": {"type": "deepgram", "model": "aura-2-luna-en"}}},
+     ["SpeakUpdated", "UserStartedSpeaking"]),
+    ("good", {"type": "UpdateThink", "think": {**_THINK, "endpoint": {
+        "url": "https://llm.example/v1/chat/completions", "headers": {"authorization": f"Bearer {KEY_PREFIX}x"}}}},
+     [4003, "a virtual key in a later message"]),
+])
+def test_a_later_update_is_checked_as_the_settings_are(sidecar, key_id, later, answer):
+    """Messages after Settings were relayed unread: an `Update*` could name a model the
+    key may not use, or carry a virtual key to Deepgram. The agent's later text
+    messages are now read whole and withheld until read; the refused ones never reach
+    Deepgram (which would answer `...Updated`), an allowed one and the audio go on."""
+    got = _after_settings(sidecar, key_id, json.dumps(later))
+    assert got[:len(answer)] == answer and "ThinkUpdated" not in got
+
+
 
 @pytest.mark.parametrize("first", ['{"type": "KeepAlive"}', "not json", b"\x00\x01pcm",
                                    '{"type": "Settings", "audio": {}}'])

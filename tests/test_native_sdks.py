@@ -557,6 +557,63 @@ def _transcribe(native, key_id: str, model: str | None, seconds: int = 1):
     return run(body())
 
 
+def _transcribe_then_update(native, later: dict):
+    """A transcription session through the openai SDK that names gpt-4o-transcribe,
+    then sends `later` as a second session.update, then audio: the transcript or the
+    close code and reason, and the transcription models of the provider's
+    session.updated echoes (what reached it)."""
+    import base64
+
+    from openai import APIError
+
+    echoed = []
+
+    async def body():
+        try:
+            async with _openai(native, "transcribe-only").realtime.connect(
+                    extra_query={"intent": "transcription"}) as conn:
+                await conn.session.update(session={
+                    "type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}})
+                await conn.session.update(session=later)
+                await conn.input_audio_buffer.append(audio=base64.b64encode(bytes(48000)).decode())
+                await conn.input_audio_buffer.commit()
+                async for event in conn:
+                    if event.type == "session.updated":
+                        echoed.append(event.session.audio.input.transcription.model)
+                    if event.type == "conversation.item.input_audio_transcription.completed":
+                        return event.transcript
+        except (ConnectionClosed, APIError) as exc:
+            rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+            return rcvd.code, rcvd.reason
+    return run(body()), echoed
+
+
+@pytest.mark.parametrize("later,outcome", [
+    ({"audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+     (4003, "model 'whisper-1' not allowed for this key")),
+    # Without the session's type, which OpenAI may take as leaving it unchanged.
+    ({"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+     (4003, "model 'whisper-1' not allowed for this key")),
+    ({"audio": {"input": {"transcription": {"model": "gpt-4o-transcribe", "Model": "whisper-1"}}}},
+     (1002, "a later message spells 'model' in another case")),
+])
+def test_openai_transcription_later_update_is_checked_too(native, later, outcome):
+    """Messages after the held first one were relayed unread: a second session.update
+    switched the session to a model the key may not use. Each later text message of
+    such a session is now read whole and withheld until read: one naming a model the
+    key may not use ends the session and never reaches the provider."""
+    result, echoed = _transcribe_then_update(native, later)
+    assert result == outcome
+    assert "whisper-1" not in echoed and set(echoed) <= {"gpt-4o-transcribe"}
+
+
+def test_openai_transcription_later_update_allowed_goes_on(native):
+    """An allowed later update is relayed (read whole first), and the audio after it."""
+    same = {"type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}
+    assert _transcribe_then_update(native, same) == (
+        "48000 bytes heard by gpt-4o-transcribe", ["gpt-4o-transcribe", "gpt-4o-transcribe"])
+
+
 def test_openai_transcription_session_through_the_sdk(native):
     mark = log_mark(native)
     labels = dict(key_id="transcribe-only", provider="openai", model="gpt-4o-transcribe")

@@ -83,6 +83,44 @@ def test_live_models_are_checked_in_session_start(native):
     assert started.session.model == MODEL
 
 
+def _live_update(native, key_id: str, update: dict):
+    """A Live session through the SDK that sends `update` as a session.update after
+    its session.started, then one second of audio: (the delegated model the
+    session.updated echo names, the next event's type), or the close code and reason."""
+    from openai import APIError
+
+    async def body():
+        try:
+            async with _client(native, native.keys.plain[key_id]).live.connect() as conn:
+                await conn.session.start(session={"model": MODEL})
+                await conn.recv()
+                await conn.session.update(session=update)
+                updated = await conn.recv()
+                await conn.session.input_audio.append(audio=SECOND)
+                return updated.session.delegation.responses.model, (await conn.recv()).type
+        except (ConnectionClosed, APIError) as exc:
+            return _close_of(exc)
+    return run(body())
+
+
+def test_live_later_session_update_is_checked_too(native):
+    """session.update can change the delegated backend's model (and give it tools):
+    it was relayed unread, past allowed_models. Later text messages of a Live session
+    are now read whole and withheld until read: a model the key may not use, or a
+    virtual key, ends the session and never reaches OpenAI; an allowed one goes on,
+    and the audio after it."""
+    def delegated(model, **responses):
+        return {"delegation": {"type": "responses", "responses": {"model": model, **responses}}}
+    assert _live_update(native, "live-only", delegated("gpt-5")) == (
+        4003, "model 'gpt-5' not allowed for this key")
+    allowed = delegated("gpt-live-mini")   # allowed_models: gpt-live-*
+    assert _live_update(native, "live-only", allowed) == ("gpt-live-mini", "session.output_audio.delta")
+    tool = {"type": "mcp", "server_label": "mine", "server_url": "https://mcp.example",
+            "authorization": native.keys.plain["good"]}
+    assert _live_update(native, "good", delegated("gpt-5", tools=[tool])) == (
+        4003, "a virtual key in a later message")
+
+
 def test_live_wrong_key_gets_4001(native):
     from openai import APIError
 

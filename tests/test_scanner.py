@@ -52,6 +52,45 @@ def test_byte_by_byte():
     assert s.output == data and s.frame_boundaries == ends
 
 
+def test_read_whole_withholds_each_text_message_until_it_ends():
+    """A session whose later messages are checked: each client text message is captured
+    unmasked, and its bytes (with the control frames between its fragments) go out only
+    once it has ended and been handed over, at every split point; a binary message
+    passes as it comes."""
+    text = "é model".encode() * 5000
+    frames = [frame(2, b"audio", True), frame(1, text[:300], True, fin=False), frame(9, b"ping", True),
+              frame(0, text[300:], True), frame(1, b"{}", True)]
+    data = b"".join(frames)
+    binary, end = len(frames[0]), len(data) - len(frames[-1])
+    for i in [i for i in range(len(data) + 1) if i < 400 or i > end - 50 or i % 499 == 0]:
+        s = Scanner(True, read_whole=True)
+        s.feed_bytes(data[:i])
+        if i >= binary:     # (a split frame header is held until it is whole)
+            assert s.output == (data[:binary] if i < end else data[:end] if i < len(data) else data), i
+        s.feed_bytes(data[i:])
+        assert (s.output, s.metered, s.verdict_code) == (data, [text, b"{}"], 0), i
+
+
+def test_read_whole_drops_an_unfinished_message_at_its_close():
+    s = Scanner(True, read_whole=True)
+    close = frame(8, Close(1000, "").serialize(), True)
+    s.feed_bytes(frame(1, b"never ends", True, fin=False) + frame(9, b"", True) + close)
+    assert (s.output, s.metered) == (close, [])
+
+
+def test_read_whole_is_bounded():
+    """A text message read whole is at most 4 MiB (1009 at its header, none of it
+    sent), and so are the control frames withheld between its fragments."""
+    s = Scanner(True, read_whole=True)
+    s.feed_bytes(b"\x81\xff" + (4 * 1024 * 1024 + 1).to_bytes(8, "big") + b"mask")
+    assert (s.verdict_code, s.verdict_reason, s.output) == (
+        1009, "text message over 4194304 bytes (read whole to be checked)", b"")
+    s = Scanner(True, read_whole=True)
+    s.feed_bytes(frame(1, b"x", True, fin=False) + frame(9, bytes(125), True) * 34000)
+    assert (s.verdict_code, s.verdict_reason, s.output) == (
+        1009, "control frames inside a message over 65536 bytes", b"")
+
+
 def test_frames_after_a_close_are_dropped():
     data, _ = stream(False)
     s = Scanner(False)

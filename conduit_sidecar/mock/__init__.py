@@ -260,6 +260,9 @@ async def _live(ws: ServerConnection, started: bool) -> None:
         elif not started:
             error = {"type": "invalid_request_error", "code": "session_not_started", "message": "no session"}
             await ws.send(_event("error", error=error))
+        elif kind == "session.update":
+            session.update(event.get("session") or {})
+            await ws.send(_event("session.updated", session=session))
         elif kind == "session.input_audio.append":
             audio = event.get("audio", "")
             audio_in += len(base64.b64decode(audio, validate=False))
