@@ -1379,3 +1379,22 @@ def totals():
             tuple(g_wire[d] for d in range(2)),
             tuple(g_hist[i] for i in range(HIST_BUCKETS + 1)),
             g_hist_sum_ns / 1e9)
+
+
+cdef extern from *:
+    """
+    #ifdef __GLIBC__
+    #include <malloc.h>
+    #define conduit_malloc_trim() malloc_trim(0)
+    #else
+    #define conduit_malloc_trim() 0
+    #endif
+    """
+    int conduit_malloc_trim()
+
+
+def malloc_trim():
+    """glibc's `malloc_trim(0)` (for conduit_sidecar.trim; here rather than through
+    ctypes, whose import costs the process 0.2 MiB): 1 if memory was given back.
+    Elsewhere (musl, macOS) there is no such call and this returns 0."""
+    return conduit_malloc_trim()

@@ -9,7 +9,7 @@ the heap. Elsewhere (musl, macOS) there is no such call and this does nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from . import _relay
 
 __all__ = ["Trimmer"]
 
@@ -21,13 +21,12 @@ class Trimmer:
     `drop` at a time). `trim()` also after start-up, whose temporary objects leave
     free heap behind."""
 
-    __slots__ = ("drop", "peak", "last", "falling", "_trim")
+    __slots__ = ("drop", "peak", "last", "falling")
 
     def __init__(self, drop: int = 256):
         self.drop = drop
         self.peak = self.last = 0
         self.falling = False  # a fall of `drop` or more is under way
-        self._trim: Callable[[], object] | None = None
 
     def grew(self, live: int) -> None:
         if live > self.peak:
@@ -46,17 +45,4 @@ class Trimmer:
         return True
 
     def trim(self) -> None:
-        if self._trim is None:
-            self._trim = _malloc_trim()
-        self._trim()
-
-
-def _malloc_trim() -> Callable[[], object]:
-    import ctypes  # only once there is something to give back
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
+        _relay.malloc_trim()
