@@ -1035,10 +1035,22 @@ cdef class Pipe:
 
     cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept:
         """Undo the current frame's mask on a copy of its next `size` payload bytes."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i = 0
         cdef uint8_t phase = self.mask_phase
-        for i in range(size):
-            data[i] ^= self.mask[(phase + i) & 3]
+        cdef uint8_t key[8]
+        cdef uint64_t word, k8
+        for i in range(8):
+            key[i] = self.mask[(phase + i) & 3]
+        memcpy(&k8, key, 8)
+        i = 0
+        while i + 8 <= size:            # eight bytes at a time: the key repeats every four
+            memcpy(&word, data + i, 8)
+            word ^= k8
+            memcpy(data + i, &word, 8)
+            i += 8
+        while i < size:
+            data[i] ^= key[i & 7]
+            i += 1
         self.mask_phase = <uint8_t>((phase + size) & 3)
 
     cdef bint marked(self):

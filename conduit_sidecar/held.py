@@ -487,9 +487,18 @@ def later_agent(message: bytes) -> tuple[str, ...]:
 
 
 def may_name(message: bytes) -> bool:
-    """Whether a later message could name a model or hold a virtual key at all, as
-    written or escaped. Most (audio appends) cannot, and are not parsed."""
-    return b"\\" in message or _KEY in message or b"model" in message.lower()
+    """Whether a later message could name a model or hold a virtual key at all. Most
+    (audio appends) cannot, and are not parsed. An escape could spell anything;
+    without one, a member named model (or model_id), in any case, is written as a
+    quote and those five letters."""
+    if b"\\" in message or _KEY in message:
+        return True
+    at = message.find(b'"')
+    while at >= 0:
+        if message[at + 1 : at + 6].lower() == b"model":
+            return True
+        at = message.find(b'"', at + 1)
+    return False
 
 
 def _stage_models(stages: tuple[_Stage | list[_Stage] | None, ...], naming: str) -> tuple[str, ...]:

@@ -417,6 +417,18 @@ def test_a_transcription_update_read_otherwise_elsewhere_gets_1002(message, reas
     assert (exc.value.code, str(exc.value)) == (1002, reason)
 
 
+
+@pytest.mark.parametrize("message, read", [
+    (b'{"type":"input_audio_buffer.append","audio":"bW9kZWwgTW9kZWw="}', False),  # "model Model" in base64
+    (b'{"type":"session.update","session":{"instructions":"the model"}}', False),
+    (b'{"type":"session.update","session":{"audio":{"input":{"transcription":{"model":"x"}}}}}', True),
+    (b'{"type":"UpdateSpeak","speak":{"provider":{"MODEL_ID":"x"}}}', True),
+    (b'{"type":"x","mod\\u0065l":"y"}', True),                   # an escape could spell it
+    (b'{"type":"x","authorization":"Bearer condt_abc"}', True),
+])
+def test_a_later_message_is_read_when_it_could_name_a_model_or_hold_a_key(message, read):
+    assert held.may_name(message) is read
+
 def test_a_public_agent_is_its_keys_without_the_provider_secret():
     owner = KeyEntry("owner", hash_key(KEY), public_agents=["agent_pub"], allowed_providers=["elevenlabs"])
     state = openai_admission(owner)
