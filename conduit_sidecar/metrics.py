@@ -83,7 +83,7 @@ class Metrics:
         )
         self.upstream_attempts = Counter(
             "conduit_upstream_attempts",
-            "Upstream connect attempts by deployment and outcome.",
+            "Upstream connect attempts (and ElevenLabs signed-URL fetches) by deployment and outcome.",
             ["provider", "deployment", "outcome"],
             registry=r,
         )

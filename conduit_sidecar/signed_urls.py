@@ -16,6 +16,7 @@ import datetime as dt
 import http
 import http.client
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +32,7 @@ from .config import Limits
 from .handshake import admit, key_misplaced, refuse
 from .keys import KeySet, Rejection
 from .routing import Route, RouteError, Router, Upstream
-from .upstream import Balancer, shares
+from .upstream import Balancer, _Failed, _refused, shares
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
@@ -167,26 +168,28 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             # deployments' template fields unresolved).
             upstream = host.router.upstream(h.target, agent)
         except RouteError as exc:
-            if exc.code != CloseCode.INTERNAL_ERROR or len(ready) == 1:
+            if exc.code != CloseCode.INTERNAL_ERROR:
                 return _json(_STATUS.get(exc.code, 500), {"detail": str(exc)})
+            host.balancer.misconfigured(h, exc)
+            if len(ready) == 1:
+                return _json(500, {"detail": str(exc)})
             # This deployment's configuration fault (its secret missing): the next one
             # may sign, as a session's connect goes on to it.
             notes.append(f"{h.name} {exc}")
             continue
         probe = h.begin()
         try:
-            signed, failover, auth = await _sign(upstream, agent, passed, share)
+            signed = await _sign(upstream, agent, passed, share, host.balancer.max_rest)
         except BaseException:  # the client left (cancelled): no verdict
             h.abandoned(probe)
             raise
-        if isinstance(signed, str):
-            notes.append(f"{h.name} {signed}")
-            if failover:
-                h.failed(time.monotonic(), at_once=auth, probe=probe)
+        if isinstance(signed, _Failed):
+            host.balancer.failed(h, signed, probe)
+            notes.append(f"{h.name} {signed.short}")
+            if signed.failover:
                 continue
-            h.abandoned(probe)
             break
-        h.succeeded()
+        host.balancer.succeeded(h)
         h.release()  # a call, not a session: nothing stays live on it
         signature = urllib.parse.parse_qs(signed.query)["conversation_signature"][0]
         host.signed_urls.remember(signature, entry.sha256, h.target.label)
@@ -201,11 +204,10 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
 
 
 async def _sign(
-    upstream: Upstream, agent: str, passed: list[tuple[str, str]], timeout: float
-) -> tuple[_Split | str, bool, bool]:
-    """One deployment's signed URL (split), or what went wrong; then whether to try the
-    next deployment (yes but for an HTTP refusal of the request itself, e.g. 404), and
-    whether the provider refused our credentials (401/403: the deployment rests at once)."""
+    upstream: Upstream, agent: str, passed: list[tuple[str, str]], timeout: float, max_rest: float
+) -> _Split | _Failed:
+    """One deployment's signed URL (split), or what went wrong, classified as a
+    session's connect attempt is (its `short` the words of the call's answer)."""
     uri = upstream.uri
     path = uri.resource_name.partition("?")[0]
     rest = (
@@ -221,13 +223,29 @@ async def _sign(
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
     except urllib.error.HTTPError as exc:
-        auth = exc.code in (401, 403)
-        return f"refused: HTTP {exc.code}", auth or exc.code == 429 or exc.code >= 500, auth
+        refused = _refused(exc.code, exc.headers.get_all("Retry-After") or [], max_rest)
+        return _Failed(
+            refused.outcome,
+            f"signed-URL fetch refused: HTTP {exc.code}",
+            f"refused: HTTP {exc.code}",
+            refused.failover,
+            refused.rest,
+        )
     # http.client's HTTPException: an answer that is not HTTP (bad status line, a line
     # too long, a body cut short), a provider fault like any unreadable answer.
     except (OSError, ValueError, msgspec.DecodeError, http.client.HTTPException) as exc:
-        words = "timed out" if isinstance(exc, TimeoutError) else "unreachable or invalid answer"
-        return words, True, False
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc  # what urllib wraps
+        if isinstance(reason, TimeoutError):
+            return _Failed("timeout", "signed-URL fetch timed out", "timed out")
+        if isinstance(reason, ssl.SSLError):
+            outcome = "tls"
+        elif isinstance(reason, OSError) and not isinstance(reason, http.client.HTTPException):
+            outcome = "tcp"
+        else:  # not HTTP, cut short (RemoteDisconnected too), too large, or not the JSON
+            outcome = "invalid"
+        # Fixed words: an exception's text may quote the provider's answer.
+        return _Failed(outcome, f"signed-URL fetch failed ({outcome})", "unreachable or invalid answer")
     if not urllib.parse.parse_qs(signed.query).get("conversation_signature", [""])[0]:
-        return "gave a signed URL without a signature", True, False
-    return signed, True, False
+        words = "gave a signed URL without a signature"
+        return _Failed("invalid", f"signed-URL fetch {words}", words)
+    return signed

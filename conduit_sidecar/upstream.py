@@ -222,7 +222,7 @@ async def _attempt(
         subprotocol = prepared.check(key, response)
     except InvalidStatus:
         _drop(transport)
-        raise _refused(response, max_rest) from None
+        raise _refused(response.status_code, response.headers.get_all("Retry-After"), max_rest) from None
     except InvalidHandshake as exc:
         _drop(transport)
         raise _Failed("invalid", f"upstream handshake invalid: {what(exc)}", "bad handshake") from None
@@ -234,14 +234,17 @@ async def _attempt(
     return transport, subprotocol, early
 
 
-def _refused(response: Response, max_rest: float) -> _Failed:
-    status = response.status_code
+def _refused(status: int, retry_after: list[str], max_rest: float) -> _Failed:
+    """An HTTP refusal (a session's upgrade or a signed-URL fetch) with the values of
+    its Retry-After headers."""
     message, short = f"upstream refused: HTTP {status}", f"HTTP {status}"
     if status == 429:
-        # One Retry-After or none: a repeated one is ignored (Headers.get raises on it).
-        values = response.headers.get_all("Retry-After")
+        # One Retry-After or none: a repeated one is ignored.
         return _Failed(
-            "http_429", message, short, rest=_retry_after(values[0] if len(values) == 1 else None, max_rest)
+            "http_429",
+            message,
+            short,
+            rest=_retry_after(retry_after[0] if len(retry_after) == 1 else None, max_rest),
         )
     if status >= 500:
         return _Failed("http_5xx", message, short)
@@ -433,16 +436,7 @@ class Balancer:
                 h.abandoned(probe)
                 if exc.code != CloseCode.INTERNAL_ERROR:  # the request's own fault (a bad model)
                     raise
-                log.error(
-                    f"{exc}: a configuration fault",  # fixed texts: no secret in them
-                    extra={
-                        "event": "upstream_attempt",
-                        "provider": h.target.provider,
-                        "deployment": h.target.label,
-                        "outcome": "config",
-                    },
-                )
-                self._count(h, "config")
+                self.misconfigured(h, exc)
                 errors.append(exc)
                 notes.append(f"{h.name} {exc}")
                 continue
@@ -451,28 +445,7 @@ class Balancer:
                     # Refused without the secret (an agent listed as public that is
                     # not): the request's fault, not the deployment's.
                     exc.failover = False
-                if not exc.failover:
-                    h.abandoned(probe)
-                else:
-                    h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth", probe=probe)
-                self._count(h, exc.outcome)
-                extra = {
-                    "event": "upstream_attempt",
-                    "provider": h.target.provider,
-                    "deployment": h.target.label,
-                    "outcome": exc.outcome,
-                    "error": str(exc),
-                    "resting_seconds": round(h.resting_until - time.monotonic(), 3)
-                    if h.resting_until is not None
-                    else None,
-                }
-                if exc.outcome == "http_auth" and exc.failover:
-                    log.error(
-                        "upstream refused the provider credentials: a configuration fault; deployment rests",
-                        extra=extra,
-                    )
-                else:
-                    log.warning("upstream attempt failed", extra=extra)
+                self.failed(h, exc, probe)
                 errors.append(exc)
                 notes.append(f"{h.name} {exc.short}")
                 if not exc.failover:
@@ -481,8 +454,7 @@ class Balancer:
             except BaseException:  # the client left (cancelled), or a bug of ours
                 h.abandoned(probe)  # no verdict on the deployment; a probe is let go
                 raise
-            h.succeeded()
-            self._count(h, "ok")
+            self.succeeded(h)
             if isinstance(result[0], tlsleg.TLSStream) and result[0].sslobj.session_reused:
                 self.metrics.child(self.metrics.upstream_tls_resumed, h.target.provider, h.target.label).inc()
             return (*result, h)
@@ -516,6 +488,50 @@ class Balancer:
                 del self.requests[next(iter(self.requests))]  # the oldest
             request = self.requests[shape] = _Request(upstream, offer)
         return request
+
+    def succeeded(self, h: Health) -> None:
+        """An attempt on `h` succeeded: a session's connect, or ElevenLabs' signed-URL
+        fetch (signed_urls.py), which reports its attempts here as a connect does."""
+        h.succeeded()
+        self._count(h, "ok")
+
+    def failed(self, h: Health, exc: _Failed, probe: bool) -> None:
+        """An attempt on `h` failed: its verdict on the deployment, counted and logged."""
+        if not exc.failover:
+            h.abandoned(probe)
+        else:
+            h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth", probe=probe)
+        self._count(h, exc.outcome)
+        extra = {
+            "event": "upstream_attempt",
+            "provider": h.target.provider,
+            "deployment": h.target.label,
+            "outcome": exc.outcome,
+            "error": str(exc),
+            "resting_seconds": round(h.resting_until - time.monotonic(), 3)
+            if h.resting_until is not None
+            else None,
+        }
+        if exc.outcome == "http_auth" and exc.failover:
+            log.error(
+                "upstream refused the provider credentials: a configuration fault; deployment rests",
+                extra=extra,
+            )
+        else:
+            log.warning("upstream attempt failed", extra=extra)
+
+    def misconfigured(self, h: Health, exc: RouteError) -> None:
+        """The deployment's own configuration fault (its secret or CA file missing)."""
+        log.error(
+            f"{exc}: a configuration fault",  # fixed texts: no secret in them
+            extra={
+                "event": "upstream_attempt",
+                "provider": h.target.provider,
+                "deployment": h.target.label,
+                "outcome": "config",
+            },
+        )
+        self._count(h, "config")
 
     def _count(self, h: Health, outcome: str) -> None:
         self.metrics.child(self.metrics.upstream_attempts, h.target.provider, h.target.label, outcome).inc()

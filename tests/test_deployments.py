@@ -791,14 +791,17 @@ def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
     assert (rcvd.code, rcvd.reason) == (4001, "key revoked")
 
 
-@pytest.mark.parametrize("status, moves_on", [("503 Service Unavailable", True),
-                                               ("401 Unauthorized", True),
-                                               ("garbage", True),
-                                               ("404 Not Found", False)])
-def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status, moves_on):
+@pytest.mark.parametrize("status, moves_on, outcome", [("503 Service Unavailable", True, "http_5xx"),
+                                                        ("401 Unauthorized", True, "http_auth"),
+                                                        ("garbage", True, "invalid"),
+                                                        ("404 Not Found", False, "http_other")])
+def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status, moves_on, outcome):
     """A 5xx or 401 from the first deployment, or an answer that is not HTTP (a status
     line "HTTP/1.1 garbage"): the next one signs. Any other 4xx is the request's own
-    fault (an unknown agent): the fetch stops there, with its status."""
+    fault (an unknown agent): the fetch stops there, with its status. Each attempt is
+    in conduit_upstream_attempts_total and the failed one in an upstream_attempt line,
+    as a session's connect attempts are (they were not: a deployment could rest with
+    no failure counted or logged)."""
     first, second = Refusing(status), free_port()
     sidecar = sidecar_with(workdir, _elevenlabs(first.port, second))
 
@@ -808,10 +811,17 @@ def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status
     try:
         (code, answer), asked_first, signed_by_second = run(body())
         counted = total(sidecar, f'conduit_signed_urls_total{{status="{code}"}}')
+        attempts = {d: metric(sidecar, "conduit_upstream_attempts_total", deployment=d,
+                              outcome=o, provider="elevenlabs") for d, o in (("a", outcome), ("b", "ok"))}
     finally:
         sidecar.stop()
     assert asked_first == 1
     assert counted == 1
+    assert attempts == {"a": 1, "b": 1 if moves_on else None}
+    logged, = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert (logged["deployment"], logged["outcome"]) == ("a", outcome)
+    assert logged["level"] == ("error" if outcome == "http_auth" else "warning")
+    assert PROVIDER_SECRET not in sidecar.output()
     if moves_on:
         assert code == 200 and signed_by_second == 1, answer
     else:
@@ -832,9 +842,13 @@ def test_the_signed_url_fetch_moves_on_past_a_deployment_without_its_secret(work
             return await _signed_url(sidecar), len(b.issued)
     try:
         (code, answer), signed_by_second = run(body())
+        config = metric(sidecar, "conduit_upstream_attempts_total", deployment="a", outcome="config",
+                        provider="elevenlabs")
     finally:
         sidecar.stop()
     assert (code, signed_by_second) == (200, 1), answer
+    assert config == 1                  # counted and logged as a session's connect does
+    assert any(line.get("outcome") == "config" and line["level"] == "error" for line in sidecar.log_lines())
 
 
 def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
@@ -853,10 +867,17 @@ def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
     try:
         codes, asked_first, signed_by_second = run(body())
         healthy = metric(sidecar, "conduit_deployment_healthy", deployment="a", provider="elevenlabs")
+        failed = metric(sidecar, "conduit_upstream_attempts_total", deployment="a", outcome="http_5xx",
+                        provider="elevenlabs")
     finally:
         sidecar.stop()
     assert codes == [200] * 4 and signed_by_second == 4
     assert asked_first == 2 and healthy == 0
+    # The failures that rested it are counted and logged (they were neither).
+    assert failed == 2
+    logged = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert [(line["deployment"], line["outcome"]) for line in logged] == [("a", "http_5xx")] * 2
+    assert logged[-1]["resting_seconds"] > 0
 
 
 def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
