@@ -3,7 +3,7 @@ failover over a route's deployments, all before the client is answered.
 
 Candidates are the route's deployments in selection order (weighted random, or
 fewest live sessions), then those of the providers a model route lists after it.
-A deployment that refuses (HTTP 429, 5xx, 401/403), fails TCP or TLS, or times out
+A deployment that refuses (HTTP 429, 5xx, 401, 403), fails TCP or TLS, or times out
 is skipped for the next, inside one `upstream_connect_timeout_seconds`: each attempt
 may use the remaining time divided by the candidates left, so a deployment that
 never answers costs its share, not the whole budget, and time one attempt did not
@@ -13,8 +13,10 @@ end the search. Nothing here runs after the client's 101.
 Each deployment has a circuit breaker (state per sidecar): `failures` connects in a
 row rest it for a cool-down, after which one probe session may try it; a failed
 probe doubles the cool-down (capped), a good one closes the circuit. HTTP 429 with
-`Retry-After` rests it for that long; 401/403 is a configuration fault, logged as
-an error, and rests it at once.
+`Retry-After` rests it for that long; 401 (our credential refused) is a configuration
+fault, logged as an error, and rests it at once. A 403 gives no verdict: providers
+answer it for what the request asked (a model the project may not use), so counting
+it would let any key holder rest a deployment that serves everyone else.
 """
 
 from __future__ import annotations
@@ -248,8 +250,10 @@ def _refused(status: int, retry_after: list[str], max_rest: float) -> _Failed:
         )
     if status >= 500:
         return _Failed("http_5xx", message, short)
-    if status in (401, 403):
+    if status == 401:
         return _Failed("http_auth", message, short)
+    if status == 403:  # another deployment (project, account) may have what was asked
+        return _Failed("http_403", message, short)
     return _Failed("http_other", message, short, failover=False)
 
 
@@ -441,7 +445,7 @@ class Balancer:
                 notes.append(f"{h.name} {exc}")
                 continue
             except _Failed as exc:
-                if decision.anonymous and exc.outcome == "http_auth":
+                if decision.anonymous and exc.outcome in ("http_auth", "http_403"):
                     # Refused without the secret (an agent listed as public that is
                     # not): the request's fault, not the deployment's.
                     exc.failover = False
@@ -497,7 +501,7 @@ class Balancer:
 
     def failed(self, h: Health, exc: _Failed, probe: bool) -> None:
         """An attempt on `h` failed: its verdict on the deployment, counted and logged."""
-        if not exc.failover:
+        if not exc.failover or exc.outcome == "http_403":  # 403: may be the request's fault
             h.abandoned(probe)
         else:
             h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth", probe=probe)

@@ -86,6 +86,30 @@ class Refusing:
         self.server.close()
 
 
+class Choosy(Named):
+    """Serves every model but one its project may not use, which it answers with 403
+    (Deepgram's INSUFFICIENT_PERMISSIONS, OpenAI's realtime model without access)."""
+
+    def __init__(self, name: str, forbidden: str = "forbidden"):
+        super().__init__(name)
+        self.forbidden, self.refused = forbidden, 0
+
+    async def __aenter__(self):
+        async def choose(connection, request):
+            if f"model={self.forbidden}" in request.path:
+                self.refused += 1
+                return connection.respond(403, "project does not have access to the requested model\n")
+            self.handshakes += 1
+
+        async def handler(ws):
+            await ws.send(json.dumps({"type": "session.created", "deployment": self.name}))
+            async for message in ws:
+                await ws.send(message)
+        self.server = await serve(handler, "127.0.0.1", self.port, process_request=choose,
+                                  compression=None)
+        return self
+
+
 class Blackhole(Refusing):
     """Accepts TCP, never answers."""
 
@@ -311,6 +335,44 @@ def test_failover_to_the_next_deployment(workdir, kind, outcome):
         assert later == 2           # after the Retry-After: one probe
     elif kind != "badcert":
         assert tried == 2           # one failure is not a circuit
+
+
+def test_403s_a_client_asks_for_rest_no_deployment_a_401_rests_at_once(workdir):
+    """Providers answer 403 for what the request asks (a model the project may not
+    use), not only for our credential. A key holder asking for such a model, session
+    after session, rested every deployment of the provider at once (403 counted as a
+    configuration fault), so every other app got 1014 `... resting`. A 403 now goes on
+    to the next deployment, which may have access, and gives no verdict: the others are
+    served as before. A 401 (the credential refused) still rests its deployment at
+    once, logged at error level."""
+    bad = Refusing("401 Unauthorized")
+    a, b = Choosy("a"), Choosy("b")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "bad"\n{ws_url(bad.port)}', *(f'name = "{s.name}"\nurl = "ws://127.0.0.1:{s.port}/?model={{model}}"' for s in (a, b))),
+        extra="[circuit]\nfailures = 2\ncooldown_seconds = 60\n")
+
+    async def body():
+        async with bad, a, b:
+            refused = [await close_of(sidecar, model="forbidden") for _ in range(4)]
+            served = [await served_by(sidecar) for _ in range(2)]
+            return refused, served, bad.requests, a.refused, b.refused
+    try:
+        refused, served, asked_bad, refused_a, refused_b = run(body())
+        healthy = {d: metric(sidecar, "conduit_deployment_healthy", deployment=d, provider="p")
+                   for d in ("bad", "a", "b")}
+        forbidden = metric(sidecar, "conduit_upstream_attempts_total", deployment="a",
+                           outcome="http_403", provider="p")
+    finally:
+        sidecar.stop()
+    assert refused[0] == (1014, "upstream failed: p/bad HTTP 401; p/a HTTP 403; p/b HTTP 403")
+    assert refused[1:] == [(1014, "upstream failed: p/a HTTP 403; p/b HTTP 403; p/bad resting")] * 3
+    assert served == ["a", "a"]           # without: 1014 "... p/a resting; p/b resting"
+    assert (asked_bad, refused_a, refused_b) == (1, 4, 4)
+    assert healthy == {"bad": 0, "a": 1, "b": 1}
+    assert forbidden == 4
+    attempts = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert {(x["deployment"], x["outcome"], x["level"]) for x in attempts} == {
+        ("bad", "http_auth", "error"), ("a", "http_403", "warning"), ("b", "http_403", "warning")}
 
 
 def test_a_429_with_two_retry_after_headers_fails_over(workdir):
@@ -793,12 +855,14 @@ def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
 
 @pytest.mark.parametrize("status, moves_on, outcome", [("503 Service Unavailable", True, "http_5xx"),
                                                         ("401 Unauthorized", True, "http_auth"),
+                                                        ("403 Forbidden", True, "http_403"),
                                                         ("garbage", True, "invalid"),
                                                         ("404 Not Found", False, "http_other")])
 def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status, moves_on, outcome):
-    """A 5xx or 401 from the first deployment, or an answer that is not HTTP (a status
-    line "HTTP/1.1 garbage"): the next one signs. Any other 4xx is the request's own
-    fault (an unknown agent): the fetch stops there, with its status. Each attempt is
+    """A 5xx, 401 or 403 from the first deployment, or an answer that is not HTTP (a
+    status line "HTTP/1.1 garbage"): the next one signs. Any other 4xx is the request's
+    own fault (an unknown agent): the fetch stops there, with its status. Only the 401
+    rests the first one at once (a 403 may answer the agent asked for). Each attempt is
     in conduit_upstream_attempts_total and the failed one in an upstream_attempt line,
     as a session's connect attempts are (they were not: a deployment could rest with
     no failure counted or logged)."""
@@ -813,10 +877,12 @@ def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status
         counted = total(sidecar, f'conduit_signed_urls_total{{status="{code}"}}')
         attempts = {d: metric(sidecar, "conduit_upstream_attempts_total", deployment=d,
                               outcome=o, provider="elevenlabs") for d, o in (("a", outcome), ("b", "ok"))}
+        healthy = metric(sidecar, "conduit_deployment_healthy", deployment="a", provider="elevenlabs")
     finally:
         sidecar.stop()
     assert asked_first == 1
     assert counted == 1
+    assert healthy == (0 if outcome == "http_auth" else 1)
     assert attempts == {"a": 1, "b": 1 if moves_on else None}
     logged, = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
     assert (logged["deployment"], logged["outcome"]) == ("a", outcome)
