@@ -844,13 +844,15 @@ cdef class Pipe:
                 return self.violation(PROTOCOL_ERROR, "fragmented control frame") + 1
             if plen > 125:
                 return self.violation(PROTOCOL_ERROR, "control frame payload over 125 bytes") + 1
-            if self.pending is not None:
-                if opcode == 8:
-                    self.release(False)     # the unfinished message is dropped with its close
-                elif PyByteArray_GET_SIZE(self.pending) > CAPTURE_MAX + PENDING_SLACK:
-                    return self.violation(MESSAGE_TOO_BIG, "control frames inside a message over %d bytes"
-                                          % PENDING_SLACK) + 1
-        else:
+            if opcode == 8 and self.pending is not None:
+                self.release(False)         # the unfinished message is dropped with its close
+        if (self.pending is not None
+                and PyByteArray_GET_SIZE(self.pending) - <Py_ssize_t>self.message_bytes > PENDING_SLACK):
+            # What is withheld besides the message's payload: its fragments' headers (an
+            # empty continuation frame adds 6 bytes and no payload) and control frames.
+            return self.violation(MESSAGE_TOO_BIG, "control frames and fragment headers inside a message"
+                                  " over %d bytes" % PENDING_SLACK) + 1
+        if opcode < 8:
             if opcode == 0:
                 if not self.fragmented:
                     return self.violation(PROTOCOL_ERROR,
@@ -972,10 +974,11 @@ cdef class Pipe:
                     self.nheld = n - pos
                     run = pos = n
                     break
-                if f.opcode == 8 or (self.read_whole and f.opcode == 1):
+                if f.opcode == 8 or self.pending is not None or (self.read_whole and f.opcode == 1):
                     # Its close handshake may write to dst (our close, to a violator)
                     # and shut it: what came before it in this read goes first. A
-                    # message read whole is withheld from its first byte.
+                    # message read whole is withheld from its first byte, and what is
+                    # withheld is whole at each of its frames (start_frame bounds it).
                     self.emit(p + run, pos - run)
                     run = pos
                 if self.start_frame(p + pos, &f, need):

@@ -12,6 +12,7 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from conduit_sidecar import held
 from conduit_sidecar.config import Config, Provider
@@ -253,6 +254,31 @@ def test_a_later_update_is_checked_as_the_settings_are(sidecar, key_id, later, a
     Deepgram (which would answer `...Updated`), an allowed one and the audio go on."""
     got = _after_settings(sidecar, key_id, json.dumps(later))
     assert got[:len(answer)] == answer and "ThinkUpdated" not in got
+
+
+def test_a_message_read_whole_is_bounded_in_its_fragments_headers_too(sidecar):
+    """A later text message is withheld whole: its empty continuation frames (6 bytes
+    of header each, no payload) were withheld without bound, past the 4 MiB a message
+    may hold. Its fragments' headers and control frames now count toward the 64 KiB
+    allowed besides its payload: 1009, and none of it reaches Deepgram."""
+    def fragment(opcode: int, payload: bytes, fin: bool) -> bytes:
+        return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=True)
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
+                           additional_headers={"Authorization": f"Token {sidecar.keys.plain['agent-voice']}"}) as ws:
+            await ws.send(_settings())
+            await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "SettingsApplied")
+            ws.transport.write(fragment(1, b'{"type": "KeepAlive"', False)
+                               + fragment(0, b"", False) * 20000 + fragment(0, b"}", True))
+            await ws.send(bytes(3200))
+            try:
+                got = await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "UserStartedSpeaking")
+            except ConnectionClosed as exc:
+                return [exc.rcvd.code, exc.rcvd.reason]
+            return [m["type"] for m in got if isinstance(m, dict)]
+    assert run(body()) == [
+        1009, "client: control frames and fragment headers inside a message over 65536 bytes"]
 
 
 

@@ -80,15 +80,20 @@ def test_read_whole_drops_an_unfinished_message_at_its_close():
 
 def test_read_whole_is_bounded():
     """A text message read whole is at most 4 MiB (1009 at its header, none of it
-    sent), and so are the control frames withheld between its fragments."""
+    sent), and what is withheld besides its payload at most 64 KiB."""
     s = Scanner(True, read_whole=True)
     s.feed_bytes(b"\x81\xff" + (4 * 1024 * 1024 + 1).to_bytes(8, "big") + b"mask")
     assert (s.verdict_code, s.verdict_reason, s.output) == (
         1009, "text message over 4194304 bytes (read whole to be checked)", b"")
-    s = Scanner(True, read_whole=True)
-    s.feed_bytes(frame(1, b"x", True, fin=False) + frame(9, bytes(125), True) * 34000)
-    assert (s.verdict_code, s.verdict_reason, s.output) == (
-        1009, "control frames inside a message over 65536 bytes", b"")
+    # Besides its payload, at most 64 KiB: control frames, and its fragments' headers
+    # (empty continuation frames were withheld without bound).
+    for between in (frame(9, bytes(125), True), frame(0, b"", True, fin=False)):
+        s = Scanner(True, read_whole=True)
+        s.feed_bytes(frame(1, b"x", True, fin=False) + between * (65536 // len(between)))
+        assert s.verdict_code == 0
+        s.feed_bytes(between * 2)
+        assert (s.verdict_code, s.verdict_reason, s.output) == (
+            1009, "control frames and fragment headers inside a message over 65536 bytes", b"")
 
 
 def test_frames_after_a_close_are_dropped():
