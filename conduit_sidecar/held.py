@@ -329,6 +329,8 @@ def later_transcription(message: bytes) -> tuple[str, ...]:
 
 def _transcription(message: bytes, which: str) -> tuple[str, ...]:
     event = _decode(_client_event, message, f"{which} must be a JSON client event", which)
+    if _holds_key(message):  # say as the model: refused, it would be logged and labelled
+        raise Refused(CloseCode.FORBIDDEN, f"a virtual key in {which}")
     session = event.session or _Session()
     named: _Transcription | None = None
     if event.type == "session.update" and (which is _LATER or session.type == "transcription"):

@@ -607,6 +607,20 @@ def test_openai_transcription_later_update_is_checked_too(native, later, outcome
     assert "whisper-1" not in echoed and set(echoed) <= {"gpt-4o-transcribe"}
 
 
+def test_openai_transcription_model_that_is_a_virtual_key_is_not_logged(native):
+    """A virtual key sent as the transcription model, in the first session.update or a
+    later one, was refused with the model in the reason: the key was logged (and, for
+    a key without allowed_models, became the session's model label). Refused now as a
+    virtual key in the message, as a Live session's is."""
+    key = native.keys.plain["good"]
+    mark = log_mark(native)
+    assert _transcribe(native, "transcribe-only", key) == (4003, "a virtual key in the first message")
+    result, echoed = _transcribe_then_update(native, {"audio": {"input": {"transcription": {"model": key}}}})
+    assert result == (4003, "a virtual key in a later message") and key not in echoed
+    assert last_session(native, "openai", mark)["model"] == "gpt-4o-transcribe"
+    assert not [line for line in native.log_lines()[mark:] if key in json.dumps(line)]
+
+
 def test_openai_transcription_later_update_allowed_goes_on(native):
     """An allowed later update is relayed (read whole first), and the audio after it."""
     same = {"type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}
