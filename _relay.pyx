@@ -1255,7 +1255,7 @@ cdef class Relay:
         frame = close_frame(code, reason, leg is self.upstream)
         if s != OPEN:
             notice = None
-        if out.left:
+        if out.left and out.pending is None:    # (none of a withheld frame went to leg)
             leg.queued_notice = notice
             leg.queued_close = frame
             leg.set_state(CLOSE_QUEUED_LAST if last else CLOSE_QUEUED)

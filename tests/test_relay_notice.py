@@ -28,12 +28,13 @@ class _Upstream(UpgradeAnswer):
         self.ready.set_result(self.transport)
 
 
-async def _session(markers=(), on_message=None):
+async def _session(markers=(), on_message=None, on_client_message=None, upstream=_Upstream):
     """(relay, websockets client, upstream transport); the relay sits between them,
-    metering the upstream's messages with `markers` for `on_message`."""
+    metering the upstream's messages with `markers` for `on_message` (and reading the
+    client's text messages whole for `on_client_message`)."""
     loop = asyncio.get_running_loop()
     upstream_ready, relays = loop.create_future(), loop.create_future()
-    up_server = await loop.create_server(lambda: _Upstream(upstream_ready), "127.0.0.1", 0)
+    up_server = await loop.create_server(lambda: upstream(upstream_ready), "127.0.0.1", 0)
     up_port = up_server.sockets[0].getsockname()[1]
 
     async def front(head_proto):
@@ -46,7 +47,8 @@ async def _session(markers=(), on_message=None):
                        b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
         response = await up.done
         client.write(switching_protocols(head))
-        relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None, markers, on_message)
+        relay = _relay.Relay(loop, 1 << 30, 2.0, lambda r: None, markers, on_message,
+                             on_client_message=on_client_message)
         relay.start(client, upstream, b"", response.split(b"\r\n\r\n", 1)[1])
         client.resume_reading()
         upstream.resume_reading()
@@ -169,3 +171,53 @@ def test_a_close_from_a_usage_report_comes_after_the_message_that_reported_it(sp
     got, code, reason = run(body())
     assert got == [DELTA.decode(), done.decode(), NOTICE.decode()]
     assert (code, reason) == (4002, "budget exhausted")
+
+
+class _Recording(_Upstream):
+    """An upstream that keeps what the relay writes to it after the upgrade; `lost`
+    holds it once the connection is gone. The session hands the test this protocol."""
+
+    def __init__(self, ready):
+        super().__init__(ready)
+        self.got = bytearray()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def answer(self, head):
+        UpgradeAnswer.answer(self, head)
+        self.ready.set_result(self)
+
+    def data_received(self, data):
+        if self.head is None:
+            self.got += data
+        else:
+            super().data_received(data)
+
+    def connection_lost(self, exc):
+        self.lost.set_result(bytes(self.got))
+
+
+def _masked_close(frame: bytes) -> tuple[int, str]:
+    assert frame[:1] == b"\x88" and frame[1] & 0x80 and len(frame) == 6 + (frame[1] & 0x7F)
+    payload = bytes(b ^ frame[2 + i % 4] for i, b in enumerate(frame[6:]))
+    return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+
+@pytest.mark.parametrize("end, close", [("sidecar", (1000, "")), ("client lost", (1001, "client went away"))])
+def test_a_withheld_frame_does_not_hold_the_providers_close(end, close):
+    """A client text frame read whole is half through when the session ends (the
+    sidecar closes it, or the client is lost). None of it went to the provider, so
+    its close goes at once. It waited for the frame's end as if part of it had gone:
+    the close timeout dropped the provider without a close, and a lost client's
+    provider was dropped at once."""
+    async def body():
+        relay, ws, upstream = await _session(on_client_message=lambda relay, message: None,
+                                             upstream=_Recording)
+        ws.transport.write(bytes([0x81, 0xFE, 0x10, 0x00]) + os.urandom(4) + b"x" * 1000)  # of 4096
+        while relay.counters(0)[2] == 0:    # the frame's header is read
+            await asyncio.sleep(0.01)
+        if end == "sidecar":
+            relay.close(4001, "key revoked", 1000, "")
+        else:
+            ws.transport.abort()
+        return await upstream.lost
+    assert _masked_close(run(body())) == close
