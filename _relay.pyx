@@ -1073,7 +1073,8 @@ cdef class Pipe:
         self.meter_state = METER_IDLE
         self.capture = None
         self.release_sniff()
-        if message is not None:
+        # A message read whole that can no longer go on (a close is out) is not judged.
+        if message is not None and (self.pending is None or self.dst.state < CLOSE_QUEUED):
             self.dst.metered(self, message)
         if self.pending is not None:
             self.release(True)

@@ -299,6 +299,7 @@ class _Audio(msgspec.Struct):
 
 class _Session(msgspec.Struct):
     type: str | None = None
+    model: str | None = None  # read in later messages only
     audio: _Audio | None = None  # GA
     input_audio_transcription: _Transcription | None = None  # beta
 
@@ -332,15 +333,23 @@ def _transcription(message: bytes, which: str) -> tuple[str, ...]:
     if _holds_key(message):  # say as the model: refused, it would be logged and labelled
         raise Refused(CloseCode.FORBIDDEN, f"a virtual key in {which}")
     session = event.session or _Session()
-    named: _Transcription | None = None
-    if event.type == "session.update" and (which is _LATER or session.type == "transcription"):
-        named = session.audio.input.transcription if session.audio and session.audio.input else None
+    ga = session.audio.input.transcription if session.audio and session.audio.input else None
+    beta = session.input_audio_transcription
+    named: tuple[_Transcription | str | None, ...] = ()
+    if which is _LATER:
+        # Whichever shape, and a session model, in case OpenAI takes them here too.
+        if event.type in ("session.update", "transcription_session.update"):
+            named = (ga, beta, session.model)
+    elif event.type == "session.update" and session.type == "transcription":
+        named = (ga,)
     elif event.type == "transcription_session.update":
-        named = session.input_audio_transcription
-    model = named.model if named else None
-    if model is not None and not _valid(model):
+        named = (beta,)
+    models = tuple(
+        m for m in (n.model if isinstance(n, _Transcription) else n for n in named) if m is not None
+    )
+    if not all(map(_valid, models)):
         raise Refused(CloseCode.PROTOCOL_ERROR, "the session update names no valid transcription model")
-    return () if model is None else (model,)
+    return models
 
 
 class _Backend(msgspec.Struct):
@@ -376,16 +385,17 @@ def live_models(message: bytes) -> tuple[str, ...]:
 
 def later_live(message: bytes) -> tuple[str, ...]:
     """The models a later message of a Live session (or a fork or sideband) names: a
-    `session.update`'s, as `session.start`'s (the Live model cannot change, the
-    delegated backend's can); refused if it holds a virtual key."""
-    return _live(message, _LATER, "session.update")
+    `session.update`'s (the Live model cannot change, the delegated backend's can) or
+    another `session.start`'s; refused if it holds a virtual key."""
+    return _live(message, _LATER, "session.update", "session.start")
 
 
-def _live(message: bytes, which: str, naming: str) -> tuple[str, ...]:
+def _live(message: bytes, which: str, *naming: str) -> tuple[str, ...]:
+    """The models of a message of one of the `naming` types."""
     event = _decode(_live_event, message, f"{which} must be a JSON client event", which)
     if _holds_key(message):
         raise Refused(CloseCode.FORBIDDEN, f"a virtual key in {which}")
-    session = event.session if event.type == naming else None
+    session = event.session if event.type in naming else None
     if session is None:
         return ()
     delegation = session.delegation or _Delegation()
@@ -399,7 +409,7 @@ def _live(message: bytes, which: str, naming: str) -> tuple[str, ...]:
         if m is not None
     )
     if not all(map(_valid, models)):
-        raise Refused(CloseCode.PROTOCOL_ERROR, f"{naming} names no valid model")
+        raise Refused(CloseCode.PROTOCOL_ERROR, f"{event.type} names no valid model")
     return models
 
 

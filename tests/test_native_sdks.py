@@ -594,6 +594,9 @@ def _transcribe_then_update(native, later: dict):
     # Without the session's type, which OpenAI may take as leaving it unchanged.
     ({"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}},
      (4003, "model 'whisper-1' not allowed for this key")),
+    # The beta shape, or a session model, in a GA update: in case OpenAI takes them.
+    ({"input_audio_transcription": {"model": "whisper-1"}}, (4003, "model 'whisper-1' not allowed for this key")),
+    ({"type": "realtime", "model": "whisper-1"}, (4003, "model 'whisper-1' not allowed for this key")),
     ({"audio": {"input": {"transcription": {"model": "gpt-4o-transcribe", "Model": "whisper-1"}}}},
      (1002, "a later message spells 'model' in another case")),
 ])

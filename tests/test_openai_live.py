@@ -6,6 +6,7 @@ is the session's billable seconds so far, metered by their rise."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -119,6 +120,49 @@ def test_live_later_session_update_is_checked_too(native):
             "authorization": native.keys.plain["good"]}
     assert _live_update(native, "good", delegated("gpt-5", tools=[tool])) == (
         4003, "a virtual key in a later message")
+
+
+def test_live_a_second_session_start_is_checked_too(native):
+    from openai import APIError
+
+    async def body():
+        try:
+            async with _client(native, native.keys.plain["live-only"]).live.connect() as conn:
+                await conn.session.start(session={"model": MODEL})
+                await conn.recv()
+                await conn.session.start(session={"model": MODEL, "delegation": {
+                    "type": "responses", "responses": {"model": "gpt-5"}}})
+                await asyncio.wait_for(conn.recv(), 10)       # (the mock answers none)
+        except (ConnectionClosed, APIError) as exc:
+            return _close_of(exc)
+    assert run(body()) == (4003, "model 'gpt-5' not allowed for this key")
+
+
+def test_live_messages_after_a_refused_one_are_not_judged(native):
+    """Once a later message is refused, what the client sent behind it goes nowhere
+    (the provider's close is out) and is not read: one `message_refused` line, not one
+    per message."""
+    key = native.keys.plain["live-only"]
+    start = json.dumps({"type": "session.start", "session": {"model": MODEL}})
+    update = json.dumps({"type": "session.update", "session": {"delegation": {
+        "type": "responses", "responses": {"model": "gpt-5"}}}})
+    mark = log_mark(native)
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions",
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send(start)
+            assert json.loads(await ws.recv())["type"] == "session.started"
+            for _ in range(3):
+                await ws.send(update)
+            with pytest.raises(ConnectionClosed) as exc:
+                while True:
+                    await ws.recv()
+        return exc.value.rcvd.code
+    assert run(body()) == 4003
+    last_session(native, "openai", mark)
+    refused = [r for r in native.log_lines()[mark:] if r.get("event") == "message_refused"]
+    assert len(refused) == 1, refused
 
 
 def test_live_wrong_key_gets_4001(native):
