@@ -279,6 +279,8 @@ def _valid(model: str) -> bool:
 def setup_model(message: bytes) -> tuple[str]:
     """The model a Gemini `setup` message names, without its `models/` prefix."""
     setup = _decode(_setup, message, "the first message must be a setup message naming the model")
+    if _holds_key(message):  # say as the model: it would be logged, labelled and sent to Google
+        raise Refused(CloseCode.FORBIDDEN, "a virtual key in the first message")
     model = setup.setup.model.removeprefix("models/")
     if not _valid(model):
         raise Refused(CloseCode.PROTOCOL_ERROR, "setup names no valid model")

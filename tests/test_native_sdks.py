@@ -855,6 +855,23 @@ def test_gemini_setup_a_provider_could_read_otherwise_is_refused(native, first, 
     assert len(mock.requests) == opened
 
 
+@pytest.mark.parametrize("key_id", ["good", "gemini-flash"])
+def test_gemini_setup_model_that_is_a_virtual_key_is_not_logged(native, key_id):
+    """A virtual key sent as the setup's model (an app that fills in the wrong field)
+    was taken as the model: for a key with allowed_models it was refused with the model
+    in the reason, so the key was logged; for one without, it became the session's
+    model label and went to Google in the setup. Refused as a virtual key in the
+    message, as a transcription update's is, the provider never asked."""
+    key = native.keys.plain[key_id]
+    mock = native.mocks["gemini"].mock
+    opened, mark = len(mock.requests), log_mark(native)
+    setup = json.dumps({"setup": {"model": f"models/{key}"}})
+    assert _closed_with(native, f"{GEMINI_PATH}?key={key}", send=setup) == (
+        4003, "a virtual key in the first message")
+    assert len(mock.requests) == opened
+    assert not [line for line in native.log_lines()[mark:] if key in json.dumps(line)]
+
+
 def test_openai_transcription_update_a_provider_could_read_otherwise_is_refused(native):
     mock = native.mocks["openai"].mock
     opened = len(mock.requests)
