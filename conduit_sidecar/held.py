@@ -258,8 +258,11 @@ def _decode(decoder: msgspec.json.Decoder, message: bytes, reason: str, which: s
     in another case (msgspec skips it, Go's encoding/json reads it)."""
     try:
         decoded = decoder.decode(message)
-        tree = json.loads(message, object_pairs_hook=_once)
-    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested deeper than a parser goes
+        # Numbers kept as text: int() refuses over 4,300 digits, and no value is read here.
+        tree = json.loads(message, object_pairs_hook=_once, parse_int=str)
+    # RecursionError: nested deeper than a parser goes; UnicodeDecodeError: a binary
+    # frame's bytes not UTF-8 where msgspec skipped them.
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise Refused(CloseCode.PROTOCOL_ERROR, reason) from None
     except _Twice:
         raise Refused(CloseCode.PROTOCOL_ERROR, f"{which} names a member twice") from None

@@ -388,6 +388,7 @@ def test_the_transcription_model_a_first_message_names(message, model):
 
 @pytest.mark.parametrize("message", [b"not json", b'{"no":"type"}', b'[1]',
                                      b'{"type":"x","y":%s}' % (b"[" * 100_000 + b"]" * 100_000),
+                                     b'{"type":"x","y":"\xff"}',  # not UTF-8 (a binary frame)
                                      b'{"type":"transcription_session.update","session":'
                                      b'{"input_audio_transcription":{"model":"a\nb"}}}'])
 def test_a_malformed_first_transcription_message_gets_1002(message):
@@ -416,6 +417,16 @@ def test_a_transcription_update_read_otherwise_elsewhere_gets_1002(message, reas
         held.transcription_model(message)
     assert (exc.value.code, str(exc.value)) == (1002, reason)
 
+
+
+def test_a_number_longer_than_python_converts_is_no_bug():
+    """A member holding a number of over 4,300 digits is JSON like any other (msgspec
+    reads past it); Python's json, reading the message again for members named twice,
+    raised ValueError there: 1011 and a traceback, for a first or a later message."""
+    message = (b'{"type":"transcription_session.update","n":%s,"session":'
+               b'{"input_audio_transcription":{"model":"whisper-1"}}}' % (b"1" * 5000))
+    assert held.transcription_model(message) == ("whisper-1",)
+    assert held.later_transcription(message) == ("whisper-1",)
 
 
 @pytest.mark.parametrize("message, read", [
