@@ -32,7 +32,7 @@ from .config import Limits
 from .handshake import admit, key_misplaced, refuse
 from .keys import KeySet, Rejection
 from .routing import Route, RouteError, Router, Upstream
-from .upstream import Balancer, _Failed, _refused, shares
+from .upstream import Balancer, Failed, refusal, shares
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
@@ -183,7 +183,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         except BaseException:  # the client left (cancelled): no verdict
             h.abandoned(probe)
             raise
-        if isinstance(signed, _Failed):
+        if isinstance(signed, Failed):
             host.balancer.failed(h, signed, probe)
             notes.append(f"{h.name} {signed.short}")
             if signed.failover:
@@ -205,7 +205,7 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
 
 async def _sign(
     upstream: Upstream, agent: str, passed: list[tuple[str, str]], timeout: float, max_rest: float
-) -> _Split | _Failed:
+) -> _Split | Failed:
     """One deployment's signed URL (split), or what went wrong, classified as a
     session's connect attempt is (its `short` the words of the call's answer)."""
     uri = upstream.uri
@@ -223,8 +223,8 @@ async def _sign(
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
     except urllib.error.HTTPError as exc:
-        refused = _refused(exc.code, exc.headers.get_all("Retry-After") or [], max_rest)
-        return _Failed(
+        refused = refusal(exc.code, exc.headers.get_all("Retry-After") or [], max_rest)
+        return Failed(
             refused.outcome,
             f"signed-URL fetch refused: HTTP {exc.code}",
             f"refused: HTTP {exc.code}",
@@ -236,7 +236,7 @@ async def _sign(
     except (OSError, ValueError, msgspec.DecodeError, http.client.HTTPException) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc  # what urllib wraps
         if isinstance(reason, TimeoutError):
-            return _Failed("timeout", "signed-URL fetch timed out", "timed out")
+            return Failed("timeout", "signed-URL fetch timed out", "timed out")
         if isinstance(reason, ssl.SSLError):
             outcome = "tls"
         elif isinstance(reason, OSError) and not isinstance(reason, http.client.HTTPException):
@@ -244,8 +244,8 @@ async def _sign(
         else:  # not HTTP, cut short (RemoteDisconnected too), too large, or not the JSON
             outcome = "invalid"
         # Fixed words: an exception's text may quote the provider's answer.
-        return _Failed(outcome, f"signed-URL fetch failed ({outcome})", "unreachable or invalid answer")
+        return Failed(outcome, f"signed-URL fetch failed ({outcome})", "unreachable or invalid answer")
     if not urllib.parse.parse_qs(signed.query).get("conversation_signature", [""])[0]:
         words = "gave a signed URL without a signature"
-        return _Failed("invalid", f"signed-URL fetch {words}", words)
+        return Failed("invalid", f"signed-URL fetch {words}", words)
     return signed

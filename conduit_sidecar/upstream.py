@@ -46,7 +46,7 @@ from .metrics import Metrics
 from .resolver import Resolver
 from .routing import Route, RouteError, Router, Target, Upstream
 
-__all__ = ["Balancer", "Health", "UpstreamError", "shares"]
+__all__ = ["Balancer", "Failed", "Health", "UpstreamError", "refusal", "shares"]
 
 log = logging.getLogger("conduit.upstream")
 _MAX_RESPONSE_BYTES = 65536
@@ -58,7 +58,7 @@ class UpstreamError(Exception):
     """The upstream could not be opened; the message is the client's close reason."""
 
 
-class _Failed(UpstreamError):
+class Failed(UpstreamError):
     """One attempt failed. `outcome` is its metric label, `short` its words in a
     multi-attempt close reason; `failover` False when no other deployment would do
     better; `rest` (seconds) when the provider said how long to stay away."""
@@ -96,7 +96,7 @@ class _UpstreamHandshake(asyncio.Protocol):
             self._set((done.value, bytes(self.reader.buffer)))
         except Exception as exc:
             self._set(
-                _Failed("invalid", f"upstream sent an invalid HTTP response ({what(exc)})", "bad response")
+                Failed("invalid", f"upstream sent an invalid HTTP response ({what(exc)})", "bad response")
             )
 
     def _set(self, value):
@@ -111,7 +111,7 @@ class _UpstreamHandshake(asyncio.Protocol):
         self.reader.feed_data(data)
         self._step()
         if not self.result.done() and self.size > _MAX_RESPONSE_BYTES:
-            self._set(_Failed("invalid", "upstream response too large", "bad response"))
+            self._set(Failed("invalid", "upstream response too large", "bad response"))
 
     def eof_received(self):
         self.reader.feed_eof()
@@ -119,7 +119,7 @@ class _UpstreamHandshake(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc):
-        self._set(_Failed("invalid", "upstream closed the connection during the handshake", "closed"))
+        self._set(Failed("invalid", "upstream closed the connection during the handshake", "closed"))
 
 
 class _Request:
@@ -157,7 +157,7 @@ class _Request:
         ws.key = key
         ws.process_response(response)
         if ws.extensions:
-            raise _Failed("invalid", "upstream negotiated an extension that was not offered", "bad handshake")
+            raise Failed("invalid", "upstream negotiated an extension that was not offered", "bad handshake")
         return ws.subprotocol
 
 
@@ -203,32 +203,32 @@ async def _attempt(
         _drop(transport)
         if stage == "TCP connect":  # the addresses may be dead: the next session waits for a lookup
             resolver.forget(uri.host, uri.port)
-        raise _Failed("timeout", f"upstream timed out ({stage})", "timeout") from None
+        raise Failed("timeout", f"upstream timed out ({stage})", "timeout") from None
     except ssl.SSLCertVerificationError as exc:
         _drop(transport)
-        raise _Failed("tls", f"upstream TLS failure: {exc.verify_message}", "TLS") from None
+        raise Failed("tls", f"upstream TLS failure: {exc.verify_message}", "TLS") from None
     except ssl.SSLError as exc:
         _drop(transport)
-        raise _Failed("tls", f"upstream TLS failure: {exc.reason or exc}", "TLS") from None
+        raise Failed("tls", f"upstream TLS failure: {exc.reason or exc}", "TLS") from None
     except ConnectionRefusedError:
-        raise _Failed("tcp", "upstream refused the connection", "TCP refused") from None
+        raise Failed("tcp", "upstream refused the connection", "TCP refused") from None
     except OSError as exc:
         _drop(transport)
         if stage == "TLS handshake":
-            raise _Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
-        raise _Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None
-    except (_Failed, asyncio.CancelledError):  # cancelled: the client left
+            raise Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
+        raise Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None
+    except (Failed, asyncio.CancelledError):  # cancelled: the client left
         _drop(transport)
         raise
     try:
         subprotocol = prepared.check(key, response)
     except InvalidStatus:
         _drop(transport)
-        raise _refused(response.status_code, response.headers.get_all("Retry-After"), max_rest) from None
+        raise refusal(response.status_code, response.headers.get_all("Retry-After"), max_rest) from None
     except InvalidHandshake as exc:
         _drop(transport)
-        raise _Failed("invalid", f"upstream handshake invalid: {what(exc)}", "bad handshake") from None
-    except _Failed:
+        raise Failed("invalid", f"upstream handshake invalid: {what(exc)}", "bad handshake") from None
+    except Failed:
         _drop(transport)
         raise
     if isinstance(transport, tlsleg.TLSStream):
@@ -236,25 +236,25 @@ async def _attempt(
     return transport, subprotocol, early
 
 
-def _refused(status: int, retry_after: list[str], max_rest: float) -> _Failed:
+def refusal(status: int, retry_after: list[str], max_rest: float) -> Failed:
     """An HTTP refusal (a session's upgrade or a signed-URL fetch) with the values of
     its Retry-After headers."""
     message, short = f"upstream refused: HTTP {status}", f"HTTP {status}"
     if status == 429:
         # One Retry-After or none: a repeated one is ignored.
-        return _Failed(
+        return Failed(
             "http_429",
             message,
             short,
             rest=_retry_after(retry_after[0] if len(retry_after) == 1 else None, max_rest),
         )
     if status >= 500:
-        return _Failed("http_5xx", message, short)
+        return Failed("http_5xx", message, short)
     if status == 401:
-        return _Failed("http_auth", message, short)
+        return Failed("http_auth", message, short)
     if status == 403:  # another deployment (project, account) may have what was asked
-        return _Failed("http_403", message, short)
-    return _Failed("http_other", message, short, failover=False)
+        return Failed("http_403", message, short)
+    return Failed("http_other", message, short, failover=False)
 
 
 def _retry_after(value: str | None, cap: float) -> float | None:
@@ -444,7 +444,7 @@ class Balancer:
                 errors.append(exc)
                 notes.append(f"{h.name} {exc}")
                 continue
-            except _Failed as exc:
+            except Failed as exc:
                 if decision.anonymous and exc.outcome in ("http_auth", "http_403"):
                     # Refused without the secret (an agent listed as public that is
                     # not): the request's fault, not the deployment's.
@@ -499,7 +499,7 @@ class Balancer:
         h.succeeded()
         self._count(h, "ok")
 
-    def failed(self, h: Health, exc: _Failed, probe: bool) -> None:
+    def failed(self, h: Health, exc: Failed, probe: bool) -> None:
         """An attempt on `h` failed: its verdict on the deployment, counted and logged."""
         if not exc.failover or exc.outcome == "http_403":  # 403: may be the request's fault
             h.abandoned(probe)

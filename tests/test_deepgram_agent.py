@@ -215,16 +215,21 @@ _THINK = {"provider": {"type": "open_ai", "model": "M"},
 def test_a_settings_the_provider_could_read_otherwise_gets_1002(sidecar, settings, reason):
     assert _refused(sidecar, "agent-voice", settings) == (1002, reason)
 
-def _after_settings(sidecar, key_id: str, later: str) -> list:
-    """Settings the key allows, then `later` and one audio chunk: the agent's messages
-    after SettingsApplied until the audio's answer, UserStartedSpeaking (the
-    `...Updated` an allowed update gets comes first), or the close code and reason."""
+
+def _after_settings(sidecar, key_id: str, later: str | bytes) -> list:
+    """Settings the key allows, then `later` (a message, or frames as bytes, written as
+    they are) and one audio chunk: the agent's messages after SettingsApplied until the
+    audio's answer, UserStartedSpeaking (the `...Updated` an allowed update gets comes
+    first), or the close code and reason."""
     async def body():
         async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
                            additional_headers={"Authorization": f"Token {sidecar.keys.plain[key_id]}"}) as ws:
             await ws.send(_settings())
             await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "SettingsApplied")
-            await ws.send(later)
+            if isinstance(later, bytes):
+                ws.transport.write(later)
+            else:
+                await ws.send(later)
             await ws.send(bytes(3200))
             try:
                 got = await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "UserStartedSpeaking")
@@ -264,22 +269,10 @@ def test_a_message_read_whole_is_bounded_in_its_fragments_headers_too(sidecar):
     def fragment(opcode: int, payload: bytes, fin: bool) -> bytes:
         return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=True)
 
-    async def body():
-        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
-                           additional_headers={"Authorization": f"Token {sidecar.keys.plain['agent-voice']}"}) as ws:
-            await ws.send(_settings())
-            await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "SettingsApplied")
-            ws.transport.write(fragment(1, b'{"type": "KeepAlive"', False)
-                               + fragment(0, b"", False) * 20000 + fragment(0, b"}", True))
-            await ws.send(bytes(3200))
-            try:
-                got = await _until(ws, lambda m: isinstance(m, dict) and m["type"] == "UserStartedSpeaking")
-            except ConnectionClosed as exc:
-                return [exc.rcvd.code, exc.rcvd.reason]
-            return [m["type"] for m in got if isinstance(m, dict)]
-    assert run(body()) == [
+    frames = (fragment(1, b'{"type": "KeepAlive"', False) + fragment(0, b"", False) * 20000
+              + fragment(0, b"}", True))
+    assert _after_settings(sidecar, "agent-voice", frames) == [
         1009, "client: control frames and fragment headers inside a message over 65536 bytes"]
-
 
 
 @pytest.mark.parametrize("first", ['{"type": "KeepAlive"}', "not json", b"\x00\x01pcm",
