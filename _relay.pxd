@@ -157,6 +157,7 @@ cdef class Pipe:
     cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept
     cdef int meter_done(self) except -1
     cdef int release(self, bint deliver) except -1
+    cdef int read_whole_up_to(self, uint64_t limit) except -1
     cdef void release_sniff(self) noexcept
     cdef bint marked(self)
 

@@ -807,6 +807,14 @@ cdef class Pipe:
         self.window = window
         return 0
 
+    cdef int read_whole_up_to(self, uint64_t limit) except -1:
+        """Read each text message whole (see Relay's `on_client_message`); it is held
+        twice while it comes (raw and unmasked), so every message is bounded by
+        `limit`, and by the capture's own bound."""
+        self.read_whole = True
+        self.max_message = min(self.max_message, limit, <uint64_t>CAPTURE_MAX)
+        return 0
+
     cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1:
         if size > 0:
             if self.pending is not None:
@@ -881,9 +889,6 @@ cdef class Pipe:
                             raise MemoryError()
                     self.meter_state = METER_SNIFF
                 self.nsniff = 0
-            if self.pending is not None and self.message_bytes > CAPTURE_MAX:
-                return self.violation(MESSAGE_TOO_BIG, "text message over %d bytes (read whole to be checked)"
-                                      % CAPTURE_MAX) + 1
             if self.masked and self.meter_state:
                 memcpy(self.mask, h + hlen - 4, 4)
                 self.mask_phase = 0
@@ -1111,11 +1116,12 @@ cdef class Scanner(Pipe):
 
     def __init__(self, bint masked, uint64_t max_message=1 << 62, bint record=True,
                  tuple markers=(), bint meter_binary=False, Py_ssize_t sniff_bytes=SNIFF_DEFAULT,
-                 bint read_whole=False):
+                 uint64_t read_whole_up_to=0):
         self.direction = DISCARDED  # nothing it scans is relayed: out of the process's totals
         self.masked = masked
         self.max_message = max_message
-        self.read_whole = read_whole
+        if read_whole_up_to:
+            self.read_whole_up_to(read_whole_up_to)
         self.recorder = Recorder(record)
         self.src = self.dst = self.recorder
         self.set_metering(markers, meter_binary, sniff_bytes)
@@ -1157,11 +1163,13 @@ cdef class Relay:
     their first `sniff_bytes` bytes go to `on_message(relay, bytes)`. With
     `on_client_message`, each client text message is read whole and withheld from the
     provider until `on_client_message(relay, unmasked bytes)` returns: it goes on
-    unless that closed the session."""
+    unless that closed the session. Every client message is then at most
+    `read_whole_max` bytes (and 4 MiB)."""
 
     def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
                  tuple markers=(), on_message=None, *, bint meter_binary=False,
-                 Py_ssize_t sniff_bytes=SNIFF_DEFAULT, on_client_message=None):
+                 Py_ssize_t sniff_bytes=SNIFF_DEFAULT, on_client_message=None,
+                 uint64_t read_whole_max=CAPTURE_MAX):
         self.loop = loop
         self.on_done = on_done
         self.close_timeout = close_timeout
@@ -1172,7 +1180,8 @@ cdef class Relay:
         self.u2c.set_metering(markers, meter_binary, sniff_bytes)
         self.on_message = on_message
         self.on_client_message = on_client_message
-        self.c2u.read_whole = on_client_message is not None
+        if on_client_message is not None:
+            self.c2u.read_whole_up_to(read_whole_max)
         self.c2u.src = self.u2c.dst = self.client
         self.c2u.dst = self.u2c.src = self.upstream
 

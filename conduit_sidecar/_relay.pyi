@@ -95,7 +95,7 @@ class Scanner(Pipe):
         markers: tuple[bytes, ...] = (),
         meter_binary: bool = False,
         sniff_bytes: int = 256,
-        read_whole: bool = False,
+        read_whole_up_to: int = 0,
     ) -> None: ...
     def feed_bytes(self, data: bytes | bytearray | memoryview) -> None: ...
     @property
@@ -120,6 +120,7 @@ class Relay:
         meter_binary: bool = False,
         sniff_bytes: int = 256,
         on_client_message: Callable[[Relay, bytes], object] | None = None,
+        read_whole_max: int = ...,
     ) -> None: ...
     @property
     def client(self) -> Leg: ...

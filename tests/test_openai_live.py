@@ -165,6 +165,25 @@ def test_live_messages_after_a_refused_one_are_not_judged(native):
     assert len(refused) == 1, refused
 
 
+def test_live_later_messages_are_bounded_by_first_message_bytes(native):
+    """A later message is held whole (raw and unmasked) before it goes on: like the
+    first, it is at most first_message_bytes (1 MiB here), 1009 at its header, where
+    other sessions take max_message_bytes (16 MiB)."""
+    key = native.keys.plain["good"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/live/sessions", max_size=None,
+                           additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send(json.dumps({"type": "session.start", "session": {"model": MODEL}}))
+            assert json.loads(await ws.recv())["type"] == "session.started"
+            await ws.send("x" * (1024 * 1024 + 1))
+            with pytest.raises(ConnectionClosed) as exc:
+                while True:
+                    await ws.recv()
+        return exc.value.rcvd.code, exc.value.rcvd.reason
+    assert run(body()) == (1009, "client: message over 1048576 bytes")
+
+
 def test_live_wrong_key_gets_4001(native):
     from openai import APIError
 

@@ -63,7 +63,7 @@ def test_read_whole_withholds_each_text_message_until_it_ends():
     data = b"".join(frames)
     binary, end = len(frames[0]), len(data) - len(frames[-1])
     for i in [i for i in range(len(data) + 1) if i < 400 or i > end - 50 or i % 499 == 0]:
-        s = Scanner(True, read_whole=True)
+        s = Scanner(True, read_whole_up_to=1 << 20)
         s.feed_bytes(data[:i])
         if i >= binary:     # (a split frame header is held until it is whole)
             assert s.output == (data[:binary] if i < end else data[:end] if i < len(data) else data), i
@@ -72,23 +72,24 @@ def test_read_whole_withholds_each_text_message_until_it_ends():
 
 
 def test_read_whole_drops_an_unfinished_message_at_its_close():
-    s = Scanner(True, read_whole=True)
+    s = Scanner(True, read_whole_up_to=1 << 20)
     close = frame(8, Close(1000, "").serialize(), True)
     s.feed_bytes(frame(1, b"never ends", True, fin=False) + frame(9, b"", True) + close)
     assert (s.output, s.metered) == (close, [])
 
 
 def test_read_whole_is_bounded():
-    """A text message read whole is at most 4 MiB (1009 at its header, none of it
-    sent), and what is withheld besides its payload at most 64 KiB."""
-    s = Scanner(True, read_whole=True)
-    s.feed_bytes(b"\x81\xff" + (4 * 1024 * 1024 + 1).to_bytes(8, "big") + b"mask")
-    assert (s.verdict_code, s.verdict_reason, s.output) == (
-        1009, "text message over 4194304 bytes (read whole to be checked)", b"")
+    """Messages read whole are at most the limit given (first_message_bytes), and 4 MiB
+    whatever it is: 1009 at the header, none of it sent. What is withheld besides a
+    message's payload is at most 64 KiB."""
+    for limit, bound in ((1 << 20, 1 << 20), (1 << 30, 4 << 20)):
+        s = Scanner(True, read_whole_up_to=limit)
+        s.feed_bytes(b"\x81\xff" + (bound + 1).to_bytes(8, "big") + b"mask")
+        assert (s.verdict_code, s.verdict_reason, s.output) == (1009, f"message over {bound} bytes", b"")
     # Besides its payload, at most 64 KiB: control frames, and its fragments' headers
     # (empty continuation frames were withheld without bound).
     for between in (frame(9, bytes(125), True), frame(0, b"", True, fin=False)):
-        s = Scanner(True, read_whole=True)
+        s = Scanner(True, read_whole_up_to=1 << 20)
         s.feed_bytes(frame(1, b"x", True, fin=False) + between * (65536 // len(between)))
         assert s.verdict_code == 0
         s.feed_bytes(between * 2)
