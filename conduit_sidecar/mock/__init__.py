@@ -139,11 +139,10 @@ class MockProvider:
             except msgspec.DecodeError:
                 kind = None
             if kind == "session.update":
-                session.update(event.get("session") or {})
-                await ws.send(_event("session.updated", session=session))
+                await _updated(ws, session, event, "session.updated")
             elif kind == "input_audio_buffer.append":
                 audio = event.get("audio", "")
-                audio_in += len(base64.b64decode(audio, validate=False))
+                audio_in += _audio_bytes(audio)
                 await ws.send(
                     _event(
                         "response.output_audio.delta",
@@ -183,17 +182,15 @@ async def _transcription(ws: ServerConnection) -> None:
         kind = event.get("type")
         update = event.get("session") or {}
         if kind == "session.update":
-            session.update(update)
             model = (
                 ((update.get("audio") or {}).get("input") or {}).get("transcription", {}).get("model", model)
             )
-            await ws.send(_event("session.updated", session=session))
+            await _updated(ws, session, event, "session.updated")
         elif kind == "transcription_session.update":
-            session.update(update)
             model = (update.get("input_audio_transcription") or {}).get("model", model)
-            await ws.send(_event("transcription_session.updated", session=session))
+            await _updated(ws, session, event, "transcription_session.updated")
         elif kind == "input_audio_buffer.append":
-            audio_in += len(base64.b64decode(event.get("audio", ""), validate=False))
+            audio_in += _audio_bytes(event.get("audio", ""))
         elif kind == "input_audio_buffer.commit":
             item = f"item_{next(_ids)}"
             seconds = audio_in / 48000  # pcm16 at 24 kHz
@@ -255,17 +252,15 @@ async def _live(ws: ServerConnection, started: bool) -> None:
         kind = event.get("type")
         if kind == "session.start" and not started:
             started = True
-            session.update(event.get("session") or {})
-            await ws.send(_event("session.started", session=session))
+            await _updated(ws, session, event, "session.started")
         elif not started:
             error = {"type": "invalid_request_error", "code": "session_not_started", "message": "no session"}
             await ws.send(_event("error", error=error))
         elif kind == "session.update":
-            session.update(event.get("session") or {})
-            await ws.send(_event("session.updated", session=session))
+            await _updated(ws, session, event, "session.updated")
         elif kind == "session.input_audio.append":
             audio = event.get("audio", "")
-            audio_in += len(base64.b64decode(audio, validate=False))
+            audio_in += _audio_bytes(audio)
             await ws.send(_event("session.output_audio.delta", delta=audio))
             await ws.send(_event("session.usage.updated", usage={"seconds": audio_in / 48000}))
         elif kind == "session.close":
@@ -289,6 +284,17 @@ async def _events(ws: ServerConnection):
             await ws.send(_event("error", error={"type": "invalid_request_error", "message": "not JSON"}))
             continue
         yield event
+
+
+async def _updated(ws: ServerConnection, session: dict, event: dict, answer: str) -> None:
+    """A client's session settings applied: `answer` with the session as it now is."""
+    session.update(event.get("session") or {})
+    await ws.send(_event(answer, session=session))
+
+
+def _audio_bytes(audio: str) -> int:
+    """The bytes of a base64 audio append (as the provider would count them)."""
+    return len(base64.b64decode(audio, validate=False))
 
 
 def _event(kind: str, **fields) -> str:
