@@ -9,7 +9,7 @@ bytes, not megabytes. Both see each frame exactly once per call.
 import pytest
 from websockets.protocol import Protocol, Side
 
-from .wire import frames
+from .wire import TEXT, frame, frames
 
 relay = pytest.importorskip("conduit_sidecar._relay", reason="the relay is not built (pip install -e .)")
 scan_benchmark = getattr(relay, "scan_benchmark", None)
@@ -48,3 +48,40 @@ def test_scan(benchmark, report_row, sizes, parser, masked, size):
     benchmark.extra_info["ns_per_frame"] = ns
     way = "client→upstream, masked" if masked else "upstream→client, unmasked"
     report_row("scanner", f"{size:,} B frames ({way})", parser, ns)
+
+
+@pytest.mark.parametrize("mode", ["cut-through", "read whole", "may_name"])
+def test_read_whole(benchmark, report_row, sizes, mode):
+    """What a session whose later messages are checked pays per client text message,
+    a 6.4 KB audio append: the relay reading it whole (captured, unmasked, withheld,
+    released) against scanning it cut-through, and the Python test that then passes it
+    unparsed (held.may_name)."""
+    import base64
+    import json
+    import os
+
+    from conduit_sidecar import held
+
+    message = json.dumps({"type": "input_audio_buffer.append",
+                          "audio": base64.b64encode(os.urandom(4800)).decode()}).encode()
+    data = frame(message, True, TEXT)
+    count = max(4, sizes.scanner_bytes // len(data))
+    data *= count
+    if mode == "may_name":
+        run = lambda: sum(not held.may_name(message) for _ in range(count))  # noqa: E731
+    else:
+        limit = 1 << 20 if mode == "read whole" else 0
+
+        def run():
+            s = relay.Scanner(True, record=False, read_whole_up_to=limit)
+            s.feed_bytes(data)
+            return s.counters()[0][1]
+    benchmark.group = "scanner: a 6.4 KB client text message read whole"
+    if sizes.quick:
+        seen = benchmark.pedantic(run, rounds=3, iterations=1)
+    else:
+        seen = benchmark(run)
+    assert seen == count
+    ns = benchmark.stats.stats.median * 1e9 / count
+    benchmark.extra_info["ns_per_message"] = ns
+    report_row("scanner", "6.4 KB client text message (audio append), read whole", mode, ns)
