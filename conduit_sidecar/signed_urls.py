@@ -230,6 +230,7 @@ async def _sign(
             f"refused: HTTP {exc.code}",
             refused.failover,
             refused.rest,
+            refused.verdict,
         )
     # http.client's HTTPException: an answer that is not HTTP (bad status line, a line
     # too long, a body cut short), a provider fault like any unreadable answer.

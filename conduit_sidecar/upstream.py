@@ -61,13 +61,21 @@ class UpstreamError(Exception):
 class Failed(UpstreamError):
     """One attempt failed. `outcome` is its metric label, `short` its words in a
     multi-attempt close reason; `failover` False when no other deployment would do
-    better; `rest` (seconds) when the provider said how long to stay away."""
+    better; `rest` (seconds) when the provider said how long to stay away; `verdict`
+    False when it says nothing of the deployment (its circuit does not count it)."""
 
     def __init__(
-        self, outcome: str, message: str, short: str, failover: bool = True, rest: float | None = None
+        self,
+        outcome: str,
+        message: str,
+        short: str,
+        failover: bool = True,
+        rest: float | None = None,
+        verdict: bool = True,
     ):
         super().__init__(message)
         self.outcome, self.short, self.failover, self.rest = outcome, short, failover, rest
+        self.verdict = verdict
 
 
 class _UpstreamHandshake(asyncio.Protocol):
@@ -252,8 +260,10 @@ def refusal(status: int, retry_after: list[str], max_rest: float) -> Failed:
         return Failed("http_5xx", message, short)
     if status == 401:
         return Failed("http_auth", message, short)
-    if status == 403:  # another deployment (project, account) may have what was asked
-        return Failed("http_403", message, short)
+    if status == 403:
+        # Providers answer it for what the request asked (a model the project may not
+        # use): another deployment may have it, and no client may rest this one.
+        return Failed("http_403", message, short, verdict=False)
     return Failed("http_other", message, short, failover=False)
 
 
@@ -501,7 +511,7 @@ class Balancer:
 
     def failed(self, h: Health, exc: Failed, probe: bool) -> None:
         """An attempt on `h` failed: its verdict on the deployment, counted and logged."""
-        if not exc.failover or exc.outcome == "http_403":  # 403: may be the request's fault
+        if not (exc.failover and exc.verdict):  # a refusal of the request says nothing either
             h.abandoned(probe)
         else:
             h.failed(time.monotonic(), exc.rest, at_once=exc.outcome == "http_auth", probe=probe)
