@@ -61,19 +61,27 @@ class Refused(Exception):
         self.gone = gone  # the connection is lost: there is no one to tell
 
 
-class _FirstMessage(asyncio.Protocol):
+class _Reader(asyncio.Protocol):
+    """Reads a leg up to `limit` bytes of one message, into `raw`, and settles `done`
+    with a value or a Refused; reading is paused once it is settled."""
+
     def __init__(self, transport, limit: int):
         self.transport = transport
         self.limit = limit
-        self.ws = ServerProtocol(state=OPEN, max_size=limit)
         self.raw = bytearray()
-        self.parts: list[bytes | bytearray | memoryview] = []
         self.done = asyncio.get_running_loop().create_future()
 
     def _finish(self, value) -> None:
         if not self.done.done():
             self.transport.pause_reading()
             (self.done.set_exception if isinstance(value, Exception) else self.done.set_result)(value)
+
+
+class _FirstMessage(_Reader):
+    def __init__(self, transport, limit: int):
+        super().__init__(transport, limit)
+        self.ws = ServerProtocol(state=OPEN, max_size=limit)
+        self.parts: list[bytes | bytearray | memoryview] = []
 
     def data_received(self, data) -> None:
         if self.done.done():
@@ -131,23 +139,15 @@ async def _read(transport, reader, early: bytes, timeout: float, late: Refused):
         raise late from None
 
 
-class _Greeting(asyncio.Protocol):
+class _Greeting(_Reader):
     """The provider's frames up to the end of its first data message; what follows
     stays for the relay. The relay's scanner delimits and checks them, as it does every
     frame it relays (they reach the client before the relay starts)."""
 
     def __init__(self, transport, limit: int):
-        self.transport = transport
-        self.limit = limit
-        self.raw = bytearray()
+        super().__init__(transport, limit)
         self.scanner = Scanner(False, limit)
         self.seen = 0  # frame ends judged so far
-        self.done = asyncio.get_running_loop().create_future()
-
-    def _finish(self, value) -> None:
-        if not self.done.done():
-            self.transport.pause_reading()
-            (self.done.set_exception if isinstance(value, Exception) else self.done.set_result)(value)
 
     def data_received(self, data) -> None:
         if self.done.done():
