@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 KEY_PREFIX = "condt_"
+# Far above a Kubernetes Secret's 1 MiB (some 100,000 keys): a file mounted by mistake
+# (a device, a log) must not stall the event loop or fill the memory of a running sidecar.
+MAX_KEY_FILE_BYTES = 16 << 20
 log = logging.getLogger("conduit.keys")
 
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
@@ -146,9 +149,11 @@ def load_keys(path: str) -> KeySet:
     signature = file_signature(path)  # before the read: a change during it is seen later
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_KEY_FILE_BYTES >> 20} MiB")
     if KEY_PREFIX.encode() in data:
         raise ConfigError(
             f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "

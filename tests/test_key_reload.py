@@ -193,3 +193,32 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path):
         assert run(body()) == (4001, "key revoked")
     finally:
         sidecar.stop()
+
+
+def test_a_key_file_grown_huge_is_refused_and_the_last_good_set_stays(tmp_path, mock_provider):
+    """A key file is read up to a bound: one mounted by mistake (a device, a log) was
+    read whole on the event loop, stalling every session and growing the memory by its
+    size (a 200 MiB one: +200 MiB RSS, a 0.6 s stall)."""
+    keys = Keys()
+    alpha, beta = keys.add("alpha"), keys.add("beta")
+    volume = SecretVolume(str(tmp_path / "secret"))
+    os.mkdir(volume.root)
+    volume.publish(keyfile(keys, {"alpha"}))
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys,
+                             keys_file=os.path.join(volume.root, "keys.json")).start()
+    try:
+        async def body():
+            live = await connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {alpha}"})
+            assert "session.created" in await live.recv()
+            # Valid JSON, padded past the bound: read whole, it would let beta in.
+            volume.publish(keyfile(keys, {"alpha", "beta"})[:-1] + " " * (17 << 20) + "}")
+            assert await eventually(
+                lambda: _metric_has(sidecar, 'conduit_keys_reload_total{result="invalid"} 1.0'))
+            assert not await opens(sidecar, beta)
+            await live.send(b"still here")
+            assert await live.recv() == b"still here"
+        run(body())
+        errors = [line["error"] for line in sidecar.log_lines() if line.get("event") == "keys_reload"]
+        assert errors == [f"{sidecar.keys_file}: larger than 16 MiB"]
+    finally:
+        sidecar.stop()
