@@ -2,7 +2,8 @@
 budget windows. `LocalStore` keeps them in this process; `RedisStore` in Redis,
 each update one atomic Lua script, so two pods never both take the last slot.
 
-Redis keys (the key id in braces keeps one key's data in one Redis Cluster slot):
+Redis keys (the key id in braces keeps one key's data in one hash slot; the client
+is not cluster-aware: one Redis server):
 
     PREFIX{KEY_ID}:leases              sorted set, member per live session, score =
                                        lease expiry (ms); TTL lease_seconds, renewed
