@@ -77,6 +77,10 @@ SECTIONS = {
                  ["sidecar", "sidecar-wss-uvloop", "sidecar-wss"],
                  [("sidecar-wss", "sidecar"), ("sidecar-wss-uvloop", "sidecar")]),
     # sidecar-tls: the provider leg over wss, as in production.
+    # a usage report with 2,000 more live sessions of its own key, or of other keys
+    "governor": ("Governor in process: µs per provider usage report (benchmarks/test_governance.py)",
+                 ["alone", "2000-other-keys", "2000-of-its-key"],
+                 [("2000-other-keys", "alone"), ("2000-of-its-key", "alone")]),
     "memory": ("Memory of a fresh sidecar seen from outside (RSS; benchmarks/memory.py)",
                ["sidecar", "sidecar-tls"], [("sidecar-tls", "sidecar")]),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "

@@ -76,7 +76,7 @@ class Governor:
         config: Config,
         metrics: Metrics,
         sessions: Collection[SessionInfo],
-        live_per_key: Mapping[str, int],
+        by_key: Mapping[str, Collection[SessionInfo]],
         model_label: Callable[[str | None], str],
     ):
         # What it needs of the process, passed in: it never reaches back into the server.
@@ -84,7 +84,7 @@ class Governor:
         self.state = config.state
         self.metrics = metrics
         self.sessions = sessions  # every live session (the process's own set)
-        self.live_per_key = live_per_key
+        self.by_key = by_key  # the same, by key id
         self.model_label = model_label
         self.store = open_store(self.state)
         self.local = self.store if isinstance(self.store, LocalStore) else LocalStore()
@@ -168,7 +168,8 @@ class Governor:
         reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
         if reason:
             return _relay.CloseCode.BUDGET_EXHAUSTED, reason
-        if self.shared and entry.max_connections and self.live_per_key[entry.id] > entry.max_connections:
+        live = len(self.by_key.get(entry.id, ()))
+        if self.shared and entry.max_connections and live > entry.max_connections:
             return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         if entry.sessions_per_minute:
             wait = self.local.take_start(entry.id, entry.sessions_per_minute)
@@ -309,11 +310,19 @@ class Governor:
         """Close the key's sessions if it reached a budget (as each session's entry,
         kept current by the key rechecks, has it)."""
         totals = None
-        for info in [i for i in self.sessions if i.key_id == key_id and i.key.budgets]:
-            totals = totals or self.estimate(key_id, now)
-            reason = over_budget(info.key.budgets, totals, now)
+        entry, reason = None, None  # a key's sessions mostly share one entry: judged once
+        over = []  # (closed after the walk: a close may end a session, changing the set)
+        for info in self.by_key.get(key_id, ()):
+            if info.key is not entry:
+                entry = info.key
+                reason = None
+                if entry.budgets:
+                    totals = totals or self.estimate(key_id, now)
+                    reason = over_budget(entry.budgets, totals, now)
             if reason:
-                self._close(info, _relay.CloseCode.BUDGET_EXHAUSTED, reason)
+                over.append((info, reason))
+        for info, reason in over:
+            self._close(info, _relay.CloseCode.BUDGET_EXHAUSTED, reason)
 
     def _close(self, info: SessionInfo, code: int, reason: str) -> None:
         relay = info.relay

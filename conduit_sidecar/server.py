@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import gc
 import logging
@@ -47,7 +46,9 @@ class Sidecar:
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
         self.pending = Slots(self.limits.max_connections)  # connections without a session
-        self.live_per_key: collections.Counter[str] = collections.Counter()
+        # The same sessions by key id: counts for max_connections, and the governor
+        # checks a key's budgets against its own sessions only.
+        self.by_key: dict[str, set[SessionInfo]] = {}
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
         self.metrics = Metrics(
@@ -55,7 +56,7 @@ class Sidecar:
         )
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
-        self.governor = Governor(config, self.metrics, self.sessions, self.live_per_key, self.model_label)
+        self.governor = Governor(config, self.metrics, self.sessions, self.by_key, self.model_label)
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
         self.watcher: KeyWatcher | None = None
@@ -78,7 +79,7 @@ class Sidecar:
             self.keyset,
             self.router,
             dt.datetime.now(dt.UTC),
-            {} if self.governor.shared else self.live_per_key,
+            {} if self.governor.shared else self.by_key,
             len(self.sessions) >= self.limits.max_connections,
             self.draining,
             self.config.allowed_origins,
@@ -97,15 +98,16 @@ class Sidecar:
 
     def reserve(self, info: SessionInfo) -> None:
         self.sessions.add(info)
-        self.live_per_key[info.key_id] += 1
+        self.by_key.setdefault(info.key_id, set()).add(info)
         self.trimmer.grew(len(self.sessions))
 
     def release(self, info: SessionInfo) -> None:
         if info in self.sessions:
             self.sessions.discard(info)
-            self.live_per_key[info.key_id] -= 1
-            if self.live_per_key[info.key_id] <= 0:
-                del self.live_per_key[info.key_id]
+            peers = self.by_key[info.key_id]
+            peers.discard(info)
+            if not peers:
+                del self.by_key[info.key_id]
             if info.upstream is not None:
                 info.upstream.release()  # least_sessions counts live sessions
         self.governor.release(info)

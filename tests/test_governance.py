@@ -244,6 +244,30 @@ def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_serv
     assert "tokens 36 / 30" in usage_cli(a, "budget")
 
 
+def test_a_crossed_budget_closes_every_session_of_its_key_and_no_other(sidecars):
+    """Each key's sessions are judged against its own budgets only (the governor keeps
+    them by key id): the session that crosses and its key's idle one close with 4002,
+    while a session of another key with the same budget goes on."""
+    keys = Keys()
+    for key_id in ("spender", "bystander"):
+        keys.add(key_id, budgets=[{"metric": "tokens", "limit": 20, "window": "day"}])
+    (proc,) = sidecars(keys, None, n=1)
+
+    async def scenario():
+        opened = [await attempt(proc, k) for k in ("spender", "spender", "bystander")]
+        assert [o[0] for o in opened] == ["open"] * 3
+        spender, idle, bystander = (o[1] for o in opened)
+        await response_done(bystander)                 # 12 of its own 20
+        await response_done(spender)                   # 12
+        await spender.send(json.dumps({"type": "response.create"}))   # 24: crosses 20
+        for ws in (spender, idle):
+            code, reason = await closed(ws, "budget_exceeded")
+            assert (code, reason.split(";")[0]) == (4002, "budget exhausted: tokens per day (20)")
+        assert (await response_done(bystander))["response"]["usage"]["total_tokens"] == 12
+        await bystander.close()
+    run(scenario())
+
+
 def test_max_session_seconds_closes_with_4008(sidecars, redis_server):
     keys = Keys()
     keys.add("capped", max_session_seconds=2)
