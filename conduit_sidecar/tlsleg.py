@@ -25,6 +25,13 @@ __all__ = ["SessionCache", "TLSStream", "handover", "start_tls"]
 
 _READ = 65536
 _DETACHED = asyncio.Protocol()  # the app of a stream the relay took (shared, does nothing)
+# OpenSSL makes room for a handshake message as soon as its 4-byte header is read, as
+# large as the header says (a ClientHello: up to 128 KiB, zero-filled), before any of
+# it came: 9 bytes of a connection held 123 KiB of the server. A real ClientHello is a
+# few KiB; one that fits the 16 KiB each handshake sets up at its start costs no more.
+_HELLO_MAX = 16384 - 4
+# A ServerHello with this random is a HelloRetryRequest (RFC 8446 4.1.3).
+_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 
 
 def _quickack(raw) -> None:
@@ -68,6 +75,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         # write) moved past it, or OpenSSL wrote a record of its own after the handshake.
         self.records = 0
         self.failed: Exception | None = None  # why the handshake failed (told to the app)
+        self.hellos = _Hellos() if server_side else None  # until no ClientHello can come
 
     # protocol of the plain transport
 
@@ -79,6 +87,10 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             self._handshake()  # the ClientHello
 
     def data_received(self, data):
+        if self.hellos is not None:
+            data = self._screen(data)
+            if data is None:
+                return
         self.incoming.write(data)
         if self.handshaken or self._handshake():
             self._deliver()
@@ -101,6 +113,31 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
     def resume_writing(self):
         self.app.resume_writing()
 
+    def _screen(self, data: bytes) -> bytes | None:
+        """Server side: the client's records are read ahead of OpenSSL for its
+        ClientHellos' headers. Returns what is left for the BIO, or None when a
+        ClientHello is too large (the connection is dropped, as for a failed handshake)."""
+        hellos = self.hellos
+        assert hellos is not None
+        at, found = hellos.scan(data, 0)
+        while found == "ccs":
+            # A ClientHello follows a change_cipher_spec only after a HelloRetryRequest
+            # (TLS 1.2 encrypts what follows): OpenSSL answers what came before it first.
+            self.incoming.write(data[:at])
+            data = data[at:]
+            self._handshake()
+            if self.raw.is_closing():
+                return None
+            at, found = hellos.scan(data, 0) if hellos.retried else (0, "done")
+        if found == "large":
+            self.failed = ssl.SSLError(f"ClientHello over {_HELLO_MAX} bytes")
+            self.failed.reason = "EXCESSIVE_MESSAGE_SIZE"  # OpenSSL's name for one over its own limit
+            self.raw.abort()
+            return None
+        if found == "done":
+            self.hellos = None
+        return data
+
     def _handshake(self) -> bool:
         try:
             self.sslobj.do_handshake()
@@ -120,6 +157,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.handshaken = self.server_side
         self._flush()
         self.handshaken = True
+        self.hellos = None
         if self.server_side:
             # The listener sends no session tickets (tls.ListenerTLS), so nothing carries
             # the ACK of the client's Finished: a client with Nagle's algorithm on would
@@ -155,6 +193,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         """Records to the socket; `ours`: they encrypt what was written (or tickets)."""
         data = self.outgoing.read()
         if data:
+            if self.hellos is not None and data[5:6] == b"\x02" and data[11:43] == _RETRY_RANDOM:
+                self.hellos.retried = True
             if ktls.enabled and self.handshaken and self.records >= 0:
                 self.records = self.records + _count_records(data) if ours else -1
             self.raw.write(data)
@@ -259,6 +299,64 @@ async def start_tls(
     stream.connection_made(raw)
     await stream.waiter
     return stream
+
+
+class _Hellos:
+    """The client's records during a server handshake, read ahead of OpenSSL, for the
+    header of each ClientHello (the first, and after a HelloRetryRequest the second)."""
+
+    __slots__ = ("record", "left", "type", "header", "body", "retried")
+
+    def __init__(self):
+        self.record = b""  # a record header's first bytes
+        self.left = 0  # of the current record's body
+        self.type = 0  # of the current record
+        self.header = b""  # a handshake message header's first bytes
+        self.body = 0  # left of the current handshake message
+        self.retried = False  # the server sent a HelloRetryRequest
+
+    def scan(self, data: bytes, at: int) -> tuple[int, str]:
+        """Reads `data` from `at`: (len(data), "more") when all was read; else where it
+        stopped and why: "large" (a ClientHello over _HELLO_MAX), "ccs" (a
+        change_cipher_spec record ended there) or "done" (a record or message that is
+        no ClientHello: nothing more to check)."""
+        end = len(data)
+        while at < end:
+            if not self.left:
+                take = min(5 - len(self.record), end - at)
+                self.record += data[at : at + take]
+                at += take
+                if len(self.record) < 5:
+                    break
+                self.type, self.left = self.record[0], int.from_bytes(self.record[3:5], "big")
+                self.record = b""
+                if self.type not in (20, 22):  # not change_cipher_spec, not handshake
+                    return at, "done"
+                continue
+            stop = at + min(self.left, end - at)
+            self.left -= stop - at
+            if self.type == 20:
+                at = stop
+                if not self.left:
+                    return at, "ccs"
+                continue
+            while at < stop:
+                if self.body:
+                    take = min(self.body, stop - at)
+                    self.body -= take
+                    at += take
+                    continue
+                take = min(4 - len(self.header), stop - at)
+                self.header += data[at : at + take]
+                at += take
+                if len(self.header) == 4:
+                    kind, self.body = self.header[0], int.from_bytes(self.header[1:4], "big")
+                    self.header = b""
+                    if kind != 1:
+                        return at, "done"
+                    if self.body > _HELLO_MAX:
+                        return at, "large"
+        return at, "more"
 
 
 def _count_records(data: bytes) -> int:

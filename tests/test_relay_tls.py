@@ -527,3 +527,99 @@ def test_a_tls_session_copy_resumes_and_outlives_its_legs(pki):
     newest = _relay.tls_session(second)
     del second
     assert newest is not None and handshake(newest).session_reused
+
+
+def _hello_without_key_shares(client_ctx) -> bytes:
+    """A TLS 1.3 ClientHello record that offers no key share: the server answers with
+    a HelloRetryRequest, and the client's next ClientHello is read as the first was."""
+    sslobj = client_ctx.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                 server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        sslobj.do_handshake()
+    hello = outgoing.read()[9:]                 # past the record and message headers
+    at = 34 + 1 + hello[34]                     # version, random, session id
+    at += 2 + int.from_bytes(hello[at:at + 2], "big") + 1
+    at += hello[at - 1]                         # cipher suites, compression methods
+    head, extensions, rest = hello[:at], b"", hello[at + 2:]
+    while rest:
+        kind, size = rest[:2], int.from_bytes(rest[2:4], "big")
+        data, rest = rest[4:4 + size], rest[4 + size:]
+        if kind == b"\x00\x33":                 # key_share: an empty list
+            data = b"\x00\x00"
+        extensions += kind + len(data).to_bytes(2, "big") + data
+    body = head + len(extensions).to_bytes(2, "big") + extensions
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+
+
+@pytest.mark.parametrize("which", ["first", "after a retry"])
+def test_a_clienthello_too_large_is_refused_at_its_header(pki, which):
+    """OpenSSL makes room for a ClientHello as large as its header says (up to 128 KiB,
+    zero-filled) before any of it came: 9 bytes held 123 KiB of the listener per
+    connection until its handshake timeout. A server stream drops a connection whose
+    ClientHello (the first, or the one after a HelloRetryRequest) is larger than the
+    16 KiB OpenSSL sets up anyway, and says why as a failed handshake."""
+    big = b"\x16\x03\x01\x00\x04\x01" + (128 << 10).to_bytes(3, "big")
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        lost = loop.create_future()
+
+        class App(asyncio.Protocol):
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(lambda: tlsleg.TLSStream(pki[0], App(), server_side=True),
+                                          "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        if which == "after a retry":
+            writer.write(_hello_without_key_shares(pki[1]))
+            retry = await reader.readexactly(5)
+            await reader.readexactly(int.from_bytes(retry[3:5], "big"))
+            writer.write(b"\x14\x03\x03\x00\x01\x01")   # change_cipher_spec, as clients send
+        writer.write(big)
+        exc = await asyncio.wait_for(lost, 5)
+        writer.close()
+        server.close()
+        return retry[0] if which == "after a retry" else 22, getattr(exc, "reason", exc)
+    assert run(body()) == (22, "EXCESSIVE_MESSAGE_SIZE")
+
+
+def test_handshakes_with_a_retry_or_a_tls12_resumption_pass_the_hello_check():
+    """What a server stream reads ahead of OpenSSL for ClientHellos lets real ones
+    through: a second ClientHello after a HelloRetryRequest (the server takes only
+    P-256, the client's first key share is X25519), and TLS 1.2 resumptions, whose
+    change_cipher_spec is followed by an encrypted Finished (read as a ClientHello
+    header, 1 in 256 would look like one, most of them too large)."""
+    async def body(server_ctx, client_ctx, resume):
+        loop = asyncio.get_running_loop()
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+        server = await loop.create_server(lambda: tlsleg.TLSStream(server_ctx, Echo(), server_side=True),
+                                          "127.0.0.1", 0)
+        session, reused = None, []
+        for _ in range(40 if resume else 1):
+            raw, client = await loop.create_connection(_Collect, "127.0.0.1", server.sockets[0].getsockname()[1])
+            stream = await tlsleg.start_tls(raw, client, client_ctx, "127.0.0.1", session)
+            stream.write(b"ping")
+            await asyncio.wait_for(_until(lambda: client.data == b"ping"), 5)
+            reused.append(stream.sslobj.session_reused)
+            session = _relay.tls_session(stream.sslobj) if resume else None
+            stream.close()
+        server.close()
+        return reused
+
+    with tempfile.TemporaryDirectory() as d:
+        ca = CA()
+        client_ctx = ssl.create_default_context(cafile=ca.write(os.path.join(d, "ca.pem")))
+        retrying, server_ctx = ca.server_context(d), ca.server_context(d)
+        retrying.set_ecdh_curve("prime256v1")
+        assert run(body(retrying, client_ctx, False)) == [False]
+        client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert run(body(server_ctx, client_ctx, True)) == [False] + [True] * 39
