@@ -8,11 +8,15 @@ be an `Authorization` header).
 
 from __future__ import annotations
 
+import re
+
 from websockets.exceptions import SecurityError
 from websockets.http11 import Request
 from websockets.streams import StreamReader
 
 __all__ = ["BadRequest", "RequestReader", "what"]
+
+_QUOTES = re.compile("[:;]")  # what follows either in websockets' errors may be the peer's
 
 
 class BadRequest(Exception):
@@ -60,5 +64,8 @@ class RequestReader:
 def what(exc: Exception) -> str:
     """A websockets parser or handshake error without the text it quotes ("invalid
     HTTP header line: Authorization: ...", "unsupported protocol; expected HTTP/1.1:
-    GET /?key=..."): a peer's line may hold a secret, even ours echoed back."""
-    return str(exc).split(":", 1)[0]
+    GET /?key=...", "invalid status code; expected integer; got /?key=..."): a peer's
+    line may hold a secret, even ours echoed back."""
+    if isinstance(exc, NotImplementedError):  # "transfer coding {the peer's value} isn't supported"
+        return "unsupported transfer coding"
+    return _QUOTES.split(str(exc), 1)[0]

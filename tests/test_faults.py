@@ -347,18 +347,25 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     assert "conduit_connections_active 0.0" in counts
 
 
-@pytest.mark.parametrize("answer", ["echo", "bad_101"])
+@pytest.mark.parametrize("answer", ["echo", "bad_101", "status", "coding"])
 def test_an_upstream_answer_that_quotes_our_request_never_carries_the_secret_further(tmp_path, answer):
     """An upstream that echoes the request back (an echo service on the wrong port), or
-    a 101 whose bad header repeats our request line: websockets' errors quote the
-    line, which holds the provider secret when the URL carries it (Gemini's `?key=`).
-    Neither the client's close reason nor a log line may."""
+    a 101 whose bad header repeats our request line, or a response whose status code or
+    Transfer-Encoding does (websockets quotes those after a ';' or in mid-sentence, not
+    after a ':'): websockets' errors quote the line, which holds the provider secret when
+    the URL carries it (Gemini's `?key=`). Neither the client's close reason nor a log
+    line may."""
     upstream_port = free_port()
 
     async def echo(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
+        target = head.split(b" ")[1]  # the path, its ?key= included
         if answer == "echo":
             writer.write(head)
+        elif answer == "status":
+            writer.write(b"HTTP/1.1 " + target + b" Echo\r\nContent-Length: 0\r\n\r\n")
+        elif answer == "coding":
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: " + target + b"\r\n\r\n")
         else:
             line = head.split(b"\r\n", 1)[0]
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + line + b"\r\n"
