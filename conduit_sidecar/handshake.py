@@ -234,13 +234,18 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             return refuse(400, f"{name} longer than {held.MAX_MODEL_CHARS} characters")
     model = query.get(model_param, [None])[0] if model_param else None
     provider = query.get("provider", [None])[0] if fixed is None else fixed
-    # OpenAI's path without a model: a call (call_id=) or a transcription session; the
-    # Live paths name none ever.
-    kind = modelless(query) if path == PATHS[1] and model is None else where.modelless if where else None
+    # OpenAI's sessions without a model in the URL: a call (call_id=) or a transcription
+    # session; the Live paths name none ever.
+    kind = modelless(query) if path == PATHS[1] else where.modelless if where else None
     if kind is not None and not speaks_openai(provider or "openai"):
         kind = None  # another provider's sessions need their model: refused as before
     if kind is not None:
         provider = provider or "openai"
+        # A `model=` beside call_id or intent (openai-python sends both if given both,
+        # LiveKit's STT both to a gateway) is not the session's: a call's model is the
+        # call's, a transcription's is named in its first message, and OpenAI would take
+        # it as a conversation session's. It is dropped, not checked.
+        model = None
 
     offered = _offered(request)
     key, carriers = presented_key(forms, request.headers, query, offered)

@@ -530,10 +530,10 @@ def _openai(native, key_id: str):
                        api_key=native.keys.plain[key_id])
 
 
-def _transcribe(native, key_id: str, model: str | None, seconds: int = 1):
+def _transcribe(native, key_id: str, model: str | None, seconds: int = 1, url_model: str | None = None):
     """A transcription session through the openai SDK (`intent=transcription`, no model
-    in the URL; the GA session.update names the model): the completed event, or the
-    close code and reason."""
+    in the URL unless `url_model`; the GA session.update names the model): the completed
+    event, or the close code and reason."""
     import base64
 
     from openai import APIError
@@ -544,7 +544,7 @@ def _transcribe(native, key_id: str, model: str | None, seconds: int = 1):
             session["audio"] = {"input": {"transcription": {"model": model}}}
         try:
             async with _openai(native, key_id).realtime.connect(
-                    extra_query={"intent": "transcription"}) as conn:
+                    extra_query={"intent": "transcription", **({"model": url_model} if url_model else {})}) as conn:
                 await conn.session.update(session=session)
                 await conn.input_audio_buffer.append(audio=base64.b64encode(bytes(48000 * seconds)).decode())
                 await conn.input_audio_buffer.commit()
@@ -672,6 +672,22 @@ def test_openai_transcription_without_a_model(native):
     assert last_session(native, "openai", mark)["model"] == "transcription"
 
 
+def test_openai_transcription_with_a_model_in_the_url_too(native):
+    """LiveKit's OpenAI STT plugin names its model in the URL beside intent=transcription
+    when its base URL is not OpenAI's ("Gateways need the model on the upgrade URL"); at
+    OpenAI, `model=` makes a conversation session, which refuses the transcription update.
+    So none goes upstream, and the update's model is the one checked and labelled."""
+    mark = log_mark(native)
+    event = _transcribe(native, "transcribe-only", "gpt-4o-transcribe", url_model="gpt-4o-transcribe")
+    assert event.transcript == "48000 bytes heard by gpt-4o-transcribe"
+    assert _last_request(native, "openai")[0] == "/v1/realtime?intent=transcription"
+    assert last_session(native, "openai", mark)["model"] == "gpt-4o-transcribe"
+    assert _transcribe(native, "transcribe-only", "whisper-1", url_model="gpt-4o-transcribe") == (
+        4003, "model 'whisper-1' not allowed for this key")
+    assert _transcribe(native, "transcribe-only", None, url_model="gpt-4o-transcribe") == (
+        4003, "the first message must name a model for this key")
+
+
 def test_openai_beta_transcription_session_update(native):
     """The beta shape names the model in `transcription_session.update`."""
     key = native.keys.plain["transcribe-only"]
@@ -719,6 +735,27 @@ def test_openai_call_id_with_a_key_limited_to_models_gets_4003(native):
             rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
             return rcvd.code, rcvd.reason
     assert run(body()) == (4003, "call_id sessions name no model: not allowed for this key")
+
+
+def test_openai_call_id_with_a_model_is_still_a_call(native):
+    """openai-python sends `model` and `call_id` both when given both (openai-agents and
+    the Node SDK refuse them together): the session is still the call, whose model was
+    chosen where it was created. A key limited to models gets 4003 as without the model
+    (which it would otherwise pass, joining any call), and a call goes upstream as one."""
+    from openai import APIError
+
+    async def body(key_id):
+        try:
+            async with _openai(native, key_id).realtime.connect(call_id="rtc_abc", model="gpt-realtime-translate") as conn:
+                return (await conn.recv()).type
+        except (ConnectionClosed, APIError) as exc:
+            rcvd = getattr(exc, "rcvd", None) or getattr(exc.__cause__, "rcvd", None)
+            return rcvd.code, rcvd.reason
+    assert run(body("models-only")) == (4003, "call_id sessions name no model: not allowed for this key")
+    mark = log_mark(native)
+    assert run(body("good")) == "session.created"
+    assert _last_request(native, "openai")[0] == "/v1/realtime?call_id=rtc_abc"
+    assert last_session(native, "openai", mark)["model"] == "call"
 
 
 # -- OpenAI translation sessions -----------------------------------------------------

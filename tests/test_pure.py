@@ -190,8 +190,9 @@ def test_openai_sessions_without_a_model_in_the_url():
         up = state.router.upstream(d.route.targets[0], None, d.query)
         assert up.uri.resource_name == f"/v1/realtime?{query}"
         assert up.headers == [("Authorization", "Bearer sk-up")]
+    # A model beside them is not the session's (test_native_sdks: ..._with_a_model_...).
     with_model = decide(upgrade("/v1/realtime?model=gpt-realtime&provider=openai&call_id=c"), state)
-    assert isinstance(with_model, Accept) and with_model.modelless is None
+    assert isinstance(with_model, Accept) and (with_model.model, with_model.modelless) == (None, "call")
     for path, code, reason in (
         ("/v1/realtime", 4004, "no model and no provider given"),
         ("/v1/realtime?intent=quicksilver", 4004, "no model and no provider given"),

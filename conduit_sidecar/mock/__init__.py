@@ -14,7 +14,8 @@ assemblyai, elevenlabs). The OpenAI Realtime GA shape:
   with the item (given an id if it had none);
 - binary frames are echoed; text that is not a known JSON event is echoed verbatim.
 
-A transcription session (`?intent=transcription`) instead starts with a
+A transcription session (`?intent=transcription`, no `model`: with one, OpenAI opens a
+conversation session, as LiveKit's STT plugin notes) instead starts with a
 `session.created` of type `transcription`, answers `session.update` (GA) and
 `transcription_session.update` (beta), and on `input_audio_buffer.commit` sends
 `input_audio_buffer.committed`, a transcription `delta` and `completed` with `usage`:
@@ -106,7 +107,11 @@ class MockProvider:
             await _translation(ws, query.get("model", [""])[0])
         elif self.handler == self._handle and "/live/sessions" in url.path:
             await _live(ws, started=url.path.endswith("/attach"))
-        elif self.handler == self._handle and query.get("intent") == ["transcription"]:
+        elif (
+            self.handler == self._handle
+            and query.get("intent") == ["transcription"]
+            and not query.get("model")
+        ):
             await _transcription(ws)
         elif self.handler == native.elevenlabs and "/text-to-speech/" in url.path:
             await native.text_to_speech(ws, self.first_messages)
