@@ -256,8 +256,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     passed = [p for p in offered if p not in carriers]
     # Deepgram's browser form `token, KEY`: the 101 selects `token`; the provider,
     # which gets its key by header, is not offered it.
-    named = {f.name for f in forms if f.where == "subprotocol" and not f.name.endswith(".")}
-    upstream_offer = [p for p in passed if p not in named]
+    upstream_offer = [p for p in passed if p not in _announcers(forms)]
 
     # Answer the client with one of its own subprotocols, never the key one.
     # allowed_origins guards against other sites' pages; clients that send no Origin
@@ -338,6 +337,11 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     forward = tuple((n, v) for n, values in query.items() if n in passes for v in values)
     hold: Callable[[bytes], tuple[str, ...]] | None = None
     template = TEMPLATES.get(route.name)
+    if template is not None and template.keys != forms:
+        # The route's provider reads a key in its own forms too (Deepgram's `token, KEY`
+        # on the sidecar's paths): a credential of the client's there never goes upstream.
+        _, theirs = presented_key(template.keys, request.headers, query, offered)
+        upstream_offer = [p for p in upstream_offer if p not in theirs | _announcers(template.keys)]
     greeted = template is not None and template.settings_after_welcome
     # By the route, not the path: Gemini's setup names the model on /v1/realtime/connect too.
     later: Callable[[bytes], tuple[str, ...]] | None = None
@@ -375,6 +379,13 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         greeted,
         later,
     )
+
+
+@functools.cache
+def _announcers(forms: tuple[KeyForm, ...]) -> frozenset[str]:
+    """The subprotocols that announce a key in the protocol after them (Deepgram's
+    `token`): never offered upstream, where the provider has its key by header."""
+    return frozenset(f.name for f in forms if f.where == "subprotocol" and not f.name.endswith("."))
 
 
 def _without_key_subprotocols(request: Request, passed: list[str], had_key: bool) -> Request:

@@ -970,6 +970,25 @@ def test_the_header_key_wins_and_the_query_key_never_goes_upstream(native):
     assert "condt_in_the_query" not in path and path.endswith("?key=" + urllib.parse.quote(PROVIDER_SECRET, safe=""))
 
 
+def test_a_key_in_the_routed_providers_subprotocol_form_never_goes_upstream(native):
+    """On the sidecar's own path the key is read in OpenAI's forms, but the session goes
+    to Deepgram, which reads a key from `token, KEY` (and `bearer, KEY`): a credential
+    of the client's there would reach the provider beside the sidecar's."""
+    good = native.keys.plain["good"]
+
+    async def body():
+        url = f"ws://127.0.0.1:{native.port}/v1/realtime/connect?provider=deepgram&model=nova-3"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {good}"},
+                           subprotocols=["token", "dg-own-key", "bearer", "dg-jwt", "other"]) as ws:
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            await ws.recv()
+            return ws.subprotocol
+    assert run(body()) == "other"  # the provider's choice (the mock's: the first offered)
+    _, headers = _last_request(native, "deepgram")
+    assert headers.get_all("Sec-WebSocket-Protocol") == ["other"]
+    assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
+
+
 def test_only_allowed_client_parameters_pass(native):
     key = native.keys.plain["good"]
 
