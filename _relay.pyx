@@ -721,7 +721,12 @@ cdef class Leg(Endpoint):
         observe(now_ns() - t0)
 
     def eof_received(self):
-        return False    # a half-closed peer ends the session: close the transport
+        # A peer that ends its side after its close frame still reads: the answer to
+        # its close (within the close timeout) goes to it. Without one, a half-closed
+        # peer ends the session: the transport closes. (uvloop's TLS transports, which
+        # have no fd here, cannot stay half-open: they would log a warning.)
+        return self.fd >= 0 and (self.state == CLOSE_RECEIVED or self.state == CLOSE_QUEUED_LAST
+                                 or self.state == CLOSED)
 
     def pause_writing(self):
         if self.outbound is None:

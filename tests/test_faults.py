@@ -180,6 +180,51 @@ def test_upstream_that_stops_reading(faulty):
     assert end["closed_by"] == "upstream" and end["close_code"] == 1006
 
 
+def test_a_client_that_ends_its_side_after_its_close_still_gets_the_providers_answer(faulty):
+    """The client sends its close, then ends its side of the TCP connection (shutdown
+    SHUT_WR): a half-close, its socket still open for reading. The provider finishes
+    what it had to say and answers the close a moment later: the client gets both. The
+    relay took the client's end for a lost connection and closed its socket at once, so
+    the client never got the answer to its close (1006 where the provider said 1000)."""
+    def answer(transport, data):
+        if data[:1] == b"\x88" and not transport.is_closing():
+            last = bytes([0x81, 4]) + b"last" + b"\x88\x05\x03\xe8bye"
+            asyncio.get_running_loop().call_later(0.2, transport.write, last)
+
+    async def client(reader, writer, events):
+        events["on_data"] = answer
+        writer.write(masked(0x88, (1000).to_bytes(2, "big")))
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 5)     # until the sidecar closes
+    data, events = with_upstream(faulty, lambda t: None, client)
+    assert data == bytes([0x81, 4]) + b"last" + b"\x88\x05\x03\xe8bye"
+    end = last_end(faulty, events)
+    assert (end["closed_by"], end["close_code"]) == ("client", 1000)
+
+
+def test_a_provider_that_ends_its_side_after_its_close_still_gets_the_clients_answer(faulty):
+    """The same from the provider: its close, then its end of the TCP connection. The
+    client's answer to that close reaches it (the relay had closed the client's socket
+    as soon as the provider's end came, before the client could answer)."""
+    def act(transport):
+        transport.write(b"\x88\x05\x03\xe8bye")
+        transport.write_eof()
+
+    async def client(reader, writer, events):
+        assert await close_frame_of(reader) == (1000, "bye")
+        writer.write(masked(0x88, (1000).to_bytes(2, "big") + b"ok"))
+        await asyncio.wait_for(reader.read(), 5)            # the sidecar closes
+        for _ in range(100):                                # and lets go of the provider
+            if "lost" in events:
+                break
+            await asyncio.sleep(0.05)
+    _, events = with_upstream(faulty, act, client)
+    data = events.get("data", b"")
+    assert data[:1] == b"\x88" and len(data) == 2 + 4 + 4
+    body = bytes(b ^ data[2 + (i & 3)] for i, b in enumerate(data[6:]))
+    assert body == (1000).to_bytes(2, "big") + b"ok"
+
+
 @pytest.mark.parametrize("answers", [True, False])
 def test_a_violating_client_gets_its_close_code_whether_or_not_the_provider_answers(faulty, answers):
     """The provider is closed first (1002, reason naming the client); the client gets
