@@ -89,6 +89,9 @@ class _FirstMessage(_Reader):
             return
         self.raw += data
         self.ws.receive_data(bytes(data))
+        # Its answers (a pong per ping) are never sent: the pings go to the provider
+        # with the raw bytes, and it answers them. Kept, they outgrew the bytes read.
+        self.ws.data_to_send()
         for frame in self.ws.events_received():
             assert isinstance(frame, Frame)  # OPEN: no handshake events any more
             if frame.opcode in _DATA:

@@ -8,7 +8,7 @@ import time
 import pytest
 from websockets.asyncio.server import serve
 
-from conftest import raw_upstream_sidecar, run, switching_protocols
+from conftest import SidecarProcess, raw_upstream_sidecar, run, standard_keys, switching_protocols
 
 
 def request(path="/v1/realtime/connect?model=mock-realtime&provider=mock", method="GET",
@@ -359,6 +359,39 @@ def test_a_rejected_client_streaming_a_huge_frame_costs_no_memory(strict):
     assert sent > 64 << 20, f"the attack sent only {sent} bytes"
     assert peak - before < 8 << 10, f"RSS {before} -> {peak} KiB during the attack ({sent} B sent)"
     assert after - before < 4 << 10, f"RSS {before} -> {after} KiB after the attack"
+
+
+def test_pings_around_a_held_first_message_cost_no_more_than_their_bytes(tmp_path):
+    """A session whose first message is held (Gemini's setup) is sent a megabyte of
+    empty pings before it. The raw bytes are kept for the provider (which answers the
+    pings), at most first_message_bytes and a slack: the pongs the parser made for
+    each ping were kept too, never sent, and cost four times the bytes read."""
+    proc = SidecarProcess(str(tmp_path), '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\n'
+                          'secret_env = "PROVIDER_KEY"\n', standard_keys()).start()
+    pings = masked(0x89, b"") * 170_000             # 1,020,000 bytes: under the 1 MiB + slack
+
+    async def body():
+        sessions = []
+        for _ in range(8):
+            sessions.append(await session(proc.port, proc.keys.plain["good"],
+                                          "/v1/realtime/connect?provider=gemini"))
+        before = rss_kib(proc.proc.pid)
+        for _, writer in sessions:
+            writer.write(pings)
+            await writer.drain()
+        for reader, writer in sessions:             # each still held: nothing came back
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.2)
+        grown = rss_kib(proc.proc.pid) - before
+        for _, writer in sessions:
+            writer.close()
+        return grown
+    try:
+        grown = run(body())
+        sent = 8 * len(pings)
+        assert grown << 10 < 2 * sent, f"RSS grew {grown} KiB for {sent} bytes of pings"
+    finally:
+        proc.stop()
 
 
 # -- secrets stay out of logs and answers, whatever the input ---------------------------
