@@ -1388,16 +1388,27 @@ cdef class Relay:
         return 0
 
     def _deadline(self):
-        """The close timeout: both connections are dropped, but a violator still
-        owed its close code (the other peer never answered ours) gets it first, if
-        the frames to it are at a boundary."""
+        """The close timeout: both connections are dropped, but a peer still owed a
+        close gets it first, if the frames to it are at a boundary: a violator its
+        code (the other peer never answered ours), a peer that closed the answer the
+        other peer never gave."""
         cdef Leg leg
         for leg in (self.client, self.upstream):
-            if leg.state == FAILED and leg.outbound is not None and leg.outbound.left == 0:
+            if leg.outbound is None or leg.outbound.left:
+                continue
+            if leg.state == FAILED:
                 frame = close_frame(self.fail_code, self.fail_reason, leg is self.upstream)
-                leg.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
-                if leg.state < SHUT:
-                    leg.set_state(CLOSE_SENT)
+            elif leg.state == CLOSE_RECEIVED and leg is self.client:
+                frame = close_frame(UPSTREAM_FAILED, "upstream did not answer the close", False)
+            elif leg.state == CLOSE_RECEIVED:
+                frame = close_frame(GOING_AWAY, "client did not answer the close", True)
+            else:
+                continue
+            leg.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+            if leg.state == FAILED:
+                leg.set_state(CLOSE_SENT)
+            elif leg.state == CLOSE_RECEIVED:
+                leg.set_state(CLOSED)
         self.abort()
 
 

@@ -225,6 +225,38 @@ def test_a_provider_that_ends_its_side_after_its_close_still_gets_the_clients_an
     assert body == (1000).to_bytes(2, "big") + b"ok"
 
 
+def test_a_close_the_provider_never_answers_is_answered_at_the_close_timeout(faulty):
+    """The client closes; the provider reads the close and never answers. At the close
+    timeout the client gets a close that says why, then its socket closes: it got no
+    close frame at all (1006 at the client, as if the connection had been lost)."""
+    async def client(reader, writer, events):
+        writer.write(masked(0x88, (1000).to_bytes(2, "big")))
+        return await asyncio.wait_for(reader.read(), 5)     # until the sidecar closes
+    data, events = with_upstream(faulty, lambda t: None, client)
+    reason = b"upstream did not answer the close"
+    assert data == bytes([0x88, 2 + len(reason)]) + (1014).to_bytes(2, "big") + reason
+    end = last_end(faulty, events)
+    assert (end["closed_by"], end["close_code"]) == ("client", 1000)
+
+
+def test_a_close_the_client_never_answers_is_answered_at_the_close_timeout(faulty):
+    """The same the other way: the provider's close gets 1001 at the close timeout."""
+    def act(transport):
+        transport.write(b"\x88\x05\x03\xe8bye")
+
+    async def client(reader, writer, events):
+        assert await close_frame_of(reader) == (1000, "bye")      # and never answered
+        await asyncio.wait_for(reader.read(), 5)                # until the sidecar closes
+        for _ in range(100):
+            if "lost" in events:
+                break
+            await asyncio.sleep(0.05)
+    _, events = with_upstream(faulty, act, client)
+    data = events["data"]
+    body = bytes(b ^ data[2 + (i & 3)] for i, b in enumerate(data[6:]))
+    assert data[0] == 0x88 and body == (1001).to_bytes(2, "big") + b"client did not answer the close"
+
+
 @pytest.mark.parametrize("answers", [True, False])
 def test_a_violating_client_gets_its_close_code_whether_or_not_the_provider_answers(faulty, answers):
     """The provider is closed first (1002, reason naming the client); the client gets
