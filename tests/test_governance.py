@@ -283,6 +283,44 @@ def test_max_session_seconds_closes_with_4008(sidecars, redis_server):
     run(scenario())
 
 
+def test_a_client_still_sending_when_the_sidecar_closes_gets_a_clean_close(sidecars):
+    """The sidecar's own close (here the session cap) waits for the client's answer and
+    drops what the client sends meanwhile. It used to close the client's socket as soon
+    as the provider had answered, with the client's bytes unread: the kernel then
+    resets the connection, and a client still sending (an SDK streaming audio) can
+    lose the close frame, and the code with it, to that reset."""
+    from websockets.client import ClientProtocol
+    from websockets.frames import Close, Frame, Opcode
+    from websockets.uri import parse_uri
+
+    keys = Keys()
+    keys.add("capped", max_session_seconds=1)
+    (proc,) = sidecars(keys, None, n=1)
+    client = ClientProtocol(parse_uri(proc.url()))
+    request = client.connect()
+    request.headers.update(proc.auth("capped"))
+    client.send_request(request)
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+    sock.sendall(b"".join(client.data_to_send()))
+    closes = []
+    while not closes:                                  # the 101, session.created, ... our close
+        data = sock.recv(65536)
+        assert data, "the sidecar ended the connection without a close frame"
+        client.receive_data(data)
+        closes = [e for e in client.events_received() if isinstance(e, Frame) and e.opcode is Opcode.CLOSE]
+    assert Close.parse(closes[0].data) == Close(4008, "session cap of 1 s reached")
+    # A client still streaming: 1 MiB more of audio before it answers the close.
+    mask = b"\x01\x02\x03\x04"
+    audio = bytes(65536)
+    frame = bytes([0x82, 0x80 | 127]) + len(audio).to_bytes(8, "big") + mask + bytes(
+        b ^ mask[i & 3] for i, b in enumerate(audio))
+    sock.sendall(frame * 16)
+    answer = Close(4008, "").serialize()
+    sock.sendall(bytes([0x88, 0x80 | len(answer)]) + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(answer)))
+    assert sock.recv(65536) == b""                     # a clean end, not a reset
+    sock.close()
+
+
 def test_sessions_per_minute_across_sidecars(sidecars, redis_server):
     keys = Keys()
     keys.add("rated", sessions_per_minute=5)
