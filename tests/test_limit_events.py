@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from conftest import run
 from test_deepgram_agent import SETTINGS
@@ -60,10 +61,13 @@ def test_deepgram(native, socket, kind, field):
         "/v1/agent/converse": (client.agent.v1.connect,
                                lambda agent: agent.send_settings(AgentV1Settings.model_validate(SETTINGS))),
     }[socket]
-    got, _ = run(_deepgram_until_closed(connecting, first))
+    got, closed = run(_deepgram_until_closed(connecting, first))
     errors = [m for m in got if getattr(m, "type", None) == "Error"]
     assert [(type(e).__name__, getattr(e, field), e.description) for e in errors] == [
         (kind, "session_limit_reached", REASON)], got
+    # The SDK iterates websockets' connection: a close other than 1000/1001 raises.
+    assert isinstance(closed, ConnectionClosed) and (closed.rcvd.code, closed.rcvd.reason) == (
+        4008, REASON), closed
 
 
 def test_assemblyai(native):
