@@ -212,7 +212,7 @@ class MockProcess:
     """The built-in mock provider in its own process."""
 
     def __init__(self):
-        self.port = free_port()
+        self.port = held_port()  # free_port's could be taken before the child binds it
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"import asyncio, uvloop; from conduit_sidecar.mock import main; "
                                    f"uvloop.run(main('127.0.0.1', {self.port}))"],
