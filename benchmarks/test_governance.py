@@ -1,7 +1,9 @@
 """What one provider usage report costs the governor (`Governor.usage`: price it, add
-it to the key's pending usage, check the key's budgets against each of its live
-sessions) as the pod holds more live sessions: of the same key (each is checked), and
-of other keys (none should be looked at)."""
+it to the key's pending usage, check the key's budgets) as the pod holds more live
+sessions, of the same key and of other keys: none of them should be looked at while
+no budget is crossed."""
+
+import collections
 
 import pytest
 
@@ -21,16 +23,13 @@ def entry(key_id: str) -> KeyEntry:
 def test_usage_report(benchmark, report_row, sizes, column, peers, others):
     config = Config()
     sessions: set[SessionInfo] = set()
-    by_key: dict[str, set[SessionInfo]] = {}
-    for key_id, count in (("k", peers), *((f"o{i}", 1) for i in range(others))):
-        key = entry(key_id)
-        for _ in range(count):
-            info = SessionInfo(key, "gpt-realtime", "openai")
-            sessions.add(info)
-            by_key.setdefault(key_id, set()).add(info)
+    entries = {key_id: entry(key_id) for key_id in ("k", *(f"o{i}" for i in range(others)))}
+    for key_id, key in entries.items():
+        sessions.update(SessionInfo(key, "gpt-realtime", "openai") for _ in range(peers if key_id == "k" else 1))
+    live = collections.Counter(info.key_id for info in sessions)
     governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
-                        sessions, by_key, lambda model: model or "")
-    info = next(iter(by_key["k"]))
+                        sessions, live, lambda model: model or "", entries.get)
+    info = next(i for i in sessions if i.key_id == "k")
     counts = {"input": 120.0, "output": 80.0}
     run = lambda: governor.usage(info, counts, "gpt-realtime")
     benchmark.group = "governor: one usage report"

@@ -76,16 +76,18 @@ class Governor:
         config: Config,
         metrics: Metrics,
         sessions: Collection[SessionInfo],
-        by_key: Mapping[str, Collection[SessionInfo]],
+        live_per_key: Mapping[str, int],
         model_label: Callable[[str | None], str],
+        entry_of: Callable[[str], KeyEntry | None],
     ):
         # What it needs of the process, passed in: it never reaches back into the server.
         self.config = config
         self.state = config.state
         self.metrics = metrics
         self.sessions = sessions  # every live session (the process's own set)
-        self.by_key = by_key  # the same, by key id
+        self.live_per_key = live_per_key
         self.model_label = model_label
+        self.entry_of = entry_of  # a key id's entry in the current key file
         self.store = open_store(self.state)
         self.local = self.store if isinstance(self.store, LocalStore) else LocalStore()
         self.pod = secrets.token_hex(6)
@@ -168,8 +170,7 @@ class Governor:
         reason = over_budget(entry.budgets, self.estimate(entry.id, now), now)
         if reason:
             return _relay.CloseCode.BUDGET_EXHAUSTED, reason
-        live = len(self.by_key.get(entry.id, ()))
-        if self.shared and entry.max_connections and live > entry.max_connections:
+        if self.shared and entry.max_connections and self.live_per_key[entry.id] > entry.max_connections:
             return _relay.CloseCode.KEY_LIMIT, _connections_reason(entry)
         if entry.sessions_per_minute:
             wait = self.local.take_start(entry.id, entry.sessions_per_minute)
@@ -307,22 +308,16 @@ class Governor:
         return totals
 
     def enforce(self, key_id: str, now: dt.datetime) -> None:
-        """Close the key's sessions if it reached a budget (as each session's entry,
-        kept current by the key rechecks, has it)."""
-        totals = None
-        entry, reason = None, None  # a key's sessions mostly share one entry: judged once
-        over = []  # (closed after the walk: a close may end a session, changing the set)
-        for info in self.by_key.get(key_id, ()):
-            if info.key is not entry:
-                entry = info.key
-                reason = None
-                if entry.budgets:
-                    totals = totals or self.estimate(key_id, now)
-                    reason = over_budget(entry.budgets, totals, now)
-            if reason:
-                over.append((info, reason))
-        for info, reason in over:
-            self._close(info, _relay.CloseCode.BUDGET_EXHAUSTED, reason)
+        """Close the key's sessions if it reached a budget of its current entry (the
+        one the key rechecks give its sessions). The sessions are walked only then:
+        each usage report comes here, and a pod holds sessions by the thousand."""
+        entry = self.entry_of(key_id)
+        if entry is None or not entry.budgets:
+            return
+        reason = over_budget(entry.budgets, self.estimate(key_id, now), now)
+        if reason:
+            for info in [i for i in self.sessions if i.key_id == key_id]:
+                self._close(info, _relay.CloseCode.BUDGET_EXHAUSTED, reason)
 
     def _close(self, info: SessionInfo, code: int, reason: str) -> None:
         relay = info.relay

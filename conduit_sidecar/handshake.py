@@ -14,7 +14,7 @@ import functools
 import http
 import re
 import urllib.parse
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 
 import msgspec
 from websockets.datastructures import Headers
@@ -55,7 +55,7 @@ class Admission(msgspec.Struct, frozen=True):
     keyset: KeySet
     router: Router
     now: dt.datetime
-    live_per_key: Mapping[str, Collection[object]]  # key id -> its live sessions
+    live_per_key: dict[str, int]
     at_capacity: bool
     draining: bool
     allowed_origins: list[str] | None
@@ -323,8 +323,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             f"provider {route.name!r} does not take {named_by} (add it to its query_params)",
             entry,
         )
-    live = len(state.live_per_key.get(entry.id, ()))
-    if entry.max_connections is not None and live >= entry.max_connections:
+    if entry.max_connections is not None and state.live_per_key.get(entry.id, 0) >= entry.max_connections:
         return Close(
             response,
             CloseCode.KEY_LIMIT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import gc
 import logging
@@ -14,7 +15,7 @@ from .admin import AdminServer
 from .config import Config, split_hostport
 from .governance import Governor
 from .handshake import Admission, Close
-from .keys import KeySet, KeyWatcher, Rejection
+from .keys import KeyEntry, KeySet, KeyWatcher, Rejection
 from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Usage
 from .metrics import Metrics
 from .routing import Router
@@ -46,9 +47,7 @@ class Sidecar:
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
         self.pending = Slots(self.limits.max_connections)  # connections without a session
-        # The same sessions by key id: counts for max_connections, and the governor
-        # checks a key's budgets against its own sessions only.
-        self.by_key: dict[str, set[SessionInfo]] = {}
+        self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
         self.metrics = Metrics(
@@ -56,7 +55,9 @@ class Sidecar:
         )
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
-        self.governor = Governor(config, self.metrics, self.sessions, self.by_key, self.model_label)
+        self.governor = Governor(
+            config, self.metrics, self.sessions, self.live_per_key, self.model_label, self.entry_of
+        )
         self.servers: list[asyncio.AbstractServer] = []
         self.admin: AdminServer | None = None
         self.watcher: KeyWatcher | None = None
@@ -79,7 +80,7 @@ class Sidecar:
             self.keyset,
             self.router,
             dt.datetime.now(dt.UTC),
-            {} if self.governor.shared else self.by_key,
+            {} if self.governor.shared else self.live_per_key,
             len(self.sessions) >= self.limits.max_connections,
             self.draining,
             self.config.allowed_origins,
@@ -98,16 +99,15 @@ class Sidecar:
 
     def reserve(self, info: SessionInfo) -> None:
         self.sessions.add(info)
-        self.by_key.setdefault(info.key_id, set()).add(info)
+        self.live_per_key[info.key_id] += 1
         self.trimmer.grew(len(self.sessions))
 
     def release(self, info: SessionInfo) -> None:
         if info in self.sessions:
             self.sessions.discard(info)
-            peers = self.by_key[info.key_id]
-            peers.discard(info)
-            if not peers:
-                del self.by_key[info.key_id]
+            self.live_per_key[info.key_id] -= 1
+            if self.live_per_key[info.key_id] <= 0:
+                del self.live_per_key[info.key_id]
             if info.upstream is not None:
                 info.upstream.release()  # least_sessions counts live sessions
         self.governor.release(info)
@@ -257,6 +257,9 @@ class Sidecar:
             return
         self.metrics.keys_reload.labels("ok").inc()
         self.keyset = keyset  # the poll rechecks live sessions right after
+
+    def entry_of(self, key_id: str) -> KeyEntry | None:
+        return self.keyset.by_id.get(key_id)
 
     def recheck_keys(self) -> None:
         """Live sessions hold only while their key does: a removed, rotated (same id,

@@ -75,7 +75,7 @@ def test_expiry_is_judged_against_the_admission_clock():
 
 def test_policy_and_capacity():
     assert decide(upgrade("/v1/realtime?model=other&provider=local"), admission()).code == 4003
-    assert decide(upgrade(), admission(live_per_key={"good": (object(), object())})).code == 4029
+    assert decide(upgrade(), admission(live_per_key={"good": 2})).code == 4029
     assert decide(upgrade(), admission(at_capacity=True)).code == 1013
     assert decide(upgrade(), admission(draining=True)).code == 1013
     assert decide(upgrade("/v1/realtime?provider=nope"), admission()).code == 4004
