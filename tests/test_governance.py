@@ -245,9 +245,9 @@ def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_serv
 
 
 def test_a_crossed_budget_closes_every_session_of_its_key_and_no_other(sidecars):
-    """Each key's sessions are judged against its own budgets only (the governor keeps
-    them by key id): the session that crosses and its key's idle one close with 4002,
-    while a session of another key with the same budget goes on."""
+    """A crossing closes the key's sessions only (the governor walks the sessions only
+    when a key's budget is crossed): the session that crosses and its key's idle one
+    close with 4002, while a session of another key with the same budget goes on."""
     keys = Keys()
     for key_id in ("spender", "bystander"):
         keys.add(key_id, budgets=[{"metric": "tokens", "limit": 20, "window": "day"}])
