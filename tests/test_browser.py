@@ -29,7 +29,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import SidecarProcess, free_port, standard_keys
+from conftest import SidecarProcess, held_port, standard_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BROWSER_DIR = os.path.join(HERE, "browser")
@@ -86,7 +86,7 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def plain_provider():
-    port = free_port()
+    port = held_port()
     proc = subprocess.Popen([sys.executable, "-c", PLAIN_PROVIDER, str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout.readline().strip() == b"ready"

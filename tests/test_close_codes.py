@@ -228,8 +228,8 @@ def test_key_subprotocol_in_any_letter_case_is_taken_and_not_forwarded(sidecar, 
 
 def test_a_dot_segment_model_never_reaches_a_path_template(tmp_path):
     """Review finding 9: `model=..` in `{model}` of a URL path made `/x/../y`."""
-    from conftest import SidecarProcess, free_port, standard_keys
-    port = free_port()
+    from conftest import SidecarProcess, held_port, standard_keys
+    port = held_port()
     proc = SidecarProcess(str(tmp_path), f'[providers.pathy]\nurl = "ws://127.0.0.1:{port}/x/{{model}}/y"\n',
                           standard_keys()).start()
     try:

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, free_port, held_port,
+from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, held_port,
                       http_get, raw_upstream_sidecar, run, standard_keys, switching_protocols)
 from test_bad_input import close_frame_of, masked, request, session, session_ends
 from websockets.asyncio.client import connect
@@ -390,7 +390,7 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     ends its side or resets while the provider is slow to answer: the sidecar drops
     the upstream attempt at once, before the 101 comes, and counts the handshake
     `client_gone`."""
-    upstream_port = free_port()
+    upstream_port = held_port()
     keys, sidecar = _one_slot_sidecar(
         tmp_path,
         f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n'
@@ -432,7 +432,7 @@ def test_an_upstream_answer_that_quotes_our_request_never_carries_the_secret_fur
     after a ':'): websockets' errors quote the line, which holds the provider secret when
     the URL carries it (Gemini's `?key=`). Neither the client's close reason nor a log
     line may."""
-    upstream_port = free_port()
+    upstream_port = held_port()
 
     async def echo(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
@@ -483,7 +483,6 @@ def test_a_client_that_resets_while_its_first_message_is_held_is_no_bug_of_ours(
     opening as ClientHandshake's does: the refusal now writes nothing to a client
     that is gone."""
     import ssl
-    from conftest import held_port
     tls_port = held_port()
     sidecar = SidecarProcess(
         str(tmp_path),
@@ -587,7 +586,7 @@ def test_a_session_greeted_after_the_drain_ended_is_closed_going_away(tmp_path):
     from websockets.asyncio.server import serve
     keys = Keys()
     keys.add("one")
-    upstream_port = free_port()
+    upstream_port = held_port()
 
     async def provider(ws):  # the Welcome after the drain's end, then an echo
         await asyncio.sleep(1.0)

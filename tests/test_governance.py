@@ -25,7 +25,7 @@ from conduit_sidecar.config import Config
 from conduit_sidecar.governance import Governor
 from conduit_sidecar.metrics import Metrics
 from conduit_sidecar.mock import MockProvider
-from conftest import Keys, SidecarProcess, free_port, http_get, run, switching_protocols
+from conftest import Keys, SidecarProcess, held_port, http_get, run, switching_protocols
 
 class RedisServer:
     """redis-server on 127.0.0.1, no persistence; stop() and start() keep the port."""
@@ -34,7 +34,7 @@ class RedisServer:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (scripts/test.sh installs it: "
                         "apt-get install redis-server)")
-        self.port = free_port()
+        self.port = held_port()
         self.proc = None
 
     @property
@@ -577,7 +577,7 @@ def test_audio_seconds_a_provider_reports_are_charged(sidecars, redis_server, mo
     the reports were only shown in conduit_usage_seconds_total."""
     keys = Keys()
     keys.add("stt", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
-    deepgram_port = free_port()
+    deepgram_port = held_port()
     extra = (f'[providers.stt]\nurl = "ws://127.0.0.1:{mock_provider.port}/v1/realtime"\n'
              'query_params = ["intent"]\n'
              f'[providers.deepgram]\nurl = "ws://127.0.0.1:{deepgram_port}/v1/listen?model={{model}}"\n'
@@ -620,7 +620,7 @@ def test_a_deepgram_stream_is_counted_live_in_its_own_format(sidecars, redis_ser
     its own, so an audio_seconds budget closes it in time, not six times late."""
     keys = Keys()
     keys.add("stt", budgets=[{"metric": "audio_seconds", "limit": 1000, "window": "day"}])
-    port = free_port()
+    port = held_port()
     extra = (f'[providers.deepgram]\nurl = "ws://127.0.0.1:{port}/v1/listen?model={{model}}"\n'
              'secret_env = "PROVIDER_KEY"\n')
     proc, = sidecars(keys, redis_server.url, n=1, extra=extra)
@@ -696,7 +696,7 @@ def test_the_session_cap_counts_from_the_handshake(tmp_path):
     later)."""
     keys = Keys()
     key = keys.add("capped", max_session_seconds=3)
-    upstream_port = free_port()
+    upstream_port = held_port()
     proc = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
                           keys).start()
 

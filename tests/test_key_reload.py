@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conduit_sidecar.keys import hash_key, new_key
-from conftest import Keys, SidecarProcess, SlowUpstream, free_port, http_get, run
+from conftest import Keys, SidecarProcess, SlowUpstream, held_port, http_get, run
 
 
 class SecretVolume:
@@ -177,7 +177,7 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path):
     """Review finding 5: the key is checked again right before the client's 101."""
     keys = Keys()
     alpha = keys.add("alpha")
-    upstream_port = free_port()
+    upstream_port = held_port()
     sidecar = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
                              keys).start()
     try:

@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, free_port, http_get, run,
+from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, held_port, http_get, run,
                       standard_keys)
 from test_bad_input import session_ends
 
@@ -49,7 +49,7 @@ def value(samples, name, **labels):
 @pytest.fixture(scope="module")
 def ops(mock_provider):
     """A sidecar of its own, so that its metrics and log hold only this module's traffic."""
-    usage_port = free_port()
+    usage_port = held_port()
     workdir = tempfile.mkdtemp(prefix="conduit-ops-")
     providers = f"""
         {mock_provider.section()}
@@ -286,7 +286,7 @@ def test_a_session_still_opening_when_the_drain_ends_gets_1001(tmp_path):
     gets 1001 once the provider answers, and the sidecar exits after it. It was
     dropped from the live sessions at once, so the sidecar exited under it (the client
     saw the connection end without a close code) or relayed it untracked."""
-    upstream_port = free_port()
+    upstream_port = held_port()
     sidecar = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
                              standard_keys(), limits="drain_seconds = 0.3").start()
     try:

@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.routing import BUILTIN, Router
 
-from conftest import Keys, SidecarProcess, free_port, run
+from conftest import Keys, SidecarProcess, held_port, run
 
 # A provider secret with characters that must be percent-encoded in a URL.
 SECRET = "s3cr/t+key=&x"
@@ -211,7 +211,7 @@ def pki():
 
 @pytest.fixture(scope="module")
 def upstream_port():
-    return free_port()
+    return held_port()
 
 
 def provider_keys() -> Keys:
