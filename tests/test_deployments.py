@@ -22,7 +22,7 @@ import urllib.request
 
 import msgspec
 import pytest
-from conftest import PROVIDER_SECRET, SidecarProcess, free_port, run, standard_keys
+from conftest import PROVIDER_SECRET, SidecarProcess, held_port, run, standard_keys
 from test_governance import metric as total
 from test_limits import pending_becomes
 from websockets.asyncio.client import connect
@@ -44,7 +44,7 @@ class Named:
     """A WebSocket deployment whose first message names it."""
 
     def __init__(self, name: str, port: int | None = None, ssl=None):
-        self.name, self.port, self.ssl = name, port or free_port(), ssl
+        self.name, self.port, self.ssl = name, port or held_port(), ssl
         self.handshakes = 0
 
     async def __aenter__(self):
@@ -68,7 +68,7 @@ class Refusing:
     """Answers every upgrade with an HTTP status (and headers)."""
 
     def __init__(self, status: str, headers: str = "", port: int | None = None):
-        self.status, self.headers, self.port = status, headers, port or free_port()
+        self.status, self.headers, self.port = status, headers, port or held_port()
         self.requests = 0
 
     async def handle(self, reader, writer):
@@ -405,7 +405,7 @@ def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
         f'name = "hole"\n{ws_url(hole.port)}',
         ws_url(refusing.port),
         f'name = "tls"\n{ws_url(badtls.port, "wss")}\nca_file = "{ca_file}"',
-        f'name = "gone"\n{ws_url(free_port())}'), timeout=2.0)
+        f'name = "gone"\n{ws_url(held_port())}'), timeout=2.0)
 
     async def body():
         async with hole, refusing, badtls:
@@ -424,7 +424,7 @@ def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
 # -- 4. the circuit breaker ---------------------------------------------------------
 
 def test_circuit_rests_a_failing_deployment_then_probes_it(workdir):
-    port = free_port()
+    port = held_port()
     good = Named("good")
     sidecar = sidecar_with(workdir, deployments(
         f'name = "flaky"\n{ws_url(port)}', f'name = "good"\n{ws_url(good.port)}'),
@@ -470,7 +470,7 @@ def test_circuit_rests_a_failing_deployment_then_probes_it(workdir):
 def test_one_probe_while_sessions_arrive_together(workdir):
     """After the rest, five sessions at once: one probes (and waits out its share of
     the connect timeout on a deployment that now never answers), four go elsewhere."""
-    port = free_port()
+    port = held_port()
     good = Named("good")
     sidecar = sidecar_with(workdir, deployments(
         f'name = "flaky"\n{ws_url(port)}', f'name = "good"\n{ws_url(good.port)}'),
@@ -675,7 +675,7 @@ def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
     from test_openai_sdk import sdk_session
 
     openai = Refusing("503 Service Unavailable")
-    mock_port = free_port()
+    mock_port = held_port()
     sidecar = sidecar_with(workdir, f"""
         [providers.openai]
         url = "ws://127.0.0.1:{openai.port}/v1/realtime?model={{model}}"
@@ -748,7 +748,7 @@ async def _talk(url: str, **kw) -> str:
 
 
 def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workdir):
-    down, up = free_port(), free_port()
+    down, up = held_port(), held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(down, up))
 
     async def body():
@@ -770,7 +770,7 @@ def test_the_signed_url_call_passes_the_sdks_agent_parameters(workdir):
     """ElevenLabs' SDK asks for an environment, branch or version of the agent and for
     the conversation id; only agent_id went to the provider, so a staging conversation
     ran on production. Parameters outside that list still never go."""
-    port = free_port()
+    port = held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(port))
 
     async def body():
@@ -795,7 +795,7 @@ def test_the_signed_url_call_is_answered_after_the_client_ends_its_side_and_neve
     call is still answered (reading on while the provider is asked had made it
     cancel). A virtual key in a parameter that goes to the provider is refused (400)
     and never sent."""
-    port = free_port()
+    port = held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(port))
     key = sidecar.keys.plain["good"]
 
@@ -828,7 +828,7 @@ def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
     signature is refused as its old key now is (4001 key revoked). It stood for the
     key's id, so a leaked key could sign just before its rotation and go on opening
     sessions, billed to the new key, for the signature's 15 minutes."""
-    port = free_port()
+    port = held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(port))
 
     async def body():
@@ -865,7 +865,7 @@ def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status
     in conduit_upstream_attempts_total and the failed one in an upstream_attempt line,
     as a session's connect attempts are (they were not: a deployment could rest with
     no failure counted or logged)."""
-    first, second = Refusing(status), free_port()
+    first, second = Refusing(status), held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(first.port, second))
 
     async def body():
@@ -898,8 +898,8 @@ def test_the_signed_url_fetch_moves_on_past_a_deployment_without_its_secret(work
     """The first deployment's secret is missing (a configuration fault): a session's
     connect logs it and tries the next deployment, and so must the signed-URL fetch.
     It answered 500 "provider secret unavailable" while the second could sign."""
-    second = free_port()
-    sidecar = sidecar_with(workdir, _elevenlabs(free_port(), second).replace(
+    second = held_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(held_port(), second).replace(
         'name = "a"', 'name = "a"\n        secret_env = "CONDUIT_TEST_NO_SUCH_SECRET"', 1))
 
     async def body():
@@ -921,7 +921,7 @@ def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
     is down may see no session attempts at all: its signed-URL failures must trip its
     circuit as a session's would. Each call asked it again (with a blackhole, each
     waited out its share of the connect timeout)."""
-    first, second = Refusing("503 Service Unavailable"), free_port()
+    first, second = Refusing("503 Service Unavailable"), held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(first.port, second),
                            extra="[circuit]\nfailures = 2\ncooldown_seconds = 60\n")
 
@@ -950,7 +950,7 @@ def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     so the balancer would send the next session to `b`, which never issued the
     signature: the signed session must still go to `a`, and `b` is neither asked nor
     rested."""
-    ports = free_port(), free_port()
+    ports = held_port(), held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(*ports))
     key = {"xi-api-key": sidecar.keys.plain["good"]}
 
@@ -979,7 +979,7 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
     get-signed-url holds one of the `max_connections` slots until it is answered. With
     2 slots and a deployment that never answers, two calls wait, a third gets 503 at
     once, and the slots come back when the two time out."""
-    port = free_port()
+    port = held_port()
     sidecar = SidecarProcess(workdir, _elevenlabs(port), standard_keys(),
                              limits="max_connections = 2\nupstream_connect_timeout_seconds = 2\n").start()
 
@@ -1091,7 +1091,7 @@ def providers_admin(sidecar: SidecarProcess) -> subprocess.CompletedProcess:
 
 
 def test_providers_command_shows_deployments_and_live_health(workdir):
-    good, gone = Named("good"), free_port()
+    good, gone = Named("good"), held_port()
     sidecar = sidecar_with(workdir, deployments(
         f'name = "gone"\n{ws_url(gone)}', f'name = "good"\n{ws_url(good.port)}\nweight = 2'),
         extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
@@ -1115,7 +1115,7 @@ def test_providers_command_shows_deployments_and_live_health(workdir):
 def test_providers_command_shows_the_live_health_of_a_provider_without_deployments(workdir):
     # A provider with no `deployments` list runs as one deployment ("0"), whose circuit
     # rests as any other's: --admin must show it too.
-    sidecar = sidecar_with(workdir, f"[providers.p]\n{ws_url(free_port())}\n",
+    sidecar = sidecar_with(workdir, f"[providers.p]\n{ws_url(held_port())}\n",
                            extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
     try:
         assert run(close_of(sidecar))[0] == 1014
