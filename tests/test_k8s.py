@@ -36,7 +36,7 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import free_port
+from conftest import held_port
 
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
@@ -394,7 +394,7 @@ class Webhook:
 
 def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str, env: dict | None = None):
     """`conduit-sidecar inject-webhook` on a free loopback port, once it answers."""
-    port = free_port()
+    port = held_port()
     proc = subprocess.Popen(CLI + ["inject-webhook", "--tls-cert", cert_file,
                                    "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

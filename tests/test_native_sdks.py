@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import (PROVIDER_SECRET, SidecarProcess, ThreadMock, free_port, http_get, run,
+from conftest import (PROVIDER_SECRET, SidecarProcess, ThreadMock, held_port, http_get, run,
                       standard_keys)
 
 SHAPES = ("deepgram", "deepgram_agent", "gemini", "assemblyai", "elevenlabs", "azure", "openai")
@@ -32,7 +32,7 @@ def native():
     hosts), with a self-signed TLS listener for the clients that dial only wss://."""
     mocks = {shape: ThreadMock(shape) for shape in SHAPES}
     workdir = tempfile.mkdtemp(prefix="conduit-native-")
-    tls_port = free_port()
+    tls_port = held_port()
     ca = os.path.join(workdir, "public", "ca.pem")
     m = {shape: f"ws://127.0.0.1:{mock.port}" for shape, mock in mocks.items()}
     keys = standard_keys()

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import Keys, SidecarProcess, free_port, held_port, run, standard_keys
+from conftest import Keys, SidecarProcess, held_port, run, standard_keys
 from test_deployments import metric
 from test_key_reload import SecretVolume
 from websockets.asyncio.client import connect
@@ -56,7 +56,7 @@ def tls_env(tmp_path_factory, mock_provider):
         url = "wss://127.0.0.1:{ports['stall']}/"
         ca_file = "{root / 'provider-ca.pem'}"
         """
-    tls_port = free_port()
+    tls_port = held_port()
     extra = f"""
         [tls]
         listen = "127.0.0.1:{tls_port}"
@@ -123,7 +123,7 @@ def wss_url(sidecar, provider="mock"):
 def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, mock_provider):
     """Connections in their TLS handshake count among the max_connections without a
     session; past them a connection is dropped before any TLS is done for it."""
-    tls_port = free_port()
+    tls_port = held_port()
     extra = f"""
         [tls]
         listen = "127.0.0.1:{tls_port}"
@@ -512,7 +512,7 @@ def test_certificate_rotation_by_symlink_swap(tmp_path, mock_provider):
             if not os.path.islink(os.path.join(volume.root, name)):
                 os.symlink(f"..data/{name}", os.path.join(volume.root, name))
     publish()
-    tls_port = free_port()
+    tls_port = held_port()
     extra = f"""
         [tls]
         listen = "127.0.0.1:{tls_port}"
@@ -556,7 +556,7 @@ def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(
     cert_file, key_file = tmp_path / "tls" / "tls.crt", tmp_path / "tls" / "tls.key"
     shutil.copy(cert, cert_file)
     shutil.copy(key, key_file)
-    tls_port = free_port()
+    tls_port = held_port()
     extra = f"""
         [tls]
         listen = "127.0.0.1:{tls_port}"
@@ -586,9 +586,9 @@ def test_a_corrupt_self_signed_state_is_a_config_error(tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
     conf = tmp_path / "c.toml"
-    conf.write_text(f'keys_file = "{keys}"\nlisten = "127.0.0.1:{free_port()}"\n'
-                    f'admin_listen = "127.0.0.1:{free_port()}"\n'
-                    f'[tls]\nlisten = "127.0.0.1:{free_port()}"\nself_signed = true\n'
+    conf.write_text(f'keys_file = "{keys}"\nlisten = "127.0.0.1:{held_port()}"\n'
+                    f'admin_listen = "127.0.0.1:{held_port()}"\n'
+                    f'[tls]\nlisten = "127.0.0.1:{held_port()}"\nself_signed = true\n'
                     f'state_dir = "{state}"\nca_out = "{tmp_path / "ca.pem"}"\n')
     r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "serve", "--config", str(conf)],
                        capture_output=True, text=True, timeout=30)
@@ -608,7 +608,7 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
     # A second sidecar with the same state_dir (a restart inside the pod) reuses the CA.
     extra = f"""
         [tls]
-        listen = "127.0.0.1:{free_port()}"
+        listen = "127.0.0.1:{held_port()}"
         self_signed = true
         ca_out = "{tmp_path / 'ca.pem'}"
         state_dir = "{root / 'private'}"
@@ -709,7 +709,7 @@ def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
 
     # A running sidecar: put a leaf with 1 day left in its state_dir; the poll replaces it.
     state, public = tmp_path / "live-private", tmp_path / "live-public"
-    tls_port = free_port()
+    tls_port = held_port()
     extra = f"""
         [tls]
         listen = "127.0.0.1:{tls_port}"
