@@ -1,4 +1,4 @@
-"""Support shared by the tests, the benchmarks and the scripts (soak, Autobahn): free
+"""Support shared by the tests, the benchmarks and the scripts (soak, Autobahn): held
 loopback ports, child processes with a log file, waiting for a sidecar's /readyz, and
 throwaway certificate authorities made by the sidecar's own x509 builder.
 
@@ -24,18 +24,11 @@ __all__ = [
     "Certs",
     "Process",
     "admin_ready",
-    "free_port",
     "held_port",
     "port_open",
     "sidecar_command",
     "throwaway_certs",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _HELD: list[socket.socket] = []
@@ -44,9 +37,10 @@ _HELD: list[socket.socket] = []
 def held_port() -> int:
     """A loopback port for a server started later, or again and again: held by a bound
     socket that never listens (SO_REUSEADDR) for the life of this process, so no
-    outgoing connection takes it as its local port in between (free_port's port
-    could be, and the server's bind then fails), while the servers (asyncio,
-    uvloop, nginx, redis and Node set SO_REUSEADDR) bind it."""
+    outgoing connection takes it as its local port in between (a port merely found
+    free and let go could be, and the server's bind then fails), while the servers
+    (asyncio, uvloop, nginx, redis and Node set SO_REUSEADDR) bind it. While none
+    listens, a connect to it is refused: a dead address too."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ import pytest
 
 from conduit_sidecar.keys import hash_key, new_key
 from conduit_sidecar.mock import MockProvider
-from conduit_sidecar.testing import Process, admin_ready, free_port, held_port
+from conduit_sidecar.testing import Process, admin_ready, held_port
 
 PROVIDER_SECRET = "sk-provider-secret-" + "x" * 16
 def switching_protocols(request_head: bytes) -> bytes:
@@ -212,7 +212,7 @@ class MockProcess:
     """The built-in mock provider in its own process."""
 
     def __init__(self):
-        self.port = held_port()  # free_port's could be taken before the child binds it
+        self.port = held_port()  # not taken by a connect before the child binds it
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"import asyncio, uvloop; from conduit_sidecar.mock import main; "
                                    f"uvloop.run(main('127.0.0.1', {self.port}))"],
