@@ -1,7 +1,7 @@
 # C-level declarations of the relay core (see _relay.pyx for the contract and the
 # leg state diagram).
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint64_t
 
 cdef extern from "_tls.h":
     ctypedef struct SSL:
@@ -130,15 +130,17 @@ cdef class Pipe:
     cdef uint64_t payload[KINDS]
     cdef uint64_t wire_bytes
     # Usage metering: the start of each text (optionally binary) message is sniffed for
-    # any of the markers; only messages that have one are captured and handed to dst.
+    # any of the markers (or, window 0, the whole message is searched as it passes);
+    # only messages that have one are captured and handed to dst.
     cdef tuple markers
     cdef bint meter_binary
     cdef int meter_state
     cdef bint message_end      # the current frame ends a data message
     cdef bint data_frame       # the current frame is a data frame (not control)
     cdef uint8_t* sniff        # `window` bytes, allocated while a message start is sniffed
-    cdef Py_ssize_t window
+    cdef Py_ssize_t window     # 0: whole messages are searched (`seek`), not their start
     cdef Py_ssize_t nsniff
+    cdef uint16_t reach        # window 0: the longest marker's length
     cdef bytearray capture
     # Read whole (the client's, in a session whose later messages are checked): each
     # text message is captured unmasked and withheld (`pending`, its raw bytes and the
@@ -154,6 +156,8 @@ cdef class Pipe:
     cdef int emit(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int violation(self, int code, str reason) except -1
     cdef int meter(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef int seek(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef Py_ssize_t first_marker(self, const uint8_t* data, Py_ssize_t size) noexcept
     cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept
     cdef int meter_done(self) except -1
     cdef int release(self, bint deliver) except -1

@@ -60,8 +60,8 @@ from cpython.buffer cimport PyBUF_WRITE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+from libc.string cimport memcpy, memmove, memset
 
 cdef extern from "<string.h>" nogil:
     void* memmem(const void* haystack, size_t hn, const void* needle, size_t nn)
@@ -140,6 +140,7 @@ cdef enum:
     METER_IDLE = 0
     METER_SNIFF = 1
     METER_CAPTURE = 2
+    METER_SEEK = 3      # window 0: searching the whole message, no marker yet
     CAPTURE_MAX = 4 * 1024 * 1024
     # Control frames a client may put between the fragments of a message read whole.
     PENDING_SLACK = 65536
@@ -799,17 +800,21 @@ cdef class Pipe:
 
     cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1:
         """Hand messages that contain any of `markers` in their first `window` bytes to
-        dst (text messages, and binary ones if `binary`)."""
+        dst (text messages, and binary ones if `binary`). Window 0: markers anywhere in
+        a message, which is handed over from its first marker on (`seek`)."""
         if not markers:
             return 0
-        if not 0 < window <= SNIFF_LIMIT:
-            raise ValueError("sniff window must be 1..%d bytes" % SNIFF_LIMIT)
+        if not 0 <= window <= SNIFF_LIMIT:
+            raise ValueError("sniff window must be 0..%d bytes (0: the whole message)" % SNIFF_LIMIT)
+        if window == 0 and self.masked:
+            raise ValueError("whole messages are searched for markers only unmasked")
         for m in markers:
-            if not isinstance(m, bytes) or not 0 < len(m) <= window:
+            if not isinstance(m, bytes) or not 0 < len(m) <= (window or SNIFF_LIMIT):
                 raise ValueError("a marker must be non-empty bytes within the sniff window")
         self.markers = markers
         self.meter_binary = binary
         self.window = window
+        self.reach = 0 if window else max([len(m) for m in markers])
         return 0
 
     cdef int read_whole_up_to(self, uint64_t limit) except -1:
@@ -885,9 +890,11 @@ cdef class Pipe:
                     self.meter_state = METER_CAPTURE
                     self.capture = bytearray()
                     self.pending = bytearray()
-            elif self.window and opcode != 0:
+            elif self.markers is not None and opcode != 0:
                 self.meter_state = METER_IDLE
-                if opcode == 1 or self.meter_binary:
+                if self.reach and (opcode == 1 or self.meter_binary):
+                    self.meter_state = METER_SEEK
+                elif opcode == 1 or self.meter_binary:
                     if self.sniff == NULL:
                         self.sniff = <uint8_t*>PyMem_Malloc(self.window)
                         if self.sniff == NULL:
@@ -1019,6 +1026,8 @@ cdef class Pipe:
         """Payload bytes of a metered message: sniff its start, capture it if marked."""
         cdef Py_ssize_t take
         cdef Py_ssize_t at
+        if self.meter_state == METER_SEEK:
+            return self.seek(data, size)
         if self.meter_state == METER_SNIFF:
             take = min(size, self.window - self.nsniff)
             memcpy(self.sniff + self.nsniff, data, take)
@@ -1045,6 +1054,58 @@ cdef class Pipe:
             if self.masked:
                 self.unmask(<uint8_t*>PyByteArray_AS_STRING(self.capture) + at, size)
         return 0
+
+    cdef int seek(self, const uint8_t* data, Py_ssize_t size) except -1:
+        """Payload bytes of a message searched whole (window 0): searched where they
+        are, not copied. Only the last reach - 1 bytes are kept (`sniff`, allocated
+        once a message spans reads), for a marker split across reads; from the first
+        marker on, the message is captured."""
+        cdef Py_ssize_t keep = self.reach - 1, take = 0, at, n
+        if self.nsniff:
+            # The kept bytes and the first few of these, searched together.
+            take = min(size, keep)
+            memcpy(self.sniff + self.nsniff, data, take)
+            at = self.first_marker(self.sniff, self.nsniff + take)
+            if at >= 0:
+                self.capture = bytearray(self.sniff[at:self.nsniff + take])
+                self.meter_state = METER_CAPTURE
+                self.release_sniff()
+                return self.meter(data + take, size - take)
+        at = self.first_marker(data, size)
+        if at >= 0:
+            self.capture = bytearray()
+            self.meter_state = METER_CAPTURE
+            self.release_sniff()
+            return self.meter(data + at, size - at)
+        if keep == 0:
+            return 0
+        if self.sniff == NULL:
+            self.sniff = <uint8_t*>PyMem_Malloc(2 * keep)
+            if self.sniff == NULL:
+                raise MemoryError()
+        if size >= keep:
+            memcpy(self.sniff, data + size - keep, keep)
+            self.nsniff = keep
+            return 0
+        if not take:
+            memcpy(self.sniff + self.nsniff, data, size)
+        n = self.nsniff + size
+        if n > keep:
+            memmove(self.sniff, self.sniff + n - keep, keep)
+            n = keep
+        self.nsniff = n
+        return 0
+
+    cdef Py_ssize_t first_marker(self, const uint8_t* data, Py_ssize_t size) noexcept:
+        """Where the first marker in `data` starts; -1: none does."""
+        cdef Py_ssize_t first = -1
+        cdef const uint8_t* hit
+        cdef bytes m
+        for m in self.markers:
+            hit = <const uint8_t*>memmem(data, size, PyBytes_AS_STRING(m), PyBytes_GET_SIZE(m))
+            if hit != NULL and (first < 0 or hit - data < first):
+                first = hit - data
+        return first
 
     cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept:
         """Undo the current frame's mask on a copy of its next `size` payload bytes."""
@@ -1165,7 +1226,8 @@ cdef class Relay:
     """Two legs and two pipes. `start` hands both transports over; `close` sends the
     sidecar's own close frames; `on_done(relay)` is called once both sockets are gone.
     Provider messages (text, and binary if `meter_binary`) with any of `markers` in
-    their first `sniff_bytes` bytes go to `on_message(relay, bytes)`. With
+    their first `sniff_bytes` bytes go to `on_message(relay, bytes)` (`sniff_bytes` 0:
+    with a marker anywhere, from their first marker on). With
     `on_client_message`, each client text message is read whole and withheld from the
     provider until `on_client_message(relay, unmasked bytes)` returns: it goes on
     unless that closed the session. Every client message is then at most

@@ -85,3 +85,39 @@ def test_read_whole(benchmark, report_row, sizes, mode):
     ns = benchmark.stats.stats.median * 1e9 / count
     benchmark.extra_info["ns_per_message"] = ns
     report_row("scanner", "6.4 KB client text message (audio append), read whole", mode, ns)
+
+
+@pytest.mark.parametrize("mode", ["unmetered", "metered"])
+@pytest.mark.parametrize("ms", [100, 1000])
+def test_metered_gemini_audio(benchmark, report_row, sizes, mode, ms):
+    """What Gemini Live metering costs per provider message, a binary JSON message with
+    `ms` of 24 kHz audio (6.4 KB of base64 per 100 ms) and no usage: scanned cut-through
+    unmetered, against searched for `usageMetadata` as the session meters it."""
+    import base64
+    import json
+    import random
+
+    from conduit_sidecar.metering import METERS
+
+    gemini = METERS["gemini"]
+    audio = random.Random(1).randbytes(48 * ms)
+    part = {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": base64.b64encode(audio).decode()}}
+    message = json.dumps({"serverContent": {"modelTurn": {"parts": [part]}}}).encode()
+    data = frame(message, False)
+    count = max(4, sizes.scanner_bytes // len(data))
+    data *= count
+    meter = dict(markers=gemini.markers, meter_binary=True, sniff_bytes=gemini.sniff_bytes) if mode == "metered" else {}
+
+    def run():
+        s = relay.Scanner(False, record=False, **meter)
+        s.feed_bytes(data)
+        return s.counters()[0][2]
+    benchmark.group = f"scanner: a Gemini message with {ms} ms of audio, metered"
+    if sizes.quick:
+        seen = benchmark.pedantic(run, rounds=3, iterations=1)
+    else:
+        seen = benchmark(run)
+    assert seen == count
+    ns = benchmark.stats.stats.median * 1e9 / count
+    benchmark.extra_info["ns_per_message"] = ns
+    report_row("scanner", f"Gemini message with {ms} ms of audio (provider to client)", mode, ns)

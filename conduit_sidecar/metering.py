@@ -1,7 +1,9 @@
 """Usage metering from relayed provider events, one decoder per provider shape.
 
 The relay hands over only provider messages whose first bytes contain one of the
-provider's markers, whole even when fragmented; they are decoded here with msgspec.
+provider's markers, whole even when fragmented (or, for a provider whose usage may
+come after kilobytes of audio, messages with a marker anywhere, from that marker on);
+they are decoded here with msgspec.
 A message with a marker that is not a usage event is ignored; a usage event that is
 malformed (wrong types, negative or absurd numbers) raises `MalformedUsage`, which the
 caller counts and ignores: metering never breaks a session.
@@ -48,7 +50,9 @@ class MalformedUsage(ValueError):
 
 class Meter(msgspec.Struct, frozen=True):
     """What the relay sniffs for (markers within the first `sniff_bytes` of a provider
-    message; binary messages too when `binary`) and how the message is decoded."""
+    message; binary messages too when `binary`) and how the message is decoded. With
+    `sniff_bytes` 0 the whole message is searched, and `decode` gets it from its first
+    marker on."""
 
     markers: tuple[bytes, ...]
     decode: Callable[[bytes], dict[str, float] | None]
@@ -212,10 +216,26 @@ _gemini_usage = msgspec.json.Decoder(_UsageMetadata)
 _MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image"}
 
 
+_GEMINI_MARKER = b'"usageMetadata"'
+
+
 def decode_gemini(message: bytes) -> dict[str, float] | None:
-    try:
-        raw = _gemini.decode(message).usageMetadata
-    except msgspec.DecodeError:
+    """`message` is a server message, or its part from its first marker on (the relay's,
+    Meter.sniff_bytes 0). The top-level usageMetadata is the marker from which the rest,
+    opened as an object, parses: one nested in the content (a text part, a tool call's
+    arguments) leaves closing brackets over. Usually it is the last one (proto JSON
+    orders fields by number, usageMetadata after the content), so the search starts
+    there; each try reads the same buffer, no copy."""
+    buf = bytearray(b" " + message)
+    at = len(buf)
+    while (at := buf.rfind(_GEMINI_MARKER, 0, at)) > 0:
+        before, buf[at - 1] = buf[at - 1], ord("{")
+        try:
+            raw = _gemini.decode(memoryview(buf)[at - 1 :]).usageMetadata
+            break
+        except msgspec.DecodeError:
+            buf[at - 1] = before
+    else:
         return None
     if not _given(raw):
         return None
@@ -296,8 +316,10 @@ METERS: dict[str, Meter] = {
     "openai": Meter(
         (b'"response.done"', b'"conversation.item.input_audio_transcription.completed"'), decode_openai
     ),
-    # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes.
-    "gemini": Meter((b'"usageMetadata"',), decode_gemini, binary=True, sniff_bytes=8192),
+    # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes:
+    # Gemini 3.x Live bundles a turn's last audio, turnComplete and usageMetadata in one
+    # message, so the marker may come after any number of kilobytes.
+    "gemini": Meter((_GEMINI_MARKER,), decode_gemini, binary=True, sniff_bytes=0),
     "deepgram": Meter((b'"Metadata"',), _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
     "assemblyai": Meter((b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "billed")),
 }

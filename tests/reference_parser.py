@@ -19,7 +19,8 @@ class Result:
 def scan(data: bytes, masked: bool, max_message: int = 1 << 62, markers: tuple = (),
          binary: bool = False, window: int = 256):
     """Metering: text messages (and binary ones if `binary`) with any of `markers` in
-    their first `window` bytes are kept in `metered`."""
+    their first `window` bytes are kept in `metered`; window 0: with a marker anywhere,
+    from their first marker on."""
     r = Result()
     pos = 0
     fragmented = False
@@ -106,7 +107,11 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, markers: tuple =
             return r                                # payload still arriving (cut-through)
         r.boundaries.append(end)
         if markers and opcode < 3 and fin and text is not None:
-            if any(m in text[:window] for m in markers):
+            if window == 0:
+                found = [text.find(m) for m in markers if m in text]
+                if found:
+                    r.metered.append(text[min(found):])
+            elif any(m in text[:window] for m in markers):
                 r.metered.append(text)
             text = None
         if opcode == 8:

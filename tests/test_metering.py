@@ -82,6 +82,22 @@ def test_gemini_tool_use_and_thoughts_are_counted_and_cached_audio_told_apart():
     assert (counts["input_cached"], counts["input_cached_audio"]) == (600, 500)
 
 
+def test_gemini_usage_is_the_top_level_marker_after_nested_ones():
+    """The relay hands a Gemini message over from its first marker on: one the client
+    can place in the content (a text part, its own tool's argument) comes first, and
+    must not hide the usage after it."""
+    usage = {"promptTokenCount": 7, "responseTokenCount": 2}
+    message = json.dumps({
+        "toolCall": {"functionCalls": [{"name": "f", "args": {"usageMetadata": {"promptTokenCount": 1}}}]},
+        "serverContent": {"modelTurn": {"parts": [{"text": "usageMetadata"}]}},
+        "usageMetadata": usage}).encode()
+    for tail in (message, message[message.index(b'"usageMetadata"'):]):
+        counts = gemini(tail)
+        assert (counts["input"], counts["output"]) == (7, 2)
+    nested_only = json.dumps({"toolCall": {"functionCalls": [{"args": {"usageMetadata": {"promptTokenCount": 1}}}]}})
+    assert gemini(nested_only[nested_only.index('"usageMetadata"'):].encode()) is None
+
+
 def test_audio_seconds_of_deepgram_and_assemblyai():
     assert deepgram(b'{"type":"Metadata","duration":3.25,"channels":1}') == {"audio": 3.25}
     # AssemblyAI bills the session's open time, idle included; the audio where that is absent.

@@ -257,6 +257,30 @@ def test_gemini_python_sdk_over_the_tls_listener(native, sidecar_ca_bundle):
     assert metric(native, "conduit_usage_tokens_total", kind="output_text", **labels) == 3
 
 
+def test_gemini_usage_bundled_after_the_turns_audio_is_metered(native, sidecar_ca_bundle):
+    """Gemini 3.x Live sends a turn's audio, turnComplete and usageMetadata in one
+    message, usageMetadata last (proto field order): past the first 8 KiB the relay
+    sniffed, so the turn's tokens were never counted and budgets never grew."""
+    mark = log_mark(native)
+    client = _gemini(native, "gemini-flash")
+
+    async def body():
+        audio = 0
+        async with client.aio.live.connect(model="gemini-2.5-flash-live",
+                                           config={"response_modalities": ["AUDIO"]}) as session:
+            await session.send_client_content(
+                turns={"role": "user", "parts": [{"text": "one two three four"}]}, turn_complete=True)
+            async for message in session.receive():
+                audio += len(message.data or b"")
+                if message.server_content and message.server_content.turn_complete:
+                    break
+        return audio
+
+    assert run(body()) == 96000                                 # 2 s of 24 kHz PCM16
+    tokens = last_session(native, "gemini", mark)["usage_tokens"]
+    assert (tokens["input"], tokens["output"], tokens["output_audio"]) == (7, 64, 64)
+
+
 def test_gemini_disallowed_model_in_setup_gets_4003(native, sidecar_ca_bundle):
     from google.genai import errors
     client = _gemini(native, "gemini-flash")

@@ -205,12 +205,33 @@ def test_metering_markers_binary_and_window():
         assert s.output == data
 
 
+def test_metering_whole_messages_finds_markers_past_any_window_and_split_reads():
+    """Window 0 (Gemini Live's usage comes after kilobytes of audio): the whole message
+    is searched as it passes, without a copy, and handed over from its first marker on,
+    wherever reads and fragments split it."""
+    usage = b'"usageMetadata":{"totalTokenCount":9}}'
+    message = b'{"serverContent":{"modelTurn":"' + b"A" * 20000 + b'"},' + usage
+    at = len(message) - len(usage)
+    data = frame(2, message[:at - 5], False, fin=False) + frame(9, b"p", False) + frame(0, message[at - 5:], False)
+    head = len(data) - len(usage) - 5
+    for cut in range(head - 20, len(data), 3):
+        s = Scanner(False, markers=(b'"usageMetadata"',), meter_binary=True, sniff_bytes=0)
+        for piece in (data[:cut], data[cut:cut + 7], data[cut + 7:]):
+            s.feed_bytes(piece)
+        assert s.metered == [usage] and s.output == data, cut
+    s = Scanner(False, markers=(b'"usageMetadata"',), sniff_bytes=0)
+    s.feed_bytes(frame(2, message, False) + frame(1, b"usageMetadata", False))
+    assert s.metered == []                      # binary unread; the text has no marker
+
+
 @pytest.mark.parametrize("kw", [dict(markers=(b"",)), dict(markers=(b"x" * 300,)),
-                                dict(markers=(b"x",), sniff_bytes=0),
-                                dict(markers=(b"x",), sniff_bytes=1 << 20)])
+                                dict(markers=(b"x",), sniff_bytes=-1),
+                                dict(markers=(b"x",), sniff_bytes=1 << 20),
+                                dict(markers=(b"x" * 9000,), sniff_bytes=0),
+                                dict(markers=(b"x",), sniff_bytes=0, masked=True)])
 def test_metering_set_up_is_checked(kw):
     with pytest.raises(ValueError):
-        Scanner(False, **kw)
+        Scanner(kw.pop("masked", False), **kw)
 
 
 def test_a_scanner_is_counted_in_no_process_total():

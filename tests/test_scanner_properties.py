@@ -15,9 +15,9 @@ settings.load_profile(os.environ.get("CONDUIT_HYPOTHESIS_PROFILE", "ci"))
 
 MARKER = b'"response.done"'
 USAGE = b'"usageMetadata"'       # Gemini Live's marker, often after other fields
-# Metering set-ups: (markers, meter binary messages too, sniff window).
-METERING = st.tuples(st.sampled_from([(MARKER,), (MARKER, USAGE), (USAGE,)]), st.booleans(),
-                     st.sampled_from([16, 64, 256, 1000]))
+# Metering set-ups: (markers, meter binary messages too, sniff window; 0: whole messages).
+METERING = st.tuples(st.sampled_from([(MARKER,), (MARKER, USAGE), (USAGE,), (b"u",)]), st.booleans(),
+                     st.sampled_from([0, 16, 64, 256, 1000]))
 
 
 def encode(opcode, payload, masked, fin=True, rsv=0, key=b"\x01\x02\x03\x04", encoding="min"):
@@ -45,7 +45,11 @@ close_payloads = st.one_of(
 text_payloads = st.one_of(
     st.binary(max_size=300),
     st.builds(lambda pad, marker, tail: b" " * pad + b'{"type":' + marker + tail,
-              st.integers(0, 250), st.sampled_from([MARKER, USAGE]), st.binary(max_size=40)))
+              st.integers(0, 250), st.sampled_from([MARKER, USAGE]), st.binary(max_size=40)),
+    # Markers split anywhere, repeated, after more than any window.
+    st.builds(lambda pad, parts: b" " * pad + b"".join(parts), st.integers(0, 1100),
+              st.lists(st.sampled_from([MARKER[:7], MARKER[7:], USAGE[:5], USAGE[5:], b"x"]),
+                       max_size=8)))
 
 
 # Control frames' lengths in the 16- and 64-bit forms too (not minimal; the endpoints

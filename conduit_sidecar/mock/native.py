@@ -1,9 +1,12 @@
 """Mock shapes of the non-OpenAI providers, written from each provider's API reference:
 
 - gemini: `setup` -> `setupComplete`; `clientContent` -> one model text part, then
-  `turnComplete` with `usageMetadata`. Like Google's server, JSON goes out in binary
-  frames. On `...BidiGenerateMusic` (Lyria), every message after the setup -> one
-  `serverContent` audio chunk.
+  `turnComplete` with `usageMetadata`. With AUDIO response modalities, as Gemini 3.x
+  Live models do, one message per turn bundles the model's audio (half a second of
+  24 kHz PCM16 per word), `turnComplete` and `usageMetadata`, in that (proto field)
+  order. Like Google's server, JSON goes out in binary frames. On
+  `...BidiGenerateMusic` (Lyria), every message after the setup -> one `serverContent`
+  audio chunk.
 - deepgram, by the request path. Listen v1 (`/v1/listen`): binary audio -> `Results`
   every half second of audio; `CloseStream` -> `Metadata` with the `duration`
   received, then close 1000. Flux (`/v2/listen`): `Connected`; binary audio ->
@@ -87,14 +90,28 @@ async def gemini(ws: ServerConnection) -> None:
         async for _ in ws:
             await ws.send(_encode({"serverContent": {"audioChunks": [chunk]}}))
         return
+    config = setup.get("generationConfig") or setup.get("generation_config") or {}
+    audio = "AUDIO" in (config.get("responseModalities") or config.get("response_modalities") or ())
     async for message in ws:
         # Proto JSON: Google's servers take lowerCamel and snake_case field names alike.
         event = _json.decode(message)
         content = event.get("clientContent") or event.get("client_content") or {}
         text = " ".join(p.get("text", "") for t in content.get("turns", []) for p in t.get("parts", []))
+        n = len(text.split())
+        if audio:
+            pcm = base64.b64encode(bytes(24000 * n)).decode()
+            part = {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": pcm}}
+            usage = {
+                "promptTokenCount": n + 3,
+                "responseTokenCount": 16 * n,  # 32 tokens a second of audio
+                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n + 3}],
+                "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 16 * n}],
+            }
+            turn = {"modelTurn": {"parts": [part]}, "turnComplete": True}
+            await ws.send(_encode({"serverContent": turn, "usageMetadata": usage}))
+            continue
         await ws.send(_encode({"serverContent": {"modelTurn": {"parts": [{"text": f"echo: {text}"}]}}}))
         if content.get("turnComplete") or content.get("turn_complete"):
-            n = len(text.split())
             await ws.send(
                 _encode(
                     {
