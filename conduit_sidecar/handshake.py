@@ -27,6 +27,7 @@ from . import held
 from ._relay import CloseCode
 from .keys import KEY_PREFIX, KeyEntry, KeySet, Rejection
 from .providers import (
+    AUDIO_FORMAT,
     OPENAI_KEYS,
     TEMPLATES,
     BadPath,
@@ -232,6 +233,11 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
             return refuse(400, f"{name} contains control characters")
         if values and len(values[0]) > held.MAX_MODEL_CHARS:  # they reach log lines and labels
             return refuse(400, f"{name} longer than {held.MAX_MODEL_CHARS} characters")
+    # Both values would go upstream while audio_rate reads one: a provider reading the
+    # other would stream audio that the session's seconds (and budgets) count wrong.
+    for name in AUDIO_FORMAT:
+        if len(query.get(name, ())) > 1:
+            return refuse(400, f"{name} given more than once")
     model = query.get(model_param, [None])[0] if model_param else None
     provider = query.get("provider", [None])[0] if fixed is None else fixed
     # OpenAI's sessions without a model in the URL: a call (call_id=) or a transcription

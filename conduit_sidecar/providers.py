@@ -521,6 +521,9 @@ def meter(provider: str, kept: Kept | None = None) -> Meter | None:
 
 # Bytes per sample of the raw encodings Deepgram's and AssemblyAI's query name.
 _SAMPLE_BYTES = {"linear32": 4, "linear16": 2, "pcm_s16le": 2, "mulaw": 1, "alaw": 1, "pcm_mulaw": 1}
+# The query parameters audio_rate reads: each given once (handshake.decide), so the
+# provider and the sidecar cannot read different values of one.
+AUDIO_FORMAT = ("encoding", "sample_rate", "channels")
 
 
 def audio_rate(provider: str, query: tuple[tuple[str, str], ...]) -> int | None:

@@ -191,6 +191,36 @@ def test_deepgram_wrong_or_missing_key_gets_4001(native, key):
     assert (rcvd.code, rcvd.reason) == (4001, "unknown key" if key else "missing key")
 
 
+def test_deepgram_audio_format_given_twice_is_refused_and_repeatable_parameters_pass(native):
+    """`sample_rate=8000&sample_rate=48000`: both went to Deepgram while the sidecar
+    counted the session's audio seconds at the last; a provider reading the first would
+    make them a sixth of the audio's. Refused at the handshake; keyterm repeats."""
+    key = native.keys.plain["good"]
+    base = f"ws://127.0.0.1:{native.port}/v1/listen?model=nova-3&encoding=mulaw"
+    requests = native.mocks["deepgram"].mock.requests
+    seen = len(requests)
+
+    async def refused():
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(base + "&sample_rate=8000&sample_rate=48000", subprotocols=["token", key]):
+                pass
+        return exc.value.response
+
+    response = run(refused())
+    assert response.status_code == 400 and response.body.decode() == "sample_rate given more than once\n"
+    assert len(requests) == seen                              # nothing went upstream
+
+    async def repeated():
+        async with connect(base + "&sample_rate=8000&keyterm=alpha&keyterm=beta",
+                           subprotocols=["token", key]) as ws:
+            await ws.send(bytes(4000))
+            return await ws.recv()
+
+    assert "mulaw/8000" in run(repeated())
+    path, _ = _last_request(native, "deepgram")
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["keyterm"] == ["alpha", "beta"]
+
+
 def test_deepgram_browser_subprotocol_form(native):
     key = native.keys.plain["good"]
 

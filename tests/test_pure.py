@@ -179,6 +179,33 @@ def test_no_client_chooses_where_a_provider_calls_out():
         assert d.query == passed
 
 
+def test_an_audio_format_parameter_given_twice_is_refused():
+    """Both values went to the provider and audio_rate read the last: were the provider
+    to read the first (8 kHz mu-law, then sample_rate=48000 last), the session's audio
+    seconds, and its audio_seconds budget, would be counted at a sixth of the truth.
+    Parameters that repeat by design still pass."""
+    conf = Config(providers={"deepgram": Provider(secret_env="SECRET"),
+                             "assemblyai": Provider(secret_env="SECRET")})
+    state = admission(keyset=KeySet([KeyEntry("any", hash_key(KEY))]),
+                      router=Router(conf, environ={"SECRET": "sk-up"}))
+    for path, auth, name in (
+        ("/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000&sample_rate=48000", f"Token {KEY}",
+         "sample_rate"),
+        ("/v1/listen?model=nova-3&encoding=mulaw&encoding=linear16", f"Token {KEY}", "encoding"),
+        ("/v1/listen?model=nova-3&channels=1&encoding=linear16&channels=2", f"Token {KEY}", "channels"),
+        ("/v3/ws?speech_model=u&sample_rate=8000&sample_rate=16000", KEY, "sample_rate"),
+    ):
+        d = decide(upgrade(path, key=None, Authorization=auth), state)
+        assert isinstance(d, Refuse) and d.response.status_code == 400, (path, d)
+        assert d.reason == f"{name} given more than once" and KEY not in d.response.body.decode()
+    d = decide(upgrade("/v1/listen?model=nova-3&encoding=linear16&sample_rate=16000&keyterm=a&keyterm=b"
+                       "&redact=pci&redact=ssn&keywords=x:2&keywords=y&tag=t1&tag=t2",
+                       key=None, Authorization=f"Token {KEY}"), state)
+    assert isinstance(d, Accept), d
+    assert [v for n, v in d.query if n in ("keyterm", "redact", "keywords", "tag")] == [
+        "a", "b", "pci", "ssn", "x:2", "y", "t1", "t2"]
+
+
 def test_openai_sessions_without_a_model_in_the_url():
     """call_id= and intent=transcription go to openai with the model parameter dropped
     and the parameter forwarded; without them a model-less request stays refused."""
