@@ -89,6 +89,7 @@ cdef class Leg(Endpoint):
     cdef bytes take_tls(self, object tls)
     cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int read_tls(self, const uint8_t* data, Py_ssize_t size) except -1
+    cdef bint ended_after_close(self)
     cdef int flush_tls(self) except -1
     cdef int shut(self) except -1
     cdef int drop(self) except -1

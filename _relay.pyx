@@ -116,6 +116,8 @@ cdef extern from "_tls.h":
     unsigned long OpenSSL_version_num()
     int SSL_get_key_update_type(const SSL* s)
     enum: SSL_KEY_UPDATE_NONE
+    int SSL_version(const SSL* s)
+    enum: TLS1_3_VERSION
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
@@ -599,7 +601,12 @@ cdef class Leg(Endpoint):
         if self.state >= SHUT:
             return 0
         if err == SSL_ERROR_ZERO_RETURN:
-            self.shut()         # the peer's close_notify: like a plain leg's EOF
+            # The peer's close_notify: like a plain leg's EOF. TLS 1.3 ends each side on
+            # its own (RFC 8446 6.1): after its close frame the peer still reads, and the
+            # answer goes to it, then our close_notify (what it sends after is not read).
+            # TLS 1.2 wants our close_notify at once, pending writes dropped (RFC 5246 7.2.1).
+            if SSL_version(self.ssl) < TLS1_3_VERSION or not self.ended_after_close():
+                self.shut()
         elif err != SSL_ERROR_WANT_READ:
             self.drop()         # a bad record or alert: connection_lost follows
         elif _release_tls_buffers:
@@ -608,6 +615,12 @@ cdef class Leg(Endpoint):
             # keep it. A record's first part keeps it (the call then does nothing).
             SSL_free_buffers(self.ssl)
         return 0
+
+    cdef bint ended_after_close(self):
+        """Whether the peer's end of its side (TCP FIN, close_notify) leaves the socket
+        half-open: after its close frame it still reads, and the answer to its close
+        (within the close timeout) goes to it."""
+        return self.state == CLOSE_RECEIVED or self.state == CLOSE_QUEUED_LAST or self.state == CLOSED
 
     cdef int send_raw(self, const uint8_t* data, Py_ssize_t size) except -1:
         """Bytes for the socket as they are (a plain leg's frames, a TLS leg's records)."""
@@ -722,12 +735,10 @@ cdef class Leg(Endpoint):
         observe(now_ns() - t0)
 
     def eof_received(self):
-        # A peer that ends its side after its close frame still reads: the answer to
-        # its close (within the close timeout) goes to it. Without one, a half-closed
-        # peer ends the session: the transport closes. (uvloop's TLS transports, which
-        # have no fd here, cannot stay half-open: they would log a warning.)
-        return self.fd >= 0 and (self.state == CLOSE_RECEIVED or self.state == CLOSE_QUEUED_LAST
-                                 or self.state == CLOSED)
+        # Without a close frame first, a half-closed peer ends the session: the transport
+        # closes. (uvloop's TLS transports, which have no fd here, cannot stay
+        # half-open: they would log a warning.)
+        return self.fd >= 0 and self.ended_after_close()
 
     def pause_writing(self):
         if self.outbound is None:

@@ -49,6 +49,8 @@ static inline void ERR_clear_error(void) {}
 static inline unsigned long OpenSSL_version_num(void) { return 0; }
 #define SSL_KEY_UPDATE_NONE -1
 static inline int SSL_get_key_update_type(const SSL *s) { return SSL_KEY_UPDATE_NONE; }
+#define TLS1_3_VERSION 0x0304
+static inline int SSL_version(const SSL *s) { return 0; }
 typedef struct ssl_ctx_st SSL_CTX;
 static inline SSL_CTX *SSL_get_SSL_CTX(const SSL *s) { return NULL; }
 #endif

@@ -448,6 +448,100 @@ def test_each_leg_ends_with_a_close_notify_its_peer_reads(pki):
     assert run(body()) == (["close_notify", "close_notify"], b"\x88\x02\x03\xe8")
 
 
+def _end_tls(stream, fin):
+    """A peer's end of its side: close_notify (it still reads), and its TCP FIN if `fin`."""
+    with pytest.raises(ssl.SSLWantReadError):   # (the peer's close_notify is not awaited)
+        stream.sslobj.unwrap()
+    stream._flush()
+    if fin:
+        stream.raw.write_eof()
+
+
+class _LateAnswerUpstream(_Ending, UpgradeAnswer):
+    """Answers a close 0.2 s later, after a last message."""
+
+    def data_received(self, data):
+        if self.head is None and data[:1] == b"\x88":
+            asyncio.get_running_loop().call_later(0.2, self.transport.write,
+                                                  b"\x81\x04last\x88\x02\x03\xe8")
+        super().data_received(data)
+
+
+@pytest.mark.parametrize("how", ["close_notify", "and FIN", "TLS 1.2"])
+def test_a_tls_client_that_ends_its_side_after_its_close_still_gets_the_providers_answer(pki, how):
+    """The client sends its close, then its close_notify (and its FIN): it still reads.
+    The provider's last message and its answer to the close reach it, then our
+    close_notify. The relay shut the leg at the client's close_notify, so the client
+    never got the answer to its close (1006 where the provider said 1000). Under TLS
+    1.2 a close_notify is still answered at once, pending writes dropped (RFC 5246)."""
+    client_ctx = pki[1]
+    if how == "TLS 1.2":
+        client_ctx = ssl.create_default_context(cadata=b"".join(pki[1].get_ca_certs(binary_form=True)))
+        client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        upstream = _LateAnswerUpstream()
+        up = await loop.create_server(lambda: tlsleg.TLSStream(pki[0], upstream, server_side=True),
+                                      "127.0.0.1", 0)
+        port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+        raw, client = await loop.create_connection(_ClosingClient, "127.0.0.1", port)
+        stream = await tlsleg.start_tls(raw, client, client_ctx, "127.0.0.1")
+        client.transport = stream
+        stream.write(_upgrade_request())
+        await asyncio.wait_for(_until(lambda: b"\r\n\r\n" in client.data), 5)
+        stream.write(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # close 1000, masked
+        _end_tls(stream, fin=how == "and FIN")
+        end = await asyncio.wait_for(client.ended, 5)
+        up.close()
+        return end, client.data.split(b"\r\n\r\n", 1)[1]
+    answer = b"" if how == "TLS 1.2" else b"\x81\x04last\x88\x02\x03\xe8"
+    assert run(body()) == ("close_notify", answer)
+
+
+class _HalfClosingUpstream(_Ending, UpgradeAnswer):
+    """At the client's first frame: a close, then the end of its side (`_end_tls`);
+    collects what it reads after."""
+
+    def __init__(self, fin):
+        super().__init__()
+        self.fin = fin
+        self.data = b""
+
+    def data_received(self, data):
+        if self.head is not None:
+            return super().data_received(data)
+        if not self.data:
+            self.transport.write(b"\x88\x05\x03\xe8bye")
+            _end_tls(self.transport, self.fin)
+        self.data += data
+
+
+@pytest.mark.parametrize("fin", [False, True], ids=["close_notify", "and FIN"])
+def test_a_tls_provider_that_ends_its_side_after_its_close_still_gets_the_clients_answer(pki, fin):
+    """The same from the provider: its close, its close_notify (and FIN). The client's
+    answer to that close reaches it (the relay had shut the provider's leg at its
+    close_notify, before the client could answer)."""
+    async def body():
+        loop = asyncio.get_running_loop()
+        upstream = _HalfClosingUpstream(fin)
+        up = await loop.create_server(lambda: tlsleg.TLSStream(pki[0], upstream, server_side=True),
+                                      "127.0.0.1", 0)
+        port, _ = await _front(pki, up.sockets[0].getsockname()[1])
+        async with _client(port, pki) as ws:
+            await ws.send("go")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        end = await asyncio.wait_for(upstream.ended, 5)
+        up.close()
+        return (closed.value.rcvd.code, closed.value.rcvd.reason), end, upstream.data
+    received, end, data = run(body())
+    assert received == (1000, "bye") and end == "close_notify"
+    first, answer = data[:8], data[8:]                  # "go", masked; the client's close
+    body = bytes(b ^ answer[2 + (i & 3)] for i, b in enumerate(answer[6:]))
+    assert (first[:1], answer[:2], body) == (b"\x81", b"\x88\x85", b"\x03\xe8bye")
+
+
 def test_a_legs_sslobject_is_the_relays_after_the_handover(pki):
     """Python code holding a leg's SSLObject can neither take records the relay
     is owed nor get bytes onto a socket (they would land among the relay's records)."""
