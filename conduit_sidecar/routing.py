@@ -309,15 +309,19 @@ class Router:
             raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable") from None
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
-        """Verified client context: system trust store plus the provider's CA, TLS 1.2+.
-        A `ca_file` that was replaced (a rotated Secret or ConfigMap) is read again
-        into a new context; TLS sessions are kept per context (tlsleg.SessionCache),
-        so none verified under the old CAs is offered again."""
+        """Verified client context: system trust store plus the provider's CA, TLS 1.2+,
+        no TLS 1.2 renegotiation (a provider's HelloRequest is answered with a
+        no_renegotiation alert: a handshake run inside the relay's reads and writes
+        could drop the leg mid-session, by timing). A `ca_file` that was replaced (a
+        rotated Secret or ConfigMap) is read again into a new context; TLS sessions are
+        kept per context (tlsleg.SessionCache), so none verified under the old CAs is
+        offered again."""
         stamp = file_signature(ca_file) if ca_file else None
         cached = self._contexts.get(ca_file)
         if cached is None or cached[0] != stamp:
             ctx = ssl.create_default_context()
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.options |= ssl.OP_NO_RENEGOTIATION
             if ca_file:
                 try:
                     ctx.load_verify_locations(ca_file)

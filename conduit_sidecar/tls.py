@@ -1,7 +1,7 @@
 """TLS server side: the one place that sets up a server context or builds a certificate.
 
 * `server_context()`: TLS 1.2+, for the loopback listener and the injection webhook.
-  (Provider-leg client contexts are built by routing: verified, TLS 1.2+.)
+  (Provider-leg client contexts are built by routing: verified, TLS 1.2+, no renegotiation.)
 * `CertFiles`: a certificate and key loaded into one context and reloaded into it when
   the files change (cert-manager, a Secret volume): new handshakes get the new
   certificate, live connections go on.

@@ -265,15 +265,19 @@ def test_records_left_by_the_upgrade_are_relayed_first(pki):
     assert run(body()) == ["first", "second"]
 
 
-_libssl = ctypes.CDLL(ctypes.util.find_library("ssl"))
+libssl = ctypes.CDLL(ctypes.util.find_library("ssl"))
+
+
+def ssl_pointer(sslobj):
+    """The SSL* of an ssl.SSLObject or ssl.SSLSocket, for libssl's calls that Python's
+    ssl lacks (through ctypes, with the layout _tls.h relies on)."""
+    return ctypes.c_void_p.from_address(
+        id(sslobj._sslobj) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p))
 
 
 def _request_key_update(sslobj):
-    """SSL_key_update(SSL_KEY_UPDATE_REQUESTED), which Python's ssl lacks: on the SSL*
-    through ctypes, with the layout _tls.h relies on. Sent with the next write."""
-    ssl_ptr = ctypes.c_void_p.from_address(
-        id(sslobj._sslobj) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p))
-    assert _libssl.SSL_key_update(ssl_ptr, 1) == 1
+    """SSL_key_update(SSL_KEY_UPDATE_REQUESTED). Sent with the next write."""
+    assert libssl.SSL_key_update(ssl_pointer(sslobj), 1) == 1
 
 
 class _KeyUpdatingUpstream(UpgradeAnswer):

@@ -11,12 +11,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from conftest import Keys, SidecarProcess, held_port, run, standard_keys
+from conftest import Keys, SidecarProcess, held_port, run, standard_keys, switching_protocols
 from test_deployments import metric
 from test_key_reload import SecretVolume
+from test_relay_tls import libssl, ssl_pointer
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
@@ -482,6 +484,60 @@ def test_tls_provider_that_never_finishes_the_handshake(tls_env):
     (code, reason), elapsed = run(body())
     assert (code, reason) == (1014, "upstream timed out (TLS handshake)")
     assert elapsed < 1.5 + 1.0
+
+
+def _renegotiating_provider(listener, context, outcome):
+    """A TLS 1.2 provider (a thread): answers the upgrade, then at the client's first
+    frame asks for a renegotiation (a HelloRequest, through libssl) and sends "after".
+    `outcome`: how its next read went, "renegotiated" or OpenSSL's reason."""
+    conn, _ = listener.accept()
+    with context.wrap_socket(conn, server_side=True) as tls:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(4096)
+        tls.sendall(switching_protocols(head))
+        tls.recv(4096)
+        assert libssl.SSL_renegotiate(ssl_pointer(tls)) == 1
+        assert libssl.SSL_do_handshake(ssl_pointer(tls)) == 1    # the HelloRequest goes out
+        tls.sendall(b"\x81\x05after")
+        try:
+            tls.recv(4096)          # the client's answer first, then its next frame
+            outcome.append("renegotiated")
+        except ssl.SSLError as exc:
+            outcome.append(exc.reason)
+
+
+def test_a_provider_asking_for_tls_renegotiation_is_refused(tls_env):
+    """Provider legs refuse TLS 1.2 renegotiation (OP_NO_RENEGOTIATION): the answer to
+    a HelloRequest is a no_renegotiation alert, and the relay's leg goes on under the
+    keys it has. An OpenSSL provider then ends its TLS (a fatal alert, as when it
+    asked for a reason): the client gets 1014. Accepted, a renegotiation ran inside
+    the relay's reads and writes, and a write the relay made while it was under way
+    (the client streaming) dropped the leg, depending on timing."""
+    sidecar, ca, ports, root = tls_env
+    context = ca.server_context(root)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    outcome = []
+
+    async def body():
+        async with connect(sidecar.url(provider="tlsmock"), additional_headers=sidecar.auth()) as ws:
+            await ws.send("go")
+            assert await ws.recv() == "after"
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send("more")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    with socket.create_server(("127.0.0.1", ports["good"])) as listener:
+        provider = threading.Thread(target=_renegotiating_provider, args=(listener, context, outcome))
+        provider.start()
+        try:
+            result = run(body())
+        finally:
+            provider.join(10)
+    assert outcome == ["NO_RENEGOTIATION"]
+    assert result == (1014, "upstream connection lost")
 
 
 def peer_cert_digest(port, cafile):
