@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .config import TLS, ConfigError
@@ -78,8 +78,11 @@ class CertFiles:
         try:
             # Into a spare context first: OpenSSL has already replaced the live one's
             # certificate by the time it finds the key does not match, leaving it none.
-            server_context().load_cert_chain(self.cert_file, self.key_file)
-            self.context.load_cert_chain(self.cert_file, self.key_file)
+            # Both read one copy: a writer between the two loads (the next certificate
+            # in place, its key still to come) would otherwise do just that.
+            with _copies(self.cert_file, self.key_file) as (cert_file, key_file):
+                server_context().load_cert_chain(cert_file, key_file)
+                self.context.load_cert_chain(cert_file, key_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load {self.cert_file} / {self.key_file}: {exc}") from None
 
@@ -362,6 +365,26 @@ def pem(obj) -> bytes:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     return obj.public_bytes(serialization.Encoding.PEM)
+
+
+@contextlib.contextmanager
+def _copies(*paths: str) -> Iterator[list[str]]:
+    """Paths to copies of `paths` as they are now, for the block: files in memory
+    (memfd, so a key is never written anywhere else), read through /proc. Where
+    there are none (not Linux), the paths themselves."""
+    if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        yield list(paths)
+        return
+    with contextlib.ExitStack() as stack:
+        copies = []
+        for path in paths:
+            with open(path, "rb") as f:
+                data = f.read()
+            copy = stack.enter_context(os.fdopen(os.memfd_create("conduit-tls"), "wb"))
+            copy.write(data)
+            copy.flush()
+            copies.append(f"/proc/self/fd/{copy.fileno()}")
+        yield copies
 
 
 def _read(path: str) -> bytes | None:

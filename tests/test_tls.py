@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conduit_sidecar import _relay, ktls
+from conduit_sidecar import _relay, ktls, tls
 from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.testing import CA
 
@@ -632,6 +632,60 @@ def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(
         assert peer_cert_digest(tls_port, cafile) == first
     finally:
         sidecar.stop()
+
+
+def _served(context, cafile):
+    """The digest of the certificate a handshake with `context` (a server's) presents,
+    over memory BIOs; or OpenSSL's reason when the handshake fails."""
+    client = client_ssl(cafile).wrap_bio(ci := ssl.MemoryBIO(), co := ssl.MemoryBIO(),
+                                         server_hostname="127.0.0.1")
+    server = context.wrap_bio(si := ssl.MemoryBIO(), so := ssl.MemoryBIO(), server_side=True)
+    try:
+        for _ in range(3):
+            for side in (client, server):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+            si.write(co.read())
+            ci.write(so.read())
+    except ssl.SSLError as exc:
+        return exc.reason
+    return hashlib.sha256(client.getpeercert(binary_form=True)).hexdigest()
+
+
+def test_a_certificate_written_during_a_reload_leaves_the_live_context_a_pair(tmp_path, monkeypatch):
+    """A reload checks the files in a spare context, then loads them into the live
+    one. A writer that puts the next renewal's certificate in place between the two
+    (its key still to come) had the live context load that certificate with the key
+    just checked: OpenSSL dropped the key, the load failed, and the listener served
+    no handshake until a later reload (NO_SHARED_CIPHER), though the log said the
+    current certificate was kept. Both loads now read one copy of the files."""
+    ca = CA()
+    cafile = ca.write(tmp_path / "ca.pem")
+    pairs = []
+    for name in ("a", "b", "c"):
+        os.makedirs(tmp_path / name)
+        pairs.append(ca.issue(str(tmp_path / name)))
+    cert_file, key_file = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+    for src, dst in zip(pairs[0], (cert_file, key_file)):
+        shutil.copy(src, dst)
+    files = tls.CertFiles(cert_file, key_file)
+    for src, dst in zip(pairs[1], (cert_file, key_file)):     # a renewal, written whole
+        shutil.copy(src, dst)
+
+    spare_context = tls.server_context
+
+    class Spare:
+        """The spare context; once it has loaded, the next renewal's certificate."""
+
+        def load_cert_chain(self, *files):
+            spare_context().load_cert_chain(*files)
+            shutil.copy(pairs[2][0], cert_file)
+    monkeypatch.setattr(tls, "server_context", Spare)
+    files.check()
+    monkeypatch.undo()
+    with open(pairs[1][0]) as f:
+        renewed = hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
+    assert _served(files.context, cafile) == renewed
 
 
 def test_a_corrupt_self_signed_state_is_a_config_error(tmp_path):
