@@ -489,9 +489,18 @@ def test_the_admin_port_on_every_address_answers_ipv4_and_ipv6(tmp_path, mock_pr
     the sidecar was restarted for failing its probes."""
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
-    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
-    sidecar.env["CONDUIT_ADMIN_LISTEN"] = f"*:{sidecar.admin_port}"
-    sidecar.start()
+    for attempt in range(3):
+        sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
+        sidecar.env["CONDUIT_ADMIN_LISTEN"] = f"*:{sidecar.admin_port}"
+        try:
+            sidecar.start()
+            break
+        except RuntimeError as exc:
+            # Binding every address found its held port taken, in about one run in
+            # fifteen of the dependency-floor tests (uvloop 0.19) on a loaded machine,
+            # never in isolation; not explained. Another port is tried.
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
     try:
         for host in ("127.0.0.1", "[::1]"):
             assert http_get(f"http://{host}:{sidecar.admin_port}/readyz")[0] == 200
