@@ -318,8 +318,8 @@ class _Hellos:
     def scan(self, data: bytes, at: int) -> tuple[int, str]:
         """Reads `data` from `at`: (len(data), "more") when all was read; else where it
         stopped and why: "large" (a ClientHello over _HELLO_MAX), "ccs" (a
-        change_cipher_spec record ended there) or "done" (a record or message that is
-        no ClientHello: nothing more to check)."""
+        change_cipher_spec record ended there) or "done" (a record, not an alert, or a
+        message that is no ClientHello: nothing more to check)."""
         end = len(data)
         while at < end:
             if not self.left:
@@ -330,14 +330,16 @@ class _Hellos:
                     break
                 self.type, self.left = self.record[0], int.from_bytes(self.record[3:5], "big")
                 self.record = b""
-                if self.type not in (20, 22):  # not change_cipher_spec, not handshake
+                if self.type not in (20, 21, 22):  # not change_cipher_spec, alert, handshake
                     return at, "done"
                 continue
             stop = at + min(self.left, end - at)
             self.left -= stop - at
-            if self.type == 20:
+            if self.type != 22:
+                # An alert is passed over: OpenSSL reads on past a warning one (in TLS
+                # 1.3 user_canceled), and a ClientHello may still follow it.
                 at = stop
-                if not self.left:
+                if self.type == 20 and not self.left:
                     return at, "ccs"
                 continue
             while at < stop:

@@ -650,13 +650,14 @@ def _hello_without_key_shares(client_ctx) -> bytes:
     return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
 
 
-@pytest.mark.parametrize("which", ["first", "after a retry"])
+@pytest.mark.parametrize("which", ["first", "after a retry", "after a retry and an alert"])
 def test_a_clienthello_too_large_is_refused_at_its_header(pki, which):
     """OpenSSL makes room for a ClientHello as large as its header says (up to 128 KiB,
     zero-filled) before any of it came: 9 bytes held 123 KiB of the listener per
     connection until its handshake timeout. A server stream drops a connection whose
     ClientHello (the first, or the one after a HelloRetryRequest) is larger than the
-    16 KiB OpenSSL sets up anyway, and says why as a failed handshake."""
+    16 KiB OpenSSL sets up anyway, and says why as a failed handshake. A warning alert
+    before the second (user_canceled, which TLS 1.3 lets pass) ended the check."""
     big = b"\x16\x03\x01\x00\x04\x01" + (128 << 10).to_bytes(3, "big")
 
     async def body():
@@ -670,16 +671,18 @@ def test_a_clienthello_too_large_is_refused_at_its_header(pki, which):
         server = await loop.create_server(lambda: tlsleg.TLSStream(pki[0], App(), server_side=True),
                                           "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        if which == "after a retry":
+        if which != "first":
             writer.write(_hello_without_key_shares(pki[1]))
             retry = await reader.readexactly(5)
             await reader.readexactly(int.from_bytes(retry[3:5], "big"))
             writer.write(b"\x14\x03\x03\x00\x01\x01")   # change_cipher_spec, as clients send
+            if which == "after a retry and an alert":
+                writer.write(b"\x15\x03\x03\x00\x02\x01\x5a")    # warning: user_canceled
         writer.write(big)
         exc = await asyncio.wait_for(lost, 5)
         writer.close()
         server.close()
-        return retry[0] if which == "after a retry" else 22, getattr(exc, "reason", exc)
+        return retry[0] if which != "first" else 22, getattr(exc, "reason", exc)
     assert run(body()) == (22, "EXCESSIVE_MESSAGE_SIZE")
 
 
