@@ -133,9 +133,14 @@ class KeySet:
         """A live session's key against this set: its current entry, found by hash (a
         rotation under the same id revokes the old key), and the 4001 reason if the
         session must end. `agent`: the session was admitted as this public agent's,
-        which the key must still list."""
+        which the key must still list. A new id revokes too: the session's counts,
+        leases and budgets are its admission id's, which the file no longer has."""
         current = self.by_hash.get(entry.sha256)
-        if current is None or (agent is not None and agent not in current.public_agents):
+        if (
+            current is None
+            or current.id != entry.id
+            or (agent is not None and agent not in current.public_agents)
+        ):
             return current, Rejection.REVOKED
         if not current.enabled:
             return current, Rejection.DISABLED

@@ -269,10 +269,10 @@ class Sidecar:
         for info in list(self.sessions):
             current, reason = self.keyset.recheck(info.key, now, info.public_agent)
             running = info.relay is not None and not info.relay.finished
-            if current is not None:
+            if current is not None and not reason:  # (a renamed entry is not the session's)
                 recap = current.max_session_seconds != info.key.max_session_seconds
                 info.key = current
-                if recap and running and not reason:
+                if recap and running:
                     self.governor.recapped(info)  # (one still opening starts with the new cap)
             if reason and info.relay is not None and not info.relay.finished:
                 info.relay.close(_relay.CloseCode.AUTH_FAILED, reason.value, _relay.CloseCode.NORMAL, "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import signal
@@ -655,6 +656,30 @@ def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
         code, reason = await closed(ws, "budget_exceeded")
         assert code == 4002 and reason.startswith("budget exhausted: tokens per hour (20)")
     run(scenario())
+
+
+def test_a_key_renamed_under_its_hash_ends_its_sessions(sidecars):
+    """A session's counts, leases and budget windows are under the key id it was
+    admitted with, and a usage report judges the budgets of that id's entry in the
+    current key file. An entry whose id changed (same sha256) left its sessions under
+    an id the file no longer has: a budget it gained never reached them (24 tokens
+    against 20 went on). Such a key is another key: its sessions end as a rotated
+    key's do."""
+    keys = Keys()
+    keys.add("before")
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "before")
+        await response_done(ws)                               # 12 tokens, no budget yet
+        keys.entries[0]["id"] = "after"
+        keys.entries[0]["budgets"] = [{"metric": "tokens", "limit": 20, "window": "hour"}]
+        keys.write(proc.keys_file)
+        await reloaded(proc)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(json.dumps({"type": "response.create"}))   # 24: crosses 20
+        return await closed(ws)
+    assert run(scenario()) == (4001, "key revoked")
 
 
 async def reloaded(proc: SidecarProcess) -> None:

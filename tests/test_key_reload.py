@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -173,8 +174,11 @@ def test_rotating_a_key_under_the_same_id_ends_the_old_keys_sessions(tmp_path, m
         sidecar.stop()
 
 
-def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path):
-    """Review finding 5: the key is checked again right before the client's 101."""
+@pytest.mark.parametrize("change", ["removed", "renamed"])
+def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path, change):
+    """Review finding 5: the key is checked again right before the client's 101. A key
+    renamed (same sha256, another id) is another key, there too: the recheck of the
+    poll had given the opening session the renamed entry, which then passed."""
     keys = Keys()
     alpha = keys.add("alpha")
     upstream_port = held_port()
@@ -186,8 +190,12 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path):
                 url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
                 attempt = asyncio.ensure_future(connect(url, additional_headers={"Authorization": f"Bearer {alpha}"}))
                 await asyncio.wait_for(up.asked.wait(), 5)
-                with open(sidecar.keys_file, "w") as f:
-                    f.write('{"keys": []}')
+                if change == "renamed":
+                    keys.entries[0]["id"] = "omega"
+                    keys.write(sidecar.keys_file)
+                else:
+                    with open(sidecar.keys_file, "w") as f:
+                        f.write('{"keys": []}')
                 ws = await attempt
                 return await closed_with(ws)
         assert run(body()) == (4001, "key revoked")
