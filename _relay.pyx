@@ -1435,13 +1435,13 @@ cdef class Relay:
                     self.send_close(other, GOING_AWAY, "client went away", True)
                 else:
                     self.send_close(other, UPSTREAM_FAILED, "upstream connection lost", True)
-            elif other.state == CLOSE_SENT:
+            elif other.state == CLOSE_SENT and not other.inbound.verdict_code:
                 # Our close is out: its answer is awaited (within the close timeout) and
                 # what it still sends is read and dropped. Closed with its bytes unread,
                 # the socket would be reset, and a peer still sending (an SDK streaming
-                # audio) could lose our close frame to the reset.
-                if not other.inbound.verdict_code:
-                    other.transport.resume_reading()    # paused if `leg` held it back
+                # audio) could lose our close frame to the reset. (A violator, read no
+                # more, can never answer: it is shut.)
+                other.transport.resume_reading()    # paused if `leg` held it back
             else:
                 other.shut()
             return 0

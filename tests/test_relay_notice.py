@@ -221,3 +221,42 @@ def test_a_withheld_frame_does_not_hold_the_providers_close(end, close):
             ws.transport.abort()
         return await upstream.lost
     assert _masked_close(run(body())) == close
+
+
+def test_a_violator_closed_by_the_sidecar_is_shut_when_the_provider_goes():
+    """A client that broke the protocol is read no more. When the sidecar closed the
+    session within the violation's grace (a revoked key, a drain) and the provider then
+    ended its connection without answering, the client, its close out, was left
+    waiting for an answer nothing would read, until the close timeout: it is shut
+    at once, as before 11b268a."""
+    async def body():
+        loop = asyncio.get_running_loop()
+        accepted = asyncio.Queue()
+
+        class Side(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.pause_reading()
+                accepted.put_nowait(transport)
+
+        server = await loop.create_server(Side, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client_r, client_w = await asyncio.open_connection("127.0.0.1", port)
+        client = await accepted.get()
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", port)
+        upstream = await accepted.get()
+        relay = _relay.Relay(loop, 1 << 20, 60.0, lambda r: None)
+        # A masked frame with the reserved opcode 3: the client violates as the relay starts.
+        relay.start(client, upstream, bytes([0x83, 0x80]) + os.urandom(4))
+        client.resume_reading()
+        upstream.resume_reading()
+        relay.close(4001, "key revoked", 1000, "")          # within the grace
+        assert (await up_r.readexactly(4))[:2] == b"\x88\x82"  # our close to the provider
+        up_w.close()                                        # gone without an answer
+        while relay.upstream.state != _relay.LegState.LOST:
+            await asyncio.sleep(0.01)
+        state = relay.client.state
+        relay.abort()
+        client_w.close()
+        server.close()
+        return state
+    assert run(body()) in (_relay.LegState.SHUT, _relay.LegState.LOST)
