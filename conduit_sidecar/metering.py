@@ -217,18 +217,31 @@ _MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image
 
 
 _GEMINI_MARKER = b'"usageMetadata"'
+# Markers tried per message: each try may parse the whole rest of it (4 MiB), so a
+# message with a marker at every turn must not get a try per marker.
+_GEMINI_TRIES = 4
 
 
 def decode_gemini(message: bytes) -> dict[str, float] | None:
     """`message` is a server message, or its part from its first marker on (the relay's,
     Meter.sniff_bytes 0). The top-level usageMetadata is the marker from which the rest,
     opened as an object, parses: one nested in the content (a text part, a tool call's
-    arguments) leaves closing brackets over. Usually it is the last one (proto JSON
-    orders fields by number, usageMetadata after the content), so the search starts
-    there; each try reads the same buffer, no copy."""
+    arguments) leaves closing brackets over. A server message holds one content field
+    besides its usage, so the usage is the last marker (proto JSON orders fields by
+    number, usageMetadata after the content) or the first: those are tried, then a few
+    before the last (_GEMINI_TRIES in all; more left untried make the message
+    malformed); each try reads the same buffer, no copy."""
     buf = bytearray(b" " + message)
+    first = buf.find(_GEMINI_MARKER)
+    if first < 0:
+        return None
+    tries: list[int] = []
     at = len(buf)
-    while (at := buf.rfind(_GEMINI_MARKER, 0, at)) > 0:
+    while (at := buf.rfind(_GEMINI_MARKER, first + 1, at)) > first and len(tries) < _GEMINI_TRIES - 1:
+        tries.append(at)
+    untried = at > first
+    tries.insert(1, first)
+    for at in tries:
         before, buf[at - 1] = buf[at - 1], ord("{")
         try:
             raw = _gemini.decode(memoryview(buf)[at - 1 :]).usageMetadata
@@ -236,6 +249,8 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
         except msgspec.DecodeError:
             buf[at - 1] = before
     else:
+        if untried:
+            raise MalformedUsage(f"more usageMetadata markers than the {_GEMINI_TRIES} tried")
         return None
     if not _given(raw):
         return None

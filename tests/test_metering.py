@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conduit_sidecar import metering
 from conduit_sidecar.metering import METERS, MalformedUsage
 
 openai, gemini = METERS["openai"].decode, METERS["gemini"].decode
@@ -96,6 +97,33 @@ def test_gemini_usage_is_the_top_level_marker_after_nested_ones():
         assert (counts["input"], counts["output"]) == (7, 2)
     nested_only = json.dumps({"toolCall": {"functionCalls": [{"args": {"usageMetadata": {"promptTokenCount": 1}}}]}})
     assert gemini(nested_only[nested_only.index('"usageMetadata"'):].encode()) is None
+
+
+def test_gemini_usage_search_tries_few_markers(monkeypatch):
+    """Each try parses up to the rest of the message, so trying every marker of one
+    with a marker at every turn (nested in the content a client can steer, or from a
+    provider) was quadratic: 300 KB of them took seconds of the event loop, 4 MiB
+    minutes. The last marker and the first are tried (the usage after the content or
+    before it), and a few more before the last; past those a message is malformed."""
+    tries = []
+
+    class Counting:
+        def decode(self, buf):
+            tries.append(len(buf))
+            return decoder.decode(buf)
+
+    decoder = metering._gemini
+    monkeypatch.setattr(metering, "_gemini", Counting())
+    usage = b'"usageMetadata":{"promptTokenCount":7,"responseTokenCount":2}'
+    nested = b'"toolCall":{"functionCalls":[' + b",".join([b'{"args":{"usageMetadata":{}}}'] * 1000) + b"]}"
+    for message in (usage + b"," + nested + b"}", b'{"serverContent":{}, ' + nested + b"," + usage + b"}"):
+        tries.clear()
+        counts = gemini(message[message.index(b'"usageMetadata"'):])
+        assert (counts["input"], counts["output"]) == (7, 2) and len(tries) <= metering._GEMINI_TRIES
+    tries.clear()
+    with pytest.raises(MalformedUsage):     # no try parses: a closer is over at the end
+        gemini(b'"usageMetadata":{},' * 5000 + b'"x":1}}')
+    assert len(tries) == metering._GEMINI_TRIES
 
 
 def test_audio_seconds_of_deepgram_and_assemblyai():
