@@ -822,6 +822,9 @@ cdef class Pipe:
         for m in markers:
             if not isinstance(m, bytes) or not 0 < len(m) <= (window or SNIFF_LIMIT):
                 raise ValueError("a marker must be non-empty bytes within the sniff window")
+        if window == 0 and any([a in b[1:] for a in markers for b in markers]):
+            # Found first, while the one around it may still be arriving.
+            raise ValueError("with whole messages searched, no marker may lie inside another")
         self.markers = markers
         self.meter_binary = binary
         self.window = window

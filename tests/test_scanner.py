@@ -228,7 +228,9 @@ def test_metering_whole_messages_finds_markers_past_any_window_and_split_reads()
                                 dict(markers=(b"x",), sniff_bytes=-1),
                                 dict(markers=(b"x",), sniff_bytes=1 << 20),
                                 dict(markers=(b"x" * 9000,), sniff_bytes=0),
-                                dict(markers=(b"x",), sniff_bytes=0, masked=True)])
+                                dict(markers=(b"x",), sniff_bytes=0, masked=True),
+                                # Whole messages: "cd" is found before the "abcdef" around it.
+                                dict(markers=(b"abcdef", b"cd"), sniff_bytes=0)])
 def test_metering_set_up_is_checked(kw):
     with pytest.raises(ValueError):
         Scanner(kw.pop("masked", False), **kw)

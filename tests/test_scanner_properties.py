@@ -16,7 +16,8 @@ settings.load_profile(os.environ.get("CONDUIT_HYPOTHESIS_PROFILE", "ci"))
 MARKER = b'"response.done"'
 USAGE = b'"usageMetadata"'       # Gemini Live's marker, often after other fields
 # Metering set-ups: (markers, meter binary messages too, sniff window; 0: whole messages).
-METERING = st.tuples(st.sampled_from([(MARKER,), (MARKER, USAGE), (USAGE,), (b"u",)]), st.booleans(),
+METERING = st.tuples(st.sampled_from([(MARKER,), (MARKER, USAGE), (USAGE,), (b"u",),
+                                      (USAGE, b"x")]), st.booleans(),
                      st.sampled_from([0, 16, 64, 256, 1000]))
 
 
