@@ -739,7 +739,10 @@ def test_the_session_cap_counts_from_the_handshake(tmp_path):
         async with server:
             ws = await connect(f"ws://127.0.0.1:{proc.port}/v1/realtime/connect?provider=slow",
                                additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=10)
-            await ws.send("hello")
+            try:
+                await ws.send("hello")
+            except websockets.ConnectionClosed:
+                pass  # the event and the close came first (a loaded machine): still read
             got = []
             try:
                 while True:
