@@ -587,11 +587,11 @@ def presented_key(
                 if p[: len(form.name)].lower() == form.name:  # browsers keep case
                     carriers.add(p)
                     found.append(p[len(form.name) :])
-        elif form.name in offered:
-            i = offered.index(form.name)
-            if i + 1 < len(offered):
-                carriers.add(offered[i + 1])
-                found.append(offered[i + 1])
+        else:  # each `name, KEY` pair: a second one's key must not go upstream either
+            for i, p in enumerate(offered[:-1]):
+                if p == form.name:
+                    carriers.add(offered[i + 1])
+                    found.append(offered[i + 1])
         values = {v.removeprefix(form.strip) for v in found if v}
         if key is None and len(values) == 1:
             key = values.pop()

@@ -1043,6 +1043,25 @@ def test_a_key_in_the_routed_providers_subprotocol_form_never_goes_upstream(nati
     assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
 
 
+def test_a_second_token_pair_never_goes_upstream_either(native):
+    """Only the key after the first `token` was taken out of the offer: with `token, A,
+    token, B`, B went to Deepgram. Each pair's key is a carrier now; the header's key
+    is the session's."""
+    good = native.keys.plain["good"]
+
+    async def body(headers, offer):
+        async with connect(f"ws://127.0.0.1:{native.port}/v1/listen?model=nova-3",
+                           additional_headers=headers, subprotocols=offer) as ws:
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            await ws.recv()
+            return ws.subprotocol
+    offer = ["token", "dg-own-key", "token", "dg-other-key", "other"]
+    assert run(body({"Authorization": f"Token {good}"}, offer)) == "other"
+    _, headers = _last_request(native, "deepgram")
+    assert headers.get_all("Sec-WebSocket-Protocol") == ["other"]
+    assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
+
+
 def test_only_allowed_client_parameters_pass(native):
     key = native.keys.plain["good"]
 
