@@ -10,7 +10,9 @@ import datetime as dt
 import enum
 import hashlib
 import logging
+import os
 import secrets
+import stat
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -153,7 +155,11 @@ def load_keys(path: str) -> KeySet:
     """Read and validate a key file; raises ConfigError naming the problem."""
     signature = file_signature(path)  # before the read: a change during it is seen later
     try:
-        with open(path, "rb") as f:
+        # Not blocking: a FIFO put there by mistake would hold the open (and the event
+        # loop of a running sidecar) until something writes to it.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{path}: not a regular file")
             data = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None

@@ -509,6 +509,27 @@ def test_two_keys_listing_one_public_agent_is_a_load_error(tmp_path):
     assert watcher.keyset.by_agent["agent_x"].id == "a"        # the previous set is kept
 
 
+def test_a_key_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """open() of a FIFO waits for a writer: a keys_file pointing at one stalled the start,
+    or a running sidecar's event loop at its next reload, for as long as none came."""
+    import threading
+    fifo = tmp_path / "keys.json"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(_raised(load_keys, str(fifo))), daemon=True)
+    reader.start()
+    reader.join(10)                     # a guard against the hang, not a timing measure
+    assert outcome == [f"{fifo}: not a regular file"]
+
+
+def _raised(call, *args) -> str | None:
+    try:
+        call(*args)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def test_a_key_file_replaced_while_the_sidecar_starts_is_reloaded_at_the_first_check(tmp_path):
     """The file is read, then replaced (a Secret update) before the watcher exists: the
     watcher starts from the file as it was read, so its first check reloads it. It
