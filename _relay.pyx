@@ -1,9 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The relay core: forwards WebSocket frames verbatim between two sockets.
 
-Only frame headers are read. Payload bytes go from the read buffer to the other
-socket untouched (client frames stay masked, provider frames stay unmasked), as
-they arrive (cut-through). A header is held until it is complete and valid; a close
+Frame headers are read; payloads only where a hook asks (metering's markers, a
+governed session's client messages read whole: docs/relay.md). Payload bytes go
+from the read buffer to the other socket untouched (client frames stay masked,
+provider frames stay unmasked), as they arrive (cut-through) but for a message read
+whole, which is withheld until it is judged. A header is held until it is complete and valid; a close
 frame is held whole (at most 139 bytes) so its code and reason can be checked.
 
 One read buffer serves every session of the process: a read's bytes are either

@@ -185,9 +185,9 @@ return out"""
 
 
 class RedisStore:
-    """Redis through redis-py's asyncio client. Every call is bounded by
-    `timeout_seconds` and raises StoreError on any failure: the caller decides what
-    an outage means (see Governor)."""
+    """Redis through redis-py's asyncio client. Each reply (and each connect) is
+    bounded by `timeout_seconds`; a call raises StoreError on any failure: the caller
+    decides what an outage means (see Governor)."""
 
     shared = True
 
