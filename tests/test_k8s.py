@@ -1143,3 +1143,40 @@ def test_inject_file_keeps_unquoted_dates_as_kubernetes_reads_them(tmp_path):
         assert obj["metadata"]["annotations"]["release-date"] == "2026-01-15"
         app = next(c for c in obj["spec"]["containers"] if c["name"] == "app")
         assert app["env"] == [{"name": "CUTOVER", "value": "2026-01-15T10:00:00Z"}]
+
+
+def kubectl_reads(text: str, tmp_path: pathlib.Path) -> dict:
+    """The object as kubectl reads it from YAML (sigs.k8s.io/yaml: Go's YAML, not 1.1)."""
+    source = tmp_path / "read.yaml"
+    source.write_text(text)
+    run = subprocess.run([KUBECTL, "patch", "--local", "--type=json", "-f", str(source), "-p", "[]",
+                          "-o", "json"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@needs_kubectl
+def test_inject_file_output_reads_back_in_kubectl_as_its_input(tmp_path):
+    """PyYAML writes YAML 1.1, kubectl reads Go's YAML: the strings "y", "n", "08" or a
+    commit hash like "4417e53" came out unquoted, and kubectl read them as a bool and
+    floats ("cannot unmarshal bool into ... annotations of type string"); on the way in,
+    an unquoted 1:30 became 90 (YAML 1.1's base 60) and an unquoted = failed to load."""
+    strings = ["y", "N", "08", "4417e53", "0o17", "0X1F", "1e3", ".5e3", "-1_0", "+.5", "yes", "~"]
+    text = "\n".join([
+        "apiVersion: v1", "kind: Pod",
+        "metadata:", "  name: voice-agent", "  labels:", '    version: "4417e53"', "  annotations:",
+        *(f"    s{i}: {json.dumps(s)}" for i, s in enumerate(strings)),
+        "    at: 1:30", "    eq: =",
+        "spec:", "  containers:", "  - name: app", "    image: node:20-slim", "    env:",
+        '    - {name: DEBUG, value: "n"}', "    - {name: WINDOW, value: 12:30}", ""])
+    want = kubectl_reads(text, tmp_path)
+    assert want["metadata"]["annotations"]["at"] == "1:30" and want["metadata"]["annotations"]["eq"] == "="
+    source = tmp_path / "pod.yaml"
+    source.write_text(text)
+    for output in ("yaml", "json"):
+        run = inject_cli("-f", str(source), "-o", output)
+        assert run.returncode == 0, run.stderr
+        got = kubectl_reads(run.stdout, tmp_path)
+        del got["metadata"]["annotations"]["conduit.dev/status"]
+        assert got["metadata"] == want["metadata"]
+        assert named(got["spec"]["containers"], "app") == want["spec"]["containers"]

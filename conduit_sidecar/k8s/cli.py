@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from .. import __version__
@@ -80,20 +81,53 @@ def _inject(args: argparse.Namespace) -> int:
             injected = [{"apiVersion": "v1", "kind": "List", "items": injected}]
         print(json.dumps(injected[0], indent=2))
     else:
-        sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False))
+        sys.stdout.write(yaml.dump_all(injected, Dumper=_dumper(), sort_keys=False))
     return 0
 
 
+# kubectl reads YAML with Go's yaml.v2 (sigs.k8s.io/yaml), not YAML 1.1 as PyYAML:
+# where they differ, `inject` reads as kubectl and writes what kubectl reads back.
+_STR, _INT, _FLOAT = "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_GO_BOOLS = {"y", "Y", "n", "N"}
+# What Go takes for a number (after removing every `_`), a superset is fine: 08, 0o17,
+# 1e3 (a commit hash such as 4417e53), .5e3... YAML 1.1 reads these as strings.
+_GO_NUMBER = re.compile(r"[-+]?(0[xXoObB][0-9a-fA-F]+|(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?)")
+
+
 def _loader() -> type:
-    """PyYAML's safe loader without YAML 1.1's timestamps: Kubernetes reads an unquoted
-    `2026-01-15` as the string it is, and a date object would be written back changed
-    (or fail JSON output)."""
+    """PyYAML's safe loader, reading as kubectl does: an unquoted `2026-01-15` is the
+    string it is (a date object would be written back changed, or fail JSON output),
+    `1:30` is not YAML 1.1's base-60 90, and `=` is a string (PyYAML fails on it)."""
     import yaml
+
+    dropped = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")
 
     class Loader(yaml.SafeLoader):
         yaml_implicit_resolvers = {
-            first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+            first: [(tag, regexp) for tag, regexp in resolvers if tag not in dropped]
             for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
         }
 
+        def resolve(self, kind, value, implicit):
+            tag = super().resolve(kind, value, implicit)
+            if kind is yaml.ScalarNode and tag in (_INT, _FLOAT) and ":" in value:
+                return _STR  # only base 60 has a colon
+            return tag
+
     return Loader
+
+
+def _dumper() -> type:
+    """PyYAML's safe dumper, quoting each string that kubectl would read as a bool or a
+    number: `y`, `n`, `08`, `4417e53` came out plain, and `kubectl apply` read them so."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def resolve(self, kind, value, implicit):
+            tag = super().resolve(kind, value, implicit)
+            if kind is yaml.ScalarNode and implicit[0] and tag == _STR:
+                if value in _GO_BOOLS or _GO_NUMBER.fullmatch(value.replace("_", "")):
+                    return None  # not plain: the emitter quotes it
+            return tag
+
+    return Dumper
