@@ -1180,3 +1180,41 @@ def test_inject_file_output_reads_back_in_kubectl_as_its_input(tmp_path):
         del got["metadata"]["annotations"]["conduit.dev/status"]
         assert got["metadata"] == want["metadata"]
         assert named(got["spec"]["containers"], "app") == want["spec"]["containers"]
+
+
+def test_inject_file_takes_a_yaml_alias_as_a_copy(tmp_path):
+    """Containers sharing env and volumeMounts through YAML aliases (&env, *env): PyYAML
+    made one list of each, so in TLS mode every container's mount and NODE_EXTRA_CA_CERTS
+    went into it once per container: /var/run/conduit mounted twice in each ("must be
+    unique"). kubectl reads an alias as a copy of what it names."""
+    text = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: voice}
+spec:
+  selector: {matchLabels: {app: voice}}
+  template:
+    metadata:
+      labels: {app: voice}
+      annotations: {conduit.dev/tls: "true"}
+    spec:
+      containers:
+      - name: web
+        image: node:20-slim
+        env: &env [{name: OPENAI_BASE_URL, value: "https://127.0.0.1:8443/v1"}]
+        volumeMounts: &mounts [{name: data, mountPath: /data}]
+      - name: worker
+        image: node:20-slim
+        env: *env
+        volumeMounts: *mounts
+      volumes: [{name: data, emptyDir: {}}]
+"""
+    source = tmp_path / "deployment.yaml"
+    source.write_text(text)
+    run = inject_cli("-f", str(source))
+    assert run.returncode == 0, run.stderr
+    obj = yaml.safe_load(run.stdout)
+    validate(obj)
+    check_injected(pod_template(obj), tls=True)
+    for app in pod_template(obj)["spec"]["containers"]:
+        assert [m["mountPath"] for m in app["volumeMounts"]] == ["/data", "/var/run/conduit"]

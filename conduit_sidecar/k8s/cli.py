@@ -59,9 +59,12 @@ def _inject(args: argparse.Namespace) -> int:
         print(f"conduit-sidecar: {args.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     try:  # JSON is YAML too
-        documents = [d for d in yaml.load_all(text, Loader=_loader()) if d is not None]
+        documents = [_expanded(d) for d in yaml.load_all(text, Loader=_loader()) if d is not None]
     except yaml.YAMLError as exc:
         print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {exc}", file=sys.stderr)
+        return 1
+    except RecursionError:
+        print(f"conduit-sidecar: {args.filename}: an alias names a node it is part of", file=sys.stderr)
         return 1
     defaults = Settings(image=args.sidecar_image)
     injected = []
@@ -83,6 +86,17 @@ def _inject(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(yaml.dump_all(injected, Dumper=_dumper(), sort_keys=False))
     return 0
+
+
+def _expanded(value):
+    """`value` with each YAML alias a copy of what it names, as kubectl reads it: PyYAML
+    gives one object for both places, so a mount added to one container whose
+    volumeMounts was an alias went into the other too."""
+    if isinstance(value, dict):
+        return {key: _expanded(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_expanded(v) for v in value]
+    return value
 
 
 # kubectl reads YAML with Go's yaml.v2 (sigs.k8s.io/yaml), not YAML 1.1 as PyYAML:
