@@ -1218,3 +1218,14 @@ spec:
     check_injected(pod_template(obj), tls=True)
     for app in pod_template(obj)["spec"]["containers"]:
         assert [m["mountPath"] for m in app["volumeMounts"]] == ["/data", "/var/run/conduit"]
+
+
+def test_inject_file_refuses_excessive_aliasing(tmp_path):
+    """Aliases copied are bounded: nine levels of ten aliases each ("billion laughs")
+    would be 10^9 nodes, filling the memory of whoever runs the command."""
+    lines = ['a0: &a0 ["x"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    source = tmp_path / "laughs.yaml"
+    source.write_text("\n".join(lines) + "\n")
+    run = inject_cli("-f", str(source))
+    assert run.returncode == 1
+    assert "excessive aliasing (over 1,000,000 nodes once aliases are copied)" in run.stderr

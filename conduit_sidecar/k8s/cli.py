@@ -59,12 +59,20 @@ def _inject(args: argparse.Namespace) -> int:
         print(f"conduit-sidecar: {args.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     try:  # JSON is YAML too
-        documents = [_expanded(d) for d in yaml.load_all(text, Loader=_loader()) if d is not None]
+        budget = [_EXPANDED_MAX]
+        documents = [_expanded(d, budget) for d in yaml.load_all(text, Loader=_loader()) if d is not None]
     except yaml.YAMLError as exc:
         print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {exc}", file=sys.stderr)
         return 1
     except RecursionError:
         print(f"conduit-sidecar: {args.filename}: an alias names a node it is part of", file=sys.stderr)
+        return 1
+    except _Excessive:
+        print(
+            f"conduit-sidecar: {args.filename}: excessive aliasing (over {_EXPANDED_MAX:,} nodes "
+            "once aliases are copied)",
+            file=sys.stderr,
+        )
         return 1
     defaults = Settings(image=args.sidecar_image)
     injected = []
@@ -88,14 +96,26 @@ def _inject(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expanded(value):
+# Copies of aliases, in nodes, across a file: aliases of aliases grow exponentially
+# ("billion laughs"); Go's YAML, which kubectl reads with, refuses those too.
+_EXPANDED_MAX = 1_000_000
+
+
+class _Excessive(Exception):
+    pass
+
+
+def _expanded(value, budget: list[int]):
     """`value` with each YAML alias a copy of what it names, as kubectl reads it: PyYAML
     gives one object for both places, so a mount added to one container whose
-    volumeMounts was an alias went into the other too."""
+    volumeMounts was an alias went into the other too. `budget`: nodes left to make."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Excessive
     if isinstance(value, dict):
-        return {key: _expanded(v) for key, v in value.items()}
+        return {key: _expanded(v, budget) for key, v in value.items()}
     if isinstance(value, list):
-        return [_expanded(v) for v in value]
+        return [_expanded(v, budget) for v in value]
     return value
 
 
