@@ -1378,6 +1378,17 @@ cdef class Relay:
         elif s == CLOSE_SENT:
             src.set_state(CLOSED)
         if pipe.forwarding:                 # dst is OPEN or CLOSE_RECEIVED
+            if code == NO_STATUS and dst is self.client and dst.state == CLOSE_RECEIVED:
+                # The provider's codeless answer to the client's close (the usual echo of
+                # a close without a code) goes as 1000: with 1005 the documented client
+                # reconnects after its own disconnect(). Its frame is not forwarded.
+                pipe.forwarding = False
+                frame = close_frame(NORMAL, "", False)
+                dst.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                pipe.payload[kind_of(8)] += 2     # counted as sent: its code's two bytes
+                pipe.wire_bytes += 2
+                g_payload[pipe.direction][kind_of(8)] += 2
+                g_wire[pipe.direction] += 2
             dst.set_state(CLOSED if dst.state == CLOSE_RECEIVED else CLOSE_SENT)
         elif dst.inbound.verdict_code:
             # The other peer has answered our close: now tell the violator why.
@@ -1439,7 +1450,9 @@ cdef class Relay:
                 elif leg is self.client:
                     self.send_close(other, GOING_AWAY, "client went away", True)
                 else:
-                    self.send_close(other, UPSTREAM_FAILED, "upstream connection lost", True)
+                    # The answer to a client's close is a normal closure (see on_close_frame).
+                    self.send_close(other, NORMAL if other.state == CLOSE_RECEIVED else UPSTREAM_FAILED,
+                                    "upstream connection lost", True)
             elif other.state == CLOSE_SENT and not other.inbound.verdict_code:
                 # Our close is out: its answer is awaited (within the close timeout) and
                 # what it still sends is read and dropped. Closed with its bytes unread,
@@ -1484,7 +1497,8 @@ cdef class Relay:
             if leg.state == FAILED:
                 frame = close_frame(self.fail_code, self.fail_reason, leg is self.upstream)
             elif leg.state == CLOSE_RECEIVED and leg is self.client:
-                frame = close_frame(UPSTREAM_FAILED, "upstream did not answer the close", False)
+                # Still the answer to the client's close: a normal closure.
+                frame = close_frame(NORMAL, "upstream did not answer the close", False)
             elif leg.state == CLOSE_RECEIVED:
                 frame = close_frame(GOING_AWAY, "client did not answer the close", True)
             else:

@@ -227,16 +227,40 @@ def test_a_provider_that_ends_its_side_after_its_close_still_gets_the_clients_an
 
 def test_a_close_the_provider_never_answers_is_answered_at_the_close_timeout(faulty):
     """The client closes; the provider reads the close and never answers. At the close
-    timeout the client gets a close that says why, then its socket closes: it got no
-    close frame at all (1006 at the client, as if the connection had been lost)."""
+    timeout the client gets a close that says why, then its socket closes. The answer
+    to the client's own close is a normal closure: with 1014 the documented resilient
+    client reconnects after its disconnect()."""
     async def client(reader, writer, events):
-        writer.write(masked(0x88, (1000).to_bytes(2, "big")))
+        writer.write(masked(0x88, b""))                     # disconnect(): no code
         return await asyncio.wait_for(reader.read(), 5)     # until the sidecar closes
     data, events = with_upstream(faulty, lambda t: None, client)
     reason = b"upstream did not answer the close"
-    assert data == bytes([0x88, 2 + len(reason)]) + (1014).to_bytes(2, "big") + reason
+    assert data == bytes([0x88, 2 + len(reason)]) + (1000).to_bytes(2, "big") + reason
     end = last_end(faulty, events)
-    assert (end["closed_by"], end["close_code"]) == ("client", 1000)
+    assert (end["closed_by"], end["close_code"]) == ("client", 1005)
+
+
+@pytest.mark.parametrize("answer", ["codeless close", "connection lost"])
+def test_the_answer_to_a_clients_codeless_close_is_a_normal_closure(faulty, answer):
+    """disconnect() in the docs' classes closes without a code, and providers echo a
+    codeless close (RFC 6455 5.5.1). The client reads the answer's code: 1005 (or 1014
+    when the provider drops the connection instead) made the documented resilient
+    client reconnect, undoing the disconnect. It gets 1000; a close with a code, or an
+    answer with one, passes unchanged (other tests)."""
+    def on_data(transport, data):
+        if data[:1] == b"\x88":                           # the client's close, relayed
+            if answer == "codeless close":
+                transport.write(b"\x88\x00")
+            else:
+                transport.close()
+
+    async def client(reader, writer, events):
+        events["on_data"] = on_data
+        writer.write(masked(0x88, b""))
+        return await asyncio.wait_for(reader.read(), 5)
+    data, _ = with_upstream(faulty, lambda t: None, client)
+    reason = b"" if answer == "codeless close" else b"upstream connection lost"
+    assert data == bytes([0x88, 2 + len(reason)]) + (1000).to_bytes(2, "big") + reason
 
 
 def test_a_close_the_client_never_answers_is_answered_at_the_close_timeout(faulty):

@@ -58,13 +58,16 @@ def test_the_reference_pages_classes_work_unchanged(sidecar):
     # Text frames reach onTextMessage parsed, binary ones onAudioData as the bytes sent.
     assert basic["opened"] and basic["echoed"] and basic["audioEqual"], basic
     assert basic["types"][:1] == ["session.created"] and "session.updated" in basic["types"], basic
-    assert basic["closeCode"] == 1005  # disconnect() closes without a code
+    # disconnect() closes without a code; the answer is a normal closure, so the docs'
+    # policy (which reconnects on anything but 1000, 1002 and 4001) stays disconnected.
+    assert basic["closeCode"] == 1000
     # 4001 is final for the docs' policy; 1014 (provider down) is retried until its cap.
     assert result["badKey"] == {"connects": 1, "logs": ["Connection closed: 4001 unknown key"] * 2}
     down = result["providerDown"]
     assert down["connects"] == 3, down
     assert down["logs"][0].startswith("Connection closed: 1014 upstream"), down
     assert down["logs"][-1] == "Max reconnection attempts reached", down
+    assert result["disconnected"] == {"connects": 1, "logs": ["Connection closed: 1000 "] * 2}
     assert result["validated"] == {"types": ["session.created", "session.updated"], "refused": True}
     stats = result["monitored"]
     assert (stats["messagesSent"], stats["bytesSent"]) == (2, 1440), stats

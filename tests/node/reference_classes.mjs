@@ -81,6 +81,23 @@ async function resilient(key, provider) {
   return { connects: client.connects, logs: logs.slice(start).filter((l) => l.startsWith('Connection closed') || l.startsWith('Max')) };
 }
 
+// The docs' policy does not reconnect after an intentional close: disconnect() closes
+// without a code, and the answer to that close must say so (1000), not 1005, on which
+// the policy reconnects and undoes the disconnect.
+async function disconnected() {
+  const client = new Counted(goodKey, 'mock-realtime', 'mock', { maxReconnectAttempts: 2, reconnectDelay: 50 });
+  const start = logs.length;
+  client.onTextMessage = () => {};
+  client.connect();
+  await until(() => client.isConnected);
+  const ws = client.ws;
+  client.disconnect();
+  await until(() => ws.readyState === WebSocket.CLOSED);
+  await sleep(500);  // far past reconnectDelay: a reconnect the policy makes has been made
+  if (client.ws) client.ws.terminate();
+  return { connects: client.connects, logs: logs.slice(start).filter((l) => l.startsWith('Connection closed')) };
+}
+
 async function validated() {
   const client = new loaded.ValidatedRealTimeAudio(goodKey, 'mock-realtime', 'mock');
   const texts = [];
@@ -114,6 +131,7 @@ const result = { placeholders, classes: names };
 result.basic = await basic();
 result.badKey = await resilient('condt_unknown', 'mock');
 result.providerDown = await resilient(goodKey, downProvider);
+result.disconnected = await disconnected();
 result.validated = await validated();
 result.monitored = await monitored();
 console.log(JSON.stringify(result));
