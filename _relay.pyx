@@ -1429,7 +1429,16 @@ cdef class Relay:
         return 0
 
     def _close_after_violation(self, Leg leg):
-        self.send_close(leg, self.fail_code, self.fail_reason, False)
+        cdef int code = self.fail_code
+        if leg is self.client and leg.state == CLOSE_RECEIVED:
+            code = NORMAL       # the answer to the client's own close (on_close_frame)
+        elif leg is self.client and code != MESSAGE_TOO_BIG:
+            # The provider broke the protocol: to the client an invalid response from
+            # upstream (1014, RFC 6455), as a bad first message of the provider's is
+            # (held.read_greeting). 1002 would say the client broke it, and the
+            # documented client gives up on 1002.
+            code = UPSTREAM_FAILED
+        self.send_close(leg, code, self.fail_reason, False)
 
     cdef int on_lost(self, Leg leg) except -1:
         cdef Leg other = self.upstream if leg is self.client else self.client

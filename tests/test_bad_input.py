@@ -227,6 +227,7 @@ async def close_frame_of_text(reader):
 
 
 def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
+    """The provider gets 1002; the client, who did nothing wrong, 1014 (a bad gateway)."""
     async def body():
         upstream_ended = asyncio.get_running_loop().create_future()
 
@@ -246,7 +247,7 @@ def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
             writer.close()
             return result, upstream_code
     (code, reason), upstream_code = run(body())
-    assert (code, reason) == (1002, "upstream: masked frame from the upstream")
+    assert (code, reason) == (1014, "upstream: masked frame from the upstream")
     assert upstream_code == 1002
 
 
@@ -309,7 +310,7 @@ def test_a_violation_in_the_bytes_read_with_the_handshake_stops_reading_the_viol
             else:
                 writer.write(req)
                 await reader.readuntil(b"\r\n\r\n")
-                assert await close_frame_of(reader) == (1002, "upstream: masked frame from the upstream")
+                assert await close_frame_of(reader) == (1014, "upstream: masked frame from the upstream")
                 sent = await asyncio.wait_for(result, 10)   # the client never answers
             writer.close()
             return sent

@@ -588,7 +588,7 @@ class Chaos:
             "reset": (1014, "upstream connection lost"),
             "resetmid": None,
             "halfclose": (1014, "upstream connection lost"),
-            "masked": (1002, "upstream: masked frame from the upstream"),
+            "masked": (1014, "upstream: masked frame from the upstream"),
         }[mode]
         got = (rcvd.code, rcvd.reason) if rcvd else None
         if got != want:

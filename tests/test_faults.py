@@ -240,17 +240,20 @@ def test_a_close_the_provider_never_answers_is_answered_at_the_close_timeout(fau
     assert (end["closed_by"], end["close_code"]) == ("client", 1005)
 
 
-@pytest.mark.parametrize("answer", ["codeless close", "connection lost"])
+@pytest.mark.parametrize("answer", ["codeless close", "connection lost", "masked frame"])
 def test_the_answer_to_a_clients_codeless_close_is_a_normal_closure(faulty, answer):
     """disconnect() in the docs' classes closes without a code, and providers echo a
     codeless close (RFC 6455 5.5.1). The client reads the answer's code: 1005 (or 1014
     when the provider drops the connection instead) made the documented resilient
-    client reconnect, undoing the disconnect. It gets 1000; a close with a code, or an
-    answer with one, passes unchanged (other tests)."""
+    client reconnect, undoing the disconnect. It gets 1000, also when the provider
+    breaks the protocol instead (1014 otherwise); a close with a code, or an answer
+    with one, passes unchanged (other tests)."""
     def on_data(transport, data):
         if data[:1] == b"\x88":                           # the client's close, relayed
             if answer == "codeless close":
                 transport.write(b"\x88\x00")
+            elif answer == "masked frame":                  # a violation, in place of an answer
+                transport.write(bytes([0x82, 0x81, 1, 2, 3, 4, ord("x") ^ 1]))
             else:
                 transport.close()
 
@@ -259,7 +262,8 @@ def test_the_answer_to_a_clients_codeless_close_is_a_normal_closure(faulty, answ
         writer.write(masked(0x88, b""))
         return await asyncio.wait_for(reader.read(), 5)
     data, _ = with_upstream(faulty, lambda t: None, client)
-    reason = b"" if answer == "codeless close" else b"upstream connection lost"
+    reason = {"codeless close": b"", "connection lost": b"upstream connection lost",
+              "masked frame": b"upstream: masked frame from the upstream"}[answer]
     assert data == bytes([0x88, 2 + len(reason)]) + (1000).to_bytes(2, "big") + reason
 
 

@@ -1,11 +1,13 @@
 """Node.js clients with the npm `ws` package, shaped like the Conduit docs' classes."""
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 
 import pytest
+from conftest import run, switching_protocols
 
 NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
 
@@ -73,3 +75,30 @@ def test_the_reference_pages_classes_work_unchanged(sidecar):
     assert (stats["messagesSent"], stats["bytesSent"]) == (2, 1440), stats
     assert (stats["messagesReceived"], stats["bytesReceived"]) == (3, 1440), stats
     assert stats["isHealthy"], stats
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE), reason="../shared/reference is not beside the checkout")
+def test_the_reference_policy_retries_after_a_providers_protocol_violation(sidecar, upstream_ports):
+    """A provider that breaks the protocol (here a masked frame) fails the session; the
+    client did nothing wrong. It got 1002, on which the docs' policy gives up for good
+    (that code says the client broke the protocol): it gets 1014, as when the provider
+    is unreachable, and the policy retries up to its cap."""
+    async def provider(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(switching_protocols(head) + bytes([0x82, 0x81, 1, 2, 3, 4, ord("x") ^ 1]))
+        await reader.read()
+        writer.close()
+
+    async def body():
+        server = await asyncio.start_server(provider, "127.0.0.1", upstream_ports["raw"])
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "node", os.path.join(NODE_DIR, "reference_classes.mjs"), REFERENCE, base(sidecar),
+                sidecar.keys.plain["good"], "down", "raw", stdout=subprocess.PIPE)
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            return json.loads(out)
+        finally:
+            server.close()
+    result = run(body())
+    assert result["logs"][0] == "Connection closed: 1014 upstream: masked frame from the upstream", result
+    assert result["connects"] == 3 and result["logs"][-1] == "Max reconnection attempts reached", result

@@ -1,4 +1,6 @@
-// node reference_classes.mjs REFERENCE_MD BASE_URL GOOD_KEY DOWN_PROVIDER
+// node reference_classes.mjs REFERENCE_MD BASE_URL GOOD_KEY DOWN_PROVIDER [PROVIDER]
+//
+// (With PROVIDER, only ResilientRealTimeAudio's policy against that provider runs.)
 //
 // The Conduit docs page's client classes, run as printed: every `class ...` of its
 // javascript blocks, unchanged except for the docs' placeholder origin, which becomes
@@ -9,7 +11,7 @@ import { readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import WebSocket from 'ws7';
 
-const [referenceMd, baseUrl, goodKey, downProvider] = process.argv.slice(2);
+const [referenceMd, baseUrl, goodKey, downProvider, onlyProvider] = process.argv.slice(2);
 const PLACEHOLDER = 'wss://api.conduit.yourdomain.com';
 
 const page = readFileSync(referenceMd, 'utf8');
@@ -127,6 +129,10 @@ async function monitored() {
   return stats;
 }
 
+if (onlyProvider) {
+  console.log(JSON.stringify(await resilient(goodKey, onlyProvider)));
+  process.exit(0);
+}
 const result = { placeholders, classes: names };
 result.basic = await basic();
 result.badKey = await resilient('condt_unknown', 'mock');
