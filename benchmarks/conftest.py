@@ -218,6 +218,17 @@ def sizes() -> Sizes:
     return SIZES
 
 
+@pytest.fixture
+def timed(benchmark, sizes):
+    """timed(run) -> what run returned, timed by pytest-benchmark (three rounds of one
+    call in the quick run, which proves the suite runs)."""
+    def go(run):
+        if sizes.quick:
+            return benchmark.pedantic(run, rounds=3, iterations=1)
+        return benchmark(run)
+    return go
+
+
 @pytest.fixture(scope="session")
 def report_row():
     """record(section, row, column, value): a figure for the report."""

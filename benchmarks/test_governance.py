@@ -20,7 +20,7 @@ def entry(key_id: str) -> KeyEntry:
 
 @pytest.mark.parametrize("column, peers, others", [
     ("alone", 1, 0), ("2000-other-keys", 1, 2000), ("2000-of-its-key", 2001, 0)])
-def test_usage_report(benchmark, report_row, sizes, column, peers, others):
+def test_usage_report(benchmark, timed, report_row, column, peers, others):
     config = Config()
     sessions: set[SessionInfo] = set()
     entries = {key_id: entry(key_id) for key_id in ("k", *(f"o{i}" for i in range(others)))}
@@ -33,10 +33,7 @@ def test_usage_report(benchmark, report_row, sizes, column, peers, others):
     counts = {"input": 120.0, "output": 80.0}
     run = lambda: governor.usage(info, counts, "gpt-realtime")
     benchmark.group = "governor: one usage report"
-    if sizes.quick:
-        benchmark.pedantic(run, rounds=3, iterations=1)
-    else:
-        benchmark(run)
+    timed(run)
     assert governor.pending["k"]["tokens"] > 0 and not governor.live  # counted, nothing closed
     us = benchmark.stats.stats.median * 1e6
     report_row("governor", "µs per usage report", column, us)

@@ -28,7 +28,7 @@ def websockets_parse(chunks: list[bytes], masked: bool) -> int:
 @pytest.mark.parametrize("parser", ["sidecar", "websockets"])
 @pytest.mark.parametrize("masked", [True, False], ids=["client-to-upstream", "upstream-to-client"])
 @pytest.mark.parametrize("size", [160, 960, 4800, 65536])
-def test_scan(benchmark, report_row, sizes, parser, masked, size):
+def test_scan(benchmark, timed, report_row, sizes, parser, masked, size):
     count = max(4, sizes.scanner_bytes // size)
     data = frames(size, count, masked)
     if parser == "sidecar":
@@ -39,10 +39,7 @@ def test_scan(benchmark, report_row, sizes, parser, masked, size):
         chunks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
         run = lambda: websockets_parse(chunks, masked)
     benchmark.group = f"scanner: {size} B {'masked' if masked else 'unmasked'}"
-    if sizes.quick:
-        seen = benchmark.pedantic(run, rounds=3, iterations=1)
-    else:
-        seen = benchmark(run)
+    seen = timed(run)
     assert seen == count
     ns = benchmark.stats.stats.median * 1e9 / count
     benchmark.extra_info["ns_per_frame"] = ns
@@ -51,7 +48,7 @@ def test_scan(benchmark, report_row, sizes, parser, masked, size):
 
 
 @pytest.mark.parametrize("mode", ["cut-through", "read whole", "may_name"])
-def test_read_whole(benchmark, report_row, sizes, mode):
+def test_read_whole(benchmark, timed, report_row, sizes, mode):
     """What a session whose later messages are checked pays per client text message,
     a 6.4 KB audio append: the relay reading it whole (captured, unmasked, withheld,
     released) against scanning it cut-through, and the Python test that then passes it
@@ -77,10 +74,7 @@ def test_read_whole(benchmark, report_row, sizes, mode):
             s.feed_bytes(data)
             return s.counters()[0][1]
     benchmark.group = "scanner: a 6.4 KB client text message read whole"
-    if sizes.quick:
-        seen = benchmark.pedantic(run, rounds=3, iterations=1)
-    else:
-        seen = benchmark(run)
+    seen = timed(run)
     assert seen == count
     ns = benchmark.stats.stats.median * 1e9 / count
     benchmark.extra_info["ns_per_message"] = ns
@@ -89,7 +83,7 @@ def test_read_whole(benchmark, report_row, sizes, mode):
 
 @pytest.mark.parametrize("mode", ["unmetered", "metered"])
 @pytest.mark.parametrize("ms", [100, 1000])
-def test_metered_gemini_audio(benchmark, report_row, sizes, mode, ms):
+def test_metered_gemini_audio(benchmark, timed, report_row, sizes, mode, ms):
     """What Gemini Live metering costs per provider message, a binary JSON message with
     `ms` of 24 kHz audio (6.4 KB of base64 per 100 ms) and no usage: scanned cut-through
     unmetered, against searched for `usageMetadata` as the session meters it."""
@@ -113,10 +107,7 @@ def test_metered_gemini_audio(benchmark, report_row, sizes, mode, ms):
         s.feed_bytes(data)
         return s.counters()[0][2]
     benchmark.group = f"scanner: a Gemini message with {ms} ms of audio, metered"
-    if sizes.quick:
-        seen = benchmark.pedantic(run, rounds=3, iterations=1)
-    else:
-        seen = benchmark(run)
+    seen = timed(run)
     assert seen == count
     ns = benchmark.stats.stats.median * 1e9 / count
     benchmark.extra_info["ns_per_message"] = ns
