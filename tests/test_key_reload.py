@@ -57,14 +57,20 @@ async def eventually(predicate, timeout=3.0):
     return False
 
 
-def test_symlink_swap_rotation(tmp_path, mock_provider):
-    keys = Keys()
-    alpha, beta = keys.add("alpha"), keys.add("beta")
+def _alpha_published(tmp_path, mock_provider, keys: Keys):
+    """A Secret volume publishing only the key `alpha`, and a started sidecar reading it."""
     volume = SecretVolume(str(tmp_path / "secret"))
     os.mkdir(volume.root)
     volume.publish(keyfile(keys, {"alpha"}))
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys,
                              keys_file=os.path.join(volume.root, "keys.json")).start()
+    return volume, sidecar
+
+
+def test_symlink_swap_rotation(tmp_path, mock_provider):
+    keys = Keys()
+    alpha, beta = keys.add("alpha"), keys.add("beta")
+    volume, sidecar = _alpha_published(tmp_path, mock_provider, keys)
     try:
         async def body():
             live = await connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {alpha}"})
@@ -209,11 +215,7 @@ def test_a_key_file_grown_huge_is_refused_and_the_last_good_set_stays(tmp_path, 
     size (a 200 MiB one: +200 MiB RSS, a 0.6 s stall)."""
     keys = Keys()
     alpha, beta = keys.add("alpha"), keys.add("beta")
-    volume = SecretVolume(str(tmp_path / "secret"))
-    os.mkdir(volume.root)
-    volume.publish(keyfile(keys, {"alpha"}))
-    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys,
-                             keys_file=os.path.join(volume.root, "keys.json")).start()
+    volume, sidecar = _alpha_published(tmp_path, mock_provider, keys)
     try:
         async def body():
             live = await connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {alpha}"})
