@@ -861,6 +861,19 @@ def test_webhook_refuses_a_host_network_pod(webhook):
     assert response["allowed"] is False and "hostNetwork" in response["status"]["message"]
 
 
+def test_webhook_refuses_a_windows_pod(webhook):
+    """The sidecar is a Linux image, and the API server forbids on a Windows pod the
+    securityContext fields it carries (capabilities, seccompProfile, runAsUser...):
+    injected, the pod was refused by the API server for fields its author never wrote."""
+    windows = pod()
+    windows["spec"]["os"] = {"name": "windows"}
+    response = webhook.review(windows)
+    assert response["allowed"] is False and "spec.os.name" in response["status"]["message"]
+    linux = pod()
+    linux["spec"]["os"] = {"name": "linux"}
+    assert webhook.review(linux)["allowed"] is True
+
+
 @pytest.mark.parametrize("obj, message", [
     (None, "not a pod"),
     ("a pod", "not a pod"),

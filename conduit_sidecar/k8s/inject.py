@@ -335,6 +335,12 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
         # The pod's loopback would be the node's: every process on it could use the
         # sidecar's keys and drain it, and its ports would be the node's.
         raise InjectError("the pod uses hostNetwork: the conduit sidecar needs a pod network of its own")
+    pod_os = spec.get("os")
+    if isinstance(pod_os, Mapping) and pod_os.get("name") == "windows":
+        # The image is Linux's, and the API server forbids the sidecar's securityContext
+        # (capabilities, seccompProfile, runAsUser...) on a Windows pod: it would refuse
+        # the injected pod for fields its author never wrote.
+        raise InjectError("the pod runs on Windows (spec.os.name): the conduit sidecar is a Linux container")
     ports = {s.listen_port: "conduit.dev/listen-port", s.admin_port: "conduit.dev/admin-port"}
     if s.tls:
         ports[s.tls_port] = "conduit.dev/tls-port"
