@@ -33,6 +33,12 @@ _BINARY = _relay.KIND_NAMES.index("binary")
 _NO_USAGE = Usage()  # read only: the session_end line of a session no provider billed
 
 
+def _close_label(side: str, code: int) -> str:
+    """A client picks its close code: the 2,000 of the application range (3000-4999)
+    are two label values, not a series each (the session_end line keeps the code)."""
+    return f"{code // 1000}xxx" if side == "client" and code >= 3000 else str(code)
+
+
 def _thousandths(seconds: float) -> float:
     """`round(seconds, 3)` for the non-negative figures of a log line: `round` with
     digits goes through a decimal conversion, 2.8 k instructions a call."""
@@ -150,7 +156,8 @@ class Sidecar:
         duration = time.monotonic() - info.started
         self.metrics.duration.observe(duration)
         code = relay.close_code if relay.close_code is not None else 1006
-        self.metrics.child(self.metrics.closes, relay.closed_by or "unknown", str(code)).inc()
+        side = relay.closed_by or "unknown"
+        self.metrics.child(self.metrics.closes, side, _close_label(side, code)).inc()
         c2u, u2c = relay.counters(0), relay.counters(1)
         per_second = self.config.audio.bytes_per_second
         usage = info.usage or _NO_USAGE

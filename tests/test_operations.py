@@ -134,6 +134,27 @@ def test_auth_failures_and_close_codes_are_counted(ops):
     assert d("conduit_connections_total", result="auth_failed") == 4
 
 
+def test_client_close_codes_are_bounded_labels(ops):
+    """A client picks its close code: each of the 2,000 of 3000-4999 was a series of
+    conduit_closes_total of its own, kept for the life of the process."""
+    codes = [3000, 3001, 3999, 4001, 4999]
+
+    async def body():
+        for code in codes:
+            async with connect(ops.url(), additional_headers=ops.auth()) as ws:
+                await ws.recv()
+                await ws.close(code)
+    before, ends = scrape(ops), len(session_ends(ops))
+    run(body())
+    ended(ops, ends + len(codes) - 1)  # all of them
+    assert [end["close_code"] for end in session_ends(ops)[ends:]] == codes  # the log keeps them
+    after = scrape(ops)
+    d = lambda **l: value(after, "conduit_closes_total", **l) - value(before, "conduit_closes_total", **l)  # noqa: E731
+    assert d(side="client", code="3xxx") == 3 and d(side="client", code="4xxx") == 2
+    assert not [key for key in after if key[0] == "conduit_closes_total"
+                and dict(key[1]) in [{"side": "client", "code": str(c)} for c in codes]]
+
+
 def test_usage_counts_match_the_provider_usage_even_when_fragmented(ops):
     usages = [{"input_tokens": 11, "output_tokens": 22,
                "input_token_details": {"text_tokens": 1, "audio_tokens": 10, "cached_tokens": 0},
