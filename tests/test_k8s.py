@@ -826,6 +826,24 @@ def test_webhook_refuses_bad_annotations(webhook, annotations, message):
     assert message in response["status"]["message"]
 
 
+def test_webhook_refusal_quotes_a_huge_value_shortened(tls_files):
+    """Annotations (256 KiB) and names (253 characters) are limited by the API server's
+    validation, which runs after admission: a 1.5 MB bad value was quoted whole in the
+    answer and in a log line of the webhook's, at every retry of the ReplicaSet
+    controller, and a 1.5 MB name in the log line."""
+    proc, hook = start_webhook(*tls_files)
+    try:
+        response = hook.review(pod(annotations={"conduit.dev/memory-limit": "x" * 1_500_000}))
+        assert response["allowed"] is False
+        message = response["status"]["message"]
+        assert "'conduit.dev/memory-limit': must be a Kubernetes quantity" in message
+        assert len(message) < 2000
+        assert hook.review(pod(name="p" * 1_500_000))["allowed"] is True  # its name is logged
+    finally:
+        log = stop(proc)
+    assert max(map(len, log.splitlines())) < 3000
+
+
 def test_webhook_refuses_conflicting_pods(webhook):
     clash = pod(volumes=[{"name": "conduit-keys", "emptyDir": {}}])
     response = webhook.review(clash)

@@ -81,6 +81,9 @@ REQUEST_DEADLINE = 10.0  # seconds; the API server gives up after timeoutSeconds
 # IdleConnTimeout, 90 s): it is the client that ends an idle connection, never the
 # webhook just as a review is sent on it (with failurePolicy Fail, the pod refused).
 IDLE_TIMEOUT = 120.0
+# What an answer or a log line quotes of a pod: the API server's validation, which
+# limits names (253 characters) and annotations (256 KiB), runs after admission.
+_MAX_QUOTED = 1000
 
 
 class BadReview(ValueError):
@@ -110,8 +113,9 @@ def review_response(review, defaults: Settings = Settings()) -> dict:
                 raise InjectError("request.object is not a pod")
             patch = json_patch_for_pod(pod, defaults)
         except InjectError as exc:
-            _deny(response, f"conduit-sidecar injection: {exc}")
-            log.info("denied", extra={"event": "deny", "pod": where, "reason": str(exc)})
+            reason = str(exc)[:_MAX_QUOTED]  # it may quote an annotation of any size
+            _deny(response, f"conduit-sidecar injection: {reason}")
+            log.info("denied", extra={"event": "deny", "pod": where, "reason": reason})
         except Exception:
             # A bug of ours: refuse this pod with a reason rather than fail the request.
             log.exception("injection failed", extra={"event": "error", "pod": where})
@@ -141,7 +145,8 @@ def _pod_name(pod) -> str:
     metadata = pod.get("metadata") if isinstance(pod, dict) else None
     if not isinstance(metadata, dict):
         return "-"
-    return str(metadata.get("name") or f"{metadata.get('generateName') or '-'}*")  # any JSON type
+    name = str(metadata.get("name") or f"{metadata.get('generateName') or '-'}*")  # any JSON type
+    return name[:_MAX_QUOTED]
 
 
 class _Bodies:
