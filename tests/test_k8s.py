@@ -870,6 +870,24 @@ def test_webhook_refuses_a_pod_whose_app_declares_a_sidecar_port(webhook, contai
     assert webhook.review(pod(containers=udp, annotations=annotations))["allowed"] is True  # not ours
 
 
+@pytest.mark.parametrize("probe, annotations, message", [
+    ({"readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}}}, None, "conduit.dev/listen-port"),
+    ({"livenessProbe": {"tcpSocket": {"port": 9464}}}, None, "conduit.dev/admin-port"),
+    ({"startupProbe": {"grpc": {"port": 8443}}}, {"conduit.dev/tls": "true"}, "conduit.dev/tls-port"),
+])
+def test_webhook_refuses_a_pod_whose_app_probes_a_sidecar_port(webhook, probe, annotations, message):
+    """Declaring a port is optional: an app that listens on 8080 often says so only in
+    its probes. Injected, its bind failed (the sidecar holds the port) and it crash-looped."""
+    containers = [{"name": "app", "image": "app", **probe}]
+    response = webhook.review(pod(containers=containers, annotations=annotations))
+    assert response["allowed"] is False
+    assert "container 'app' probes port" in response["status"]["message"]
+    assert message in response["status"]["message"]
+    named = [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 3000}],
+              "readinessProbe": {"httpGet": {"path": "/", "port": "http"}}}]
+    assert webhook.review(pod(containers=named, annotations=annotations))["allowed"] is True
+
+
 def test_webhook_refuses_a_host_network_pod(webhook):
     """On hostNetwork the pod's loopback is the node's: any process there could use
     the sidecar (and its keys) and drain it."""

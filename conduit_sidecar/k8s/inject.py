@@ -330,6 +330,20 @@ def _append(ops: list, parent: Mapping, path: str, key: str, items: list) -> Non
         ops.append({"op": "add", "path": f"{path}/{key}", "value": items})
 
 
+def _tcp_ports(c: Mapping):
+    """(port, "declares" or "probes"): the TCP ports a container listens on, as far as
+    its spec tells. Declaring a port is optional: many apps name theirs only in probes."""
+    for p in c.get("ports") or []:
+        if p.get("protocol", "TCP") == "TCP" and isinstance(p.get("containerPort"), int):
+            yield p["containerPort"], "declares"
+    for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+        probe = c.get(kind)
+        for handler in ("httpGet", "tcpSocket", "grpc"):
+            action = probe.get(handler) if isinstance(probe, Mapping) else None
+            if isinstance(action, Mapping) and isinstance(action.get("port"), int):
+                yield action["port"], "probes"
+
+
 def _check_conflicts(spec: Mapping, s: Settings) -> None:
     if spec.get("hostNetwork") is True:
         # The pod's loopback would be the node's: every process on it could use the
@@ -345,12 +359,10 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
     if s.tls:
         ports[s.tls_port] = "conduit.dev/tls-port"
     for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
-        for p in c.get("ports") or []:
-            tcp = p.get("protocol", "TCP") == "TCP"
-            if tcp and isinstance(p.get("containerPort"), int) and p["containerPort"] in ports:
-                port = p["containerPort"]
+        for port, how in _tcp_ports(c):
+            if port in ports:
                 raise InjectError(
-                    f"container {c.get('name')!r} declares port {port}, which the conduit sidecar "
+                    f"container {c.get('name')!r} {how} port {port}, which the conduit sidecar "
                     f"listens on: set {ports[port]} to another port"
                 )
     ours = {v["name"] for v in _volumes(s)}
