@@ -68,6 +68,20 @@ def test_flux_through_the_python_sdk(sidecar):
     assert (end["key_id"], end["model"], end["close_code"]) == ("voice", "flux-general-en", 1000)
 
 
+def test_flux_reconfigured_through_the_python_sdk(sidecar):
+    """Flux's Configure (thresholds, keyterms mid-stream) goes through, and its
+    ConfigureSuccess, naming what is now in effect, comes back."""
+    from deepgram.listen.v2.types import ListenV2Configure, ListenV2ConfigureThresholds
+    client = _deepgram_client(sidecar, sidecar.keys.plain["voice"])
+
+    got = run(_stream_a_second(
+        lambda: client.listen.v2.connect(model="flux-general-en", encoding="linear16", sample_rate="16000"),
+        ListenV2Configure(thresholds=ListenV2ConfigureThresholds(eot_threshold=0.8), keyterms=["Flux"])))
+    assert [m.type for m in got][:2] == ["Connected", "ConfigureSuccess"], got
+    assert (got[1].thresholds.eot_threshold, got[1].keyterms) == (0.8, ["Flux"])
+    assert got[-1].type == "TurnInfo" and got[-1].event == "EndOfTurn"
+
+
 async def _speak_until_flushed(connecting, speak) -> list:
     """On the deepgram-sdk speak connection `connecting()` opens: `speak(conn)`, Flush,
     and Close once Flushed comes; every message received."""

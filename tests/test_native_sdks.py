@@ -131,14 +131,17 @@ def _deepgram_client(sidecar, key: str):
     return AsyncDeepgramClient(api_key=key, environment=env)
 
 
-async def _stream_a_second(connecting) -> list:
+async def _stream_a_second(connecting, configure=None) -> list:
     """One second of 16 kHz PCM16 in 20 ms frames on the deepgram-sdk listen connection
-    `connecting()` opens, then CloseStream: the messages it got."""
+    `connecting()` opens (after the Configure message `configure`, if given), then
+    CloseStream: the messages it got."""
     from deepgram.core.events import EventType
     got: list = []
     async with connecting() as conn:
         conn.on(EventType.MESSAGE, got.append)
         listener = asyncio.create_task(conn.start_listening())
+        if configure is not None:
+            await conn.send_configure(configure)
         for _ in range(50):
             await conn.send_media(bytes(640))
         await conn.send_close_stream()
@@ -171,6 +174,20 @@ def test_deepgram_python_sdk_streams_pcm_and_gets_results(native):
     assert metric(native, "conduit_usage_seconds_total", key_id="good", provider="deepgram",
                   model="nova-3", kind="audio") == pytest.approx(before + 1.0)
     assert last_session(native, "deepgram", mark)["usage_seconds"]["audio"] == pytest.approx(1.0)
+
+
+def test_deepgram_python_sdk_reconfigures_a_live_stream(native):
+    """deepgram-sdk's send_configure (7.13: Nova-3 keyterms and formatting features
+    mid-stream) goes through, and its ConfigureSuccess comes back."""
+    from deepgram.listen.v1.types import ListenV1Configure
+    client = _deepgram_client(native, native.keys.plain["good"])
+
+    got = run(_stream_a_second(
+        lambda: client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate="16000"),
+        ListenV1Configure(keyterms=["Deepgram", "customer service"], features={"numerals": True})))
+    kinds = [getattr(m, "type", None) for m in got]
+    assert kinds[0] == "ConfigureSuccess" and kinds[-1] == "Metadata", kinds
+    assert got[0].keyterms == ["Deepgram", "customer service"]
 
 
 def _last_request(sidecar, shape):

@@ -8,13 +8,16 @@
   `...BidiGenerateMusic` (Lyria), every message after the setup -> one `serverContent`
   audio chunk.
 - deepgram, by the request path. Listen v1 (`/v1/listen`): binary audio -> `Results`
-  every half second of audio; `CloseStream` -> `Metadata` with the `duration`
-  received, then close 1000. Flux (`/v2/listen`): `Connected`; binary audio ->
-  `TurnInfo` every half second of audio (`StartOfTurn`, then `Update`);
-  `CloseStream` -> `TurnInfo` `EndOfTurn`, then close 1000. Speak (`/v1/speak`):
-  `Metadata` (no duration); `Speak` text is held until `Flush` -> binary audio (50 ms
-  of the URL's format per character), then `Flushed`; `Clear` -> `Cleared`; `Close`
-  -> the held text's audio, then close 1000; another message -> `Warning`. Flux TTS
+  every half second of audio; `Configure` -> `ConfigureSuccess` (naming the
+  `keyterms` it gave); `CloseStream` -> `Metadata` with the `duration` received, then
+  close 1000. Flux (`/v2/listen`): `Connected`; binary audio -> `TurnInfo` every half
+  second of audio (`StartOfTurn`, then `Update`); `Configure` -> `ConfigureSuccess`
+  naming the `thresholds` and `keyterms` in effect (the last ones a Configure gave:
+  the mock's turns do not change); `CloseStream` -> `TurnInfo` `EndOfTurn`, then
+  close 1000. Speak (`/v1/speak`): `Metadata` (no duration); `Speak` text is held
+  until `Flush` -> binary audio (50 ms of the URL's format per character), then
+  `Flushed`; `Clear` -> `Cleared`; `Close` -> the held text's audio, then close
+  1000; another message -> `Warning`. Flux TTS
   (`/v2/speak`): `Connected`; `Speak` text is held until `Flush` -> `SpeechStarted`,
   binary audio (as /v1/speak's), `SpeechMetadata` with the turn's characters, then
   `Flushed`; `Close` -> `SessionMetadata` with the session's totals, then close 1000;
@@ -193,7 +196,12 @@ async def _listen(ws: ServerConnection) -> None:
                         }
                     ).decode()
                 )
-        elif _json.decode(message).get("type") == "CloseStream":
+        elif (event := _json.decode(message)).get("type") == "Configure":
+            success = {"type": "ConfigureSuccess", "request_id": request_id}
+            if event.get("keyterms") is not None:  # named only when the update replaced them
+                success["keyterms"] = event["keyterms"]
+            await ws.send(_encode(success).decode())
+        elif event.get("type") == "CloseStream":
             await ws.send(
                 _encode(
                     {
@@ -219,6 +227,7 @@ async def _flux(ws: ServerConnection) -> None:
     received = reported = 0
     connected = {"type": "Connected", "request_id": request_id, "sequence_id": next(sequence)}
     await ws.send(_encode(connected).decode())
+    settings: dict = {"thresholds": {}, "keyterms": []}  # as the last Configure giving each set it
 
     def turn(event: str) -> str:
         fields = {
@@ -241,7 +250,11 @@ async def _flux(ws: ServerConnection) -> None:
             if received - reported >= per_second // 2:
                 await ws.send(turn("Update" if reported else "StartOfTurn"))
                 reported = received
-        elif _json.decode(message).get("type") == "CloseStream":
+        elif (sent := _json.decode(message)).get("type") == "Configure":
+            settings.update({k: sent[k] for k in settings if sent.get(k) is not None})
+            success = {"type": "ConfigureSuccess", "request_id": request_id, "sequence_id": next(sequence)}
+            await ws.send(_encode({**success, **settings}).decode())
+        elif sent.get("type") == "CloseStream":
             await ws.send(turn("EndOfTurn"))
             await ws.close(1000)
             return
