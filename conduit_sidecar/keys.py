@@ -151,6 +151,16 @@ class KeySet:
         return current, None
 
 
+def _unescaped(data: bytes) -> bytes:
+    """The JSON with its escapes undone (`condt\\u005f...` is a key too: an id that
+    would be logged and labelled, a value or member name msgspec's errors quote); empty
+    if it is not JSON (its decode error, below, quotes nothing)."""
+    try:
+        return msgspec.json.encode(msgspec.json.decode(data))
+    except (msgspec.DecodeError, RecursionError):
+        return b""
+
+
 def load_keys(path: str) -> KeySet:
     """Read and validate a key file; raises ConfigError naming the problem."""
     signature = file_signature(path)  # before the read: a change during it is seen later
@@ -165,7 +175,7 @@ def load_keys(path: str) -> KeySet:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_KEY_FILE_BYTES >> 20} MiB")
-    if KEY_PREFIX.encode() in data:
+    if KEY_PREFIX.encode() in data or KEY_PREFIX.encode() in _unescaped(data):
         raise ConfigError(
             f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "
             "sha256 (conduit-sidecar keys hash KEY)"

@@ -99,6 +99,29 @@ def test_a_bad_config_is_named_never_a_traceback_or_a_secret(tmp_path, text, env
         assert "Traceback" not in r.stderr and "hunter2" not in r.stderr
 
 
+_HIDDEN = "condt\\u005fpastedKEYpastedKEYpastedKEY"  # a key with its "_" JSON-escaped
+
+
+@pytest.mark.parametrize("entry", [
+    '"id": "' + _HIDDEN + '"',                                            # loaded: the id of every line
+    '"budgets": [{"metric": "' + _HIDDEN + '", "limit": 1, "window": "day"}]',  # msgspec quotes it
+    '"' + _HIDDEN + '": true',                                            # an unknown field's name
+])
+def test_a_key_file_holding_an_escaped_plaintext_key_is_refused_without_it(tmp_path, entry):
+    """The plaintext check looked for `condt_` in the file's bytes: JSON that escapes a
+    character of the key (`condt\\u005f...`) passed it. Such a key pasted as an id was
+    loaded, and went into every log line and metric label of the key; pasted elsewhere,
+    msgspec's error quoted it."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"sha256": "' + "0" * 64 + '", ' + entry + (
+        "" if entry.startswith('"id"') else ', "id": "a"') + "}]}")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 1 and "plaintext key" in r.stderr, r.stdout + r.stderr
+    assert "pastedKEY" not in r.stdout + r.stderr
+
+
 def test_keys_new_expires_without_a_zone_is_utc(tmp_path):
     """The entry it prints must load: the key file refuses a time without a zone."""
     r = cli("keys", "new", "--id", "a", "--expires", "2027-01-01")
