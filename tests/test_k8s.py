@@ -1112,6 +1112,24 @@ def test_inject_file_every_workload_kind(tmp_path):
     assert again.returncode == 0 and docs_of(again.stdout) == after
 
 
+@pytest.mark.parametrize("text", [
+    'kind: Secret\nstringData:\n  openai: "sk-proj-SECRETsecret0123\n---\nkind: Pod\n',  # unclosed quote
+    "kind: Secret\nstringData:\n  openai: sk-proj-SECRETsecret0123: x\n",                # a stray colon
+    "kind: Pod\nspec:\n  containers:\n  - name: app\n    env:\n"
+    "    - {name: KEY, value: sk-proj-SECRETsecret0123\n    - name: X\n",              # an unclosed {
+    "kind: Secret\nstringData:\n  openai: *sk-proj-SECRETsecret0123\n",                  # read as an alias
+])
+def test_inject_file_names_a_yaml_error_by_line_never_quoting_it(tmp_path, text):
+    """PyYAML's error quoted the lines around the problem: a manifest with a Secret (or
+    an env value) next to a syntax error printed the secret to the terminal or CI log
+    that runs `inject -f` (kubectl's own error names the line only)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    run = inject_cli("-f", str(bad))
+    assert run.returncode == 1 and "not valid YAML" in run.stderr and "line " in run.stderr, run.stderr
+    assert "sk-proj" not in run.stderr, run.stderr
+
+
 def test_inject_file_json_and_errors(tmp_path):
     source = tmp_path / "pod.json"
     source.write_text(json.dumps(pod(annotations={"conduit.dev/native-sidecar": "false"})))

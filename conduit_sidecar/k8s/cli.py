@@ -62,7 +62,7 @@ def _inject(args: argparse.Namespace) -> int:
         budget = [_EXPANDED_MAX]
         documents = [_expanded(d, budget) for d in yaml.load_all(text, Loader=_loader()) if d is not None]
     except yaml.YAMLError as exc:
-        print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {exc}", file=sys.stderr)
+        print(f"conduit-sidecar: {args.filename}: not valid YAML or JSON: {_where(exc)}", file=sys.stderr)
         return 1
     except RecursionError:
         print(f"conduit-sidecar: {args.filename}: an alias names a node it is part of", file=sys.stderr)
@@ -126,6 +126,19 @@ _GO_BOOLS = {"y", "Y", "n", "N"}
 # What Go takes for a number (after removing every `_`), a superset is fine: 08, 0o17,
 # 1e3 (a commit hash such as 4417e53), .5e3... YAML 1.1 reads these as strings.
 _GO_NUMBER = re.compile(r"[-+]?(0[xXoObB][0-9a-fA-F]+|(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?)")
+
+
+def _where(exc) -> str:
+    """A YAML error's problem and line, as kubectl names one: PyYAML's own text quotes
+    the lines around it, which can hold a Secret's value or an env var's, and its
+    problem may quote a name read from them (an unquoted value `*...` is an alias)."""
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = re.split("['\"]", exc.problem or exc.context or "invalid", maxsplit=1)[0].rstrip()
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+    return str(exc)  # a ReaderError: the offending character's code and position
 
 
 def _loader() -> type:
