@@ -305,7 +305,7 @@ class Router:
                     cached = (stamp, f.read().strip())
                 self._secrets[spec.secret_file] = cached
             return cached[1]
-        except OSError:
+        except (OSError, UnicodeDecodeError):  # no file, or not text (a binary key file)
             raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable") from None
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:

@@ -916,6 +916,35 @@ def test_the_signed_url_fetch_moves_on_past_a_deployment_without_its_secret(work
     assert any(line.get("outcome") == "config" and line["level"] == "error" for line in sidecar.log_lines())
 
 
+def test_a_secret_file_that_is_not_utf8_is_a_configuration_fault_not_a_bug(workdir):
+    """A deployment's secret_file holding bytes that are not UTF-8 (a binary key file, a
+    Latin-1 editor): reading it raised UnicodeDecodeError, not the OSError the read
+    expected, so every session got 500 and an `internal_error` traceback ('a bug of
+    ours'), and the next deployment was never tried. It is the deployment's
+    configuration fault, as a missing secret is: counted, logged, and passed over."""
+    secret = os.path.join(workdir, "secret")
+    with open(secret, "wb") as f:
+        f.write(b"sk-\xff\xfe-latin1")
+    good = Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "bad"\n{ws_url(held_port())}\nsecret_file = "{secret}"\n'
+        'headers = { Authorization = "Bearer {secret}" }',
+        f'name = "good"\n{ws_url(good.port)}'))  # least_sessions: tried in this order
+
+    async def body():
+        async with good:
+            return await served_by(sidecar)
+    try:
+        name = run(body())
+        config = metric(sidecar, "conduit_upstream_attempts_total", deployment="bad", outcome="config",
+                        provider="p")
+    finally:
+        sidecar.stop()
+    assert name == "good"
+    assert config == 1
+    assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+
+
 def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
     """Private agents' sessions go only where their URL was signed, so a deployment that
     is down may see no session attempts at all: its signed-URL failures must trip its
