@@ -204,6 +204,9 @@ class RedisStore:
             except OSError as exc:
                 raise ConfigError(f"{state.password_file}: cannot read: {exc.strerror}") from None
         self.errors = (redis.RedisError, OSError, TimeoutError)
+        # Failures in the client's own words (not their subclasses that carry a reply:
+        # AuthenticationError, BusyLoadingError).
+        self.worded = (redis.ConnectionError, redis.TimeoutError)
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
         assert state.url is not None  # config.load requires it for redis
@@ -227,6 +230,15 @@ class RedisStore:
         self.renew_script = self.client.register_script(_RENEW)
         self.add_script = self.client.register_script(_ADD)
 
+    def _failed(self, exc: Exception) -> StoreError:
+        """A failed call, as log lines and `usage` word it: a connection's or a timeout's
+        own message, else only the kind. A reply's text is the server's, and one that
+        does not know a command quotes it (`unknown command 'AUTH', with args beginning
+        with: 'default' 'PASSWORD'`), as a reply that is not RESP quotes what came."""
+        if isinstance(exc, (OSError, TimeoutError)) or type(exc) in self.worded:
+            return StoreError(str(exc) or type(exc).__name__)
+        return StoreError(f"{type(exc).__name__} (the reply's text not shown)")
+
     def key(self, key_id: str, suffix: str) -> str:
         return f"{self.prefix}{{{key_id}}}:{suffix}"
 
@@ -234,7 +246,7 @@ class RedisStore:
         try:
             return await script(keys=keys, args=args)
         except self.errors as exc:
-            raise StoreError(str(exc) or type(exc).__name__) from None
+            raise self._failed(exc) from None
 
     def usage_keys(self, key_id: str, now: dt.datetime) -> tuple[list[str], list[int]]:
         """The usage hashes of the windows that hold `now`, and when each expires."""
@@ -287,7 +299,7 @@ class RedisStore:
         try:
             await self.client.zrem(self.key(key_id, "leases"), member)
         except self.errors as exc:
-            raise StoreError(str(exc) or type(exc).__name__) from None
+            raise self._failed(exc) from None
 
     async def add_usage(
         self, key_id: str, deltas: dict[str, float], now: dt.datetime, pod: str = "", batch: int = 0

@@ -848,3 +848,55 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
         assert governor.unflushed("k")["tokens"] == 0.0 and not governor.flushing
         assert store.batches == [(1, {"tokens": 5.0}), (2, {"tokens": 7.0})]
     asyncio.run(scenario())
+
+
+def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_further(tmp_path, mock_provider):
+    """A server that does not know AUTH (or HELLO) answers as Redis words an unknown
+    command: "unknown command 'AUTH', with args beginning with: 'default' 'PASSWORD'".
+    The reply's text became the StoreError's: the sidecar's `state_unavailable` line and
+    `usage`'s message printed the Redis password."""
+    password = "redis-password-" + "q" * 12
+    secret = tmp_path / "redis-password"
+    secret.write_text(password)
+    port = held_port()
+
+    async def unknown(reader, writer):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
+            while line := await reader.readline():
+                args = []
+                for _ in range(int(line[1:])):
+                    size = int((await reader.readline())[1:])
+                    args.append((await reader.readexactly(size + 2))[:-2].decode())
+                quoted = " ".join(f"'{a}'" for a in args[1:])
+                writer.write(f"-ERR unknown command '{args[0]}', with args beginning with: {quoted}\r\n"
+                             .encode())
+        writer.close()
+
+    keys = Keys()
+    keys.add("good", max_connections=2)  # admission asks the store
+    proc = SidecarProcess(str(tmp_path), mock_provider.section() + (
+        f'[state]\nbackend = "redis"\nurl = "redis://default@127.0.0.1:{port}/0"\n'
+        f'password_file = "{secret}"\n'), keys)
+
+    async def body():
+        server = await asyncio.start_server(unknown, "127.0.0.1", port)
+        try:
+            proc.start()
+            outcome = await attempt(proc, "good")  # admitted on local counts (open)
+            if outcome[0] == "open":
+                await outcome[1].close()
+            usage = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "conduit_sidecar", "usage", "--config", proc.config,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = await asyncio.wait_for(usage.communicate(), 30)
+            return outcome[0], usage.returncode, (out + err).decode()
+        finally:
+            server.close()
+    try:
+        opened, usage_code, usage_text = run(body())
+        output = proc.output()
+    finally:
+        proc.stop()
+    assert opened == "open"
+    assert '"state_unavailable"' in output and usage_code == 1 and "unavailable" in usage_text, usage_text
+    assert password not in output and password not in usage_text, usage_text
