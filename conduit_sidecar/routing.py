@@ -301,7 +301,7 @@ class Router:
                 raise OSError(spec.secret_file)
             cached = self._secrets.get(spec.secret_file)
             if cached is None or cached[0] != stamp:
-                with open(spec.secret_file, encoding="utf-8") as f:
+                with open(spec.secret_file, encoding="utf-8-sig") as f:  # a BOM (Notepad's) dropped
                     cached = (stamp, f.read().strip())
                 self._secrets[spec.secret_file] = cached
             return cached[1]
@@ -368,6 +368,10 @@ class Router:
                     CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
                     f"control character in {field}",
                 )
+            if field == "secret" and not value.isascii():
+                # Headers go out in ISO-8859-1 (a typographic quote pasted with the key
+                # cannot), and no provider's key has such a character.
+                raise RouteError(CloseCode.INTERNAL_ERROR, "a character outside ASCII in secret")
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
                 raise RouteError(

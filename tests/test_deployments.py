@@ -22,7 +22,8 @@ import urllib.request
 
 import msgspec
 import pytest
-from conftest import PROVIDER_SECRET, SidecarProcess, held_port, run, standard_keys
+from conftest import (PROVIDER_SECRET, SidecarProcess, held_port, run, standard_keys,
+                      switching_protocols)
 from test_governance import metric as total
 from test_limits import pending_becomes
 from websockets.asyncio.client import connect
@@ -942,6 +943,54 @@ def test_a_secret_file_that_is_not_utf8_is_a_configuration_fault_not_a_bug(workd
         sidecar.stop()
     assert name == "good"
     assert config == 1
+    assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+
+
+def test_a_secret_a_header_cannot_carry_is_a_configuration_fault_and_a_bom_is_dropped(workdir):
+    """A secret file saved with a byte-order mark (Windows Notepad's UTF-8), or holding a
+    character past Latin-1 (a typographic quote pasted with the key): HTTP headers are
+    written in ISO-8859-1, and the upgrade request's build raised UnicodeEncodeError, a
+    500 and an `internal_error` traceback on every session, no other deployment tried.
+    The mark is dropped as the file is read; a secret that is not ASCII is the
+    deployment's configuration fault, as a missing one is."""
+    marked, quoted = os.path.join(workdir, "marked"), os.path.join(workdir, "quoted")
+    with open(marked, "wb") as f:
+        f.write(b"\xef\xbb\xbfsk-marked\n")
+    with open(quoted, "w", encoding="utf-8") as f:
+        f.write("sk-\u2019quoted")
+    heads = []
+
+    async def record(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        writer.write(switching_protocols(head))
+        await reader.read()
+        writer.close()
+    bom_port, good = held_port(), Named("good")
+    header = 'headers = { Authorization = "Bearer {secret}" }'
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "quoted"\n{ws_url(held_port())}\nsecret_file = "{quoted}"\n{header}',
+        f'name = "good"\n{ws_url(good.port)}')
+        + f'\n[providers.bom]\n{ws_url(bom_port)}\nsecret_file = "{marked}"\n{header}\n')
+
+    async def body():
+        server = await asyncio.start_server(record, "127.0.0.1", bom_port)
+        try:
+            async with good:
+                ws = await connect(sidecar.url(provider="bom", model="m"), additional_headers=sidecar.auth(),
+                                   open_timeout=10)
+                await ws.close()
+                return await served_by(sidecar)
+        finally:
+            server.close()
+    try:
+        name = run(body())
+        config = metric(sidecar, "conduit_upstream_attempts_total", deployment="quoted", outcome="config",
+                        provider="p")
+    finally:
+        sidecar.stop()
+    assert b"\r\nAuthorization: Bearer sk-marked\r\n" in heads[0], heads
+    assert name == "good" and config == 1
     assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
 
 
