@@ -276,7 +276,7 @@ def _retry_after(value: str | None, cap: float) -> float | None:
     except ValueError:
         try:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a zone offset past a C int
             return None
     if not math.isfinite(seconds):  # "nan": no clock passes it, the deployment would rest for good
         return None

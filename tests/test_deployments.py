@@ -376,12 +376,18 @@ def test_403s_a_client_asks_for_rest_no_deployment_a_401_rests_at_once(workdir):
         ("bad", "http_auth", "error"), ("a", "http_403", "warning"), ("b", "http_403", "warning")}
 
 
-def test_a_429_with_two_retry_after_headers_fails_over(workdir):
+@pytest.mark.parametrize("retry_after", [
+    "Retry-After: 1\r\nRetry-After: 2\r\n",
+    # A zone offset past a C int: parsedate_to_datetime raised OverflowError.
+    "Retry-After: Wed, 21 Oct 2015 07:28:00 +99999999999999999999\r\n",
+])
+def test_a_429_with_two_retry_after_headers_fails_over(workdir, retry_after):
     """A 429 that repeats Retry-After: reading the header raised (websockets' Headers
     refuses a lookup of a repeated header), so the session ended as a bug of ours (HTTP
-    500, no other deployment tried). The header is ignored: the deployment is counted
-    as any 429 without one, and the next one serves."""
-    bad = Refusing("429 Too Many Requests", "Retry-After: 1\r\nRetry-After: 2\r\n")
+    500, no other deployment tried); so did a date whose zone offset overflows. The
+    header is ignored: the deployment is counted as any 429 without one, and the next
+    one serves."""
+    bad = Refusing("429 Too Many Requests", retry_after)
     good = Named("good")
     sidecar = sidecar_with(workdir, deployments(
         f'name = "bad"\n{ws_url(bad.port)}', f'name = "good"\n{ws_url(good.port)}'))
