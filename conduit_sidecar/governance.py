@@ -412,6 +412,18 @@ class Governor:
                     live = self._live(info)
                     if live.lease is None:
                         live.lease, live.written = f"{self.pod}:{info.id}", False
+        lost = await self._renew_pass()
+        if lost:
+            # Lost with the store's data (or expired while it was down) while their
+            # sessions live on: written again at once, or other pods would admit past
+            # max_connections until the next renewal (a session released meanwhile is
+            # no longer here). If this fails too, the next renewal writes them.
+            await self._renew_pass()
+            log.warning("leases lost in the shared state", extra={"event": "leases_lost", "count": lost})
+
+    async def _renew_pass(self) -> int:
+        """Extend the leases in the store, write those not written yet; returns how many
+        it found gone, marked to be written."""
         leases: dict[str, tuple[list[str], list[str]]] = {}
         unwritten = []
         for info, live in self.live.items():
@@ -419,25 +431,19 @@ class Governor:
                 leases.setdefault(info.key_id, ([], []))[0 if live.written else 1].append(live.lease)
                 if not live.written:
                     unwritten.append(live)
-        if leases:
-            assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
-            try:
-                missing = set(await self._op("renew", self.store.renew(leases)))
-            except StoreError:
-                return
-            for live in unwritten:
-                live.written = True
-            if missing:
-                # Lost with the store's data while the sessions live on: written again by
-                # the next renewal, so other pods count them under max_connections again
-                # (a session released meanwhile is no longer here).
-                lost = [live for live in self.live.values() if live.lease in missing and live.written]
-                for live in lost:
-                    live.written = False
-                if lost:
-                    log.warning(
-                        "leases lost in the shared state", extra={"event": "leases_lost", "count": len(lost)}
-                    )
+        if not leases:
+            return 0
+        assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
+        try:
+            missing = set(await self._op("renew", self.store.renew(leases)))
+        except StoreError:
+            return 0
+        for live in unwritten:
+            live.written = True
+        lost = [live for live in self.live.values() if live.lease in missing and live.written]
+        for live in lost:
+            live.written = False
+        return len(lost)
 
     async def run(self) -> None:
         renew_every = self.state.lease_seconds / 3

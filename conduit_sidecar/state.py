@@ -149,7 +149,7 @@ return out"""
 
 # KEYS[1] leases; ARGV ttl_ms, n, then n members to extend (only those still there: one
 # released since the renewal was sent stays released), then members to write (taken
-# during an outage, or found gone by the last renewal); returns the members not there
+# during an outage, or found gone by a renewal); returns the members not there
 _RENEW = (
     _NOW_MS
     + """
