@@ -33,7 +33,7 @@ from .policy import (
     price_for,
     window_bounds,
 )
-from .state import LocalStore, RedisStore, StoreError, Totals, open_store
+from .state import Batches, LocalStore, RedisStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
     from .config import Config
@@ -375,33 +375,42 @@ class Governor:
         return result
 
     async def flush(self) -> None:
-        """Add pending usage to the store and refresh the totals of keys in use."""
+        """Add pending usage to the store and refresh the totals of keys in use: one
+        round trip for them all, two when a key has a batch to send again (it goes
+        first, alone: were the newer one added and it not, it would be skipped)."""
         now = _utcnow()
         keys = set(self.pending) | set(self.unsent) | {i.key_id for i in self.sessions if i.key.budgets}
-        for key_id in keys:
-            if key_id in self.flushing:
-                continue  # a session's end, while the tick's flush waits (or the reverse)
-            try:
-                unsent = self.unsent.pop(key_id, None)
-                if unsent is not None:
-                    await self._send(key_id, unsent, now)
-                deltas = {m: v for m, v in self.pending.pop(key_id, {}).items() if v}
-                totals = await self._send(key_id, (next(self.batches), deltas), now)
-            except StoreError:
-                return
-            self._remember(key_id, totals, now)
+        again = {k: self.unsent.pop(k) for k in keys if k in self.unsent and k not in self.flushing}
+        try:
+            if again:
+                await self._send(again, now)
+            # Not a key in flight: a session's end, while the tick's flush waits (or the reverse).
+            batches = {
+                key_id: (next(self.batches), {m: v for m, v in self.pending.pop(key_id, {}).items() if v})
+                for key_id in keys
+                if key_id not in self.flushing
+            }
+            totals = await self._send(batches, now)
+        except StoreError:
+            return
+        for key_id, held in totals.items():
+            self._remember(key_id, held, now)
             self.enforce(key_id, now)
 
-    async def _send(self, key_id: str, batch: tuple[int, dict[str, float]], now: dt.datetime) -> Totals:
-        number, deltas = self.flushing[key_id] = batch
+    async def _send(self, batches: Batches, now: dt.datetime) -> dict[str, Totals]:
+        if not batches:
+            return {}
+        self.flushing.update(batches)
         try:
-            return await self._op("add_usage", self.store.add_usage(key_id, deltas, now, self.pod, number))
+            return await self._op("add_usage", self.store.add_usage(batches, now, self.pod))
         except StoreError:
-            if deltas:
-                self.unsent[key_id] = batch  # kept for when the store is back
+            for key_id, batch in batches.items():
+                if batch[1]:
+                    self.unsent[key_id] = batch  # kept for when the store is back
             raise
         finally:
-            del self.flushing[key_id]
+            for key_id in batches:
+                del self.flushing[key_id]
 
     async def _renew(self) -> None:
         if self.shared:

@@ -1,6 +1,7 @@
 """Counts that must hold across pods: connection leases, session-rate windows and
 budget windows. `LocalStore` keeps them in this process; `RedisStore` in Redis,
-each update one atomic Lua script, so two pods never both take the last slot.
+each update one atomic Lua script, so two pods never both take the last slot (a flush or
+renewal of many keys sends their scripts in one round trip).
 
 Redis keys (the key id in braces keeps one key's data in one hash slot; the client
 is not cluster-aware: one Redis server):
@@ -21,17 +22,19 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .config import ConfigError, State
 from .policy import METRICS, WINDOWS, window_bounds
 
-__all__ = ["Admission", "LocalStore", "RedisStore", "StoreError", "Totals", "open_store"]
+__all__ = ["Admission", "Batches", "LocalStore", "RedisStore", "StoreError", "Totals", "open_store"]
 
 # window -> metric -> total in the window that holds "now"
 Totals = dict[str, dict[str, float]]
 # None (admitted), ("budget", index in headroom), ("connections", 0), ("rate", seconds)
 Admission = tuple[str, float] | None
+# key id -> (batch number, usage deltas): one flush
+Batches = Mapping[str, tuple[int, dict[str, float]]]
 RATE_WINDOW_SECONDS = 60
 _USAGE_GRACE_SECONDS = 3600
 # A batch sent again later than this after a late answer would count twice.
@@ -87,9 +90,10 @@ class LocalStore:
         starts.append(now)
         return 0.0
 
-    async def add_usage(
-        self, key_id: str, deltas: dict[str, float], now: dt.datetime, pod: str = "", batch: int = 0
-    ) -> Totals:
+    async def add_usage(self, batches: Batches, now: dt.datetime, pod: str = "") -> dict[str, Totals]:
+        return {key_id: self._add(key_id, deltas, now) for key_id, (_, deltas) in batches.items()}
+
+    def _add(self, key_id: str, deltas: dict[str, float], now: dt.datetime) -> Totals:
         totals = {}
         for window in WINDOWS:
             stamp = window_bounds(window, now)[0]
@@ -102,7 +106,7 @@ class LocalStore:
         return totals
 
     async def totals(self, key_id: str, now: dt.datetime) -> Totals:
-        return await self.add_usage(key_id, {}, now)
+        return self._add(key_id, {}, now)
 
     async def close(self) -> None:
         pass
@@ -207,6 +211,7 @@ class RedisStore:
         # Failures in the client's own words (not their subclasses that carry a reply:
         # AuthenticationError, BusyLoadingError).
         self.worded = (redis.ConnectionError, redis.TimeoutError)
+        self.no_script = redis.exceptions.NoScriptError
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
         assert state.url is not None  # config.load requires it for redis
@@ -245,6 +250,26 @@ class RedisStore:
     async def _call(self, script, keys, args):
         try:
             return await script(keys=keys, args=args)
+        except self.errors as exc:
+            raise self._failed(exc) from None
+
+    async def _call_each(self, script, calls: list[tuple[list[str], list]]) -> list:
+        """`script` once per (keys, args), all in one round trip (a pipeline, not a
+        transaction: each call is one script on its key's hash slot). A failed call
+        fails them all: each caller's scripts are safe to run again."""
+        try:
+            for _ in range(2):
+                pipe = self.client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+                if not any(isinstance(reply, self.no_script) for reply in replies):
+                    break
+                await self.client.script_load(script.script)  # Redis restarted: none ran
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
         except self.errors as exc:
             raise self._failed(exc) from None
 
@@ -288,12 +313,11 @@ class RedisStore:
         """Per key: (members to extend, members to write). Returns the members to extend
         that were gone (Redis restarted empty, or they expired while it was down):
         extending never brings one back, a released lease included."""
-        missing: list[str] = []
-        for key_id, (extend, write) in leases.items():
-            missing += await self._call(
-                self.renew_script, [self.key(key_id, "leases")], [self.lease_ms, len(extend), *extend, *write]
-            )
-        return missing
+        calls = [
+            ([self.key(key_id, "leases")], [self.lease_ms, len(extend), *extend, *write])
+            for key_id, (extend, write) in leases.items()
+        ]
+        return [member for missing in await self._call_each(self.renew_script, calls) for member in missing]
 
     async def release(self, key_id: str, member: str) -> None:
         try:
@@ -301,20 +325,22 @@ class RedisStore:
         except self.errors as exc:
             raise self._failed(exc) from None
 
-    async def add_usage(
-        self, key_id: str, deltas: dict[str, float], now: dt.datetime, pod: str = "", batch: int = 0
-    ) -> Totals:
-        """Add one batch of a sidecar process's usage (`pod`, numbered upwards by
-        `batch`: a batch sent again is added once) and return the window totals."""
-        keys, expire_at = self.usage_keys(key_id, now)
-        args: list[int | str] = [*expire_at, batch, _FLUSHED_SECONDS] if deltas else []
-        for metric, value in deltas.items():
-            args += [metric, repr(float(value))]
-        keys.append(self.key(key_id, f"flushed:{pod}"))
-        return _parse(await self._call(self.add_script, keys, args))
+    async def add_usage(self, batches: Batches, now: dt.datetime, pod: str = "") -> dict[str, Totals]:
+        """Add per key one batch of a sidecar process's usage (`pod`, numbered upwards:
+        a batch sent again is added once) and return the keys' window totals."""
+        calls = []
+        for key_id, (batch, deltas) in batches.items():
+            keys, expire_at = self.usage_keys(key_id, now)
+            args: list[int | str] = [*expire_at, batch, _FLUSHED_SECONDS] if deltas else []
+            for metric, value in deltas.items():
+                args += [metric, repr(float(value))]
+            keys.append(self.key(key_id, f"flushed:{pod}"))
+            calls.append((keys, args))
+        replies = await self._call_each(self.add_script, calls)
+        return {key_id: _parse(hashes) for key_id, hashes in zip(batches, replies, strict=True)}
 
     async def totals(self, key_id: str, now: dt.datetime) -> Totals:
-        return await self.add_usage(key_id, {}, now)
+        return (await self.add_usage({key_id: (0, {})}, now))[key_id]
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -466,6 +466,83 @@ def test_a_lease_lost_with_redis_is_written_again_by_the_renewal_that_finds_it_g
     assert run(scenario()) == (":1", ("closed", 4029, "key limit of 1 concurrent connections reached"))
 
 
+class SlowLink:
+    """A TCP link to redis-server on `port` whose replies arrive `delay` seconds late
+    (in order, each chunk `delay` after Redis sent it): a slow Redis that still answers
+    within timeout_seconds."""
+
+    def __init__(self, listen_port: int, port: int, delay: float):
+        self.listen_port, self.port, self.delay = listen_port, port, delay
+        self.links: set[asyncio.Task] = set()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.listen_port)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        for task in self.links:
+            task.cancel()
+        await asyncio.gather(*self.links, return_exceptions=True)
+
+    async def _link(self, reader, writer):
+        self.links.add(asyncio.current_task())
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        late: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while data := await reader.read(65536):
+                up_writer.write(data)
+            up_writer.close()
+
+        async def replies():
+            while data := await up_reader.read(65536):
+                late.put_nowait((time.monotonic() + self.delay, data))
+            late.put_nowait((0, b""))
+
+        async def deliver():
+            while (item := await late.get())[1]:
+                await asyncio.sleep(item[0] - time.monotonic())
+                writer.write(item[1])
+            writer.close()
+        try:
+            await asyncio.gather(requests(), replies(), deliver())
+        except (OSError, asyncio.CancelledError):  # the sidecar left, or the test ended
+            writer.close()
+            up_writer.close()
+
+
+def test_a_slow_redis_holds_no_lease_renewal_back(sidecars, redis_server):
+    """Pod `a` reaches Redis over a link that answers 0.25 s late (timeout_seconds is
+    0.5) and holds sessions of 24 budgeted keys and one of a key with max_connections 1.
+    The tick's flush took one round trip per key (6 s) before the lease renewal, so
+    the lease (3 s) expired between renewals and pod `b` let a second session in."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    budgeted = [f"b{i}" for i in range(24)]
+    for key_id in budgeted:
+        keys.add(key_id, budgets=[{"metric": "tokens", "limit": 100000, "window": "hour"}])
+    link_port = held_port()
+    a, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1)
+    b, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        async with SlowLink(link_port, redis_server.port, 0.25):
+            live = await asyncio.gather(*(attempt(a, key_id) for key_id in budgeted))
+            assert all(result[0] == "open" for result in live), live
+            first = await attempt(a, "one")
+            assert first[0] == "open"
+            deadline = time.monotonic() + 8       # several renewals of a lease_seconds of 3
+            while (second := await attempt(b, "one"))[0] != "open" and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            if second[0] == "open":
+                await second[1].close()
+            for _, ws in [first, *live]:
+                await ws.close()
+            return second
+    assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
+
+
 def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars, redis_server):
     """A session ends and the sidecar is told to stop right after: the flush and the
     lease release its end started finish before the store is closed. The store was
@@ -829,12 +906,12 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
             self.answers: list[asyncio.Future] = []
             self.batches: list[tuple[int, dict]] = []
 
-        async def add_usage(self, key_id, deltas, now, pod, batch):
+        async def add_usage(self, batches, now, pod):
             answer = asyncio.get_running_loop().create_future()
             self.answers.append(answer)
-            self.batches.append((batch, deltas))
+            self.batches += batches.values()
             await answer
-            return state._empty()
+            return {key_id: state._empty() for key_id in batches}
 
     async def scenario():
         config = Config()
