@@ -345,9 +345,13 @@ class Governor:
     async def _op(self, op: str, call):
         """One store call, timed and counted. While the store is known to be down,
         calls fail at once until the next retry (at most one a second)."""
-        if not self.available and time.monotonic() < self.retry_at:
-            call.close()
-            raise StoreError("unavailable")
+        if not self.available:
+            if time.monotonic() < self.retry_at:
+                call.close()
+                raise StoreError("unavailable")
+            # This call is the retry: the others fail at once while it waits, rather
+            # than each open a connection to a Redis that may still not answer.
+            self.retry_at = time.monotonic() + TICK_SECONDS
         started = time.monotonic()
         try:
             result = await call

@@ -405,6 +405,34 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
 
 
+def test_a_redis_that_stopped_answering_is_probed_by_one_call_at_a_time(sidecars, redis_server):
+    """Redis stops answering (SIGSTOP: connections open, no reply). The first handshake
+    waits one timeout and the store is marked down. Once its second of failing at once
+    is over, a burst of 8 handshakes: one of them tries Redis, the others are admitted
+    on the pod's counts at once. Every handshake of the burst tried Redis (8 new
+    connections, each waiting a timeout): a reconnection storm on a Redis coming back."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1000)
+    proc, = sidecars(keys, redis_server.url, n=1)
+    errors = 'conduit_state_operations_total{op="admit",result="error"}'
+
+    async def scenario():
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            first = await attempt(proc, "rated")
+            assert first[0] == "open" and metric(proc, errors) == 1
+            await first[1].close()
+            await asyncio.sleep(1.5)                  # past the second of failing at once
+            burst = await asyncio.gather(*(attempt(proc, "rated") for _ in range(8)))
+            assert all(result[0] == "open" for result in burst), burst
+            for _, ws in burst:
+                await ws.close()
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        return metric(proc, errors)
+    assert run(scenario()) == 2
+
+
 async def second_once_the_lease_is_back(first, b: SidecarProcess, redis_server):
     """Wait (10 s at most) for key `one`'s lease to be in Redis again, then try a second
     session on pod `b`; both sessions closed after. Returns the second's attempt."""
