@@ -104,6 +104,7 @@ class Governor:
         self.batches = itertools.count(1)
         self.known: dict[str, dict[str, tuple[str, dict[str, float]]]] = {}
         self.live: dict[SessionInfo, _Live] = {}  # the sessions that have one
+        self.unreleased: list[tuple[float, str, str]] = []  # (failed at, key id, lease member)
         self.task: asyncio.Task | None = None
         self.background: set[asyncio.Task] = set()
         self.metrics.state_available.set(1)
@@ -224,9 +225,26 @@ class Governor:
     async def _release_lease(self, key_id: str, member: str) -> None:
         assert isinstance(self.store, RedisStore)  # leases are taken in a shared store only
         try:
-            await self._op("release", self.store.release(key_id, member))
+            await self._op("release", self.store.release({key_id: [member]}))
         except StoreError:
-            pass  # the lease expires by itself
+            self.unreleased.append((time.monotonic(), key_id, member))
+
+    async def _release_again(self) -> None:
+        """Leases whose release failed are released once the store answers: other pods
+        would count them under max_connections until they expire (lease_seconds after
+        their last renewal at most: those are dropped)."""
+        since = time.monotonic() - self.state.lease_seconds
+        failed, self.unreleased = [r for r in self.unreleased if r[0] > since], []
+        if not failed:
+            return
+        leases: dict[str, list[str]] = {}
+        for _, key_id, member in failed:
+            leases.setdefault(key_id, []).append(member)
+        assert isinstance(self.store, RedisStore)
+        try:
+            await self._op("release", self.store.release(leases))
+        except StoreError:
+            self.unreleased += failed
 
     def _spawn(self, coro) -> asyncio.Task:
         """A store call that `stop` waits for: usage and lease releases are not lost."""
@@ -468,6 +486,8 @@ class Governor:
                     self._count_audio(info)
                 # Shielded: a stop during the call waits for it rather than lose its usage.
                 await asyncio.shield(self._spawn(self.flush()))
+                if self.unreleased:
+                    await asyncio.shield(self._spawn(self._release_again()))
                 if time.monotonic() - renewed >= renew_every:
                     renewed = time.monotonic()
                     await self._renew()
@@ -488,6 +508,7 @@ class Governor:
         for info in list(self.sessions):
             self._count_audio(info)
         await self.flush()
+        await self._release_again()
         lost = {k: u for k in set(self.pending) | set(self.unsent) if any((u := self.unflushed(k)).values())}
         if lost:
             # Only this line keeps it: an operator can add it to the store by hand.

@@ -319,9 +319,13 @@ class RedisStore:
         ]
         return [member for missing in await self._call_each(self.renew_script, calls) for member in missing]
 
-    async def release(self, key_id: str, member: str) -> None:
+    async def release(self, leases: Mapping[str, list[str]]) -> None:
+        """Remove leases (members per key), in one round trip."""
         try:
-            await self.client.zrem(self.key(key_id, "leases"), member)
+            pipe = self.client.pipeline(transaction=False)
+            for key_id, members in leases.items():
+                pipe.zrem(self.key(key_id, "leases"), *members)
+            await pipe.execute()
         except self.errors as exc:
             raise self._failed(exc) from None
 

@@ -94,17 +94,18 @@ output_audio = 800000
 
 @pytest.fixture
 def sidecars(mock_provider):
-    """sidecars(keys, redis_url or None, n=2, on_unavailable=("open",), extra=""): started
+    """sidecars(keys, redis_url or None, n=2, on_unavailable=("open",), extra="",
+    lease_seconds=3): started
     sidecar processes on the mock provider, sharing `redis_url` (local state if None);
     stopped after the test."""
     started = []
 
     def start(keys: Keys, redis_url: str | None, n: int = 2, on_unavailable=("open",),
-              extra: str = "") -> list[SidecarProcess]:
+              extra: str = "", lease_seconds: float = 3) -> list[SidecarProcess]:
         for i in range(n):
             mode = on_unavailable[i % len(on_unavailable)]
             state = (f'[state]\nbackend = "redis"\nurl = "{redis_url}"\nkey_prefix = "t:"\n'
-                     f'lease_seconds = 3\non_unavailable = "{mode}"\n') if redis_url else ""
+                     f'lease_seconds = {lease_seconds}\non_unavailable = "{mode}"\n') if redis_url else ""
             started.append(SidecarProcess(tempfile.mkdtemp(prefix="conduit-gov-"),
                                           mock_provider.section() + state + extra, keys).start())
         return started[-n:]
@@ -494,24 +495,33 @@ def test_a_lease_lost_with_redis_is_written_again_by_the_renewal_that_finds_it_g
     assert run(scenario()) == (":1", ("closed", 4029, "key limit of 1 concurrent connections reached"))
 
 
-class SlowLink:
+class RedisLink:
     """A TCP link to redis-server on `port` whose replies arrive `delay` seconds late
-    (in order, each chunk `delay` after Redis sent it): a slow Redis that still answers
-    within timeout_seconds."""
+    (in order, each chunk `delay` after Redis sent it: a slow Redis that may still
+    answer within timeout_seconds); `cut` and `mend` it (a network outage: Redis
+    keeps its data)."""
 
-    def __init__(self, listen_port: int, port: int, delay: float):
+    def __init__(self, listen_port: int, port: int, delay: float = 0.0):
         self.listen_port, self.port, self.delay = listen_port, port, delay
         self.links: set[asyncio.Task] = set()
 
     async def __aenter__(self):
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.listen_port)
+        await self.mend()
         return self
 
     async def __aexit__(self, *exc):
+        await self.cut()
+
+    async def mend(self) -> None:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.listen_port)
+
+    async def cut(self) -> None:
+        """Its connections drop and new ones are refused."""
         self.server.close()
         for task in self.links:
             task.cancel()
         await asyncio.gather(*self.links, return_exceptions=True)
+        self.links.clear()
 
     async def _link(self, reader, writer):
         self.links.add(asyncio.current_task())
@@ -555,7 +565,7 @@ def test_a_slow_redis_holds_no_lease_renewal_back(sidecars, redis_server):
     b, = sidecars(keys, redis_server.url, n=1)
 
     async def scenario():
-        async with SlowLink(link_port, redis_server.port, 0.25):
+        async with RedisLink(link_port, redis_server.port, delay=0.25):
             live = await asyncio.gather(*(attempt(a, key_id) for key_id in budgeted))
             assert all(result[0] == "open" for result in live), live
             first = await attempt(a, "one")
@@ -569,6 +579,38 @@ def test_a_slow_redis_holds_no_lease_renewal_back(sidecars, redis_server):
                 await ws.close()
             return second
     assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
+
+
+def test_a_lease_whose_release_failed_is_released_once_redis_answers(sidecars, redis_server):
+    """max_connections 1 across two pods, leases of 30 s. Pod `a`'s link to Redis is cut
+    (Redis keeps its data) and its session ends meanwhile: the lease's release fails.
+    Once the link is back the release is made again, and pod `b` opens a session. The
+    lease was left to expire: `b` refused the key (4029, nothing open) until 30 s after
+    its last renewal."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    link_port = held_port()
+    a, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1, lease_seconds=30)
+    b, = sidecars(keys, redis_server.url, n=1, lease_seconds=30)
+
+    async def scenario():
+        async with RedisLink(link_port, redis_server.port) as link:
+            first = await attempt(a, "one")
+            assert first[0] == "open"
+            await link.cut()
+            await first[1].close()
+            deadline = time.monotonic() + 10
+            while metric(a, 'conduit_state_operations_total{op="release",result="error"}') < 1:
+                assert time.monotonic() < deadline, "no release was tried"
+                await asyncio.sleep(0.1)
+            await link.mend()
+            deadline = time.monotonic() + 10                # far below the lease's 30 s
+            while (second := await attempt(b, "one"))[0] != "open" and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            if second[0] == "open":
+                await second[1].close()
+            return second
+    assert run(scenario())[0] == "open"
 
 
 def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars, redis_server):
