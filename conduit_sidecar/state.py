@@ -351,12 +351,17 @@ class RedisStore:
 
 
 def _parse(hashes: list[list[str]]) -> Totals:
-    """HGETALL replies of the hour, day and month hashes -> Totals."""
+    """HGETALL replies of the hour, day and month hashes -> Totals. A value that is not
+    a number (the hash written by someone else) is an error of the store, as an error
+    reply is: not a bug of ours."""
     totals = _empty()
-    for window, flat in zip(WINDOWS, hashes, strict=True):
-        for field, value in zip(flat[::2], flat[1::2], strict=True):
-            if field in totals[window]:
-                totals[window][field] = float(value)
+    try:
+        for window, flat in zip(WINDOWS, hashes, strict=True):
+            for field, value in zip(flat[::2], flat[1::2], strict=True):
+                if field in totals[window]:
+                    totals[window][field] = float(value)
+    except (TypeError, ValueError):
+        raise StoreError("a usage total in Redis is not a number") from None
     return totals
 
 

@@ -434,6 +434,29 @@ def test_a_redis_that_stopped_answering_is_probed_by_one_call_at_a_time(sidecars
     assert run(scenario()) == 2
 
 
+def test_a_value_in_redis_that_is_not_a_number_counts_as_an_error_reply(sidecars, redis_server):
+    """A key's usage hash holds what is not a number (written by hand, or by another
+    program under the same prefix): Redis answers, the sidecar cannot read the answer.
+    It counts as an error reply (the store down for a second, `on_unavailable`
+    decides: here "open"). It was taken for a bug of ours: the handshake got 500, and
+    every tick failed after (an internal_error a second; no lease renewals)."""
+    keys = Keys()
+    keys.add("team", budgets=[{"metric": "tokens", "limit": 100000, "window": "month"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+    month = time.strftime("%Y%m", time.gmtime())
+    assert redis_server.command("HSET", f"t:{{team}}:usage:month:{month}", "audio_seconds", "many") == ":1"
+
+    async def scenario():
+        result = await attempt(proc, "team")
+        assert result[0] == "open", result
+        await asyncio.sleep(1.5)                          # a tick flushes the key
+        await result[1].close()
+    run(scenario())
+    events = [line.get("event") for line in proc.log_lines()]
+    assert "internal_error" not in events and "state_unavailable" in events, events
+    assert metric(proc, 'conduit_state_fallbacks_total{mode="local"}') == 1
+
+
 async def second_once_the_lease_is_back(first, b: SidecarProcess, redis_server):
     """Wait (10 s at most) for key `one`'s lease to be in Redis again, then try a second
     session on pod `b`; both sessions closed after. Returns the second's attempt."""
