@@ -113,17 +113,20 @@ class LocalStore:
 
 
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+# A usage hash's totals, our fields only: the reply stays three values whatever else the
+# hash holds (HGETALL of a hash someone filled read them all, beyond timeout_seconds).
+_TOTALS = "local function totals(key) return redis.call('HMGET', key, '" + "', '".join(METRICS) + "') end "
 
 # One round trip per new session, all or nothing. KEYS leases, starts, then the usage
 # hashes of the hour, day and month; ARGV member, max_connections (0: no lease),
 # per_minute (0: no rate), lease_ms, window_ms, then per budget: window number (1-3),
 # metric, headroom. -> {refusal (0 none, 1 budget, 2 connections, 3 rate), budget
-# number or ms to wait, the three usage hashes}
+# number or ms to wait, the totals of the three usage hashes}
 _ADMIT = (
     _NOW_MS
+    + _TOTALS
     + """
-local out = {0, 0, redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]),
-             redis.call('HGETALL', KEYS[5])}
+local out = {0, 0, totals(KEYS[3]), totals(KEYS[4]), totals(KEYS[5])}
 for j = 6, #ARGV, 3 do
   local used = tonumber(redis.call('HGET', KEYS[2 + tonumber(ARGV[j])], ARGV[j + 1]) or '0')
   if used >= tonumber(ARGV[j + 2]) then out[1] = 1 out[2] = (j - 6) / 3 return out end
@@ -171,7 +174,9 @@ return missing"""
 # read only) expire-at (s) per usage hash, the batch's number and the seconds its record
 # lasts, then metric, delta... A number not above the last applied was applied already
 # (its answer came too late): it is not added again.
-_ADD = """
+_ADD = (
+    _TOTALS
+    + """
 local out, n = {}, #KEYS - 1
 local add = #ARGV > n
 if add then
@@ -183,9 +188,10 @@ for i = 1, n do
     for j = n + 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
     redis.call('EXPIREAT', KEYS[i], ARGV[i])
   end
-  out[i] = redis.call('HGETALL', KEYS[i])
+  out[i] = totals(KEYS[i])
 end
 return out"""
+)
 
 
 class RedisStore:
@@ -350,19 +356,20 @@ class RedisStore:
         await self.client.aclose()
 
 
-def _parse(hashes: list[list[str]]) -> Totals:
-    """HGETALL replies of the hour, day and month hashes -> Totals. A value that is not
-    a number (the hash written by someone else) is an error of the store, as an error
-    reply is: not a bug of ours."""
-    totals = _empty()
+def _parse(hashes: list[list[str | None]]) -> Totals:
+    """The totals (METRICS, None where unset) of the hour, day and month hashes -> Totals.
+    A value that is not a number (the hash written by someone else) is an error of the
+    store, as an error reply is: not a bug of ours."""
     try:
-        for window, flat in zip(WINDOWS, hashes, strict=True):
-            for field, value in zip(flat[::2], flat[1::2], strict=True):
-                if field in totals[window]:
-                    totals[window][field] = float(value)
+        return {
+            window: {
+                metric: 0.0 if value is None else float(value)
+                for metric, value in zip(METRICS, values, strict=True)
+            }
+            for window, values in zip(WINDOWS, hashes, strict=True)
+        }
     except (TypeError, ValueError):
         raise StoreError("a usage total in Redis is not a number") from None
-    return totals
 
 
 def open_store(state: State) -> LocalStore | RedisStore:

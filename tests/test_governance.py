@@ -457,6 +457,28 @@ def test_a_value_in_redis_that_is_not_a_number_counts_as_an_error_reply(sidecars
     assert metric(proc, 'conduit_state_fallbacks_total{mode="local"}') == 1
 
 
+def test_a_usage_hash_with_fields_of_others_is_read_in_one_short_reply(sidecars, redis_server):
+    """A key's usage hash also holds 300,000 fields that are not the sidecar's (another
+    program under the same prefix). Admission and flushes read the three totals only:
+    Redis stays available. Each read took the whole hash (HGETALL), which did not
+    arrive within timeout_seconds: the store was down for every key."""
+    keys = Keys()
+    keys.add("team", budgets=[{"metric": "tokens", "limit": 100000, "window": "month"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+    month = time.strftime("%Y%m", time.gmtime())
+    fill = "for i = 1, 300000 do redis.call('HSET', KEYS[1], 'other' .. i, i) end return 1"
+    assert redis_server.command("EVAL", fill, "1", f"t:{{team}}:usage:month:{month}", timeout=30) == ":1"
+
+    async def scenario():
+        result = await attempt(proc, "team")
+        assert result[0] == "open", result
+        await response_done(result[1])                    # 12 tokens, flushed by a tick
+        await usage_shows(proc, "team", "tokens 12 / 100000")
+        await result[1].close()
+    run(scenario())
+    assert "state_unavailable" not in [line.get("event") for line in proc.log_lines()]
+
+
 async def second_once_the_lease_is_back(first, b: SidecarProcess, redis_server):
     """Wait (10 s at most) for key `one`'s lease to be in Redis again, then try a second
     session on pod `b`; both sessions closed after. Returns the second's attempt."""
