@@ -20,6 +20,7 @@ is not cluster-aware: one Redis server):
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
@@ -218,6 +219,7 @@ class RedisStore:
         # AuthenticationError, BusyLoadingError).
         self.worded = (redis.ConnectionError, redis.TimeoutError)
         self.no_script = redis.exceptions.NoScriptError
+        self.read_only = redis.exceptions.ReadOnlyError
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
         assert state.url is not None  # config.load requires it for redis
@@ -257,7 +259,15 @@ class RedisStore:
         try:
             return await script(keys=keys, args=args)
         except self.errors as exc:
-            raise self._failed(exc) from None
+            raise await self._error(exc) from None
+
+    async def _error(self, exc: Exception) -> StoreError:
+        if isinstance(exc, self.read_only):
+            # A failover made the node these connections reach a replica (the URL's
+            # name now points to the new primary): new ones look the name up again.
+            with contextlib.suppress(*self.errors):
+                await self.client.connection_pool.disconnect()
+        return self._failed(exc)
 
     async def _call_each(self, script, calls: list[tuple[list[str], list]]) -> list:
         """`script` once per (keys, args), all in one round trip (a pipeline, not a
@@ -277,7 +287,7 @@ class RedisStore:
                     raise reply
             return replies
         except self.errors as exc:
-            raise self._failed(exc) from None
+            raise await self._error(exc) from None
 
     def usage_keys(self, key_id: str, now: dt.datetime) -> tuple[list[str], list[int]]:
         """The usage hashes of the windows that hold `now`, and when each expires."""
@@ -333,7 +343,7 @@ class RedisStore:
                 pipe.zrem(self.key(key_id, "leases"), *members)
             await pipe.execute()
         except self.errors as exc:
-            raise self._failed(exc) from None
+            raise await self._error(exc) from None
 
     async def add_usage(self, batches: Batches, now: dt.datetime, pod: str = "") -> dict[str, Totals]:
         """Add per key one batch of a sidecar process's usage (`pod`, numbered upwards:

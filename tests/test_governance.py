@@ -36,6 +36,7 @@ class RedisServer:
             pytest.fail("redis-server is not installed (scripts/test.sh installs it: "
                         "apt-get install redis-server)")
         self.port = held_port()
+        self.dir = tempfile.mkdtemp(prefix="conduit-redis-")   # what a replica syncs goes there
         self.proc = None
 
     @property
@@ -45,7 +46,7 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
+             "--appendonly", "no", "--daemonize", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -656,6 +657,42 @@ def test_a_lease_whose_release_failed_is_released_once_redis_answers(sidecars, r
                 await second[1].close()
             return second
     assert run(scenario())[0] == "open"
+
+
+def test_after_a_failover_behind_one_address_the_sidecar_writes_to_the_new_primary(sidecars, redis_server):
+    """The sidecar reaches Redis by one address (a DNS name, a Service) that a failover
+    moves to a new primary, while the old one is made its replica and keeps the
+    connections it had. The first write on them gets READONLY (an error reply: down
+    for a second); the pool's connections are dropped, so the next try connects to the
+    new primary. They were kept: every try went to the replica, READONLY each time,
+    and the store stayed down until the sidecar restarted."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1000)
+    link_port = held_port()
+    proc, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1)
+    primary = RedisServer().start()
+
+    async def scenario():
+        async with RedisLink(link_port, redis_server.port) as link:
+            first = await attempt(proc, "rated")
+            assert first[0] == "open"
+            await first[1].close()
+            assert redis_server.command("REPLICAOF", "127.0.0.1", str(primary.port)) == "+OK"
+            link.port = primary.port                       # where new connections go
+            deadline = time.monotonic() + 8
+            while True:
+                result = await attempt(proc, "rated")
+                assert result[0] == "open", result         # on_unavailable = "open"
+                await result[1].close()
+                if metric(proc, "conduit_state_available") == 1:
+                    break
+                assert time.monotonic() < deadline, "the store stayed down"
+                await asyncio.sleep(0.3)
+        assert primary.command("ZCARD", "t:{rated}:starts") != ":0"   # counted there
+    try:
+        run(scenario())
+    finally:
+        primary.stop()
 
 
 def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars, redis_server):
