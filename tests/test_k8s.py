@@ -28,6 +28,7 @@ import ssl
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -395,10 +396,12 @@ class Webhook:
 def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str, env: dict | None = None):
     """`conduit-sidecar inject-webhook` on a free loopback port, once it answers."""
     port = held_port()
+    log = tempfile.TemporaryFile()  # not a pipe: one read only at the end would fill and stall it
     proc = subprocess.Popen(CLI + ["inject-webhook", "--tls-cert", cert_file,
                                    "--tls-key", key_file, "--listen", f"127.0.0.1:{port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
+    proc.log = log  # type: ignore[attr-defined]
     hook = Webhook(port, ca_file)
     deadline = time.monotonic() + 15
     while True:
@@ -409,17 +412,24 @@ def start_webhook(cert_file: str, key_file: str, ca_file: str, *args: str, env: 
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("the webhook did not start: " + proc.communicate()[0].decode())
+            pytest.fail("the webhook did not start: " + webhook_log(proc))
         time.sleep(0.05)
+
+
+def webhook_log(proc: subprocess.Popen) -> str:
+    """The webhook's log, once it has exited."""
+    proc.wait(timeout=10)
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read().decode()  # type: ignore[attr-defined]
 
 
 def stop(proc: subprocess.Popen) -> str:
     """SIGINT: the webhook exits cleanly at once; returns its log."""
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=10)[0].decode()
-    assert proc.returncode == 0, output
-    assert "Traceback" not in output, output
-    return output
+    log = webhook_log(proc)
+    assert proc.returncode == 0, log
+    assert "Traceback" not in log, log
+    return log
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +448,7 @@ def test_webhook_answers_for_a_while_after_sigterm(tls_files):
     time.sleep(0.5)
     assert hook.request("/healthz", method="GET") == (200, b"ok\n")
     assert proc.wait(10) == 0
-    assert '"event":"stopping"' in proc.communicate()[0].decode()
+    assert '"event":"stopping"' in webhook_log(proc)
 
 
 def test_webhook_reloads_a_renewed_certificate(tmp_path):
