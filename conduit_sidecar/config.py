@@ -148,6 +148,10 @@ class State(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # A dead pod's leases expire after this; live ones are renewed every third of it.
     lease_seconds: Annotated[float, msgspec.Meta(ge=3)] = 15.0
     timeout_seconds: Positive = 0.5  # per Redis call
+    # Connections to Redis per sidecar at most: 16 from each of 600 pods stay under
+    # Redis' default maxclients (10,000), and 16 calls in flight at once (each one
+    # round trip) keep up with thousands of handshakes a second.
+    pool_size: Count = 16
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -224,8 +224,14 @@ class RedisStore:
         # next flush (within a second) tries again.
         assert state.url is not None  # config.load requires it for redis
         try:
-            self.client = redis.asyncio.Redis.from_url(
+            # At most pool_size connections: a burst of handshakes waits for one (each
+            # call holds it one round trip) rather than each opening its own, which from
+            # hundreds of pods nears Redis' maxclients. A wait past timeout_seconds fails
+            # the call, as a slow reply does.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
                 state.url,
+                max_connections=state.pool_size,
+                timeout=state.timeout_seconds,
                 password=password,
                 socket_timeout=state.timeout_seconds,
                 socket_connect_timeout=state.timeout_seconds,
@@ -234,6 +240,7 @@ class RedisStore:
             )
         except ValueError:  # redis-py's own checks (its message may quote the URL)
             raise ConfigError("[state] url is not a valid Redis URL - at `$.state.url`") from None
+        self.client = redis.asyncio.Redis.from_pool(pool)
         kwargs = self.client.connection_pool.connection_kwargs
         # Where it is, for messages: never the URL, which can hold a password.
         self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"

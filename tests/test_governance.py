@@ -435,6 +435,56 @@ def test_a_redis_that_stopped_answering_is_probed_by_one_call_at_a_time(sidecars
     assert run(scenario()) == 2
 
 
+def redis_clients(server: RedisServer) -> int:
+    """Connections to `server` now, other than the one asking."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
+        s.sendall(b"*2\r\n$6\r\nCLIENT\r\n$4\r\nLIST\r\n")
+        size, _, reply = s.recv(65536).partition(b"\r\n")
+        while len(reply) < int(size[1:]):
+            reply += s.recv(65536)
+    return reply[:int(size[1:])].count(b"\n") - 1   # a line per client, this one's included
+
+
+def test_a_burst_of_handshakes_opens_at_most_pool_size_connections_to_redis(sidecars, redis_server):
+    """150 handshakes at once of a key with a session rate, each admission one Redis
+    call: the pool opened a connection per call waiting (about a hundred), all left open
+    after the burst. With hundreds of pods that nears Redis' maxclients (10,000)."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=100000)
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        burst = await asyncio.gather(*(attempt(proc, "rated") for _ in range(150)))
+        assert all(result[0] == "open" for result in burst), burst
+        for _, ws in burst:
+            await ws.close()
+    run(scenario())
+    assert 1 <= redis_clients(redis_server) <= 16
+
+
+def test_a_wait_for_a_pooled_connection_past_timeout_seconds_fails_as_a_slow_redis(sidecars, redis_server):
+    """One connection to Redis (pool_size 1) over a link whose replies come 0.4 s late
+    (timeout_seconds 0.5), on_unavailable = "closed", two handshakes at once: one call
+    holds the connection for its setup and script (several replies), the other waits
+    for it past timeout_seconds and is refused (1013) as when Redis is slow. Unbounded,
+    both were admitted; a wait without that timeout (redis-py's default: 20 s) held the
+    handshake until the connection was free."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1000)
+    link_port = held_port()
+    proc, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1, on_unavailable=("closed",),
+                     extra="pool_size = 1\n")   # in [state], the config's last table
+
+    async def scenario():
+        async with RedisLink(link_port, redis_server.port, delay=0.4):
+            results = await asyncio.gather(attempt(proc, "rated"), attempt(proc, "rated"))
+            for result in results:
+                if result[0] == "open":
+                    await result[1].close()
+            return sorted(result[:1] if result[0] == "open" else result for result in results)
+    assert run(scenario()) == [("closed", 1013, "shared state unavailable: try again later"), ("open",)]
+
+
 def test_a_value_in_redis_that_is_not_a_number_counts_as_an_error_reply(sidecars, redis_server):
     """A key's usage hash holds what is not a number (written by hand, or by another
     program under the same prefix): Redis answers, the sidecar cannot read the answer.
