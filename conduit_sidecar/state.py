@@ -262,11 +262,17 @@ class RedisStore:
     def key(self, key_id: str, suffix: str) -> str:
         return f"{self.prefix}{{{key_id}}}:{suffix}"
 
-    async def _call(self, script, keys, args):
+    async def _ask(self, call):
+        """Await one call of the client: whatever it raises is the store's failure, its
+        own errors and any other from inside it (a server on the port that is not Redis,
+        an echo, makes its reading of the "replies" raise AttributeError)."""
         try:
-            return await script(keys=keys, args=args)
-        except self.errors as exc:
+            return await call
+        except Exception as exc:
             raise await self._error(exc) from None
+
+    async def _call(self, script, keys, args):
+        return await self._ask(script(keys=keys, args=args))
 
     async def _error(self, exc: Exception) -> StoreError:
         if isinstance(exc, self.read_only):
@@ -280,21 +286,18 @@ class RedisStore:
         """`script` once per (keys, args), all in one round trip (a pipeline, not a
         transaction: each call is one script on its key's hash slot). A failed call
         fails them all: each caller's scripts are safe to run again."""
-        try:
-            for _ in range(2):
-                pipe = self.client.pipeline(transaction=False)
-                for keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
-                if not any(isinstance(reply, self.no_script) for reply in replies):
-                    break
-                await self.client.script_load(script.script)  # Redis restarted: none ran
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return replies
-        except self.errors as exc:
-            raise await self._error(exc) from None
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = await self._ask(pipe.execute(raise_on_error=False))
+            if not any(isinstance(reply, self.no_script) for reply in replies):
+                break
+            await self._ask(self.client.script_load(script.script))  # Redis restarted: none ran
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise await self._error(reply)
+        return replies
 
     def usage_keys(self, key_id: str, now: dt.datetime) -> tuple[list[str], list[int]]:
         """The usage hashes of the windows that hold `now`, and when each expires."""
@@ -344,13 +347,10 @@ class RedisStore:
 
     async def release(self, leases: Mapping[str, list[str]]) -> None:
         """Remove leases (members per key), in one round trip."""
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for key_id, members in leases.items():
-                pipe.zrem(self.key(key_id, "leases"), *members)
-            await pipe.execute()
-        except self.errors as exc:
-            raise await self._error(exc) from None
+        pipe = self.client.pipeline(transaction=False)
+        for key_id, members in leases.items():
+            pipe.zrem(self.key(key_id, "leases"), *members)
+        await self._ask(pipe.execute())
 
     async def add_usage(self, batches: Batches, now: dt.datetime, pod: str = "") -> dict[str, Totals]:
         """Add per key one batch of a sidecar process's usage (`pod`, numbered upwards:

@@ -1138,27 +1138,42 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
     asyncio.run(scenario())
 
 
-def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_further(tmp_path, mock_provider):
+async def unknown(reader, writer):
+    """A server that knows no command, and says so as Redis does, quoting it."""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
+        while line := await reader.readline():
+            args = []
+            for _ in range(int(line[1:])):
+                size = int((await reader.readline())[1:])
+                args.append((await reader.readexactly(size + 2))[:-2].decode())
+            quoted = " ".join(f"'{a}'" for a in args[1:])
+            writer.write(f"-ERR unknown command '{args[0]}', with args beginning with: {quoted}\r\n"
+                         .encode())
+    writer.close()
+
+
+async def echo(reader, writer):
+    """Not Redis at all: what comes is sent back."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+    writer.close()
+
+
+@pytest.mark.parametrize("server", [unknown, echo], ids=["unknown", "echo"])
+def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_further(tmp_path, mock_provider,
+                                                                                  server):
     """A server that does not know AUTH (or HELLO) answers as Redis words an unknown
     command: "unknown command 'AUTH', with args beginning with: 'default' 'PASSWORD'".
     The reply's text became the StoreError's: the sidecar's `state_unavailable` line and
-    `usage`'s message printed the Redis password."""
+    `usage`'s message printed the Redis password. An echo server on the port (not Redis:
+    its "replies" are our commands) made redis-py's reading of them raise AttributeError,
+    taken for a bug of ours: HTTP 500 for every handshake that asks the store, and a
+    traceback from `usage`, instead of `on_unavailable` and a one-line error."""
     password = "redis-password-" + "q" * 12
     secret = tmp_path / "redis-password"
     secret.write_text(password)
     port = held_port()
-
-    async def unknown(reader, writer):
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
-            while line := await reader.readline():
-                args = []
-                for _ in range(int(line[1:])):
-                    size = int((await reader.readline())[1:])
-                    args.append((await reader.readexactly(size + 2))[:-2].decode())
-                quoted = " ".join(f"'{a}'" for a in args[1:])
-                writer.write(f"-ERR unknown command '{args[0]}', with args beginning with: {quoted}\r\n"
-                             .encode())
-        writer.close()
 
     keys = Keys()
     keys.add("good", max_connections=2)  # admission asks the store
@@ -1167,7 +1182,7 @@ def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_furthe
         f'password_file = "{secret}"\n'), keys)
 
     async def body():
-        server = await asyncio.start_server(unknown, "127.0.0.1", port)
+        listening = await asyncio.start_server(server, "127.0.0.1", port)
         try:
             proc.start()
             outcome = await attempt(proc, "good")  # admitted on local counts (open)
@@ -1179,7 +1194,7 @@ def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_furthe
             out, err = await asyncio.wait_for(usage.communicate(), 30)
             return outcome[0], usage.returncode, (out + err).decode()
         finally:
-            server.close()
+            listening.close()
     try:
         opened, usage_code, usage_text = run(body())
         output = proc.output()
@@ -1187,4 +1202,5 @@ def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_furthe
         proc.stop()
     assert opened == "open"
     assert '"state_unavailable"' in output and usage_code == 1 and "unavailable" in usage_text, usage_text
+    assert '"internal_error"' not in output and "Traceback" not in usage_text
     assert password not in output and password not in usage_text, usage_text
