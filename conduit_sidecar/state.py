@@ -210,10 +210,12 @@ class RedisStore:
         password = None
         if state.password_file:
             try:
-                with open(state.password_file) as f:
+                with open(state.password_file, encoding="utf-8") as f:
                     password = f.read().strip()
             except OSError as exc:
                 raise ConfigError(f"{state.password_file}: cannot read: {exc.strerror}") from None
+            except UnicodeDecodeError:  # its message quotes a byte of the password
+                raise ConfigError(f"{state.password_file}: not UTF-8 text") from None
         self.errors = (redis.RedisError, OSError, TimeoutError)
         # Failures in the client's own words (not their subclasses that carry a reply:
         # AuthenticationError, BusyLoadingError).

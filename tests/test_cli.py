@@ -147,6 +147,22 @@ def test_usage_names_the_redis_host_never_its_url(tmp_path):
     assert "ss@" not in r.stderr and "topsecret" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_redis_password_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    """A `[state] password_file` holding bytes that are not UTF-8 (a binary file, a
+    Latin-1 editor): `serve` and `usage` ended in a UnicodeDecodeError traceback."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
+    secret = tmp_path / "redis-password"
+    secret.write_bytes("p\u00e4ssword-hunter2".encode("latin-1"))
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\n'
+                    f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:1/0"\npassword_file = "{secret}"\n')
+    for command in ("serve", "usage"):
+        r = cli(command, "--config", str(conf))
+        assert r.returncode == 1 and r.stderr == f"conduit-sidecar: {secret}: not UTF-8 text\n", r.stderr
+        assert "hunter2" not in r.stderr
+
+
 def test_demo_runs_and_summarises():
     r = cli("demo", "--seconds", "1")
     assert r.returncode == 0, r.stderr
