@@ -13,7 +13,7 @@ import uvloop
 
 from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
-from .keys import KeyEntry, KeySet, hash_key, load_keys, new_key
+from .keys import KEY_PREFIX, KeyEntry, KeySet, hash_key, load_keys, new_key
 from .policy import METRICS, WINDOWS, price_for, window_bounds
 from .providers import TEMPLATES
 from .routing import Router, masked
@@ -114,6 +114,15 @@ def _usage(args) -> int:
         return 1
     entries = sorted(keyset.by_id.values(), key=lambda e: e.id)
     if args.key is not None:
+        if KEY_PREFIX in args.key:  # a virtual key given for its id: never printed back
+            digest = hash_key(args.key)
+            entry = keyset.by_hash.get(digest)
+            held = f"the key of id {entry.id!r}" if entry else f"not in {conf.keys_file}"
+            print(
+                f"conduit-sidecar: --key takes a key's id, not the key (sha256 {digest[:12]}...: {held})",
+                file=sys.stderr,
+            )
+            return 1
         entries = [e for e in entries if e.id == args.key]
         if not entries:
             print(f"conduit-sidecar: no key {args.key!r} in {conf.keys_file}", file=sys.stderr)

@@ -163,6 +163,24 @@ def test_a_redis_password_file_that_is_not_utf8_is_named_in_one_line(tmp_path):
         assert "hunter2" not in r.stderr
 
 
+def test_usage_given_a_virtual_key_for_an_id_never_prints_it(tmp_path):
+    """`usage --key condt_...` (the key pasted where its id goes): the "no key" message
+    printed it back, into a terminal's scrollback or a CI log. Now named by its sha256
+    prefix, and by the id that holds it."""
+    key = "condt_" + "pastedKEY" * 5
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "team-a", "sha256": "' + hash_key(key) + '"}]}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:1/0"\n')
+    r = cli("usage", "--config", str(conf), "--key", key)
+    assert r.returncode == 1 and "pastedKEY" not in r.stdout + r.stderr, r.stderr
+    assert hash_key(key)[:12] in r.stderr and "'team-a'" in r.stderr, r.stderr
+    r = cli("usage", "--config", str(conf), "--key", key + "x")            # no such key
+    assert r.returncode == 1 and "pastedKEY" not in r.stderr and str(keys) in r.stderr, r.stderr
+    r = cli("usage", "--config", str(conf), "--key", "team-b")
+    assert r.returncode == 1 and "no key 'team-b'" in r.stderr, r.stderr
+
+
 def test_demo_runs_and_summarises():
     r = cli("demo", "--seconds", "1")
     assert r.returncode == 0, r.stderr
