@@ -149,8 +149,8 @@ class State(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     lease_seconds: Annotated[float, msgspec.Meta(ge=3)] = 15.0
     timeout_seconds: Positive = 0.5  # per Redis call
     # Connections to Redis per sidecar at most: 16 from each of 600 pods stay under
-    # Redis' default maxclients (10,000), and 16 calls in flight at once (each one
-    # round trip) keep up with thousands of handshakes a second.
+    # Redis' default maxclients (10,000), and 16 calls in flight (one round trip each)
+    # make 16,000 a second at a 1 ms round trip.
     pool_size: Count = 16
 
 
