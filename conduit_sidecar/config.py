@@ -40,9 +40,13 @@ ADMIN_PORT = 9464
 TLS_PORT = 8443
 CONFIG_ENV = "CONDUIT_CONFIG"  # the config file's path
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
-Count = Annotated[int, msgspec.Meta(ge=1)]
+# Bounded above: TOML has `inf` (an infinite timeout is none at all, a lease of inf ms
+# no integer) and integers of any size (the relay's byte limits are 64-bit).
+_MAX_SECONDS = 1e9  # also caps prices: any real value is far below
+_MAX_INT = (1 << 63) - 1  # TOML's own integer range
+Positive = Annotated[float, msgspec.Meta(gt=0, le=_MAX_SECONDS)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0, le=_MAX_SECONDS)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
 
 
 class ConfigError(Exception):
@@ -146,7 +150,7 @@ class State(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     key_prefix: str = "conduit:"
     on_unavailable: Literal["open", "closed"] = "open"
     # A dead pod's leases expire after this; live ones are renewed every third of it.
-    lease_seconds: Annotated[float, msgspec.Meta(ge=3)] = 15.0
+    lease_seconds: Annotated[float, msgspec.Meta(ge=3, le=_MAX_SECONDS)] = 15.0
     timeout_seconds: Positive = 0.5  # per Redis call
     # Connections to Redis per sidecar at most: 16 from each of 600 pods stay under
     # Redis' default maxclients (10,000), and 16 calls in flight (one round trip each)

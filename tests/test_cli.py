@@ -86,6 +86,13 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     # A secret pasted where the port goes: urllib's message quotes it.
     ('[providers.a]\nurl = "wss://h:hunter2/x"\n', {}, "Port could not be cast to integer value - at"),
     ('[routes]\n"gpt*" = 5\n', {}, 'Expected `array`, got `int` - at `$.routes."gpt*"`'),
+    # Past TOML's 64-bit integers: each session failed 1011 (the relay's sizes are uint64).
+    ("[limits]\nmax_message_bytes = 18446744073709551616\n", {}, "at `$.limits.max_message_bytes`"),
+    # TOML's inf: a traceback at start (the Redis lease in ms), or a timeout that never came.
+    ('[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:1"\nlease_seconds = inf\n', {},
+     "at `$.state.lease_seconds`"),
+    ("[limits]\nhandshake_timeout_seconds = inf\n", {}, "at `$.limits.handshake_timeout_seconds`"),
+    ("", {"CONDUIT_DRAIN_SECONDS": "inf"}, "at `$.limits.drain_seconds`"),
     # Gemini names its model in its setup message: every session would get 4004.
     ('[providers.gemini]\nurl = "ws://h/g/{model}?key={secret}"\nsecret_env = "K"\n', {},
      "its url cannot use {model} - at `$.providers.gemini.url`"),
