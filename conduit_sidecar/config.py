@@ -176,8 +176,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state: State = State()
 
 
+_FLAGS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
+
+
 def _flag(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
+    # Anything else is refused: read as off, `CONDUIT_KERNEL_TLS=enabled` turned it off.
+    if value.lower() not in _FLAGS:
+        raise ValueError(value)
+    return _FLAGS[value.lower()]
 
 
 # Environment overrides: variable -> (section or None, field, type).

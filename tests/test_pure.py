@@ -580,6 +580,19 @@ def test_config_precedence_and_errors(tmp_path):
         config_module.load(str(path), environ={})
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("YES", True), ("on", True),
+                                       ("0", False), ("false", False), ("no", False), ("Off", False)])
+def test_boolean_variables_read_on_and_off(value, on):
+    assert config_module.load(None, environ={"CONDUIT_KERNEL_TLS": value}).kernel_tls is on
+
+
+def test_a_boolean_variable_that_is_no_boolean_is_refused():
+    """Was off: `CONDUIT_KERNEL_TLS=enabled` turned kernel TLS off, silently."""
+    with pytest.raises(ConfigError) as exc:
+        config_module.load(None, environ={"CONDUIT_KERNEL_TLS": "enabled"})
+    assert str(exc.value) == "$CONDUIT_KERNEL_TLS: not a valid kernel_tls: 'enabled'"
+
+
 def package_imports() -> dict[str, set[str]]:
     """Each module of the package -> the package modules it imports, read from the
     source (so imports under TYPE_CHECKING count too)."""
