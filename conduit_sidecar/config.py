@@ -1,8 +1,8 @@
 """The config file (TOML), decoded with msgspec, and its overrides.
 
 Precedence: defaults < file (`--config` or `CONDUIT_CONFIG`) < `CONDUIT_*`
-environment variables < command-line flags. Errors name the file, the field path
-and the problem.
+environment variables < command-line flags. Errors name the file (or the variable
+or flag that set the value), the field path and the problem.
 """
 
 from __future__ import annotations
@@ -258,6 +258,7 @@ def load(
             raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    set_by: dict[str, str] = {}  # a field's path -> the variable or flag that set it
     for var, (section, field, conv) in _ENV.items():
         if var in environ:
             target = raw if section is None else raw.setdefault(section, {})
@@ -267,29 +268,35 @@ def load(
                 target[field] = conv(environ[var])
             except ValueError:
                 raise ConfigError(f"${var}: not a valid {field}: {environ[var]!r}") from None
+            set_by[f"$.{section}.{field}" if section else f"$.{field}"] = f"${var}"
     for field, value in (overrides or {}).items():
         if value is not None:
             raw[field] = value
+            set_by[f"$.{field}"] = "--" + field.replace("_", "-")
+
+    def error(message: str) -> ConfigError:
+        """Named by what set the value: a variable or flag, else the file."""
+        at = message.rpartition(" - at `")[2].rstrip("`")
+        return ConfigError(f"{set_by.get(at, where)}: {message}")
+
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{where}: {_located(raw, exc)}") from None
+        raise error(_located(raw, exc)) from None
     for field in ("listen", "admin_listen"):
         try:
             split_hostport(getattr(config, field))
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc} - at `$.{field}`") from None
+            raise error(f"{exc} - at `$.{field}`") from None
     if config.tls is not None:
         try:
             split_hostport(config.tls.listen)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc} - at `$.tls.listen`") from None
+            raise error(f"{exc} - at `$.tls.listen`") from None
         if config.tls.self_signed == bool(config.tls.cert_file and config.tls.key_file):
-            raise ConfigError(
-                f"{where}: [tls] needs either cert_file and key_file, or self_signed = true - at `$.tls`"
-            )
+            raise error("[tls] needs either cert_file and key_file, or self_signed = true - at `$.tls`")
         if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
-            raise ConfigError(f"{where}: [tls] self_signed needs ca_out and state_dir - at `$.tls`")
+            raise error("[tls] self_signed needs ca_out and state_dir - at `$.tls`")
     if config.state.backend == "redis":
         url = config.state.url or ""
         valid = url.startswith(("redis://", "rediss://"))
@@ -298,13 +305,13 @@ def load(
         except ValueError:  # a port that is not a number, or out of range
             valid = False
         if not valid:  # (the message never quotes the URL: it can hold a password)
-            raise ConfigError(
-                f'{where}: [state] backend = "redis" needs url = "redis://HOST[:PORT]..." or '
+            raise error(
+                '[state] backend = "redis" needs url = "redis://HOST[:PORT]..." or '
                 '"rediss://..." - at `$.state.url`'
             )
     if config.circuit.cooldown_seconds > config.circuit.max_cooldown_seconds:
         # The first rest would pass the cap every later one (and Retry-After) keeps to.
-        raise ConfigError(f"{where}: cooldown_seconds is over max_cooldown_seconds - at `$.circuit`")
+        raise error("cooldown_seconds is over max_cooldown_seconds - at `$.circuit`")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{where}: log_level must be debug, info, warning or error - at `$.log_level`")
+        raise error("log_level must be debug, info, warning or error - at `$.log_level`")
     return config

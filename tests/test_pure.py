@@ -580,6 +580,25 @@ def test_config_precedence_and_errors(tmp_path):
         config_module.load(str(path), environ={})
 
 
+def test_config_errors_name_the_variable_or_flag_that_set_the_value(tmp_path):
+    """A bad value from the environment or a flag: the file does not hold it (it was
+    named, and the user looked there in vain)."""
+    path = tmp_path / "c.toml"
+    path.write_text('listen = "127.0.0.1:1"\n[limits]\nmax_connections = 5\n')
+    with pytest.raises(ConfigError) as exc:
+        config_module.load(str(path), environ={"CONDUIT_MAX_CONNECTIONS": "0"})
+    assert str(exc.value) == "$CONDUIT_MAX_CONNECTIONS: Expected `int` >= 1 - at `$.limits.max_connections`"
+    with pytest.raises(ConfigError) as exc:
+        config_module.load(str(path), overrides={"listen": "nonsense"}, environ={})
+    assert str(exc.value) == "--listen: expected HOST:PORT, got 'nonsense' - at `$.listen`"
+    with pytest.raises(ConfigError) as exc:
+        config_module.load(str(path), environ={"CONDUIT_LOG_LEVEL": "verbose"})
+    assert str(exc.value).startswith("$CONDUIT_LOG_LEVEL: log_level must be")
+    path.write_text("[limits]\nmax_connections = 0\n")  # the file's own value: the file
+    with pytest.raises(ConfigError, match=f"^{path}: "):
+        config_module.load(str(path), environ={"CONDUIT_DRAIN_SECONDS": "3"})
+
+
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("YES", True), ("on", True),
                                        ("0", False), ("false", False), ("no", False), ("Off", False)])
 def test_boolean_variables_read_on_and_off(value, on):
