@@ -55,11 +55,14 @@ _RESERVED = {
 
 
 class RouteError(Exception):
-    """No route; `code` is the close code (4004) and the message the reason."""
+    """No route; `code` is the close code (4004) and the message the reason.
+    `detail`: for the log only, where a configuration fault lies (a file's path, a
+    variable's name: never a value)."""
 
-    def __init__(self, code: int, reason: str):
+    def __init__(self, code: int, reason: str, detail: str | None = None):
         super().__init__(reason)
         self.code = code
+        self.detail = detail
 
 
 class Upstream(msgspec.Struct, frozen=True):
@@ -292,21 +295,30 @@ class Router:
         if spec.secret_env:
             value = self.environ.get(spec.secret_env)
             if value is None:
-                raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable")
+                raise RouteError(
+                    CloseCode.INTERNAL_ERROR,
+                    "provider secret unavailable",
+                    f"secret_env {spec.secret_env} is not set",
+                )
             return value.strip()
         assert spec.secret_file is not None  # _check: a {secret} template has a source
         try:
             stamp = file_signature(spec.secret_file)  # a rotated Secret is read again
             if stamp is None:
-                raise OSError(spec.secret_file)
+                os.stat(spec.secret_file)  # failed just now: again, for its reason
             cached = self._secrets.get(spec.secret_file)
             if cached is None or cached[0] != stamp:
                 with open(spec.secret_file, encoding="utf-8-sig") as f:  # a BOM (Notepad's) dropped
                     cached = (stamp, f.read().strip())
                 self._secrets[spec.secret_file] = cached
             return cached[1]
-        except (OSError, UnicodeDecodeError):  # no file, or not text (a binary key file)
-            raise RouteError(CloseCode.INTERNAL_ERROR, "provider secret unavailable") from None
+        except (OSError, UnicodeDecodeError) as exc:  # no file, or not text (a binary key file)
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise RouteError(
+                CloseCode.INTERNAL_ERROR,
+                "provider secret unavailable",
+                f"secret_file {spec.secret_file}: {why}",
+            ) from None
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
         """Verified client context: system trust store plus the provider's CA, TLS 1.2+,
@@ -325,8 +337,11 @@ class Router:
             if ca_file:
                 try:
                     ctx.load_verify_locations(ca_file)
-                except OSError:  # ssl.SSLError included: not PEM certificates
-                    raise RouteError(CloseCode.INTERNAL_ERROR, "provider CA file unavailable") from None
+                except OSError as exc:  # ssl.SSLError included: not PEM certificates
+                    why = "no PEM certificates" if isinstance(exc, ssl.SSLError) else exc.strerror
+                    raise RouteError(
+                        CloseCode.INTERNAL_ERROR, "provider CA file unavailable", f"ca_file {ca_file}: {why}"
+                    ) from None
             cached = self._contexts[ca_file] = (stamp, ctx)
         return cached[1]
 

@@ -543,6 +543,7 @@ class Balancer:
                 "provider": h.target.provider,
                 "deployment": h.target.label,
                 "outcome": "config",
+                "error": exc.detail,
             },
         )
         self._count(h, "config")

@@ -526,6 +526,49 @@ def test_secret_with_crlf_is_refused_not_sent(override_sidecar, pki, upstream_po
     assert seen == []
 
 
+def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provider):
+    """The log said only 'provider secret unavailable' (or 'CA file'): not which file
+    or variable, nor why (a Secret mounted unreadable for the sidecar's user, a
+    missing key)."""
+    workdir = tempfile.mkdtemp(prefix="conduit-secret-")
+    missing = os.path.join(workdir, "no-such-secret")
+    not_pem = os.path.join(workdir, "ca.pem")
+    with open(not_pem, "w") as f:
+        f.write("not a certificate\n")
+    keys = Keys()
+    keys.add("good")
+    url = f"ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+    providers = f"""
+        [providers.by_file]
+        url = "{url}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_file = "{missing}"
+        [providers.by_env]
+        url = "{url}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_env = "CONDUIT_TEST_UNSET_SECRET"
+        [providers.by_ca]
+        url = "{url.replace("ws:", "wss:")}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_env = "PROVIDER_KEY"
+        ca_file = "{not_pem}"
+        """
+    proc = SidecarProcess(workdir, providers, keys).start()
+    try:
+        async def body(provider):
+            async with connect(proc.url(provider=provider), additional_headers=proc.auth()) as ws:
+                return await first_close(ws)
+        for provider in ("by_file", "by_env"):
+            assert run(body(provider)) == (1011, "provider secret unavailable")
+        assert run(body("by_ca")) == (1011, "provider CA file unavailable")
+        errors = {line["provider"]: line.get("error") for line in proc.log_lines()
+                  if line.get("outcome") == "config"}
+        assert errors == {"by_file": f"secret_file {missing}: No such file or directory",
+                          "by_env": "secret_env CONDUIT_TEST_UNSET_SECRET is not set",
+                          "by_ca": f"ca_file {not_pem}: no PEM certificates"}
+    finally:
+        proc.stop()
+
 def test_model_with_crlf_is_refused(override_sidecar):
     async def body():
         status, head, _, writer = await raw_upgrade(
