@@ -131,6 +131,9 @@ class Metrics:
         self.keys_reload = Counter(
             "conduit_keys_reload", "Key file reloads by result.", ["result"], registry=r
         )
+        self.tls_reload = Counter(
+            "conduit_tls_reload", "[tls] certificate file reloads by result.", ["result"], registry=r
+        )
         Gauge("conduit_build_info", "Build information.", ["version", "python"], registry=r).labels(
             __version__, platform.python_version()
         ).set(1)

@@ -356,8 +356,8 @@ class Sidecar:
             try:
                 self.watcher.check()
                 self.recheck_keys()  # expiry passes without a file change
-                if self.tls is not None:
-                    self.tls.check()
+                if self.tls is not None and (result := self.tls.check()):
+                    self.metrics.tls_reload.labels(result).inc()
                 if self.config.limits.idle_timeout_seconds:
                     self.close_idle(time.monotonic())
                 self.trimmer.check(len(self.sessions))

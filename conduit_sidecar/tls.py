@@ -86,9 +86,10 @@ class CertFiles:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load {self.cert_file} / {self.key_file}: {exc}") from None
 
-    def check(self) -> None:
+    def check(self) -> str | None:
+        """The reload's result ("ok", "invalid"), None when the files did not change."""
         if not self.files.changed():
-            return
+            return None
         try:
             self._load()
         except ConfigError as exc:
@@ -96,8 +97,9 @@ class CertFiles:
                 "TLS certificate reload failed; keeping the current one",
                 extra={"event": "tls_reload", "result": "invalid", "error": str(exc)},
             )
-            return
+            return "invalid"
         log.info("TLS certificate reloaded", extra={"event": "tls_reload", "result": "ok"})
+        return "ok"
 
 
 class ListenerTLS:
@@ -137,7 +139,8 @@ class ListenerTLS:
         # tickets (they come within the handshake).
         self.context.num_tickets = 0
 
-    def check(self) -> None:
+    def check(self) -> str | None:
+        """As CertFiles.check, after renewing the self-signed certificates when due."""
         if self.authority:
             try:
                 self.authority.renew()
@@ -146,7 +149,7 @@ class ListenerTLS:
                     "self-signed certificate renewal failed",
                     extra={"event": "tls_renew", "result": "error", "error": str(exc)},
                 )
-        self.files.check()
+        return self.files.check()
 
     @property
     def ready(self) -> bool:

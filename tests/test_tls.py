@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import Keys, SidecarProcess, held_port, run, standard_keys, switching_protocols
+from conftest import Keys, SidecarProcess, held_port, http_get, run, standard_keys, switching_protocols
 from test_deployments import metric
 from test_key_reload import SecretVolume
 from test_relay_tls import libssl, ssl_pointer
@@ -630,6 +630,8 @@ def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(
         reload, = [line for line in sidecar.log_lines() if line.get("event") == "tls_reload"]
         assert reload["result"] == "invalid"
         assert peer_cert_digest(tls_port, cafile) == first
+        # Counted, as a failed key reload is: an alert needs no log search.
+        assert 'conduit_tls_reload_total{result="invalid"} 1.0' in http_get(sidecar.admin("/metrics"))[1]
     finally:
         sidecar.stop()
 
