@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -195,6 +196,15 @@ def _keys_hash(args) -> int:
     return 0
 
 
+def _demo_seconds(text: str) -> float:
+    """At least one 20 ms frame (a round trip to report), at most a minute (the tone is
+    built in memory first)."""
+    with contextlib.suppress(ValueError):
+        if 0.02 <= float(text) <= 60:  # (nan compares false)
+            return float(text)
+    raise argparse.ArgumentTypeError(f"must be from 0.02 to 60, got {text!r}")
+
+
 def _demo(args) -> int:
     from .demo import print_provider_summary, print_summary, run, run_provider
 
@@ -294,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_usage)
 
     d = sub.add_parser("demo", help="run the sidecar with the built-in mock provider")
-    d.add_argument("--seconds", type=float, default=3.0)
+    d.add_argument("--seconds", type=_demo_seconds, default=3.0, help="audio to stream (0.02 to 60)")
     d.add_argument(
         "--provider",
         choices=tuple(TEMPLATES),  # the mock speaks each catalogued provider

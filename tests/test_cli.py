@@ -196,6 +196,14 @@ def test_demo_runs_and_summarises():
     assert "round trip: p50" in out and "close codes: session 1000, wrong key 4001" in out
 
 
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "0.001", "1e9"])
+def test_demo_refuses_seconds_it_cannot_stream(seconds):
+    """Under one 20 ms frame the demo had no round trip to summarise: a
+    StatisticsError traceback; 1e9 would build the audio in memory first."""
+    r = cli("demo", "--seconds", seconds)
+    assert r.returncode == 2 and "--seconds" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
 def test_the_demo_runs_as_the_image_runs_the_sidecar():
     """The image sets PYTHONOPTIMIZE=2 (no docstrings, no asserts: about 1 MiB less RSS,
     docs/benchmarks.md): nothing of the sidecar may need them."""
