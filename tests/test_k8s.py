@@ -451,6 +451,21 @@ def test_webhook_answers_for_a_while_after_sigterm(tls_files):
     assert '"event":"stopping"' in webhook_log(proc)
 
 
+
+@pytest.mark.parametrize("flag, value", [
+    ("--shutdown-delay", "nan"),      # SIGTERM raised in call_later: it never stopped
+    ("--shutdown-delay", "-5"),
+    ("--shutdown-delay", "inf"),
+    ("--max-connections", "0"),       # every connection closed at once: no review served
+    ("--max-connections", "-1"),
+])
+def test_webhook_refuses_flags_out_of_range(tmp_path, flag, value):
+    """Refused before anything starts (the certificate files are not even read)."""
+    r = subprocess.run(CLI + ["inject-webhook", "--tls-cert", str(tmp_path / "none.crt"), "--tls-key",
+                              str(tmp_path / "none.key"), flag, value],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr, r.stderr
+
 def test_webhook_reloads_a_renewed_certificate(tmp_path):
     """cert-manager renews the Secret in place; new connections get the new certificate."""
     old_ca, new_ca = CA("old CA"), CA("new CA")

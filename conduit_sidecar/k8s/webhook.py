@@ -39,8 +39,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import signal
@@ -408,6 +410,19 @@ class Webhook:
         await self.server.wait_closed()
 
 
+def _at_least(low: float, kind: type[int] | type[float]):
+    """An argparse type: a finite number of `kind`, at least `low` (a delay of nan was
+    a traceback at SIGTERM and no stop; 0 connections, no review ever served)."""
+
+    def parse(text: str):
+        with contextlib.suppress(ValueError):
+            if low <= kind(text) < math.inf:  # (nan compares false)
+                return kind(text)
+        raise argparse.ArgumentTypeError(f"must be a number of at least {low}, got {text!r}")
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", required=True, metavar="FILE", help="PEM certificate (chain)")
     p.add_argument("--tls-key", required=True, metavar="FILE", help="PEM private key")
@@ -425,14 +440,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-connections",
-        type=int,
+        type=_at_least(1, int),
         default=MAX_CONNECTIONS,
         metavar="N",
         help="connections served at once; more are closed (default: %(default)s)",
     )
     p.add_argument(
         "--shutdown-delay",
-        type=float,
+        type=_at_least(0, float),
         default=5.0,
         metavar="SECONDS",
         help="after SIGTERM, go on answering this long: the API server sends reviews until its "
