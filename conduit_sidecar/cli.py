@@ -169,8 +169,24 @@ def _aware(when: dt.datetime) -> dt.datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
+# The key-file field -> the `keys new` flag that sets it, to name in an error.
+_KEY_FLAGS = {
+    "id": "--id",
+    "allowed_models": "--model",
+    "allowed_providers": "--provider",
+    "max_connections": "--max-connections",
+    "expires_at": "--expires",
+    "public_agents": "--public-agent",
+}
+
+
 def _keys_new(args) -> int:
     key = new_key()
+    try:
+        expires = _aware(dt.datetime.fromisoformat(args.expires)) if args.expires else None
+    except ValueError as exc:
+        print(f"conduit-sidecar: --expires: {exc}", file=sys.stderr)
+        return 1
     try:
         entry = KeyEntry(
             id=args.id,
@@ -178,12 +194,13 @@ def _keys_new(args) -> int:
             allowed_models=args.model or None,
             allowed_providers=args.provider or None,
             max_connections=args.max_connections,
-            expires_at=_aware(dt.datetime.fromisoformat(args.expires)) if args.expires else None,
+            expires_at=expires,
             public_agents=args.public_agent or [],
         )
         entry = msgspec.convert(msgspec.to_builtins(entry), KeyEntry)  # validate
-    except (ValueError, msgspec.ValidationError) as exc:
-        print(f"conduit-sidecar: {exc}", file=sys.stderr)
+    except msgspec.ValidationError as exc:
+        field = str(exc).rpartition("`$.")[2].partition("`")[0].partition("[")[0]
+        print(f"conduit-sidecar: {_KEY_FLAGS.get(field, 'keys new')}: {exc}", file=sys.stderr)
         return 1
     print(f"key: {key}")
     print("Shown once; give it to the app. Add this entry to the key file:")

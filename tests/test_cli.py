@@ -129,6 +129,15 @@ def test_a_key_file_holding_an_escaped_plaintext_key_is_refused_without_it(tmp_p
     assert "pastedKEY" not in r.stdout + r.stderr
 
 
+def test_keys_new_names_the_flag_of_a_bad_value():
+    r = cli("keys", "new", "--id", "a", "--expires", "tomorrow")
+    assert r.returncode == 1 and r.stderr.startswith("conduit-sidecar: --expires: "), r.stderr
+    r = cli("keys", "new", "--id", "a", "--max-connections", "0")
+    assert r.returncode == 1 and r.stderr.startswith("conduit-sidecar: --max-connections: "), r.stderr
+    r = cli("keys", "new", "--id", "a b")
+    assert r.returncode == 1 and r.stderr.startswith("conduit-sidecar: --id: "), r.stderr
+
+
 def test_keys_new_expires_without_a_zone_is_utc(tmp_path):
     """The entry it prints must load: the key file refuses a time without a zone."""
     r = cli("keys", "new", "--id", "a", "--expires", "2027-01-01")
