@@ -255,7 +255,7 @@ def _providers(args) -> int:
     except ConfigError as exc:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # urllib's errors are OSErrors
+    except (OSError, ValueError) as exc:  # urllib's errors are OSErrors; ValueError: no URL
         print(f"conduit-sidecar: cannot read {args.admin}/metrics: {exc}", file=sys.stderr)
         return 1
     for name in sorted(router.routes):

@@ -129,6 +129,14 @@ def test_a_key_file_holding_an_escaped_plaintext_key_is_refused_without_it(tmp_p
     assert "pastedKEY" not in r.stdout + r.stderr
 
 
+def test_providers_admin_that_is_no_url_is_named_not_a_traceback(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text("")
+    r = cli("providers", "--config", str(conf), "--admin", "localhost")   # no scheme, no port
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("conduit-sidecar: cannot read localhost/metrics: ")
+
+
 def test_keys_new_names_the_flag_of_a_bad_value():
     r = cli("keys", "new", "--id", "a", "--expires", "tomorrow")
     assert r.returncode == 1 and r.stderr.startswith("conduit-sidecar: --expires: "), r.stderr
