@@ -73,7 +73,7 @@ class KeyEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_def
     id: KeyId
     sha256: Sha256
     enabled: bool = True
-    expires_at: dt.datetime | None = None
+    expires_at: Annotated[dt.datetime, msgspec.Meta(tz=True)] | None = None  # with its zone (Z)
     allowed_models: list[str] | None = None  # None: any model
     allowed_providers: list[str] | None = None  # None: any provider
     max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -194,8 +194,6 @@ def load_keys(path: str) -> KeySet:
             raise ConfigError(f"{path}: duplicate key id {entry.id!r} - at `$.keys[{i}].id`")
         if entry.sha256 in seen_hashes:
             raise ConfigError(f"{path}: duplicate sha256 - at `$.keys[{i}].sha256`")
-        if entry.expires_at is not None and entry.expires_at.tzinfo is None:
-            raise ConfigError(f"{path}: expires_at needs a time zone (e.g. Z) - at `$.keys[{i}].expires_at`")
         windows = [(b.metric, b.window) for b in entry.budgets]
         if len(set(windows)) != len(windows):
             raise ConfigError(

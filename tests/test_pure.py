@@ -580,6 +580,15 @@ def test_config_precedence_and_errors(tmp_path):
         config_module.load(str(path), environ={})
 
 
+
+def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
+    """The schema says it (msgspec's tz=True): a naive time is no instant."""
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '", "expires_at": "2027-01-01T00:00:00"}]}')
+    with pytest.raises(ConfigError) as exc:
+        load_keys(str(path))
+    assert str(exc.value) == f"{path}: Expected `datetime` with a timezone component - at `$.keys[0].expires_at`"
+
 def test_config_errors_name_the_variable_or_flag_that_set_the_value(tmp_path):
     """A bad value from the environment or a flag: the file does not hold it (it was
     named, and the user looked there in vain)."""
