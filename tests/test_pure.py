@@ -589,6 +589,39 @@ def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
         load_keys(str(path))
     assert str(exc.value) == f"{path}: Expected `datetime` with a timezone component - at `$.keys[0].expires_at`"
 
+
+def test_the_readme_shows_the_real_defaults():
+    """The README's config examples give each default as its value (except where a
+    comment says it is an example): they must be the Structs' defaults."""
+    import pathlib
+    import re
+    import tomllib
+
+    import msgspec
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    shown: dict = {}
+    for block in re.findall(r"```toml\n(.*?)```", readme, re.S):
+        for name, value in tomllib.loads(block).items():
+            if isinstance(value, dict) and name in shown:
+                shown[name] = {**shown[name], **value}
+            else:
+                shown.setdefault(name, value)
+    defaults = msgspec.to_builtins(config_module.Config())
+    examples = {"providers", "prices", "routes", "allowed_origins"}
+    for name, value in shown.items():
+        if name in examples:
+            continue
+        if name == "tls":
+            assert value["listen"] == config_module.TLS().listen
+        elif name == "state":  # an example of a Redis set-up: its other fields are defaults
+            for field in set(value) - {"backend", "url", "password_file"}:
+                assert value[field] == defaults["state"][field], field
+        elif isinstance(value, dict):
+            assert value == {k: defaults[name][k] for k in value}, name
+        else:
+            assert value == defaults[name], name
+
 def test_config_errors_name_the_variable_or_flag_that_set_the_value(tmp_path):
     """A bad value from the environment or a flag: the file does not hold it (it was
     named, and the user looked there in vain)."""
