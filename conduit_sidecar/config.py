@@ -162,7 +162,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     listen: str = f"127.0.0.1:{LISTEN_PORT}"
     admin_listen: str = f"127.0.0.1:{ADMIN_PORT}"
     keys_file: str = "/etc/conduit/keys/keys.json"
-    keys_poll_seconds: Positive = 2.0
+    # The key file, certificates, expiry and idle sessions: each poll rechecks every live
+    # session, so not more often than this.
+    keys_poll_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=_MAX_SECONDS)] = 2.0
     log_level: str = "info"
     allowed_origins: list[str] | None = None
     limits: Limits = Limits()
