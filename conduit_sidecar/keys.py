@@ -10,16 +10,14 @@ import datetime as dt
 import enum
 import hashlib
 import logging
-import os
 import secrets
-import stat
 from collections.abc import Callable
 from typing import Annotated, Literal
 
 import msgspec
 
 from .config import ConfigError
-from .watch import FileWatch, file_signature
+from .watch import FileWatch, file_signature, read_regular
 
 __all__ = [
     "KEY_PREFIX",
@@ -165,12 +163,7 @@ def load_keys(path: str) -> KeySet:
     """Read and validate a key file; raises ConfigError naming the problem."""
     signature = file_signature(path)  # before the read: a change during it is seen later
     try:
-        # Not blocking: a FIFO put there by mistake would hold the open (and the event
-        # loop of a running sidecar) until something writes to it.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(f"{path}: not a regular file")
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
+        data = read_regular(path, MAX_KEY_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if len(data) > MAX_KEY_FILE_BYTES:

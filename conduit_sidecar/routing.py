@@ -11,10 +11,12 @@ percent-encoded; any value with a control character is refused.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
 import ssl
+import stat
 import urllib.parse
 
 import msgspec
@@ -25,12 +27,13 @@ from ._relay import CloseCode
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
 from .providers import BUILTIN, TEMPLATES, Kept, takes, upstream_path
-from .watch import file_signature
+from .watch import file_signature, read_regular
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_SECRET_BYTES = 64 << 10  # a provider key is short; a log mounted by mistake is not read whole
 # A session's URL repeats: parse it once (the URI is shared and never changed; 256
 # kept, as URLs hold client-chosen models).
 _parse_uri = functools.lru_cache(maxsize=256)(parse_uri)
@@ -308,8 +311,10 @@ class Router:
                 os.stat(spec.secret_file)  # failed just now: again, for its reason
             cached = self._secrets.get(spec.secret_file)
             if cached is None or cached[0] != stamp:
-                with open(spec.secret_file, encoding="utf-8-sig") as f:  # a BOM (Notepad's) dropped
-                    cached = (stamp, f.read().strip())
+                data = read_regular(spec.secret_file, MAX_SECRET_BYTES)
+                if len(data) > MAX_SECRET_BYTES:
+                    raise OSError(errno.EFBIG, f"larger than {MAX_SECRET_BYTES >> 10} KiB")
+                cached = (stamp, data.decode("utf-8-sig").strip())  # a BOM (Notepad's) dropped
                 self._secrets[spec.secret_file] = cached
             return cached[1]
         except (OSError, UnicodeDecodeError) as exc:  # no file, or not text (a binary key file)
@@ -336,6 +341,8 @@ class Router:
             ctx.options |= ssl.OP_NO_RENEGOTIATION
             if ca_file:
                 try:
+                    if not stat.S_ISREG(os.stat(ca_file).st_mode):  # a FIFO would hold the loop
+                        raise OSError(errno.EINVAL, "not a regular file")
                     ctx.load_verify_locations(ca_file)
                 except OSError as exc:  # ssl.SSLError included: not PEM certificates
                     why = "no PEM certificates" if isinstance(exc, ssl.SSLError) else exc.strerror

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .config import TLS, ConfigError
-from .watch import FileWatch
+from .watch import FileWatch, read_regular
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -55,6 +56,7 @@ CA_OVERLAP_DAYS = 45
 LEAF_DAYS = 7
 LEAF_RENEW_DAYS = 2  # a leaf with fewer days left is re-issued
 _SKEW = dt.timedelta(minutes=5)
+MAX_PEM_BYTES = 1 << 20  # a Kubernetes Secret's limit
 
 
 def server_context() -> ssl.SSLContext:
@@ -381,8 +383,9 @@ def _copies(*paths: str) -> Iterator[list[str]]:
     with contextlib.ExitStack() as stack:
         copies = []
         for path in paths:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular(path, MAX_PEM_BYTES)  # a FIFO would hold the event loop
+            if len(data) > MAX_PEM_BYTES:
+                raise OSError(errno.EFBIG, f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB")
             copy = stack.enter_context(os.fdopen(os.memfd_create("conduit-tls"), "wb"))
             copy.write(data)
             copy.flush()

@@ -1,12 +1,26 @@
-"""Noticing that files changed: the key file, TLS certificate files, the webhook's
-certificate. Polled by their owners (no inotify: a Kubernetes Secret volume swaps a
+"""Files the user mounts, which change under a running sidecar: the key file, TLS
+certificate files, provider secrets, the webhook's certificate. Noticing that they
+changed is polled by their owners (no inotify: a Kubernetes Secret volume swaps a
 symlink, which inotify on the file itself never reports)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
-__all__ = ["FileWatch", "file_signature"]
+__all__ = ["FileWatch", "file_signature", "read_regular"]
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """The file's bytes, at most `limit` + 1 (the caller refuses more). OSError when
+    it is not a regular file: a FIFO put there by mistake would hold the open (and
+    the event loop of a running sidecar) until something writes to it, a device
+    such as /dev/zero the read. Opened without blocking, for the FIFO."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read(limit + 1)
 
 
 def file_signature(path: str):

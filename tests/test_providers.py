@@ -569,6 +569,44 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
     finally:
         proc.stop()
 
+
+def test_a_secret_or_ca_file_that_is_a_fifo_does_not_hold_the_sidecar(mock_provider):
+    """A FIFO where a provider's secret or CA file should be (mounted by mistake, or
+    a path mistyped to one): the first session's open waited for a writer on the
+    event loop, and the whole sidecar hung (sessions, /healthz, SIGTERM), as the
+    key file's reader already refused to."""
+    workdir = tempfile.mkdtemp(prefix="conduit-fifo-")
+    secret_fifo, ca_fifo = os.path.join(workdir, "secret"), os.path.join(workdir, "ca.pem")
+    os.mkfifo(secret_fifo)
+    os.mkfifo(ca_fifo)
+    keys = Keys()
+    keys.add("good")
+    url = f"ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+    providers = f"""
+        [providers.by_file]
+        url = "{url}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_file = "{secret_fifo}"
+        [providers.by_ca]
+        url = "{url.replace("ws:", "wss:")}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_env = "PROVIDER_KEY"
+        ca_file = "{ca_fifo}"
+        """
+    proc = SidecarProcess(workdir, providers, keys).start()
+    try:
+        async def body(provider):
+            async with connect(proc.url(provider=provider), additional_headers=proc.auth()) as ws:
+                return await first_close(ws)
+        assert run(body("by_file"), timeout=10) == (1011, "provider secret unavailable")
+        assert run(body("by_ca"), timeout=10) == (1011, "provider CA file unavailable")
+        errors = {line["provider"]: line.get("error") for line in proc.log_lines()
+                  if line.get("outcome") == "config"}
+        assert errors == {"by_file": f"secret_file {secret_fifo}: not a regular file",
+                          "by_ca": f"ca_file {ca_fifo}: not a regular file"}
+    finally:
+        proc.stop()
+
 def test_model_with_crlf_is_refused(override_sidecar):
     async def body():
         status, head, _, writer = await raw_upgrade(

@@ -519,7 +519,7 @@ def test_a_key_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     reader = threading.Thread(target=lambda: outcome.append(_raised(load_keys, str(fifo))), daemon=True)
     reader.start()
     reader.join(10)                     # a guard against the hang, not a timing measure
-    assert outcome == [f"{fifo}: not a regular file"]
+    assert outcome == [f"{fifo}: cannot read: not a regular file"]
 
 
 def _raised(call, *args) -> str | None:

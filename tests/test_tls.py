@@ -636,6 +636,36 @@ def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(
         sidecar.stop()
 
 
+
+def test_a_certificate_file_replaced_by_a_fifo_does_not_hold_the_sidecar(tmp_path, mock_provider):
+    """tls.crt replaced by a FIFO (a mistaken mount): the reload's open waited for a
+    writer on the event loop, and the whole sidecar hung. It is an invalid reload."""
+    ca = CA()
+    cafile = ca.write(tmp_path / "ca.pem")
+    os.makedirs(tmp_path / "a")
+    cert, key = ca.issue(str(tmp_path / "a"))
+    tls_port = held_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        cert_file = "{cert}"
+        key_file = "{key}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra).start()
+    try:
+        first = peer_cert_digest(tls_port, cafile)
+        os.remove(cert)
+        os.mkfifo(cert)
+        deadline = time.monotonic() + 5
+        while not any(line.get("event") == "tls_reload" for line in sidecar.log_lines()):
+            assert time.monotonic() < deadline, "no reload attempted"
+            time.sleep(0.1)
+        reload, = [line for line in sidecar.log_lines() if line.get("event") == "tls_reload"]
+        assert reload["result"] == "invalid" and "not a regular file" in reload["error"]
+        assert peer_cert_digest(tls_port, cafile) == first
+    finally:
+        sidecar.stop()
+
 def _served(context, cafile):
     """The digest of the certificate a handshake with `context` (a server's) presents,
     over memory BIOs; or OpenSSL's reason when the handshake fails."""
