@@ -26,7 +26,9 @@ def read_regular(path: str, limit: int) -> bytes:
 def file_signature(path: str):
     """What changes when the file is replaced: Kubernetes swaps the `..data`
     symlink to a new directory's files, `mv` puts another inode in place, an editor
-    writes in place (mtime, size). None when the file cannot be read. One `stat`,
+    writes in place (mtime, size), `chmod` or `chown` makes it readable again (ctime:
+    a file that failed to load for its permissions is read once they change). None
+    when the file cannot be read. One `stat`,
     which follows the symlinks: `os.path.realpath` (an `lstat` per path component,
     in Python) cost ten times as much, on every session for a provider's secret and
     CA files."""
@@ -34,7 +36,7 @@ def file_signature(path: str):
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
 
 class FileWatch:
