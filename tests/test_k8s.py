@@ -1155,6 +1155,15 @@ def test_inject_file_names_a_yaml_error_by_line_never_quoting_it(tmp_path, text)
     assert "sk-proj" not in run.stderr, run.stderr
 
 
+def test_inject_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
+    """A manifest that is not UTF-8 raised UnicodeDecodeError past the handler."""
+    bad = tmp_path / "pod.yaml"
+    bad.write_bytes(b"kind: Pod\n\xff\n")
+    run = inject_cli("-f", str(bad))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr == f"conduit-sidecar: {bad}: not UTF-8 text\n"
+
+
 def test_inject_file_json_and_errors(tmp_path):
     source = tmp_path / "pod.json"
     source.write_text(json.dumps(pod(annotations={"conduit.dev/native-sidecar": "false"})))

@@ -58,6 +58,9 @@ def _inject(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"conduit-sidecar: {args.filename}: {exc.strerror}", file=sys.stderr)
         return 1
+    except UnicodeDecodeError:
+        print(f"conduit-sidecar: {args.filename}: not UTF-8 text", file=sys.stderr)
+        return 1
     try:  # JSON is YAML too
         budget = [_EXPANDED_MAX]
         documents = [_expanded(d, budget) for d in yaml.load_all(text, Loader=_loader()) if d is not None]
