@@ -47,6 +47,8 @@ _MAX_INT = (1 << 63) - 1  # TOML's own integer range
 Positive = Annotated[float, msgspec.Meta(gt=0, le=_MAX_SECONDS)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0, le=_MAX_SECONDS)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
+# As browsers send an Origin: scheme://host[:port], no path (a trailing / never matched).
+WebOrigin = Annotated[str, msgspec.Meta(pattern=r"^(null|[^:/\s]+://[^/?#\s]+)$")]
 
 
 class ConfigError(Exception):
@@ -166,7 +168,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # session, so not more often than this.
     keys_poll_seconds: Annotated[float, msgspec.Meta(ge=0.1, le=_MAX_SECONDS)] = 2.0
     log_level: str = "info"
-    allowed_origins: list[str] | None = None
+    allowed_origins: list[WebOrigin] | None = None
     limits: Limits = Limits()
     audio: Audio = Audio()
     providers: dict[str, Provider] = {}

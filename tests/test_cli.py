@@ -95,6 +95,8 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     ("", {"CONDUIT_DRAIN_SECONDS": "inf"}, "at `$.limits.drain_seconds`"),
     # Polled without pause: a core spent on stat() and rechecking every live session.
     ("keys_poll_seconds = 1e-9\n", {}, "at `$.keys_poll_seconds`"),
+    # A browser's Origin has no path: with the slash no browser ever matched (403).
+    ('allowed_origins = ["https://app.example.com/"]\n', {}, "at `$.allowed_origins[0]`"),
     # Gemini names its model in its setup message: every session would get 4004.
     ('[providers.gemini]\nurl = "ws://h/g/{model}?key={secret}"\nsecret_env = "K"\n', {},
      "its url cannot use {model} - at `$.providers.gemini.url`"),
