@@ -71,9 +71,20 @@ def _check_config(args) -> int:
         url, headers = masked(router.routes[name].spec)
         models = ", ".join(router.routes[name].spec.models) or "-"
         print(f"provider      {name}: {url} headers={headers} models=[{models}]")
-    for warning in _unpriced(conf, router, keyset):
+    for warning in _unpriced(conf, router, keyset) + _unconfigured(router, keyset):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _unconfigured(router: Router, keyset: KeySet) -> list[str]:
+    """Providers a key allows that this config does not set up (a typo, or another
+    cluster's): that part of the key can never be used."""
+    return [
+        f"key {entry.id!r} allows provider {name!r}, which the config does not set up"
+        for entry in keyset.by_id.values()
+        for name in entry.allowed_providers or ()
+        if name not in router.configured
+    ]
 
 
 def _unpriced(conf, router: Router, keyset: KeySet) -> list[str]:

@@ -150,6 +150,23 @@ def test_keys_new_names_the_flag_of_a_bad_value():
     assert r.returncode == 1 and r.stderr.startswith("conduit-sidecar: --id: "), r.stderr
 
 
+def test_check_config_warns_about_a_key_allowed_only_unconfigured_providers(tmp_path):
+    """A typo in `allowed_providers` (or a provider not configured here) makes the key
+    useless (every session 4003 or 4004), and check-config said it was fine."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [
+        {"id": "typo", "sha256": "1" * 64, "allowed_providers": ["opneai"]},
+        {"id": "some", "sha256": "2" * 64, "allowed_providers": ["openai", "azure"]},
+        {"id": "fine", "sha256": "3" * 64, "allowed_providers": ["openai"]}]}))
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n[providers.openai]\nsecret_env = "X"\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "warning: key 'typo' allows provider 'opneai', which the config does not set up",
+        "warning: key 'some' allows provider 'azure', which the config does not set up"]
+
+
 def test_keys_new_expires_without_a_zone_is_utc(tmp_path):
     """The entry it prints must load: the key file refuses a time without a zone."""
     r = cli("keys", "new", "--id", "a", "--expires", "2027-01-01")
