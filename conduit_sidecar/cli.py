@@ -17,7 +17,7 @@ from .config import ConfigError
 from .keys import KEY_PREFIX, KeyEntry, KeySet, hash_key, load_keys, new_key
 from .policy import METRICS, WINDOWS, price_for, window_bounds
 from .providers import TEMPLATES
-from .routing import Router, masked
+from .routing import RouteError, Router, masked
 
 # --help's description: not __doc__, which -OO (the image's PYTHONOPTIMIZE=2) strips.
 _DESCRIPTION = "The `conduit-sidecar` command."
@@ -71,7 +71,9 @@ def _check_config(args) -> int:
         url, headers = masked(router.routes[name].spec)
         models = ", ".join(router.routes[name].spec.models) or "-"
         print(f"provider      {name}: {url} headers={headers} models=[{models}]")
-    for warning in _unpriced(conf, router, keyset) + _unconfigured(router, keyset):
+    for warning in (
+        _unreadable_secrets(router) + _unpriced(conf, router, keyset) + _unconfigured(router, keyset)
+    ):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
@@ -85,6 +87,33 @@ def _unconfigured(router: Router, keyset: KeySet) -> list[str]:
         for name in entry.allowed_providers or ()
         if name not in router.configured
     ]
+
+
+def _unreadable_secrets(router: Router) -> list[str]:
+    """Configured deployments whose secret cannot be read here: connects to them would
+    fail as a configuration fault (1011 where no other deployment serves the session).
+    A warning, not an error: the check may run where the Secret is not mounted. Names
+    where the secret comes from, never the secret."""
+    warnings = []
+    for name in router.configured:
+        route = router.routes[name]
+        for target in route.targets:
+            spec = target.spec
+            if not (spec.secret_file or spec.secret_env):
+                continue
+            try:
+                router.secret(spec)
+            except RouteError:
+                where = f"provider {name!r}"
+                if route.spec.deployments:
+                    where += f" deployment {target.label}"
+                problem = (
+                    f"secret_env {spec.secret_env} is not set"  # Router.secret reads it first
+                    if spec.secret_env
+                    else f"secret_file {spec.secret_file} cannot be read"
+                )
+                warnings.append(f"{where}: {problem}: its connects would fail (1011 if nothing else serves)")
+    return warnings
 
 
 def _unpriced(conf, router: Router, keyset: KeySet) -> list[str]:

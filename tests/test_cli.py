@@ -66,6 +66,29 @@ def test_check_config_names_file_field_and_problem(tmp_path):
     assert "Bearer ***" in r.stdout and "(1 keys)" in r.stdout
 
 
+def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
+    """A missing secret file or unset variable passed check-config silently; then every
+    session of that provider got 1011 "provider secret unavailable" (a provider with one
+    deployment). A warning (the check may run where the Secret is not mounted), naming
+    the source, not the secret."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
+    secret = tmp_path / "openai"
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n[providers.openai]\nsecret_file = "{secret}"\n'
+                    '[providers.local]\nurl = "ws://127.0.0.1:9/?m={model}"\n'
+                    'headers = { Authorization = "Bearer {secret}" }\nsecret_env = "CONDUIT_TEST_UNSET"\n')
+    env = {k: v for k, v in os.environ.items() if k != "CONDUIT_TEST_UNSET"}
+    r = cli("check-config", "--config", str(conf), env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: provider 'openai': secret_file {secret} cannot be read" in r.stderr
+    assert "warning: provider 'local': secret_env CONDUIT_TEST_UNSET is not set" in r.stderr
+    secret.write_text("sk-hunter2\n")
+    r = cli("check-config", "--config", str(conf), env={**env, "CONDUIT_TEST_UNSET": "hunter3"})
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert "hunter" not in r.stdout + r.stderr
+
+
 def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     conf = tmp_path / "c.toml"
     conf.write_text('listen = "nonsense"\n')
