@@ -298,27 +298,28 @@ def _providers(args) -> int:
     except (OSError, ValueError) as exc:  # urllib's errors are OSErrors; ValueError: no URL
         print(f"conduit-sidecar: cannot read {args.admin}/metrics: {exc}", file=sys.stderr)
         return 1
+    width = max(12, *map(len, router.routes))  # the longest name, deepgram_agent included
     for name in sorted(router.routes):
         route = router.routes[name]
         url, headers = masked(route.spec)
         state = "configured" if name in router.configured else "needs a secret"
         # Without a deployments list the provider is its one deployment: its health here.
         live = "" if route.spec.deployments else health.get((name, route.targets[0].label), "")
-        print(f"{name:12} {state:15} {url}" + (f" [{live}]" if live else ""))
+        print(f"{name:{width}} {state:15} {url}" + (f" [{live}]" if live else ""))
         for header, value in headers.items():
-            print(f"{'':12} {'':15} {header}: {value}")
+            print(f"{'':{width}} {'':15} {header}: {value}")
         if route.spec.deployments:
-            print(f"{'':12} {'':15} selection: {route.selection}")
+            print(f"{'':{width}} {'':15} selection: {route.selection}")
             for target in route.targets:
                 url, _ = masked(target.spec)
                 live = health.get((name, target.label), "")
                 print(
-                    f"{'':12} {'':15} deployment {target.label} weight {target.weight} "
+                    f"{'':{width}} {'':15} deployment {target.label} weight {target.weight} "
                     f"{url.replace('{resource}', target.spec.resource or '{resource}')}"
                     + (f" [{live}]" if live else "")
                 )
     for pattern, names in router.model_routes.items():
-        print(f"route        {pattern} -> {', '.join(names)}")
+        print(f"{'route':{width}} {pattern} -> {', '.join(names)}")
     return 0
 
 

@@ -89,6 +89,16 @@ def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
     assert "hunter" not in r.stdout + r.stderr
 
 
+def test_providers_lists_in_aligned_columns():
+    """deepgram_agent, longer than the name column, pushed its own line's columns right."""
+    r = cli("providers", env={k: v for k, v in os.environ.items() if k != "CONDUIT_CONFIG"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("deepgram_agent ") for line in lines)
+    assert len({line.index("wss://") for line in lines if "wss://" in line}) == 1, r.stdout
+    assert len({len(line) - len(line.lstrip()) for line in lines if line[:1] == " "}) == 1, r.stdout
+
+
 def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     conf = tmp_path / "c.toml"
     conf.write_text('listen = "nonsense"\n')
