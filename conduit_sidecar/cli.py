@@ -242,9 +242,17 @@ def _keys_new(args) -> int:
         field = str(exc).rpartition("`$.")[2].partition("`")[0].partition("[")[0]
         print(f"conduit-sidecar: {_KEY_FLAGS.get(field, 'keys new')}: {exc}", file=sys.stderr)
         return 1
+    line = msgspec.json.encode(entry).decode()
+    if KEY_PREFIX in line:  # load_keys would refuse the file as holding a plaintext key
+        print(
+            f"conduit-sidecar: an id, model or agent holds {KEY_PREFIX!r}, a virtual key's prefix, "
+            "which a key file refuses: pick another",
+            file=sys.stderr,
+        )
+        return 1
     print(f"key: {key}")
     print("Shown once; give it to the app. Add this entry to the key file:")
-    print(msgspec.json.encode(entry).decode())
+    print(line)
     return 0
 
 

@@ -33,6 +33,16 @@ def test_keys_new_prints_a_key_once_and_its_hash_entry():
     assert json.loads(public.stdout.splitlines()[-1])["public_agents"] == ["agent_a", "agent_b"]
 
 
+@pytest.mark.parametrize("field", ["--id", "--model", "--public-agent"])
+def test_keys_new_refuses_an_entry_the_key_file_would_refuse(field):
+    """`keys new --id condt_...` printed an entry holding a virtual key's prefix, which
+    the key file then refused as a plaintext key; it is refused here, unquoted."""
+    args = ["--id", "a"] if field != "--id" else []
+    r = cli("keys", "new", *args, field, "condt_pastedKEYpastedKEY")
+    assert r.returncode == 1 and "condt_" in r.stderr and r.stdout == "", r.stdout + r.stderr
+    assert "pastedKEY" not in r.stderr
+
+
 def test_check_config_names_file_field_and_problem(tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '"}]}')
