@@ -203,7 +203,7 @@ def test_check_config_warns_about_a_key_allowed_only_unconfigured_providers(tmp_
         {"id": "fine", "sha256": "3" * 64, "allowed_providers": ["openai"]}]}))
     conf = tmp_path / "c.toml"
     conf.write_text(f'keys_file = "{keys}"\n[providers.openai]\nsecret_env = "X"\n')
-    r = cli("check-config", "--config", str(conf))
+    r = cli("check-config", "--config", str(conf), env={**os.environ, "X": "sk-set"})  # no secret warning
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == [
         "warning: key 'typo' allows provider 'opneai', which the config does not set up",
