@@ -47,8 +47,11 @@ _MAX_INT = (1 << 63) - 1  # TOML's own integer range
 Positive = Annotated[float, msgspec.Meta(gt=0, le=_MAX_SECONDS)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0, le=_MAX_SECONDS)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
-# As browsers send an Origin: scheme://host[:port], no path (a trailing / never matched).
-WebOrigin = Annotated[str, msgspec.Meta(pattern=r"^(null|[^:/\s]+://[^/?#\s]+)$")]
+# As browsers send an Origin: scheme://host[:port], no path (a trailing / never matched),
+# in lower case, without the scheme's default port (the match is exact: neither would).
+WebOrigin = Annotated[
+    str, msgspec.Meta(pattern=r"^(null|(?!http://.*:80$|https://.*:443$)[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+)$")
+]
 
 
 class ConfigError(Exception):

@@ -140,6 +140,10 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     ("keys_poll_seconds = 1e-9\n", {}, "at `$.keys_poll_seconds`"),
     # A browser's Origin has no path: with the slash no browser ever matched (403).
     ('allowed_origins = ["https://app.example.com/"]\n', {}, "at `$.allowed_origins[0]`"),
+    # Nor capitals, nor the scheme's default port: a browser's Origin has neither (403).
+    ('allowed_origins = ["HTTPS://App.example.com"]\n', {}, "at `$.allowed_origins[0]`"),
+    ('allowed_origins = ["http://[::1]:3000", "https://app.example.com:443"]\n', {},
+     "at `$.allowed_origins[1]`"),
     # Gemini names its model in its setup message: every session would get 4004.
     ('[providers.gemini]\nurl = "ws://h/g/{model}?key={secret}"\nsecret_env = "K"\n', {},
      "its url cannot use {model} - at `$.providers.gemini.url`"),

@@ -3,6 +3,7 @@ reader, key rechecks and the config loader. (Everything else is tested over
 loopback against real processes.)"""
 
 import datetime as dt
+import json
 import os
 
 import pytest
@@ -756,3 +757,13 @@ def test_no_failover_to_a_provider_whose_first_message_the_session_did_not_hold(
     # A held route keeps its fallbacks of the same kind and those of the user's.
     assert [f.name for f in r.fallbacks(r.routes["deepgram_agent"], "agent-x")] == ["mine"]
     assert [f.name for f in r.fallbacks(r.routes["gemini"], "gemini-x")] == ["mine"]
+
+
+def test_origins_as_browsers_send_them_are_taken(tmp_path):
+    """The check on allowed_origins refuses only entries no browser's Origin matches."""
+    origins = ["https://app.example.com", "http://localhost:5173", "http://[::1]:3000",
+               "http://app.example.com:443", "https://app.example.com:8443", "null",
+               "chrome-extension://abcdefghijklmnopabcdefghijklmnop"]
+    path = tmp_path / "c.toml"
+    path.write_text(f"allowed_origins = {json.dumps(origins)}\n")
+    assert config_module.load(str(path), environ={}).allowed_origins == origins
