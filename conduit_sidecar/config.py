@@ -265,6 +265,7 @@ def load(
             raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    held = set(raw)  # the file's own top-level fields and tables
     set_by: dict[str, str] = {}  # a field's path -> the variable or flag that set it
     for var, (section, field, conv) in _ENV.items():
         if var in environ:
@@ -282,9 +283,13 @@ def load(
             set_by[f"$.{field}"] = "--" + field.replace("_", "-")
 
     def error(message: str) -> ConfigError:
-        """Named by what set the value: a variable or flag, else the file."""
+        """Named by what set the value: a variable or flag, else the file; a table the
+        file does not hold ([tls] from $CONDUIT_TLS_*) by the variables that made it."""
         at = message.rpartition(" - at `")[2].rstrip("`")
-        return ConfigError(f"{set_by.get(at, where)}: {message}")
+        by = set_by.get(at)
+        if by is None and at[2:] not in held:
+            by = ", ".join(v for path, v in set_by.items() if path.startswith(at + ".")) or None
+        return ConfigError(f"{by or where}: {message}")
 
     try:
         config = msgspec.convert(raw, Config)

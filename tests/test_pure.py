@@ -656,6 +656,24 @@ def test_config_errors_name_the_variable_or_flag_that_set_the_value(tmp_path):
         config_module.load(str(path), environ={"CONDUIT_DRAIN_SECONDS": "3"})
 
 
+def test_a_table_only_variables_made_is_named_by_them(tmp_path):
+    """The file holds no [tls]; `CONDUIT_TLS_SELF_SIGNED=0` (taken for "TLS off") or a
+    certificate without its key made one, refused as a whole (`$.tls`): the error named
+    the file, where the user looked for a [tls] in vain."""
+    path = tmp_path / "c.toml"
+    path.write_text('listen = "127.0.0.1:1"\n')
+    with pytest.raises(ConfigError) as exc:
+        config_module.load(str(path), environ={"CONDUIT_TLS_SELF_SIGNED": "0"})
+    assert str(exc.value).startswith("$CONDUIT_TLS_SELF_SIGNED: [tls] needs either cert_file")
+    with pytest.raises(ConfigError) as exc:
+        config_module.load(str(path), environ={"CONDUIT_TLS_CERT_FILE": "/c.pem",
+                                               "CONDUIT_TLS_LISTEN": "127.0.0.1:2"})
+    assert str(exc.value).startswith("$CONDUIT_TLS_LISTEN, $CONDUIT_TLS_CERT_FILE: [tls] needs")
+    path.write_text('[tls]\ncert_file = "/c.pem"\n')  # the file's [tls]: the file
+    with pytest.raises(ConfigError, match=f"^{path}: \\[tls\\] needs"):
+        config_module.load(str(path), environ={"CONDUIT_TLS_LISTEN": "127.0.0.1:2"})
+
+
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("YES", True), ("on", True),
                                        ("0", False), ("false", False), ("no", False), ("Off", False)])
 def test_boolean_variables_read_on_and_off(value, on):
