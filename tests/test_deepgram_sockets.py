@@ -82,6 +82,22 @@ def test_flux_reconfigured_through_the_python_sdk(sidecar):
     assert got[-1].type == "TurnInfo" and got[-1].event == "EndOfTurn"
 
 
+def test_flux_thresholds_reconfigured_one_at_a_time_all_hold(sidecar):
+    """Flux updates each threshold a Configure supplies and keeps the others: two
+    Configures of one threshold each leave both in effect. The mock took the second's
+    thresholds for the whole set, its ConfigureSuccess naming the first's gone."""
+    from deepgram.listen.v2.types import ListenV2Configure, ListenV2ConfigureThresholds
+    client = _deepgram_client(sidecar, sidecar.keys.plain["voice"])
+
+    got = run(_stream_a_second(
+        lambda: client.listen.v2.connect(model="flux-general-en", encoding="linear16", sample_rate="16000"),
+        ListenV2Configure(thresholds=ListenV2ConfigureThresholds(eot_threshold=0.8)),
+        ListenV2Configure(thresholds=ListenV2ConfigureThresholds(eager_eot_threshold=0.5))))
+    done = [m for m in got if m.type == "ConfigureSuccess"]
+    assert len(done) == 2, got
+    assert (done[1].thresholds.eot_threshold, done[1].thresholds.eager_eot_threshold) == (0.8, 0.5)
+
+
 async def _speak_until_flushed(connecting, speak) -> list:
     """On the deepgram-sdk speak connection `connecting()` opens: `speak(conn)`, Flush,
     and Close once Flushed comes; every message received."""

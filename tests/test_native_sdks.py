@@ -131,16 +131,16 @@ def _deepgram_client(sidecar, key: str):
     return AsyncDeepgramClient(api_key=key, environment=env)
 
 
-async def _stream_a_second(connecting, configure=None) -> list:
+async def _stream_a_second(connecting, *configures) -> list:
     """One second of 16 kHz PCM16 in 20 ms frames on the deepgram-sdk listen connection
-    `connecting()` opens (after the Configure message `configure`, if given), then
+    `connecting()` opens (after the Configure messages `configures`, if any), then
     CloseStream: the messages it got."""
     from deepgram.core.events import EventType
     got: list = []
     async with connecting() as conn:
         conn.on(EventType.MESSAGE, got.append)
         listener = asyncio.create_task(conn.start_listening())
-        if configure is not None:
+        for configure in configures:
             await conn.send_configure(configure)
         for _ in range(50):
             await conn.send_media(bytes(640))

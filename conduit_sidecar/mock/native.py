@@ -12,8 +12,9 @@
   `keyterms` it gave); `CloseStream` -> `Metadata` with the `duration` received, then
   close 1000. Flux (`/v2/listen`): `Connected`; binary audio -> `TurnInfo` every half
   second of audio (`StartOfTurn`, then `Update`); `Configure` -> `ConfigureSuccess`
-  naming the `thresholds` and `keyterms` in effect (the last ones a Configure gave:
-  the mock's turns do not change); `CloseStream` -> `TurnInfo` `EndOfTurn`, then
+  naming the `thresholds` and `keyterms` in effect (each threshold and the keyterms as
+  the last Configure giving them set them: the mock's turns do not change);
+  `CloseStream` -> `TurnInfo` `EndOfTurn`, then
   close 1000. Speak (`/v1/speak`): `Metadata` (no duration); `Speak` text is held
   until `Flush` -> binary audio (50 ms of the URL's format per character), then
   `Flushed`; `Clear` -> `Cleared`; `Close` -> the held text's audio, then close
@@ -227,7 +228,8 @@ async def _flux(ws: ServerConnection) -> None:
     received = reported = 0
     connected = {"type": "Connected", "request_id": request_id, "sequence_id": next(sequence)}
     await ws.send(_encode(connected).decode())
-    settings: dict = {"thresholds": {}, "keyterms": []}  # as the last Configure giving each set it
+    thresholds: dict = {}  # each as the last Configure giving it set it
+    keyterms: list = []  # as the last Configure giving them set them
 
     def turn(event: str) -> str:
         fields = {
@@ -251,9 +253,11 @@ async def _flux(ws: ServerConnection) -> None:
                 await ws.send(turn("Update" if reported else "StartOfTurn"))
                 reported = received
         elif (sent := _json.decode(message)).get("type") == "Configure":
-            settings.update({k: sent[k] for k in settings if sent.get(k) is not None})
+            thresholds.update(sent.get("thresholds") or {})
+            if sent.get("keyterms") is not None:
+                keyterms = sent["keyterms"]
             success = {"type": "ConfigureSuccess", "request_id": request_id, "sequence_id": next(sequence)}
-            await ws.send(_encode({**success, **settings}).decode())
+            await ws.send(_encode({**success, "thresholds": thresholds, "keyterms": keyterms}).decode())
         elif sent.get("type") == "CloseStream":
             await ws.send(turn("EndOfTurn"))
             await ws.close(1000)
