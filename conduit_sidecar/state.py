@@ -210,7 +210,7 @@ class RedisStore:
         password = None
         if state.password_file:
             try:
-                with open(state.password_file, encoding="utf-8") as f:
+                with open(state.password_file, encoding="utf-8-sig") as f:  # a BOM (Notepad's) dropped
                     password = f.read().strip()
             except OSError as exc:
                 raise ConfigError(f"{state.password_file}: cannot read: {exc.strerror}") from None

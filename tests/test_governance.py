@@ -1204,3 +1204,29 @@ def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_furthe
     assert '"state_unavailable"' in output and usage_code == 1 and "unavailable" in usage_text, usage_text
     assert '"internal_error"' not in output and "Traceback" not in usage_text
     assert password not in output and password not in usage_text, usage_text
+
+
+def test_a_redis_password_file_saved_with_a_byte_order_mark_is_read_without_it(sidecars, tmp_path):
+    """A `[state] password_file` saved by Notepad starts with a UTF-8 byte-order mark,
+    as a provider's `secret_file` may (whose mark is dropped). The mark was sent as part
+    of the password: every AUTH refused, the store down for good."""
+    server = RedisServer().start()
+    password = "redis-password-" + "b" * 12
+    try:
+        assert server.command("CONFIG", "SET", "requirepass", password) == "+OK"
+        secret = tmp_path / "redis-password"
+        secret.write_text(password + "\n", encoding="utf-8-sig")
+        keys = Keys()
+        keys.add("rated", sessions_per_minute=1000)
+        proc, = sidecars(keys, None, n=1, extra=(
+            f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{server.port}/0"\n'
+            f'key_prefix = "t:"\npassword_file = "{secret}"\n'))
+
+        async def scenario():
+            result = await attempt(proc, "rated")
+            assert result[0] == "open", result
+            await result[1].close()
+        run(scenario())
+        assert metric(proc, 'conduit_state_operations_total{op="admit",result="ok"}') == 1
+    finally:
+        server.stop()
