@@ -299,9 +299,7 @@ class Router:
             value = self.environ.get(spec.secret_env)
             if value is None:
                 raise RouteError(
-                    CloseCode.INTERNAL_ERROR,
-                    "provider secret unavailable",
-                    f"secret_env {spec.secret_env} is not set",
+                    CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)} is not set"
                 )
             return value.strip()
         assert spec.secret_file is not None  # _check: a {secret} template has a source
@@ -320,9 +318,7 @@ class Router:
         except (OSError, UnicodeDecodeError) as exc:  # no file, or not text (a binary key file)
             why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise RouteError(
-                CloseCode.INTERNAL_ERROR,
-                "provider secret unavailable",
-                f"secret_file {spec.secret_file}: {why}",
+                CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
             ) from None
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
@@ -389,11 +385,16 @@ class Router:
                 raise RouteError(
                     CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
                     f"control character in {field}",
+                    f"{_source(spec)}: a control character" if field == "secret" else None,
                 )
             if field == "secret" and not value.isascii():
                 # Headers go out in ISO-8859-1 (a typographic quote pasted with the key
                 # cannot), and no provider's key has such a character.
-                raise RouteError(CloseCode.INTERNAL_ERROR, "a character outside ASCII in secret")
+                raise RouteError(
+                    CloseCode.INTERNAL_ERROR,
+                    "a character outside ASCII in secret",
+                    f"{_source(spec)}: a character outside ASCII",
+                )
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.
                 raise RouteError(
@@ -443,3 +444,9 @@ def masked(spec: Provider) -> tuple[str, dict[str, str]]:
     """URL and header templates with the secret placeholder shown as `***`."""
     hide = lambda s: s.replace("{secret}", "***")  # noqa: E731
     return hide(spec.url), {h: hide(v) for h, v in (spec.headers or {}).items()}
+
+
+def _source(spec: Provider) -> str:
+    """Where a provider's secret is read, for a log line: the variable's name or the
+    file's path (never the value)."""
+    return f"secret_env {spec.secret_env}" if spec.secret_env else f"secret_file {spec.secret_file}"

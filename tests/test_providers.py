@@ -535,6 +535,9 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
     not_pem = os.path.join(workdir, "ca.pem")
     with open(not_pem, "w") as f:
         f.write("not a certificate\n")
+    quoted = os.path.join(workdir, "quoted-secret")
+    with open(quoted, "w", encoding="utf-8") as f:
+        f.write("sk-\u2019pasted")
     keys = Keys()
     keys.add("good")
     url = f"ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
@@ -547,6 +550,10 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
         url = "{url}"
         headers = {{ Authorization = "Bearer {{secret}}" }}
         secret_env = "CONDUIT_TEST_UNSET_SECRET"
+        [providers.by_quoted]
+        url = "{url}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_file = "{quoted}"
         [providers.by_ca]
         url = "{url.replace("ws:", "wss:")}"
         headers = {{ Authorization = "Bearer {{secret}}" }}
@@ -561,10 +568,12 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
         for provider in ("by_file", "by_env"):
             assert run(body(provider)) == (1011, "provider secret unavailable")
         assert run(body("by_ca")) == (1011, "provider CA file unavailable")
+        assert run(body("by_quoted"))[0] == 1011
         errors = {line["provider"]: line.get("error") for line in proc.log_lines()
                   if line.get("outcome") == "config"}
         assert errors == {"by_file": f"secret_file {missing}: No such file or directory",
                           "by_env": "secret_env CONDUIT_TEST_UNSET_SECRET is not set",
+                          "by_quoted": f"secret_file {quoted}: a character outside ASCII",
                           "by_ca": f"ca_file {not_pem}: no PEM certificates"}
     finally:
         proc.stop()
