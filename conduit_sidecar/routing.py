@@ -392,7 +392,7 @@ class Router:
                 # cannot), and no provider's key has such a character.
                 raise RouteError(
                     CloseCode.INTERNAL_ERROR,
-                    "a character outside ASCII in secret",
+                    "provider secret unavailable",
                     f"{_source(spec)}: a character outside ASCII",
                 )
             if value in (".", ".."):

@@ -568,7 +568,7 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
         for provider in ("by_file", "by_env"):
             assert run(body(provider)) == (1011, "provider secret unavailable")
         assert run(body("by_ca")) == (1011, "provider CA file unavailable")
-        assert run(body("by_quoted"))[0] == 1011
+        assert run(body("by_quoted")) == (1011, "provider secret unavailable")
         errors = {line["provider"]: line.get("error") for line in proc.log_lines()
                   if line.get("outcome") == "config"}
         assert errors == {"by_file": f"secret_file {missing}: No such file or directory",
