@@ -103,16 +103,13 @@ def _unreadable_secrets(router: Router) -> list[str]:
                 continue
             try:
                 router.secret(spec)
-            except RouteError:
+            except RouteError as exc:  # its detail: where the secret is read, and why not
                 where = f"provider {name!r}"
                 if route.spec.deployments:
                     where += f" deployment {target.label}"
-                problem = (
-                    f"secret_env {spec.secret_env} is not set"  # Router.secret reads it first
-                    if spec.secret_env
-                    else f"secret_file {spec.secret_file} cannot be read"
+                warnings.append(
+                    f"{where}: {exc.detail}: its connects would fail (1011 if nothing else serves)"
                 )
-                warnings.append(f"{where}: {problem}: its connects would fail (1011 if nothing else serves)")
     return warnings
 
 

@@ -295,6 +295,20 @@ class Router:
         ]
 
     def secret(self, spec: Provider) -> str:
+        """The provider's secret; RouteError (its `detail` says where and why) when it
+        cannot be read, or no header could carry it: headers go out in ISO-8859-1 (a
+        typographic quote pasted with the key cannot), and no provider's key has a
+        character outside ASCII."""
+        value = self._read_secret(spec)
+        if not value.isascii():
+            raise RouteError(
+                CloseCode.INTERNAL_ERROR,
+                "provider secret unavailable",
+                f"{_source(spec)}: a character outside ASCII",
+            )
+        return value
+
+    def _read_secret(self, spec: Provider) -> str:
         if spec.secret_env:
             value = self.environ.get(spec.secret_env)
             if value is None:
@@ -386,14 +400,6 @@ class Router:
                     CloseCode.NO_ROUTE if field == "model" else CloseCode.INTERNAL_ERROR,
                     f"control character in {field}",
                     f"{_source(spec)}: a control character" if field == "secret" else None,
-                )
-            if field == "secret" and not value.isascii():
-                # Headers go out in ISO-8859-1 (a typographic quote pasted with the key
-                # cannot), and no provider's key has such a character.
-                raise RouteError(
-                    CloseCode.INTERNAL_ERROR,
-                    "provider secret unavailable",
-                    f"{_source(spec)}: a character outside ASCII",
                 )
             if value in (".", ".."):
                 # Percent-encoding leaves dots alone: `{model}` = ".." would climb the path.

@@ -91,8 +91,14 @@ def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CONDUIT_TEST_UNSET"}
     r = cli("check-config", "--config", str(conf), env=env)
     assert r.returncode == 0, r.stderr
-    assert f"warning: provider 'openai': secret_file {secret} cannot be read" in r.stderr
+    assert f"warning: provider 'openai': secret_file {secret}: No such file or directory" in r.stderr
     assert "warning: provider 'local': secret_env CONDUIT_TEST_UNSET is not set" in r.stderr
+    # Read, but no header can carry it (a typographic quote pasted with the key): every
+    # connect fails as a configuration fault, as for a missing one; check-config said nothing.
+    secret.write_text("sk-hunter2\u2019\n", encoding="utf-8")
+    r = cli("check-config", "--config", str(conf), env={**env, "CONDUIT_TEST_UNSET": "hunter3"})
+    assert f"warning: provider 'openai': secret_file {secret}: a character outside ASCII" in r.stderr
+    assert "hunter" not in r.stdout + r.stderr
     secret.write_text("sk-hunter2\n")
     r = cli("check-config", "--config", str(conf), env={**env, "CONDUIT_TEST_UNSET": "hunter3"})
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
