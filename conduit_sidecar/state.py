@@ -46,10 +46,6 @@ class StoreError(Exception):
     """The shared store could not be reached or answered an error."""
 
 
-def _empty() -> Totals:
-    return {w: dict.fromkeys(METRICS, 0.0) for w in WINDOWS}
-
-
 class LocalStore:
     """This process only: what `backend = "local"` uses, and the fallback when Redis
     is unavailable. Leases are not kept here: the sidecar's own live count is exact."""
