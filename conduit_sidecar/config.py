@@ -49,8 +49,10 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0, le=_MAX_SECONDS)]
 Count = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
 # As browsers send an Origin: scheme://host[:port], no path (a trailing / never matched),
 # in lower case, without the scheme's default port (the match is exact: neither would).
+# \Z, not $: $ also matches before a final newline.
 WebOrigin = Annotated[
-    str, msgspec.Meta(pattern=r"^(null|(?!http://.*:80$|https://.*:443$)[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+)$")
+    str,
+    msgspec.Meta(pattern=r"^(null|(?!http://.*:80\Z|https://.*:443\Z)[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+)\Z"),
 ]
 
 

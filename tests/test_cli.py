@@ -150,6 +150,7 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     ('allowed_origins = ["HTTPS://App.example.com"]\n', {}, "at `$.allowed_origins[0]`"),
     ('allowed_origins = ["http://[::1]:3000", "https://app.example.com:443"]\n', {},
      "at `$.allowed_origins[1]`"),
+    ('allowed_origins = ["https://app.example.com\\n"]\n', {}, "at `$.allowed_origins[0]`"),  # a "\n" escape
     # Gemini names its model in its setup message: every session would get 4004.
     ('[providers.gemini]\nurl = "ws://h/g/{model}?key={secret}"\nsecret_env = "K"\n', {},
      "its url cannot use {model} - at `$.providers.gemini.url`"),
