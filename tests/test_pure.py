@@ -5,6 +5,7 @@ loopback against real processes.)"""
 import datetime as dt
 import json
 import os
+import re
 
 import pytest
 from websockets.datastructures import Headers
@@ -603,6 +604,19 @@ def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_keys(str(path))
     assert str(exc.value) == f"{path}: Expected `datetime` with a timezone component - at `$.keys[0].expires_at`"
+
+
+@pytest.mark.parametrize("entry, at", [
+    ({"id": "team\n", "sha256": "0" * 64}, "id"),      # logged and labelled with it
+    ({"id": "team", "sha256": "0" * 64 + "\n"}, "sha256"),  # matched no key, ever
+    ({"id": "team", "sha256": "0" * 64, "public_agents": ["agent_a\n"]}, "public_agents[0]"),
+])
+def test_a_key_id_or_hash_ending_in_a_newline_is_refused(tmp_path, entry, at):
+    """The patterns ended in $, which also matches before a final newline."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [entry]}))
+    with pytest.raises(ConfigError, match=re.escape(f"at `$.keys[0].{at}`")):
+        load_keys(str(path))
 
 
 def test_the_readme_shows_the_real_defaults():
