@@ -1281,6 +1281,17 @@ cdef class Relay:
         cdef bytes upstream_records = self.upstream.attach(self, upstream_transport, self.u2c,
                                                            self.c2u, upstream_tls,
                                                            upstream_kernel_tx)
+        cdef Leg leg
+        for leg in (self.client, self.upstream):
+            if leg.transport.get_write_buffer_size():
+                # Bytes written before the handover (a greeting the client has not read)
+                # may have paused the transport's protocol then: the handshake's, not
+                # this leg, which would never hear of it, and the other leg's bytes would
+                # go into the buffer unread. Paused from here, the transport tells this
+                # leg when it drains (high=0: pause_writing unless paused already).
+                leg.transport.set_write_buffer_limits(high=0)
+                leg.pause_writing()
+                leg.transport.set_write_buffer_limits(high=65536)
         if upstream_early:
             self.u2c.feed(<uint8_t*>PyBytes_AS_STRING(upstream_early), len(upstream_early))
         if upstream_records and not self.done and not self.u2c.verdict_code:

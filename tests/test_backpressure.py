@@ -3,11 +3,14 @@ stops reading the fast side (its write high-water mark is 64 KiB, plus one 256 K
 read), so its memory stays flat, and the stream resumes intact when reading resumes."""
 
 import asyncio
+import json
 import os
 import socket
+import ssl
 
 import pytest
-from conftest import raw_upstream_sidecar, run, switching_protocols
+from conftest import (SidecarProcess, held_port, raw_upstream_sidecar, run, standard_keys,
+                      switching_protocols)
 
 TOTAL = int(os.environ.get("CONDUIT_BACKPRESSURE_BYTES", 1 << 30))
 PAYLOAD = 65536
@@ -172,4 +175,79 @@ def test_provider_stops_reading_while_the_client_streams(relay):
     base, peak, received = run(body(), timeout=300)
     print(f"sidecar RSS while stalled: {base} -> {peak} KiB ({received} frames of 64 KiB intact)")
     assert received == FRAMES
+    assert peak - base < RSS_BOUND_KIB, (base, peak)
+
+
+# Deepgram's agent: the provider's first message (its Welcome) goes to the client before
+# the relay starts; here one larger than the kernel takes for a client with a small window.
+GREETING = b'{"type":"Welcome","pad":"' + b"x" * (6 << 20) + b'"}'
+GREETED_FRAMES = 1024      # 64 MiB after it
+SETTINGS = json.dumps({
+    "type": "Settings", "audio": {"input": {"encoding": "linear16", "sample_rate": 16000}},
+    "agent": {"listen": {"provider": {"type": "deepgram", "model": "nova-3"}},
+              "think": {"provider": {"type": "open_ai", "model": "gpt-4o-mini"}},
+              "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}}}}).encode()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_a_greeting_the_client_has_not_read_still_holds_the_provider_back(tmp_path, tls):
+    """The greeting was still in the client's transport when the relay took it over:
+    the transport had paused its handshake protocol, not the relay's leg, so the leg
+    never heard that its buffer was full and the provider's stream went into it unread
+    (2 GB in 6 s). The relay now starts with the provider's reads paused until that
+    buffer drains."""
+    port, tls_port = held_port(), held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path), f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{port}/v1/agent/converse"\n'
+        'secret_env = "PROVIDER_KEY"\n', standard_keys(),
+        limits="max_message_bytes = 8388608\nfirst_message_bytes = 8388608",
+        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
+              f'ca_out = "{tmp_path / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
+    settings_read, provider_done = asyncio.Event(), asyncio.Event()
+    greeting = bytes([0x81, 127]) + len(GREETING).to_bytes(8, "big") + GREETING
+
+    async def provider(reader, writer):
+        writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")))
+        writer.write(greeting)
+        await reader.read(65536)            # the client's Settings: the relay has started
+        settings_read.set()
+        for seq in range(GREETED_FRAMES):
+            writer.write(frame(seq, masked=False))
+            await writer.drain()
+        await reader.read()                 # the sidecar's 1001 and its end, once the client left
+        provider_done.set()
+
+    async def body():
+        async with await asyncio.start_server(provider, "127.0.0.1", port):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # the kernel takes little
+            sock.connect(("127.0.0.1", tls_port if tls else sidecar.port))
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=ssl.create_default_context(cafile=tmp_path / "ca.pem") if tls else None,
+                server_hostname="127.0.0.1" if tls else None)
+            writer.write((
+                "GET /v1/agent/converse HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                f"Sec-WebSocket-Version: 13\r\nAuthorization: Token {sidecar.keys.plain['good']}\r\n\r\n"
+            ).encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            writer.write(bytes([0x81, 0xfe]) + len(SETTINGS).to_bytes(2, "big") + MASK
+                         + bytes(b ^ MASK[i & 3] for i, b in enumerate(SETTINGS)))
+            await settings_read.wait()
+            base, peak = await watch_rss(sidecar, STALL_SECONDS)    # the client reads nothing
+            assert await asyncio.wait_for(reader.readexactly(len(greeting)), 30) == greeting
+            checker = Checker(masked=False)
+            while checker.seq < GREETED_FRAMES:
+                data = await asyncio.wait_for(reader.read(1 << 20), 30)
+                assert data, "the stream ended early"
+                checker.feed(data)
+            writer.transport.abort()
+            await provider_done.wait()
+            return base, peak, checker.seq
+    try:
+        base, peak, received = run(body(), timeout=120)
+    finally:
+        sidecar.stop()
+    print(f"sidecar RSS while stalled: {base} -> {peak} KiB ({received} frames of 64 KiB intact)")
+    assert received == GREETED_FRAMES
     assert peak - base < RSS_BOUND_KIB, (base, peak)
