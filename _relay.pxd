@@ -160,7 +160,8 @@ cdef class Pipe:
     cdef int seek(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef Py_ssize_t first_marker(self, const uint8_t* data, Py_ssize_t size) noexcept
     cdef void unmask(self, uint8_t* data, Py_ssize_t size) noexcept
-    cdef int meter_done(self) except -1
+    cdef bytes metered_message(self)
+    cdef int meter_done(self, bytes message) except -1
     cdef int release(self, bint deliver) except -1
     cdef int read_whole_up_to(self, uint64_t limit) except -1
     cdef void release_sniff(self) noexcept

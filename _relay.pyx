@@ -968,6 +968,7 @@ cdef class Pipe:
         cdef Py_ssize_t pos = 0, run = 0, need, take
         cdef Header f
         cdef Endpoint dst = self.dst
+        cdef bytes message
         while pos < n:
             if self.left:
                 take = <Py_ssize_t>min(self.left, <uint64_t>(n - pos))
@@ -1025,11 +1026,15 @@ cdef class Pipe:
                 if self.message_end:
                     self.message_end = False
                     if self.meter_state:
-                        # on_message may close the session (a budget): the message
-                        # goes out before the close notice, not after or inside it.
-                        self.emit(p + run, pos - run)
-                        run = pos
-                        self.meter_done()
+                        message = self.metered_message()
+                        if message is not None or self.pending is not None:
+                            # on_message may close the session (a budget): the message
+                            # goes out before the close notice, not after or inside it.
+                            # Only then: a write per message costs a send each, and
+                            # in a paused transport an object (or a TLS record) each.
+                            self.emit(p + run, pos - run)
+                            run = pos
+                            self.meter_done(message)
                 if dst.at_frame_end:
                     # A frame boundary the endpoint waits for (e.g. to send its close).
                     self.emit(p + run, pos - run)
@@ -1150,8 +1155,8 @@ cdef class Pipe:
                 return True
         return False
 
-    cdef int meter_done(self) except -1:
-        """A metered message ended: hand it to dst if it carries a marker."""
+    cdef bytes metered_message(self):
+        """A metered message ended: what goes to dst (None unless it carries a marker)."""
         cdef bytes message = None
         if self.meter_state == METER_SNIFF and self.marked():
             message = self.sniff[:self.nsniff]
@@ -1160,6 +1165,10 @@ cdef class Pipe:
         self.meter_state = METER_IDLE
         self.capture = None
         self.release_sniff()
+        return message
+
+    cdef int meter_done(self, bytes message) except -1:
+        """Hand `message` (metered_message's) to dst; release a message read whole."""
         # A message read whole that can no longer go on (a close is out) is not judged.
         if message is not None and (self.pending is None or self.dst.state < CLOSE_QUEUED):
             self.dst.metered(self, message)

@@ -11,6 +11,7 @@ import ssl
 import pytest
 from conftest import (SidecarProcess, held_port, raw_upstream_sidecar, run, standard_keys,
                       switching_protocols)
+from test_deployments import metric
 
 TOTAL = int(os.environ.get("CONDUIT_BACKPRESSURE_BYTES", 1 << 30))
 PAYLOAD = 65536
@@ -251,3 +252,76 @@ def test_a_greeting_the_client_has_not_read_still_holds_the_provider_back(tmp_pa
     print(f"sidecar RSS while stalled: {base} -> {peak} KiB ({received} frames of 64 KiB intact)")
     assert received == GREETED_FRAMES
     assert peak - base < RSS_BOUND_KIB, (base, peak)
+
+
+SESSIONS = 10
+# Per session and direction the sidecar holds the high-water mark and one read (64 +
+# 256 KiB, docs/hardening.md): twice that for allocator noise.
+SESSION_BOUND_KIB = 2 * (64 + 256)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_tiny_text_messages_cost_a_stalled_client_their_bytes_not_an_object_each(tmp_path, tls):
+    """A provider's text messages are metered (sniffed for usage): each went to the
+    client in a write of its own, a send each, and in a paused transport a bytes object
+    each (on a TLS leg a record too): 10 sessions of 3-byte messages took 57-76 MB
+    more on plain legs, and on TLS legs kept the sidecar too busy to answer /metrics
+    within 5 s. Only a message with a marker is written on its own now (before
+    on_message can close the session)."""
+    port, tls_port = held_port(), held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path), f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n', standard_keys(),
+        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
+              f'ca_out = "{tmp_path / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
+    go, answered = asyncio.Event(), []
+    tiny = b"\x81\x01x" * 20000
+
+    async def provider(reader, writer):
+        writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")))
+        answered.append(writer)
+        await go.wait()
+        try:
+            while True:
+                writer.write(tiny)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    async def body():
+        async with await asyncio.start_server(provider, "127.0.0.1", port):
+            clients = []
+            for _ in range(SESSIONS):
+                sock = socket.socket()
+                sock.connect(("127.0.0.1", tls_port if tls else sidecar.port))
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=ssl.create_default_context(cafile=tmp_path / "ca.pem") if tls else None,
+                    server_hostname="127.0.0.1" if tls else None)
+                writer.write((
+                    "GET /v1/realtime/connect?provider=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {sidecar.keys.plain['good']}\r\n\r\n"
+                ).encode())
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+                clients.append((reader, writer))
+            while len(answered) < SESSIONS:
+                await asyncio.sleep(0.01)
+            base = peak = rss_kib(sidecar.proc.pid)
+            go.set()
+            relayed, still = None, 0
+            while still < 10:       # until every session is held back: no frame relayed for 1 s
+                await asyncio.sleep(0.1)
+                peak = max(peak, rss_kib(sidecar.proc.pid))
+                before, relayed = relayed, metric(sidecar, "conduit_frames_total",
+                                                  direction="upstream_to_client", kind="text")
+                still = still + 1 if relayed == before else 0
+            got = await asyncio.wait_for(clients[0][0].readexactly(len(tiny) * 10), 30)
+            for _, writer in clients:
+                writer.transport.abort()
+            return base, peak, got
+    try:
+        base, peak, got = run(body(), timeout=120)
+    finally:
+        sidecar.stop()
+    print(f"sidecar RSS while stalled: {base} -> {peak} KiB for {SESSIONS} sessions")
+    assert got == tiny * 10
+    assert peak - base < SESSIONS * SESSION_BOUND_KIB, (base, peak)
