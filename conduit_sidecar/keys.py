@@ -234,8 +234,10 @@ class KeyWatcher:
                     "keys": len(self.keyset),
                 },
             )
+            self.file.after_failure(True)
             self.on_change(None)
             return
+        self.file.after_failure(False, (new.signature,))
         self.keyset = new
         log.info("keys reloaded", extra={"event": "keys_reload", "result": "ok", "keys": len(new)})
         self.on_change(new)

@@ -95,11 +95,13 @@ class CertFiles:
         try:
             self._load()
         except ConfigError as exc:
+            self.files.after_failure(True)
             log.warning(
                 "TLS certificate reload failed; keeping the current one",
                 extra={"event": "tls_reload", "result": "invalid", "error": str(exc)},
             )
             return "invalid"
+        self.files.after_failure(False)
         log.info("TLS certificate reloaded", extra={"event": "tls_reload", "result": "ok"})
         return "ok"
 

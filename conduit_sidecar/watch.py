@@ -23,12 +23,11 @@ def read_regular(path: str, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
-def file_signature(path: str):
+def file_signature(path: str, ctime: bool = False):
     """What changes when the file is replaced: Kubernetes swaps the `..data`
     symlink to a new directory's files, `mv` puts another inode in place, an editor
-    writes in place (mtime, size), `chmod` or `chown` makes it readable again (ctime:
-    a file that failed to load for its permissions is read once they change). None
-    when the file cannot be read. One `stat`,
+    writes in place (mtime, size). With `ctime`, a `chmod` or `chown` too (see
+    FileWatch.after_failure). None when the file cannot be read. One `stat`,
     which follows the symlinks: `os.path.realpath` (an `lstat` per path component,
     in Python) cost ten times as much, on every session for a provider's secret and
     CA files."""
@@ -36,7 +35,9 @@ def file_signature(path: str):
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
+    if ctime:
+        return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class FileWatch:
@@ -45,10 +46,21 @@ class FileWatch:
 
     def __init__(self, *paths: str):
         self.paths = paths
+        self.ctime = False
         self.signature = self._now()
 
     def _now(self) -> tuple:
-        return tuple(file_signature(p) for p in self.paths)
+        return tuple(file_signature(p, self.ctime) for p in self.paths)
+
+    def after_failure(self, failed: bool, signature: tuple | None = None) -> None:
+        """While the last read failed, a permission change alone (ctime only: neither
+        inode, mtime nor size) is a change: the file may be readable now. Not always:
+        kubelets that re-apply a Secret volume's fsGroup ownership at every sync touch
+        every file's ctime, which would reload the keys each minute. `signature`: the
+        files' as read, for the switch back."""
+        if failed != self.ctime:
+            self.ctime = failed
+            self.signature = signature if signature is not None else self._now()
 
     def changed(self) -> bool:
         now = self._now()

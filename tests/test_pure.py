@@ -584,18 +584,26 @@ def test_config_precedence_and_errors(tmp_path):
 
 
 
-def test_a_permission_change_alone_is_a_change(tmp_path):
+def test_a_permission_change_alone_is_a_change_only_after_a_failed_read(tmp_path):
     """A key file written while unreadable failed to load; `chmod` then made it
     readable, which changes neither inode, mtime nor size: it was never read again,
     and the sidecar kept the old keys until the next edit (seen on a sidecar without
-    CAP_DAC_OVERRIDE). Its ctime changes."""
+    CAP_DAC_OVERRIDE). Its ctime changes. After a good read a ctime change alone is
+    none: some kubelets re-apply a Secret volume's ownership at every sync."""
     from conduit_sidecar.watch import FileWatch
 
     path = tmp_path / "keys.json"
     path.write_text("{}")
     watch = FileWatch(str(path))
     path.chmod(0o600)
+    assert not watch.changed()
+    watch.after_failure(True)
+    path.chmod(0o640)
     assert watch.changed() and not watch.changed()
+    watch.after_failure(False)
+    path.chmod(0o600)
+    assert not watch.changed()
+
 
 def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
     """The schema says it (msgspec's tz=True): a naive time is no instant."""
