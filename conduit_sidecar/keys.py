@@ -168,7 +168,8 @@ def load_keys(path: str) -> KeySet:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_KEY_FILE_BYTES >> 20} MiB")
-    if KEY_PREFIX.encode() in data or KEY_PREFIX.encode() in _unescaped(data):
+    # Only a \u escape can spell the prefix's letters: most files are decoded once.
+    if KEY_PREFIX.encode() in data or (b"\\u" in data and KEY_PREFIX.encode() in _unescaped(data)):
         raise ConfigError(
             f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "
             "sha256 (conduit-sidecar keys hash KEY)"
