@@ -68,7 +68,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.server_side = server_side
         self.handshaken = False
         self.waiter: asyncio.Future | None = None  # the client's handshake
-        self.paused = False
+        self.paused = False  # by the app
+        self.blocked = False  # the socket's write buffer is past its high-water mark
         self.closing = False
         # While kernel TLS is on: records sent under this side's first application
         # traffic secret, or -1 once a key update (owed to the peer, sent with a
@@ -108,9 +109,17 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.app = _DETACHED
 
     def pause_writing(self):
+        # OpenSSL answers some records on its own (a key update request, a TLS 1.2
+        # renegotiation's ClientHello): a peer that reads none of the answers is read
+        # no further, so that they cannot pile up here.
+        self.blocked = True
+        self.raw.pause_reading()
         self.app.pause_writing()
 
     def resume_writing(self):
+        self.blocked = False
+        if not self.paused:
+            self._read_again()
         self.app.resume_writing()
 
     def _screen(self, data: bytes) -> bytes | None:
@@ -171,7 +180,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         """Decrypted bytes to the app, until it pauses (the rest stays for the relay,
         or for its next resume_reading); the socket is read again only once every
         record read so far was taken."""
-        while not self.paused and not self.raw.is_closing():
+        while not (self.paused or self.blocked or self.raw.is_closing()):
             try:
                 data = self.sslobj.read(_READ)
             except ssl.SSLWantReadError:
@@ -239,6 +248,10 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
 
     def resume_reading(self):
         self.paused = False
+        if not self.blocked:
+            self._read_again()
+
+    def _read_again(self):
         if self.handshaken:  # records already in the BIO first (_deliver resumes the socket)
             asyncio.get_running_loop().call_soon(self._deliver)
         else:

@@ -636,6 +636,22 @@ def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
         stop(proc)
 
 
+def test_webhook_reads_no_further_a_client_that_never_reads_what_its_records_make_it_send(tls_files):
+    """TLS records that OpenSSL answers on its own (key update requests; in TLS 1.2
+    renegotiation ClientHellos), sent by a client that reads none of the answers: every
+    answer waited in the webhook's write buffer until REQUEST_DEADLINE (one connection:
+    +72 MiB of the injector's 128Mi with TLS 1.2 ClientHellos). Reading stops while the
+    answers back up."""
+    from test_tls import key_updates_unread
+    proc, hook = start_webhook(*tls_files)
+    try:
+        sent, grown = key_updates_unread(hook.port, proc.pid)
+        assert grown < 4 << 10, f"RSS +{grown} KiB for {sent} bytes of key update requests"
+        assert hook.request("/healthz", method="GET") == (200, b"ok\n")
+    finally:
+        stop(proc)
+
+
 def keep_alive_review(conn: http.client.HTTPSConnection, uid: str) -> dict:
     """One review on `conn`, which must stay open (no reconnection)."""
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",

@@ -196,6 +196,66 @@ def test_a_clienthello_header_declaring_128_kib_is_refused_at_once(tls_env):
         time.sleep(0.05)
 
 
+def key_updates_unread(port: int, pid: int) -> tuple[int, int]:
+    """A TLS 1.3 client that asks for a key update in each record it sends (OpenSSL
+    answers each with one of its own) and never reads, until the server ends the
+    connection. Returns (bytes sent, the server's peak RSS growth in KiB)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # an attacker's
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server's answers back up soon
+    sock.connect(("127.0.0.1", port))
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sent = 0
+
+    def attack():
+        nonlocal sent
+        with contextlib.suppress(OSError):
+            while sent < 256 << 20:
+                records = b""
+                for _ in range(256):
+                    assert libssl.SSL_key_update(ssl_pointer(tls), 1) == 1  # update_requested
+                    tls.do_handshake()  # sends it
+                    records += outgoing.read()
+                sock.sendall(records)
+                sent += len(records)
+
+    before = peak = rss_kib(pid)
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    while attacker.is_alive():
+        peak = max(peak, rss_kib(pid))
+        time.sleep(0.02)
+    sock.close()
+    return sent, peak - before
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_client_that_never_reads_what_its_records_make_the_listener_send_is_read_no_further(tls_env):
+    """Before its request, a client sent records that OpenSSL answers on its own (a
+    TLS 1.3 key update request, a TLS 1.2 renegotiation's ClientHello: a
+    no_renegotiation alert) and read none of the answers: the listener read on, and
+    every answer waited in its write buffer until the handshake timeout (one
+    connection, 20 MB sent: +14 MB; 85 MB of TLS 1.2 ClientHellos: +70 MB). It reads
+    no further while its answers back up."""
+    sidecar = tls_env[0]
+    sent, grown = key_updates_unread(sidecar.tls_port, sidecar.proc.pid)
+    assert grown < 4 << 10, f"RSS +{grown} KiB for {sent} bytes of key update requests"
+
+
 def test_websockets_client_over_the_tls_listener(tls_env):
     sidecar = tls_env[0]
 
