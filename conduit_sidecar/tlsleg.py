@@ -25,6 +25,9 @@ __all__ = ["SessionCache", "TLSStream", "handover", "start_tls"]
 
 _READ = 65536
 _DETACHED = asyncio.Protocol()  # the app of a stream the relay took (shared, does nothing)
+# After close(), what is still to send has this long to reach the peer: uvloop's
+# transport would wait for ever for one that never reads (the connection uncounted).
+_CLOSE_SECONDS = 5.0
 # OpenSSL makes room for a handshake message as soon as its 4-byte header is read, as
 # large as the header says (a ClientHello: up to 128 KiB, zero-filled), before any of
 # it came: 9 bytes of a connection held 123 KiB of the server. A real ClientHello is a
@@ -71,6 +74,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.paused = False  # by the app
         self.blocked = False  # the socket's write buffer is past its high-water mark
         self.closing = False
+        self.ender: asyncio.TimerHandle | None = None  # of a closed stream with bytes left to send
         # While kernel TLS is on: records sent under this side's first application
         # traffic secret, or -1 once a key update (owed to the peer, sent with a
         # write) moved past it, or OpenSSL wrote a record of its own after the handshake.
@@ -100,6 +104,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         return False
 
     def connection_lost(self, exc):
+        if self.ender is not None:
+            self.ender.cancel()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
         if self.server_side or self.handshaken:
@@ -233,6 +239,8 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             except ssl.SSLError:
                 pass
             self._flush()
+        if self.raw.get_write_buffer_size():
+            self.ender = asyncio.get_running_loop().call_later(_CLOSE_SECONDS, self.raw.abort)
         self.raw.close()
 
     def abort(self):

@@ -12,6 +12,7 @@ import base64
 import ctypes
 import ctypes.util
 import os
+import socket
 import ssl
 import tempfile
 
@@ -398,6 +399,47 @@ def test_a_stream_reads_its_socket_again_only_once_its_records_are_taken(pki):
         server.close()
         return most
     assert run(body()) <= 512 * 1024
+
+
+def test_a_closed_stream_ends_even_if_its_peer_never_reads(pki):
+    """close() sends what was written before the socket closes, and uvloop's transport
+    waits for that as long as the peer takes to read it: for ever, for a peer that
+    never reads. The injection webhook's connections so closed (three 1.3 MB answers
+    read by nobody, the last with `Connection: close`) stayed open, uncounted, +2.8 MB
+    each, as many as a client opened. A closed stream now ends within _CLOSE_SECONDS."""
+    async def body():
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        class Answer(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(bytes(8 << 20))  # more than the kernel takes for a peer
+                self.transport.close()
+
+            def connection_lost(self, exc):
+                ended.set_result(None)
+
+        def client():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            tls = pki[1].wrap_socket(sock, server_hostname="127.0.0.1")
+            tls.sendall(b"answer me")
+            return tls  # and never read
+
+        server = await loop.create_server(lambda: tlsleg.TLSStream(pki[0], Answer(), server_side=True),
+                                          "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tls = await loop.run_in_executor(None, client)
+        try:
+            await asyncio.wait_for(ended, 30)
+        finally:
+            tls.close()
+            server.close()
+    run(body())
 
 
 class _Ending:
