@@ -885,6 +885,26 @@ def test_webhook_refusal_quotes_a_huge_value_shortened(tls_files):
     assert max(map(len, log.splitlines())) < 3000
 
 
+_LONG = "a" * (1 << 20)
+
+
+@pytest.mark.parametrize("name, annotations, containers, message", [
+    ("p", {"conduit.dev/" + _LONG: "1"}, None, "unknown annotation 'conduit.dev/aaa"),
+    ("p", {"conduit.dev/tls": _LONG}, None, "'conduit.dev/tls': must be \"true\" or \"false\", got 'aaa"),
+    ("p", {"conduit.dev/tls": [_LONG]}, None, "'conduit.dev/tls': value must be a string, got ['aaa"),
+    ("p", None, [{"name": _LONG, "image": "app", "ports": [{"containerPort": 8080}]}], "container 'aaa"),
+    ("p", None, [{"name": _LONG, "image": "app", "env": 5}], "container 'aaa"),
+], ids=["annotation name", "annotation value", "annotation not a string", "container name", "malformed"])
+def test_webhook_quotes_a_pods_own_values_briefly(webhook, name, annotations, containers, message):
+    """A refusal quoted the pod's annotation or container name whole, so a review of
+    2 MiB was answered with 2 MiB: 120 clients that sent two such reviews each (one
+    every 80 ms) and read none of the answers took the webhook from 30 to 420 MB for
+    the 10 s they are given, far past its 128Mi. Each value is quoted in 64 characters."""
+    response = webhook.review(pod(name, annotations=annotations, containers=containers))
+    assert response["allowed"] is False and message in response["status"]["message"]
+    assert len(response["status"]["message"]) < 1024
+
+
 def test_webhook_refuses_conflicting_pods(webhook):
     clash = pod(volumes=[{"name": "conduit-keys", "emptyDir": {}}])
     response = webhook.review(clash)

@@ -59,6 +59,9 @@ CA_DIR = "/var/run/conduit"
 PRIVATE_DIR = "/var/run/conduit-private"
 CA_FILE = CA_DIR + "/ca.pem"
 RUN_AS = 10001
+# Characters of a pod's own value (an annotation, a container name) that a message
+# quotes: a value may be megabytes, and the message is the webhook's answer and log line.
+_SHOWN = 64
 # In TLS mode each app container costs two patch operations, ~2 KiB of the webhook's
 # memory while it answers: 2 MiB of empty containers (`{}`) took 1 GiB of its 128Mi.
 MAX_CONTAINERS = 1000
@@ -102,6 +105,12 @@ _QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGT
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # An image reference: no whitespace or control characters; registry, path, tag, digest.
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
+
+
+def _shown(value) -> str:
+    """`value`'s repr for a message, at most _SHOWN characters."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 def _bool(value: str) -> bool:
@@ -163,16 +172,16 @@ def settings_from_annotations(
         if not key.startswith(PREFIX):
             continue
         if key not in _KNOWN:
-            raise InjectError(f"unknown annotation {key!r}; known: {', '.join(sorted(ANNOTATIONS))}")
+            raise InjectError(f"unknown annotation {_shown(key)}; known: {', '.join(sorted(ANNOTATIONS))}")
         if key not in ANNOTATIONS:
             continue
         field, parse = ANNOTATIONS[key]
         if not isinstance(value, str):
-            raise InjectError(f"annotation {key!r}: value must be a string, got {value!r}")
+            raise InjectError(f"annotation {key!r}: value must be a string, got {_shown(value)}")
         try:
             changes[field] = parse(value)
         except ValueError as exc:
-            raise InjectError(f"annotation {key!r}: {exc}, got {value!r}") from None
+            raise InjectError(f"annotation {key!r}: {exc}, got {_shown(value)}") from None
     settings = dataclasses.replace(defaults, **changes)
     ports = {settings.listen_port, settings.admin_port} | ({settings.tls_port} if settings.tls else set())
     if len(ports) != (3 if settings.tls else 2):
@@ -207,7 +216,7 @@ def _check_shape(pod: Mapping) -> None:
     for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
         for key in ("env", "volumeMounts", "ports"):
             if c.get(key) is not None and not is_list_of_objects(c[key]):
-                raise InjectError(f"container {c.get('name')!r}: {key} is not a list of objects")
+                raise InjectError(f"container {_shown(c.get('name'))}: {key} is not a list of objects")
 
 
 def is_injected(pod: Mapping) -> bool:
@@ -362,7 +371,7 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
         for port, how in _tcp_ports(c):
             if port in ports:
                 raise InjectError(
-                    f"container {c.get('name')!r} {how} port {port}, which the conduit sidecar "
+                    f"container {_shown(c.get('name'))} {how} port {port}, which the conduit sidecar "
                     f"listens on: set {ports[port]} to another port"
                 )
     ours = {v["name"] for v in _volumes(s)}
@@ -375,7 +384,7 @@ def _check_conflicts(spec: Mapping, s: Settings) -> None:
         for c in spec.get("containers") or []:
             if any(m.get("mountPath") == CA_DIR for m in c.get("volumeMounts") or []):
                 raise InjectError(
-                    f"container {c.get('name')!r} already mounts {CA_DIR}, "
+                    f"container {_shown(c.get('name'))} already mounts {CA_DIR}, "
                     "where conduit.dev/tls puts the sidecar's CA"
                 )
 
