@@ -230,6 +230,16 @@ class ClientHandshake(asyncio.Protocol):
             open_session(self.host, self.transport, request, self)
         )
 
+    def pause_writing(self):
+        # A client that reads none of what it is sent (on uvloop's TLS transport, the
+        # answers OpenSSL makes to some of its records) is read no further meanwhile.
+        if self.reader is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.reader is not None:
+            self.transport.resume_reading()
+
     def eof_received(self):
         # An HTTP client may end its side once its request is sent: a REST call is still
         # answered. A WebSocket client that ends its side before its 101 is leaving.

@@ -256,6 +256,27 @@ def test_a_client_that_never_reads_what_its_records_make_the_listener_send_is_re
     assert grown < 4 << 10, f"RSS +{grown} KiB for {sent} bytes of key update requests"
 
 
+def test_on_uvloops_tls_transport_too(tmp_path, mock_provider):
+    """The same on a build without OpenSSL's headers (the listener on uvloop's SSL
+    transport), where the request reader pauses reading while its writes back up:
+    without, +100 MB with TLS 1.2 ClientHellos in 10 s."""
+    tls_port = held_port()
+    extra = f"""
+        [tls]
+        listen = "127.0.0.1:{tls_port}"
+        self_signed = true
+        ca_out = "{tmp_path / 'public' / 'ca.pem'}"
+        state_dir = "{tmp_path / 'private'}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra,
+                             env={"CONDUIT_NATIVE_TLS": "0"}).start()
+    try:
+        sent, grown = key_updates_unread(tls_port, sidecar.proc.pid)
+    finally:
+        sidecar.stop()
+    assert grown < 4 << 10, f"RSS +{grown} KiB for {sent} bytes of key update requests"
+
+
 def test_websockets_client_over_the_tls_listener(tls_env):
     sidecar = tls_env[0]
 
