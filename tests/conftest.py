@@ -315,3 +315,8 @@ def sidecar(mock_provider, upstream_ports):
                                  "max_message_bytes = 16777216\n").start()
     yield proc
     proc.stop()
+
+
+def self_signed_tls(port: int, ca_out, state_dir) -> str:
+    """The [tls] section of a loopback wss listener on `port` with its own CA."""
+    return f'[tls]\nlisten = "127.0.0.1:{port}"\nself_signed = true\nca_out = "{ca_out}"\nstate_dir = "{state_dir}"\n'

@@ -9,7 +9,7 @@ import socket
 import ssl
 
 import pytest
-from conftest import (SidecarProcess, held_port, raw_upstream_sidecar, run, standard_keys,
+from conftest import (SidecarProcess, held_port, raw_upstream_sidecar, run, self_signed_tls, standard_keys,
                       switching_protocols)
 from test_deployments import metric
 
@@ -190,6 +190,25 @@ SETTINGS = json.dumps({
               "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}}}}).encode()
 
 
+async def upgraded(sidecar, tls_port: int | None, cafile, path: str, auth: str, rcvbuf: int = 0):
+    """A raw client upgraded on `path` (`auth`: its Authorization), on the wss listener
+    at `tls_port` if given: (reader, writer) once the 101 is read."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", tls_port or sidecar.port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=ssl.create_default_context(cafile=cafile) if tls_port else None,
+        server_hostname="127.0.0.1" if tls_port else None)
+    writer.write((
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: {auth}\r\n\r\n"
+    ).encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
 def test_a_greeting_the_client_has_not_read_still_holds_the_provider_back(tmp_path, tls):
     """The greeting was still in the client's transport when the relay took it over:
@@ -202,8 +221,7 @@ def test_a_greeting_the_client_has_not_read_still_holds_the_provider_back(tmp_pa
         str(tmp_path), f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{port}/v1/agent/converse"\n'
         'secret_env = "PROVIDER_KEY"\n', standard_keys(),
         limits="max_message_bytes = 8388608\nfirst_message_bytes = 8388608",
-        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
-              f'ca_out = "{tmp_path / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
+        extra=self_signed_tls(tls_port, tmp_path / "ca.pem", tmp_path / "private")).start()
     settings_read, provider_done = asyncio.Event(), asyncio.Event()
     greeting = bytes([0x81, 127]) + len(GREETING).to_bytes(8, "big") + GREETING
 
@@ -220,18 +238,9 @@ def test_a_greeting_the_client_has_not_read_still_holds_the_provider_back(tmp_pa
 
     async def body():
         async with await asyncio.start_server(provider, "127.0.0.1", port):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # the kernel takes little
-            sock.connect(("127.0.0.1", tls_port if tls else sidecar.port))
-            reader, writer = await asyncio.open_connection(
-                sock=sock, ssl=ssl.create_default_context(cafile=tmp_path / "ca.pem") if tls else None,
-                server_hostname="127.0.0.1" if tls else None)
-            writer.write((
-                "GET /v1/agent/converse HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                f"Sec-WebSocket-Version: 13\r\nAuthorization: Token {sidecar.keys.plain['good']}\r\n\r\n"
-            ).encode())
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            reader, writer = await upgraded(  # a small receive buffer: the kernel takes little
+                sidecar, tls_port if tls else None, tmp_path / "ca.pem", "/v1/agent/converse",
+                f"Token {sidecar.keys.plain['good']}", rcvbuf=4096)
             writer.write(bytes([0x81, 0xfe]) + len(SETTINGS).to_bytes(2, "big") + MASK
                          + bytes(b ^ MASK[i & 3] for i, b in enumerate(SETTINGS)))
             await settings_read.wait()
@@ -271,8 +280,7 @@ def test_tiny_text_messages_cost_a_stalled_client_their_bytes_not_an_object_each
     port, tls_port = held_port(), held_port()
     sidecar = SidecarProcess(
         str(tmp_path), f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n', standard_keys(),
-        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
-              f'ca_out = "{tmp_path / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
+        extra=self_signed_tls(tls_port, tmp_path / "ca.pem", tmp_path / "private")).start()
     go, answered = asyncio.Event(), []
     tiny = b"\x81\x01x" * 20000
 
@@ -291,18 +299,9 @@ def test_tiny_text_messages_cost_a_stalled_client_their_bytes_not_an_object_each
         async with await asyncio.start_server(provider, "127.0.0.1", port):
             clients = []
             for _ in range(SESSIONS):
-                sock = socket.socket()
-                sock.connect(("127.0.0.1", tls_port if tls else sidecar.port))
-                reader, writer = await asyncio.open_connection(
-                    sock=sock, ssl=ssl.create_default_context(cafile=tmp_path / "ca.pem") if tls else None,
-                    server_hostname="127.0.0.1" if tls else None)
-                writer.write((
-                    "GET /v1/realtime/connect?provider=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                    f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {sidecar.keys.plain['good']}\r\n\r\n"
-                ).encode())
-                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-                clients.append((reader, writer))
+                clients.append(await upgraded(
+                    sidecar, tls_port if tls else None, tmp_path / "ca.pem", "/v1/realtime/connect?provider=raw",
+                    f"Bearer {sidecar.keys.plain['good']}"))
             while len(answered) < SESSIONS:
                 await asyncio.sleep(0.01)
             base = peak = rss_kib(sidecar.proc.pid)

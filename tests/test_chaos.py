@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import SidecarProcess, http_get, run, standard_keys, switching_protocols
+from conftest import SidecarProcess, http_get, run, self_signed_tls, standard_keys, switching_protocols
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.utils import apply_mask
@@ -1197,8 +1197,7 @@ def chaos_sidecar(tmp_path):
         f'secret_env = "PROVIDER_KEY"\nquery_params = ["chaos"]\n'
         f"[circuit]\nfailures = 1000000\n",
         keys,
-        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
-        f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n',
+        extra=self_signed_tls(tls_port, tmp_path / "public" / "ca.pem", tmp_path / "private"),
         limits=f"upstream_connect_timeout_seconds = {CONNECT_TIMEOUT}\n"
         f"close_timeout_seconds = {CLOSE_TIMEOUT}\n"
         f"max_message_bytes = {MAX_MESSAGE}\nhandshake_timeout_seconds = 3\ndrain_seconds = {DRAIN_SECONDS}\n"

@@ -923,6 +923,20 @@ def test_the_signed_url_fetch_moves_on_past_a_deployment_without_its_secret(work
     assert any(line.get("outcome") == "config" and line["level"] == "error" for line in sidecar.log_lines())
 
 
+def config_fault_then_served(sidecar, body, deployment: str) -> tuple[str, float]:
+    """Runs `body` (a session another deployment serves), then stops the sidecar:
+    the deployment that served it, and the `config` attempts counted for `deployment`.
+    A configuration fault is no bug of ours: no `internal_error` line."""
+    try:
+        name = run(body())
+        config = metric(sidecar, "conduit_upstream_attempts_total", deployment=deployment, outcome="config",
+                        provider="p")
+    finally:
+        sidecar.stop()
+    assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+    return name, config
+
+
 def test_a_secret_file_that_is_not_utf8_is_a_configuration_fault_not_a_bug(workdir):
     """A deployment's secret_file holding bytes that are not UTF-8 (a binary key file, a
     Latin-1 editor): reading it raised UnicodeDecodeError, not the OSError the read
@@ -941,15 +955,7 @@ def test_a_secret_file_that_is_not_utf8_is_a_configuration_fault_not_a_bug(workd
     async def body():
         async with good:
             return await served_by(sidecar)
-    try:
-        name = run(body())
-        config = metric(sidecar, "conduit_upstream_attempts_total", deployment="bad", outcome="config",
-                        provider="p")
-    finally:
-        sidecar.stop()
-    assert name == "good"
-    assert config == 1
-    assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+    assert config_fault_then_served(sidecar, body, "bad") == ("good", 1)
 
 
 def test_a_secret_a_header_cannot_carry_is_a_configuration_fault_and_a_bom_is_dropped(workdir):
@@ -989,15 +995,8 @@ def test_a_secret_a_header_cannot_carry_is_a_configuration_fault_and_a_bom_is_dr
                 return await served_by(sidecar)
         finally:
             server.close()
-    try:
-        name = run(body())
-        config = metric(sidecar, "conduit_upstream_attempts_total", deployment="quoted", outcome="config",
-                        provider="p")
-    finally:
-        sidecar.stop()
+    assert config_fault_then_served(sidecar, body, "quoted") == ("good", 1)
     assert b"\r\nAuthorization: Bearer sk-marked\r\n" in heads[0], heads
-    assert name == "good" and config == 1
-    assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
 
 
 def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):

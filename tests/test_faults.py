@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, held_port,
-                      http_get, raw_upstream_sidecar, run, standard_keys, switching_protocols)
+                      http_get, raw_upstream_sidecar, run, self_signed_tls, standard_keys, switching_protocols)
 from test_bad_input import close_frame_of, masked, request, session, session_ends
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -516,8 +516,7 @@ def test_a_client_that_resets_while_its_first_message_is_held_is_no_bug_of_ours(
         str(tmp_path),
         '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\nsecret_env = "PROVIDER_KEY"\n',
         standard_keys(),
-        extra=f'[tls]\nlisten = "127.0.0.1:{tls_port}"\nself_signed = true\n'
-              f'ca_out = "{tmp_path / "public" / "ca.pem"}"\nstate_dir = "{tmp_path / "private"}"\n').start()
+        extra=self_signed_tls(tls_port, tmp_path / "public" / "ca.pem", tmp_path / "private")).start()
     part = masked(0x01, b'{"setup": {"model":')[:12]
     cases = [(tls, sent) for tls in (False, True) for sent in (b"", part)]
     try:

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import (PROVIDER_SECRET, SidecarProcess, ThreadMock, held_port, http_get, run,
-                      standard_keys)
+                      self_signed_tls, standard_keys)
 
 SHAPES = ("deepgram", "deepgram_agent", "gemini", "assemblyai", "elevenlabs", "azure", "openai")
 
@@ -66,13 +66,7 @@ def native():
         secret_env = "PROVIDER_KEY"
         models = ["gpt-realtime-translate"]
         """
-    extra = f"""
-        [tls]
-        listen = "127.0.0.1:{tls_port}"
-        self_signed = true
-        ca_out = "{ca}"
-        state_dir = "{os.path.join(workdir, 'private')}"
-        """
+    extra = self_signed_tls(tls_port, ca, os.path.join(workdir, "private"))
     proc = SidecarProcess(workdir, extra + providers, keys,
                           limits="handshake_timeout_seconds = 2\n").start()
     proc.tls_port, proc.ca_out, proc.mocks = tls_port, ca, mocks

@@ -526,6 +526,31 @@ def test_secret_with_crlf_is_refused_not_sent(override_sidecar, pki, upstream_po
     assert seen == []
 
 
+def _config_faults(mock_provider, workdir: str, providers: dict[str, str]) -> tuple[dict, dict]:
+    """A sidecar with `providers` (name -> its secret and CA lines, at the mock's URL,
+    over wss with a ca_file): each one's close to a session, and the `error` of its
+    `outcome=config` log line."""
+    keys = Keys()
+    keys.add("good")
+    url = f"ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
+    toml = "".join(
+        f'[providers.{name}]\nurl = "{url.replace("ws:", "wss:") if "ca_file" in lines else url}"\n'
+        f'headers = {{ Authorization = "Bearer {{secret}}" }}\n{lines}\n'
+        for name, lines in providers.items()
+    )
+    proc = SidecarProcess(workdir, toml, keys).start()
+    try:
+        async def body(provider):
+            async with connect(proc.url(provider=provider), additional_headers=proc.auth()) as ws:
+                return await first_close(ws)
+        closes = {name: run(body(name), timeout=10) for name in providers}
+        errors = {line["provider"]: line.get("error") for line in proc.log_lines()
+                  if line.get("outcome") == "config"}
+    finally:
+        proc.stop()
+    return closes, errors
+
+
 def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provider):
     """The log said only 'provider secret unavailable' (or 'CA file'): not which file
     or variable, nor why (a Secret mounted unreadable for the sidecar's user, a
@@ -538,45 +563,19 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
     quoted = os.path.join(workdir, "quoted-secret")
     with open(quoted, "w", encoding="utf-8") as f:
         f.write("sk-\u2019pasted")
-    keys = Keys()
-    keys.add("good")
-    url = f"ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-    providers = f"""
-        [providers.by_file]
-        url = "{url}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_file = "{missing}"
-        [providers.by_env]
-        url = "{url}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_env = "CONDUIT_TEST_UNSET_SECRET"
-        [providers.by_quoted]
-        url = "{url}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_file = "{quoted}"
-        [providers.by_ca]
-        url = "{url.replace("ws:", "wss:")}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_env = "PROVIDER_KEY"
-        ca_file = "{not_pem}"
-        """
-    proc = SidecarProcess(workdir, providers, keys).start()
-    try:
-        async def body(provider):
-            async with connect(proc.url(provider=provider), additional_headers=proc.auth()) as ws:
-                return await first_close(ws)
-        for provider in ("by_file", "by_env"):
-            assert run(body(provider)) == (1011, "provider secret unavailable")
-        assert run(body("by_ca")) == (1011, "provider CA file unavailable")
-        assert run(body("by_quoted")) == (1011, "provider secret unavailable")
-        errors = {line["provider"]: line.get("error") for line in proc.log_lines()
-                  if line.get("outcome") == "config"}
-        assert errors == {"by_file": f"secret_file {missing}: No such file or directory",
-                          "by_env": "secret_env CONDUIT_TEST_UNSET_SECRET is not set",
-                          "by_quoted": f"secret_file {quoted}: a character outside ASCII",
-                          "by_ca": f"ca_file {not_pem}: no PEM certificates"}
-    finally:
-        proc.stop()
+    closes, errors = _config_faults(mock_provider, workdir, {
+        "by_file": f'secret_file = "{missing}"',
+        "by_env": 'secret_env = "CONDUIT_TEST_UNSET_SECRET"',
+        "by_quoted": f'secret_file = "{quoted}"',
+        "by_ca": f'secret_env = "PROVIDER_KEY"\nca_file = "{not_pem}"'})
+    assert closes == {"by_file": (1011, "provider secret unavailable"),
+                      "by_env": (1011, "provider secret unavailable"),
+                      "by_quoted": (1011, "provider secret unavailable"),
+                      "by_ca": (1011, "provider CA file unavailable")}
+    assert errors == {"by_file": f"secret_file {missing}: No such file or directory",
+                      "by_env": "secret_env CONDUIT_TEST_UNSET_SECRET is not set",
+                      "by_quoted": f"secret_file {quoted}: a character outside ASCII",
+                      "by_ca": f"ca_file {not_pem}: no PEM certificates"}
 
 
 def test_a_secret_or_ca_file_that_is_a_fifo_does_not_hold_the_sidecar(mock_provider):
@@ -588,33 +587,14 @@ def test_a_secret_or_ca_file_that_is_a_fifo_does_not_hold_the_sidecar(mock_provi
     secret_fifo, ca_fifo = os.path.join(workdir, "secret"), os.path.join(workdir, "ca.pem")
     os.mkfifo(secret_fifo)
     os.mkfifo(ca_fifo)
-    keys = Keys()
-    keys.add("good")
-    url = f"ws://127.0.0.1:{mock_provider.port}/v1/realtime?model={{model}}"
-    providers = f"""
-        [providers.by_file]
-        url = "{url}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_file = "{secret_fifo}"
-        [providers.by_ca]
-        url = "{url.replace("ws:", "wss:")}"
-        headers = {{ Authorization = "Bearer {{secret}}" }}
-        secret_env = "PROVIDER_KEY"
-        ca_file = "{ca_fifo}"
-        """
-    proc = SidecarProcess(workdir, providers, keys).start()
-    try:
-        async def body(provider):
-            async with connect(proc.url(provider=provider), additional_headers=proc.auth()) as ws:
-                return await first_close(ws)
-        assert run(body("by_file"), timeout=10) == (1011, "provider secret unavailable")
-        assert run(body("by_ca"), timeout=10) == (1011, "provider CA file unavailable")
-        errors = {line["provider"]: line.get("error") for line in proc.log_lines()
-                  if line.get("outcome") == "config"}
-        assert errors == {"by_file": f"secret_file {secret_fifo}: not a regular file",
-                          "by_ca": f"ca_file {ca_fifo}: not a regular file"}
-    finally:
-        proc.stop()
+    closes, errors = _config_faults(mock_provider, workdir, {
+        "by_file": f'secret_file = "{secret_fifo}"',
+        "by_ca": f'secret_env = "PROVIDER_KEY"\nca_file = "{ca_fifo}"'})
+    assert closes == {"by_file": (1011, "provider secret unavailable"),
+                      "by_ca": (1011, "provider CA file unavailable")}
+    assert errors == {"by_file": f"secret_file {secret_fifo}: not a regular file",
+                      "by_ca": f"ca_file {ca_fifo}: not a regular file"}
+
 
 def test_model_with_crlf_is_refused(override_sidecar):
     async def body():

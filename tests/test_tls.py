@@ -15,7 +15,8 @@ import threading
 import time
 
 import pytest
-from conftest import Keys, SidecarProcess, held_port, http_get, run, standard_keys, switching_protocols
+from conftest import (Keys, SidecarProcess, held_port, http_get, run, self_signed_tls, standard_keys,
+                      switching_protocols)
 from test_deployments import metric
 from test_key_reload import SecretVolume
 from test_relay_tls import libssl, ssl_pointer
@@ -59,13 +60,7 @@ def tls_env(tmp_path_factory, mock_provider):
         ca_file = "{root / 'provider-ca.pem'}"
         """
     tls_port = held_port()
-    extra = f"""
-        [tls]
-        listen = "127.0.0.1:{tls_port}"
-        self_signed = true
-        ca_out = "{root / 'public' / 'ca.pem'}"
-        state_dir = "{root / 'private'}"
-        """
+    extra = self_signed_tls(tls_port, root / 'public' / 'ca.pem', root / 'private')
     sidecar = SidecarProcess(str(root), providers, standard_keys(), extra=extra,
                              limits="upstream_connect_timeout_seconds = 1.5").start()
     sidecar.tls_port = tls_port
@@ -126,13 +121,7 @@ def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, moc
     """Connections in their TLS handshake count among the max_connections without a
     session; past them a connection is dropped before any TLS is done for it."""
     tls_port = held_port()
-    extra = f"""
-        [tls]
-        listen = "127.0.0.1:{tls_port}"
-        self_signed = true
-        ca_out = "{tmp_path / 'public' / 'ca.pem'}"
-        state_dir = "{tmp_path / 'private'}"
-        """
+    extra = self_signed_tls(tls_port, tmp_path / 'public' / 'ca.pem', tmp_path / 'private')
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra,
                              limits="max_connections = 1").start()
     sidecar.tls_port, sidecar.ca_out = tls_port, str(tmp_path / "public" / "ca.pem")
@@ -261,13 +250,7 @@ def test_on_uvloops_tls_transport_too(tmp_path, mock_provider):
     transport), where the request reader pauses reading while its writes back up:
     without, +100 MB with TLS 1.2 ClientHellos in 10 s."""
     tls_port = held_port()
-    extra = f"""
-        [tls]
-        listen = "127.0.0.1:{tls_port}"
-        self_signed = true
-        ca_out = "{tmp_path / 'public' / 'ca.pem'}"
-        state_dir = "{tmp_path / 'private'}"
-        """
+    extra = self_signed_tls(tls_port, tmp_path / 'public' / 'ca.pem', tmp_path / 'private')
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra,
                              env={"CONDUIT_NATIVE_TLS": "0"}).start()
     try:
@@ -811,8 +794,7 @@ def test_a_corrupt_self_signed_state_is_a_config_error(tmp_path):
     conf = tmp_path / "c.toml"
     conf.write_text(f'keys_file = "{keys}"\nlisten = "127.0.0.1:{held_port()}"\n'
                     f'admin_listen = "127.0.0.1:{held_port()}"\n'
-                    f'[tls]\nlisten = "127.0.0.1:{held_port()}"\nself_signed = true\n'
-                    f'state_dir = "{state}"\nca_out = "{tmp_path / "ca.pem"}"\n')
+                    + self_signed_tls(held_port(), tmp_path / "ca.pem", state))
     r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "serve", "--config", str(conf)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "[tls] unreadable self-signed CA state" in r.stderr, r.stderr
@@ -829,13 +811,7 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
         with open(os.path.join(public_dir, name), "rb") as f:
             assert b"PRIVATE KEY" not in f.read(), name
     # A second sidecar with the same state_dir (a restart inside the pod) reuses the CA.
-    extra = f"""
-        [tls]
-        listen = "127.0.0.1:{held_port()}"
-        self_signed = true
-        ca_out = "{tmp_path / 'ca.pem'}"
-        state_dir = "{root / 'private'}"
-        """
+    extra = self_signed_tls(held_port(), tmp_path / 'ca.pem', root / 'private')
     again = SidecarProcess(str(tmp_path), "", Keys(), extra=extra).start()
     again.stop()
     with open(tmp_path / "ca.pem", "rb") as f:
@@ -933,13 +909,7 @@ def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
     # A running sidecar: put a leaf with 1 day left in its state_dir; the poll replaces it.
     state, public = tmp_path / "live-private", tmp_path / "live-public"
     tls_port = held_port()
-    extra = f"""
-        [tls]
-        listen = "127.0.0.1:{tls_port}"
-        self_signed = true
-        ca_out = "{public / 'ca.pem'}"
-        state_dir = "{state}"
-        """
+    extra = self_signed_tls(tls_port, public / 'ca.pem', state)
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(), extra=extra).start()
     try:
         ca_key, ca_cert = load_loopback_ca(state)
