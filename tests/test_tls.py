@@ -663,6 +663,16 @@ def test_certificate_rotation_by_symlink_swap(tmp_path, mock_provider):
         sidecar.stop()
 
 
+def tls_reload_line(sidecar) -> dict:
+    """The sidecar's one `tls_reload` log line, once it is written (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while not (lines := [line for line in sidecar.log_lines() if line.get("event") == "tls_reload"]):
+        assert time.monotonic() < deadline, "no reload attempted"
+        time.sleep(0.1)
+    line, = lines
+    return line
+
+
 def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(tmp_path, mock_provider):
     """tls.crt replaced while tls.key is still the old key (a renewal half written):
     the reload fails and the listener goes on with the pair it had. OpenSSL had
@@ -687,11 +697,7 @@ def test_a_certificate_without_its_key_is_not_loaded_and_the_current_one_serves(
     try:
         first = peer_cert_digest(tls_port, cafile)
         shutil.copy(other_cert, cert_file)              # not the key's certificate
-        deadline = time.monotonic() + 5
-        while not any(line.get("event") == "tls_reload" for line in sidecar.log_lines()):
-            assert time.monotonic() < deadline, "no reload attempted"
-            time.sleep(0.1)
-        reload, = [line for line in sidecar.log_lines() if line.get("event") == "tls_reload"]
+        reload = tls_reload_line(sidecar)
         assert reload["result"] == "invalid"
         assert peer_cert_digest(tls_port, cafile) == first
         # Counted, as a failed key reload is: an alert needs no log search.
@@ -720,15 +726,12 @@ def test_a_certificate_file_replaced_by_a_fifo_does_not_hold_the_sidecar(tmp_pat
         first = peer_cert_digest(tls_port, cafile)
         os.remove(cert)
         os.mkfifo(cert)
-        deadline = time.monotonic() + 5
-        while not any(line.get("event") == "tls_reload" for line in sidecar.log_lines()):
-            assert time.monotonic() < deadline, "no reload attempted"
-            time.sleep(0.1)
-        reload, = [line for line in sidecar.log_lines() if line.get("event") == "tls_reload"]
+        reload = tls_reload_line(sidecar)
         assert reload["result"] == "invalid" and "not a regular file" in reload["error"]
         assert peer_cert_digest(tls_port, cafile) == first
     finally:
         sidecar.stop()
+
 
 def _served(context, cafile):
     """The digest of the certificate a handshake with `context` (a server's) presents,
