@@ -492,6 +492,7 @@ class _AgentUpdate(msgspec.Struct):
 
 
 _agent_update = msgspec.json.Decoder(_AgentUpdate)
+_UPDATES = frozenset({"UpdateThink", "UpdateSpeak", "UpdateListen", "UpdateThink_Live"})
 
 
 def later_agent(message: bytes) -> tuple[str, ...]:
@@ -503,7 +504,10 @@ def later_agent(message: bytes) -> tuple[str, ...]:
         raise Refused(CloseCode.FORBIDDEN, "a virtual key in a later message")
     if not update.type.startswith("Update"):
         return ()
-    return _stage_models((update.think, update.think_live, update.listen, update.speak), update.type)
+    # The refusal names the type only if it is one of Deepgram's: the client's own is
+    # any text (a megabyte of it), and the reason goes into log lines.
+    naming = update.type if update.type in _UPDATES else _LATER
+    return _stage_models((update.think, update.think_live, update.listen, update.speak), naming)
 
 
 def may_name(message: bytes) -> bool:

@@ -261,6 +261,19 @@ def test_a_later_update_is_checked_as_the_settings_are(sidecar, key_id, later, a
     assert got[:len(answer)] == answer and "ThinkUpdated" not in got
 
 
+def test_a_refused_updates_type_is_not_repeated_whole_in_the_log(sidecar):
+    """A later message's `type` (any text starting with "Update") named the refusal of
+    its invalid model: a 1 MB type went whole into the `message_refused` line and the
+    `session_end` line's close reason. The reason is bounded."""
+    mark = log_mark(sidecar)
+    update = {"type": "Update" + "X" * 1_000_000, "think": {"provider": {"type": "open_ai", "model": ""}}}
+    got = _after_settings(sidecar, "good", json.dumps(update))
+    assert got[0] == 1002
+    end = last_session(sidecar, "deepgram_agent", mark)
+    refused = [r for r in sidecar.log_lines()[mark:] if r.get("event") == "message_refused"]
+    assert refused and max(len(json.dumps(r)) for r in [*refused, end]) < 2000
+
+
 def test_a_message_read_whole_is_bounded_in_its_fragments_headers_too(sidecar):
     """A later text message is withheld whole: its empty continuation frames (6 bytes
     of header each, no payload) were withheld without bound, past the 4 MiB a message
