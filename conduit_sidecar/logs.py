@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import sys
 import time
 import traceback
@@ -103,10 +105,27 @@ class LoopTurnHandler(logging.StreamHandler):
             try:
                 if lines:
                     lines.append("")
-                    self.stream.write("\n".join(lines))
+                    self.write("\n".join(lines))
                 self.stream.flush()
             except Exception:  # stdout gone: the lines are lost, never raised into the loop
                 self.handleError(logging.makeLogRecord({"msg": f"{len(lines) - 1} log lines"}))
+
+    def write(self, text: str) -> None:
+        """`text` written whole. On a non-blocking stdout (O_NONBLOCK set by a parent
+        that shares the pipe) that is full, Python's text stream loses the write without
+        a word: written to the file here, it waits for room as a blocking one does."""
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError):  # not a file
+            self.stream.write(text)
+            return
+        self.stream.flush()  # what was printed before, first
+        data = memoryview(text.encode())
+        while data:
+            try:
+                data = data[os.write(fd, data) :]
+            except BlockingIOError:
+                select.select((), (fd,), ())
 
 
 _ROOT = logging.getLogger("conduit")

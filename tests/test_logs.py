@@ -2,13 +2,22 @@
 gives the line the logger would, and yields to any other handler or filter."""
 
 import asyncio
+import fcntl
 import io
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import termios
+import threading
+import time
 
 import pytest
 
 from conduit_sidecar import logs
+from conftest import SidecarProcess, standard_keys
 
 
 class Counted(io.StringIO):
@@ -109,3 +118,61 @@ def test_a_failed_write_loses_the_lines_and_raises_nothing(stream, capsys):
 
     assert asyncio.run(body()) == []  # nothing kept to grow without bound
     assert "Broken pipe" in capsys.readouterr().err
+
+
+def _on_pipe(tmp_path, mock_provider, pipe_size: int) -> tuple[SidecarProcess, int]:
+    """A sidecar whose stdout is a non-blocking pipe of `pipe_size` bytes (as a parent
+    that set O_NONBLOCK on the pipe it shares leaves it), stderr to `stderr`; returns
+    it and the pipe's read end."""
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, pipe_size)
+    os.set_blocking(write, False)
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
+    with open(tmp_path / "stderr", "wb") as stderr:
+        sidecar.proc = subprocess.Popen(sidecar.argv, stdout=write, stderr=stderr, env=sidecar.env)
+    os.close(write)
+    return sidecar, read
+
+
+def _refused_requests(port: int, n: int) -> list[socket.socket]:
+    """`n` requests for a path the sidecar does not serve (one `refused` line each),
+    sent and not waited for."""
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(sock)
+    return socks
+
+
+def test_a_full_non_blocking_stdout_loses_no_line(tmp_path, mock_provider):
+    """With stdout a non-blocking pipe, a write that found the pipe full was lost
+    without a word (Python's text stream drops what EAGAIN refused): the lines logged
+    while the reader was behind were gone. The sidecar now waits for the pipe, as it
+    does for a blocking one: every line arrives, whole and in order."""
+    size = 4096
+    sidecar, read = _on_pipe(tmp_path, mock_provider, size)
+    out = [b""]
+    while b'"event":"start"' not in out[0]:  # read until it is up, then stop reading
+        out[0] += os.read(read, 65536)
+    socks = _refused_requests(sidecar.port, 300)
+    while int.from_bytes(fcntl.ioctl(read, termios.FIONREAD, bytes(4)), "little") < size - 1024:
+        time.sleep(0.01)  # the pipe fills (no room for another line): the lines after found it full
+
+    def reader():
+        while chunk := os.read(read, 65536):
+            out[0] += chunk
+
+    reading = threading.Thread(target=reader)
+    reading.start()
+    for sock in socks:
+        with sock:
+            assert sock.recv(100).startswith(b"HTTP/1.1 404")
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.proc.wait(10) == 0
+    reading.join()
+    os.close(read)
+    lines = [json.loads(line) for line in out[0].decode().splitlines()]
+    assert sum(line.get("event") == "refused" for line in lines) == 300
+    assert lines[-1]["event"] == "stop"
+
