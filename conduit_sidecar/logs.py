@@ -82,6 +82,7 @@ class LoopTurnHandler(logging.StreamHandler):
     def __init__(self, stream):
         super().__init__(stream)
         self.lines: list[str] = []
+        self.failing = False  # the last write failed (and was reported)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -107,8 +108,12 @@ class LoopTurnHandler(logging.StreamHandler):
                     lines.append("")
                     self.write("\n".join(lines))
                 self.stream.flush()
+                self.failing = False
             except Exception:  # stdout gone: the lines are lost, never raised into the loop
-                self.handleError(logging.makeLogRecord({"msg": f"{len(lines) - 1} log lines"}))
+                # Reported once, not at every turn (a traceback on stderr, 134 us each).
+                if not self.failing:
+                    self.failing = True
+                    self.handleError(logging.makeLogRecord({"msg": f"{len(lines) - 1} log lines"}))
 
     def write(self, text: str) -> None:
         """`text` written whole. On a non-blocking stdout (O_NONBLOCK set by a parent

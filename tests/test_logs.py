@@ -176,3 +176,19 @@ def test_a_full_non_blocking_stdout_loses_no_line(tmp_path, mock_provider):
     assert sum(line.get("event") == "refused" for line in lines) == 300
     assert lines[-1]["event"] == "stop"
 
+
+def test_a_stdout_nobody_reads_is_reported_once(tmp_path, mock_provider):
+    """Once stdout's reader is gone, each loop turn's write failed and each failure
+    printed a 20-line traceback to stderr (134 µs of the event loop each): a refused
+    connection a turn cost a kilobyte of stderr. One report now, until a write works."""
+    sidecar, read = _on_pipe(tmp_path, mock_provider, 65536)
+    out = b""
+    while b'"event":"start"' not in out:
+        out += os.read(read, 65536)
+    os.close(read)
+    for sock in _refused_requests(sidecar.port, 20):
+        with sock:
+            assert sock.recv(100).startswith(b"HTTP/1.1 404")
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.proc.wait(10) == 0
+    assert (tmp_path / "stderr").read_text().count("Traceback") == 1
