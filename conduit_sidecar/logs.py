@@ -166,6 +166,11 @@ def setup(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Other libraries' warnings and errors (redis-py's, asyncio's) as JSON lines too, not
+    # as Python's last resort prints them, plain text on stderr; never their debug lines,
+    # whatever `level`: websockets' quote the headers it sends.
+    logging.root.handlers[:] = [handler]
+    logging.root.setLevel(logging.WARNING)
     # The lines carry none of the caller's file and line, thread or process: don't
     # look them up for every record (logging's documented switches, see its HOWTO's
     # "Optimization"); a session's end is logged thousands of times a second.

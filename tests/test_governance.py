@@ -1206,6 +1206,65 @@ def test_a_redis_reply_that_quotes_our_command_never_carries_the_password_furthe
     assert password not in output and password not in usage_text, usage_text
 
 
+def before_redis_6(redis_port: int):
+    """A server in front of redis-server on `redis_port` that knows no HELLO, as Redis
+    before 6 and some proxies: it answers HELLO as Redis words an unknown command and
+    passes the rest on."""
+    async def serve(reader, writer):
+        upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", redis_port)
+
+        async def back():
+            with contextlib.suppress(ConnectionError):
+                while data := await upstream_reader.read(65536):
+                    writer.write(data)
+            writer.close()
+        replies = asyncio.create_task(back())
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
+            while line := await reader.readline():
+                raw, args = line, []
+                for _ in range(int(line[1:])):
+                    size = await reader.readline()
+                    arg = await reader.readexactly(int(size[1:]) + 2)
+                    raw, args = raw + size + arg, [*args, arg[:-2]]
+                if args[0].upper() == b"HELLO":
+                    writer.write(b"-ERR unknown command 'HELLO', with args beginning with: '3'\r\n")
+                else:
+                    upstream.write(raw)
+        upstream.close()
+        await replies
+    return serve
+
+
+def test_a_redis_without_hello_leaves_no_plain_text_in_the_log(redis_server, tmp_path, mock_provider):
+    """redis-py tries HELLO 3 on each connection and, where the server does not know it
+    (Redis before 6, some proxies), logs a warning and falls back to RESP2. Its logger
+    had no handler: Python's last resort printed the warning as plain text on stderr,
+    one line (of 330 bytes) per connection, among the JSON lines of the container's
+    log. It is a JSON line now, as any other library's warning."""
+    port = held_port()
+    keys = Keys()
+    keys.add("good", max_connections=2)  # admission asks the store
+    proc = SidecarProcess(str(tmp_path), mock_provider.section() + (
+        f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}/0"\n'), keys)
+
+    async def body():
+        listening = await asyncio.start_server(before_redis_6(redis_server.port), "127.0.0.1", port)
+        try:
+            proc.start()
+            outcome = await attempt(proc, "good")
+            assert outcome[0] == "open", outcome
+            await outcome[1].close()
+        finally:
+            listening.close()
+    try:
+        run(body())
+        assert metric(proc, 'conduit_state_operations_total{op="admit",result="ok"}') == 1
+    finally:
+        proc.stop()
+    lines = [json.loads(line) for line in proc.output().splitlines()]  # each one JSON
+    assert any(line["logger"].startswith("redis") and line["level"] == "warning" for line in lines)
+
+
 def test_a_redis_password_file_saved_with_a_byte_order_mark_is_read_without_it(sidecars, tmp_path):
     """A `[state] password_file` saved by Notepad starts with a UTF-8 byte-order mark,
     as a provider's `secret_file` may (whose mark is dropped). The mark was sent as part

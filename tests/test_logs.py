@@ -35,10 +35,10 @@ def stream(monkeypatch):
     out = Counted()
     monkeypatch.setattr("sys.stdout", out)
     root = logging.getLogger("conduit")
-    saved = root.handlers[:], root.level, root.propagate
+    saved = root.handlers[:], root.level, root.propagate, logging.root.handlers[:], logging.root.level
     logs.setup("info")
     yield out
-    root.handlers[:], root.level, root.propagate = saved
+    root.handlers[:], root.level, root.propagate, logging.root.handlers[:], logging.root.level = saved
 
 
 def _lines(out: Counted) -> list[dict]:
