@@ -32,7 +32,19 @@ def _config(path: str | None, overrides: dict | None = None) -> tuple[config_mod
         raise ConfigError(f"{config_mod.source(path)}: {exc}") from None
 
 
+def _hold_standard_descriptors() -> None:
+    """Descriptors 0-2 closed at start (`>&-`) held open on /dev/null: else the next
+    file opened takes one (uvloop's epoll did), and libuv aborts the process when it
+    closes a descriptor below 3. (Python, seeing no stdout, logs to stderr.)"""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+
+
 def _serve(args) -> int:
+    _hold_standard_descriptors()
     try:
         conf, router = _config(
             args.config,
@@ -395,7 +407,8 @@ def main(argv=None) -> int:
         try:
             return _run(argv)
         finally:
-            sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is seen here
+            if sys.stdout is not None:  # None: started with stdout closed
+                sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is seen here
     except BrokenPipeError:
         # Python's "Note on SIGPIPE": no traceback, and stdout to devnull so that the
         # flush at exit does not fail again.

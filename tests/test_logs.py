@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -192,3 +193,22 @@ def test_a_stdout_nobody_reads_is_reported_once(tmp_path, mock_provider):
     sidecar.proc.send_signal(signal.SIGTERM)
     assert sidecar.proc.wait(10) == 0
     assert (tmp_path / "stderr").read_text().count("Traceback") == 1
+
+
+def test_a_closed_stdout_logs_to_stderr_and_the_sidecar_exits_cleanly(tmp_path, mock_provider):
+    """Started with stdout closed (`>&-`), the sidecar's next file took descriptor 1:
+    uvloop's epoll, and libuv aborts (SIGABRT, exit 134) when it closes a descriptor
+    below 3, at every exit. Descriptors 0-2 are now held open (on /dev/null) first;
+    the lines go to stderr, as Python's logging does with no stdout."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys())
+    command = " ".join(map(shlex.quote, sidecar.argv)) + " >&-"
+    with open(tmp_path / "stderr", "wb") as stderr:
+        sidecar.proc = subprocess.Popen(["sh", "-c", "exec " + command], stderr=stderr, env=sidecar.env)
+    deadline = time.monotonic() + 10
+    while b'"event":"start"' not in (tmp_path / "stderr").read_bytes():
+        assert sidecar.proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+        time.sleep(0.02)
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.proc.wait(10) == 0, (tmp_path / "stderr").read_text()
+    lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
+    assert lines[-1]["event"] == "stop"
