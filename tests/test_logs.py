@@ -151,14 +151,16 @@ def test_a_full_non_blocking_stdout_loses_no_line(tmp_path, mock_provider):
     without a word (Python's text stream drops what EAGAIN refused): the lines logged
     while the reader was behind were gone. The sidecar now waits for the pipe, as it
     does for a blocking one: every line arrives, whole and in order."""
-    size = 4096
-    sidecar, read = _on_pipe(tmp_path, mock_provider, size)
+    sidecar, read = _on_pipe(tmp_path, mock_provider, 4096)
     out = [b""]
     while b'"event":"start"' not in out[0]:  # read until it is up, then stop reading
         out[0] += os.read(read, 65536)
     socks = _refused_requests(sidecar.port, 300)
-    while int.from_bytes(fcntl.ioctl(read, termios.FIONREAD, bytes(4)), "little") < size - 1024:
-        time.sleep(0.01)  # the pipe fills (no room for another line): the lines after found it full
+    # Not read until the pipe holds lines and stops taking more: full for the sidecar's
+    # next write (a turn's lines), which waits for room, or (before) was lost.
+    held = -1
+    while held != (held := int.from_bytes(fcntl.ioctl(read, termios.FIONREAD, bytes(4)), "little")) or not held:
+        time.sleep(0.5)
 
     def reader():
         while chunk := os.read(read, 65536):
