@@ -464,16 +464,16 @@ def test_a_burst_of_handshakes_opens_at_most_pool_size_connections_to_redis(side
 
 def test_a_wait_for_a_pooled_connection_past_timeout_seconds_fails_as_a_slow_redis(sidecars, redis_server):
     """One connection to Redis (pool_size 1) over a link whose replies come 0.4 s late
-    (timeout_seconds 0.5), on_unavailable = "closed", two handshakes at once: one call
-    holds the connection for its setup and script (several replies), the other waits
-    for it past timeout_seconds and is refused (1013) as when Redis is slow. Unbounded,
-    both were admitted; a wait without that timeout (redis-py's default: 20 s) held the
-    handshake until the connection was free."""
+    (timeout_seconds 1: each reply well within it), on_unavailable = "closed", two
+    handshakes at once: one call holds the new connection for its setup and script (six
+    replies, 2.4 s), the other waits for it past timeout_seconds and is refused (1013)
+    as when Redis is slow. Unbounded, both were admitted; a wait without that timeout
+    (redis-py's default: 20 s) held the handshake until the connection was free."""
     keys = Keys()
     keys.add("rated", sessions_per_minute=1000)
     link_port = held_port()
     proc, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1, on_unavailable=("closed",),
-                     extra="pool_size = 1\n")   # in [state], the config's last table
+                     extra="pool_size = 1\ntimeout_seconds = 1\n")   # in [state], the last table
 
     async def scenario():
         async with RedisLink(link_port, redis_server.port, delay=0.4):
