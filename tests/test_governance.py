@@ -648,16 +648,18 @@ class RedisLink:
 
 def test_a_slow_redis_holds_no_lease_renewal_back(sidecars, redis_server):
     """Pod `a` reaches Redis over a link that answers 0.25 s late (timeout_seconds is
-    0.5) and holds sessions of 24 budgeted keys and one of a key with max_connections 1.
-    The tick's flush took one round trip per key (6 s) before the lease renewal, so
-    the lease (3 s) expired between renewals and pod `b` let a second session in."""
+    2: no call fails, nor waits for a connection with pool_size 32) and holds sessions
+    of 24 budgeted keys and one of a key with max_connections 1. The tick's flush took
+    one round trip per key (6 s) before the lease renewal, so the lease (3 s) expired
+    between renewals and pod `b` let a second session in."""
     keys = Keys()
     keys.add("one", max_connections=1)
     budgeted = [f"b{i}" for i in range(24)]
     for key_id in budgeted:
         keys.add(key_id, budgets=[{"metric": "tokens", "limit": 100000, "window": "hour"}])
     link_port = held_port()
-    a, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1)
+    a, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1,
+                  extra="timeout_seconds = 2\npool_size = 32\n")
     b, = sidecars(keys, redis_server.url, n=1)
 
     async def scenario():
