@@ -1129,20 +1129,25 @@ class Chaos:
             self.end = time.monotonic() + SECONDS
             rng = random.Random(f"{self.seed}/keys")
             await asyncio.gather(self.revoker(rng), *(self.worker(i) for i in range(WORKERS)))
-            # Every provider connection is let go by the sidecar (none of our modes holds one).
-            deadline = time.monotonic() + CONNECT_TIMEOUT + 3 * CLOSE_TIMEOUT + 5
-            while self.up_transports and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            for t in list(self.up_transports):
-                self.violations.append(
-                    f"[seed {self.seed}] a provider connection still open: "
-                    f"{[m for m, r in self.up.items() if r.open_transports][:5]}"
-                )
-                t.abort()
-                break
+            await self.let_go()
         finally:
             for server in servers:
                 server.close()
+
+    async def let_go(self):
+        """Every provider connection is let go by the sidecar (none of our modes holds
+        one). Awaited before the loop ends: one still closing when its loop is gone
+        would never see its end."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT + 3 * CLOSE_TIMEOUT + 5
+        while self.up_transports and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for t in list(self.up_transports):
+            self.violations.append(
+                f"[seed {self.seed}] a provider connection still open: "
+                f"{[m for m, r in self.up.items() if r.open_transports][:5]}"
+            )
+            t.abort()
+            break
 
 
 # -- invariants ---------------------------------------------------------------------------
@@ -1230,7 +1235,9 @@ async def _main_fresh(self, body):
     servers = await self.servers()
     try:
         self.end = time.monotonic() + 5
-        return await body()
+        result = await body()
+        await self.let_go()
+        return result
     finally:
         for server in servers:
             server.close()
