@@ -515,6 +515,8 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         host.rejected(decision)
         _close_after_upgrade(host, transport, decision, bytes(client.early))
         return
+    if isinstance(transport, tlsleg.TLSStream):
+        transport.unguard()  # a key holder's: read as the session's own limits say
 
     info = SessionInfo(
         decision.key,

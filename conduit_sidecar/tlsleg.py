@@ -73,6 +73,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         self.waiter: asyncio.Future | None = None  # the client's handshake
         self.paused = False  # by the app
         self.blocked = False  # the socket's write buffer is past its high-water mark
+        self.guarded = True  # until unguard(): blocked stops the reading
         self.closing = False
         self.ender: asyncio.TimerHandle | None = None  # of a closed stream with bytes left to send
         # While kernel TLS is on: records sent under this side's first application
@@ -118,15 +119,27 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
         # OpenSSL answers some records on its own (a key update request, a TLS 1.2
         # renegotiation's ClientHello): a peer that reads none of the answers is read
         # no further, so that they cannot pile up here.
-        self.blocked = True
-        self.raw.pause_reading()
+        if self.guarded:
+            self.blocked = True
+            self.raw.pause_reading()
         self.app.pause_writing()
 
     def resume_writing(self):
-        self.blocked = False
-        if not self.paused:
-            self._read_again()
+        self._unblock()
         self.app.resume_writing()
+
+    def unguard(self) -> None:
+        """From here on a full write buffer stops no reading: the app's flow control
+        decides (the sidecar's, once a request is read: a client that has not read a
+        long greeting must still be read for its first message, within its limits)."""
+        self.guarded = False
+        self._unblock()
+
+    def _unblock(self) -> None:
+        if self.blocked:
+            self.blocked = False
+            if not self.paused:
+                self._read_again()
 
     def _screen(self, data: bytes) -> bytes | None:
         """Server side: the client's records are read ahead of OpenSSL for its
