@@ -166,8 +166,6 @@ def load_keys(path: str) -> KeySet:
         data = read_regular(path, MAX_KEY_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_KEY_FILE_BYTES >> 20} MiB")
     # Only a \u escape can spell the prefix's letters: most files are decoded once.
     if KEY_PREFIX.encode() in data or (b"\\u" in data and KEY_PREFIX.encode() in _unescaped(data)):
         raise ConfigError(

@@ -11,12 +11,10 @@ percent-encoded; any value with a control character is refused.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import re
 import ssl
-import stat
 import urllib.parse
 
 import msgspec
@@ -33,6 +31,7 @@ __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_CA_BYTES = 1 << 20  # a ConfigMap's or Secret's limit
 MAX_SECRET_BYTES = 64 << 10  # a provider key is short; a log mounted by mistake is not read whole
 # A session's URL repeats: parse it once (the URI is shared and never changed; 256
 # kept, as URLs hold client-chosen models).
@@ -324,8 +323,6 @@ class Router:
             cached = self._secrets.get(spec.secret_file)
             if cached is None or cached[0] != stamp:
                 data = read_regular(spec.secret_file, MAX_SECRET_BYTES)
-                if len(data) > MAX_SECRET_BYTES:
-                    raise OSError(errno.EFBIG, f"larger than {MAX_SECRET_BYTES >> 10} KiB")
                 cached = (stamp, data.decode("utf-8-sig").strip())  # a BOM (Notepad's) dropped
                 self._secrets[spec.secret_file] = cached
             return cached[1]
@@ -351,14 +348,20 @@ class Router:
             ctx.options |= ssl.OP_NO_RENEGOTIATION
             if ca_file:
                 try:
-                    if not stat.S_ISREG(os.stat(ca_file).st_mode):  # a FIFO would hold the loop
-                        raise OSError(errno.EINVAL, "not a regular file")
-                    ctx.load_verify_locations(ca_file)
-                except OSError as exc:  # ssl.SSLError included: not PEM certificates
-                    why = "no PEM certificates" if isinstance(exc, ssl.SSLError) else exc.strerror
+                    # cadata takes ASCII only: a bundle's comments may name an issuer
+                    # outside it, and OpenSSL reads nothing outside the PEM blocks.
+                    ctx.load_verify_locations(
+                        cadata=read_regular(ca_file, MAX_CA_BYTES).decode("ascii", "ignore")
+                    )
+                    why = None
+                except (ssl.SSLError, ValueError):  # ValueError: an empty file
+                    why = "no PEM certificates"
+                except OSError as exc:
+                    why = exc.strerror
+                if why:
                     raise RouteError(
                         CloseCode.INTERNAL_ERROR, "provider CA file unavailable", f"ca_file {ca_file}: {why}"
-                    ) from None
+                    )
             cached = self._contexts[ca_file] = (stamp, ctx)
         return cached[1]
 

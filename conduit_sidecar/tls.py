@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import ipaddress
 import logging
 import os
@@ -386,8 +385,6 @@ def _copies(*paths: str) -> Iterator[list[str]]:
         copies = []
         for path in paths:
             data = read_regular(path, MAX_PEM_BYTES)  # a FIFO would hold the event loop
-            if len(data) > MAX_PEM_BYTES:
-                raise OSError(errno.EFBIG, f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB")
             copy = stack.enter_context(os.fdopen(os.memfd_create("conduit-tls"), "wb"))
             copy.write(data)
             copy.flush()

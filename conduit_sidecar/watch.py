@@ -13,14 +13,18 @@ __all__ = ["FileWatch", "file_signature", "read_regular"]
 
 
 def read_regular(path: str, limit: int) -> bytes:
-    """The file's bytes, at most `limit` + 1 (the caller refuses more). OSError when
-    it is not a regular file: a FIFO put there by mistake would hold the open (and
-    the event loop of a running sidecar) until something writes to it, a device
-    such as /dev/zero the read. Opened without blocking, for the FIFO."""
+    """The file's bytes. OSError when it is not a regular file (a FIFO put there by
+    mistake would hold the open, and the event loop of a running sidecar, until
+    something writes to it; a device such as /dev/zero the read), or when it holds
+    more than `limit` bytes (EFBIG). Opened without blocking, for the FIFO."""
     with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return f.read(limit + 1)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+        raise OSError(errno.EFBIG, f"larger than {size}", path)
+    return data
 
 
 def file_signature(path: str, ctime: bool = False):

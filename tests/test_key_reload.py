@@ -229,6 +229,6 @@ def test_a_key_file_grown_huge_is_refused_and_the_last_good_set_stays(tmp_path, 
             assert await live.recv() == b"still here"
         run(body())
         errors = [line["error"] for line in sidecar.log_lines() if line.get("event") == "keys_reload"]
-        assert errors == [f"{sidecar.keys_file}: larger than 16 MiB"]
+        assert errors == [f"{sidecar.keys_file}: cannot read: larger than 16 MiB"]
     finally:
         sidecar.stop()

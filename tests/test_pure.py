@@ -807,3 +807,28 @@ def test_origins_as_browsers_send_them_are_taken(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(f"allowed_origins = {json.dumps(origins)}\n")
     assert config_module.load(str(path), environ={}).allowed_origins == origins
+
+
+def test_a_provider_ca_file_is_read_as_a_bundle_is_written(tmp_path):
+    """The CA file is read once, bounded (routing.MAX_CA_BYTES), and handed to OpenSSL
+    as text: a bundle whose comments name an issuer outside ASCII (Mozilla's do) still
+    loads, while an empty file, one with no certificate and one past the bound are
+    each named for what they are."""
+    from conduit_sidecar import tls
+    from conduit_sidecar.routing import MAX_CA_BYTES
+    key = tls.new_key()
+    ca = tls.pem(tls.certificate(key, name="Test CA", days=1, ca=True))
+    files = {"bundle": "# Issuer: CN=F\u0151tan\u00fas\u00edtv\u00e1ny\n".encode() + ca, "empty": b"",
+             "text": b"no certificate here\n", "huge": ca + b"#" * MAX_CA_BYTES}
+    outcomes = {}
+    system = router().ssl_context(None).cert_store_stats()["x509_ca"]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        try:
+            outcomes[name] = router().ssl_context(str(tmp_path / name)).cert_store_stats()["x509_ca"] - system
+        except RouteError as exc:
+            outcomes[name] = exc.detail
+    assert outcomes == {"bundle": 1,
+                        "empty": f"ca_file {tmp_path / 'empty'}: no PEM certificates",
+                        "text": f"ca_file {tmp_path / 'text'}: no PEM certificates",
+                        "huge": f"ca_file {tmp_path / 'huge'}: larger than 1 MiB"}
