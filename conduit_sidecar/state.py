@@ -212,7 +212,6 @@ class RedisStore:
                 raise ConfigError(f"{state.password_file}: cannot read: {exc.strerror}") from None
             except UnicodeDecodeError:  # its message quotes a byte of the password
                 raise ConfigError(f"{state.password_file}: not UTF-8 text") from None
-        self.errors = (redis.RedisError, OSError, TimeoutError)
         # Failures in the client's own words (not their subclasses that carry a reply:
         # AuthenticationError, BusyLoadingError).
         self.worded = (redis.ConnectionError, redis.TimeoutError)
@@ -248,15 +247,6 @@ class RedisStore:
         self.renew_script = self.client.register_script(_RENEW)
         self.add_script = self.client.register_script(_ADD)
 
-    def _failed(self, exc: Exception) -> StoreError:
-        """A failed call, as log lines and `usage` word it: a connection's or a timeout's
-        own message, else only the kind. A reply's text is the server's, and one that
-        does not know a command quotes it (`unknown command 'AUTH', with args beginning
-        with: 'default' 'PASSWORD'`), as a reply that is not RESP quotes what came."""
-        if isinstance(exc, (OSError, TimeoutError)) or type(exc) in self.worded:
-            return StoreError(str(exc) or type(exc).__name__)
-        return StoreError(f"{type(exc).__name__} (the reply's text not shown)")
-
     def key(self, key_id: str, suffix: str) -> str:
         return f"{self.prefix}{{{key_id}}}:{suffix}"
 
@@ -273,12 +263,18 @@ class RedisStore:
         return await self._ask(script(keys=keys, args=args))
 
     async def _error(self, exc: Exception) -> StoreError:
+        """A failed call, as log lines and `usage` word it: a connection's or a timeout's
+        own message, else only the kind. A reply's text is the server's, and one that
+        does not know a command quotes it (`unknown command 'AUTH', with args beginning
+        with: 'default' 'PASSWORD'`), as a reply that is not RESP quotes what came."""
         if isinstance(exc, self.read_only):
             # A failover made the node these connections reach a replica (the URL's
             # name now points to the new primary): new ones look the name up again.
-            with contextlib.suppress(*self.errors):
+            with contextlib.suppress(Exception):  # as _ask: whatever the client raises
                 await self.client.connection_pool.disconnect()
-        return self._failed(exc)
+        if isinstance(exc, (OSError, TimeoutError)) or type(exc) in self.worded:
+            return StoreError(str(exc) or type(exc).__name__)
+        return StoreError(f"{type(exc).__name__} (the reply's text not shown)")
 
     async def _call_each(self, script, calls: list[tuple[list[str], list]]) -> list:
         """`script` once per (keys, args), all in one round trip (a pipeline, not a
