@@ -297,13 +297,13 @@ class Router:
         """The provider's secret; RouteError (its `detail` says where and why) when it
         cannot be read, or no header could carry it: headers go out in ISO-8859-1 (a
         typographic quote pasted with the key cannot), and no provider's key has a
-        character outside ASCII."""
+        character outside ASCII. An empty one (a Secret created without its key's value)
+        would go out as `Bearer `, and the provider's 401 look like a revoked key."""
         value = self._read_secret(spec)
-        if not value.isascii():
+        why = "empty" if not value else None if value.isascii() else "a character outside ASCII"
+        if why:
             raise RouteError(
-                CloseCode.INTERNAL_ERROR,
-                "provider secret unavailable",
-                f"{_source(spec)}: a character outside ASCII",
+                CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
             )
         return value
 

@@ -99,6 +99,8 @@ def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
     r = cli("check-config", "--config", str(conf), env={**env, "CONDUIT_TEST_UNSET": "hunter3"})
     assert f"warning: provider 'openai': secret_file {secret}: a character outside ASCII" in r.stderr
     assert "hunter" not in r.stdout + r.stderr
+    r = cli("check-config", "--config", str(conf), env={**env, "CONDUIT_TEST_UNSET": " "})
+    assert "warning: provider 'local': secret_env CONDUIT_TEST_UNSET: empty" in r.stderr
     secret.write_text("sk-hunter2\n")
     r = cli("check-config", "--config", str(conf), env={**env, "CONDUIT_TEST_UNSET": "hunter3"})
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr

@@ -563,18 +563,24 @@ def test_an_unavailable_secret_is_logged_with_where_it_was_looked_for(mock_provi
     quoted = os.path.join(workdir, "quoted-secret")
     with open(quoted, "w", encoding="utf-8") as f:
         f.write("sk-\u2019pasted")
+    empty = os.path.join(workdir, "empty-secret")  # a Secret made without its value
+    with open(empty, "w") as f:
+        f.write("\n")
     closes, errors = _config_faults(mock_provider, workdir, {
         "by_file": f'secret_file = "{missing}"',
         "by_env": 'secret_env = "CONDUIT_TEST_UNSET_SECRET"',
         "by_quoted": f'secret_file = "{quoted}"',
+        "by_empty": f'secret_file = "{empty}"',
         "by_ca": f'secret_env = "PROVIDER_KEY"\nca_file = "{not_pem}"'})
     assert closes == {"by_file": (1011, "provider secret unavailable"),
                       "by_env": (1011, "provider secret unavailable"),
                       "by_quoted": (1011, "provider secret unavailable"),
+                      "by_empty": (1011, "provider secret unavailable"),
                       "by_ca": (1011, "provider CA file unavailable")}
     assert errors == {"by_file": f"secret_file {missing}: No such file or directory",
                       "by_env": "secret_env CONDUIT_TEST_UNSET_SECRET is not set",
                       "by_quoted": f"secret_file {quoted}: a character outside ASCII",
+                      "by_empty": f"secret_file {empty}: empty",
                       "by_ca": f"ca_file {not_pem}: no PEM certificates"}
 
 
