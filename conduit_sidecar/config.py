@@ -261,8 +261,8 @@ def load(
     where = source(path, environ)
     if where != "defaults":
         try:
-            with open(where, "rb") as f:
-                raw = msgspec.toml.decode(f.read())
+            with open(where, "rb") as f:  # a byte-order mark (Notepad's) dropped: TOML has none
+                raw = msgspec.toml.decode(f.read().removeprefix(b"\xef\xbb\xbf"))
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
         except msgspec.DecodeError as exc:

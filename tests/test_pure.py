@@ -832,3 +832,11 @@ def test_a_provider_ca_file_is_read_as_a_bundle_is_written(tmp_path):
                         "empty": f"ca_file {tmp_path / 'empty'}: no PEM certificates",
                         "text": f"ca_file {tmp_path / 'text'}: no PEM certificates",
                         "huge": f"ca_file {tmp_path / 'huge'}: larger than 1 MiB"}
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark; the sidecar refused such a file with
+    "Invalid statement", naming nothing the user could see in it."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + 'listen = "127.0.0.1:7"\n'.encode())
+    assert config_module.load(str(path), environ={}).listen == "127.0.0.1:7"
