@@ -76,6 +76,25 @@ def test_check_config_names_file_field_and_problem(tmp_path):
     assert "Bearer ***" in r.stdout and "(1 keys)" in r.stdout
 
 
+def test_listings_never_print_a_credential_typed_into_the_config(tmp_path):
+    """A provider key written into `headers` or the URL itself (rather than read through
+    `{secret}` from a file or variable) was printed whole by check-config and providers,
+    into a terminal, a CI log or a ticket."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n[providers.mine]\n'
+                    'url = "wss://127.0.0.1:9/v1?model={model}&api_key=AIzaHUNTER1&mode=fast"\n'
+                    'headers = { Authorization = "Bearer sk-HUNTER2", "xi-api-key" = "HUNTER3", '
+                    '"OpenAI-Beta" = "realtime=v1" }\n')
+    env = {k: v for k, v in os.environ.items() if k != "CONDUIT_CONFIG"}
+    for command in ("check-config", "providers"):
+        r = cli(command, "--config", str(conf), env=env)
+        assert r.returncode == 0, r.stderr
+        assert "HUNTER" not in r.stdout + r.stderr
+        assert "model={model}&api_key=***&mode=fast" in r.stdout     # what is not a credential stays
+        assert "realtime=v1" in r.stdout and "***" in r.stdout
+
 def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
     """A missing secret file or unset variable passed check-config silently; then every
     session of that provider got 1011 "provider secret unavailable" (a provider with one
