@@ -74,6 +74,13 @@ def loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None
     logging.getLogger("conduit.loop").error("an event loop callback failed", extra=fields)
 
 
+def _unraisable(unraisable) -> None:
+    fields: dict[str, Any] = {"event": "unraisable", "object": type(unraisable.object).__qualname__}
+    if unraisable.exc_value is not None:
+        fields["error"] = trace(unraisable.exc_value)
+    logging.getLogger("conduit.unraisable").error("an exception Python could only ignore", extra=fields)
+
+
 class LoopTurnHandler(logging.StreamHandler):
     """Lines logged during one turn of the event loop go out in one write at its end,
     not one system call each. Outside a running loop each line is written at once;
@@ -171,6 +178,11 @@ def setup(level: str = "info") -> None:
     # whatever `level`: websockets' quote the headers it sends.
     logging.root.handlers[:] = [handler]
     logging.root.setLevel(logging.WARNING)
+    # And Python's own: warnings (to the `py.warnings` logger) and exceptions it can
+    # only ignore (in a `__del__`, a finalizer), whose default print also quotes the
+    # object's repr.
+    logging.captureWarnings(True)
+    sys.unraisablehook = _unraisable
     # The lines carry none of the caller's file and line, thread or process: don't
     # look them up for every record (logging's documented switches, see its HOWTO's
     # "Optimization"); a session's end is logged thousands of times a second.

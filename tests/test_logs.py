@@ -11,7 +11,9 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import termios
+import textwrap
 import threading
 import time
 
@@ -37,9 +39,11 @@ def stream(monkeypatch):
     monkeypatch.setattr("sys.stdout", out)
     root = logging.getLogger("conduit")
     saved = root.handlers[:], root.level, root.propagate, logging.root.handlers[:], logging.root.level
+    monkeypatch.setattr("sys.unraisablehook", sys.unraisablehook)  # setup() sets it: put back
     logs.setup("info")
     yield out
     root.handlers[:], root.level, root.propagate, logging.root.handlers[:], logging.root.level = saved
+    logging.captureWarnings(False)
 
 
 def _lines(out: Counted) -> list[dict]:
@@ -214,3 +218,29 @@ def test_a_closed_stdout_logs_to_stderr_and_the_sidecar_exits_cleanly(tmp_path, 
     assert sidecar.proc.wait(10) == 0, (tmp_path / "stderr").read_text()
     lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
     assert lines[-1]["event"] == "stop"
+
+
+def test_pythons_own_warnings_and_ignored_exceptions_are_json_lines():
+    """Python prints a warning, and an exception raised where it can only be ignored
+    (a `__del__`, a finalizer), as plain text on stderr: not a JSON line, and the
+    latter with the object's repr and the exception's message."""
+    code = textwrap.dedent('''
+        import warnings
+        from conduit_sidecar import logs
+        logs.setup("info")
+        warnings.warn("an old call", DeprecationWarning)
+        class Leg:
+            def __del__(self):
+                raise ValueError("condt_SECRET")
+        leg = Leg()
+        del leg
+    ''')
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("py.warnings", "warning"), ("conduit.unraisable", "error")]
+    assert "DeprecationWarning: an old call" in lines[0]["msg"]
+    assert "builtins.ValueError (message not logged)" in lines[1]["error"]
+    assert "condt_SECRET" not in r.stdout
