@@ -266,7 +266,13 @@ def _keys_new(args) -> int:
 
 
 def _keys_hash(args) -> int:
-    print(hash_key(args.key))
+    # From standard input when not given: a key on the command line is in the process
+    # list while the command runs, and in the shell's history after.
+    key = args.key if args.key not in (None, "-") else sys.stdin.readline().strip()
+    if not key:
+        print("conduit-sidecar: no key given (as the argument, or a line on standard input)", file=sys.stderr)
+        return 1
+    print(hash_key(key))
     return 0
 
 
@@ -364,7 +370,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--public-agent", action="append", metavar="AGENT_ID")
     n.set_defaults(func=_keys_new)
     h = k.add_parser("hash", help="print the sha256 of a key")
-    h.add_argument("key")
+    h.add_argument("key", nargs="?", help="the key; without it (or -), a line read from standard input")
     h.set_defaults(func=_keys_hash)
 
     c = sub.add_parser("check-config", help="validate config and key file")

@@ -170,7 +170,7 @@ def load_keys(path: str) -> KeySet:
     if KEY_PREFIX.encode() in data or (b"\\u" in data and KEY_PREFIX.encode() in _unescaped(data)):
         raise ConfigError(
             f"{path}: holds a plaintext key ({KEY_PREFIX}...): store only its "
-            "sha256 (conduit-sidecar keys hash KEY)"
+            "sha256 (conduit-sidecar keys hash, the key on its standard input)"
         )
     try:
         keyfile = msgspec.json.decode(data, type=KeyFile)

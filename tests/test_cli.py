@@ -28,6 +28,14 @@ def test_keys_new_prints_a_key_once_and_its_hash_entry():
                      "max_connections": 5}
     assert key not in lines[-1]
     assert cli("keys", "hash", key).stdout.strip() == hash_key(key)
+    # From standard input, out of the process list and the shell's history.
+    for args in (("keys", "hash"), ("keys", "hash", "-")):
+        r = subprocess.run([sys.executable, "-m", "conduit_sidecar", *args], input=key + "\n",
+                           capture_output=True, text=True, timeout=30)
+        assert (r.returncode, r.stdout.strip()) == (0, hash_key(key)), r.stderr
+    r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "keys", "hash"], input="",
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "no key given" in r.stderr
     assert cli("keys", "new", "--id", "x").stdout.splitlines()[0] != lines[0]
     public = cli("keys", "new", "--id", "web", "--public-agent", "agent_a", "--public-agent", "agent_b")
     assert json.loads(public.stdout.splitlines()[-1])["public_agents"] == ["agent_a", "agent_b"]
