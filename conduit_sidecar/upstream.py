@@ -85,7 +85,14 @@ class _UpstreamHandshake(asyncio.Protocol):
     def __init__(self, request: bytes):
         self.request = request
         self.reader = StreamReader()
-        self.parser = Response.parse(self.reader.read_line, self.reader.read_exact, self.reader.read_to_eof)
+        # Proxy mode: the status line and headers only. A refusal's body is never used,
+        # and waiting for it turned a body that is slow, endless or cut short into a
+        # timeout or an invalid response: the status, and what it says of the deployment
+        # (Retry-After, 401, 404), was lost. (It takes an HTTP/1.0 status line too, which
+        # RFC 6455 4.1 does not ask a client to refuse.)
+        self.parser = Response.parse(
+            self.reader.read_line, self.reader.read_exact, self.reader.read_to_eof, proxy=True
+        )
         next(self.parser)
         self.result = asyncio.get_running_loop().create_future()
         self.size = 0

@@ -404,6 +404,72 @@ def test_a_429_with_two_retry_after_headers_fails_over(workdir, retry_after):
     assert (attempt["deployment"], attempt["outcome"]) == ("bad", "http_429")
 
 
+class Unfinished(Refusing):
+    """Answers with an HTTP status and headers, then a body that does not come whole:
+    the connection is held open (`cut` False) or closed."""
+
+    def __init__(self, status: str, headers: str, body: str, cut: bool):
+        super().__init__(status, headers)
+        self.body, self.cut = body, cut
+
+    async def handle(self, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
+        writer.write(f"HTTP/1.1 {self.status}\r\n{self.headers}\r\n{self.body}".encode())
+        await writer.drain()
+        if not self.cut:
+            await reader.read()
+        writer.close()
+
+
+@pytest.mark.parametrize("status, headers, body, cut, outcome", [
+    ("401 Unauthorized", "Content-Length: 100\r\n", "half", False, "http_auth"),
+    ("429 Too Many Requests", "Retry-After: 30\r\nTransfer-Encoding: chunked\r\n", "40\r\npart", False,
+     "http_429"),
+    ("503 Service Unavailable", "", "<html>no length, the connection kept", False, "http_5xx"),
+    ("502 Bad Gateway", "Content-Length: 100\r\n", "half", True, "http_5xx"),
+    ("500 Internal Server Error", "Content-Length: 1000000000\r\n", "", False, "http_5xx"),
+    ("403 Forbidden", "Transfer-Encoding: gzip\r\n", "", False, "http_403"),
+    ("404 Not Found", "Content-Length: 100\r\n", "half", False, "http_other"),
+])
+def test_a_refusal_is_judged_by_its_status_whatever_its_body(workdir, status, headers, body, cut, outcome):
+    """The sidecar read a refusal's body before judging it. A body that came slowly or
+    not at all (a Content-Length not met, a chunk unfinished, no length on a kept
+    connection) made it a `timeout` at the end of the deployment's share; one cut short,
+    over 1 MB declared, or in an encoding websockets does not read made it `invalid`: a
+    401 did not rest its deployment nor log the configuration fault, a 429's Retry-After
+    was lost, a 403 counted toward the circuit, a 404 (the request's fault) failed over.
+    The status and headers decide; the body is not read."""
+    bad = Unfinished(status, headers, body, cut)
+    good = Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "bad"\n{ws_url(bad.port)}', f'name = "good"\n{ws_url(good.port)}'), timeout=4)
+
+    async def body_():
+        async with bad, good:
+            async with connect(sidecar.url(model="m", provider="p"), additional_headers=sidecar.auth(),
+                               open_timeout=10) as ws:
+                try:    # the deployment that serves it, or the close
+                    got = json.loads(await ws.recv())["deployment"]
+                except ConnectionClosed as exc:
+                    got = exc.rcvd.code, exc.rcvd.reason
+            return got, bad.requests, good.handshakes
+    try:
+        got, asked_bad, asked_good = run(body_())
+        healthy = metric(sidecar, "conduit_deployment_healthy", deployment="bad", provider="p")
+    finally:
+        sidecar.stop()
+    attempt, = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert (attempt["deployment"], attempt["outcome"]) == ("bad", outcome), attempt
+    assert asked_bad == 1
+    if outcome == "http_other":
+        assert (got, asked_good) == ((1014, "upstream refused: HTTP 404"), 0)
+    else:
+        assert (got, asked_good) == ("good", 1)
+    # A 401 rests its deployment at once, a 429 for its Retry-After.
+    assert healthy == (0 if outcome in ("http_auth", "http_429") else 1)
+
+
 def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
     hole, refusing = Blackhole(), Refusing("503 Service Unavailable")
     badtls = Named("x", ssl=CA("stranger CA").server_context(workdir))
