@@ -55,10 +55,11 @@ _SLACK = 65536  # control frames around the first message
 class Refused(Exception):
     """The first message cannot be accepted: close with `code` and the message."""
 
-    def __init__(self, code: int, reason: str, gone: bool = False):
+    def __init__(self, code: int, reason: str, gone: bool = False, close: tuple[int, str] | None = None):
         super().__init__(reason)
         self.code = code
         self.gone = gone  # the connection is lost: there is no one to tell
+        self.close = close  # the provider's own close code and reason, the client's to read
 
 
 class _Reader(asyncio.Protocol):
@@ -165,12 +166,19 @@ class _Greeting(_Reader):
             return
         ends = scanner.frame_boundaries
         for end in ends[self.seen :]:
-            head = self.raw[ends[self.seen - 1] if self.seen else 0]
+            start = ends[self.seen - 1] if self.seen else 0
+            head = self.raw[start]
             self.seen += 1
             opcode = head & 0x0F
             if opcode == Opcode.CLOSE.value:
+                # The client has its 101: the provider's code and reason reach it as from
+                # the relay. The scanner judged the frame: unmasked, at most 125 bytes (a
+                # 2-byte header), a valid code, a UTF-8 reason. Without a code: 1014.
+                payload = bytes(self.raw[start + 2 : end])
+                close = (int.from_bytes(payload[:2], "big"), payload[2:].decode()) if payload else None
+                why = "the provider closed before its first message"
                 self._finish(
-                    Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message")
+                    Refused(CloseCode.UPSTREAM_FAILED, f"{why} ({close[0]})" if close else why, close=close)
                 )
                 return
             if head & 0x80 and opcode < Opcode.CLOSE.value:  # the message's last frame

@@ -384,6 +384,8 @@ async def _greet(
         host.release(info)
         failed = Close(decision.response, exc.code, str(exc), decision.key)
         host.rejected(failed)
+        if exc.close is not None:  # counted and logged as 1014; the client reads the provider's
+            failed = msgspec.structs.replace(failed, code=exc.close[0], reason=exc.close[1])
         _close_after_upgrade(host, transport, failed, bytes(client.early), True)
         return None
     transport.write(greeting)

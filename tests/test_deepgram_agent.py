@@ -19,7 +19,7 @@ from conduit_sidecar.config import Config, Provider
 from conduit_sidecar.handshake import Accept, Close, decide
 from conduit_sidecar.keys import KEY_PREFIX, KeyEntry, KeySet, hash_key
 from conduit_sidecar.routing import Router
-from conftest import PROVIDER_SECRET, run
+from conftest import PROVIDER_SECRET, SidecarProcess, held_port, run, standard_keys, switching_protocols
 from test_native_sdks import (_closed_with, _deepgram_client, _last_request, last_session, log_mark,
                               metric, metric_becomes, node)
 from test_native_sdks import native  # noqa: F401, F811  (the fixture: a sidecar, its mocks)
@@ -364,12 +364,52 @@ def test_the_greeting_ends_with_the_providers_first_message():
         assert run(body(cut)) == ((greeting, rest), False)
 
 
-def test_a_provider_that_closes_before_its_greeting_gets_1014():
+@pytest.mark.parametrize("before, close, refused", [
+    (b"", b"", (1014, "the provider closed before its first message", None)),
+    (b"", b"\x03\xe8", (1014, "the provider closed before its first message (1000)", (1000, ""))),
+    (_frame(0x9, b"p"), b"\x0f\xa0bye", (1014, "the provider closed before its first message (4000)",
+                                        (4000, "bye"))),
+])
+def test_a_provider_that_closes_before_its_greeting_is_refused_with_its_close(before, close, refused):
+    """Counted and logged as 1014; the provider's code and reason (if any) are the client's."""
     async def body():
         with pytest.raises(held.Refused) as exc:
-            await held.read_greeting(_Upstream(), _frame(0x8, b"\x03\xe8"), 1 << 20, 5)
-        return exc.value.code, str(exc.value)
-    assert run(body()) == (1014, "the provider closed before its first message")
+            await held.read_greeting(_Upstream(), before + _frame(0x8, close), 1 << 20, 5)
+        return exc.value.code, str(exc.value), exc.value.close
+    assert run(body()) == refused
+
+
+def test_the_providers_close_before_its_greeting_reaches_the_client(tmp_path):
+    """A provider that closes right after its 101 (the client has its own 101 by then):
+    the client got 1014 `the provider closed before its first message`, where a relayed
+    session passes the provider's code and reason on unchanged (DESIGN, close codes)."""
+    port = held_port()
+    sidecar = SidecarProcess(str(tmp_path), f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{port}{AGENT}"\n'
+                             'secret_env = "PROVIDER_KEY"\n', standard_keys()).start()
+
+    async def provider(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(switching_protocols(head) + _frame(0x8, (4000).to_bytes(2, "big") + b"agent unavailable"))
+        await reader.read()
+        writer.close()
+
+    async def body():
+        server = await asyncio.start_server(provider, "127.0.0.1", port)
+        try:
+            async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
+                               additional_headers={"Authorization": f"Token {sidecar.keys.plain['good']}"}) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+        finally:
+            server.close()
+    try:
+        got = run(body())
+        output = sidecar.output()
+    finally:
+        sidecar.stop()
+    assert got == (4000, "agent unavailable")
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize("frame, why", [
