@@ -265,6 +265,10 @@ def refusal(status: int, retry_after: list[str], max_rest: float) -> Failed:
         )
     if status >= 500:
         return Failed("http_5xx", message, short)
+    if 300 <= status < 400:
+        # Redirects are not followed (the secret would go where the answer says): the
+        # deployment's URL is stale or wrong, which the next deployment may not be.
+        return Failed("http_3xx", message, short)
     if status == 401:
         return Failed("http_auth", message, short)
     if status == 403:

@@ -431,6 +431,9 @@ class Unfinished(Refusing):
     ("500 Internal Server Error", "Content-Length: 1000000000\r\n", "", False, "http_5xx"),
     ("403 Forbidden", "Transfer-Encoding: gzip\r\n", "", False, "http_403"),
     ("404 Not Found", "Content-Length: 100\r\n", "half", False, "http_other"),
+    # A redirect (never followed) says the deployment's URL is stale: it was `http_other`,
+    # the request's fault, and every session drawn to it first got 1014.
+    ("301 Moved Permanently", "Location: ws://127.0.0.1:9/\r\nContent-Length: 0\r\n", "", False, "http_3xx"),
 ])
 def test_a_refusal_is_judged_by_its_status_whatever_its_body(workdir, status, headers, body, cut, outcome):
     """The sidecar read a refusal's body before judging it. A body that came slowly or
