@@ -130,17 +130,29 @@ _usage = msgspec.json.Decoder(_Usage)
 def _tokens(u: _Usage) -> dict[str, float]:
     i = u.input_token_details or _InputDetails()
     o = u.output_token_details or _OutputDetails()
-    return {
-        "input": u.input_tokens,
-        "output": u.output_tokens,
-        "input_text": i.text_tokens,
-        "input_audio": i.audio_tokens,
-        "input_image": i.image_tokens,
-        "input_cached": i.cached_tokens,
-        "input_cached_audio": i.cached_tokens_details.audio_tokens if i.cached_tokens_details else 0,
-        "output_text": o.text_tokens,
-        "output_audio": o.audio_tokens,
-    }
+    # Transcription usage has no output_token_details: its output is the transcript.
+    return _untold_as_text(
+        {
+            "input": u.input_tokens,
+            "output": u.output_tokens,
+            "input_text": i.text_tokens,
+            "input_audio": i.audio_tokens,
+            "input_image": i.image_tokens,
+            "input_cached": i.cached_tokens,
+            "input_cached_audio": i.cached_tokens_details.audio_tokens if i.cached_tokens_details else 0,
+            "output_text": o.text_tokens,
+            "output_audio": o.audio_tokens,
+        }
+    )
+
+
+def _untold_as_text(counts: dict[str, float]) -> dict[str, float]:
+    """Tokens no detail names a modality for (a total sent without its breakdown) are
+    priced as text, not left out."""
+    for side in ("input", "output"):
+        told = sum(counts[f"{side}_{m}"] for m in ("text", "audio", "image") if f"{side}_{m}" in counts)
+        counts[f"{side}_text"] += max(0, counts[side] - told)
+    return counts
 
 
 def decode_openai(message: bytes) -> dict[str, float] | None:
@@ -272,12 +284,7 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
             kind = f"{side}_{_MODALITY.get(d.modality, '')}"
             if kind in counts and kind != "output_image":
                 counts[kind] += d.tokenCount
-    # Tokens no detail names a modality for (a count sent without its details) are
-    # priced as text, not left out.
-    for side in ("input", "output"):
-        told = sum(counts[f"{side}_{m}"] for m in ("text", "audio", "image") if f"{side}_{m}" in counts)
-        counts[f"{side}_text"] += max(0, counts[side] - told)
-    return counts
+    return _untold_as_text(counts)
 
 
 # -- Deepgram and AssemblyAI: audio seconds at the end of a stream -------------------

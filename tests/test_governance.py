@@ -1296,3 +1296,34 @@ def test_a_redis_password_file_saved_with_a_byte_order_mark_is_read_without_it(s
         assert metric(proc, 'conduit_state_operations_total{op="admit",result="ok"}') == 1
     finally:
         server.stop()
+
+
+def test_transcription_output_tokens_are_priced(sidecars, mock_provider):
+    """OpenAI's transcription usage (type `tokens`) breaks its input down but not its
+    output: `output_token_details` is not part of it. Its output tokens (the transcript's
+    text) are priced as text, not left out of the cost and out of a usd budget."""
+    keys = Keys()
+    keys.add("stt")
+    extra = (f'[providers.stt]\nurl = "ws://127.0.0.1:{mock_provider.port}/v1/realtime"\n'
+             'query_params = ["intent"]\n'
+             '[prices."gpt-4o-transcribe"]\ninput_audio = 1000000\noutput_text = 1000000\n')
+    proc, = sidecars(keys, None, n=1, extra=extra)
+    update = {"type": "session.update", "session": {"type": "transcription", "audio": {
+        "input": {"transcription": {"model": "gpt-4o-transcribe"}}}}}
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{proc.port}/v1/realtime?intent=transcription&provider=stt"
+        async with connect(url, additional_headers=proc.auth("stt"), open_timeout=10) as ws:
+            await ws.send(json.dumps(update))
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            audio = base64.b64encode(bytes(96_000)).decode()     # 20 audio tokens at the mock
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if event["type"] == "conversation.item.input_audio_transcription.completed":
+                    break
+            assert event["usage"]["output_tokens"] == 5 and "output_token_details" not in event["usage"]
+    run(scenario())
+    # $1 a token: 20 audio tokens in, 5 text tokens out.
+    assert metric(proc, "conduit_cost_usd_total") == 25
