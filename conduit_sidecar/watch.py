@@ -51,23 +51,29 @@ class FileWatch:
     def __init__(self, *paths: str):
         self.paths = paths
         self.ctime = False
-        self.signature = self._now()
+        self.seen = self._now()  # with ctime, as changed() last found them: before the read
+        self.signature = self._view(self.seen)
 
     def _now(self) -> tuple:
-        return tuple(file_signature(p, self.ctime) for p in self.paths)
+        return tuple(file_signature(p, True) for p in self.paths)
+
+    def _view(self, seen: tuple) -> tuple:
+        return seen if self.ctime else tuple(s and s[:4] for s in seen)
 
     def after_failure(self, failed: bool, signature: tuple | None = None) -> None:
         """While the last read failed, a permission change alone (ctime only: neither
         inode, mtime nor size) is a change: the file may be readable now. Not always:
         kubelets that re-apply a Secret volume's fsGroup ownership at every sync touch
         every file's ctime, which would reload the keys each minute. `signature`: the
-        files' as read, for the switch back."""
+        files' as read, for the switch back. Else the files as changed() found them,
+        before the read: a write that ended after it is a change still to see."""
         if failed != self.ctime:
             self.ctime = failed
-            self.signature = signature if signature is not None else self._now()
+            self.signature = signature if signature is not None else self._view(self.seen)
 
     def changed(self) -> bool:
-        now = self._now()
+        self.seen = self._now()
+        now = self._view(self.seen)
         if now == self.signature:
             return False
         self.signature = now

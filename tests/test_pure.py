@@ -554,6 +554,37 @@ def test_a_key_file_replaced_while_the_sidecar_starts_is_reloaded_at_the_first_c
     assert len(changes) == 1                                    # once
 
 
+def test_a_key_file_finished_while_its_half_written_copy_was_read_is_reloaded(tmp_path, monkeypatch):
+    """A key file written in place (an editor, `cat > keys.json`) is read half-written:
+    invalid, the last good set stays. The writer finishes before the watcher notes the
+    file's state after the failure: it noted the finished file as the one that failed,
+    and the new keys were never loaded (until some later change)."""
+    import json
+
+    from conduit_sidecar import keys as keys_module
+    from conduit_sidecar.keys import KeyWatcher
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"id": "old", "sha256": hash_key("condt_old")}]}))
+    changes = []
+    watcher = KeyWatcher(str(path), load_keys(str(path)), changes.append)
+    new = json.dumps({"keys": [{"id": "new", "sha256": hash_key("condt_new")}]})
+    with open(path, "w") as f:                                  # in place: the same inode
+        f.write(new[:10])
+
+    def read_as_the_writer_finishes(at):
+        try:
+            return load_keys(at)
+        finally:
+            with open(path, "a") as f:
+                f.write(new[10:])
+    monkeypatch.setattr(keys_module, "load_keys", read_as_the_writer_finishes)
+    watcher.check()
+    assert changes == [None]                                    # the half-written file
+    monkeypatch.setattr(keys_module, "load_keys", load_keys)
+    watcher.check()
+    assert set(changes[-1].by_id) == {"new"}
+
+
 def test_request_reader_bounds_and_early_bytes():
     reader = RequestReader(1024)
     head = b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\n\r\n"
