@@ -15,7 +15,7 @@ import uvloop
 from . import __version__, config as config_mod, k8s, logs
 from .config import ConfigError
 from .keys import KEY_PREFIX, KeyEntry, KeySet, hash_key, load_keys, new_key
-from .policy import METRICS, WINDOWS, price_for, window_bounds
+from .policy import METRICS, WINDOWS, figure, price_for, window_bounds
 from .providers import TEMPLATES
 from .routing import RouteError, Router, masked
 
@@ -205,9 +205,9 @@ def _usage(args) -> int:
             cells = []
             for metric in METRICS:
                 value = totals[window][metric]
-                cell = f"{metric} {value:.4f}" if metric == "usd" else f"{metric} {value:g}"
+                cell = f"{metric} {value:.4f}" if metric == "usd" else f"{metric} {figure(value)}"
                 if (metric, window) in limits:
-                    cell += f" / {limits[metric, window]:g}"
+                    cell += f" / {figure(limits[metric, window])}"
                 cells.append(cell)
             print(f"  {window:5}  resets {resets}  " + "  ".join(cells))
     return 0

@@ -28,6 +28,7 @@ from .policy import (
     WINDOWS,
     budget_reason,
     cost_usd,
+    figure,
     notice,
     over_budget,
     price_for,
@@ -207,7 +208,7 @@ class Governor:
             self._close,
             info,
             _relay.CloseCode.SESSION_TIME_LIMIT,
-            f"session cap of {cap:g} s reached",
+            f"session cap of {figure(cap)} s reached",
         )
 
     def release(self, info: SessionInfo) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "budget_reason",
     "cost_usd",
     "error_event",
+    "figure",
     "notice",
     "over_budget",
     "price_for",
@@ -80,7 +81,13 @@ def over_budget(budgets: list[Budget], totals: dict[str, dict[str, float]], now:
 
 def budget_reason(budget: Budget, now: dt.datetime) -> str:
     resets = window_bounds(budget.window, now)[1].strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"budget exhausted: {budget.metric} per {budget.window} ({budget.limit:g}); resets {resets}"
+    return f"budget exhausted: {budget.metric} per {budget.window} ({figure(budget.limit)}); resets {resets}"
+
+
+def figure(value: float) -> str:
+    """A limit or total as a user reads it: every digit of its whole part (`:g` keeps
+    six: 1,999,999 tokens of 2,000,000 read `2e+06 / 2e+06`), three decimals at most."""
+    return f"{round(value, 3):.15g}"
 
 
 def error_event(code: str, message: str) -> bytes:

@@ -1327,3 +1327,29 @@ def test_transcription_output_tokens_are_priced(sidecars, mock_provider):
     run(scenario())
     # $1 a token: 20 audio tokens in, 5 text tokens out.
     assert metric(proc, "conduit_cost_usd_total") == 25
+
+
+def test_usage_and_close_reasons_show_large_figures_exactly(sidecars, redis_server):
+    """`usage` printed totals and limits with `:g`, six digits: 1,999,999 tokens of a
+    2,000,000 budget read `tokens 2e+06 / 2e+06`, a budget reached, while sessions were
+    still admitted; a limit of 1,234,567 was `1.23457e+06`, and the 4002 reason said
+    `(2e+06)`."""
+    keys = Keys()
+    keys.add("big", budgets=[{"metric": "tokens", "limit": 2_000_000, "window": "day"},
+                             {"metric": "tokens", "limit": 1_234_567, "window": "hour"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+    day = time.strftime("%Y%m%d", time.gmtime())
+    # Other sidecars' usage: 1,999,987 tokens today, none this hour.
+    assert redis_server.command("HINCRBYFLOAT", f"t:{{big}}:usage:day:{day}", "tokens", "1999987")
+
+    async def scenario():
+        _, ws = await attempt(proc, "big")
+        await response_done(ws)                               # 12 tokens: 1,999,999
+        await ws.close()
+    run(scenario())
+    out = run(usage_shows(proc, "big", "tokens 1999999 / 2000000"))
+    assert "tokens 12 / 1234567" in out
+    redis_server.command("HINCRBYFLOAT", f"t:{{big}}:usage:day:{day}", "tokens", "1")
+    result = run(attempt(proc, "big"))
+    assert result[:2] == ("closed", 4002)
+    assert result[2].startswith("budget exhausted: tokens per day (2000000); resets ")
