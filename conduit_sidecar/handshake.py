@@ -356,8 +356,10 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         hold, later = held.agent_settings, held.later_agent
     elif kind == "transcription":
         hold = held.transcription_model
-        # Its later models matter only to a key limited to some (nothing holds a key).
-        later = held.later_transcription if entry.allowed_models is not None else None
+        # Its later models matter only to a key limited to some (nothing holds a key),
+        # or with a usd budget: the session's usage is priced at the model it uses.
+        priced = any(b.metric == "usd" for b in entry.budgets)
+        later = held.later_transcription if entry.allowed_models is not None or priced else None
     elif kind == "live":
         hold, later = held.live_models, held.later_live
     if kind in ("live_fork", "live_attach"):

@@ -229,6 +229,8 @@ class Sidecar:
             models = later(message)
             barred = next((m for m in models if not info.key.allows_model(m)), None)
             if barred is None:
+                if models and later is held.later_transcription:
+                    info.model = models[0]  # what its usage is priced at from now on
                 return
             code, reason = _relay.CloseCode.FORBIDDEN, f"model {barred!r} not allowed for this key"
         except held.Refused as exc:

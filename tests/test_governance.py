@@ -1353,3 +1353,37 @@ def test_usage_and_close_reasons_show_large_figures_exactly(sidecars, redis_serv
     result = run(attempt(proc, "big"))
     assert result[:2] == ("closed", 4002)
     assert result[2].startswith("budget exhausted: tokens per day (2000000); resets ")
+
+
+def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(sidecars, mock_provider):
+    """The session's first update names whisper-1 (billed by the minute), a later one
+    gpt-4o-transcribe (billed by the token). Its usage was priced at the first model
+    whatever the session used since: the tokens cost nothing, past a usd budget."""
+    keys = Keys()
+    keys.add("stt", budgets=[{"metric": "usd", "limit": 1000, "window": "day"}])
+    extra = (f'[providers.stt]\nurl = "ws://127.0.0.1:{mock_provider.port}/v1/realtime"\n'
+             'query_params = ["intent"]\n[prices."whisper-1"]\naudio_minute = 0.006\n'
+             '[prices."gpt-4o-transcribe"]\ninput_audio = 1000000\noutput_text = 1000000\n')
+    proc, = sidecars(keys, None, n=1, extra=extra)
+
+    def update(model):
+        return json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {
+            "input": {"transcription": {"model": model}}}}})
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{proc.port}/v1/realtime?intent=transcription&provider=stt"
+        async with connect(url, additional_headers=proc.auth("stt"), open_timeout=10) as ws:
+            await ws.send(update("whisper-1"))
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(update("gpt-4o-transcribe"))
+            audio = base64.b64encode(bytes(96_000)).decode()     # 20 audio tokens at the mock
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if event["type"] == "conversation.item.input_audio_transcription.completed":
+                    break
+            assert event["usage"]["type"] == "tokens"
+    run(scenario())
+    # $1 a token: 20 audio tokens in, 5 text tokens out.
+    assert metric(proc, 'conduit_cost_usd_total{key_id="stt",model="gpt-4o-transcribe"') == 25
