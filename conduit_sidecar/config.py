@@ -142,6 +142,7 @@ class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     input_text: NonNegative = 0.0
     input_audio: NonNegative = 0.0
+    input_image: NonNegative | None = None  # images and video frames; None: at input_text
     input_cached: NonNegative = 0.0
     output_text: NonNegative = 0.0
     output_audio: NonNegative = 0.0

@@ -45,10 +45,12 @@ def cost_usd(price: Price, tokens: dict[str, float], audio_seconds: float = 0.0)
     input_cached instead."""
     cached_audio = min(tokens.get("input_cached_audio", 0), tokens.get("input_audio", 0))
     cached_text = min(tokens.get("input_cached", 0) - cached_audio, tokens.get("input_text", 0))
+    image = price.input_text if price.input_image is None else price.input_image
     per_million = (
         (tokens.get("input_text", 0) - cached_text) * price.input_text
         + (cached_text + cached_audio) * price.input_cached
         + (tokens.get("input_audio", 0) - cached_audio) * price.input_audio
+        + tokens.get("input_image", 0) * image
         + tokens.get("output_text", 0) * price.output_text
         + tokens.get("output_audio", 0) * price.output_audio
     )

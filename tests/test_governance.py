@@ -1387,3 +1387,33 @@ def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(si
     run(scenario())
     # $1 a token: 20 audio tokens in, 5 text tokens out.
     assert metric(proc, 'conduit_cost_usd_total{key_id="stt",model="gpt-4o-transcribe"') == 25
+
+
+def test_image_input_tokens_are_priced(sidecars):
+    """OpenAI bills the images a realtime session is sent (`image_tokens`), Gemini its
+    video frames; the price table had no price for them and cost_usd none: they cost
+    nothing, past a usd budget. `input_image` prices them; unset, at `input_text`."""
+    from websockets.asyncio.server import serve
+    keys = Keys()
+    keys.add("eyes")
+    port = held_port()
+    extra = (f'[providers.img]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+             '[prices."img-text"]\ninput_text = 1000000\n'
+             '[prices."img-priced"]\ninput_text = 1000000\ninput_image = 2000000\n')
+    proc, = sidecars(keys, None, n=1, extra=extra)
+    usage = {"input_tokens": 12, "output_tokens": 0, "input_token_details": {
+        "text_tokens": 2, "audio_tokens": 0, "image_tokens": 10}}
+
+    async def provider(ws):
+        await ws.send(json.dumps({"type": "response.done", "response": {"usage": usage}}))
+        await ws.wait_closed()
+
+    async def scenario():
+        async with serve(provider, "127.0.0.1", port):
+            for model in ("img-text", "img-priced"):
+                async with connect(proc.url(model=model, provider="img"),
+                                   additional_headers=proc.auth("eyes")) as ws:
+                    assert json.loads(await ws.recv())["type"] == "response.done"
+    run(scenario())
+    assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-text"') == 12   # $1 a token
+    assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-priced"') == 22  # 2 + 10 x 2
