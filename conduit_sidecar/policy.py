@@ -87,9 +87,10 @@ def budget_reason(budget: Budget, now: dt.datetime) -> str:
 
 
 def figure(value: float) -> str:
-    """A limit or total as a user reads it: every digit of its whole part (`:g` keeps
-    six: 1,999,999 tokens of 2,000,000 read `2e+06 / 2e+06`), three decimals at most."""
-    return f"{round(value, 3):.15g}"
+    """A limit or total as a user reads it: `:g`'s six significant digits, but every
+    digit of its whole part (`:g` alone: 1,999,999 tokens of 2,000,000 read `2e+06 /
+    2e+06`)."""
+    return f"{value:.{max(6, len(str(int(abs(value)))))}g}"
 
 
 def error_event(code: str, message: str) -> bytes:
