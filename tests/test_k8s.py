@@ -26,6 +26,7 @@ import shutil
 import socket
 import ssl
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,13 +38,13 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import held_port
+from conftest import SidecarProcess, held_port, standard_keys, switching_protocols
 
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.k8s.inject import DEFAULT_IMAGE, Settings, sidecar_container
 from conduit_sidecar.k8s.webhook import MAX_BODY, REQUEST_DEADLINE
 from conduit_sidecar.keys import load_keys
-from conduit_sidecar.testing import CA
+from conduit_sidecar.testing import CA, throwaway_certs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S_VERSIONS = ["1.29.0", "1.33.0"]
@@ -265,6 +266,127 @@ def test_base_config_and_key_file_load(tmp_path):
     assert conf.providers["openai"].secret_file == "/etc/conduit/providers/openai"
     assert conf.tls is None
     assert len(load_keys(conf.keys_file)) == 0
+
+
+FLOOD_PAYLOAD = 64000
+
+
+class Flood(asyncio.Protocol):
+    """One end of a session that reads nothing and sends binary frames without end,
+    as fast as its transport takes them (`full`: its own buffer is past its mark, so
+    everything between it and its reader is full). With a `request`, a client that
+    sends it and waits for the 101 (`opened`); without, a provider that answers the
+    sidecar's upgrade request with a 101."""
+
+    def __init__(self, frame: bytes, request: bytes = b""):
+        self.frame, self.request = frame * 16, request
+        self.head = b""
+        self.opened = asyncio.get_running_loop().create_future()
+        self.full = asyncio.Event()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=1 << 20)
+        transport.write(self.request)
+
+    def data_received(self, data):
+        if self.opened.done():
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        self.transport.pause_reading()
+        if not self.request:            # an upstream: the sidecar's upgrade request
+            self.transport.write(switching_protocols(self.head))
+        elif not self.head.startswith(b"HTTP/1.1 101 "):
+            self.opened.set_exception(ConnectionError(self.head[:100]))
+            return
+        self.opened.set_result(None)
+        self.pump()
+
+    def pump(self):
+        while not self.full.is_set():
+            self.transport.write(self.frame)
+
+    def pause_writing(self):
+        self.full.set()
+
+    def resume_writing(self):
+        self.full.clear()
+        self.pump()
+
+
+async def sessions_at_their_bound(sidecar: SidecarProcess, upstream_port: int, context: ssl.SSLContext,
+                                  n: int) -> int:
+    """The sidecar's RSS growth, in bytes, from `n` sessions whose client and provider
+    both send without end and read nothing: each holds what the relay lets a session
+    hold (its write buffers up to their high-water marks, a read past them, TLS
+    records), however long the peers go on."""
+    loop = asyncio.get_running_loop()
+    providers: list[Flood] = []
+    unmasked = bytes([0x82, 127]) + struct.pack("!Q", FLOOD_PAYLOAD) + b"\0" * FLOOD_PAYLOAD
+    masked = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", FLOOD_PAYLOAD) + b"\0" * (4 + FLOOD_PAYLOAD)
+
+    def provider():
+        providers.append(Flood(unmasked))
+        return providers[-1]
+
+    server = await loop.create_server(provider, "127.0.0.1", upstream_port, ssl=context)
+    request = (f"GET /v1/realtime/connect?provider=flood&model=m HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{sidecar.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+               f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {sidecar.keys.plain['good']}\r\n"
+               "\r\n").encode()
+    before = proc_status(sidecar.proc.pid)[0]
+    clients = []
+    try:
+        for _ in range(n):
+            _, client = await loop.create_connection(lambda: Flood(masked, request),
+                                                     "127.0.0.1", sidecar.port)
+            clients.append(client)
+            await client.opened
+        for end in clients + providers:
+            await end.full.wait()
+        await asyncio.sleep(1)      # the sidecar's last reads land in its buffers
+        assert all(end.full.is_set() for end in clients + providers)
+        return proc_status(sidecar.proc.pid)[0] - before
+    finally:
+        for end in clients + providers:
+            end.transport.abort()
+        server.close()
+
+
+@needs_kubectl
+def test_the_sidecar_memory_limit_holds_max_connections_sessions_at_their_bound(tmp_path):
+    """Each session's memory is bounded whatever its peers do, and the pod's limit must
+    hold that bound times max_connections: an app that stops reading (an end user on a
+    slow line, a stall) while its provider streams, or a provider slow to take the app's
+    audio, fills each session to it, and an OOM kill ends every session of the pod.
+    The idle figures (a few KiB, ~20 KiB with a wss provider leg) are not the bound: at
+    the default 1000 sessions, 400-485 KiB each made 420-510 MiB against the 128Mi limit."""
+    docs = docs_of(kustomize("k8s/base"))
+    (tmp_path / "pod").mkdir()
+    conf = load_pod_config(docs, tmp_path / "pod")
+    sidecar_spec = find(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    limit = sidecar_spec["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    certs = throwaway_certs(str(tmp_path))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    upstream_port = held_port()
+    sidecar = SidecarProcess(str(tmp_path), f'[providers.flood]\nurl = "wss://127.0.0.1:{upstream_port}/"\n'
+                             f'ca_file = "{certs.ca}"\n', standard_keys(),
+                             limits=f"max_connections = {conf.limits.max_connections}").start()
+    try:
+        rest = proc_status(sidecar.proc.pid)[0]
+        n = 30
+        per_session = asyncio.run(sessions_at_their_bound(sidecar, upstream_port, context, n)) / n
+    finally:
+        sidecar.stop()
+    need = rest + conf.limits.max_connections * per_session
+    print(f"at rest {rest / 2**20:.1f} MiB, per session at its bound {per_session / 1024:.0f} KiB, "
+          f"{conf.limits.max_connections} sessions: {need / 2**20:.0f} MiB, limit {limit}")
+    assert need < int(limit[:-2]) << 20
 
 
 @needs_kubectl
