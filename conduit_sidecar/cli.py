@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import signal
 import sys
 
 import msgspec
@@ -45,6 +46,11 @@ def _hold_standard_descriptors() -> None:
 
 def _serve(args) -> int:
     _hold_standard_descriptors()
+    # The image's entrypoint makes the sidecar PID 1, and the kernel drops a signal PID 1
+    # has no handler for: a SIGTERM during start-up (a pod deleted as it starts) was
+    # lost, and the kubelet waited out the grace period. Kept for Sidecar.run().
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: early.append(signum))
     try:
         conf, router = _config(
             args.config,
@@ -58,7 +64,7 @@ def _serve(args) -> int:
     from .server import Sidecar
 
     try:
-        return uvloop.run(Sidecar(conf, keyset, router).run())
+        return uvloop.run(Sidecar(conf, keyset, router).run(early))
     except ConfigError as exc:  # e.g. [tls] certificate files that do not load
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Sequence
 
 from . import __version__, _relay, held, ktls, logs
 from .admin import AdminServer
@@ -429,8 +430,9 @@ class Sidecar:
             await asyncio.sleep(0)
         await self.governor.stop()
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (then drain) or a second signal (then stop at once)."""
+    async def run(self, early: Sequence[int] = ()) -> int:
+        """Serve until SIGTERM/SIGINT (then drain) or a second signal (then stop at once).
+        `early`: signals that came before this took them over (start-up)."""
         asyncio.get_running_loop().set_exception_handler(logs.loop_error)
         await self.start()
         # Live sessions are long-lived objects the cyclic GC would traverse again and
@@ -456,6 +458,8 @@ class Sidecar:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        for _ in early:
+            on_signal()
         await stopped.wait()
         if self.sessions and signals < 2:
             # Sessions were told 1001; give their closing handshakes a moment.

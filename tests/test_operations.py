@@ -21,6 +21,8 @@ from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, held_port, 
                       standard_keys)
 from test_bad_input import session_ends
 
+from conduit_sidecar.testing import Process
+
 
 def ended(sidecar, before: int) -> list[dict]:
     """The session_end lines past the first `before`, once there is one (its metrics
@@ -342,6 +344,54 @@ def test_second_signal_exits_at_once(tmp_path, mock_provider):
                         await ws.recv()
         run(body(), timeout=15)
         assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+
+
+def pid_namespace_wrapper() -> list[str] | None:
+    """`unshare` arguments that run a command as PID 1 of a new PID namespace, as a
+    container's entrypoint runs (as root, or in a user namespace); None if neither
+    works here."""
+    if shutil.which("unshare") is None:
+        return None
+    for wrapper in (["unshare", "--pid", "--fork", "--kill-child"],
+                    ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]):
+        if subprocess.run([*wrapper, "true"], capture_output=True).returncode == 0:
+            return wrapper
+    return None
+
+
+def test_a_sigterm_during_start_up_is_not_lost_as_pid_1(tmp_path):
+    """The image's exec-form entrypoint makes the sidecar PID 1 of its container, and
+    the kernel does not deliver to PID 1 a signal it has no handler for. A SIGTERM
+    during start-up (the pod deleted as it starts, its sidecar restarting) was dropped:
+    the sidecar ran on, and the kubelet waited out terminationGracePeriodSeconds to
+    SIGKILL it. The config is a FIFO here, so that start-up stops at a known point
+    (reading it) while the signal comes."""
+    wrapper = pid_namespace_wrapper()
+    if wrapper is None:
+        pytest.skip("cannot make a PID namespace here (unshare)")
+    sidecar = SidecarProcess(str(tmp_path), "", standard_keys())
+    with open(sidecar.config) as f:
+        config = f.read()
+    os.remove(sidecar.config)
+    os.mkfifo(sidecar.config)
+    sidecar.argv = [*wrapper, *sidecar.argv]
+    Process.start(sidecar)                   # not ready until the config comes
+    try:
+        fifo = os.open(sidecar.config, os.O_WRONLY)   # returns once the sidecar opened it
+        deadline = time.monotonic() + 10
+        while not (children := open(f"/proc/{sidecar.pid}/task/{sidecar.pid}/children").read().split()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (pid,) = children
+        with open(f"/proc/{pid}/status") as f:
+            assert next(line for line in f if line.startswith("NSpid:")).split()[-1] == "1"
+        os.kill(int(pid), signal.SIGTERM)    # from outside, as the container runtime does
+        os.write(fifo, config.encode())
+        os.close(fifo)
+        assert sidecar.proc.wait(10) == 0, sidecar.tail()
+        assert [line["event"] for line in sidecar.log_lines()] == ["start", "drain", "stop"]
     finally:
         sidecar.stop()
 
