@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import resource
 import signal
 import sys
 
@@ -44,8 +45,20 @@ def _hold_standard_descriptors() -> None:
             os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
 
 
+def _raise_open_file_limit() -> None:
+    """Each session holds two sockets, and a container runtime may set a soft limit of
+    1024 (containerd 2.0: 1024 soft, 524288 hard): sessions ran out at about 500, with
+    1014, and the circuit breaker rested the provider. Up to the hard limit, as Go's
+    runtime and nginx's worker_rlimit_nofile do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(OSError, ValueError):  # (a hard limit past fs.nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(args) -> int:
     _hold_standard_descriptors()
+    _raise_open_file_limit()
     # The image's entrypoint makes the sidecar PID 1, and the kernel drops a signal PID 1
     # has no handler for: a SIGTERM during start-up (a pod deleted as it starts) was
     # lost, and the kubelet waited out the grace period. Kept for Sidecar.run().

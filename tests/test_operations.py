@@ -4,10 +4,12 @@ usage metering, the admin endpoints, drain and shutdown."""
 import asyncio
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -392,6 +394,39 @@ def test_a_sigterm_during_start_up_is_not_lost_as_pid_1(tmp_path):
         os.close(fifo)
         assert sidecar.proc.wait(10) == 0, sidecar.tail()
         assert [line["event"] for line in sidecar.log_lines()] == ["start", "drain", "stop"]
+    finally:
+        sidecar.stop()
+
+
+def test_sessions_up_to_max_connections_do_not_run_out_of_file_descriptors(tmp_path, mock_provider):
+    """Each session holds two sockets. Container runtimes give a process a soft
+    open-file limit that may be 1024 (containerd 2.0: 1024 soft, 524288 hard), which
+    ran out at about 500 sessions of the default max_connections 1000: 1014 `upstream
+    unreachable: Too many open files`, and the circuit breaker then rested the
+    provider for everyone. The sidecar raises its soft limit to the hard one. Here
+    the soft limit is 64 and max_connections 40."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
+                             limits="max_connections = 40")
+    limited = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, {hard})); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    sidecar.argv = [sys.executable, "-c", limited, *sidecar.argv]
+    sidecar.start()
+    try:
+        async def body():
+            sessions = []
+            try:
+                for _ in range(40):
+                    ws = await connect(sidecar.url(), additional_headers=sidecar.auth())
+                    sessions.append(ws)
+                    await ws.recv()
+                assert http_get(sidecar.admin("/healthz"))[0] == 200
+            finally:
+                for ws in sessions:
+                    await ws.close()
+        run(body())
     finally:
         sidecar.stop()
 
