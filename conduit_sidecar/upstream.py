@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import logging
 import math
 import random
@@ -76,6 +77,9 @@ class Failed(UpstreamError):
         super().__init__(message)
         self.outcome, self.short, self.failover, self.rest = outcome, short, failover, rest
         self.verdict = verdict
+
+
+_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class _UpstreamHandshake(asyncio.Protocol):
@@ -229,6 +233,11 @@ async def _attempt(
         raise Failed("tcp", "upstream refused the connection", "TCP refused") from None
     except OSError as exc:
         _drop(transport)
+        if exc.errno in _EXHAUSTED:
+            # This process is out of descriptors or memory: no deployment is at fault
+            # (its circuit would rest a healthy provider for everyone), none would do better.
+            why = f"sidecar out of resources: {exc.strerror}"
+            raise Failed("local", why, "local", failover=False, verdict=False) from None
         if stage == "TLS handshake":
             raise Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
         raise Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, held_port, http_get, run,
                       standard_keys)
@@ -430,6 +430,49 @@ def test_sessions_up_to_max_connections_do_not_run_out_of_file_descriptors(tmp_p
     finally:
         sidecar.stop()
 
+
+def test_a_sidecar_out_of_file_descriptors_does_not_rest_the_provider(tmp_path, mock_provider):
+    """With no descriptor left for the provider's socket (a hard limit it cannot raise),
+    each failed connect counted in the deployment's circuit: five of them rested a
+    healthy provider, and every session of every app after them got 1014 `resting`
+    until the cooldown ended, though descriptors were free again at once."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
+                             limits="max_connections = 200")
+    limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    sidecar.argv = [sys.executable, "-c", limited, *sidecar.argv]
+    sidecar.start()
+    try:
+        async def body():
+            sessions, refused = [], []
+            try:
+                while len(refused) < 8:          # past the circuit's 5 failures in a row
+                    try:
+                        ws = await connect(sidecar.url(), additional_headers=sidecar.auth(), open_timeout=5)
+                    except (OSError, TimeoutError, InvalidHandshake):  # the accept itself failed
+                        refused.append(None)
+                        continue
+                    sessions.append(ws)
+                    try:
+                        await ws.recv()
+                    except ConnectionClosed as exc:
+                        refused.append((exc.rcvd.code, exc.rcvd.reason))
+                    assert len(sessions) < 100, "the limit never ran out"
+            finally:
+                for ws in sessions:
+                    await ws.close()
+            async with connect(sidecar.url(), additional_headers=sidecar.auth()) as ws:
+                await ws.recv()                  # served: the provider was not rested
+            return refused
+        refused = run(body(), timeout=60)
+        samples = scrape(sidecar)
+    finally:
+        sidecar.stop()
+    closes = [r for r in refused if r is not None]
+    assert closes and set(closes) == {(1014, "sidecar out of resources: Too many open files")}, refused
+    assert value(samples, "conduit_deployment_healthy", provider="mock", deployment="0") == 1
+    assert value(samples, "conduit_upstream_attempts_total", provider="mock", deployment="0",
+                 outcome="local") == len(closes)
 
 def non_loopback_address() -> str:
     """One of this host's own non-loopback IPv4 addresses (packets to 127.0.0.1 from
