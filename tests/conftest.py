@@ -267,6 +267,7 @@ def standard_keys() -> Keys:
     keys.add("expired", expires_at="2020-01-01T00:00:00Z")
     keys.add("restricted", allowed_models=["gpt-realtime*"], allowed_providers=["openai"])
     keys.add("models-only", allowed_models=["gpt-realtime*"])
+    keys.add("one-model", allowed_models=["mock-realtime"])
     future = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).isoformat()
     keys.add("future", expires_at=future)
     return keys

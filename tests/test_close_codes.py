@@ -44,6 +44,19 @@ def test_disallowed_model_and_provider_get_4003(sidecar):
         4003, "model 'mock-realtime' not allowed for this key")
 
 
+def test_allowed_models_match_whole_or_up_to_the_star(sidecar):
+    """A pattern without `*` is the whole model, not its prefix; with one, every
+    character before the `*` counts."""
+    async def body():
+        async with connect(sidecar.url(), additional_headers=sidecar.auth("one-model")) as ws:
+            assert "session.created" in await ws.recv()
+    run(body())
+    assert run(close_of(sidecar.url(model="mock-realtime-large"), sidecar.auth("one-model"))) == (
+        4003, "model 'mock-realtime-large' not allowed for this key")
+    assert run(close_of(sidecar.url(model="gpt-realtimX"), sidecar.auth("models-only"))) == (
+        4003, "model 'gpt-realtimX' not allowed for this key")
+
+
 def test_unknown_provider_and_unrouted_model_get_4004(sidecar):
     assert run(close_of(sidecar.url(provider="nope"), sidecar.auth())) == (
         4004, "unknown provider 'nope'")
