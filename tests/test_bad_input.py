@@ -136,6 +136,25 @@ def test_bad_requests_get_an_http_status(strict, data, status):
         assert lengths == [str(len(body))]
 
 
+def test_a_model_of_the_longest_length_allowed_is_taken(strict):
+    """256 characters is the limit (257 is refused above), not past it."""
+    async def body():
+        reader, writer = await session(strict.port, strict.keys.plain["good"],
+                                       "/v1/realtime/connect?provider=mock&model=" + "m" * 256)
+        writer.close()
+    run(body())
+
+
+def test_a_virtual_key_percent_encoded_in_a_parameter_is_refused_unrepeated(strict):
+    """`%63ondt_...` decodes to a key: taken as the model, it would reach log lines,
+    metric labels and the provider's URL."""
+    secret = "condt_encodedZZZZZZZZZZZZZZZZ"
+    got, _, body = http_answer(strict.port, request(
+        f"/v1/realtime/connect?provider=mock&model=%63{secret[1:]}", key=strict.keys.plain["good"]))
+    assert (got, body) == (400, b"a virtual key in a query parameter that holds none\n")
+    assert secret[1:] not in strict.output()
+
+
 def test_a_refused_client_still_sending_reads_its_answer_whole(strict):
     """A client that sends a megabyte of headers and only then reads: the sidecar
     answers 431 after the first 16 KiB and ends its side, then reads and drops the
