@@ -285,13 +285,16 @@ def test_least_sessions_keeps_live_counts_within_one(workdir):
 # -- 2. failover from each kind of failure -------------------------------------------
 
 @pytest.mark.parametrize("kind, outcome", [
-    ("503", "http_5xx"), ("blackhole", "timeout"), ("badcert", "tls"), ("429", "http_429")])
+    ("503", "http_5xx"), ("500", "http_5xx"), ("blackhole", "timeout"), ("badcert", "tls"),
+    ("429", "http_429")])
 def test_failover_to_the_next_deployment(workdir, kind, outcome):
     good = Named("good")
     trusted = CA("trusted CA")
     ca_file = trusted.write(os.path.join(workdir, "trusted.pem"))
     if kind == "503":
         bad = Refusing("503 Service Unavailable")
+    elif kind == "500":
+        bad = Refusing("500 Internal Server Error")
     elif kind == "429":
         bad = Refusing("429 Too Many Requests", "Retry-After: 2\r\n")
     elif kind == "blackhole":
@@ -402,6 +405,7 @@ def test_a_429_with_two_retry_after_headers_fails_over(workdir, retry_after):
     assert (served, asked) == ("good", 1)
     attempt, = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
     assert (attempt["deployment"], attempt["outcome"]) == ("bad", "http_429")
+    assert attempt["resting_seconds"] is None      # one failure is not a circuit: no rest
 
 
 class Unfinished(Refusing):
@@ -784,6 +788,35 @@ def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
     assert headers["api-key"] == PROVIDER_SECRET and "Authorization" not in headers
     end, = ended(sidecar)
     assert (end["provider"], end["deployment"], end["model"]) == ("azure", "eastus2", "gpt-realtime")
+
+
+def test_a_model_route_never_falls_to_a_provider_the_key_does_not_allow(workdir):
+    """allowed_providers holds for the providers a model route fails over to: a key
+    allowed only the first gets 1014 when it fails, never a session at the next."""
+    first, second = Refusing("503 Service Unavailable"), Named("second")
+    keys = standard_keys()
+    keys.add("first-only", allowed_providers=["first"])
+    sidecar = SidecarProcess(workdir, f"""
+        [providers.first]
+        {ws_url(first.port)}
+        [providers.second]
+        {ws_url(second.port)}
+        [routes]
+        "m-*" = ["first", "second"]
+        """, keys).start()
+
+    async def body():
+        async with first, second:
+            async with connect(sidecar.url(model="m-1", provider=None),
+                               additional_headers=sidecar.auth("first-only"), open_timeout=10) as ws:
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+            return ws.close_code, first.requests, second.handshakes
+    try:
+        code, asked_first, asked_second = run(body())
+    finally:
+        sidecar.stop()
+    assert (code, asked_first, asked_second) == (1014, 1, 0)
 
 
 # -- 6. ElevenLabs' signed URLs: one deployment signs, the same one serves -------------
