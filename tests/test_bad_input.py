@@ -191,6 +191,8 @@ def test_slowloris_is_cut_at_the_handshake_timeout(strict):
 BAD_CLIENT_FRAMES = [
     (bytes([0x82, 5]) + b"plain", 1002, "client: unmasked frame from the client"),
     (masked(0xC2, b"x"), 1002, "client: reserved bits set (no extension was negotiated)"),
+    (masked(0xA2, b"x"), 1002, "client: reserved bits set (no extension was negotiated)"),  # RSV2
+    (masked(0x92, b"x"), 1002, "client: reserved bits set (no extension was negotiated)"),  # RSV3
     (masked(0x83, b"x"), 1002, "client: reserved opcode 3"),
     (masked(0x8B, b""), 1002, "client: reserved opcode 11"),
     (masked(0x89, b"p" * 126), 1002, "client: control frame payload over 125 bytes"),
@@ -205,6 +207,11 @@ BAD_CLIENT_FRAMES = [
     (masked(0x88, b"\x03"), 1002, "client: close frame with a 1-byte payload"),
     (masked(0x88, (1005).to_bytes(2, "big")), 1002, "client: invalid close code 1005"),
     (masked(0x88, (999).to_bytes(2, "big")), 1002, "client: invalid close code 999"),
+    # The edges of the ranges a peer may send (RFC 6455 7.4): 1006 and 1015 are for
+    # APIs to report, never on the wire; 2999 lies below the application range.
+    (masked(0x88, (1006).to_bytes(2, "big")), 1002, "client: invalid close code 1006"),
+    (masked(0x88, (1015).to_bytes(2, "big")), 1002, "client: invalid close code 1015"),
+    (masked(0x88, (2999).to_bytes(2, "big")), 1002, "client: invalid close code 2999"),
     (masked(0x88, b"\x03\xe8\xc3\x28"), 1007, "client: invalid UTF-8 in close reason"),
 ]
 
@@ -243,6 +250,26 @@ async def close_frame_of_text(reader):
         n = int.from_bytes(await reader.readexactly(2), "big")
     await reader.readexactly(n)
     assert b0 == 0x81
+
+
+def test_a_message_of_max_message_bytes_and_a_125_byte_ping_pass(strict):
+    """The limits are the largest sizes allowed: the message is echoed by the mock,
+    the ping answered by its pong."""
+    async def frame(reader) -> tuple[int, bytes]:
+        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        return b0, await reader.readexactly(n)
+
+    async def body():
+        reader, writer = await session(strict.port, strict.keys.plain["good"])
+        await close_frame_of_text(reader)
+        writer.write(masked(0x82, b"x" * 1024) + masked(0x89, b"p" * 125))
+        got = {await frame(reader), await frame(reader)}
+        writer.close()
+        return got
+    assert run(body()) == {(0x82, b"x" * 1024), (0x8A, b"p" * 125)}
 
 
 def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
