@@ -834,6 +834,40 @@ def _elevenlabs(*ports: int) -> str:
         """ + body
 
 
+def test_a_public_agents_refusal_neither_rests_its_deployment_nor_fails_over(workdir):
+    """A key-less session (a public agent) refused with 401: the agent is not public,
+    which says nothing of the deployment. Anyone could otherwise rest every deployment
+    (401 rests at once) without presenting any credential."""
+    refusing, other = Refusing("401 Unauthorized"), Named("b")
+    keys = standard_keys()
+    keys.add("owner", public_agents=["agent_pub"])
+    sidecar = SidecarProcess(workdir, f"""
+        [providers.elevenlabs]
+        secret_env = "PROVIDER_KEY"
+        selection = "least_sessions"
+        [[providers.elevenlabs.deployments]]
+        name = "a"
+        url = "ws://127.0.0.1:{refusing.port}/v1/convai/conversation?agent_id={{model}}"
+        [[providers.elevenlabs.deployments]]
+        name = "b"
+        url = "ws://127.0.0.1:{other.port}/v1/convai/conversation?agent_id={{model}}"
+        """, keys).start()
+
+    async def body():
+        async with refusing, other:
+            async with connect(f"ws://127.0.0.1:{sidecar.port}/v1/convai/conversation?agent_id=agent_pub",
+                               open_timeout=10) as ws:
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+            return (ws.close_code, ws.close_reason), refusing.requests, other.handshakes
+    try:
+        close, asked_a, asked_b = run(body())
+        healthy = metric(sidecar, "conduit_deployment_healthy", deployment="a", provider="elevenlabs")
+    finally:
+        sidecar.stop()
+    assert (close, asked_a, asked_b, healthy) == ((1014, "upstream refused: HTTP 401"), 1, 0, 1)
+
+
 async def _signed_url(sidecar, agent: str = "agent_private", more: str = "") -> tuple[int, dict | str]:
     """The sidecar's answer to the SDK's get-signed-url call (its JSON, or its text)."""
     request = urllib.request.Request(
