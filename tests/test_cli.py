@@ -103,6 +103,22 @@ def test_listings_never_print_a_credential_typed_into_the_config(tmp_path):
         assert "model={model}&api_key=***&mode=fast" in r.stdout     # what is not a credential stays
         assert "realtime=v1" in r.stdout and "***" in r.stdout
 
+
+@pytest.mark.parametrize("second, error", [
+    ('{"id": "a", "sha256": "' + "1" * 64 + '"}', "duplicate key id 'a' - at `$.keys[1].id`"),
+    ('{"id": "b", "sha256": "' + "0" * 64 + '"}', "duplicate sha256 - at `$.keys[1].sha256`"),
+])
+def test_check_config_refuses_two_entries_for_one_key(tmp_path, second, error):
+    """One hash or one id, two entries: which one's policy a key gets would depend on
+    their order in the file (the last one's), a disabled entry outdone by an enabled one."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"id": "a", "sha256": "' + "0" * 64 + '", "enabled": false}, ' + second + "]}")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\n')
+    r = cli("check-config", "--config", str(conf))
+    assert r.returncode == 1 and f"{keys}: {error}" in r.stderr, r.stdout + r.stderr
+
+
 def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
     """A missing secret file or unset variable passed check-config silently; then every
     session of that provider got 1011 "provider secret unavailable" (a provider with one
