@@ -205,6 +205,11 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path, chan
                 ws = await attempt
                 return await closed_with(ws)
         assert run(body()) == (4001, "key revoked")
+        # Refused before the session started, not started and then ended by the next
+        # poll's recheck (the same close, after the client and provider had talked).
+        rejected = [(line["code"], line["reason"]) for line in sidecar.log_lines()
+                    if line.get("event") == "rejected"]
+        assert rejected == [(4001, "key revoked")]
     finally:
         sidecar.stop()
 
