@@ -1253,6 +1253,12 @@ def _load(workdir, text: str):
     ('[routes]\n"gpt-*" = ["openai", "azure", "openai"]\n[providers.azure]\nresource = "r"\n'
      'secret_env = "K"\n[providers.openai]\nsecret_env = "K"\n',
      "route 'gpt-*' lists 'openai' twice - at `$.routes.\"gpt-*\"`"),
+    # Headers the sidecar writes itself, in any letter case: a second Host or
+    # Sec-WebSocket-Key would make the upgrade request one the provider may misread.
+    ('[providers.p]\nurl = "ws://h/"\nheaders = { Host = "elsewhere" }\n',
+     "provider 'p': header 'Host' is set by the sidecar - at `$.providers.p.headers`"),
+    ('[providers.p]\nurl = "ws://h/"\nheaders = { Sec-WebSocket-Protocol = "x" }\n',
+     "provider 'p': header 'Sec-WebSocket-Protocol' is set by the sidecar - at `$.providers.p.headers`"),
     # The first rest would pass the cap that every later one keeps to.
     ('[circuit]\ncooldown_seconds = 90\nmax_cooldown_seconds = 60\n',
      "cooldown_seconds is over max_cooldown_seconds - at `$.circuit`"),
