@@ -820,6 +820,28 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
     with open(tmp_path / "ca.pem", "rb") as f:
         assert f.read() == ca_before
     assert oct(os.stat(root / "private" / "ca.key").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(root / "private").st_mode & 0o777) == "0o700"      # its keys' directory too
+
+
+def test_a_stored_ca_without_name_constraints_is_replaced(tmp_path, mock_provider):
+    """A loopback CA from before the constraint (it signs any name, for 10 years) found
+    in state_dir is not used again: a new constrained one is made and published."""
+    from cryptography import x509
+
+    from conduit_sidecar.tls import certificate, new_key, pem
+
+    state = tmp_path / "private"
+    state.mkdir(mode=0o700)
+    old_key = new_key()
+    old_ca = certificate(old_key, name="old loopback CA", days=3650, ca=True)
+    (state / "ca.key").write_bytes(pem(old_key))
+    (state / "ca.crt").write_bytes(pem(old_ca))
+    extra = self_signed_tls(held_port(), tmp_path / "ca.pem", state)
+    SidecarProcess(str(tmp_path), mock_provider.section(), Keys(), extra=extra).start().stop()
+    published = x509.load_pem_x509_certificates((tmp_path / "ca.pem").read_bytes())
+    assert old_ca not in published
+    for ca in published:
+        assert ca.extensions.get_extension_for_class(x509.NameConstraints).critical
 
 
 def load_loopback_ca(state_dir):
