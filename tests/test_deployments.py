@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -888,6 +889,23 @@ async def _talk(url: str, **kw) -> str:
     async with connect(url, open_timeout=10, **kw) as ws:
         await ws.send('{"type":"conversation_initiation_client_data"}')
         return json.loads(await ws.recv())["type"]
+
+
+def test_a_signed_url_call_with_two_keys_is_refused(workdir):
+    """Two xi-api-key headers: which one would the session be charged to? Neither."""
+    sidecar = sidecar_with(workdir, _elevenlabs(held_port(), held_port()))
+    key = sidecar.keys.plain["good"]
+    request = (f"GET /v1/convai/conversation/get-signed-url?agent_id=agent_x HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{sidecar.port}\r\nxi-api-key: {key}\r\nxi-api-key: {key}\r\n\r\n")
+    try:
+        with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as s:
+            s.sendall(request.encode())
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+    finally:
+        sidecar.stop()
+    assert answer.startswith(b"HTTP/1.1 401 ") and answer.endswith(b'{"detail":"missing key"}'), answer
 
 
 def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workdir):
