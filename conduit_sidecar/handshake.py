@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import http
-import re
 import urllib.parse
 from collections.abc import Callable
 
@@ -46,7 +45,6 @@ __all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "admit", "decide",
 # The sidecar's own paths: the provider comes from `provider=` or the model routes, the
 # key in OpenAI's forms. Each provider's own SDK paths are in the catalogue (providers).
 PATHS = ("/v1/realtime/connect", "/v1/realtime")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KEY_STEM = KEY_PREFIX.rstrip("_")  # a key in a raw query, its "_" escaped or not
 
 
@@ -229,8 +227,6 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         values = query.get(name, []) if name else []
         if len(values) > 1:
             return refuse(400, f"{name} given more than once")
-        if values and _CONTROL.search(values[0]):
-            return refuse(400, f"{name} contains control characters")
         if values and len(values[0]) > held.MAX_MODEL_CHARS:  # they reach log lines and labels
             return refuse(400, f"{name} longer than {held.MAX_MODEL_CHARS} characters")
     # Both values would go upstream while audio_rate reads one: a provider reading the

@@ -604,12 +604,14 @@ def test_a_secret_or_ca_file_that_is_a_fifo_does_not_hold_the_sidecar(mock_provi
 
 def test_model_with_crlf_is_refused(override_sidecar):
     async def body():
-        status, head, _, writer = await raw_upgrade(
+        status, head, reader, writer = await raw_upgrade(
             override_sidecar.port, "/v1/realtime/connect?provider=deepgram&model=a%0D%0AX-Injected:%201",
             [("Upgrade", "websocket"), ("Connection", "Upgrade")] + list(override_sidecar.auth().items()))
+        text = await reader.readexactly(int(header_lines(head)["content-length"]))
         writer.close()
-        return status
-    assert run(body()) == 400
+        return status, text
+    status, text = run(body())
+    assert status == 400 and b"control characters in the request target" in text, text
 
 
 def test_builtin_without_a_section_is_not_routable(override_sidecar):
