@@ -2,6 +2,7 @@
 Each ends both sides cleanly, and the session's end says what happened."""
 
 import asyncio
+import itertools
 import socket
 import struct
 import sys
@@ -61,23 +62,27 @@ def reset(transport):
 
 
 def last_end(sidecar, events) -> dict:
-    """The session_end line of the session with_upstream ran (not an earlier one)."""
-    before = events["ends_before"]
+    """The session_end line of the session with_upstream ran, found by its model: an
+    earlier test's session (one that did not wait for its end) may be logged later."""
     deadline = time.monotonic() + 5
-    while len(ends := session_ends(sidecar)) <= before:
+    while not (ends := [e for e in session_ends(sidecar) if e.get("model") == events["model"]]):
         assert time.monotonic() < deadline, "no session_end for this session"
         time.sleep(0.05)
-    return ends[before]
+    (end,) = ends
+    return end
+
+
+_sessions = itertools.count()
 
 
 def with_upstream(sidecar, act, client):
     async def body():
-        events = {"ends_before": len(session_ends(sidecar))}
+        events = {"model": f"m-{next(_sessions)}"}      # names its session_end line
         loop = asyncio.get_running_loop()
         async with await loop.create_server(lambda: RawUpstream(act, events), "127.0.0.1",
                                             sidecar.upstream_port):
             reader, writer = await session(sidecar.port, sidecar.keys.plain["good"],
-                                           "/v1/realtime/connect?provider=raw")
+                                           f"/v1/realtime/connect?provider=raw&model={events['model']}")
             result = await client(reader, writer, events)
             writer.close()
             return result, events
