@@ -206,15 +206,18 @@ class _Modality(msgspec.Struct):
 
 class _UsageMetadata(msgspec.Struct):
     """Gemini's total is prompt + response + tool-use prompt + thoughts: all billed,
-    the last two at the input and output text prices."""
+    the last two at the input and output text prices. Vertex AI names the response
+    `candidates` (its UsageMetadata's), AI Studio `response`."""
 
     promptTokenCount: Tokens = 0
     responseTokenCount: Tokens = 0
+    candidatesTokenCount: Tokens = 0
     cachedContentTokenCount: Tokens = 0
     toolUsePromptTokenCount: Tokens = 0
     thoughtsTokenCount: Tokens = 0
     promptTokensDetails: list[_Modality] = []
     responseTokensDetails: list[_Modality] = []
+    candidatesTokensDetails: list[_Modality] = []
     toolUsePromptTokensDetails: list[_Modality] = []
     cacheTokensDetails: list[_Modality] = []
 
@@ -270,14 +273,14 @@ def decode_gemini(message: bytes) -> dict[str, float] | None:
     counts: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
     counts.update(
         input=u.promptTokenCount + u.toolUsePromptTokenCount,
-        output=u.responseTokenCount + u.thoughtsTokenCount,
+        output=(u.responseTokenCount or u.candidatesTokenCount) + u.thoughtsTokenCount,
         input_cached=u.cachedContentTokenCount,
         output_text=u.thoughtsTokenCount,
     )
     for side, details in (
         ("input", u.promptTokensDetails),
         ("input", u.toolUsePromptTokensDetails),
-        ("output", u.responseTokensDetails),
+        ("output", u.responseTokensDetails or u.candidatesTokensDetails),
         ("input_cached", u.cacheTokensDetails),
     ):
         for d in details:

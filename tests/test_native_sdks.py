@@ -322,6 +322,40 @@ def test_gemini_usage_bundled_after_the_turns_audio_is_metered(native, sidecar_c
     assert (tokens["input"], tokens["output"], tokens["output_audio"]) == (7, 64, 64)
 
 
+def test_gemini_on_vertex_meters_its_candidates_tokens(native):
+    """Vertex AI's Live API names a turn's output `candidatesTokenCount` and
+    `candidatesTokensDetails` (google.cloud.aiplatform.v1 UsageMetadata; google-genai
+    3.6.1's `_live_converters._UsageMetadata_from_vertex` reads them into
+    response_token_count and response_tokens_details), where AI Studio's say
+    `responseTokenCount`: a `gemini` provider pointed at Vertex had its output tokens
+    counted as 0, in tokens and cost."""
+    vertex = "/ws/google.cloud.aiplatform.v1beta1.LlmBidiService/BidiGenerateContent"
+    providers = f"""
+        [providers.gemini]
+        url = "ws://127.0.0.1:{native.mocks['gemini'].port}{vertex}"
+        headers = {{ Authorization = "Bearer {{secret}}" }}
+        secret_env = "PROVIDER_KEY"
+        """
+    sidecar = SidecarProcess(tempfile.mkdtemp(prefix="conduit-vertex-"), providers, standard_keys()).start()
+    try:
+        mark = log_mark(sidecar)
+
+        async def body():
+            url = f"ws://127.0.0.1:{sidecar.port}{GEMINI_PATH}"
+            async with connect(url, additional_headers={"x-goog-api-key": sidecar.keys.plain["good"]}) as ws:
+                await ws.send(json.dumps({"setup": {"model": "models/gemini-live-2.5-flash",
+                                                    "generationConfig": {"responseModalities": ["AUDIO"]}}}))
+                await ws.recv()
+                await ws.send(json.dumps({"clientContent": {
+                    "turns": [{"role": "user", "parts": [{"text": "one two three four"}]}], "turnComplete": True}}))
+                assert b'"candidatesTokenCount"' in await ws.recv()
+        run(body())
+        tokens = last_session(sidecar, "gemini", mark)["usage_tokens"]
+        assert (tokens["input"], tokens["output"], tokens["output_audio"]) == (7, 64, 64)
+    finally:
+        sidecar.stop()
+
+
 def test_gemini_disallowed_model_in_setup_gets_4003(native, sidecar_ca_bundle):
     from google.genai import errors
     client = _gemini(native, "gemini-flash")

@@ -4,7 +4,9 @@
   `turnComplete` with `usageMetadata`. With AUDIO response modalities, as Gemini 3.x
   Live models do, one message per turn bundles the model's audio (half a second of
   24 kHz PCM16 per word), `turnComplete` and `usageMetadata`, in that (proto field)
-  order. Like Google's server, JSON goes out in binary frames. On
+  order. Like Google's server, JSON goes out in binary frames. On Vertex AI's path
+  (`...LlmBidiService/BidiGenerateContent`) the usage names the output as Vertex's
+  UsageMetadata does, `candidatesTokenCount` and `candidatesTokensDetails`. On
   `...BidiGenerateMusic` (Lyria), every message after the setup -> one `serverContent`
   audio chunk.
 - deepgram, by the request path. Listen v1 (`/v1/listen`): binary audio -> `Results`
@@ -96,6 +98,7 @@ async def gemini(ws: ServerConnection) -> None:
         return
     config = setup.get("generationConfig") or setup.get("generation_config") or {}
     audio = "AUDIO" in (config.get("responseModalities") or config.get("response_modalities") or ())
+    output = "candidates" if "LlmBidiService" in ws.request.path else "response"
     async for message in ws:
         # Proto JSON: Google's servers take lowerCamel and snake_case field names alike.
         event = _json.decode(message)
@@ -107,9 +110,9 @@ async def gemini(ws: ServerConnection) -> None:
             part = {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": pcm}}
             usage = {
                 "promptTokenCount": n + 3,
-                "responseTokenCount": 16 * n,  # 32 tokens a second of audio
+                f"{output}TokenCount": 16 * n,  # 32 tokens a second of audio
                 "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n + 3}],
-                "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 16 * n}],
+                f"{output}TokensDetails": [{"modality": "AUDIO", "tokenCount": 16 * n}],
             }
             turn = {"modelTurn": {"parts": [part]}, "turnComplete": True}
             await ws.send(_encode({"serverContent": turn, "usageMetadata": usage}))
@@ -122,10 +125,10 @@ async def gemini(ws: ServerConnection) -> None:
                         "serverContent": {"turnComplete": True},
                         "usageMetadata": {
                             "promptTokenCount": n + 3,
-                            "responseTokenCount": n + 1,
+                            f"{output}TokenCount": n + 1,
                             "totalTokenCount": 2 * n + 4,
                             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n + 3}],
-                            "responseTokensDetails": [{"modality": "TEXT", "tokenCount": n + 1}],
+                            f"{output}TokensDetails": [{"modality": "TEXT", "tokenCount": n + 1}],
                         },
                     }
                 )
