@@ -22,9 +22,10 @@ import msgspec
 __all__ = ["METERS", "MODEL_LABELS_MAX", "MalformedUsage", "Meter", "SECONDS_KINDS", "TOKEN_KINDS", "Usage"]
 
 # Token kinds: `input`/`output` are totals; the others break them down. Cached input
-# tokens are also in `input_text` or `input_audio` (OpenAI's counts);
-# `input_cached_audio` is the audio part of `input_cached`, which prices need: cached
-# audio is billed far below audio.
+# tokens are also in `input_text`, `input_audio` or `input_image` (OpenAI's counts);
+# `input_cached_audio` and `input_cached_image` are the audio and image parts of
+# `input_cached`, which prices need: cached audio and images are billed far below
+# audio and images, not taken off the text.
 TOKEN_KINDS = (
     "input",
     "output",
@@ -33,6 +34,7 @@ TOKEN_KINDS = (
     "input_image",
     "input_cached",
     "input_cached_audio",
+    "input_cached_image",
     "output_text",
     "output_audio",
 )
@@ -130,6 +132,7 @@ _usage = msgspec.json.Decoder(_Usage)
 def _tokens(u: _Usage) -> dict[str, float]:
     i = u.input_token_details or _InputDetails()
     o = u.output_token_details or _OutputDetails()
+    cached = i.cached_tokens_details or _CachedDetails()
     # Transcription usage has no output_token_details: its output is the transcript.
     return _untold_as_text(
         {
@@ -139,7 +142,8 @@ def _tokens(u: _Usage) -> dict[str, float]:
             "input_audio": i.audio_tokens,
             "input_image": i.image_tokens,
             "input_cached": i.cached_tokens,
-            "input_cached_audio": i.cached_tokens_details.audio_tokens if i.cached_tokens_details else 0,
+            "input_cached_audio": cached.audio_tokens,
+            "input_cached_image": cached.image_tokens,
             "output_text": o.text_tokens,
             "output_audio": o.audio_tokens,
         }

@@ -40,17 +40,20 @@ def price_for(prices: dict[str, Price], model: str | None) -> Price | None:
 
 
 def cost_usd(price: Price, tokens: dict[str, float], audio_seconds: float = 0.0) -> float:
-    """USD for one usage report. Cached input tokens are part of the input text and
-    audio counts (`input_cached_audio` of them audio, the rest text) and billed at
-    input_cached instead."""
+    """USD for one usage report. Cached input tokens are part of the input text, audio
+    and image counts (`input_cached_audio` and `input_cached_image` of them audio and
+    images, the rest text) and billed at input_cached instead."""
     cached_audio = min(tokens.get("input_cached_audio", 0), tokens.get("input_audio", 0))
-    cached_text = min(tokens.get("input_cached", 0) - cached_audio, tokens.get("input_text", 0))
+    cached_image = min(tokens.get("input_cached_image", 0), tokens.get("input_image", 0))
+    cached_text = min(
+        tokens.get("input_cached", 0) - cached_audio - cached_image, tokens.get("input_text", 0)
+    )
     image = price.input_text if price.input_image is None else price.input_image
     per_million = (
         (tokens.get("input_text", 0) - cached_text) * price.input_text
-        + (cached_text + cached_audio) * price.input_cached
+        + (cached_text + cached_audio + cached_image) * price.input_cached
         + (tokens.get("input_audio", 0) - cached_audio) * price.input_audio
-        + tokens.get("input_image", 0) * image
+        + (tokens.get("input_image", 0) - cached_image) * image
         + tokens.get("output_text", 0) * price.output_text
         + tokens.get("output_audio", 0) * price.output_audio
     )

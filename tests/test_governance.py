@@ -1417,3 +1417,34 @@ def test_image_input_tokens_are_priced(sidecars):
     run(scenario())
     assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-text"') == 12   # $1 a token
     assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-priced"') == 22  # 2 + 10 x 2
+
+
+def test_cached_image_tokens_are_priced_as_cached_images(sidecars):
+    """An image sent earlier in a realtime session is cached input in later responses:
+    OpenAI reports it in `input_token_details.cached_tokens_details.image_tokens`
+    (openai-python's realtime_response_usage_input_token_details.CachedTokensDetails),
+    Gemini as IMAGE tokens in `cacheTokensDetails`. They were taken for cached text:
+    the text was billed at input_cached and the cached images at input_image."""
+    from websockets.asyncio.server import serve
+    keys = Keys()
+    keys.add("eyes")
+    port = held_port()
+    extra = (f'[providers.img]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+             '[prices."img-cached"]\ninput_text = 1000000\ninput_image = 2000000\ninput_cached = 500000\n')
+    proc, = sidecars(keys, None, n=1, extra=extra)
+    usage = {"input_tokens": 12, "output_tokens": 0, "input_token_details": {
+        "text_tokens": 2, "audio_tokens": 0, "image_tokens": 10, "cached_tokens": 10,
+        "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 10}}}
+
+    async def provider(ws):
+        await ws.send(json.dumps({"type": "response.done", "response": {"usage": usage}}))
+        await ws.wait_closed()
+
+    async def scenario():
+        async with serve(provider, "127.0.0.1", port):
+            async with connect(proc.url(model="img-cached", provider="img"),
+                               additional_headers=proc.auth("eyes")) as ws:
+                assert json.loads(await ws.recv())["type"] == "response.done"
+    run(scenario())
+    # 2 text tokens at $1, 10 cached image tokens at $0.5.
+    assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-cached"') == 7

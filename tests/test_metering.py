@@ -31,7 +31,7 @@ def test_openai_details_are_counted_once():
         "output_token_details": {"text_tokens": 10, "audio_tokens": 20}}))
     assert counts == {"input": 300, "output": 30, "input_text": 120, "input_audio": 170,
                       "input_image": 10, "input_cached": 100, "input_cached_audio": 40,
-                      "output_text": 10, "output_audio": 20}
+                      "input_cached_image": 0, "output_text": 10, "output_audio": 20}
 
 
 def test_openai_transcription_usage_tokens_and_duration():
@@ -81,6 +81,18 @@ def test_gemini_tool_use_and_thoughts_are_counted_and_cached_audio_told_apart():
     assert (counts["input_audio"], counts["input_text"]) == (1000, 300)
     assert (counts["output_audio"], counts["output_text"]) == (200, 800)
     assert (counts["input_cached"], counts["input_cached_audio"]) == (600, 500)
+
+
+def test_gemini_cached_images_are_told_apart():
+    """cacheTokensDetails' IMAGE (and VIDEO) tokens are the image part of the cached
+    input (google-genai types.UsageMetadata.cache_tokens_details, ModalityTokenCount
+    per MediaModality); they were left out, so prices took them for cached text."""
+    counts = gemini(json.dumps({"usageMetadata": {
+        "promptTokenCount": 1300, "cachedContentTokenCount": 1100,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 100}, {"modality": "IMAGE", "tokenCount": 1000},
+                                {"modality": "VIDEO", "tokenCount": 200}],
+        "cacheTokensDetails": [{"modality": "IMAGE", "tokenCount": 1000}, {"modality": "VIDEO", "tokenCount": 100}]}}).encode())
+    assert (counts["input_image"], counts["input_cached"], counts["input_cached_image"]) == (1200, 1100, 1100)
 
 
 def test_gemini_usage_is_the_top_level_marker_after_nested_ones():
