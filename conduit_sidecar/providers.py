@@ -523,13 +523,15 @@ def meter(provider: str, kept: Kept | None = None) -> Meter | None:
 _SAMPLE_BYTES = {"linear32": 4, "linear16": 2, "pcm_s16le": 2, "mulaw": 1, "alaw": 1, "pcm_mulaw": 1}
 # The query parameters audio_rate reads: each given once (handshake.decide), so the
 # provider and the sidecar cannot read different values of one.
-AUDIO_FORMAT = ("encoding", "sample_rate", "channels")
+AUDIO_FORMAT = ("encoding", "sample_rate", "channels", "multichannel")
 
 
 def audio_rate(provider: str, query: tuple[tuple[str, str], ...]) -> int | None:
-    """Bytes per second of the binary audio a Deepgram or AssemblyAI session streams, by
-    the raw format its query names (AssemblyAI's default is pcm_s16le). None where the
-    format is `[audio]`'s, or not raw (Deepgram without `encoding`: a container)."""
+    """Bytes per billed second of the binary audio a Deepgram or AssemblyAI session
+    streams, by the raw format its query names (AssemblyAI's default is pcm_s16le). None
+    where the format is `[audio]`'s, or not raw (Deepgram without `encoding`: a
+    container). Deepgram bills each channel of a `multichannel=true` stream: a second
+    of it is a second per channel."""
     if provider not in ("deepgram", "assemblyai"):
         return None
     q = dict(query)
@@ -540,7 +542,7 @@ def audio_rate(provider: str, query: tuple[tuple[str, str], ...]) -> int | None:
         return None
     if width is None or not (0 < rate <= 384_000 and 0 < channels <= 32):
         return None
-    return width * rate * channels
+    return width * rate * (1 if provider == "deepgram" and q.get("multichannel") == "true" else channels)
 
 
 def takes(kept: Kept | None, provider: str, url: str) -> bool:

@@ -926,6 +926,36 @@ def test_a_deepgram_stream_is_counted_live_in_its_own_format(sidecars, redis_ser
     run(scenario())
 
 
+def test_a_deepgram_multichannel_stream_counts_each_channel(sidecars):
+    """With `multichannel=true` Deepgram transcribes each channel apart and bills each
+    (Deepgram's answer in github.com/orgs/deepgram/discussions/932: "the cost for
+    multichannel is applied for each channel"), while its Metadata `duration` is the
+    stream's length: 2 s of stereo were counted (and priced) as 2 s, not 4."""
+    keys = Keys()
+    keys.add("stt")
+    port = held_port()
+    extra = (f'[providers.deepgram]\nurl = "ws://127.0.0.1:{port}/v1/listen?model={{model}}"\n'
+             'secret_env = "PROVIDER_KEY"\n[prices."nova-3"]\naudio_minute = 60\n')   # $1 a second
+    proc, = sidecars(keys, None, n=1, extra=extra)
+
+    async def scenario():
+        url = (f"ws://127.0.0.1:{proc.port}/v1/listen?model=nova-3&encoding=linear16&sample_rate=8000"
+               "&channels=2&multichannel=true")
+        async with MockProvider(port=port, shape="deepgram"):
+            async with connect(url, additional_headers={"Authorization": f"Token {keys.plain['stt']}"},
+                               open_timeout=10) as ws:
+                await ws.send(bytes(64_000))                        # 2 s of 8 kHz stereo linear16
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                with pytest.raises(websockets.ConnectionClosedOK):
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+    run(scenario())
+    deadline = time.monotonic() + 5
+    while (usd := metric(proc, 'conduit_cost_usd_total{key_id="stt"')) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert usd == 4
+
+
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     """Sessions admitted without any limit keep no governance state; a budget the key
     file adds later still reaches them."""

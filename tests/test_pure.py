@@ -799,6 +799,9 @@ def test_layers_point_one_way():
     ("deepgram", (("encoding", "mulaw"), ("sample_rate", "8000")), 8000),
     ("deepgram", (("encoding", "linear16"), ("sample_rate", "16000"), ("channels", "2")), 64000),
     ("deepgram", (("encoding", "linear32"), ("sample_rate", "16000")), 64000),
+    # Deepgram bills each channel of a multichannel stream: 2 s a second of stereo.
+    ("deepgram", (("encoding", "linear16"), ("sample_rate", "16000"), ("channels", "2"),
+                  ("multichannel", "true")), 32000),
     ("deepgram", (), None),                                   # a container: not known
     ("deepgram", (("encoding", "opus"), ("sample_rate", "48000")), None),
     ("deepgram", (("encoding", "linear16"), ("sample_rate", "lots")), None),
