@@ -256,9 +256,9 @@ class Governor:
 
     # -- usage and enforcement -------------------------------------------------------
 
-    def usage(self, info: SessionInfo, counts: dict[str, float], model_label: str) -> None:
-        """Tokens of one provider usage report (metering); never awaits."""
-        price = price_for(self.config.prices, info.model)
+    def usage(self, info: SessionInfo, counts: dict[str, float], model_label: str, model: str | None) -> None:
+        """Tokens of one provider usage report (metering), billed at `model`; never awaits."""
+        price = price_for(self.config.prices, model)
         seconds = self._reported_seconds(info) if counts.get("audio") else 0.0
         usd = cost_usd(price, counts, seconds) if price is not None else 0.0
         if usd:

@@ -4,7 +4,8 @@ The relay hands over only provider messages whose first bytes contain one of the
 provider's markers, whole even when fragmented (or, for a provider whose usage may
 come after kilobytes of audio, messages with a marker anywhere, from that marker on);
 they are decoded here with msgspec.
-A message with a marker that is not a usage event is ignored; a usage event that is
+A message with a marker that is not a usage event is ignored (but for OpenAI's session
+events, which name the model its transcription usage is billed at); a usage event that is
 malformed (wrong types, negative or absurd numbers) raises `MalformedUsage`, which the
 caller counts and ignores: metering never breaks a session.
 
@@ -19,7 +20,18 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["METERS", "MODEL_LABELS_MAX", "MalformedUsage", "Meter", "SECONDS_KINDS", "TOKEN_KINDS", "Usage"]
+from .keys import KEY_PREFIX
+
+__all__ = [
+    "METERS",
+    "MODEL_LABELS_MAX",
+    "MalformedUsage",
+    "Meter",
+    "SECONDS_KINDS",
+    "TOKEN_KINDS",
+    "Transcription",
+    "Usage",
+]
 
 # Token kinds: `input`/`output` are totals; the others break them down. Cached input
 # tokens are also in `input_text`, `input_audio` or `input_image` (OpenAI's counts);
@@ -63,6 +75,9 @@ class Meter(msgspec.Struct, frozen=True):
     # Each report is the session's total so far (OpenAI Live's), not a new part of it:
     # Usage.add counts its rise over what the session has counted.
     cumulative: bool = False
+    # The transcription model a marked message that reports no usage names (OpenAI's
+    # session events), at which the session's Transcription reports are billed.
+    transcriber: Callable[[bytes], str | None] | None = None
 
 
 _NONE = msgspec.Raw()  # a field that is absent
@@ -159,6 +174,13 @@ def _untold_as_text(counts: dict[str, float]) -> dict[str, float]:
     return counts
 
 
+class Transcription(dict[str, float]):
+    """The counts of an OpenAI transcription report: "billed according to the ASR
+    model's pricing rather than the realtime model's pricing" (openai-python's
+    ConversationItemInputAudioTranscriptionCompletedEvent.usage), so at the session's
+    transcription model (Usage.transcriber) where its session events named one."""
+
+
 def decode_openai(message: bytes) -> dict[str, float] | None:
     try:
         event = _envelope.decode(message)
@@ -170,11 +192,56 @@ def decode_openai(message: bytes) -> dict[str, float] | None:
     if event.type == "conversation.item.input_audio_transcription.completed" and _given(event.usage):
         u = _strict(event.usage, _usage)
         if u.type == "duration":
-            return {"audio": u.seconds}
+            return Transcription(audio=u.seconds)
         if u.type == "tokens":
-            return _tokens(u)
+            return Transcription(_tokens(u))
         raise MalformedUsage(f"unknown usage type {u.type!r}")
     return None
+
+
+# A model name that may become a label: no control characters, no virtual key.
+_Model = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+class _Transcriber(msgspec.Struct):
+    model: _Model | None = None
+
+
+class _AudioInput(msgspec.Struct):
+    transcription: _Transcriber | None = None
+
+
+class _Audio(msgspec.Struct):
+    input: _AudioInput | None = None
+
+
+class _Session(msgspec.Struct):
+    audio: _Audio | None = None  # GA
+    input_audio_transcription: _Transcriber | None = None  # beta
+
+
+class _SessionEvent(msgspec.Struct):
+    type: str
+    session: _Session | None = None
+
+
+_session_event = msgspec.json.Decoder(_SessionEvent)
+
+
+def openai_transcriber(message: bytes) -> str | None:
+    """The transcription model OpenAI's `session.created` / `session.updated` name: the
+    session as it now is (GA `session.audio.input.transcription.model`, beta
+    `session.input_audio_transcription.model`). None: another message, or none named."""
+    try:
+        event = _session_event.decode(message)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if event.type not in ("session.created", "session.updated") or event.session is None:
+        return None
+    ga, beta = event.session.audio, event.session.input_audio_transcription
+    named = ga.input.transcription if ga and ga.input and ga.input.transcription else beta
+    model = named.model if named else None
+    return None if model is None or KEY_PREFIX in model else model
 
 
 # -- OpenAI Live: the session's audio seconds so far -------------------------------
@@ -343,7 +410,14 @@ def _seconds_decoder(kind: str, shape: type, field: str):
 
 METERS: dict[str, Meter] = {
     "openai": Meter(
-        (b'"response.done"', b'"conversation.item.input_audio_transcription.completed"'), decode_openai
+        (
+            b'"response.done"',
+            b'"conversation.item.input_audio_transcription.completed"',
+            b'"session.created"',
+            b'"session.updated"',
+        ),
+        decode_openai,
+        transcriber=openai_transcriber,
     ),
     # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes:
     # Gemini 3.x Live bundles a turn's last audio, turnComplete and usageMetadata in one
@@ -363,12 +437,13 @@ METERS["openai_live"] = Meter(
 class Usage:
     """A session's running totals."""
 
-    __slots__ = ("tokens", "seconds", "topped_up")
+    __slots__ = ("tokens", "seconds", "topped_up", "transcriber")
 
     def __init__(self):
         self.tokens: dict[str, float] = dict.fromkeys(TOKEN_KINDS, 0)
         self.seconds = dict.fromkeys(SECONDS_KINDS, 0.0)
         self.topped_up = 0.0  # audio seconds charged beyond the binary frames' (governance)
+        self.transcriber: str | None = None  # the model its Transcription reports are billed at
 
     def add(self, counts: dict[str, float], cumulative: bool = False) -> dict[str, float]:
         """Adds one report and returns what it added: with `cumulative` (the report is

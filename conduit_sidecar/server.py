@@ -8,6 +8,7 @@ import datetime as dt
 import gc
 import logging
 import signal
+import sys
 import time
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from .config import Config, split_hostport
 from .governance import Governor
 from .handshake import Admission, Close
 from .keys import KeyEntry, KeySet, KeyWatcher, Rejection
-from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Usage
+from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Transcription, Usage
 from .metrics import Metrics
 from .routing import Router
 from .session import ClientHandshake, SessionInfo, Slots
@@ -198,18 +199,25 @@ class Sidecar:
             self.metrics.usage_malformed.labels(info.provider).inc()
             return
         if counts is None:
+            if metered and metered.transcriber and (named := metered.transcriber(message)):
+                if info.usage is None:
+                    info.usage = Usage()
+                info.usage.transcriber = sys.intern(named)
             return
         assert metered is not None  # it decoded the counts
         try:
             if info.usage is None:
                 info.usage = Usage()
+            billed = info.model
+            if isinstance(counts, Transcription) and info.usage.transcriber:
+                billed = info.usage.transcriber
             counts = info.usage.add(counts, metered.cumulative)
-            model = self.model_label(info.model)
+            model = self.model_label(billed)
             for kind, n in counts.items():
                 if n:
                     family = self.metrics.usage_seconds if kind in SECONDS_KINDS else self.metrics.usage
                     family.labels(info.key_id, info.provider, model, kind).inc(n)
-            self.governor.usage(info, counts, model)
+            self.governor.usage(info, counts, model, billed)
         except Exception as exc:  # a bug of ours must not end the session
             self.metrics.usage_malformed.labels(info.provider).inc()
             log.warning(

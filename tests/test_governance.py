@@ -1449,6 +1449,51 @@ def test_image_input_tokens_are_priced(sidecars):
     assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-priced"') == 22  # 2 + 10 x 2
 
 
+@pytest.mark.parametrize("session, usage, usd", [
+    # GA session.updated; gpt-4o-transcribe style token usage: 10 audio + 2 text tokens at $1.
+    ({"type": "realtime", "audio": {"input": {"transcription": {"model": "rt-transcribe"}}}},
+     {"type": "tokens", "input_tokens": 10, "output_tokens": 2, "total_tokens": 12,
+      "input_token_details": {"text_tokens": 0, "audio_tokens": 10}}, 12),
+    # Beta session.updated; whisper-1 style duration usage: 3 s at $60 a minute.
+    ({"input_audio_transcription": {"model": "rt-transcribe"}}, {"type": "duration", "seconds": 3}, 3),
+])
+def test_transcription_usage_is_priced_at_the_transcription_model(sidecars, session, usage, usd):
+    """A conversation session's input transcription is billed "according to the ASR
+    model's pricing rather than the realtime model's pricing" (openai-python's
+    ConversationItemInputAudioTranscriptionCompletedEvent.usage). It was priced and
+    labelled at the session's model: audio tokens at the realtime audio price (10x here),
+    whisper-1's seconds at none. The model is the one OpenAI's session events name."""
+    from websockets.asyncio.server import serve
+    keys = Keys()
+    keys.add("ears")
+    port = held_port()
+    extra = (f'[providers.rt]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+             '[prices."rt-realtime"]\ninput_audio = 10000000\noutput_text = 10000000\n'
+             '[prices."rt-transcribe"]\ninput_audio = 1000000\noutput_text = 1000000\naudio_minute = 60\n')
+    proc, = sidecars(keys, None, n=1, extra=extra)
+    done = {"input_tokens": 10, "output_tokens": 2, "input_token_details": {"text_tokens": 0, "audio_tokens": 10},
+            "output_token_details": {"text_tokens": 2, "audio_tokens": 0}}
+    events = [{"type": "session.updated", "event_id": "event_1", "session": {"model": "rt-realtime", **session}},
+              {"type": "conversation.item.input_audio_transcription.completed", "event_id": "event_2",
+               "item_id": "item_1", "content_index": 0, "transcript": "hi", "usage": usage},
+              {"type": "response.done", "event_id": "event_3", "response": {"usage": done}}]
+
+    async def provider(ws):
+        for event in events:
+            await ws.send(json.dumps(event))
+        await ws.wait_closed()
+
+    async def scenario():
+        async with serve(provider, "127.0.0.1", port):
+            async with connect(proc.url(model="rt-realtime", provider="rt"),
+                               additional_headers=proc.auth("ears")) as ws:
+                for _ in events:
+                    await ws.recv()
+    run(scenario())
+    assert metric(proc, 'conduit_cost_usd_total{key_id="ears",model="rt-transcribe"') == usd
+    assert metric(proc, 'conduit_cost_usd_total{key_id="ears",model="rt-realtime"') == 120  # 12 tokens at $10
+
+
 def test_cached_image_tokens_are_priced_as_cached_images(sidecars):
     """An image sent earlier in a realtime session is cached input in later responses:
     OpenAI reports it in `input_token_details.cached_tokens_details.image_tokens`

@@ -44,6 +44,23 @@ def test_openai_transcription_usage_tokens_and_duration():
                   .encode()) == {"audio": 2.5}
 
 
+def test_openai_session_events_name_the_transcription_model():
+    """session.created / session.updated echo the session: its transcription model is
+    what its transcription usage is billed at. One that could not be a label (a virtual
+    key, a control character) is not taken."""
+    named = METERS["openai"].transcriber
+
+    def updated(transcription, kind="session.updated"):
+        return json.dumps({"type": kind, "session": {"audio": {"input": {"transcription": transcription}}}}).encode()
+    assert named(updated({"model": "gpt-4o-transcribe"})) == "gpt-4o-transcribe"
+    assert named(updated({"model": "whisper-1"}, "session.created")) == "whisper-1"
+    beta = {"type": "session.updated", "session": {"input_audio_transcription": {"model": "whisper-1"}}}
+    assert named(json.dumps(beta).encode()) == "whisper-1"
+    for transcription in (None, {"model": "condt_" + "x" * 40}, {"model": "a\nb"}, {"model": ""}):
+        assert named(updated(transcription)) is None
+    assert named(done({"input_tokens": 1})) is None
+
+
 def test_gemini_usage_metadata_per_modality():
     counts = gemini(json.dumps({"serverContent": {"turnComplete": True}, "usageMetadata": {
         "promptTokenCount": 30, "responseTokenCount": 12, "totalTokenCount": 42,
