@@ -214,6 +214,7 @@ class Governor:
     def release(self, info: SessionInfo) -> None:
         """The session is over (or never started): count its last audio, free its lease."""
         self._count_audio(info)
+        self._count_open_time(info)
         live = self.live.pop(info, None)
         if live is not None:
             if live.timer is not None:
@@ -295,6 +296,24 @@ class Governor:
             return
         seconds = (sent - info.audio_bytes) / self._rate(info)
         info.audio_bytes = sent
+        self._charge_seconds(info, seconds)
+
+    def _count_open_time(self, info: SessionInfo) -> None:
+        """A relayed session of a provider that bills its time open (Meter.open_time)
+        and ended without reporting it (AssemblyAI's SDK disconnects without asking for
+        the report by default) is topped up to its time since it was admitted, which
+        holds the provider's time open."""
+        metered, usage = info.metered, info.usage
+        if info.relay is None or metered is None or not metered.open_time:
+            return
+        if usage is not None and usage.seconds["audio"]:
+            return  # reported: _reported_seconds topped it up
+        charged = info.audio_bytes / self._rate(info) + (usage.topped_up if usage else 0.0)
+        more = time.monotonic() - info.started - charged
+        if more > 0:
+            self._charge_seconds(info, more)
+
+    def _charge_seconds(self, info: SessionInfo, seconds: float) -> None:
         price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, {}, seconds) if price is not None else 0.0
         if usd:

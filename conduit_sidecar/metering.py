@@ -78,6 +78,10 @@ class Meter(msgspec.Struct, frozen=True):
     # The transcription model a marked message that reports no usage names (OpenAI's
     # session events), at which the session's Transcription reports are billed.
     transcriber: Callable[[bytes], str | None] | None = None
+    # The provider bills a session's time open (AssemblyAI), idle time included, but
+    # reports it only at a graceful end: a session that ends without a report is charged
+    # its time open (governance).
+    open_time: bool = False
 
 
 _NONE = msgspec.Raw()  # a field that is absent
@@ -424,7 +428,9 @@ METERS: dict[str, Meter] = {
     # message, so the marker may come after any number of kilobytes.
     "gemini": Meter((_GEMINI_MARKER,), decode_gemini, binary=True, sniff_bytes=0),
     "deepgram": Meter((b'"Metadata"',), _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
-    "assemblyai": Meter((b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "billed")),
+    "assemblyai": Meter(
+        (b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "billed"), open_time=True
+    ),
 }
 METERS["azure"] = METERS["openai"]  # Azure OpenAI speaks OpenAI's events
 # OpenAI's Live sessions (providers.Kept.meter). Their delegated Responses backends'

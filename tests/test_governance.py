@@ -956,6 +956,36 @@ def test_a_deepgram_multichannel_stream_counts_each_channel(sidecars):
     assert usd == 4
 
 
+def test_an_assemblyai_session_closed_without_terminate_is_charged_its_time_open(sidecars):
+    """AssemblyAI bills a streaming session by "the entire time the WebSocket connection
+    stays open", idle time included (assemblyai.com/docs/faq/how-does-universal-streaming-
+    session-based-pricing-work), and reports it only in the Termination a Terminate
+    gets; its SDK's `disconnect()` sends none by default (assemblyai 1.8.2,
+    StreamingClient.disconnect: "Without terminate=True the WebSocket is closed without
+    notifying the server"). Such a session was charged its binary audio alone: here
+    0.5 s of a session open for 2 s."""
+    keys = Keys()
+    keys.add("stt")
+    port = held_port()
+    extra = (f'[providers.assemblyai]\nurl = "ws://127.0.0.1:{port}/v3/ws?speech_model={{model}}"\n'
+             'secret_env = "PROVIDER_KEY"\n[prices."universal"]\naudio_minute = 60\n')   # $1 a second
+    proc, = sidecars(keys, None, n=1, extra=extra)
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{proc.port}/v3/ws?speech_model=universal&sample_rate=16000"
+        async with MockProvider(port=port, shape="assemblyai"):
+            async with connect(url, additional_headers={"Authorization": keys.plain["stt"]},
+                               open_timeout=10) as ws:
+                assert json.loads(await ws.recv())["type"] == "Begin"
+                await ws.send(bytes(16_000))                        # 0.5 s of 16 kHz pcm_s16le
+                await asyncio.sleep(2)                              # open, idle: billed
+    run(scenario())
+    deadline = time.monotonic() + 5
+    while (usd := metric(proc, 'conduit_cost_usd_total{key_id="stt"')) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert usd >= 2
+
+
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     """Sessions admitted without any limit keep no governance state; a budget the key
     file adds later still reaches them."""
