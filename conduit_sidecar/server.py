@@ -55,6 +55,7 @@ class Sidecar:
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
         self.pending = Slots(self.limits.max_connections)  # connections without a session
+        self.opening: set[asyncio.Task] = set()  # open_session tasks under way
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
@@ -430,6 +431,13 @@ class Sidecar:
         for info in list(self.sessions):
             if info.relay is not None:
                 info.relay.abort()
+        # Sessions still opening (a second signal does not wait for them) release what
+        # they hold, their leases included, before the governor stops: cancelled by the
+        # loop's close instead, their releases would come after the store is closed.
+        opening = list(self.opening)
+        for task in opening:
+            task.cancel()
+        await asyncio.gather(*opening, return_exceptions=True)
         # The aborted relays end at their connection_lost, a loop turn or two from now:
         # their releases (the last usage, the leases) go to the governor before it stops.
         for _ in range(10):

@@ -117,6 +117,7 @@ class Host(Protocol):
     keyset: KeySet
     balancer: Balancer
     pending: Slots
+    opening: set[asyncio.Task]  # the tasks of open_session under way (a stop cancels them)
     closing: bool  # the drain has ended: sessions still opening get 1001, not a relay
 
     signed_urls: signed_urls.SignedUrls
@@ -226,9 +227,11 @@ class ClientHandshake(asyncio.Protocol):
         if reader.early:
             self.early += reader.early
             self.transport.pause_reading()
-        self.task = asyncio.get_running_loop().create_task(
+        task = self.task = asyncio.get_running_loop().create_task(
             open_session(self.host, self.transport, request, self)
         )
+        self.host.opening.add(task)
+        task.add_done_callback(self.host.opening.discard)
 
     def pause_writing(self):
         # A client that reads none of what it is sent (on uvloop's TLS transport, the

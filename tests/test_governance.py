@@ -26,7 +26,8 @@ from conduit_sidecar.config import Config
 from conduit_sidecar.governance import Governor
 from conduit_sidecar.metrics import Metrics
 from conduit_sidecar.mock import MockProvider
-from conftest import Keys, SidecarProcess, held_port, http_get, run, switching_protocols
+from conftest import Keys, SidecarProcess, SlowUpstream, held_port, http_get, run, switching_protocols
+from test_bad_input import request
 
 class RedisServer:
     """redis-server on 127.0.0.1, no persistence; stop() and start() keep the port."""
@@ -765,6 +766,34 @@ def test_the_last_sessions_usage_reaches_redis_before_the_sidecar_exits(sidecars
     assert proc.proc.wait(10) == 0
     assert "tokens 12 / 100000" in usage_cli(proc, "team")
     assert redis_server.command("ZCARD", "t:{team}:leases") == ":0"
+
+
+def test_a_second_signal_releases_the_lease_of_a_session_still_opening(sidecars, redis_server):
+    """A second signal stops the sidecar at once while a session of a key with
+    max_connections 1 waits for its provider's 101. Its lease was left in Redis until
+    it expired (lease_seconds after it was taken): the stop aborted the relays and
+    closed the store, and the opening was cancelled only as the loop closed, its
+    release too late to run. Other pods refused the key meanwhile."""
+    keys = Keys()
+    keys.add("one", max_connections=1)
+    upstream_port = held_port()
+    proc, = sidecars(keys, redis_server.url, n=1, lease_seconds=30,
+                     extra=f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n')
+
+    async def scenario():
+        async with SlowUpstream(upstream_port, delay=10) as up:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+            writer.write(request("/v1/realtime/connect?provider=slow", key=keys.plain["one"]))
+            await asyncio.wait_for(up.asked.wait(), 5)           # admitted: the lease is taken
+            assert redis_server.command("ZCARD", "t:{one}:leases") == ":1"
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)                             # draining
+            proc.proc.send_signal(signal.SIGTERM)                # now at once
+            assert await asyncio.to_thread(proc.proc.wait, 10) == 0
+            writer.close()
+    run(scenario())
+    assert redis_server.command("ZCARD", "t:{one}:leases") == ":0"
+    assert "Traceback" not in proc.output()
 
 
 @pytest.mark.parametrize("back", [False, True])
