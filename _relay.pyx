@@ -740,7 +740,13 @@ cdef class Leg(Endpoint):
         # Without a close frame first, a half-closed peer ends the session: the transport
         # closes. (uvloop's TLS transports, which have no fd here, cannot stay
         # half-open: they would log a warning.)
-        return self.fd >= 0 and self.ended_after_close()
+        if self.fd >= 0 and self.ended_after_close():
+            return True
+        if self.relay is not None and self.transport.get_write_buffer_size():
+            # The close waits until what the transport holds is sent, which a peer that
+            # reads no more never takes: its socket (and the session) would stay for ever.
+            self.relay.loop.call_later(self.relay.close_timeout, self.transport.abort)
+        return False
 
     def pause_writing(self):
         if self.outbound is None:

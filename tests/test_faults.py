@@ -185,6 +185,43 @@ def test_upstream_that_stops_reading(faulty):
     assert end["closed_by"] == "upstream" and end["close_code"] == 1006
 
 
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_a_peer_that_ends_its_side_and_reads_no_more_is_let_go_at_the_close_timeout(faulty, side):
+    """A peer ends its side of the TCP connection without a close frame (leaving) while
+    it reads nothing of the 16 MiB the other peer sends it. The sidecar closed its
+    socket once what the transport held was sent, which a peer that reads no more
+    never takes: the socket stayed in CLOSE-WAIT and the session live (the other peer's
+    connection open) for as long as that peer's kernel kept its window shut. It is
+    dropped at close_timeout_seconds (1 s here) now, and the other peer let go."""
+    flood = bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big") + bytes(1 << 20)
+
+    def act(transport):
+        if side == "client":
+            for _ in range(16):
+                transport.write(flood)
+        else:
+            transport.pause_reading()                         # reads nothing the client sends
+            asyncio.get_running_loop().call_later(0.5, transport.write_eof)
+
+    async def client(reader, writer, events):
+        if side == "client":
+            await asyncio.sleep(0.5)                          # the buffers fill up
+            writer.write_eof()
+        else:
+            frame = masked(0x82, bytes(65000))
+            for _ in range(256):                              # 16 MiB
+                writer.write(frame)
+        for _ in range(100):   # (a provider that reads nothing cannot see its reset)
+            if len(session_ends(faulty)) > events["ends_before"] and (side == "upstream" or "lost" in events):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    let_go, events = with_upstream(faulty, act, client)
+    assert let_go, "the session is still live 5 s later"
+    end = last_end(faulty, events)
+    assert end["closed_by"] == side and end["close_code"] == 1006, end
+
+
 def test_a_client_that_ends_its_side_after_its_close_still_gets_the_providers_answer(faulty):
     """The client sends its close, then ends its side of the TCP connection (shutdown
     SHUT_WR): a half-close, its socket still open for reading. The provider finishes
