@@ -701,7 +701,17 @@ cdef class Leg(Endpoint):
                 ERR_clear_error()
                 self.flush_tls()
             self.set_state(SHUT)
+            self.bound_close()
             self.transport.close()
+        return 0
+
+    cdef int bound_close(self) except -1:
+        """The transport is to close: it waits until what it holds is sent, which a peer
+        that reads no more never takes (its socket, and the session, would stay for
+        ever, as after the peer's end of file or close_notify). It is dropped at the
+        close timeout."""
+        if self.relay is not None and self.transport.get_write_buffer_size():
+            self.relay.loop.call_later(self.relay.close_timeout, self.transport.abort)
         return 0
 
     cdef int drop(self) except -1:
@@ -742,10 +752,7 @@ cdef class Leg(Endpoint):
         # half-open: they would log a warning.)
         if self.fd >= 0 and self.ended_after_close():
             return True
-        if self.relay is not None and self.transport.get_write_buffer_size():
-            # The close waits until what the transport holds is sent, which a peer that
-            # reads no more never takes: its socket (and the session) would stay for ever.
-            self.relay.loop.call_later(self.relay.close_timeout, self.transport.abort)
+        self.bound_close()
         return False
 
     def pause_writing(self):

@@ -222,6 +222,75 @@ def test_a_peer_that_ends_its_side_and_reads_no_more_is_let_go_at_the_close_time
     assert end["closed_by"] == side and end["close_code"] == 1006, end
 
 
+def test_a_tls_client_that_sends_close_notify_and_reads_no_more_is_let_go_at_the_close_timeout(tmp_path):
+    """The wss listener's client sends its TLS close_notify (no close frame, its TCP
+    connection kept open) and reads nothing of the 16 MiB the provider sends. The relay
+    shut the leg (a close_notify is a plain leg's end of file), and the transport's close
+    waited for the peer to take what it held: the session stayed live, the provider's
+    connection open, for as long as the client's socket stayed. It is dropped at
+    close_timeout_seconds (1 s here) now."""
+    import ssl
+    tls_port, upstream_port = held_port(), held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path), f'[providers.raw]\nurl = "ws://127.0.0.1:{upstream_port}/"\n', standard_keys(),
+        limits="close_timeout_seconds = 1\n",
+        extra=self_signed_tls(tls_port, tmp_path / "public" / "ca.pem", tmp_path / "private")).start()
+    flood = bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big") + bytes(1 << 20)
+
+    def client() -> socket.socket:
+        """Upgrade over TLS (an SSLObject on a socket with a small receive buffer),
+        then send close_notify and read no more."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", tls_port))
+        context = ssl.create_default_context(cafile=str(tmp_path / "public" / "ca.pem"))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(request("/v1/realtime/connect?provider=raw", key=sidecar.keys.plain["good"]))
+        sock.sendall(outgoing.read())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            try:
+                head += tls.read(65536)
+            except ssl.SSLWantReadError:
+                incoming.write(sock.recv(4096))
+        assert head.startswith(b"HTTP/1.1 101"), head
+        with pytest.raises(ssl.SSLWantReadError):     # its close_notify is out; ours never read
+            tls.unwrap()
+        sock.sendall(outgoing.read())
+        return sock
+
+    async def body():
+        events = {"ends_before": len(session_ends(sidecar))}
+        loop = asyncio.get_running_loop()
+        async with await loop.create_server(
+                lambda: RawUpstream(lambda t: [t.write(flood) for _ in range(16)], events),
+                "127.0.0.1", upstream_port):
+            sock = await asyncio.to_thread(client)
+            for _ in range(100):
+                if "lost" in events:
+                    break
+                await asyncio.sleep(0.05)
+            let_go = "lost" in events
+            sock.close()
+            return let_go, events
+    try:
+        let_go, events = run(body())
+        assert let_go, "the provider's connection is still open 5 s later"
+        end = last_end(sidecar, events)
+    finally:
+        sidecar.stop()
+    assert end["closed_by"] == "client" and end["close_code"] == 1006, end
+
+
 def test_a_client_that_ends_its_side_after_its_close_still_gets_the_providers_answer(faulty):
     """The client sends its close, then ends its side of the TCP connection (shutdown
     SHUT_WR): a half-close, its socket still open for reading. The provider finishes
