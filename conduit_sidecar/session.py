@@ -157,7 +157,9 @@ class ClientHandshake(asyncio.Protocol):
     While the session opens it goes on reading, only to notice a client that leaves
     (its end or a reset cancels the opening, whose upstream is then dropped): a client
     must wait for the 101, so what one sends meanwhile is kept in `early` for the relay,
-    one read of it, and reading pauses there."""
+    up to `max_request_bytes` of it (and one read past them), where reading pauses: a
+    pause at its first bytes would hide the end of a client that sent a frame with its
+    request."""
 
     __slots__ = ("host", "transport", "reader", "timer", "task", "early", "rest", "lingering")
 
@@ -210,8 +212,7 @@ class ClientHandshake(asyncio.Protocol):
         reader = self.reader
         if reader is None:
             if self.task is not None:  # the session opens (or the connection closes)
-                self.early += data
-                self.transport.pause_reading()
+                self._keep(data)
             return
         try:
             request = reader.feed(data)
@@ -225,13 +226,18 @@ class ClientHandshake(asyncio.Protocol):
         self._done_reading()
         self.rest = _is_rest(request)
         if reader.early:
-            self.early += reader.early
-            self.transport.pause_reading()
+            self._keep(reader.early)
         task = self.task = asyncio.get_running_loop().create_task(
             open_session(self.host, self.transport, request, self)
         )
         self.host.opening.add(task)
         task.add_done_callback(self.host.opening.discard)
+
+    def _keep(self, data) -> None:
+        """Bytes the client sent past its request, for the relay."""
+        self.early += data
+        if len(self.early) >= self.host.limits.max_request_bytes:
+            self.transport.pause_reading()
 
     def pause_writing(self):
         # A client that reads none of what it is sent (on uvloop's TLS transport, the

@@ -523,23 +523,27 @@ def _one_slot_sidecar(tmp_path, providers: str) -> tuple[Keys, SidecarProcess]:
 
 
 @pytest.mark.parametrize("leave", ["end", "reset"])
-@pytest.mark.parametrize("path", ["plain", "held"])
+@pytest.mark.parametrize("path", ["plain", "held", "pipelined"])
 def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its_slot(tmp_path, path, leave):
     """The client sends its request (and, on a held path, its first message), then
     ends its side or resets while the provider is slow to answer: the sidecar drops
     the upstream attempt at once, before the 101 comes, and counts the handshake
-    `client_gone`."""
+    `client_gone`. `pipelined`: a frame came with the request, before its 101; reading
+    paused at once after it, so the client's end went unseen: the attempt ran until
+    the provider answered (or the connect timeout), the key's slot held meanwhile, and
+    the handshake counted `accepted` or `upstream_failed`."""
     upstream_port = held_port()
     keys, sidecar = _one_slot_sidecar(
         tmp_path,
         f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n'
         f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/g?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n')
-    provider = "slow" if path == "plain" else "gemini"
+    provider = "gemini" if path == "held" else "slow"
 
     async def body():
         async with SlowUpstream(upstream_port, delay=4) as up:
             reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-            writer.write(request(f"/v1/realtime/connect?provider={provider}", key=keys.plain["one"]))
+            writer.write(request(f"/v1/realtime/connect?provider={provider}", key=keys.plain["one"])
+                         + (masked(0x81, b"hello") if path == "pipelined" else b""))
             if path == "held":  # the 101 comes first, then the setup naming the model
                 assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
                 writer.write(masked(0x81, b'{"setup": {"model": "models/gemini-live"}}'))
