@@ -482,6 +482,13 @@ class Sidecar:
             deadline = loop.time() + self.config.limits.close_timeout_seconds
             while self.sessions and loop.time() < deadline and signals < 2:
                 await asyncio.sleep(0.05)
+        if self.opening and signals < 2:
+            # No session is left: get-signed-url calls under way still get their answer,
+            # each within the connect timeout (those made from now on are not waited for).
+            calls = list(self.opening)
+            deadline = loop.time() + self.config.limits.upstream_connect_timeout_seconds
+            while not all(call.done() for call in calls) and loop.time() < deadline and signals < 2:
+                await asyncio.sleep(0.05)
         await self.stop()
         log.info("stopped", extra={"event": "stop"})
         return 0

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1238,6 +1239,30 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
     assert [status for status, _ in waited] == [502, 502]
     assert all(answer["detail"] == "provider timed out" for _, answer in waited), waited
     assert after == 0
+
+
+def test_a_signed_url_call_in_progress_at_sigterm_gets_its_answer(workdir):
+    """SIGTERM while a get-signed-url call waits for a deployment that never answers
+    (no session open: the sidecar stops at once). The call was cut without an answer
+    (the client saw the connection close with no status); it now gets its 502 when the
+    connect timeout ends, and the sidecar exits 0 after it."""
+    port = held_port()
+    sidecar = SidecarProcess(workdir, _elevenlabs(port), standard_keys(),
+                             limits="upstream_connect_timeout_seconds = 2\n").start()
+
+    async def body():
+        async with Blackhole(port=port) as blackhole:
+            call = asyncio.create_task(_signed_url(sidecar))
+            while not blackhole.requests:
+                await asyncio.sleep(0.02)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            return await call
+    try:
+        status, answer = run(body())
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+    assert (status, answer) == (502, {"detail": "provider timed out"})
 
 
 # -- config --------------------------------------------------------------------------
