@@ -328,7 +328,6 @@ async def _hold_first(
     limits = host.limits
     assert decision.hold is not None  # the caller holds only such sessions
     models: tuple[str, ...] = ()
-    gone = False
     try:
         message, early = await held.read_first(
             transport,
@@ -347,18 +346,18 @@ async def _hold_first(
             Close(decision.response, _relay.CloseCode.FORBIDDEN, refusal, decision.key) if refusal else None
         )
     except held.Refused as exc:
+        if exc.gone:  # a reset: nothing to answer (a write to its closed handle raises)
+            _gone(host, info)
+            return None
         failed = Close(decision.response, exc.code, str(exc), decision.key)
-        gone = exc.gone
     if failed is not None:
         host.release(info)
         host.rejected(failed)
-        # A lost connection (a reset) is not answered: its closed handle raises on a
-        # write. Else the client's bytes go to the drain (it waits for their close),
-        # unless they were what broke the rules.
-        if not gone:
-            _close_after_upgrade(
-                host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
-            )
+        # The client's bytes go to the drain (it waits for their close), unless they
+        # were what broke the rules.
+        _close_after_upgrade(
+            host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
+        )
         return None
     if not models:
         return decision, early
