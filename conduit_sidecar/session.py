@@ -410,7 +410,7 @@ def _ended_late(
 ) -> bool:
     """Whether a session admitted earlier was closed because it must not start now: the
     drain is over (close_all tells only sessions with a relay), or its key was revoked
-    meanwhile."""
+    meanwhile. `upstream` is None while none is open yet."""
     late = None
     if host.closing:
         late = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
@@ -423,7 +423,8 @@ def _ended_late(
     if late is None:
         return False
     host.release(info)
-    upstream.abort()
+    if upstream is not None:
+        upstream.abort()
     host.rejected(late)
     _close_after_upgrade(host, transport, late, bytes(early), answered)
     return True
@@ -558,6 +559,10 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             # with it are the relay's first bytes.
             client.early = bytearray(raw)
             del raw, held_first  # one copy held while the upstream opens, not two
+            # The hold took up to a handshake timeout: a session that must not start
+            # now never reaches the provider (checked again once it has answered).
+            if _ended_late(host, transport, decision, info, None, client.early, True):
+                return
             transport.set_protocol(client)
             transport.resume_reading()
         started = time.monotonic()

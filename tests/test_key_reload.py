@@ -214,6 +214,42 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path, chan
         sidecar.stop()
 
 
+def test_a_key_revoked_while_its_first_message_is_held_never_reaches_the_provider(tmp_path):
+    """Gemini's setup is held after the 101, before the provider is asked. The key is
+    removed from the key file meanwhile: the setup came, and the provider was connected
+    (with the deployment's secret) for a session that then got 4001. The key (and the
+    drain's end) is checked again once the message is held: 4001 at once, and the
+    provider never sees the session."""
+    keys = Keys()
+    alpha = keys.add("alpha")
+    upstream_port = held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/g?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n',
+        keys).start()
+    asked = []
+
+    async def provider(reader, writer):
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+    try:
+        async def body():
+            async with await asyncio.start_server(provider, "127.0.0.1", upstream_port):
+                url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=gemini"
+                async with connect(url, additional_headers={"Authorization": f"Bearer {alpha}"}) as ws:
+                    with open(sidecar.keys_file, "w") as f:
+                        f.write('{"keys": []}')
+                    async def reloaded():
+                        return 'conduit_keys_reload_total{result="ok"} 1.0' in http_get(sidecar.admin("/metrics"))[1]
+                    assert await eventually(reloaded)
+                    await ws.send(json.dumps({"setup": {"model": "models/gemini-live"}}))
+                    return await closed_with(ws)
+        assert run(body()) == (4001, "key revoked")
+    finally:
+        sidecar.stop()
+    assert asked == []
+
+
 def test_a_key_file_grown_huge_is_refused_and_the_last_good_set_stays(tmp_path, mock_provider):
     """A key file is read up to a bound: one mounted by mistake (a device, a log) was
     read whole on the event loop, stalling every session and growing the memory by its
