@@ -12,8 +12,8 @@ import asyncio
 import json
 import os
 import re
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
