@@ -118,6 +118,7 @@ class Host(Protocol):
     balancer: Balancer
     pending: Slots
     opening: set[asyncio.Task]  # the tasks of open_session under way (a stop cancels them)
+    draining: bool  # SIGTERM came: new sessions (and signed URLs for them) are refused
     closing: bool  # the drain has ended: sessions still opening get 1001, not a relay
 
     signed_urls: signed_urls.SignedUrls

@@ -116,6 +116,7 @@ class Gate(Protocol):
     limits: Limits
     signed_urls: SignedUrls
     balancer: Balancer
+    draining: bool
 
     def auth_failed(self, why: Rejection) -> None: ...
 
@@ -126,6 +127,8 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
         refused = refuse(405, "the signed-URL call is a GET").response
         refused.headers["Allow"] = "GET"
         return refused
+    if host.draining:  # the URL would be refused (1013): its session could not start here
+        return _json(503, {"detail": "sidecar is draining: try again later"})
     url = urllib.parse.urlsplit(request.path)
     query = urllib.parse.parse_qs(url.query)
     if key_misplaced(query, ()):  # the key goes in xi-api-key; these go to the provider

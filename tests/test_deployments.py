@@ -1256,13 +1256,18 @@ def test_a_signed_url_call_in_progress_at_sigterm_gets_its_answer(workdir):
             while not blackhole.requests:
                 await asyncio.sleep(0.02)
             sidecar.proc.send_signal(signal.SIGTERM)
-            return await call
+            while not any(line.get("event") == "drain" for line in sidecar.log_lines()):
+                await asyncio.sleep(0.02)
+            # A call made now gets a URL no session can use here (1013): refused.
+            late = await _signed_url(sidecar)
+            return await call, late
     try:
-        status, answer = run(body())
+        (status, answer), late = run(body())
         assert sidecar.proc.wait(10) == 0
     finally:
         sidecar.stop()
     assert (status, answer) == (502, {"detail": "provider timed out"})
+    assert late == (503, {"detail": "sidecar is draining: try again later"})
 
 
 # -- config --------------------------------------------------------------------------
