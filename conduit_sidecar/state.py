@@ -19,6 +19,7 @@ is not cluster-aware: one Redis server):
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import datetime as dt
@@ -228,13 +229,11 @@ class RedisStore:
         assert state.url is not None  # config.load requires it for redis
         try:
             # At most pool_size connections: a burst of handshakes waits for one (each
-            # call holds it one round trip) rather than each opening its own, which from
-            # hundreds of pods nears Redis' maxclients. A wait past timeout_seconds fails
-            # the call, as a slow reply does.
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
+            # call holds it one round trip, see _ask) rather than each opening its own,
+            # which from hundreds of pods nears Redis' maxclients.
+            pool = redis.asyncio.ConnectionPool.from_url(
                 state.url,
                 max_connections=state.pool_size,
-                timeout=state.timeout_seconds,
                 password=password,
                 socket_timeout=state.timeout_seconds,
                 socket_connect_timeout=state.timeout_seconds,
@@ -244,6 +243,12 @@ class RedisStore:
         except ValueError:  # redis-py's own checks (its message may quote the URL)
             raise ConfigError("[state] url is not a valid Redis URL - at `$.state.url`") from None
         self.client = redis.asyncio.Redis.from_pool(pool)
+        # A call in flight per connection, waited for here: redis-py's
+        # BlockingConnectionPool takes a lock, a condition and a timer for every call
+        # (5% of the instructions of a session with Redis state). A wait past
+        # timeout_seconds fails the call as a slow reply does.
+        self.calls = asyncio.Semaphore(state.pool_size)
+        self.wait_seconds = state.timeout_seconds
         kwargs = self.client.connection_pool.connection_kwargs
         # Where it is, for messages: never the URL, which can hold a password.
         self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
@@ -259,11 +264,26 @@ class RedisStore:
     async def _ask(self, call):
         """Await one call of the client: whatever it raises is the store's failure, its
         own errors and any other from inside it (a server on the port that is not Redis,
-        an echo, makes its reading of the "replies" raise AttributeError)."""
+        an echo, makes its reading of the "replies" raise AttributeError). At most
+        pool_size calls are in flight; one more waits timeout_seconds at most."""
+        try:
+            if self.calls.locked():  # every connection busy: wait for one
+                async with asyncio.timeout(self.wait_seconds):
+                    await self.calls.acquire()
+            else:
+                await self.calls.acquire()  # at once, without a timer
+        except TimeoutError:
+            call.close()
+            raise StoreError("No connection available.") from None
+        except asyncio.CancelledError:  # the session went while it waited
+            call.close()
+            raise
         try:
             return await call
         except Exception as exc:
             raise await self._error(exc) from None
+        finally:
+            self.calls.release()
 
     async def _call(self, script, keys, args):
         return await self._ask(script(keys=keys, args=args))
