@@ -48,16 +48,17 @@ class Sizes:
     idle: int               # idle sessions held open
     memory: tuple           # (warm-up, idle, burst) sessions for benchmarks.memory
     scanner_bytes: int      # bytes of frames per scanner call
+    instructions: tuple     # (warm-up, counted) round trips for benchmarks.instructions --frames
 
 
 SIZES = (Sizes(quick=True, rounds=1, warmup=0, session_rounds=1, pingpong=200,
                bulk={960: 20000, 65536: 200}, sessions=50, tls_sessions=20, session_seconds=1,
                handshakes=100, idle=100, memory=(100, 100, 200),
-               scanner_bytes=1 << 16) if QUICK else
+               scanner_bytes=1 << 16, instructions=(50, 200)) if QUICK else
          Sizes(quick=False, rounds=5, warmup=1, session_rounds=3, pingpong=3000,
                bulk={960: 500_000, 65536: 8000}, sessions=200, tls_sessions=100,
                session_seconds=5, handshakes=1000, idle=1000, memory=(2000, 1000, 4000),
-               scanner_bytes=1 << 20))
+               scanner_bytes=1 << 20, instructions=(500, 2000)))
 
 # section -> (title, columns, ratios (a, b) reported as a/b)
 SECTIONS = {
@@ -81,6 +82,8 @@ SECTIONS = {
     "governor": ("Governor in process: µs per provider usage report (benchmarks/test_governance.py)",
                  ["alone", "2000-other-keys", "2000-of-its-key"],
                  [("2000-other-keys", "alone"), ("2000-of-its-key", "alone")]),
+    "instructions": ("User-space instructions under callgrind (benchmarks/instructions.py)",
+                     ["sidecar"], []),
     "memory": ("Memory of a fresh sidecar seen from outside (RSS; benchmarks/memory.py)",
                ["sidecar", "sidecar-tls"], [("sidecar-tls", "sidecar")]),
     "loadgen": (("Load generator CPU share (its CPU time / wall time; near 100% would mean "

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from conduit_sidecar.testing import Certs, Process, admin_ready, held_port, port_open, throwaway_certs
@@ -99,6 +99,7 @@ class Sidecar:
     port: int
     key: str
     tls_port: int | None        # the wss listener, when this build serves it
+    provider: str = "bench"
 
 
 def redis(workdir: str) -> tuple[Process, int]:
@@ -114,14 +115,16 @@ def redis(workdir: str) -> tuple[Process, int]:
 def sidecar(workdir: str, up_port: int, certs: Certs | None,
             listener: Certs | None = None, redis_port: int | None = None,
             uvloop_tls: bool = False, under: tuple[str, ...] = (),
-            up_host: str = "127.0.0.1") -> Sidecar:
+            up_host: str = "127.0.0.1", metered: bool = False) -> Sidecar:
     """`conduit-sidecar serve` with provider `bench` at the upstream; with `certs` the
     provider leg is wss (CA in `ca_file`), with `listener` it also listens with TLS.
     With `redis_port`, [state] is that Redis and the key has every policy that uses it
     (leases, a session rate and a budget, none of them reached). `uvloop_tls`: TLS legs
     on uvloop's SSL transport, not the relay's OpenSSL calls. `under`: a command
     `serve` runs under (valgrind), given a minute to start. `up_host`: how the
-    provider URL names the upstream (a name is looked up through the sidecar's cache)."""
+    provider URL names the upstream (a name is looked up through the sidecar's cache).
+    `metered`: the provider is `openai` (its URL the upstream's), so the relay scans
+    the upstream's messages for OpenAI's usage events and meters them."""
     command = sidecar_command()
     name = ("sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
             + ("-redis" if redis_port else "") + ("-uvloop" if uvloop_tls else ""))
@@ -141,6 +144,7 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
         json.dump({"keys": [entry]}, f)
     port, admin, tls_port = held_port(), held_port(), held_port()
     scheme, ca = ("wss", f'ca_file = "{certs.ca}"\n') if certs else ("ws", "")
+    provider, secret = ("openai", 'secret_env = "CONDUIT_BENCH_SECRET"\n') if metered else ("bench", "")
     tls = (f'[tls]\nlisten = "127.0.0.1:{tls_port}"\ncert_file = "{listener.cert}"\n'
            f'key_file = "{listener.key}"\n') if listener else ""
     config = os.path.join(workdir, "config.toml")
@@ -149,18 +153,20 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
                 f'keys_file = "{keys_file}"\n\n'
                 "[limits]\nmax_connections = 5000\nmax_message_bytes = 67108864\n"
                 "drain_seconds = 0\n\n"
-                f'[providers.bench]\nurl = "{scheme}://{up_host}:{up_port}/{{model}}"\n{ca}\n{tls}'
-                f'{state}')
+                f'[providers.{provider}]\nurl = "{scheme}://{up_host}:{up_port}/{{model}}"\n{ca}{secret}\n'
+                f'{tls}{state}')
     proc = _start(name, [*under, *command, "serve", "--config", config], workdir, admin_ready(admin),
-                  env={"CONDUIT_NATIVE_TLS": "0"} if uvloop_tls else None, timeout=120 if under else 15)
+                  env={**({"CONDUIT_NATIVE_TLS": "0"} if uvloop_tls else {}),
+                       **({"CONDUIT_BENCH_SECRET": "sk-bench"} if metered else {})} or None,
+                  timeout=120 if under else 15)
     if listener and not port_open(tls_port):
         tls_port = None
-    return Sidecar(proc, port, key, tls_port)
+    return Sidecar(proc, port, key, tls_port, provider)
 
 
 def sidecar_target(name: str, s: Sidecar, tls: ssl.SSLContext | None = None) -> Target:
     return Target(name, s.tls_port if tls else s.port,
-                  lambda model: f"/v1/realtime/connect?model={model}&provider=bench",
+                  lambda model: f"/v1/realtime/connect?model={model}&provider={s.provider}",
                   headers={"Authorization": f"Bearer {s.key}"}, ssl=tls, process=s.process)
 
 
@@ -170,36 +176,44 @@ def bench_certs(workdir: str) -> Certs:
 
 
 @contextmanager
-def _fresh(prefix: str, tls: bool, column) -> Iterator[Target]:
-    """A fresh benchmark upstream (wss with a throwaway CA when `tls`) and the column
-    `column(workdir, up_port, certs)` starts, as (process, target), in a temp dir;
-    both stopped on exit."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+def _fresh(prefix: str, tls: bool, column, with_redis: bool = False) -> Iterator[Target]:
+    """A fresh benchmark upstream (wss with a throwaway CA when `tls`), a Redis when
+    `with_redis`, and the column `column(workdir, up_port, certs, redis_port)` starts,
+    as (process, target), in a temp dir; all stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir, ExitStack() as stops:
         certs = bench_certs(workdir) if tls else None
         up, up_port = upstream(workdir, certs)
-        try:
-            proc, target = column(workdir, up_port, certs)
-            try:
-                yield target
-            finally:
-                proc.stop()
-        finally:
-            up.stop()
+        stops.callback(up.stop)
+        redis_port = None
+        if with_redis:
+            store, redis_port = redis(workdir)
+            stops.callback(store.stop)
+        proc, target = column(workdir, up_port, certs, redis_port)
+        stops.callback(proc.stop)
+        yield target
 
 
 def fresh_sidecar(prefix: str, under: tuple[str, ...] = (), tls: bool = False,
-                  up_host: str = "127.0.0.1"):
-    """A fresh upstream and sidecar (`under`, `up_host`: as for `sidecar`; `tls`: the
-    provider leg is wss, verified against a throwaway CA); yields the sidecar's target."""
-    def start(workdir, up_port, certs):
-        s = sidecar(workdir, up_port, certs, under=under, up_host=up_host)
-        return s.process, sidecar_target("sidecar", s)
-    return _fresh(prefix, tls, start)
+                  up_host: str = "127.0.0.1", listener: bool = False, metered: bool = False,
+                  with_redis: bool = False):
+    """A fresh upstream and sidecar (`under`, `up_host`, `metered`: as for `sidecar`;
+    `tls`: the provider leg is wss, verified against a throwaway CA; `listener`: the
+    client leg is wss, to the sidecar's [tls] listener; `with_redis`: [state] in a
+    fresh Redis, as `sidecar`'s `redis_port`); yields the sidecar's target."""
+    def start(workdir, up_port, certs, redis_port):
+        listen = (certs or bench_certs(workdir)) if listener else None
+        s = sidecar(workdir, up_port, certs, listen, redis_port, under=under, up_host=up_host,
+                    metered=metered)
+        if listener and s.tls_port is None:
+            s.process.stop()
+            raise Unavailable("this sidecar build does not serve [tls] listen")
+        return s.process, sidecar_target("sidecar", s, client_context(listen) if listener else None)
+    return _fresh(prefix, tls, start, with_redis)
 
 
 def fresh_floor(prefix: str, under: tuple[str, ...] = ()):
     """A fresh upstream and `floor` relay (`under`: as for `sidecar`); yields its target."""
-    def start(workdir, up_port, _certs):
+    def start(workdir, up_port, _certs, _redis_port):
         proc, port = floor(workdir, up_port, under)
         return proc, proxy_target("floor", proc, port)
     return _fresh(prefix, False, start)

@@ -219,6 +219,22 @@ async def ping_pong(target: Target, count: int, size: int = 960) -> dict:
             "loadgen_cpu": usage["loadgen_cpu"]}
 
 
+async def echoes(client: Client, messages: list[bytes], count: int) -> None:
+    """`count` sequential round trips through the echo, `messages` (whole masked
+    frames, text or binary) sent in turn."""
+    loop = asyncio.get_running_loop()
+    for i in range(count):
+        message = messages[i % len(messages)]
+        if message[0] & 0x0F == TEXT:
+            client.transport.write(message)
+            await client.text(len(client.texts) + 1)
+        else:
+            echoed = loop.create_future()
+            client.on_binary = lambda t, length, echoed=echoed: echoed.set_result(None)
+            client.transport.write(message)
+            await echoed
+
+
 _batches: dict[tuple[int, bool], tuple[int, bytes]] = {}
 
 
