@@ -444,35 +444,44 @@ def test_a_sidecar_out_of_file_descriptors_does_not_rest_the_provider(tmp_path, 
     sidecar.start()
     try:
         async def body():
-            sessions, refused = [], []
+            sessions, closes, bare, unaccepted = [], [], [], 0
             try:
-                while len(refused) < 8:          # past the circuit's 5 failures in a row
+                # Past the circuit's 5 failures in a row. A session takes two descriptors, the
+                # client's and then the provider's: with an even number free, the last accept
+                # takes none and no connect fails. Then one session goes, and a bare connection
+                # (accepted, its request never sent) takes one: the next accept gets the last.
+                while len(closes) < 8:
+                    assert len(sessions) < 100, "the limit never ran out"
                     try:
                         ws = await connect(sidecar.url(), additional_headers=sidecar.auth(), open_timeout=5)
-                    except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):  # no accept
-                        refused.append(None)
+                    except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):  # not accepted
+                        unaccepted += 1
+                        assert unaccepted < 10, closes
+                        await sessions.pop().close()
+                        bare.append(await asyncio.open_connection("127.0.0.1", sidecar.port))
                         continue
                     sessions.append(ws)
                     try:
                         await ws.recv()
                     except ConnectionClosed as exc:
-                        refused.append((exc.rcvd.code, exc.rcvd.reason))
-                    assert len(sessions) < 100, "the limit never ran out"
+                        closes.append((exc.rcvd.code, exc.rcvd.reason))
             finally:
                 for ws in sessions:
                     await ws.close()
+                for _, writer in bare:
+                    writer.close()
             async with connect(sidecar.url(), additional_headers=sidecar.auth()) as ws:
                 await ws.recv()                  # served: the provider was not rested
-            return refused
-        refused = run(body(), timeout=60)
+            return closes
+        closes = run(body(), timeout=60)
         samples = scrape(sidecar)
     finally:
         sidecar.stop()
-    closes = [r for r in refused if r is not None]
-    assert closes and set(closes) == {(1014, "sidecar out of resources: Too many open files")}, refused
+    assert set(closes) == {(1014, "sidecar out of resources: Too many open files")}, closes
     assert value(samples, "conduit_deployment_healthy", provider="mock", deployment="0") == 1
     assert value(samples, "conduit_upstream_attempts_total", provider="mock", deployment="0",
                  outcome="local") == len(closes)
+
 
 def non_loopback_address() -> str:
     """One of this host's own non-loopback IPv4 addresses (packets to 127.0.0.1 from
