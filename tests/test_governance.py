@@ -248,6 +248,26 @@ def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_serv
     assert "tokens 36 / 30" in usage_cli(a, "budget")
 
 
+def test_a_budget_crossed_during_a_redis_outage_closes_the_session_at_once(sidecars, redis_server):
+    """The usage report that crosses a budget closes the session itself, from the last
+    known totals and what is not flushed yet: not only the next flush, which fails
+    while Redis is down (on_unavailable "open": sessions go on)."""
+    keys = Keys()
+    keys.add("budget", budgets=[{"metric": "tokens", "limit": 30, "window": "day"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "budget")
+        await response_done(ws)                        # 12 tokens
+        await usage_shows(proc, "budget", "tokens 12 / 30")   # flushed to Redis
+        redis_server.stop()
+        await response_done(ws)                        # 24
+        await ws.send(json.dumps({"type": "response.create"}))   # 36: crosses 30
+        return await closed(ws, "budget_exceeded")
+    code, reason = run(scenario())
+    assert code == 4002 and reason.startswith("budget exhausted: tokens per day (30)"), (code, reason)
+
+
 def test_a_crossed_budget_closes_every_session_of_its_key_and_no_other(sidecars):
     """A crossing closes the key's sessions only (the governor walks the sessions only
     when a key's budget is crossed): the session that crosses and its key's idle one
@@ -1085,6 +1105,29 @@ def test_a_session_cap_the_key_file_adds_or_lowers_reaches_sessions_already_open
         await reloaded(proc)
         return [await closed(ws, "session_limit_reached") for ws in live]
     assert run(scenario()) == [(4008, "session cap of 1 s reached")] * 2
+
+
+def test_a_session_cap_the_key_file_raises_or_removes_lets_sessions_already_open_run_on(sidecars):
+    """A recapped session's old timer is cancelled: a cap the key file raised or took
+    away does not end the sessions already open at the old one."""
+    keys = Keys()
+    keys.add("raised", max_session_seconds=6)
+    keys.add("uncapped", max_session_seconds=6)
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        started = time.monotonic()
+        live = [(await attempt(proc, key_id))[1] for key_id in ("raised", "uncapped")]
+        keys.entries[0]["max_session_seconds"] = 600
+        del keys.entries[1]["max_session_seconds"]
+        keys.write(proc.keys_file)
+        await reloaded(proc)
+        assert time.monotonic() - started < 6, "reloaded too late to tell"
+        await asyncio.sleep(7 - (time.monotonic() - started))   # past the old cap
+        for ws in live:
+            assert (await response_done(ws))["response"]["usage"]["total_tokens"] == 12
+            await ws.close()
+    run(scenario())
 
 
 def test_the_session_cap_counts_from_the_handshake(tmp_path):
