@@ -214,6 +214,50 @@ def test_max_connections_cluster_wide_and_leases_of_a_killed_pod_expire(sidecars
     run(burst())
 
 
+def test_an_expired_lease_frees_its_slot_while_other_leases_of_its_key_live_on(sidecars, redis_server):
+    """A killed pod's lease expires by its score, not only with the whole lease set:
+    a live session's renewals keep the set, and admission drops the expired members."""
+    keys = Keys()
+    keys.add("two", max_connections=2)
+    a, b = sidecars(keys, redis_server.url)
+
+    async def scenario():
+        assert (await attempt(a, "two"))[0] == "open"
+        result = await attempt(b, "two")
+        assert result[0] == "open"
+        live = result[1]
+        assert (await attempt(b, "two"))[:2] == ("closed", 4029)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        killed = time.monotonic()
+        # A lease lasts lease_seconds (3 s) from its last renewal; b renews its own.
+        while (result := await attempt(b, "two"))[0] != "open":
+            assert time.monotonic() - killed < 15, "the dead pod's lease never expired"
+            await asyncio.sleep(0.2)
+        await result[1].close()
+        await live.close()
+    run(scenario())
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "local"])
+def test_sessions_per_minute_counts_the_starts_of_a_whole_minute(sidecars, redis_server, shared):
+    """A start leaves the window 60 s after it, not sooner: 12 s on, the key is still
+    refused (by Redis' script, and by a local store's count)."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1)
+    proc, = sidecars(keys, redis_server.url if shared else None, n=1)
+
+    async def scenario():
+        result = await attempt(proc, "rated")
+        assert result[0] == "open"
+        await result[1].close()
+        assert (await attempt(proc, "rated"))[:2] == ("closed", 4029)
+        await asyncio.sleep(12)
+        result = await attempt(proc, "rated")
+        assert result[:2] == ("closed", 4029), result
+    run(scenario())
+
+
 def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_server):
     keys = Keys()
     # Each mock response.done without audio reports 7 input + 5 output tokens.
@@ -266,6 +310,53 @@ def test_a_budget_crossed_during_a_redis_outage_closes_the_session_at_once(sidec
         return await closed(ws, "budget_exceeded")
     code, reason = run(scenario())
     assert code == 4002 and reason.startswith("budget exhausted: tokens per day (30)"), (code, reason)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "local"])
+def test_a_budget_reached_exactly_refuses_new_sessions_on_every_pod(sidecars, redis_server, shared):
+    """A budget is reached at its limit, not past it: admission (Redis' script, or a
+    local store's) refuses a new session of a key whose total equals the limit, as the
+    session that reached it was closed."""
+    keys = Keys()
+    keys.add("exact", budgets=[{"metric": "tokens", "limit": 24, "window": "day"}])
+    a, b = sidecars(keys, redis_server.url) if shared else sidecars(keys, None, n=1) * 2
+
+    async def scenario():
+        _, ws = await attempt(a, "exact")
+        await response_done(ws)                        # 12 tokens
+        await ws.send(json.dumps({"type": "response.create"}))   # 24: the limit
+        code, reason = await closed(ws, "budget_exceeded")
+        assert code == 4002 and reason.startswith("budget exhausted: tokens per day (24)"), reason
+        if shared:
+            await usage_shows(a, "exact", "tokens 24 / 24")      # flushed to Redis
+        # Refused by admission, before the provider's session.created reaches it.
+        result = await attempt(b, "exact")
+        assert result[:2] == ("closed", 4002), result
+        assert result[2].startswith("budget exhausted: tokens per day (24)")
+    run(scenario())
+
+
+def test_usage_hashes_in_redis_last_until_an_hour_after_their_window_ends(sidecars, redis_server):
+    """Each usage hash expires an hour after its window (hour, day, month) ends: not
+    sooner, or a key's total would drop back mid-window."""
+    import datetime as dt
+    from conduit_sidecar.policy import window_bounds
+    keys = Keys()
+    keys.add("kept", budgets=[{"metric": "tokens", "limit": 1000, "window": "month"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+
+    async def scenario():
+        _, ws = await attempt(proc, "kept")
+        await response_done(ws)
+        await usage_shows(proc, "kept", "tokens 12 / 1000")
+        await ws.close()
+    run(scenario())
+    now = dt.datetime.now(dt.UTC)
+    for window in ("hour", "day", "month"):
+        stamp, end = window_bounds(window, now)
+        ttl = int(redis_server.command("TTL", f"t:{{kept}}:usage:{window}:{stamp}")[1:])
+        left = (end - now).total_seconds() + 3600
+        assert left - 60 < ttl <= left + 1, (window, ttl, left)
 
 
 def test_a_crossed_budget_closes_every_session_of_its_key_and_no_other(sidecars):
