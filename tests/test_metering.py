@@ -184,6 +184,9 @@ def test_a_marker_in_other_messages_is_not_usage(decode, message):
     (openai, done({"input_token_details": {"audio_tokens": -1}})),
     (openai, b'{"type":"conversation.item.input_audio_transcription.completed",'
              b'"usage":{"type":"duration","seconds":-1}}'),
+    # A usage type not known: neither tokens nor seconds can be trusted from it.
+    (openai, b'{"type":"conversation.item.input_audio_transcription.completed",'
+             b'"usage":{"type":"characters","seconds":9}}'),
     (gemini, b'{"usageMetadata":{"promptTokenCount":-1}}'),
     (gemini, b'{"usageMetadata":[1,2]}'),
     (deepgram, b'{"type":"Metadata","duration":-3}'),
