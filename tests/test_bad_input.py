@@ -446,6 +446,29 @@ def test_pings_around_a_held_first_message_cost_no_more_than_their_bytes(tmp_pat
         proc.stop()
 
 
+def test_pings_past_first_message_bytes_and_its_slack_before_a_held_first_message_get_1009(tmp_path):
+    """What is read before a held first message is kept for the provider: at most
+    first_message_bytes and a 64 KiB slack of control frames, then 1009, not kept on
+    for as long as pings come."""
+    proc = SidecarProcess(str(tmp_path), '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\n'
+                          'secret_env = "PROVIDER_KEY"\n', standard_keys(),
+                          limits="first_message_bytes = 1024").start()
+    pings = masked(0x89, b"") * 12_000              # 72,000 bytes: past 1024 + 65,536
+
+    async def body():
+        reader, writer = await session(proc.port, proc.keys.plain["good"],
+                                       "/v1/realtime/connect?provider=gemini")
+        writer.write(pings)
+        try:
+            return await close_frame_of(reader)
+        finally:
+            writer.close()
+    try:
+        assert run(body()) == (1009, "first message over 1024 bytes")
+    finally:
+        proc.stop()
+
+
 # -- secrets stay out of logs and answers, whatever the input ---------------------------
 
 def test_no_key_in_logs_or_answers_from_malformed_headers(strict):
