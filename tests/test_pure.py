@@ -636,6 +636,25 @@ def test_a_permission_change_alone_is_a_change_only_after_a_failed_read(tmp_path
     assert not watch.changed()
 
 
+def test_a_file_written_in_place_is_a_change(tmp_path):
+    """An editor or `>` writes the same inode: its size or its mtime tells the change."""
+    from conduit_sidecar.watch import FileWatch
+
+    path = tmp_path / "keys.json"
+    path.write_text("{}")
+    watch = FileWatch(str(path))
+    inode = path.stat().st_ino
+    with open(path, "r+") as f:                       # longer
+        f.write('{"keys": []}')
+    assert path.stat().st_ino == inode
+    assert watch.changed() and not watch.changed()
+    with open(path, "r+") as f:                       # as long, written later
+        f.write('{"keys":[]} ')
+    mtime = path.stat().st_mtime_ns
+    os.utime(path, ns=(mtime, mtime + 10**9))
+    assert watch.changed() and not watch.changed()
+
+
 def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
     """The schema says it (msgspec's tz=True): a naive time is no instant."""
     path = tmp_path / "keys.json"
