@@ -655,6 +655,21 @@ def test_a_file_written_in_place_is_a_change(tmp_path):
     assert watch.changed() and not watch.changed()
 
 
+def test_memory_is_trimmed_on_a_fall_of_drop_sessions_and_once_more_when_it_ends(monkeypatch):
+    """Trimmer: a fall of `drop` sessions from the peak trims, and once the fall is
+    over (the count no longer falling) a last trim takes what its last closes freed."""
+    from conduit_sidecar import trim
+
+    trims = []
+    monkeypatch.setattr(trim._relay, "malloc_trim", lambda: trims.append(1))
+    trimmer = trim.Trimmer(drop=4)
+    for live in range(11):
+        trimmer.grew(live)
+    checks = [trimmer.check(live) for live in (10, 9, 6, 5, 5, 5, 4)]
+    assert checks == [False, False, True, False, True, False, False]
+    assert len(trims) == 2
+
+
 def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
     """The schema says it (msgspec's tz=True): a naive time is no instant."""
     path = tmp_path / "keys.json"
