@@ -1270,6 +1270,33 @@ def inject_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProc
                           timeout=30, env={**os.environ, "CONDUIT_SIDECAR_IMAGE": SIDECAR_IMAGE})
 
 
+def test_a_pod_with_a_container_of_the_sidecars_name_is_injected_already():
+    """Injected before without the status annotation (it was removed, or the sidecar
+    added by hand): a container named as ours means no second one, whose name the API
+    server would refuse as a duplicate."""
+    from conduit_sidecar.k8s.inject import CONTAINER_NAME, json_patch_for_pod
+
+    for where in ("containers", "initContainers"):
+        pod = {"metadata": {"name": "app"},
+               "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
+        pod["spec"].setdefault(where, []).append({"name": CONTAINER_NAME, "image": DEFAULT_IMAGE})
+        assert json_patch_for_pod(pod) == [], where
+
+
+def test_a_tls_pod_whose_app_mounts_the_ca_directory_is_refused():
+    """With conduit.dev/tls the sidecar's CA is mounted into each app container at
+    CA_DIR: an app container that mounts something there already is refused, not
+    given a second mount at one path (which the API server refuses, naming neither)."""
+    from conduit_sidecar.k8s.inject import CA_DIR, InjectError, json_patch_for_pod
+
+    pod = {"metadata": {"name": "app", "annotations": {"conduit.dev/tls": "true"}},
+           "spec": {"containers": [{"name": "app", "image": "app:1",
+                                    "volumeMounts": [{"name": "own", "mountPath": CA_DIR}]}],
+                    "volumes": [{"name": "own", "emptyDir": {}}]}}
+    with pytest.raises(InjectError, match=f"container 'app' already mounts {CA_DIR}"):
+        json_patch_for_pod(pod)
+
+
 def test_inject_file_every_workload_kind(tmp_path):
     source = tmp_path / "workloads.yaml"
     source.write_text(WORKLOADS)
