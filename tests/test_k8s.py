@@ -708,6 +708,27 @@ def test_webhook_holds_a_slow_body_attack(tls_files):
     assert "shed" in output
 
 
+def test_bodies_past_the_budget_drop_the_connection_holding_the_most():
+    """_Bodies: the bodies in progress together stay within the budget; the byte that
+    passes it drops the connection holding the most (perhaps the one adding), and its
+    bytes no longer count."""
+    from conduit_sidecar.k8s.webhook import _Bodies
+
+    class Connection:
+        dropped = False
+
+        def drop(self):
+            self.dropped = True
+
+    bodies = _Bodies(100)
+    big, small = Connection(), Connection()
+    bodies.add(big, 60)
+    bodies.add(small, 40)                          # 100: at the budget, none dropped
+    assert not big.dropped and not small.dropped
+    bodies.add(small, 1)                           # 101: the largest goes
+    assert big.dropped and not small.dropped and bodies.total == 41
+
+
 def test_webhook_answer_to_one_review_fits_its_memory_limit(tls_files):
     """In TLS mode each app container gets two patch operations (~230 bytes of JSON,
     then base64) however small it is: one review of 2 MiB of empty containers (`{}`, 4
