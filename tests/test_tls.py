@@ -166,6 +166,21 @@ def test_a_client_that_does_not_trust_the_listener_is_counted_and_logged(tls_env
     assert failed[-1]["reason"] in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"), failed
 
 
+def test_a_request_refused_over_tls_ends_with_a_close_notify(tls_env):
+    """The listener's answer to a request it refuses is followed by a close_notify:
+    a client reading to the end (here one that takes no end without it) learns the
+    answer is whole, not cut short by a TCP FIN."""
+    sidecar = tls_env[0]
+    context = ssl.create_default_context(cafile=sidecar.ca_out)
+    with socket.create_connection(("127.0.0.1", sidecar.tls_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as s:
+            s.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")   # no upgrade
+            got = b""
+            while chunk := s.recv(65536):      # SSLEOFError on an end without close_notify
+                got += chunk
+    assert got.startswith(b"HTTP/1.1 4"), got
+
+
 @pytest.mark.skipif(not _relay.NATIVE_TLS, reason="uvloop's SSL transport reads the ClientHello itself")
 def test_a_clienthello_header_declaring_128_kib_is_refused_at_once(tls_env):
     """9 bytes (a record header, and a ClientHello's header that declares 128 KiB) made
