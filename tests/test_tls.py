@@ -547,6 +547,29 @@ def test_provider_sessions_resume_only_for_the_same_trust_and_name(tls_env):
     assert other_name[0] == 1014 and "Hostname mismatch" in other_name[1] and "localhost" in other_name[1]
 
 
+def test_a_failed_handshake_forgets_the_endpoints_session(tls_env):
+    """A handshake to an endpoint that fails drops the session kept for it: the next
+    leg starts afresh, with a full, verified handshake, even where the server that
+    issued the session is back and would take it."""
+    sidecar, ca, ports, root = tls_env
+    resumed = []
+    server = ca.server_context(root, names=("127.0.0.1",))
+
+    async def body():
+        async with serve(recording_echo(resumed), "127.0.0.1", ports["good"], ssl=server):
+            assert await ping(sidecar, "tlsmock") == "ping"       # its session kept
+        other = ca.server_context(root, names=("localhost",))    # not for 127.0.0.1
+        async with serve(recording_echo(resumed), "127.0.0.1", ports["good"], ssl=other):
+            failed = await close_reason(sidecar, "tlsmock")
+        async with serve(recording_echo(resumed), "127.0.0.1", ports["good"], ssl=server):
+            assert await ping(sidecar, "tlsmock") == "ping"
+        return failed
+    failed = run(body())
+    assert failed == (1014, "upstream TLS failure: IP address mismatch, certificate is not valid "
+                      "for '127.0.0.1'."), failed
+    assert resumed == [False, False]
+
+
 def test_tls_provider_that_never_finishes_the_handshake(tls_env):
     sidecar, _, ports, _ = tls_env
 
