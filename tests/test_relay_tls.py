@@ -694,15 +694,16 @@ def _hello_without_key_shares(client_ctx) -> bytes:
     return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
 
 
+@pytest.mark.parametrize("declared", [128 << 10, tlsleg._HELLO_MAX + 1], ids=["128 KiB", "a byte over"])
 @pytest.mark.parametrize("which", ["first", "after a retry", "after a retry and an alert"])
-def test_a_clienthello_too_large_is_refused_at_its_header(pki, which):
+def test_a_clienthello_too_large_is_refused_at_its_header(pki, which, declared):
     """OpenSSL makes room for a ClientHello as large as its header says (up to 128 KiB,
     zero-filled) before any of it came: 9 bytes held 123 KiB of the listener per
     connection until its handshake timeout. A server stream drops a connection whose
     ClientHello (the first, or the one after a HelloRetryRequest) is larger than the
     16 KiB OpenSSL sets up anyway, and says why as a failed handshake. A warning alert
     before the second (user_canceled, which TLS 1.3 lets pass) ended the check."""
-    big = b"\x16\x03\x01\x00\x04\x01" + (128 << 10).to_bytes(3, "big")
+    big = b"\x16\x03\x01\x00\x04\x01" + declared.to_bytes(3, "big")
 
     async def body():
         loop = asyncio.get_running_loop()
