@@ -1221,6 +1221,30 @@ def test_a_session_cap_the_key_file_raises_or_removes_lets_sessions_already_open
     run(scenario())
 
 
+def test_a_session_a_limit_closes_is_closed_once_while_its_client_has_not_answered(sidecars):
+    """A session closed by a limit (here its budget) whose client has not answered the
+    close yet is not closed again by the next (here its cap's timer, 2 s after the
+    handshake, within the 5 s the close is given): one limit, one log line."""
+    from test_bad_input import close_frame_of, masked, session
+
+    keys = Keys()
+    key = keys.add("both", budgets=[{"metric": "tokens", "limit": 20, "window": "day"}],
+                   max_session_seconds=2)
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        reader, writer = await session(proc.port, key)
+        writer.write(masked(0x81, b'{"type":"response.create"}') * 2)   # 24 tokens: crosses 20
+        code, _ = await close_frame_of(reader)
+        await asyncio.sleep(3)                     # past the cap; the close not answered
+        writer.close()
+        return code
+    assert run(scenario()) == 4002
+    limits = [(line["code"], line["reason"].split(";")[0]) for line in proc.log_lines()
+              if line.get("event") == "limit"]
+    assert limits == [(4002, "budget exhausted: tokens per day (20)")], limits
+
+
 def test_the_session_cap_counts_from_the_handshake(tmp_path):
     """The first cap was armed when the relay started, a recapped one counted from the
     handshake: a session whose provider took long to answer ran its whole cap after
