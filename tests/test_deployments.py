@@ -931,7 +931,8 @@ def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workd
 def test_the_signed_url_call_passes_the_sdks_agent_parameters(workdir):
     """ElevenLabs' SDK asks for an environment, branch or version of the agent and for
     the conversation id; only agent_id went to the provider, so a staging conversation
-    ran on production. Parameters outside that list still never go."""
+    ran on production. Parameters outside that list still never go, nor does one given
+    twice (which of the two counts would be the provider's parser's choice)."""
     port = held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(port))
 
@@ -939,7 +940,7 @@ def test_the_signed_url_call_passes_the_sdks_agent_parameters(workdir):
         async with MockProvider(port=port, shape="elevenlabs") as m:
             status, answer = await _signed_url(
                 sidecar, more="&environment=staging&branch_id=b1&include_conversation_id=true"
-                              "&callback=http%3A%2F%2Fevil")
+                              "&callback=http%3A%2F%2Fevil&version_id=v1&version_id=v2")
             return status, m.requests
     try:
         status, requests = run(body())
