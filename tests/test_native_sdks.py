@@ -96,8 +96,19 @@ def metric_becomes(sidecar, value: float, name: str, **labels) -> float:
 
 
 def log_mark(sidecar) -> int:
-    """How many log lines the sidecar has written: `last_session`'s `since`."""
-    return len(sidecar.log_lines())
+    """How many log lines the sidecar has written: `last_session`'s `since`. Taken once
+    every session it relayed has its session_end line: an earlier test's session that
+    its test did not wait for (an SDK's, a node script's) would be logged after the
+    mark, and `last_session` could take its line for this test's."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = sidecar.log_lines()
+        ends = sum(line.get("event") == "session_end" for line in lines)
+        relayed = metric(sidecar, "conduit_connections_total", result="accepted")
+        if ends >= relayed:
+            return len(lines)
+        assert time.monotonic() < deadline, f"{relayed:.0f} sessions relayed, {ends} session_end lines"
+        time.sleep(0.05)
 
 
 def last_session(sidecar, provider: str, since: int) -> dict:
