@@ -107,9 +107,9 @@ def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
         assert data.startswith(b"HTTP/1.1 101 ")
         return s  # and it never sends its close
 
-    def answered_at_once() -> bytes:
+    def answered_within(seconds: float) -> bytes:
         with socket.create_connection(("127.0.0.1", limited.port)) as s:
-            s.settimeout(0.3)
+            s.settimeout(seconds)
             try:
                 return s.recv(100)
             except socket.timeout:
@@ -118,11 +118,12 @@ def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
     a, b = rejected(), rejected()
     try:
         pending_becomes(limited, 2)
-        assert answered_at_once().startswith(b"HTTP/1.1 503 ")
+        # Answered at once, though a loaded machine may take longer than the 0.3 s below.
+        assert answered_within(5).startswith(b"HTTP/1.1 503 ")
         # close_timeout_seconds = 0.5: both are cut off (recv waits up to 5 s for it)
         assert a.recv(100) == b"" and b.recv(100) == b""
         pending_becomes(limited, 0)
-        assert answered_at_once() == b""  # a slot is free: the request is awaited
+        assert answered_within(0.3) == b""  # a slot is free: the request is awaited
     finally:
         a.close()
         b.close()
