@@ -1602,6 +1602,21 @@ def test_usage_and_close_reasons_show_large_figures_exactly(sidecars, redis_serv
     assert result[2].startswith("budget exhausted: tokens per day (2000000); resets ")
 
 
+def test_usage_shows_totals_that_are_not_finite(sidecars, redis_server):
+    """A usage hash someone else wrote to `inf` or `nan` (Redis keeps any string; they
+    read as numbers) made `usage` end in a traceback (figure's int(inf): OverflowError)
+    rather than show them."""
+    keys = Keys()
+    keys.add("odd", budgets=[{"metric": "tokens", "limit": 1000, "window": "day"}])
+    proc, = sidecars(keys, redis_server.url, n=1)
+    day, hour = time.strftime("%Y%m%d", time.gmtime()), time.strftime("%Y%m%d%H", time.gmtime())
+    redis_server.command("HSET", f"t:{{odd}}:usage:day:{day}", "tokens", "inf")
+    redis_server.command("HSET", f"t:{{odd}}:usage:hour:{hour}", "tokens", "nan")
+    out = usage_cli(proc, "odd")
+    assert "tokens inf / 1000" in out
+    assert "tokens nan" in out
+
+
 def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(sidecars, mock_provider):
     """The session's first update names whisper-1 (billed by the minute), a later one
     gpt-4o-transcribe (billed by the token). Its usage was priced at the first model
