@@ -375,6 +375,13 @@ class _DeepgramMetadata(msgspec.Struct):
 
     type: str
     duration: Seconds | None = None
+    channels: Annotated[int, msgspec.Meta(ge=1, le=32)] = 1
+
+    @property
+    def each_channel(self) -> float | None:
+        """A `multichannel=true` stream's billed seconds: Deepgram bills each channel,
+        and `duration` is the stream's length (a container's bytes tell no channels)."""
+        return None if self.duration is None else self.duration * self.channels
 
 
 class _AssemblyTermination(msgspec.Struct):
@@ -428,6 +435,9 @@ METERS: dict[str, Meter] = {
     # message, so the marker may come after any number of kilobytes.
     "gemini": Meter((_GEMINI_MARKER,), decode_gemini, binary=True, sniff_bytes=0),
     "deepgram": Meter((b'"Metadata"',), _seconds_decoder("Metadata", _DeepgramMetadata, "duration")),
+    "deepgram_multichannel": Meter(
+        (b'"Metadata"',), _seconds_decoder("Metadata", _DeepgramMetadata, "each_channel")
+    ),
     "assemblyai": Meter(
         (b'"Termination"',), _seconds_decoder("Termination", _AssemblyTermination, "billed"), open_time=True
     ),

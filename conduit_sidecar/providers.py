@@ -3,7 +3,7 @@ own SDKs dial, where they put the API key, which client query parameters pass, a
 how its usage events are metered.
 
 handshake asks `native(path)` which provider serves a path and `presented_key` where
-the key is; routing fills the template; server meters with `meter(provider, kept)`. Adding a
+the key is; routing fills the template; server meters with `meter(provider, kept, query)`. Adding a
 provider is one entry here.
 """
 
@@ -510,12 +510,15 @@ def modelless(query: dict[str, list[str]]) -> str | None:
     return None
 
 
-def meter(provider: str, kept: Kept | None = None) -> Meter | None:
+def meter(provider: str, kept: Kept | None = None, query: tuple[tuple[str, str], ...] = ()) -> Meter | None:
     """How a session reports usage (None: it reports none we read): by its path's
-    events (Kept.meter), else its provider's; providers the user defines are taken to
-    speak OpenAI's events."""
+    events (Kept.meter), else its provider's (Deepgram's per channel where its `query`
+    asks for multichannel); providers the user defines are taken to speak OpenAI's
+    events."""
     if kept is not None and kept.meter is not None:
         return METERS.get(kept.meter)
+    if _multichannel(provider, dict(query)):
+        return METERS["deepgram_multichannel"]
     return METERS.get(provider) if provider in TEMPLATES else METERS["openai"]
 
 
@@ -542,7 +545,11 @@ def audio_rate(provider: str, query: tuple[tuple[str, str], ...]) -> int | None:
         return None
     if width is None or not (0 < rate <= 384_000 and 0 < channels <= 32):
         return None
-    return width * rate * (1 if provider == "deepgram" and q.get("multichannel") == "true" else channels)
+    return width * rate * (1 if _multichannel(provider, q) else channels)
+
+
+def _multichannel(provider: str, query: dict[str, str]) -> bool:
+    return provider == "deepgram" and query.get("multichannel") == "true"
 
 
 def takes(kept: Kept | None, provider: str, url: str) -> bool:

@@ -614,7 +614,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         if _ended_late(host, transport, decision, info, upstream, client.early, True):
             return
     limits = host.limits
-    metered = info.metered = meter(info.provider, decision.kept)
+    metered = info.metered = meter(info.provider, decision.kept, decision.query)
     relay = _relay.Relay(
         asyncio.get_running_loop(),
         limits.max_message_bytes,

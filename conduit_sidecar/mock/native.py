@@ -215,7 +215,7 @@ async def _listen(ws: ServerConnection) -> None:
                         "sha256": "0" * 64,
                         "created": "2026-01-01T00:00:00.000Z",
                         "duration": received / per_second,
-                        "channels": 1,
+                        "channels": int(q.get("channels", 1)),
                     }
                 ).decode()
             )
