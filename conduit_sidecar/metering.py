@@ -230,17 +230,20 @@ class _SessionEvent(msgspec.Struct):
 
 
 _session_event = msgspec.json.Decoder(_SessionEvent)
+_SESSION_EVENTS = ("session.created", "session.updated")
 
 
 def openai_transcriber(message: bytes) -> str | None:
     """The transcription model OpenAI's `session.created` / `session.updated` name: the
     session as it now is (GA `session.audio.input.transcription.model`, beta
-    `session.input_audio_transcription.model`). None: another message, or none named."""
+    `session.input_audio_transcription.model`; a beta transcription session's are
+    `transcription_session.*`). The provider's word, not the client's update, which it
+    may refuse. None: another message, or none named."""
     try:
         event = _session_event.decode(message)
     except (msgspec.DecodeError, RecursionError):
         return None
-    if event.type not in ("session.created", "session.updated") or event.session is None:
+    if event.type.removeprefix("transcription_") not in _SESSION_EVENTS or event.session is None:
         return None
     ga, beta = event.session.audio, event.session.input_audio_transcription
     named = ga.input.transcription if ga and ga.input and ga.input.transcription else beta
@@ -426,6 +429,8 @@ METERS: dict[str, Meter] = {
             b'"conversation.item.input_audio_transcription.completed"',
             b'"session.created"',
             b'"session.updated"',
+            b'"transcription_session.created"',
+            b'"transcription_session.updated"',
         ),
         decode_openai,
         transcriber=openai_transcriber,

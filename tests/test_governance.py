@@ -1682,6 +1682,44 @@ def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(si
     assert metric(proc, 'conduit_cost_usd_total{key_id="stt",model="gpt-4o-transcribe"') == 25
 
 
+def test_a_transcription_model_the_provider_refused_does_not_price_the_session(sidecars, mock_provider):
+    """A later update sets the model a transcription session is priced at as the
+    client names it, before the provider took it; OpenAI refuses a model it does not
+    offer (an `error`) and keeps transcribing with the one it had. In the beta shape
+    (`transcription_session.*`, whose events the meter did not read) naming such a
+    model made the rest of the session cost nothing, past a usd budget."""
+    keys = Keys()
+    keys.add("stt", budgets=[{"metric": "usd", "limit": 1000, "window": "day"}])
+    extra = (f'[providers.stt]\nurl = "ws://127.0.0.1:{mock_provider.port}/v1/realtime"\n'
+             'query_params = ["intent"]\n'
+             '[prices."gpt-4o-transcribe"]\ninput_audio = 1000000\noutput_text = 1000000\n')
+    proc, = sidecars(keys, None, n=1, extra=extra)
+
+    def update(model):
+        return json.dumps({"type": "transcription_session.update",
+                           "session": {"input_audio_transcription": {"model": model}}})
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{proc.port}/v1/realtime?intent=transcription&provider=stt"
+        async with connect(url, additional_headers=proc.auth("stt"), open_timeout=10) as ws:
+            await ws.send(update("gpt-4o-transcribe"))
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            assert json.loads(await ws.recv())["type"] == "transcription_session.updated"
+            await ws.send(update("gpt-free-transcribe"))
+            assert json.loads(await ws.recv())["type"] == "error"    # still gpt-4o-transcribe
+            audio = base64.b64encode(bytes(96_000)).decode()     # 20 audio tokens at the mock
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if event["type"] == "conversation.item.input_audio_transcription.completed":
+                    break
+            assert event["transcript"].endswith("by gpt-4o-transcribe")
+    run(scenario())
+    # $1 a token: 20 audio tokens in, 5 text tokens out.
+    assert metric(proc, 'conduit_cost_usd_total{key_id="stt",model="gpt-4o-transcribe"') == 25
+
+
 def test_image_input_tokens_are_priced(sidecars):
     """OpenAI bills the images a realtime session is sent (`image_tokens`), Gemini its
     video frames; the price table had no price for them and cost_usd none: they cost

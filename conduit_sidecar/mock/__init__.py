@@ -20,7 +20,9 @@ conversation session, as LiveKit's STT plugin notes) instead starts with a
 `transcription_session.update` (beta), and on `input_audio_buffer.commit` sends
 `input_audio_buffer.committed`, a transcription `delta` and `completed` with `usage`:
 of type `duration` (`seconds` received) when the model named is `whisper-1`, else of
-type `tokens` (10 audio tokens a second).
+type `tokens` (10 audio tokens a second). An update naming a transcription model
+OpenAI does not offer gets an `error` (`invalid_value`) and changes nothing, as
+OpenAI's does.
 
 A translation session (path `.../realtime/translations`) starts with a `session.created`
 of type `translation` naming the URL's model, answers `session.update` with
@@ -179,6 +181,9 @@ class MockProvider:
                 await ws.send(message)
 
 
+_TRANSCRIBERS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize")
+
+
 async def _transcription(ws: ServerConnection) -> None:
     session: dict = {"id": f"sess_{next(_ids)}", "object": "realtime.session", "type": "transcription"}
     await ws.send(_event("session.created", session=session))
@@ -186,14 +191,21 @@ async def _transcription(ws: ServerConnection) -> None:
     async for event in _events(ws):
         kind = event.get("type")
         update = event.get("session") or {}
-        if kind == "session.update":
-            model = (
-                ((update.get("audio") or {}).get("input") or {}).get("transcription", {}).get("model", model)
-            )
-            await _updated(ws, session, event, "session.updated")
-        elif kind == "transcription_session.update":
-            model = (update.get("input_audio_transcription") or {}).get("model", model)
-            await _updated(ws, session, event, "transcription_session.updated")
+        if kind in ("session.update", "transcription_session.update"):
+            if kind == "session.update":
+                named = ((update.get("audio") or {}).get("input") or {}).get("transcription", {}).get("model")
+            else:
+                named = (update.get("input_audio_transcription") or {}).get("model")
+            if named is not None and named not in _TRANSCRIBERS:
+                error = {
+                    "type": "invalid_request_error",
+                    "code": "invalid_value",
+                    "event_id": event.get("event_id"),
+                }
+                await ws.send(_event("error", error={**error, "message": f"Invalid value: {named!r}."}))
+                continue
+            model = named or model
+            await _updated(ws, session, event, kind + "d")
         elif kind == "input_audio_buffer.append":
             audio_in += _audio_bytes(event.get("audio", ""))
         elif kind == "input_audio_buffer.commit":
