@@ -56,7 +56,7 @@ class _Live:
     """A session's governance state, made only for sessions that need one (a lease,
     a session cap, a budget close): idle sessions are held by the thousand."""
 
-    __slots__ = ("lease", "written", "timer", "closing")
+    __slots__ = ("lease", "written", "timer", "closing", "opened")
 
     def __init__(self):
         self.lease: str | None = None  # the lease member, when one is held
@@ -65,6 +65,7 @@ class _Live:
         self.written: bool | None = True
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
+        self.opened: float | None = None  # when the relay started, if its provider bills time open
 
 
 def _utcnow() -> dt.datetime:
@@ -187,9 +188,11 @@ class Governor:
         return live
 
     def started(self, info: SessionInfo) -> None:
-        """The relay runs: arm the session cap."""
+        """The relay runs: arm the session cap; the provider's session has begun."""
         if cap := info.key.max_session_seconds:
             self._cap(info, cap)
+        if info.metered is not None and info.metered.open_time:
+            self._live(info).opened = time.monotonic()
 
     def recapped(self, info: SessionInfo) -> None:
         """The key file changed a live session's max_session_seconds."""
@@ -301,15 +304,16 @@ class Governor:
     def _count_open_time(self, info: SessionInfo) -> None:
         """A relayed session of a provider that bills its time open (Meter.open_time)
         and ended without reporting it (AssemblyAI's SDK disconnects without asking for
-        the report by default) is topped up to its time since it was admitted, which
-        holds the provider's time open."""
-        metered, usage = info.metered, info.usage
-        if info.relay is None or metered is None or not metered.open_time:
+        the report by default) is topped up to its time since its relay started: the
+        provider's session begins at its handshake's answer, not at the admission (the
+        upstream connect is not billed)."""
+        live, usage = self.live.get(info), info.usage
+        if info.relay is None or live is None or live.opened is None:
             return
         if usage is not None and usage.seconds["audio"]:
             return  # reported: _reported_seconds topped it up
         charged = info.audio_bytes / self._rate(info) + (usage.topped_up if usage else 0.0)
-        more = time.monotonic() - info.started - charged
+        more = time.monotonic() - live.opened - charged
         if more > 0:
             self._charge_seconds(info, more)
 

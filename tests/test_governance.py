@@ -1157,6 +1157,38 @@ def test_an_assemblyai_session_closed_without_terminate_is_charged_its_time_open
     assert usd >= 2
 
 
+def test_an_assemblyai_session_is_charged_its_time_open_from_the_providers_answer(sidecars):
+    """The time open an unreported AssemblyAI session is charged counted from its
+    admission: the upstream connect (here a provider taking 3 s to answer its
+    handshake) was charged as well, though AssemblyAI's session had not begun."""
+    from websockets.asyncio.server import serve
+
+    from conduit_sidecar.mock.native import assemblyai
+    keys = Keys()
+    keys.add("stt")
+    port = held_port()
+    extra = (f'[providers.assemblyai]\nurl = "ws://127.0.0.1:{port}/v3/ws?speech_model={{model}}"\n'
+             'secret_env = "PROVIDER_KEY"\n[prices."universal"]\naudio_minute = 60\n')   # $1 a second
+    proc, = sidecars(keys, None, n=1, extra=extra)
+
+    async def slow(connection, request):
+        await asyncio.sleep(3)
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{proc.port}/v3/ws?speech_model=universal&sample_rate=16000"
+        async with serve(assemblyai, "127.0.0.1", port, process_request=slow):
+            async with connect(url, additional_headers={"Authorization": keys.plain["stt"]},
+                               open_timeout=10) as ws:
+                assert json.loads(await ws.recv())["type"] == "Begin"
+                await ws.send(bytes(16_000))                        # 0.5 s of 16 kHz pcm_s16le
+    run(scenario())
+    deadline = time.monotonic() + 5
+    while not metric(proc, "conduit_closes_total") and time.monotonic() < deadline:   # after its release
+        time.sleep(0.05)
+    usd = metric(proc, 'conduit_cost_usd_total{key_id="stt"')
+    assert 0.5 <= usd < 2, usd                                      # not the 3 s of the connect
+
+
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     """Sessions admitted without any limit keep no governance state; a budget the key
     file adds later still reaches them."""
