@@ -32,7 +32,7 @@ from .config import Limits
 from .handshake import admit, key_misplaced, refuse
 from .keys import KeySet, Rejection
 from .routing import Route, RouteError, Router, Upstream
-from .upstream import Balancer, Failed, refusal, shares
+from .upstream import Balancer, Failed, exhausted, refusal, shares
 
 __all__ = ["PATH", "SignedUrls", "answer"]
 
@@ -188,6 +188,8 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             raise
         if isinstance(signed, Failed):
             host.balancer.failed(h, signed, probe)
+            if signed.outcome == "local":
+                return _json(503, {"detail": str(signed)})
             notes.append(f"{h.name} {signed.short}")
             if signed.failover:
                 continue
@@ -241,6 +243,8 @@ async def _sign(
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc  # what urllib wraps
         if isinstance(reason, TimeoutError):
             return Failed("timeout", "signed-URL fetch timed out", "timed out")
+        if isinstance(reason, OSError) and (local := exhausted(reason)) is not None:
+            return local  # the socket was ours to make: no deployment's fault
         if isinstance(reason, ssl.SSLError):
             outcome = "tls"
         elif isinstance(reason, OSError) and not isinstance(reason, http.client.HTTPException):

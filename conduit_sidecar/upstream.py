@@ -82,6 +82,16 @@ class Failed(UpstreamError):
 _EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
+def exhausted(exc: OSError) -> Failed | None:
+    """Outcome `local` when `exc` says this process is out of descriptors or memory: no
+    deployment is at fault (its circuit would rest a healthy provider for everyone),
+    none would do better."""
+    if exc.errno not in _EXHAUSTED:
+        return None
+    why = f"sidecar out of resources: {exc.strerror}"
+    return Failed("local", why, "local", failover=False, verdict=False)
+
+
 class _UpstreamHandshake(asyncio.Protocol):
     """Sends the upgrade request and parses the response with websockets' parser;
     bytes after the response are kept for the relay."""
@@ -233,11 +243,8 @@ async def _attempt(
         raise Failed("tcp", "upstream refused the connection", "TCP refused") from None
     except OSError as exc:
         _drop(transport)
-        if exc.errno in _EXHAUSTED:
-            # This process is out of descriptors or memory: no deployment is at fault
-            # (its circuit would rest a healthy provider for everyone), none would do better.
-            why = f"sidecar out of resources: {exc.strerror}"
-            raise Failed("local", why, "local", failover=False, verdict=False) from None
+        if (local := exhausted(exc)) is not None:
+            raise local from None
         if stage == "TLS handshake":
             raise Failed("tls", f"upstream TLS failure: {exc.strerror or exc}", "TLS") from None
         raise Failed("tcp", f"upstream unreachable: {exc.strerror or exc}", "TCP") from None

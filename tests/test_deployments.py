@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -1182,6 +1183,38 @@ def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
     logged = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
     assert [(line["deployment"], line["outcome"]) for line in logged] == [("a", "http_5xx")] * 2
     assert logged[-1]["resting_seconds"] > 0
+
+
+def test_a_signed_url_fetch_without_a_descriptor_rests_no_deployment(workdir):
+    """With no descriptor left for the fetch's socket (the call's own connection took
+    the last), the failure is the sidecar's, as a session's connect is (outcome
+    `local`): it counted as `tcp`, failed over to the next deployment, and each
+    failure went toward the circuit, which rested healthy deployments for everyone."""
+    first, second = held_port(), held_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(first, second),
+                           extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+    pid = sidecar.proc.pid
+
+    async def body():
+        async with MockProvider(port=first, shape="elevenlabs"), MockProvider(port=second, shape="elevenlabs"):
+            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 1, hard))
+            try:
+                starved = await _signed_url(sidecar)
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+            return starved, await _signed_url(sidecar)
+    try:
+        (code, answer), (then, _) = run(body())
+        outcomes = {(d, o): metric(sidecar, "conduit_upstream_attempts_total", deployment=d, outcome=o,
+                                   provider="elevenlabs") for d in "ab" for o in ("local", "tcp")}
+        healthy = [metric(sidecar, "conduit_deployment_healthy", deployment=d, provider="elevenlabs")
+                   for d in "ab"]
+    finally:
+        sidecar.stop()
+    assert (code, answer) == (503, {"detail": "sidecar out of resources: Too many open files"})
+    assert sum(n or 0 for n in outcomes.values()) == 1 and not outcomes["a", "tcp"] and not outcomes["b", "tcp"]
+    assert healthy == [1, 1] and then == 200
 
 
 def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
