@@ -158,17 +158,18 @@ class ClientHandshake(asyncio.Protocol):
     While the session opens it goes on reading, only to notice a client that leaves
     (its end or a reset cancels the opening, whose upstream is then dropped): a client
     must wait for the 101, so what one sends meanwhile is kept in `early` for the relay,
-    up to `max_request_bytes` of it (and one read past them), where reading pauses: a
-    pause at its first bytes would hide the end of a client that sent a frame with its
-    request."""
+    up to `max_request_bytes` of it (and one read past them) beyond a held first
+    message, where reading pauses: a pause at its first bytes would hide the end of a
+    client that sent a frame with its request."""
 
-    __slots__ = ("host", "transport", "reader", "timer", "task", "early", "rest", "lingering")
+    __slots__ = ("host", "transport", "reader", "timer", "task", "early", "pause_at", "rest", "lingering")
 
     def __init__(self, host: Host):
         self.host = host
         self.task: asyncio.Task[None] | None = None
         self.reader: RequestReader | None = None  # set while the request is read
         self.early = bytearray()  # what the client sent past its request
+        self.pause_at = host.limits.max_request_bytes  # the length of `early` that pauses reading
         self.rest = False  # the request is a REST call (see _is_rest), not an upgrade
         self.lingering = False  # refused: what the client still sends is read and dropped
 
@@ -237,7 +238,7 @@ class ClientHandshake(asyncio.Protocol):
     def _keep(self, data) -> None:
         """Bytes the client sent past its request, for the relay."""
         self.early += data
-        if len(self.early) >= self.host.limits.max_request_bytes:
+        if len(self.early) >= self.pause_at:
             self.transport.pause_reading()
 
     def pause_writing(self):
@@ -559,6 +560,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             # Watched again while the upstream opens: the held message and what came
             # with it are the relay's first bytes.
             client.early = bytearray(raw)
+            client.pause_at = len(raw) + host.limits.max_request_bytes  # not paused by a long first message
             del raw, held_first  # one copy held while the upstream opens, not two
             # The hold took up to a handshake timeout: a session that must not start
             # now never reaches the provider (checked again once it has answered).

@@ -3,6 +3,7 @@ Each ends both sides cleanly, and the session's end says what happened."""
 
 import asyncio
 import itertools
+import json
 import socket
 import struct
 import sys
@@ -524,7 +525,7 @@ def _one_slot_sidecar(tmp_path, providers: str) -> tuple[Keys, SidecarProcess]:
 
 
 @pytest.mark.parametrize("leave", ["end", "reset"])
-@pytest.mark.parametrize("path", ["plain", "held", "pipelined"])
+@pytest.mark.parametrize("path", ["plain", "held", "pipelined", "held_large"])
 def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its_slot(tmp_path, path, leave):
     """The client sends its request (and, on a held path, its first message), then
     ends its side or resets while the provider is slow to answer: the sidecar drops
@@ -532,23 +533,30 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     `client_gone`. `pipelined`: a frame came with the request, before its 101; reading
     paused at once after it, so the client's end went unseen: the attempt ran until
     the provider answered (or the connect timeout), the key's slot held meanwhile, and
-    the handshake counted `accepted` or `upstream_failed`."""
+    the handshake counted `accepted` or `upstream_failed`. `held_large`: a first
+    message of max_request_bytes or more (a long system instruction), then a frame
+    as the provider is asked: that frame paused reading, as `pipelined`'s did."""
     upstream_port = held_port()
     keys, sidecar = _one_slot_sidecar(
         tmp_path,
         f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n'
         f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/g?key={{secret}}"\nsecret_env = "PROVIDER_KEY"\n')
-    provider = "gemini" if path == "held" else "slow"
+    provider = "gemini" if path.startswith("held") else "slow"
+    setup = {"setup": {"model": "models/gemini-live"}}
+    if path == "held_large":
+        setup["setup"]["systemInstruction"] = {"parts": [{"text": "x" * 16384}]}
 
     async def body():
         async with SlowUpstream(upstream_port, delay=4) as up:
             reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
             writer.write(request(f"/v1/realtime/connect?provider={provider}", key=keys.plain["one"])
                          + (masked(0x81, b"hello") if path == "pipelined" else b""))
-            if path == "held":  # the 101 comes first, then the setup naming the model
+            if path.startswith("held"):  # the 101 comes first, then the setup naming the model
                 assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-                writer.write(masked(0x81, b'{"setup": {"model": "models/gemini-live"}}'))
+                writer.write(masked(0x81, json.dumps(setup).encode()))
             await asyncio.wait_for(up.asked.wait(), 5)
+            if path == "held_large":
+                writer.write(masked(0x81, b'{"realtimeInput": {}}'))
             if leave == "reset":
                 writer.get_extra_info("socket").setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
