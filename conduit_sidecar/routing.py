@@ -452,19 +452,20 @@ def _template_text(spec: Provider) -> str:
 # Header and query parameter names that say their value is a credential.
 _CREDENTIAL = re.compile(r"auth|key|token|secret|signature|password|cookie", re.IGNORECASE)
 _PARAM = re.compile(r"([?&][^=&#]*=)([^&#]*)")
+_USERINFO = re.compile(r"^(\w+://)[^/?#]*@")  # user:password@, sent as Basic auth
 
 
 def masked(spec: Provider) -> tuple[str, dict[str, str]]:
     """URL and header templates as listings print them: the secret placeholder shown as
     `***`, and so is a credential typed into the config itself (a header or query
-    parameter named as one, without the placeholder)."""
+    parameter named as one, without the placeholder, or the URL's user information)."""
 
     def hide(name: str, value: str) -> str:
         if _CREDENTIAL.search(name) and value and "{secret}" not in value:
             return "***"
         return value.replace("{secret}", "***")
 
-    url = _PARAM.sub(lambda m: m[1] + hide(m[1], m[2]), spec.url or "")
+    url = _PARAM.sub(lambda m: m[1] + hide(m[1], m[2]), _USERINFO.sub(r"\1***@", spec.url or ""))
     return url, {h: hide(h, v) for h, v in (spec.headers or {}).items()}
 
 

@@ -85,8 +85,9 @@ def test_check_config_names_file_field_and_problem(tmp_path):
 
 
 def test_listings_never_print_a_credential_typed_into_the_config(tmp_path):
-    """A provider key written into `headers` or the URL itself (rather than read through
-    `{secret}` from a file or variable) was printed whole by check-config and providers,
+    """A provider key written into `headers` or the URL itself (its query, or its user
+    information, which goes out as Basic auth), rather than read through `{secret}`
+    from a file or variable, was printed whole by check-config and providers,
     into a terminal, a CI log or a ticket."""
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": []}')
@@ -94,7 +95,8 @@ def test_listings_never_print_a_credential_typed_into_the_config(tmp_path):
     conf.write_text(f'keys_file = "{keys}"\n[providers.mine]\n'
                     'url = "wss://127.0.0.1:9/v1?model={model}&api_key=AIzaHUNTER1&mode=fast"\n'
                     'headers = { Authorization = "Bearer sk-HUNTER2", "xi-api-key" = "HUNTER3", '
-                    '"OpenAI-Beta" = "realtime=v1" }\n')
+                    '"OpenAI-Beta" = "realtime=v1" }\n'
+                    '[providers.basic]\nurl = "wss://apiuser:HUNTER4@127.0.0.1:9/v1?model={model}"\n')
     env = {k: v for k, v in os.environ.items() if k != "CONDUIT_CONFIG"}
     for command in ("check-config", "providers"):
         r = cli(command, "--config", str(conf), env=env)
@@ -102,6 +104,7 @@ def test_listings_never_print_a_credential_typed_into_the_config(tmp_path):
         assert "HUNTER" not in r.stdout + r.stderr
         assert "model={model}&api_key=***&mode=fast" in r.stdout     # what is not a credential stays
         assert "realtime=v1" in r.stdout and "***" in r.stdout
+        assert "wss://***@127.0.0.1:9/v1?model={model}" in r.stdout  # Basic auth's user and password
 
 
 @pytest.mark.parametrize("second, error", [
