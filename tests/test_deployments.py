@@ -1020,21 +1020,27 @@ def test_a_signed_url_ends_with_its_key_when_the_key_is_rotated(workdir):
                                                         ("401 Unauthorized", True, "http_auth"),
                                                         ("403 Forbidden", True, "http_403"),
                                                         ("garbage", True, "invalid"),
+                                                        ("301 Moved Permanently", True, "http_3xx"),
                                                         ("404 Not Found", False, "http_other")])
 def test_the_signed_url_fetch_moves_on_as_a_session_connect_does(workdir, status, moves_on, outcome):
-    """A 5xx, 401 or 403 from the first deployment, or an answer that is not HTTP (a
-    status line "HTTP/1.1 garbage"): the next one signs. Any other 4xx is the request's
+    """A 5xx, 401, 403 or 3xx from the first deployment (the redirect not followed: the
+    secret would go where it says), or an answer that is not HTTP (a status line
+    "HTTP/1.1 garbage"): the next one signs. Any other 4xx is the request's
     own fault (an unknown agent): the fetch stops there, with its status. Only the 401
     rests the first one at once (a 403 may answer the agent asked for). Each attempt is
     in conduit_upstream_attempts_total and the failed one in an upstream_attempt line,
     as a session's connect attempts are (they were not: a deployment could rest with
     no failure counted or logged)."""
-    first, second = Refusing(status), held_port()
+    elsewhere = Refusing("200 OK")
+    first = Refusing(status, f"Location: http://127.0.0.1:{elsewhere.port}/\r\n" if status[0] == "3" else "")
+    second = held_port()
     sidecar = sidecar_with(workdir, _elevenlabs(first.port, second))
 
     async def body():
-        async with first, MockProvider(port=second, shape="elevenlabs") as b:
-            return await _signed_url(sidecar), first.requests, len(b.issued)
+        async with first, elsewhere, MockProvider(port=second, shape="elevenlabs") as b:
+            answer = await _signed_url(sidecar)
+            assert elsewhere.requests == 0  # a redirect is never followed
+            return answer, first.requests, len(b.issued)
     try:
         (code, answer), asked_first, signed_by_second = run(body())
         counted = total(sidecar, f'conduit_signed_urls_total{{status="{code}"}}')
