@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import datetime as dt
 import http
 import http.client
+import os
+import queue
 import re
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -98,6 +102,38 @@ def _json(status: int, body: dict) -> Response:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args):
         return None  # the secret goes to the configured host only: a 3xx is an error
+
+
+class _Fetchers(concurrent.futures.Executor):
+    """The default executor's pool (as many threads), of daemon threads: those are
+    joined at exit, and a fetch blocked on a provider that never answers ends only at
+    its socket timeout, so a second signal's stop waited for it. A call cancelled
+    while queued is skipped."""
+
+    def __init__(self, workers: int = min(32, (os.cpu_count() or 1) + 4)):
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers = workers
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.calls.put((future, fn, args, kwargs))
+        if self.workers:
+            self.workers -= 1
+            threading.Thread(target=self._work, name="signed-url", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args, kwargs = self.calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # the caller's to judge
+                    future.set_exception(exc)
+            del future, fn, args, kwargs  # not kept while the next call is awaited
+
+
+_FETCHERS = _Fetchers()
 
 
 def _fetch(url: str, headers: list[tuple[str, str]], context, timeout: float) -> bytes:
@@ -220,9 +256,9 @@ async def _sign(
         + urllib.parse.urlencode([("agent_id", agent), *passed], quote_via=urllib.parse.quote)
     )
     try:
-        # The whole call, a wait for a free executor thread included, is bounded.
+        # The whole call, a wait for a free thread included, is bounded.
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(None, _fetch, rest, upstream.headers, upstream.ssl, timeout)
+        call = loop.run_in_executor(_FETCHERS, _fetch, rest, upstream.headers, upstream.ssl, timeout)
         body = await asyncio.wait_for(call, timeout)
         if len(body) > _MAX_RESPONSE_BYTES:
             raise ValueError("response too large")

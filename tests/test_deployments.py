@@ -1310,6 +1310,31 @@ def test_a_signed_url_call_in_progress_at_sigterm_gets_its_answer(workdir):
     assert late == (503, {"detail": "sidecar is draining: try again later"})
 
 
+def test_a_second_signal_does_not_wait_for_a_signed_url_call(workdir):
+    """A second signal stops at once: the get-signed-url call waiting for a deployment
+    that never answers is not waited for. Its fetch ran on in an executor thread,
+    which the interpreter joined at exit: the sidecar stayed until the connect timeout
+    (a minute here)."""
+    port = held_port()
+    sidecar = SidecarProcess(workdir, _elevenlabs(port), standard_keys(),
+                             limits="upstream_connect_timeout_seconds = 60\n").start()
+
+    async def body():
+        async with Blackhole(port=port) as blackhole:
+            call = asyncio.create_task(_signed_url(sidecar))
+            while not blackhole.requests:
+                await asyncio.sleep(0.02)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            sidecar.proc.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(sidecar.proc.wait, 20)
+            call.cancel()
+            return code
+    try:
+        assert run(body(), timeout=30) == 0
+    finally:
+        sidecar.stop()
+
+
 # -- config --------------------------------------------------------------------------
 
 def _load(workdir, text: str):
