@@ -31,7 +31,7 @@ def test_usage_report(benchmark, timed, report_row, column, peers, others):
                         sessions, live, lambda model: model or "", entries.get)
     info = next(i for i in sessions if i.key_id == "k")
     counts = {"input": 120.0, "output": 80.0}
-    run = lambda: governor.usage(info, counts, "gpt-realtime")
+    run = lambda: governor.usage(info, counts, "gpt-realtime", "gpt-realtime")
     benchmark.group = "governor: one usage report"
     timed(run)
     assert governor.pending["k"]["tokens"] > 0 and not governor.live  # counted, nothing closed
