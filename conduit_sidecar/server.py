@@ -201,6 +201,12 @@ class Sidecar:
             return
         if counts is None:
             if metered and metered.transcriber and (named := metered.transcriber(message)):
+                if not info.key.allows_model(named):
+                    # A conversation session's transcription model is named in a client
+                    # update the sidecar does not hold back: the provider's word that it
+                    # took it ends the session, before any audio is transcribed.
+                    self._refuse_later(info, relay, f"transcription model {named!r} not allowed for this key")
+                    return
                 if info.usage is None:
                     info.usage = Usage()
                 info.usage.transcriber = sys.intern(named)
@@ -248,6 +254,12 @@ class Sidecar:
         except Exception:  # a bug of ours: the message is not let through unread
             log.exception("later message unread", extra={"event": "internal_error", "session_id": info.id})
             code, reason = _relay.CloseCode.INTERNAL_ERROR, "internal error"
+        self._refuse_later(info, relay, reason, code)
+
+    def _refuse_later(
+        self, info: SessionInfo, relay, reason: str, code: int = _relay.CloseCode.FORBIDDEN
+    ) -> None:
+        """End a relayed session for what a later message asked."""
         log.info(
             "later message refused",
             extra={

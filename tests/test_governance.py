@@ -1802,6 +1802,49 @@ def test_transcription_usage_is_priced_at_the_transcription_model(sidecars, sess
     assert metric(proc, 'conduit_cost_usd_total{key_id="ears",model="rt-realtime"') == 120  # 12 tokens at $10
 
 
+
+@pytest.mark.parametrize("allowed, closed", [(["rt-realtime"], True), (["rt-*"], False)])
+def test_a_transcription_model_the_key_may_not_use_ends_the_session(sidecars, allowed, closed):
+    """A conversation session names its input transcription model in a `session.update`
+    the sidecar does not hold back (its audio appends are text messages too): a key
+    limited to `rt-realtime` transcribed on any model it named. The provider's
+    `session.updated` taking it now ends the session with 4003, before any audio is
+    transcribed."""
+    from websockets.asyncio.server import serve
+    keys = Keys()
+    keys.add("ears", allowed_models=allowed)
+    port = held_port()
+    extra = f'[providers.rt]\nurl = "ws://127.0.0.1:{port}/v1/realtime?model={{model}}"\n'
+    proc, = sidecars(keys, None, n=1, extra=extra)
+    session = {"model": "rt-realtime", "audio": {"input": {"transcription": {"model": "rt-transcribe"}}}}
+    events = [{"type": "session.updated", "event_id": "event_1", "session": session},
+              {"type": "conversation.item.input_audio_transcription.completed", "event_id": "event_2",
+               "item_id": "item_1", "content_index": 0, "transcript": "hi",
+               "usage": {"type": "duration", "seconds": 3}}]
+
+    async def provider(ws):
+        for event in events:
+            await ws.send(json.dumps(event))
+        await ws.wait_closed()
+
+    async def scenario():
+        got = []
+        async with serve(provider, "127.0.0.1", port):
+            async with connect(proc.url(model="rt-realtime", provider="rt"),
+                               additional_headers=proc.auth("ears")) as ws:
+                try:
+                    while len(got) < len(events):
+                        got.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
+                except websockets.ConnectionClosed as exc:
+                    return got, (exc.rcvd.code, exc.rcvd.reason)
+        return got, None
+    got, close = run(scenario())
+    if closed:
+        assert (got, close) == (["session.updated"],
+                                (4003, "transcription model 'rt-transcribe' not allowed for this key"))
+    else:
+        assert (got, close) == ([e["type"] for e in events], None)
+
 def test_cached_image_tokens_are_priced_as_cached_images(sidecars):
     """An image sent earlier in a realtime session is cached input in later responses:
     OpenAI reports it in `input_token_details.cached_tokens_details.image_tokens`
