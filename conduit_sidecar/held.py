@@ -320,12 +320,12 @@ class _Session(msgspec.Struct):
     input_audio_transcription: _Transcription | None = None  # beta
 
 
-class _ClientEvent(msgspec.Struct):
+class _SessionEvent(msgspec.Struct):  # a client's update, or the provider's answer
     type: str
     session: _Session | None = None
 
 
-_client_event = msgspec.json.Decoder(_ClientEvent)
+_session_event = msgspec.json.Decoder(_SessionEvent)
 
 
 def transcription_model(message: bytes) -> tuple[str, ...]:
@@ -344,8 +344,26 @@ def later_transcription(message: bytes) -> tuple[str, ...]:
     return _transcription(message, _LATER)
 
 
+def provider_transcription(message: bytes) -> str | None:
+    """The transcription model OpenAI's `session.created` / `session.updated` name (a
+    beta transcription session's `transcription_session.*`): the session as it now is,
+    the provider's word, not the client's update, which it may refuse. None: another
+    event, none named, or one that may not become a label (_valid, a virtual key)."""
+    try:
+        event = _session_event.decode(message)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if event.type.removeprefix("transcription_") not in ("session.created", "session.updated"):
+        return None
+    session = event.session or _Session()
+    ga = session.audio.input.transcription if session.audio and session.audio.input else None
+    named = ga or session.input_audio_transcription
+    model = named.model if named else None
+    return model if model is not None and _valid(model) and KEY_PREFIX not in model else None
+
+
 def _transcription(message: bytes, which: str) -> tuple[str, ...]:
-    event = _decode(_client_event, message, f"{which} must be a JSON client event", which)
+    event = _decode(_session_event, message, f"{which} must be a JSON client event", which)
     if _holds_key(message):  # say as the model: refused, it would be logged and labelled
         raise Refused(CloseCode.FORBIDDEN, f"a virtual key in {which}")
     session = event.session or _Session()

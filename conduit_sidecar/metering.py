@@ -20,7 +20,7 @@ from typing import Annotated
 
 import msgspec
 
-from .keys import KEY_PREFIX
+from .held import provider_transcription
 
 __all__ = [
     "METERS",
@@ -201,54 +201,6 @@ def decode_openai(message: bytes) -> dict[str, float] | None:
             return Transcription(_tokens(u))
         raise MalformedUsage(f"unknown usage type {u.type!r}")
     return None
-
-
-# A model name that may become a label: no control characters, no virtual key.
-_Model = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
-
-
-class _Transcriber(msgspec.Struct):
-    model: _Model | None = None
-
-
-class _AudioInput(msgspec.Struct):
-    transcription: _Transcriber | None = None
-
-
-class _Audio(msgspec.Struct):
-    input: _AudioInput | None = None
-
-
-class _Session(msgspec.Struct):
-    audio: _Audio | None = None  # GA
-    input_audio_transcription: _Transcriber | None = None  # beta
-
-
-class _SessionEvent(msgspec.Struct):
-    type: str
-    session: _Session | None = None
-
-
-_session_event = msgspec.json.Decoder(_SessionEvent)
-_SESSION_EVENTS = ("session.created", "session.updated")
-
-
-def openai_transcriber(message: bytes) -> str | None:
-    """The transcription model OpenAI's `session.created` / `session.updated` name: the
-    session as it now is (GA `session.audio.input.transcription.model`, beta
-    `session.input_audio_transcription.model`; a beta transcription session's are
-    `transcription_session.*`). The provider's word, not the client's update, which it
-    may refuse. None: another message, or none named."""
-    try:
-        event = _session_event.decode(message)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    if event.type.removeprefix("transcription_") not in _SESSION_EVENTS or event.session is None:
-        return None
-    ga, beta = event.session.audio, event.session.input_audio_transcription
-    named = ga.input.transcription if ga and ga.input and ga.input.transcription else beta
-    model = named.model if named else None
-    return None if model is None or KEY_PREFIX in model else model
 
 
 # -- OpenAI Live: the session's audio seconds so far -------------------------------
@@ -433,7 +385,7 @@ METERS: dict[str, Meter] = {
             b'"transcription_session.updated"',
         ),
         decode_openai,
-        transcriber=openai_transcriber,
+        transcriber=provider_transcription,
     ),
     # Gemini sends JSON in binary frames, usageMetadata after the serverContent it closes:
     # Gemini 3.x Live bundles a turn's last audio, turnComplete and usageMetadata in one
