@@ -399,7 +399,9 @@ def _parse(held: str) -> Totals:
     error reply is: not a bug of ours."""
     try:
         values = [float(value) for value in held.split(" ")]
-        if len(values) != len(WINDOWS) * len(METRICS):  # a value with a space in it
+        # a value with a space in it; "nan", which Python and Lua read, compares below
+        # any budget
+        if len(values) != len(WINDOWS) * len(METRICS) or any(v != v for v in values):
             raise ValueError
     except ValueError:
         raise StoreError("a usage total in Redis is not a number") from None
