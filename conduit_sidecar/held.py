@@ -42,6 +42,7 @@ __all__ = [
     "later_transcription",
     "live_models",
     "may_name",
+    "Reader",
     "read_first",
     "read_greeting",
     "setup_model",
@@ -62,7 +63,7 @@ class Refused(Exception):
         self.close = close  # the provider's own close code and reason, the client's to read
 
 
-class _Reader(asyncio.Protocol):
+class Reader(asyncio.Protocol):
     """Reads a leg up to `limit` bytes of one message, into `raw`, and settles `done`
     with a value or a Refused; reading is paused once it is settled."""
 
@@ -77,8 +78,12 @@ class _Reader(asyncio.Protocol):
             self.transport.pause_reading()
             (self.done.set_exception if isinstance(value, Exception) else self.done.set_result)(value)
 
+    def going_away(self) -> None:
+        """The drain has ended: the session is told so now, not at its timeout."""
+        self._finish(Refused(CloseCode.GOING_AWAY, "going away"))
 
-class _FirstMessage(_Reader):
+
+class _FirstMessage(Reader):
     def __init__(self, transport, limit: int):
         super().__init__(transport, limit)
         self.ws = ServerProtocol(state=OPEN, max_size=limit)
@@ -117,33 +122,39 @@ class _FirstMessage(_Reader):
         self._finish(Refused(CloseCode.NORMAL, "closed before its first message", gone=True))
 
 
-async def read_first(transport, early: bytes, limit: int, timeout: float) -> tuple[bytes, bytes]:
+async def read_first(
+    transport, early: bytes, limit: int, timeout: float, holding: set[Reader]
+) -> tuple[bytes, bytes]:
     """(the first data message, every raw byte read so far). The transport's reading
     is paused when this returns."""
     reader = _FirstMessage(transport, limit)
     late = Refused(CloseCode.PROTOCOL_ERROR, f"no first message within {timeout:g} s")
-    message = await _read(transport, reader, early, timeout, late)
+    message = await _read(transport, reader, early, timeout, late, holding)
     return message, bytes(reader.raw)
 
 
-async def _read(transport, reader, early: bytes, timeout: float, late: Refused):
+async def _read(transport, reader, early: bytes, timeout: float, late: Refused, holding: set[Reader]):
     """Run `reader` (a protocol whose `done` future it settles) on `transport`, `early`
-    first, for at most `timeout`; `late` is raised after it. Reading is paused when
-    this returns."""
+    first, for at most `timeout`; `late` is raised after it. It is in `holding` while
+    it waits (the drain's end tells each reader there it is `going_away`). Reading is
+    paused when this returns."""
     transport.set_protocol(reader)
     if early:
         reader.data_received(early)
     if not reader.done.done():
         transport.resume_reading()
+    holding.add(reader)
     try:
         async with asyncio.timeout(timeout):
             return await reader.done
     except TimeoutError:
         transport.pause_reading()
         raise late from None
+    finally:
+        holding.discard(reader)
 
 
-class _Greeting(_Reader):
+class _Greeting(Reader):
     """The provider's frames up to the end of its first data message; what follows
     stays for the relay. The relay's scanner delimits and checks them, as it does every
     frame it relays (they reach the client before the relay starts)."""
@@ -197,12 +208,14 @@ class _Greeting(_Reader):
         self._finish(Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message"))
 
 
-async def read_greeting(upstream, early: bytes, limit: int, timeout: float) -> tuple[bytes, bytes]:
+async def read_greeting(
+    upstream, early: bytes, limit: int, timeout: float, holding: set[Reader]
+) -> tuple[bytes, bytes]:
     """(the provider's frames up to the end of its first data message, the bytes after
     them). The upstream's reading is paused when this returns."""
     reader = _Greeting(upstream, limit)
     late = Refused(CloseCode.UPSTREAM_FAILED, f"no first message from the provider within {timeout:g} s")
-    end = await _read(upstream, reader, early, timeout, late)
+    end = await _read(upstream, reader, early, timeout, late, holding)
     return bytes(reader.raw[:end]), bytes(reader.raw[end:])
 
 

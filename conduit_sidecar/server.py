@@ -59,6 +59,7 @@ class Sidecar:
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
+        self.holding: set[held.Reader] = set()
         self.metrics = Metrics(
             lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
         )
@@ -432,6 +433,8 @@ class Sidecar:
         for info in list(self.sessions):
             if info.relay is not None and not info.relay.finished:
                 info.relay.close(_relay.CloseCode.GOING_AWAY, "going away", _relay.CloseCode.NORMAL, "")
+        for reader in list(self.holding):
+            reader.going_away()
 
     async def stop(self) -> None:
         if self.poller:

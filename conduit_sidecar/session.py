@@ -120,6 +120,7 @@ class Host(Protocol):
     opening: set[asyncio.Task]  # the tasks of open_session under way (a stop cancels them)
     draining: bool  # SIGTERM came: new sessions (and signed URLs for them) are refused
     closing: bool  # the drain has ended: sessions still opening get 1001, not a relay
+    holding: set[held.Reader]  # first messages awaited (the drain's end answers them at once)
 
     signed_urls: signed_urls.SignedUrls
 
@@ -336,6 +337,7 @@ async def _hold_first(
             early,
             min(limits.first_message_bytes, limits.max_message_bytes),
             limits.handshake_timeout_seconds,
+            host.holding,
         )
         models = decision.hold(message)
         refusal = None
@@ -388,6 +390,7 @@ async def _greet(
             upstream_early,
             min(limits.first_message_bytes, limits.max_message_bytes),
             limits.handshake_timeout_seconds,
+            host.holding,
         )
     except held.Refused as exc:
         upstream.abort()
@@ -551,6 +554,9 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             _close_after_upgrade(host, transport, refused, bytes(client.early))
             return
         if answered:
+            # govern may have waited for Redis: the hold must not begin after the drain's end
+            if _ended_late(host, transport, decision, info, None, client.early, False):
+                return
             opening.answered = True
             transport.write(decision.response.serialize())
             held_first = await _hold_first(host, transport, decision, info, bytes(client.early))

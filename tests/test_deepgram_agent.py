@@ -353,7 +353,7 @@ def test_the_greeting_ends_with_the_providers_first_message():
 
     async def body(cut: int):
         upstream = _Upstream()
-        read = asyncio.ensure_future(held.read_greeting(upstream, (greeting + after)[:cut], 1 << 20, 5))
+        read = asyncio.ensure_future(held.read_greeting(upstream, (greeting + after)[:cut], 1 << 20, 5, set()))
         await asyncio.sleep(0)  # one turn of the loop: read_greeting is now waiting for bytes
         if not read.done():
             assert upstream.reading
@@ -374,7 +374,7 @@ def test_a_provider_that_closes_before_its_greeting_is_refused_with_its_close(be
     """Counted and logged as 1014; the provider's code and reason (if any) are the client's."""
     async def body():
         with pytest.raises(held.Refused) as exc:
-            await held.read_greeting(_Upstream(), before + _frame(0x8, close), 1 << 20, 5)
+            await held.read_greeting(_Upstream(), before + _frame(0x8, close), 1 << 20, 5, set())
         return exc.value.code, str(exc.value), exc.value.close
     assert run(body()) == refused
 
@@ -422,7 +422,7 @@ def test_a_greeting_is_checked_as_every_relayed_frame_is(frame, why):
     """It reaches the client before the relay starts: the relay's scanner judges it."""
     async def body():
         with pytest.raises(held.Refused) as exc:
-            await held.read_greeting(_Upstream(), _frame(0x9, b"") + frame, 1 << 20, 5)
+            await held.read_greeting(_Upstream(), _frame(0x9, b"") + frame, 1 << 20, 5, set())
         return exc.value.code, str(exc.value)
     assert run(body()) == (1014, f"the provider's first message: {why}")
 

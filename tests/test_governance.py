@@ -794,6 +794,37 @@ def test_a_slow_redis_holds_no_lease_renewal_back(sidecars, redis_server):
     assert run(scenario()) == ("closed", 4029, "key limit of 1 concurrent connections reached")
 
 
+def test_a_drain_that_ends_during_an_admission_is_not_outwaited_by_a_held_first_message(tmp_path, redis_server):
+    """Gemini's setup is held after the 101. The admission waits for a slow Redis and
+    drain_seconds run out meanwhile: the session gets its 101 and 1001 at once. It was
+    admitted into the hold after the drain's end had told every hold to go, and waited
+    there for its setup (its handshake timeout), past the sidecar's exit."""
+    keys = Keys()
+    team = keys.add("team", max_connections=5)
+    link_port, upstream_port = held_port(), held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/"\nsecret_env = "PROVIDER_KEY"\n'
+        f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{link_port}/0"\ntimeout_seconds = 10\n',
+        keys, limits="drain_seconds = 0.3\nhandshake_timeout_seconds = 60\nclose_timeout_seconds = 2",
+    ).start()
+    try:
+        async def scenario():
+            async with RedisLink(link_port, redis_server.port, delay=0.5):
+                url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=gemini&model=m"
+                opening = asyncio.ensure_future(connect(url, additional_headers={"Authorization": f"Bearer {team}"}))
+                await asyncio.sleep(0.3)                            # the admission waits for Redis
+                assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202
+                ws = await asyncio.wait_for(opening, 20)
+                with pytest.raises(websockets.ConnectionClosed) as exc:
+                    await asyncio.wait_for(ws.recv(), 20)
+                return exc.value.rcvd
+        rcvd = run(scenario(), timeout=45)
+        assert rcvd is not None and (rcvd.code, rcvd.reason) == (1001, "going away")
+    finally:
+        sidecar.stop()
+
+
 def test_a_lease_whose_release_failed_is_released_once_redis_answers(sidecars, redis_server):
     """max_connections 1 across two pods, leases of 30 s. Pod `a`'s link to Redis is cut
     (Redis keeps its data) and its session ends meanwhile: the lease's release fails.

@@ -330,6 +330,34 @@ def test_a_session_still_opening_when_the_drain_ends_gets_1001(tmp_path):
         sidecar.stop()
 
 
+def test_a_session_held_for_its_first_message_when_the_drain_ends_gets_1001_at_once(tmp_path):
+    """drain_seconds run out while a session's first message is held (Gemini's setup,
+    after the 101): the session gets 1001 then. It waited out its handshake timeout,
+    past the drain's close timeout, and was dropped by the sidecar's exit: the client
+    saw the connection end without a close code. (A provider's greeting awaited:
+    test_faults.py::test_a_session_greeted_after_the_drain_ended_is_closed_going_away.)"""
+    upstream_port = held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.gemini]\nurl = "ws://127.0.0.1:{upstream_port}/"\nsecret_env = "PROVIDER_KEY"\n',
+        standard_keys(), limits="drain_seconds = 0.3\nhandshake_timeout_seconds = 60\nclose_timeout_seconds = 2",
+    ).start()
+    try:
+        async def body():
+            async with SlowUpstream(upstream_port, delay=0):    # never asked
+                url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=gemini&model=m"
+                async with connect(url, additional_headers=sidecar.auth()) as ws:
+                    assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202
+                    with pytest.raises(ConnectionClosed) as exc:
+                        await asyncio.wait_for(ws.recv(), 20)
+                    return exc.value.rcvd
+        rcvd = run(body(), timeout=30)
+        assert rcvd is not None and (rcvd.code, rcvd.reason) == (1001, "going away")
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+
+
 def test_second_signal_exits_at_once(tmp_path, mock_provider):
     sidecar = drain_sidecar(tmp_path, mock_provider, 60)
     try:
