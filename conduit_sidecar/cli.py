@@ -286,8 +286,16 @@ def _keys_new(args) -> int:
 
 def _keys_hash(args) -> int:
     # From standard input when not given: a key on the command line is in the process
-    # list while the command runs, and in the shell's history after.
-    key = args.key if args.key not in (None, "-") else sys.stdin.readline().strip()
+    # list while the command runs, and in the shell's history after. Typed at a
+    # terminal: asked for, and not echoed.
+    if args.key not in (None, "-"):
+        key = args.key
+    elif sys.stdin.isatty():
+        import getpass  # here: serve does not load it
+
+        key = getpass.getpass("virtual key: ").strip()
+    else:
+        key = sys.stdin.readline().strip()
     if not key:
         print("conduit-sidecar: no key given (as the argument, or a line on standard input)", file=sys.stderr)
         return 1

@@ -41,6 +41,43 @@ def test_keys_new_prints_a_key_once_and_its_hash_entry():
     assert json.loads(public.stdout.splitlines()[-1])["public_agents"] == ["agent_a", "agent_b"]
 
 
+def test_keys_hash_on_a_terminal_prompts_and_does_not_echo_the_key():
+    """`keys hash` typed at a terminal: it waited without a word, and the terminal
+    echoed the key as it was typed (on the screen, in a recorded session)."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    import time
+    key = "condt_" + "k" * 43
+    leader, follower = pty.openpty()
+
+    def own_terminal():  # the pty as the controlling terminal, as a login shell has it
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    proc = subprocess.Popen([sys.executable, "-m", "conduit_sidecar", "keys", "hash"], stdin=follower,
+                            stdout=follower, stderr=follower, start_new_session=True,
+                            preexec_fn=own_terminal)
+    os.close(follower)
+    seen = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 20
+        while text not in seen and time.monotonic() < deadline:
+            if not select.select([leader], [], [], 0.1)[0]:
+                continue
+            try:
+                seen += os.read(leader, 4096)
+            except OSError:  # EIO: the process has gone
+                break
+    read_until(b": ")                          # a prompt, then the key typed
+    os.write(leader, key.encode() + b"\n")
+    read_until(hash_key(key).encode())
+    assert proc.wait(20) == 0
+    os.close(leader)
+    assert hash_key(key).encode() in seen and key.encode() not in seen, seen
+
+
 @pytest.mark.parametrize("field", ["--id", "--model", "--public-agent"])
 def test_keys_new_refuses_an_entry_the_key_file_would_refuse(field):
     """`keys new --id condt_...` printed an entry holding a virtual key's prefix, which
