@@ -26,6 +26,7 @@ from . import held
 from ._relay import CloseCode
 from .keys import KEY_PREFIX, KeyEntry, KeySet, Rejection
 from .providers import (
+    ACCOUNT_SUBPROTOCOLS,
     AUDIO_FORMAT,
     OPENAI_KEYS,
     TEMPLATES,
@@ -252,9 +253,10 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     offered = _offered(request)
     key, carriers = presented_key(forms, request.headers, query, offered)
     # A virtual key offered in a form this path does not read (another provider's, or
-    # a case it does not match) is still a key: it goes neither upstream nor into the 101.
+    # a case it does not match) is still a key: it goes neither upstream nor into the 101;
+    # nor does an OpenAI account subprotocol (ACCOUNT_SUBPROTOCOLS).
     if offered:
-        carriers.update(p for p in offered if KEY_PREFIX in p)
+        carriers.update(p for p in offered if KEY_PREFIX in p or p.lower().startswith(ACCOUNT_SUBPROTOCOLS))
     passed = [p for p in offered if p not in carriers]
     # Deepgram's browser form `token, KEY`: the 101 selects `token`; the provider,
     # which gets its key by header, is not offered it.

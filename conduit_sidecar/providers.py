@@ -19,6 +19,7 @@ from .config import Provider
 from .metering import METERS, Meter
 
 __all__ = [
+    "ACCOUNT_SUBPROTOCOLS",
     "BUILTIN",
     "KeyForm",
     "Kept",
@@ -117,6 +118,10 @@ class NativePath(msgspec.Struct, frozen=True):
 
 BEARER = KeyForm("header", "Authorization", ("bearer",))
 OPENAI_KEYS = (BEARER, KeyForm("subprotocol", "openai-insecure-api-key."))
+# OpenAI's browser form of its OpenAI-Organization and OpenAI-Project headers: which
+# account the provider secret acts (and is billed) for is the operator's choice, as
+# those headers are, so these never go upstream nor into the 101 on any path.
+ACCOUNT_SUBPROTOCOLS = ("openai-organization.", "openai-project.")
 DEEPGRAM_KEYS = (
     KeyForm("header", "Authorization", ("token", "bearer")),
     KeyForm("subprotocol", "token"),

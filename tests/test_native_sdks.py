@@ -1121,6 +1121,27 @@ def test_a_second_token_pair_never_goes_upstream_either(native):
     assert headers["Authorization"] == f"Token {PROVIDER_SECRET}"
 
 
+def test_openais_account_subprotocols_never_go_upstream(native):
+    """OpenAI's browser clients name the account a key acts for in subprotocols,
+    `openai-organization.ORG` and `openai-project.PROJECT` (the openai Node SDK's
+    OpenAIRealtimeWebSocket with `organization` or `project`; OpenAI reads them as its
+    OpenAI-Organization and OpenAI-Project headers). They went upstream beside the
+    sidecar's secret: a client chose the organization and project the operator's key
+    acted and was billed for, which the same headers, dropped, cannot do."""
+    key = native.keys.plain["good"]
+
+    async def body():
+        url = f"ws://127.0.0.1:{native.port}/v1/realtime?model=gpt-realtime-translate"
+        offer = ["realtime", f"openai-insecure-api-key.{key}", "openai-organization.org-client",
+                 "OpenAI-Project.proj_client"]  # browsers keep the case given
+        async with connect(url, subprotocols=offer) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            return ws.subprotocol
+    assert run(body()) == "realtime"
+    _, headers = _last_request(native, "openai")
+    assert headers.get_all("Sec-WebSocket-Protocol") == ["realtime"]
+
+
 def test_only_allowed_client_parameters_pass(native):
     key = native.keys.plain["good"]
 
