@@ -273,14 +273,33 @@ def test_a_message_of_max_message_bytes_and_a_125_byte_ping_pass(strict):
     assert run(body()) == {(0x82, b"x" * 1024), (0x8A, b"p" * 125)}
 
 
-def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
-    """The provider gets 1002; the client, who did nothing wrong, 1014 (a bad gateway)."""
+# Provider frames (unmasked, as a server sends) that break the protocol: the provider
+# gets the violation's code, the client, who did nothing wrong, 1014 (a bad gateway) but
+# for a message over max_message_bytes (1009, the limit). A close code invalid on the wire
+# is never passed on.
+BAD_PROVIDER_FRAMES = [
+    (bytes([0x82, 0x81, 1, 2, 3, 4, ord("x") ^ 1]), 1002, 1014, "masked frame from the upstream"),
+    (bytes([0xC2, 1]) + b"x", 1002, 1014, "reserved bits set (no extension was negotiated)"),
+    (bytes([0x83, 0]), 1002, 1014, "reserved opcode 3"),
+    (bytes([0x89, 126, 0, 126]) + b"p" * 126, 1002, 1014, "control frame payload over 125 bytes"),
+    (bytes([0x80, 1]) + b"c", 1002, 1014, "continuation frame without a message to continue"),
+    (bytes([0x82, 126, 4, 1]) + b"x" * 1025, 1009, 1009, "message over 1024 bytes"),
+    (bytes([0x88, 1, 3]), 1002, 1014, "close frame with a 1-byte payload"),
+    (bytes([0x88, 2, 3, 0xED]), 1002, 1014, "invalid close code 1005"),
+    (bytes([0x88, 2, 3, 0xEE]), 1002, 1014, "invalid close code 1006"),
+    (bytes([0x88, 2, 0x13, 0x88]), 1002, 1014, "invalid close code 5000"),
+    (bytes([0x88, 4, 0x0F, 0xA0, 0xC3, 0x28]), 1007, 1014, "invalid UTF-8 in close reason"),
+]
+
+
+@pytest.mark.parametrize("frame, provider_code, client_code, what", BAD_PROVIDER_FRAMES)
+def test_bad_provider_frames_get_a_close_code(strict, frame, provider_code, client_code, what):
     async def body():
         upstream_ended = asyncio.get_running_loop().create_future()
 
         async def handler(ws):
-            # Bypass websockets' framing to put a masked frame on the wire.
-            ws.transport.write(bytes([0x82, 0x81, 1, 2, 3, 4, ord("x") ^ 1]))
+            # Bypass websockets' framing to put the frame on the wire.
+            ws.transport.write(frame)
             try:
                 await ws.wait_closed()
             finally:
@@ -294,8 +313,8 @@ def test_a_masked_provider_frame_gets_1002_and_both_sides_end(strict):
             writer.close()
             return result, upstream_code
     (code, reason), upstream_code = run(body())
-    assert (code, reason) == (1014, "upstream: masked frame from the upstream")
-    assert upstream_code == 1002
+    assert (code, reason) == (client_code, f"upstream: {what}")
+    assert upstream_code == provider_code
 
 
 def test_the_sidecar_still_serves_after_all_that(strict):
