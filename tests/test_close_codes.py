@@ -7,7 +7,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import PROVIDER_SECRET, SlowUpstream, run, switching_protocols
+from conftest import PROVIDER_SECRET, SlowUpstream, raw_upstream_sidecar, run, switching_protocols
 
 
 async def close_of(url, headers=None, subprotocols=None):
@@ -117,6 +117,31 @@ def test_upstream_refusing_with_401_gives_1014(sidecar, upstream_ports):
         async with await asyncio.start_server(handle, "127.0.0.1", upstream_ports["refuse"]):
             return await close_of(sidecar.url(provider="refuse"), sidecar.auth())
     assert run(body()) == (1014, "upstream refused: HTTP 401")
+
+
+@pytest.mark.parametrize("header, what", [
+    (b"Sec-WebSocket-Extensions: permessage-deflate", "no extensions supported"),
+    (b"Sec-WebSocket-Protocol: realtime", "no subprotocols supported")])
+def test_an_upstream_selecting_what_was_not_offered_gives_1014(tmp_path, header, what):
+    """No compression extension is negotiated on either leg: a provider whose 101
+    selects one (or a subprotocol the client did not offer) is refused, its frames
+    would not be the client's. (A sidecar of its own: the shared one's deployments
+    would count the failures.)"""
+    sidecar = raw_upstream_sidecar(str(tmp_path), "")
+
+    async def body():
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(switching_protocols(head)[:-2] + header + b"\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+            writer.close()
+        async with await asyncio.start_server(handle, "127.0.0.1", sidecar.upstream_port):
+            return await close_of(sidecar.url(provider="raw"), sidecar.auth())
+    try:
+        assert run(body()) == (1014, f"upstream handshake invalid: {what}")
+    finally:
+        sidecar.stop()
 
 
 def test_upstream_never_answering_gives_1014_within_the_timeout(sidecar, upstream_ports):
