@@ -229,6 +229,14 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _within(path: str | None, directory: str | None) -> bool:
+    """Whether `path` lies inside `directory` (symbolic links followed)."""
+    if not path or not directory:
+        return False
+    inner, outer = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath((inner, outer)) == outer
+
+
 def source(path: str | None = None, environ: os._Environ | dict | None = None) -> str:
     """The file a config comes from (`--config`, else $CONDUIT_CONFIG), or "defaults":
     what every message about it names first."""
@@ -312,6 +320,9 @@ def load(
             raise error("[tls] needs either cert_file and key_file, or self_signed = true - at `$.tls`")
         if config.tls.self_signed and not (config.tls.ca_out and config.tls.state_dir):
             raise error("[tls] self_signed needs ca_out and state_dir - at `$.tls`")
+        if config.tls.self_signed and _within(config.tls.ca_out, config.tls.state_dir):
+            # The app mounts what holds ca_out: it would hold the CA's private key too.
+            raise error("[tls] ca_out is inside state_dir, which holds the CA's private key - at `$.tls`")
     if config.state.backend == "redis":
         url = config.state.url or ""
         valid = url.startswith(("redis://", "rediss://"))

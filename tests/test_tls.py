@@ -867,6 +867,24 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
     assert oct(os.stat(root / "private").st_mode & 0o777) == "0o700"      # its keys' directory too
 
 
+@pytest.mark.parametrize("ca_out", ["ca.pem", "public/ca.pem"])
+def test_a_ca_out_inside_state_dir_is_a_config_error(tmp_path, ca_out):
+    """The app reads ca_out, so it mounts the directory that holds it: inside state_dir,
+    that mount holds the CA's private key too. Refused before any key is made."""
+    state = tmp_path / "private"
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{keys}"\nlisten = "127.0.0.1:{held_port()}"\n'
+                    f'admin_listen = "127.0.0.1:{held_port()}"\n'
+                    + self_signed_tls(held_port(), state / ca_out, state))
+    r = subprocess.run([sys.executable, "-m", "conduit_sidecar", "serve", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert "ca_out is inside state_dir" in r.stderr and "at `$.tls`" in r.stderr, r.stderr
+    assert not state.exists()
+
+
 def test_a_stored_ca_without_name_constraints_is_replaced(tmp_path, mock_provider):
     """A loopback CA from before the constraint (it signs any name, for 10 years) found
     in state_dir is not used again: a new constrained one is made and published."""
