@@ -480,6 +480,33 @@ def test_a_refusal_is_judged_by_its_status_whatever_its_body(workdir, status, he
     assert healthy == (0 if outcome in ("http_auth", "http_429") else 1)
 
 
+def test_a_session_whose_first_message_is_held_fails_over_after_its_101(workdir):
+    """Gemini names its model in its first message: the client has its 101 before any
+    deployment is tried. A refusing one is still skipped for the next, as the session's
+    provider has not answered yet."""
+    bad, good = Refusing("503 Service Unavailable"), Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "bad"\n{ws_url(bad.port)}', f'name = "good"\n{ws_url(good.port)}'
+    ).replace("[providers.p]", "[providers.gemini]").replace("providers.p.", "providers.gemini."))
+    path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+    setup = json.dumps({"setup": {"model": "models/gemini-live"}})
+
+    async def body():
+        async with bad, good:
+            async with connect(f"ws://127.0.0.1:{sidecar.port}{path}?key={sidecar.keys.plain['good']}",
+                               open_timeout=10) as ws:
+                await ws.send(setup)
+                first = json.loads(await ws.recv())
+                return first["deployment"], await ws.recv()
+    try:
+        served, echoed = run(body())
+    finally:
+        sidecar.stop()
+    assert (served, echoed, bad.requests) == ("good", setup, 1)
+    attempts = [(a["deployment"], a["outcome"]) for a in sidecar.log_lines() if a.get("event") == "upstream_attempt"]
+    assert attempts == [("bad", "http_5xx")]
+
+
 def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
     hole, refusing = Blackhole(), Refusing("503 Service Unavailable")
     badtls = Named("x", ssl=CA("stranger CA").server_context(workdir))
