@@ -5,8 +5,10 @@ import asyncio
 import os
 
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
 
 from conftest import run, switching_protocols
+from test_bad_input import request
 
 SIZES = [0, 1, 125, 126, 65535, 65536, 16 * 1024 * 1024]
 
@@ -78,6 +80,37 @@ def test_ping_pong_go_end_to_end(sidecar, upstream_ports):
             server.close()
     run(body())
     assert seen == [(0x89, 0x80, b"are you there")]
+
+
+def test_frames_reach_each_side_byte_for_byte(sidecar, upstream_ports):
+    """Frames are forwarded verbatim: the provider reads the client's frames as the
+    client wrote them (right behind its request), masking keys included: never
+    unmasked or re-masked; the client reads the provider's as the provider wrote them
+    (right behind its 101)."""
+    def frames(mask: bool) -> bytes:
+        parts = [Frame(Opcode.TEXT, b'{"type":"x"}'), Frame(Opcode.BINARY, os.urandom(126)),
+                 Frame(Opcode.BINARY, os.urandom(70000), fin=False), Frame(Opcode.PING, b"p"),
+                 Frame(Opcode.CONT, b""), Frame(Opcode.BINARY, b"")]
+        return b"".join(f.serialize(mask=mask) for f in parts)
+    to_provider, to_client = frames(mask=True), frames(mask=False)
+
+    async def body():
+        seen = asyncio.get_running_loop().create_future()
+
+        async def provider(reader, writer):
+            writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")) + to_client)
+            seen.set_result(await reader.readexactly(len(to_provider)))
+            await reader.read()
+        async with await asyncio.start_server(provider, "127.0.0.1", upstream_ports["raw"]):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(request("/v1/realtime/connect?model=m&provider=raw", key=sidecar.keys.plain["good"])
+                         + to_provider)
+            await reader.readuntil(b"\r\n\r\n")
+            got = await asyncio.wait_for(reader.readexactly(len(to_client)), 10)
+            provider_got = await asyncio.wait_for(seen, 10)
+            writer.close()
+            return got, provider_got
+    assert run(body()) == (to_client, to_provider)
 
 
 def test_normal_close_is_relayed_both_ways(sidecar):
