@@ -117,11 +117,11 @@ def sidecars(mock_provider):
         proc.stop()
 
 
-async def attempt(proc: SidecarProcess, key_id: str):
-    """Open a session: ("open", ws) once the provider's session.created arrives, or
-    ("closed", code, reason)."""
+async def attempt(proc: SidecarProcess, key_id: str, **url):
+    """Open a session (`url`: proc.url's model, provider, path): ("open", ws) once the
+    provider's session.created arrives, or ("closed", code, reason)."""
     try:
-        ws = await connect(proc.url(), additional_headers=proc.auth(key_id), open_timeout=10)
+        ws = await connect(proc.url(**url), additional_headers=proc.auth(key_id), open_timeout=10)
     except websockets.InvalidStatus as exc:
         return ("status", exc.response.status_code)
     try:
@@ -255,6 +255,26 @@ def test_sessions_per_minute_counts_the_starts_of_a_whole_minute(sidecars, redis
         await asyncio.sleep(12)
         result = await attempt(proc, "rated")
         assert result[:2] == ("closed", 4029), result
+    run(scenario())
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "local"])
+def test_sessions_per_minute_counts_admitted_sessions_whose_provider_failed(sidecars, redis_server, shared):
+    """What the README says counts: a session admitted at the handshake whose provider
+    then fails (1014) spends the rate; one refused at the handshake (4003 for its URL's
+    model) does not."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=2, allowed_models=["mock-*"])
+    proc, = sidecars(keys, redis_server.url if shared else None, n=1,
+                     extra=f'[providers.down]\nurl = "ws://127.0.0.1:{held_port()}/"\n')
+
+    async def scenario():
+        assert (await attempt(proc, "rated", model="other"))[:2] == ("closed", 4003)
+        assert (await attempt(proc, "rated", model="mock-realtime", provider="down"))[:2] == ("closed", 1014)
+        result = await attempt(proc, "rated")
+        assert result[0] == "open", result
+        await result[1].close()
+        assert (await attempt(proc, "rated"))[:2] == ("closed", 4029)
     run(scenario())
 
 
