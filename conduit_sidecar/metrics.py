@@ -4,6 +4,7 @@ collector below reads them at scrape time, so relaying pays no Python per frame.
 from __future__ import annotations
 
 import platform
+from collections.abc import Container
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -14,6 +15,8 @@ from . import __version__, _relay
 __all__ = ["Metrics"]
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+# The usage families' labels (the cost's: the first three); key_id is dropped by forget_keys
+_USAGE_LABELS = ("key_id", "provider", "model", "kind")
 _CONNECT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 
 
@@ -141,7 +144,7 @@ class Metrics:
             "conduit_usage_tokens",
             "Tokens reported by providers' usage "
             "events; kinds input/output are totals, the others break them down.",
-            ["key_id", "provider", "model", "kind"],
+            _USAGE_LABELS,
             registry=r,
         )
         self.usage_seconds = Counter(
@@ -149,7 +152,7 @@ class Metrics:
             "Audio seconds reported by "
             "providers' usage events (Deepgram, AssemblyAI, OpenAI "
             "transcription by duration).",
-            ["key_id", "provider", "model", "kind"],
+            _USAGE_LABELS,
             registry=r,
         )
         self.usage_malformed = Counter(
@@ -161,7 +164,7 @@ class Metrics:
         self.cost = Counter(
             "conduit_cost_usd",
             "Cost of reported usage in USD, from the configured prices.",
-            ["key_id", "provider", "model"],
+            _USAGE_LABELS[:3],
             registry=r,
         )
         self.state_operations = Counter(
@@ -189,6 +192,25 @@ class Metrics:
             registry=r,
         )
         r.register(_RelayCollector(audio_bytes_per_second))
+
+    def forget_keys(self, kept: Container[str]) -> None:
+        """Drop the series of key ids not in `kept` (the key file just read): their number
+        is bounded by the key file, not by every file the process has read."""
+        # prometheus-client lists no children: the collected samples name them
+        usage = (
+            (self.usage, _USAGE_LABELS),
+            (self.usage_seconds, _USAGE_LABELS),
+            (self.cost, _USAGE_LABELS[:3]),
+        )
+        for family, names in usage:
+            gone = {
+                tuple(sample.labels[name] for name in names)
+                for metric in family.collect()
+                for sample in metric.samples
+                if sample.labels["key_id"] not in kept
+            }
+            for values in gone:
+                family.remove(*values)
 
     def child(self, family, *values: str):
         """`family.labels(*values)`, remembered: labels() checks its arguments and takes

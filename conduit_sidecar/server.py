@@ -289,6 +289,7 @@ class Sidecar:
             return
         self.metrics.keys_reload.labels("ok").inc()
         self.keyset = keyset  # the poll rechecks live sessions right after
+        self.metrics.forget_keys(keyset.by_id)
 
     def entry_of(self, key_id: str) -> KeyEntry | None:
         return self.keyset.by_id.get(key_id)

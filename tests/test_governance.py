@@ -845,6 +845,36 @@ def test_a_drain_that_ends_during_an_admission_is_not_outwaited_by_a_held_first_
         sidecar.stop()
 
 
+def test_the_series_of_a_key_removed_from_the_key_file_are_dropped(sidecars):
+    """DESIGN.md: key ids are labels only where their number is bounded by the key file.
+    A key's usage and cost series stayed after the key left the file, for the life of
+    the process: bounded by every key file it had read (keys issued per user or per
+    day grow without end). The reload that removes a key drops its series."""
+    keys = Keys()
+    keys.add("kept")
+    keys.add("gone")
+    proc, = sidecars(keys, None, n=1, extra='[prices."mock-realtime"]\ninput_text = 1000000\n')
+
+    async def scenario():
+        for key_id in ("kept", "gone"):
+            result = await attempt(proc, key_id)
+            assert result[0] == "open", result
+            await response_done(result[1])
+            await result[1].close()
+    run(scenario())
+    series = 'conduit_usage_tokens_total{key_id="gone"', 'conduit_cost_usd_total{key_id="gone"'
+    body = http_get(proc.admin("/metrics"))[1]
+    assert all(s in body for s in series) and 'conduit_usage_tokens_total{key_id="kept"' in body
+    keys.entries = [e for e in keys.entries if e["id"] != "gone"]
+    keys.write(proc.keys_file)
+    deadline = time.monotonic() + 10
+    while metric(proc, 'conduit_keys_reload_total{result="ok"}') < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    body = http_get(proc.admin("/metrics"))[1]
+    assert not any(s in body for s in series), body
+    assert 'conduit_usage_tokens_total{key_id="kept"' in body and 'conduit_cost_usd_total{key_id="kept"' in body
+
+
 def test_a_lease_whose_release_failed_is_released_once_redis_answers(sidecars, redis_server):
     """max_connections 1 across two pods, leases of 30 s. Pod `a`'s link to Redis is cut
     (Redis keeps its data) and its session ends meanwhile: the lease's release fails.
