@@ -371,7 +371,7 @@ class Health:
             self.probing = False
             self.cooldown = min(self.cooldown * 2, self.circuit.max_cooldown_seconds)
             self.resting_until = now + (self.cooldown if rest is None else rest)
-        elif rest is not None:
+        elif rest:  # a rest of 0 (Retry-After: 0, a date gone by) says retry now: none
             self.resting_until = now + rest
         elif at_once or self.failures >= self.circuit.failures:
             self.resting_until = now + self.cooldown

@@ -411,6 +411,74 @@ def test_a_429_with_two_retry_after_headers_fails_over(workdir, retry_after):
     assert attempt["resting_seconds"] is None      # one failure is not a circuit: no rest
 
 
+class Scripted(Refusing):
+    """Answers its n-th upgrade as `script[n]` says (the last entry repeats): "429"
+    with `retry_after`, "held" (the 101 once `release` is set; `asked` is set when its
+    request came) or "ok" (the 101 at once), then keeps the connection until the
+    sidecar lets go."""
+
+    def __init__(self, script: list[str], retry_after: str):
+        super().__init__("")
+        self.script, self.retry_after = script, retry_after
+        self.asked, self.release = asyncio.Event(), asyncio.Event()
+
+    async def handle(self, reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        mode = self.script[min(self.requests, len(self.script) - 1)]
+        self.requests += 1
+        if mode == "429":
+            writer.write(f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: {self.retry_after}\r\n"
+                         "Content-Length: 0\r\n\r\n".encode())
+            writer.close()
+            return
+        if mode == "held":
+            self.asked.set()
+            await self.release.wait()
+        hello = b'{"deployment": "x"}'
+        writer.write(switching_protocols(head) + bytes([0x81, len(hello)]) + hello)
+        await reader.read(1)    # the client's close: gone at once, not after a close timeout
+        writer.close()
+
+
+@pytest.mark.parametrize("retry_after", ["0", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_a_429_that_says_retry_now_rests_nothing(workdir, retry_after):
+    """`Retry-After: 0` (or a date gone by) says: retry now. It rested the deployment for
+    no time, but a rest all the same: its circuit was open (healthy 0) until a probe
+    connected, so while the next session's attempt was under way as that probe, every
+    other session skipped the deployment (here its only one: 1014 `p/x resting`). It is
+    counted as a 429 without the header is: a failure toward the circuit, no rest."""
+    x = Scripted(["429", "held", "ok"], retry_after)
+    sidecar = sidecar_with(workdir, deployments(f'name = "x"\n{ws_url(x.port)}'), timeout=10)
+
+    async def served_or_closed():
+        async with connect(sidecar.url(model="m", provider="p"), additional_headers=sidecar.auth(),
+                           open_timeout=10) as ws:
+            try:
+                return json.loads(await ws.recv())["deployment"]
+            except ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason
+
+    async def body():
+        async with x:
+            refused = await served_or_closed()
+            healthy = metric(sidecar, "conduit_deployment_healthy", deployment="x", provider="p")
+            slow = asyncio.ensure_future(served_or_closed())
+            await x.asked.wait()                # its attempt is under way
+            try:
+                meanwhile = await served_or_closed()
+            finally:
+                x.release.set()
+            return refused, healthy, meanwhile, await slow
+    try:
+        refused, healthy, meanwhile, name = run(body())
+    finally:
+        sidecar.stop()
+    assert refused == (1014, "upstream refused: HTTP 429")
+    assert healthy == 1                     # without: 0
+    assert meanwhile == "x"                 # without: (1014, "upstream failed: p/x resting")
+    assert name == "x"
+
+
 class Unfinished(Refusing):
     """Answers with an HTTP status and headers, then a body that does not come whole:
     the connection is held open (`cut` False) or closed."""
