@@ -130,10 +130,17 @@ class Resolver:
             entry.expires = time.monotonic() + min(self.ttl, _RETRY_SECONDS)
 
     def forget(self, host: str, port: int, entry: _Entry | None = None) -> None:
-        """Drop the host's addresses (only `entry`, when given): the next session
-        waits for a lookup."""
+        """Drop the host's addresses (only `entry`'s, when given): the next session
+        waits for a lookup, the one under way if there is one. (A session that timed
+        out waiting for a slow lookup dropped it too: its answer was lost, and each
+        session after it timed out in a lookup of its own.)"""
         key = (host, port)
-        if key in self.entries and (entry is None or self.entries[key] is entry):
+        current = self.entries.get(key)
+        if current is None or (entry is not None and current is not entry):
+            return
+        if current.lookup is not None:
+            current.addresses = None  # the lookup under way brings the next ones
+        else:
             del self.entries[key]
 
 

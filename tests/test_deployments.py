@@ -847,6 +847,51 @@ def test_when_dns_fails_the_last_good_addresses_serve_until_they_stop_connecting
     assert unresolved == (1014, "upstream unreachable: Temporary failure in name resolution")
 
 
+_DNS_SLOWER_THAN_THE_CONNECT_TIMEOUT = """
+import asyncio, sys
+from conduit_sidecar.resolver import Resolver
+
+real = Resolver._lookup
+async def lookup(self, host, port):  # a resolver that answers, after 1.5 s
+    await asyncio.sleep(1.5)
+    return await real(self, host, port)
+Resolver._lookup = lookup
+from conduit_sidecar.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_lookup_slower_than_the_connect_timeout_serves_the_next_session(workdir):
+    """DNS that answers, but after the connect timeout (injected in the process: a
+    Kubernetes pod's `ndots:5` tries each search domain first). The session that waited
+    times out; the lookup goes on, and its addresses serve the next session. The
+    timeout dropped the host's entry with its lookup under way: the lookup's answer was
+    lost, each session started a lookup of its own and timed out in it, so a provider
+    whose name takes longer to look up than the timeout was never reached."""
+    named = Named("named")
+    sidecar = SidecarProcess(workdir, f'[providers.p]\nurl = "ws://localhost:{named.port}/"\n',
+                             standard_keys(), limits="upstream_connect_timeout_seconds = 1\n")
+    sidecar.argv = [sys.executable, "-c", _DNS_SLOWER_THAN_THE_CONNECT_TIMEOUT, *sidecar.argv[3:]]
+    sidecar.start()
+
+    def lookups() -> float:
+        return metric(sidecar, "conduit_upstream_dns_lookups_total", result="ok") or 0.0
+
+    async def body():
+        async with named:
+            first = await close_of(sidecar)
+            while not lookups():                # the lookup it waited for answers
+                await asyncio.sleep(0.05)
+            return first, await served_by(sidecar), lookups()
+    try:
+        first, served, looked_up = run(body())
+    finally:
+        sidecar.stop()
+    assert first == (1014, "upstream timed out (TCP connect)")
+    assert served == "named"                    # without: 1014, timed out in a lookup of its own
+    assert looked_up == 1
+
+
 # -- 5. a model route from openai to azure, with the OpenAI SDK -------------------------
 
 def test_model_route_falls_from_openai_to_azure_with_the_openai_sdk(workdir):
