@@ -364,10 +364,12 @@ class Health:
         self, now: float, rest: float | None = None, at_once: bool = False, probe: bool = False
     ) -> None:
         """A failed attempt: rest after `failures` in a row (or `at_once`, or for the
-        provider's `rest`); a failed probe doubles the cool-down."""
+        provider's `rest`); a failed probe doubles the cool-down. A probe is no longer
+        one once another attempt has connected meanwhile: the circuit is closed, and
+        its failure is one in a row like any."""
         self.live -= 1
         self.failures += 1
-        if probe:
+        if probe and self.probing:
             self.probing = False
             self.cooldown = min(self.cooldown * 2, self.circuit.max_cooldown_seconds)
             self.resting_until = now + (self.cooldown if rest is None else rest)

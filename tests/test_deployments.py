@@ -724,6 +724,24 @@ def test_only_the_probe_ends_the_probing():
     assert h.healthy and h.available(3.0)
 
 
+def test_a_probe_that_fails_after_another_attempt_connected_is_one_failure():
+    """An attempt begun before the rest connects while the probe is under way: the
+    deployment is back, its failures in a row zero. The probe's failure after that was
+    still taken as a failed probe: the healthy deployment rested again, for a doubled
+    cool-down, on one failure."""
+    h = _health(failures=2)
+    late = h.begin()                            # begun while the circuit was closed
+    for t in (0.0, 0.1):
+        h.begin()
+        h.failed(t)                             # two in a row: rests 2 s
+    probe = h.begin() if h.available(2.5) else None
+    assert probe is True and late is False
+    h.succeeded()                               # the late attempt connects
+    h.failed(3.0, probe=probe)                  # then the probe fails: one failure
+    assert h.healthy and h.available(3.0)       # without: resting until 7.0
+    assert h.cooldown == 2.0 and h.failures == 1
+
+
 @pytest.mark.parametrize("value, rest", [
     ("2", 2.0), (" 7 ", 7.0), ("2.5", 2.5), ("600", 60.0), ("-5", 0.0), (None, None), ("", None),
     # "nan" once left a deployment resting for good: no clock passes NaN.
