@@ -372,11 +372,16 @@ class Health:
         if probe and self.probing:
             self.probing = False
             self.cooldown = min(self.cooldown * 2, self.circuit.max_cooldown_seconds)
-            self.resting_until = now + (self.cooldown if rest is None else rest)
-        elif rest:  # a rest of 0 (Retry-After: 0, a date gone by) says retry now: none
-            self.resting_until = now + rest
-        elif at_once or self.failures >= self.circuit.failures:
-            self.resting_until = now + self.cooldown
+            until = now + (self.cooldown if rest is None else rest)
+        # A rest of 0 (Retry-After: 0, a date gone by) says retry now: none.
+        elif rest or at_once or self.failures >= self.circuit.failures:
+            until = now + (rest or self.cooldown)
+        else:
+            return
+        # Never shorter than a rest under way: an attempt begun before it (a 503 after a
+        # 429's Retry-After) says nothing of how long the provider asked us to stay away.
+        if self.resting_until is None or until > self.resting_until:
+            self.resting_until = until
 
     def abandoned(self, probe: bool = False) -> None:
         """The attempt ended without a verdict on the deployment (client left, bad request)."""

@@ -742,6 +742,25 @@ def test_a_probe_that_fails_after_another_attempt_connected_is_one_failure():
     assert h.cooldown == 2.0 and h.failures == 1
 
 
+def test_a_late_verdict_never_cuts_a_rest_short():
+    """Attempts begun before a rest may end during it. A 429's `Retry-After: 30` rested
+    the deployment 30 s, and a 503 that ended after it set the rest to the cool-down
+    (1 s): sessions went back to it within a second of the provider asking for 30 (seen
+    on the running sidecar with failures = 1, cooldown_seconds = 1: the next session 1.3 s
+    later was sent to it). A late 429 with a shorter Retry-After cut the cool-down short
+    as well."""
+    h = _health(failures=1, cooldown=1.0, cap=60.0)
+    late_503, late_429 = h.begin(), h.begin()
+    h.begin()
+    h.failed(0.0, rest=30.0)                    # 429, Retry-After: 30
+    h.failed(0.5, probe=late_503)               # a 503 begun before it
+    assert h.resting_until == 30.0              # without: 1.5
+    h.failed(0.6, rest=2.0, probe=late_429)     # a 429, Retry-After: 2, begun before it
+    assert h.resting_until == 30.0              # without: 2.6
+    h.failed(40.0, rest=2.0, probe=h.begin())   # the probe, past the rest: 429 again
+    assert h.resting_until == 42.0
+
+
 @pytest.mark.parametrize("value, rest", [
     ("2", 2.0), (" 7 ", 7.0), ("2.5", 2.5), ("600", 60.0), ("-5", 0.0), (None, None), ("", None),
     # "nan" once left a deployment resting for good: no clock passes NaN.
