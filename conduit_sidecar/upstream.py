@@ -285,6 +285,10 @@ def refusal(status: int, retry_after: list[str], max_rest: float) -> Failed:
         # Redirects are not followed (the secret would go where the answer says): the
         # deployment's URL is stale or wrong, which the next deployment may not be.
         return Failed("http_3xx", message, short)
+    if status < 300:
+        # A success that is no upgrade: the URL is no WebSocket endpoint (a page, a
+        # health check, a proxy's own answer), which the next deployment's may be.
+        return Failed("http_2xx", message, short)
     if status == 401:
         return Failed("http_auth", message, short)
     if status == 403:

@@ -509,6 +509,8 @@ class Unfinished(Refusing):
     # A redirect (never followed) says the deployment's URL is stale: it was `http_other`,
     # the request's fault, and every session drawn to it first got 1014.
     ("301 Moved Permanently", "Location: ws://127.0.0.1:9/\r\nContent-Length: 0\r\n", "", False, "http_3xx"),
+    # So does a success that is no upgrade (a page, a health check, a proxy's own answer).
+    ("200 OK", "Content-Length: 2\r\n", "ok", False, "http_2xx"),
 ])
 def test_a_refusal_is_judged_by_its_status_whatever_its_body(workdir, status, headers, body, cut, outcome):
     """The sidecar read a refusal's body before judging it. A body that came slowly or
