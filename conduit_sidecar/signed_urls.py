@@ -29,6 +29,7 @@ from typing import Protocol
 
 import msgspec
 from websockets.datastructures import Headers
+from websockets.headers import build_host
 from websockets.http11 import Request, Response
 
 from ._relay import CloseCode
@@ -251,8 +252,9 @@ async def _sign(
     session's connect attempt is (its `short` the words of the call's answer)."""
     uri = upstream.uri
     path = uri.resource_name.partition("?")[0]
+    authority = build_host(uri.host, uri.port, uri.secure, always_include_port=True)  # [IPv6]:port
     rest = (
-        f"{'https' if uri.secure else 'http'}://{uri.host}:{uri.port}{path}/get-signed-url?"
+        f"{'https' if uri.secure else 'http'}://{authority}{path}/get-signed-url?"
         + urllib.parse.urlencode([("agent_id", agent), *passed], quote_via=urllib.parse.quote)
     )
     try:

@@ -1406,6 +1406,24 @@ def test_a_signed_url_fetch_without_a_descriptor_rests_no_deployment(workdir):
     assert healthy == [1, 1] and then == 200
 
 
+def test_a_signed_url_fetch_from_an_ipv6_deployment_names_its_host_in_brackets(workdir):
+    """A deployment at an IPv6 literal (`ws://[::1]:PORT/...`): the get-signed-url call
+    was sent with `Host: ::1:PORT`, which is no valid Host header (RFC 7230: an IPv6
+    literal in brackets); a provider (or a proxy before it) answers such a request 400."""
+    port = held_port()
+    sidecar = sidecar_with(workdir, _elevenlabs(port).replace("127.0.0.1", "[::1]"))
+
+    async def body():
+        async with MockProvider(host="::1", port=port, shape="elevenlabs") as mock:
+            await _signed_url(sidecar)
+            return [headers.get("Host") for path, headers in mock.requests if "get-signed-url" in path]
+    try:
+        hosts = run(body())
+    finally:
+        sidecar.stop()
+    assert hosts == [f"[::1]:{port}"]
+
+
 def test_a_signed_session_goes_to_the_deployment_that_signed_it(workdir):
     """`a` signs (both idle: listed order). A keyed session then makes `a` the busier,
     so the balancer would send the next session to `b`, which never issued the
