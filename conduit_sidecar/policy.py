@@ -92,8 +92,8 @@ def budget_reason(budget: Budget, now: dt.datetime) -> str:
 def figure(value: float) -> str:
     """A limit or total as a user reads it: `:g`'s six significant digits, but every
     digit of its whole part (`:g` alone: 1,999,999 tokens of 2,000,000 read `2e+06 /
-    2e+06`). The whole part by `.0f`, not int(): a total someone wrote as inf or nan
-    is shown, not raised on."""
+    2e+06`). The whole part by `.0f`, not int(): a total someone wrote as inf is
+    shown, not raised on."""
     return f"{value:.{max(6, len(f'{abs(value):.0f}'))}g}"
 
 

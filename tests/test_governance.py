@@ -1725,18 +1725,22 @@ def test_usage_and_close_reasons_show_large_figures_exactly(sidecars, redis_serv
 
 
 def test_usage_shows_totals_that_are_not_finite(sidecars, redis_server):
-    """A usage hash someone else wrote to `inf` or `nan` (Redis keeps any string; they
-    read as numbers) made `usage` end in a traceback (figure's int(inf): OverflowError)
-    rather than show them."""
+    """A usage hash someone else wrote to `inf` (Redis keeps any string; it reads as a
+    number) made `usage` end in a traceback (figure's int(inf): OverflowError) rather
+    than show it. (`nan` is no number to the store: `usage` then says so, as
+    admissions do, test_a_value_in_redis_that_is_not_a_number_counts_as_an_error_reply.)"""
     keys = Keys()
     keys.add("odd", budgets=[{"metric": "tokens", "limit": 1000, "window": "day"}])
     proc, = sidecars(keys, redis_server.url, n=1)
     day, hour = time.strftime("%Y%m%d", time.gmtime()), time.strftime("%Y%m%d%H", time.gmtime())
     redis_server.command("HSET", f"t:{{odd}}:usage:day:{day}", "tokens", "inf")
-    redis_server.command("HSET", f"t:{{odd}}:usage:hour:{hour}", "tokens", "nan")
     out = usage_cli(proc, "odd")
     assert "tokens inf / 1000" in out
-    assert "tokens nan" in out
+    redis_server.command("HSET", f"t:{{odd}}:usage:hour:{hour}", "tokens", "nan")
+    nan = subprocess.run([sys.executable, "-m", "conduit_sidecar", "usage", "--config", proc.config,
+                          "--key", "odd"], capture_output=True, text=True, timeout=30)
+    assert (nan.returncode, nan.stderr.split(": ", 1)[1]) == (
+        1, f"Redis at 127.0.0.1:{redis_server.port}: unavailable: a usage total in Redis is not a number\n")
 
 
 def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(sidecars, mock_provider):
