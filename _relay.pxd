@@ -125,6 +125,7 @@ cdef class Pipe:
     cdef uint64_t left         # payload bytes of the current frame still to come
     cdef bint forwarding       # the current frame goes to dst (else it is dropped)
     cdef bint fragmented       # inside a fragmented data message
+    cdef bint ended            # src's close frame passed: what follows is discarded unread
     cdef uint64_t message_bytes
     cdef readonly int verdict_code
     cdef readonly object verdict_reason

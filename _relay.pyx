@@ -26,8 +26,8 @@ transition). "Our close" is the sidecar's own close frame or the other peer's,
 forwarded; a frame in flight to the peer delays ours to its end (`CLOSE_QUEUED*`).
 
     OPEN ──peer's close──> CLOSE_RECEIVED ──our close out──> CLOSED ──next turn──> SHUT
-     │  \                      │    \                          ^
-     │   \                     │     └─our close queued──> CLOSE_QUEUED_LAST ──out──> SHUT
+     │  \                           \                          ^
+     │   \                           └─our close queued──> CLOSE_QUEUED_LAST ──out──> SHUT
      │    └─peer violates──> FAILED ─our close queued/out (finish: shut after it)
      │                             (the other peer's close, its loss, or the deadline)
      ├─our close queued──> CLOSE_QUEUED ──out──> CLOSE_SENT ──peer's close──> CLOSED
@@ -155,7 +155,7 @@ cdef unsigned[9] ALLOWED = [
     (1 << CLOSE_RECEIVED) | (1 << FAILED) | (1 << CLOSE_QUEUED) | (1 << CLOSE_QUEUED_LAST)
     | (1 << CLOSE_SENT) | (1 << SHUT) | (1 << LOST),
     # CLOSE_RECEIVED
-    (1 << FAILED) | (1 << CLOSE_QUEUED_LAST) | (1 << CLOSED) | (1 << SHUT) | (1 << LOST),
+    (1 << CLOSE_QUEUED_LAST) | (1 << CLOSED) | (1 << SHUT) | (1 << LOST),
     # FAILED
     (1 << CLOSE_QUEUED) | (1 << CLOSE_QUEUED_LAST) | (1 << CLOSE_SENT) | (1 << SHUT) | (1 << LOST),
     # CLOSE_QUEUED
@@ -973,6 +973,9 @@ cdef class Pipe:
             g_payload[self.direction][i] += plen
             g_wire[self.direction] += hlen + plen
         if opcode == 8:
+            # RFC 6455 1.4: after a close a peer discards what it receives. Judged, a
+            # bad frame behind the close would fail a closing handshake under way.
+            self.ended = True
             self.dst.close_frame(self, code, reason)
         return 0
 
@@ -982,6 +985,8 @@ cdef class Pipe:
         cdef Header f
         cdef Endpoint dst = self.dst
         cdef bytes message
+        if self.ended:
+            return 0
         while pos < n:
             if self.left:
                 take = <Py_ssize_t>min(self.left, <uint64_t>(n - pos))
@@ -1053,6 +1058,8 @@ cdef class Pipe:
                     self.emit(p + run, pos - run)
                     run = pos
                     dst.frame_end(self, pos)
+                if self.ended:
+                    break
         self.emit(p + run, pos - run)
         return 0
 
@@ -1448,7 +1455,7 @@ cdef class Relay:
         if self.closed_by is None:
             self.closed_by, self.close_code, self.close_reason = "sidecar", code, reason
         self.fail_code, self.fail_reason = code, reason
-        if src.state == OPEN or src.state == CLOSE_RECEIVED:
+        if src.state == OPEN:      # (after its close, nothing it sends is judged)
             src.set_state(FAILED)
         if src.state < SHUT:
             src.transport.pause_reading()

@@ -25,7 +25,6 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, markers: tuple =
     pos = 0
     fragmented = False
     message = 0
-    closed = False
     text = None           # payload of the text message being metered
 
     def fail(code, reason):
@@ -89,13 +88,11 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, markers: tuple =
                 except UnicodeDecodeError:
                     return fail(1007, "invalid UTF-8 in close reason")
         end = pos + hlen + n
-        forward = not closed
-        if forward:
-            k = KIND[opcode]
-            r.frames[k] += 1
-            r.payload[k] += n
-            r.wire += hlen + n
-            r.output += data[pos:min(end, len(data))]
+        k = KIND[opcode]
+        r.frames[k] += 1
+        r.payload[k] += n
+        r.wire += hlen + n
+        r.output += data[pos:min(end, len(data))]
         if markers and opcode < 3:
             if opcode == 1 or (opcode == 2 and binary):
                 text = b""
@@ -115,5 +112,5 @@ def scan(data: bytes, masked: bool, max_message: int = 1 << 62, markers: tuple =
                 r.metered.append(text)
             text = None
         if opcode == 8:
-            closed = True
+            return r                                # RFC 6455 1.4: what follows is discarded
         pos = end

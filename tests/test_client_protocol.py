@@ -1,0 +1,62 @@
+"""The client leg's WebSocket protocol against RFC 6455, over real sockets: what a
+client writes by hand (frames split anywhere, masks of zeros, frames after its close)
+and what the provider and the client get."""
+
+import asyncio
+
+import pytest
+from conftest import raw_upstream_sidecar
+from test_bad_input import close_frame_of, masked
+from test_faults import with_upstream
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """A sidecar whose provider `raw` is the test's own hand-written upstream."""
+    proc = raw_upstream_sidecar(str(tmp_path_factory.mktemp("clientproto")), "close_timeout_seconds = 1")
+    try:
+        yield proc
+        assert proc.proc.poll() is None and "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("after", [
+    masked(0xC1, b"x"),                         # RSV1
+    masked(0x82, b"", bytes([0x80 | 127]) + (1 << 40).to_bytes(8, "big")),   # over the limit
+    bytes([0x82, 1]) + b"x",                    # unmasked
+    masked(0x88, b"\x03"),                      # a second close, itself invalid
+], ids=["rsv", "too-big", "unmasked", "bad-close"])
+def test_what_a_client_sends_after_its_close_is_discarded(raw, after):
+    """RFC 6455 1.4: after a close frame a peer discards what it receives. A client's
+    close followed in the same write by a frame the relay would refuse got 1002 (the
+    frame's violation) in place of the provider's answer to its close."""
+    def answer(transport, data):
+        if data[:1] == b"\x88" and not transport.is_closing():
+            transport.write(b"\x88\x02\x03\xe8")
+
+    async def client(reader, writer, events):
+        events["on_data"] = answer
+        writer.write(masked(0x88, (1000).to_bytes(2, "big") + b"done") + after)
+        return await asyncio.wait_for(reader.read(), 5)     # until the sidecar closes
+    data, events = with_upstream(raw, lambda t: None, client)
+    assert data == b"\x88\x02\x03\xe8"
+    assert bytes(events["data"]) == masked(0x88, (1000).to_bytes(2, "big") + b"done")
+
+
+def test_what_a_provider_sends_after_its_close_is_discarded(raw):
+    """The same the other way: the client's answer to the provider's close reaches the
+    provider, though the provider wrote a bad frame behind its close (it got 1002)."""
+    def act(transport):
+        transport.write(b"\x88\x04\x03\xe8hi" + bytes([0xC1, 0]))
+
+    async def client(reader, writer, events):
+        assert await close_frame_of(reader) == (1000, "hi")
+        writer.write(masked(0x88, (1000).to_bytes(2, "big") + b"ok"))
+        await asyncio.wait_for(reader.read(), 5)            # the sidecar closes
+        for _ in range(100):                                # and lets go of the provider
+            if "lost" in events:
+                break
+            await asyncio.sleep(0.05)
+    _, events = with_upstream(raw, act, client)
+    assert bytes(events["data"]) == masked(0x88, (1000).to_bytes(2, "big") + b"ok")
