@@ -7,8 +7,9 @@ provider's first message (its Welcome, which clients may wait for) has been read
 and passed on.
 
 The message is parsed with websockets' sans-I/O protocol only to find where it ends
-and what it says; the relay is then handed the raw bytes exactly as received (still
-masked), so the provider gets the client's frames unchanged. Bounded in size (the
+and what it says, its frames judged by the relay's scanner; the relay is then handed
+the raw bytes exactly as received (still masked), so the provider gets the client's
+frames unchanged. Bounded in size (the
 limits' first_message_bytes) and time (the handshake timeout).
 
 Later messages of some of those sessions can name models too (the next session update,
@@ -29,7 +30,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
-from ._relay import CloseCode, Scanner
+from ._relay import KIND_NAMES, CloseCode, Scanner
 from .keys import KEY_PREFIX
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+_CLOSE = KIND_NAMES.index("close")
 _SLACK = 65536  # control frames around the first message
 
 
@@ -84,9 +86,15 @@ class Reader(asyncio.Protocol):
 
 
 class _FirstMessage(Reader):
+    """websockets' parser unmasks and joins the message; the relay's scanner judges
+    the frames, as the relay judges every later one (the same codes and reasons;
+    websockets' own differ, and it fails a close between fragments, which RFC 6455 5.4
+    allows)."""
+
     def __init__(self, transport, limit: int):
         super().__init__(transport, limit)
         self.ws = ServerProtocol(state=OPEN, max_size=limit)
+        self.scanner = Scanner(True, limit, record=False)
         self.parts: list[bytes | bytearray | memoryview] = []
 
     def data_received(self, data) -> None:
@@ -94,6 +102,7 @@ class _FirstMessage(Reader):
             self.raw += data  # arrived in the same read: the relay gets it
             return
         self.raw += data
+        self.scanner.feed_bytes(data)
         self.ws.receive_data(bytes(data))
         # Its answers (a pong per ping) are never sent: the pings go to the provider
         # with the raw bytes, and it answers them. Kept, they outgrew the bytes read.
@@ -105,11 +114,11 @@ class _FirstMessage(Reader):
                 if frame.fin:
                     self._finish(b"".join(self.parts))
                     return
-            elif frame.opcode == Opcode.CLOSE:
-                self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
-                return
-        if self.ws.close_sent is not None:  # websockets judged a violation
-            self._finish(Refused(self.ws.close_sent.code, self.ws.close_sent.reason))
+        scanner = self.scanner
+        if scanner.verdict_code:
+            self._finish(Refused(scanner.verdict_code, f"client: {scanner.verdict_reason}"))
+        elif scanner.counters()[0][_CLOSE]:
+            self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
         elif len(self.raw) > self.limit + _SLACK:
             self._finish(Refused(CloseCode.MESSAGE_TOO_BIG, f"first message over {self.limit} bytes"))
 

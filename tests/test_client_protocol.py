@@ -5,8 +5,8 @@ and what the provider and the client get."""
 import asyncio
 
 import pytest
-from conftest import raw_upstream_sidecar
-from test_bad_input import close_frame_of, masked
+from conftest import SidecarProcess, raw_upstream_sidecar, run, standard_keys
+from test_bad_input import BAD_CLIENT_FRAMES, close_frame_of, masked, session
 from test_faults import with_upstream
 
 
@@ -60,3 +60,54 @@ def test_what_a_provider_sends_after_its_close_is_discarded(raw):
             await asyncio.sleep(0.05)
     _, events = with_upstream(raw, act, client)
     assert bytes(events["data"]) == masked(0x88, (1000).to_bytes(2, "big") + b"ok")
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+    """A sidecar that holds the client's first message (Gemini's setup) before it opens
+    the provider (which is never reached here)."""
+    proc = SidecarProcess(str(tmp_path_factory.mktemp("held")),
+                          '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\n'
+                          'secret_env = "PROVIDER_KEY"\n', standard_keys(),
+                          limits="max_message_bytes = 1024\nfirst_message_bytes = 1024\n"
+                                 "close_timeout_seconds = 1").start()
+    try:
+        yield proc
+        assert proc.proc.poll() is None and "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
+def held_close(held, frames: bytes) -> tuple[int, str]:
+    """The close a held session's client gets for `frames`, sent before its first message."""
+    async def body():
+        reader, writer = await session(held.port, held.keys.plain["good"],
+                                       "/v1/realtime/connect?provider=gemini")
+        writer.write(frames)
+        try:
+            return await close_frame_of(reader)
+        finally:
+            writer.close()
+    return run(body())
+
+
+HELD_BAD = BAD_CLIENT_FRAMES + [
+    (masked(0x89, b"", bytes([0x80 | 127]) + (1 << 40).to_bytes(8, "big")), 1002,
+     "client: control frame payload over 125 bytes"),
+]
+
+
+@pytest.mark.parametrize("frames, code, reason", HELD_BAD, ids=[reason for _, _, reason in HELD_BAD])
+def test_a_held_first_message_is_judged_as_the_relay_judges_every_frame(held, frames, code, reason):
+    """The frames before a held first message were judged by websockets' parser: its
+    own reasons without the side (`incorrect masking`), and 1009 where the relay and
+    the docs say 1002 (a 64-bit length with the top bit set, a ping announcing 1 TiB)."""
+    assert held_close(held, frames) == (code, reason)
+
+
+def test_a_close_inside_a_held_first_message_is_a_close(held):
+    """RFC 6455 5.4: a control frame, a close too, may come between the fragments of a
+    message. websockets' parser fails a close there (1002 `incomplete fragmented
+    message`); the relay drops the unfinished message and takes the close."""
+    frames = masked(0x01, b'{"setup": ') + masked(0x88, (1000).to_bytes(2, "big"))
+    assert held_close(held, frames) == (1000, "closed before its first message")
