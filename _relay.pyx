@@ -1345,6 +1345,8 @@ cdef class Relay:
             notice = text_frame(client_notice)
         if self.closed_by is None:
             self.closed_by, self.close_code, self.close_reason = "sidecar", client_code, client_reason
+        if self.client.state == CLOSE_RECEIVED:
+            client_code = NORMAL    # the answer to the client's own close (see on_close_frame)
         self.send_close(self.client, client_code, client_reason, False, notice)
         self.send_close(self.upstream, upstream_code, upstream_reason, False)
 

@@ -111,3 +111,20 @@ def test_a_close_inside_a_held_first_message_is_a_close(held):
     message`); the relay drops the unfinished message and takes the close."""
     frames = masked(0x01, b'{"setup": ') + masked(0x88, (1000).to_bytes(2, "big"))
     assert held_close(held, frames) == (1000, "closed before its first message")
+
+
+def test_a_sidecar_close_that_answers_the_clients_close_is_a_normal_closure(tmp_path):
+    """The client closes without a code (the documented client's disconnect()); the
+    provider never answers, and the session goes idle. The sidecar's close then answers
+    the client's: 1000, as when the provider's answer never comes (README), not the
+    idle timeout's 1001, on which the documented client reconnects, undoing its
+    disconnect (a drain's 1001, a revoked key's 4001 likewise)."""
+    proc = raw_upstream_sidecar(str(tmp_path), "idle_timeout_seconds = 1\nclose_timeout_seconds = 30")
+    try:
+        async def client(reader, writer, events):
+            writer.write(masked(0x88, b""))
+            return await asyncio.wait_for(reader.read(), 10)     # until the sidecar closes
+        data, events = with_upstream(proc, lambda t: None, client)
+        assert data == b"\x88\x0e" + (1000).to_bytes(2, "big") + b"idle timeout"
+    finally:
+        proc.stop()
