@@ -409,6 +409,8 @@ def _refused(response: Response, exc: Exception | None) -> Refuse:
     """websockets' refusal, its body reduced to what was wrong, never a header's value."""
     if isinstance(exc, InvalidHeader):
         text = {None: "missing", "": "empty"}.get(exc.value, "invalid") + f" {exc.name} header"
+        if exc.name == "Sec-WebSocket-Version":
+            response.headers["Sec-WebSocket-Version"] = "13"  # the one served (RFC 6455 4.4)
     else:
         text = http.HTTPStatus(response.status_code).phrase.lower()
     body = (text + "\n").encode()

@@ -11,7 +11,7 @@ import ssl
 import pytest
 from conftest import SidecarProcess, held_port, raw_upstream_sidecar, run, self_signed_tls, standard_keys
 from reference_parser import scan
-from test_bad_input import BAD_CLIENT_FRAMES, close_frame_of, masked, request, session
+from test_bad_input import BAD_CLIENT_FRAMES, close_frame_of, http_answer, masked, request, session
 from test_faults import RawUpstream, with_upstream
 
 LIMIT = 1000    # max_message_bytes of the `raw` sidecar
@@ -142,6 +142,16 @@ def test_a_sidecar_close_that_answers_the_clients_close_is_a_normal_closure(tmp_
     finally:
         proc.stop()
 
+
+
+@pytest.mark.parametrize("version", ["8", "13, 8", None])
+def test_a_version_not_served_is_answered_with_the_one_served(raw, version):
+    """RFC 6455 4.4: a server that does not speak the client's version answers with
+    an error and a Sec-WebSocket-Version header naming the versions it does speak, so
+    that a client may retry with one of them. The 400 named none."""
+    status, headers, _ = http_answer(raw.port, request(headers={"Sec-WebSocket-Version": version},
+                                                       key=raw.keys.plain["good"]))
+    assert status == 400 and ("sec-websocket-version", "13") in headers
 
 # -- differential: random frame streams against the reference parser ---------------------
 
