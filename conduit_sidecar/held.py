@@ -52,6 +52,7 @@ __all__ = [
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 _CLOSE = KIND_NAMES.index("close")
+_LENGTH_BYTES = {126: 2, 127: 8}  # an unmasked header's second byte: the length's longer forms
 _SLACK = 65536  # control frames around the first message
 
 
@@ -192,9 +193,10 @@ class _Greeting(Reader):
             opcode = head & 0x0F
             if opcode == Opcode.CLOSE.value:
                 # The client has its 101: the provider's code and reason reach it as from
-                # the relay. The scanner judged the frame: unmasked, at most 125 bytes (a
-                # 2-byte header), a valid code, a UTF-8 reason. Without a code: 1014.
-                payload = bytes(self.raw[start + 2 : end])
+                # the relay. The scanner judged the frame: unmasked, at most 125 bytes, a
+                # valid code, a UTF-8 reason; its length in any form (a 2-, 4- or 10-byte
+                # header, RFC 6455 5.2). Without a code: 1014.
+                payload = bytes(self.raw[start + 2 + _LENGTH_BYTES.get(self.raw[start + 1], 0) : end])
                 close = (int.from_bytes(payload[:2], "big"), payload[2:].decode()) if payload else None
                 why = "the provider closed before its first message"
                 self._finish(

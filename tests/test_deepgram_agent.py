@@ -379,17 +379,24 @@ def test_a_provider_that_closes_before_its_greeting_is_refused_with_its_close(be
     assert run(body()) == refused
 
 
-def test_the_providers_close_before_its_greeting_reaches_the_client(tmp_path):
+@pytest.mark.parametrize("length", [b"", (19).to_bytes(2, "big"), (19).to_bytes(8, "big")],
+                         ids=["7-bit", "16-bit", "64-bit"])
+def test_the_providers_close_before_its_greeting_reaches_the_client(tmp_path, length):
     """A provider that closes right after its 101 (the client has its own 101 by then):
     the client got 1014 `the provider closed before its first message`, where a relayed
-    session passes the provider's code and reason on unchanged (DESIGN, close codes)."""
+    session passes the provider's code and reason on unchanged (DESIGN, close codes).
+    The close's length in a longer form than it needs (RFC 6455 5.2 asks senders for
+    the shortest; receivers take any, as the relay does): its code and reason were
+    read from the length's bytes, a `UnicodeDecodeError` traceback, and 1014."""
     port = held_port()
     sidecar = SidecarProcess(str(tmp_path), f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{port}{AGENT}"\n'
                              'secret_env = "PROVIDER_KEY"\n', standard_keys()).start()
+    form = {2: 126, 8: 127}.get(len(length), 19)
+    close = bytes([0x88, form]) + length + (4000).to_bytes(2, "big") + b"agent unavailable"
 
     async def provider(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
-        writer.write(switching_protocols(head) + _frame(0x8, (4000).to_bytes(2, "big") + b"agent unavailable"))
+        writer.write(switching_protocols(head) + close)
         await reader.read()
         writer.close()
 
