@@ -206,6 +206,19 @@ class ClientHandshake(asyncio.Protocol):
         self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
         transport.write_eof()
+        transport.resume_reading()  # (paused by `early`'s bound, or a client not reading)
+
+    def refused(self, answer: bytes) -> None:
+        """A refusal decided once the request was read (decide's 400, 404, 426): it
+        lingers as the parser's do, in a `pending` slot taken again (none free, or the
+        client gone: closed at once)."""
+        transport = self.transport
+        transport.write(answer)
+        self.early = bytearray()  # the relay's, and there is none
+        if transport.is_closing() or not self.host.pending.take():
+            transport.close()
+            return
+        self._linger()
 
     def _timeout(self):
         self.host.count("handshake_timeout")
@@ -214,7 +227,7 @@ class ClientHandshake(asyncio.Protocol):
     def data_received(self, data):
         reader = self.reader
         if reader is None:
-            if self.task is not None:  # the session opens (or the connection closes)
+            if self.task is not None and not self.lingering:  # the session opens (or the connection closes)
                 self._keep(data)
             return
         try:
@@ -524,8 +537,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             "handshake refused",
             {"event": "refused", "status": decision.response.status_code, "reason": decision.reason},
         )
-        transport.write(decision.response.serialize())
-        transport.close()
+        client.refused(decision.response.serialize())
         return
     if isinstance(decision, Close):
         host.rejected(decision)

@@ -168,6 +168,25 @@ def test_a_refused_client_still_sending_reads_its_answer_whole(strict):
     assert answer.startswith(b"HTTP/1.1 431 ") and b"\r\n\r\nrequest too large: " in answer
 
 
+@pytest.mark.parametrize("data, status", [
+    (request(path="/elsewhere"), 404),
+    (request(headers={"Upgrade": None, "Connection": "keep-alive"}), 426),
+    (request(headers={"Sec-WebSocket-Version": None}), 400),
+])
+def test_a_client_sending_past_a_refused_request_reads_its_answer_whole(strict, data, status):
+    """A request refused once read (decide's 404, 426, 400), and a client that sends a
+    megabyte past it (frames it pipelined) before it reads: the sidecar ends its side
+    and reads and drops what still comes, as for the parser's refusals above, so the
+    client's send and read both end cleanly. It closed at once, and the bytes still
+    coming made the kernel answer with a reset: the client's send failed."""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as s:
+        s.sendall(data + b"\x82\xfe\xff\xff" + b"x" * (1 << 20))  # no reset
+        answer = b""
+        while chunk := s.recv(65536):                 # no ConnectionResetError
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 %d " % status) and answer.endswith(b"\n")
+
+
 def test_slowloris_is_cut_at_the_handshake_timeout(strict):
     """A byte every 0.1 s, the request never finished (some 20 s of it): the sidecar
     cuts the connection while bytes still arrive, so its 1 s timer runs from the
