@@ -251,7 +251,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         model = None
 
     offered = _offered(request)
-    key, carriers = presented_key(forms, request.headers, query, offered)
+    key, carriers, two_keys = presented_key(forms, request.headers, query, offered)
     # A virtual key offered in a form this path does not read (another provider's, or
     # a case it does not match) is still a key: it goes neither upstream nor into the 101;
     # nor does an OpenAI account subprotocol (ACCOUNT_SUBPROTOCOLS).
@@ -297,7 +297,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         # the agent owns the session, which goes upstream without the provider secret.
         entry, anonymous = state.keyset.by_agent[model], True
     elif key is None:
-        return _rejected(response, Rejection.MISSING)
+        return _rejected(response, Rejection.TWO_KEYS if two_keys else Rejection.MISSING)
     else:
         entry = state.keyset.lookup(key)
     kept = where.kept if where is not None else None
@@ -343,7 +343,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     if template is not None and template.keys != forms:
         # The route's provider reads a key in its own forms too (Deepgram's `token, KEY`
         # on the sidecar's paths): a credential of the client's there never goes upstream.
-        _, theirs = presented_key(template.keys, request.headers, query, offered)
+        _, theirs, _ = presented_key(template.keys, request.headers, query, offered)
         upstream_offer = [p for p in upstream_offer if p not in theirs | _announcers(template.keys)]
     greeted = template is not None and template.settings_after_welcome
     # By the route, not the path: Gemini's setup names the model on /v1/realtime/connect too.

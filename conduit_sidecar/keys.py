@@ -48,6 +48,7 @@ class Rejection(enum.Enum):
     lower case the `conduit_auth_failures_total{reason}` label."""
 
     MISSING = "missing key"
+    TWO_KEYS = "two different keys"  # where one is read (two Authorization headers): neither is taken
     UNKNOWN = "unknown key"
     DISABLED = "key disabled"
     EXPIRED = "key expired"

@@ -578,13 +578,15 @@ def upstream_path(url: str, kept: Kept | None) -> str:
 
 def presented_key(
     forms: tuple[KeyForm, ...], headers, query: dict[str, list[str]], offered: list[str]
-) -> tuple[str | None, set[str]]:
-    """(key, key-bearing subprotocols) for a request. `forms` are in order of precedence
-    (a header wins over a query parameter or subprotocol); a form that holds two
-    different values gives no key. Every key-bearing subprotocol is reported, used or
-    not, so that none goes upstream or into the 101."""
+) -> tuple[str | None, set[str], bool]:
+    """(key, key-bearing subprotocols, whether a form held two different keys) for a
+    request. `forms` are in order of precedence (a header wins over a query parameter
+    or subprotocol); a form that holds two different values gives no key. Every
+    key-bearing subprotocol is reported, used or not, so that none goes upstream or
+    into the 101."""
     key = None
     carriers: set[str] = set()
+    two = False
     for form in forms:
         found: list[str] = []
         if form.where == "header":
@@ -609,4 +611,5 @@ def presented_key(
         values = {v.removeprefix(form.strip) for v in found if v}
         if key is None and len(values) == 1:
             key = values.pop()
-    return key, carriers
+        two = two or len(values) > 1
+    return key, carriers, two

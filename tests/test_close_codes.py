@@ -30,6 +30,15 @@ def test_bad_keys_get_4001(sidecar, key_id, reason):
     assert run(close_of(sidecar.url(), headers)) == (4001, reason)
 
 
+def test_two_different_keys_get_4001_saying_so(sidecar):
+    """Two `Authorization` headers with different keys (one a proxy added, say): no key
+    is picked, as before, and the reason says so; it said `missing key`, which sends
+    the user looking for a header that is there."""
+    headers = [("Authorization", sidecar.auth()["Authorization"]),
+               ("Authorization", "Bearer condt_another")]
+    assert run(close_of(sidecar.url(), headers)) == (4001, "two different keys")
+
+
 def test_future_expiry_is_fine(sidecar):
     async def body():
         async with connect(sidecar.url(), additional_headers=sidecar.auth("future")) as ws:
