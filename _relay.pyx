@@ -126,6 +126,26 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: MSG_NOSIGNAL
     enum: MSG_DONTWAIT
 
+cdef extern from *:
+    """
+    #ifdef __linux__
+    #include <netinet/in.h>
+    #include <netinet/tcp.h>
+    /* The peer's reset (1) or end of its side (2) of a TCP socket, whatever is still
+       unread in it; 0 while it is open (or it cannot be told). */
+    static int conduit_peer_left(int fd) {
+        struct tcp_info info;
+        socklen_t size = sizeof(info);
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &size) != 0 || size < 1)
+            return 0;
+        return info.tcpi_state == TCP_CLOSE ? 1 : info.tcpi_state == TCP_CLOSE_WAIT ? 2 : 0;
+    }
+    #else
+    #define conduit_peer_left(fd) 0
+    #endif
+    """
+    int conduit_peer_left(int fd) nogil
+
 # Seconds the other peer may still send after a violation, before it gets our close.
 cdef double VIOLATION_GRACE = 0.1
 
@@ -1357,6 +1377,21 @@ cdef class Relay:
 
     def counters(self, int direction):
         return (self.c2u if direction == C2U else self.u2c).counters()
+
+    def drop_left(self):
+        """Drop a held-back leg whose peer has left. Its reading is paused (the other
+        peer takes nothing) and uvloop polls a paused socket for nothing: its reset or
+        end would be seen only once the other peer reads or writes, the session, its
+        slots and the other connection kept until then. One getsockopt per paused leg
+        (server._poll); an end after the peer's close frame is a half-close (kept)."""
+        cdef Leg leg
+        cdef int left
+        for leg in (self.client, self.upstream):
+            if leg.state >= SHUT or leg.fd < 0 or leg.transport.is_reading():
+                continue
+            left = conduit_peer_left(leg.fd)
+            if left == 1 or (left == 2 and not leg.ended_after_close()):
+                leg.drop()
 
     @property
     def finished(self):

@@ -386,6 +386,9 @@ class Sidecar:
                     self.metrics.tls_reload.labels(result).inc()
                 if self.config.limits.idle_timeout_seconds:
                     self.close_idle(time.monotonic())
+                for info in list(self.sessions):  # paused legs' resets and ends: unpolled
+                    if info.relay is not None and not info.relay.finished:
+                        info.relay.drop_left()
                 self.trimmer.check(len(self.sessions))
             except Exception:  # a bug of ours: key rechecks and the rest need the next poll
                 log.exception("poll failed", extra={"event": "internal_error"})

@@ -224,6 +224,40 @@ def test_a_peer_that_ends_its_side_and_reads_no_more_is_let_go_at_the_close_time
     assert end["closed_by"] == side and end["close_code"] == 1006, end
 
 
+@pytest.mark.parametrize("side", ["client", "upstream"])
+def test_a_held_back_peer_that_resets_ends_its_session(faulty, side):
+    """A peer floods the other, which takes nothing (neither reads nor writes): the
+    sidecar stops reading the flooding peer, which then resets. uvloop polls a paused
+    socket for nothing, so the reset was seen only once the other peer read or wrote:
+    the session, its slots and the other connection stayed for as long as that peer
+    stayed quiet. The poll (keys_poll_seconds, 0.2 s here) asks each paused socket."""
+    flood = bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big") + bytes(1 << 20)
+
+    def act(transport):
+        transport.pause_reading()                             # takes nothing...
+        if side == "upstream":
+            for _ in range(16):
+                transport.write(flood)                        # ... or floods the client
+            asyncio.get_running_loop().call_later(1.0, reset, transport)
+
+    async def client(reader, writer, events):
+        if side == "client":
+            frame = masked(0x82, bytes(65000))
+            for _ in range(256):                              # 16 MiB
+                writer.write(frame)
+            await asyncio.sleep(1.0)                          # the buffers fill up
+            reset(writer.transport)
+        for _ in range(100):
+            if any(e.get("model") == events["model"] for e in session_ends(faulty)):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    let_go, events = with_upstream(faulty, act, client)
+    assert let_go, "the session is still live 5 s after the reset"
+    end = last_end(faulty, events)
+    assert end["closed_by"] == side and end["close_code"] == 1006, end
+
+
 def test_a_tls_client_that_sends_close_notify_and_reads_no_more_is_let_go_at_the_close_timeout(tmp_path):
     """The wss listener's client sends its TLS close_notify (no close frame, its TCP
     connection kept open) and reads nothing of the 16 MiB the provider sends. The relay
