@@ -55,6 +55,7 @@ class Sidecar:
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
         self.pending = Slots(self.limits.max_connections)  # connections without a session
+        self.turned_away = Slots(self.limits.max_connections)  # ... and the 503s for want of one
         self.opening: set[asyncio.Task] = set()  # open_session tasks under way
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False

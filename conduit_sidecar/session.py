@@ -117,6 +117,7 @@ class Host(Protocol):
     keyset: KeySet
     balancer: Balancer
     pending: Slots
+    turned_away: Slots  # connections given the 503 for want of a `pending` slot, lingering
     opening: set[asyncio.Task]  # the tasks of open_session under way (a stop cancels them)
     draining: bool  # SIGTERM came: new sessions (and signed URLs for them) are refused
     closing: bool  # the drain has ended: sessions still opening get 1001, not a relay
@@ -144,17 +145,17 @@ _LINGER_SECONDS = 1.0
 
 
 def _no_slot(host: Host, transport) -> None:
-    """All `pending` slots are taken: 503 at once."""
+    """All `pending` slots are taken: 503 at once (the caller closes)."""
     host.count("too_many_handshakes")
     transport.write(refuse(503, "too many connections in their handshake").response.serialize())
-    transport.close()
 
 
 class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
     the connection to `open_session` and keeps nothing of the request. It holds one
     of the host's `pending` slots while it reads; with none free a connection gets 503
-    at once (on the wss listener it is dropped: no TLS handshake is spent on it).
+    at once (on the wss listener it is dropped: no TLS handshake is spent on it), and
+    lingers as other refusals do in a `turned_away` slot (none free: closed at once).
 
     While the session opens it goes on reading, only to notice a client that leaves
     (its end or a reset cancels the opening, whose upstream is then dropped): a client
@@ -163,10 +164,22 @@ class ClientHandshake(asyncio.Protocol):
     message, where reading pauses: a pause at its first bytes would hide the end of a
     client that sent a frame with its request."""
 
-    __slots__ = ("host", "transport", "reader", "timer", "task", "early", "pause_at", "rest", "lingering")
+    __slots__ = (
+        "host",
+        "transport",
+        "reader",
+        "timer",
+        "task",
+        "early",
+        "pause_at",
+        "rest",
+        "lingering",
+        "slots",
+    )
 
     def __init__(self, host: Host):
         self.host = host
+        self.slots = host.pending  # the pool whose slot it holds while it reads or lingers
         self.task: asyncio.Task[None] | None = None
         self.reader: RequestReader | None = None  # set while the request is read
         self.early = bytearray()  # what the client sent past its request
@@ -177,18 +190,26 @@ class ClientHandshake(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         host = self.host
-        if not host.pending.take():
-            _no_slot(host, transport)
-            return
-        self.reader = RequestReader(host.limits.max_request_bytes)
         limit = host.limits.handshake_timeout_seconds
         self.timer = asyncio.get_running_loop().call_later(limit, self._timeout)
+        if host.pending.take():
+            self.reader = RequestReader(host.limits.max_request_bytes)
+            return
+        # The request is still to come: closed at once, the socket would answer it
+        # with a reset, which can destroy the 503 before the client reads it.
+        _no_slot(host, transport)
+        if host.turned_away.take():
+            self.slots = host.turned_away
+            self._linger()
+        else:
+            self.timer.cancel()
+            transport.close()
 
     def _done_reading(self) -> None:
         """The request is read (or refused), or the connection ended: its slot is free."""
         self.reader = None
         self.lingering = False
-        self.host.pending.give()
+        self.slots.give()
         self.timer.cancel()
 
     def _linger(self) -> None:
@@ -472,6 +493,7 @@ async def _rest(host: Host, transport, request: Request) -> None:
     asked: a key holder cannot start provider calls without bound (none free: 503)."""
     if not host.pending.take():
         _no_slot(host, transport)
+        transport.close()
         return
     try:
         response = await signed_urls.answer(host, request, transport.get_extra_info("sslcontext") is not None)

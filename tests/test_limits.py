@@ -208,3 +208,69 @@ def test_one_long_frame_streaming_is_not_idle(limited):
                     await ws.recv()
             return len(message), exc.value.rcvd.code
     assert run(body()) == (size, 1000)
+
+
+def test_a_client_refused_for_want_of_a_slot_reads_its_503_whole(limited):
+    """The 503 for too many connections in their handshake goes out before the
+    client's request is read: a client that sends its request (and frames past it)
+    before it reads must still read the answer and an end. The socket closed at once,
+    and answered the request with a reset: 3 in 5 plain requests, every one followed
+    by a megabyte, read a reset instead of the 503. It lingers now, as the other
+    refusals do, in a slot of its own (max_connections of them)."""
+    def partial():
+        s = socket.create_connection(("127.0.0.1", limited.port))
+        s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n")
+        return s
+
+    a, b = partial(), partial()
+    try:
+        pending_becomes(limited, 2)
+        with socket.create_connection(("127.0.0.1", limited.port), timeout=5) as c:
+            c.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * (1 << 20))
+            answer = b""
+            while chunk := c.recv(65536):             # no ConnectionResetError
+                answer += chunk
+    finally:
+        a.close()
+        b.close()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    pending_becomes(limited, 0)
+
+
+def test_the_503s_lingering_are_bounded_by_max_connections(limited):
+    """Lingering 503s hold a slot of their own pool: past max_connections of them the
+    next 503 closes at once, as before (a send after it is answered with a reset)."""
+    def partial():
+        s = socket.create_connection(("127.0.0.1", limited.port), timeout=5)
+        s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n")
+        return s
+
+    def turned_away():
+        s = socket.create_connection(("127.0.0.1", limited.port), timeout=5)
+        answer = b""
+        while chunk := s.recv(1000):                  # the 503, then the sidecar's end
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        return s
+
+    def still_read(s) -> bool:
+        try:
+            s.sendall(b"x" * 1000)
+            time.sleep(0.05)                          # a closed socket's reset comes back
+            s.sendall(b"x" * 1000)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+
+    held = [partial(), partial()]
+    try:
+        pending_becomes(limited, 2)
+        for _ in range(2):                            # lingering: max_connections of them
+            held.append(turned_away())
+            assert still_read(held[-1])
+        held.append(turned_away())
+        assert not still_read(held[-1])
+    finally:
+        for s in held:
+            s.close()
+    pending_becomes(limited, 0)
