@@ -144,6 +144,17 @@ class Host(Protocol):
 _LINGER_SECONDS = 1.0
 
 
+def _refused(host: Host, refusal: Refuse) -> None:
+    """A request refused with an HTTP status, by the parser or by decide: counted and
+    logged alike."""
+    host.count("bad_request")
+    logs.info(
+        log,
+        "handshake refused",
+        {"event": "refused", "status": refusal.response.status_code, "reason": refusal.reason},
+    )
+
+
 def _no_slot(host: Host, transport) -> None:
     """All `pending` slots are taken: 503 at once (the caller closes)."""
     host.count("too_many_handshakes")
@@ -254,8 +265,9 @@ class ClientHandshake(asyncio.Protocol):
         try:
             request = reader.feed(data)
         except BadRequest as exc:
-            self.host.count("bad_request")
-            self.transport.write(refuse(exc.status, str(exc)).response.serialize())
+            refusal = refuse(exc.status, str(exc))
+            _refused(self.host, refusal)
+            self.transport.write(refusal.response.serialize())
             self._linger()
             return
         if request is None:
@@ -553,12 +565,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         return
     decision = decide(request, host.admission())
     if isinstance(decision, Refuse):
-        host.count("bad_request")
-        logs.info(
-            log,
-            "handshake refused",
-            {"event": "refused", "status": decision.response.status_code, "reason": decision.reason},
-        )
+        _refused(host, decision)
         client.refused(decision.response.serialize())
         return
     if isinstance(decision, Close):

@@ -46,6 +46,18 @@ def http_answer(port, data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
     return int(status_line.split(" ", 2)[1]), headers, body
 
 
+def refusal_statuses(sidecar, logged: int) -> list[int]:
+    """The statuses of the refusal lines (`refused`, or `signed_url` for that REST
+    call) past the first `logged` lines, once there is one: a line goes out at the end
+    of its loop turn, which may come after the client has read the answer."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in sidecar.log_lines()[logged:] if line.get("event") in ("refused", "signed_url")]
+        if lines or time.monotonic() > deadline:
+            return [line["status"] for line in lines]
+        time.sleep(0.05)
+
+
 def masked(opcode_byte: int, payload: bytes, length: bytes | None = None) -> bytes:
     key = b"\x11\x22\x33\x44"
     n = len(payload)
@@ -126,8 +138,12 @@ def strict(tmp_path_factory, mock_provider):
       for method in ("HEAD", "DELETE", "POST")),
 ])
 def test_bad_requests_get_an_http_status(strict, data, status):
+    logged = len(strict.log_lines())
     got, headers, body = http_answer(strict.port, data)
     assert got == status
+    # One line says so, whichever part refused it: one the request parser refused
+    # (400 malformed, 431) had none, only conduit_connections_total{result="bad_request"}.
+    assert refusal_statuses(strict, logged) == [status]
     # One Content-Length, the body's: a client's HTTP parser (Node's) rejects two.
     # (After a reset the body may be cut short: then only the header is counted.)
     lengths = [v for k, v in headers if k == "content-length"]
