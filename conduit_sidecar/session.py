@@ -482,9 +482,21 @@ def _ended_late(
 
 
 def _gone(host: Host, info: SessionInfo, upstream=None) -> None:
-    """The client left before its session started: nothing to answer."""
+    """The client left before its session started: nothing to answer, but a line that
+    says so, the session's only one."""
     host.release(info)
     host.count("client_gone")
+    logs.info(
+        log,
+        "client left while its session opened",
+        {
+            "event": "client_gone",
+            "session_id": info.id,
+            "key_id": info.key_id,
+            "model": info.model,
+            "provider": info.provider,
+        },
+    )
     if upstream is not None:
         upstream.abort()
 

@@ -602,10 +602,14 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     try:
         answered = run(body())
         counts = http_get(sidecar.admin("/metrics"))[1]
+        ended = [line for line in sidecar.log_lines() if line.get("event") in ("client_gone", "session_end")]
     finally:
         sidecar.stop()
     assert not answered  # let go before the provider's 101 (it comes at 4 s)
     assert 'conduit_connections_total{result="client_gone"} 1.0' in counts
+    # One line says so (there was none: the session's id was skipped without a word).
+    assert [(line["event"], line["session_id"], line["key_id"], line["provider"]) for line in ended] == [
+        ("client_gone", "s1", "one", provider)]
     assert 'result="accepted"' not in counts
     assert "conduit_connections_active 0.0" in counts
 
