@@ -144,10 +144,10 @@ class Host(Protocol):
 _LINGER_SECONDS = 1.0
 
 
-def _refused(host: Host, refusal: Refuse) -> None:
-    """A request refused with an HTTP status, by the parser or by decide: counted and
-    logged alike."""
-    host.count("bad_request")
+def _refused(host: Host, refusal: Refuse, result: str = "bad_request") -> None:
+    """A connection refused with an HTTP status (by the parser, by decide, or for want
+    of a slot): counted and logged alike."""
+    host.count(result)
     logs.info(
         log,
         "handshake refused",
@@ -157,8 +157,9 @@ def _refused(host: Host, refusal: Refuse) -> None:
 
 def _no_slot(host: Host, transport) -> None:
     """All `pending` slots are taken: 503 at once (the caller closes)."""
-    host.count("too_many_handshakes")
-    transport.write(refuse(503, "too many connections in their handshake").response.serialize())
+    refusal = refuse(503, "too many connections in their handshake")
+    _refused(host, refusal, "too_many_handshakes")
+    transport.write(refusal.response.serialize())
 
 
 class ClientHandshake(asyncio.Protocol):

@@ -12,6 +12,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from conftest import raw_upstream_sidecar, run, switching_protocols
+from test_bad_input import refusal_statuses
 from test_governance import metric
 
 
@@ -59,7 +60,7 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
     def refusals():
         return metric(limited, 'conduit_connections_total{result="too_many_handshakes"}')
 
-    before = refusals()
+    before, logged = refusals(), len(limited.log_lines())
     a, b = partial(), partial()
     try:
         pending_becomes(limited, 2)
@@ -74,6 +75,7 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert answer.endswith(b"too many connections in their handshake\n")
     assert refusals() == before + 1
+    assert refusal_statuses(limited, logged) == [503]  # and a line says so, as for any refusal
     pending_becomes(limited, 0)  # their ends are handled
 
     async def body():
