@@ -254,7 +254,9 @@ class ClientHandshake(asyncio.Protocol):
         self._linger()
 
     def _timeout(self):
+        seconds = self.host.limits.handshake_timeout_seconds
         self.host.count("handshake_timeout")
+        logs.info(log, "handshake timed out", {"event": "handshake_timeout", "seconds": seconds})
         self.transport.abort()
 
     def data_received(self, data):

@@ -136,12 +136,18 @@ def test_a_silent_connection_is_cut_at_the_handshake_timeout(limited):
     def timeouts():
         return metric(limited, 'conduit_connections_total{result="handshake_timeout"}')
 
-    before = timeouts()
+    before, logged = timeouts(), len(limited.log_lines())
     with socket.create_connection(("127.0.0.1", limited.port)) as s:
         s.settimeout(5)                                         # half the 10 s default
         s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\n")    # and then nothing
         assert s.recv(100) == b""                               # closed by the sidecar
     assert timeouts() == before + 1                             # by its handshake timer
+    # And a line says so, as one does for every other outcome of a connection.
+    deadline = time.monotonic() + 5  # (written at the end of the loop turn that cut it)
+    while not (cut := [l for l in limited.log_lines()[logged:] if l.get("event") == "handshake_timeout"]):
+        assert time.monotonic() < deadline, "no handshake_timeout line"
+        time.sleep(0.05)
+    assert [line["seconds"] for line in cut] == [0.5]
 
 
 def test_a_peer_that_never_answers_a_close_is_cut_off(limited):
