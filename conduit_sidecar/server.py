@@ -128,6 +128,13 @@ class Sidecar:
     def count(self, result: str) -> None:
         self.metrics.child(self.metrics.connections, result).inc()
 
+    def failed(self, closed: bool) -> None:
+        """A bug of ours ended a session while it opened: 500, or (`closed`) 1011 after
+        its 101, a sidecar close as its refusals are."""
+        self.count("internal_error")
+        if closed:
+            self.metrics.child(self.metrics.closes, "sidecar", str(_relay.CloseCode.INTERNAL_ERROR)).inc()
+
     def signed_url(self, status: int) -> None:
         self.metrics.child(self.metrics.signed_urls, str(status)).inc()
 

@@ -130,6 +130,7 @@ class Host(Protocol):
     def started(self, info: SessionInfo) -> None: ...
     def auth_failed(self, why: Rejection) -> None: ...
     def count(self, result: str) -> None: ...
+    def failed(self, closed: bool) -> None: ...
     def signed_url(self, status: int) -> None: ...
     def tls_leg(self, leg: str, kernel: bool) -> None: ...
     def rejected(self, decision: Close) -> None: ...
@@ -560,12 +561,13 @@ async def open_session(host: Host, transport, request: Request, client: ClientHa
         if opening.relayed:
             transport.abort()  # the relay sees its leg lost and ends the session
             return
-        host.count("internal_error")
         if opening.info is not None:
             host.release(opening.info)
         if opening.upstream is not None:
             opening.upstream.abort()
-        if transport.is_closing():
+        gone = transport.is_closing()
+        host.failed(opening.answered and not gone)
+        if gone:
             return  # the client is gone: a write to a lost transport would raise here
         if opening.answered:
             transport.write(_relay.close_frame(_relay.CloseCode.INTERNAL_ERROR, "internal error", False))

@@ -546,6 +546,8 @@ def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(
         # is not also counted accepted.
         assert 'conduit_connections_total{result="internal_error"} 3.0' in text
         assert 'conduit_connections_total{result="accepted"} 1.0' in text
+        # The two 1011s are sidecar closes after the upgrade, as its refusals are.
+        assert 'conduit_closes_total{code="1011",side="sidecar"} 2.0' in text
         assert sidecar.proc.poll() is None
     finally:
         sidecar.stop()
