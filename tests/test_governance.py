@@ -1464,6 +1464,25 @@ def test_local_backend_enforces_the_same_policy(sidecars):
     assert metric(proc, "conduit_state_operations_total") > 0
 
 
+def test_state_latency_buckets_resolve_a_store_that_answers_within_a_millisecond(sidecars):
+    """A Redis next to the pod answers in a fraction of a millisecond; the histogram's
+    first bucket was 5 ms (the provider connect's buckets), so every call fell in it
+    and histogram_quantile read any percentile as 2.5-5 ms, whatever the store did."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1000)
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        result = await attempt(proc, "rated")
+        assert result[0] == "open", result
+        await result[1].close()
+    run(scenario())
+    body = http_get(proc.admin("/metrics"))[1]
+    bounds = [float(line.split('le="', 1)[1].split('"', 1)[0]) for line in body.splitlines()
+              if line.startswith("conduit_state_operation_seconds_bucket{") and 'op="admit"' in line]
+    assert bounds and min(bounds) <= 0.0001, bounds
+
+
 def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
     """A session's end flushes its key's usage while the tick's flush of that key may
     still wait on Redis. The usage of both counts for the key until the store has it.
