@@ -1393,6 +1393,20 @@ cdef class Relay:
             if left == 1 or (left == 2 and not leg.ended_after_close()):
                 leg.drop()
 
+    def count_sent(self, int direction, Pipe scanned):
+        """Count as relayed in `direction` the frames `scanned` (a Scanner) went through
+        before the relay started: a provider's greeting, which its client reads before
+        the first message the sidecar holds."""
+        cdef Pipe pipe = self.c2u if direction == C2U else self.u2c
+        cdef int i
+        for i in range(KINDS):
+            pipe.frames[i] += scanned.frames[i]
+            pipe.payload[i] += scanned.payload[i]
+            g_frames[pipe.direction][i] += scanned.frames[i]
+            g_payload[pipe.direction][i] += scanned.payload[i]
+        pipe.wire_bytes += scanned.wire_bytes
+        g_wire[pipe.direction] += scanned.wire_bytes
+
     @property
     def finished(self):
         return self.done

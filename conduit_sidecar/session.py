@@ -350,6 +350,7 @@ class _Drain(asyncio.Protocol):
 
 
 _CLOSE = _relay.KIND_NAMES.index("close")
+_U2C = _relay.DIRECTION_NAMES.index("upstream_to_client")
 
 
 def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, answered: bool = False):
@@ -427,12 +428,12 @@ async def _greet(
     decision: Accept,
     info: SessionInfo,
     client: ClientHandshake,
-) -> tuple[Accept, bytes, bytes] | None:
+) -> tuple[Accept, bytes, bytes, _relay.Scanner] | None:
     """Pass the provider's first message (Deepgram's agent Welcome) to the client, then
     hold the client's first message as _hold_first does. Returns the decision, the
-    client's raw bytes and the provider's after its first message (for the relay), or
-    None when the session was closed (and the upstream dropped). The greeting is not
-    in the relay's counters."""
+    client's raw bytes, the provider's after its first message (for the relay) and the
+    greeting's frames scanned (for the relay's counts, Relay.count_sent), or None when
+    the session was closed (and the upstream dropped)."""
     limits = host.limits
     try:
         greeting, upstream_early = await held.read_greeting(
@@ -452,12 +453,14 @@ async def _greet(
         _close_after_upgrade(host, transport, failed, bytes(client.early), True)
         return None
     transport.write(greeting)
+    sent = _relay.Scanner(False, record=False)
+    sent.feed_bytes(greeting)
     # What the client sent meanwhile, read by its handshake protocol until now.
     held_first = await _hold_first(host, transport, decision, info, bytes(client.early))
     if held_first is None:
         upstream.abort()  # the client's first message never went: nothing to close cleanly
         return None
-    return *held_first, upstream_early
+    return *held_first, upstream_early, sent
 
 
 def _ended_late(
@@ -664,6 +667,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             response.headers["Sec-WebSocket-Protocol"] = subprotocol
         transport.write(response.serialize())
         opening.answered = True
+    greeting = None
     if decision.greeted:
         try:
             greeted = await _greet(host, transport, upstream, upstream_early, decision, info, client)
@@ -672,7 +676,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             raise
         if greeted is None:
             return
-        decision, raw, upstream_early = greeted
+        decision, raw, upstream_early, greeting = greeted
         client.early = bytearray(raw)
         del raw, greeted
         # The Welcome and the Settings took up to two handshake timeouts: close_all may
@@ -695,6 +699,8 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
     )
     relay.session = info
     info.relay = relay
+    if greeting is not None:
+        relay.count_sent(_U2C, greeting)  # relayed before the relay was
     transport, client_tls, client_kernel = tlsleg.handover(transport)
     upstream, upstream_tls, upstream_kernel = tlsleg.handover(upstream)
     if client_tls is not None:

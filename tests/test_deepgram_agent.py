@@ -133,6 +133,30 @@ def test_a_client_that_waits_for_welcome_before_its_settings(sidecar):
     _no_virtual_key_upstream(sidecar)
 
 
+def test_the_welcome_is_counted_as_relayed(sidecar):
+    """The Welcome goes to the client before the relay starts (the sidecar holds the
+    Settings that follow it): it was in neither conduit_frames_total nor the session's
+    session_end line, which counted one text message of the two the client read."""
+    mark = log_mark(sidecar)
+    frames = dict(direction="upstream_to_client", kind="text")
+    before = metric(sidecar, "conduit_frames_total", **frames)
+    key = sidecar.keys.plain["agent-voice"]
+
+    async def body():
+        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
+                           additional_headers={"Authorization": f"Token {key}"}) as ws:
+            welcome = await asyncio.wait_for(ws.recv(), 10)
+            await ws.send(_settings())
+            applied = await asyncio.wait_for(ws.recv(), 10)
+        return welcome, applied
+
+    welcome, applied = run(body())
+    end = last_session(sidecar, "deepgram_agent", mark)
+    assert end["frames_upstream_to_client"] == 3  # the Welcome, SettingsApplied, the close
+    assert end["bytes_upstream_to_client"] == 2 + len(welcome) + 2 + len(applied) + 4
+    assert metric(sidecar, "conduit_frames_total", **frames) == before + 2
+
+
 def test_the_agent_through_the_node_sdk(sidecar):
     base, key = f"ws://127.0.0.1:{sidecar.port}", sidecar.keys.plain["agent-voice"]
     out = node("deepgram_agent_test.mjs", base, key, "gpt-4o-mini")
