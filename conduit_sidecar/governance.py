@@ -515,8 +515,19 @@ class Governor:
                 if time.monotonic() - renewed >= renew_every:
                     renewed = time.monotonic()
                     await self._renew()
+                if not self.available and time.monotonic() >= self.retry_at + TICK_SECONDS:
+                    await self._probe()
             except Exception:  # a bug of ours: leases, budgets and audio need the next tick
                 log.exception("governance tick failed", extra={"event": "internal_error"})
+
+    async def _probe(self) -> None:
+        """Ask the store that is down, when nothing else has for a tick: with no session
+        that needs it, conduit_state_available stayed 0 long after the outage ended."""
+        assert isinstance(self.store, RedisStore)  # only a shared store is ever unavailable
+        try:
+            await self._op("ping", self.store.ping())
+        except StoreError:
+            pass
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())

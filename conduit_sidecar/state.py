@@ -389,6 +389,10 @@ class RedisStore:
     async def totals(self, key_id: str, now: dt.datetime) -> Totals:
         return (await self.add_usage({key_id: (0, {})}, now))[key_id]
 
+    async def ping(self) -> None:
+        """Whether it answers (StoreError if not)."""
+        await self._ask(self.client.ping())
+
     async def close(self) -> None:
         await self.client.aclose()
 

@@ -539,6 +539,32 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
     assert metric(closing, 'conduit_state_fallbacks_total{mode="refused"}') >= 1
 
 
+def test_the_store_is_seen_back_when_no_session_asks_it(sidecars, redis_server):
+    """Redis is down while a session is admitted (on the pod's counts), then back, and
+    no session asks it: conduit_state_available stayed 0 (and no `state_available`
+    line came) until the next admission, however long that took: an alert on it
+    fired for an outage long over. The tick asks the store itself once nothing else
+    has for a second."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1000)
+    proc, = sidecars(keys, redis_server.url, n=1)
+    redis_server.stop()
+
+    async def scenario():
+        result = await attempt(proc, "rated")
+        assert result[0] == "open", result
+        await result[1].close()
+    run(scenario())
+    assert metric(proc, "conduit_state_available") == 0
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    while metric(proc, "conduit_state_available") != 1:
+        assert time.monotonic() < deadline, "conduit_state_available stayed 0"
+        time.sleep(0.1)
+    assert [line["event"] for line in proc.log_lines() if line.get("event", "").startswith("state_")] == [
+        "state_unavailable", "state_available"]
+
+
 def test_a_redis_that_stopped_answering_is_probed_by_one_call_at_a_time(sidecars, redis_server):
     """Redis stops answering (SIGSTOP: connections open, no reply). The first handshake
     waits one timeout and the store is marked down. Once its second of failing at once
