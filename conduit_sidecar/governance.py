@@ -431,10 +431,12 @@ class Governor:
             if again:
                 await self._send(again, now)
             # Not a key in flight: a session's end, while the tick's flush waits (or the reverse).
+            # Nor one whose batch failed meanwhile: a newer batch applied first would make
+            # the store skip it (its usage pending goes with the next flush, after it).
             batches = {
                 key_id: (next(self.batches), {m: v for m, v in self.pending.pop(key_id, {}).items() if v})
                 for key_id in keys
-                if key_id not in self.flushing
+                if key_id not in self.flushing and key_id not in self.unsent
             }
             totals = await self._send(batches, now)
         except StoreError:

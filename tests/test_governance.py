@@ -1554,6 +1554,77 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
     asyncio.run(scenario())
 
 
+def test_a_keys_batch_the_store_missed_goes_before_any_newer_batch_of_that_key():
+    """A flush that sends a key's batch again (its first call failed) waits on the store
+    while another flush's batch of a second key fails. Once the first has its answer,
+    the second key's usage must not go as a new batch before the failed one: the store
+    applies each key's numbers upwards only, so the older batch would be skipped when
+    sent again (its usage lost), or, were the new batch to fail at once, replace it in
+    `unsent`. (A stand-in for Redis whose answers the test gives, in the order a stall
+    gives them: the older call times out, the newer one is answered.)"""
+    class Store:
+        shared = True
+
+        def __init__(self):
+            self.answers: list[asyncio.Future] = []
+            self.applied: dict[str, int] = {}  # key id -> last batch number (the Lua's flushed:<pod>)
+            self.tokens: dict[str, float] = {}
+
+        async def add_usage(self, batches, now, pod):
+            answer = asyncio.get_running_loop().create_future()
+            self.answers.append(answer)
+            await answer  # raises the StoreError the test sets
+            for key_id, (number, deltas) in batches.items():
+                if deltas and number > self.applied.get(key_id, 0):
+                    self.applied[key_id] = number
+                    self.tokens[key_id] = self.tokens.get(key_id, 0.0) + deltas.get("tokens", 0.0)
+            return {key_id: await state.LocalStore().totals(key_id, now) for key_id in batches}
+
+    async def scenario():
+        config = Config()
+        governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+                            set(), {}, lambda model: model or "", lambda key_id: None)
+        governor.store = store = Store()
+
+        async def step(answer: int, error: bool = False):
+            if error:
+                store.answers[answer].set_exception(state.StoreError("timeout"))
+            else:
+                store.answers[answer].set_result(None)
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        async def answered(flush: asyncio.Task):
+            """`flush` ends, every call it makes answered."""
+            while not flush.done():
+                await asyncio.sleep(0)
+                for answer in store.answers:
+                    if not answer.done():
+                        answer.set_result(None)
+
+        governor._add("j", {"tokens": 3.0})
+        first = asyncio.create_task(governor.flush())       # j's batch 1
+        await asyncio.sleep(0)
+        governor._add("k", {"tokens": 5.0})
+        second = asyncio.create_task(governor.flush())      # k's batch 2 (j's is in flight)
+        await asyncio.sleep(0)
+        await step(0, error=True)                           # j's batch 1 fails: kept to send again
+        await first
+        governor.retry_at = 0.0                             # a second on: the next call is the retry
+        governor._add("k", {"tokens": 7.0})
+        third = asyncio.create_task(governor.flush())       # sends j's batch 1 again
+        await asyncio.sleep(0)
+        await step(1, error=True)                           # k's batch 2 fails
+        await second
+        await step(2)                                       # j's batch 1 is answered
+        await answered(third)
+        for _ in range(2):                                  # the next ticks
+            await answered(asyncio.create_task(governor.flush()))
+        assert store.tokens == {"j": 3.0, "k": 12.0}
+        assert governor.unflushed("k")["tokens"] == 0.0 and not governor.unsent
+    asyncio.run(scenario())
+
+
 async def unknown(reader, writer):
     """A server that knows no command, and says so as Redis does, quoting it."""
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
