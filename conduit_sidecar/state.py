@@ -279,11 +279,17 @@ class RedisStore:
             call.close()
             raise
         try:
-            return await call
+            result = await call
         except Exception as exc:
             raise await self._error(exc) from None
         finally:
             self.calls.release()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # redis-py loses a cancellation that comes with the reply (the call returns):
+            # the caller, a session whose client left, must still see it.
+            raise asyncio.CancelledError
+        return result
 
     async def _call(self, script, keys, args):
         return await self._ask(script(keys=keys, args=args))

@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1015,6 +1016,44 @@ def test_a_second_signal_releases_the_lease_of_a_session_still_opening(sidecars,
     run(scenario())
     assert redis_server.command("ZCARD", "t:{one}:leases") == ":0"
     assert "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_client_reset_as_its_admission_is_answered_is_counted_once_and_not_as_our_bug(
+        sidecars, redis_server, held):
+    """New clients' admissions wait on Redis (0.03 s away) and each client resets about
+    then: refused, its key at max_connections, or admitted to a session whose 101 goes
+    before the provider is asked (Gemini's setup is held). The reset's connection_lost
+    cancels the opening, but redis-py lost a cancellation that came as its reply did,
+    and the opening went on: the refusal or the 101, written to the closed transport,
+    raised. The handshake was logged as a bug of ours with its traceback, and a refusal
+    counted twice, key_limit and internal_error."""
+    keys = Keys()
+    keys.add("one", max_connections=1 if not held else 1000)
+    link_port = held_port()
+    proc, = sidecars(keys, f"redis://127.0.0.1:{link_port}/0", n=1, lease_seconds=30,
+                     extra=f'[providers.gemini]\nurl = "ws://127.0.0.1:{held_port()}/"\n')
+    path = "/v1/realtime/connect?provider=gemini&model=m" if held else "/v1/realtime/connect?model=mock-realtime"
+    rounds, at_once = 40, 5
+
+    async def leaves(delay: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+        writer.write(request(path, key=keys.plain["one"]))
+        await asyncio.sleep(delay)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()                                # a reset
+
+    async def scenario():
+        async with RedisLink(link_port, redis_server.port, delay=0.03):
+            first = None if held else await attempt(proc, "one")    # the key is at its limit
+            for i in range(rounds):
+                await asyncio.gather(*(leaves(0.025 + 0.002 * j + 0.0005 * (i % 4)) for j in range(at_once)))
+            if first is not None:
+                await first[1].close()
+    run(scenario())
+    assert "internal_error" not in proc.output()
+    assert metric(proc, "conduit_connections_total") == (not held) + rounds * at_once   # one outcome each
 
 
 @pytest.mark.parametrize("back", [False, True])
