@@ -258,10 +258,12 @@ async def _sign(
         + urllib.parse.urlencode([("agent_id", agent), *passed], quote_via=urllib.parse.quote)
     )
     try:
-        # The whole call, a wait for a free thread included, is bounded.
+        # The whole call, a wait for a free thread included, is bounded. (Not wait_for:
+        # on Python 3.11 it drops a cancellation, the caller's reset, that comes with the answer.)
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(_FETCHERS, _fetch, rest, upstream.headers, upstream.ssl, timeout)
-        body = await asyncio.wait_for(call, timeout)
+        async with asyncio.timeout(timeout):
+            body = await call
         if len(body) > _MAX_RESPONSE_BYTES:
             raise ValueError("response too large")
         signed = urllib.parse.urlsplit(_decoder.decode(body).signed_url)
