@@ -131,14 +131,21 @@ cdef extern from *:
     #ifdef __linux__
     #include <netinet/in.h>
     #include <netinet/tcp.h>
-    /* The peer's reset (1) or end of its side (2) of a TCP socket, whatever is still
-       unread in it; 0 while it is open (or it cannot be told). */
+    #include <sys/ioctl.h>
+    /* The peer's reset (1) of a TCP socket, or its end (2) with nothing left unread
+       (what is, its close frame among it, is still owed to the other peer); 0 while
+       it is open (or it cannot be told). */
     static int conduit_peer_left(int fd) {
         struct tcp_info info;
         socklen_t size = sizeof(info);
+        int unread;
         if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &size) != 0 || size < 1)
             return 0;
-        return info.tcpi_state == TCP_CLOSE ? 1 : info.tcpi_state == TCP_CLOSE_WAIT ? 2 : 0;
+        if (info.tcpi_state == TCP_CLOSE)
+            return 1;
+        if (info.tcpi_state != TCP_CLOSE_WAIT || ioctl(fd, FIONREAD, &unread) != 0)
+            return 0;
+        return unread == 0 ? 2 : 0;
     }
     #else
     #define conduit_peer_left(fd) 0
@@ -1383,7 +1390,9 @@ cdef class Relay:
         peer takes nothing) and uvloop polls a paused socket for nothing: its reset or
         end would be seen only once the other peer reads or writes, the session, its
         slots and the other connection kept until then. One getsockopt per paused leg
-        (server._poll); an end after the peer's close frame is a half-close (kept)."""
+        (server._poll); an end after the peer's close frame is a half-close, and one
+        with bytes still unread (its last messages, its close) is owed to the other
+        peer: both kept."""
         cdef Leg leg
         cdef int left
         for leg in (self.client, self.upstream):

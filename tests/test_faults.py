@@ -258,6 +258,75 @@ def test_a_held_back_peer_that_resets_ends_its_session(faulty, side):
     assert end["closed_by"] == side and end["close_code"] == 1006, end
 
 
+def tcp_queue(local_port: int, remote_port: int) -> tuple[int, int] | None:
+    """The TCP state and receive queue of the loopback socket local_port -> remote_port
+    (/proc/net/tcp), or None once it is gone."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)) == (local_port, remote_port):
+                return int(fields[3], 16), int(fields[4].split(":")[1], 16)
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the poll asks TCP_INFO, Linux's")
+def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty):
+    """The provider sends its last messages, its close and ends its side (FIN), as a
+    provider that is done may, while the client lags behind (reads nothing): the
+    sidecar's reading from the provider is paused with the tail, close frame included,
+    unread in its socket, which the FIN puts in CLOSE_WAIT. The poll's check of paused
+    legs (Relay.drop_left) took that for a provider gone without a close and dropped
+    the leg: the client lost the tail and the provider's close."""
+    frame = bytes([0x82, 127]) + (1 << 16).to_bytes(8, "big") + bytes(1 << 16)
+    close_wait = 8
+
+    async def tail(transport, events):
+        sock = transport.get_extra_info("socket")
+        mine, theirs = sock.getsockname()[1], sock.getpeername()[1]
+        events["sent"] = 0
+        while True:     # until the sidecar reads no more: its receive queue stays
+            transport.write(frame)
+            events["sent"] += 1
+            await asyncio.sleep(0.005)
+            unread = tcp_queue(theirs, mine)[1]
+            if unread:
+                await asyncio.sleep(0.1)
+                if tcp_queue(theirs, mine)[1] == unread:
+                    break
+        assert transport.get_write_buffer_size() == 0       # all of it in the sidecar's queue
+        transport.write(bytes([0x88, 6]) + (1000).to_bytes(2, "big") + b"done")
+        transport.write_eof()
+        for _ in range(100):
+            if (state := tcp_queue(theirs, mine)) is None or state[0] == close_wait:
+                break
+            await asyncio.sleep(0.01)
+        events["paused"] = state
+
+    upstream = []
+
+    async def client(reader, writer, events):
+        await tail(upstream[0], events)
+        state = events["paused"]
+        # the sidecar's socket: gone (dropped already) or in CLOSE_WAIT, the close unread
+        assert state is None or (state[0] == close_wait and state[1] > 0), state
+        await asyncio.sleep(1.0)                        # the poll (0.2 s) runs meanwhile
+        got = 0
+        while True:
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await reader.readexactly(8), "big")
+            payload = await reader.readexactly(n)
+            if b0 & 0x0F == 8:
+                return events["sent"], got, int.from_bytes(payload[:2], "big"), payload[2:].decode()
+            got += 1
+    (sent, got, code, reason), events = with_upstream(faulty, upstream.append, client)
+    assert (got, code, reason) == (sent, 1000, "done")
+
+
 def test_a_tls_client_that_sends_close_notify_and_reads_no_more_is_let_go_at_the_close_timeout(tmp_path):
     """The wss listener's client sends its TLS close_notify (no close frame, its TCP
     connection kept open) and reads nothing of the 16 MiB the provider sends. The relay
