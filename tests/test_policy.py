@@ -14,7 +14,8 @@ import pytest
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.config import ConfigError, Price
 from conduit_sidecar.keys import Budget, load_keys
-from conduit_sidecar.policy import cost_usd, error_event, notice, over_budget, price_for, window_bounds
+from conduit_sidecar.policy import (
+    cost_usd, error_event, figure, notice, over_budget, price_for, window_bounds)
 from conduit_sidecar.providers import dialect, native
 
 UTC = dt.timezone.utc
@@ -84,6 +85,17 @@ def test_over_budget_names_the_budget_and_its_reset():
     reason = over_budget(budgets, {"month": {"usd": 50.2}}, now)
     assert reason == "budget exhausted: usd per month (50); resets 2026-03-01T00:00:00Z"
     assert len(reason.encode()) <= 123      # fits a close frame
+
+
+def test_a_figure_keeps_every_digit_of_its_whole_part():
+    """A limit of 2,000,000 tokens reads as such in a close reason and in `usage`
+    (not `2e+06`), and a total one short of it is not rounded up to it."""
+    assert figure(1_999_999) == "1999999"
+    assert figure(2_000_000) == "2000000"
+    assert figure(12.3456789) == "12.3457"          # six significant digits below a million
+    reason = over_budget([Budget("tokens", 2_000_000, "day")], {"day": {"tokens": 2_000_000}},
+                         dt.datetime(2026, 2, 10, 12, tzinfo=UTC))
+    assert reason == "budget exhausted: tokens per day (2000000); resets 2026-02-11T00:00:00Z"
 
 
 def test_error_event_is_openai_shaped():
