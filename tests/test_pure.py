@@ -743,6 +743,29 @@ def test_config_errors_name_the_variable_or_flag_that_set_the_value(tmp_path):
         config_module.load(str(path), environ={"CONDUIT_DRAIN_SECONDS": "3"})
 
 
+@pytest.mark.parametrize("text, says", [
+    # tls.py takes both as given (it asserts them): the CA needs a place and an output.
+    ('[tls]\nself_signed = true\nca_out = "/tmp/ca.pem"\n', "self_signed needs ca_out and state_dir"),
+    ('[tls]\nself_signed = true\nstate_dir = "/tmp/s"\n', "self_signed needs ca_out and state_dir"),
+    # An upgrade request is read whole before it is judged: 1 MiB per pending handshake.
+    ("[limits]\nmax_request_bytes = 1048577\n", "at `$.limits.max_request_bytes`"),
+    # Renewed every third of it: under 3 s, a renewal a second or more often per pod.
+    ('[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:1"\nlease_seconds = 2.9\n',
+     "at `$.state.lease_seconds`"),
+])
+def test_config_bounds_are_refused_by_name(tmp_path, text, says):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        config_module.load(str(path), environ={})
+
+
+def test_a_log_level_is_read_in_any_case(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('log_level = "WARNING"\n')
+    assert config_module.load(str(path), environ={}).log_level == "WARNING"
+
+
 def test_a_table_only_variables_made_is_named_by_them(tmp_path):
     """The file holds no [tls]; `CONDUIT_TLS_SELF_SIGNED=0` (taken for "TLS off") or a
     certificate without its key made one, refused as a whole (`$.tls`): the error named
