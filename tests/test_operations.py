@@ -392,6 +392,27 @@ def test_second_signal_exits_at_once(tmp_path, mock_provider):
         sidecar.stop()
 
 
+def test_a_second_signal_does_not_wait_for_a_client_that_never_answers_the_close(tmp_path, mock_provider):
+    """The second signal ends the process at once: not after the close timeout of a
+    client that never answers its 1001 (here 60 s, as is drain_seconds)."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
+                             limits="drain_seconds = 60\nclose_timeout_seconds = 60").start()
+    try:
+        with socket.create_connection(("127.0.0.1", sidecar.port)) as s:
+            s.sendall(f"GET /v1/realtime/connect?model=mock-realtime&provider=mock HTTP/1.1\r\nHost: x\r\n"
+                      f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Authorization: Bearer {sidecar.keys.plain['good']}\r\n\r\n".encode())
+            assert s.recv(12) == b"HTTP/1.1 101"             # and then never a byte read
+            sidecar.proc.send_signal(signal.SIGTERM)
+            while http_get(sidecar.admin("/readyz"))[0] != 503:  # the drain began
+                time.sleep(0.05)
+            sidecar.proc.send_signal(signal.SIGINT)
+            assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+
+
 def pid_namespace_wrapper() -> list[str] | None:
     """`unshare` arguments that run a command as PID 1 of a new PID namespace, as a
     container's entrypoint runs (as root, or in a user namespace); None if neither
