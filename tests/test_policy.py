@@ -14,8 +14,7 @@ import pytest
 from conduit_sidecar import config as config_mod
 from conduit_sidecar.config import ConfigError, Price
 from conduit_sidecar.keys import Budget, load_keys
-from conduit_sidecar.policy import (
-    cost_usd, error_event, figure, notice, over_budget, price_for, window_bounds)
+from conduit_sidecar.policy import cost_usd, error_event, figure, notice, over_budget, price_for, window_bounds
 from conduit_sidecar.providers import dialect, native
 
 UTC = dt.timezone.utc
