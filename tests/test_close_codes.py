@@ -172,6 +172,18 @@ def test_upstream_down_gives_1014(sidecar):
         1014, "upstream refused the connection")
 
 
+def test_a_session_its_provider_failed_frees_its_keys_slot(sidecar):
+    """The `limited` key has one connection: a session its provider refused (1014) gives
+    it back (nothing tested that it did: without it the next session got 4029)."""
+    assert run(close_of(sidecar.url(provider="down"), sidecar.auth("limited"))) == (
+        1014, "upstream refused the connection")
+
+    async def body():
+        async with connect(sidecar.url(), additional_headers=sidecar.auth("limited")) as ws:
+            assert "session.created" in await ws.recv()
+    run(body())
+
+
 def test_provider_close_code_and_reason_reach_the_client(sidecar, upstream_ports):
     async def body():
         from websockets.asyncio.server import serve
