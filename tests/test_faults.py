@@ -838,6 +838,41 @@ def test_a_client_that_leaves_while_the_provider_greets_frees_its_slot_and_the_p
     assert "Traceback" not in sidecar.output()
 
 
+def test_a_provider_that_closes_before_its_welcome_frees_the_keys_slot(tmp_path):
+    """Deepgram's agent: a provider that ends the session instead of its Welcome. The
+    client reads the provider's close, and the session is released (nothing tested
+    that it was: without the release the key's one slot stayed taken, 4029 after)."""
+    from websockets.asyncio.server import serve
+    upstream_port = held_port()
+    keys, sidecar = _one_slot_sidecar(
+        tmp_path,
+        f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{upstream_port}/v1/agent/converse"\n'
+        'headers = { Authorization = "Token {secret}" }\nsecret_env = "PROVIDER_KEY"\n')
+    greets = iter([False, True])
+
+    async def provider(ws):      # the first session closed at once, the next one welcomed
+        if not next(greets):
+            await ws.close(4000, "no agent today")
+            return
+        await ws.send(json.dumps({"type": "Welcome", "request_id": "x"}))
+        await ws.wait_closed()
+
+    async def body():
+        url = f"ws://127.0.0.1:{sidecar.port}/v1/agent/converse"
+        auth = {"Authorization": f"Token {keys.plain['one']}"}
+        async with serve(provider, "127.0.0.1", upstream_port):
+            async with connect(url, additional_headers=auth, open_timeout=5) as ws:
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 5)
+                assert (ws.close_code, ws.close_reason) == (4000, "no agent today")
+            async with connect(url, additional_headers=auth, open_timeout=5) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "Welcome"
+    try:
+        run(body())
+    finally:
+        sidecar.stop()
+
+
 def test_a_session_greeted_after_the_drain_ended_is_closed_going_away(tmp_path):
     """Deepgram's agent: the drain's end (close_all) told only sessions with a relay.
     A session whose provider's Welcome came after it started relaying unannounced, and
