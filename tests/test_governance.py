@@ -279,6 +279,27 @@ def test_sessions_per_minute_counts_admitted_sessions_whose_provider_failed(side
     run(scenario())
 
 
+def test_a_session_refused_by_its_keys_rate_is_released(sidecars):
+    """A session the key's sessions_per_minute refuses (4029, after its admission) is
+    no live session: nothing tested that it was released (without it the refused one
+    stayed in conduit_connections_active, and in the key's connection count, for good)."""
+    keys = Keys()
+    keys.add("rated", sessions_per_minute=1)
+    proc, = sidecars(keys, None, n=1)
+
+    async def scenario():
+        result = await attempt(proc, "rated")
+        assert result[0] == "open"
+        await result[1].close()
+        deadline = time.monotonic() + 5
+        while metric(proc, "conduit_connections_active") != 0:
+            assert time.monotonic() < deadline, "the first session was never released"
+            await asyncio.sleep(0.05)
+        assert (await attempt(proc, "rated"))[:2] == ("closed", 4029)
+        assert metric(proc, "conduit_connections_active") == 0
+    run(scenario())
+
+
 def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_server):
     keys = Keys()
     # Each mock response.done without audio reports 7 input + 5 output tokens.
