@@ -685,6 +685,31 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     assert "conduit_connections_active 0.0" in counts
 
 
+def test_a_session_refused_at_its_held_first_message_frees_the_keys_slot(tmp_path):
+    """Gemini's setup is held before the provider is asked: one refused there (here it
+    names no model) is released (nothing tested that it was: without it the key's one
+    slot stayed taken, and the next session got 4029 in place of its own refusal)."""
+    keys, sidecar = _one_slot_sidecar(
+        tmp_path, f'[providers.gemini]\nurl = "ws://127.0.0.1:{held_port()}/g?key={{secret}}"\n'
+                  'secret_env = "PROVIDER_KEY"\n')
+
+    async def refused() -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(request("/v1/realtime/connect?provider=gemini", key=keys.plain["one"]))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.write(masked(0x81, b'{"setup": {}}'))
+        try:
+            return await close_frame_of(reader)
+        finally:
+            writer.close()
+    try:
+        refusal = (1002, "the first message must be a setup message naming the model")
+        assert run(refused()) == refusal
+        assert run(refused()) == refusal
+    finally:
+        sidecar.stop()
+
+
 @pytest.mark.parametrize("answer", ["echo", "bad_101", "status", "coding"])
 def test_an_upstream_answer_that_quotes_our_request_never_carries_the_secret_further(tmp_path, answer):
     """An upstream that echoes the request back (an echo service on the wrong port), or
