@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import raw_upstream_sidecar, run, switching_protocols
+from conftest import http_get, raw_upstream_sidecar, run, switching_protocols
 from test_bad_input import refusal_statuses
 from test_governance import metric
 
@@ -90,6 +90,22 @@ def test_connections_in_their_handshake_are_bounded_by_max_connections(limited):
     assert run(body()) == []
     assert refusals() == before + 1
     pending_becomes(limited, 0)
+
+
+def test_a_signed_url_call_gives_its_slot_back(limited):
+    """A get-signed-url call holds a handshake slot while it is answered (here a 401:
+    no key), then gives it back: three calls past max_connections (2), a session still
+    opens (nothing tested the give: without it the third call, and every later
+    connection, got 503)."""
+    for _ in range(3):
+        assert http_get(f"http://127.0.0.1:{limited.port}/v1/convai/conversation/get-signed-url"
+                        "?agent_id=a")[0] == 401
+    pending_becomes(limited, 0)
+
+    async def body():
+        async with connect(limited.url(), additional_headers=limited.auth()) as ws:
+            await ws.recv()
+    run(body())
 
 
 def test_rejected_clients_that_never_close_hold_the_same_slots(limited):
