@@ -203,7 +203,10 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path, chan
                     with open(sidecar.keys_file, "w") as f:
                         f.write('{"keys": []}')
                 ws = await attempt
-                return await closed_with(ws)
+                result = await closed_with(ws)
+                # And the provider's connection is dropped, not left open (untested: it was).
+                await asyncio.wait_for(up.released.wait(), 5)
+                return result
         assert run(body()) == (4001, "key revoked")
         # Refused before the session started, not started and then ended by the next
         # poll's recheck (the same close, after the client and provider had talked).
