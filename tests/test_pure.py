@@ -591,6 +591,10 @@ def test_request_reader_bounds_and_early_bytes():
     assert reader.feed(head[:10]) is None
     request = reader.feed(head[10:] + b"\x81\x00")
     assert request.path == "/v1/realtime" and reader.early == b"\x81\x00"
+    # What a client sends with its request (a first frame) is not the request's size.
+    frame = b"\x82\x7e\x07\xd0" + b"a" * 2000
+    reader = RequestReader(1024)
+    assert reader.feed(head + frame).path == "/v1/realtime" and reader.early == frame
     with pytest.raises(BadRequest) as exc:
         RequestReader(1024).feed(b"GET / HTTP/1.1\r\nX: " + b"a" * 2000 + b"\r\n\r\n")
     assert exc.value.status == 431
