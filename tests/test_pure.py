@@ -16,7 +16,9 @@ from conduit_sidecar.config import Config, ConfigError, Provider
 from conduit_sidecar.handshake import Accept, Admission, Close, Refuse, decide
 from conduit_sidecar.httpread import BadRequest, RequestReader
 from conduit_sidecar.keys import KeyEntry, KeySet, Rejection, hash_key, load_keys
+from conduit_sidecar.metering import MODEL_LABELS_MAX
 from conduit_sidecar.routing import RouteError, Router
+from conduit_sidecar.server import Sidecar
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
 KEY = "condt_unit-test-key"
@@ -601,6 +603,15 @@ def test_request_reader_bounds_and_early_bytes():
     with pytest.raises(BadRequest) as exc:
         RequestReader(1024).feed(b"GET / HTTP/1.1\r\nAuthorization: Bearer condt_x\x01\r\n\r\n")
     assert exc.value.status == 400 and "condt_x" not in str(exc.value)
+
+
+def test_model_labels_are_bounded():
+    """Models come from clients: past MODEL_LABELS_MAX of them a new one is labelled
+    `other` (one series each would grow without bound), those seen before keep theirs."""
+    sidecar = Sidecar(Config(), KeySet([]))
+    labels = [sidecar.model_label(f"m{i}") for i in range(MODEL_LABELS_MAX + 1)]
+    assert labels[:-1] == [f"m{i}" for i in range(MODEL_LABELS_MAX)] and labels[-1] == "other"
+    assert sidecar.model_label("m0") == "m0"
 
 
 def test_config_precedence_and_errors(tmp_path):
