@@ -863,7 +863,8 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
     again.stop()
     with open(tmp_path / "ca.pem", "rb") as f:
         assert f.read() == ca_before
-    assert oct(os.stat(root / "private" / "ca.key").st_mode & 0o777) == "0o600"
+    for key in ("ca.key", "tls.key"):                                    # the listener's key too
+        assert oct(os.stat(root / "private" / key).st_mode & 0o777) == "0o600", key
     assert oct(os.stat(root / "private").st_mode & 0o777) == "0o700"      # its keys' directory too
 
 
