@@ -990,9 +990,22 @@ def test_self_signed_ca_and_leaf_are_renewed(tmp_path, mock_provider):
     assert old == first and upcoming != first
     leaf = cas(state / "tls.crt")[0]
     leaf.verify_directly_issued_by(first)
+    assert LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=82))  # leaf of day 46 gone
+    # Day 84: the next CA signs, and the leaf of day 82 (5 days left) is re-issued by it.
     assert LoopbackCA(str(state), str(ca_out)).renew(now + dt.timedelta(days=84))
     assert cas(ca_out) == [upcoming]
     cas(state / "tls.crt")[0].verify_directly_issued_by(upcoming)
+    # A state_dir left from day 46 (its next CA published) to day 131, in that CA's
+    # last week: a new CA signs, not one with 5 days left, and the leaf is its.
+    stopped = tmp_path / "stopped"
+    LoopbackCA(str(stopped), str(ca_out)).renew(now)
+    LoopbackCA(str(stopped), str(ca_out)).renew(now + dt.timedelta(days=46))
+    published = cas(ca_out)
+    later = now + dt.timedelta(days=131)
+    assert LoopbackCA(str(stopped), str(ca_out)).renew(later)
+    signing = cas(ca_out)[0]
+    assert signing not in published and signing.not_valid_after_utc - later > dt.timedelta(days=7)
+    cas(stopped / "tls.crt")[0].verify_directly_issued_by(signing)
 
     # A running sidecar: put a leaf with 1 day left in its state_dir; the poll replaces it.
     state, public = tmp_path / "live-private", tmp_path / "live-public"
