@@ -707,6 +707,15 @@ def test_a_key_id_or_hash_ending_in_a_newline_is_refused(tmp_path, entry, at):
         load_keys(str(path))
 
 
+def test_a_hash_in_capitals_is_refused(tmp_path):
+    """hash_key gives lower-case hex; a hash written in capitals (PowerShell's
+    Get-FileHash, `| tr a-z A-Z`) would load and match no key, ever: refused by name."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"id": "team", "sha256": hash_key(KEY).upper()}]}))
+    with pytest.raises(ConfigError, match=re.escape("at `$.keys[0].sha256`")):
+        load_keys(str(path))
+
+
 def test_the_readme_shows_the_real_defaults():
     """The README's config examples give each default as its value (except where a
     comment says it is an example): they must be the Structs' defaults."""
