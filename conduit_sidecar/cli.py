@@ -155,7 +155,9 @@ def _unpriced(conf, router: Router, keyset: KeySet) -> list[str]:
         if patterns is None:
             patterns = [m for name in router.configured for m in router.routes[name].spec.models]
         for pattern in patterns:
-            if price_for(conf.prices, pattern.rstrip("*")) is None:
+            # The pattern itself, `*` kept: a prefix price covers it only if it covers
+            # every model it allows (an exact price for its bare prefix covers one).
+            if price_for(conf.prices, pattern) is None:
                 warnings.append(
                     f"key {entry.id!r} has a usd budget but model {pattern!r} has no [prices] entry"
                 )

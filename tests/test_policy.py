@@ -205,3 +205,26 @@ def test_check_config_warns_about_unpriced_models(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "key 'paid' has a usd budget but model 'other-*' has no [prices] entry" in err
     assert "mock-*" not in err and "free" not in err
+
+
+def test_check_config_warns_of_a_prefix_pattern_whose_bare_prefix_alone_is_priced(tmp_path, capsys):
+    """A key allowed `mock-realtime*`, a price for `mock-realtime` only: the key's
+    sessions on `mock-realtime-2` (a dated model name) cost nothing against its budget.
+    The check looked up the pattern without its `*`, found the exact price, and said
+    nothing."""
+    from conduit_sidecar import cli
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [
+        {"id": "paid", "sha256": "1" * 64, "allowed_models": ["mock-realtime*", "mock-mini*"],
+         "budgets": [{"metric": "usd", "limit": 5, "window": "day"}]}]}))
+    path = tmp_path / "c.toml"
+    path.write_text(f'keys_file = "{keys}"\n[providers.mock]\nurl = "ws://127.0.0.1:1/"\n'
+                    '[prices."mock-realtime"]\ninput_text = 1\n[prices."mock-*"]\ninput_text = 2\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == ""              # mock-* covers both
+    path.write_text(f'keys_file = "{keys}"\n[providers.mock]\nurl = "ws://127.0.0.1:1/"\n'
+                    '[prices."mock-realtime"]\ninput_text = 1\n[prices."mock-mini*"]\ninput_text = 2\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == (
+        "warning: key 'paid' has a usd budget but model 'mock-realtime*' has no [prices] entry\n")
+    assert price_for({"mock-realtime": Price(input_text=1)}, "mock-realtime-2") is None
