@@ -207,6 +207,20 @@ def test_serve_refuses_a_bad_config_with_a_message(tmp_path):
     assert r.returncode == 1 and "HOST:PORT" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_on_a_taken_port_exits_1_with_a_message(tmp_path):
+    """A process supervisor restarts on a failure exit: 0 would read as a clean stop."""
+    import socket
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("serve", "--listen", f"127.0.0.1:{port}", "--keys-file", str(keys),
+                env={**os.environ, "CONDUIT_ADMIN_LISTEN": "127.0.0.1:0"})
+    assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr, r
+
+
 @pytest.mark.parametrize("text, env, says", [
     ('listen = "127.0.0.1:99999"\n', {}, "$.listen"),                   # was bound modulo 65536
     ('admin_listen = "127.0.0.1:65536"\n', {}, "$.admin_listen"),
