@@ -1378,6 +1378,10 @@ def test_inject_file_json_and_errors(tmp_path):
     obj = json.loads(run.stdout)
     validate(obj)
     check_injected(obj, native=False)
+    # No object at all (a file of comments): an empty List, as kubectl prints one.
+    source.write_text("# nothing yet\n---\n")
+    run = inject_cli("-f", str(source), "-o", "json")
+    assert run.returncode == 0 and json.loads(run.stdout) == {"apiVersion": "v1", "kind": "List", "items": []}
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(WORKLOADS.replace('conduit.dev/tls: "true"', 'conduit.dev/tls: "maybe"'))
