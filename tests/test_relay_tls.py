@@ -216,14 +216,18 @@ class _BrokenUpstream(asyncio.Protocol):
             asyncio.get_running_loop().call_later(0.1, self.fail)
 
     def fail(self):
-        if self.how == "bad record":
+        if self.how.startswith("bad record"):
             # An application-data record whose tag cannot verify.
             self.stream.raw.write(b"\x17\x03\x03\x00\x20" + os.urandom(32))
+            if self.how == "bad record, alert unread":
+                # A provider that does not act on the relay's alert (the kernel's sends
+                # send none): its connection stays until the relay drops it.
+                self.stream.raw.set_protocol(asyncio.Protocol())
         else:
             self.stream.close()
 
 
-@pytest.mark.parametrize("how", ["bad record", "close_notify"])
+@pytest.mark.parametrize("how", ["bad record", "bad record, alert unread", "close_notify"])
 def test_upstream_tls_ends_without_a_close_frame_gives_1014(pki, how):
     async def body():
         loop = asyncio.get_running_loop()
