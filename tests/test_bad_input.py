@@ -2,13 +2,14 @@
 with a reason after it; never a crash, a traceback or a hang."""
 
 import asyncio
+import json
 import socket
 import time
 
 import pytest
 from websockets.asyncio.server import serve
 
-from conftest import SidecarProcess, raw_upstream_sidecar, run, standard_keys, switching_protocols
+from conftest import Keys, SidecarProcess, raw_upstream_sidecar, run, standard_keys, switching_protocols
 
 
 def request(path="/v1/realtime/connect?model=mock-realtime&provider=mock", method="GET",
@@ -420,6 +421,65 @@ def test_a_violation_in_the_bytes_read_with_the_handshake_stops_reading_the_viol
 
     sent = run(body())
     # Socket buffers on both ends hold a few MiB; without the pause, 1.2-1.5 GB here.
+    assert sent < 32 << 20, f"{sent >> 20} MiB read from the violator"
+
+
+def test_a_violator_stays_unread_when_the_providers_leg_drains(tmp_path):
+    """Gemini's setup is held, then relayed first: one larger than the provider takes at
+    once leaves its leg behind (the relay pauses the client), and a bad frame sent
+    while the provider was being asked follows it. When the provider's leg drains, the
+    violator must stay paused: nothing tested that (resumed, the sidecar read and
+    dropped all the client sent until the close timeout)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # the provider takes little
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    keys = Keys()
+    key = keys.add("one")
+    sidecar = SidecarProcess(
+        str(tmp_path), f'[providers.gemini]\nurl = "ws://127.0.0.1:{port}/g?key={{secret}}"\n'
+        'secret_env = "PROVIDER_KEY"\n', keys,
+        limits="close_timeout_seconds = 2\nfirst_message_bytes = 8388608").start()
+    # Past what the kernel's send buffer takes (4 MiB here): the provider's leg falls behind.
+    setup = json.dumps({"setup": {"model": "models/gemini-live",
+                                  "systemInstruction": {"parts": [{"text": "x" * (6 << 20)}]}}}).encode()
+    bad = bytes([0x82, 0x7F]) + (1 << 40).to_bytes(8, "big")                      # unmasked
+    chunk = bytes(1 << 16)
+
+    async def provider(reader, writer):         # slow to answer, then slow to read; no close answer
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)
+        writer.write(switching_protocols(head))
+        await asyncio.sleep(0.5)
+        while await reader.read(1 << 16):
+            pass
+        writer.close()
+
+    async def body():
+        server = await asyncio.start_server(provider, sock=listener)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(request("/v1/realtime/connect?provider=gemini", key=key))
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            writer.write(bytes([0x81, 0xFF]) + len(setup).to_bytes(8, "big") + bytes(4) + setup)  # mask 0
+            await asyncio.sleep(0.2)                                  # held; the provider is asked
+            writer.write(bad)
+            sent = 0
+            try:
+                while not reader.at_eof():
+                    writer.write(chunk)
+                    await asyncio.wait_for(writer.drain(), 5)
+                    sent += len(chunk)
+            except (ConnectionError, OSError, TimeoutError):
+                pass
+            writer.close()
+            return sent
+        finally:
+            server.close()
+    try:
+        sent = run(body())
+    finally:
+        sidecar.stop()
     assert sent < 32 << 20, f"{sent >> 20} MiB read from the violator"
 
 
