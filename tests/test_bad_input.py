@@ -9,7 +9,8 @@ import time
 import pytest
 from websockets.asyncio.server import serve
 
-from conftest import Keys, SidecarProcess, raw_upstream_sidecar, run, standard_keys, switching_protocols
+from conftest import (Keys, SidecarProcess, held_port, raw_upstream_sidecar, run, standard_keys,
+                      switching_protocols)
 
 
 def request(path="/v1/realtime/connect?model=mock-realtime&provider=mock", method="GET",
@@ -481,6 +482,35 @@ def test_a_violator_stays_unread_when_the_providers_leg_drains(tmp_path):
     finally:
         sidecar.stop()
     assert sent < 32 << 20, f"{sent >> 20} MiB read from the violator"
+
+
+def test_a_first_message_refused_as_too_big_is_not_read_into_the_wait_for_its_close(tmp_path):
+    """A held first message (Gemini's setup) over first_message_bytes, sent with the
+    upgrade request: 1009, and the client's close answer ends the connection. The bytes
+    of the refused frame must not go to what waits for that close: nothing tested that
+    (given them, it took the close for the oversized frame's payload and waited out the
+    close timeout, here 60 s)."""
+    keys = Keys()
+    key = keys.add("one")
+    sidecar = SidecarProcess(
+        str(tmp_path), f'[providers.gemini]\nurl = "ws://127.0.0.1:{held_port()}/g?key={{secret}}"\n'
+        'secret_env = "PROVIDER_KEY"\n', keys,
+        limits="first_message_bytes = 1024\nclose_timeout_seconds = 60").start()
+    oversized = masked(0x81, b"x" * 2000, length=bytes([0xFF]) + (1 << 20).to_bytes(8, "big"))
+
+    async def body():
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(request("/v1/realtime/connect?provider=gemini", key=key) + oversized)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        code, _ = await close_frame_of(reader)
+        writer.write(masked(0x88, code.to_bytes(2, "big")))          # the client's answer
+        rest = await asyncio.wait_for(reader.read(), 10)             # then the end, at once
+        writer.close()
+        return code, rest
+    try:
+        assert run(body()) == (1009, b"")
+    finally:
+        sidecar.stop()
 
 
 # -- memory: what a rejected peer sends is discarded, not kept ---------------------------
