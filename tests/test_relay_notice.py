@@ -124,6 +124,28 @@ def test_no_notice_between_fragments():
     assert (code, reason) == (4002, "budget exhausted")
 
 
+def test_no_notice_after_a_fragment_in_flight():
+    """The close is asked for while a first fragment (no FIN) to the client is half
+    through: at its end the message is still unfinished, so the close goes alone.
+    Nothing tested that (with the notice sent at that frame's end, the client read a
+    text frame inside a fragmented message: 1002)."""
+    payload = os.urandom(1 << 20)
+    fragment = bytes([0x02, 127]) + len(payload).to_bytes(8, "big") + payload
+
+    async def body():
+        relay, ws, upstream = await _session()
+        upstream.write(fragment[:300_000])
+        await asyncio.sleep(0.2)            # the relay has forwarded part of it
+        relay.close(_relay.CloseCode.BUDGET_EXHAUSTED, "budget exhausted", 1000, "",
+                    client_notice=NOTICE)
+        await asyncio.sleep(0.1)
+        upstream.write(fragment[300_000:])
+        return await _rest(ws)
+    got, code, reason = run(body())
+    assert got == []
+    assert (code, reason) == (4002, "budget exhausted")
+
+
 def test_a_notice_must_be_utf8():
     async def body():
         relay, ws, upstream = await _session()
