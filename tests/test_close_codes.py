@@ -2,12 +2,14 @@
 
 import asyncio
 import os
+import time
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import PROVIDER_SECRET, SlowUpstream, raw_upstream_sidecar, run, switching_protocols
+from test_operations import scrape, value
 
 
 async def close_of(url, headers=None, subprotocols=None):
@@ -197,7 +199,14 @@ def test_provider_close_code_and_reason_reach_the_client(sidecar, upstream_ports
                 with pytest.raises(ConnectionClosed) as exc:
                     await ws.recv()
                 return exc.value.rcvd.code, exc.value.rcvd.reason
+    closes = lambda: value(scrape(sidecar), "conduit_closes_total", side="upstream", code="4000")  # noqa: E731
+    before = closes()
     assert run(body()) == (4000, "invalid_request_error: bad event")
+    # A provider's code is its own label value (a client's 3000-4999 are two: 3xxx, 4xxx).
+    deadline = time.monotonic() + 5
+    while closes() != before + 1:
+        assert time.monotonic() < deadline, f"upstream 4000 closes: {closes()}, was {before}"
+        time.sleep(0.05)
 
 
 def test_client_vanishing_closes_the_upstream(sidecar, upstream_ports):
