@@ -176,8 +176,9 @@ class LoopbackCA:
         self.state_dir, self.ca_out = state_dir, ca_out
         self.cert_file = os.path.join(state_dir, "tls.crt")
         self.key_file = os.path.join(state_dir, "tls.key")
-        # Nothing to do before `due` unless a file in state_dir changed.
-        self.files = FileWatch(*(self._path(n) for n in ("ca.crt", "next.crt", "tls.crt")))
+        # Nothing to do before `due` unless a file in state_dir changed, or the app's
+        # copy did (deleted or overwritten in its shared volume: written again).
+        self.files = FileWatch(*(self._path(n) for n in ("ca.crt", "next.crt", "tls.crt")), ca_out)
         self.due: dt.datetime | None = None
 
     def _path(self, name: str) -> str:

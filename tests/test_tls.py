@@ -868,6 +868,27 @@ def test_self_signed_ca_survives_a_restart_and_stays_private(tls_env, tmp_path, 
     assert oct(os.stat(root / "private").st_mode & 0o777) == "0o700"      # its keys' directory too
 
 
+def test_a_ca_out_removed_or_changed_is_written_again(tmp_path):
+    """The app's copy of the CA (`ca_out`, in a volume the app shares) deleted or
+    overwritten: /readyz said 503 (it checks ca_out exists) and ca_out stayed as it was
+    until the next renewal was due (days): the pod out of its Service, and apps that
+    started meanwhile without the CA. The poll writes it again."""
+    ca_out = tmp_path / "public" / "ca.pem"
+    sidecar = SidecarProcess(str(tmp_path), "", Keys(),
+                             extra=self_signed_tls(held_port(), ca_out, tmp_path / "private")).start()
+    try:
+        trusted = ca_out.read_bytes()
+        for spoil in (ca_out.unlink, lambda: ca_out.write_bytes(b"not a CA\n")):
+            spoil()
+            deadline = time.monotonic() + 10
+            while not (ca_out.exists() and ca_out.read_bytes() == trusted) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ca_out.read_bytes() == trusted
+            assert http_get(sidecar.admin("/readyz"))[0] == 200
+    finally:
+        sidecar.stop()
+
+
 @pytest.mark.parametrize("ca_out", ["ca.pem", "public/ca.pem"])
 def test_a_ca_out_inside_state_dir_is_a_config_error(tmp_path, ca_out):
     """The app reads ca_out, so it mounts the directory that holds it: inside state_dir,
