@@ -179,11 +179,12 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
     authority = hosts[0] if len(hosts) == 1 else ""
     if not _HOST.match(authority):
         return refuse(400, "bad Host header").response
-    keys = request.headers.get_all("xi-api-key")
+    keys = {k.strip() for k in request.headers.get_all("xi-api-key")}  # one, given once or more
     if len(keys) != 1:
-        host.auth_failed(Rejection.MISSING)
-        return _json(401, {"detail": Rejection.MISSING.value})
-    entry = host.keyset.lookup(keys[0].strip())
+        none = Rejection.TWO_KEYS if keys else Rejection.MISSING
+        host.auth_failed(none)
+        return _json(401, {"detail": none.value})
+    entry = host.keyset.lookup(keys.pop())
     admitted = admit(entry, host.router, dt.datetime.now(dt.UTC), agent, "elevenlabs")
     if not isinstance(admitted, Route):
         code, reason, why = admitted

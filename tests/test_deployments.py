@@ -1122,21 +1122,28 @@ def test_a_signed_url_caller_that_resets_as_the_provider_answers_is_not_our_bug(
     assert errors == 0 and "internal_error" not in output
 
 
-def test_a_signed_url_call_with_two_keys_is_refused(workdir):
-    """Two xi-api-key headers: which one would the session be charged to? Neither."""
+def test_a_signed_url_call_with_two_different_keys_is_refused_saying_so(workdir):
+    """Two xi-api-key headers holding different keys: which one would the session be
+    charged to? Neither, and the answer says why (it said `missing key`, as for none,
+    and refused the same key given twice, which a session's handshake takes)."""
     sidecar = sidecar_with(workdir, _elevenlabs(held_port(), held_port()))
     key = sidecar.keys.plain["good"]
-    request = (f"GET /v1/convai/conversation/get-signed-url?agent_id=agent_x HTTP/1.1\r\n"
-               f"Host: 127.0.0.1:{sidecar.port}\r\nxi-api-key: {key}\r\nxi-api-key: {key}\r\n\r\n")
-    try:
+
+    def answer(second: str) -> bytes:
+        request = (f"GET /v1/convai/conversation/get-signed-url?agent_id=agent_x HTTP/1.1\r\n"
+                   f"Host: 127.0.0.1:{sidecar.port}\r\nxi-api-key: {key}\r\nxi-api-key: {second}\r\n\r\n")
         with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as s:
             s.sendall(request.encode())
-            answer = b""
+            data = b""
             while chunk := s.recv(65536):
-                answer += chunk
+                data += chunk
+        return data
+    try:
+        different, same = answer("condt_" + "x" * 43), answer(key)
     finally:
         sidecar.stop()
-    assert answer.startswith(b"HTTP/1.1 401 ") and answer.endswith(b'{"detail":"missing key"}'), answer
+    assert different.startswith(b"HTTP/1.1 401 ") and different.endswith(b'{"detail":"two different keys"}'), different
+    assert same.startswith(b"HTTP/1.1 502 "), same        # admitted: no deployment is up
 
 
 def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workdir):
