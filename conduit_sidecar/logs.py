@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["info", "loop_error", "setup", "trace"]
+__all__ = ["Limited", "info", "loop_error", "setup", "trace"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _encoder = msgspec.json.Encoder()
@@ -164,6 +164,59 @@ def info(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
             handler.add(formatter.line(time.time(), "info", logger.name, msg, fields))
     else:
         logger.info(msg, extra=fields)
+
+
+class Limited:
+    """Lines a peer can cause at will, before any key is checked (a refusal, a
+    handshake timeout): a flood of them is no flood of lines. Of each kind (the
+    values of `kinds` in its fields) the first `per_second` in a second are logged;
+    the rest are counted, and one line once the second is over says how many were
+    not logged, so the flood still shows."""
+
+    __slots__ = ("logger", "kinds", "per_second", "windows")
+
+    def __init__(self, logger: logging.Logger, kinds: tuple[str, ...], per_second: int = 10):
+        self.logger, self.kinds, self.per_second = logger, kinds, per_second
+        # kind -> its second: as many kinds as the callers' events and statuses, a handful.
+        self.windows: dict[tuple, _Window] = {}
+
+    def info(self, msg: str, fields: dict[str, Any]) -> None:
+        kind = tuple(fields.get(name) for name in self.kinds)
+        now = time.monotonic()
+        window = self.windows.get(kind)
+        if window is None or now - window.start >= 1.0 and window.told is None:
+            window = self.windows[kind] = _Window(now)
+        if window.logged < self.per_second:
+            window.logged += 1
+            info(self.logger, msg, fields)
+            return
+        if window.told is None:  # the first not logged: told when the second is over
+            window.told = asyncio.get_running_loop().call_later(window.start + 1.0 - now, self._tell, kind)
+        window.dropped += 1
+
+    def _tell(self, kind: tuple) -> None:
+        window = self.windows.pop(kind)
+        fields: dict[str, Any] = {"event": "not_logged", "lines": window.dropped}
+        for name, value in zip(self.kinds, kind, strict=True):
+            if value is not None:  # (a kind without a status, say)
+                fields["of" if name == "event" else name] = value
+        info(self.logger, "lines not logged in the last second", fields)
+
+    def flush(self) -> None:
+        """Tell now what is not logged (at a stop, before the seconds are over)."""
+        for kind, window in list(self.windows.items()):
+            if window.told is not None:
+                window.told.cancel()
+                self._tell(kind)
+
+
+class _Window:
+    __slots__ = ("start", "logged", "dropped", "told")
+
+    def __init__(self, start: float):
+        self.start = start
+        self.logged = self.dropped = 0
+        self.told: asyncio.TimerHandle | None = None  # set at the first line not logged
 
 
 def setup(level: str = "info") -> None:

@@ -21,7 +21,7 @@ from .keys import KeyEntry, KeySet, KeyWatcher, Rejection
 from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Transcription, Usage
 from .metrics import Metrics
 from .routing import Router
-from .session import ClientHandshake, SessionInfo, Slots
+from .session import ClientHandshake, SessionInfo, Slots, unkeyed
 from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .tlsleg import TLSStream
@@ -517,5 +517,6 @@ class Sidecar:
             while not all(call.done() for call in calls) and loop.time() < deadline and signals < 2:
                 await asyncio.sleep(0.05)
         await self.stop()
+        unkeyed.flush()
         log.info("stopped", extra={"event": "stop"})
         return 0

@@ -30,10 +30,13 @@ from .providers import BadPath, audio_rate, bare_path, dialect, meter, normalise
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
 
-__all__ = ["ClientHandshake", "Host", "SessionInfo", "Slots"]
+__all__ = ["ClientHandshake", "Host", "SessionInfo", "Slots", "unkeyed"]
 
 log = logging.getLogger("conduit.session")
 _ids = itertools.count(1)
+# The lines of connections without a key (refusals, timeouts, failed TLS handshakes),
+# which a peer makes as fast as it connects: a fixed number a second of each kind.
+unkeyed = logs.Limited(log, ("event", "status"))
 
 
 class SessionInfo:
@@ -149,8 +152,7 @@ def _refused(host: Host, refusal: Refuse, result: str = "bad_request") -> None:
     """A connection refused with an HTTP status (by the parser, by decide, or for want
     of a slot): counted and logged alike."""
     host.count(result)
-    logs.info(
-        log,
+    unkeyed.info(
         "handshake refused",
         {"event": "refused", "status": refusal.response.status_code, "reason": refusal.reason},
     )
@@ -257,7 +259,7 @@ class ClientHandshake(asyncio.Protocol):
     def _timeout(self):
         seconds = self.host.limits.handshake_timeout_seconds
         self.host.count("handshake_timeout")
-        logs.info(log, "handshake timed out", {"event": "handshake_timeout", "seconds": seconds})
+        unkeyed.info("handshake timed out", {"event": "handshake_timeout", "seconds": seconds})
         self.transport.abort()
 
     def data_received(self, data):
@@ -312,7 +314,7 @@ class ClientHandshake(asyncio.Protocol):
             # The wss listener's handshake failed: most often a client that does not
             # trust the listener's CA (its alert's name says so), which only this shows.
             self.host.count("tls_failed")
-            logs.info(log, "tls handshake failed", {"event": "tls_failed", "reason": exc.reason})
+            unkeyed.info("tls handshake failed", {"event": "tls_failed", "reason": exc.reason})
         if self.reader is not None or self.lingering:
             self._done_reading()
         if self.task is not None and not self.task.done():

@@ -140,12 +140,15 @@ def _on_pipe(tmp_path, mock_provider, pipe_size: int) -> tuple[SidecarProcess, i
 
 
 def _refused_requests(port: int, n: int) -> list[socket.socket]:
-    """`n` requests for a path the sidecar does not serve (one `refused` line each),
-    sent and not waited for."""
+    """`n` requests the sidecar refuses, sent and not waited for: a path it does not
+    serve (404), one without an upgrade (426), and garbage (400), in turn (refusal
+    lines are limited for each status, see the flood's test)."""
+    requests = (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n\r\n", b"XXXX\r\n\r\n")
     socks = []
-    for _ in range(n):
+    for i in range(n):
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(requests[i % len(requests)])
         socks.append(sock)
     return socks
 
@@ -174,13 +177,14 @@ def test_a_full_non_blocking_stdout_loses_no_line(tmp_path, mock_provider):
     reading.start()
     for sock in socks:
         with sock:
-            assert sock.recv(100).startswith(b"HTTP/1.1 404")
+            assert sock.recv(100).startswith(b"HTTP/1.1 4")
     sidecar.proc.send_signal(signal.SIGTERM)
     assert sidecar.proc.wait(10) == 0
     reading.join()
     os.close(read)
     lines = [json.loads(line) for line in out[0].decode().splitlines()]
-    assert sum(line.get("event") == "refused" for line in lines) == 300
+    logged = sum(line.get("event") == "refused" for line in lines)
+    assert logged + sum(line["lines"] for line in lines if line.get("event") == "not_logged") == 300
     assert lines[-1]["event"] == "stop"
 
 
@@ -195,7 +199,7 @@ def test_a_stdout_nobody_reads_is_reported_once(tmp_path, mock_provider):
     os.close(read)
     for sock in _refused_requests(sidecar.port, 20):
         with sock:
-            assert sock.recv(100).startswith(b"HTTP/1.1 404")
+            assert sock.recv(100).startswith(b"HTTP/1.1 4")
     sidecar.proc.send_signal(signal.SIGTERM)
     assert sidecar.proc.wait(10) == 0
     assert (tmp_path / "stderr").read_text().count("Traceback") == 1
@@ -244,3 +248,48 @@ def test_pythons_own_warnings_and_ignored_exceptions_are_json_lines():
     assert "DeprecationWarning: an old call" in lines[0]["msg"]
     assert "builtins.ValueError (message not logged)" in lines[1]["error"]
     assert "condt_SECRET" not in r.stdout
+
+
+def _refusal_lines(sidecar, status: int, n: int) -> tuple[list[dict], list[dict]]:
+    """The `refused` lines of `status`, and the `not_logged` lines that count the
+    rest, once they account for `n` refusals (or 5 s have gone by)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = sidecar.log_lines()
+        logged = [line for line in lines if line.get("event") == "refused" and line["status"] == status]
+        told = [line for line in lines if line.get("event") == "not_logged" and line.get("status") == status]
+        if len(logged) + sum(line["lines"] for line in told) >= n or time.monotonic() > deadline:
+            return logged, told
+
+
+def test_a_flood_of_refusals_is_logged_a_few_lines_a_second_each_kind(tmp_path, mock_provider):
+    """Each refused connection (the parser's 400, decide's 404, the 503) logged a line,
+    before any key is checked: a local script's 30,000 refusals a second wrote 5.5 MB
+    of log a second, without bound, and a log reader that fell behind stalled the
+    sidecar. Now 10 lines a second of each kind, then one line that says how many more
+    there were; the first refusal of another kind is still logged during the flood."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
+                             limits="max_connections = 8").start()
+    try:
+        for request in (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", b"XXXX\r\n\r\n"):
+            for _ in range(300):
+                with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
+                    sock.sendall(request)
+                    assert sock.recv(100).startswith(b"HTTP/1.1 4")
+        time.sleep(1.5)  # the lingering closes of the last refusals are over
+        partials = [socket.create_connection(("127.0.0.1", sidecar.port)) for _ in range(8)]
+        for partial in partials:
+            partial.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\n")  # the 8 slots
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
+            assert sock.recv(100).startswith(b"HTTP/1.1 503")
+        for partial in partials:
+            partial.close()
+        for status in (404, 400):
+            logged, told = _refusal_lines(sidecar, status, 300)
+            assert len(logged) + sum(line["lines"] for line in told) == 300  # each one counted
+            assert told and len(logged) + len(told) <= 30                    # in a few lines
+            assert all(line["of"] == "refused" for line in told)
+        assert len(_refusal_lines(sidecar, 503, 1)[0]) == 1
+    finally:
+        sidecar.stop()
