@@ -169,8 +169,8 @@ class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
     the connection to `open_session` and keeps nothing of the request. It holds one
     of the host's `pending` slots while it reads; with none free a connection gets 503
-    at once (on the wss listener it is dropped: no TLS handshake is spent on it), and
-    lingers as other refusals do in a `turned_away` slot (none free: closed at once).
+    at once and lingers as other refusals do in a `turned_away` slot (none free: closed
+    at once); on the wss listener it is dropped (no TLS handshake is spent on it).
 
     While the session opens it goes on reading, only to notice a client that leaves
     (its end or a reset cancels the opening, whose upstream is then dropped): a client
@@ -209,6 +209,15 @@ class ClientHandshake(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(limit, self._timeout)
         if host.pending.take():
             self.reader = RequestReader(host.limits.max_request_bytes)
+            return
+        if isinstance(transport, tlsleg.TLSStream):
+            # No TLS handshake is spent on it, so no 503 can reach it: dropped, and
+            # its line says so.
+            host.count("too_many_handshakes")
+            reason = "too many connections in their handshake"
+            unkeyed.info("connection dropped", {"event": "dropped", "reason": reason})
+            self.timer.cancel()
+            transport.close()
             return
         # The request is still to come: closed at once, the socket would answer it
         # with a reset, which can destroy the 503 before the client reads it.

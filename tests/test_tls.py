@@ -135,6 +135,13 @@ def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, moc
                 client_ssl(sidecar.ca_out).wrap_socket(raw, server_hostname="127.0.0.1")
             assert time.monotonic() - t0 < 2  # dropped, not left to the handshake timeout
         silent.close()
+        # Its line says so: it said 'handshake refused', status 503, which never went out.
+        deadline = time.monotonic() + 5
+        while not (lines := [line for line in sidecar.log_lines() if line.get("event") in ("refused", "dropped")]):
+            assert time.monotonic() < deadline, "no line for the dropped connection"
+            time.sleep(0.05)
+        assert [(line["event"], line.get("status"), line["reason"]) for line in lines] == [
+            ("dropped", None, "too many connections in their handshake")]
         time.sleep(0.5)  # its end is handled
 
         async def body():
