@@ -61,6 +61,8 @@ class Sidecar:
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
         self.holding: set[held.Reader] = set()
+        # Rejections of peers whose key was not accepted (4001), made as fast as they connect.
+        self.keyless = logs.Limited(log, ("event", "code"))
         self.metrics = Metrics(
             lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
         )
@@ -150,16 +152,16 @@ class Sidecar:
         if decision.rejection is not None:
             self.auth_failed(decision.rejection)
         self.metrics.child(self.metrics.closes, "sidecar", str(decision.code)).inc()
-        logs.info(
-            log,
-            "session rejected",
-            {
-                "event": "rejected",
-                "code": decision.code,
-                "reason": decision.reason,
-                "key_id": decision.key.id if decision.key else None,
-            },
-        )
+        fields = {
+            "event": "rejected",
+            "code": decision.code,
+            "reason": decision.reason,
+            "key_id": decision.key.id if decision.key else None,
+        }
+        if decision.key is None:
+            self.keyless.info("session rejected", fields)
+        else:
+            logs.info(log, "session rejected", fields)
 
     def session_ended(self, relay) -> None:
         info: SessionInfo = relay.session
@@ -518,5 +520,6 @@ class Sidecar:
                 await asyncio.sleep(0.05)
         await self.stop()
         unkeyed.flush()
+        self.keyless.flush()
         log.info("stopped", extra={"event": "stop"})
         return 0

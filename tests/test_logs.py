@@ -293,3 +293,39 @@ def test_a_flood_of_refusals_is_logged_a_few_lines_a_second_each_kind(tmp_path, 
         assert len(_refusal_lines(sidecar, 503, 1)[0]) == 1
     finally:
         sidecar.stop()
+
+
+def test_a_flood_of_unknown_keys_is_logged_a_few_lines_a_second(tmp_path, mock_provider):
+    """A well-formed upgrade with a key the sidecar does not know gets its 101 and 4001,
+    and logged a `rejected` line each: a peer without a key wrote 168 bytes of log per
+    try, 7,000 tries a second from one local script. Now, as for the refusals, 10 lines
+    a second and a `not_logged` line with the rest; a key holder's rejection is its
+    key's (key_id in the line), and is still logged every time."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys()).start()
+    head = (b"GET /v1/realtime/connect?model=mock-realtime&provider=mock HTTP/1.1\r\nHost: x\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n")
+    try:
+        for _ in range(300):
+            with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
+                sock.sendall(head % b"condt_unknown")
+                assert sock.recv(100).startswith(b"HTTP/1.1 101")
+        for _ in range(12):  # a known key, a model it may not use: 4003, with its key's id
+            with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
+                sock.sendall((head % sidecar.keys.plain["one-model"].encode()).replace(b"mock-realtime", b"mock-x", 1))
+                assert sock.recv(100).startswith(b"HTTP/1.1 101")
+        deadline = time.monotonic() + 5
+        while True:
+            lines = sidecar.log_lines()
+            logged = [line for line in lines if line.get("event") == "rejected" and line["code"] == 4001]
+            told = [line for line in lines if line.get("event") == "not_logged" and line.get("code") == 4001]
+            keyed = [line for line in lines if line.get("event") == "rejected" and line["key_id"] == "one-model"]
+            if len(logged) + sum(line["lines"] for line in told) >= 300 and len(keyed) >= 12:
+                break
+            assert time.monotonic() < deadline, (len(logged), told, len(keyed))
+            time.sleep(0.05)
+        assert len(logged) + sum(line["lines"] for line in told) == 300
+        assert told and len(logged) + len(told) <= 30
+        assert len(keyed) == 12
+    finally:
+        sidecar.stop()
