@@ -107,7 +107,7 @@ class Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Circuit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Per deployment: `failures` connects in a row rest it for `cooldown_seconds`,
+    """Per deployment: `failures` failed attempts in a row rest it for `cooldown_seconds`,
     doubled per failed probe up to `max_cooldown_seconds`."""
 
     failures: Count = 5

@@ -26,19 +26,30 @@ from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .tlsleg import TLSStream
 from .trim import Trimmer
-from .upstream import Balancer
+from .upstream import Balancer, Failed, Health
 
 __all__ = ["Sidecar"]
 
 log = logging.getLogger("conduit.server")
 _BINARY = _relay.KIND_NAMES.index("binary")
+_CLOSE = _relay.KIND_NAMES.index("close")
 _NO_USAGE = Usage()  # read only: the session_end line of a session no provider billed
+# A provider that ends a session this soon after its relay started, with one of these
+# codes, before any client frame reached it, failed as a refused connect does (judge).
+_EARLY_SECONDS = 1.0
+_EARLY_CODES = frozenset((_relay.CloseCode.INTERNAL_ERROR, _relay.CloseCode.CONNECTION_LOST))
 
 
 def _close_label(side: str, code: int) -> str:
     """A client picks its close code: the 2,000 of the application range (3000-4999)
     are two label values, not a series each (the session_end line keeps the code)."""
     return f"{code // 1000}xxx" if side == "client" and code >= 3000 else str(code)
+
+
+def _only_close(frames: tuple[int, ...]) -> bool:
+    """Whether a direction relayed no frame but a close (the client's answer to the
+    provider's counts as none). Frames are counted as their header goes on."""
+    return sum(frames) == frames[_CLOSE]
 
 
 def _thousandths(seconds: float) -> float:
@@ -57,6 +68,10 @@ class Sidecar:
         self.pending = Slots(self.limits.max_connections)  # connections without a session
         self.turned_away = Slots(self.limits.max_connections)  # ... and the 503s for want of one
         self.opening: set[asyncio.Task] = set()  # open_session tasks under way
+        # (end of its first second, session) per relayed session whose connect's verdict
+        # is owed (judge), oldest first, and the timer of the first one's.
+        self.trials: collections.deque[tuple[float, SessionInfo]] = collections.deque()
+        self.sweeper: asyncio.TimerHandle | None = None
         self.live_per_key: collections.Counter[str] = collections.Counter()
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
@@ -106,6 +121,23 @@ class Sidecar:
 
     def started(self, info: SessionInfo) -> None:
         self.governor.started(info)
+        if info.trial is not None:
+            loop = asyncio.get_running_loop()
+            self.trials.append((loop.time() + _EARLY_SECONDS, info))
+            if self.sweeper is None:
+                self.sweeper = loop.call_at(self.trials[0][0], self._lived)
+
+    def _lived(self) -> None:
+        """Sessions whose first second is over: their connects were good. One timer
+        for them all (one per session held 0.6 KiB each through its first second)."""
+        loop = asyncio.get_running_loop()
+        trials, now = self.trials, loop.time()
+        while trials and trials[0][0] <= now:
+            info = trials.popleft()[1]
+            if info.trial is not None and info.upstream is not None:  # (None: judged at its end)
+                info.trial = None
+                self.balancer.succeeded(info.upstream)
+        self.sweeper = loop.call_at(trials[0][0], self._lived) if trials else None
 
     def connected(self, info: SessionInfo, seconds: float) -> None:
         self.metrics.child(self.metrics.upstream_connect, info.provider).observe(seconds)
@@ -122,10 +154,34 @@ class Sidecar:
             if self.live_per_key[info.key_id] <= 0:
                 del self.live_per_key[info.key_id]
             if info.upstream is not None:
-                info.upstream.release()  # least_sessions counts live sessions
+                self.judge(info, info.upstream)
         self.governor.release(info)
         if self.draining and not self.sessions and self.stopped is not None:
             self.stopped.set()
+
+    def judge(self, info: SessionInfo, h: Health) -> None:
+        """The session has ended: the verdict on its connect if still owed (within its
+        first second, or before its relay). A 101 says little: a deployment out of
+        quota may accept every session and end it at once, and counted as good it was
+        never rested. The provider's 1011 or lost connection before any client frame
+        but a close reached it (`info.relay` is still set) is the deployment's failure:
+        no client input can have caused it, so no tenant can rest a deployment for
+        everyone. Anything else succeeded."""
+        probe, info.trial = info.trial, None
+        relay = info.relay
+        if (
+            probe is not None
+            and relay is not None
+            and relay.closed_by == "upstream"
+            and relay.close_code in _EARLY_CODES
+            and _only_close(relay.counters(0)[0])
+        ):
+            why = f"upstream ended the session at once ({relay.close_code})"
+            self.balancer.failed(h, Failed("early_close", why, "early close"), probe)  # ends its attempt
+            return
+        if probe is not None:  # ended before its relay started, or not at once
+            self.balancer.succeeded(h)
+        h.release()  # least_sessions counts live sessions
 
     def count(self, result: str) -> None:
         self.metrics.child(self.metrics.connections, result).inc()
@@ -453,6 +509,8 @@ class Sidecar:
     async def stop(self) -> None:
         if self.poller:
             self.poller.cancel()
+        if self.sweeper:
+            self.sweeper.cancel()
         for server in self.servers:
             server.close()
         if self.admin:

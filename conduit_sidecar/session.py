@@ -55,6 +55,7 @@ class SessionInfo:
         "seen_activity",
         "active_at",
         "upstream",
+        "trial",
         "public_agent",
         "audio_bytes",
         "audio_rate",
@@ -75,6 +76,8 @@ class SessionInfo:
         self.seen_activity = 0  # bytes relayed at the last idle check (Relay.activity)
         self.active_at = self.started
         self.upstream: Health | None = None  # the deployment's Health; released at the end
+        # While its connect's verdict is owed (Sidecar.judge): whether it was the probe.
+        self.trial: bool | None = None
         self.public_agent = public_agent  # admitted without a key, as this agent's session
         self.audio_bytes = 0  # client->provider binary payload the governor has counted
         self.audio_rate: int | None = None  # its bytes per second, if not [audio]'s
@@ -648,7 +651,9 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             transport.resume_reading()
         started = time.monotonic()
         try:
-            upstream, subprotocol, upstream_early, info.upstream = await host.balancer.connect(decision)
+            upstream, subprotocol, upstream_early, info.upstream, info.trial = await host.balancer.connect(
+                decision
+            )
             opening.upstream = upstream
             info.provider = info.upstream.target.provider  # after a failover: the next one
         except (UpstreamError, RouteError) as exc:

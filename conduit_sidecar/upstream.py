@@ -10,9 +10,11 @@ never answers costs its share, not the whole budget, and time one attempt did no
 use passes to the next. Other refusals (e.g. HTTP 404) are the request's fault and
 end the search. Nothing here runs after the client's 101.
 
-Each deployment has a circuit breaker (state per sidecar): `failures` connects in a
+Each deployment has a circuit breaker (state per sidecar): `failures` attempts in a
 row rest it for a cool-down, after which one probe session may try it; a failed
-probe doubles the cool-down (capped), a good one closes the circuit. HTTP 429 with
+probe doubles the cool-down (capped), a good one closes the circuit. A connect is
+judged with what follows it (server.Sidecar.judge): a session the provider ends at
+once (`early_close`) is a failure, one that lives is the success. HTTP 429 with
 `Retry-After` rests it for that long; 401 (our credential refused) is a configuration
 fault, logged as an error, and rests it at once. A 403 gives no verdict: providers
 answer it for what the request asked (a model the project may not use), so counting
@@ -329,7 +331,7 @@ class Health:
         self.target = target
         self.circuit = circuit
         self.live = 0  # sessions connecting to or relaying through it
-        self.failures = 0  # connect failures in a row
+        self.failures = 0  # failed attempts in a row (early closes included)
         self.resting_until: float | None = None  # None: circuit closed (healthy)
         self.cooldown = circuit.cooldown_seconds
         self.probing = False  # the one probe after a rest is under way
@@ -369,7 +371,7 @@ class Health:
     ) -> None:
         """A failed attempt: rest after `failures` in a row (or `at_once`, or for the
         provider's `rest`); a failed probe doubles the cool-down. A probe is no longer
-        one once another attempt has connected meanwhile: the circuit is closed, and
+        one once another attempt has succeeded meanwhile: the circuit is closed, and
         its failure is one in a row like any."""
         self.live -= 1
         self.failures += 1
@@ -447,9 +449,10 @@ class Balancer:
         return ordered, resting
 
     async def connect(self, decision: Accept):
-        """Returns (transport, subprotocol, early bytes, Health of the deployment used;
-        the caller releases it when the session ends). Raises UpstreamError (1014) or
-        RouteError (its own code)."""
+        """Returns (transport, subprotocol, early bytes, Health of the deployment used,
+        whether the attempt was its probe). The attempt's verdict is owed: the caller
+        gives it (`succeeded`, or `failed` for an early close) and releases the Health
+        when the session ends. Raises UpstreamError (1014) or RouteError (its own code)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         model = None if decision.modelless else decision.model  # its URL names no model
@@ -506,10 +509,9 @@ class Balancer:
             except BaseException:  # the client left (cancelled), or a bug of ours
                 h.abandoned(probe)  # no verdict on the deployment; a probe is let go
                 raise
-            self.succeeded(h)
             if isinstance(result[0], tlsleg.TLSStream) and result[0].sslobj.session_reused:
                 self.metrics.child(self.metrics.upstream_tls_resumed, h.target.provider, h.target.label).inc()
-            return (*result, h)
+            return (*result, h, probe)
         notes += [f"{h.name} resting" for h in resting]
         if len(errors) == 1 and not resting and len(notes) == 1:
             raise errors[0]  # one deployment: its own words
@@ -542,8 +544,8 @@ class Balancer:
         return request
 
     def succeeded(self, h: Health) -> None:
-        """An attempt on `h` succeeded: a session's connect, or ElevenLabs' signed-URL
-        fetch (signed_urls.py), which reports its attempts here as a connect does."""
+        """An attempt on `h` succeeded: a session that connected and was not ended at
+        once by the provider, or ElevenLabs' signed-URL fetch (signed_urls.py)."""
         h.succeeded()
         self._count(h, "ok")
 

@@ -15,6 +15,7 @@ import re
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -670,6 +671,154 @@ def test_one_probe_while_sessions_arrive_together(workdir):
         sidecar.stop()
     assert first == "good" and served == ["good"] * 5
     assert probes == 1
+
+
+class Ending(Named):
+    """Accepts every upgrade, then ends the session as `how` says: "1011" at once (a
+    region out of quota), "reset" at once (its TCP connection reset), "after_message"
+    (1011 once the client has sent a message), "late" (1011 after 1.5 s, nothing asked)."""
+
+    def __init__(self, name: str, how: str):
+        super().__init__(name)
+        self.how = how
+
+    async def __aenter__(self):
+        async def handler(ws):
+            self.handshakes += 1
+            if self.how == "reset":
+                sock = ws.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                ws.transport.abort()
+                return
+            if self.how == "after_message":
+                await ws.recv()
+            elif self.how == "late":
+                await asyncio.sleep(1.5)
+            await ws.close(1011, "quota exhausted")
+        self.server = await serve(handler, "127.0.0.1", self.port, compression=None)
+        return self
+
+
+async def session_codes(sidecar, n: int, send: bool = False) -> list[tuple[int, str | None]]:
+    """n sessions one after another, each to its end (its session_end line written):
+    (the close code the client read, the deployment named by its first message)."""
+    codes, before = [], len(ended(sidecar))
+    for i in range(n):
+        async with connect(sidecar.url(model="m", provider="p"), additional_headers=sidecar.auth(),
+                           open_timeout=10) as ws:
+            if send:
+                await ws.send("hello")
+            name = None
+            try:
+                while True:
+                    name = json.loads(await ws.recv())["deployment"]
+                    await ws.close()
+            except ConnectionClosed as exc:
+                codes.append((exc.rcvd.code if exc.rcvd else 1006, name))
+        await ends_reach(sidecar, before + i + 1)
+    return codes
+
+
+def attempts_of(sidecar, deployment: str) -> dict[str, float]:
+    return {o: metric(sidecar, "conduit_upstream_attempts_total", deployment=deployment, outcome=o,
+                      provider="p") or 0.0 for o in ("ok", "early_close")}
+
+
+@pytest.mark.parametrize("how, code", [("1011", 1011), ("reset", 1014)])
+def test_a_deployment_that_ends_every_session_at_once_rests(workdir, how, code):
+    """A deployment that answers 101 and ends the session at once (a region out of
+    quota closing every session with 1011, or its connection reset) was counted a good
+    connect: listed first with least_sessions it got every session (10 of 10 ended
+    1011), `conduit_deployment_healthy` stayed 1. Its early close is now a failure (no
+    failover: the session still ends), the connect alone clears no failures in a row,
+    so `failures = 2` of them rest it; a probe that ends at once doubles the rest."""
+    broken, good = Ending("broken", how), Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "broken"\n{ws_url(broken.port)}', f'name = "good"\n{ws_url(good.port)}'),
+        extra="[circuit]\nfailures = 2\ncooldown_seconds = 1\nmax_cooldown_seconds = 30\n")
+
+    async def body():
+        async with broken, good:
+            first = await session_codes(sidecar, 3)
+            healthy = metric(sidecar, "conduit_deployment_healthy", deployment="broken", provider="p")
+            await asyncio.sleep(1.2)                # the rest is over: one probe, ended at once
+            probed = await session_codes(sidecar, 2)
+            return first, healthy, probed
+    try:
+        first, healthy, probed = run(body())
+        counted = attempts_of(sidecar, "broken")
+    finally:
+        sidecar.stop()
+    assert [c for c, _ in first[:2]] == [code, code] and first[2] == (1000, "good")
+    assert healthy == 0                                     # without: 1, and 3 of 3 to broken
+    assert [c for c, _ in probed] == [code, 1000] and probed[1][1] == "good"
+    assert counted == {"ok": 0, "early_close": 3}
+    logged = [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+    assert [(x["deployment"], x["outcome"]) for x in logged] == [("broken", "early_close")] * 3
+    assert logged[0]["resting_seconds"] is None and logged[1]["resting_seconds"] <= 1.0
+    assert logged[2]["resting_seconds"] > 1.0               # the probe's failure: 2 s
+    assert PROVIDER_SECRET not in sidecar.output()
+
+
+@pytest.mark.parametrize("how", ["after_message", "late"])
+def test_a_session_ended_after_client_input_or_its_first_second_rests_nothing(workdir, how):
+    """A 1011 that follows a client's message may be the client's doing (a tenant must
+    not rest a deployment for everyone), and one after the first second is the
+    session's own: neither counts against the deployment, even with `failures = 1`;
+    each connect is counted `ok`."""
+    broken, good = Ending("broken", how), Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "broken"\n{ws_url(broken.port)}', f'name = "good"\n{ws_url(good.port)}'),
+        extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+    n = 3 if how == "after_message" else 2
+
+    async def body():
+        async with broken, good:
+            return await session_codes(sidecar, n, send=how == "after_message"), broken.handshakes
+    try:
+        codes, handshakes = run(body())
+        healthy = metric(sidecar, "conduit_deployment_healthy", deployment="broken", provider="p")
+        counted = attempts_of(sidecar, "broken")
+    finally:
+        sidecar.stop()
+    assert [c for c, _ in codes] == [1011] * n and handshakes == n
+    assert healthy == 1 and counted == {"ok": n, "early_close": 0}
+    assert not [line for line in sidecar.log_lines() if line.get("event") == "upstream_attempt"]
+
+
+def test_a_held_first_message_is_client_input_an_early_close_after_it_rests_nothing(workdir):
+    """Gemini's `setup` is held until the provider answers, then relayed first: a 1011
+    at once after it may answer what the client asked (a bad setup), so it counts
+    against no deployment."""
+    broken, good = Ending("broken", "1011"), Named("good")
+    sidecar = sidecar_with(workdir, deployments(
+        f'name = "broken"\n{ws_url(broken.port)}', f'name = "good"\n{ws_url(good.port)}',
+        extra="").replace("[providers.p]", "[providers.gemini]").replace("providers.p.", "providers.gemini.")
+        + "[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+    path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+    setup = json.dumps({"setup": {"model": "models/gemini-live"}})
+
+    async def body():
+        codes = []
+        async with broken, good:
+            for i in range(2):
+                async with connect(f"ws://127.0.0.1:{sidecar.port}{path}?key={sidecar.keys.plain['good']}",
+                                   open_timeout=10) as ws:
+                    await ws.send(setup)
+                    try:
+                        await ws.recv()
+                    except ConnectionClosed as exc:
+                        codes.append(exc.rcvd.code)
+                await ends_reach(sidecar, i + 1)
+            return codes, broken.handshakes
+    try:
+        codes, handshakes = run(body())
+        counted = {o: metric(sidecar, "conduit_upstream_attempts_total", deployment="broken",
+                             outcome=o, provider="gemini") or 0.0 for o in ("ok", "early_close")}
+    finally:
+        sidecar.stop()
+    assert (codes, handshakes) == ([1011, 1011], 2)
+    assert counted == {"ok": 2, "early_close": 0}
 
 
 def _health(failures=3, cooldown=2.0, cap=5.0) -> Health:
