@@ -686,6 +686,9 @@ class Ending(Named):
         async def handler(ws):
             self.handshakes += 1
             if self.how == "reset":
+                # A reset that came before the sidecar read the 101 could fail the
+                # handshake (a failover, not this case): the 101 is read well before.
+                await asyncio.sleep(0.05)
                 sock = ws.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 ws.transport.abort()
