@@ -1074,7 +1074,10 @@ def test_a_client_reset_as_its_admission_is_answered_is_counted_once_and_not_as_
                 await first[1].close()
     run(scenario())
     assert "internal_error" not in proc.output()
-    assert metric(proc, "conduit_connections_total") == (not held) + rounds * at_once   # one outcome each
+    # At most one outcome each (a refusal was counted twice, key_limit and internal_error);
+    # a reset that comes before the request is read, on a loaded machine, is counted
+    # under none (docs/metrics.md), so not exactly one.
+    assert metric(proc, "conduit_connections_total") <= (not held) + rounds * at_once
 
 
 @pytest.mark.parametrize("back", [False, True])
