@@ -270,12 +270,15 @@ def test_a_flood_of_refusals_is_logged_a_few_lines_a_second_each_kind(tmp_path, 
     there were; the first refusal of another kind is still logged during the flood."""
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
                              limits="max_connections = 8").start()
+    seconds = {}  # each flood's length: 10 lines and one `not_logged` line per second begun
     try:
-        for request in (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", b"XXXX\r\n\r\n"):
+        for status, request in ((404, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"), (400, b"XXXX\r\n\r\n")):
+            started = time.monotonic()
             for _ in range(300):
                 with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
                     sock.sendall(request)
                     assert sock.recv(100).startswith(b"HTTP/1.1 4")
+            seconds[status] = time.monotonic() - started
         time.sleep(1.5)  # the lingering closes of the last refusals are over
         partials = [socket.create_connection(("127.0.0.1", sidecar.port)) for _ in range(8)]
         for partial in partials:
@@ -288,7 +291,8 @@ def test_a_flood_of_refusals_is_logged_a_few_lines_a_second_each_kind(tmp_path, 
         for status in (404, 400):
             logged, told = _refusal_lines(sidecar, status, 300)
             assert len(logged) + sum(line["lines"] for line in told) == 300  # each one counted
-            assert told and len(logged) + len(told) <= 30                    # in a few lines
+            bound = 11 * (int(seconds[status]) + 2)                          # (a slow machine's)
+            assert told and len(logged) + len(told) <= min(bound, 100)       # in a few lines
             assert len(logged) >= 10  # the 400s' first: the 404s' flood took none of theirs
             assert all(line["of"] == "refused" for line in told)
         assert len(_refusal_lines(sidecar, 503, 1)[0]) == 1
@@ -307,10 +311,12 @@ def test_a_flood_of_unknown_keys_is_logged_a_few_lines_a_second(tmp_path, mock_p
             b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n")
     try:
+        started = time.monotonic()
         for _ in range(300):
             with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
                 sock.sendall(head % b"condt_unknown")
                 assert sock.recv(100).startswith(b"HTTP/1.1 101")
+        seconds = time.monotonic() - started  # 10 lines and one `not_logged` per second begun
         for _ in range(12):  # a known key, a model it may not use: 4003, with its key's id
             with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
                 sock.sendall((head % sidecar.keys.plain["one-model"].encode()).replace(b"mock-realtime", b"mock-x", 1))
@@ -326,7 +332,7 @@ def test_a_flood_of_unknown_keys_is_logged_a_few_lines_a_second(tmp_path, mock_p
             assert time.monotonic() < deadline, (len(logged), told, len(keyed))
             time.sleep(0.05)
         assert len(logged) + sum(line["lines"] for line in told) == 300
-        assert told and len(logged) + len(told) <= 30
+        assert told and len(logged) + len(told) <= min(11 * (int(seconds) + 2), 100)
         assert len(keyed) == 12
     finally:
         sidecar.stop()
