@@ -161,9 +161,12 @@ def _refused(host: Host, refusal: Refuse, result: str = "bad_request") -> None:
     )
 
 
+_NO_SLOT = "too many connections in their handshake"
+
+
 def _no_slot(host: Host, transport) -> None:
     """All `pending` slots are taken: 503 at once (the caller closes)."""
-    refusal = refuse(503, "too many connections in their handshake")
+    refusal = refuse(503, _NO_SLOT)
     _refused(host, refusal, "too_many_handshakes")
     transport.write(refusal.response.serialize())
 
@@ -217,8 +220,7 @@ class ClientHandshake(asyncio.Protocol):
             # No TLS handshake is spent on it, so no 503 can reach it: dropped, and
             # its line says so.
             host.count("too_many_handshakes")
-            reason = "too many connections in their handshake"
-            unkeyed.info("connection dropped", {"event": "dropped", "reason": reason})
+            unkeyed.info("connection dropped", {"event": "dropped", "reason": _NO_SLOT})
             self.timer.cancel()
             transport.close()
             return

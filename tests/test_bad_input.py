@@ -80,8 +80,9 @@ async def session(port, key, path="/v1/realtime/connect?model=mock-realtime&prov
     return reader, writer
 
 
-async def close_frame_of(reader) -> tuple[int, str]:
-    """Read server frames until a close; returns its code and reason."""
+async def close_frame_of(reader, data: list[int] | None = None) -> tuple[int, str]:
+    """Read server frames until a close; returns its code and reason (and appends the
+    length of each frame before it to `data`)."""
     while True:
         b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
         n = b1 & 0x7F
@@ -92,6 +93,8 @@ async def close_frame_of(reader) -> tuple[int, str]:
         payload = await reader.readexactly(n)
         if b0 & 0x0F == 8:
             return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+        if data is not None:
+            data.append(n)
 
 
 @pytest.fixture(scope="module")

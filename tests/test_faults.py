@@ -313,18 +313,9 @@ def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty):
         # the sidecar's socket: gone (dropped already) or in CLOSE_WAIT, the close unread
         assert state is None or (state[0] == close_wait and state[1] > 0), state
         await asyncio.sleep(1.0)                        # the poll (0.2 s) runs meanwhile
-        got = 0
-        while True:
-            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
-            n = b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(await reader.readexactly(2), "big")
-            elif n == 127:
-                n = int.from_bytes(await reader.readexactly(8), "big")
-            payload = await reader.readexactly(n)
-            if b0 & 0x0F == 8:
-                return events["sent"], got, int.from_bytes(payload[:2], "big"), payload[2:].decode()
-            got += 1
+        frames: list[int] = []
+        code, reason = await close_frame_of(reader, frames)
+        return events["sent"], len(frames), code, reason
     (sent, got, code, reason), events = with_upstream(faulty, upstream.append, client)
     assert (got, code, reason) == (sent, 1000, "done")
 
