@@ -12,7 +12,7 @@ import pytest
 from conftest import SidecarProcess, held_port, raw_upstream_sidecar, run, self_signed_tls, standard_keys
 from reference_parser import scan
 from test_bad_input import BAD_CLIENT_FRAMES, close_frame_of, http_answer, masked, request, session
-from test_faults import RawUpstream, with_upstream
+from test_faults import RawUpstream, answer_the_close, with_upstream
 
 LIMIT = 1000    # max_message_bytes of the `raw` sidecar
 
@@ -64,13 +64,7 @@ def test_what_a_provider_sends_after_its_close_is_discarded(raw):
         transport.write(b"\x88\x04\x03\xe8hi" + bytes([0xC1, 0]))
 
     async def client(reader, writer, events):
-        assert await close_frame_of(reader) == (1000, "hi")
-        writer.write(masked(0x88, (1000).to_bytes(2, "big") + b"ok"))
-        await asyncio.wait_for(reader.read(), 5)            # the sidecar closes
-        for _ in range(100):                                # and lets go of the provider
-            if "lost" in events:
-                break
-            await asyncio.sleep(0.05)
+        await answer_the_close(reader, writer, events, "hi")
     _, events = with_upstream(raw, act, client)
     assert bytes(events["data"]) == masked(0x88, (1000).to_bytes(2, "big") + b"ok")
 

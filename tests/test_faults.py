@@ -420,18 +420,24 @@ def test_a_provider_that_ends_its_side_after_its_close_still_gets_the_clients_an
         transport.write_eof()
 
     async def client(reader, writer, events):
-        assert await close_frame_of(reader) == (1000, "bye")
-        writer.write(masked(0x88, (1000).to_bytes(2, "big") + b"ok"))
-        await asyncio.wait_for(reader.read(), 5)            # the sidecar closes
-        for _ in range(100):                                # and lets go of the provider
-            if "lost" in events:
-                break
-            await asyncio.sleep(0.05)
+        await answer_the_close(reader, writer, events, "bye")
     _, events = with_upstream(faulty, act, client)
     data = events.get("data", b"")
     assert data[:1] == b"\x88" and len(data) == 2 + 4 + 4
     body = bytes(b ^ data[2 + (i & 3)] for i, b in enumerate(data[6:]))
     assert body == (1000).to_bytes(2, "big") + b"ok"
+
+
+async def answer_the_close(reader, writer, events, reason: str) -> None:
+    """A client of with_upstream: reads the provider's close (1000, `reason`), answers
+    it with 1000 "ok", then waits for the sidecar to close and let go of the provider."""
+    assert await close_frame_of(reader) == (1000, reason)
+    writer.write(masked(0x88, (1000).to_bytes(2, "big") + b"ok"))
+    await asyncio.wait_for(reader.read(), 5)                # the sidecar closes
+    for _ in range(100):                                    # and lets go of the provider
+        if "lost" in events:
+            break
+        await asyncio.sleep(0.05)
 
 
 def test_a_close_the_provider_never_answers_is_answered_at_the_close_timeout(faulty):
