@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import resource
 import signal
@@ -74,6 +75,8 @@ def _serve(args) -> int:
         print(f"conduit-sidecar: {exc}", file=sys.stderr)
         return 1
     logs.setup(conf.log_level)
+    for warning in _misspelt(router):
+        logging.getLogger("conduit.config").warning(warning, extra={"event": "config_warning"})
     from .server import Sidecar
 
     try:
@@ -103,10 +106,19 @@ def _check_config(args) -> int:
         models = ", ".join(router.routes[name].spec.models) or "-"
         print(f"provider      {name}: {url} headers={headers} models=[{models}]")
     for warning in (
-        _unreadable_secrets(router) + _unpriced(conf, router, keyset) + _unconfigured(router, keyset)
+        _misspelt(router)
+        + _unreadable_secrets(router)
+        + _unpriced(conf, router, keyset)
+        + _unconfigured(router, keyset)
     ):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _misspelt(router: Router) -> list[str]:
+    """config.misspelt, knowing the variables the providers read their secrets from."""
+    secret_envs = {t.spec.secret_env for name in router.configured for t in router.routes[name].targets}
+    return config_mod.misspelt(os.environ, {v for v in secret_envs if v})
 
 
 def _unconfigured(router: Router, keyset: KeySet) -> list[str]:

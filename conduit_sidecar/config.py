@@ -8,6 +8,7 @@ or flag that set the value), the field path and the problem.
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Callable
 from typing import Annotated, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "TLS_PORT",
     "env_var",
     "load",
+    "misspelt",
     "split_hostport",
 ]
 
@@ -212,6 +214,34 @@ _ENV: dict[str, tuple[str | None, str, Callable[[str], object]]] = {
     "CONDUIT_TLS_STATE_DIR": ("tls", "state_dir", str),
     "CONDUIT_KERNEL_TLS": (None, "kernel_tls", _flag),
 }
+
+
+# Kubernetes' service variables: a Service `conduit-tls` in the namespace gives every
+# container CONDUIT_TLS_SERVICE_HOST, CONDUIT_TLS_PORT_443_TCP_ADDR and the like.
+_SERVICE_VARIABLE = re.compile(
+    r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$"
+)
+
+
+def misspelt(environ: os._Environ | dict, also: set[str]) -> list[str]:
+    """`CONDUIT_*` variables that set nothing but are near the name of one that does:
+    a typo there (`CONDUIT_MAX_CONECTIONS`) is ignored, so say so. Only near ones, and
+    no service variables: other programs' and Kubernetes' share the prefix. `also`:
+    the variables the config reads secrets from."""
+    known = {*_ENV, CONFIG_ENV, *also}
+    odd = [v for v in environ if v.startswith("CONDUIT_") and v not in known]
+    odd = [v for v in odd if not _SERVICE_VARIABLE.search(v)]
+    if not odd:
+        return []
+    import difflib  # (only then: a start-up with none imports nothing for it)
+
+    # Compared without the prefix, which every name shares and which would make any two look alike.
+    names = {name.removeprefix("CONDUIT_"): name for name in known}
+    return [
+        f"${var} sets nothing; did you mean ${names[near[0]]}?"
+        for var in sorted(odd)
+        if (near := difflib.get_close_matches(var.removeprefix("CONDUIT_"), list(names), 1, 0.8))
+    ]
 
 
 def env_var(section: str | None, field: str) -> str:

@@ -190,6 +190,35 @@ def test_check_config_warns_of_a_secret_it_cannot_read(tmp_path):
     assert "hunter" not in r.stdout + r.stderr
 
 
+def test_a_misspelt_variable_is_warned_of_at_check_config_and_at_start(tmp_path):
+    """`CONDUIT_MAX_CONECTIONS=5` was ignored without a word: the sidecar ran with 1,000.
+    Kubernetes' service variables, a secret's variable and names near none are not
+    settings' typos."""
+    from conftest import SidecarProcess, standard_keys
+
+    provider = ('[providers.local]\nurl = "ws://127.0.0.1:9/?m={model}"\n'
+                'headers = { Authorization = "Bearer {secret}" }\nsecret_env = "CONDUIT_LOCAL_KEY"\n')
+    (tmp_path / "keys.json").write_text('{"keys": []}')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'keys_file = "{tmp_path / "keys.json"}"\n{provider}')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CONDUIT_")},
+           "CONDUIT_MAX_CONECTIONS": "5", "CONDUIT_LOCAL_KEY": "k", "CONDUIT_LOCAL_KEYS": "k",
+           "CONDUIT_TLS_SERVICE_HOST": "10.0.0.1", "CONDUIT_TLS_PORT": "tcp://10.0.0.1:443",
+           "CONDUIT_TLS_PORT_443_TCP_ADDR": "10.0.0.1", "CONDUIT_APP_NAME": "shop"}
+    r = cli("check-config", "--config", str(conf), env=env)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: $CONDUIT_LOCAL_KEYS sets nothing; did you mean $CONDUIT_LOCAL_KEY?",
+                        "warning: $CONDUIT_MAX_CONECTIONS sets nothing; did you mean $CONDUIT_MAX_CONNECTIONS?"]
+    sidecar = SidecarProcess(str(tmp_path), provider, standard_keys(), env=env).start()
+    try:
+        lines = [(line["event"], line["msg"]) for line in sidecar.log_lines() if line.get("level") == "warning"]
+    finally:
+        sidecar.stop()
+    assert ("config_warning", "$CONDUIT_MAX_CONECTIONS sets nothing; did you mean $CONDUIT_MAX_CONNECTIONS?") in lines
+    assert len([line for line in lines if line[0] == "config_warning"]) == 2, lines
+
+
 def test_providers_lists_in_aligned_columns():
     """deepgram_agent, longer than the name column, pushed its own line's columns right."""
     r = cli("providers", env={k: v for k, v in os.environ.items() if k != "CONDUIT_CONFIG"})
