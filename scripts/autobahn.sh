@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Autobahn|Testsuite (RFC 6455) through the sidecar; see docs/autobahn.md.
-#   bash scripts/autobahn.sh                    # both runs, gate, summary table
+#   bash scripts/autobahn.sh                    # the three runs, gate, summary table
 #   bash scripts/autobahn.sh --runs a --cases '1.*,5.*'
 #   bash scripts/autobahn.sh --no-sidecar       # baselines only
 # Needs Python 2.7 (pyenv's 2.7.18, or AUTOBAHN_PYTHON2) to install the suite into
