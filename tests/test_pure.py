@@ -748,6 +748,56 @@ def test_the_readme_shows_the_real_defaults():
         else:
             assert value == defaults[name], name
 
+def _doc_blocks(lang: str):
+    """(doc name and line, text) of each ```lang block in the README and docs/*.md."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for m in re.finditer(rf"```{lang}\n(.*?)```", text, re.S):
+            yield f"{doc.name}:{text.count(chr(10), 0, m.start()) + 1}", m.group(1)
+
+
+def test_the_docs_config_examples_load(tmp_path):
+    """Each TOML example in the README and docs, as a user would paste it, loads as
+    `check-config` loads it (a route naming a provider the block did not set up was
+    an error nobody saw). Its /etc/conduit files are made, as a deployment has them."""
+    seen = 0
+    for where, block in _doc_blocks("toml"):
+        for path in set(re.findall(r'"/etc/conduit/([^"]+)"', block)):
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text("x")
+        conf = tmp_path / "c.toml"
+        conf.write_text(block.replace('"/etc/conduit/', f'"{tmp_path}/'))
+        try:
+            Router(config_module.load(str(conf), environ={}))
+        except ConfigError as exc:
+            pytest.fail(f"{where}: {exc}")
+        seen += 1
+    assert seen >= 10
+
+
+def test_the_docs_key_file_examples_load(tmp_path):
+    """The key file and key entries the README and docs show (their `//` notes and
+    `...` hashes aside) are valid key files: a renamed field would fail here."""
+    seen = 0
+    for where, block in _doc_blocks("json"):
+        if '"sha256"' not in block:
+            continue
+        block = re.sub(r"\s+//[^\n]*", "", block)
+        block = re.sub(r'"sha256": "[^"]*"', f'"sha256": "{hash_key(KEY)}"', block)
+        data = json.loads(block)
+        path = tmp_path / "keys.json"
+        path.write_text(json.dumps(data if "keys" in data else {"keys": [data]}))
+        try:
+            load_keys(str(path))
+        except ConfigError as exc:
+            pytest.fail(f"{where}: {exc}")
+        seen += 1
+    assert seen >= 3
+
+
 def test_config_errors_name_the_variable_or_flag_that_set_the_value(tmp_path):
     """A bad value from the environment or a flag: the file does not hold it (it was
     named, and the user looked there in vain)."""
