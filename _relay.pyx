@@ -422,6 +422,18 @@ cdef void mask_key(uint8_t* key) except *:
     g_mask_at += 4
 
 
+cdef object g_redact = None     # set by redact_close_reasons
+
+
+def redact_close_reasons(redact):
+    """Pass each peer's close reason through `redact(str) -> str` before it goes to
+    the other peer or into `close_reason` (conduit_sidecar.redact: no secret quoted);
+    when it returns another string, the other peer gets a close frame of the sidecar's
+    making with it instead of the peer's. Called once at start-up; None: none."""
+    global g_redact
+    g_redact = redact
+
+
 def close_frame(int code, str reason, bint masked):
     """A close frame carrying `code` and `reason` (cut to fit 125 bytes, never inside
     a UTF-8 sequence). Built in C: the Python version (a generator masking byte by
@@ -1468,9 +1480,13 @@ cdef class Relay:
     cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1:
         cdef Leg src = <Leg>pipe.src, dst = <Leg>pipe.dst
         cdef LegState s = src.state
+        cdef object told = reason
+        cdef Py_ssize_t cut
+        if reason and g_redact is not None:
+            told = g_redact(reason)
         if self.closed_by is None:
             self.closed_by = "client" if src is self.client else "upstream"
-            self.close_code, self.close_reason = code, reason
+            self.close_code, self.close_reason = code, told
         if s == OPEN:
             src.set_state(CLOSE_RECEIVED)
         elif s == CLOSE_QUEUED:
@@ -1489,6 +1505,17 @@ cdef class Relay:
                 pipe.wire_bytes += 2
                 g_payload[pipe.direction][kind_of(8)] += 2
                 g_wire[pipe.direction] += 2
+            elif told is not reason:
+                # A secret in the reason: the frame goes with it redacted, of our
+                # making (masked to the provider), counted as sent (shorter).
+                pipe.forwarding = False
+                frame = close_frame(code, told, dst is self.upstream)
+                dst.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                cut = len(reason.encode()) - len(told.encode())
+                pipe.payload[kind_of(8)] -= cut
+                pipe.wire_bytes -= cut
+                g_payload[pipe.direction][kind_of(8)] -= cut
+                g_wire[pipe.direction] -= cut
             dst.set_state(CLOSED if dst.state == CLOSE_RECEIVED else CLOSE_SENT)
         elif dst.inbound.verdict_code:
             # The other peer has answered our close: now tell the violator why.

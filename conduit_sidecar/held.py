@@ -32,6 +32,7 @@ from websockets.server import ServerProtocol
 
 from ._relay import KIND_NAMES, CloseCode, Scanner
 from .keys import KEY_PREFIX
+from .redact import redact
 
 __all__ = [
     "MAX_MODEL_CHARS",
@@ -195,9 +196,11 @@ class _Greeting(Reader):
                 # The client has its 101: the provider's code and reason reach it as from
                 # the relay. The scanner judged the frame: unmasked, at most 125 bytes, a
                 # valid code, a UTF-8 reason; its length in any form (a 2-, 4- or 10-byte
-                # header, RFC 6455 5.2). Without a code: 1014.
+                # header, RFC 6455 5.2). Without a code: 1014. A secret it quotes: `***`.
                 payload = bytes(self.raw[start + 2 + _LENGTH_BYTES.get(self.raw[start + 1], 0) : end])
-                close = (int.from_bytes(payload[:2], "big"), payload[2:].decode()) if payload else None
+                close = None
+                if payload:
+                    close = (int.from_bytes(payload[:2], "big"), redact(payload[2:].decode()))
                 why = "the provider closed before its first message"
                 self._finish(
                     Refused(CloseCode.UPSTREAM_FAILED, f"{why} ({close[0]})" if close else why, close=close)

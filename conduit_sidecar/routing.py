@@ -21,6 +21,7 @@ import msgspec
 from websockets.exceptions import InvalidURI
 from websockets.uri import WebSocketURI, parse_uri
 
+from . import redact
 from ._relay import CloseCode
 from .config import Config, ConfigError, Deployment, Provider
 from .keys import match
@@ -305,6 +306,7 @@ class Router:
             raise RouteError(
                 CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
             )
+        redact.remember(value)  # a provider may quote it back in a close reason
         return value
 
     def _read_secret(self, spec: Provider) -> str:

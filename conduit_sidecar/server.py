@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, _relay, held, ktls, logs
+from . import __version__, _relay, held, ktls, logs, redact
 from .admin import AdminServer
 from .config import Config, split_hostport
 from .governance import Governor
@@ -378,6 +378,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
         kernel_tls = ktls.switch(self.config.kernel_tls)
+        _relay.redact_close_reasons(redact.redact)
         host, port = split_hostport(self.config.listen)
         server = await loop.create_server(
             lambda: ClientHandshake(self), host, port, reuse_address=True, backlog=4096

@@ -9,7 +9,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import PROVIDER_SECRET, SlowUpstream, raw_upstream_sidecar, run, switching_protocols
-from test_operations import scrape, value
+from test_bad_input import session_ends
+from test_operations import ended, scrape, value
 
 
 async def close_of(url, headers=None, subprotocols=None):
@@ -207,6 +208,41 @@ def test_provider_close_code_and_reason_reach_the_client(sidecar, upstream_ports
     while closes() != before + 1:
         assert time.monotonic() < deadline, f"upstream 4000 closes: {closes()}, was {before}"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("closer", ["client", "provider"])
+@pytest.mark.parametrize("secret", ["provider key", "provider key cut", "virtual key"])
+def test_a_secret_in_a_close_reason_is_neither_passed_on_nor_logged(sidecar, upstream_ports, closer, secret):
+    """A provider that quotes the key it was sent ("invalid key sk-...", whole or cut
+    by the 123-byte limit of a close reason), or a client that puts its virtual key in
+    its close reason: the other peer and the session_end line get the reason with the
+    secret as `***`, the rest of it as sent."""
+    quoted = {"provider key": PROVIDER_SECRET, "provider key cut": PROVIDER_SECRET[:12],
+              "virtual key": sidecar.keys.plain["good"]}[secret]
+
+    async def body():
+        from websockets.asyncio.server import serve
+        heard = asyncio.get_running_loop().create_future()
+
+        async def handler(ws):
+            if closer == "provider":
+                await ws.close(4000, f"invalid key {quoted}.")
+            else:
+                await ws.wait_closed()
+                heard.set_result(ws.protocol.close_rcvd)
+        async with serve(handler, "127.0.0.1", upstream_ports["raw"]):
+            async with connect(sidecar.url(provider="raw"), additional_headers=sidecar.auth()) as ws:
+                if closer == "client":
+                    await ws.close(4000, f"invalid key {quoted}.")
+                    return await asyncio.wait_for(heard, 5)
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.recv()
+                return exc.value.rcvd
+    ends = len(session_ends(sidecar))
+    rcvd = run(body())
+    assert (rcvd.code, rcvd.reason) == (4000, "invalid key ***.")
+    assert ended(sidecar, ends)[0]["close_reason"] == "invalid key ***."
+    assert quoted not in sidecar.output()
 
 
 def test_client_vanishing_closes_the_upstream(sidecar, upstream_ports):

@@ -403,20 +403,21 @@ def test_a_provider_that_closes_before_its_greeting_is_refused_with_its_close(be
     assert run(body()) == refused
 
 
-@pytest.mark.parametrize("length", [b"", (19).to_bytes(2, "big"), (19).to_bytes(8, "big")],
-                         ids=["7-bit", "16-bit", "64-bit"])
-def test_the_providers_close_before_its_greeting_reaches_the_client(tmp_path, length):
+@pytest.mark.parametrize("form", [None, 126, 127], ids=["7-bit", "16-bit", "64-bit"])
+def test_the_providers_close_before_its_greeting_reaches_the_client(tmp_path, form):
     """A provider that closes right after its 101 (the client has its own 101 by then):
     the client got 1014 `the provider closed before its first message`, where a relayed
-    session passes the provider's code and reason on unchanged (DESIGN, close codes).
+    session passes the provider's code and reason on unchanged (DESIGN, close codes),
+    but for a secret it quotes (the key it was sent: `***`, as the relay's).
     The close's length in a longer form than it needs (RFC 6455 5.2 asks senders for
     the shortest; receivers take any, as the relay does): its code and reason were
     read from the length's bytes, a `UnicodeDecodeError` traceback, and 1014."""
     port = held_port()
     sidecar = SidecarProcess(str(tmp_path), f'[providers.deepgram_agent]\nurl = "ws://127.0.0.1:{port}{AGENT}"\n'
                              'secret_env = "PROVIDER_KEY"\n', standard_keys()).start()
-    form = {2: 126, 8: 127}.get(len(length), 19)
-    close = bytes([0x88, form]) + length + (4000).to_bytes(2, "big") + b"agent unavailable"
+    payload = (4000).to_bytes(2, "big") + f"agent unavailable for {PROVIDER_SECRET}".encode()
+    length = {None: b"", 126: len(payload).to_bytes(2, "big"), 127: len(payload).to_bytes(8, "big")}[form]
+    close = bytes([0x88, form or len(payload)]) + length + payload
 
     async def provider(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
@@ -439,8 +440,8 @@ def test_the_providers_close_before_its_greeting_reaches_the_client(tmp_path, le
         output = sidecar.output()
     finally:
         sidecar.stop()
-    assert got == (4000, "agent unavailable")
-    assert "Traceback" not in output
+    assert got == (4000, "agent unavailable for ***")
+    assert "Traceback" not in output and PROVIDER_SECRET not in output
 
 
 @pytest.mark.parametrize("frame, why", [

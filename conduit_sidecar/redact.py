@@ -1,0 +1,51 @@
+"""Secrets in text a peer wrote: a close reason that quotes a key ("invalid key sk-...",
+a provider echoing what it was sent; a client's close reason holding its virtual key)
+goes to the other peer and into the log only with each secret as `***`.
+
+Only close reasons are read, never frames: a few microseconds at a session's end."""
+
+from __future__ import annotations
+
+import re
+
+from .keys import KEY_PREFIX
+
+__all__ = ["redact", "remember"]
+
+# A virtual key's characters (`secrets.token_urlsafe`), however far it goes: cut short it
+# is still part of a key.
+_VIRTUAL = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_\-]*")
+# The shortest run of a provider secret's characters redacted: a close reason holds at
+# most 123 bytes, so a longer key is quoted cut (OpenAI's are 164 characters).
+_RUN = 8
+# The provider secrets sent upstream so far, and every run of _RUN characters of them:
+# a few hundred strings a key, kept for the process's life (a rotated secret may still
+# be quoted by a session that began before the rotation).
+_secrets: set[str] = set()
+_runs: set[str] = set()
+
+
+def remember(secret: str) -> None:
+    """A provider secret the sidecar is about to send (routing.Router.secret)."""
+    if secret not in _secrets:
+        _secrets.add(secret)
+        _runs.update(secret[i : i + _RUN] for i in range(len(secret) - _RUN + 1))
+
+
+def redact(text: str) -> str:
+    """`text` with each virtual key, and each run of 8 or more characters found in a
+    provider secret, as `***`; `text` itself when it holds none."""
+    if KEY_PREFIX in text:
+        text = _VIRTUAL.sub("***", text)
+    runs = _runs
+    starts = [i for i in range(len(text) - _RUN + 1) if text[i : i + _RUN] in runs]
+    if not starts:
+        return text
+    parts: list[str] = []
+    kept = 0  # where the text after the last `***` begins
+    for start in starts:
+        if start > kept or not parts:  # (else it overlaps or adjoins the last run: one `***`)
+            parts += (text[kept:start], "***")
+        kept = start + _RUN
+    parts.append(text[kept:])
+    return "".join(parts)
