@@ -496,12 +496,30 @@ def _ended_late(
             )
     if late is None:
         return False
+    _close_late(host, transport, late, info, upstream, early, answered)
+    return True
+
+
+def _close_late(
+    host: Host, transport, late: Close, info: SessionInfo, upstream, early: bytearray, answered: bool
+) -> None:
     host.release(info)
     if upstream is not None:
         upstream.abort()
     host.rejected(late)
     _close_after_upgrade(host, transport, late, bytes(early), answered)
-    return True
+
+
+def _cancelled(
+    host: Host, transport, decision: Accept, info: SessionInfo, upstream, early: bytearray, answered: bool
+) -> None:
+    """The opening was cancelled: by the client's leaving (its connection is lost), or
+    by the process's stop (a second signal), which ends it as the drain's end does."""
+    if transport.is_closing():
+        _gone(host, info, upstream)
+        return
+    late = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
+    _close_late(host, transport, late, info, upstream, early, answered)
 
 
 def _gone(host: Host, info: SessionInfo, upstream=None) -> None:
@@ -666,8 +684,8 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             _close_after_upgrade(host, transport, failed, bytes(client.early), answered)
             return
         host.connected(info, time.monotonic() - started)
-    except asyncio.CancelledError:  # the client left while we connected
-        _gone(host, info)
+    except asyncio.CancelledError:  # the client left while we connected, or the process stops
+        _cancelled(host, transport, decision, info, None, client.early, opening.answered)
         raise
     if transport.is_closing():  # the client left as the upstream answered
         _gone(host, info, upstream)
@@ -690,7 +708,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         try:
             greeted = await _greet(host, transport, upstream, upstream_early, decision, info, client)
         except asyncio.CancelledError:  # the client left while the provider's Welcome was awaited
-            _gone(host, info, upstream)
+            _cancelled(host, transport, decision, info, upstream, client.early, True)
             raise
         if greeted is None:
             return

@@ -392,6 +392,39 @@ def test_second_signal_exits_at_once(tmp_path, mock_provider):
         sidecar.stop()
 
 
+def test_a_session_opening_at_a_second_signal_goes_away_and_is_not_client_gone(tmp_path):
+    """A second signal while a session waits for its provider's 101: the process stops
+    at once, cancelling the opening. It was counted and logged `client_gone`, though its
+    client had not left; it is the drain's end's outcome: 1001 to the client (its 101
+    first), a `rejected` line with 1001 and its key, `going_away`."""
+    upstream_port = held_port()
+    sidecar = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
+                             standard_keys(), limits="drain_seconds = 60").start()
+    try:
+        async def body():
+            async with SlowUpstream(upstream_port, delay=60) as up:
+                url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
+                attempt = asyncio.ensure_future(connect(url, additional_headers=sidecar.auth()))
+                await asyncio.wait_for(up.asked.wait(), 5)
+                sidecar.proc.send_signal(signal.SIGTERM)
+                while http_get(sidecar.admin("/readyz"))[0] != 503:  # the drain began
+                    await asyncio.sleep(0.02)
+                sidecar.proc.send_signal(signal.SIGTERM)
+                ws = await asyncio.wait_for(attempt, 10)
+                with pytest.raises(ConnectionClosed) as exc:
+                    await asyncio.wait_for(ws.recv(), 10)
+                return exc.value.rcvd
+        rcvd = run(body())
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+    assert rcvd is not None and (rcvd.code, rcvd.reason) == (1001, "going away")
+    lines = sidecar.log_lines()
+    assert not [line for line in lines if line.get("event") == "client_gone"]
+    assert [(line["code"], line["key_id"]) for line in lines if line.get("event") == "rejected"] == [
+        (1001, "good")]
+
+
 def test_a_second_signal_does_not_wait_for_a_client_that_never_answers_the_close(tmp_path, mock_provider):
     """The second signal ends the process at once: not after the close timeout of a
     client that never answers its 1001 (here 60 s, as is drain_seconds)."""
