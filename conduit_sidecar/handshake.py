@@ -272,10 +272,14 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     if passed:
         response.headers["Sec-WebSocket-Protocol"] = passed[0]
 
-    if state.draining:
-        return Close(response, CloseCode.AT_CAPACITY, "sidecar is draining: try again later")
-    if state.at_capacity:
-        return Close(response, CloseCode.AT_CAPACITY, "sidecar at its connection limit: try again later")
+    if state.draining or state.at_capacity:
+        # Its line names the key if it is one that would be admitted (a hash's lookup;
+        # a key holder's line is logged every time, a line of no key a few a second).
+        holder = state.keyset.lookup(key) if key is not None else None
+        if holder is not None and (not holder.enabled or holder.expired(state.now)):
+            holder = None
+        state_of = "is draining" if state.draining else "at its connection limit"
+        return Close(response, CloseCode.AT_CAPACITY, f"sidecar {state_of}: try again later", holder)
 
     # Signed URLs and public agents are ElevenLabs' agents' (convai), not its TTS's.
     agents = path == "/v1/convai/conversation"

@@ -173,7 +173,8 @@ class Sidecar:
             and _only_close(relay.counters(0)[0])
         ):
             why = f"upstream ended the session at once ({relay.close_code})"
-            self.balancer.failed(h, Failed("early_close", why, "early close"), probe)  # ends its attempt
+            failed = Failed("early_close", why, "early close")
+            self.balancer.failed(h, failed, probe, info.id)  # ends its attempt
             return
         if probe is not None:  # ended before its relay started, or not at once
             self.balancer.succeeded(h)
@@ -198,7 +199,9 @@ class Sidecar:
     def auth_failed(self, why: Rejection) -> None:
         self.metrics.child(self.metrics.auth_failures, why.label).inc()
 
-    def rejected(self, decision: Close) -> None:
+    def rejected(self, decision: Close, info: SessionInfo | None = None) -> None:
+        """A session refused after its upgrade: `info` once it was admitted (its id
+        joins this line to its upstream_attempt lines), None when decide refused it."""
         # The result label is the close code's name: auth_failed, key_limit, upstream_failed...
         self.count(_relay.CloseCode(decision.code).name.lower())
         if decision.rejection is not None:
@@ -206,6 +209,7 @@ class Sidecar:
         self.metrics.child(self.metrics.closes, "sidecar", str(decision.code)).inc()
         fields = {
             "event": "rejected",
+            "session_id": info.id if info is not None else None,
             "code": decision.code,
             "reason": decision.reason,
             "key_id": decision.key.id if decision.key else None,

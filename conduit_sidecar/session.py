@@ -139,7 +139,7 @@ class Host(Protocol):
     def failed(self, closed: bool) -> None: ...
     def signed_url(self, status: int) -> None: ...
     def tls_leg(self, leg: str, kernel: bool) -> None: ...
-    def rejected(self, decision: Close) -> None: ...
+    def rejected(self, decision: Close, info: SessionInfo | None = None) -> None: ...
     def reserve(self, info: SessionInfo) -> None: ...
     def release(self, info: SessionInfo) -> None: ...
     def connected(self, info: SessionInfo, seconds: float) -> None: ...
@@ -423,7 +423,7 @@ async def _hold_first(
         failed = Close(decision.response, exc.code, str(exc), decision.key)
     if failed is not None:
         host.release(info)
-        host.rejected(failed)
+        host.rejected(failed, info)
         # The client's bytes go to the drain (it waits for their close), unless they
         # were what broke the rules.
         _close_after_upgrade(
@@ -463,7 +463,7 @@ async def _greet(
         upstream.abort()
         host.release(info)
         failed = Close(decision.response, exc.code, str(exc), decision.key)
-        host.rejected(failed)
+        host.rejected(failed, info)
         if exc.close is not None:  # counted and logged as 1014; the client reads the provider's
             failed = msgspec.structs.replace(failed, code=exc.close[0], reason=exc.close[1])
         _close_after_upgrade(host, transport, failed, bytes(client.early), True)
@@ -506,7 +506,7 @@ def _close_late(
     host.release(info)
     if upstream is not None:
         upstream.abort()
-    host.rejected(late)
+    host.rejected(late, info)
     _close_after_upgrade(host, transport, late, bytes(early), answered)
 
 
@@ -645,7 +645,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         if refusal is not None:
             host.release(info)
             refused = Close(decision.response, *refusal, decision.key)
-            host.rejected(refused)
+            host.rejected(refused, info)
             _close_after_upgrade(host, transport, refused, bytes(client.early))
             return
         if answered:
@@ -672,7 +672,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         started = time.monotonic()
         try:
             upstream, subprotocol, upstream_early, info.upstream, info.trial = await host.balancer.connect(
-                decision
+                decision, info.id
             )
             opening.upstream = upstream
             info.provider = info.upstream.target.provider  # after a failover: the next one
@@ -680,7 +680,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
             code = exc.code if isinstance(exc, RouteError) else _relay.CloseCode.UPSTREAM_FAILED
             host.release(info)
             failed = Close(decision.response, code, str(exc), decision.key)
-            host.rejected(failed)
+            host.rejected(failed, info)
             _close_after_upgrade(host, transport, failed, bytes(client.early), answered)
             return
         host.connected(info, time.monotonic() - started)

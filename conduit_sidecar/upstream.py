@@ -448,7 +448,7 @@ class Balancer:
             ordered.append(pick)
         return ordered, resting
 
-    async def connect(self, decision: Accept):
+    async def connect(self, decision: Accept, session_id: str | None = None):
         """Returns (transport, subprotocol, early bytes, Health of the deployment used,
         whether the attempt was its probe). The attempt's verdict is owed: the caller
         gives it (`succeeded`, or `failed` for an early close) and releases the Health
@@ -491,7 +491,7 @@ class Balancer:
                 h.abandoned(probe)
                 if exc.code != CloseCode.INTERNAL_ERROR:  # the request's own fault (a bad model)
                     raise
-                self.misconfigured(h, exc)
+                self.misconfigured(h, exc, session_id)
                 errors.append(exc)
                 notes.append(f"{h.name} {exc}")
                 continue
@@ -500,7 +500,7 @@ class Balancer:
                     # Refused without the secret (an agent listed as public that is
                     # not): the request's fault, not the deployment's.
                     exc.failover = False
-                self.failed(h, exc, probe)
+                self.failed(h, exc, probe, session_id)
                 errors.append(exc)
                 notes.append(f"{h.name} {exc.short}")
                 if not exc.failover:
@@ -549,8 +549,9 @@ class Balancer:
         h.succeeded()
         self._count(h, "ok")
 
-    def failed(self, h: Health, exc: Failed, probe: bool) -> None:
-        """An attempt on `h` failed: its verdict on the deployment, counted and logged."""
+    def failed(self, h: Health, exc: Failed, probe: bool, session_id: str | None = None) -> None:
+        """An attempt on `h` failed: its verdict on the deployment, counted and logged
+        (with the session's id; None: a signed-URL fetch)."""
         if not (exc.failover and exc.verdict):  # a refusal of the request says nothing either
             h.abandoned(probe)
         else:
@@ -558,6 +559,7 @@ class Balancer:
         self._count(h, exc.outcome)
         extra = {
             "event": "upstream_attempt",
+            "session_id": session_id,
             "provider": h.target.provider,
             "deployment": h.target.label,
             "outcome": exc.outcome,
@@ -574,12 +576,13 @@ class Balancer:
         else:
             log.warning("upstream attempt failed", extra=extra)
 
-    def misconfigured(self, h: Health, exc: RouteError) -> None:
+    def misconfigured(self, h: Health, exc: RouteError, session_id: str | None = None) -> None:
         """The deployment's own configuration fault (its secret or CA file missing)."""
         log.error(
             f"{exc}: a configuration fault",  # fixed texts: no secret in them
             extra={
                 "event": "upstream_attempt",
+                "session_id": session_id,
                 "provider": h.target.provider,
                 "deployment": h.target.label,
                 "outcome": "config",

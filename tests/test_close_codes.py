@@ -171,8 +171,18 @@ def test_upstream_never_answering_gives_1014_within_the_timeout(sidecar, upstrea
 
 
 def test_upstream_down_gives_1014(sidecar):
+    """And its lines, the failed attempt's and the rejection's, name the session: they
+    named none, so a session's lines could not be joined."""
+    before = len(sidecar.log_lines())
     assert run(close_of(sidecar.url(provider="down"), sidecar.auth())) == (
         1014, "upstream refused the connection")
+    deadline = time.monotonic() + 5
+    while not (rejected := [line for line in sidecar.log_lines()[before:] if line.get("event") == "rejected"]):
+        assert time.monotonic() < deadline, "no rejected line"
+        time.sleep(0.05)
+    attempt, = [line for line in sidecar.log_lines()[before:] if line.get("event") == "upstream_attempt"]
+    assert rejected[0]["key_id"] == "good" and rejected[0]["session_id"].startswith("s")
+    assert attempt["session_id"] == rejected[0]["session_id"]
 
 
 def test_a_session_its_provider_failed_frees_its_keys_slot(sidecar):

@@ -760,6 +760,9 @@ def test_a_deployment_that_ends_every_session_at_once_rests(workdir, how, code):
     assert [(x["deployment"], x["outcome"]) for x in logged] == [("broken", "early_close")] * 3
     assert logged[0]["resting_seconds"] is None and logged[1]["resting_seconds"] <= 1.0
     assert logged[2]["resting_seconds"] > 1.0               # the probe's failure: 2 s
+    # Each names the session it judged (the one whose session_end names `broken`).
+    assert [x["session_id"] for x in logged] == [
+        e["session_id"] for e in ended(sidecar) if e["deployment"] == "broken"]
     assert PROVIDER_SECRET not in sidecar.output()
 
 

@@ -82,6 +82,11 @@ def test_policy_and_capacity():
     assert decide(upgrade(), admission(live_per_key={"good": 2})).code == 4029
     assert decide(upgrade(), admission(at_capacity=True)).code == 1013
     assert decide(upgrade(), admission(draining=True)).code == 1013
+    # Its line names a key that would have been admitted (looked up: it named none),
+    # never one that would not.
+    assert decide(upgrade(), admission(draining=True)).key.id == "good"
+    assert decide(upgrade(key=OTHER), admission(at_capacity=True)).key is None  # disabled
+    assert decide(upgrade(key="condt_nope"), admission(draining=True)).key is None
     assert decide(upgrade("/v1/realtime?provider=nope"), admission()).code == 4004
     refused = decide(upgrade("/elsewhere"), admission())
     assert isinstance(refused, Refuse) and refused.response.status_code == 404
