@@ -166,24 +166,38 @@ def info(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
         logger.info(msg, extra=fields)
 
 
+# The kinds a Limited keeps a second of at a time: past them, a line of a new kind is
+# counted under its event's `other` (a reason is OpenSSL's, or a peer's doing).
+_KINDS_MAX = 32
+
+
 class Limited:
     """Lines a peer can cause at will, before any key is checked (a refusal, a
     handshake timeout): a flood of them is no flood of lines. Of each kind (the
-    values of `kinds` in its fields) the first `per_second` in a second are logged;
-    the rest are counted, and one line once the second is over says how many were
-    not logged, so the flood still shows."""
+    values of `kinds` in its fields: an event, a status or code, a reason) the first
+    `per_second` in a second are logged; the rest are counted, and one line once the
+    second is over says how many were not logged, so the flood still shows. At most
+    _KINDS_MAX kinds are held at a time (and one `other` per event and field set)."""
 
     __slots__ = ("logger", "kinds", "per_second", "windows")
 
     def __init__(self, logger: logging.Logger, kinds: tuple[str, ...], per_second: int = 10):
         self.logger, self.kinds, self.per_second = logger, kinds, per_second
-        # kind -> its second: as many kinds as the callers' events and statuses, a handful.
-        self.windows: dict[tuple, _Window] = {}
+        self.windows: dict[tuple, _Window] = {}  # kind -> its second
 
     def info(self, msg: str, fields: dict[str, Any]) -> None:
         kind = tuple(fields.get(name) for name in self.kinds)
         now = time.monotonic()
         window = self.windows.get(kind)
+        if window is None and len(self.windows) >= _KINDS_MAX:
+            # Seconds over with nothing left to tell go; if none did, the line's kind
+            # is its event's `other`.
+            over = [k for k, w in self.windows.items() if now - w.start >= 1.0 and w.told is None]
+            for k in over:
+                del self.windows[k]
+            if not over:
+                kind = (kind[0], *(None if v is None else "other" for v in kind[1:]))
+                window = self.windows.get(kind)
         if window is None or now - window.start >= 1.0 and window.told is None:
             window = self.windows[kind] = _Window(now)
         if window.logged < self.per_second:

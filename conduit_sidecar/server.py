@@ -76,7 +76,7 @@ class Sidecar:
         self.closing = False  # drain_seconds are over (or a second signal came)
         self.holding: set[held.Reader] = set()
         # Rejections of peers whose key was not accepted (4001), made as fast as they connect.
-        self.keyless = logs.Limited(log, ("event", "code"))
+        self.keyless = logs.Limited(log, ("event", "code", "reason"))
         self.metrics = Metrics(
             lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
         )

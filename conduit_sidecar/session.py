@@ -36,7 +36,7 @@ log = logging.getLogger("conduit.session")
 _ids = itertools.count(1)
 # The lines of connections without a key (refusals, timeouts, failed TLS handshakes),
 # which a peer makes as fast as it connects: a fixed number a second of each kind.
-unkeyed = logs.Limited(log, ("event", "status"))
+unkeyed = logs.Limited(log, ("event", "status", "reason"))
 
 
 class SessionInfo:
@@ -273,8 +273,18 @@ class ClientHandshake(asyncio.Protocol):
     def _timeout(self):
         seconds = self.host.limits.handshake_timeout_seconds
         self.host.count("handshake_timeout")
-        unkeyed.info("handshake timed out", {"event": "handshake_timeout", "seconds": seconds})
-        self.transport.abort()
+        transport = self.transport
+        # A client stuck in the wss listener's TLS handshake, or one that never finished
+        # its request (slowloris): told apart, each its own kind of line.
+        stage = (
+            "tls_handshake"
+            if isinstance(transport, tlsleg.TLSStream) and not transport.handshaken
+            else "request"
+        )
+        unkeyed.info(
+            "handshake timed out", {"event": "handshake_timeout", "reason": stage, "seconds": seconds}
+        )
+        transport.abort()
 
     def data_received(self, data):
         reader = self.reader

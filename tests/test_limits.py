@@ -166,7 +166,7 @@ def test_a_silent_connection_is_cut_at_the_handshake_timeout(limited):
     while not (cut := [l for l in limited.log_lines()[logged:] if l.get("event") == "handshake_timeout"]):
         assert time.monotonic() < deadline, "no handshake_timeout line"
         time.sleep(0.05)
-    assert [line["seconds"] for line in cut] == [0.5]
+    assert [(line["seconds"], line["reason"]) for line in cut] == [(0.5, "request")]
 
 
 def test_a_peer_that_never_answers_a_close_is_cut_off(limited):

@@ -336,3 +336,51 @@ def test_a_flood_of_unknown_keys_is_logged_a_few_lines_a_second(tmp_path, mock_p
         assert len(keyed) == 12
     finally:
         sidecar.stop()
+
+
+def test_a_flood_of_one_refusal_hides_no_line_of_another(tmp_path, mock_provider):
+    """Lines were limited per event and status: a flood of garbage (400 `bad request`)
+    took the 10 lines a second of every 400, and a refusal for another reason in that
+    second (400 `model given more than once`) was only a number in the `not_logged`
+    line of the garbage. Each reason is its own kind now, told in `not_logged` too."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys()).start()
+    requests = [b"XXXX\r\n\r\n"] * 15 + [b"GET /v1/realtime/connect?model=a&model=b HTTP/1.1\r\nHost: x\r\n\r\n"] * 3
+    try:
+        for request in requests:
+            with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
+                sock.sendall(request)
+                assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        deadline = time.monotonic() + 5
+        while True:
+            lines = sidecar.log_lines()
+            repeated = [l for l in lines if l.get("event") == "refused" and l["reason"] == "model given more than once"]
+            told = [l for l in lines if l.get("event") == "not_logged"]
+            if len(repeated) == 3 and told:
+                break
+            assert time.monotonic() < deadline, (len(repeated), told)
+            time.sleep(0.05)
+        assert all(line["reason"].startswith("bad request") for line in told)
+    finally:
+        sidecar.stop()
+
+
+def test_the_kinds_a_limiter_holds_are_bounded(stream):
+    """Reasons come from peers (OpenSSL's names their alerts): each new one held a
+    second of its own for the process's life. At most 32 are held; past them a new
+    reason's lines count under `other`, a flood of them limited as one kind."""
+    limited = logs.Limited(logging.getLogger("conduit.test"), ("event", "status", "reason"))
+
+    async def body():
+        for i in range(1000):
+            limited.info("failed", {"event": "tls_failed", "reason": f"R{i}"})
+        held = len(limited.windows)
+        limited.flush()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return held
+
+    assert asyncio.run(body()) == 33
+    lines = _lines(stream)
+    assert len([line for line in lines if line["event"] == "tls_failed"]) == 32 + 10
+    assert [(line["of"], line["reason"]) for line in lines if line["event"] == "not_logged"] == [
+        ("tls_failed", "other")]

@@ -153,6 +153,35 @@ def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, moc
         sidecar.stop()
 
 
+@pytest.mark.skipif(not _relay.NATIVE_TLS,
+                    reason="uvloop's SSL transport times the TLS handshake out itself, unlogged")
+def test_a_handshake_timeout_says_whether_the_tls_handshake_or_the_request_was_left_undone(tmp_path):
+    """A client stuck in the wss listener's TLS handshake and one that never ends its
+    request (slowloris) were the same `handshake_timeout` line, and one kind of line to
+    the flood limit: one's lines hid in the other's `not_logged` count."""
+    tls_port = held_port()
+    extra = self_signed_tls(tls_port, tmp_path / 'public' / 'ca.pem', tmp_path / 'private')
+    sidecar = SidecarProcess(str(tmp_path), "", standard_keys(), extra=extra,
+                             limits="handshake_timeout_seconds = 0.3").start()
+    try:
+        with socket.create_connection(("127.0.0.1", tls_port)) as silent, \
+                socket.create_connection(("127.0.0.1", tls_port)) as raw, \
+                client_ssl(str(tmp_path / "public" / "ca.pem")).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\n")    # and then nothing
+            silent.settimeout(5)
+            assert silent.recv(100) == b""                          # both cut
+            s.settimeout(5)
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                assert s.recv(100) == b""
+        deadline = time.monotonic() + 5
+        while len(cut := [l for l in sidecar.log_lines() if l.get("event") == "handshake_timeout"]) < 2:
+            assert time.monotonic() < deadline, cut
+            time.sleep(0.05)
+        assert sorted(line["reason"] for line in cut) == ["request", "tls_handshake"]
+    finally:
+        sidecar.stop()
+
+
 def test_a_client_that_does_not_trust_the_listener_is_counted_and_logged(tls_env):
     """A client without the listener's CA refuses its certificate: its alert ended the
     handshake, and nothing showed it (no count, no log line), so an operator could not
