@@ -760,23 +760,28 @@ def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
     held = [socket.create_connection(("127.0.0.1", hook.port)) for _ in range(2)]
     try:
         time.sleep(0.3)
-        third = socket.create_connection(("127.0.0.1", hook.port))
-        third.settimeout(5)
-        try:
-            closed = third.recv(1) == b""
-        except ConnectionResetError:
-            closed = True
-        except TimeoutError:
-            closed = False
-        third.close()
-        assert closed, "a third connection waited for its TLS handshake"
+        for _ in range(3):  # one refused, then two more within its second
+            third = socket.create_connection(("127.0.0.1", hook.port))
+            third.settimeout(5)
+            try:
+                closed = third.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            except TimeoutError:
+                closed = False
+            third.close()
+            assert closed, "a third connection waited for its TLS handshake"
         held.pop().close()
         time.sleep(0.3)
         assert hook.review(pod())["allowed"] is True
     finally:
         for s in held:
             s.close()
-        stop(proc)
+        output = stop(proc)
+    # Each refusal is told, the last ones by the end of their second (or the stop): they
+    # were written only when a later refusal came, so the last flood's count never was.
+    shed = [json.loads(line) for line in output.splitlines() if '"event":"shed"' in line]
+    assert sum(line["refused"] for line in shed) == 3, shed
 
 
 def test_webhook_reads_no_further_a_client_that_never_reads_what_its_records_make_it_send(tls_files):

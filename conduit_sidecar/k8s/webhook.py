@@ -380,7 +380,8 @@ class Webhook:
         self.connections = 0
         self.idle: dict[_Connection, None] = {}  # waiting for their next request, oldest first
         self.refusals = 0  # connections refused since the last line that said so
-        self.refusals_logged = 0.0
+        self.refusals_logged = -1.0  # when that line was written (monotonic)
+        self.telling: asyncio.TimerHandle | None = None  # the line of `refusals`, owed
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -394,19 +395,30 @@ class Webhook:
 
     def refused(self) -> None:
         """A connection past max_connections. A flood of them is not a flood of log
-        lines: at most one a second, with how many."""
+        lines: at most one a second, with how many; those past it are told when the
+        second is over (or at the close), not only when a later refusal comes."""
         self.refusals += 1
-        now = time.monotonic()
-        if now - self.refusals_logged >= 1.0:
-            log.info(
-                "connections refused: too many",
-                extra={"event": "shed", "refused": self.refusals, "connections": self.connections},
-            )
-            self.refusals, self.refusals_logged = 0, now
+        if self.telling is None:
+            wait = self.refusals_logged + 1.0 - time.monotonic()
+            if wait <= 0:
+                self._tell()
+            else:
+                self.telling = asyncio.get_running_loop().call_later(wait, self._tell)
+
+    def _tell(self) -> None:
+        self.telling = None
+        log.info(
+            "connections refused: too many",
+            extra={"event": "shed", "refused": self.refusals, "connections": self.connections},
+        )
+        self.refusals, self.refusals_logged = 0, time.monotonic()
 
     async def close(self) -> None:
         assert self.server is not None  # start() made it
         self.server.close()
+        if self.telling is not None:  # refusals not told yet
+            self.telling.cancel()
+            self._tell()
         await self.server.wait_closed()
 
 
