@@ -280,12 +280,12 @@ class Governor:
         usage = info.usage
         assert usage is not None  # the caller has added the report to it
         self._count_audio(info)
-        charged = info.audio_bytes / self._rate(info) + usage.topped_up
+        charged = info.audio_bytes / self.rate(info) + usage.topped_up
         more = max(0.0, usage.seconds["audio"] - charged)
         usage.topped_up += more
         return more
 
-    def _rate(self, info: SessionInfo) -> float:
+    def rate(self, info: SessionInfo) -> float:
         """Bytes per second of the session's binary audio: its own format where its
         query names one (providers.audio_rate), else [audio]'s."""
         return info.audio_rate or self.config.audio.bytes_per_second
@@ -297,7 +297,7 @@ class Governor:
         sent = relay.counters(0)[1][_BINARY]
         if sent == info.audio_bytes:
             return
-        seconds = (sent - info.audio_bytes) / self._rate(info)
+        seconds = (sent - info.audio_bytes) / self.rate(info)
         info.audio_bytes = sent
         self._charge_seconds(info, seconds)
 
@@ -312,7 +312,7 @@ class Governor:
             return
         if usage is not None and usage.seconds["audio"]:
             return  # reported: _reported_seconds topped it up
-        charged = info.audio_bytes / self._rate(info) + (usage.topped_up if usage else 0.0)
+        charged = info.audio_bytes / self.rate(info) + (usage.topped_up if usage else 0.0)
         more = time.monotonic() - live.opened - charged
         if more > 0:
             self._charge_seconds(info, more)

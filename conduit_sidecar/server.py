@@ -229,7 +229,7 @@ class Sidecar:
         side = relay.closed_by or "unknown"
         self.metrics.child(self.metrics.closes, side, _close_label(side, code)).inc()
         c2u, u2c = relay.counters(0), relay.counters(1)
-        per_second = self.config.audio.bytes_per_second
+        per_second = self.governor.rate(info)  # the format its query names, else [audio]'s
         usage = info.usage or _NO_USAGE
         logs.info(
             log,

@@ -23,6 +23,7 @@ from conftest import (PROVIDER_SECRET, SidecarProcess, SlowUpstream, held_port, 
                       standard_keys)
 from test_bad_input import session_ends
 
+from conduit_sidecar.mock import MockProvider
 from conduit_sidecar.testing import Process
 
 
@@ -226,6 +227,30 @@ def test_session_end_log_line(ops):
     assert end["frames_client_to_upstream"] == 2 and end["frames_upstream_to_client"] == 3
     start = [l for l in ops.log_lines() if l.get("event") == "start"][0]
     assert start["keys"] == len(ops.keys.entries) and "mock" in start["providers"] and start["version"]
+
+
+def test_session_end_audio_seconds_are_in_the_format_its_query_names(tmp_path):
+    """A Deepgram session whose query names its audio (8 kHz mu-law: 8,000 bytes a
+    second): its session_end line counted the bytes at [audio]'s rate (24 kHz pcm16,
+    48,000), a sixth of its seconds, where its budget counts them at its own."""
+    port = held_port()
+    sidecar = SidecarProcess(str(tmp_path), f'[providers.deepgram]\nurl = "ws://127.0.0.1:{port}/v1/listen?model={{model}}"\n'
+                             'secret_env = "PROVIDER_KEY"\n', standard_keys()).start()
+    try:
+        async def body():
+            url = f"ws://127.0.0.1:{sidecar.port}/v1/listen?model=nova-3&encoding=mulaw&sample_rate=8000"
+            async with MockProvider(port=port, shape="deepgram"):
+                async with connect(url, additional_headers={"Authorization": f"Token {sidecar.keys.plain['good']}"}) as ws:
+                    await ws.send(bytes(16_000))                    # 2 s of 8 kHz mu-law
+                    await ws.send(json.dumps({"type": "CloseStream"}))
+                    with pytest.raises(ConnectionClosed):
+                        while True:
+                            await asyncio.wait_for(ws.recv(), 10)
+        run(body())
+        end = ended(sidecar, 0)[0]
+    finally:
+        sidecar.stop()
+    assert end["audio_seconds_client_to_upstream"] == 2.0
 
 
 def test_admin_endpoints(ops):
