@@ -1027,3 +1027,19 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "c.toml"
     path.write_bytes(b"\xef\xbb\xbf" + 'listen = "127.0.0.1:7"\n'.encode())
     assert config_module.load(str(path), environ={}).listen == "127.0.0.1:7"
+
+
+def test_redact_hides_virtual_keys_and_runs_of_a_provider_secret():
+    """Close reasons a peer wrote (conduit_sidecar.redact): a virtual key whole or cut,
+    a provider secret whole, cut at either end, or next to another, each one `***`; a
+    reason that holds none is returned as it is."""
+    from conduit_sidecar import redact
+    first, second = "sk-proj-" + "Ab3" * 20, "AIzaSyD-" + "9xZ" * 10
+    redact.remember(first)
+    redact.remember(second)
+    assert redact.redact(f"invalid key {first}.") == "invalid key ***."
+    assert redact.redact(f"bad {first[:14]}") == "bad ***"
+    assert redact.redact(f"bad {first[-9:]} and {second}{first[:20]}!") == "bad *** and ***!"
+    assert redact.redact("bye condt_AbC-_9 and condt_") == "bye *** and ***"
+    reason = "invalid_request_error: bad event"
+    assert redact.redact(reason) is reason
