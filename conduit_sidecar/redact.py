@@ -18,18 +18,29 @@ _VIRTUAL = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_\-]*")
 # The shortest run of a provider secret's characters redacted: a close reason holds at
 # most 123 bytes, so a longer key is quoted cut (OpenAI's are 164 characters).
 _RUN = 8
-# The provider secrets sent upstream so far, and every run of _RUN characters of them:
-# a few hundred strings a key, kept for the process's life (a rotated secret may still
-# be quoted by a session that began before the rotation).
-_secrets: set[str] = set()
-_runs: set[str] = set()
+# Of each source of a provider secret (a file or variable), the secret it holds now and
+# the one before (a session begun before a rotation may still be quoted), and every run
+# of _RUN characters of their first _INDEXED: bounded by the config's sources, not by how
+# often a secret is rotated, nor (a 64 KiB secret file) by its length.
+_INDEXED = 4096
+_by_source: dict[str, tuple[str, ...]] = {}
+_runs: frozenset[str] = frozenset()
 
 
-def remember(secret: str) -> None:
-    """A provider secret the sidecar is about to send (routing.Router.secret)."""
-    if secret not in _secrets:
-        _secrets.add(secret)
-        _runs.update(secret[i : i + _RUN] for i in range(len(secret) - _RUN + 1))
+def remember(source: str, secret: str) -> None:
+    """A provider secret the sidecar is about to send, and where it was read
+    (routing.Router.secret)."""
+    global _runs
+    kept = _by_source.get(source, ())
+    if kept[:1] == (secret,):
+        return
+    _by_source[source] = (secret, *kept[:1])
+    _runs = frozenset(
+        s[i : i + _RUN]
+        for kept in _by_source.values()
+        for s in kept
+        for i in range(min(len(s), _INDEXED) - _RUN + 1)
+    )
 
 
 def redact(text: str) -> str:

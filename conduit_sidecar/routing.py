@@ -306,7 +306,7 @@ class Router:
             raise RouteError(
                 CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
             )
-        redact.remember(value)  # a provider may quote it back in a close reason
+        redact.remember(_source(spec), value)  # a provider may quote it back in a close reason
         return value
 
     def _read_secret(self, spec: Provider) -> str:

@@ -1035,11 +1035,15 @@ def test_redact_hides_virtual_keys_and_runs_of_a_provider_secret():
     reason that holds none is returned as it is."""
     from conduit_sidecar import redact
     first, second = "sk-proj-" + "Ab3" * 20, "AIzaSyD-" + "9xZ" * 10
-    redact.remember(first)
-    redact.remember(second)
+    redact.remember("secret_file /a", "sk-old-" + "Qq7" * 10)
+    redact.remember("secret_file /a", first)  # a rotation: the one before is still redacted
+    redact.remember("secret_env B", second)
     assert redact.redact(f"invalid key {first}.") == "invalid key ***."
     assert redact.redact(f"bad {first[:14]}") == "bad ***"
     assert redact.redact(f"bad {first[-9:]} and {second}{first[:20]}!") == "bad *** and ***!"
     assert redact.redact("bye condt_AbC-_9 and condt_") == "bye *** and ***"
     reason = "invalid_request_error: bad event"
     assert redact.redact(reason) is reason
+    assert redact.redact("sk-old-Qq7Qq7") == "***"
+    redact.remember("secret_file /a", "sk-new-" + "Zz5" * 10)  # two rotations: the oldest is forgotten
+    assert redact.redact("sk-old-Qq7Qq7") == "sk-old-Qq7Qq7" and redact.redact(first[:12]) == "***"
