@@ -489,21 +489,23 @@ async def _greet(
     return *held_first, upstream_early, sent
 
 
+def _late(host: Host, decision: Accept, info: SessionInfo) -> Close | None:
+    """The close of a session admitted earlier that must not start now: the drain is
+    over (close_all tells only sessions with a relay), or its key was revoked meanwhile."""
+    if host.closing:
+        return Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
+    _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
+    if revoked is None:
+        return None
+    return Close(decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked)
+
+
 def _ended_late(
     host: Host, transport, decision: Accept, info: SessionInfo, upstream, early: bytearray, answered: bool
 ) -> bool:
-    """Whether a session admitted earlier was closed because it must not start now: the
-    drain is over (close_all tells only sessions with a relay), or its key was revoked
-    meanwhile. `upstream` is None while none is open yet."""
-    late = None
-    if host.closing:
-        late = Close(decision.response, _relay.CloseCode.GOING_AWAY, "going away", decision.key)
-    else:
-        _, revoked = host.keyset.recheck(info.key, dt.datetime.now(dt.UTC), info.public_agent)
-        if revoked is not None:
-            late = Close(
-                decision.response, _relay.CloseCode.AUTH_FAILED, revoked.value, decision.key, revoked
-            )
+    """Whether a session admitted earlier was closed because it must not start now (see
+    _late). `upstream` is None while none is open yet."""
+    late = _late(host, decision, info)
     if late is None:
         return False
     _close_late(host, transport, late, info, upstream, early, answered)
@@ -682,11 +684,15 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         started = time.monotonic()
         try:
             upstream, subprotocol, upstream_early, info.upstream, info.trial = await host.balancer.connect(
-                decision, info.id
+                decision, functools.partial(_late, host, decision, info), info.id
             )
             opening.upstream = upstream
             info.provider = info.upstream.target.provider  # after a failover: the next one
         except (UpstreamError, RouteError) as exc:
+            # The key may have gone, or the drain ended, while deployments were tried:
+            # answered as such (the balancer stops at its next attempt), not as their failure.
+            if _ended_late(host, transport, decision, info, None, client.early, answered):
+                return
             code = exc.code if isinstance(exc, RouteError) else _relay.CloseCode.UPSTREAM_FAILED
             host.release(info)
             failed = Close(decision.response, code, str(exc), decision.key)

@@ -31,7 +31,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus
@@ -448,11 +448,14 @@ class Balancer:
             ordered.append(pick)
         return ordered, resting
 
-    async def connect(self, decision: Accept, session_id: str | None = None):
+    async def connect(self, decision: Accept, late: Callable[[], object], session_id: str | None = None):
         """Returns (transport, subprotocol, early bytes, Health of the deployment used,
         whether the attempt was its probe). The attempt's verdict is owed: the caller
         gives it (`succeeded`, or `failed` for an early close) and releases the Health
-        when the session ends. Raises UpstreamError (1014) or RouteError (its own code)."""
+        when the session ends. Raises UpstreamError (1014) or RouteError (its own code).
+        `late` is asked before each attempt after the first (an attempt may take its
+        share of the timeout): anything but None (the close of a session whose key was
+        revoked meanwhile) stops the failover."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         model = None if decision.modelless else decision.model  # its URL names no model
@@ -471,6 +474,8 @@ class Balancer:
         errors: list[Exception] = []
         notes: list[str] = []
         for h, share in shares(candidates, deadline, notes):
+            if errors and late() is not None:
+                raise UpstreamError("session withdrawn")  # the caller answers why
             if not h.available(time.monotonic()):  # another session's failure or probe since
                 resting.append(h)
                 continue

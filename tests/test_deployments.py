@@ -26,7 +26,7 @@ import urllib.request
 
 import msgspec
 import pytest
-from conftest import (PROVIDER_SECRET, SidecarProcess, held_port, run, standard_keys,
+from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, held_port, run, standard_keys,
                       switching_protocols)
 from test_governance import metric as total
 from test_limits import pending_becomes
@@ -601,6 +601,61 @@ def test_all_deployments_down_gives_1014_naming_each_attempt(workdir):
     assert reason == "upstream failed: p/hole timeout; p/1 HTTP 503; p/tls TLS; p/gone TCP refused"
     assert "upstream failed" in {line.get("reason", "")[:15] for line in sidecar.log_lines()}
 
+
+
+class Gated(Refusing):
+    """Reads the upgrade (`asked` set), then answers its status once `go` is set."""
+
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.asked, self.go = asyncio.Event(), asyncio.Event()
+
+    async def handle(self, reader, writer):
+        self.asked.set()
+        await self.go.wait()
+        await super().handle(reader, writer)
+
+
+@pytest.mark.parametrize("then", ["good", "none"])
+def test_a_key_revoked_while_its_session_fails_over_dials_no_further(workdir, then):
+    """The key is removed from the key file while the first deployment keeps the
+    session waiting; it then refuses (503). The failover went on: the next deployment
+    was connected (with the deployment's secret) for a session that then got 4001 and
+    the provider's connection dropped; with no deployment after it, the client got 1014
+    `upstream refused: HTTP 503`. The key is checked before each next attempt and
+    after the last: 4001 `key revoked`, as a key revoked before the 101 is answered,
+    and no other deployment asked."""
+    keys = Keys()
+    alpha = keys.add("alpha")
+    first, good = Gated("503 Service Unavailable"), Named("good")
+    listed = [f'name = "first"\n{ws_url(first.port)}', f'name = "good"\n{ws_url(good.port)}']
+    sidecar = SidecarProcess(workdir, deployments(*listed[: 2 if then == "good" else 1]), keys,
+                             limits="upstream_connect_timeout_seconds = 10\n").start()
+
+    async def body():
+        async with first, good:
+            attempt = asyncio.ensure_future(connect(
+                sidecar.url(model="m", provider="p"), additional_headers={"Authorization": f"Bearer {alpha}"},
+                open_timeout=10))
+            await asyncio.wait_for(first.asked.wait(), 5)
+            with open(sidecar.keys_file, "w") as f:
+                f.write('{"keys": []}')
+            while metric(sidecar, "conduit_keys_reload_total", result="ok") != 1:
+                await asyncio.sleep(0.05)                   # (run's timeout bounds it)
+            first.go.set()
+            ws = await attempt
+            try:
+                await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason, good.handshakes
+    try:
+        assert run(body()) == (4001, "key revoked", 0)       # without: good connected, or 1014
+    finally:
+        sidecar.stop()
+    rejected = [(line["code"], line["reason"]) for line in sidecar.log_lines() if line.get("event") == "rejected"]
+    assert rejected == [(4001, "key revoked")]
+    attempts = [(a["deployment"], a["outcome"]) for a in sidecar.log_lines() if a.get("event") == "upstream_attempt"]
+    assert attempts == [("first", "http_5xx")]             # its verdict still counts
 
 # -- 4. the circuit breaker ---------------------------------------------------------
 
