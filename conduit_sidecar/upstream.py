@@ -10,6 +10,10 @@ never answers costs its share, not the whole budget, and time one attempt did no
 use passes to the next. Other refusals (e.g. HTTP 404) are the request's fault and
 end the search. Nothing here runs after the client's 101.
 
+A timeout after the deployment took the TCP connection is counted only when the
+attempt had the whole timeout: in a share it may be a healthy deployment slow to
+answer, which counted would be rested for being listed beside others.
+
 Each deployment has a circuit breaker (state per sidecar): `failures` attempts in a
 row rest it for a cool-down, after which one probe session may try it; a failed
 probe doubles the cool-down (capped), a good one closes the circuit. A connect is
@@ -196,6 +200,7 @@ async def _attempt(
     prepared: _Request,
     upstream: Upstream,
     timeout: float,
+    cut: bool,
     max_rest: float,
     sessions: tlsleg.SessionCache,
     resolver: Resolver,
@@ -203,7 +208,8 @@ async def _attempt(
     """TCP (to the host's addresses in `resolver`), then TLS (resuming the endpoint's
     session in `sessions`, where the relay encrypts the leg), then the WebSocket
     handshake, each named in the error on failure. Returns (transport, subprotocol,
-    bytes already read past the 101)."""
+    bytes already read past the 101). `cut`: `timeout` is a share of the connect
+    timeout, not the whole."""
     loop = asyncio.get_running_loop()
     uri = upstream.uri
     key, request = prepared.new()
@@ -234,7 +240,10 @@ async def _attempt(
         _drop(transport)
         if stage == "TCP connect":  # the addresses may be dead: the next session waits for a lookup
             resolver.forget(uri.host, uri.port)
-        raise Failed("timeout", f"upstream timed out ({stage})", "timeout") from None
+        # Once it took the connection, a deployment that had only a share of the time
+        # may be healthy and slow (it would have answered within the whole): no verdict.
+        verdict = not cut or stage == "TCP connect"
+        raise Failed("timeout", f"upstream timed out ({stage})", "timeout", verdict=verdict) from None
     except ssl.SSLCertVerificationError as exc:
         _drop(transport)
         raise Failed("tls", f"upstream TLS failure: {exc.verify_message}", "TLS") from None
@@ -488,6 +497,7 @@ class Balancer:
                     self._request(upstream, decision.subprotocols),
                     upstream,
                     share,
+                    len(candidates) > 1,
                     self.max_rest,
                     self.tls_sessions,
                     self.resolver,

@@ -26,7 +26,7 @@ import urllib.request
 
 import msgspec
 import pytest
-from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, held_port, run, standard_keys,
+from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, SlowUpstream, held_port, run, standard_keys,
                       switching_protocols)
 from test_governance import metric as total
 from test_limits import pending_becomes
@@ -727,6 +727,40 @@ def test_one_probe_while_sessions_arrive_together(workdir):
     assert first == "good" and served == ["good"] * 5
     assert probes == 1
 
+
+
+def test_a_timeout_in_a_share_cut_short_rests_nothing_a_whole_one_does(workdir):
+    """Two deployments share the connect timeout (1 s): the first, healthy but slow to
+    answer (its 101 after 0.8 s), had 0.5 s. Its timeout was counted toward the circuit
+    (`failures = 1`: rested for 60 s, every later session sent to the other), though
+    with the whole timeout it connects. A timeout once the deployment took the TCP
+    connection counts only when the attempt had the whole timeout: a provider's only
+    deployment (`q`, one that never answers) is rested by its timeout."""
+    slow_port = held_port()
+    good, hole = Named("good"), Blackhole()
+    sidecar = sidecar_with(
+        workdir,
+        deployments(f'name = "slow"\n{ws_url(slow_port)}', f'name = "good"\n{ws_url(good.port)}')
+        + f'[providers.q]\nurl = "ws://127.0.0.1:{hole.port}/"\n',
+        timeout=1.0, extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+
+    async def body():
+        async with SlowUpstream(slow_port, delay=0.8), good, hole:
+            served = await served_by(sidecar)
+            alone = await close_of(sidecar, provider="q")
+            return served, alone
+    try:
+        served, alone = run(body())
+        healthy = {p: metric(sidecar, "conduit_deployment_healthy", deployment=d, provider=p)
+                   for p, d in (("p", "slow"), ("q", "0"))}
+    finally:
+        sidecar.stop()
+    assert served == "good" and alone == (1014, "upstream timed out (WebSocket handshake)")
+    assert healthy == {"p": 1.0, "q": 0.0}                 # without: p/slow rested too
+    attempts = [(a["provider"], a["outcome"], a["resting_seconds"]) for a in sidecar.log_lines()
+                if a.get("event") == "upstream_attempt"]
+    assert [a[:2] for a in attempts] == [("p", "timeout"), ("q", "timeout")]
+    assert attempts[0][2] is None and attempts[1][2] > 50
 
 class Ending(Named):
     """Accepts every upgrade, then ends the session as `how` says: "1011" at once (a
