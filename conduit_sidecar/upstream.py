@@ -85,13 +85,14 @@ class Failed(UpstreamError):
         self.verdict = verdict
 
 
-_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# EADDRNOTAVAIL: a connect found no ephemeral port free (the pod's, not the provider's).
+_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
 
 
 def exhausted(exc: OSError) -> Failed | None:
-    """Outcome `local` when `exc` says this process is out of descriptors or memory: no
-    deployment is at fault (its circuit would rest a healthy provider for everyone),
-    none would do better."""
+    """Outcome `local` when `exc` says this process is out of descriptors, memory or
+    local ports: no deployment is at fault (its circuit would rest a healthy provider
+    for everyone), none would do better."""
     if exc.errno not in _EXHAUSTED:
         return None
     why = f"sidecar out of resources: {exc.strerror}"

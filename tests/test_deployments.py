@@ -1079,6 +1079,80 @@ def test_a_host_name_that_cannot_be_looked_up_gives_1014_and_is_looked_up_again(
     assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
 
 
+def in_a_network_of_its_own(fn):
+    """fn() in a thread of its own network namespace (its loopback up): what it starts
+    (servers, the sidecar's process) is there, apart from the host's ports. Skipped
+    where namespaces cannot be made (not root)."""
+    import ctypes
+    import threading
+    outcome: list = []
+
+    def thread():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET, for this thread (and its children)
+            outcome.append(OSError(ctypes.get_errno(), "unshare"))
+            return
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            outcome.append(fn())
+        except BaseException as exc:
+            outcome.append(exc)
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    if isinstance(outcome[0], OSError) and outcome[0].strerror == "unshare":
+        pytest.skip(f"no network namespace: {outcome[0]}")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def test_no_local_port_left_for_a_provider_rests_no_deployment(workdir):
+    """Out of ephemeral ports (the namespace's range cut to two, both taken by sessions
+    to the provider), the next connect fails with EADDRNOTAVAIL: it counted as the
+    deployment's `tcp` failure (`upstream unreachable: Cannot assign requested address`)
+    and (`failures = 1`) rested a healthy provider for every session after it, though
+    ports were free again at once. The pod's ports are the sidecar's (`local`)."""
+    def test():
+        named = Named("named")
+        sidecar = sidecar_with(workdir, deployments(f'name = "named"\n{ws_url(named.port)}'),
+                               extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n")
+        held = {named.port, sidecar.port, sidecar.admin_port}
+        low = next(p for p in range(40000, 41000) if not {p, p + 1} & held)
+        with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:  # the namespace's own
+            f.write(f"{low} {low + 1}")
+
+        opened: list = []
+
+        async def session():  # from a port of its own, outside the range
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", low + 100 + len(opened)))
+            sock.connect(("127.0.0.1", sidecar.port))
+            ws = await connect(sidecar.url(model="m", provider="p"), sock=sock,
+                               additional_headers=sidecar.auth(), open_timeout=10)
+            opened.append(ws)
+            try:
+                return json.loads(await ws.recv())["deployment"]
+            except ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason
+
+        async def body():
+            async with named:
+                served = [await session(), await session()]     # the two ports taken
+                starved = await session()
+                with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+                    f.write("32768 60999")                      # ports free again
+                return served, starved, await session()
+        try:
+            return run(body()), [a["outcome"] for a in sidecar.log_lines() if a.get("event") == "upstream_attempt"]
+        finally:
+            sidecar.stop()
+    (served, starved, then), attempts = in_a_network_of_its_own(test)
+    assert served == ["named", "named"]
+    assert starved == (1014, "sidecar out of resources: Cannot assign requested address")
+    assert then == "named"                                  # without: 1014 `upstream failed: p/named resting`
+    assert attempts == ["local"]
+
 _DNS_DOWN_AFTER_ONE = """
 import socket, sys
 from conduit_sidecar.resolver import Resolver
