@@ -115,6 +115,14 @@ class Resolver:
             )
         except UnicodeError:  # the IDNA encoding refused it (an empty or too long label)
             raise socket.gaierror(socket.EAI_NONAME, "invalid host name") from None
+        except OSError as exc:
+            try:
+                socket.socket().close()
+            except OSError as starved:
+                # Out of descriptors, the lookup could neither read /etc/hosts nor ask a
+                # name server, and said the name does not exist: the fault is ours.
+                raise starved from exc
+            raise
         # (address, port, ...) of AF_INET and AF_INET6, in the resolver's order
         return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
 

@@ -1079,6 +1079,40 @@ def test_a_host_name_that_cannot_be_looked_up_gives_1014_and_is_looked_up_again(
     assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
 
 
+def test_a_lookup_failed_for_want_of_a_descriptor_rests_no_deployment(workdir):
+    """Out of descriptors (the client's connection took the last), the lookup of a
+    provider's name can neither read /etc/hosts nor ask a name server, and glibc says
+    the name does not exist (EAI_NONAME, even for `localhost`): it counted as the
+    deployment's `tcp` failure, which (`failures = 1`) rested a healthy provider for
+    every session after it. It is the sidecar's (`local`), as a socket it cannot make."""
+    named = Named("named")
+    sidecar = SidecarProcess(workdir, f'[providers.p]\nurl = "ws://localhost:{named.port}/"\n',
+                             standard_keys(), extra="[circuit]\nfailures = 1\ncooldown_seconds = 60\n",
+                             limits="upstream_connect_timeout_seconds = 2\n").start()
+    pid = sidecar.proc.pid
+
+    async def body():
+        async with named:
+            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            for _ in range(5):  # a descriptor still closing when counted leaves one more free
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 1, hard))
+                try:
+                    starved = await close_of(sidecar)
+                finally:
+                    resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+                if starved[0] != 1000:
+                    break
+            return starved, await served_by(sidecar)
+    try:
+        starved, then = run(body())
+    finally:
+        sidecar.stop()
+    assert starved == (1014, "sidecar out of resources: Too many open files")  # without: Name or service not known
+    assert then == "named"                                  # without: 1014 `upstream failed: p/0 resting`
+    attempts = [a["outcome"] for a in sidecar.log_lines() if a.get("event") == "upstream_attempt"]
+    assert attempts == ["local"]
+
+
 def in_a_network_of_its_own(fn):
     """fn() in a thread of its own network namespace (its loopback up): what it starts
     (servers, the sidecar's process) is there, apart from the host's ports. Skipped
