@@ -1,6 +1,6 @@
 """Provider host names, resolved once per `dns_cache_seconds` rather than once per
-session: a session's upstream connect otherwise waits for a lookup in libuv's
-thread pool, and in a Kubernetes pod (`ndots:5`) a name like `api.openai.com` is
+session (and per signed-URL fetch): a session's upstream connect otherwise waits for
+a lookup in libuv's thread pool, and in a Kubernetes pod (`ndots:5`) a name like `api.openai.com` is
 first tried under each search domain. nginx resolves its upstreams once at start-up;
 Envoy re-resolves on a timer and keeps the last good addresses when DNS fails.
 
@@ -55,14 +55,25 @@ class Resolver:
         """`loop.create_connection` to the first of the host's addresses that takes
         it; if none does, the host is forgotten and the last error raised. A literal
         address goes to `create_connection` as it is."""
+        if self._literal(host):
+            return asyncio.get_running_loop().create_connection(factory, host, port)
+        return self._connect(factory, host, port)
+
+    async def addresses(self, host: str, port: int) -> list[tuple[str, int]]:
+        """The (address, port) pairs `connect` would try, in order, for a connection
+        made elsewhere (the signed-URL fetch, in a thread), whose caller `forget`s the
+        host when none of them takes it. Raises OSError (socket.gaierror)."""
+        if self._literal(host):
+            return [(host, port)]
+        return self.cached(host, port) or await self._looked_up(host, port)
+
+    def _literal(self, host: str) -> bool:
         literal = self.literal.get(host)
         if literal is None:
             if len(self.literal) >= _ENTRIES_MAX:
                 self.literal.clear()
             literal = self.literal[host] = _literal(host)
-        if literal:
-            return asyncio.get_running_loop().create_connection(factory, host, port)
-        return self._connect(factory, host, port)
+        return literal
 
     async def _connect(
         self, factory: Callable[[], asyncio.Protocol], host: str, port: int

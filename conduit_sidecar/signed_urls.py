@@ -19,6 +19,7 @@ import http.client
 import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
@@ -36,6 +37,7 @@ from ._relay import CloseCode
 from .config import Limits
 from .handshake import admit, key_misplaced, refuse
 from .keys import KeySet, Rejection
+from .resolver import Resolver
 from .routing import Route, RouteError, Router, Upstream
 from .upstream import Balancer, Failed, exhausted, refusal, shares
 
@@ -137,10 +139,56 @@ class _Fetchers(concurrent.futures.Executor):
 _FETCHERS = _Fetchers()
 
 
-def _fetch(url: str, headers: list[tuple[str, str]], context, timeout: float) -> bytes:
+class _Dialed(http.client.HTTPConnection):
+    """Connects to `addresses` (the resolver's for its host, as a session's leg does),
+    the next on a failure; no lookup of its own. (TLS, below, still checks the host
+    name and sends it as SNI.)"""
+
+    addresses: list[tuple[str, int]] = []
+
+    def connect(self):
+        error: OSError | None = None
+        for address in self.addresses:
+            try:
+                self.sock = socket.create_connection(address, self.timeout)
+                return
+            except OSError as exc:
+                error = exc
+        assert error is not None  # the resolver gives at least one address
+        raise error
+
+
+class _DialedTLS(http.client.HTTPSConnection, _Dialed):  # its connect wraps _Dialed's socket
+    pass
+
+
+class _Handler(urllib.request.HTTPSHandler, urllib.request.HTTPHandler):
+    def __init__(self, context: ssl.SSLContext | None, addresses: list[tuple[str, int]]):
+        super().__init__(context=context)
+        self.tls, self.addresses = context, addresses
+
+    def _connection(self, cls: type[_Dialed]):
+        def make(host, **kwargs) -> _Dialed:
+            connection = cls(host, **kwargs)
+            connection.addresses = self.addresses
+            return connection
+
+        return make
+
+    def http_open(self, req):
+        return self.do_open(self._connection(_Dialed), req)
+
+    def https_open(self, req):
+        return self.do_open(self._connection(_DialedTLS), req, context=self.tls)
+
+
+def _fetch(
+    url: str, headers: list[tuple[str, str]], context, addresses: list[tuple[str, int]], timeout: float
+) -> bytes:
     request = urllib.request.Request(url, headers=dict(headers))
-    handler = urllib.request.HTTPSHandler(context=context) if context else urllib.request.HTTPHandler()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(), handler)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), _NoRedirect(), _Handler(context, addresses)
+    )
     with opener.open(request, timeout=timeout) as response:
         return response.read(_MAX_RESPONSE_BYTES + 1)
 
@@ -220,7 +268,9 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
             continue
         probe = h.begin()
         try:
-            signed = await _sign(upstream, agent, passed, share, host.balancer.max_rest)
+            signed = await _sign(
+                upstream, agent, passed, share, host.balancer.max_rest, host.balancer.resolver
+            )
         except BaseException:  # the client left (cancelled): no verdict
             h.abandoned(probe)
             raise
@@ -247,7 +297,12 @@ async def answer(host: Gate, request: Request, secure: bool) -> Response:
 
 
 async def _sign(
-    upstream: Upstream, agent: str, passed: list[tuple[str, str]], timeout: float, max_rest: float
+    upstream: Upstream,
+    agent: str,
+    passed: list[tuple[str, str]],
+    timeout: float,
+    max_rest: float,
+    resolver: Resolver,
 ) -> _Split | Failed:
     """One deployment's signed URL (split), or what went wrong, classified as a
     session's connect attempt is (its `short` the words of the call's answer)."""
@@ -259,11 +314,15 @@ async def _sign(
         + urllib.parse.urlencode([("agent_id", agent), *passed], quote_via=urllib.parse.quote)
     )
     try:
-        # The whole call, a wait for a free thread included, is bounded. (Not wait_for:
-        # on Python 3.11 it drops a cancellation, the caller's reset, that comes with the answer.)
+        # The whole call, the lookup and a wait for a free thread included, is bounded.
+        # (Not wait_for: on Python 3.11 it drops a cancellation, the caller's reset, that
+        # comes with the answer.)
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(_FETCHERS, _fetch, rest, upstream.headers, upstream.ssl, timeout)
         async with asyncio.timeout(timeout):
+            addresses = await resolver.addresses(uri.host, uri.port)  # the sessions' cache
+            call = loop.run_in_executor(
+                _FETCHERS, _fetch, rest, upstream.headers, upstream.ssl, addresses, timeout
+            )
             body = await call
         if len(body) > _MAX_RESPONSE_BYTES:
             raise ValueError("response too large")
@@ -290,6 +349,7 @@ async def _sign(
             outcome = "tls"
         elif isinstance(reason, OSError) and not isinstance(reason, http.client.HTTPException):
             outcome = "tcp"
+            resolver.forget(uri.host, uri.port)  # the addresses may be dead, as for a session
         else:  # not HTTP, cut short (RemoteDisconnected too), too large, or not the JSON
             outcome = "invalid"
         # Fixed words: an exception's text may quote the provider's answer.

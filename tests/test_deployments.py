@@ -1517,6 +1517,49 @@ def test_a_signed_url_is_fetched_from_the_next_deployment_when_one_is_down(workd
     assert (end["provider"], end["deployment"], end["key_id"]) == ("elevenlabs", "b", "good")
 
 
+_KNOWN_TO_THE_RESOLVER_ONLY = """
+import socket, sys
+from conduit_sidecar.resolver import Resolver
+
+real_lookup, real_getaddrinfo = Resolver._lookup, socket.getaddrinfo
+async def lookup(self, host, port):  # the sidecar's resolver knows provider.test
+    return await real_lookup(self, "127.0.0.1" if host == "provider.test" else host, port)
+def getaddrinfo(host, *args, **kwargs):  # a lookup of the process's own does not (none leaves)
+    if host == "provider.test":
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return real_getaddrinfo(host, *args, **kwargs)
+Resolver._lookup, socket.getaddrinfo = lookup, getaddrinfo
+from conduit_sidecar.cli import main
+sys.exit(main())
+"""
+
+
+def test_the_signed_url_fetch_takes_the_host_names_addresses_from_the_sessions_resolver(workdir):
+    """A deployment named by host name: the get-signed-url fetch looked the name up
+    itself on every call (urllib in its thread), outside the resolver whose addresses
+    the WebSocket legs share (counted, kept for dns_cache_seconds, the last good kept
+    when DNS fails, dropped when they stop connecting). A name only that resolver
+    answers (injected in the process) shows it: the calls got 502 `unreachable`. Now
+    two calls and the session they sign make one lookup."""
+    port = held_port()
+    sidecar = SidecarProcess(workdir, _elevenlabs(port).replace("127.0.0.1", "provider.test"),
+                             standard_keys(), limits="upstream_connect_timeout_seconds = 2\n")
+    sidecar.argv = [sys.executable, "-c", _KNOWN_TO_THE_RESOLVER_ONLY, *sidecar.argv[3:]]
+    sidecar.start()
+
+    async def body():
+        async with MockProvider(port=port, shape="elevenlabs"):
+            answers = [await _signed_url(sidecar), await _signed_url(sidecar)]
+            assert [status for status, _ in answers] == [200, 200], answers   # without: 502
+            return await _talk(answers[1][1]["signed_url"])
+    try:
+        first = run(body())
+        lookups = metric(sidecar, "conduit_upstream_dns_lookups_total", result="ok")
+    finally:
+        sidecar.stop()
+    assert first == "conversation_initiation_metadata"
+    assert lookups == 1
+
 def test_the_signed_url_call_passes_the_sdks_agent_parameters(workdir):
     """ElevenLabs' SDK asks for an environment, branch or version of the agent and for
     the conversation id; only agent_id went to the provider, so a staging conversation
