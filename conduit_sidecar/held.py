@@ -60,11 +60,21 @@ _SLACK = 65536  # control frames around the first message
 class Refused(Exception):
     """The first message cannot be accepted: close with `code` and the message."""
 
-    def __init__(self, code: int, reason: str, gone: bool = False, close: tuple[int, str] | None = None):
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        gone: bool = False,
+        close: tuple[int, str] | None = None,
+        fault: bool = False,
+    ):
         super().__init__(reason)
         self.code = code
         self.gone = gone  # the connection is lost: there is no one to tell
         self.close = close  # the provider's own close code and reason, the client's to read
+        # The provider failed before its first message (its connection lost, its protocol
+        # broken, nothing in time): its deployment's failure (a close is judged by its code).
+        self.fault = fault
 
 
 class Reader(asyncio.Protocol):
@@ -182,9 +192,9 @@ class _Greeting(Reader):
         scanner = self.scanner
         scanner.feed_bytes(data)
         if scanner.verdict_code:
-            self._finish(
-                Refused(CloseCode.UPSTREAM_FAILED, f"the provider's first message: {scanner.verdict_reason}")
-            )
+            broken = scanner.verdict_code != CloseCode.MESSAGE_TOO_BIG  # (too big: our limit)
+            why = f"the provider's first message: {scanner.verdict_reason}"
+            self._finish(Refused(CloseCode.UPSTREAM_FAILED, why, fault=broken))
             return
         ends = scanner.frame_boundaries
         for end in ends[self.seen :]:
@@ -215,11 +225,15 @@ class _Greeting(Reader):
             )
 
     def eof_received(self):
-        self._finish(Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message"))
+        self._finish(
+            Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message", fault=True)
+        )
         return False
 
     def connection_lost(self, exc) -> None:
-        self._finish(Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message"))
+        self._finish(
+            Refused(CloseCode.UPSTREAM_FAILED, "the provider closed before its first message", fault=True)
+        )
 
 
 async def read_greeting(
@@ -228,7 +242,9 @@ async def read_greeting(
     """(the provider's frames up to the end of its first data message, the bytes after
     them). The upstream's reading is paused when this returns."""
     reader = _Greeting(upstream, limit)
-    late = Refused(CloseCode.UPSTREAM_FAILED, f"no first message from the provider within {timeout:g} s")
+    late = Refused(
+        CloseCode.UPSTREAM_FAILED, f"no first message from the provider within {timeout:g} s", fault=True
+    )
     end = await _read(upstream, reader, early, timeout, late, holding)
     return bytes(reader.raw[:end]), bytes(reader.raw[end:])
 

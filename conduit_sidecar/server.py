@@ -36,14 +36,32 @@ _CLOSE = _relay.KIND_NAMES.index("close")
 _NO_USAGE = Usage()  # read only: the session_end line of a session no provider billed
 # A provider that ends a session this soon after its relay started, with one of these
 # codes, before any client frame reached it, failed as a refused connect does (judge).
+# 1007: the only data it had was our request (Gemini's refusal of the API key). Not
+# 1008: a policy refusal may be of what the client asked (a model in the URL), as a 403.
 _EARLY_SECONDS = 1.0
-_EARLY_CODES = frozenset((_relay.CloseCode.INTERNAL_ERROR, _relay.CloseCode.CONNECTION_LOST))
+_EARLY_CODES = frozenset(
+    (_relay.CloseCode.INTERNAL_ERROR, _relay.CloseCode.CONNECTION_LOST, _relay.CloseCode.INVALID_DATA)
+)
+# The relay's verdicts on a provider's frames that say it broke the protocol (1009 is
+# our limit's); the relay then closed the session itself.
+_BROKEN = frozenset((_relay.CloseCode.PROTOCOL_ERROR, _relay.CloseCode.INVALID_DATA))
 
 
 def _close_label(side: str, code: int) -> str:
     """A client picks its close code: the 2,000 of the application range (3000-4999)
     are two label values, not a series each (the session_end line keeps the code)."""
     return f"{code // 1000}xxx" if side == "client" and code >= 3000 else str(code)
+
+
+def _ended_by_provider(relay) -> str | None:
+    """Why the provider ended the session, if it did with one of _EARLY_CODES, or by a
+    frame the relay refused (its close reason names the violator); else None."""
+    code = relay.close_code
+    if relay.closed_by == "upstream":
+        return f"upstream ended the session at once ({code})" if code in _EARLY_CODES else None
+    if relay.closed_by == "sidecar" and code in _BROKEN and relay.close_reason.startswith("upstream: "):
+        return f"upstream broke the protocol at once ({relay.close_reason})"
+    return None
 
 
 def _only_close(frames: tuple[int, ...]) -> bool:
@@ -165,20 +183,28 @@ class Sidecar:
         everyone. Anything else succeeded."""
         probe, info.trial = info.trial, None
         relay = info.relay
-        if (
-            probe is not None
-            and relay is not None
-            and relay.closed_by == "upstream"
-            and relay.close_code in _EARLY_CODES
-            and _only_close(relay.counters(0)[0])
-        ):
-            why = f"upstream ended the session at once ({relay.close_code})"
-            failed = Failed("early_close", why, "early close")
-            self.balancer.failed(h, failed, probe, info.id)  # ends its attempt
-            return
+        if probe is not None and relay is not None and _only_close(relay.counters(0)[0]):
+            why = _ended_by_provider(relay)
+            if why is not None:
+                failed = Failed("early_close", why, "early close")
+                self.balancer.failed(h, failed, probe, info.id)  # ends its attempt
+                return
         if probe is not None:  # ended before its relay started, or not at once
             self.balancer.succeeded(h)
         h.release()  # least_sessions counts live sessions
+
+    def greeting_failed(self, info: SessionInfo, refused: held.Refused) -> None:
+        """The provider failed the session while its first message was awaited (Deepgram's
+        agent, before its Welcome; the client's Settings is held until then, so no
+        client frame reached it): an early close, judged now when it is the provider's
+        doing (a close by its code, as judge's). Otherwise release() judges it."""
+        h, probe = info.upstream, info.trial
+        if h is None or probe is None:
+            return
+        if not (refused.fault or (refused.close is not None and refused.close[0] in _EARLY_CODES)):
+            return
+        info.upstream = info.trial = None  # judged here: release() has no verdict left to give
+        self.balancer.failed(h, Failed("early_close", f"upstream: {refused}", "early close"), probe, info.id)
 
     def count(self, result: str) -> None:
         self.metrics.child(self.metrics.connections, result).inc()

@@ -17,8 +17,8 @@ answer, which counted would be rested for being listed beside others.
 Each deployment has a circuit breaker (state per sidecar): `failures` attempts in a
 row rest it for a cool-down, after which one probe session may try it; a failed
 probe doubles the cool-down (capped), a good one closes the circuit. A connect is
-judged with what follows it (server.Sidecar.judge): a session the provider ends at
-once (`early_close`) is a failure, one that lives is the success. HTTP 429 with
+judged with what follows it (server.Sidecar.judge, greeting_failed): a session the
+provider ends at once (`early_close`) is a failure, one that lives is the success. HTTP 429 with
 `Retry-After` rests it for that long; 401 (our credential refused) is a configuration
 fault, logged as an error, and rests it at once. A 403 gives no verdict: providers
 answer it for what the request asked (a model the project may not use), so counting

@@ -110,12 +110,17 @@ class UpgradeAnswer(asyncio.Protocol):
         self.transport.write(switching_protocols(head))
 
 
+# For a hand-written upstream that tests make break the protocol at once, session
+# after session (an early close each): no circuit rests it.
+NO_CIRCUIT = "[circuit]\nfailures = 1000000\n"
+
+
 def raw_upstream_sidecar(workdir: str, limits: str, providers: str = "") -> "SidecarProcess":
     """A sidecar whose provider `raw` is a hand-written upstream on `.upstream_port`
-    (plus any other `providers` sections)."""
+    (plus any other `providers` sections); its circuit never rests it (NO_CIRCUIT)."""
     port = held_port()
     proc = SidecarProcess(workdir, f'{providers}\n[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n',
-                          standard_keys(), limits=limits).start()
+                          standard_keys(), limits=limits, extra=NO_CIRCUIT).start()
     proc.upstream_port = port
     return proc
 

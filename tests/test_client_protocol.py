@@ -9,7 +9,8 @@ import socket
 import ssl
 
 import pytest
-from conftest import SidecarProcess, held_port, raw_upstream_sidecar, run, self_signed_tls, standard_keys
+from conftest import (NO_CIRCUIT, SidecarProcess, held_port, raw_upstream_sidecar, run, self_signed_tls,
+                      standard_keys)
 from reference_parser import scan
 from test_bad_input import BAD_CLIENT_FRAMES, close_frame_of, http_answer, masked, request, session
 from test_faults import RawUpstream, answer_the_close, with_upstream
@@ -25,7 +26,7 @@ def raw(tmp_path_factory):
     port, tls_port = held_port(), held_port()
     tls = self_signed_tls(tls_port, root / "public" / "ca.pem", root / "private")
     proc = SidecarProcess(str(root), f'[providers.raw]\nurl = "ws://127.0.0.1:{port}/"\n', standard_keys(),
-                          limits=f"close_timeout_seconds = 1\nmax_message_bytes = {LIMIT}", extra=tls).start()
+                          limits=f"close_timeout_seconds = 1\nmax_message_bytes = {LIMIT}", extra=tls + NO_CIRCUIT).start()
     proc.upstream_port, proc.tls_port, proc.ca_out = port, tls_port, str(root / "public" / "ca.pem")
     try:
         yield proc

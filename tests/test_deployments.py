@@ -916,6 +916,83 @@ def test_a_held_first_message_is_client_input_an_early_close_after_it_rests_noth
     assert counted == {"ok": 2, "early_close": 0}
 
 
+class AtOnce(Refusing):
+    """Answers the upgrade with its 101 and `after` at once, then waits for the sidecar
+    to let go; with `after` None it closes its connection right after the 101."""
+
+    def __init__(self, after: bytes | None):
+        super().__init__("")
+        self.after = after
+
+    async def handle(self, reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
+        writer.write(switching_protocols(head) + (self.after or b""))
+        if self.after is not None:
+            await reader.read()
+        writer.close()
+
+
+def _close(code: int) -> bytes:
+    return bytes([0x88, 2]) + code.to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("provider, after, counted", [
+    ("p", bytes([0xC1, 0]), True),               # a frame with reserved bits: the sidecar closes it
+    ("p", _close(1007), True),                   # its data found inconsistent: our request (the key)
+    ("p", _close(1008), False),                  # a policy refusal: of what the client asked, maybe
+    ("deepgram_agent", None, True),              # its connection closed before its Welcome
+    ("deepgram_agent", bytes([0xC1, 0]), True),  # a protocol break for a Welcome
+    ("deepgram_agent", _close(1011), True),
+    ("deepgram_agent", _close(1008), False),
+    ("deepgram_agent", b"", True),               # no Welcome within handshake_timeout_seconds
+], ids=["break", "1007", "1008", "greeting-lost", "greeting-break", "greeting-1011", "greeting-1008",
+        "greeting-silent"])
+def test_a_provider_that_fails_a_session_at_once_is_judged_by_what_it_did(workdir, provider, after, counted):
+    """Early closes the circuit did not count (`failures = 1`): a protocol break right
+    after the 101 (the sidecar, not the provider, closed the session), a close with
+    1007 at once, and a Deepgram agent that failed while its Welcome was awaited (the
+    relay not yet started: judged a good connect), or never sent it. Each is the deployment's failure
+    (`early_close`): the next session goes to the other deployment. A 1008 at once is
+    a refusal of what the request asked (ElevenLabs: a model or voice in the URL that
+    does not exist), as an HTTP 403 is: no verdict against the deployment, as before."""
+    bad, good = AtOnce(after), Named("good")
+    config = deployments(f'name = "bad"\n{ws_url(bad.port)}', f'name = "good"\n{ws_url(good.port)}',
+                         extra='secret_env = "PROVIDER_KEY"\n') + "[circuit]\nfailures = 1\ncooldown_seconds = 60\n"
+    sidecar = SidecarProcess(workdir, config.replace("providers.p", f"providers.{provider}"), standard_keys(),
+                             limits="upstream_connect_timeout_seconds = 2\nhandshake_timeout_seconds = 0.5\n").start()
+    if provider == "p":
+        url, headers = sidecar.url(model="m", provider="p"), sidecar.auth()
+    else:
+        url = f"ws://127.0.0.1:{sidecar.port}/v1/agent/converse"
+        headers = {"Authorization": f"Token {sidecar.keys.plain['good']}"}
+
+    async def session():
+        """The deployment that greeted it, or the close it got."""
+        async with connect(url, additional_headers=headers, open_timeout=10) as ws:
+            try:
+                name = json.loads(await ws.recv())["deployment"]
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else 1006
+            ws.transport.abort()  # (a close while the agent's Settings is awaited lingers)
+            return name
+
+    async def body():
+        async with bad, good:
+            first = await session()
+            if provider == "p":
+                await ends_reach(sidecar, 1)                # judged at its end
+            return first, await session()
+    try:
+        first, then = run(body())
+        outcomes = {o: metric(sidecar, "conduit_upstream_attempts_total", deployment="bad", outcome=o,
+                              provider=provider) or 0 for o in ("ok", "early_close")}
+    finally:
+        sidecar.stop()
+    assert first != "good" and bad.requests == (1 if counted else 2)
+    assert then == ("good" if counted else first)           # without: bad asked again
+    assert outcomes == ({"ok": 0, "early_close": 1} if counted else {"ok": 2, "early_close": 0})
+
 def _health(failures=3, cooldown=2.0, cap=5.0) -> Health:
     from conduit_sidecar.config import Circuit
     from conduit_sidecar.routing import Target
