@@ -161,6 +161,12 @@ class Metrics:
         self.tls_reload = Counter(
             "conduit_tls_reload", "[tls] certificate file reloads by result.", ["result"], registry=r
         )
+        self.provider_secret_reload = Counter(
+            "conduit_provider_secret_reload",
+            "Provider secret_file rereads by result (invalid: the last good secret stays).",
+            ["result"],
+            registry=r,
+        )
         Gauge("conduit_build_info", "Build information.", ["version", "python"], registry=r).labels(
             __version__, platform.python_version()
         ).set(1)

@@ -12,10 +12,12 @@ percent-encoded; any value with a control character is refused.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import ssl
 import urllib.parse
+from collections.abc import Callable
 
 import msgspec
 from websockets.exceptions import InvalidURI
@@ -29,6 +31,8 @@ from .providers import BUILTIN, TEMPLATES, Kept, takes, upstream_path
 from .watch import file_signature, read_regular
 
 __all__ = ["BUILTIN", "Route", "RouteError", "Router", "Target", "Upstream"]
+
+log = logging.getLogger("conduit.routing")
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -66,6 +70,18 @@ class RouteError(Exception):
         super().__init__(reason)
         self.code = code
         self.detail = detail
+
+
+class _Secret:
+    """A secret_file's last good secret, the file's signature when it was read, and
+    the signature of the change that left it unreadable since (`()`: none)."""
+
+    __slots__ = ("stamp", "value", "failed")
+
+    def __init__(self, stamp: tuple | None, value: str):
+        self.stamp = stamp
+        self.value = value
+        self.failed: tuple | None = ()
 
 
 class Upstream(msgspec.Struct, frozen=True):
@@ -190,7 +206,9 @@ class Router:
                 raise ConfigError(f'route {pattern!r} lists {twice!r} twice - at `$.routes."{pattern}"`')
         self.model_routes = config.routes
         self._contexts: dict[str | None, tuple[tuple | None, ssl.SSLContext]] = {}
-        self._secrets: dict[str, tuple[tuple, str]] = {}
+        self._secrets: dict[str, _Secret] = {}
+        # Told "ok" or "invalid" when a secret_file read before changed (the metric's hook)
+        self.on_secret_reload: Callable[[str], None] = lambda result: None
 
     def _check(self, name: str, spec: Provider, configured: bool, where: str) -> None:
         if not spec.url:
@@ -299,13 +317,12 @@ class Router:
         cannot be read, or no header could carry it: headers go out in ISO-8859-1 (a
         typographic quote pasted with the key cannot), and no provider's key has a
         character outside ASCII. An empty one (a Secret created without its key's value)
-        would go out as `Bearer `, and the provider's 401 look like a revoked key."""
+        would go out as `Bearer `, and the provider's 401 look like a revoked key.
+        A `secret_file` read once and then gone or unusable (a Secret deleted, a key
+        removed from it, a mistaken edit) leaves its last good secret in use, with one
+        warning per change of the file: every session of the provider failing is worse
+        than a secret the provider may still take."""
         value = self._read_secret(spec)
-        why = "empty" if not value else None if value.isascii() else "a character outside ASCII"
-        if why:
-            raise RouteError(
-                CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
-            )
         redact.remember(_source(spec), value)  # a provider may quote it back in a close reason
         return value
 
@@ -316,23 +333,46 @@ class Router:
                 raise RouteError(
                     CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)} is not set"
                 )
-            return value.strip()
-        assert spec.secret_file is not None  # _check: a {secret} template has a source
+            why = _unusable(value := value.strip())
+            if why:
+                raise RouteError(
+                    CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
+                )
+            return value
+        path = spec.secret_file
+        assert path is not None  # _check: a {secret} template has a source
+        stamp = file_signature(path)  # a rotated Secret is read again
+        cached = self._secrets.get(path)
+        if cached is not None and stamp in (cached.stamp, cached.failed):
+            return cached.value
         try:
-            stamp = file_signature(spec.secret_file)  # a rotated Secret is read again
             if stamp is None:
-                os.stat(spec.secret_file)  # failed just now: again, for its reason
-            cached = self._secrets.get(spec.secret_file)
-            if cached is None or cached[0] != stamp:
-                data = read_regular(spec.secret_file, MAX_SECRET_BYTES)
-                cached = (stamp, data.decode("utf-8-sig").strip())  # a BOM (Notepad's) dropped
-                self._secrets[spec.secret_file] = cached
-            return cached[1]
-        except (OSError, UnicodeDecodeError) as exc:  # no file, or not text (a binary key file)
-            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                os.stat(path)  # failed just now: again, for its reason
+            data = read_regular(path, MAX_SECRET_BYTES)
+            value = data.decode("utf-8-sig").strip()  # a BOM (Notepad's) dropped
+            why = _unusable(value)
+        except OSError as exc:  # no file, or not a regular one
+            why = exc.strerror
+        except UnicodeDecodeError:  # a binary key file
+            why = "not UTF-8 text"
+        fields = {"event": "provider_secret_reload", "source": _source(spec)}
+        if why is None:
+            if cached is not None:
+                log.info("provider secret reloaded", extra={**fields, "result": "ok"})
+                self.on_secret_reload("ok")
+            self._secrets[path] = _Secret(stamp, value)
+            return value
+        if cached is None:  # never read: the configuration's fault
             raise RouteError(
                 CloseCode.INTERNAL_ERROR, "provider secret unavailable", f"{_source(spec)}: {why}"
-            ) from None
+            )
+        cached.failed = stamp  # not read again, nor warned of, until the file changes
+        log.warning(
+            "provider secret unreadable; keeping the last good one",
+            extra={**fields, "result": "invalid", "error": why},
+        )
+        self.on_secret_reload("invalid")
+        return cached.value
 
     def ssl_context(self, ca_file: str | None) -> ssl.SSLContext:
         """Verified client context: system trust store plus the provider's CA, TLS 1.2+,
@@ -469,6 +509,11 @@ def masked(spec: Provider) -> tuple[str, dict[str, str]]:
 
     url = _PARAM.sub(lambda m: m[1] + hide(m[1], m[2]), _USERINFO.sub(r"\1***@", spec.url or ""))
     return url, {h: hide(h, v) for h, v in (spec.headers or {}).items()}
+
+
+def _unusable(secret: str) -> str | None:
+    """Why no header could carry `secret` (see Router.secret), None when one can."""
+    return "empty" if not secret else None if secret.isascii() else "a character outside ASCII"
 
 
 def _source(spec: Provider) -> str:

@@ -98,6 +98,7 @@ class Sidecar:
         self.metrics = Metrics(
             lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
         )
+        self.router.on_secret_reload = lambda result: self.metrics.provider_secret_reload.labels(result).inc()
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
         self.governor = Governor(

@@ -1870,6 +1870,59 @@ def test_a_secret_a_header_cannot_carry_is_a_configuration_fault_and_a_bom_is_dr
     assert b"\r\nAuthorization: Bearer sk-marked\r\n" in heads[0], heads
 
 
+def test_a_secret_file_that_becomes_unreadable_keeps_the_last_good_secret(workdir):
+    """A provider's secret_file that was read once, then vanished (a Secret deleted, a
+    key removed from it), or was left empty or holding a character no header can carry
+    (an operator's mistake): every new session of that provider got 1011 "provider
+    secret unavailable". The last good secret is kept, with one warning per change of
+    the file and `conduit_provider_secret_reload_total{result="invalid"}`, and a file readable
+    again is used at the next session."""
+    secret = os.path.join(workdir, "openai")
+    with open(secret, "w") as f:
+        f.write("sk-first\n")
+    port, sent = held_port(), []
+
+    def record(connection, request):
+        sent.append(request.headers["Authorization"])
+
+    async def echo(ws):
+        await ws.send(json.dumps({"type": "session.created", "deployment": "only"}))
+        async for message in ws:
+            await ws.send(message)
+    sidecar = sidecar_with(workdir, f'[providers.p]\n{ws_url(port)}\nsecret_file = "{secret}"\n'
+                                    'headers = { Authorization = "Bearer {secret}" }\n')
+
+    def replace(text: str | None) -> None:
+        if text is None:
+            os.remove(secret)
+            return
+        with open(secret, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    async def body():
+        async with serve(echo, "127.0.0.1", port, process_request=record, compression=None):
+            for text in (None, "\n", "sk-\u2019pasted", None, "sk-second\n"):
+                await served_by(sidecar)
+                replace(text)
+            await served_by(sidecar)
+    try:
+        run(body())
+        reloads = {result: metric(sidecar, "conduit_provider_secret_reload_total", result=result)
+                   for result in ("ok", "invalid")}
+    finally:
+        sidecar.stop()
+    assert sent == ["Bearer sk-first"] * 5 + ["Bearer sk-second"]
+    assert reloads == {"ok": 1, "invalid": 4}
+    warned = [(line["level"], line["result"], line.get("error"))
+              for line in sidecar.log_lines() if line.get("event") == "provider_secret_reload"]
+    assert warned == [("warning", "invalid", "No such file or directory"),
+                      ("warning", "invalid", "empty"),
+                      ("warning", "invalid", "a character outside ASCII"),
+                      ("warning", "invalid", "No such file or directory"),
+                      ("info", "ok", None)]
+    assert "sk-first" not in sidecar.output() and "sk-second" not in sidecar.output()
+
+
 def test_a_deployment_that_keeps_failing_signed_url_calls_rests(workdir):
     """Private agents' sessions go only where their URL was signed, so a deployment that
     is down may see no session attempts at all: its signed-URL failures must trip its
