@@ -34,7 +34,7 @@ from .policy import (
     price_for,
     window_bounds,
 )
-from .state import Batches, LocalStore, RedisStore, StoreError, Totals, open_store
+from .state import Batches, KeyDataError, LocalStore, RedisStore, StoreError, Totals, open_store
 
 if TYPE_CHECKING:
     from .config import Config
@@ -95,6 +95,7 @@ class Governor:
         self.pod = secrets.token_hex(6)
         self.available = True
         self.retry_at = 0.0
+        self.faulty: set[str] = set()  # keys whose data in the store is not ours, as last seen
         self.pending: dict[str, dict[str, float]] = {}
         # Usage on its way to the store, one batch (number, deltas) per key at a time,
         # and batches whose call failed: the store may have applied one whose answer was
@@ -127,7 +128,9 @@ class Governor:
         now = _utcnow()
         try:
             return await self._admit_shared(info, entry, live, now)
-        except StoreError:
+        except StoreError as exc:
+            if isinstance(exc, KeyDataError):  # the store is up: only this key's data is bad
+                self._key_fault(entry.id, exc)
             if self.state.on_unavailable == "closed":
                 self.metrics.state_fallbacks.labels("refused").inc()
                 return _relay.CloseCode.AT_CAPACITY, "shared state unavailable: try again later"
@@ -157,6 +160,7 @@ class Governor:
             "admit", self.store.admit(entry.id, member, lease, entry.sessions_per_minute, headroom, now)
         )
         live.written = True
+        self.faulty.discard(entry.id)
         self._remember(entry.id, totals, now)
         if refusal is None:
             return None
@@ -397,6 +401,10 @@ class Governor:
         started = time.monotonic()
         try:
             result = await call
+        except KeyDataError:  # the store answered: it concerns one key (_key_fault)
+            self.metrics.state_operations.labels(op, "error").inc()
+            self._answered()
+            raise
         except StoreError as exc:
             self.metrics.state_operations.labels(op, "error").inc()
             self.retry_at = time.monotonic() + TICK_SECONDS
@@ -414,11 +422,29 @@ class Governor:
             raise
         self.metrics.state_operations.labels(op, "ok").inc()
         self.metrics.state_seconds.labels(op).observe(time.monotonic() - started)
+        self._answered()
+        return result
+
+    def _answered(self) -> None:
         if not self.available:
             self.available = True
             self.metrics.state_available.set(1)
             log.info("shared state available again", extra={"event": "state_available"})
-        return result
+
+    def _key_fault(self, key_id: str, exc: KeyDataError) -> None:
+        """Logged once until the key's data is read fine again: its admissions get the
+        on_unavailable answer meanwhile, its usage waits in `unsent`."""
+        if key_id not in self.faulty:
+            self.faulty.add(key_id)
+            log.warning(
+                "a key's data in the shared state is not the sidecar's",
+                extra={
+                    "event": "state_key_error",
+                    "key_id": key_id,
+                    "error": str(exc),
+                    "on_unavailable": self.state.on_unavailable,
+                },
+            )
 
     async def flush(self) -> None:
         """Add pending usage to the store and refresh the totals of keys in use: one
@@ -450,7 +476,17 @@ class Governor:
             return {}
         self.flushing.update(batches)
         try:
-            return await self._op("add_usage", self.store.add_usage(batches, now, self.pod))
+            answers = await self._op("add_usage", self.store.add_usage(batches, now, self.pod))
+            totals = {}
+            for key_id, held in answers.items():
+                if isinstance(held, KeyDataError):
+                    self._key_fault(key_id, held)
+                    if batches[key_id][1]:
+                        self.unsent[key_id] = batches[key_id]  # maybe applied: sent again as it is
+                else:
+                    self.faulty.discard(key_id)
+                    totals[key_id] = held
+            return totals
         except StoreError:
             for key_id, batch in batches.items():
                 if batch[1]:

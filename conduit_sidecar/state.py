@@ -23,13 +23,23 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import re
 import time
 from collections.abc import Mapping, Sequence
 
 from .config import ConfigError, State
 from .policy import METRICS, WINDOWS, window_bounds
 
-__all__ = ["Admission", "Batches", "LocalStore", "RedisStore", "StoreError", "Totals", "open_store"]
+__all__ = [
+    "Admission",
+    "Batches",
+    "KeyDataError",
+    "LocalStore",
+    "RedisStore",
+    "StoreError",
+    "Totals",
+    "open_store",
+]
 
 # window -> metric -> total in the window that holds "now"
 Totals = dict[str, dict[str, float]]
@@ -41,10 +51,22 @@ RATE_WINDOW_SECONDS = 60
 _USAGE_GRACE_SECONDS = 3600
 # A batch sent again later than this after a late answer would count twice.
 _FLUSHED_SECONDS = 86400
+# Error replies about one key's data (another program wrote over it: another type, a
+# value our scripts cannot count with), not about the store: redis-py's text, its "ERR "
+# dropped. Any other error reply (LOADING, READONLY, OOM, MOVED, BUSY...) is the store's.
+_KEY_DATA = re.compile(
+    r"WRONGTYPE |hash value is not a float|value is not a valid float"
+    r"|user_script:\d+: attempt to (?:compare|perform arithmetic)"
+)
 
 
 class StoreError(Exception):
     """The shared store could not be reached or answered an error."""
+
+
+class KeyDataError(StoreError):
+    """One key's data in the store is not what the sidecar wrote there (another
+    program wrote over it): that key's calls fail; the store itself answers."""
 
 
 class LocalStore:
@@ -224,6 +246,7 @@ class RedisStore:
         self.worded = (redis.ConnectionError, redis.TimeoutError)
         self.no_script = redis.exceptions.NoScriptError
         self.read_only = redis.exceptions.ReadOnlyError
+        self.response_error = redis.exceptions.ResponseError
         # No retries inside the client: a failed call falls back at once, and the
         # next flush (within a second) tries again.
         assert state.url is not None  # config.load requires it for redis
@@ -306,11 +329,16 @@ class RedisStore:
                 await self.client.connection_pool.disconnect()
         if isinstance(exc, (OSError, TimeoutError)) or type(exc) in self.worded:
             return StoreError(str(exc) or type(exc).__name__)
+        if type(exc) is self.response_error and (kind := _KEY_DATA.match(str(exc))):
+            if kind.group().startswith("WRONGTYPE"):
+                return KeyDataError("a key's data in Redis is of another type (WRONGTYPE)")
+            return KeyDataError("a key's data in Redis is not a number")
         return StoreError(f"{type(exc).__name__} (the reply's text not shown)")
 
     async def _call_each(self, script, calls: list[tuple[list[str], list]]) -> list:
         """`script` once per (keys, args), all in one round trip (a pipeline, not a
-        transaction: each call is one script on its key's hash slot). A failed call
+        transaction: each call is one script on its key's hash slot). A call failed by
+        its key's data has its KeyDataError in place of its reply; any other failed call
         fails them all: each caller's scripts are safe to run again."""
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
@@ -320,9 +348,17 @@ class RedisStore:
             if not any(isinstance(reply, self.no_script) for reply in replies):
                 break
             await self._ask(self.client.script_load(script.script))  # Redis restarted: none ran
-        for reply in replies:
+        return await self._failed_by_key(replies)
+
+    async def _failed_by_key(self, replies: list) -> list:
+        """A pipeline's replies, a KeyDataError in place of each error reply about its
+        key's data; the StoreError of any other error reply is raised."""
+        for i, reply in enumerate(replies):
             if isinstance(reply, Exception):
-                raise await self._error(reply)
+                error = await self._error(reply)
+                if not isinstance(error, KeyDataError):
+                    raise error
+                replies[i] = error
         return replies
 
     def usage_keys(self, key_id: str, now: dt.datetime) -> tuple[list[str], list[int]]:
@@ -364,23 +400,29 @@ class RedisStore:
     async def renew(self, leases: dict[str, tuple[list[str], list[str]]]) -> list[str]:
         """Per key: (members to extend, members to write). Returns the members to extend
         that were gone (Redis restarted empty, or they expired while it was down):
-        extending never brings one back, a released lease included."""
+        extending never brings one back, a released lease included. A key whose leases
+        another program wrote over is left out (its admissions say so)."""
         calls = [
             ([self.key(key_id, "leases")], [self.lease_ms, len(extend), *extend, *write])
             for key_id, (extend, write) in leases.items()
         ]
-        return [member for missing in await self._call_each(self.renew_script, calls) for member in missing]
+        replies = await self._call_each(self.renew_script, calls)
+        return [member for missing in replies if not isinstance(missing, KeyDataError) for member in missing]
 
     async def release(self, leases: Mapping[str, list[str]]) -> None:
-        """Remove leases (members per key), in one round trip."""
+        """Remove leases (members per key), in one round trip. A key whose leases
+        another program wrote over holds none of ours: nothing to remove there."""
         pipe = self.client.pipeline(transaction=False)
         for key_id, members in leases.items():
             pipe.zrem(self.key(key_id, "leases"), *members)
-        await self._ask(pipe.execute())
+        await self._failed_by_key(await self._ask(pipe.execute(raise_on_error=False)))
 
-    async def add_usage(self, batches: Batches, now: dt.datetime, pod: str = "") -> dict[str, Totals]:
+    async def add_usage(
+        self, batches: Batches, now: dt.datetime, pod: str = ""
+    ) -> dict[str, Totals | KeyDataError]:
         """Add per key one batch of a sidecar process's usage (`pod`, numbered upwards:
-        a batch sent again is added once) and return the keys' window totals."""
+        a batch sent again is added once) and return the keys' window totals, or the
+        KeyDataError of a key whose data is not ours (its batch maybe not added)."""
         calls = []
         for key_id, (batch, deltas) in batches.items():
             keys, expire_at = self.usage_keys(key_id, now)
@@ -390,10 +432,13 @@ class RedisStore:
             keys.append(self.key(key_id, f"flushed:{pod}"))
             calls.append((keys, args))
         replies = await self._call_each(self.add_script, calls)
-        return {key_id: _parse(held) for key_id, held in zip(batches, replies, strict=True)}
+        return {key_id: _totals_of(held) for key_id, held in zip(batches, replies, strict=True)}
 
     async def totals(self, key_id: str, now: dt.datetime) -> Totals:
-        return (await self.add_usage({key_id: (0, {})}, now))[key_id]
+        held = (await self.add_usage({key_id: (0, {})}, now))[key_id]
+        if isinstance(held, KeyDataError):
+            raise held
+        return held
 
     async def ping(self) -> None:
         """Whether it answers (StoreError if not)."""
@@ -403,10 +448,17 @@ class RedisStore:
         await self.client.aclose()
 
 
+def _totals_of(held: str | KeyDataError) -> Totals | KeyDataError:
+    try:
+        return held if isinstance(held, KeyDataError) else _parse(held)
+    except KeyDataError as exc:
+        return exc
+
+
 def _parse(held: str) -> Totals:
     """The totals (_TOTALS) of the hour, day and month hashes -> Totals. A value that is
-    not a number (the hash written by someone else) is an error of the store, as an
-    error reply is: not a bug of ours."""
+    not a number (the hash written by someone else) is an error of that key's data, as
+    a WRONGTYPE reply is: not a bug of ours."""
     try:
         values = [float(value) for value in held.split(" ")]
         # a value with a space in it; "nan", which Python and Lua read, compares below
@@ -414,7 +466,7 @@ def _parse(held: str) -> Totals:
         if len(values) != len(WINDOWS) * len(METRICS) or any(v != v for v in values):
             raise ValueError
     except ValueError:
-        raise StoreError("a usage total in Redis is not a number") from None
+        raise KeyDataError("a usage total in Redis is not a number") from None
     each = iter(values)
     return {window: {metric: next(each) for metric in METRICS} for window in WINDOWS}
 

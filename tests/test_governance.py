@@ -669,8 +669,8 @@ def test_a_wait_for_a_pooled_connection_past_timeout_seconds_fails_as_a_slow_red
 def test_a_value_in_redis_that_is_not_a_number_counts_as_an_error_reply(sidecars, redis_server, field, value):
     """A key's usage hash holds what is not a number (written by hand, or by another
     program under the same prefix): Redis answers, the sidecar cannot read the answer.
-    It counts as an error reply (the store down for a second, `on_unavailable`
-    decides: here "open"). It was taken for a bug of ours: the handshake got 500, and
+    It counts as an error of that key's data (its admission goes by `on_unavailable`:
+    here "open"; the store stays up for other keys). It was taken for a bug of ours: the handshake got 500, and
     every tick failed after (an internal_error a second; no lease renewals). "nan" in
     the budget's own total was read by both Lua and Python, as a total no budget is
     ever reached by: admitted past the budget, with nothing said."""
@@ -687,8 +687,53 @@ def test_a_value_in_redis_that_is_not_a_number_counts_as_an_error_reply(sidecars
         await result[1].close()
     run(scenario())
     events = [line.get("event") for line in proc.log_lines()]
-    assert "internal_error" not in events and "state_unavailable" in events, events
+    assert "internal_error" not in events and "state_key_error" in events, events
+    assert "state_unavailable" not in events, events
     assert metric(proc, 'conduit_state_fallbacks_total{mode="local"}') == 1
+
+
+async def logged(proc: SidecarProcess, *events: str) -> str:
+    """The first of `events` the sidecar logs (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seen = [line["event"] for line in proc.log_lines() if line.get("event") in events]
+        if seen:
+            return seen[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"none of {events} logged")
+
+
+@pytest.mark.parametrize("corrupt", [("SET", "x"), ("HSET", "tokens", "nan")], ids=["wrongtype", "nan"])
+def test_one_keys_bad_data_in_redis_leaves_the_store_up_for_the_others(sidecars, redis_server, corrupt):
+    """Another program wrote over one key's usage hash (a string there: WRONGTYPE; a
+    `nan` total). Any error reply marked the store down for a second for every key: key
+    `team`'s sessions got 1013 (on_unavailable = "closed") while only `broken`'s data
+    was bad, again each second while a session of `broken` was live (each flush
+    failed). The error is that key's: its sessions get the on_unavailable answer, the
+    store stays available for the others."""
+    keys = Keys()
+    for key_id in ("broken", "team"):
+        keys.add(key_id, budgets=[{"metric": "tokens", "limit": 100000, "window": "month"}])
+    proc, = sidecars(keys, redis_server.url, n=1, on_unavailable=("closed",))
+    month = time.strftime("%Y%m", time.gmtime())
+
+    async def scenario():
+        live = [await attempt(proc, "broken"), await attempt(proc, "team")]
+        assert [result[0] for result in live] == ["open", "open"], live
+        redis_server.command("DEL", f"t:{{broken}}:usage:month:{month}")
+        redis_server.command(corrupt[0], f"t:{{broken}}:usage:month:{month}", *corrupt[1:])
+        # The tick's flush of both keys' sessions meets the bad data.
+        assert await logged(proc, "state_key_error", "state_unavailable") == "state_key_error"
+        again = [await attempt(proc, "team"), await attempt(proc, "broken")]
+        for result in live + again:
+            if result[0] == "open":
+                await result[1].close()
+        return [result[:1] if result[0] == "open" else result for result in again]
+    assert run(scenario()) == [("open",), ("closed", 1013, "shared state unavailable: try again later")]
+    assert metric(proc, "conduit_state_available") == 1
+    faults = [line for line in proc.log_lines() if line.get("event") == "state_key_error"]
+    assert {line["key_id"] for line in faults} == {"broken"}, faults
+    assert "state_unavailable" not in [line.get("event") for line in proc.log_lines()]
 
 
 def test_a_usage_hash_with_fields_of_others_is_read_in_one_short_reply(sidecars, redis_server):
