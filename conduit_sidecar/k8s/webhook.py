@@ -27,7 +27,11 @@ with `failurePolicy: Fail` an injector down blocks every opted-in pod):
   attacker loses and a small review goes through. A body goes into an anonymous
   mapping, returned to the system when its request ends; the Deployment sets
   `MALLOC_MMAP_THRESHOLD_=65536` so that TLS and parser buffers are too (else glibc
-  keeps the heap an attack fragmented: +25 MiB after 80 trickled bodies, not +5).
+  keeps the heap an attack fragmented: +25 MiB after 80 trickled bodies, not +5),
+  and `PYTHONMALLOC=malloc`, so that the objects a large body decodes into are in
+  glibc's heap, which a request of `_TRIM_AFTER` or more trims as it ends (pymalloc's
+  1 MiB arenas stay while one object in them lives: +10 to +16 MiB kept after a
+  burst of large refused reviews).
 
 HTTP/1.1 parsing is h11's (sans-I/O; websockets' parser refuses request bodies).
 The TLS certificate and key are re-read when their files change (cert-manager
@@ -54,7 +58,7 @@ import h11
 import msgspec
 import uvloop
 
-from .. import logs
+from .. import _relay, logs
 from ..config import TLS_PORT, ConfigError, split_hostport
 from ..tls import CertFiles
 from ..tlsleg import TLSStream
@@ -83,6 +87,8 @@ REQUEST_DEADLINE = 10.0  # seconds; the API server gives up after timeoutSeconds
 # IdleConnTimeout, 90 s): it is the client that ends an idle connection, never the
 # webhook just as a review is sent on it (with failurePolicy Fail, the pod refused).
 IDLE_TIMEOUT = 120.0
+# A body from this size up (a pod review is a few KiB) is followed by a malloc_trim.
+_TRIM_AFTER = 256 << 10
 # What an answer or a log line quotes of a pod: the API server's validation, which
 # limits names (253 characters) and annotations (256 KiB), runs after admission.
 _MAX_QUOTED = 1000
@@ -367,6 +373,10 @@ class _Connection(asyncio.Protocol):
         finally:
             if mapped is not None:
                 mapped.close()
+            if length >= _TRIM_AFTER:
+                # Its decoded objects are freed by now: give their pages back (glibc
+                # keeps them, in the middle of the heap too, for reuse).
+                _relay.malloc_trim()
 
 
 class Webhook:
