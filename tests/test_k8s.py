@@ -1000,6 +1000,63 @@ def test_webhook_tls_keeps_the_apps_own_ca_setting(webhook, tmp_path):
     assert agent["env"] == [{"name": "NODE_EXTRA_CA_CERTS", "value": "/var/run/conduit/ca.pem"}]
 
 
+ENV_FROM_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: voice}
+spec:
+  selector: {matchLabels: {app: voice}}
+  template:
+    metadata:
+      labels: {app: voice}
+      annotations: {conduit.dev/tls: "true"}
+    spec:
+      containers:
+        - name: web               # its ConfigMap may set NODE_EXTRA_CA_CERTS
+          image: node:20-slim
+          envFrom: [{configMapRef: {name: web-config}}]
+        - name: worker            # every name it takes starts with APP_
+          image: node:20-slim
+          envFrom: [{prefix: APP_, secretRef: {name: worker-secrets}}]
+        - name: api               # keeps the envFrom value: env names it
+          image: node:20-slim
+          envFrom: [{configMapRef: {name: api-config}}]
+          env: [{name: NODE_EXTRA_CA_CERTS, value: $(NODE_EXTRA_CA_CERTS)}]
+"""
+
+
+def test_tls_injection_says_which_containers_envfrom_ca_setting_it_overrides(webhook, tmp_path):
+    """In TLS mode the injected `env` entry NODE_EXTRA_CA_CERTS wins over one an app
+    container takes from `envFrom` (a ConfigMap the injector cannot read): the app's
+    own CA file (a corporate proxy's) was replaced without a word. The entry stays
+    (without it Node trusts no sidecar), but the pod's `conduit.dev/warning`
+    annotation and the webhook's admission warning name the containers it may
+    override and how to keep their value; an envFrom whose prefix cannot make the
+    name, or a container whose `env` sets it, is not named (nor changed)."""
+    source = tmp_path / "deployment.yaml"
+    source.write_text(ENV_FROM_DEPLOYMENT)
+    run = inject_cli("-f", str(source))
+    assert run.returncode == 0, run.stderr
+    template = yaml.safe_load(run.stdout)["spec"]["template"]
+    web, worker, api = template["spec"]["containers"]
+    for container in (web, worker):
+        assert named(container["env"], "NODE_EXTRA_CA_CERTS") == [
+            {"name": "NODE_EXTRA_CA_CERTS", "value": "/var/run/conduit/ca.pem"}]
+    assert api["env"] == [{"name": "NODE_EXTRA_CA_CERTS", "value": "$(NODE_EXTRA_CA_CERTS)"}]
+    warning = template["metadata"]["annotations"]["conduit.dev/warning"]
+    assert warning.startswith("container web takes variables from envFrom: "), warning
+    assert "worker" not in warning and "api" not in warning
+    assert "$(NODE_EXTRA_CA_CERTS)" in warning
+    obj = {"apiVersion": "v1", "kind": "Pod", **yaml.safe_load(ENV_FROM_DEPLOYMENT)["spec"]["template"]}
+    response = webhook.review(obj)
+    assert response["allowed"] is True and response["warnings"] == [warning]
+    patched = apply_patch(obj, json.loads(base64.b64decode(response["patch"])), tmp_path)
+    assert patched["metadata"]["annotations"]["conduit.dev/warning"] == warning
+    # A pod with nothing overridden gets neither.
+    plain = webhook.review(pod(annotations={"conduit.dev/tls": "true"}))
+    assert "warnings" not in plain
+
+
 def test_webhook_annotations_configure_the_sidecar(webhook, tmp_path):
     obj = pod(annotations={
         "conduit.dev/native-sidecar": "false", "conduit.dev/image": "registry.example.com/cs:1.2.3",

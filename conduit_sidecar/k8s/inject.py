@@ -14,8 +14,11 @@ What a pod gets (names and paths are the contract the manifests in k8s/ follow):
 * with `conduit.dev/tls: "true"`: the loopback TLS listener with a self-signed CA,
   an emptyDir `conduit-ca` (the CA certificate: read-write in the sidecar, read-only
   in every app container) and an in-memory emptyDir `conduit-private` (the CA key:
-  mounted by the sidecar only), and `NODE_EXTRA_CA_CERTS` on app containers;
-* the annotation `conduit.dev/status: injected`.
+  mounted by the sidecar only), and `NODE_EXTRA_CA_CERTS` on app containers whose
+  `env` does not set it;
+* the annotation `conduit.dev/status: injected`, and in TLS mode `conduit.dev/warning`
+  when that `NODE_EXTRA_CA_CERTS` may override one an app container takes from
+  `envFrom` (`injection_warnings`).
 
 Per-pod settings come from the pod's annotations (`ANNOTATIONS`); a bad value raises
 `InjectError`, whose message the webhook returns as the reason for `allowed: false`.
@@ -40,6 +43,7 @@ __all__ = [
     "Settings",
     "inject_object",
     "inject_pod",
+    "injection_warnings",
     "is_injected",
     "json_patch_for_pod",
     "settings_from_annotations",
@@ -49,6 +53,7 @@ __all__ = [
 PREFIX = "conduit.dev/"
 CONTAINER_NAME = "conduit-sidecar"
 STATUS_ANNOTATION = PREFIX + "status"
+WARNING_ANNOTATION = PREFIX + "warning"
 INJECT_LABEL = PREFIX + "inject"
 DEFAULT_IMAGE = f"conduit-sidecar:{__version__}"
 
@@ -160,7 +165,7 @@ ANNOTATIONS = {
     PREFIX + "memory-limit": ("memory_limit", _quantity),
 }
 # Annotations of ours that are not settings; any other conduit.dev/ key is a typo.
-_KNOWN = set(ANNOTATIONS) | {STATUS_ANNOTATION, INJECT_LABEL}
+_KNOWN = set(ANNOTATIONS) | {STATUS_ANNOTATION, WARNING_ANNOTATION, INJECT_LABEL}
 
 
 def settings_from_annotations(
@@ -214,7 +219,7 @@ def _check_shape(pod: Mapping) -> None:
     if len(spec["containers"]) > MAX_CONTAINERS:
         raise InjectError(f"the pod has {len(spec['containers'])} containers, more than {MAX_CONTAINERS}")
     for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
-        for key in ("env", "volumeMounts", "ports"):
+        for key in ("env", "envFrom", "volumeMounts", "ports"):
             if c.get(key) is not None and not is_list_of_objects(c[key]):
                 raise InjectError(f"container {_shown(c.get('name'))}: {key} is not a list of objects")
 
@@ -420,19 +425,61 @@ def json_patch_for_pod(pod: Mapping, defaults: Settings = Settings()) -> list[di
             _append(
                 ops, c, path, "volumeMounts", [{"name": "conduit-ca", "mountPath": CA_DIR, "readOnly": True}]
             )
-            if not any(e.get("name") == "NODE_EXTRA_CA_CERTS" for e in c.get("env") or []):
+            if not _sets_ca_env(c):
                 _append(ops, c, path, "env", [{"name": "NODE_EXTRA_CA_CERTS", "value": CA_FILE}])
+    annotations = {STATUS_ANNOTATION: "injected"}
+    if warnings := _warnings(spec, s):
+        annotations[WARNING_ANNOTATION] = "; ".join(warnings)
     if "metadata" not in pod or pod["metadata"] is None:
-        ops.append(
-            {"op": "add", "path": "/metadata", "value": {"annotations": {STATUS_ANNOTATION: "injected"}}}
-        )
+        ops.append({"op": "add", "path": "/metadata", "value": {"annotations": annotations}})
     elif not metadata.get("annotations"):
-        ops.append({"op": "add", "path": "/metadata/annotations", "value": {STATUS_ANNOTATION: "injected"}})
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
     else:
-        ops.append(
-            {"op": "add", "path": "/metadata/annotations/" + _escape(STATUS_ANNOTATION), "value": "injected"}
-        )
+        for key, value in annotations.items():
+            ops.append({"op": "add", "path": "/metadata/annotations/" + _escape(key), "value": value})
     return ops
+
+
+def injection_warnings(pod: Mapping, defaults: Settings = Settings()) -> list[str]:
+    """What the injection of `pod` (checked by json_patch_for_pod) may change that the
+    pod's author did not see: the webhook returns them as admission warnings, and
+    the pod keeps them in its `conduit.dev/warning` annotation."""
+    if is_injected(pod):
+        return []
+    s = settings_from_annotations((pod.get("metadata") or {}).get("annotations"), defaults)
+    return _warnings(pod["spec"], s)
+
+
+def _warnings(spec: Mapping, s: Settings) -> list[str]:
+    if not s.tls:
+        return []
+    # Kubernetes gives `env` precedence over `envFrom`, whose ConfigMaps and Secrets the
+    # injector cannot read: the entry added for the sidecar's CA may replace the app's
+    # own (a corporate proxy's CA), and one file cannot name both.
+    names = [
+        str(c.get("name"))[:_SHOWN]
+        for c in spec["containers"]
+        if not _sets_ca_env(c)
+        and any(
+            isinstance(source.get("prefix") or "", str)
+            and "NODE_EXTRA_CA_CERTS".startswith(source.get("prefix") or "")
+            for source in c.get("envFrom") or []
+        )
+    ]
+    if not names:
+        return []
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return [
+        f"container{'s' if len(names) > 1 else ''} {shown} take{'' if len(names) > 1 else 's'} "
+        f"variables from envFrom: a NODE_EXTRA_CA_CERTS there is overridden by the injected "
+        f"{CA_FILE} (to keep it, set it in env, as $(NODE_EXTRA_CA_CERTS); that file must "
+        "then hold the sidecar's CA too)"
+    ]
+
+
+def _sets_ca_env(container: Mapping) -> bool:
+    """The container's own `env` sets NODE_EXTRA_CA_CERTS: left as it is."""
+    return any(e.get("name") == "NODE_EXTRA_CA_CERTS" for e in container.get("env") or [])
 
 
 def _apply_add(doc: dict, ops: list[dict]) -> dict:

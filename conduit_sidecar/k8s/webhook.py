@@ -62,7 +62,7 @@ from .. import _relay, logs
 from ..config import TLS_PORT, ConfigError, split_hostport
 from ..tls import CertFiles
 from ..tlsleg import TLSStream
-from .inject import DEFAULT_IMAGE, InjectError, Settings, json_patch_for_pod
+from .inject import DEFAULT_IMAGE, InjectError, Settings, injection_warnings, json_patch_for_pod
 
 __all__ = [
     "BODY_BUDGET",
@@ -120,6 +120,7 @@ def review_response(review, defaults: Settings = Settings()) -> dict:
             if not isinstance(pod, dict):
                 raise InjectError("request.object is not a pod")
             patch = json_patch_for_pod(pod, defaults)
+            warnings = injection_warnings(pod, defaults)
         except InjectError as exc:
             reason = str(exc)[:_MAX_QUOTED]  # it may quote an annotation of any size
             _deny(response, f"conduit-sidecar injection: {reason}")
@@ -132,9 +133,11 @@ def review_response(review, defaults: Settings = Settings()) -> dict:
             if patch:
                 response["patchType"] = "JSONPatch"
                 response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+            if warnings:  # shown to the pod's creator (kubectl prints "Warning: ...")
+                response["warnings"] = warnings
             log.info(
                 "injected" if patch else "already injected",
-                extra={"event": "admit", "pod": where, "operations": len(patch)},
+                extra={"event": "admit", "pod": where, "operations": len(patch), "warnings": warnings},
             )
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
