@@ -67,10 +67,12 @@ class Refused(Exception):
         gone: bool = False,
         close: tuple[int, str] | None = None,
         fault: bool = False,
+        ended: bool = False,
     ):
         super().__init__(reason)
         self.code = code
         self.gone = gone  # the connection is lost: there is no one to tell
+        self.ended = ended  # the client sent its close: no other to wait for
         self.close = close  # the provider's own close code and reason, the client's to read
         # The provider failed before its first message (its connection lost, its protocol
         # broken, nothing in time): its deployment's failure (a close is judged by its code).
@@ -130,7 +132,7 @@ class _FirstMessage(Reader):
         if scanner.verdict_code:
             self._finish(Refused(scanner.verdict_code, f"client: {scanner.verdict_reason}"))
         elif scanner.counters()[0][_CLOSE]:
-            self._finish(Refused(CloseCode.NORMAL, "closed before its first message"))
+            self._finish(Refused(CloseCode.NORMAL, "closed before its first message", ended=True))
         elif len(self.raw) > self.limit + _SLACK:
             self._finish(Refused(CloseCode.MESSAGE_TOO_BIG, f"first message over {self.limit} bytes"))
 

@@ -380,10 +380,17 @@ _CLOSE = _relay.KIND_NAMES.index("close")
 _U2C = _relay.DIRECTION_NAMES.index("upstream_to_client")
 
 
-def _close_after_upgrade(host: Host, transport, decision: Close, early: bytes, answered: bool = False):
+def _close_after_upgrade(
+    host: Host, transport, decision: Close, early: bytes, answered: bool = False, ended: bool = False
+):
+    """Our close frame (after the 101 unless `answered`), then the client's awaited in
+    a _Drain, unless it has `ended` (its close already read): then the
+    closing handshake is done and the connection is closed at once."""
     if not answered:
         transport.write(decision.response.serialize())
     transport.write(_relay.close_frame(decision.code, decision.reason, False))
+    if ended:
+        transport.close()
     if transport.is_closing():
         return  # the client is gone or going: no close of its to wait for
     if not host.pending.take():
@@ -409,6 +416,7 @@ async def _hold_first(
     limits = host.limits
     assert decision.hold is not None  # the caller holds only such sessions
     models: tuple[str, ...] = ()
+    ended = False
     try:
         message, early = await held.read_first(
             transport,
@@ -432,13 +440,14 @@ async def _hold_first(
             _gone(host, info)
             return None
         failed = Close(decision.response, exc.code, str(exc), decision.key)
+        ended = exc.ended
     if failed is not None:
         host.release(info)
         host.rejected(failed, info)
         # The client's bytes go to the drain (it waits for their close), unless they
         # were what broke the rules.
         _close_after_upgrade(
-            host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True
+            host, transport, failed, early if failed.code == _relay.CloseCode.FORBIDDEN else b"", True, ended
         )
         return None
     if not models:

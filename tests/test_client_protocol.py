@@ -121,6 +121,28 @@ def test_a_close_inside_a_held_first_message_is_a_close(held):
     assert held_close(held, frames) == (1000, "closed before its first message")
 
 
+def test_a_client_that_closes_before_its_first_message_is_let_go_at_once(tmp_path):
+    """Its close frame was read by the held reader, and the sidecar's answer
+    then waited close_timeout_seconds for a close it already had: the connection, and a
+    pending slot, were held for that long (5 s by default, 30 here)."""
+    proc = SidecarProcess(str(tmp_path), '[providers.gemini]\nurl = "ws://127.0.0.1:9/g?key={secret}"\n'
+                          'secret_env = "PROVIDER_KEY"\n', standard_keys(),
+                          limits="close_timeout_seconds = 30").start()
+
+    async def body():
+        reader, writer = await session(proc.port, proc.keys.plain["good"], "/v1/realtime/connect?provider=gemini")
+        writer.write(masked(0x88, (1000).to_bytes(2, "big")))
+        try:
+            close = await close_frame_of(reader)
+            return close, await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+    try:
+        assert run(body()) == ((1000, "closed before its first message"), b"")
+    finally:
+        proc.stop()
+
+
 def test_a_sidecar_close_that_answers_the_clients_close_is_a_normal_closure(tmp_path):
     """The client closes without a code (the documented client's disconnect()); the
     provider never answers, and the session goes idle. The sidecar's close then answers
