@@ -132,9 +132,10 @@ cdef extern from *:
     #include <netinet/in.h>
     #include <netinet/tcp.h>
     #include <sys/ioctl.h>
-    /* The peer's reset (1) of a TCP socket, or its end (2) with nothing left unread
-       (what is, its close frame among it, is still owed to the other peer); 0 while
-       it is open (or it cannot be told). */
+    /* The peer's reset (1) or end (2) of a TCP socket with nothing left unread; its
+       reset with bytes unread (3: Linux keeps them readable before the error). What
+       is unread, a close frame among it, is still owed to the other peer: an end
+       behind it is 0, as while the socket is open (or it cannot be told). */
     static int conduit_peer_left(int fd) {
         struct tcp_info info;
         socklen_t size = sizeof(info);
@@ -142,7 +143,7 @@ cdef extern from *:
         if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &size) != 0 || size < 1)
             return 0;
         if (info.tcpi_state == TCP_CLOSE)
-            return 1;
+            return ioctl(fd, FIONREAD, &unread) == 0 && unread > 0 ? 3 : 1;
         if (info.tcpi_state != TCP_CLOSE_WAIT || ioctl(fd, FIONREAD, &unread) != 0)
             return 0;
         return unread == 0 ? 2 : 0;
@@ -1404,14 +1405,20 @@ cdef class Relay:
         slots and the other connection kept until then. One getsockopt per paused leg
         (server._poll); an end after the peer's close frame is a half-close, and one
         with bytes still unread (its last messages, its close) is owed to the other
-        peer: both kept."""
+        peer: both kept. So are the bytes before a reset, in the socket (not in our
+        memory), for the close timeout: the leg is dropped then if the other peer has
+        not taken them, as a peer that floods and resets would have it kept for ever."""
         cdef Leg leg
         cdef int left
         for leg in (self.client, self.upstream):
             if leg.state >= SHUT or leg.fd < 0 or leg.transport.is_reading():
                 continue
             left = conduit_peer_left(leg.fd)
-            if left == 1 or (left == 2 and not leg.ended_after_close()):
+            if left == 3:
+                if not leg.reset_seen:
+                    leg.reset_seen = True
+                    self.loop.call_later(self.close_timeout, leg.transport.abort)
+            elif left == 1 or (left == 2 and not leg.ended_after_close()):
                 leg.drop()
 
     def count_sent(self, int direction, Pipe scanned):

@@ -273,13 +273,15 @@ def tcp_queue(local_port: int, remote_port: int) -> tuple[int, int] | None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the poll asks TCP_INFO, Linux's")
-def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty):
-    """The provider sends its last messages, its close and ends its side (FIN), as a
-    provider that is done may, while the client lags behind (reads nothing): the
-    sidecar's reading from the provider is paused with the tail, close frame included,
-    unread in its socket, which the FIN puts in CLOSE_WAIT. The poll's check of paused
-    legs (Relay.drop_left) took that for a provider gone without a close and dropped
-    the leg: the client lost the tail and the provider's close."""
+@pytest.mark.parametrize("end", ["fin", "reset"])
+def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty, end):
+    """The provider sends its last messages, its close and ends its side (FIN), or
+    resets (RST), as a provider that is done may, while the client lags behind (reads
+    nothing): the sidecar's reading from the provider is paused with the tail, close
+    frame included, unread in its socket, which the FIN puts in CLOSE_WAIT and the reset
+    in CLOSE (Linux keeps what a reset socket holds readable). The poll's check of
+    paused legs (Relay.drop_left) took that for a provider gone without a close and
+    dropped the leg: the client lost the tail and the provider's close (1014)."""
     frame = bytes([0x82, 127]) + (1 << 16).to_bytes(8, "big") + bytes(1 << 16)
     close_wait = 8
 
@@ -297,8 +299,16 @@ def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty):
                 if tcp_queue(theirs, mine)[1] == unread:
                     break
         assert transport.get_write_buffer_size() == 0       # all of it in the sidecar's queue
-        transport.write(bytes([0x88, 6]) + (1000).to_bytes(2, "big") + b"done")
-        transport.write_eof()
+        close = bytes([0x88, 6]) + (1000).to_bytes(2, "big") + b"done"
+        transport.write(close)
+        if end == "fin":
+            transport.write_eof()
+        else:   # once the close is in the sidecar's queue too: a reset drops what is unsent
+            for _ in range(100):
+                if tcp_queue(theirs, mine)[1] == unread + len(close):
+                    break
+                await asyncio.sleep(0.01)
+            reset(transport)
         for _ in range(100):
             if (state := tcp_queue(theirs, mine)) is None or state[0] == close_wait:
                 break
@@ -310,9 +320,9 @@ def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty):
     async def client(reader, writer, events):
         await tail(upstream[0], events)
         state = events["paused"]
-        # the sidecar's socket: gone (dropped already) or in CLOSE_WAIT, the close unread
+        # the sidecar's socket: gone (reset, or dropped already) or in CLOSE_WAIT, the close unread
         assert state is None or (state[0] == close_wait and state[1] > 0), state
-        await asyncio.sleep(1.0)                        # the poll (0.2 s) runs meanwhile
+        await asyncio.sleep(0.5)    # the poll (0.2 s) runs meanwhile; a reset waits 1 s (close timeout)
         frames: list[int] = []
         code, reason = await close_frame_of(reader, frames)
         return events["sent"], len(frames), code, reason
