@@ -81,7 +81,7 @@ cdef class Leg(Endpoint):
     cdef bint kernel_tx        # ... whose sends the kernel encrypts (OpenSSL only decrypts)
     cdef object tls            # the ssl.SSLObject that owns `ssl` (kept as long as the leg)
     cdef bint backlog          # the transport holds unsent bytes: keep order, write through it
-    cdef bint reset_seen       # the peer reset behind unread bytes: dropped at the close timeout
+    cdef bint peer_left        # the poll saw its peer reset or leave (the session's end is its)
     cdef bytes queued_notice   # a text frame to send just before queued_close
     cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 

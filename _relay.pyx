@@ -1407,19 +1407,21 @@ cdef class Relay:
         with bytes still unread (its last messages, its close) is owed to the other
         peer: both kept. So are the bytes before a reset, in the socket (not in our
         memory), for the close timeout: the leg is dropped then if the other peer has
-        not taken them, as a peer that floods and resets would have it kept for ever."""
+        not taken them, as a peer that floods and resets would have it kept for ever.
+        A peer seen to leave here ended the session (on_lost), whatever is lost next."""
         cdef Leg leg
         cdef int left
         for leg in (self.client, self.upstream):
             if leg.state >= SHUT or leg.fd < 0 or leg.transport.is_reading():
                 continue
             left = conduit_peer_left(leg.fd)
-            if left == 3:
-                if not leg.reset_seen:
-                    leg.reset_seen = True
-                    self.loop.call_later(self.close_timeout, leg.transport.abort)
+            if left == 3 and not leg.peer_left:
+                self.loop.call_later(self.close_timeout, leg.transport.abort)
             elif left == 1 or (left == 2 and not leg.ended_after_close()):
                 leg.drop()
+            else:
+                continue
+            leg.peer_left = True
 
     def count_sent(self, int direction, Pipe scanned):
         """Count as relayed in `direction` the frames `scanned` (a Scanner) went through
@@ -1576,12 +1578,16 @@ cdef class Relay:
 
     cdef int on_lost(self, Leg leg) except -1:
         cdef Leg other = self.upstream if leg is self.client else self.client
+        cdef Leg gone
         if other.state != LOST:
             if other.state == CLOSE_QUEUED or other.state == CLOSE_QUEUED_LAST:
                 other.drop()        # our close waits for a frame that will never end
                 return 0
             if self.closed_by is None:
-                if leg is self.client:
+                # A peer the poll saw leave left first, though its connection_lost comes
+                # a loop turn after its drop, or at the close timeout (drop_left).
+                gone = other if other.peer_left and not leg.peer_left else leg
+                if gone is self.client:
                     self.closed_by, self.close_code = "client", CONNECTION_LOST
                     self.close_reason = "client connection lost"
                 else:
