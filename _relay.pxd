@@ -81,7 +81,8 @@ cdef class Leg(Endpoint):
     cdef bint kernel_tx        # ... whose sends the kernel encrypts (OpenSSL only decrypts)
     cdef object tls            # the ssl.SSLObject that owns `ssl` (kept as long as the leg)
     cdef bint backlog          # the transport holds unsent bytes: keep order, write through it
-    cdef bint peer_left        # the poll saw its peer reset or leave (the session's end is its)
+    cdef bint peer_left        # its peer was seen to reset or leave: the session's end is its,
+                               # what is sent to it dropped
     cdef bytes queued_notice   # a text frame to send just before queued_close
     cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 
@@ -95,6 +96,7 @@ cdef class Leg(Endpoint):
     cdef int shut(self) except -1
     cdef int bound_close(self) except -1
     cdef int drop(self) except -1
+    cdef int left_behind(self) except -1
 
 
 cdef class Recorder(Endpoint):

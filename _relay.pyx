@@ -668,7 +668,7 @@ cdef class Leg(Endpoint):
         """Bytes for the socket as they are (a plain leg's frames, a TLS leg's records)."""
         cdef ssize_t sent
         cdef Py_ssize_t piece
-        if self.state >= SHUT or size <= 0:
+        if self.state >= SHUT or size <= 0 or self.peer_left:
             return 0
         if self.fd >= 0:
             if self.backlog and self.transport.get_write_buffer_size() == 0:
@@ -679,7 +679,10 @@ cdef class Leg(Endpoint):
                     return 0
                 if sent < 0:
                     if errno != EAGAIN and errno != EINTR:   # EWOULDBLOCK is EAGAIN on Linux
-                        # The peer is gone; connection_lost will follow.
+                        # The peer is gone; connection_lost will follow. What it sent
+                        # before a reset, still unread, is owed to the other peer first.
+                        if conduit_peer_left(self.fd) == 3:
+                            return self.left_behind()
                         return self.drop()
                     sent = 0
                 data += sent
@@ -760,6 +763,17 @@ cdef class Leg(Endpoint):
             if self.state < SHUT:
                 self.set_state(SHUT)
             self.transport.abort()
+        return 0
+
+    cdef int left_behind(self) except -1:
+        """The peer reset behind bytes not read yet (its last messages, its close): they
+        stay readable in the socket (not in our memory), owed to the other peer, and
+        what is sent to the peer is dropped. The leg is dropped at the close timeout if
+        they have not been taken by then (a peer that floods and resets while the
+        other takes nothing would keep the session for ever)."""
+        if not self.peer_left:
+            self.peer_left = True
+            self.relay.loop.call_later(self.relay.close_timeout, self.transport.abort)
         return 0
 
     # asyncio (buffered) protocol. uvloop keeps the protocol's `data_received`,
@@ -1405,23 +1419,20 @@ cdef class Relay:
         slots and the other connection kept until then. One getsockopt per paused leg
         (server._poll); an end after the peer's close frame is a half-close, and one
         with bytes still unread (its last messages, its close) is owed to the other
-        peer: both kept. So are the bytes before a reset, in the socket (not in our
-        memory), for the close timeout: the leg is dropped then if the other peer has
-        not taken them, as a peer that floods and resets would have it kept for ever.
-        A peer seen to leave here ended the session (on_lost), whatever is lost next."""
+        peer: both kept. So are the bytes before a reset, for the close timeout
+        (Leg.left_behind). A peer seen to leave here ended the session (on_lost),
+        whatever is lost next."""
         cdef Leg leg
         cdef int left
         for leg in (self.client, self.upstream):
             if leg.state >= SHUT or leg.fd < 0 or leg.transport.is_reading():
                 continue
             left = conduit_peer_left(leg.fd)
-            if left == 3 and not leg.peer_left:
-                self.loop.call_later(self.close_timeout, leg.transport.abort)
+            if left == 3:
+                leg.left_behind()
             elif left == 1 or (left == 2 and not leg.ended_after_close()):
                 leg.drop()
-            else:
-                continue
-            leg.peer_left = True
+                leg.peer_left = True
 
     def count_sent(self, int direction, Pipe scanned):
         """Count as relayed in `direction` the frames `scanned` (a Scanner) went through

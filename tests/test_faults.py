@@ -281,7 +281,7 @@ def tcp_queue(local_port: int, remote_port: int) -> tuple[int, int] | None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the poll asks TCP_INFO, Linux's")
-@pytest.mark.parametrize("end", ["fin", "reset"])
+@pytest.mark.parametrize("end", ["fin", "reset", "reset-client-sends"])
 def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty, end):
     """The provider sends its last messages, its close and ends its side (FIN), or
     resets (RST), as a provider that is done may, while the client lags behind (reads
@@ -289,7 +289,8 @@ def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty, en
     frame included, unread in its socket, which the FIN puts in CLOSE_WAIT and the reset
     in CLOSE (Linux keeps what a reset socket holds readable). The poll's check of
     paused legs (Relay.drop_left) took that for a provider gone without a close and
-    dropped the leg: the client lost the tail and the provider's close (1014)."""
+    dropped the leg: the client lost the tail and the provider's close (1014). A client
+    still sending (audio) lost it too: the failed send to the reset socket dropped it."""
     frame = bytes([0x82, 127]) + (1 << 16).to_bytes(8, "big") + bytes(1 << 16)
     close_wait = 8
 
@@ -330,6 +331,8 @@ def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty, en
         state = events["paused"]
         # the sidecar's socket: gone (reset, or dropped already) or in CLOSE_WAIT, the close unread
         assert state is None or (state[0] == close_wait and state[1] > 0), state
+        if end == "reset-client-sends":
+            writer.write(masked(0x82, b"audio"))       # for the provider, which is gone
         await asyncio.sleep(0.5)    # the poll (0.2 s) runs meanwhile; a reset waits 1 s (close timeout)
         frames: list[int] = []
         code, reason = await close_frame_of(reader, frames)
