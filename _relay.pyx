@@ -478,7 +478,9 @@ cdef bytes text_frame(bytes payload):
     return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
-def _get_buffer(Py_ssize_t sizehint):
+def read_buffer(Py_ssize_t sizehint):
+    """The shared read buffer (a buffered protocol's `get_buffer`): for protocols whose
+    reads are done with when their `buffer_updated` returns."""
     return _read_buffer
 
 
@@ -729,6 +731,7 @@ cdef class Leg(Endpoint):
 
     cdef int shut(self) except -1:
         """Close the socket once what was written is out."""
+        cdef Relay relay = self.relay
         if self.state < SHUT:
             if self.kernel_tx:
                 # The kernel's close_notify; not past bytes the transport still holds.
@@ -745,7 +748,14 @@ cdef class Leg(Endpoint):
                 self.flush_tls()
             self.set_state(SHUT)
             self.bound_close()
-            self.transport.close()
+            if relay is None or relay.linger is None or not self.inbound.verdict_code:
+                self.transport.close()
+            elif relay.linger(self.transport):
+                # A violator's bytes were left unread: closed now, its socket would answer
+                # them with a reset, which can destroy our close before the peer reads it.
+                # Its lingering close reads and drops them; to the relay the leg is gone.
+                self.transport = None
+                relay.loop.call_soon(self.connection_lost, None)
         return 0
 
     cdef int bound_close(self) except -1:
@@ -783,7 +793,7 @@ cdef class Leg(Endpoint):
     # whose call is the handler: 64 bytes less per leg of every idle session).
 
     data_received = None
-    get_buffer = staticmethod(_get_buffer)
+    get_buffer = staticmethod(read_buffer)
 
     @property
     def buffer_updated(self):
@@ -1330,13 +1340,16 @@ cdef class Relay:
     `on_client_message`, each client text message is read whole and withheld from the
     provider until `on_client_message(relay, unmasked bytes)` returns: it goes on
     unless that closed the session. Every client message is then at most
-    `read_whole_max` bytes (and 4 MiB)."""
+    `read_whole_max` bytes (and 4 MiB). A violator's socket, once our close is written,
+    goes to `linger(transport)`, which closes it, lingering (True: the transport has
+    another protocol now) or at once (False)."""
 
     def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
                  tuple markers=(), on_message=None, *, bint meter_binary=False,
                  Py_ssize_t sniff_bytes=SNIFF_DEFAULT, on_client_message=None,
-                 uint64_t read_whole_max=CAPTURE_MAX):
+                 uint64_t read_whole_max=CAPTURE_MAX, linger=None):
         self.loop = loop
+        self.linger = linger
         self.on_done = on_done
         self.close_timeout = close_timeout
         self.client = Leg()
@@ -1666,6 +1679,7 @@ cdef class Relay:
             leg.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
             if leg.state == FAILED:
                 leg.set_state(CLOSE_SENT)
+                leg.shut()          # its lingering close (see shut), not the drop below
             elif leg.state == CLOSE_RECEIVED:
                 leg.set_state(CLOSED)
         self.abort()

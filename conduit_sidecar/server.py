@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import functools
 import gc
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__, _relay, held, ktls, logs, redact
 from .admin import AdminServer
@@ -21,7 +22,7 @@ from .keys import KeyEntry, KeySet, KeyWatcher, Rejection
 from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Transcription, Usage
 from .metrics import Metrics
 from .routing import Router
-from .session import ClientHandshake, SessionInfo, Slots, unkeyed
+from .session import ClientHandshake, SessionInfo, Slots, linger, unkeyed
 from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .tlsleg import TLSStream
@@ -84,7 +85,8 @@ class Sidecar:
         self.router = router or Router(config)
         self.sessions: set[SessionInfo] = set()
         self.pending = Slots(self.limits.max_connections)  # connections without a session
-        self.turned_away = Slots(self.limits.max_connections)  # ... and the 503s for want of one
+        self.lingering = Slots(self.limits.max_connections)  # ... and those in their lingering close
+        self.linger: Callable[[asyncio.Transport], bool] = functools.partial(linger, self.lingering)
         self.opening: set[asyncio.Task] = set()  # open_session tasks under way
         # (end of its first second, session) per relayed session whose connect's verdict
         # is owed (judge), oldest first: the poll gives those that lived theirs.

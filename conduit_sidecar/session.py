@@ -15,6 +15,7 @@ import logging
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -30,7 +31,7 @@ from .providers import BadPath, audio_rate, bare_path, dialect, meter, normalise
 from .routing import RouteError, Router
 from .upstream import Balancer, Health, UpstreamError
 
-__all__ = ["ClientHandshake", "Host", "SessionInfo", "Slots", "unkeyed"]
+__all__ = ["ClientHandshake", "Host", "SessionInfo", "Slots", "linger", "unkeyed"]
 
 log = logging.getLogger("conduit.session")
 _ids = itertools.count(1)
@@ -123,7 +124,7 @@ class Host(Protocol):
     keyset: KeySet
     balancer: Balancer
     pending: Slots
-    turned_away: Slots  # connections given the 503 for want of a `pending` slot, lingering
+    linger: Callable[[asyncio.Transport], bool]  # `linger` in the host's pool of lingering closes
     opening: set[asyncio.Task]  # the tasks of open_session under way (a stop cancels them)
     draining: bool  # SIGTERM came: new sessions (and signed URLs for them) are refused
     closing: bool  # the drain has ended: sessions still opening get 1001, not a relay
@@ -149,7 +150,61 @@ class Host(Protocol):
     def client_message(self, later, relay: _relay.Relay, message: bytes) -> None: ...
 
 
+# A lingering close (nginx's lingering_close) lasts this long at most, and reads this
+# much at most: more than a paced client (audio) sends meanwhile, and a flood's cost
+# is bounded.
 _LINGER_SECONDS = 1.0
+_LINGER_BYTES = 4 << 20
+
+
+class _Linger(asyncio.BufferedProtocol):
+    """A connection in its lingering close: our side has ended after the answer (an
+    HTTP refusal, a close frame), and what the peer still sends is read into the
+    relay's shared buffer and dropped until its end, _LINGER_BYTES or _LINGER_SECONDS;
+    then the socket closes. Closed with bytes unread, the kernel would answer them with
+    a reset, which can destroy the answer before the peer reads it. It holds a slot
+    of the pool `linger` was given until then, and no buffer."""
+
+    __slots__ = ("slots", "transport", "left", "timer")
+
+    get_buffer = staticmethod(_relay.read_buffer)
+
+    def __init__(self, slots: Slots, transport):
+        self.slots = slots
+        self.transport = transport
+        self.left = _LINGER_BYTES
+        self.timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
+
+    def buffer_updated(self, nbytes):
+        self.left -= nbytes
+        if self.left <= 0:
+            self.transport.close()
+
+    def eof_received(self):
+        return False  # the peer's end: the socket closes
+
+    def connection_lost(self, exc):
+        self.timer.cancel()
+        self.slots.give()
+
+
+def linger(slots: Slots, transport) -> bool:
+    """Close `transport`, its answer written: lingering (_Linger) in a slot of `slots`,
+    or at once when none is free, the transport is closing, or it is a TLS stream (whose
+    records would need reading). True when it lingers: the transport's protocol is then
+    _Linger, the caller's hears no more of it."""
+    if (
+        isinstance(transport, tlsleg.TLSStream)
+        or transport.is_closing()
+        or not transport.can_write_eof()
+        or not slots.take()
+    ):
+        transport.close()
+        return False
+    transport.set_protocol(_Linger(slots, transport))
+    transport.write_eof()
+    transport.resume_reading()  # (paused by a violation, `early`'s bound, or a peer not reading)
+    return True
 
 
 def _refused(host: Host, refusal: Refuse, result: str = "bad_request") -> None:
@@ -176,8 +231,8 @@ class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
     the connection to `open_session` and keeps nothing of the request. It holds one
     of the host's `pending` slots while it reads; with none free a connection gets 503
-    at once and lingers as other refusals do in a `turned_away` slot (none free: closed
-    at once); on the wss listener it is dropped (no TLS handshake is spent on it).
+    at once and lingers as other refusals do (`linger`); on the wss listener it is
+    dropped (no TLS handshake is spent on it).
 
     While the session opens it goes on reading, only to notice a client that leaves
     (its end or a reset cancels the opening, whose upstream is then dropped): a client
@@ -195,19 +250,15 @@ class ClientHandshake(asyncio.Protocol):
         "early",
         "pause_at",
         "rest",
-        "lingering",
-        "slots",
     )
 
     def __init__(self, host: Host):
         self.host = host
-        self.slots = host.pending  # the pool whose slot it holds while it reads or lingers
         self.task: asyncio.Task[None] | None = None
         self.reader: RequestReader | None = None  # set while the request is read
         self.early = bytearray()  # what the client sent past its request
         self.pause_at = host.limits.max_request_bytes  # the length of `early` that pauses reading
         self.rest = False  # the request is a REST call (see _is_rest), not an upgrade
-        self.lingering = False  # refused: what the client still sends is read and dropped
 
     def connection_made(self, transport):
         self.transport = transport
@@ -228,48 +279,21 @@ class ClientHandshake(asyncio.Protocol):
         # The request is still to come: closed at once, the socket would answer it
         # with a reset, which can destroy the 503 before the client reads it.
         _no_slot(host, transport)
-        if host.turned_away.take():
-            self.slots = host.turned_away
-            self._linger()
-        else:
-            self.timer.cancel()
-            transport.close()
+        self.timer.cancel()
+        host.linger(transport)
 
     def _done_reading(self) -> None:
         """The request is read (or refused), or the connection ended: its slot is free."""
         self.reader = None
-        self.lingering = False
-        self.slots.give()
+        self.host.pending.give()
         self.timer.cancel()
-
-    def _linger(self) -> None:
-        """After a refusal: bytes left unread when a socket closes make the kernel send
-        a reset, which can destroy the answer before the client reads it. So our side
-        ends and what the client still sends is read and dropped, until its end or
-        _LINGER_SECONDS (nginx's lingering close), the slot held until then. (A TLS
-        connection closes at once, as before.)"""
-        transport = self.transport
-        if isinstance(transport, tlsleg.TLSStream) or not transport.can_write_eof():
-            self._done_reading()
-            transport.close()
-            return
-        self.reader, self.lingering = None, True
-        self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
-        transport.write_eof()
-        transport.resume_reading()  # (paused by `early`'s bound, or a client not reading)
 
     def refused(self, answer: bytes) -> None:
         """A refusal decided once the request was read (decide's 400, 404, 426): it
-        lingers as the parser's do, in a `pending` slot taken again (none free, or the
-        client gone: closed at once)."""
-        transport = self.transport
-        transport.write(answer)
+        lingers as the parser's do."""
+        self.transport.write(answer)
         self.early = bytearray()  # the relay's, and there is none
-        if transport.is_closing() or not self.host.pending.take():
-            transport.close()
-            return
-        self._linger()
+        self.host.linger(self.transport)
 
     def _timeout(self):
         seconds = self.host.limits.handshake_timeout_seconds
@@ -290,7 +314,7 @@ class ClientHandshake(asyncio.Protocol):
     def data_received(self, data):
         reader = self.reader
         if reader is None:
-            if self.task is not None and not self.lingering:  # the session opens (or the connection closes)
+            if self.task is not None:  # the session opens (or the connection closes)
                 self._keep(data)
             return
         try:
@@ -299,7 +323,8 @@ class ClientHandshake(asyncio.Protocol):
             refusal = refuse(exc.status, str(exc))
             _refused(self.host, refusal)
             self.transport.write(refusal.response.serialize())
-            self._linger()
+            self._done_reading()
+            self.host.linger(self.transport)
             return
         if request is None:
             return
@@ -340,7 +365,7 @@ class ClientHandshake(asyncio.Protocol):
             # trust the listener's CA (its alert's name says so), which only this shows.
             self.host.count("tls_failed")
             unkeyed.info("tls handshake failed", {"event": "tls_failed", "reason": exc.reason})
-        if self.reader is not None or self.lingering:
+        if self.reader is not None:
             self._done_reading()
         if self.task is not None and not self.task.done():
             self.task.cancel()
@@ -759,6 +784,7 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         sniff_bytes=metered.sniff_bytes if metered else 256,
         on_client_message=functools.partial(host.client_message, decision.later) if decision.later else None,
         read_whole_max=limits.first_message_bytes,
+        linger=host.linger,
     )
     relay.session = info
     info.relay = relay

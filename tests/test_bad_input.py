@@ -81,8 +81,9 @@ async def session(port, key, path="/v1/realtime/connect?model=mock-realtime&prov
 
 
 async def close_frame_of(reader, data: list[int] | None = None) -> tuple[int, str]:
-    """Read server frames until a close; returns its code and reason (and appends the
-    length of each frame before it to `data`)."""
+    """Read frames until a close; returns its code and reason (and appends the
+    length of each frame before it to `data`). Masked frames (what the sidecar sends
+    a provider) are unmasked."""
     while True:
         b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
         n = b1 & 0x7F
@@ -90,7 +91,8 @@ async def close_frame_of(reader, data: list[int] | None = None) -> tuple[int, st
             n = int.from_bytes(await reader.readexactly(2), "big")
         elif n == 127:
             n = int.from_bytes(await reader.readexactly(8), "big")
-        payload = await reader.readexactly(n)
+        key = await reader.readexactly(4) if b1 & 0x80 else bytes(4)
+        payload = bytes(b ^ key[i & 3] for i, b in enumerate(await reader.readexactly(n)))
         if b0 & 0x0F == 8:
             return int.from_bytes(payload[:2], "big"), payload[2:].decode()
         if data is not None:
@@ -430,6 +432,55 @@ def test_a_violation_in_the_bytes_read_with_the_handshake_stops_reading_the_viol
     sent = run(body())
     # Socket buffers on both ends hold a few MiB; without the pause, 1.2-1.5 GB here.
     assert sent < 32 << 20, f"{sent >> 20} MiB read from the violator"
+
+
+@pytest.mark.parametrize("violator", ["client", "upstream"])
+def test_a_violator_still_sending_reads_its_close_code(strict, violator):
+    """A peer sends a bad frame and a megabyte more (an SDK streaming audio), then
+    reads. It is read no further, so those bytes wait unread in the sidecar's socket
+    when its close goes out: closed then, the kernel answered them with a reset, and
+    the violator's read failed (`ConnectionResetError`) without the close code. Now
+    our side ends after the close frame and what still comes is read and dropped
+    (a lingering close): the violator reads its code, then the end."""
+    flood = b"x" * (1 << 20)
+
+    async def read_close_then_end(reader) -> tuple[int, str]:
+        code = await close_frame_of(reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""     # no reset
+        return code
+
+    async def body():
+        result = asyncio.get_running_loop().create_future()
+
+        async def provider(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if violator == "client":
+                writer.write(switching_protocols(head))
+                assert await close_frame_of(reader) == (1002, "client: unmasked frame from the client")
+                writer.write(bytes([0x88, 2, 0x03, 0xEA]))          # its answer: 1002
+            else:
+                writer.write(switching_protocols(head) + bytes([0x82, 0x81, 1, 2, 3, 4, 0]) + flood)
+                result.set_result(await read_close_then_end(reader))
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(provider, "127.0.0.1", strict.upstream_port)
+        try:
+            reader, writer = await session(strict.port, strict.keys.plain["good"],
+                                           "/v1/realtime/connect?provider=raw")
+            if violator == "client":
+                writer.write(bytes([0x82, 5]) + b"plain" + flood)  # unmasked
+                code = await read_close_then_end(reader)
+            else:
+                assert await close_frame_of(reader) == (1014, "upstream: masked frame from the upstream")
+                writer.write(masked(0x88, (1014).to_bytes(2, "big")))  # the client answers
+                code = await asyncio.wait_for(result, 5)
+            writer.close()
+            return code
+        finally:
+            server.close()
+    what = "unmasked frame from the client" if violator == "client" else "masked frame from the upstream"
+    assert run(body()) == (1002, f"{violator}: {what}")
 
 
 def test_a_violator_stays_unread_when_the_providers_leg_drains(tmp_path):
