@@ -606,7 +606,7 @@ async def _rest(host: Host, transport, request: Request) -> None:
     asked: a key holder cannot start provider calls without bound (none free: 503)."""
     if not host.pending.take():
         _no_slot(host, transport)
-        transport.close()
+        host.linger(transport)
         return
     try:
         response = await signed_urls.answer(host, request, transport.get_extra_info("sslcontext") is not None)
@@ -618,7 +618,7 @@ async def _rest(host: Host, transport, request: Request) -> None:
     log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
     host.signed_url(response.status_code)
     transport.write(response.serialize())
-    transport.close()
+    host.linger(transport)  # a refusal, or a client that sent more than it is answered
 
 
 class _Opening:

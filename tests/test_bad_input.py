@@ -214,6 +214,25 @@ def test_a_client_sending_past_a_refused_request_reads_its_answer_whole(strict, 
     assert answer.startswith(b"HTTP/1.1 %d " % status) and answer.endswith(b"\n")
 
 
+@pytest.mark.parametrize("headers, status", [({}, 401), ({"xi-api-key": "condt_not-a-key"}, 401)])
+def test_a_refused_signed_url_call_with_bytes_past_it_reads_its_answer_whole(strict, headers, status):
+    """The get-signed-url REST call refused (no key, a key not known), the client
+    sending a megabyte past its request (a body, pipelined calls) before it reads: it
+    closed at once with those bytes coming, and the client's send or read failed with
+    a reset. It lingers now, as the upgrade's refusals do."""
+    data = request("/v1/convai/conversation/get-signed-url?agent_id=a", headers={
+        "Upgrade": None, "Connection": None, "Sec-WebSocket-Key": None, "Sec-WebSocket-Version": None,
+        **headers})
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as s:
+        s.sendall(data + b"x" * (1 << 20))            # no reset
+        answer = b""
+        while chunk := s.recv(65536):                 # no ConnectionResetError
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"Content-Length: %d\r\n" % len(body) in head
+    assert b"condt_" not in answer
+
+
 def test_slowloris_is_cut_at_the_handshake_timeout(strict):
     """A byte every 0.1 s, the request never finished (some 20 s of it): the sidecar
     cuts the connection while bytes still arrive, so its 1 s timer runs from the
