@@ -27,7 +27,7 @@ def test_usage_report(benchmark, timed, report_row, column, peers, others):
     for key_id, key in entries.items():
         sessions.update(SessionInfo(key, "gpt-realtime", "openai") for _ in range(peers if key_id == "k" else 1))
     live = collections.Counter(info.key_id for info in sessions)
-    governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+    governor = Governor(config, Metrics(lambda: 0, lambda: 0, lambda: 0, config.audio.bytes_per_second),
                         sessions, live, lambda model: model or "", entries.get)
     info = next(i for i in sessions if i.key_id == "k")
     counts = {"input": 120.0, "output": 80.0}

@@ -83,7 +83,7 @@ class _RelayCollector:
 
 
 class Metrics:
-    def __init__(self, sessions_active, pending, audio_bytes_per_second: int):
+    def __init__(self, sessions_active, pending, lingering, audio_bytes_per_second: int):
         self._children: dict[tuple, Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("conduit_connections_active", "Sessions being relayed.", registry=r).set_function(
@@ -95,6 +95,12 @@ class Metrics:
             "or waiting for a signed URL from the provider.",
             registry=r,
         ).set_function(pending)
+        Gauge(
+            "conduit_connections_lingering",
+            "Connections in their lingering close: answered (a refusal, a violator's close), "
+            "what they still send read and dropped.",
+            registry=r,
+        ).set_function(lingering)
         self.connections = Counter(
             "conduit_connections", "Client handshakes by outcome.", ["result"], registry=r
         )

@@ -98,7 +98,10 @@ class Sidecar:
         # Rejections of peers whose key was not accepted (4001), made as fast as they connect.
         self.keyless = logs.Limited(log, ("event", "code", "reason"))
         self.metrics = Metrics(
-            lambda: len(self.sessions), lambda: self.pending.taken, config.audio.bytes_per_second
+            lambda: len(self.sessions),
+            lambda: self.pending.taken,
+            lambda: self.lingering.taken,
+            config.audio.bytes_per_second,
         )
         self.router.on_secret_reload = lambda result: self.metrics.provider_secret_reload.labels(result).inc()
         self.balancer = Balancer(self.router, config, self.metrics)

@@ -201,7 +201,7 @@ def _balancer(toml: str, seed: int = 7) -> tuple[Balancer, Router]:
     import random
     conf = msgspec.convert(msgspec.toml.decode(toml.encode()), config_mod.Config)
     router = Router(conf, environ={"K": "secret"})
-    return Balancer(router, conf, Metrics(lambda: 0, lambda: 0, 48000), random.Random(seed)), router
+    return Balancer(router, conf, Metrics(lambda: 0, lambda: 0, lambda: 0, 48000), random.Random(seed)), router
 
 
 def test_weighted_selection_statistics_over_4000_picks():

@@ -1641,7 +1641,7 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
 
     async def scenario():
         config = Config()
-        governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+        governor = Governor(config, Metrics(lambda: 0, lambda: 0, lambda: 0, config.audio.bytes_per_second),
                             set(), {}, lambda model: model or "", lambda key_id: None)
         governor.store = store = Store()
         governor._add("k", {"tokens": 5.0})
@@ -1690,7 +1690,7 @@ def test_a_keys_batch_the_store_missed_goes_before_any_newer_batch_of_that_key()
 
     async def scenario():
         config = Config()
-        governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+        governor = Governor(config, Metrics(lambda: 0, lambda: 0, lambda: 0, config.audio.bytes_per_second),
                             set(), {}, lambda model: model or "", lambda key_id: None)
         governor.store = store = Store()
 

@@ -43,10 +43,10 @@ def test_global_limit_gets_1013(limited):
     assert [line["key_id"] for line in refused] == ["good"]
 
 
-def pending_becomes(sidecar, value: int) -> None:
+def pending_becomes(sidecar, value: int, gauge: str = "conduit_connections_pending") -> None:
     deadline = time.monotonic() + 5
-    while (got := metric(sidecar, "conduit_connections_pending")) != value:
-        assert time.monotonic() < deadline, f"conduit_connections_pending is {got}, not {value}"
+    while (got := metric(sidecar, gauge)) != value:
+        assert time.monotonic() < deadline, f"{gauge} is {got}, not {value}"
         time.sleep(0.05)
 
 
@@ -301,3 +301,17 @@ def test_the_503s_lingering_are_bounded_by_max_connections(limited):
         for s in held:
             s.close()
     pending_becomes(limited, 0)
+
+
+def test_lingering_closes_are_counted_in_a_gauge(limited):
+    """A refused connection lingers (its slot taken until the client's end or 1 s):
+    conduit_connections_lingering counts it, and no other gauge did."""
+    pending_becomes(limited, 0, "conduit_connections_lingering")   # earlier tests' are over
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=5) as s:
+        s.sendall(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):                 # the refusal, then the sidecar's end
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 4")
+        assert metric(limited, "conduit_connections_lingering") == 1    # until our end, at most 1 s
+    pending_becomes(limited, 0, "conduit_connections_lingering")
