@@ -1405,7 +1405,11 @@ cdef class Relay:
         `client_notice` (UTF-8) goes to the client as one text frame just before its
         close, at the next frame boundary; it is left out if the client's leg is no
         longer open or the upstream's message to the client is unfinished
-        (fragmented: a data frame cannot go between its fragments)."""
+        (fragmented: a data frame cannot go between its fragments). After a violation
+        it does nothing: the violator broke the protocol first, and the closes under way
+        (the other peer's after VIOLATION_GRACE, then the violator's) keep its codes."""
+        if self.fail_code:
+            return
         notice = None
         if client_notice is not None:
             client_notice.decode()      # a text frame must be UTF-8 (UnicodeDecodeError)

@@ -9,7 +9,7 @@ import time
 import pytest
 from websockets.asyncio.server import serve
 
-from conftest import (Keys, SidecarProcess, held_port, raw_upstream_sidecar, run, standard_keys,
+from conftest import (Keys, SidecarProcess, held_port, http_get, raw_upstream_sidecar, run, standard_keys,
                       switching_protocols)
 
 
@@ -500,6 +500,56 @@ def test_a_violator_still_sending_reads_its_close_code(strict, violator):
             server.close()
     what = "unmasked frame from the client" if violator == "client" else "masked frame from the upstream"
     assert run(body()) == (1002, f"{violator}: {what}")
+
+
+@pytest.mark.parametrize("violator", ["client", "upstream"])
+def test_a_drain_within_the_grace_after_a_violation_leaves_the_violations_codes(tmp_path, violator):
+    """The drain's end (here at once) comes within the 0.1 s the other peer is given
+    after a violation: the violator broke the protocol first, and the codes stay the
+    violation's. The drain's close went out to both legs: the violating client got
+    1001 `going away` (a violating provider 1000), as if it were only drained."""
+    sidecar = raw_upstream_sidecar(str(tmp_path), "drain_seconds = 0\nclose_timeout_seconds = 2")
+    what = "client: unmasked frame from the client" if violator == "client" \
+        else "upstream: masked frame from the upstream"
+
+    async def body():
+        provider_read = asyncio.get_running_loop().create_future()
+
+        async def provider(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            bad = b"" if violator == "client" else bytes([0x82, 0x81, 1, 2, 3, 4, 0])
+            writer.write(switching_protocols(head) + bad)
+            code = await close_frame_of(reader)
+            provider_read.set_result(code)
+            writer.write(bytes([0x88, 2]) + code[0].to_bytes(2, "big"))     # answered
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(provider, "127.0.0.1", sidecar.upstream_port)
+        try:
+            reader, writer = await session(sidecar.port, sidecar.keys.plain["good"],
+                                           "/v1/realtime/connect?provider=raw")
+            if violator == "client":
+                writer.write(bytes([0x82, 5]) + b"plain")   # unmasked
+                await writer.drain()
+            # (a provider's bad frame came with its 101, relayed with the client's)
+            assert (await asyncio.to_thread(http_get, sidecar.admin("/drain"), "POST"))[0] == 202
+            client_read = await close_frame_of(reader)
+            if violator == "upstream":
+                writer.write(masked(0x88, client_read[0].to_bytes(2, "big")))  # answered
+            provider = await asyncio.wait_for(provider_read, 5)
+            writer.close()
+            return client_read, provider
+        finally:
+            server.close()
+    try:
+        client_read, provider_read = run(body())
+    finally:
+        sidecar.stop()
+    if violator == "client":
+        assert client_read == (1002, what) and provider_read == (1002, what)
+    else:
+        assert client_read == (1014, what) and provider_read == (1002, what)
 
 
 def test_a_violator_stays_unread_when_the_providers_leg_drains(tmp_path):
