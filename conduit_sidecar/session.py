@@ -658,7 +658,7 @@ async def open_session(host: Host, transport, request: Request, client: ClientHa
             transport.write(_relay.close_frame(_relay.CloseCode.INTERNAL_ERROR, "internal error", False))
         else:
             transport.write(refuse(500, "internal error").response.serialize())
-        transport.close()
+        host.linger(transport)
 
 
 async def _open(host: Host, transport, request: Request, client: ClientHandshake, opening: _Opening):
