@@ -748,12 +748,14 @@ cdef class Leg(Endpoint):
                 self.flush_tls()
             self.set_state(SHUT)
             self.bound_close()
-            if relay is None or relay.linger is None or not self.inbound.verdict_code:
+            if relay is None or relay.linger is None or self.inbound.ended:
                 self.transport.close()
             elif relay.linger(self.transport):
-                # A violator's bytes were left unread: closed now, its socket would answer
-                # them with a reset, which can destroy our close before the peer reads it.
-                # Its lingering close reads and drops them; to the relay the leg is gone.
+                # The peer's close has not come (it violated the protocol, and is read no
+                # more; or the other peer is gone): it may still send. Closed now with its
+                # bytes unread, its socket would answer them with a reset, which can
+                # destroy our close before the peer reads it. Its lingering close reads
+                # and drops them; to the relay the leg is gone.
                 self.transport = None
                 relay.loop.call_soon(self.connection_lost, None)
         return 0
@@ -1340,9 +1342,10 @@ cdef class Relay:
     `on_client_message`, each client text message is read whole and withheld from the
     provider until `on_client_message(relay, unmasked bytes)` returns: it goes on
     unless that closed the session. Every client message is then at most
-    `read_whole_max` bytes (and 4 MiB). A violator's socket, once our close is written,
-    goes to `linger(transport)`, which closes it, lingering (True: the transport has
-    another protocol now) or at once (False)."""
+    `read_whole_max` bytes (and 4 MiB). A socket shut before its peer's close came (a
+    violator, or the other peer gone), our close written, goes to `linger(transport)`,
+    which closes it, lingering (True: the transport has another protocol now) or at
+    once (False)."""
 
     def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
                  tuple markers=(), on_message=None, *, bint meter_binary=False,

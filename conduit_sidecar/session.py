@@ -151,10 +151,11 @@ class Host(Protocol):
 
 
 # A lingering close (nginx's lingering_close) lasts this long at most, and reads this
-# much at most: more than a paced client (audio) sends meanwhile, and a flood's cost
-# is bounded.
+# much at most: more than Linux's default socket buffers hold (6 MiB received, 4 MiB
+# sent), all a peer that sent until they were full and only then reads can have left;
+# a flood's cost is bounded.
 _LINGER_SECONDS = 1.0
-_LINGER_BYTES = 4 << 20
+_LINGER_BYTES = 16 << 20
 
 
 class _Linger(asyncio.BufferedProtocol):

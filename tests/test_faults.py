@@ -76,12 +76,18 @@ def last_end(sidecar, events) -> dict:
 _sessions = itertools.count()
 
 
-def with_upstream(sidecar, act, client):
+def with_upstream(sidecar, act, client, rcvbuf: int | None = None):
+    """Run `client` in a session whose provider is a RawUpstream running `act`; with
+    `rcvbuf`, the provider's sockets take at most that much unread."""
     async def body():
         events = {"model": f"m-{next(_sessions)}"}      # names its session_end line
         loop = asyncio.get_running_loop()
-        async with await loop.create_server(lambda: RawUpstream(act, events), "127.0.0.1",
-                                            sidecar.upstream_port):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        listener.bind(("127.0.0.1", sidecar.upstream_port))
+        async with await loop.create_server(lambda: RawUpstream(act, events), sock=listener):
             reader, writer = await session(sidecar.port, sidecar.keys.plain["good"],
                                            f"/v1/realtime/connect?provider=raw&model={events['model']}")
             result = await client(reader, writer, events)
@@ -114,6 +120,33 @@ def test_upstream_reset_between_frames_gives_1014(faulty):
         assert await reader.readexactly(4) == bytes([0x82, 2]) + b"ok"
         return await close_frame_of(reader)
     result, _ = with_upstream(faulty, act, client)
+    assert result == (1014, "upstream connection lost")
+
+
+def test_a_client_still_sending_when_the_provider_resets_reads_its_1014(faulty):
+    """The provider takes nothing, so the relay stops reading the client (backpressure),
+    whose frames wait unread in the sidecar's socket; then the provider resets. The
+    client gets 1014 and its socket closes: closed at once with those bytes unread, the
+    kernel answered them with a reset, and the client's read failed
+    (`ConnectionResetError`) with the close frame in its buffer. It closes lingering
+    now, as a violator's does: the client reads its 1014, then the end."""
+    provider = []
+
+    def act(transport):
+        transport.pause_reading()                           # takes nothing
+        provider.append(transport)
+
+    async def client(reader, writer, events):
+        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        chunk = masked(0x82, bytes(60000)) * 32            # 2 MB
+        while not writer.transport.get_write_buffer_size():  # until the path is full: the
+            writer.write(chunk)                             # sidecar holds bytes unread
+            await asyncio.sleep(0.05)
+        reset(provider[0])
+        code = await close_frame_of(reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""     # no reset
+        return code
+    result, _ = with_upstream(faulty, act, client, rcvbuf=4096)
     assert result == (1014, "upstream connection lost")
 
 
@@ -175,9 +208,9 @@ def test_upstream_that_stops_reading(faulty):
                 sent += len(frame)
         except (asyncio.TimeoutError, ConnectionError):
             pass
-        try:    # a close frame then EOF, or (unread bytes at our close) a reset
-            data = await asyncio.wait_for(reader.read(), 10)
-        except ConnectionResetError:
+        try:    # a close frame then EOF, or a reset: this client sends on without reading,
+            data = await asyncio.wait_for(reader.read(), 10)    # past what a lingering close reads
+        except ConnectionError:
             data = None
         return sent, data
     (sent, data), events = with_upstream(faulty, act, client)
