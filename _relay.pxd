@@ -190,7 +190,6 @@ cdef class Relay:
     cdef readonly object close_reason
     cdef int fail_code             # a peer's violation, told to it once the other peer closed
     cdef str fail_reason
-    cdef object linger             # takes a socket shut before its peer's close, to linger
     cdef public object session
 
     cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1

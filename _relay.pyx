@@ -435,6 +435,18 @@ def redact_close_reasons(redact):
     g_redact = redact
 
 
+cdef object g_linger = None     # set by linger_closes
+
+
+def linger_closes(linger):
+    """Hand each socket shut before its peer's close came (a violator, or a peer whose
+    other peer is gone), our close written, to `linger(transport)`, which closes it,
+    lingering (True: the transport has another protocol now) or at once (False).
+    Called once at start-up; None: such sockets close at once."""
+    global g_linger
+    g_linger = linger
+
+
 def close_frame(int code, str reason, bint masked):
     """A close frame carrying `code` and `reason` (cut to fit 125 bytes, never inside
     a UTF-8 sequence). Built in C: the Python version (a generator masking byte by
@@ -748,9 +760,9 @@ cdef class Leg(Endpoint):
                 self.flush_tls()
             self.set_state(SHUT)
             self.bound_close()
-            if relay is None or relay.linger is None or self.inbound.ended:
+            if relay is None or g_linger is None or self.inbound.ended:
                 self.transport.close()
-            elif relay.linger(self.transport):
+            elif g_linger(self.transport):
                 # The peer's close has not come (it violated the protocol, and is read no
                 # more; or the other peer is gone): it may still send. Closed now with its
                 # bytes unread, its socket would answer them with a reset, which can
@@ -1342,17 +1354,13 @@ cdef class Relay:
     `on_client_message`, each client text message is read whole and withheld from the
     provider until `on_client_message(relay, unmasked bytes)` returns: it goes on
     unless that closed the session. Every client message is then at most
-    `read_whole_max` bytes (and 4 MiB). A socket shut before its peer's close came (a
-    violator, or the other peer gone), our close written, goes to `linger(transport)`,
-    which closes it, lingering (True: the transport has another protocol now) or at
-    once (False)."""
+    `read_whole_max` bytes (and 4 MiB)."""
 
     def __init__(self, loop, uint64_t max_message, double close_timeout, on_done,
                  tuple markers=(), on_message=None, *, bint meter_binary=False,
                  Py_ssize_t sniff_bytes=SNIFF_DEFAULT, on_client_message=None,
-                 uint64_t read_whole_max=CAPTURE_MAX, linger=None):
+                 uint64_t read_whole_max=CAPTURE_MAX):
         self.loop = loop
-        self.linger = linger
         self.on_done = on_done
         self.close_timeout = close_timeout
         self.client = Leg()

@@ -415,6 +415,7 @@ class Sidecar:
         self.stopped = asyncio.Event()
         kernel_tls = ktls.switch(self.config.kernel_tls)
         _relay.redact_close_reasons(redact.redact)
+        _relay.linger_closes(self.linger)
         host, port = split_hostport(self.config.listen)
         server = await loop.create_server(
             lambda: ClientHandshake(self), host, port, reuse_address=True, backlog=4096

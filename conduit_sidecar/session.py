@@ -785,7 +785,6 @@ async def _open(host: Host, transport, request: Request, client: ClientHandshake
         sniff_bytes=metered.sniff_bytes if metered else 256,
         on_client_message=functools.partial(host.client_message, decision.later) if decision.later else None,
         read_whole_max=limits.first_message_bytes,
-        linger=host.linger,
     )
     relay.session = info
     info.relay = relay
