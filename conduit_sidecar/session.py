@@ -375,21 +375,26 @@ class ClientHandshake(asyncio.Protocol):
 class _Drain(asyncio.Protocol):
     """After a post-upgrade rejection our close frame is out: what the client still
     sends is scanned by the relay's scanner (which holds at most one frame header)
-    and discarded, until its close frame or a violation, then the socket is closed.
-    Nothing a rejected client sends is kept, however much it sends, and nothing here
-    forms a reference cycle: the connection is freed as soon as it ends. It holds the
+    and discarded, until its close frame (then the socket is closed) or a violation
+    (then it closes lingering, `linger`: the client may still be sending). Nothing a
+    rejected client sends is kept, however much it sends, and nothing here forms a
+    reference cycle: the connection is freed as soon as it ends. It holds the
     `pending` slot its caller took until then."""
 
-    def __init__(self, slots: Slots, transport, timeout: float):
+    def __init__(self, slots: Slots, transport, timeout: float, linger: Callable[[asyncio.Transport], bool]):
         self.slots: Slots | None = slots
         self.transport = transport
+        self.linger = linger
         self.scanner = _relay.Scanner(True, record=False)
         self.timer = asyncio.get_running_loop().call_later(timeout, transport.abort)
 
     def data_received(self, data):
         scanner = self.scanner
         scanner.feed_bytes(data)
-        if scanner.verdict_code or scanner.counters()[0][_CLOSE]:
+        if scanner.verdict_code:
+            self.connection_lost(None)  # its slot and timer: a lingering close needs neither
+            self.linger(self.transport)
+        elif scanner.counters()[0][_CLOSE]:
             self.transport.close()
 
     def eof_received(self):
@@ -422,7 +427,7 @@ def _close_after_upgrade(
     if not host.pending.take():
         transport.close()  # no slot to wait for the client's close in; it has ours
         return
-    drain = _Drain(host.pending, transport, host.limits.close_timeout_seconds)
+    drain = _Drain(host.pending, transport, host.limits.close_timeout_seconds, host.linger)
     transport.set_protocol(drain)
     if early:
         drain.data_received(early)

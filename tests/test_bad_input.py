@@ -508,6 +508,23 @@ def test_a_violator_still_sending_reads_its_close_code(strict, violator):
     assert run(body()) == (1002, f"{violator}: {what}")
 
 
+def test_a_refused_client_that_breaks_the_protocol_while_sending_reads_its_close(strict):
+    """A client refused after the upgrade (a key not known: 4001) that sent, with its
+    request, a bad frame and a megabyte more before it reads. What it sends after our
+    close is scanned for its own close; the bad frame ended that wait, and the socket
+    closed at once with the rest unread: the kernel's reset destroyed the 4001 before
+    the client read it. It closes lingering now."""
+    async def body():
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(request(key="condt_not-a-key") + bytes([0x82, 5]) + b"plain" + bytes(1 << 20))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        code = await close_frame_of(reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""     # no reset
+        writer.close()
+        return code
+    assert run(body())[0] == 4001
+
+
 @pytest.mark.parametrize("violator", ["client", "upstream"])
 def test_a_drain_within_the_grace_after_a_violation_leaves_the_violations_codes(tmp_path, violator):
     """The drain's end (here at once) comes within the 0.1 s the other peer is given
