@@ -97,8 +97,8 @@ class Metrics:
         ).set_function(pending)
         Gauge(
             "conduit_connections_lingering",
-            "Connections in their lingering close: answered (a refusal, a violator's close), "
-            "what they still send read and dropped.",
+            "Connections in their lingering close (after a refusal, or a close sent before the peer's): "
+            "what they still send is read and dropped.",
             registry=r,
         ).set_function(lingering)
         self.connections = Counter(
