@@ -1174,7 +1174,12 @@ def test_a_lookup_failed_for_want_of_a_descriptor_rests_no_deployment(workdir):
             for _ in range(5):  # a descriptor still closing when counted leaves one more free
                 resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 1, hard))
                 try:
-                    starved = await close_of(sidecar)
+                    # (once in about twenty runs under load no answer came at all; why was
+                    # not found: perhaps a descriptor the sidecar opened meanwhile)
+                    starved = await asyncio.wait_for(close_of(sidecar), 10)
+                except asyncio.TimeoutError:
+                    starved = (0, "no answer")
+                    continue
                 finally:
                     resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
                 if starved[0] != 1000:
