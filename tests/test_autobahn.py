@@ -12,8 +12,8 @@ through the sidecar than against the baseline without it:
 
 A case counts as worse only if it is worse in every attempt (see run.py: some
 cases race by design). Reports: `.autobahn/reports/run-{a,b}/index.json`.
-Set CONDUIT_SKIP_AUTOBAHN=1 to skip (about 1.5 minutes on 2 cores, plus a
-one-time install).
+Set CONDUIT_SKIP_AUTOBAHN=1 to skip (about 1 minute on 2 cores, the three runs side
+by side, plus a one-time install).
 """
 
 from __future__ import annotations
