@@ -242,21 +242,49 @@ def test_an_expired_lease_frees_its_slot_while_other_leases_of_its_key_live_on(s
 
 @pytest.mark.parametrize("shared", [True, False], ids=["redis", "local"])
 def test_sessions_per_minute_counts_the_starts_of_a_whole_minute(sidecars, redis_server, shared):
-    """A start leaves the window 60 s after it, not sooner: 12 s on, the key is still
-    refused (by Redis' script, and by a local store's count)."""
+    """A start leaves the window 60 s after it, not sooner: the refusal right after it
+    says so (by Redis' script, and by a local store's count). In Redis the start is
+    then moved 50 s back (no waiting): the key is still refused, for the 10 s left;
+    moved 60 s back, it is let in. (A local store's clock: the test below.)"""
     keys = Keys()
     keys.add("rated", sessions_per_minute=1)
     proc, = sidecars(keys, redis_server.url if shared else None, n=1)
+    # Every start of the key's window, `seconds` older (Redis' own clock, in ms).
+    age = ("local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+           "for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do "
+           "redis.call('ZADD', KEYS[1], now - ARGV[1] * 1000, m) end return 1")
+    refused = "key limit of 1 new sessions per minute reached: retry in "
 
     async def scenario():
         result = await attempt(proc, "rated")
         assert result[0] == "open"
         await result[1].close()
-        assert (await attempt(proc, "rated"))[:2] == ("closed", 4029)
-        await asyncio.sleep(12)
-        result = await attempt(proc, "rated")
-        assert result[:2] == ("closed", 4029), result
+        assert (await attempt(proc, "rated")) == ("closed", 4029, refused + "60 s")
+        if shared:
+            assert redis_server.command("EVAL", age, "1", "t:{rated}:starts", "50") == ":1"
+            result = await attempt(proc, "rated")
+            assert result[:2] == ("closed", 4029) and result[2].startswith(refused), result
+            assert 5 <= int(result[2].removeprefix(refused).removesuffix(" s")) <= 10, result
+            assert redis_server.command("EVAL", age, "1", "t:{rated}:starts", "60") == ":1"
+            result = await attempt(proc, "rated")
+            assert result[0] == "open", result
+            await result[1].close()
     run(scenario())
+
+
+def test_a_local_stores_session_rate_counts_the_starts_of_a_whole_minute(monkeypatch):
+    """LocalStore.take_start on a clock the test moves: a start leaves the window 60 s
+    after it, not sooner (a window cut to 10 s passed the sidecar's tests once)."""
+    clock = [1000.0]
+    monkeypatch.setattr(state, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    store = state.LocalStore()
+    assert store.take_start("k", 1) == 0
+    for now, wait in ((1000.0, 60), (1050.0, 10), (1059.5, 0.5)):
+        clock[0] = now
+        assert store.take_start("k", 1) == pytest.approx(wait)
+    clock[0] = 1060.0
+    assert store.take_start("k", 1) == 0                      # the first start has left
+    assert store.take_start("k", 1) == pytest.approx(60)      # the second one counts
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["redis", "local"])
