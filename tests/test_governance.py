@@ -30,6 +30,10 @@ from conduit_sidecar.mock import MockProvider
 from conftest import Keys, SidecarProcess, SlowUpstream, held_port, http_get, run, switching_protocols
 from test_bad_input import request
 
+# On this process's counts or a store the test makes: no Redis client. scripts/min_deps.sh
+# leaves these out (it runs this file for the redis floor; the main run has them all).
+local_state = pytest.mark.local_state
+
 class RedisServer:
     """redis-server on 127.0.0.1, no persistence; stop() and start() keep the port."""
 
@@ -272,6 +276,7 @@ def test_sessions_per_minute_counts_the_starts_of_a_whole_minute(sidecars, redis
     run(scenario())
 
 
+@local_state
 def test_a_local_stores_session_rate_counts_the_starts_of_a_whole_minute(monkeypatch):
     """LocalStore.take_start on a clock the test moves: a start leaves the window 60 s
     after it, not sooner (a window cut to 10 s passed the sidecar's tests once)."""
@@ -307,6 +312,7 @@ def test_sessions_per_minute_counts_admitted_sessions_whose_provider_failed(side
     run(scenario())
 
 
+@local_state
 def test_a_session_refused_by_its_keys_rate_is_released(sidecars):
     """A session the key's sessions_per_minute refuses (4029, after its admission) is
     no live session: nothing tested that it was released (without it the refused one
@@ -429,6 +435,7 @@ def test_usage_hashes_in_redis_last_until_an_hour_after_their_window_ends(sideca
         assert left - 60 < ttl <= left + 1, (window, ttl, left)
 
 
+@local_state
 def test_a_crossed_budget_closes_every_session_of_its_key_and_no_other(sidecars):
     """A crossing closes the key's sessions only (the governor walks the sessions only
     when a key's budget is crossed): the session that crosses and its key's idle one
@@ -468,6 +475,7 @@ def test_max_session_seconds_closes_with_4008(sidecars, redis_server):
     run(scenario())
 
 
+@local_state
 def test_a_client_still_sending_when_the_sidecar_closes_gets_a_clean_close(sidecars):
     """The sidecar's own close (here the session cap) waits for the client's answer and
     drops what the client sends meanwhile. It used to close the client's socket as soon
@@ -966,6 +974,7 @@ def test_a_drain_that_ends_during_an_admission_is_not_outwaited_by_a_held_first_
         sidecar.stop()
 
 
+@local_state
 def test_the_series_of_a_key_removed_from_the_key_file_are_dropped(sidecars):
     """DESIGN.md: key ids are labels only where their number is bounded by the key file.
     A key's usage and cost series stayed after the key left the file, for the life of
@@ -1316,6 +1325,7 @@ def test_a_deepgram_stream_is_counted_live_in_its_own_format(sidecars, redis_ser
     "&encoding=linear16&sample_rate=8000&channels=2&multichannel=true",   # raw: its bytes tell
     "&sample_rate=8000&channels=2&multichannel=true",                     # a container: the Metadata
 ], ids=["raw", "container"])
+@local_state
 def test_a_deepgram_multichannel_stream_counts_each_channel(sidecars, query):
     """With `multichannel=true` Deepgram transcribes each channel apart and bills each
     (Deepgram's answer in github.com/orgs/deepgram/discussions/932: "the cost for
@@ -1348,6 +1358,7 @@ def test_a_deepgram_multichannel_stream_counts_each_channel(sidecars, query):
     assert usd == 4
 
 
+@local_state
 def test_an_assemblyai_session_closed_without_terminate_is_charged_its_time_open(sidecars):
     """AssemblyAI bills a streaming session by "the entire time the WebSocket connection
     stays open", idle time included (assemblyai.com/docs/faq/how-does-universal-streaming-
@@ -1378,6 +1389,7 @@ def test_an_assemblyai_session_closed_without_terminate_is_charged_its_time_open
     assert usd >= 2
 
 
+@local_state
 def test_an_assemblyai_session_is_charged_its_time_open_from_the_providers_answer(sidecars):
     """The time open an unreported AssemblyAI session is charged counted from its
     admission: the upstream connect (here a provider taking 3 s to answer its
@@ -1410,6 +1422,7 @@ def test_an_assemblyai_session_is_charged_its_time_open_from_the_providers_answe
     assert 0.5 <= usd < 2, usd                                      # not the 3 s of the connect
 
 
+@local_state
 def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     """Sessions admitted without any limit keep no governance state; a budget the key
     file adds later still reaches them."""
@@ -1429,6 +1442,7 @@ def test_a_budget_added_to_the_key_file_closes_sessions_already_open(sidecars):
     run(scenario())
 
 
+@local_state
 def test_a_key_renamed_under_its_hash_ends_its_sessions(sidecars):
     """A session's counts, leases and budget windows are under the key id it was
     admitted with, and a usage report judges the budgets of that id's entry in the
@@ -1461,6 +1475,7 @@ async def reloaded(proc: SidecarProcess) -> None:
         await asyncio.sleep(0.05)
 
 
+@local_state
 def test_a_session_cap_the_key_file_adds_or_lowers_reaches_sessions_already_open(sidecars):
     """max_session_seconds was armed only when a session started: a cap the key file
     added (or lowered) later never reached the sessions already open, which ran on
@@ -1482,6 +1497,7 @@ def test_a_session_cap_the_key_file_adds_or_lowers_reaches_sessions_already_open
     assert run(scenario()) == [(4008, "session cap of 1 s reached")] * 2
 
 
+@local_state
 def test_a_session_cap_the_key_file_raises_or_removes_lets_sessions_already_open_run_on(sidecars):
     """A recapped session's old timer is cancelled: a cap the key file raised or took
     away does not end the sessions already open at the old one."""
@@ -1505,6 +1521,7 @@ def test_a_session_cap_the_key_file_raises_or_removes_lets_sessions_already_open
     run(scenario())
 
 
+@local_state
 def test_a_session_a_limit_closes_is_closed_once_while_its_client_has_not_answered(sidecars):
     """A session closed by a limit (here its budget) whose client has not answered the
     close yet is not closed again by the next (here its cap's timer, 2 s after the
@@ -1529,6 +1546,7 @@ def test_a_session_a_limit_closes_is_closed_once_while_its_client_has_not_answer
     assert limits == [(4002, "budget exhausted: tokens per day (20)")], limits
 
 
+@local_state
 def test_the_session_cap_counts_from_the_handshake(tmp_path):
     """The first cap was armed when the relay started, a recapped one counted from the
     handshake: a session whose provider took long to answer ran its whole cap after
@@ -1604,6 +1622,7 @@ def test_a_connection_limit_the_key_file_adds_counts_sessions_already_open(sidec
     assert run(scenario()) == ("closed", 4029, "key limit of 2 concurrent connections reached")
 
 
+@local_state
 def test_local_backend_enforces_the_same_policy(sidecars):
     keys = Keys()
     keys.add("budget", budgets=[{"metric": "tokens", "limit": 20, "window": "hour"}])
@@ -1626,6 +1645,7 @@ def test_local_backend_enforces_the_same_policy(sidecars):
     assert metric(proc, "conduit_state_operations_total") > 0
 
 
+@local_state
 def test_state_latency_buckets_resolve_a_store_that_answers_within_a_millisecond(sidecars):
     """A Redis next to the pod answers in a fraction of a millisecond; the histogram's
     first bucket was 5 ms (the provider connect's buckets), so every call fell in it
@@ -1645,6 +1665,7 @@ def test_state_latency_buckets_resolve_a_store_that_answers_within_a_millisecond
     assert bounds and min(bounds) <= 0.0001, bounds
 
 
+@local_state
 def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
     """A session's end flushes its key's usage while the tick's flush of that key may
     still wait on Redis. The usage of both counts for the key until the store has it.
@@ -1690,6 +1711,7 @@ def test_two_flushes_of_one_key_each_count_their_usage_until_the_store_has_it():
     asyncio.run(scenario())
 
 
+@local_state
 def test_a_keys_batch_the_store_missed_goes_before_any_newer_batch_of_that_key():
     """A flush that sends a key's batch again (its first call failed) waits on the store
     while another flush's batch of a second key fails. Once the first has its answer,
@@ -1919,6 +1941,7 @@ def test_a_redis_password_file_saved_with_a_byte_order_mark_is_read_without_it(s
         server.stop()
 
 
+@local_state
 def test_transcription_output_tokens_are_priced(sidecars, mock_provider):
     """OpenAI's transcription usage (type `tokens`) breaks its input down but not its
     output: `output_token_details` is not part of it. Its output tokens (the transcript's
@@ -1995,6 +2018,7 @@ def test_usage_shows_totals_that_are_not_finite(sidecars, redis_server):
         1, f"Redis at 127.0.0.1:{redis_server.port}: unavailable: a usage total in Redis is not a number\n")
 
 
+@local_state
 def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(sidecars, mock_provider):
     """The session's first update names whisper-1 (billed by the minute), a later one
     gpt-4o-transcribe (billed by the token). Its usage was priced at the first model
@@ -2029,6 +2053,7 @@ def test_a_transcription_session_is_priced_at_the_model_its_last_update_names(si
     assert metric(proc, 'conduit_cost_usd_total{key_id="stt",model="gpt-4o-transcribe"') == 25
 
 
+@local_state
 def test_a_transcription_model_the_provider_refused_does_not_price_the_session(sidecars, mock_provider):
     """A later update sets the model a transcription session is priced at as the
     client names it, before the provider took it; OpenAI refuses a model it does not
@@ -2067,6 +2092,7 @@ def test_a_transcription_model_the_provider_refused_does_not_price_the_session(s
     assert metric(proc, 'conduit_cost_usd_total{key_id="stt",model="gpt-4o-transcribe"') == 25
 
 
+@local_state
 def test_image_input_tokens_are_priced(sidecars):
     """OpenAI bills the images a realtime session is sent (`image_tokens`), Gemini its
     video frames; the price table had no price for them and cost_usd none: they cost
@@ -2105,6 +2131,7 @@ def test_image_input_tokens_are_priced(sidecars):
     # Beta session.updated; whisper-1 style duration usage: 3 s at $60 a minute.
     ({"input_audio_transcription": {"model": "rt-transcribe"}}, {"type": "duration", "seconds": 3}, 3),
 ])
+@local_state
 def test_transcription_usage_is_priced_at_the_transcription_model(sidecars, session, usage, usd):
     """A conversation session's input transcription is billed "according to the ASR
     model's pricing rather than the realtime model's pricing" (openai-python's
@@ -2143,6 +2170,7 @@ def test_transcription_usage_is_priced_at_the_transcription_model(sidecars, sess
 
 
 
+@local_state
 @pytest.mark.parametrize("allowed, closed", [(["rt-realtime"], True), (["rt-*"], False)])
 def test_a_transcription_model_the_key_may_not_use_ends_the_session(sidecars, allowed, closed):
     """A conversation session names its input transcription model in a `session.update`
@@ -2185,6 +2213,7 @@ def test_a_transcription_model_the_key_may_not_use_ends_the_session(sidecars, al
     else:
         assert (got, close) == ([e["type"] for e in events], None)
 
+@local_state
 def test_cached_image_tokens_are_priced_as_cached_images(sidecars):
     """An image sent earlier in a realtime session is cached input in later responses:
     OpenAI reports it in `input_token_details.cached_tokens_details.image_tokens`
