@@ -64,11 +64,16 @@ def test_ping_pong_go_end_to_end(sidecar, upstream_ports):
     seen = []
 
     async def provider(reader, writer):
+        async def frame():
+            b0, b1 = await reader.readexactly(2)
+            mask, payload = await reader.readexactly(4), await reader.readexactly(b1 & 0x7F)
+            seen.append((b0, b1 & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))))
+            return seen[-1][2]
         writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")))
-        b0, b1 = await reader.readexactly(2)
-        mask, payload = await reader.readexactly(4), await reader.readexactly(b1 & 0x7F)
-        seen.append((b0, b1 & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))))
-        writer.write(bytes([0x8A, len(seen[0][2])]) + seen[0][2])
+        ping = await frame()
+        writer.write(bytes([0x8A, len(ping)]) + ping)
+        close = await frame()
+        writer.write(bytes([0x88, len(close)]) + close)   # answered: no close timeout to wait out
         await reader.read()
 
     async def body():
@@ -79,7 +84,7 @@ def test_ping_pong_go_end_to_end(sidecar, upstream_ports):
         finally:
             server.close()
     run(body())
-    assert seen == [(0x89, 0x80, b"are you there")]
+    assert seen == [(0x89, 0x80, b"are you there"), (0x88, 0x80, (1000).to_bytes(2, "big"))]
 
 
 def test_frames_reach_each_side_byte_for_byte(sidecar, upstream_ports):
