@@ -31,6 +31,15 @@ def switching_protocols(request_head: bytes) -> bytes:
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n")
 
 
+async def short_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    """A hand-written upstream reads one frame of under 126 bytes (a ping, a close):
+    (its first byte, its mask bit, its payload unmasked)."""
+    b0, b1 = await reader.readexactly(2)
+    mask = await reader.readexactly(4) if b1 & 0x80 else bytes(4)
+    payload = await reader.readexactly(b1 & 0x7F)
+    return b0, b1 & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 class SlowUpstream:
     """A provider on 127.0.0.1 that answers each upgrade with its 101 only `delay`
     seconds after the request came (`asked` is set then), then holds the connection

@@ -26,8 +26,8 @@ import urllib.request
 
 import msgspec
 import pytest
-from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, SlowUpstream, held_port, run, standard_keys,
-                      switching_protocols)
+from conftest import (PROVIDER_SECRET, Keys, SidecarProcess, SlowUpstream, held_port, run, short_frame,
+                      standard_keys, switching_protocols)
 from test_governance import metric as total
 from test_limits import pending_becomes
 from websockets.asyncio.client import connect
@@ -1852,6 +1852,8 @@ def test_a_secret_a_header_cannot_carry_is_a_configuration_fault_and_a_bom_is_dr
         head = await reader.readuntil(b"\r\n\r\n")
         heads.append(head)
         writer.write(switching_protocols(head))
+        close = (await short_frame(reader))[2]                  # the client's, forwarded
+        writer.write(bytes([0x88, len(close)]) + close)         # answered: no close timeout
         await reader.read()
         writer.close()
     bom_port, good = held_port(), Named("good")

@@ -7,7 +7,7 @@ import os
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
-from conftest import run, switching_protocols
+from conftest import run, short_frame, switching_protocols
 from test_bad_input import request
 
 SIZES = [0, 1, 125, 126, 65535, 65536, 16 * 1024 * 1024]
@@ -64,16 +64,11 @@ def test_ping_pong_go_end_to_end(sidecar, upstream_ports):
     seen = []
 
     async def provider(reader, writer):
-        async def frame():
-            b0, b1 = await reader.readexactly(2)
-            mask, payload = await reader.readexactly(4), await reader.readexactly(b1 & 0x7F)
-            seen.append((b0, b1 & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))))
-            return seen[-1][2]
         writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")))
-        ping = await frame()
-        writer.write(bytes([0x8A, len(ping)]) + ping)
-        close = await frame()
-        writer.write(bytes([0x88, len(close)]) + close)   # answered: no close timeout to wait out
+        seen.append(await short_frame(reader))
+        writer.write(bytes([0x8A, len(seen[0][2])]) + seen[0][2])
+        seen.append(await short_frame(reader))
+        writer.write(bytes([0x88, len(seen[1][2])]) + seen[1][2])   # answered: no close timeout
         await reader.read()
 
     async def body():
