@@ -932,7 +932,9 @@ def test_a_slow_redis_holds_no_lease_renewal_back(sidecars, redis_server):
             assert all(result[0] == "open" for result in live), live
             first = await attempt(a, "one")
             assert first[0] == "open"
-            deadline = time.monotonic() + 8       # several renewals of a lease_seconds of 3
+            # Past the first lease (3 s) by more than one renewal (1 s): without the fix
+            # b let its second session in after 2.9 s.
+            deadline = time.monotonic() + 5
             while (second := await attempt(b, "one"))[0] != "open" and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             if second[0] == "open":
@@ -1502,8 +1504,8 @@ def test_a_session_cap_the_key_file_raises_or_removes_lets_sessions_already_open
     """A recapped session's old timer is cancelled: a cap the key file raised or took
     away does not end the sessions already open at the old one."""
     keys = Keys()
-    keys.add("raised", max_session_seconds=6)
-    keys.add("uncapped", max_session_seconds=6)
+    keys.add("raised", max_session_seconds=4)
+    keys.add("uncapped", max_session_seconds=4)
     proc, = sidecars(keys, None, n=1)
 
     async def scenario():
@@ -1513,8 +1515,8 @@ def test_a_session_cap_the_key_file_raises_or_removes_lets_sessions_already_open
         del keys.entries[1]["max_session_seconds"]
         keys.write(proc.keys_file)
         await reloaded(proc)
-        assert time.monotonic() - started < 6, "reloaded too late to tell"
-        await asyncio.sleep(7 - (time.monotonic() - started))   # past the old cap
+        assert time.monotonic() - started < 4, "reloaded too late to tell"
+        await asyncio.sleep(5 - (time.monotonic() - started))   # past the old cap
         for ws in live:
             assert (await response_done(ws))["response"]["usage"]["total_tokens"] == 12
             await ws.close()
