@@ -1552,20 +1552,20 @@ def test_a_session_a_limit_closes_is_closed_once_while_its_client_has_not_answer
 def test_the_session_cap_counts_from_the_handshake(tmp_path):
     """The first cap was armed when the relay started, a recapped one counted from the
     handshake: a session whose provider took long to answer ran its whole cap after
-    that. Both now count from the handshake. The provider answers the upgrade 4 s
-    after it is asked, past the key's 3 s cap, and answers what it then reads with a
+    that. Both now count from the handshake. The provider answers the upgrade 2 s
+    after it is asked, past the key's 1 s cap, and answers what it then reads with a
     text message: the session ends as it opens, before any answer reaches the client,
-    which gets the limit's event and the close (it got the answer, and those 3 s
+    which gets the limit's event and the close (it got the answer, and those 1 s
     later)."""
     keys = Keys()
-    key = keys.add("capped", max_session_seconds=3)
+    key = keys.add("capped", max_session_seconds=1)
     upstream_port = held_port()
     proc = SidecarProcess(str(tmp_path), f'[providers.slow]\nurl = "ws://127.0.0.1:{upstream_port}/"\n',
                           keys).start()
 
     async def provider(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(4)
+        await asyncio.sleep(2)
         writer.write(switching_protocols(head))
         if await reader.read(65536):
             writer.write(b"\x81\x06answer")
@@ -1591,7 +1591,7 @@ def test_the_session_cap_counts_from_the_handshake(tmp_path):
         # (The sidecar's close goes out on the loop's next turn, before it reads the
         # provider's answer: a timer of 0 s runs before the next poll.)
         got, code, reason = run(scenario())
-        assert (code, reason) == (4008, "session cap of 3 s reached")
+        assert (code, reason) == (4008, "session cap of 1 s reached")
         assert "answer" not in got and [json.loads(m)["type"] for m in got] == ["error"], got
     finally:
         proc.stop()
