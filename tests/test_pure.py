@@ -678,16 +678,55 @@ def test_a_file_written_in_place_is_a_change(tmp_path):
 def test_memory_is_trimmed_on_a_fall_of_drop_sessions_and_once_more_when_it_ends(monkeypatch):
     """Trimmer: a fall of `drop` sessions from the peak trims, and once the fall is
     over (the count no longer falling) a last trim takes what its last closes freed."""
+    import uvloop
+
     from conduit_sidecar import trim
 
     trims = []
     monkeypatch.setattr(trim._relay, "malloc_trim", lambda: trims.append(1))
-    trimmer = trim.Trimmer(drop=4)
-    for live in range(11):
-        trimmer.grew(live)
-    checks = [trimmer.check(live) for live in (10, 9, 6, 5, 5, 5, 4)]
-    assert checks == [False, False, True, False, True, False, False]
+
+    async def falls():
+        trimmer = trim.Trimmer(drop=4)
+        for live in range(11):
+            trimmer.grew(live)
+        return [trimmer.check(live) for live in (10, 9, 6, 5, 5, 5, 4)]
+
+    assert uvloop.run(falls()) == [False, False, True, False, True, False, False]
     assert len(trims) == 2
+
+
+def test_a_falls_end_puts_the_spare_handles_in_uvloops_free_lists_for_the_bursts():
+    """After a burst, uvloop's handle free lists hold the burst's last handles, which
+    keep its pymalloc arenas (docs/benchmarks.md, "Memory"). When the fall ends, the
+    handles made at rest take their place, and the next check takes them back: the
+    same objects, so the burst's went back to pymalloc."""
+    import asyncio
+
+    import uvloop
+
+    from conduit_sidecar import trim
+
+    async def burst_and_fall():
+        loop = asyncio.get_running_loop()
+        trimmer = trim.Trimmer(drop=4)
+        trimmer.check(0)
+        assert trimmer.spare is not None
+        spare = {id(h) for h in trimmer.spare}
+        burst = [loop.call_soon(trim._noop) for _ in range(1000)]
+        burst += [loop.call_later(3600, trim._noop) for _ in range(1000)]
+        for handle in burst:
+            handle.cancel()
+        del burst, handle
+        await asyncio.sleep(0)  # the loop drops them: the free lists are the burst's
+        trimmer.grew(10)
+        assert trimmer.check(5) and trimmer.check(5)  # the fall, then its end
+        assert trimmer.spare is None
+        await asyncio.sleep(0)
+        trimmer.check(5)
+        # all but the handle that runs this step, out of the free list meanwhile
+        assert len({id(h) for h in trimmer.spare} - spare) <= 1
+
+    uvloop.run(burst_and_fall())
 
 
 def test_a_key_file_expiry_without_a_zone_is_refused(tmp_path):
