@@ -294,6 +294,12 @@ class Governor:
         query names one (providers.audio_rate), else [audio]'s."""
         return info.audio_rate or self.config.audio.bytes_per_second
 
+    def _count_audio_all(self) -> None:
+        """Not a loop in `run`: its variable would keep the last session alive in that
+        coroutine's frame until a tick sees another one."""
+        for info in self.sessions:  # (nothing here awaits: the set stays as it is)
+            self._count_audio(info)
+
     def _count_audio(self, info: SessionInfo) -> None:
         relay = info.relay
         if relay is None:
@@ -544,8 +550,7 @@ class Governor:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             try:
-                for info in self.sessions:  # (nothing here awaits: the set stays as it is)
-                    self._count_audio(info)
+                self._count_audio_all()
                 # Shielded: a stop during the call waits for it rather than lose its usage.
                 await asyncio.shield(self._spawn(self.flush()))
                 if self.unreleased:

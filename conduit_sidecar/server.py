@@ -487,12 +487,18 @@ class Sidecar:
                 if self.config.limits.idle_timeout_seconds:
                     self.close_idle(time.monotonic())
                 self.lived(time.monotonic())
-                for info in list(self.sessions):  # paused legs' resets and ends: unpolled
-                    if info.relay is not None and not info.relay.finished:
-                        info.relay.drop_left()
+                self.drop_left()
                 self.trimmer.check(len(self.sessions))
             except Exception:  # a bug of ours: key rechecks and the rest need the next poll
                 log.exception("poll failed", extra={"event": "internal_error"})
+
+    def drop_left(self) -> None:
+        """Paused legs' resets and ends, which uvloop does not poll. Not a loop in
+        `_poll`: its variable would keep the last session (and the arena it lies in)
+        alive in that coroutine's frame until the next poll that sees a session."""
+        for info in list(self.sessions):
+            if info.relay is not None and not info.relay.finished:
+                info.relay.drop_left()
 
     def close_idle(self, now: float) -> None:
         """Sessions that relayed no byte for idle_timeout_seconds get 1001."""

@@ -2245,3 +2245,44 @@ def test_cached_image_tokens_are_priced_as_cached_images(sidecars):
     run(scenario())
     # 2 text tokens at $1, 10 cached image tokens at $0.5.
     assert metric(proc, 'conduit_cost_usd_total{key_id="eyes",model="img-cached"') == 7
+
+
+def test_the_governors_tick_keeps_no_ended_session_alive(monkeypatch):
+    """Governor.run looped over the live sessions (their audio) in its own frame:
+    the last one it saw stayed alive, with the pymalloc arena it lies in, until a
+    tick saw another, i.e. for good after a burst. Each tick here: its flush."""
+    import weakref
+
+    from conduit_sidecar import governance
+
+    class Ended:
+        __slots__ = ("relay", "__weakref__")
+
+        def __init__(self):
+            self.relay = None  # its relay gone: nothing to count
+
+    monkeypatch.setattr(governance, "TICK_SECONDS", 0.01)
+
+    async def scenario():
+        config = Config()
+        sessions: set = set()
+        governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+                            sessions, {}, lambda model: model or "", lambda key_id: None)
+        ticks: asyncio.Queue[int] = asyncio.Queue()
+
+        async def flush():
+            ticks.put_nowait(len(sessions))
+
+        governor.flush = flush  # type: ignore[method-assign]
+        session = Ended()
+        sessions.add(session)
+        tick = asyncio.create_task(governor.run())
+        assert await ticks.get() == 1
+        sessions.clear()
+        ended = weakref.ref(session)
+        del session
+        assert await ticks.get() == 0
+        tick.cancel()
+        return ended() is None
+
+    assert asyncio.run(scenario())

@@ -1086,3 +1086,47 @@ def test_redact_hides_virtual_keys_and_runs_of_a_provider_secret():
     assert redact.redact("sk-old-Qq7Qq7") == "***"
     redact.remember("secret_file /a", "sk-new-" + "Zz5" * 10)  # two rotations: the oldest is forgotten
     assert redact.redact("sk-old-Qq7Qq7") == "sk-old-Qq7Qq7" and redact.redact(first[:12]) == "***"
+
+
+class _Ended:
+    """A session the loops below have seen, and that has ended since."""
+
+    __slots__ = ("relay", "__weakref__")
+
+    def __init__(self):
+        self.relay = None
+
+
+def test_the_poll_keeps_no_ended_session_alive():
+    """Sidecar._poll looped over the live sessions in its own frame: the last one it
+    saw stayed alive (with the pymalloc arena it lies in) until a poll saw another,
+    i.e. for good after a burst. Each poll here: `ticks` (the trimmer's check)."""
+    import asyncio
+    import weakref
+
+    async def scenario():
+        sidecar = Sidecar(Config(keys_poll_seconds=0.1), KeySet([]))
+        ticks: asyncio.Queue[int] = asyncio.Queue()
+
+        class Watcher:
+            def check(self):
+                pass
+
+        class Trimmer:
+            def check(self, live):
+                ticks.put_nowait(live)
+
+        sidecar.watcher, sidecar.trimmer = Watcher(), Trimmer()  # type: ignore[assignment]
+        sidecar.recheck_keys = lambda: None  # type: ignore[method-assign]  # (needs a key)
+        session = _Ended()
+        sidecar.sessions.add(session)  # type: ignore[arg-type]
+        poll = asyncio.create_task(sidecar._poll())
+        assert await ticks.get() == 1
+        sidecar.sessions.clear()
+        ended = weakref.ref(session)
+        del session
+        assert await ticks.get() == 0
+        poll.cancel()
+        return ended() is None
+
+    assert asyncio.run(scenario())
