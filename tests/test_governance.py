@@ -2266,7 +2266,7 @@ def test_the_governors_tick_keeps_no_ended_session_alive(monkeypatch):
     async def scenario():
         config = Config()
         sessions: set = set()
-        governor = Governor(config, Metrics(lambda: 0, lambda: 0, config.audio.bytes_per_second),
+        governor = Governor(config, Metrics(lambda: 0, lambda: 0, lambda: 0, config.audio.bytes_per_second),
                             sessions, {}, lambda model: model or "", lambda key_id: None)
         ticks: asyncio.Queue[int] = asyncio.Queue()
 
