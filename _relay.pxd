@@ -65,7 +65,8 @@ cdef class Endpoint:
     cdef int set_state(self, LegState new) except -1
     cdef int write(self, const uint8_t* data, Py_ssize_t size) except -1
     cdef int frame_end(self, Pipe pipe, Py_ssize_t pos) except -1
-    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1
+    cdef int close_frame(self, Pipe pipe, int code, object reason,
+                         Py_ssize_t size) except -1   # size: the frame's bytes on the wire
     cdef int violation(self, Pipe pipe, int code, str reason) except -1
     cdef int metered(self, Pipe pipe, bytes message) except -1
 
@@ -192,7 +193,7 @@ cdef class Relay:
     cdef str fail_reason
     cdef public object session
 
-    cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1
+    cdef int on_close_frame(self, Pipe pipe, int code, object reason, Py_ssize_t size) except -1
     cdef int on_violation(self, Pipe pipe, int code, str reason) except -1
     cdef int send_close(self, Leg leg, int code, str reason, bint finish,
                         bytes notice=*) except -1

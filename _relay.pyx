@@ -514,7 +514,7 @@ cdef class Endpoint:
     cdef int frame_end(self, Pipe pipe, Py_ssize_t pos) except -1:
         return 0
 
-    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1:
+    cdef int close_frame(self, Pipe pipe, int code, object reason, Py_ssize_t size) except -1:
         return 0
 
     cdef int violation(self, Pipe pipe, int code, str reason) except -1:
@@ -728,8 +728,8 @@ cdef class Leg(Endpoint):
             self.shut()
         return 0
 
-    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1:
-        return self.relay.on_close_frame(pipe, code, reason)
+    cdef int close_frame(self, Pipe pipe, int code, object reason, Py_ssize_t size) except -1:
+        return self.relay.on_close_frame(pipe, code, reason, size)
 
     cdef int violation(self, Pipe pipe, int code, str reason) except -1:
         return self.relay.on_violation(pipe, code, reason)
@@ -881,7 +881,7 @@ cdef class Recorder(Endpoint):
         self.boundaries.append(self.offset + <uint64_t>pos)
         return 0
 
-    cdef int close_frame(self, Pipe pipe, int code, object reason) except -1:
+    cdef int close_frame(self, Pipe pipe, int code, object reason, Py_ssize_t size) except -1:
         # The recorder is the pipe's source too: frames after a close are dropped.
         return self.set_state(CLOSE_RECEIVED)
 
@@ -1054,7 +1054,7 @@ cdef class Pipe:
             # RFC 6455 1.4: after a close a peer discards what it receives. Judged, a
             # bad frame behind the close would fail a closing handshake under way.
             self.ended = True
-            self.dst.close_frame(self, code, reason)
+            self.dst.close_frame(self, code, reason, hlen + plen)
         return 0
 
     cdef int feed(self, const uint8_t* p, Py_ssize_t n) except -1:
@@ -1525,7 +1525,7 @@ cdef class Relay:
                     leg.set_state(CLOSE_SENT)
         return self.arm_deadline()
 
-    cdef int on_close_frame(self, Pipe pipe, int code, object reason) except -1:
+    cdef int on_close_frame(self, Pipe pipe, int code, object reason, Py_ssize_t size) except -1:
         cdef Leg src = <Leg>pipe.src, dst = <Leg>pipe.dst
         cdef LegState s = src.state
         cdef object told = reason
@@ -1550,20 +1550,20 @@ cdef class Relay:
                 frame = close_frame(NORMAL, "", False)
                 dst.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
                 pipe.payload[kind_of(8)] += 2     # counted as sent: its code's two bytes
-                pipe.wire_bytes += 2
                 g_payload[pipe.direction][kind_of(8)] += 2
-                g_wire[pipe.direction] += 2
+                pipe.wire_bytes += PyBytes_GET_SIZE(frame) - size
+                g_wire[pipe.direction] += PyBytes_GET_SIZE(frame) - size
             elif told is not reason:
                 # A secret in the reason: the frame goes with it redacted, of our
-                # making (masked to the provider), counted as sent (shorter).
+                # making (masked to the provider), counted as sent.
                 pipe.forwarding = False
                 frame = close_frame(code, told, dst is self.upstream)
                 dst.write(<uint8_t*>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
                 cut = len(reason.encode()) - len(told.encode())
                 pipe.payload[kind_of(8)] -= cut
-                pipe.wire_bytes -= cut
                 g_payload[pipe.direction][kind_of(8)] -= cut
-                g_wire[pipe.direction] -= cut
+                pipe.wire_bytes += PyBytes_GET_SIZE(frame) - size
+                g_wire[pipe.direction] += PyBytes_GET_SIZE(frame) - size
             dst.set_state(CLOSED if dst.state == CLOSE_RECEIVED else CLOSE_SENT)
         elif dst.inbound.verdict_code:
             # The other peer has answered our close: now tell the violator why.

@@ -8,7 +8,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import PROVIDER_SECRET, SlowUpstream, raw_upstream_sidecar, run, switching_protocols
+from conftest import (PROVIDER_SECRET, SlowUpstream, raw_upstream_sidecar, run, short_frame,
+                      switching_protocols)
 from test_bad_input import session_ends
 from test_operations import ended, scrape, value
 
@@ -253,6 +254,52 @@ def test_a_secret_in_a_close_reason_is_neither_passed_on_nor_logged(sidecar, ups
     assert (rcvd.code, rcvd.reason) == (4000, "invalid key ***.")
     assert ended(sidecar, ends)[0]["close_reason"] == "invalid key ***."
     assert quoted not in sidecar.output()
+
+
+@pytest.mark.parametrize("closer", ["provider", "client"])
+def test_a_close_of_the_sidecars_making_is_counted_as_sent(sidecar, upstream_ports, closer):
+    """A provider's close that the sidecar sends on as its own, its length in the
+    8-byte form (RFC 6455 5.2 lets receivers take any): its reason quoting the key (the
+    client reads `***`), or its codeless answer to the client's close (1000). The bytes
+    counted (session_end, conduit_bytes_total) are those sent, not the provider's
+    10-byte header with the new payload's length."""
+    payload = (4000).to_bytes(2, "big") + f"invalid key {PROVIDER_SECRET}.".encode()
+    if closer == "client":
+        payload = b""
+
+    async def provider(reader, writer):
+        writer.write(switching_protocols(await reader.readuntil(b"\r\n\r\n")))
+        if closer == "client":
+            await short_frame(reader)
+        writer.write(bytes([0x88, 127]) + len(payload).to_bytes(8, "big") + payload)
+        await reader.read()     # until the sidecar's end
+        writer.close()
+        done.set_result(None)
+
+    async def body():
+        nonlocal done
+        done = asyncio.get_running_loop().create_future()
+        server = await asyncio.start_server(provider, "127.0.0.1", upstream_ports["raw"])
+        async with server:
+            async with connect(sidecar.url(provider="raw"), additional_headers=sidecar.auth()) as ws:
+                if closer == "client":
+                    await ws.close()
+                    await done
+                    return ws.protocol.close_rcvd
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.recv()
+            await done
+            return exc.value.rcvd
+    done = None
+    ends = len(session_ends(sidecar))
+    before = value(scrape(sidecar), "conduit_bytes_total", direction="upstream_to_client")
+    rcvd = run(body())
+    told = {"provider": (4000, "invalid key ***."), "client": (1000, "")}[closer]
+    assert (rcvd.code, rcvd.reason) == told
+    sent = 2 + 2 + len(told[1])
+    assert ended(sidecar, ends)[0]["bytes_upstream_to_client"] == sent
+    after = value(scrape(sidecar), "conduit_bytes_total", direction="upstream_to_client")
+    assert after - before == sent
 
 
 def test_client_vanishing_closes_the_upstream(sidecar, upstream_ports):
