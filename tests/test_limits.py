@@ -315,3 +315,16 @@ def test_lingering_closes_are_counted_in_a_gauge(limited):
         assert answer.startswith(b"HTTP/1.1 4")
         assert metric(limited, "conduit_connections_lingering") == 1    # until our end, at most 1 s
     pending_becomes(limited, 0, "conduit_connections_lingering")
+
+
+def test_a_lingering_close_ends_at_its_bound_though_the_peer_never_does(limited):
+    """A refused client that reads the answer and our end, then neither sends, ends,
+    nor goes: its lingering close (a descriptor, a slot of the pool) ends at its bound
+    (1 s), not at the peer's pleasure. Nothing else guarded that bound."""
+    pending_becomes(limited, 0, "conduit_connections_lingering")
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=5) as s:
+        s.sendall(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        while s.recv(65536):                          # the refusal, then the sidecar's end
+            pass
+        pending_becomes(limited, 1, "conduit_connections_lingering")
+        pending_becomes(limited, 0, "conduit_connections_lingering")   # the client still there
