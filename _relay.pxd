@@ -130,6 +130,7 @@ cdef class Pipe:
     cdef bint forwarding       # the current frame goes to dst (else it is dropped)
     cdef bint fragmented       # inside a fragmented data message
     cdef bint ended            # src's close frame passed: what follows is discarded unread
+    cdef bint dst_left         # dst's peer is gone (Leg.peer_left): what goes on is dropped, uncounted
     cdef uint64_t message_bytes
     cdef readonly int verdict_code
     cdef readonly object verdict_reason

@@ -792,11 +792,13 @@ cdef class Leg(Endpoint):
     cdef int left_behind(self) except -1:
         """The peer reset behind bytes not read yet (its last messages, its close): they
         stay readable in the socket (not in our memory), owed to the other peer, and
-        what is sent to the peer is dropped. The leg is dropped at the close timeout if
-        they have not been taken by then (a peer that floods and resets while the
-        other takes nothing would keep the session for ever)."""
+        what is sent to the peer is dropped (not counted as relayed, nor charged as
+        audio: Pipe.dst_left). The leg is dropped at the close timeout if they have not
+        been taken by then (a peer that floods and resets while the other takes nothing
+        would keep the session for ever)."""
         if not self.peer_left:
             self.peer_left = True
+            self.outbound.dst_left = True
             self.relay.loop.call_later(self.relay.close_timeout, self.transport.abort)
         return 0
 
@@ -1042,7 +1044,7 @@ cdef class Pipe:
                        or (opcode == 8 and self.dst.state == FAILED))
         self.forwarding = forward
         self.left = plen - <uint64_t>(have - hlen)
-        if forward:
+        if forward and not self.dst_left:
             i = kind_of(opcode)
             self.frames[i] += 1
             self.payload[i] += plen
@@ -1542,7 +1544,9 @@ cdef class Relay:
         elif s == CLOSE_SENT:
             src.set_state(CLOSED)
         if pipe.forwarding:                 # dst is OPEN or CLOSE_RECEIVED
-            if code == NO_STATUS and dst is self.client and dst.state == CLOSE_RECEIVED:
+            if pipe.dst_left:
+                pass                        # nothing reaches it (Leg.left_behind): no frame of ours
+            elif code == NO_STATUS and dst is self.client and dst.state == CLOSE_RECEIVED:
                 # The provider's codeless answer to the client's close (the usual echo of
                 # a close without a code) goes as 1000: with 1005 the documented client
                 # reconnects after its own disconnect(). Its frame is not forwarded.

@@ -365,13 +365,19 @@ def test_a_providers_last_messages_and_close_reach_a_client_that_lags(faulty, en
         # the sidecar's socket: gone (reset, or dropped already) or in CLOSE_WAIT, the close unread
         assert state is None or (state[0] == close_wait and state[1] > 0), state
         if end == "reset-client-sends":
-            writer.write(masked(0x82, b"audio"))       # for the provider, which is gone
+            for _ in range(3):      # for the provider, which is gone; each read on its own
+                writer.write(masked(0x82, b"audio"))
+                await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)    # the poll (0.2 s) runs meanwhile; a reset waits 1 s (close timeout)
         frames: list[int] = []
         code, reason = await close_frame_of(reader, frames)
         return events["sent"], len(frames), code, reason
     (sent, got, code, reason), events = with_upstream(faulty, upstream.append, client)
     assert (got, code, reason) == (sent, 1000, "done")
+    # What went to the reset provider is dropped, not relayed: neither counted nor charged
+    # (as audio), but for the frame whose send found the reset, if the poll had not.
+    end = last_end(faulty, events)
+    assert end["frames_client_to_upstream"] <= 1 and end["bytes_client_to_upstream"] <= 11, end
 
 
 def test_a_tls_client_that_sends_close_notify_and_reads_no_more_is_let_go_at_the_close_timeout(tmp_path):
