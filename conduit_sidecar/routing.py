@@ -41,6 +41,7 @@ MAX_SECRET_BYTES = 64 << 10  # a provider key is short; a log mounted by mistake
 # A session's URL repeats: parse it once (the URI is shared and never changed; 256
 # kept, as URLs hold client-chosen models).
 _parse_uri = functools.lru_cache(maxsize=256)(parse_uri)
+_UPSTREAMS_MAX = 256  # Router.upstream's URLs and headers kept
 # Headers the sidecar owns on the upstream request; a template may not set them.
 _RESERVED = {
     "host",
@@ -207,6 +208,8 @@ class Router:
         self.model_routes = config.routes
         self._contexts: dict[str | None, tuple[tuple | None, ssl.SSLContext]] = {}
         self._secrets: dict[str, _Secret] = {}
+        # (id of the target's spec, model, query, kept, secret) -> (URI, headers, the secret in them)
+        self._upstreams: dict[tuple, tuple[WebSocketURI, list[tuple[str, str]], str | None]] = {}
         # Told "ok" or "invalid" when a secret_file read before changed (the metric's hook)
         self.on_secret_reload: Callable[[str], None] = lambda result: None
 
@@ -421,7 +424,32 @@ class Router:
         `model`: the URL's model parameter is dropped (route() allowed it); so it is
         where `kept` names the parameter the model goes in instead. `secret`
         False: headers that carry the secret are left out (a session nobody presented a
-        key for never gets the provider's credential)."""
+        key for never gets the provider's credential).
+        Sessions repeat a few of these: each URL and headers are built once (256 kept:
+        models are the clients'), and reused while the secret they hold is the one
+        read now (the secret and the CA file are still read for every session)."""
+        spec = target.spec
+        shape = (id(spec), model, query, kept, secret)  # (specs are this router's, as long-lived)
+        made = self._upstreams.get(shape)
+        if made is not None:
+            uri, headers, used = made
+            if used is None or self.secret(spec) == used:
+                return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
+        upstream, used = self._upstream(target, model, query, kept, secret)
+        if len(self._upstreams) >= _UPSTREAMS_MAX:
+            del self._upstreams[next(iter(self._upstreams))]  # the oldest
+        self._upstreams[shape] = (upstream.uri, upstream.headers, used)
+        return upstream
+
+    def _upstream(
+        self,
+        target: Target,
+        model: str | None,
+        query: tuple[tuple[str, str], ...],
+        kept: Kept | None,
+        secret: bool,
+    ) -> tuple[Upstream, str | None]:
+        """upstream() built anew, and the secret it holds (None: none)."""
         spec = target.spec
         url = spec.url
         assert url is not None  # _check refused a target without one
@@ -460,7 +488,8 @@ class Router:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
         uri = _parse_uri(url)
-        return Upstream(uri, headers, self.ssl_context(spec.ca_file) if uri.secure else None)
+        context = self.ssl_context(spec.ca_file) if uri.secure else None
+        return Upstream(uri, headers, context), values.get("secret")
 
 
 _QUOTED = re.compile(r" as '.*'$", re.S)

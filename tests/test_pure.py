@@ -1130,3 +1130,25 @@ def test_the_poll_keeps_no_ended_session_alive():
         return ended() is None
 
     assert asyncio.run(scenario())
+
+
+def test_an_upstream_built_again_holds_the_secret_read_now():
+    # Router.upstream reuses the URL and headers it built for the same target, model,
+    # query and path: a rotated secret must still reach the next session's headers.
+    environ = {"SECRET": "sk-up"}
+    conf = Config(providers={"local": Provider(url="ws://127.0.0.1:9/v1/realtime?model={model}",
+                                               headers={"Authorization": "Bearer {secret}"},
+                                               secret_env="SECRET", models=["gpt-*"])})
+    r = Router(conf, environ=environ)
+    target = r.routes["local"].targets[0]
+    first = r.upstream(target, "gpt-a", (("voice", "x"),))
+    assert r.upstream(target, "gpt-a", (("voice", "x"),)) == first
+    environ["SECRET"] = "sk-rotated"
+    assert r.upstream(target, "gpt-a", (("voice", "x"),)).headers == [("Authorization", "Bearer sk-rotated")]
+    environ["SECRET"] = "sk-\r\nx"
+    with pytest.raises(RouteError, match="control character"):
+        r.upstream(target, "gpt-a", (("voice", "x"),))
+    environ["SECRET"] = "sk-up"
+    assert r.upstream(target, "gpt-b", (("voice", "x"),)).uri.resource_name == "/v1/realtime?model=gpt-b&voice=x"
+    assert r.upstream(target, "gpt-a", (("voice", "x"),)) == first
+    assert r.upstream(target, "gpt-a", secret=False).headers == []
