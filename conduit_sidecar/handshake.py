@@ -41,7 +41,18 @@ from .providers import (
 )
 from .routing import Route, RouteError, Router
 
-__all__ = ["Accept", "Admission", "Close", "PATHS", "Refuse", "admit", "decide", "key_misplaced", "refuse"]
+__all__ = [
+    "Accept",
+    "Admission",
+    "Close",
+    "PATHS",
+    "Refuse",
+    "admit",
+    "decide",
+    "key_misplaced",
+    "parse_query",
+    "refuse",
+]
 
 # The sidecar's own paths: the provider comes from `provider=` or the model routes, the
 # key in OpenAI's forms. Each provider's own SDK paths are in the catalogue (providers).
@@ -195,6 +206,24 @@ def _key_params(forms: tuple[KeyForm, ...]) -> frozenset[str]:
     return frozenset(f.name for f in forms if f.where == "query")
 
 
+def parse_query(raw: str) -> dict[str, list[str]]:
+    """`urllib.parse.parse_qs(raw, errors="strict")`: parameters without a value are
+    dropped. A query with nothing to unescape (most: `model=...&provider=...`) is split
+    here, where parse_qs cost 27 k instructions, 3% of a session."""
+    if "%" in raw or "+" in raw:
+        return urllib.parse.parse_qs(raw, strict_parsing=False, errors="strict")
+    query: dict[str, list[str]] = {}
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        if value:
+            values = query.get(name)
+            if values is None:
+                query[name] = [value]
+            else:
+                values.append(value)
+    return query
+
+
 def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
     try:
         path, raw_query = normalise_path(request.path)
@@ -214,7 +243,7 @@ def decide(request: Request, state: Admission) -> Refuse | Close | Accept:
         forms = where.keys  # the path's own (Gemini's ephemeral-token method)
 
     try:
-        query = urllib.parse.parse_qs(raw_query, strict_parsing=False, errors="strict")
+        query = parse_query(raw_query)
     except UnicodeDecodeError:
         return refuse(400, "query is not valid UTF-8")
     # A virtual key in a parameter no key is read from (swapped parameters, a key pasted

@@ -13,7 +13,7 @@ from websockets.http11 import Request
 
 from conduit_sidecar import config as config_module, held
 from conduit_sidecar.config import Config, ConfigError, Provider
-from conduit_sidecar.handshake import Accept, Admission, Close, Refuse, decide
+from conduit_sidecar.handshake import Accept, Admission, Close, Refuse, decide, parse_query
 from conduit_sidecar.httpread import BadRequest, RequestReader
 from conduit_sidecar.keys import KeyEntry, KeySet, Rejection, hash_key, load_keys
 from conduit_sidecar.metering import MODEL_LABELS_MAX
@@ -1152,3 +1152,23 @@ def test_an_upstream_built_again_holds_the_secret_read_now():
     assert r.upstream(target, "gpt-b", (("voice", "x"),)).uri.resource_name == "/v1/realtime?model=gpt-b&voice=x"
     assert r.upstream(target, "gpt-a", (("voice", "x"),)) == first
     assert r.upstream(target, "gpt-a", secret=False).headers == []
+
+
+def test_a_query_is_read_as_parse_qs_reads_it():
+    import itertools
+    import random
+    import urllib.parse
+
+    cases = ["", "&", "=", "a", "a=", "=x", "a=b=c", "a=1&a=2&b=", "a=1;b=2", "model=gpt&&provider=x",
+             "a=%20b", "a+b=c+d", "k=%ff", "k=é&é=k", "a=1&b&c=3", "x=%2", "&&a=1&&"]
+    rng = random.Random(17)
+    cases += ["".join(rng.choice("ab=&;é+%2f") for _ in range(rng.randrange(12))) for _ in range(2000)]
+    cases += ["".join(p) for p in itertools.product("a=&", repeat=5)]
+    for raw in cases:
+        try:
+            expected = urllib.parse.parse_qs(raw, strict_parsing=False, errors="strict")
+        except UnicodeDecodeError:
+            with pytest.raises(UnicodeDecodeError):
+                parse_query(raw)
+            continue
+        assert parse_query(raw) == expected, raw
