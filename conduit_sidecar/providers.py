@@ -470,7 +470,7 @@ def normalise_path(target: str) -> tuple[str, str]:
     decoded = urllib.parse.unquote(path)
     if _CONTROL.search(decoded) or _CONTROL.search(urllib.parse.unquote(query)):
         raise BadPath("control characters in the request target")
-    if any(seg in (".", "..") for seg in decoded.split("/")):
+    if "." in decoded and any(seg in (".", "..") for seg in decoded.split("/")):
         raise BadPath("dot segments in the request path")
     return path, query.partition("#")[0]
 

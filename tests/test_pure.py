@@ -1172,3 +1172,13 @@ def test_a_query_is_read_as_parse_qs_reads_it():
                 parse_query(raw)
             continue
         assert parse_query(raw) == expected, raw
+
+
+def test_a_request_path_with_a_dot_segment_is_refused():
+    from conduit_sidecar.providers import BadPath, normalise_path
+
+    for target in ("/v1/./realtime", "/v1/../realtime?model=x", "/..", "/v1/%2e%2E/x", "//./v1", "/v1/realtime/."):
+        with pytest.raises(BadPath, match="dot segments"):
+            normalise_path(target)
+    for target in ("/v1/realtime.x?model=a.b", "/v1/...", "/v1/.x/y", "/v1/realtime?model=.."):
+        assert normalise_path(target) == ("/" + target.partition("?")[0].lstrip("/"), target.partition("?")[2])
