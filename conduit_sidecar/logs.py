@@ -18,6 +18,9 @@ __all__ = ["Limited", "info", "loop_error", "setup", "trace"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _encoder = msgspec.json.Encoder()
+# A timestamp's milliseconds and zone, made once: formatted for each line they were
+# a quarter of its cost.
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 class JSONFormatter(logging.Formatter):
@@ -31,7 +34,7 @@ class JSONFormatter(logging.Formatter):
         if second != self.second:
             self.second, self.stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line = {
-            "ts": f"{self.stamp}.{int((created - second) * 1000):03d}Z",
+            "ts": self.stamp + _MILLIS[int((created - second) * 1000)],
             "level": level,
             "logger": name,
             "msg": msg,

@@ -384,3 +384,12 @@ def test_the_kinds_a_limiter_holds_are_bounded(stream):
     assert len([line for line in lines if line["event"] == "tls_failed"]) == 32 + 10
     assert [(line["of"], line["reason"]) for line in lines if line["event"] == "not_logged"] == [
         ("tls_failed", "other")]
+
+
+def test_a_lines_timestamp_is_utc_to_the_millisecond():
+    formatter = logs.JSONFormatter()
+    for created in (1700000000.0, 1700000000.0005, 1700000000.999, 1700000001.25, 1700000001.9999, 1.5):
+        ts = json.loads(formatter.line(created, "info", "conduit.x", "m", {}))["ts"]
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(created)))
+        assert ts == f"{whole}.{int((created - int(created)) * 1000):03d}Z"
+    assert json.loads(formatter.line(1700000000.042, "info", "conduit.x", "m", {}))["ts"] == "2023-11-14T22:13:20.042Z"
