@@ -2,6 +2,7 @@
 reader, key rechecks and the config loader. (Everything else is tested over
 loopback against real processes.)"""
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -1182,3 +1183,56 @@ def test_a_request_path_with_a_dot_segment_is_refused():
             normalise_path(target)
     for target in ("/v1/realtime.x?model=a.b", "/v1/...", "/v1/.x/y", "/v1/realtime?model=.."):
         assert normalise_path(target) == ("/" + target.partition("?")[0].lstrip("/"), target.partition("?")[2])
+
+
+@pytest.mark.parametrize("case", ["expires", "cancelled", "expires-and-cancelled", "ends"])
+def test_an_attempts_deadline_ends_as_asyncio_timeout_does(case):
+    # upstream._Deadline stands in for `async with asyncio.timeout(...)` in _attempt:
+    # the same outcome in each case, and the task's cancellation count put back.
+    from conduit_sidecar.upstream import _Deadline
+
+    async def timed(block, ours: bool):
+        loop = asyncio.get_running_loop()
+        if not ours:
+            async with asyncio.timeout(0.01 if case == "expires" else 10) as timeout:
+                await block(timeout)
+            return
+        deadline = _Deadline(loop, 0.01 if case == "expires" else 10)
+        try:
+            await block(deadline)
+        except BaseException as exc:
+            deadline.end(exc)
+            raise
+        deadline.end(None)
+        assert deadline.timer.cancelled()
+
+    async def block(timer):
+        task = asyncio.current_task()
+        if case == "cancelled":
+            task.cancel()
+        elif case == "expires-and-cancelled":  # the time is up, and the client leaves, in one turn
+            loop = asyncio.get_running_loop()
+            if isinstance(timer, _Deadline):
+                timer.timer.cancel()
+                loop.call_soon(timer._expire)
+            else:
+                timer.reschedule(loop.time())
+            loop.call_soon(task.cancel)
+        await asyncio.sleep(0 if case == "ends" else 10)
+
+    async def outcome(ours: bool):
+        try:
+            await timed(block, ours)
+            result = "ended"
+        except TimeoutError:
+            result = "timeout"
+        except asyncio.CancelledError:
+            result = "cancelled"
+        return result, asyncio.current_task().cancelling()
+
+    async def both():
+        return [await asyncio.create_task(outcome(ours)) for ours in (False, True)]
+
+    theirs, ours = asyncio.run(both())
+    assert ours == theirs
+    assert ours[0] == {"expires": "timeout", "ends": "ended"}.get(case, "cancelled")
