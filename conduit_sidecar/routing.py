@@ -305,7 +305,8 @@ class Router:
     def fallbacks(self, route: Route, model: str | None, kept: Kept | None = None) -> list[Route]:
         """The providers a model route lists after `route`, to fail over to: those that
         serve the client's path (`kept`: see providers.Kept)."""
-        chain = self._chain(model) if model else []
+        # (No [routes]: nothing to search, a generator per session saved.)
+        chain = self._chain(model) if model and self.model_routes else []
         if route.name not in chain:
             return []
         held = _first_message(route.name)

@@ -479,8 +479,10 @@ class Balancer:
 
     def order(self, route: Route, now: float) -> tuple[list[Health], list[Health]]:
         """(deployments to try in order, deployments resting now)."""
-        ready = [h for h in self.health[route.name] if h.available(now)]
-        resting = [h for h in self.health[route.name] if not h.available(now)]
+        ready: list[Health] = []
+        resting: list[Health] = []
+        for h in self.health[route.name]:  # one pass: each session asks
+            (ready if h.available(now) else resting).append(h)
         if route.selection == "least_sessions":
             return sorted(ready, key=lambda h: h.live), resting  # ties: listed order
         if len(ready) == 1:
