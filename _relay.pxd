@@ -95,6 +95,7 @@ cdef class Leg(Endpoint):
     cdef bint ended_after_close(self)
     cdef int flush_tls(self) except -1
     cdef int shut(self) except -1
+    cdef bint may_send(self)
     cdef int bound_close(self) except -1
     cdef int drop(self) except -1
     cdef int left_behind(self) except -1

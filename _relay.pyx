@@ -148,11 +148,18 @@ cdef extern from *:
             return 0;
         return unread == 0 ? 2 : 0;
     }
+    /* Bytes wait unread in the socket (1 also when it cannot be told). */
+    static int conduit_unread(int fd) {
+        int unread;
+        return ioctl(fd, FIONREAD, &unread) != 0 || unread > 0;
+    }
     #else
     #define conduit_peer_left(fd) 0
+    #define conduit_unread(fd) 1
     #endif
     """
     int conduit_peer_left(int fd) nogil
+    int conduit_unread(int fd) nogil
 
 # Seconds the other peer may still send after a violation, before it gets our close.
 cdef double VIOLATION_GRACE = 0.1
@@ -760,7 +767,7 @@ cdef class Leg(Endpoint):
                 self.flush_tls()
             self.set_state(SHUT)
             self.bound_close()
-            if relay is None or g_linger is None or self.inbound.ended:
+            if relay is None or g_linger is None or self.inbound.ended or not self.may_send():
                 self.transport.close()
             elif g_linger(self.transport):
                 # The peer's close has not come (it violated the protocol, and is read no
@@ -771,6 +778,17 @@ cdef class Leg(Endpoint):
                 self.transport = None
                 relay.loop.call_soon(self.connection_lost, None)
         return 0
+
+    cdef bint may_send(self):
+        """Whether the peer, its close not come, looks to be still sending (nginx's
+        lingering_close heuristics): bytes unread in the socket (a violator's, read no
+        more since), or a frame or message half read. A peer quiet between messages, as
+        most whose other peer left are, is closed at once: a lingering close costs a
+        protocol, a timer and a loop turn (about 24 k instructions, 2.6% of a session)."""
+        cdef Pipe pipe = self.inbound
+        if self.fd < 0 or pipe.left or pipe.nheld or pipe.fragmented:
+            return True
+        return conduit_unread(self.fd)
 
     cdef int bound_close(self) except -1:
         """The transport is to close: it waits until what it holds is sent, which a peer

@@ -13,6 +13,7 @@ import pytest
 from conftest import (PROVIDER_SECRET, Keys, MockProcess, SidecarProcess, SlowUpstream, held_port,
                       http_get, raw_upstream_sidecar, run, self_signed_tls, standard_keys, switching_protocols)
 from test_bad_input import close_frame_of, masked, request, session, session_ends
+from test_governance import metric
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage
 
@@ -40,6 +41,7 @@ class RawUpstream(asyncio.Protocol):
 
     def eof_received(self):
         self.events["eof"] = time.monotonic()
+        return self.events.get("keep_open")     # True: the provider's side stays open after ours
 
     def connection_lost(self, exc):
         self.events["lost"] = time.monotonic()
@@ -148,6 +150,32 @@ def test_a_client_still_sending_when_the_provider_resets_reads_its_1014(faulty):
         return code
     result, _ = with_upstream(faulty, act, client, rcvbuf=4096)
     assert result == (1014, "upstream connection lost")
+
+
+@pytest.mark.parametrize("sent", ["a whole message", "half a frame"])
+def test_a_provider_whose_client_left_lingers_only_while_it_may_still_send(faulty, sent):
+    """The client drops its connection; the provider gets the sidecar's close and end
+    and keeps its side open. One quiet between messages (nothing unread, nothing half
+    sent) is closed at once: a lingering close costs a protocol, a timer and a loop turn
+    per session. One in the middle of a frame will send the rest: it lingers."""
+    def act(transport):
+        if sent == "a whole message":
+            transport.write(bytes([0x81, 5]) + b"hello")
+        else:
+            transport.write(bytes([0x82, 126, 0x10, 0x00]) + b"hello")   # 4096 announced
+
+    async def client(reader, writer, events):
+        events["keep_open"] = True
+        await reader.readexactly(7 if sent == "a whole message" else 9)
+        reset(writer.transport)
+        for _ in range(100):
+            if "eof" in events:
+                break
+            await asyncio.sleep(0.02)
+        return metric(faulty, "conduit_connections_lingering")
+    lingering, events = with_upstream(faulty, act, client)
+    assert events["data"].startswith(bytes([0x88]))     # the sidecar's close, then its end
+    assert lingering == (0 if sent == "a whole message" else 1)
 
 
 def test_upstream_half_close_gives_1014(faulty):
