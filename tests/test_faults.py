@@ -152,21 +152,26 @@ def test_a_client_still_sending_when_the_provider_resets_reads_its_1014(faulty):
     assert result == (1014, "upstream connection lost")
 
 
-@pytest.mark.parametrize("sent", ["a whole message", "half a frame"])
+_SENT = {
+    "a whole message": bytes([0x81, 5]) + b"hello",
+    "half a frame": bytes([0x82, 126, 0x10, 0x00]) + b"hello",     # 4096 announced
+    "half a header": bytes([0x81, 5]) + b"hello" + bytes([0x82]),  # (the relay holds the 0x82)
+    "a message's first fragment": bytes([0x01, 5]) + b"hello",
+}
+
+
+@pytest.mark.parametrize("sent", list(_SENT))
 def test_a_provider_whose_client_left_lingers_only_while_it_may_still_send(faulty, sent):
     """The client drops its connection; the provider gets the sidecar's close and end
     and keeps its side open. One quiet between messages (nothing unread, nothing half
     sent) is closed at once: a lingering close costs a protocol, a timer and a loop turn
-    per session. One in the middle of a frame will send the rest: it lingers."""
+    per session. One in the middle of a frame or message will send the rest: it lingers."""
     def act(transport):
-        if sent == "a whole message":
-            transport.write(bytes([0x81, 5]) + b"hello")
-        else:
-            transport.write(bytes([0x82, 126, 0x10, 0x00]) + b"hello")   # 4096 announced
+        transport.write(_SENT[sent])
 
     async def client(reader, writer, events):
         events["keep_open"] = True
-        await reader.readexactly(7 if sent == "a whole message" else 9)
+        await reader.readexactly(9 if sent == "half a frame" else 7)
         reset(writer.transport)
         for _ in range(100):
             if "eof" in events:
