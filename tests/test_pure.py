@@ -1087,6 +1087,12 @@ def test_redact_hides_virtual_keys_and_runs_of_a_provider_secret():
     assert redact.redact("sk-old-Qq7Qq7") == "***"
     redact.remember("secret_file /a", "sk-new-" + "Zz5" * 10)  # two rotations: the oldest is forgotten
     assert redact.redact("sk-old-Qq7Qq7") == "sk-old-Qq7Qq7" and redact.redact(first[:12]) == "***"
+    third = "gsk_0123456789abcdefXYZ"
+    redact.remember("secret_env C", third)
+    redact.remember("secret_env C", "gsk_rotated_" + "Mm4" * 8)
+    redact.remember("secret_env C", "gsk_rotated_" + "Mm4" * 8)  # read again: no rotation
+    # Eight characters, the shortest run, at either end of the secret before.
+    assert redact.redact(f"{third[:8]} {third[-8:]} {third[-7:]}") == f"*** *** {third[-7:]}"
 
 
 class _Ended:
