@@ -16,6 +16,7 @@ import termios
 import textwrap
 import threading
 import time
+import types
 
 import pytest
 
@@ -382,13 +383,38 @@ def test_the_kinds_a_limiter_holds_are_bounded(stream):
     assert asyncio.run(body()) == 33
     lines = _lines(stream)
     assert len([line for line in lines if line["event"] == "tls_failed"]) == 32 + 10
-    assert [(line["of"], line["reason"]) for line in lines if line["event"] == "not_logged"] == [
-        ("tls_failed", "other")]
+    assert [(line["of"], line["reason"], "status" in line) for line in lines if line["event"] == "not_logged"] == [
+        ("tls_failed", "other", False)]
+
+
+def test_a_full_limiter_lets_go_of_seconds_over_with_nothing_to_tell(stream, monkeypatch):
+    """Past 32 kinds, those whose second is over and that owe no `not_logged` line go,
+    and a new kind is logged as itself; one still owing its line stays until told."""
+    now = [0.0]
+    clock = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
+    clock.monotonic = lambda: now[0]
+    monkeypatch.setattr(logs, "time", clock)
+    limited = logs.Limited(logging.getLogger("conduit.test"), ("event", "status", "reason"))
+
+    async def body():
+        for i in range(32):
+            for _ in range(11 if i == 0 else 1):  # R0's 11th line is owed to a `not_logged`
+                limited.info("failed", {"event": "tls_failed", "reason": f"R{i}"})
+        now[0] = 1.5
+        limited.info("failed", {"event": "tls_failed", "reason": "new"})
+        held = sorted(kind[2] for kind in limited.windows)
+        limited.flush()
+        return held
+
+    assert asyncio.run(body()) == ["R0", "new"]
+    lines = _lines(stream)
+    assert lines[-2]["reason"] == "new"
+    assert (lines[-1]["event"], lines[-1]["reason"], lines[-1]["lines"]) == ("not_logged", "R0", 1)
 
 
 def test_a_lines_timestamp_is_utc_to_the_millisecond():
     formatter = logs.JSONFormatter()
-    for created in (1700000000.0, 1700000000.0005, 1700000000.999, 1700000001.25, 1700000001.9999, 1.5):
+    for created in (1700000000.0, 1700000000.0005, 1700000000.0006, 1700000000.999, 1700000001.25, 1700000001.9999, 1.5):
         ts = json.loads(formatter.line(created, "info", "conduit.x", "m", {}))["ts"]
         whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(created)))
         assert ts == f"{whole}.{int((created - int(created)) * 1000):03d}Z"
