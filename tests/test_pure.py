@@ -1095,6 +1095,16 @@ def test_redact_hides_virtual_keys_and_runs_of_a_provider_secret():
     assert redact.redact(f"{third[:8]} {third[-8:]} {third[-7:]}") == f"*** *** {third[-7:]}"
 
 
+
+def test_misspelt_names_only_near_settings_and_no_service_variable():
+    """config.misspelt: a typo of $CONDUIT_CONFIG too; a Service's variable near a
+    setting's name (a Service `conduit-tls-listen`) is none; a name not near enough
+    gets no guess."""
+    env = {"CONDUIT_CONFIG": "/c.toml", "CONDUIT_CONFG": "/c.toml", "CONDUIT_TLS_LISTEN_PORT": "tcp://10.0.0.1:443",
+           "CONDUIT_TLS_PORT_FILE": "/p", "CONDUIT_TLS_CA_DIR": "/d"}
+    assert config_module.misspelt(env, set()) == ["$CONDUIT_CONFG sets nothing; did you mean $CONDUIT_CONFIG?",
+                                    "$CONDUIT_TLS_PORT_FILE sets nothing; did you mean $CONDUIT_TLS_CERT_FILE?"]
+
 class _Ended:
     """A session the loops below have seen, and that has ended since."""
 
