@@ -216,6 +216,12 @@ def test_weighted_selection_statistics_over_4000_picks():
     # The failover order holds every deployment once.
     ready, resting = balancer.order(router.routes["p"], 0.0)
     assert sorted(h.target.label for h in ready) == ["big", "small"] and resting == []
+    # A resting one is told apart (the close reason's `p/x resting`), with two or none ready.
+    big, small = balancer.health["p"]
+    big.failed(0.0, at_once=True)
+    assert balancer.order(router.routes["p"], 0.0) == ([small], [big])
+    small.failed(0.0, at_once=True)
+    assert balancer.order(router.routes["p"], 0.0) == ([], [big, small])
 
 
 def test_weights_3_to_1_over_real_sessions(workdir):
