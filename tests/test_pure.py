@@ -1162,6 +1162,8 @@ def test_an_upstream_built_again_holds_the_secret_read_now():
     assert r.upstream(target, "gpt-a", (("voice", "x"),)) == first
     environ["SECRET"] = "sk-rotated"
     assert r.upstream(target, "gpt-a", (("voice", "x"),)).headers == [("Authorization", "Bearer sk-rotated")]
+    from conduit_sidecar.redact import redact  # what it sent, redacted from a close reason
+    assert redact("bye sk-rotated") == "bye ***"
     environ["SECRET"] = "sk-\r\nx"
     with pytest.raises(RouteError, match="control character"):
         r.upstream(target, "gpt-a", (("voice", "x"),))
@@ -1169,6 +1171,35 @@ def test_an_upstream_built_again_holds_the_secret_read_now():
     assert r.upstream(target, "gpt-b", (("voice", "x"),)).uri.resource_name == "/v1/realtime?model=gpt-b&voice=x"
     assert r.upstream(target, "gpt-a", (("voice", "x"),)) == first
     assert r.upstream(target, "gpt-a", secret=False).headers == []
+    # Built before with the secret, a session of no key still gets none; another query its own.
+    assert r.upstream(target, "gpt-a").headers and r.upstream(target, "gpt-a", secret=False).headers == []
+    assert r.upstream(target, "gpt-a", (("voice", "y"),)).uri.resource_name.endswith("voice=y")
+    from conduit_sidecar.providers import Kept
+    translations = Kept(at="/v1/realtime", text="/v1/realtime/translations")
+    assert r.upstream(target, "gpt-a", kept=translations).uri.resource_name == "/v1/realtime/translations?model=gpt-a"
+    for i in range(300):  # clients' models: 256 kept
+        r.upstream(target, f"gpt-{i}")
+    assert len(r._upstreams) == 256
+    for unusable in ("", "sk-\u2019"):  # a header cannot carry it: refused as a file's is
+        environ["SECRET"] = unusable
+        with pytest.raises(RouteError, match="secret unavailable"):
+            r.upstream(target, "gpt-c")
+    wss = Router(Config(providers={"p": Provider(url="wss://127.0.0.1:9/")}))
+    assert all(wss.upstream(wss.routes["p"].targets[0], None).ssl for _ in range(2))
+
+
+def test_an_unusable_secret_file_is_read_and_warned_of_once_per_change(tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("sk-first\n")
+    conf = Config(providers={"p": Provider(url="ws://127.0.0.1:9/", secret_file=str(secret),
+                                           headers={"Authorization": "Bearer {secret}"})})
+    r = Router(conf)
+    told: list[str] = []
+    r.on_secret_reload = told.append
+    spec = r.routes["p"].targets[0].spec
+    assert r.secret(spec) == "sk-first"
+    secret.write_text("\n")
+    assert [r.secret(spec) for _ in range(2)] == ["sk-first"] * 2 and told == ["invalid"]
 
 
 def test_a_query_is_read_as_parse_qs_reads_it():
