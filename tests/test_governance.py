@@ -772,6 +772,32 @@ def test_one_keys_bad_data_in_redis_leaves_the_store_up_for_the_others(sidecars,
     assert "state_unavailable" not in [line.get("event") for line in proc.log_lines()]
 
 
+
+def test_one_keys_leases_written_over_leave_the_others_renewed(sidecars, redis_server):
+    """Another program wrote over one key's leases (a string there: WRONGTYPE at each
+    renewal). The others' leases are still extended, and nothing is logged as a bug:
+    taking the error reply for a list of lost leases logged internal_error at every
+    renewal and skipped marking the lost ones to be written again."""
+    keys = Keys()
+    for key_id in ("broken", "team"):
+        keys.add(key_id, max_connections=5)
+    proc, = sidecars(keys, redis_server.url, n=1, lease_seconds=3)   # renewed each second
+
+    async def scenario():
+        live = [await attempt(proc, "broken"), await attempt(proc, "team")]
+        assert [result[0] for result in live] == ["open", "open"], live
+        redis_server.command("DEL", "t:{broken}:leases")
+        redis_server.command("SET", "t:{broken}:leases", "x")
+        later = str(int(time.time() * 1000) + 3100)         # past any lease written before
+        deadline = time.monotonic() + 5
+        while redis_server.command("ZCOUNT", "t:{team}:leases", later, "+inf") != ":1":
+            assert time.monotonic() < deadline, "team's lease not renewed"
+            await asyncio.sleep(0.05)
+        for result in live:
+            await result[1].close()
+    run(scenario())
+    assert "internal_error" not in [line.get("event") for line in proc.log_lines()]
+
 def test_a_usage_hash_with_fields_of_others_is_read_in_one_short_reply(sidecars, redis_server):
     """A key's usage hash also holds 300,000 fields that are not the sidecar's (another
     program under the same prefix). Admission and flushes read the three totals only:
