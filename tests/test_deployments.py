@@ -1034,6 +1034,45 @@ def test_circuit_rules():
     assert h.live == 0
 
 
+
+def test_an_attempts_deadline_turns_only_its_own_cancellation_into_a_timeout():
+    """upstream._Deadline, as _attempt uses it: its time up is TimeoutError; the
+    client leaving first stays a cancellation (not a timeout charged to the
+    deployment); an error of the attempt's own stays that error; a block left in time
+    is not cancelled later."""
+    from conduit_sidecar.upstream import _Deadline
+
+    async def timed(seconds: float, work) -> None:
+        deadline = _Deadline(asyncio.get_running_loop(), seconds)
+        try:
+            await work
+        except BaseException as exc:
+            deadline.end(exc)
+            raise
+        deadline.end(None)
+
+    async def refused() -> None:
+        await asyncio.sleep(0)
+        raise ConnectionRefusedError
+
+    async def scenario() -> list[str]:
+        never = asyncio.get_running_loop().create_future()
+        seen = []
+        for seconds, work in ((0.01, never), (5.0, never), (0.0, refused())):
+            task = asyncio.ensure_future(timed(seconds, work))
+            if seconds == 5.0:
+                await asyncio.sleep(0)
+                task.cancel()  # the client left
+            try:
+                await task
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+        await timed(0.01, asyncio.sleep(0))
+        await asyncio.sleep(0.05)  # past its time: nothing cancels this task
+        return seen
+
+    assert asyncio.run(scenario()) == ["TimeoutError", "CancelledError", "ConnectionRefusedError"]
+
 def test_only_the_probe_ends_the_probing():
     """An attempt that began before the rest ends during the probe: its verdict is not
     the probe's. Its abandonment let a second probe start, and its failure doubled the
