@@ -1102,8 +1102,9 @@ def test_misspelt_names_only_near_settings_and_no_service_variable():
     gets no guess."""
     env = {"CONDUIT_CONFIG": "/c.toml", "CONDUIT_CONFG": "/c.toml", "CONDUIT_TLS_LISTEN_PORT": "tcp://10.0.0.1:443",
            "CONDUIT_TLS_PORT_FILE": "/p", "CONDUIT_TLS_CA_DIR": "/d"}
-    assert config_module.misspelt(env, set()) == ["$CONDUIT_CONFG sets nothing; did you mean $CONDUIT_CONFIG?",
-                                    "$CONDUIT_TLS_PORT_FILE sets nothing; did you mean $CONDUIT_TLS_CERT_FILE?"]
+    assert config_module.misspelt(env, set()) == [
+        "$CONDUIT_CONFG sets nothing; did you mean $CONDUIT_CONFIG?",
+        "$CONDUIT_TLS_PORT_FILE sets nothing; did you mean $CONDUIT_TLS_CERT_FILE?"]
 
 class _Ended:
     """A session the loops below have seen, and that has ended since."""
@@ -1176,7 +1177,8 @@ def test_an_upstream_built_again_holds_the_secret_read_now():
     assert r.upstream(target, "gpt-a", (("voice", "y"),)).uri.resource_name.endswith("voice=y")
     from conduit_sidecar.providers import Kept
     translations = Kept(at="/v1/realtime", text="/v1/realtime/translations")
-    assert r.upstream(target, "gpt-a", kept=translations).uri.resource_name == "/v1/realtime/translations?model=gpt-a"
+    translated = r.upstream(target, "gpt-a", kept=translations)
+    assert translated.uri.resource_name == "/v1/realtime/translations?model=gpt-a"
     for i in range(300):  # clients' models: 256 kept
         r.upstream(target, f"gpt-{i}")
     assert len(r._upstreams) == 256
