@@ -293,6 +293,7 @@ def test_a_close_of_the_sidecars_making_is_counted_as_sent(sidecar, upstream_por
     done = None
     ends = len(session_ends(sidecar))
     before = value(scrape(sidecar), "conduit_bytes_total", direction="upstream_to_client")
+    payload_before = close_payload(sidecar)
     rcvd = run(body())
     told = {"provider": (4000, "invalid key ***."), "client": (1000, "")}[closer]
     assert (rcvd.code, rcvd.reason) == told
@@ -300,6 +301,13 @@ def test_a_close_of_the_sidecars_making_is_counted_as_sent(sidecar, upstream_por
     assert ended(sidecar, ends)[0]["bytes_upstream_to_client"] == sent
     after = value(scrape(sidecar), "conduit_bytes_total", direction="upstream_to_client")
     assert after - before == sent
+    if closer == "provider":    # the payload sent: the reason redacted, not the provider's
+        assert close_payload(sidecar) - payload_before == sent - 2
+
+
+def close_payload(sidecar) -> float:
+    metrics = scrape(sidecar)
+    return value(metrics, "conduit_payload_bytes_total", direction="upstream_to_client", kind="close") or 0.0
 
 
 def test_client_vanishing_closes_the_upstream(sidecar, upstream_ports):
