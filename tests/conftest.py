@@ -202,7 +202,9 @@ class SidecarProcess(Process):
         return self
 
     def log_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+        # Whole lines only: a test that polls the log can read a line still being written.
+        return [json.loads(line) for line in self.output().splitlines(keepends=True)
+                if line.startswith("{") and line.endswith("\n")]
 
     def url(self, model="mock-realtime", provider="mock", path="/v1/realtime/connect") -> str:
         query = "&".join(f"{k}={v}" for k, v in (("model", model), ("provider", provider)) if v)
