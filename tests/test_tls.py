@@ -129,11 +129,11 @@ def test_the_tls_listener_spends_no_handshake_past_max_connections(tmp_path, moc
         silent = socket.create_connection(("127.0.0.1", tls_port))  # no ClientHello yet
         time.sleep(0.1)
         with socket.create_connection(("127.0.0.1", tls_port)) as raw:
+            # Dropped, not left to the 10 s handshake timeout: that would end the
+            # wrap in a TimeoutError, at the socket's 5 s.
             raw.settimeout(5)
-            t0 = time.monotonic()
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 client_ssl(sidecar.ca_out).wrap_socket(raw, server_hostname="127.0.0.1")
-            assert time.monotonic() - t0 < 2  # dropped, not left to the handshake timeout
         silent.close()
         # Its line says so: it said 'handshake refused', status 503, which never went out.
         deadline = time.monotonic() + 5
