@@ -164,20 +164,27 @@ def test_a_handshake_timeout_says_whether_the_tls_handshake_or_the_request_was_l
     sidecar = SidecarProcess(str(tmp_path), "", standard_keys(), extra=extra,
                              limits="handshake_timeout_seconds = 0.3").start()
     try:
-        with socket.create_connection(("127.0.0.1", tls_port)) as silent, \
-                socket.create_connection(("127.0.0.1", tls_port)) as raw, \
-                client_ssl(str(tmp_path / "public" / "ca.pem")).wrap_socket(raw, server_hostname="127.0.0.1") as s:
-            s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\n")    # and then nothing
+        with socket.create_connection(("127.0.0.1", tls_port)) as silent:
+            # The 0.3 s count from the accept: a client not scheduled that long before
+            # its TLS handshake is done (a loaded machine) is cut in it, and tries again.
+            for attempts in range(1, 20):
+                with socket.create_connection(("127.0.0.1", tls_port)) as raw, \
+                        contextlib.suppress(ssl.SSLError, ConnectionError), \
+                        client_ssl(str(tmp_path / "public" / "ca.pem")).wrap_socket(
+                            raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(b"GET /v1/realtime/connect HTTP/1.1\r\n")    # and then nothing
+                    s.settimeout(5)
+                    assert s.recv(100) == b""
+                deadline = time.monotonic() + 5
+                while len(cut := [l for l in sidecar.log_lines() if l.get("event") == "handshake_timeout"]) \
+                        < 1 + attempts:
+                    assert time.monotonic() < deadline, cut
+                    time.sleep(0.05)
+                if "request" in (reasons := sorted(line["reason"] for line in cut)):
+                    break
             silent.settimeout(5)
             assert silent.recv(100) == b""                          # both cut
-            s.settimeout(5)
-            with contextlib.suppress(ssl.SSLError, ConnectionError):
-                assert s.recv(100) == b""
-        deadline = time.monotonic() + 5
-        while len(cut := [l for l in sidecar.log_lines() if l.get("event") == "handshake_timeout"]) < 2:
-            assert time.monotonic() < deadline, cut
-            time.sleep(0.05)
-        assert sorted(line["reason"] for line in cut) == ["request", "tls_handshake"]
+        assert reasons == ["request"] + ["tls_handshake"] * attempts
     finally:
         sidecar.stop()
 
