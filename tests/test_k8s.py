@@ -802,8 +802,18 @@ def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
             third.close()
             assert closed, "a third connection waited for its TLS handshake"
         held.pop().close()
-        time.sleep(0.3)
-        assert hook.review(pod())["allowed"] is True
+        # Its place is free once the webhook has read its end, which a loaded machine
+        # may delay: until then a review's connection is refused (reset), and counted.
+        again, deadline = 0, time.monotonic() + 10
+        while True:
+            try:
+                response = hook.review(pod())
+                break
+            except urllib.error.URLError:
+                again += 1
+                assert time.monotonic() < deadline, "no place was given back"
+                time.sleep(0.05)
+        assert response["allowed"] is True
     finally:
         for s in held:
             s.close()
@@ -811,7 +821,7 @@ def test_webhook_spends_no_tls_handshake_past_max_connections(tls_files):
     # Each refusal is told, the last ones by the end of their second (or the stop): they
     # were written only when a later refusal came, so the last flood's count never was.
     shed = [json.loads(line) for line in output.splitlines() if '"event":"shed"' in line]
-    assert sum(line["refused"] for line in shed) == 3, shed
+    assert sum(line["refused"] for line in shed) == 3 + again, shed
 
 
 def test_webhook_reads_no_further_a_client_that_never_reads_what_its_records_make_it_send(tls_files):
