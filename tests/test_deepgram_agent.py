@@ -20,8 +20,8 @@ from conduit_sidecar.handshake import Accept, Close, decide
 from conduit_sidecar.keys import KEY_PREFIX, KeyEntry, KeySet, hash_key
 from conduit_sidecar.routing import Router
 from conftest import PROVIDER_SECRET, SidecarProcess, held_port, run, standard_keys, switching_protocols
-from test_native_sdks import (_closed_with, _deepgram_client, _last_request, last_session, log_mark,
-                              metric, metric_becomes, node)
+from test_native_sdks import (_closed_with, _deepgram_client, _last_request, first_message_waited,
+                              last_session, log_mark, metric, metric_becomes, node)
 from test_native_sdks import native  # noqa: F401, F811  (the fixture: a sidecar, its mocks)
 from test_pure import KEY, admission, upgrade
 
@@ -319,14 +319,15 @@ def test_a_first_message_that_is_not_settings_gets_1002(sidecar, first):
 
 
 def test_no_settings_in_time_gets_1002(sidecar):
-    async def body():
-        async with connect(f"ws://127.0.0.1:{sidecar.port}{AGENT}",
-                           additional_headers={"Authorization": f"Token {sidecar.keys.plain['good']}"}) as ws:
+    async def body(waited):
+        async with connect(f"ws://127.0.0.1:{waited.port}{AGENT}",
+                           additional_headers={"Authorization": f"Token {waited.keys.plain['good']}"}) as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "Welcome"
             with pytest.raises(ConnectionClosed) as exc:
                 await asyncio.wait_for(ws.recv(), 10)
         return exc.value.rcvd.code, exc.value.rcvd.reason
-    assert run(body()) == (1002, "no first message within 2 s")
+    with first_message_waited(sidecar) as waited:
+        assert run(body(waited)) == (1002, "no first message within 2 s")
 
 
 @pytest.mark.parametrize("settings, models", [
