@@ -199,8 +199,12 @@ def test_idle_sessions_are_closed(limited):
     async def body():
         async with connect(limited.url(), additional_headers=limited.auth()) as ws:
             await ws.recv()
-            for _ in range(4):                  # activity keeps it open
-                await asyncio.sleep(0.3)
+            # Activity keeps it open, for twice the idle limit (0.6 s): a message each
+            # 0.05 s leaves 0.55 s to a process held up on a loaded machine (one each
+            # 0.3 s left 0.3 s, and a stall of 0.3-0.8 s ended the session as idle).
+            end = time.monotonic() + 1.2
+            while time.monotonic() < end:
+                await asyncio.sleep(0.05)
                 await ws.send(b"x")
                 await ws.recv()
             with pytest.raises(ConnectionClosed) as exc:
