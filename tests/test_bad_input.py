@@ -701,7 +701,10 @@ def test_a_rejected_client_streaming_a_huge_frame_costs_no_memory(strict):
         await asyncio.sleep(0.3)
         return before, peak, rss_kib(pid), sent
 
-    before, peak, after, sent = run(body())
+    for _ in range(3):  # the close timeout (1 s) runs on while a loaded machine holds the
+        before, peak, after, sent = run(body())     # attack up: one that sent too little
+        if sent > 64 << 20:                         # to tell is made again
+            break
     assert sent > 64 << 20, f"the attack sent only {sent} bytes"
     assert peak - before < 8 << 10, f"RSS {before} -> {peak} KiB during the attack ({sent} B sent)"
     assert after - before < 4 << 10, f"RSS {before} -> {after} KiB after the attack"
