@@ -224,13 +224,13 @@ def test_client_reset_mid_frame(faulty):
         await asyncio.sleep(0.1)
         t0 = time.monotonic()
         reset(writer.transport)
-        for _ in range(50):
+        for _ in range(200):
             if "lost" in events:
                 return events["lost"] - t0
             await asyncio.sleep(0.05)
         return None
     elapsed, events = with_upstream(faulty, lambda t: None, client)
-    assert elapsed is not None                # the sidecar let go of the upstream (within 2.5 s)
+    assert elapsed is not None                # the sidecar let go of the upstream (within 10 s)
     end = last_end(faulty, events)
     assert (end["closed_by"], end["close_code"]) == ("client", 1006)
 
