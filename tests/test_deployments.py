@@ -169,8 +169,8 @@ async def close_of(sidecar, provider="p", model="m"):
             return exc.rcvd.code, exc.rcvd.reason
 
 
-def metric(sidecar, name: str, **labels) -> float | None:
-    with urllib.request.urlopen(sidecar.admin("/metrics"), timeout=5) as r:
+def metric(sidecar, name: str, timeout: float = 5, **labels) -> float | None:
+    with urllib.request.urlopen(sidecar.admin("/metrics"), timeout=timeout) as r:
         text = r.read().decode()
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, re.M)
@@ -752,7 +752,15 @@ def test_a_timeout_in_a_share_cut_short_rests_nothing_a_whole_one_does(workdir):
 
     async def body():
         async with SlowUpstream(slow_port, delay=0.8), good, hole:
-            served = await served_by(sidecar)
+            for attempt in range(3):
+                try:
+                    served = await served_by(sidecar)
+                    break
+                except ConnectionClosed as closed:
+                    # A sidecar held up on a loaded machine for the rest of the 1 s in
+                    # slow's share leaves good none: it is tried again.
+                    if attempt == 2 or "p/good" not in closed.rcvd.reason:
+                        raise
             alone = await close_of(sidecar, provider="q")
             return served, alone
     try:
@@ -765,8 +773,10 @@ def test_a_timeout_in_a_share_cut_short_rests_nothing_a_whole_one_does(workdir):
     assert healthy == {"p": 1.0, "q": 0.0}                 # without: p/slow rested too
     attempts = [(a["provider"], a["outcome"], a["resting_seconds"]) for a in sidecar.log_lines()
                 if a.get("event") == "upstream_attempt"]
-    assert [a[:2] for a in attempts] == [("p", "timeout"), ("q", "timeout")]
-    assert attempts[0][2] is None and attempts[1][2] > 50
+    p = [a for a in attempts if a[0] == "p"]               # one, but for the tries again
+    assert p and all(a[1:] == ("timeout", None) for a in p)
+    (q,) = attempts[len(p):]
+    assert q[:2] == ("q", "timeout") and q[2] > 50
 
 class Ending(Named):
     """Accepts every upgrade, then ends the session as `how` says: "1011" at once (a
