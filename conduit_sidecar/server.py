@@ -610,9 +610,13 @@ class Sidecar:
                 await asyncio.sleep(0.05)
         if self.opening and signals < 2:
             # No session is left: get-signed-url calls under way still get their answer,
-            # each within the connect timeout (those made from now on are not waited for).
+            # each within the connect timeout (those made from now on are not waited for),
+            # begun before this wait. Then the close timeout to answer: a wait as long as
+            # theirs ran out in the loop turn of their timeouts when the loop was held up
+            # past both, and cut the answers.
             calls = list(self.opening)
-            deadline = loop.time() + self.config.limits.upstream_connect_timeout_seconds
+            limits = self.config.limits
+            deadline = loop.time() + limits.upstream_connect_timeout_seconds + limits.close_timeout_seconds
             while not all(call.done() for call in calls) and loop.time() < deadline and signals < 2:
                 await asyncio.sleep(0.05)
         await self.stop()

@@ -2126,11 +2126,15 @@ def test_signed_url_calls_in_progress_take_the_pending_slots(workdir):
     assert after == 0
 
 
-def test_a_signed_url_call_in_progress_at_sigterm_gets_its_answer(workdir):
+@pytest.mark.parametrize("held", [False, True], ids=["running", "held-up"])
+def test_a_signed_url_call_in_progress_at_sigterm_gets_its_answer(workdir, held):
     """SIGTERM while a get-signed-url call waits for a deployment that never answers
     (no session open: the sidecar stops at once). The call was cut without an answer
     (the client saw the connection close with no status); it now gets its 502 when the
-    connect timeout ends, and the sidecar exits 0 after it."""
+    connect timeout ends, and the sidecar exits 0 after it. `held`: the sidecar is
+    stopped (as a loaded machine may hold it up) until past that timeout. The stop's
+    own wait for the call, as long, ran out in the same loop turn as the call's
+    timeout, and before the call answered: cut again."""
     port = held_port()
     sidecar = SidecarProcess(workdir, _elevenlabs(port), standard_keys(),
                              limits="upstream_connect_timeout_seconds = 2\n").start()
@@ -2145,6 +2149,10 @@ def test_a_signed_url_call_in_progress_at_sigterm_gets_its_answer(workdir):
                 await asyncio.sleep(0.02)
             # A call made now gets a URL no session can use here (1013): refused.
             late = await _signed_url(sidecar)
+            if held:
+                sidecar.proc.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(2.2)
+                sidecar.proc.send_signal(signal.SIGCONT)
             return await call, late
     try:
         (status, answer), late = run(body())
