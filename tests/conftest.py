@@ -44,11 +44,13 @@ class SlowUpstream:
     """A provider on 127.0.0.1 that answers each upgrade with its 101 only `delay`
     seconds after the request came (`asked` is set then), then holds the connection
     until the sidecar lets go (`released` is set then; `answered`: whether the 101 had
-    gone out): a window in which the test changes something."""
+    gone out): a window in which the test changes something. A test that waits for
+    the change to be seen sets `go` then: the 101 goes at once."""
 
     def __init__(self, port: int, delay: float = 1.0):
         self.port, self.delay = port, delay
         self.asked = asyncio.Event()
+        self.go = asyncio.Event()  # set by the test: answer now, `delay` or not
         self.released = asyncio.Event()
         self.answered = False
 
@@ -56,12 +58,14 @@ class SlowUpstream:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             self.asked.set()
-            try:
-                await asyncio.wait_for(reader.read(), self.delay)  # the sidecar let go first
-            except TimeoutError:
+            let_go = asyncio.ensure_future(reader.read())  # ends when the sidecar lets go
+            go = asyncio.ensure_future(self.go.wait())
+            await asyncio.wait((let_go, go), timeout=self.delay, return_when=asyncio.FIRST_COMPLETED)
+            go.cancel()
+            if not let_go.done():
                 writer.write(switching_protocols(head))
                 self.answered = True
-                await reader.read()
+            await let_go
         except ConnectionError:
             pass
         self.released.set()
