@@ -192,7 +192,7 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path, chan
                              keys).start()
     try:
         async def body():
-            async with SlowUpstream(upstream_port) as up:       # the key is revoked meanwhile
+            async with SlowUpstream(upstream_port, delay=60) as up:   # the key is revoked meanwhile
                 url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=slow"
                 attempt = asyncio.ensure_future(connect(url, additional_headers={"Authorization": f"Bearer {alpha}"}))
                 await asyncio.wait_for(up.asked.wait(), 5)
@@ -202,6 +202,11 @@ def test_a_key_revoked_while_the_upstream_answers_gets_no_session(tmp_path, chan
                 else:
                     with open(sidecar.keys_file, "w") as f:
                         f.write('{"keys": []}')
+                # The provider answers once the sidecar has the new file: a fixed second
+                # could pass first on a loaded machine, and the session then started.
+                assert await eventually(
+                    lambda: _metric_has(sidecar, 'conduit_keys_reload_total{result="ok"} 1.0'))
+                up.go.set()
                 ws = await attempt
                 result = await closed_with(ws)
                 # And the provider's connection is dropped, not left open (untested: it was).
