@@ -141,20 +141,21 @@ def test_a_key_that_expires_mid_session_ends_it(tmp_path, mock_provider):
     soon = keys.add("soon")
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), keys).start()
     try:
-        # The expiry is set once the sidecar runs (its start-up time varies on a busy machine).
-        expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2.5)
-        keys.entries[0]["expires_at"] = expires.isoformat()
-        keys.write(sidecar.keys_file)
-        time.sleep(0.5)                                     # reloaded
-
         async def body():
             async with connect(sidecar.url(), additional_headers={"Authorization": f"Bearer {soon}"}) as ws:
                 await ws.recv()
-                code_reason = await closed_with(ws, 5)
-                return code_reason, dt.datetime.now(dt.timezone.utc)
-        (code, reason), at = run(body())
+                # The expiry is set once the session is open: set before, it could pass
+                # before a loaded machine's connect, which is then refused. The reload
+                # (polled every 0.2 s) comes well before it: the expiry passes without a
+                # file change.
+                expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1.5)
+                keys.entries[0]["expires_at"] = expires.isoformat()
+                keys.write(sidecar.keys_file)
+                code_reason = await closed_with(ws, 10)
+                return code_reason, expires, dt.datetime.now(dt.timezone.utc)
+        (code, reason), expires, at = run(body())
         assert (code, reason) == (4001, "key expired")
-        # Closed after the expiry (closed_with's 5 s bounds how late).
+        # Closed after the expiry (closed_with's 10 s bounds how late).
         assert (at - expires).total_seconds() > -0.05
     finally:
         sidecar.stop()
