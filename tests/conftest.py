@@ -202,7 +202,9 @@ class SidecarProcess(Process):
                          env={**os.environ, "PROVIDER_KEY": PROVIDER_SECRET, **(env or {})})
 
     def start(self) -> "SidecarProcess":
-        super().start(admin_ready(self.admin_port), timeout=10)
+        # Under a second, mostly; on one core shared with busy processes the `started`
+        # line came 9.6 s after the spawn (10 s was the bound). One that fails exits: seen at once.
+        super().start(admin_ready(self.admin_port), timeout=30)
         return self
 
     def log_lines(self) -> list[dict]:
