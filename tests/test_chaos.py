@@ -1258,11 +1258,18 @@ async def _burst_phase(self: Chaos) -> list[str]:
     servers = await self.servers()
     self.end = time.monotonic() + 60
     try:
+        no_slot = 'conduit_connections_total{result="too_many_handshakes"}'
+        before = metrics(self.sidecar).get(no_slot, 0)
         conns = [
             await asyncio.open_connection("127.0.0.1", self.sidecar.port) for _ in range(MAX_CONNECTIONS + 16)
         ]
         for _, w in conns:
             w.write(b"GET /v1/realtime/connect HTTP/1.1\r\nHost: x\r\n")
+        # The 503s go out as the sidecar accepts: read once it has counted 16 (the 0.5 s
+        # each read is given could end before a loaded machine's sidecar got that far).
+        deadline = time.monotonic() + 10
+        while metrics(self.sidecar).get(no_slot, 0) < before + 16 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         answers = await asyncio.gather(
             *(asyncio.wait_for(r.read(200), 0.5) for r, _ in conns), return_exceptions=True
         )
