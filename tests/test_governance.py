@@ -330,7 +330,7 @@ def test_a_session_refused_by_its_keys_rate_is_released(sidecars):
         result = await attempt(proc, "rated")
         assert result[0] == "open"
         await result[1].close()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while metric(proc, "conduit_connections_active") != 0:
             assert time.monotonic() < deadline, "the first session was never released"
             await asyncio.sleep(0.05)
@@ -356,7 +356,7 @@ def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_serv
         assert reason.startswith("budget exhausted: tokens per day (30); resets ")
         assert reason.endswith("T00:00:00Z")
         for proc in (a, b):
-            deadline = time.monotonic() + 5        # b learns the total within a tick
+            deadline = time.monotonic() + 10       # b learns the total within a tick
             while True:
                 result = await attempt(proc, "budget")
                 if result[0] == "closed" or time.monotonic() > deadline:
@@ -582,7 +582,7 @@ def test_redis_outage_open_and_closed(sidecars, redis_server):
             "closed", 1013, "shared state unavailable: try again later")
         assert metric(opened, "conduit_state_available") == 0
         redis_server.start()                      # empty: no persistence
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while (result := await attempt(closing, "team"))[0] != "open":
             assert time.monotonic() < deadline, result
             await asyncio.sleep(0.2)
@@ -794,7 +794,7 @@ def test_one_keys_leases_written_over_leave_the_others_renewed(sidecars, redis_s
         redis_server.command("DEL", "t:{broken}:leases")
         redis_server.command("SET", "t:{broken}:leases", "x")
         later = str(int(time.time() * 1000) + 3100)         # past any lease written before
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while redis_server.command("ZCOUNT", "t:{team}:leases", later, "+inf") != ":1":
             assert time.monotonic() < deadline, "team's lease not renewed"
             await asyncio.sleep(0.05)
@@ -1385,7 +1385,7 @@ def test_a_deepgram_multichannel_stream_counts_each_channel(sidecars, query):
                     while True:
                         await asyncio.wait_for(ws.recv(), 10)
     run(scenario())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while (usd := metric(proc, 'conduit_cost_usd_total{key_id="stt"')) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert usd == 4
@@ -1416,7 +1416,7 @@ def test_an_assemblyai_session_closed_without_terminate_is_charged_its_time_open
                 await ws.send(bytes(16_000))                        # 0.5 s of 16 kHz pcm_s16le
                 await asyncio.sleep(2)                              # open, idle: billed
     run(scenario())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while (usd := metric(proc, 'conduit_cost_usd_total{key_id="stt"')) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert usd >= 2
@@ -1448,7 +1448,7 @@ def test_an_assemblyai_session_is_charged_its_time_open_from_the_providers_answe
                 assert json.loads(await ws.recv())["type"] == "Begin"
                 await ws.send(bytes(16_000))                        # 0.5 s of 16 kHz pcm_s16le
     run(scenario())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while not metric(proc, "conduit_closes_total") and time.monotonic() < deadline:   # after its release
         time.sleep(0.05)
     usd = metric(proc, 'conduit_cost_usd_total{key_id="stt"')
@@ -1501,8 +1501,8 @@ def test_a_key_renamed_under_its_hash_ends_its_sessions(sidecars):
 
 
 async def reloaded(proc: SidecarProcess) -> None:
-    """Wait (5 s at most) until the sidecar has swapped in a new key file."""
-    deadline = time.monotonic() + 5                           # polled every 0.2 s
+    """Wait (10 s at most) until the sidecar has swapped in a new key file."""
+    deadline = time.monotonic() + 10                          # polled every 0.2 s
     while not await asyncio.to_thread(metric, proc, 'conduit_keys_reload_total{result="ok"}'):
         assert time.monotonic() < deadline, "the key file was not reloaded"
         await asyncio.sleep(0.05)
