@@ -1360,7 +1360,13 @@ async def _drain_phase(self: Chaos, rng: random.Random) -> list[str]:
             writer.close()
 
     tasks = [loop.create_task(f(f"{f.__name__}{i}")) for f in (echo, opening, drip) for i in range(2)]
-    await asyncio.sleep(0.3)
+    # The drain begins once each of them has reached its provider (admitted): after a
+    # fixed 0.3 s, a loaded machine's could still be on its way, and get 1013.
+    deadline = time.monotonic() + 10
+    while sum(s.scenario.startswith("drain-") and s.model in self.up for s in self.sessions) < len(tasks):
+        if time.monotonic() > deadline or any(task.done() for task in tasks):
+            break
+        await asyncio.sleep(0.02)
     status, _ = await asyncio.to_thread(http_get, self.sidecar.admin("/drain"), "POST")
     problems = [] if status == 202 else [f"POST /drain: {status}"]
     late = self.new("drain-late", "echo")
