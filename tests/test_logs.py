@@ -292,8 +292,10 @@ def test_a_flood_of_refusals_is_logged_a_few_lines_a_second_each_kind(tmp_path, 
         for status in (404, 400):
             logged, told = _refusal_lines(sidecar, status, 300)
             assert len(logged) + sum(line["lines"] for line in told) == 300  # each one counted
-            bound = 11 * (int(seconds[status]) + 2)                          # (a slow machine's)
-            assert told and len(logged) + len(told) <= min(bound, 100)       # in a few lines
+            # 10 lines and one `not_logged` a second, for as long as a loaded machine's flood
+            # lasted (one of 12.7 s logged 140: a fixed 100 failed it); `told`: not all 300.
+            bound = 11 * (int(seconds[status]) + 2)
+            assert told and len(logged) + len(told) <= bound
             assert len(logged) >= 10  # the 400s' first: the 404s' flood took none of theirs
             assert all(line["of"] == "refused" for line in told)
         assert len(_refusal_lines(sidecar, 503, 1)[0]) == 1
@@ -333,7 +335,7 @@ def test_a_flood_of_unknown_keys_is_logged_a_few_lines_a_second(tmp_path, mock_p
             assert time.monotonic() < deadline, (len(logged), told, len(keyed))
             time.sleep(0.05)
         assert len(logged) + sum(line["lines"] for line in told) == 300
-        assert told and len(logged) + len(told) <= min(11 * (int(seconds) + 2), 100)
+        assert told and len(logged) + len(told) <= 11 * (int(seconds) + 2)  # per second, as above
         assert len(keyed) == 12
     finally:
         sidecar.stop()
