@@ -678,7 +678,7 @@ class Chaos:
                     frames += parser.feed(chunk)
         except TimeoutError:
             self.fail(s, f"the sidecar did not close the client within {timeout} s")
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):  # (the latter: a write found the end first)
             frames.append("reset")
         except ProtocolError as exc:
             self.fail(s, f"client got a bad frame: {exc}")
