@@ -585,6 +585,8 @@ class Governor:
             await asyncio.gather(*self.background, return_exceptions=True)
         for info in list(self.sessions):
             self._count_audio(info)
+        # The store is tried even within a second of a failed try: this usage has no later flush.
+        self.retry_at = 0.0
         await self.flush()
         await self._release_again()
         lost = {k: u for k in set(self.pending) | set(self.unsent) if any((u := self.unflushed(k)).values())}

@@ -1212,7 +1212,14 @@ def test_usage_of_an_outage_at_exit_reaches_the_store_or_the_log(sidecars, redis
             await ws.send(bytes(4_800))
             assert len(await asyncio.wait_for(ws.recv(), 10)) == 4_800   # the mock echoes
         await ws.close()
-        await asyncio.sleep(1.5)                              # a tick fails meanwhile
+        # Until a tick's try fails: the stop then comes within the second in which the
+        # store is not tried again (a fixed 1.5 s left that to chance: on a loaded
+        # machine the usage of a Redis back at the stop was lost).
+        errors = 'conduit_state_operations_total{op="add_usage",result="error"}'
+        tried, deadline = await asyncio.to_thread(metric, proc, errors), time.monotonic() + 10
+        while await asyncio.to_thread(metric, proc, errors) == tried:
+            assert time.monotonic() < deadline, "no tick tried the store"
+            await asyncio.sleep(0.02)
     run(scenario())
     if back:
         redis_server.start()                                  # empty: no persistence
