@@ -334,7 +334,7 @@ def sidecar(mock_provider, upstream_ports):
         url = "ws://127.0.0.1:{p['closer']}/"
         """
     proc = SidecarProcess(workdir, providers, standard_keys(),
-                          limits="upstream_connect_timeout_seconds = 1.5\n"
+                          limits="upstream_connect_timeout_seconds = 3\n"
                                  "max_message_bytes = 16777216\n").start()
     yield proc
     proc.stop()

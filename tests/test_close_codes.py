@@ -158,8 +158,8 @@ def test_an_upstream_selecting_what_was_not_offered_gives_1014(tmp_path, header,
 
 
 def test_upstream_never_answering_gives_1014_within_the_timeout(sidecar, upstream_ports):
-    """The provider accepts TCP and would send its 101 only 6 s after the request: 4
-    times the configured connect timeout (1.5 s), under the 10 s default. The sidecar
+    """The provider accepts TCP and would send its 101 only 6 s after the request:
+    twice the configured connect timeout (3 s), under the 10 s default. The sidecar
     lets go of it first, and the 101 never goes out."""
     async def body():
         async with SlowUpstream(upstream_ports["blackhole"], delay=6) as up:
