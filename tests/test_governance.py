@@ -890,11 +890,12 @@ class RedisLink:
     """A TCP link to redis-server on `port` whose replies arrive `delay` seconds late
     (in order, each chunk `delay` after Redis sent it: a slow Redis that may still
     answer within timeout_seconds); `cut` and `mend` it (a network outage: Redis
-    keeps its data)."""
+    keeps its data). `asked` is set at each request it passes on (a test clears it)."""
 
     def __init__(self, listen_port: int, port: int, delay: float = 0.0):
         self.listen_port, self.port, self.delay = listen_port, port, delay
         self.links: set[asyncio.Task] = set()
+        self.asked = asyncio.Event()
 
     async def __aenter__(self):
         await self.mend()
@@ -922,6 +923,7 @@ class RedisLink:
         async def requests():
             while data := await reader.read(65536):
                 up_writer.write(data)
+                self.asked.set()
             up_writer.close()
 
         async def replies():
@@ -992,10 +994,12 @@ def test_a_drain_that_ends_during_an_admission_is_not_outwaited_by_a_held_first_
     ).start()
     try:
         async def scenario():
-            async with RedisLink(link_port, redis_server.port, delay=0.5):
+            async with RedisLink(link_port, redis_server.port, delay=0.5) as link:
                 url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime/connect?provider=gemini&model=m"
                 opening = asyncio.ensure_future(connect(url, additional_headers={"Authorization": f"Bearer {team}"}))
-                await asyncio.sleep(0.3)                            # the admission waits for Redis
+                # The admission waits for Redis: its request has passed (a fixed 0.3 s
+                # could pass first on a loaded machine, and the session came after the drain).
+                await asyncio.wait_for(link.asked.wait(), 10)
                 assert http_get(sidecar.admin("/drain"), method="POST")[0] == 202
                 ws = await asyncio.wait_for(opening, 20)
                 with pytest.raises(websockets.ConnectionClosed) as exc:
