@@ -1463,7 +1463,9 @@ def test_an_assemblyai_session_is_charged_its_time_open_from_the_providers_answe
     while not metric(proc, "conduit_closes_total") and time.monotonic() < deadline:   # after its release
         time.sleep(0.05)
     usd = metric(proc, 'conduit_cost_usd_total{key_id="stt"')
-    assert 0.5 <= usd < 2, usd                                      # not the 3 s of the connect
+    # Not the 3 s of the connect (charged, they would make it over 3); the session's own
+    # time open is under a second, more on a loaded machine.
+    assert 0.5 <= usd < 3, usd
 
 
 @local_state
