@@ -47,14 +47,19 @@ class RawUpstream(asyncio.Protocol):
         self.events["lost"] = time.monotonic()
 
 
-@pytest.fixture(scope="module")
-def faulty(tmp_path_factory):
-    proc = raw_upstream_sidecar(str(tmp_path_factory.mktemp("faults")), "close_timeout_seconds = 1")
+def _watched(proc):
+    """A module's sidecar, which must still run at the end with no traceback."""
     try:
         yield proc
         assert proc.proc.poll() is None and "Traceback" not in proc.output()
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    yield from _watched(raw_upstream_sidecar(str(tmp_path_factory.mktemp("faults")),
+                                             "close_timeout_seconds = 1"))
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +67,8 @@ def lagging(tmp_path_factory):
     """`faulty` with a close timeout of 10 s, for which a reset provider's tail that
     its lagging client has not read is kept: a client held up on a loaded machine can
     take more than faulty's 1 s to read it once it stops lagging."""
-    proc = raw_upstream_sidecar(str(tmp_path_factory.mktemp("lagging")), "close_timeout_seconds = 10")
-    try:
-        yield proc
-        assert proc.proc.poll() is None and "Traceback" not in proc.output()
-    finally:
-        proc.stop()
+    yield from _watched(raw_upstream_sidecar(str(tmp_path_factory.mktemp("lagging")),
+                                             "close_timeout_seconds = 10"))
 
 
 def reset(transport):
