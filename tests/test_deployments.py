@@ -1211,6 +1211,22 @@ def test_a_host_name_that_cannot_be_looked_up_gives_1014_and_is_looked_up_again(
     assert not [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
 
 
+async def settled_descriptors(pid: int) -> int:
+    """How many descriptors the process has open, once the count has held for 0.2 s:
+    one still closing when counted (the last call's connection, the start's admin
+    probe), which a loaded machine's sidecar may close late, would leave one more free
+    than the test means to."""
+    count, since, deadline = -1, 0.0, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = len(os.listdir(f"/proc/{pid}/fd"))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= 0.2:
+            break
+        await asyncio.sleep(0.02)
+    return count
+
+
 def test_a_lookup_failed_for_want_of_a_descriptor_rests_no_deployment(workdir):
     """Out of descriptors (the client's connection took the last), the lookup of a
     provider's name can neither read /etc/hosts nor ask a name server, and glibc says
@@ -1227,7 +1243,7 @@ def test_a_lookup_failed_for_want_of_a_descriptor_rests_no_deployment(workdir):
         async with named:
             _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
             for _ in range(5):  # a descriptor still closing when counted leaves one more free
-                resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 1, hard))
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (await settled_descriptors(pid) + 1, hard))
                 try:
                     # (once in about twenty runs under load no answer came at all; why was
                     # not found: perhaps a descriptor the sidecar opened meanwhile)
@@ -2027,9 +2043,9 @@ def test_a_signed_url_fetch_without_a_descriptor_rests_no_deployment(workdir):
     async def body():
         async with MockProvider(port=first, shape="elevenlabs"), MockProvider(port=second, shape="elevenlabs"):
             _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-            for _ in range(5):  # a descriptor still closing when counted (e.g. the start's admin
-                # probe) leaves one more free: the fetch is then made (200); counted again
-                resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 1, hard))
+            for _ in range(5):  # a descriptor still closing when counted leaves one more
+                # free: the fetch is then made (200); counted again
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (await settled_descriptors(pid) + 1, hard))
                 try:
                     starved = await _signed_url(sidecar)
                 finally:
