@@ -268,6 +268,11 @@ async def _attempt(
             proto.send_request()
             response, early = await proto.result
         except BaseException as exc:
+            # Nobody awaits the upgrade's result from here. A TLS handshake that
+            # completed in the loop turn that cancelled the attempt (its timeout, the
+            # stop) hands the drop's connection_lost to `proto`: its failure, set on
+            # the result, was logged as a future exception never retrieved.
+            proto.result.cancel()
             deadline.end(exc)
             raise
         deadline.end(None)

@@ -2,8 +2,10 @@
 Each ends both sides cleanly, and the session's end says what happened."""
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import socket
 import struct
 import sys
@@ -1091,3 +1093,86 @@ def test_the_mock_provider_keeps_answering_however_much_it_logs():
         assert "session.created" in run(body())
     finally:
         mock.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="asleep() reads /proc")
+def test_a_tls_handshake_that_completes_as_its_attempt_times_out_leaves_no_error_unretrieved(tmp_path):
+    """The provider's TLS flight and the connect timeout come in the same loop turn
+    (the sidecar held up meanwhile, as on a loaded machine, or its stop cancelling the
+    attempt then): the handshake completes, then the attempt ends (1014, TLS stage)
+    and drops the connection, whose loss set a failure on the upgrade's result, which
+    nobody awaited any more: asyncio logged it as never retrieved (a loop_error line
+    naming upstream.Failed, at the next collection or at exit)."""
+    import signal
+    import ssl
+
+    from conduit_sidecar.testing import CA
+
+    ca = CA()
+    upstream_port = held_port()
+    sidecar = SidecarProcess(
+        str(tmp_path),
+        f'[providers.slow]\nurl = "wss://127.0.0.1:{upstream_port}/"\n'
+        f'ca_file = "{ca.write(tmp_path / "provider-ca.pem")}"\n',
+        standard_keys(), limits="upstream_connect_timeout_seconds = 0.5\n").start()
+    context = ca.server_context(tmp_path)
+
+    def asleep() -> bool:  # the sidecar's loop waits for events (nothing else blocks it)
+        with open(f"/proc/{sidecar.pid}/task/{sidecar.pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "S"
+
+    async def attempt(listener):
+        """The sidecar stopped in its wait once the provider has read the ClientHello;
+        the server's flight sent; resumed past the timeout. Returns the client's close
+        and what the provider read next: the sidecar's Finished when it lined up."""
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+        writer.write(request("/v1/realtime/connect?provider=slow", key=sidecar.keys.plain["good"]))
+        leg, _ = await asyncio.wait_for(loop.sock_accept(listener), 10)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=True)
+        while not outgoing.pending:  # the ClientHello read, the server's flight made
+            incoming.write(await asyncio.wait_for(loop.sock_recv(leg, 65536), 10))
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.do_handshake()
+        while not asleep():
+            await asyncio.sleep(0.01)
+        os.kill(sidecar.pid, signal.SIGSTOP)
+        try:
+            with contextlib.suppress(OSError):  # (a sidecar held up before: already dropped)
+                await loop.sock_sendall(leg, outgoing.read())
+            await asyncio.sleep(0.6)  # the stopped sidecar's connect timeout passes
+        finally:
+            os.kill(sidecar.pid, signal.SIGCONT)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        closed = await asyncio.wait_for(close_frame_of(reader), 10)
+        writer.close()
+        try:
+            return closed, await asyncio.wait_for(loop.sock_recv(leg, 65536), 10)
+        except OSError:  # reset: the sidecar dropped the leg with nothing more sent
+            return closed, b""
+        finally:
+            leg.close()
+
+    async def body():
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", upstream_port))
+        listener.listen()
+        listener.setblocking(False)
+        with listener:
+            # A loaded machine may wake the sidecar between asleep() and its stop: again.
+            for _ in range(3):
+                closed, finished = await attempt(listener)
+                assert closed == (1014, "upstream timed out (TLS handshake)")
+                if finished:
+                    return True
+        return False
+    try:
+        lined_up = run(body())
+        assert sidecar.stop() == 0
+    finally:
+        sidecar.stop()
+    assert lined_up  # the handshake completed (the sidecar sent its Finished) as it timed out
+    output = sidecar.output()
+    assert "loop_error" not in output and "Traceback" not in output, output[-3000:]
