@@ -12,7 +12,7 @@ if [ ! -e /usr/include/openssl/ssl.h ] && [ "$(id -u)" -eq 0 ] && command -v apt
 fi
 python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into conduit_sidecar._relay
 if command -v npm >/dev/null; then
-  npm install --silent --no-audit --no-fund --prefix tests/node   # ws, openai, @google/genai, @deepgram/sdk, playwright-core
+  npm install --loglevel=error --no-audit --no-fund --prefix tests/node   # ws, openai, @google/genai, @deepgram/sdk, playwright-core
 fi
 if [ ! -x tests/agents/.venv/bin/python ]; then
   # openai-agents and LiveKit's OpenAI plugin, apart: openai-agents pins websockets<17.
