@@ -393,7 +393,7 @@ def provider_transcription(message: bytes) -> str | None:
     """The transcription model OpenAI's `session.created` / `session.updated` name (a
     beta transcription session's `transcription_session.*`): the session as it now is,
     the provider's word, not the client's update, which it may refuse. None: another
-    event, none named, or one that may not become a label (_valid, a virtual key)."""
+    event, none named, or one that may not become a label (_valid, a secret)."""
     try:
         event = _session_event.decode(message)
     except (msgspec.DecodeError, RecursionError):
@@ -404,7 +404,9 @@ def provider_transcription(message: bytes) -> str | None:
     ga = session.audio.input.transcription if session.audio and session.audio.input else None
     named = ga or session.input_audio_transcription
     model = named.model if named else None
-    return model if model is not None and _valid(model) and KEY_PREFIX not in model else None
+    # A secret in it (the provider quoting what it was sent) would go into a close
+    # reason, a log line and a label: it is no model of ours.
+    return model if model is not None and _valid(model) and redact(model) == model else None
 
 
 def _transcription(message: bytes, which: str) -> tuple[str, ...]:

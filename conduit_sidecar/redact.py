@@ -25,29 +25,34 @@ _RUN = 8
 _INDEXED = 4096
 _by_source: dict[str, tuple[str, ...]] = {}
 _runs: frozenset[str] = frozenset()
+# Secrets shorter than _RUN have no run: each is redacted whole, longest first; one
+# shorter than _SHORTEST is not (three characters are found in any text, and no
+# provider issues such a key).
+_SHORTEST = 4
+_short: tuple[str, ...] = ()
 
 
 def remember(source: str, secret: str) -> None:
-    """A provider secret the sidecar is about to send, and where it was read
-    (routing.Router.secret)."""
-    global _runs
+    """A provider credential the sidecar is about to send, and where it comes from
+    (routing.Router.secret, routing.Router's upstream requests)."""
+    global _runs, _short
     kept = _by_source.get(source, ())
     if kept[:1] == (secret,):
         return
     _by_source[source] = (secret, *kept[:1])
-    _runs = frozenset(
-        s[i : i + _RUN]
-        for kept in _by_source.values()
-        for s in kept
-        for i in range(min(len(s), _INDEXED) - _RUN + 1)
-    )
+    secrets = {s for kept in _by_source.values() for s in kept if s}
+    _runs = frozenset(s[i : i + _RUN] for s in secrets for i in range(min(len(s), _INDEXED) - _RUN + 1))
+    _short = tuple(sorted((s for s in secrets if _SHORTEST <= len(s) < _RUN), key=len, reverse=True))
 
 
 def redact(text: str) -> str:
-    """`text` with each virtual key, and each run of 8 or more characters found in a
-    provider secret, as `***`; `text` itself when it holds none."""
+    """`text` with each virtual key, each run of 8 or more characters found in a
+    provider secret, and each secret of 4 to 7 characters, as `***`; `text` itself
+    when it holds none."""
     if KEY_PREFIX in text:
         text = _VIRTUAL.sub("***", text)
+    for secret in _short:
+        text = text.replace(secret, "***")
     runs = _runs
     starts = [i for i in range(len(text) - _RUN + 1) if text[i : i + _RUN] in runs]
     if not starts:

@@ -17,10 +17,11 @@ import os
 import re
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 from websockets.exceptions import InvalidURI
+from websockets.headers import build_authorization_basic
 from websockets.uri import WebSocketURI, parse_uri
 
 from . import redact
@@ -482,12 +483,16 @@ class Router:
                     f"{field} is a dot segment",
                 )
         url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(url, kept))
+        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
+        # A provider may quote back any credential of the config's (not a client's
+        # query parameter): one source each, as many as the config's specs.
+        for where, credential in _credentials(_parse_uri(url), headers):
+            redact.remember(f"{where} of provider spec {id(spec)}", credential)
         if moved and model:
             assert kept is not None and kept.model is not None  # moved says so
             query = ((kept.model, model), *query)
         if query:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
-        headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
         uri = _parse_uri(url)
         context = self.ssl_context(spec.ca_file) if uri.secure else None
         return Upstream(uri, headers, context), values.get("secret")
@@ -539,6 +544,22 @@ def masked(spec: Provider) -> tuple[str, dict[str, str]]:
 
     url = _PARAM.sub(lambda m: m[1] + hide(m[1], m[2]), _USERINFO.sub(r"\1***@", spec.url or ""))
     return url, {h: hide(h, v) for h, v in (spec.headers or {}).items()}
+
+
+def _credentials(uri: WebSocketURI, headers: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """(where, value) of each credential an upgrade request to `uri` with `headers`
+    carries, the `{secret}` or one typed into the config: the value of each header
+    (its scheme left out) and query parameter named as one, the URL's password, and
+    the Basic authorization websockets sends of the URL's user information."""
+    for name, value in headers:
+        if _CREDENTIAL.search(name) and value.strip():
+            yield f"header {name}", value.split()[-1]
+    for name, value in urllib.parse.parse_qsl(uri.query):
+        if _CREDENTIAL.search(name):
+            yield f"query {name}", value
+    if uri.user_info is not None:
+        yield "password", uri.user_info[1]
+        yield "basic", build_authorization_basic(*uri.user_info).split()[-1]
 
 
 def _unusable(secret: str) -> str | None:

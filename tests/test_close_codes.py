@@ -1,6 +1,7 @@
 """The close codes the sidecar sends, and upstream failures, over real sockets."""
 
 import asyncio
+import base64
 import os
 import time
 
@@ -8,8 +9,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import (PROVIDER_SECRET, SlowUpstream, raw_upstream_sidecar, run, short_frame,
-                      switching_protocols)
+from conftest import (NO_CIRCUIT, PROVIDER_SECRET, SidecarProcess, SlowUpstream, held_port,
+                      raw_upstream_sidecar, run, short_frame, standard_keys, switching_protocols)
 from test_bad_input import session_ends
 from test_operations import ended, scrape, value
 
@@ -256,6 +257,69 @@ def test_a_secret_in_a_close_reason_is_neither_passed_on_nor_logged(sidecar, ups
     assert quoted not in sidecar.output()
 
 
+@pytest.fixture(scope="module")
+def credentialed(tmp_path_factory):
+    """A sidecar whose providers carry credentials besides a `{secret}` header: one
+    typed into the config as a header (`lit`) or as the URL's password (`pass`), a
+    `{secret}` short of redact's 8-character runs (`short`), and a `{secret}` as the
+    URL's password (`secretpass`): websockets sends the user information as Basic."""
+    port = held_port()
+    providers = f"""
+        [providers.lit]
+        url = "ws://127.0.0.1:{port}/"
+        headers = {{ X-Api-Key = "Lit3ralHdrCred9" }}
+
+        [providers.pass]
+        url = "ws://svc:Lit3ralPassw0rd@127.0.0.1:{port}/"
+
+        [providers.short]
+        url = "ws://127.0.0.1:{port}/"
+        headers = {{ X-Api-Key = "{{secret}}" }}
+        secret_env = "SHORT_KEY"
+
+        [providers.secretpass]
+        url = "ws://svc:{{secret}}@127.0.0.1:{port}/"
+        secret_env = "PROVIDER_KEY"
+        """
+    proc = SidecarProcess(str(tmp_path_factory.mktemp("credentialed")), providers, standard_keys(),
+                          extra=NO_CIRCUIT, env={"SHORT_KEY": "S7x!q2"}).start()
+    proc.upstream_port = port
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("provider, quoted", [
+    ("lit", "Lit3ralHdrCred9"),
+    ("pass", "Lit3ralPassw0rd"),
+    ("pass", "Basic " + base64.b64encode(b"svc:Lit3ralPassw0rd").decode()),
+    ("short", "S7x!q2"),
+    ("secretpass", "Basic " + base64.b64encode(f"svc:{PROVIDER_SECRET}".encode()).decode()[:40]),
+])
+def test_a_credential_of_the_config_in_a_providers_close_reason_is_redacted(credentialed, provider, quoted):
+    """A provider quoting back a credential its upgrade request carried, one that is
+    not a `{secret}` of 8 characters or more (the URL's password, the Basic header
+    websockets makes of it, a header value typed into the config, a short secret):
+    the client and the session_end line get it as `***`, as they get a secret's."""
+
+    async def handler(ws):
+        await ws.close(4000, f"invalid key {quoted}.")
+
+    async def body():
+        from websockets.asyncio.server import serve
+        async with serve(handler, "127.0.0.1", credentialed.upstream_port):
+            async with connect(credentialed.url(provider=provider),
+                               additional_headers=credentialed.auth()) as ws:
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.recv()
+                return exc.value.rcvd
+    told = "invalid key " + " ".join([*quoted.split()[:-1], "***."])  # a scheme stays
+    ends = len(session_ends(credentialed))
+    rcvd = run(body())
+    assert (rcvd.code, rcvd.reason) == (4000, told)
+    assert ended(credentialed, ends)[0]["close_reason"] == told
+    assert quoted.split()[-1] not in credentialed.output()
+
+
 @pytest.mark.parametrize("closer", ["provider", "client"])
 def test_a_close_of_the_sidecars_making_is_counted_as_sent(sidecar, upstream_ports, closer):
     """A provider's close that the sidecar sends on as its own, its length in the
@@ -401,7 +465,6 @@ def test_key_subprotocol_in_any_letter_case_is_taken_and_not_forwarded(sidecar, 
 
 def test_a_dot_segment_model_never_reaches_a_path_template(tmp_path):
     """Review finding 9: `model=..` in `{model}` of a URL path made `/x/../y`."""
-    from conftest import SidecarProcess, held_port, standard_keys
     port = held_port()
     proc = SidecarProcess(str(tmp_path), f'[providers.pathy]\nurl = "ws://127.0.0.1:{port}/x/{{model}}/y"\n',
                           standard_keys()).start()

@@ -424,6 +424,19 @@ def test_the_transcription_model_a_first_message_names(message, model):
     assert held.transcription_model(message) == (() if model is None else (model,))
 
 
+def test_a_transcription_model_the_provider_names_is_none_if_it_holds_a_secret():
+    """A provider's `session.updated` naming, as its transcription model, text that
+    holds a secret it was sent (or a virtual key): no model, so it never reaches a
+    close reason, the log or a label."""
+    from conduit_sidecar import redact
+    redact.remember("secret_env TRANSCRIBED", "sk-Zz0Pq8Yy1" + "Pq8" * 6)
+    event = (b'{"type":"session.updated","session":{"type":"realtime","audio":{"input":'
+             b'{"transcription":{"model":"%s"}}}}}')
+    assert held.provider_transcription(event % b"gpt-4o-transcribe") == "gpt-4o-transcribe"
+    assert held.provider_transcription(event % b"x-sk-Zz0Pq8Yy1") is None
+    assert held.provider_transcription(event % b"x-condt_AbC") is None
+
+
 @pytest.mark.parametrize("message", [b"not json", b'{"no":"type"}', b'[1]',
                                      b'{"type":"x","y":%s}' % (b"[" * 100_000 + b"]" * 100_000),
                                      b'{"type":"x","y":"\xff"}',  # not UTF-8 (a binary frame)
@@ -1093,6 +1106,8 @@ def test_redact_hides_virtual_keys_and_runs_of_a_provider_secret():
     redact.remember("secret_env C", "gsk_rotated_" + "Mm4" * 8)  # read again: no rotation
     # Eight characters, the shortest run, at either end of the secret before.
     assert redact.redact(f"{third[:8]} {third[-8:]} {third[-7:]}") == f"*** *** {third[-7:]}"
+    redact.remember("secret_env D", "S7x!q2")  # shorter than a run: redacted whole
+    assert redact.redact("auth=Bearer S7x!q2, S7x!q") == "auth=Bearer ***, S7x!q"
 
 
 
