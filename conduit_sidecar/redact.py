@@ -40,7 +40,7 @@ def remember(source: str, secret: str) -> None:
     if kept[:1] == (secret,):
         return
     _by_source[source] = (secret, *kept[:1])
-    secrets = {s for kept in _by_source.values() for s in kept if s}
+    secrets = {s for kept in _by_source.values() for s in kept}
     _runs = frozenset(s[i : i + _RUN] for s in secrets for i in range(min(len(s), _INDEXED) - _RUN + 1))
     _short = tuple(sorted((s for s in secrets if _SHORTEST <= len(s) < _RUN), key=len, reverse=True))
 

@@ -485,8 +485,9 @@ class Router:
         url = _FIELD.sub(lambda m: urllib.parse.quote(values[m.group(1)], safe=""), upstream_path(url, kept))
         headers = [(h, _FIELD.sub(lambda m: values[m.group(1)], v)) for h, v in header_templates.items()]
         # A provider may quote back any credential of the config's (not a client's
-        # query parameter): one source each, as many as the config's specs.
-        for where, credential in _credentials(_parse_uri(url), headers):
+        # query parameter): one source each, as many as the config's specs. Parsed
+        # uncached: this URL is never dialled, and built only when the upstream is.
+        for where, credential in _credentials(parse_uri(url), headers):
             redact.remember(f"{where} of provider spec {id(spec)}", credential)
         if moved and model:
             assert kept is not None and kept.model is not None  # moved says so
