@@ -95,8 +95,9 @@ class Sidecar:
         self.draining = False
         self.closing = False  # drain_seconds are over (or a second signal came)
         self.holding: set[held.Reader] = set()
-        # Rejections of peers whose key was not accepted (4001), made as fast as they connect.
-        self.keyless = logs.Limited(log, ("event", "code", "reason"))
+        # Rejections of peers whose key was not accepted (4001: none, unknown, disabled,
+        # expired), made as fast as they connect; a known key's are its own kind.
+        self.unaccepted = logs.Limited(log, ("event", "code", "reason", "key_id"))
         self.metrics = Metrics(
             lambda: len(self.sessions),
             lambda: self.pending.taken,
@@ -246,8 +247,8 @@ class Sidecar:
             "reason": decision.reason,
             "key_id": decision.key.id if decision.key else None,
         }
-        if decision.key is None:
-            self.keyless.info("session rejected", fields)
+        if decision.key is None or decision.rejection is not None:  # no key accepted (4001)
+            self.unaccepted.info("session rejected", fields)
         else:
             logs.info(log, "session rejected", fields)
 
@@ -621,6 +622,6 @@ class Sidecar:
                 await asyncio.sleep(0.05)
         await self.stop()
         unkeyed.flush()
-        self.keyless.flush()
+        self.unaccepted.flush()
         log.info("stopped", extra={"event": "stop"})
         return 0

@@ -621,7 +621,9 @@ async def _rest(host: Host, transport, request: Request) -> None:
         response = refuse(500, "internal error").response
     finally:
         host.pending.give()
-    log.info("signed url", extra={"event": "signed_url", "status": response.status_code})
+    # Any peer can call at will, a key or none: limited, as refusals are (the line
+    # names no caller, so a `not_logged` count of it loses nothing).
+    unkeyed.info("signed url", {"event": "signed_url", "status": response.status_code})
     host.signed_url(response.status_code)
     transport.write(response.serialize())
     host.linger(transport)  # a refusal, or a client that sent more than it is answered

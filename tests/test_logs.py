@@ -341,6 +341,44 @@ def test_a_flood_of_unknown_keys_is_logged_a_few_lines_a_second(tmp_path, mock_p
         sidecar.stop()
 
 
+@pytest.mark.parametrize("attempt", ["disabled key", "expired key", "signed-url call"])
+def test_a_flood_with_a_key_not_accepted_is_logged_a_few_lines_a_second(tmp_path, mock_provider, attempt):
+    """The same limit for a key the file holds but does not accept (disabled, expired:
+    what the holder of a leaked, switched-off key has), whose `rejected` lines went out
+    one per try, and for ElevenLabs' `get-signed-url` call, whose `signed_url` line did,
+    a key or none (5,000 lines a second from one script)."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys()).start()
+    key = sidecar.keys.plain["disabled" if attempt != "expired key" else "expired"].encode()
+    if attempt == "signed-url call":
+        head = b"GET /v1/convai/conversation/get-signed-url?agent_id=a HTTP/1.1\r\nHost: x\r\nxi-api-key: %s\r\n\r\n"
+        event, answer = "signed_url", b"HTTP/1.1 401"
+    else:
+        head = (b"GET /v1/realtime/connect?model=mock-realtime&provider=mock HTTP/1.1\r\nHost: x\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n")
+        event, answer = "rejected", b"HTTP/1.1 101"
+    try:
+        started = time.monotonic()
+        for _ in range(300):
+            with socket.create_connection(("127.0.0.1", sidecar.port), timeout=5) as sock:
+                sock.sendall(head % key)
+                assert sock.recv(100).startswith(answer)
+        seconds = time.monotonic() - started
+        deadline = time.monotonic() + 5
+        while True:
+            lines = sidecar.log_lines()
+            logged = [line for line in lines if line.get("event") == event]
+            told = [line for line in lines if line.get("event") == "not_logged" and line.get("of") == event]
+            if len(logged) + sum(line["lines"] for line in told) >= 300:
+                break
+            assert time.monotonic() < deadline, (len(logged), told)
+            time.sleep(0.05)
+        assert len(logged) + sum(line["lines"] for line in told) == 300
+        assert told and len(logged) + len(told) <= 11 * (int(seconds) + 2)  # 10 a second, and the rest told
+    finally:
+        sidecar.stop()
+
+
 def test_a_flood_of_one_refusal_hides_no_line_of_another(tmp_path, mock_provider):
     """Lines were limited per event and status: a flood of garbage (400 `bad request`)
     took the 10 lines a second of every 400, and a refusal for another reason in that
