@@ -6,7 +6,8 @@ this process (raw sockets, `loadgen.connect`) against the benchmark upstream.
     python -m benchmarks.memory --idle 500 --warm 500 --burst 1000   # smaller
     python -m benchmarks.memory --tls           # the provider leg over wss
     python -m benchmarks.memory --optimize      # the sidecar as the image runs it (-OO,
-                                                # its modules' bytecode compiled beforehand)
+                                                # its modules' bytecode compiled beforehand,
+                                                # PYTHONMALLOC=malloc unless set otherwise)
 
 Method (docs/benchmarks.md, "Memory"):
 - at rest: after the warm-up, `warm` sessions opened and closed 50 at a time (every
@@ -14,8 +15,9 @@ Method (docs/benchmarks.md, "Memory"):
 - per idle session: RSS growth from 1 held session to `idle`, then to 2 × `idle`,
   divided by the sessions added. The warm-up never held that many, so the growth is
   what each session costs, not freed memory reused;
-- after the idle sessions close, and after a burst of `burst` sessions opened at once
-  and closed: RSS six seconds later (the sidecar gives memory back from its poller,
+- after the idle sessions close, after a burst of `burst` sessions opened at once
+  and closed, and after `burst` more opened 50 at a time and closed: RSS six seconds
+  later (the sidecar gives memory back from its poller,
   every `keys_poll_seconds`, 2 s here), next to the at-rest figure.
 
 The sidecar must be fresh: a process that ran other cases (bulk transfers leave
@@ -76,12 +78,20 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
     for client in held:
         client.transport.abort()
     after_idle = await settle(pids, wait)
-    bursting = await open_many(target, burst)
+    # A burst as clients make one (a reconnect storm): every connection at once. The
+    # sidecar then has them all opening together, each holding its handshake's state
+    # (about 12 KiB); paced 50 at a time it holds a few dozen (docs/benchmarks.md).
+    bursting = await open_many(target, burst, burst)
     opened += len(bursting)
     peak = rss_bytes(pids) / 2**20
     for client in bursting:
         client.transport.abort()
     after_burst = await settle(pids, wait)
+    paced = await open_many(target, burst)
+    opened += len(paced)
+    for client in paced:
+        client.transport.abort()
+    after_paced = await settle(pids, wait)
     return {
         "fresh_mib": fresh, "rest_mib": rest,
         "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),
@@ -89,6 +99,7 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
         "idle_1k_mib": at_1, "idle_2k_mib": at_2,
         "after_idle_mib": after_idle, "burst_peak_mib": peak, "after_burst_mib": after_burst,
         "after_burst_vs_rest": after_burst / rest,
+        "after_paced_burst_mib": after_paced, "after_paced_burst_vs_rest": after_paced / rest,
         "warm": warm, "idle": idle, "burst": burst, "sessions": opened,
     }
 
@@ -123,10 +134,12 @@ def main() -> None:
     p.add_argument("--burst", type=int, default=4000)
     p.add_argument("--tls", action="store_true", help="the provider leg over wss, as in production")
     p.add_argument("--optimize", action="store_true",
-                   help="the sidecar with PYTHONOPTIMIZE=2 (no docstrings), as the image runs it")
+                   help="the sidecar as the image runs it: PYTHONOPTIMIZE=2 (no docstrings) and "
+                        "PYTHONMALLOC=malloc (unless PYTHONMALLOC is set)")
     args = p.parse_args()
     if args.optimize:  # read by the sidecar's interpreter, not this one
         os.environ["PYTHONOPTIMIZE"] = "2"
+        os.environ.setdefault("PYTHONMALLOC", "malloc")
         os.environ["PYTHONPYCACHEPREFIX"] = image_bytecode()
     figures = run(args.warm, args.idle, args.burst, tls=args.tls)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
