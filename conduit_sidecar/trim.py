@@ -6,14 +6,17 @@ so without this RSS would stay at the burst's peak for the life of the pod.
 `malloc_trim(0)` returns every free page to the kernel, also those in the middle of
 the heap. Elsewhere (musl, macOS) there is no such call and this does nothing.
 
-Small objects are pymalloc's, in 1 MiB arenas it returns only once every object in
-one is freed. What a burst leaves alive in the arenas it opened, once its sessions
-have ended, is kept by caches, not by sessions: the interpreter's free lists (tuples,
-dicts, lists, floats, contexts), uvloop's (250 `Handle`s and 250 `TimerHandle`s), and
-the type attribute cache, which keeps the name of each of its last 4,096 lookups,
-among them the new `"dst"` string `datetime.timetuple` makes for every `Date` header
-websockets writes (docs/benchmarks.md, "Memory"). When a fall ends, `release` empties
-them so those arenas can go.
+With CPython's own allocator, small objects live in 1 MiB arenas it returns only
+once every object in one is freed, and a burst opened at once leaves many arenas that
+a few objects keep; the image sets PYTHONMALLOC=malloc, which puts them in glibc's
+heap, where the trim reaches them (docs/benchmarks.md, "A burst at once"). What a
+burst leaves alive, once its sessions have ended, is kept by caches, not by
+sessions: the interpreter's free lists (tuples, dicts, lists, floats, contexts),
+uvloop's (250 `Handle`s and 250 `TimerHandle`s), and the type attribute cache, which
+keeps the name of each of its last 4,096 lookups, among them the new `"dst"` string
+`datetime.timetuple` makes for every `Date` header websockets writes
+(docs/benchmarks.md, "Memory"). When a fall ends, `release` empties them so the memory
+they hold can go.
 """
 
 from __future__ import annotations

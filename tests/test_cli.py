@@ -426,8 +426,8 @@ def test_demo_refuses_seconds_it_cannot_stream(seconds):
 
 def test_the_demo_runs_as_the_image_runs_the_sidecar():
     """The image sets PYTHONOPTIMIZE=2 (no docstrings, no asserts: about 1 MiB less RSS,
-    docs/benchmarks.md): nothing of the sidecar may need them."""
-    r = cli("demo", "--seconds", "1", env={**os.environ, "PYTHONOPTIMIZE": "2"})
+    docs/benchmarks.md): nothing of the sidecar may need them. And PYTHONMALLOC=malloc."""
+    r = cli("demo", "--seconds", "1", env={**os.environ, "PYTHONOPTIMIZE": "2", "PYTHONMALLOC": "malloc"})
     assert r.returncode == 0, r.stderr
     assert "50 echoed back" in r.stdout and "close codes: session 1000, wrong key 4001" in r.stdout
 
