@@ -80,7 +80,7 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
     after_idle = await settle(pids, wait)
     # A burst as clients make one (a reconnect storm): every connection at once. The
     # sidecar then has them all opening together, each holding its handshake's state
-    # (about 13 KiB); paced 50 at a time it holds a few dozen (docs/benchmarks.md).
+    # (12–14 KiB, benchmarks.pending); paced 50 at a time it holds a few dozen.
     bursting = await open_many(target, burst, burst)
     opened += len(bursting)
     peak = rss_bytes(pids) / 2**20

@@ -8,6 +8,7 @@ Paths (the sidecar's `{model}`):
                  data frame echoed unmasked; ping answered, close answered and closed
   /sink-N        counts bytes, does not parse them; after N bytes sends one text frame
   /source-N-S    on the client's first bytes, sends N binary frames of S bytes
+  /silent        never answers the upgrade (a session held opening)
 
 asyncio on uvloop with BufferedProtocol: one read buffer serves every connection,
 frames are built in advance and written in chunks of about 1 MiB.
@@ -70,6 +71,9 @@ class Upstream(asyncio.BufferedProtocol):
         if end < 0:
             return
         mode, *args = self.head.split(b" ", 2)[1].decode().lstrip("/").split("-")
+        if mode == "silent":
+            self.on_data = self.ignore
+            return
         self.transport.write(response(bytes(self.head[:end])))
         rest = self.head[end + 4:]
         if mode == "echo":
