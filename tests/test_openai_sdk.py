@@ -2,18 +2,20 @@
 virtual key as its API key, against the mock provider."""
 
 import base64
+import ssl
 
 from openai import AsyncOpenAI
 
 from conftest import run
 
 
-async def sdk_session(port: int, key: str, model: str) -> list[str]:
-    """One SDK session through the sidecar: session.created, one audio chunk, its
-    response; returns the event types after session.created."""
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+async def sdk_session(port: int, key: str, model: str, tls: ssl.SSLContext | None = None) -> list[str]:
+    """One SDK session through the sidecar (its wss listener with `tls`, the context
+    that trusts it): session.created, one audio chunk, its response; returns the event
+    types after session.created."""
+    client = AsyncOpenAI(base_url=f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1", api_key=key)
     seen = []
-    async with client.realtime.connect(model=model) as conn:
+    async with client.realtime.connect(model=model, websocket_connection_options={"ssl": tls} if tls else {}) as conn:
         event = await conn.recv()
         assert event.type == "session.created"
         audio = base64.b64encode(bytes(4800)).decode()

@@ -503,6 +503,18 @@ def test_official_openai_node_sdk_over_the_tls_listener(tls_env, key_id):
         assert out["closeCode"] == 4001, out
 
 
+def test_official_openai_python_sdk_over_the_tls_listener(tls_env):
+    """The Python SDK with an https base URL dials the wss listener, trusting its CA.
+    (Not installed with the dependency floors, scripts/min_deps.sh: skipped there.)"""
+    pytest.importorskip("openai")
+    from test_openai_sdk import sdk_session
+
+    sidecar = tls_env[0]
+    seen = run(sdk_session(sidecar.tls_port, sidecar.keys.plain["good"], "mock-realtime",
+                           client_ssl(sidecar.ca_out)))
+    assert seen == ["response.output_audio.delta", "response.done"]
+
+
 async def close_reason(sidecar, provider):
     try:
         async with connect(sidecar.url(provider=provider), additional_headers=sidecar.auth()) as ws:
