@@ -29,9 +29,15 @@ class BadRequest(Exception):
 
 class RequestReader:
     """`feed(data)` until it returns the request; `early` is then what the peer sent
-    past the head. Raises BadRequest; never holds more than `max_bytes` plus one read."""
+    past the head. Raises BadRequest; never holds more than `max_bytes` plus one read.
 
-    __slots__ = ("max_bytes", "size", "reader", "parser", "early")
+    The head's lines go to the parser only once its end (a blank line) has come, or
+    past `max_bytes`, the first line at once: the parser refuses a bad request line as
+    soon as it is read, but a header it has parsed is a handful of Python objects, and a
+    peer without a key that sends 127 of them and never ends its head would hold some
+    40 KiB of them per connection where the bytes are 16."""
+
+    __slots__ = ("max_bytes", "size", "reader", "parser", "held", "given", "early")
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -39,13 +45,28 @@ class RequestReader:
         self.reader = StreamReader()
         self.parser = Request.parse(self.reader.read_line)
         next(self.parser)
+        self.held = bytearray()  # what the peer sent, while its head is unfinished
+        # how much of `held` the parser has had (its request line)
+        self.given = 0
         self.early = b""
 
     def feed(self, data: bytes) -> Request | None:
         self.size += len(data)
-        self.reader.feed_data(data)
+        held = self.held
+        start = len(held)
+        if start:  # the head comes in parts: its end may begin in the two bytes before `data`
+            held += data
+            data = held
+            start = start - 2 if start > 1 else 0
         try:
-            next(self.parser)
+            if data.find(b"\n\r\n", start) >= 0 or data.find(b"\n\n", start) >= 0 or self.size > self.max_bytes:
+                self._give(data[self.given :] if self.given else data)
+            else:
+                if data is not held:
+                    held += data
+                if not self.given and (line := held.find(b"\n") + 1):
+                    self.given = line
+                    self._give(held[:line])
         except StopIteration as done:
             self.early = bytes(self.reader.buffer)
             if self.size - len(self.early) > self.max_bytes:
@@ -59,6 +80,10 @@ class RequestReader:
         if self.size > self.max_bytes:
             raise BadRequest(431, "request headers too large")
         return None
+
+    def _give(self, data) -> None:
+        self.reader.feed_data(data)
+        next(self.parser)
 
 
 def what(exc: Exception) -> str:

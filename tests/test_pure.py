@@ -624,6 +624,35 @@ def test_request_reader_bounds_and_early_bytes():
     assert exc.value.status == 400 and "condt_x" not in str(exc.value)
 
 
+def test_request_reader_parses_header_lines_once_the_head_ends():
+    """A peer's header lines stay bytes until the blank line that ends its head (parsed,
+    each is several objects); its request line is checked as soon as it is read."""
+    head = b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"
+    reader = RequestReader(1024)
+    assert [reader.feed(head[i:i + 1]) for i in range(len(head) - 1)] == [None] * (len(head) - 1)
+    request = reader.feed(head[-1:])
+    assert request.headers["Upgrade"] == "websocket" and reader.early == b""
+    reader = RequestReader(1024)
+    assert reader.feed(b"GET / HTTP/1.1\r\nnot a header\r\nHost: x\r\n") is None
+    with pytest.raises(BadRequest) as exc:
+        reader.feed(b"\r\n")
+    assert exc.value.status == 400
+    for end in (b"\n\n", b"\n\r\n"):               # a line without its CR ends a head too
+        reader = RequestReader(1024)
+        assert reader.feed(b"GET / HTTP/1.1\r\nHost: x") is None
+        with pytest.raises(BadRequest) as exc:
+            reader.feed(end)
+        assert exc.value.status == 400
+    with pytest.raises(BadRequest) as exc:
+        RequestReader(1024).feed(b"GET / HTTP/2.0\r\nHost: x\r\n")
+    assert exc.value.status == 400
+    reader = RequestReader(1024)
+    assert reader.feed(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 150) is None
+    with pytest.raises(BadRequest) as exc:                      # past max_bytes
+        reader.feed(b"X: y\r\n" * 150)
+    assert exc.value.status == 431
+
+
 def test_model_labels_are_bounded():
     """Models come from clients: past MODEL_LABELS_MAX of them a new one is labelled
     `other` (one series each would grow without bound), those seen before keep theirs."""
