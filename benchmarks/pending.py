@@ -9,7 +9,8 @@ opened and closed 50 at a time.
 Cases (docs/hardening.md, "Limits"; docs/benchmarks.md, "A burst at once"):
 - a request head just under the 16 KiB `max_request_bytes`, 127 headers, never ended,
   no key shown: on the ws listener, and on the wss listener (after its TLS handshake);
-- an upgrade with a valid key whose provider never answers: the session opening.
+- an upgrade with a valid key whose provider never answers: the session opening, with
+  the provider leg over ws and over wss (its TLS handshake done, the 101 never sent).
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ async def hold(target: Target, data: bytes, n: int) -> list[asyncio.Transport]:
 async def measure(n: int) -> dict[str, float]:
     figures = {}
     for case in ("ws listener, head unfinished, no key", "wss listener, head unfinished, no key",
-                 "session opening, provider silent"):
+                 "session opening, provider silent", "session opening, wss provider silent"):
         with tempfile.TemporaryDirectory() as workdir:
-            certs = harness.bench_certs(workdir) if case.startswith("wss") else None
-            up, port = harness.upstream(workdir, None)
-            s = harness.sidecar(workdir, port, None, certs)
+            certs = harness.bench_certs(workdir) if "wss" in case else None
+            listener = certs if case.startswith("wss") else None
+            up, port = harness.upstream(workdir, certs if "wss provider" in case else None)
+            s = harness.sidecar(workdir, port, certs if "wss provider" in case else None, listener)
             plain = harness.sidecar_target("ws", s)
-            target = harness.sidecar_target("wss", s, harness.client_context(certs)) if certs else plain
+            target = harness.sidecar_target("wss", s, harness.client_context(certs)) if listener else plain
             pid = s.process.pids()[0]
             try:
                 await churn(plain, 2000)
