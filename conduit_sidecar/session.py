@@ -230,7 +230,7 @@ def _no_slot(host: Host, transport) -> None:
 
 class ClientHandshake(asyncio.Protocol):
     """Reads the client's upgrade request within the size and time limits, then hands
-    the connection to `open_session` and keeps nothing of the request. It holds one
+    the connection to `open_session`, which takes the request from it. It holds one
     of the host's `pending` slots while it reads; with none free a connection gets 503
     at once and lingers as other refusals do (`linger`); on the wss listener it is
     dropped (no TLS handshake is spent on it).
@@ -251,6 +251,7 @@ class ClientHandshake(asyncio.Protocol):
         "early",
         "pause_at",
         "rest",
+        "request",
     )
 
     def __init__(self, host: Host):
@@ -260,6 +261,7 @@ class ClientHandshake(asyncio.Protocol):
         self.early = bytearray()  # what the client sent past its request
         self.pause_at = host.limits.max_request_bytes  # the length of `early` that pauses reading
         self.rest = False  # the request is a REST call (see _is_rest), not an upgrade
+        self.request: Request | None = None  # read, until open_session takes it
 
     def connection_made(self, transport):
         self.transport = transport
@@ -331,10 +333,11 @@ class ClientHandshake(asyncio.Protocol):
             return
         self._done_reading()
         self.rest = _is_rest(request)
+        self.request = request
         if reader.early:
             self._keep(reader.early)
         task = self.task = asyncio.get_running_loop().create_task(
-            open_session(self.host, self.transport, request, self)
+            open_session(self.host, self.transport, self)
         )
         self.host.opening.add(task)
         task.add_done_callback(self.host.opening.discard)
@@ -641,14 +644,15 @@ class _Opening:
         self.relayed = False  # the relay has both legs
 
 
-async def open_session(host: Host, transport, request: Request, client: ClientHandshake):
-    """Open the session `request` asks for on `transport`. A bug of ours on the way
-    (an exception nothing here expects) is logged with its traceback and ends the
-    session, 500 before the 101 and 1011 after it, with whatever it held released:
-    the client is never left waiting on a socket nobody reads."""
+async def open_session(host: Host, transport, client: ClientHandshake):
+    """Open the session that the request `client` read asks for on `transport`. A bug
+    of ours on the way (an exception nothing here expects) is logged with its
+    traceback and ends the session, 500 before the 101 and 1011 after it, with
+    whatever it held released: the client is never left waiting on a socket nobody
+    reads."""
     opening = _Opening()
     try:
-        await _open(host, transport, request, client, opening)
+        await _open(host, transport, client, opening)
     except Exception:
         log.exception("session failed: a bug of ours", extra={"event": "internal_error"})
         if opening.relayed:
@@ -669,11 +673,16 @@ async def open_session(host: Host, transport, request: Request, client: ClientHa
         host.linger(transport)
 
 
-async def _open(host: Host, transport, request: Request, client: ClientHandshake, opening: _Opening):
+async def _open(host: Host, transport, client: ClientHandshake, opening: _Opening):
+    request, client.request = client.request, None
+    assert request is not None
     if client.rest:
         await _rest(host, transport, request)
         return
     decision = decide(request, host.admission())
+    # The decision keeps what the session needs; the parsed request (a few KB of
+    # headers) is not held while the provider is slow to answer.
+    del request
     if isinstance(decision, Refuse):
         _refused(host, decision)
         client.refused(decision.response.serialize())
