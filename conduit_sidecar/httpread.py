@@ -53,16 +53,21 @@ class RequestReader:
     def feed(self, data: bytes) -> Request | None:
         self.size += len(data)
         held = self.held
+        seen: bytes | bytearray = data  # what came so far: `data`, or `held` with it
         start = len(held)
         if start:  # the head comes in parts: its end may begin in the two bytes before `data`
             held += data
-            data = held
+            seen = held
             start = start - 2 if start > 1 else 0
         try:
-            if data.find(b"\n\r\n", start) >= 0 or data.find(b"\n\n", start) >= 0 or self.size > self.max_bytes:
-                self._give(data[self.given :] if self.given else data)
+            if (
+                seen.find(b"\n\r\n", start) >= 0
+                or seen.find(b"\n\n", start) >= 0
+                or self.size > self.max_bytes
+            ):
+                self._give(seen[self.given :] if self.given else seen)
             else:
-                if data is not held:
+                if seen is not held:
                     held += data
                 if not self.given and (line := held.find(b"\n") + 1):
                     self.given = line
@@ -81,7 +86,7 @@ class RequestReader:
             raise BadRequest(431, "request headers too large")
         return None
 
-    def _give(self, data) -> None:
+    def _give(self, data: bytes | bytearray) -> None:
         self.reader.feed_data(data)
         next(self.parser)
 
