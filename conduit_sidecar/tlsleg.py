@@ -33,6 +33,8 @@ _CLOSE_SECONDS = 5.0
 # it came: 9 bytes of a connection held 123 KiB of the server. A real ClientHello is a
 # few KiB; one that fits the 16 KiB each handshake sets up at its start costs no more.
 _HELLO_MAX = 16384 - 4
+# What one write to a stream's memory BIO holds at most (see data_received).
+_PIECE = 4096
 # A ServerHello with this random is a HelloRetryRequest (RFC 8446 4.1.3).
 _RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 
@@ -97,7 +99,21 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             data = self._screen(data)
             if data is None:
                 return
+        if len(data) > _PIECE:
+            # A memory BIO keeps for good the room its largest write took: a read goes
+            # to it in pieces, each taken before the next, while the app takes them.
+            view, at = memoryview(data), 0
+            while len(data) - at > _PIECE and not (self.paused or self.blocked or self.raw.is_closing()):
+                self.incoming.write(view[at : at + _PIECE])
+                at += _PIECE
+                self._take()
+            if self.raw.is_closing():
+                return
+            data = view[at:]
         self.incoming.write(data)
+        self._take()
+
+    def _take(self):
         if self.handshaken or self._handshake():
             self._deliver()
 

@@ -22,7 +22,10 @@ from test_key_reload import SecretVolume
 from test_relay_tls import libssl, ssl_pointer
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
 from conduit_sidecar import _relay, ktls, tls
 from conduit_sidecar.mock import MockProvider
@@ -417,6 +420,35 @@ def test_the_request_is_answered_however_it_follows_the_handshake(tls_env, versi
             sock.sendall(request)
         # Not left to the handshake timeout (10 s): the socket's 5 s would end the read.
         assert _answer(sock, tls, incoming) == b"HTTP/1.1 404 Not Found"
+
+
+def test_a_first_frame_sent_with_the_finished_and_the_request_reaches_the_provider_whole(tls_env):
+    """The client's Finished, its upgrade request and a 60 KiB first frame in one send:
+    the listener writes what it reads to its memory BIO in pieces (a BIO keeps the room
+    of its largest write for good), stops when the request reader pauses and leaves
+    the rest there for the relay. The frame reaches the provider whole and comes back."""
+    sidecar = tls_env[0]
+    sock, tls, incoming, outgoing = _bio_client(sidecar)
+    client = ClientProtocol(parse_uri(wss_url(sidecar)), max_size=None)
+    request = client.connect()
+    request.headers.update(sidecar.auth())
+    client.send_request(request)
+    payload = os.urandom(60_000)
+    frames = []
+    with sock:
+        finished = outgoing.read()
+        tls.write(b"".join(client.data_to_send()) + Frame(Opcode.BINARY, payload).serialize(mask=True))
+        sock.sendall(finished + outgoing.read())
+        while len(frames) < 2:
+            try:
+                client.receive_data(tls.read(65536))
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                assert data, f"the connection ended after {frames}"
+                incoming.write(data)
+            frames += [e for e in client.events_received() if isinstance(e, Frame)]
+    assert client.handshake_exc is None
+    assert b"session.created" in frames[0].data and bytes(frames[1].data) == payload
 
 
 def test_the_tls_listener_sends_nothing_unasked_after_its_tls13_handshake(tls_env):
