@@ -104,17 +104,10 @@ class _UpstreamHandshake(asyncio.Protocol):
     bytes after the response are kept for the relay."""
 
     def __init__(self, request: bytes):
+        # The request until it is sent, the parser from the response's first bytes: a
+        # session opening holds neither while its provider is slow to answer.
         self.request = request
-        self.reader = StreamReader()
-        # Proxy mode: the status line and headers only. A refusal's body is never used,
-        # and waiting for it turned a body that is slow, endless or cut short into a
-        # timeout or an invalid response: the status, and what it says of the deployment
-        # (Retry-After, 401, 404), was lost. (It takes an HTTP/1.0 status line too, which
-        # RFC 6455 4.1 does not ask a client to refuse.)
-        self.parser = Response.parse(
-            self.reader.read_line, self.reader.read_exact, self.reader.read_to_eof, proxy=True
-        )
-        next(self.parser)
+        self.reader: StreamReader | None = None
         self.result = asyncio.get_running_loop().create_future()
         self.size = 0
 
@@ -123,13 +116,29 @@ class _UpstreamHandshake(asyncio.Protocol):
 
     def send_request(self):
         self.transport.write(self.request)
+        self.request = b""
 
-    def _step(self):
+    def _step(self, data: bytes | None) -> None:
+        """The response's next bytes to the parser (None: the connection's end)."""
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = StreamReader()
+            # Proxy mode: the status line and headers only. A refusal's body is never
+            # used, and waiting for it turned a body that is slow, endless or cut short
+            # into a timeout or an invalid response: the status, and what it says of the
+            # deployment (Retry-After, 401, 404), was lost. (It takes an HTTP/1.0 status
+            # line too, which RFC 6455 4.1 does not ask a client to refuse.)
+            self.parser = Response.parse(reader.read_line, reader.read_exact, reader.read_to_eof, proxy=True)
+            next(self.parser)
+        if data is None:
+            reader.feed_eof()
+        else:
+            reader.feed_data(data)
         try:
             next(self.parser)
         except StopIteration as done:
             self.transport.pause_reading()
-            self._set((done.value, bytes(self.reader.buffer)))
+            self._set((done.value, bytes(reader.buffer)))
         except Exception as exc:
             self._set(
                 Failed("invalid", f"upstream sent an invalid HTTP response ({what(exc)})", "bad response")
@@ -144,14 +153,12 @@ class _UpstreamHandshake(asyncio.Protocol):
 
     def data_received(self, data):
         self.size += len(data)
-        self.reader.feed_data(data)
-        self._step()
+        self._step(data)
         if not self.result.done() and self.size > _MAX_RESPONSE_BYTES:
             self._set(Failed("invalid", "upstream response too large", "bad response"))
 
     def eof_received(self):
-        self.reader.feed_eof()
-        self._step()
+        self._step(None)
         return False
 
     def connection_lost(self, exc):
@@ -244,6 +251,7 @@ async def _attempt(
     uri = upstream.uri
     key, request = prepared.new()
     proto = _UpstreamHandshake(request)
+    del request  # the protocol's, until it is sent
     stage = "TCP connect"
     transport = None
     deadline = _Deadline(loop, timeout)
