@@ -69,7 +69,8 @@ class RequestReader:
             else:
                 if seen is not held:
                     held += data
-                if not self.given and (line := held.find(b"\n") + 1):
+                # Only the new bytes: none before them ended the request line.
+                if not self.given and (line := held.find(b"\n", len(held) - len(data)) + 1):
                     self.given = line
                     self._give(held[:line])
         except StopIteration as done:
