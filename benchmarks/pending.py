@@ -28,6 +28,13 @@ from .memory import churn, settle
 
 _PAD = b"".join(b"X-Pad-%03d: %s\r\n" % (i, b"a" * 110) for i in range(127))
 UNFINISHED = b"GET /v1/realtime/connect HTTP/1.1\r\n" + _PAD  # 15.9 KiB, no blank line
+# (name, the wss listener, the provider leg over wss, an upgrade to a silent provider)
+CASES = (
+    ("ws listener, head unfinished, no key", False, False, False),
+    ("wss listener, head unfinished, no key", True, False, False),
+    ("session opening, provider silent", False, False, True),
+    ("session opening, wss provider silent", False, True, True),
+)
 
 
 async def hold(target: Target, data: bytes, n: int) -> list[asyncio.Transport]:
@@ -45,20 +52,20 @@ async def hold(target: Target, data: bytes, n: int) -> list[asyncio.Transport]:
 
 async def measure(n: int) -> dict[str, float]:
     figures = {}
-    for case in ("ws listener, head unfinished, no key", "wss listener, head unfinished, no key",
-                 "session opening, provider silent", "session opening, wss provider silent"):
+    for case, wss_listener, wss_provider, opening in CASES:
         with tempfile.TemporaryDirectory() as workdir:
-            certs = harness.bench_certs(workdir) if "wss" in case else None
-            listener = certs if case.startswith("wss") else None
-            up, port = harness.upstream(workdir, certs if "wss provider" in case else None)
-            s = harness.sidecar(workdir, port, certs if "wss provider" in case else None, listener)
+            certs = harness.bench_certs(workdir) if wss_listener or wss_provider else None
+            provider_certs = certs if wss_provider else None
+            up, port = harness.upstream(workdir, provider_certs)
+            s = harness.sidecar(workdir, port, provider_certs, certs if wss_listener else None)
             plain = harness.sidecar_target("ws", s)
-            target = harness.sidecar_target("wss", s, harness.client_context(certs)) if listener else plain
+            target = (harness.sidecar_target("wss", s, harness.client_context(certs))
+                      if wss_listener else plain)
             pid = s.process.pids()[0]
             try:
                 await churn(plain, 2000)
                 data = (request(target.path("silent"), f"{target.host}:{target.port}", target.headers)
-                        if case.startswith("session") else UNFINISHED)
+                        if opening else UNFINISHED)
                 rest = await settle([pid], 3)
                 held = await hold(target, data, n)
                 during = await settle([pid], 2)

@@ -103,7 +103,7 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             # A memory BIO keeps for good the room its largest write took: a read goes
             # to it in pieces, each taken before the next, while the app takes them.
             view, at = memoryview(data), 0
-            while len(data) - at > _PIECE and not (self.paused or self.blocked or self.raw.is_closing()):
+            while len(data) - at > _PIECE and self._taking():
                 self.incoming.write(view[at : at + _PIECE])
                 at += _PIECE
                 self._take()
@@ -211,11 +211,16 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             self.waiter.set_result(None)
         return True
 
+    def _taking(self) -> bool:
+        """Whether decrypted bytes go to the app now: not while it pauses, a full
+        write buffer blocks reading, or the socket closes."""
+        return not (self.paused or self.blocked or self.raw.is_closing())
+
     def _deliver(self):
         """Decrypted bytes to the app, until it pauses (the rest stays for the relay,
         or for its next resume_reading); the socket is read again only once every
         record read so far was taken."""
-        while not (self.paused or self.blocked or self.raw.is_closing()):
+        while self._taking():
             try:
                 data = self.sslobj.read(_READ)
             except ssl.SSLWantReadError:
