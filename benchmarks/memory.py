@@ -10,8 +10,9 @@ this process (raw sockets, `loadgen.connect`) against the benchmark upstream.
                                                 # PYTHONMALLOC=malloc unless set otherwise)
 
 Method (docs/benchmarks.md, "Memory"):
-- at rest: after the warm-up, `warm` sessions opened and closed 50 at a time (every
-  code path and cache touched once, but never more than 50 sessions held);
+- at rest: six seconds after the warm-up, `warm` sessions opened and closed 50 at a
+  time (every code path and cache touched once, but never more than 50 sessions
+  held), as after the bursts below;
 - per idle session: RSS growth from 1 held session to `idle`, then to 2 × `idle`,
   divided by the sessions added. The warm-up never held that many, so the growth is
   what each session costs, not freed memory reused;
@@ -66,7 +67,7 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
     pids = target.pids()
     fresh = await settle(pids, 0.5)
     await churn(target, warm)
-    rest = await settle(pids)
+    rest = await settle(pids, wait)
     held = [await connect(target, "echo")]
     await asyncio.sleep(0.5)
     one = rss_bytes(pids)

@@ -53,35 +53,43 @@ class Trimmer:
     """`grew(live)` on each new session, `check(live)` now and then: trims whenever
     the live count is `drop` sessions or more below its peak since the last trim,
     and once more when such a fall has ended (its last sessions may close fewer than
-    `drop` at a time), then also releasing the caches above. `trim()` also after
-    start-up, whose temporary objects leave free heap behind."""
+    `drop` at a time), then also releasing the caches above. A light load's churn
+    (sessions opening and closing a few at a time, never `drop` live) leaves free
+    heap too, between pages that live objects keep, which no fall ever trims: with
+    fewer than `drop` live, `drop` ended since the last trim, and the count not
+    rising, a check trims. Not with more live: a trim pauses the loop for
+    milliseconds on a large heap. `trim()` also after start-up, whose temporary
+    objects leave free heap behind."""
 
-    __slots__ = ("drop", "peak", "last", "falling", "spare")
+    __slots__ = ("drop", "peak", "last", "falling", "spare", "opened", "base")
 
     def __init__(self, drop: int = 256):
         self.drop = drop
         self.peak = self.last = 0
+        self.opened = self.base = 0  # sessions opened since the last trim, live then
         self.falling = False  # a fall of `drop` or more is under way
         # Handles made at rest, kept to refill uvloop's free lists in place of a
         # burst's (about 64 KiB); made at the first check, after start-up.
         self.spare: list[asyncio.Handle] | None = None
 
     def grew(self, live: int) -> None:
+        self.opened += 1
         if live > self.peak:
             self.peak = live
 
     def check(self, live: int) -> bool:
         if self.spare is None:  # at start, and back from the free lists after a release
             self.spare = _handles()
-        still_falling, self.last = live < self.last, live
+        still_falling, rising, self.last = live < self.last, live > self.last, live
         if self.peak - live >= self.drop:
             self.falling = True
         elif self.falling and not still_falling:
             self.falling = False
             self.release()
-        else:
+        elif rising or live >= self.drop or self.base + self.opened - live < self.drop:
             return False
-        self.peak = live
+        self.peak = self.base = live
+        self.opened = 0
         self.trim()
         return True
 

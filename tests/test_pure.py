@@ -738,6 +738,37 @@ def test_memory_is_trimmed_on_a_fall_of_drop_sessions_and_once_more_when_it_ends
     assert len(trims) == 2
 
 
+def test_memory_is_trimmed_once_drop_sessions_ended_under_a_light_load(monkeypatch):
+    """Sessions replaced a few at a time never fall `drop` below a peak, yet leave
+    free heap between live objects: once `drop` have ended since the last trim, a
+    check with fewer than `drop` live and the count not rising trims."""
+    import uvloop
+
+    from conduit_sidecar import trim
+
+    trims = []
+    monkeypatch.setattr(trim._relay, "malloc_trim", lambda: trims.append(1))
+
+    async def churn():
+        trimmer = trim.Trimmer(drop=4)
+        checks = []
+        trimmer.grew(1)
+        trimmer.grew(2)
+        checks.append(trimmer.check(2))  # none ended
+        for live in (2, 2, 2, 2, 3):
+            trimmer.grew(live)  # four replaced, one more
+        checks.append(trimmer.check(3))  # four ended, but the count is rising
+        trimmer.grew(4)
+        checks.append(trimmer.check(4))
+        checks.append(trimmer.check(4))  # steady, but `drop` are live
+        checks.append(trimmer.check(3))  # a fifth ended
+        checks.append(trimmer.check(3))  # none since
+        return checks
+
+    assert uvloop.run(churn()) == [False, False, False, False, True, False]
+    assert len(trims) == 1
+
+
 def test_a_falls_end_puts_the_spare_handles_in_uvloops_free_lists_for_the_bursts():
     """After a burst, uvloop's handle free lists hold the burst's last handles, which
     keep its pymalloc arenas (docs/benchmarks.md, "Memory"). When the fall ends, the
