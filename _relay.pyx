@@ -270,6 +270,17 @@ def tls_buffers_releasable(unsigned long version):
 TLS_BUFFERS_RELEASED = NATIVE_TLS and tls_buffers_releasable(OpenSSL_version_num())
 cdef bint _release_tls_buffers = TLS_BUFFERS_RELEASED
 
+def tls_free_buffers(object sslobj):
+    """Hand back the record buffers of `sslobj` (an ssl.SSLObject) after a read that
+    found no record: OpenSSL keeps its read buffer after a post-handshake message (a
+    client's session tickets), where SSL_MODE_RELEASE_BUFFERS frees it only after
+    application data. False when the buffers stay (one holds a record's first part,
+    or this OpenSSL's SSL_free_buffers is not safe: TLS_BUFFERS_RELEASED)."""
+    if not _release_tls_buffers:
+        return False
+    return SSL_free_buffers(ssl_of(sslobj)) == 1
+
+
 def tls_keep_secrets(object context):
     """From now on, each TLS handshake of `context` (an ssl.SSLContext, NATIVE_TLS)
     keeps its side's first application traffic secret for `tls_take_secret`; False

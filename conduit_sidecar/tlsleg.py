@@ -224,6 +224,9 @@ class TLSStream(asyncio.Protocol, asyncio.Transport):
             try:
                 data = self.sslobj.read(_READ)
             except ssl.SSLWantReadError:
+                # A provider's session tickets leave OpenSSL's 16 KiB read buffer set up
+                # while the leg waits for its 101 (the relay frees an idle leg's too).
+                _relay.tls_free_buffers(self.sslobj)
                 self.raw.resume_reading()
                 break
             except ssl.SSLZeroReturnError:
