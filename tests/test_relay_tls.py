@@ -11,7 +11,6 @@ import asyncio
 import base64
 import ctypes
 import ctypes.util
-import gc
 import os
 import socket
 import ssl
@@ -171,23 +170,6 @@ def test_records_read_in_parts_on_both_legs(pki):
     assert run(body()) == 1000
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-
-def _live_heap() -> int:
-    """Bytes malloc has handed out and not had back: glibc's mallinfo2, or ASan's
-    count where its allocator replaces glibc's (scripts/asan.sh)."""
-    process = ctypes.CDLL(None)
-    if hasattr(process, "__sanitizer_get_current_allocated_bytes"):
-        process.__sanitizer_get_current_allocated_bytes.restype = ctypes.c_size_t
-        return process.__sanitizer_get_current_allocated_bytes()
-    process.mallinfo2.restype = _MallInfo2
-    info = process.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 # A TLS 1.3 server that sends its session tickets after each handshake and then
 # reads and writes nothing: a provider that never answers the upgrade.
 _SILENT_PROVIDER = """
@@ -201,44 +183,78 @@ while True:
     held.append(context.wrap_socket(server.accept()[0], server_side=True))
 """
 
+# Provider legs as the sidecar opens them, waiting for their 101: what each adds to
+# the heap (bytes malloc handed out and has not had back: glibc's mallinfo2, or
+# ASan's count where its allocator replaces glibc's, scripts/asan.sh). A process of
+# its own: frees of an earlier test's objects would count against it.
+_WAITING_LEGS = """
+import asyncio, ctypes, gc, ssl, sys
+from conduit_sidecar import _relay, tlsleg
+port, cafile, kept, count = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "kept", 40
+if kept:
+    _relay.tls_free_buffers = lambda sslobj: False
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+def live():
+    process = ctypes.CDLL(None)
+    if hasattr(process, "__sanitizer_get_current_allocated_bytes"):
+        process.__sanitizer_get_current_allocated_bytes.restype = ctypes.c_size_t
+        return process.__sanitizer_get_current_allocated_bytes()
+    process.mallinfo2.restype = MallInfo2
+    info = process.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+class App(asyncio.Protocol):
+    def data_received(self, data): pass
+    def connection_lost(self, exc): pass
+
+async def main():
+    loop = asyncio.get_running_loop()
+    context = ssl.create_default_context(cafile=cafile)
+    async def leg():
+        raw, app = await loop.create_connection(App, "127.0.0.1", port)
+        stream = await tlsleg.start_tls(raw, app, context, "127.0.0.1")
+        stream.write(b"GET / HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+        return stream
+    await leg()  # one-off allocations (the context's, OpenSSL's) before the count
+    await asyncio.sleep(0.2)
+    gc.collect()
+    before = live()
+    streams = [await leg() for _ in range(count)]
+    await asyncio.sleep(0.5)  # the tickets arrive and are read
+    gc.collect()
+    grown = (live() - before) / count
+    assert all(stream.sslobj.session.has_ticket for stream in streams)
+    print(grown)
+
+asyncio.run(main())
+"""
+
 
 @pytest.mark.skipif(not _relay.TLS_BUFFERS_RELEASED, reason="this OpenSSL's SSL_free_buffers is not safe")
-def test_a_provider_leg_waiting_for_its_101_keeps_no_read_buffer_after_the_tickets(tmp_path, monkeypatch):
+def test_a_provider_leg_waiting_for_its_101_keeps_no_read_buffer_after_the_tickets(tmp_path):
     """A TLS 1.3 server sends its session tickets after the handshake. Reading them
     sets up OpenSSL's 16 KiB read buffer, which SSL_MODE_RELEASE_BUFFERS frees only
     after application data: a provider leg waiting for its 101 (a slow provider, a
     burst of openings) would hold it. The stream hands it back: 40 legs to a silent
-    provider (in its own process) hold 12 KiB or more less each than with that call
-    left out."""
+    provider hold 12 KiB or more less each than with that call left out."""
     ca = CA()
-    client_ctx = ssl.create_default_context(cafile=ca.write(tmp_path / "ca.pem"))
+    cafile = ca.write(tmp_path / "ca.pem")
     provider = subprocess.Popen([sys.executable, "-c", _SILENT_PROVIDER, *ca.issue(tmp_path)],
                                 stdout=subprocess.PIPE)
-
-    async def waiting(count):
-        loop = asyncio.get_running_loop()
-        gc.collect()  # earlier tests' garbage, freed now and not while this counts
-        before, streams = _live_heap(), []
-        for _ in range(count):
-            raw, app = await loop.create_connection(HttpHead, "127.0.0.1", port)
-            stream = await tlsleg.start_tls(raw, app, client_ctx, "127.0.0.1")
-            stream.write(_upgrade_request())
-            streams.append(stream)
-        await asyncio.sleep(0.5)  # the tickets arrive and are read
-        gc.collect()
-        grown = (_live_heap() - before) / count
-        assert all(stream.sslobj.session.has_ticket for stream in streams)
-        for stream in streams:
-            stream.abort()
-        return grown
-
     try:
-        port = int(provider.stdout.readline())
-        freeing = _relay.tls_free_buffers
-        monkeypatch.setattr(_relay, "tls_free_buffers", lambda sslobj: False)
-        kept = run(waiting(40))
-        monkeypatch.setattr(_relay, "tls_free_buffers", freeing)
-        handed_back = run(waiting(40))
+        port = provider.stdout.readline().decode().strip()
+
+        def grown(mode):
+            out = subprocess.run([sys.executable, "-c", _WAITING_LEGS, port, cafile, mode],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return float(out.stdout)
+
+        kept, handed_back = grown("kept"), grown("handed back")
     finally:
         provider.kill()
         provider.wait()
