@@ -3,6 +3,8 @@ files) and verified wss upstreams."""
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -597,6 +599,93 @@ def test_tls_provider_without_its_ca_is_refused(tls_env):
     code, reason = run(body())
     assert code == 1014
     assert reason == "upstream TLS failure: unable to get local issuer certificate"
+
+
+def _hashed_name(pem: bytes) -> str:
+    """OpenSSL's file name for a CA in a hashed directory (as `openssl rehash` names it)."""
+    crypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+    crypto.BIO_new_mem_buf.restype = ctypes.c_void_p
+    crypto.BIO_new_mem_buf.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    crypto.PEM_read_bio_X509.restype = ctypes.c_void_p
+    crypto.PEM_read_bio_X509.argtypes = [ctypes.c_void_p] * 4
+    crypto.X509_subject_name_hash.restype = ctypes.c_ulong
+    crypto.X509_subject_name_hash.argtypes = [ctypes.c_void_p]
+    crypto.X509_free.argtypes = crypto.BIO_free.argtypes = [ctypes.c_void_p]
+    bio = crypto.BIO_new_mem_buf(pem, len(pem))
+    x509 = crypto.PEM_read_bio_X509(bio, None, None, None)
+    try:
+        return f"{crypto.X509_subject_name_hash(x509):08x}.0"
+    finally:
+        crypto.X509_free(x509)
+        crypto.BIO_free(bio)
+
+
+def test_system_cas_are_read_from_their_hashed_directory_as_verification_asks(tmp_path, monkeypatch):
+    """A provider context trusts the system's CAs through OpenSSL's hashed directory, a
+    certificate read when a verification asks for it: none is loaded before the first
+    handshake (the whole bundle was, into each context: 0.9 MiB for Debian's), the one
+    a provider's chain needs after it. SSL_CERT_FILE or SSL_CERT_DIR naming another
+    bundle or directory: OpenSSL's default, which loads the bundle. (The system's
+    paths are this test's: its CA has no place in the machine's.)"""
+    from conduit_sidecar.config import Config
+    from conduit_sidecar.routing import Router
+
+    ca, other = CA(), CA("another CA")
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    for authority in (ca, other):
+        (directory / _hashed_name(authority.pem())).write_bytes(authority.pem())
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(ca.pem() + other.pem())
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: ssl.DefaultVerifyPaths(
+        str(bundle), str(directory), "SSL_CERT_FILE", str(bundle), "SSL_CERT_DIR", str(directory)))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    context = Router(Config(), environ={}).ssl_context(None)
+    assert context.cert_store_stats()["x509"] == 0
+
+    async def handshake():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0,
+                                            ssl=ca.server_context(tmp_path))
+        async with server:
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", server.sockets[0].getsockname()[1], ssl=context, server_hostname="127.0.0.1")
+            writer.close()
+
+    run(handshake())
+    assert context.cert_store_stats()["x509"] == 1
+
+    monkeypatch.setenv("SSL_CERT_FILE", other.write(tmp_path / "other.pem"))
+    assert Router(Config(), environ={}).ssl_context(None).cert_store_stats()["x509"] == 1
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the system's own, named
+    assert Router(Config(), environ={}).ssl_context(None).cert_store_stats()["x509"] == 0
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    assert Router(Config(), environ={}).ssl_context(None).cert_store_stats()["x509"] == 2
+
+
+def test_a_provider_signed_by_a_ca_in_the_bundle_ssl_cert_file_names(tmp_path, mock_provider):
+    """SSL_CERT_FILE naming a bundle other than the system's: its CAs are trusted (the
+    hashed directory, here empty, is not used in its place)."""
+    ca = CA()
+    (tmp_path / "empty").mkdir()
+    port = held_port()
+    providers = f"""
+        {mock_provider.section()}
+
+        [providers.bundled]
+        url = "wss://127.0.0.1:{port}/v1/realtime?model={{model}}"
+        """
+    sidecar = SidecarProcess(str(tmp_path), providers, standard_keys(), env={
+        "SSL_CERT_FILE": ca.write(tmp_path / "bundle.pem"), "SSL_CERT_DIR": str(tmp_path / "empty")}).start()
+
+    async def body():
+        async with MockProvider(port=port, ssl=ca.server_context(tmp_path)):
+            async with connect(sidecar.url(provider="bundled"), additional_headers=sidecar.auth()) as ws:
+                return json.loads(await ws.recv())["type"]
+    try:
+        assert run(body()) == "session.created"
+    finally:
+        sidecar.stop()
 
 
 def test_tls_provider_with_a_certificate_for_another_name(tls_env):
