@@ -255,6 +255,8 @@ def test_a_provider_leg_waiting_for_its_101_keeps_no_read_buffer_after_the_ticke
             return float(out.stdout)
 
         kept, handed_back = grown("kept"), grown("handed back")
+        print(f"heap per waiting leg: {kept / 1024:.1f} KiB with the read buffer kept, "
+              f"{handed_back / 1024:.1f} handed back")
     finally:
         provider.kill()
         provider.wait()
