@@ -84,15 +84,23 @@ def _unraisable(unraisable) -> None:
     logging.getLogger("conduit.unraisable").error("an exception Python could only ignore", extra=fields)
 
 
+# Writes at most this often: under a high rate of lines (a session's end is logged
+# thousands of times a second) a write per loop turn cost 5% of a session's CPU.
+_WRITE_EVERY = 0.01
+
+
 class LoopTurnHandler(logging.StreamHandler):
     """Lines logged during one turn of the event loop go out in one write at its end,
-    not one system call each. Outside a running loop each line is written at once;
-    `logging.shutdown` flushes what a stopped loop left."""
+    not one system call each, and no sooner than _WRITE_EVERY after the last write:
+    a line waits at most that long, and only when lines come faster. Outside a
+    running loop each line is written at once; `logging.shutdown` flushes what a
+    stopped loop left."""
 
     def __init__(self, stream):
         super().__init__(stream)
         self.lines: list[str] = []
         self.failing = False  # the last write failed (and was reported)
+        self.written = -_WRITE_EVERY  # time.monotonic() of the last write
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -104,11 +112,17 @@ class LoopTurnHandler(logging.StreamHandler):
 
     def add(self, line: str) -> None:
         self.lines.append(line)
-        if len(self.lines) == 1:  # the first of this turn: flush once the turn ends
+        if len(self.lines) == 1:  # the first since the last write
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:
                 self.flush()
+                return
+            wait = self.written + _WRITE_EVERY - time.monotonic()
+            if wait > 0:
+                loop.call_later(wait, self.flush)
+            else:  # once the turn ends
+                loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
@@ -117,6 +131,7 @@ class LoopTurnHandler(logging.StreamHandler):
                 if lines:
                     lines.append("")
                     self.write("\n".join(lines))
+                    self.written = time.monotonic()
                 self.stream.flush()
                 self.failing = False
             except Exception:  # stdout gone: the lines are lost, never raised into the loop

@@ -1,5 +1,6 @@
-"""The JSON lines on stdout: one write per loop turn, and the session-end fast path
-gives the line the logger would, and yields to any other handler or filter."""
+"""The JSON lines on stdout: one write per loop turn (and at most one per
+_WRITE_EVERY), and the session-end fast path gives the line the logger would, and
+yields to any other handler or filter."""
 
 import asyncio
 import fcntl
@@ -67,6 +68,34 @@ def test_lines_of_one_loop_turn_go_out_in_one_write_when_it_ends(stream):
         ("hello", 0), ("hello", 1), ("hello", 2), ("fast", 3)
     ]
     assert stream.writes == 1
+
+
+def test_under_a_high_rate_of_lines_the_writes_come_no_closer_than_write_every(stream, monkeypatch):
+    """A write per loop turn cost 5% of a session's CPU when sessions ended a turn
+    each (docs/benchmarks.md, "The session-end line's write"). A line logged in a
+    later turn soon after a write waits for _WRITE_EVERY to pass; the lines of the
+    turns meanwhile go out with it, in order, in one write."""
+    monkeypatch.setattr(logs, "_WRITE_EVERY", 0.5)
+    log = logging.getLogger("conduit.test")
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        logs.info(log, "first", {"n": 0})
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert stream.writes == 1  # at the end of its turn: none written before it
+        written = loop.time()
+        for i in range(1, 6):  # five more turns, a line each
+            logs.info(log, "later", {"n": i})
+            await asyncio.sleep(0)
+        assert stream.writes == 1  # held
+        while stream.writes == 1:
+            await asyncio.sleep(0.01)
+        return loop.time() - written
+
+    waited = asyncio.run(body())
+    assert waited >= 0.45 and stream.writes == 2
+    assert [line["n"] for line in _lines(stream)] == [0, 1, 2, 3, 4, 5]
 
 
 def test_outside_a_loop_each_line_is_written_at_once(stream):
