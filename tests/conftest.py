@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -211,6 +212,15 @@ class SidecarProcess(Process):
         # Whole lines only: a test that polls the log can read a line still being written.
         return [json.loads(line) for line in self.output().splitlines(keepends=True)
                 if line.startswith("{") and line.endswith("\n")]
+
+    def wait_lines(self, match, count: int = 1, timeout: float = 10) -> list[dict]:
+        """The log's lines that `match`, once there are `count` of them: a line can
+        wait up to 10 ms for its write (logs._WRITE_EVERY) after the event a test saw."""
+        deadline = time.monotonic() + timeout
+        while len(lines := [line for line in self.log_lines() if match(line)]) < count:
+            assert time.monotonic() < deadline, f"{len(lines)} of {count} lines logged"
+            time.sleep(0.01)
+        return lines
 
     def url(self, model="mock-realtime", provider="mock", path="/v1/realtime/connect") -> str:
         query = "&".join(f"{k}={v}" for k, v in (("model", model), ("provider", provider)) if v)

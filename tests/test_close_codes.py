@@ -57,8 +57,8 @@ def test_disallowed_model_and_provider_get_4003(sidecar):
     assert run(close_of(sidecar.url(), sidecar.auth("models-only"))) == (
         4003, "model 'mock-realtime' not allowed for this key")
     # The log line names the key refused (its id: never the key itself).
-    assert {(line["key_id"], line["code"]) for line in sidecar.log_lines()
-            if line.get("event") == "rejected" and line["reason"].startswith("model 'mock-realtime'")
+    assert {(line["key_id"], line["code"]) for line in sidecar.wait_lines(
+        lambda line: line.get("event") == "rejected" and line["reason"].startswith("model 'mock-realtime'"))
             } == {("models-only", 4003)}
 
 

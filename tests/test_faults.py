@@ -731,11 +731,11 @@ def test_a_bug_of_ours_ends_the_session_with_500_or_1011_and_frees_what_it_held(
         refused, close = run(body())
         assert refused.startswith(b"HTTP/1.1 500 ") and refused.endswith(b"internal error\n")
         assert (close.code, close.reason) == (1011, "internal error")
-        bugs = [line for line in sidecar.log_lines() if line.get("event") == "internal_error"]
+        bugs = sidecar.wait_lines(lambda line: line.get("event") == "internal_error", 3)
         assert len(bugs) == 3
         assert all("builtins.RuntimeError (message not logged)" in b["error"] for b in bugs)
         assert [b["error"].count("File ") > 2 for b in bugs] == [True] * 3  # the frames are there
-        loop_errors = [line for line in sidecar.log_lines() if line.get("event") == "loop_error"]
+        loop_errors = sidecar.wait_lines(lambda line: line.get("event") == "loop_error")
         assert len(loop_errors) == 1 and "in faulty" in loop_errors[0]["error"]
         output = sidecar.output()
         assert "injected fault" not in output and keys.plain["one"] not in output
@@ -802,7 +802,7 @@ def test_a_client_that_leaves_while_its_session_opens_frees_the_upstream_and_its
     try:
         answered = run(body())
         counts = http_get(sidecar.admin("/metrics"))[1]
-        ended = [line for line in sidecar.log_lines() if line.get("event") in ("client_gone", "session_end")]
+        ended = sidecar.wait_lines(lambda line: line.get("event") in ("client_gone", "session_end"))
     finally:
         sidecar.stop()
     assert not answered  # let go before the provider's 101 (it comes at 4 s)
@@ -880,6 +880,7 @@ def test_an_upstream_answer_that_quotes_our_request_never_carries_the_secret_fur
             server.close()
     try:
         rcvd = run(body())
+        sidecar.wait_lines(lambda line: line.get("event") == "upstream_attempt")
         output = sidecar.output()
     finally:
         sidecar.stop()

@@ -367,7 +367,7 @@ def test_tokens_budget_crossed_mid_session_closes_with_4002(sidecars, redis_serv
             assert result[2].startswith("budget exhausted: tokens per day (30)")
     run(scenario())
     # The provider leg is closed too: the session ends only when both sockets are gone.
-    ended = [line for line in a.log_lines() if line.get("event") == "session_end"]
+    ended = a.wait_lines(lambda line: line.get("event") == "session_end")
     assert [(e["closed_by"], e["close_code"]) for e in ended] == [("sidecar", 4002)]
     assert metric(a, "conduit_connections_active") == 0
     assert "tokens 36 / 30" in usage_cli(a, "budget")

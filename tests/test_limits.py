@@ -51,7 +51,7 @@ def test_global_limit_gets_1013(limited):
         await b.close()
     run(body())
     # The key of the session turned away, looked up for its line (it logged null).
-    refused = [line for line in limited.log_lines() if line.get("event") == "rejected" and line["code"] == 1013]
+    refused = limited.wait_lines(lambda line: line.get("event") == "rejected" and line["code"] == 1013)
     assert [line["key_id"] for line in refused] == ["good"]
 
 

@@ -544,8 +544,8 @@ def _config_faults(mock_provider, workdir: str, providers: dict[str, str]) -> tu
             async with connect(proc.url(provider=provider), additional_headers=proc.auth()) as ws:
                 return await first_close(ws)
         closes = {name: run(body(name), timeout=10) for name in providers}
-        errors = {line["provider"]: line.get("error") for line in proc.log_lines()
-                  if line.get("outcome") == "config"}
+        errors = {line["provider"]: line.get("error")
+                  for line in proc.wait_lines(lambda line: line.get("outcome") == "config", len(providers))}
     finally:
         proc.stop()
     return closes, errors
