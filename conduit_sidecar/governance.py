@@ -132,9 +132,9 @@ class Governor:
             if isinstance(exc, KeyDataError):  # the store is up: only this key's data is bad
                 self._key_fault(entry.id, exc)
             if self.state.on_unavailable == "closed":
-                self.metrics.state_fallbacks.labels("refused").inc()
+                self.metrics.state_fallbacks.inc("refused")
                 return _relay.CloseCode.AT_CAPACITY, "shared state unavailable: try again later"
-            self.metrics.state_fallbacks.labels("local").inc()
+            self.metrics.state_fallbacks.inc("local")
             refusal = self._admit_local(entry, now)
             if refusal is None and live.lease is not None:
                 # Written by the first renewal once the store is back: until the session
@@ -270,7 +270,7 @@ class Governor:
         seconds = self._reported_seconds(info) if counts.get("audio") else 0.0
         usd = cost_usd(price, counts, seconds) if price is not None else 0.0
         if usd:
-            self.metrics.cost.labels(info.key_id, info.provider, model_label).inc(usd)
+            self.metrics.cost.add(usd, info.key_id, info.provider, model_label)
         tokens = counts.get("input", 0) + counts.get("output", 0)  # seconds-only reports have none
         self._add(info.key_id, {"tokens": tokens, "audio_seconds": seconds, "usd": usd})
         self.enforce(info.key_id, _utcnow())
@@ -331,7 +331,7 @@ class Governor:
         price = price_for(self.config.prices, info.model)
         usd = cost_usd(price, {}, seconds) if price is not None else 0.0
         if usd:
-            self.metrics.cost.labels(info.key_id, info.provider, self.model_label(info.model)).inc(usd)
+            self.metrics.cost.add(usd, info.key_id, info.provider, self.model_label(info.model))
         self._add(info.key_id, {"audio_seconds": seconds, "usd": usd})
 
     def _add(self, key_id: str, deltas: dict[str, float]) -> None:
@@ -408,11 +408,11 @@ class Governor:
         try:
             result = await call
         except KeyDataError:  # the store answered: it concerns one key (_key_fault)
-            self.metrics.state_operations.labels(op, "error").inc()
+            self.metrics.state_operations.inc(op, "error")
             self._answered()
             raise
         except StoreError as exc:
-            self.metrics.state_operations.labels(op, "error").inc()
+            self.metrics.state_operations.inc(op, "error")
             self.retry_at = time.monotonic() + TICK_SECONDS
             if self.available:
                 self.available = False
@@ -426,8 +426,8 @@ class Governor:
                     },
                 )
             raise
-        self.metrics.state_operations.labels(op, "ok").inc()
-        self.metrics.state_seconds.labels(op).observe(time.monotonic() - started)
+        self.metrics.state_operations.inc(op, "ok")
+        self.metrics.state_seconds.observe(time.monotonic() - started, op)
         self._answered()
         return result
 

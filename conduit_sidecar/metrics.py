@@ -1,14 +1,18 @@
-"""Prometheus metrics. Frame and byte counts live in C inside the relay; the
-collector below reads them at scrape time, so relaying pays no Python per frame."""
+"""Prometheus metrics. Frame and byte counts live in C inside the relay, the
+sidecar's own counts in plain numbers (Tally, Spread); collectors read them at
+scrape time and prometheus-client exposes them. Relaying pays no Python per frame,
+and a session's counts no lock each."""
 
 from __future__ import annotations
 
+import itertools
 import platform
+from bisect import bisect_left
 from collections.abc import Container
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from . import __version__, _relay
 
@@ -42,6 +46,74 @@ _STATE_BUCKETS = (
     5,
     float("inf"),
 )
+
+
+class Tally:
+    """A counter family counted in plain numbers, one per label values, read at scrape
+    time: prometheus-client's children take a lock and check their state on every
+    call, and a session counts five times on its way (3% of its instructions,
+    docs/benchmarks.md, "Where a session's CPU goes"). The event loop's thread alone
+    counts and scrapes."""
+
+    __slots__ = ("name", "doc", "labels", "counts")
+
+    def __init__(self, registry: CollectorRegistry, name: str, doc: str, labels: tuple[str, ...]):
+        self.name, self.doc, self.labels = name, doc, labels
+        self.counts: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, *values: str) -> None:
+        counts = self.counts
+        counts[values] = counts.get(values, 0.0) + 1
+
+    def add(self, amount: float, *values: str) -> None:
+        counts = self.counts
+        counts[values] = counts.get(values, 0.0) + amount
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for values, n in self.counts.items():
+            family.add_metric(values, n)
+        yield family
+
+
+class Spread:
+    """A histogram family the same way: per label values, the sum and each bucket's
+    count. Without labels its one series is there from the start, as
+    prometheus-client's."""
+
+    __slots__ = ("name", "doc", "labels", "bounds", "les", "series")
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...],
+        bounds: tuple[float, ...],
+    ):
+        self.name, self.doc, self.labels = name, doc, labels
+        self.bounds = bounds  # ascending, the last +Inf
+        self.les = [floatToGoString(b) for b in bounds]
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        if not labels:
+            self.series[()] = [0.0] + [0] * len(bounds)
+        registry.register(self)
+
+    def observe(self, amount: float, *values: str) -> None:
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = [0.0] + [0] * len(self.bounds)
+        series[0] += amount
+        series[1 + bisect_left(self.bounds, amount)] += 1  # the first bucket whose bound is >= amount
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for values, series in self.series.items():
+            family.add_metric(
+                values, list(zip(self.les, itertools.accumulate(series[1:]), strict=True)), series[0]
+            )
+        yield family
 
 
 class _RelayCollector:
@@ -84,7 +156,6 @@ class _RelayCollector:
 
 class Metrics:
     def __init__(self, sessions_active, pending, lingering, audio_bytes_per_second: int):
-        self._children: dict[tuple, Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("conduit_connections_active", "Sessions being relayed.", registry=r).set_function(
             sessions_active
@@ -101,44 +172,42 @@ class Metrics:
             "what they still send is read and dropped.",
             registry=r,
         ).set_function(lingering)
-        self.connections = Counter(
-            "conduit_connections", "Client handshakes by outcome.", ["result"], registry=r
+        self.connections = Tally(r, "conduit_connections", "Client handshakes by outcome.", ("result",))
+        self.duration = Spread(
+            r, "conduit_connection_duration_seconds", "Session durations.", (), _DURATION_BUCKETS
         )
-        self.duration = Histogram(
-            "conduit_connection_duration_seconds", "Session durations.", buckets=_DURATION_BUCKETS, registry=r
-        )
-        self.upstream_connect = Histogram(
+        self.upstream_connect = Spread(
+            r,
             "conduit_upstream_connect_seconds",
             "Upstream TCP + TLS + WebSocket handshake time.",
-            ["provider"],
-            buckets=_CONNECT_BUCKETS,
-            registry=r,
+            ("provider",),
+            _CONNECT_BUCKETS,
         )
-        self.upstream_attempts = Counter(
+        self.upstream_attempts = Tally(
+            r,
             "conduit_upstream_attempts",
             "Upstream connect attempts (and ElevenLabs signed-URL fetches) by deployment and outcome.",
-            ["provider", "deployment", "outcome"],
-            registry=r,
+            ("provider", "deployment", "outcome"),
         )
-        self.upstream_tls_resumed = Counter(
+        self.upstream_tls_resumed = Tally(
+            r,
             "conduit_upstream_tls_resumed",
             "Upstream connects whose TLS handshake resumed the deployment's previous session.",
-            ["provider", "deployment"],
-            registry=r,
+            ("provider", "deployment"),
         )
-        self.tls_legs = Counter(
+        self.tls_legs = Tally(
+            r,
             "conduit_tls_legs",
             "TLS legs handed to the relay, by leg (client, provider) and by what encrypts "
             "their sends (kernel TLS, or OpenSSL).",
-            ["leg", "send"],
-            registry=r,
+            ("leg", "send"),
         )
-        self.dns_lookups = Counter(
+        self.dns_lookups = Tally(
+            r,
             "conduit_upstream_dns_lookups",
             "Provider host name lookups (first use, background refresh, after the addresses "
             "stopped connecting) by result.",
-            ["result"],
-            registry=r,
+            ("result",),
         )
         self.deployment_healthy = Gauge(
             "conduit_deployment_healthy",
@@ -146,113 +215,82 @@ class Metrics:
             ["provider", "deployment"],
             registry=r,
         )
-        self.signed_urls = Counter(
-            "conduit_signed_urls",
-            "ElevenLabs get-signed-url calls answered, by HTTP status.",
-            ["status"],
-            registry=r,
+        self.signed_urls = Tally(
+            r, "conduit_signed_urls", "ElevenLabs get-signed-url calls answered, by HTTP status.", ("status",)
         )
-        self.auth_failures = Counter(
-            "conduit_auth_failures", "Rejected keys by reason.", ["reason"], registry=r
+        self.auth_failures = Tally(r, "conduit_auth_failures", "Rejected keys by reason.", ("reason",))
+        self.closes = Tally(
+            r, "conduit_closes", "Session ends by the side that closed first and code.", ("side", "code")
         )
-        self.closes = Counter(
-            "conduit_closes",
-            "Session ends by the side that closed first and code.",
-            ["side", "code"],
-            registry=r,
+        self.keys_reload = Tally(r, "conduit_keys_reload", "Key file reloads by result.", ("result",))
+        self.tls_reload = Tally(
+            r, "conduit_tls_reload", "[tls] certificate file reloads by result.", ("result",)
         )
-        self.keys_reload = Counter(
-            "conduit_keys_reload", "Key file reloads by result.", ["result"], registry=r
-        )
-        self.tls_reload = Counter(
-            "conduit_tls_reload", "[tls] certificate file reloads by result.", ["result"], registry=r
-        )
-        self.provider_secret_reload = Counter(
+        self.provider_secret_reload = Tally(
+            r,
             "conduit_provider_secret_reload",
             "Provider secret_file rereads by result (invalid: the last good secret stays).",
-            ["result"],
-            registry=r,
+            ("result",),
         )
         Gauge("conduit_build_info", "Build information.", ["version", "python"], registry=r).labels(
             __version__, platform.python_version()
         ).set(1)
-        self.usage = Counter(
+        self.usage = Tally(
+            r,
             "conduit_usage_tokens",
             "Tokens reported by providers' usage "
             "events; kinds input/output are totals, the others break them down.",
             _USAGE_LABELS,
-            registry=r,
         )
-        self.usage_seconds = Counter(
+        self.usage_seconds = Tally(
+            r,
             "conduit_usage_seconds",
             "Audio seconds reported by "
             "providers' usage events (Deepgram, AssemblyAI, OpenAI "
             "transcription by duration).",
             _USAGE_LABELS,
-            registry=r,
         )
-        self.usage_malformed = Counter(
+        self.usage_malformed = Tally(
+            r,
             "conduit_usage_malformed",
             "Provider usage events ignored as malformed (unreadable, negative or implausible counts).",
-            ["provider"],
-            registry=r,
+            ("provider",),
         )
-        self.cost = Counter(
+        self.cost = Tally(
+            r,
             "conduit_cost_usd",
             "Cost of reported usage in USD, from the configured prices.",
             _USAGE_LABELS[:3],
-            registry=r,
         )
-        self.state_operations = Counter(
+        self.state_operations = Tally(
+            r,
             "conduit_state_operations",
             "Calls to the state backend by operation and result.",
-            ["op", "result"],
-            registry=r,
+            ("op", "result"),
         )
-        self.state_seconds = Histogram(
+        self.state_seconds = Spread(
+            r,
             "conduit_state_operation_seconds",
             "State backend call latency (successful calls).",
-            ["op"],
-            buckets=_STATE_BUCKETS,
-            registry=r,
+            ("op",),
+            _STATE_BUCKETS,
         )
         self.state_available = Gauge(
             "conduit_state_available", "1 while the state backend answers; 0 during an outage.", registry=r
         )
-        self.state_fallbacks = Counter(
+        self.state_fallbacks = Tally(
+            r,
             "conduit_state_fallbacks",
             "Admissions decided while "
             "the state backend was unavailable, by outcome (local "
             "counts, or refused).",
-            ["mode"],
-            registry=r,
+            ("mode",),
         )
         r.register(_RelayCollector(audio_bytes_per_second))
 
     def forget_keys(self, kept: Container[str]) -> None:
         """Drop the series of key ids not in `kept` (the key file just read): their number
         is bounded by the key file, not by every file the process has read."""
-        # prometheus-client lists no children: the collected samples name them
-        usage = (
-            (self.usage, _USAGE_LABELS),
-            (self.usage_seconds, _USAGE_LABELS),
-            (self.cost, _USAGE_LABELS[:3]),
-        )
-        for family, names in usage:
-            gone = {
-                tuple(sample.labels[name] for name in names)
-                for metric in family.collect()
-                for sample in metric.samples
-                if sample.labels["key_id"] not in kept
-            }
-            for values in gone:
-                family.remove(*values)
-
-    def child(self, family, *values: str):
-        """`family.labels(*values)`, remembered: labels() checks its arguments and takes
-        a lock on every call, and each session needs the same few children."""
-        key = (family, values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*values)
-        return child
+        for family in (self.usage, self.usage_seconds, self.cost):
+            for values in [values for values in family.counts if values[0] not in kept]:
+                del family.counts[values]

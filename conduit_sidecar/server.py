@@ -104,7 +104,7 @@ class Sidecar:
             lambda: self.lingering.taken,
             config.audio.bytes_per_second,
         )
-        self.router.on_secret_reload = lambda result: self.metrics.provider_secret_reload.labels(result).inc()
+        self.router.on_secret_reload = lambda result: self.metrics.provider_secret_reload.inc(result)
         self.balancer = Balancer(self.router, config, self.metrics)
         self.model_labels: set[str] = set()
         self.governor = Governor(
@@ -161,7 +161,7 @@ class Sidecar:
                 self.balancer.succeeded(info.upstream)
 
     def connected(self, info: SessionInfo, seconds: float) -> None:
-        self.metrics.child(self.metrics.upstream_connect, info.provider).observe(seconds)
+        self.metrics.upstream_connect.observe(seconds, info.provider)
 
     def reserve(self, info: SessionInfo) -> None:
         self.sessions.add(info)
@@ -214,23 +214,23 @@ class Sidecar:
         self.balancer.failed(h, Failed("early_close", f"upstream: {refused}", "early close"), probe, info.id)
 
     def count(self, result: str) -> None:
-        self.metrics.child(self.metrics.connections, result).inc()
+        self.metrics.connections.inc(result)
 
     def failed(self, closed: bool) -> None:
         """A bug of ours ended a session while it opened: 500, or (`closed`) 1011 after
         its 101, a sidecar close as its refusals are."""
         self.count("internal_error")
         if closed:
-            self.metrics.child(self.metrics.closes, "sidecar", str(_relay.CloseCode.INTERNAL_ERROR)).inc()
+            self.metrics.closes.inc("sidecar", str(_relay.CloseCode.INTERNAL_ERROR))
 
     def signed_url(self, status: int) -> None:
-        self.metrics.child(self.metrics.signed_urls, str(status)).inc()
+        self.metrics.signed_urls.inc(str(status))
 
     def tls_leg(self, leg: str, kernel: bool) -> None:
-        self.metrics.child(self.metrics.tls_legs, leg, "kernel" if kernel else "openssl").inc()
+        self.metrics.tls_legs.inc(leg, "kernel" if kernel else "openssl")
 
     def auth_failed(self, why: Rejection) -> None:
-        self.metrics.child(self.metrics.auth_failures, why.label).inc()
+        self.metrics.auth_failures.inc(why.label)
 
     def rejected(self, decision: Close, info: SessionInfo | None = None) -> None:
         """A session refused after its upgrade: `info` once it was admitted (its id
@@ -239,7 +239,7 @@ class Sidecar:
         self.count(_relay.CloseCode(decision.code).name.lower())
         if decision.rejection is not None:
             self.auth_failed(decision.rejection)
-        self.metrics.child(self.metrics.closes, "sidecar", str(decision.code)).inc()
+        self.metrics.closes.inc("sidecar", str(decision.code))
         fields = {
             "event": "rejected",
             "session_id": info.id if info is not None else None,
@@ -260,7 +260,7 @@ class Sidecar:
         self.metrics.duration.observe(duration)
         code = relay.close_code if relay.close_code is not None else 1006
         side = relay.closed_by or "unknown"
-        self.metrics.child(self.metrics.closes, side, _close_label(side, code)).inc()
+        self.metrics.closes.inc(side, _close_label(side, code))
         c2u, u2c = relay.counters(0), relay.counters(1)
         per_second = self.governor.rate(info)  # the format its query names, else [audio]'s
         usage = info.usage or _NO_USAGE
@@ -297,7 +297,7 @@ class Sidecar:
         try:
             counts = metered.decode(message) if metered else None
         except (MalformedUsage, RecursionError):  # RecursionError: nested past msgspec's depth
-            self.metrics.usage_malformed.labels(info.provider).inc()
+            self.metrics.usage_malformed.inc(info.provider)
             return
         if counts is None:
             if metered and metered.transcriber and (named := metered.transcriber(message)):
@@ -323,10 +323,10 @@ class Sidecar:
             for kind, n in counts.items():
                 if n:
                     family = self.metrics.usage_seconds if kind in SECONDS_KINDS else self.metrics.usage
-                    family.labels(info.key_id, info.provider, model, kind).inc(n)
+                    family.add(n, info.key_id, info.provider, model, kind)
             self.governor.usage(info, counts, model, billed)
         except Exception as exc:  # a bug of ours must not end the session
-            self.metrics.usage_malformed.labels(info.provider).inc()
+            self.metrics.usage_malformed.inc(info.provider)
             log.warning(
                 "usage not counted",
                 extra={"event": "usage_error", "session_id": info.id, "error": type(exc).__name__},
@@ -384,9 +384,9 @@ class Sidecar:
 
     def on_keys(self, keyset: KeySet | None) -> None:
         if keyset is None:
-            self.metrics.keys_reload.labels("invalid").inc()
+            self.metrics.keys_reload.inc("invalid")
             return
-        self.metrics.keys_reload.labels("ok").inc()
+        self.metrics.keys_reload.inc("ok")
         self.keyset = keyset  # the poll rechecks live sessions right after
         self.metrics.forget_keys(keyset.by_id)
 
@@ -484,7 +484,7 @@ class Sidecar:
                 self.watcher.check()
                 self.recheck_keys()  # expiry passes without a file change
                 if self.tls is not None and (result := self.tls.check()):
-                    self.metrics.tls_reload.labels(result).inc()
+                    self.metrics.tls_reload.inc(result)
                 if self.config.limits.idle_timeout_seconds:
                     self.close_idle(time.monotonic())
                 self.lived(time.monotonic())

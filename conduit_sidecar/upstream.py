@@ -483,7 +483,7 @@ class Balancer:
         self.requests: dict[tuple, _Request] = {}
         self.tls_sessions = tlsleg.SessionCache()
         self.resolver = Resolver(
-            config.limits.dns_cache_seconds, lambda result: metrics.child(metrics.dns_lookups, result).inc()
+            config.limits.dns_cache_seconds, lambda result: metrics.dns_lookups.inc(result)
         )
         for name in router.configured:
             self.health[name] = [Health(t, config.circuit) for t in router.routes[name].targets]
@@ -575,7 +575,7 @@ class Balancer:
                 h.abandoned(probe)  # no verdict on the deployment; a probe is let go
                 raise
             if isinstance(result[0], tlsleg.TLSStream) and result[0].sslobj.session_reused:
-                self.metrics.child(self.metrics.upstream_tls_resumed, h.target.provider, h.target.label).inc()
+                self.metrics.upstream_tls_resumed.inc(h.target.provider, h.target.label)
             return (*result, h, probe)
         notes += [f"{h.name} resting" for h in resting]
         if len(errors) == 1 and not resting and len(notes) == 1:
@@ -657,4 +657,4 @@ class Balancer:
         self._count(h, "config")
 
     def _count(self, h: Health, outcome: str) -> None:
-        self.metrics.child(self.metrics.upstream_attempts, h.target.provider, h.target.label, outcome).inc()
+        self.metrics.upstream_attempts.inc(h.target.provider, h.target.label, outcome)

@@ -1360,3 +1360,40 @@ def test_an_attempts_deadline_ends_as_asyncio_timeout_does(case):
     theirs, ours = asyncio.run(both())
     assert ours == theirs
     assert ours[0] == {"expires": "timeout", "ends": "ended"}.get(case, "cancelled")
+
+
+def test_tallies_and_spreads_expose_what_prometheus_clients_own_families_would():
+    """The sidecar counts in plain numbers (metrics.Tally, Spread) and prometheus-client
+    exposes them: the text a scrape gets is the one its Counter and Histogram would
+    give for the same calls, series in the same order, an unlabelled histogram's
+    zeros before any observation included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from conduit_sidecar.metrics import Spread, Tally
+
+    bounds = (0.005, 0.01, 0.5, 1, 10, float("inf"))
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    tally = Tally(ours, "t_closes", "Closes.", ("side", "code"))
+    amounts = Tally(ours, "t_cost", "Cost.", ("key",))
+    spread = Spread(ours, "t_connect", "Connects.", ("provider",), bounds)
+    plain = Spread(ours, "t_duration", "Durations.", (), bounds)
+    counter = Counter("t_closes", "Closes.", ["side", "code"], registry=theirs)
+    cost = Counter("t_cost", "Cost.", ["key"], registry=theirs)
+    histogram = Histogram("t_connect", "Connects.", ["provider"], buckets=bounds, registry=theirs)
+    unlabelled = Histogram("t_duration", "Durations.", buckets=bounds, registry=theirs)
+    assert generate_latest(ours) == generate_latest(theirs)  # nothing counted yet
+    for side, code in (("client", "1000"), ("upstream", "1011"), ("client", "1000"), ("client", "4xxx")):
+        tally.inc(side, code)
+        counter.labels(side, code).inc()
+    for key, usd in (("a", 0.25), ("b", 1e-6), ("a", 3)):
+        amounts.add(usd, key)
+        cost.labels(key).inc(usd)
+    for provider, seconds in (("openai", 0.004), ("openai", 0.005), ("deepgram", 0.2), ("openai", 11.0),
+                              ("openai", 1), ("deepgram", 0.0101)):
+        spread.observe(seconds, provider)
+        histogram.labels(provider).observe(seconds)
+        plain.observe(seconds * 100)
+        unlabelled.observe(seconds * 100)
+    text = generate_latest(ours)
+    assert text == generate_latest(theirs)
+    assert b't_connect_bucket{le="0.005",provider="openai"} 2.0' in text  # a bound is its own bucket's
