@@ -103,8 +103,8 @@ class LoopTurnHandler(logging.StreamHandler):
         self.lines: list[str] = []
         self.failing = False  # the last write failed (and was reported)
         # When the writes so far would have ended at one every _WRITE_EVERY (the
-        # generic cell rate algorithm's theoretical arrival time): a write may go
-        # _WRITES_AHEAD of them ahead of it.
+        # generic cell rate algorithm's theoretical arrival time): a burst of
+        # _WRITES_AHEAD may go ahead of it.
         self.due = 0.0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -123,7 +123,7 @@ class LoopTurnHandler(logging.StreamHandler):
             except RuntimeError:
                 self.flush()
                 return
-            wait = self.due - _WRITES_AHEAD * _WRITE_EVERY - time.monotonic()
+            wait = self.due - (_WRITES_AHEAD - 1) * _WRITE_EVERY - time.monotonic()
             if wait > 0:
                 loop.call_later(wait, self.flush)
             else:  # once the turn ends
