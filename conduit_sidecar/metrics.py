@@ -48,6 +48,12 @@ _STATE_BUCKETS = (
 )
 
 
+def _buckets(les: list[str], counts) -> list[tuple[str, float]]:
+    """A histogram's buckets as prometheus-client takes them: each `le` with the
+    count at or below it."""
+    return list(zip(les, itertools.accumulate(counts), strict=True))
+
+
 class Tally:
     """A counter family counted in plain numbers, one per label values, read at scrape
     time: prometheus-client's children take a lock and check their state on every
@@ -97,23 +103,26 @@ class Spread:
         self.les = [floatToGoString(b) for b in bounds]
         self.series: dict[tuple[str, ...], list[float]] = {}
         if not labels:
-            self.series[()] = [0.0] + [0] * len(bounds)
+            self._start(())
         registry.register(self)
 
+    def _start(self, values: tuple[str, ...]) -> list[float]:
+        series = self.series[values] = [0.0] + [0] * len(self.bounds)
+        return series
+
     def observe(self, amount: float, *values: str) -> None:
-        series = self.series.get(values)
-        if series is None:
-            series = self.series[values] = [0.0] + [0] * len(self.bounds)
+        series = self.series.get(values) or self._start(values)
         series[0] += amount
         series[1 + bisect_left(self.bounds, amount)] += 1  # the first bucket whose bound is >= amount
 
     def collect(self):
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
         for values, series in self.series.items():
-            family.add_metric(
-                values, list(zip(self.les, itertools.accumulate(series[1:]), strict=True)), series[0]
-            )
+            family.add_metric(values, _buckets(self.les, series[1:]), series[0])
         yield family
+
+
+_RELAY_LES = [floatToGoString(b) for b in _relay.HISTOGRAM_BOUNDS + (float("inf"),)]
 
 
 class _RelayCollector:
@@ -146,11 +155,7 @@ class _RelayCollector:
         h = HistogramMetricFamily(
             "conduit_relay_processing_seconds", "Time the relay spent per socket read (scan and forward)."
         )
-        cumulative, buckets = 0, []
-        for bound, count in zip(_relay.HISTOGRAM_BOUNDS + (float("inf"),), hist, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        h.add_metric([], buckets, hist_sum)
+        h.add_metric([], _buckets(_RELAY_LES, hist), hist_sum)
         yield from (f, b, p, a, h)
 
 

@@ -30,11 +30,7 @@ from conduit_sidecar.testing import Process
 def ended(sidecar, before: int) -> list[dict]:
     """The session_end lines past the first `before`, once there is one (its metrics
     are counted by then): a session's end is seen after its client is done."""
-    deadline = time.monotonic() + 5
-    while len(ends := session_ends(sidecar)) <= before:
-        assert time.monotonic() < deadline, "no session_end line"
-        time.sleep(0.05)
-    return ends[before:]
+    return sidecar.wait_lines(lambda line: line.get("event") == "session_end", before + 1, timeout=5)[before:]
 
 
 def scrape(sidecar) -> dict:
