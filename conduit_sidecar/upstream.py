@@ -103,16 +103,24 @@ class _UpstreamHandshake(asyncio.Protocol):
     """Sends the upgrade request and parses the response with websockets' parser;
     bytes after the response are kept for the relay."""
 
-    def __init__(self, request: bytes):
+    def __init__(self, request: bytes, at_connect: bool):
         # The request until it is sent, the parser from the response's first bytes: a
         # session opening holds neither while its provider is slow to answer.
         self.request = request
+        # A ws leg's is sent by connection_made, in the loop turn the connect
+        # completed in, not a turn later when the attempt resumes: a local upstream
+        # still awake from taking the connection is not woken again for it (5-8% more
+        # new sessions a second in the benchmark, docs/benchmarks.md, "The upgrade
+        # request sent in the connect's loop turn"). A wss leg's follows its TLS handshake.
+        self.at_connect = at_connect
         self.reader: StreamReader | None = None
         self.result = asyncio.get_running_loop().create_future()
         self.size = 0
 
     def connection_made(self, transport):
         self.transport = transport
+        if self.at_connect:
+            self.send_request()
 
     def send_request(self):
         self.transport.write(self.request)
@@ -250,7 +258,7 @@ async def _attempt(
     loop = asyncio.get_running_loop()
     uri = upstream.uri
     key, request = prepared.new()
-    proto = _UpstreamHandshake(request)
+    proto = _UpstreamHandshake(request, upstream.ssl is None)
     del request  # the protocol's, until it is sent
     stage = "TCP connect"
     transport = None
@@ -273,7 +281,8 @@ async def _attempt(
                     transport = await loop.start_tls(transport, proto, upstream.ssl, server_hostname=uri.host)
                 proto.transport = transport
             stage = "WebSocket handshake"
-            proto.send_request()
+            if upstream.ssl is not None:
+                proto.send_request()
             response, early = await proto.result
         except BaseException as exc:
             # Nobody awaits the upgrade's result from here. A TLS handshake that
