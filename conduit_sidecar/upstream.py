@@ -281,7 +281,7 @@ async def _attempt(
                     transport = await loop.start_tls(transport, proto, upstream.ssl, server_hostname=uri.host)
                 proto.transport = transport
             stage = "WebSocket handshake"
-            if upstream.ssl is not None:
+            if not proto.at_connect:  # (a ws leg's went at connection_made)
                 proto.send_request()
             response, early = await proto.result
         except BaseException as exc:
