@@ -73,17 +73,18 @@ cdef class Endpoint:
 
 cdef class Leg(Endpoint):
     """One socket of a session: the asyncio protocol its transport calls."""
+    # Flags are bytes, grouped: idle sessions are held by the thousand (see Pipe).
+    cdef int fd                # -1 when writes must go through the transport (uvloop's TLS)
+    cdef uint8_t kernel_tx     # a TLS leg whose sends the kernel encrypts (OpenSSL only decrypts)
+    cdef uint8_t backlog       # the transport holds unsent bytes: keep order, write through it
+    cdef uint8_t peer_left     # its peer was seen to reset or leave: the session's end is its,
+                               # what is sent to it dropped
     cdef Relay relay
     cdef Pipe inbound          # frames read from this socket
     cdef Pipe outbound         # frames written to this socket
     cdef object transport
-    cdef int fd                # -1 when writes must go through the transport (uvloop's TLS)
     cdef SSL* ssl              # a TLS leg the relay encrypts itself (NULL: plain, or uvloop's)
-    cdef bint kernel_tx        # ... whose sends the kernel encrypts (OpenSSL only decrypts)
     cdef object tls            # the ssl.SSLObject that owns `ssl` (kept as long as the leg)
-    cdef bint backlog          # the transport holds unsent bytes: keep order, write through it
-    cdef bint peer_left        # its peer was seen to reset or leave: the session's end is its,
-                               # what is sent to it dropped
     cdef bytes queued_notice   # a text frame to send just before queued_close
     cdef bytes queued_close    # our close frame, waiting for the frame in flight to end
 
@@ -120,20 +121,15 @@ cdef struct Header:
 
 cdef class Pipe:
     """One direction: scans frame headers from `src`, forwards bytes to `dst`."""
-    cdef int direction         # C2U or U2C; DISCARDED: a Scanner, counted in no process total
-    cdef bint masked           # frames in this direction must be masked (client to server)
+    # Flags and small numbers are bytes, grouped at the end, not a C int each with
+    # padding between: two pipes per session, held by every idle one.
     cdef uint64_t max_message
     cdef Endpoint src
     cdef Endpoint dst
     cdef uint8_t* held         # HELD_MAX bytes, allocated at the first split frame start
     cdef Py_ssize_t nheld
     cdef uint64_t left         # payload bytes of the current frame still to come
-    cdef bint forwarding       # the current frame goes to dst (else it is dropped)
-    cdef bint fragmented       # inside a fragmented data message
-    cdef bint ended            # src's close frame passed: what follows is discarded unread
-    cdef bint dst_left         # dst's peer is gone (Leg.peer_left): what goes on is dropped, uncounted
     cdef uint64_t message_bytes
-    cdef readonly int verdict_code
     cdef readonly object verdict_reason
     cdef uint64_t frames[KINDS]
     cdef uint64_t payload[KINDS]
@@ -142,22 +138,29 @@ cdef class Pipe:
     # any of the markers (or, window 0, the whole message is searched as it passes);
     # only messages that have one are captured and handed to dst.
     cdef tuple markers
-    cdef bint meter_binary
-    cdef int meter_state
-    cdef bint message_end      # the current frame ends a data message
-    cdef bint data_frame       # the current frame is a data frame (not control)
     cdef uint8_t* sniff        # `window` bytes, allocated while a message start is sniffed
     cdef Py_ssize_t window     # 0: whole messages are searched (`seek`), not their start
     cdef Py_ssize_t nsniff
-    cdef uint16_t reach        # window 0: the longest marker's length
     cdef bytearray capture
     # Read whole (the client's, in a session whose later messages are checked): each
     # text message is captured unmasked and withheld (`pending`, its raw bytes and the
     # control frames between its fragments) until dst has judged it.
-    cdef uint8_t read_whole
-    cdef uint8_t mask[4]       # the metered frame's mask key
-    cdef uint8_t mask_phase    # its payload bytes metered so far, mod 4
     cdef bytearray pending     # withheld raw bytes of the message being read whole
+    cdef readonly int verdict_code
+    cdef uint16_t reach        # window 0: the longest marker's length
+    cdef uint8_t mask[4]       # the metered frame's mask key
+    cdef uint8_t direction     # C2U or U2C; DISCARDED: a Scanner, counted in no process total
+    cdef uint8_t masked        # frames in this direction must be masked (client to server)
+    cdef uint8_t forwarding    # the current frame goes to dst (else it is dropped)
+    cdef uint8_t fragmented    # inside a fragmented data message
+    cdef uint8_t ended         # src's close frame passed: what follows is discarded unread
+    cdef uint8_t dst_left      # dst's peer is gone (Leg.peer_left): what goes on is dropped, uncounted
+    cdef uint8_t meter_binary
+    cdef uint8_t meter_state
+    cdef uint8_t message_end   # the current frame ends a data message
+    cdef uint8_t data_frame    # the current frame is a data frame (not control)
+    cdef uint8_t read_whole
+    cdef uint8_t mask_phase    # the metered frame's payload bytes metered so far, mod 4
 
     cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1
     cdef int feed(self, const uint8_t* data, Py_ssize_t size) except -1
@@ -187,12 +190,12 @@ cdef class Relay:
     cdef object on_client_message
     cdef object deadline
     cdef double close_timeout
-    cdef bint done
     cdef readonly object closed_by
     cdef readonly object close_code
     cdef readonly object close_reason
-    cdef int fail_code             # a peer's violation, told to it once the other peer closed
     cdef str fail_reason
+    cdef int fail_code             # a peer's violation, told to it once the other peer closed
+    cdef bint done
     cdef public object session
 
     cdef int on_close_frame(self, Pipe pipe, int code, object reason, Py_ssize_t size) except -1
