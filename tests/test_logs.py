@@ -267,7 +267,7 @@ def test_pythons_own_warnings_and_ignored_exceptions_are_json_lines():
         warnings.warn("an old call", DeprecationWarning)
         class Leg:
             def __del__(self):
-                raise ValueError("condt_SECRET")
+                raise ValueError("condt_" + "SECRET")  # (3.13 quotes -c source in tracebacks)
         leg = Leg()
         del leg
     ''')
