@@ -155,11 +155,11 @@ cdef class Pipe:
     cdef uint8_t fragmented    # inside a fragmented data message
     cdef uint8_t ended         # src's close frame passed: what follows is discarded unread
     cdef uint8_t dst_left      # dst's peer is gone (Leg.peer_left): what goes on is dropped, uncounted
-    cdef uint8_t meter_binary
-    cdef uint8_t meter_state
+    cdef uint8_t meter_binary  # metering: binary messages are sniffed too
+    cdef uint8_t meter_state   # metering: METER_IDLE, _SNIFF, _CAPTURE or _SEEK
     cdef uint8_t message_end   # the current frame ends a data message
     cdef uint8_t data_frame    # the current frame is a data frame (not control)
-    cdef uint8_t read_whole
+    cdef uint8_t read_whole    # text messages are read whole (see pending)
     cdef uint8_t mask_phase    # the metered frame's payload bytes metered so far, mod 4
 
     cdef int set_metering(self, tuple markers, bint binary, Py_ssize_t window) except -1
