@@ -441,6 +441,36 @@ def test_help_keeps_its_description_as_the_image_runs_it():
     assert "The `conduit-sidecar` command." in r.stdout
 
 
+def test_serve_leaves_importlib_metadata_unloaded():
+    """websockets imports `importlib.metadata` (1 MiB of RSS with `zipfile` and the rest)
+    and, as a release, never reads it: `serve` keeps a stand-in (conduit_sidecar/deferred.py)."""
+    code = ("import sys, conduit_sidecar.cli, conduit_sidecar.server, websockets.server; "
+            "print(type(sys.modules['importlib.metadata']).__name__, "
+            "sorted(m for m in sys.modules if m in ('zipfile', 'csv') "
+            "or m.startswith('importlib.metadata.')))")
+    run = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.split() == ["_StandIn", "[]"], run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("use", [
+    "importlib.metadata.version('websockets')",
+    "__import__('importlib.metadata', fromlist=['version']).version('websockets')",
+    "importlib.import_module('importlib.metadata').version('websockets')",
+    "__import__('importlib.metadata._meta') and importlib.metadata.version('websockets')",
+])
+def test_a_deferred_module_is_itself_at_its_first_use(use):
+    """Whichever way it is first read (an attribute, `from ... import`, a submodule's
+    import), the stand-in gives way to the module, found by `find_spec` before."""
+    code = ("import importlib, importlib.util, sys, types, conduit_sidecar.server, websockets.version; "
+            "assert importlib.util.find_spec('importlib.metadata').origin.endswith('__init__.py'); "
+            "print(type(sys.modules['importlib.metadata']).__name__ == '_StandIn', "
+            f"{use} == websockets.version.version, "
+            "type(sys.modules['importlib.metadata']) is types.ModuleType, "
+            "importlib.metadata is sys.modules['importlib.metadata'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.split() == ["True"] * 4, run.stdout + run.stderr
+
+
 @pytest.mark.parametrize("buffered", [True, False])
 @pytest.mark.parametrize("args", [["providers"], ["keys", "new", "--id", "x"], ["--help"],
                                   ["inject", "-f", "k8s/base/deployment.yaml"]])
