@@ -177,11 +177,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return ns / 1e9
 
 
-def rss_bytes(pids: list[int]) -> int:
+def rss_bytes(pids: list[int], field: str = "VmRSS") -> int:
+    """`field` of /proc/PID/status summed: VmRSS, or RssAnon (the pages private to the
+    process; RssFile, the rest, are mapped files that processes of one image share)."""
     total = 0
     for pid in pids:
         with open(f"/proc/{pid}/status") as f:
-            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            total += next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
     return total * 1024
 
 

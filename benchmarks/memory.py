@@ -10,6 +10,8 @@ this process (raw sockets, `loadgen.connect`) against the benchmark upstream.
                                                 # PYTHONMALLOC=malloc unless set otherwise)
 
 Method (docs/benchmarks.md, "Memory"):
+- fresh and at rest, also the part private to the process (`RssAnon`; the rest is
+  mapped library files, whose pages the sidecars of one image on a node share);
 - at rest: six seconds after the warm-up, `warm` sessions opened and closed 50 at a
   time (every code path and cache touched once, but never more than 50 sessions
   held), as after the bursts below;
@@ -66,8 +68,10 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
     """The figures above; `sessions` counts every session that opened."""
     pids = target.pids()
     fresh = await settle(pids, 0.5)
+    fresh_anon = rss_bytes(pids, "RssAnon") / 2**20
     await churn(target, warm)
     rest = await settle(pids, wait)
+    rest_anon = rss_bytes(pids, "RssAnon") / 2**20
     held = [await connect(target, "echo")]
     await asyncio.sleep(0.5)
     one = rss_bytes(pids)
@@ -94,7 +98,7 @@ async def measure(target: Target, warm: int, idle: int, burst: int, wait: float 
         client.transport.abort()
     after_paced = await settle(pids, wait)
     return {
-        "fresh_mib": fresh, "rest_mib": rest,
+        "fresh_mib": fresh, "rest_mib": rest, "fresh_anon_mib": fresh_anon, "rest_anon_mib": rest_anon,
         "kib_per_session_1k": (at_1 * 2**20 - one) / 1024 / (idle - 1),
         "kib_per_session_2k": (at_2 - at_1) * 1024 / idle,
         "idle_1k_mib": at_1, "idle_2k_mib": at_2,

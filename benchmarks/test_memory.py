@@ -21,6 +21,7 @@ def test_memory(sizes, report_row, column):
     assert figures["sessions"] == 2 * idle + 2 * burst
     n = f"{idle:,}"
     rows = {"at rest (after the warm-up): MiB": "rest_mib",
+            "of it private to the process (RssAnon): MiB": "rest_anon_mib",
             f"per idle session, 1 → {n} open: KiB": "kib_per_session_1k",
             f"per idle session, {n} → {2 * idle:,} open: KiB": "kib_per_session_2k",
             f"after the {2 * idle:,} idle sessions closed: MiB": "after_idle_mib",
