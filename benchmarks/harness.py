@@ -124,7 +124,8 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
     `serve` runs under (valgrind), given a minute to start. `up_host`: how the
     provider URL names the upstream (a name is looked up through the sidecar's cache).
     `metered`: the provider is `openai` (its URL the upstream's), so the relay scans
-    the upstream's messages for OpenAI's usage events and meters them."""
+    the upstream's messages for OpenAI's usage events and meters them. Lines in
+    $CONDUIT_BENCH_LIMITS are added to its [limits] (e.g. "socket_buffer_bytes = 32768")."""
     command = sidecar_command()
     name = ("sidecar" + ("-tls" if certs else "") + ("-listener" if listener else "")
             + ("-redis" if redis_port else "") + ("-uvloop" if uvloop_tls else ""))
@@ -152,7 +153,7 @@ def sidecar(workdir: str, up_port: int, certs: Certs | None,
         f.write(f'listen = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{admin}"\n'
                 f'keys_file = "{keys_file}"\n\n'
                 "[limits]\nmax_connections = 5000\nmax_message_bytes = 67108864\n"
-                "drain_seconds = 0\n\n"
+                f"drain_seconds = 0\n{os.environ.get('CONDUIT_BENCH_LIMITS', '')}\n\n"
                 f'[providers.{provider}]\nurl = "{scheme}://{up_host}:{up_port}/{{model}}"\n{ca}{secret}\n'
                 f'{tls}{state}')
     proc = _start(name, [*under, *command, "serve", "--config", config], workdir, admin_ready(admin),

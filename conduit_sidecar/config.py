@@ -62,6 +62,9 @@ class ConfigError(Exception):
     """A config or key file problem; the message names file, field and problem."""
 
 
+MIN_SOCKET_BUFFER = 65536
+
+
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_connections: Count = 1000
     handshake_timeout_seconds: Positive = 10.0
@@ -75,6 +78,18 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     first_message_bytes: Count = 1024 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 20)] = 16384
     drain_seconds: NonNegative = 25.0
+    # Each relayed leg's kernel send and receive buffers (SO_SNDBUF, SO_RCVBUF; the
+    # kernel doubles it): what a stalled peer makes the kernel hold for a session, which
+    # a cgroup v2 memory limit counts. 0: the kernel's own sizing (megabytes a socket).
+    socket_buffer_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 0
+
+    def __post_init__(self):
+        if 0 < self.socket_buffer_bytes < MIN_SOCKET_BUFFER:
+            # Less than two of loopback's 64 KiB segments: a receiver that can never
+            # take a full one stalls its sender (960-byte frames: 2,800 a second).
+            raise ValueError(
+                f"socket_buffer_bytes is 0 (the kernel's sizing) or at least {MIN_SOCKET_BUFFER}"
+            )
 
 
 class Deployment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import itertools
 import logging
+import socket
 import ssl
 import sys
 import time
@@ -599,6 +600,20 @@ def _gone(host: Host, info: SessionInfo, upstream=None) -> None:
         upstream.abort()
 
 
+def _bound_kernel_buffers(transport, size: int) -> None:
+    """A relayed leg's kernel buffers fixed at `size` (limits.socket_buffer_bytes).
+    Set once the handshakes are done: until then a leg carries a few KiB, and a socket's
+    buffers may shrink later (the kernel holds what it queued and takes no more)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:  # (a transport without one: nothing to bound)
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:  # a socket already reset: the relay finds it so
+            pass
+
+
 def _is_rest(request: Request) -> bool:
     """Whether the request is the REST call some SDKs make before a session
     (ElevenLabs' signed URL); a path that is not normal is decide's to answer."""
@@ -815,6 +830,9 @@ async def _open(host: Host, transport, client: ClientHandshake, opening: _Openin
     # Resumed before the relay takes over (nothing is read before this coroutine
     # yields): a pause that start() makes, for a violation or backpressure in the bytes
     # read with the handshakes, then stays.
+    if limits.socket_buffer_bytes:
+        _bound_kernel_buffers(transport, limits.socket_buffer_bytes)
+        _bound_kernel_buffers(upstream, limits.socket_buffer_bytes)
     transport.resume_reading()
     upstream.resume_reading()
     relay.start(

@@ -26,6 +26,13 @@ if ! command -v promtool >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-ge
     >/dev/null 2>&1 || echo "test.sh: promtool not installed; its check will be skipped"
 fi
 
+if ! command -v ss >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  # ss (iproute2) reads the kernel's socket buffers for the memory-limit tests.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 \
+    >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends iproute2 >/dev/null; }
+fi
+
 if ! command -v redis-server >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   # The governance tests start their own redis-server on a free loopback port.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server \

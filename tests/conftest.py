@@ -8,6 +8,7 @@ import collections
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,22 @@ def run(coro, timeout: float = 60):
     """Run a test coroutine on uvloop, bounded in time."""
     import uvloop
     return uvloop.run(asyncio.wait_for(coro, timeout))
+
+
+def socket_buffers(pid: int) -> list[dict[str, int]]:
+    """The kernel's figures for each established TCP socket of a process (`ss -tm`'s
+    skmem: r the receive queue, rb its bound, w the write queue, tb its bound, f the
+    memory charged ahead), in bytes."""
+    out = subprocess.run(["ss", "-tmpnH", "state", "established"], capture_output=True, text=True,
+                         check=True).stdout
+    found = []
+    for entry in re.split(r"\n(?=\S)", out):      # an entry's skmem is on its next line
+        if f"pid={pid}," in entry:
+            skmem = re.search(r"skmem:\((.*?)\)", entry)
+            assert skmem, entry
+            fields = dict(re.fullmatch(r"([a-z]+)(\d+)", f).groups() for f in skmem[1].split(","))
+            found.append({k: int(fields[k]) for k in ("r", "rb", "w", "tb", "f")})
+    return found
 
 
 def http_get(url: str, method: str = "GET") -> tuple[int, str]:

@@ -272,6 +272,8 @@ def test_serve_on_a_taken_port_exits_1_with_a_message(tmp_path):
     ("", {"CONDUIT_DRAIN_SECONDS": "inf"}, "at `$.limits.drain_seconds`"),
     # Polled without pause: a core spent on stat() and rechecking every live session.
     ("keys_poll_seconds = 1e-9\n", {}, "at `$.keys_poll_seconds`"),
+    # Under two of loopback's 64 KiB segments: bulk relaying fell to 2,800 frames a second.
+    ("[limits]\nsocket_buffer_bytes = 32768\n", {}, "socket_buffer_bytes is 0 (the kernel's sizing) or at least 65536"),
     # A browser's Origin has no path: with the slash no browser ever matched (403).
     ('allowed_origins = ["https://app.example.com/"]\n', {}, "at `$.allowed_origins[0]`"),
     # Nor capitals, nor the scheme's default port: a browser's Origin has neither (403).

@@ -11,7 +11,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from conftest import SidecarProcess, http_get, raw_upstream_sidecar, run, standard_keys, switching_protocols
+from conftest import (SidecarProcess, http_get, raw_upstream_sidecar, run, socket_buffers, standard_keys,
+                      switching_protocols)
 from test_bad_input import refusal_statuses
 from test_governance import metric
 
@@ -228,6 +229,25 @@ def test_idle_sessions_are_closed(limited):
                 await asyncio.wait_for(ws.recv(), 5)
             return exc.value.rcvd.code, exc.value.rcvd.reason
     assert run(body()) == (1001, "idle timeout")
+
+
+@pytest.mark.parametrize("size", [65536, 98304])
+def test_socket_buffer_bytes_bounds_both_legs_kernel_buffers(tmp_path, mock_provider, size):
+    """limits.socket_buffer_bytes: once relaying, the client's socket and the provider's
+    have their send and receive buffers fixed (the kernel keeps double the value, for its
+    bookkeeping), so a stalled peer makes the kernel hold that much for a session, not
+    the megabytes of its own sizing (tests/test_k8s.py measures both)."""
+    sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
+                             limits=f"socket_buffer_bytes = {size}\n").start()
+    try:
+        async def body():
+            async with connect(sidecar.url(), additional_headers=sidecar.auth()) as ws:
+                await ws.recv()     # relayed: the relay has both legs
+                return socket_buffers(sidecar.proc.pid)
+        legs = run(body())
+    finally:
+        sidecar.stop()
+    assert [(leg["rb"], leg["tb"]) for leg in legs] == [(2 * size, 2 * size)] * 2, legs
 
 
 def test_one_long_frame_streaming_is_not_idle(limited):
