@@ -4,5 +4,4 @@ __version__ = "0.1.0"
 
 from . import deferred
 
-# websockets' version module imports it, for a development checkout's version only.
-deferred.defer("importlib.metadata")
+deferred.defer(*deferred.UNUSED)  # before anything of ours imports the packages that import them

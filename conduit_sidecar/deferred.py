@@ -1,18 +1,34 @@
-"""Modules another package imports and `serve` never uses, loaded at their first use.
+"""Modules other packages import and `serve` never uses, loaded at their first use.
 
 websockets' `version` module imports `importlib.metadata` (with `zipfile`, `pathlib`,
-`csv` and `importlib.resources`: 1 MiB of every pod's RSS) to read a development
-checkout's version, which a release never does. An import statement alone reads no
-attribute of the module it binds, so a stand-in in `sys.modules` satisfies it, and
-the first attribute anyone reads imports the module itself (as PEP 810's lazy
+`csv` and `importlib.resources`) to read a development checkout's version, which a
+release never does; prometheus-client's exposition imports `gzip` and `http.server`
+(with `mimetypes` and `html`) for an HTTP server of its own, and `mmap` for its
+multiprocess mode; `shutil` imports `bz2` and `lzma` for archives. An import statement alone
+reads no attribute of the module it binds, so a stand-in in `sys.modules` satisfies
+it, and the first attribute anyone reads imports the module itself (as PEP 810's lazy
 imports will). `importlib.util.LazyLoader` cannot do this: its module loads on any
-attribute, `__spec__` included, which every import statement reads.
+attribute, `__spec__` included, which every import statement reads. A module whose
+attributes are read at import (`http.server`'s handler, which prometheus-client
+subclasses) cannot be deferred.
 """
 
 import importlib
 import importlib.util
 import sys
 import types
+
+# Each: who imports it, for what `serve` never does.
+UNUSED = (
+    "importlib.metadata",  # websockets.version: a development checkout's version
+    "gzip",  # prometheus_client.exposition: gzip-encoded answers of its own server
+    "bz2",  # shutil (which argparse reads for the terminal's width): archive formats
+    "lzma",  # the same
+    "mimetypes",  # http.server: serving files
+    "html",  # http.server: error pages (with html.entities)
+    "calendar",  # email._parseaddr: dates parsed out of mail headers
+    "mmap",  # prometheus_client.mmap_dict: the multiprocess mode
+)
 
 
 class _StandIn(types.ModuleType):
@@ -25,14 +41,15 @@ class _StandIn(types.ModuleType):
         return getattr(importlib.import_module(self.__name__), attr)
 
 
-def defer(name: str) -> None:
+def defer(*names: str) -> None:
     """Let `import name` bind a stand-in until the module is used."""
-    spec = None if name in sys.modules else importlib.util.find_spec(name)  # (runs nothing)
-    if spec is None:  # imported already, or missing: the import says so as before
-        return
-    stand_in = _StandIn(name)
-    stand_in.__spec__ = spec
-    sys.modules[name] = stand_in
-    parent, _, child = name.rpartition(".")
-    if parent:  # where `import a.b` followed by `a.b.x` looks
-        setattr(sys.modules[parent], child, stand_in)
+    for name in names:
+        spec = None if name in sys.modules else importlib.util.find_spec(name)  # (runs nothing)
+        if spec is None:  # imported already, or missing: the import says so as before
+            continue
+        stand_in = _StandIn(name)
+        stand_in.__spec__ = spec
+        sys.modules[name] = stand_in
+        parent, _, child = name.rpartition(".")
+        if parent:  # where `import a.b` followed by `a.b.x` looks
+            setattr(sys.modules[parent], child, stand_in)
