@@ -4,10 +4,10 @@ websockets' `version` module imports `importlib.metadata` (with `zipfile`, `path
 `csv` and `importlib.resources`) to read a development checkout's version, which a
 release never does; prometheus-client's exposition imports `gzip` and `http.server`
 (with `mimetypes` and `html`) for an HTTP server of its own, and `mmap` for its
-multiprocess mode; `shutil` imports `bz2` and `lzma` for archives. An import statement alone
-reads no attribute of the module it binds, so a stand-in in `sys.modules` satisfies
-it, and the first attribute anyone reads imports the module itself (as PEP 810's lazy
-imports will). `importlib.util.LazyLoader` cannot do this: its module loads on any
+multiprocess mode; `email` imports `calendar`, `shutil` `bz2` and `lzma` (UNUSED below).
+An import statement alone reads no attribute of the module it binds, so a stand-in in
+`sys.modules` satisfies it, and the first attribute anyone reads imports the module
+itself (as PEP 810's lazy imports will). `importlib.util.LazyLoader` cannot do this: its module loads on any
 attribute, `__spec__` included, which every import statement reads. A module whose
 attributes are read at import (`http.server`'s handler, which prometheus-client
 subclasses) cannot be deferred.
