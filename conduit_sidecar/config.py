@@ -78,8 +78,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     first_message_bytes: Count = 1024 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 20)] = 16384
     drain_seconds: NonNegative = 25.0
-    # Each relayed leg's kernel send and receive buffers (SO_SNDBUF, SO_RCVBUF; the
-    # kernel doubles it): what a stalled peer makes the kernel hold for a session, which
+    # Each client and provider socket's kernel send and receive buffers (SO_SNDBUF,
+    # SO_RCVBUF; the kernel doubles it): what a stalled peer makes the kernel hold, which
     # a cgroup v2 memory limit counts. 0: the kernel's own sizing (megabytes a socket).
     socket_buffer_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 0
 

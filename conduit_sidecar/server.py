@@ -22,7 +22,7 @@ from .keys import KeyEntry, KeySet, KeyWatcher, Rejection
 from .metering import MODEL_LABELS_MAX, SECONDS_KINDS, MalformedUsage, Transcription, Usage
 from .metrics import Metrics
 from .routing import Router
-from .session import ClientHandshake, SessionInfo, Slots, linger, unkeyed
+from .session import ClientHandshake, SessionInfo, Slots, bound_kernel_buffers, linger, unkeyed
 from .signed_urls import SignedUrls
 from .tls import ListenerTLS
 from .tlsleg import TLSStream
@@ -411,6 +411,13 @@ class Sidecar:
 
     # -- lifecycle ---------------------------------------------------------------
 
+    def _listening(self, name: str, server: asyncio.Server) -> None:
+        self.servers.append(server)
+        self.listening[name] = server.sockets[0].getsockname()[:2]
+        if self.config.limits.socket_buffer_bytes:  # (before the loop turns to accept)
+            for sock in server.sockets:
+                bound_kernel_buffers(sock, self.config.limits.socket_buffer_bytes)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
@@ -421,8 +428,7 @@ class Sidecar:
         server = await loop.create_server(
             lambda: ClientHandshake(self), host, port, reuse_address=True, backlog=4096
         )
-        self.servers.append(server)
-        self.listening["listen"] = server.sockets[0].getsockname()[:2]
+        self._listening("listen", server)
         if self.config.tls is not None:
             self.tls = ListenerTLS(self.config.tls)
             host, port = split_hostport(self.config.tls.listen)
@@ -447,8 +453,7 @@ class Sidecar:
                     reuse_address=True,
                     backlog=4096,
                 )
-            self.servers.append(server)
-            self.listening["tls"] = server.sockets[0].getsockname()[:2]
+            self._listening("tls", server)
         self.admin = AdminServer(
             self.config.admin_listen,
             self.metrics.registry,

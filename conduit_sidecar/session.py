@@ -600,11 +600,12 @@ def _gone(host: Host, info: SessionInfo, upstream=None) -> None:
         upstream.abort()
 
 
-def _bound_kernel_buffers(transport, size: int) -> None:
-    """A relayed leg's kernel buffers fixed at `size` (limits.socket_buffer_bytes).
-    Set once the handshakes are done: until then a leg carries a few KiB, and a socket's
-    buffers may shrink later (the kernel holds what it queued and takes no more)."""
-    sock = transport.get_extra_info("socket")
+def bound_kernel_buffers(sock, size: int) -> None:
+    """A socket's kernel send and receive buffers fixed at `size`
+    (limits.socket_buffer_bytes). On a listening socket, for every connection it
+    accepts (the kernel copies them, before any byte). A provider's socket is bounded
+    once its handshakes are done: until then it carries a few KiB, and buffers may
+    shrink later (the kernel holds what it queued and takes no more)."""
     if sock is None:  # (a transport without one: nothing to bound)
         return
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -830,9 +831,8 @@ async def _open(host: Host, transport, client: ClientHandshake, opening: _Openin
     # Resumed before the relay takes over (nothing is read before this coroutine
     # yields): a pause that start() makes, for a violation or backpressure in the bytes
     # read with the handshakes, then stays.
-    if limits.socket_buffer_bytes:
-        _bound_kernel_buffers(transport, limits.socket_buffer_bytes)
-        _bound_kernel_buffers(upstream, limits.socket_buffer_bytes)
+    if limits.socket_buffer_bytes:  # (the client's: as the listener's, since its accept)
+        bound_kernel_buffers(upstream.get_extra_info("socket"), limits.socket_buffer_bytes)
     transport.resume_reading()
     upstream.resume_reading()
     relay.start(

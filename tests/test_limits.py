@@ -233,21 +233,25 @@ def test_idle_sessions_are_closed(limited):
 
 @pytest.mark.parametrize("size", [65536, 98304])
 def test_socket_buffer_bytes_bounds_both_legs_kernel_buffers(tmp_path, mock_provider, size):
-    """limits.socket_buffer_bytes: once relaying, the client's socket and the provider's
-    have their send and receive buffers fixed (the kernel keeps double the value, for its
-    bookkeeping), so a stalled peer makes the kernel hold that much for a session, not
-    the megabytes of its own sizing (tests/test_k8s.py measures both)."""
+    """limits.socket_buffer_bytes: a client's socket from its accept (a connection that
+    has sent nothing yet included), and a provider's once relaying, have their send and
+    receive buffers fixed (the kernel keeps double the value, for its bookkeeping), so
+    a stalled peer makes the kernel hold that much for a session, not the megabytes of
+    its own sizing (tests/test_k8s.py measures both)."""
     sidecar = SidecarProcess(str(tmp_path), mock_provider.section(), standard_keys(),
                              limits=f"socket_buffer_bytes = {size}\n").start()
     try:
         async def body():
+            _, silent = await asyncio.open_connection("127.0.0.1", sidecar.port)
             async with connect(sidecar.url(), additional_headers=sidecar.auth()) as ws:
                 await ws.recv()     # relayed: the relay has both legs
-                return socket_buffers(sidecar.proc.pid)
-        legs = run(body())
+                found = socket_buffers(sidecar.proc.pid)
+            silent.close()
+            return found
+        sockets = run(body())
     finally:
         sidecar.stop()
-    assert [(leg["rb"], leg["tb"]) for leg in legs] == [(2 * size, 2 * size)] * 2, legs
+    assert [(s["rb"], s["tb"]) for s in sockets] == [(2 * size, 2 * size)] * 3, sockets
 
 
 def test_one_long_frame_streaming_is_not_idle(limited):
