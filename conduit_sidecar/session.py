@@ -828,11 +828,11 @@ async def _open(host: Host, transport, client: ClientHandshake, opening: _Openin
         host.tls_leg("client", client_kernel)
     if upstream_tls is not None:
         host.tls_leg("provider", upstream_kernel)
+    if limits.socket_buffer_bytes:  # (the client's: as the listener's, since its accept)
+        bound_kernel_buffers(upstream.get_extra_info("socket"), limits.socket_buffer_bytes)
     # Resumed before the relay takes over (nothing is read before this coroutine
     # yields): a pause that start() makes, for a violation or backpressure in the bytes
     # read with the handshakes, then stays.
-    if limits.socket_buffer_bytes:  # (the client's: as the listener's, since its accept)
-        bound_kernel_buffers(upstream.get_extra_info("socket"), limits.socket_buffer_bytes)
     transport.resume_reading()
     upstream.resume_reading()
     relay.start(
