@@ -10,7 +10,8 @@ An import statement alone reads no attribute of the module it binds, so a stand-
 itself (as PEP 810's lazy imports will). `importlib.util.LazyLoader` cannot do this: its module loads on any
 attribute, `__spec__` included, which every import statement reads. A module whose
 attributes are read at import (`http.server`'s handler, which prometheus-client
-subclasses) cannot be deferred.
+subclasses) cannot be deferred, nor one taken with `from m import *` (without
+`__all__`, a star import copies the stand-in's own few names).
 """
 
 import importlib
@@ -44,8 +45,10 @@ class _StandIn(types.ModuleType):
 def defer(*names: str) -> None:
     """Let `import name` bind a stand-in until the module is used."""
     for name in names:
-        spec = None if name in sys.modules else importlib.util.find_spec(name)  # (runs nothing)
-        if spec is None:  # imported already, or missing: the import says so as before
+        # find_spec imports a submodule's parent package, which may import the module
+        # itself: only then is it known whether a stand-in would replace a loaded module.
+        spec = importlib.util.find_spec(name)
+        if spec is None or name in sys.modules:  # missing (the import says so), or imported
             continue
         stand_in = _StandIn(name)
         stand_in.__spec__ = spec

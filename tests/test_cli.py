@@ -481,6 +481,16 @@ def test_a_deferred_module_is_itself_at_its_first_use(use):
     assert run.returncode == 0 and run.stdout.split() == ["True"] * 4, run.stdout + run.stderr
 
 
+def test_a_module_its_package_imports_is_not_deferred():
+    """find_spec imports a submodule's package first, which may import the submodule:
+    a stand-in put in its place then made its first use run the module a second time
+    (two `AbstractEventLoop` classes)."""
+    code = ("import sys; from conduit_sidecar import deferred; deferred.defer('asyncio.events'); "
+            "import asyncio; print(sys.modules['asyncio.events'].AbstractEventLoop is asyncio.AbstractEventLoop)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and run.stdout.split() == ["True"], run.stdout + run.stderr
+
+
 @pytest.mark.parametrize("buffered", [True, False])
 @pytest.mark.parametrize("args", [["providers"], ["keys", "new", "--id", "x"], ["--help"],
                                   ["inject", "-f", "k8s/base/deployment.yaml"]])
