@@ -565,6 +565,10 @@ cdef class Leg(Endpoint):
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 self.fd = sock.fileno()
+        else:
+            # Paused, it would read on until 256 KiB of records wait; above one record,
+            # as the limit is checked after a read and half a record must still be read.
+            transport.set_read_buffer_limits(high=65536)
         transport.set_write_buffer_limits(high=65536)
         transport.set_protocol(self)
         # What the transport still holds (the 101; uvloop < 0.20 queues every write until
