@@ -11,6 +11,9 @@ if [ ! -e /usr/include/openssl/ssl.h ] && [ "$(id -u)" -eq 0 ] && command -v apt
     >/dev/null 2>&1 || echo "test.sh: libssl-dev not installed; TLS legs will use uvloop's SSL"
 fi
 python3 -m pip install -q -e ".[test]"          # compiles _relay.pyx into conduit_sidecar._relay
+# Bytecode for the checkout, which an editable install leaves uncompiled: where
+# PYTHONDONTWRITEBYTECODE is set, every sidecar a test starts would compile it again.
+python3 -m compileall -q conduit_sidecar benchmarks >/dev/null
 if command -v npm >/dev/null; then
   npm install --loglevel=error --no-audit --no-fund --prefix tests/node   # ws, openai, @google/genai, @deepgram/sdk, playwright-core
 fi
