@@ -174,6 +174,8 @@ cdef enum:
     PLAIN_SIZE = READ_SIZE + 2 * TLS_RECORD
     CIPHER_SIZE = PLAIN_SIZE + 8192
     COPY_PIECE = 65536
+    # A transport's write buffer (and uvloop's TLS transport's read buffer) high-water mark.
+    TRANSPORT_HIGH_WATER = 65536
     HIST_BUCKETS = 12
     # Metering states of a pipe.
     METER_IDLE = 0
@@ -568,8 +570,8 @@ cdef class Leg(Endpoint):
         else:
             # Paused, it would read on until 256 KiB of records wait; above one record,
             # as the limit is checked after a read and half a record must still be read.
-            transport.set_read_buffer_limits(high=65536)
-        transport.set_write_buffer_limits(high=65536)
+            transport.set_read_buffer_limits(high=TRANSPORT_HIGH_WATER)
+        transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         transport.set_protocol(self)
         # What the transport still holds (the 101; uvloop < 0.20 queues every write until
         # the loop turns) must go first: write through it until it is empty.
@@ -1433,7 +1435,7 @@ cdef class Relay:
                 # leg when it drains (high=0: pause_writing unless paused already).
                 leg.transport.set_write_buffer_limits(high=0)
                 leg.pause_writing()
-                leg.transport.set_write_buffer_limits(high=65536)
+                leg.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         if upstream_early:
             self.u2c.feed(<uint8_t*>PyBytes_AS_STRING(upstream_early), len(upstream_early))
         if upstream_records and not self.done and not self.u2c.verdict_code:
