@@ -377,6 +377,7 @@ def stalled_sessions(tmp_path, limits: str, n: int, env: dict | None = None) -> 
     return rest, rss, kernel
 
 
+@pytest.mark.alone
 @needs_kubectl
 def test_the_sidecar_memory_limit_holds_max_connections_sessions_at_their_bound(tmp_path):
     """Each session's memory is bounded whatever its peers do, and the pod's limit must
@@ -405,6 +406,7 @@ def test_the_sidecar_memory_limit_holds_max_connections_sessions_at_their_bound(
     assert need < int(limit[:-2]) << 20
 
 
+@pytest.mark.alone
 def test_a_stalled_session_on_uvloops_tls_transport_reads_no_further_than_its_limit(tmp_path):
     """Built without OpenSSL's headers (or with CONDUIT_NATIVE_TLS=0), the relay's TLS
     legs are uvloop's SSL transport, which goes on reading a paused leg's socket until
