@@ -47,8 +47,8 @@ python3 -m ruff check conduit_sidecar                 # lint, format and types: 
 python3 -m ruff format --check conduit_sidecar
 python3 -m mypy
 # Two workers, each module on one (its fixtures start once): most tests wait on
-# sockets and timers. Then the measurements another test's load would move, alone
-# (exit status 5: the arguments selected none of them).
+# sockets and timers. Then the tests marked `alone` (measurements another test's load
+# would move, Autobahn's harness) by themselves (exit status 5: the arguments selected none).
 python3 -m pytest -q -n 2 --dist loadscope -m "not alone" "$@" tests
 python3 -m pytest -q -m alone "$@" tests || [ $? -eq 5 ]
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

@@ -26,8 +26,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(os.environ.get("CONDUIT_SKIP_AUTOBAHN") == "1",
-                                reason="CONDUIT_SKIP_AUTOBAHN=1")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("CONDUIT_SKIP_AUTOBAHN") == "1", reason="CONDUIT_SKIP_AUTOBAHN=1"),
+    # Its fuzzingserver (Twisted) listens on every address, and once, beside another
+    # pytest worker, found its port taken: run with nothing beside it.
+    pytest.mark.alone,
+]
 
 
 def _load_runner():
