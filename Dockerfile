@@ -41,8 +41,8 @@ RUN python -m compileall -q -j 0 -o 2 -x '/(test|tests|idlelib|tkinter|turtledem
       "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 # PYTHONMALLOC=malloc: small objects from glibc's malloc, not CPython's 1 MiB arenas.
 # A burst of sessions opened at once leaves arenas that a few survivors keep for good
-# (1.5x the at-rest RSS after 4,000 at once); glibc's free pages go back at the trim
-# after it (1.15x), for 0.7 MiB more at start (docs/benchmarks.md, "A burst at once").
+# (1.4-1.5x the at-rest RSS after 4,000 at once); glibc's free pages go back at the trim
+# after it (1.15x), for 0.5-0.7 MiB more at start (docs/benchmarks.md, "A burst at once").
 ENV PYTHONOPTIMIZE=2 PYTHONMALLOC=malloc
 USER 10001:10001
 EXPOSE 8080 8443 9464
